@@ -1,0 +1,15 @@
+"""Public ops of moe_fastmask: the fused router op and its plain-PyTorch reference."""
+
+from moe_fastmask.ops.reference import route_backward_reference, route_reference
+from moe_fastmask.ops.route import BACKENDS, MAX_TOP_K, RouteFunction, check_route_args, resolve_backend, route
+
+__all__ = [
+    "BACKENDS",
+    "MAX_TOP_K",
+    "RouteFunction",
+    "check_route_args",
+    "resolve_backend",
+    "route",
+    "route_backward_reference",
+    "route_reference",
+]

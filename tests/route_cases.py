@@ -1,0 +1,163 @@
+"""Shared random cases and an independent oracle for testing every backend of ``route``.
+
+The oracle (:func:`naive_route`) is a per-token Python loop written without the reference's code, so a bug shared
+by the reference and a kernel still shows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+POISON_ID = -7  # written into outputs before a run so unwritten elements show
+
+
+@dataclass
+class RouteCase:
+    """One random input of ``route`` (CPU tensors; move with :meth:`to`)."""
+
+    logits: torch.Tensor
+    top_k: int
+    keep: torch.Tensor | None
+    group: torch.Tensor | None
+    num_groups: int
+    renormalize: bool
+
+    def to(self, device) -> "RouteCase":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RouteCase(move(self.logits), self.top_k, move(self.keep), move(self.group), self.num_groups, self.renormalize)
+
+    def new_counts(self) -> torch.Tensor:
+        return torch.zeros(self.num_groups, self.logits.shape[1], dtype=torch.int64, device=self.logits.device)
+
+    def describe(self) -> str:
+        T, E = self.logits.shape
+        return (
+            f"T={T} E={E} k={self.top_k} dtype={self.logits.dtype} keep={'yes' if self.keep is not None else 'no'} "
+            f"group={'yes' if self.group is not None else 'no'} G={self.num_groups} renorm={self.renormalize} "
+            f"contiguous={self.logits.is_contiguous()}"
+        )
+
+
+def tie_free_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Logits whose values are distinct within each row even after rounding to ``dtype`` (so top-k ids are unique).
+
+    Each row is a random permutation of evenly spaced values (spacing larger than the dtype's rounding at that
+    magnitude) plus small noise, so ids can be compared exactly across backends.
+    """
+    spacing = {torch.float32: 0.05, torch.float16: 0.05, torch.bfloat16: 0.125, torch.float64: 0.05}[dtype]
+    base = (torch.arange(num_experts, dtype=torch.float64) - num_experts / 2) * spacing
+    perms = torch.argsort(torch.rand(num_tokens, num_experts, generator=generator), dim=-1)
+    values = base[perms] + (torch.rand(num_tokens, 1, generator=generator, dtype=torch.float64) - 0.5)
+    return values.to(dtype)
+
+
+def random_keep(num_groups: int, num_experts: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool [G, E]: each group keeps a different random subset of at least ``top_k`` experts."""
+    keep = torch.zeros(num_groups, num_experts, dtype=torch.bool)
+    for g in range(num_groups):
+        n_kept = int(torch.randint(top_k, num_experts + 1, (1,), generator=generator))
+        keep[g, torch.randperm(num_experts, generator=generator)[:n_kept]] = True
+    return keep
+
+
+def make_case(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    dtype: torch.dtype,
+    *,
+    seed: int,
+    mask: str = "none",
+    groups: str = "none",
+    num_groups: int = 2,
+    renormalize: bool = False,
+    contiguous: bool = True,
+) -> RouteCase:
+    """Build a random case.
+
+    mask: "none", "random" (one random subset for every group), "per_group" (a different subset per group).
+    groups: "none" (every token group 0), "random" (ids in [0, G)), "with_unassigned" (some -1 entries).
+    contiguous: False gives logits that are a transposed view (column stride != 1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    logits = tie_free_logits(num_tokens, num_experts, dtype, gen)
+    if not contiguous:
+        logits = logits.t().contiguous().t()  # same values, column-major strides
+    G = 1 if groups == "none" else num_groups
+    keep = None
+    if mask == "random":
+        keep = random_keep(1, num_experts, top_k, gen).expand(G, num_experts).contiguous()
+    elif mask == "per_group":
+        keep = random_keep(G, num_experts, top_k, gen)
+    group = None
+    if groups == "random":
+        group = torch.randint(0, G, (num_tokens,), generator=gen)
+    elif groups == "with_unassigned":
+        group = torch.randint(-1, G, (num_tokens,), generator=gen)
+    return RouteCase(logits, top_k, keep, group, G, renormalize)
+
+
+def naive_route(case: RouteCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token Python loop: (weights float64 [T, k], ids int64 [T, k], counts int64 [G, E])."""
+    T, E = case.logits.shape
+    logits = case.logits.detach().double().cpu()
+    weights = torch.zeros(T, case.top_k, dtype=torch.float64)
+    ids = torch.zeros(T, case.top_k, dtype=torch.int64)
+    counts = torch.zeros(case.num_groups, E, dtype=torch.int64)
+    for t in range(T):
+        g = 0 if case.group is None else int(case.group[t])
+        allowed = [True] * E
+        if case.keep is not None and g >= 0:
+            allowed = [bool(v) for v in case.keep[g]]
+        row = [float(logits[t, e]) if allowed[e] else -math.inf for e in range(E)]
+        peak = max(row)
+        exps = [math.exp(v - peak) if v != -math.inf else 0.0 for v in row]
+        total = sum(exps)
+        probs = [x / total for x in exps]
+        order = sorted(range(E), key=lambda e: (-probs[e], e))[: case.top_k]
+        chosen = [probs[e] for e in order]
+        if case.renormalize:
+            s = sum(chosen)
+            chosen = [c / s for c in chosen]
+        weights[t] = torch.tensor(chosen, dtype=torch.float64)
+        ids[t] = torch.tensor(order)
+        if g >= 0:
+            for e in order:
+                counts[g, e] += 1
+    return weights, ids, counts
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for weights in ``dtype``."""
+    return {
+        torch.float64: (1e-12, 1e-12),
+        torch.float32: (1e-6, 1e-5),
+        torch.float16: (1e-3, 2e-3),
+        torch.bfloat16: (8e-3, 1.6e-2),
+    }[dtype]
+
+
+def random_grid(count: int, seed: int) -> list[dict]:
+    """``count`` random case specs covering shapes, dtypes, masks, groups and flags (seeded, reproducible)."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(count):
+        E = rng.choice([8, 60, 64, 128])
+        spec = dict(
+            num_tokens=rng.choice([1, 2, 7, 33, 100, 257]),
+            num_experts=E,
+            top_k=rng.choice([1, 2, 8]),
+            dtype=rng.choice([torch.float32, torch.float16, torch.bfloat16]),
+            seed=rng.randrange(1 << 30),
+            mask=rng.choice(["none", "random", "per_group"]),
+            groups=rng.choice(["none", "random", "with_unassigned"]),
+            num_groups=rng.choice([1, 2, 3, 5]),
+            renormalize=rng.choice([False, True]),
+            contiguous=rng.random() < 0.75,
+        )
+        specs.append(spec)
+    return specs
