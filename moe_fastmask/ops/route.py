@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-import weakref
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_fastmask.ops import reference
 
@@ -164,7 +164,8 @@ class RouteFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------
 
 # min kept experts per row of each validated keep mask, keyed weakly by the tensor, stamped with its version
-_KEEP_MIN_KEPT: "weakref.WeakKeyDictionary[Tensor, tuple[int, int]]" = weakref.WeakKeyDictionary()
+# (tensors compare elementwise, so the dictionary must key them by identity)
+_KEEP_MIN_KEPT = WeakIdKeyDictionary()
 
 
 def _value_checks_allowed(device: torch.device) -> bool:
