@@ -1,0 +1,233 @@
+"""Generation with the OLMoE patch and routing recorder vs plain transformers vs naive host-side capture.
+
+Random-weight OLMoE with the full OLMoE-1B-7B config (bf16): batch 16 x 128-token prompts, 64 new tokens, greedy
+(full length forced with ``min_new_tokens``), and the prefill forward of 16 x 512 tokens with and without the patch.
+
+    python benchmarks/bench_olmoe_generate.py --out benchmarks/out
+
+Also checks, on the same model, that a patched decode step with the recorder makes no host synchronisation and that
+it can be captured in a CUDA graph with a static cache; and counts the host syncs of whole ``generate`` calls
+(``torch.cuda.set_sync_debug_mode("warn")``), which transformers' own stopping checks make in every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import moe_fastmask as mf
+
+
+def build_model(layers: int | None, dtype: torch.dtype):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = OlmoeConfig()  # defaults are the OLMoE-1B-7B architecture
+    if layers is not None:
+        config.num_hidden_layers = layers
+    config.pad_token_id = 1
+    config.eos_token_id = 50279
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device("cuda"):
+        model = OlmoeForCausalLM(config)
+    torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = 1
+    model.generation_config.eos_token_id = 50279
+    return model.eval()
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def count_syncs(fn) -> int:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def decode_step_checks(model, batch: int, prompt_len: int) -> dict:
+    """A patched decode step with the recorder: no host sync, and capturable in a CUDA graph (static cache)."""
+    from transformers import StaticCache
+
+    result = {}
+    max_len = prompt_len + 8
+    input_ids = torch.randint(2, 50000, (batch, prompt_len), device="cuda")
+    rec = mf.RoutingRecorder(model, num_groups=2)
+    groups = [i % 2 for i in range(batch)]
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    with torch.no_grad(), rec.record(groups):
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        mask4d = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device="cuda")
+        mask4d[..., : prompt_len + 1] = True
+        position_ids = torch.full((batch, 1), prompt_len, device="cuda")
+        step = lambda: model(input_ids=token, attention_mask=mask4d, position_ids=position_ids, past_key_values=cache, use_cache=True)  # noqa: E731
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            result["decode_step_sync_free"] = True
+        except RuntimeError as exc:
+            result["decode_step_sync_free"] = f"synced: {str(exc)[:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        before = rec.decode_counts.clone()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graph_out = step()
+            torch.cuda.synchronize()
+            before = rec.decode_counts.clone()
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = step().logits
+            added = rec.decode_counts - before
+            result["decode_step_cuda_graph"] = {
+                "captured": True,
+                "replay_counts_added": int(added.sum()),
+                "expected_per_step": batch * model.config.num_hidden_layers * model.config.num_experts_per_tok,
+                "replay_logits_max_abs_diff_vs_eager": float((graph_out.logits - eager).abs().max()),
+            }
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            result["decode_step_cuda_graph"]["replay_ms"] = (time.perf_counter() - start) / 20 * 1e3
+            start = time.perf_counter()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            result["decode_step_eager_ms"] = (time.perf_counter() - start) / 20 * 1e3
+        except Exception as exc:  # report, don't hide: the table says why
+            result["decode_step_cuda_graph"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (default: 16)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import transformers
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.layers, torch.bfloat16)
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    torch.manual_seed(1)
+    input_ids = torch.randint(2, 50000, (B, P), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[: B // 2, : P // 8] = 0  # left padding on half the batch
+    gen_kwargs = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    groups = [i % 2 for i in range(B)]
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "config": vars(args),
+    }
+    # (a) plain transformers
+    results["a_plain_generate_s"], _ = timed(generate, args.repeats)
+    results["a_syncs"] = count_syncs(generate)
+    plain_tokens = generate()
+
+    # (c) naive capture: every layer's router logits copied to the host every step
+    captured = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float().cpu()))
+        for layer in model.model.layers
+    ]
+    results["c_host_copy_generate_s"], _ = timed(generate, args.repeats)
+    for hook in hooks:
+        hook.remove()
+    captured.clear()
+
+    # prefill forward without the patch
+    long_ids = torch.randint(2, 50000, (B, args.prefill_len), device="cuda")
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))
+
+    results["prefill_plain_ms"] = timed(prefill, 10)[0] * 1e3
+
+    # (b) patched + recorder
+    mf.apply_to_olmoe(model)
+    rec = mf.RoutingRecorder(model, num_groups=2)
+
+    def generate_recorded():
+        with rec.record(groups):
+            return generate()
+
+    results["b_patched_recorder_generate_s"], _ = timed(generate_recorded, args.repeats)
+    results["b_syncs"] = count_syncs(generate_recorded)
+    rec.reset()
+    patched_tokens = generate_recorded()
+    results["b_same_tokens_as_a"] = bool(torch.equal(patched_tokens, plain_tokens))
+    results["b_prefill_tokens_counted"] = rec.prefill_tokens.tolist()
+    results["b_decode_tokens_counted"] = rec.decode_tokens.tolist()
+    results["b_over_a"] = results["b_patched_recorder_generate_s"] / results["a_plain_generate_s"]
+    results["c_over_a"] = results["c_host_copy_generate_s"] / results["a_plain_generate_s"]
+
+    def prefill_recorded():
+        with rec.record(groups):
+            prefill()
+
+    results["prefill_patched_ms"] = timed(prefill, 10)[0] * 1e3
+    results["prefill_patched_recorder_ms"] = timed(prefill_recorded, 10)[0] * 1e3
+    results.update(decode_step_checks(model, B, P))
+
+    (out_dir / "olmoe_generate.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print("\n| variant | time | vs (a) |\n|---|---|---|")
+    print(f"| (a) plain generate | {results['a_plain_generate_s']:.3f} s | 1.00 |")
+    print(f"| (b) patch + recorder | {results['b_patched_recorder_generate_s']:.3f} s | {results['b_over_a']:.3f} |")
+    print(f"| (c) host copy of router logits | {results['c_host_copy_generate_s']:.3f} s | {results['c_over_a']:.3f} |")
+    print(f"| prefill {B}x{args.prefill_len} plain | {results['prefill_plain_ms']:.1f} ms | |")
+    print(f"| prefill patched / + recorder | {results['prefill_patched_ms']:.1f} / {results['prefill_patched_recorder_ms']:.1f} ms | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Packaging: the Triton folder ships as ``moe_fastmask.kernels`` and never shadows Hugging Face's ``kernels``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    # ``python -c`` from the repository root puts the root on sys.path, where the ``kernels/`` folder lives
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_transformers_and_olmoe_import_cleanly_from_repo_root():
+    result = run_python(
+        "import transformers\n"
+        "from transformers import OlmoeConfig, OlmoeForCausalLM\n"
+        "from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert not is_kernels_available()\n"
+        "print('ok')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_kernel_modules_load_only_inside_the_package():
+    result = run_python(
+        "import importlib\n"
+        "try:\n"
+        "    importlib.import_module('kernels.route')\n"
+        "except ImportError as exc:\n"
+        "    print('refused:', exc)\n"
+        "import moe_fastmask.kernels.route as r\n"
+        "print(r.__name__)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused: moe_fastmask's Triton kernels are importable only" in result.stdout
+    assert "moe_fastmask.kernels.route" in result.stdout
+
+
+def test_top_level_kernels_exports_nothing():
+    result = run_python("import kernels\nprint(getattr(kernels, '__file__', 'x'), kernels.__all__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None []"
