@@ -85,8 +85,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe_fastmask::route", mutates_args=("counts",))
-def _route_op(
+def _route_forward_impl(
     logits: Tensor,
     top_k: int,
     keep: Tensor | None,
@@ -95,6 +94,7 @@ def _route_op(
     renormalize: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    """Run the forward of a concrete backend (the body of the ``moe_fastmask::route`` custom op)."""
     if backend == "triton":
         from moe_fastmask.ops import triton_route
 
@@ -105,6 +105,19 @@ def _route_op(
         return cpp_route.route_forward(logits, top_k, keep, group, counts, renormalize)
     weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize)
     return weights.contiguous(), ids.contiguous()
+
+
+@torch.library.custom_op("moe_fastmask::route", mutates_args=("counts",))
+def _route_op(
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
 
 
 @_route_op.register_fake
@@ -322,4 +335,9 @@ def route(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
+    if not (logits.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+        # Eager inference (e.g. every layer of every decode step): skip the autograd and custom-op dispatch layers,
+        # which cost more host time than the kernel itself at small T. Compiled code and training go through the
+        # registered op.
+        return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, concrete)
     return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, concrete)
