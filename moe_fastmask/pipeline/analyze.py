@@ -1,0 +1,702 @@
+"""``moe-fastmask analyze``: which experts fire more on jailbreak prompts than on the same goals asked plainly.
+
+The flow (each step is an importable function, for notebooks):
+
+1. :func:`prepare_batches` — load and validate the records, draw the seeded train/test split, cut the train records
+   into mixed safe/unsafe batches (:mod:`moe_fastmask.pipeline.batching`; paired at ``safe_ratio=0.5``).
+2. :func:`process_mixed_batches` — per batch, greedy (or sampled) batched generation with left padding under a
+   :class:`moe_fastmask.RoutingRecorder`: per-group expert counts accumulate on the device, each token's chosen
+   experts are kept as uint8 ids (never router logits), the refusal judge labels each answer, and the optional pair
+   filter keeps only pairs where the plain goal was refused and the jailbreak was not.
+3. :func:`risk_diff_per_batch` (alias ``calculate_risk_diff_per_batch``) — per batch and (layer, expert):
+   ``a_safe, a_unsafe, d_safe, d_unsafe, a_safe_n, a_unsafe_n, risk_diff = a_unsafe_n - a_safe_n``.
+4. :func:`aggregate_risk_diffs` (alias ``aggregate_batch_risk_diffs``) — mean over batches, summed counts, spread.
+5. :func:`build_sft_dataset`, artifacts and plots; :func:`run_analysis` runs it all, persisting each batch as it
+   finishes, so the same command resumes after a crash and ends with the same artifacts.
+
+Which tokens count (``count_tokens``): ``"generated"`` (default) — each generated token that is fed back to the
+model, up to but excluding the sequence's first EOS; ``"prompt"`` — the prompt tokens (never padding);
+``"all"`` — both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from moe_fastmask.pipeline import artifacts, plots, stats
+from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
+from moe_fastmask.pipeline.batching import SAFE, Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.data import (
+    DEFAULT_SYSTEM_PROMPT,
+    DataValidationError,
+    Record,
+    load_records,
+    make_split,
+    render_prompt,
+    safe_messages,
+    select_records,
+    unsafe_messages,
+)
+from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
+
+DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+COUNT_TOKENS = {"generated": ("decode",), "prompt": ("prefill",), "all": ("prefill", "decode")}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
+PHASES = ("prefill", "decode")
+
+
+class AnalysisError(RuntimeError):
+    """The analysis cannot produce a result (e.g. no batch kept tokens of both groups)."""
+
+
+@dataclass
+class AnalysisConfig:
+    """Settings of one analysis run (the CLI flags of ``moe-fastmask analyze``)."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str = "analysis_out"
+    demo: bool = False
+    batch_size: int = 16
+    safe_ratio: float = 0.5
+    num_batches: int | None = None
+    seed: int = 0
+    test_fraction: float = 0.2
+    only_successful: bool = False
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # sampling, like vLLM's SamplingParams: temperature 0 is greedy
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    count_tokens: str = "generated"
+    filter_pairs: bool = False
+    refusal_text: str = DEFAULT_REFUSAL_TEXT
+    top_n: int = 10
+    keep_token_experts: bool = True
+    device: str | None = None
+    dtype: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+    verbose: bool = True
+    judge: Judge | None = field(default=None, repr=False)  # API only: a callable str -> bool
+
+    def validate(self) -> None:
+        if self.demo and (self.model or self.data):
+            raise ValueError(
+                "--demo builds its own model and data under OUT/demo/; drop --model/--data "
+                "(or reuse them: --model OUT/demo/model --data OUT/demo/data.json)"
+            )
+        if not self.demo and (not self.model or not self.data):
+            raise ValueError("give --model and --data, or --demo")
+        if self.count_tokens not in COUNT_TOKENS:
+            raise ValueError(f"count_tokens must be one of {sorted(COUNT_TOKENS)}, got {self.count_tokens!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.count_tokens == "generated" and self.max_new_tokens < 2:
+            raise ValueError(
+                "count_tokens='generated' counts generated tokens as they are fed back to the model, so the last "
+                "one never is: max_new_tokens must be >= 2"
+            )
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
+        if self.filter_pairs and not self.keep_token_experts:
+            raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass
+class AnalysisResult:
+    config: AnalysisConfig
+    slug: str
+    paths: dict[str, Path]
+    split: dict
+    batch_data_list: list[dict]
+    per_batch: pd.DataFrame
+    risk_diff: pd.DataFrame
+    sft_dataset: pd.DataFrame
+
+
+def _say(config: AnalysisConfig, message: str) -> None:
+    if config.verbose:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 1: records -> split -> batches
+# ------------------------------------------------------------------------------------------------------------
+
+
+def prepare_batches(config: AnalysisConfig) -> tuple[list[Record], dict, list[Batch]]:
+    """Load the records, draw the split (over all records of the file), batch the train records.
+
+    Returns ``(train_records, split, batches)``; ``only_successful`` filters the train records, not the split.
+    """
+    records = load_records(config.data)
+    split = make_split(records, config.test_fraction, config.seed, config.data)
+    train = select_records(records, split["train_ids"])
+    if config.only_successful:
+        train = [record for record in train if record.judge_success_gpt4 == 1]
+    batches = plan_batches(train, config.batch_size, config.safe_ratio, config.num_batches, config.seed)
+    return train, split, batches
+
+
+def _messages(item, system_prompt: str) -> list[dict]:
+    return safe_messages(item.record, system_prompt) if item.kind == SAFE else unsafe_messages(item.record)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 2: generation with the routing recorder
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _generation_kwargs(config: AnalysisConfig, tokenizer) -> dict:
+    kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+              "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    if config.min_new_tokens:
+        kwargs["min_new_tokens"] = config.min_new_tokens
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
+    return kwargs
+
+
+def _batch_seed(seed: int, batch_idx: int) -> int:
+    # sampling seed of one batch: a resumed run draws the same tokens as an uninterrupted one
+    return (seed * 1_000_003 + batch_idx) % (2**63)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _generated_length(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    """Generated tokens of each row before its first EOS."""
+    if not len(eos_ids):
+        return np.full(tokens.shape[0], tokens.shape[1], dtype=np.int64)
+    is_eos = np.isin(tokens, np.asarray(eos_ids))
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), tokens.shape[1]).astype(np.int64)
+
+
+def _host(tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", copy=True).numpy()
+
+
+def _group_sum(config: AnalysisConfig, per_phase: dict[str, np.ndarray]) -> np.ndarray:
+    return sum(per_phase[phase] for phase in COUNT_TOKENS[config.count_tokens])
+
+
+def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, recorder, judge: Judge) -> dict:
+    """Generate one mixed batch under ``recorder`` and return its batch record (host data only, numpy arrays).
+
+    Keys: ``batch_idx``; ``batch_outputs`` (one dict per position: position, id, kind, messages, prompt,
+    generated_text, refused, num_prompt_tokens, num_generated_tokens); ``safe_indices``, ``unsafe_indices``;
+    ``pairs`` ((safe_pos, unsafe_pos) of each record in both forms), ``pair_passed`` (the pair filter's verdict,
+    computed whether or not the filter is on), ``kept_indices`` (positions counted: every position, or the passing
+    pairs with ``filter_pairs``); ``safe_routings``, ``unsafe_routings`` (int64 ``[L, E]`` counts of the kept
+    tokens of each group, tokens chosen by ``count_tokens``) and ``safe_tokens``, ``unsafe_tokens``;
+    ``group_counts`` / ``group_tokens`` (the recorder's ``[L, 2, E]`` / ``[2]`` per phase, all positions);
+    ``sample_counts`` / ``sample_tokens`` (``[B, L, E]`` / ``[B]`` per phase) and ``token_experts`` (uint8
+    ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``.
+    """
+    import torch
+
+    device = recorder.device
+    messages = [_messages(item, config.system_prompt) for item in batch.items]
+    prompts = [render_prompt(tokenizer, chat) for chat in messages]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    input_ids = encoded["input_ids"].to(device)
+    attention_mask = encoded["attention_mask"].to(device)
+
+    recorder.reset()
+    if config.do_sample:
+        torch.manual_seed(_batch_seed(config.seed, batch.batch_idx))
+    with torch.no_grad(), recorder.record(batch.groups):
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(config, tokenizer)
+        )
+    new_tokens = output[:, input_ids.shape[1]:].cpu()
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    # one host copy of the device counts per batch (a real copy: on the CPU .cpu() would alias the live buffers)
+    group_counts = {"prefill": _host(recorder.prefill_counts), "decode": _host(recorder.decode_counts)}
+    group_tokens = {"prefill": _host(recorder.prefill_tokens), "decode": _host(recorder.decode_tokens)}
+    num_experts = group_counts["prefill"].shape[-1]
+
+    record: dict = {"batch_idx": batch.batch_idx}
+    if config.keep_token_experts:
+        token_experts = {key: value.numpy() for key, value in recorder.token_experts().items()}
+        sample_counts, sample_tokens = {}, {}
+        for phase in PHASES:
+            sample_counts[phase], sample_tokens[phase] = stats.sample_counts(
+                token_experts[phase], token_experts[f"{phase}_counted"], num_experts
+            )
+            if sample_counts[phase].shape[0] == 0:  # no forward of this phase ran (e.g. every row ended at once)
+                sample_counts[phase] = np.zeros((len(batch.items), *group_counts[phase].shape[::2]), dtype=np.int64)
+                sample_tokens[phase] = np.zeros(len(batch.items), dtype=np.int64)
+            groups = np.asarray(batch.groups)
+            for g in (0, 1):
+                if not (np.array_equal(sample_counts[phase][groups == g].sum(0), group_counts[phase][:, g])
+                        and sample_tokens[phase][groups == g].sum() == group_tokens[phase][g]):  # fmt: skip
+                    warnings.warn(
+                        f"batch {batch.batch_idx}: the per-token experts and the recorder's {phase} counts of "
+                        f"group {g} disagree (unfiltered batches use the recorder's counts, filtered ones the "
+                        f"per-token experts)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        record.update(sample_counts=sample_counts, sample_tokens=sample_tokens, token_experts=token_experts)
+
+    refused = [bool(judge(text)) for text in texts]
+    pairs = batch.pairs()
+    pair_passed = [refused[s] and not refused[u] for s, u in pairs]
+    if config.filter_pairs:
+        kept = sorted([p for (s, u), ok in zip(pairs, pair_passed) if ok for p in (s, u)])
+    else:
+        kept = [item.position for item in batch.items]
+
+    if config.filter_pairs:
+        kept_arr = np.zeros(len(batch.items), dtype=bool)
+        kept_arr[kept] = True
+        groups = np.asarray(batch.groups)
+        per_sample = _group_sum(config, record["sample_counts"])
+        per_sample_tokens = _group_sum(config, record["sample_tokens"])
+        safe_routings = per_sample[kept_arr & (groups == 0)].sum(0)
+        unsafe_routings = per_sample[kept_arr & (groups == 1)].sum(0)
+        safe_tokens = int(per_sample_tokens[kept_arr & (groups == 0)].sum())
+        unsafe_tokens = int(per_sample_tokens[kept_arr & (groups == 1)].sum())
+    else:
+        counts = _group_sum(config, group_counts)
+        tokens = _group_sum(config, group_tokens)
+        safe_routings, unsafe_routings = counts[:, 0], counts[:, 1]
+        safe_tokens, unsafe_tokens = int(tokens[0]), int(tokens[1])
+
+    prompt_lengths = attention_mask.sum(dim=1).cpu().numpy()
+    generated_lengths = _generated_length(new_tokens.numpy(), _eos_ids(model, tokenizer))
+    record.update(
+        batch_outputs=[
+            {
+                "position": item.position,
+                "id": item.record.id,
+                "kind": item.kind,
+                "messages": chat,
+                "prompt": prompt,
+                "generated_text": text,
+                "refused": flag,
+                "num_prompt_tokens": int(n_prompt),
+                "num_generated_tokens": int(n_generated),
+            }
+            for item, chat, prompt, text, flag, n_prompt, n_generated in zip(
+                batch.items, messages, prompts, texts, refused, prompt_lengths, generated_lengths
+            )
+        ],
+        safe_indices=batch.safe_indices,
+        unsafe_indices=batch.unsafe_indices,
+        pairs=pairs,
+        pair_passed=pair_passed,
+        kept_indices=kept,
+        safe_routings=np.ascontiguousarray(safe_routings, dtype=np.int64),
+        unsafe_routings=np.ascontiguousarray(unsafe_routings, dtype=np.int64),
+        safe_tokens=safe_tokens,
+        unsafe_tokens=unsafe_tokens,
+        group_counts=group_counts,
+        group_tokens=group_tokens,
+    )
+    return record
+
+
+def _pair_message(batch_data: dict, config: AnalysisConfig) -> str:
+    passed, total = sum(batch_data["pair_passed"]), len(batch_data["pairs"])
+    text = f"batch {batch_data['batch_idx']}: {passed}/{total} pairs pass the pair filter"
+    if not config.filter_pairs:
+        return text + " (filter off: every prompt counted)"
+    if passed == 0:
+        return text + " -> no pair left; this batch is left out of the statistics"
+    return text
+
+
+def process_mixed_batches(
+    model,
+    tokenizer,
+    batches: Sequence[Batch],
+    config: AnalysisConfig | None = None,
+    *,
+    judge: Judge | None = None,
+    recorder=None,
+    on_batch: Callable[[dict], None] | None = None,
+    progress=None,
+) -> list[dict]:
+    """Run every batch through :func:`generate_batch`; returns one batch record per batch.
+
+    Patches ``model`` for routing (idempotent) and creates the recorder unless one is given. ``on_batch`` is called
+    with each finished batch record (:func:`run_analysis` persists it there). ``progress``: a tqdm bar to advance.
+    """
+    import moe_fastmask as mf
+
+    config = config or AnalysisConfig()
+    judge = resolve_judge(judge if judge is not None else config.judge)
+    mf.apply_to_olmoe(model)
+    if recorder is None:
+        recorder = mf.RoutingRecorder(model, num_groups=2, record_token_experts=config.keep_token_experts)
+    out = []
+    for batch in batches:
+        batch_data = generate_batch(model, tokenizer, batch, config, recorder, judge)
+        _say(config, _pair_message(batch_data, config))
+        if on_batch is not None:
+            on_batch(batch_data)
+        out.append(batch_data)
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Steps 3-4: statistics
+# ------------------------------------------------------------------------------------------------------------
+
+
+def risk_diff_per_batch(batch_data_list: Sequence[dict], config: AnalysisConfig | None = None) -> pd.DataFrame:
+    """Per-batch statistics (:func:`moe_fastmask.pipeline.stats.batch_risk_diff`) of every batch, concatenated.
+
+    A batch with no counted token in one group (e.g. no pair left by the filter) is left out, with a message.
+    """
+    frames = []
+    for batch_data in batch_data_list:
+        if batch_data["safe_tokens"] == 0 or batch_data["unsafe_tokens"] == 0:
+            if config is None or config.verbose:
+                print(
+                    f"batch {batch_data['batch_idx']}: no counted tokens in the "
+                    f"{'safe' if batch_data['safe_tokens'] == 0 else 'unsafe'} group; left out of the statistics",
+                    file=sys.stderr,
+                )
+            continue
+        frames.append(
+            stats.batch_risk_diff(
+                batch_data["safe_routings"],
+                batch_data["unsafe_routings"],
+                batch_data["safe_tokens"],
+                batch_data["unsafe_tokens"],
+                batch_data["batch_idx"],
+            )
+        )
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=float) for column in stats.PER_BATCH_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+aggregate_risk_diffs = stats.aggregate_risk_diffs
+calculate_risk_diff_per_batch = risk_diff_per_batch
+aggregate_batch_risk_diffs = stats.aggregate_risk_diffs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 5: fine-tuning set
+# ------------------------------------------------------------------------------------------------------------
+
+
+def build_sft_dataset(batch_data_list: Sequence[dict], refusal_text: str = DEFAULT_REFUSAL_TEXT) -> pd.DataFrame:
+    """The fine-tuning set: one row per counted prompt (``kept_indices``) of every batch.
+
+    Columns ``batch_idx, position, kind, id, messages, response``. Safe rows: the prompt chat and the model's own
+    answer. Unsafe rows: the jailbreak chat and, as target, the model's own answer to the paired plain goal when the
+    judge says that answer is a refusal (and it is not empty), else ``refusal_text``.
+    """
+    rows = []
+    for batch_data in batch_data_list:
+        outputs = batch_data["batch_outputs"]
+        safe_of = {u: s for s, u in batch_data["pairs"]}
+        for position in batch_data["kept_indices"]:
+            output = outputs[position]
+            if output["kind"] == SAFE:
+                response = output["generated_text"]
+            else:
+                paired = outputs[safe_of[position]] if position in safe_of else None
+                usable = paired is not None and paired["refused"] and paired["generated_text"].strip()
+                response = paired["generated_text"] if usable else refusal_text
+            rows.append(
+                {
+                    "batch_idx": int(batch_data["batch_idx"]),
+                    "position": int(position),
+                    "kind": output["kind"],
+                    "id": output["id"],
+                    "messages": output["messages"],
+                    "response": response,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=SFT_COLUMNS)
+    return frame.astype({"batch_idx": np.int64, "position": np.int64})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def load_model_and_tokenizer(model_name_or_path: str, device: str, dtype: str):
+    """``from_pretrained`` on the path or hub id; tokenizer set to left padding with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    return model, prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (batched generation) and a pad token (the EOS token when the tokenizer has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def result_settings(config: AnalysisConfig, model_name: str, dtype: str) -> dict:
+    """The settings that change the results — the run config written to disk and fingerprinted for resume."""
+    model_path = Path(model_name).expanduser()
+    return {
+        "model": str(model_path.resolve()) if model_path.exists() else model_name,
+        "data": str(Path(config.data).resolve()),
+        "data_sha256": artifacts.file_sha256(config.data),
+        "batch_size": config.batch_size,
+        "safe_ratio": config.safe_ratio,
+        "num_batches": config.num_batches,
+        "seed": config.seed,
+        "test_fraction": config.test_fraction,
+        "only_successful": config.only_successful,
+        "system_prompt": config.system_prompt,
+        "max_new_tokens": config.max_new_tokens,
+        "min_new_tokens": config.min_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "count_tokens": config.count_tokens,
+        "filter_pairs": config.filter_pairs,
+        "refusal_text": config.refusal_text,
+        "top_n": config.top_n,
+        "keep_token_experts": config.keep_token_experts,
+        "dtype": dtype,
+        "judge": judge_name(config.judge),
+    }
+
+
+def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> AnalysisResult:
+    """Run the whole analysis and write the artifacts to ``config.out``; resumes a matching run found there.
+
+    ``model`` / ``tokenizer``: an already loaded model (e.g. in a notebook or a benchmark); ``config.model`` then only
+    names it (slug, fingerprint). Raises ``ValueError`` subclasses with clear messages for bad input
+    (:class:`DataValidationError`, :class:`BatchPlanError`), :class:`ConfigMismatchError` for a directory holding
+    another run, :class:`AnalysisError` when no batch keeps tokens of both groups.
+    """
+    config = dataclasses.replace(config)
+    config.validate()
+    if config.demo:
+        from moe_fastmask.pipeline.demo import build_demo
+
+        model_dir, data_path = build_demo(config.out)
+        config.model, config.data, config.demo = str(model_dir), str(data_path), False
+    config.validate()
+    if config.data is not None and not Path(config.data).exists():
+        raise DataValidationError(f"data file {config.data!r} does not exist")
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device) if model is None else str(model.dtype).replace("torch.", "")
+    slug = model_slug(config.model)
+    out = Path(config.out)
+    store = RunStore(out, slug)
+
+    train, split, batches = prepare_batches(config)
+    settings = result_settings(config, config.model, dtype)
+    settings["model_slug"] = slug
+    store.prepare(settings, overwrite=config.overwrite)
+    paths = store.final_paths()
+    artifacts.atomic_write_json(paths["split"], split)
+
+    done = store.finished_batches(len(batches))
+    for batch_data, batch in zip(done, batches):
+        if [o["id"] for o in batch_data["batch_outputs"]] != [item.record.id for item in batch.items]:
+            raise ConfigMismatchError(
+                f"{store.batch_path(batch.batch_idx)} does not hold the planned batch {batch.batch_idx}; "
+                f"use --overwrite to start over"
+            )
+    _say(config, f"analyze {slug}: {len(train)} train records -> {len(batches)} batches of {config.batch_size} "
+                 f"(safe_ratio {config.safe_ratio}); {len(done)} already done in {out}")  # fmt: skip
+    for batch_data in done:
+        _say(config, _pair_message(batch_data, config) + " [resumed]")
+
+    remaining = batches[len(done):]
+    batch_data_list = list(done)
+    if remaining:
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        prepare_tokenizer(tokenizer)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(batches), initial=len(done), desc="analyze", unit="batch",
+                  disable=not config.progress) as bar:  # fmt: skip
+            batch_data_list += process_mixed_batches(
+                model, tokenizer, remaining, config, judge=config.judge, on_batch=store.save_batch, progress=bar
+            )
+
+    config_dict = {**settings, "fingerprint": artifacts.config_fingerprint(settings)}
+    artifacts.atomic_pickle(paths["batch_outputs"], {"batch_data_list": batch_data_list, "config": config_dict})
+
+    passed = [sum(b["pair_passed"]) for b in batch_data_list]
+    total = sum(len(b["pairs"]) for b in batch_data_list)
+    _say(config, f"pair filter ({'on' if config.filter_pairs else 'off'}): {sum(passed)}/{total} pairs pass; "
+                 f"per batch {passed}")  # fmt: skip
+
+    per_batch = risk_diff_per_batch(batch_data_list, config)
+    if per_batch.empty:
+        raise AnalysisError(
+            f"no batch kept counted tokens of both groups ({len(batch_data_list)} batches, {sum(passed)} pairs "
+            f"passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
+            + ("; try without --filter-pairs" if config.filter_pairs else "")
+        )
+    table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
+    artifacts.atomic_pickle(paths["risk_diff"], table)
+    artifacts.atomic_write_csv(paths["risk_diff_csv"], table)
+    sft = build_sft_dataset(batch_data_list, config.refusal_text)
+    artifacts.atomic_pickle(paths["sft_dataset"], sft)
+    plots.plot_heatmap(table, paths["heatmap"], title=f"risk_diff, {slug} ({per_batch['batch_idx'].nunique()} batches)")
+    plots.plot_top_experts(table, paths["top_experts"], n=min(20, len(table)))
+
+    _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over {per_batch['batch_idx'].nunique()} "
+                 f"batches):\n" + stats.format_top(table, 10))  # fmt: skip
+    _say(config, "artifacts:\n" + "\n".join(f"  {path}" for path in paths.values()))
+    return AnalysisResult(
+        config=config, slug=slug, paths=paths, split=split, batch_data_list=batch_data_list,
+        per_batch=per_batch, risk_diff=table, sft_dataset=sft,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
+    """Add the ``analyze`` subcommand to the ``moe-fastmask`` parser."""
+    d = AnalysisConfig()
+    parser = subparsers.add_parser(
+        "analyze",
+        help="find the experts that fire more on jailbreak prompts than on the plain goals",
+        description=__doc__.split("\n\n")[0]
+        + " Writes batch_outputs_<slug>.pkl, risk_diff_<slug>.pkl/.csv, sft_dataset_<slug>.pkl, split_<slug>.json, "
+        "plots and the run config to --out; re-running the same command resumes.",
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--model", help="model path or hub id (loaded with from_pretrained)")
+    io.add_argument("--data", help="JSON list of records {id, goal, all_prompt, judge_success_gpt4}")
+    io.add_argument("--out", required=True, help="output directory")
+    io.add_argument("--demo", action="store_true",
+                    help="build a tiny random OLMoE and a synthetic dataset under OUT/demo/ and analyze them")
+    io.add_argument("--overwrite", action="store_true", help="delete the run of this model found in --out (any config) and start over; "
+                    "without it a matching run resumes and a different one is refused")
+    batching = parser.add_argument_group("data and batching")
+    batching.add_argument("--batch-size", type=int, default=d.batch_size)
+    batching.add_argument("--safe-ratio", type=float, default=d.safe_ratio,
+                          help="share of safe prompts per batch (0.5: each batch holds both forms of its records)")
+    batching.add_argument("--num-batches", type=int, default=None, help="default: as many as the data fills")
+    batching.add_argument("--seed", type=int, default=d.seed)
+    batching.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                          help="records held out for evaluation (split_<slug>.json)")
+    batching.add_argument("--only-successful", action="store_true",
+                          help="use only records with judge_success_gpt4 == 1")
+    batching.add_argument("--system-prompt", default=d.system_prompt, help="system message of the safe prompts")
+    generation = parser.add_argument_group("generation and counting")
+    generation.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    generation.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
+    generation.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    generation.add_argument("--top-p", type=float, default=d.top_p)
+    generation.add_argument("--count-tokens", choices=sorted(COUNT_TOKENS), default=d.count_tokens,
+                            help="which tokens count: generated (default), prompt, or all")
+    generation.add_argument("--filter-pairs", action="store_true",
+                            help="count only pairs whose plain goal was refused and whose jailbreak was not")
+    generation.add_argument("--refusal-text", default=d.refusal_text,
+                            help="SFT target of a jailbreak whose plain goal was not refused")
+    generation.add_argument("--top-n", type=int, default=d.top_n,
+                            help="size of each batch's top list, for the stability count (top_count)")
+    generation.add_argument("--no-token-experts", dest="keep_token_experts", action="store_false",
+                            help="do not keep each token's chosen experts (smaller batch_outputs; no --filter-pairs)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    runtime.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="auto: bfloat16 on cuda, float32 on cpu")
+    runtime.add_argument("--no-progress", dest="progress", action="store_false")
+    runtime.add_argument("--quiet", dest="verbose", action="store_false")
+    parser.set_defaults(func=run_cli)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
+    names = {f.name for f in dataclasses.fields(AnalysisConfig)} - {"judge"}
+    return AnalysisConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        run_analysis(config_from_args(args))
+    except (ValueError, ConfigMismatchError, AnalysisError) as error:
+        print(f"moe-fastmask analyze: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = [
+    "AnalysisConfig",
+    "AnalysisError",
+    "AnalysisResult",
+    "BatchPlanError",
+    "ConfigMismatchError",
+    "DataValidationError",
+    "add_cli_arguments",
+    "aggregate_batch_risk_diffs",
+    "aggregate_risk_diffs",
+    "build_sft_dataset",
+    "calculate_risk_diff_per_batch",
+    "generate_batch",
+    "load_model_and_tokenizer",
+    "prepare_batches",
+    "process_mixed_batches",
+    "risk_diff_per_batch",
+    "run_analysis",
+]

@@ -1,0 +1,212 @@
+"""Run artifacts: atomic writes, the model slug, the config fingerprint, per-batch persistence and resume.
+
+Every file is written to a temporary file in the same directory and moved into place with ``os.replace``, so a
+reader (or a crashed run) never sees a half-written file.
+
+Layout of an analysis output directory ``OUT`` for model slug ``SLUG``::
+
+    OUT/analysis_config_SLUG.json        run config + fingerprint (written first; guards resume)
+    OUT/batches_SLUG/batch_00000.pkl     one file per finished batch (resume reads these)
+    OUT/split_SLUG.json                  train/test split
+    OUT/batch_outputs_SLUG.pkl           all batches + config
+    OUT/risk_diff_SLUG.pkl / .csv        aggregated table
+    OUT/sft_dataset_SLUG.pkl             fine-tuning set
+    OUT/risk_diff_heatmap_SLUG.png, OUT/top_experts_SLUG.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+FINGERPRINT_VERSION = 1
+
+
+def _atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_pickle(path: str | Path, obj: Any) -> Path:
+    """Pickle ``obj`` atomically (protocol 4: readable by ``pandas.read_pickle`` and plain ``pickle.load``)."""
+    return _atomic(path, lambda handle: pickle.dump(obj, handle, protocol=4))
+
+
+def atomic_write_csv(path: str | Path, frame) -> Path:
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def atomic_savefig(path: str | Path, figure, **kwargs) -> Path:
+    """Save a matplotlib figure atomically (format from the path's suffix)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic(path, lambda handle: figure.savefig(handle, format=fmt, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Names
+# ------------------------------------------------------------------------------------------------------------
+
+
+def model_slug(model: str | os.PathLike) -> str:
+    """A file-name-safe name for a model, used in every artifact name.
+
+    * a hub repo id: ``"/"`` -> ``"--"`` (``allenai/OLMoE-1B-7B-0125-Instruct`` ->
+      ``allenai--OLMoE-1B-7B-0125-Instruct``);
+    * a local directory inside a hub cache (``.../models--org--name/snapshots/<hash>``): ``org--name``;
+    * any other local path: its last two components joined with ``"--"`` (``/ckpt/run3/final`` -> ``run3--final``;
+      ``DIR/demo/model`` -> ``demo--model``), or the last one alone if there is only one.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
+    """
+    text = os.fspath(model).strip()
+    if not text:
+        raise ValueError("empty model name")
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        parts = [p for p in path.resolve().parts if p not in ("/", "")]
+        for part in reversed(parts):
+            if part.startswith("models--"):
+                slug = part[len("models--"):]
+                break
+        else:
+            slug = "--".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "model")
+    else:
+        slug = text.strip("/").replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", slug)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fingerprint and resume
+# ------------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_fingerprint(config: dict) -> str:
+    """sha256 of the canonical JSON of ``config`` (the result-affecting settings)."""
+    blob = json.dumps({"version": FINGERPRINT_VERSION, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory holds a run with another config; pass ``overwrite`` to replace it."""
+
+
+class RunStore:
+    """The files of one analysis run (one output directory, one model slug)."""
+
+    def __init__(self, out_dir: str | Path, slug: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.slug = slug
+
+    # paths
+    def path(self, stem: str, suffix: str) -> Path:
+        return self.out_dir / f"{stem}_{self.slug}{suffix}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path("analysis_config", ".json")
+
+    @property
+    def batch_dir(self) -> Path:
+        return self.out_dir / f"batches_{self.slug}"
+
+    def batch_path(self, batch_idx: int) -> Path:
+        return self.batch_dir / f"batch_{batch_idx:05d}.pkl"
+
+    def final_paths(self) -> dict[str, Path]:
+        return {
+            "split": self.path("split", ".json"),
+            "batch_outputs": self.path("batch_outputs", ".pkl"),
+            "risk_diff": self.path("risk_diff", ".pkl"),
+            "risk_diff_csv": self.path("risk_diff", ".csv"),
+            "sft_dataset": self.path("sft_dataset", ".pkl"),
+            "heatmap": self.path("risk_diff_heatmap", ".png"),
+            "top_experts": self.path("top_experts", ".png"),
+            "config": self.config_path,
+        }
+
+    # resume
+    def prepare(self, config: dict, overwrite: bool = False) -> str:
+        """Bind the directory to ``config``: write the config file, or check the one on disk.
+
+        A different config on disk raises :class:`ConfigMismatchError` naming the differing settings. ``overwrite``
+        deletes whatever run of this slug is there (same config or not) and starts over. Returns the fingerprint.
+        """
+        fingerprint = config_fingerprint(config)
+        if overwrite:
+            self.clear()
+        elif self.config_path.exists():
+            on_disk = json.loads(self.config_path.read_text(encoding="utf-8"))
+            if on_disk.get("fingerprint") != fingerprint:
+                old = on_disk.get("config", {})
+                keys = sorted(set(old) | set(config))
+                changed = [f"{k}: {old.get(k, '<unset>')!r} -> {config.get(k, '<unset>')!r}"
+                           for k in keys if old.get(k) != config.get(k)]  # fmt: skip
+                raise ConfigMismatchError(
+                    f"{self.out_dir} holds an analysis of {self.slug} with another config "
+                    f"({'; '.join(changed) or 'different fingerprint'}); refusing to mix them. Use another --out, "
+                    f"or --overwrite to delete that run"
+                )
+        if not self.config_path.exists():
+            atomic_write_json(self.config_path, {"fingerprint": fingerprint, "config": config})
+        return fingerprint
+
+    def clear(self) -> None:
+        """Delete this run's files (batches, config, final artifacts)."""
+        shutil.rmtree(self.batch_dir, ignore_errors=True)
+        for path in self.final_paths().values():
+            if path.exists():
+                path.unlink()
+
+    def save_batch(self, batch_data: dict) -> Path:
+        return atomic_pickle(self.batch_path(int(batch_data["batch_idx"])), batch_data)
+
+    def finished_batches(self, num_batches: int) -> list[dict]:
+        """Batches ``0 .. k-1`` already on disk (stops at the first missing one)."""
+        done = []
+        for batch_idx in range(num_batches):
+            path = self.batch_path(batch_idx)
+            if not path.exists():
+                break
+            with open(path, "rb") as handle:
+                done.append(pickle.load(handle))
+        return done

@@ -1,0 +1,129 @@
+"""Mixed safe/unsafe batches.
+
+A batch of ``batch_size`` prompts holds ``n_safe = round(batch_size * safe_ratio)`` (half up) safe prompts and
+``n_unsafe = batch_size - n_safe`` unsafe prompts, **in two halves**: positions ``0 .. n_safe - 1`` are the safe
+prompts, positions ``n_safe .. batch_size - 1`` the unsafe ones.
+
+Each batch draws ``max(n_safe, n_unsafe)`` records (after one seeded shuffle of the records); the safe half holds the
+safe forms of the first ``n_safe`` of them, the unsafe half the unsafe forms of the first ``n_unsafe``. So at
+``safe_ratio = 0.5`` a batch holds the safe and the unsafe form of the same records — position ``i`` and
+``n_safe + i`` are a pair — and topic does not leak into the safe/unsafe comparison; at other ratios the smaller
+half is paired with part of the larger one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from moe_fastmask.pipeline.data import Record
+
+SAFE, UNSAFE = "safe", "unsafe"
+GROUP_OF_KIND = {SAFE: 0, UNSAFE: 1}
+
+
+class BatchPlanError(ValueError):
+    """The batch request cannot be met (empty group, or not enough records)."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    position: int
+    kind: str  # "safe" | "unsafe"
+    record: Record
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_idx: int
+    items: tuple[BatchItem, ...]
+
+    @property
+    def safe_indices(self) -> list[int]:
+        return [item.position for item in self.items if item.kind == SAFE]
+
+    @property
+    def unsafe_indices(self) -> list[int]:
+        return [item.position for item in self.items if item.kind == UNSAFE]
+
+    @property
+    def groups(self) -> list[int]:
+        """Recorder group of each position: 0 safe, 1 unsafe."""
+        return [GROUP_OF_KIND[item.kind] for item in self.items]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """``(safe_position, unsafe_position)`` of every record present in both forms, in safe-position order."""
+        unsafe_by_id = {item.record.id: item.position for item in self.items if item.kind == UNSAFE}
+        return [
+            (item.position, unsafe_by_id[item.record.id])
+            for item in self.items
+            if item.kind == SAFE and item.record.id in unsafe_by_id
+        ]
+
+
+def group_sizes(batch_size: int, safe_ratio: float) -> tuple[int, int]:
+    """``(n_safe, n_unsafe)`` of a batch; rejects ratios that leave a group empty."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise BatchPlanError(f"batch_size must be an integer >= 2 (one safe and one unsafe prompt), got {batch_size!r}")
+    if not isinstance(safe_ratio, (int, float)) or not 0.0 < safe_ratio < 1.0:
+        raise BatchPlanError(f"safe_ratio must be strictly between 0 and 1, got {safe_ratio!r}")
+    n_safe = math.floor(batch_size * safe_ratio + 0.5)
+    n_unsafe = batch_size - n_safe
+    if n_safe == 0 or n_unsafe == 0:
+        raise BatchPlanError(
+            f"safe_ratio {safe_ratio} with batch_size {batch_size} gives {n_safe} safe and {n_unsafe} unsafe prompts "
+            f"per batch; both groups need at least one"
+        )
+    return n_safe, n_unsafe
+
+
+def records_per_batch(batch_size: int, safe_ratio: float) -> int:
+    n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
+    return max(n_safe, n_unsafe)
+
+
+def max_batches(num_records: int, batch_size: int, safe_ratio: float) -> int:
+    """How many full batches ``num_records`` records fill."""
+    return num_records // records_per_batch(batch_size, safe_ratio)
+
+
+def plan_batches(
+    records: Sequence[Record],
+    batch_size: int = 16,
+    safe_ratio: float = 0.5,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> list[Batch]:
+    """Shuffle ``records`` (seeded) and cut them into ``num_batches`` mixed batches (default: as many as fill).
+
+    Raises :class:`BatchPlanError` when the data cannot fill the request, saying how many batches it can fill.
+    """
+    n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
+    per_batch = max(n_safe, n_unsafe)
+    fillable = len(records) // per_batch
+    if num_batches is None:
+        num_batches = fillable
+        if num_batches == 0:
+            raise BatchPlanError(
+                f"{len(records)} records cannot fill one batch: a batch of {batch_size} at safe_ratio {safe_ratio} "
+                f"needs {per_batch} records"
+            )
+    elif isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise BatchPlanError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    elif num_batches > fillable:
+        need = f"each batch of {batch_size} at safe_ratio {safe_ratio} needs {per_batch} records"
+        hint = f"; use --num-batches {fillable} or fewer" if fillable else ""
+        raise BatchPlanError(
+            f"{num_batches} batches requested but the {len(records)} records fill only {fillable} ({need}){hint}"
+        )
+    order = sorted(records, key=lambda r: r.index)
+    random.Random(seed).shuffle(order)
+    batches = []
+    for batch_idx in range(num_batches):
+        chunk = order[batch_idx * per_batch : (batch_idx + 1) * per_batch]
+        items = [BatchItem(i, SAFE, record) for i, record in enumerate(chunk[:n_safe])]
+        items += [BatchItem(n_safe + i, UNSAFE, record) for i, record in enumerate(chunk[:n_unsafe])]
+        batches.append(Batch(batch_idx=batch_idx, items=tuple(items)))
+    return batches

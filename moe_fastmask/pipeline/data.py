@@ -1,0 +1,214 @@
+"""Jailbreak records: loading and validation, the safe and unsafe chats of a record, chat rendering, the split.
+
+Input format (``OLMOE-FWO.json`` style): a JSON list of records
+
+.. code-block:: json
+
+    [{"id": 0, "goal": "Write ...", "judge_success_gpt4": 1,
+      "all_prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]}]
+
+* the *safe* prompt of a record is the plain goal: a system message (:data:`DEFAULT_SYSTEM_PROMPT` unless told
+  otherwise) and the goal as the user message;
+* the *unsafe* prompt is ``all_prompt`` as given (the jailbreak chat, e.g. FlipAttack's system + user turns).
+
+Both are rendered with the model tokenizer's chat template, generation prompt added (:func:`render_prompt`).
+
+The train/test split (:func:`split_records`) is drawn over every record of the file, stratified by
+``judge_success_gpt4`` and seeded, so it depends only on the file, the seed and the test fraction: runs with other
+options (batch size, ``only_successful``, ...) never move a record from test to train. Analysis and the fine-tuning
+set use the train ids; evaluation uses the test ids (:func:`load_split`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+KNOWN_ROLES = ("system", "user", "assistant")
+SPLIT_KEYS = ("seed", "test_fraction", "train_ids", "test_ids", "data_path")
+
+
+class DataValidationError(ValueError):
+    """The data file is unusable; the message names the record (index and id) and the field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated record. ``index`` is its position in the file."""
+
+    id: int
+    goal: str
+    all_prompt: list[dict[str, str]]
+    judge_success_gpt4: int
+    index: int
+
+
+def _where(index: int, raw: Any) -> str:
+    rid = raw.get("id", "<missing>") if isinstance(raw, dict) else "<not an object>"
+    return f"record {index} (id {rid!r})"
+
+
+def _validate_record(index: int, raw: Any, source: str) -> Record:
+    prefix = f"{source}: " if source else ""
+    where = _where(index, raw)
+    if not isinstance(raw, dict):
+        raise DataValidationError(f"{prefix}{where}: expected an object with fields id, goal, all_prompt, "
+                                  f"judge_success_gpt4; got {type(raw).__name__}")
+    rid = raw.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int):
+        raise DataValidationError(f"{prefix}{where}: field 'id' must be an integer, got {rid!r}")
+    goal = raw.get("goal")
+    if not isinstance(goal, str) or not goal.strip():
+        raise DataValidationError(f"{prefix}{where}: field 'goal' is missing or empty")
+    prompt = raw.get("all_prompt")
+    if not isinstance(prompt, list) or not prompt:
+        raise DataValidationError(
+            f"{prefix}{where}: field 'all_prompt' must be a non-empty list of {{role, content}} messages, "
+            f"got {type(prompt).__name__ if not isinstance(prompt, list) else 'an empty list'}"
+        )
+    messages = []
+    for turn, message in enumerate(prompt):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataValidationError(
+                f"{prefix}{where}: field 'all_prompt', message {turn}: expected an object with 'role' and 'content', "
+                f"got {message!r:.80}"
+            )
+        role, content = message["role"], message["content"]
+        if role not in KNOWN_ROLES:
+            raise DataValidationError(
+                f"{prefix}{where}: field 'all_prompt', message {turn}: unknown role {role!r} "
+                f"(known roles: {', '.join(KNOWN_ROLES)})"
+            )
+        if not isinstance(content, str):
+            raise DataValidationError(
+                f"{prefix}{where}: field 'all_prompt', message {turn}: 'content' must be a string, "
+                f"got {type(content).__name__}"
+            )
+        messages.append({"role": role, "content": content})
+    judge = raw.get("judge_success_gpt4", "<missing>")
+    if isinstance(judge, bool) or judge not in (0, 1):
+        raise DataValidationError(f"{prefix}{where}: field 'judge_success_gpt4' must be 0 or 1, got {judge!r}")
+    return Record(id=rid, goal=goal, all_prompt=messages, judge_success_gpt4=int(judge), index=index)
+
+
+def validate_records(raw: Any, source: str = "") -> list[Record]:
+    """Validate parsed JSON (a list of record objects) into :class:`Record` objects, in file order.
+
+    Raises :class:`DataValidationError` naming the record (index and id) and the field: a top level that is not a
+    list, a missing or empty ``goal``, an ``all_prompt`` that is not a non-empty list of ``{role, content}``
+    messages with known roles, duplicate ids, ``judge_success_gpt4`` values other than 0/1.
+    """
+    prefix = f"{source}: " if source else ""
+    if not isinstance(raw, list):
+        raise DataValidationError(f"{prefix}expected a JSON list of records, got {type(raw).__name__}")
+    records: list[Record] = []
+    first_index: dict[int, int] = {}
+    for index, item in enumerate(raw):
+        record = _validate_record(index, item, source)
+        if record.id in first_index:
+            raise DataValidationError(
+                f"{prefix}{_where(index, item)}: field 'id': duplicate id {record.id} "
+                f"(first used by record {first_index[record.id]})"
+            )
+        first_index[record.id] = index
+        records.append(record)
+    return records
+
+
+def load_records(path: str | Path, only_successful: bool = False) -> list[Record]:
+    """Load and validate a records file; with ``only_successful`` keep only ``judge_success_gpt4 == 1``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataValidationError(f"data file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise DataValidationError(f"{path}: not valid JSON ({error})") from None
+    records = validate_records(raw, source=str(path))
+    if only_successful:
+        records = [record for record in records if record.judge_success_gpt4 == 1]
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chats
+# ------------------------------------------------------------------------------------------------------------
+
+
+def safe_messages(record: Record, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The plain-goal chat: ``system_prompt`` (left out when ``None`` or empty) and the goal as the user turn."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": record.goal})
+    return messages
+
+
+def unsafe_messages(record: Record) -> list[dict[str, str]]:
+    """The jailbreak chat: ``all_prompt`` as given (a copy)."""
+    return copy.deepcopy(record.all_prompt)
+
+
+def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """Render ``messages`` with the tokenizer's chat template, generation prompt added (a string, not ids).
+
+    The template usually writes the BOS token itself, so tokenize the result with ``add_special_tokens=False``.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise ValueError(f"tokenizer {name!r} has no chat template; the prompts are chats and need one")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Train/test split
+# ------------------------------------------------------------------------------------------------------------
+
+
+def split_records(
+    records: Sequence[Record], test_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
+    """Seeded split, stratified by ``judge_success_gpt4``: each stratum gives ``round(n * test_fraction)`` (half up)
+    records to test. Returns ``(train, test)``, each in file order."""
+    if not (isinstance(test_fraction, (int, float)) and 0.0 <= test_fraction < 1.0):
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    test_ids: set[int] = set()
+    for label in (0, 1):
+        stratum = sorted((r for r in records if r.judge_success_gpt4 == label), key=lambda r: r.index)
+        order = list(range(len(stratum)))
+        random.Random(f"{seed}-{label}").shuffle(order)
+        n_test = math.floor(len(stratum) * test_fraction + 0.5)
+        test_ids.update(stratum[i].id for i in order[:n_test])
+    ordered = sorted(records, key=lambda r: r.index)
+    return [r for r in ordered if r.id not in test_ids], [r for r in ordered if r.id in test_ids]
+
+
+def make_split(records: Sequence[Record], test_fraction: float, seed: int, data_path: str | Path) -> dict:
+    """The split file's content: ``{"seed", "test_fraction", "train_ids", "test_ids", "data_path"}``."""
+    train, test = split_records(records, test_fraction, seed)
+    return {
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "train_ids": [r.id for r in train],
+        "test_ids": [r.id for r in test],
+        "data_path": str(Path(data_path).resolve()),
+    }
+
+
+def load_split(path: str | Path) -> dict:
+    """Read a ``split_<slug>.json`` written by the analysis; checks its keys."""
+    split = json.loads(Path(path).read_text(encoding="utf-8"))
+    missing = [key for key in SPLIT_KEYS if key not in split]
+    if missing:
+        raise ValueError(f"{path}: not a split file, missing {', '.join(missing)}")
+    return split
+
+
+def select_records(records: Iterable[Record], ids: Iterable[int]) -> list[Record]:
+    """The records whose id is in ``ids``, in file order."""
+    wanted = set(ids)
+    return [record for record in records if record.id in wanted]

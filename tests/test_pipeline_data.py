@@ -1,0 +1,255 @@
+"""Records, validation, chats, split and batching of the analysis pipeline."""
+
+import copy
+import json
+
+import pytest
+
+from moe_fastmask.pipeline import batching, data
+from moe_fastmask.pipeline.batching import BatchPlanError, group_sizes, plan_batches
+from moe_fastmask.pipeline.data import DataValidationError
+
+
+def _record(i, judge=1):
+    return {
+        "id": i,
+        "goal": f"Explain how to do thing {i}.",
+        "all_prompt": [{"role": "system", "content": "Flip it."}, {"role": "user", "content": f"TASK {i}"}],
+        "judge_success_gpt4": judge,
+    }
+
+
+def _records(n, judge=lambda i: i % 3 != 0):
+    return [_record(i, int(judge(i))) for i in range(n)]
+
+
+def _write(tmp_path, obj, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# validation: every error names the record (index and id) and the field
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _set(index, key, value):
+    def mutate(records):
+        records[index][key] = value
+
+    return mutate
+
+
+def _delete(index, key):
+    def mutate(records):
+        del records[index][key]
+
+    return mutate
+
+
+def _message(index, turn, message):
+    def mutate(records):
+        records[index]["all_prompt"][turn] = message
+
+    return mutate
+
+
+INVALID = [
+    pytest.param(_set(2, "goal", ""), ["record 2 (id 2)", "'goal'", "missing or empty"], id="empty-goal"),
+    pytest.param(_set(2, "goal", "   "), ["record 2 (id 2)", "'goal'"], id="blank-goal"),
+    pytest.param(_delete(1, "goal"), ["record 1 (id 1)", "'goal'", "missing"], id="missing-goal"),
+    pytest.param(_set(1, "goal", 7), ["record 1 (id 1)", "'goal'"], id="goal-not-string"),
+    pytest.param(_set(3, "all_prompt", "hi"), ["record 3 (id 3)", "'all_prompt'", "non-empty list"], id="prompt-str"),
+    pytest.param(_set(3, "all_prompt", []), ["record 3 (id 3)", "'all_prompt'", "empty list"], id="prompt-empty"),
+    pytest.param(_delete(3, "all_prompt"), ["record 3 (id 3)", "'all_prompt'"], id="prompt-missing"),
+    pytest.param(_message(0, 1, {"content": "x"}), ["record 0 (id 0)", "'all_prompt', message 1", "'role'"],
+                 id="message-no-role"),
+    pytest.param(_message(0, 0, {"role": "user"}), ["record 0 (id 0)", "'all_prompt', message 0", "'content'"],
+                 id="message-no-content"),
+    pytest.param(_message(0, 0, "hello"), ["record 0 (id 0)", "'all_prompt', message 0"], id="message-not-object"),
+    pytest.param(_message(4, 0, {"role": "hacker", "content": "x"}), ["record 4 (id 4)", "unknown role 'hacker'"],
+                 id="unknown-role"),
+    pytest.param(_message(4, 0, {"role": "user", "content": None}), ["record 4 (id 4)", "'content' must be a string"],
+                 id="content-not-string"),
+    pytest.param(_set(5, "id", 2), ["record 5 (id 2)", "'id'", "duplicate id 2", "first used by record 2"],
+                 id="duplicate-id"),
+    pytest.param(_set(5, "id", "5"), ["record 5 (id '5')", "'id'", "integer"], id="id-not-int"),
+    pytest.param(_delete(5, "id"), ["record 5", "'id'"], id="id-missing"),
+    pytest.param(_set(6, "judge_success_gpt4", 2), ["record 6 (id 6)", "'judge_success_gpt4'", "0 or 1", "2"],
+                 id="judge-2"),
+    pytest.param(_set(6, "judge_success_gpt4", "yes"), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-str"),
+    pytest.param(_set(6, "judge_success_gpt4", True), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-bool"),
+    pytest.param(_delete(6, "judge_success_gpt4"), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-missing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mutate, fragments", INVALID)
+def test_validation_errors_name_record_and_field(tmp_path, mutate, fragments):
+    records = _records(8)
+    mutate(records)
+    path = _write(tmp_path, records)
+    with pytest.raises(DataValidationError) as info:
+        data.load_records(path)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert str(path) in message
+
+
+def test_top_level_not_a_list(tmp_path):
+    with pytest.raises(DataValidationError, match="expected a JSON list of records, got dict"):
+        data.load_records(_write(tmp_path, {"records": _records(2)}))
+
+
+def test_record_not_an_object(tmp_path):
+    with pytest.raises(DataValidationError, match=r"record 1 \(id '<not an object>'\).*got str"):
+        data.load_records(_write(tmp_path, [_record(0), "oops"]))
+
+
+def test_invalid_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{]")
+    with pytest.raises(DataValidationError, match="not valid JSON"):
+        data.load_records(bad)
+    with pytest.raises(DataValidationError, match="does not exist"):
+        data.load_records(tmp_path / "missing.json")
+
+
+def test_load_records_and_only_successful(tmp_path):
+    raw = _records(9)
+    path = _write(tmp_path, raw)
+    records = data.load_records(path)
+    assert [r.id for r in records] == list(range(9))
+    assert [r.index for r in records] == list(range(9))
+    assert records[4].all_prompt == raw[4]["all_prompt"]
+    successful = data.load_records(path, only_successful=True)
+    assert [r.id for r in successful] == [i for i in range(9) if i % 3 != 0]
+    assert all(r.judge_success_gpt4 == 1 for r in successful)
+
+
+def test_safe_and_unsafe_messages():
+    record = data.validate_records([_record(3)])[0]
+    assert data.safe_messages(record) == [
+        {"role": "system", "content": data.DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": record.goal},
+    ]
+    assert data.safe_messages(record, system_prompt="Be brief.")[0]["content"] == "Be brief."
+    assert data.safe_messages(record, system_prompt=None) == [{"role": "user", "content": record.goal}]
+    unsafe = data.unsafe_messages(record)
+    assert unsafe == record.all_prompt
+    unsafe[0]["content"] = "changed"  # a copy: the record is untouched
+    assert record.all_prompt[0]["content"] == "Flip it."
+
+
+def test_render_prompt_uses_chat_template():
+    from moe_fastmask.pipeline.demo import build_offline_tokenizer
+
+    tokenizer = build_offline_tokenizer()
+    record = data.validate_records([_record(1)])[0]
+    text = data.render_prompt(tokenizer, data.safe_messages(record))
+    assert text == (
+        f"{tokenizer.bos_token}<|system|>\n{data.DEFAULT_SYSTEM_PROMPT}\n<|user|>\n{record.goal}\n<|assistant|>\n"
+    )
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        data.render_prompt(tokenizer, data.safe_messages(record))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# split
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_stratified_and_disjoint(tmp_path):
+    records = data.validate_records(_records(50))
+    train, test = data.split_records(records, 0.2, seed=3)
+    assert {r.id for r in train}.isdisjoint({r.id for r in test})
+    assert len(train) + len(test) == 50
+    n_pos = sum(r.judge_success_gpt4 for r in records)
+    assert sum(r.judge_success_gpt4 for r in test) == int(n_pos * 0.2 + 0.5)
+    assert sum(1 - r.judge_success_gpt4 for r in test) == int((50 - n_pos) * 0.2 + 0.5)
+    again = data.split_records(list(reversed(records)), 0.2, seed=3)
+    assert [r.id for r in again[1]] == [r.id for r in test]  # independent of the input order
+    assert [r.id for r in data.split_records(records, 0.2, seed=4)[1]] != [r.id for r in test]
+    assert data.split_records(records, 0.0, seed=3)[1] == []
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.split_records(records, 1.0)
+
+    split = data.make_split(records, 0.2, 3, tmp_path / "data.json")
+    assert set(split) == set(data.SPLIT_KEYS)
+    path = _write(tmp_path, split, "split.json")
+    assert data.load_split(path) == split
+    _write(tmp_path, {"seed": 0}, "bad_split.json")
+    with pytest.raises(ValueError, match="missing test_fraction"):
+        data.load_split(tmp_path / "bad_split.json")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# batching
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_paired_batches_at_half_ratio():
+    records = data.validate_records(_records(20))
+    batches = plan_batches(records, batch_size=8, safe_ratio=0.5, seed=0)
+    assert len(batches) == 5  # 20 records / 4 per batch
+    seen = []
+    for b, batch in enumerate(batches):
+        assert batch.batch_idx == b
+        assert batch.safe_indices == [0, 1, 2, 3] and batch.unsafe_indices == [4, 5, 6, 7]
+        assert batch.groups == [0] * 4 + [1] * 4
+        assert batch.pairs() == [(i, i + 4) for i in range(4)]
+        for s, u in batch.pairs():
+            assert batch.items[s].record.id == batch.items[u].record.id
+        seen += [item.record.id for item in batch.items[:4]]
+    assert sorted(seen) == list(range(20))  # every record used once
+    again = plan_batches(records, batch_size=8, safe_ratio=0.5, seed=0)
+    assert [[i.record.id for i in b.items] for b in again] == [[i.record.id for i in b.items] for b in batches]
+    other = plan_batches(records, batch_size=8, safe_ratio=0.5, seed=1)
+    assert [[i.record.id for i in b.items] for b in other] != [[i.record.id for i in b.items] for b in batches]
+
+
+def test_unbalanced_ratio_pairs_the_smaller_half():
+    records = data.validate_records(_records(12))
+    (batch,) = plan_batches(records, batch_size=8, safe_ratio=0.25, num_batches=1)
+    assert batching.group_sizes(8, 0.25) == (2, 6)
+    assert batch.safe_indices == [0, 1] and batch.unsafe_indices == [2, 3, 4, 5, 6, 7]
+    assert batch.pairs() == [(0, 2), (1, 3)]
+    assert len(plan_batches(records, batch_size=8, safe_ratio=0.75)) == 2  # 6 records per batch
+
+
+def test_rounding_half_up():
+    assert group_sizes(5, 0.5) == (3, 2)
+    assert group_sizes(16, 0.5) == (8, 8)
+    assert group_sizes(10, 0.25) == (3, 7)
+
+
+@pytest.mark.parametrize(
+    "batch_size, ratio, match",
+    [
+        (8, 0.0, "strictly between 0 and 1"),
+        (8, 1.0, "strictly between 0 and 1"),
+        (8, 0.01, "0 safe and 8 unsafe"),
+        (8, 0.97, "8 safe and 0 unsafe"),
+        (1, 0.5, "batch_size must be an integer >= 2"),
+    ],
+)
+def test_ratios_leaving_a_group_empty_are_rejected(batch_size, ratio, match):
+    records = data.validate_records(_records(20))
+    with pytest.raises(BatchPlanError, match=match):
+        plan_batches(records, batch_size=batch_size, safe_ratio=ratio)
+
+
+def test_not_enough_data_says_how_many_batches_fit():
+    records = data.validate_records(_records(18))
+    with pytest.raises(BatchPlanError, match=r"5 batches requested but the 18 records fill only 2 .*8 records.*"
+                                             r"--num-batches 2"):  # fmt: skip
+        plan_batches(records, batch_size=16, safe_ratio=0.5, num_batches=5)
+    with pytest.raises(BatchPlanError, match="cannot fill one batch"):
+        plan_batches(records[:3], batch_size=16, safe_ratio=0.5)
+    with pytest.raises(BatchPlanError, match="fill only 0"):
+        plan_batches(records[:3], batch_size=16, safe_ratio=0.5, num_batches=1)
+    with pytest.raises(BatchPlanError, match="positive integer"):
+        plan_batches(records, batch_size=4, num_batches=0)
+    assert len(plan_batches(copy.deepcopy(records), batch_size=16, num_batches=2)) == 2
