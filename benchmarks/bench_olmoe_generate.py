@@ -27,7 +27,9 @@ import moe_fastmask as mf
 def build_model(layers: int | None, dtype: torch.dtype):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    config = OlmoeConfig()  # defaults are the OLMoE-1B-7B architecture
+    # OLMoE-1B-7B: OlmoeConfig's defaults (16 layers, 64 experts, top-8, hidden 2048, vocab 50304) with the
+    # released checkpoints' intermediate size of 1024 (the class default is 2048)
+    config = OlmoeConfig(intermediate_size=1024)
     if layers is not None:
         config.num_hidden_layers = layers
     config.pad_token_id = 1
