@@ -1,0 +1,471 @@
+// Fused MoE routing on CPU: mask + softmax + top-k + per-group expert counts, one pass per token.
+//
+// Per token (route_rows): the row is read once (any strides, float32 / float16 / bfloat16 converted to float32) with
+// the group's mask applied, then max, exp and sum run on 16-byte vectors, and the top-k is picked from a handful of
+// candidates (select_topk). Tokens are split over torch's intra-op threads (at::parallel_for); each thread counts
+// into its own [G, E] histogram, summed into `counts` at the end, so there are no shared counters per token and the
+// result does not depend on the number of threads.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "moe_ops.h"
+
+namespace {
+
+constexpr int64_t kMaxTopK = 16;
+constexpr int64_t kGrainTokens = 256;  // batches up to this many tokens run on one thread
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 16-byte vectors through GCC/Clang vector extensions: the x86-64 baseline (SSE2) and the NEON width, so the build
+// needs no -march flag and the cached library runs on any machine of the same architecture.
+// ---------------------------------------------------------------------------------------------------------------------
+
+constexpr int kLanes = 4;
+typedef float vfloat __attribute__((vector_size(16)));
+typedef int32_t vint __attribute__((vector_size(16)));
+typedef uint32_t vuint __attribute__((vector_size(16)));
+typedef uint16_t vu16 __attribute__((vector_size(8)));
+typedef uint8_t vu8 __attribute__((vector_size(4)));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vfloat splat(float c) { return vfloat{} + c; }
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline float hsum(vfloat v) {
+  float s = v[0];
+  for (int l = 1; l < kLanes; ++l) s += v[l];
+  return s;
+}
+inline int32_t hsum(vint v) {
+  int32_t s = v[0];
+  for (int l = 1; l < kLanes; ++l) s += v[l];
+  return s;
+}
+// Bit l of the result = lane l of a comparison result.
+inline uint64_t movemask(vint mask) {
+#if defined(__SSE2__)
+  return static_cast<uint64_t>(_mm_movemask_ps(reinterpret_cast<__m128>(mask)));
+#else
+  uint64_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint64_t>(mask[l] & 1) << l;
+  return bits;
+#endif
+}
+
+// exp(x) for x <= 0 or x = -inf, lane-wise (about 1 ulp, Cephes' expf polynomial); branch-free.
+inline vfloat exp_nonpositive(vfloat x) {
+  // Below -104 the result rounds to 0: return 0 there, computing on 0 instead, since arithmetic that underflows to
+  // subnormals is very slow on many CPUs (masked experts are -inf). NaN passes through (its row is flagged).
+  const vint zero = x < -104.0f;
+  x = zero ? splat(0.0f) : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t = y + kRound holds round(y) in its low mantissa bits
+  const vfloat t = x * 1.44269504088896341f + kRound;
+  const vfloat n = t - kRound;
+  const vint ni = std::bit_cast<vint>(t) - std::bit_cast<int32_t>(kRound);
+  vfloat r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vfloat p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // 2^n for n in [-150, 0] as two normal powers of two, so a subnormal result rounds once, at the last multiply
+  const vint n1 = ni >> 1;
+  const vint n2 = ni - n1;
+  const vfloat result = p * std::bit_cast<vfloat>((n1 + 127) << 23) * std::bit_cast<vfloat>((n2 + 127) << 23);
+  return zero ? splat(0.0f) : result;
+}
+
+// Logits [e, e + kLanes) of a row as float32; `contiguous` means a unit expert stride.
+template <typename scalar_t, bool contiguous>
+inline vfloat load_logits(const scalar_t* row, int64_t stride, int64_t e) {
+  if constexpr (contiguous && std::is_same_v<scalar_t, float>) {
+    return vload(row + e);
+  } else if constexpr (contiguous && std::is_same_v<scalar_t, c10::BFloat16>) {
+    vu16 bits;  // bfloat16 = the high half of a float32
+    std::memcpy(&bits, row + e, sizeof(bits));
+    return std::bit_cast<vfloat>(__builtin_convertvector(bits, vint) << 16);
+  } else if constexpr (contiguous && std::is_same_v<scalar_t, c10::Half>) {
+    // c10::detail::fp16_ieee_to_fp32_value, lane-wise
+    vu16 half;
+    std::memcpy(&half, row + e, sizeof(half));
+    const vuint w = __builtin_convertvector(half, vuint) << 16;
+    const vuint sign = w & 0x80000000u;
+    const vuint two_w = w + w;
+    const vfloat normalized = std::bit_cast<vfloat>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const vfloat denormalized = std::bit_cast<vfloat>((two_w >> 17) | (126u << 23)) - 0.5f;
+    const vuint magnitude = two_w < (1u << 27) ? std::bit_cast<vuint>(denormalized) : std::bit_cast<vuint>(normalized);
+    return std::bit_cast<vfloat>(sign | magnitude);
+  } else {
+    vfloat v;
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(row[(e + l) * (contiguous ? 1 : stride)]);
+    return v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Routing kernel
+// ---------------------------------------------------------------------------------------------------------------------
+
+// Everything route_rows reads or writes, as raw pointers and element strides.
+template <typename scalar_t>
+struct RouteArgs {
+  const scalar_t* logits;   // [T, E], strides (logits_stride_t, logits_stride_e)
+  int64_t logits_stride_t;
+  int64_t logits_stride_e;
+  const uint8_t* keep;      // [G, E] bool bytes, or nullptr
+  const int32_t* group32;   // [T] or nullptr
+  const int64_t* group64;   // [T] or nullptr
+  scalar_t* weights;        // [T, K]
+  int64_t* ids;             // [T, K]
+  int64_t num_experts;      // E
+  int64_t top_k;            // K
+  bool renormalize;
+};
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Per-thread scratch of route_rows. Rows are padded to a multiple of 16 experts; the padding logits stay -inf.
+struct Scratch {
+  explicit Scratch(int64_t num_experts)
+      : padded(round_up(num_experts, 16)),
+        logits(padded, -kInf),
+        exps(padded, 0.0f),
+        cand_probs(padded + kLanes),
+        cand_ids(padded + kLanes),
+        by_rank(padded + kLanes),
+        tied_before(padded + kLanes) {}
+  int64_t padded;
+  std::vector<float> logits;         // [padded] the row in float32, masked experts at -inf
+  std::vector<float> exps;           // [padded] exp(logit - max), 0 in the padding
+  std::vector<float> cand_probs;     // top-k candidates in expert order, then -2 up to a multiple of kLanes
+  std::vector<int32_t> cand_ids;     // their experts
+  std::vector<int32_t> by_rank;      // candidate at each rank
+  std::vector<int32_t> tied_before;  // per rank: candidates met so far with that many candidates above them
+};
+
+// Top-k of the probabilities exps[e] * inv_sum, e in [0, E), by descending value, ties to the lower index.
+//
+// 1. A threshold no higher than the k-th largest probability: the 16 lane maxima of exps (lane = e % 16) are folded
+//    to W >= k lanes (lane = e % W). They are W distinct experts (or padding, whose 0 is no higher than any
+//    probability), and rounding of x * inv_sum is monotone, so at least k probabilities are >= the smallest of them
+//    times inv_sum.
+// 2. Candidates: the experts whose probability is at or above the threshold (about 2k on a softmax row), found with
+//    vector compares and compacted in expert order. Probabilities of 0 (masked experts) join only when fewer than k
+//    are positive, as a mask with all the experts of a lane off would drop the threshold to 0.
+// 3. Rank of a candidate = candidates before it in (probability desc, index asc) order: the number strictly above it,
+//    counted with vector compares, plus the equal ones of lower index. Ranks are distinct; ranks < k are the answer.
+inline void select_topk(Scratch& s, const float* lane_max16, float inv_sum, int64_t num_experts, int64_t top_k,
+                        float* w, int64_t* ids) {
+  float lane_max[16];
+  std::memcpy(lane_max, lane_max16, sizeof(lane_max));
+  int width = 16;
+  while (width / 2 >= top_k) {
+    width /= 2;
+    for (int l = 0; l < width; ++l) lane_max[l] = lane_max[l + width] > lane_max[l] ? lane_max[l + width] : lane_max[l];
+  }
+  float threshold = lane_max[0];
+  for (int l = 1; l < width; ++l) threshold = lane_max[l] < threshold ? lane_max[l] : threshold;
+
+  // Candidates of probability 0 (masked experts) are left out unless fewer than k are positive.
+  const float* exps = s.exps.data();
+  float* cand_probs = s.cand_probs.data();
+  int32_t* cand_ids = s.cand_ids.data();
+  const vfloat lowest = splat(threshold * inv_sum);
+  const vfloat zero = {};
+  int32_t n = 0;
+  for (const int32_t with_zeros : {0, -1}) {
+    n = 0;
+    for (int64_t base = 0; base < num_experts; base += 64) {
+      const int64_t stop = std::min<int64_t>(base + 64, s.padded);
+      uint64_t bits = 0;
+      for (int64_t e = base; e < stop; e += kLanes) {
+        const vfloat p = vload(exps + e) * inv_sum;
+        bits |= movemask((p >= lowest) & ((p > zero) | with_zeros)) << (e - base);  // with_zeros: 0 or ~0
+      }
+      if (num_experts - base < 64) bits &= (uint64_t{1} << (num_experts - base)) - 1;  // not the padding
+      while (bits != 0) {
+        const int64_t e = base + std::countr_zero(bits);
+        bits &= bits - 1;
+        cand_probs[n] = exps[e] * inv_sum;
+        cand_ids[n] = static_cast<int32_t>(e);
+        ++n;
+      }
+    }
+    if (n >= top_k) break;
+  }
+  const int32_t n_padded = static_cast<int32_t>(round_up(n, kLanes));
+  for (int32_t j = n; j < n_padded; ++j) cand_probs[j] = -2.0f;  // never above or equal to a probability
+
+  // Equal candidates share the count of those strictly above; met in expert order, they take consecutive ranks.
+  int32_t* by_rank = s.by_rank.data();
+  int32_t* tied_before = s.tied_before.data();
+  std::fill(tied_before, tied_before + n, 0);
+  for (int32_t i = 0; i < n; ++i) {
+    const vfloat v = splat(cand_probs[i]);
+    vint above = {};
+    for (int32_t j = 0; j < n_padded; j += kLanes) above -= vload(cand_probs + j) > v;
+    const int32_t rank = hsum(above);
+    by_rank[rank + tied_before[rank]++] = i;
+  }
+  for (int64_t j = 0; j < top_k; ++j) {
+    w[j] = cand_probs[by_rank[j]];
+    ids[j] = cand_ids[by_rank[j]];
+  }
+}
+
+// Routes tokens [begin, end). hist: [G, E] counts to add to, or nullptr.
+template <typename scalar_t, bool contiguous>
+void route_rows(const RouteArgs<scalar_t>& a, int64_t begin, int64_t end, int64_t* hist, Scratch& scratch) {
+  const int64_t E = a.num_experts;
+  const int64_t K = a.top_k;
+  const int64_t padded = scratch.padded;
+  const int64_t full = E / kLanes * kLanes;  // experts in whole vectors
+  float* x = scratch.logits.data();
+  float* exps = scratch.exps.data();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = a.group32 ? a.group32[t] : (a.group64 ? a.group64[t] : 0);
+    const scalar_t* row = a.logits + t * a.logits_stride_t;
+    const uint8_t* keep_row = a.keep != nullptr && g >= 0 ? a.keep + g * E : nullptr;
+
+    // 1. the row in float32 with masked experts at -inf; its max; a NaN or +inf, or no value above -inf, makes it bad
+    vfloat row_max_v = splat(-kInf);
+    vint not_nan_or_inf = ~vint{};
+    for (int64_t e = 0; e < full; e += kLanes) {
+      vfloat v = load_logits<scalar_t, contiguous>(row, a.logits_stride_e, e);
+      if (keep_row != nullptr) {
+        vu8 kept;
+        std::memcpy(&kept, keep_row + e, sizeof(kept));
+        v = __builtin_convertvector(kept, vint) != 0 ? v : splat(-kInf);
+      }
+      vstore(x + e, v);
+      row_max_v = vmax(row_max_v, v);
+      not_nan_or_inf &= v < kInf;
+    }
+    if (full < E) {
+      vfloat v = splat(-kInf);
+      for (int64_t e = full; e < E; ++e) {
+        const bool kept = keep_row == nullptr || keep_row[e] != 0;
+        v[e - full] = kept ? static_cast<float>(row[e * (contiguous ? 1 : a.logits_stride_e)]) : -kInf;
+      }
+      vstore(x + full, v);
+      row_max_v = vmax(row_max_v, v);
+      not_nan_or_inf &= v < kInf;
+    }
+    const float row_max = hmax(row_max_v);
+    bool bad = row_max == -kInf;
+    for (int l = 0; l < kLanes; ++l) bad |= not_nan_or_inf[l] == 0;
+
+    scalar_t* w_out = a.weights + t * K;
+    int64_t* id_out = a.ids + t * K;
+    if (bad) {
+      // The reference's softmax is NaN everywhere on such a row, and its stable sort keeps the order 0..K-1.
+      for (int64_t j = 0; j < K; ++j) {
+        w_out[j] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        id_out[j] = j;
+      }
+    } else {
+      // 2. exp(x - max), its sum and its 16 lane maxima; probabilities are exp * (1 / sum), as in torch.softmax
+      constexpr int kVectors = 16 / kLanes;
+      vfloat sum_v[kVectors] = {};
+      vfloat lane_max[kVectors] = {};
+      for (int64_t e = 0; e < padded; e += 16) {
+        for (int k = 0; k < kVectors; ++k) {
+          const vfloat ex = exp_nonpositive(vload(x + e + k * kLanes) - row_max);
+          vstore(exps + e + k * kLanes, ex);
+          sum_v[k] += ex;
+          lane_max[k] = vmax(lane_max[k], ex);
+        }
+      }
+      for (int k = 1; k < kVectors; ++k) sum_v[0] += sum_v[k];
+      const float inv_sum = 1.0f / hsum(sum_v[0]);
+
+      // 3. top-k, renormalise, store
+      float w[kMaxTopK];
+      select_topk(scratch, reinterpret_cast<const float*>(lane_max), inv_sum, E, K, w, id_out);
+      if (a.renormalize) {
+        float chosen = 0.0f;
+        for (int64_t j = 0; j < K; ++j) chosen += w[j];
+        for (int64_t j = 0; j < K; ++j) w[j] /= chosen;
+      }
+      for (int64_t j = 0; j < K; ++j) w_out[j] = static_cast<scalar_t>(w[j]);
+    }
+
+    // 4. counts
+    if (hist != nullptr && g >= 0) {
+      int64_t* hist_row = hist + g * E;
+      for (int64_t j = 0; j < K; ++j) hist_row[id_out[j]] += 1;
+    }
+  }
+}
+
+template <typename scalar_t>
+void route_rows_any_stride(const RouteArgs<scalar_t>& a, int64_t begin, int64_t end, int64_t* hist,
+                           Scratch& scratch) {
+  if (a.logits_stride_e == 1) {
+    route_rows<scalar_t, true>(a, begin, end, hist, scratch);
+  } else {
+    route_rows<scalar_t, false>(a, begin, end, hist, scratch);
+  }
+}
+
+template <typename scalar_t>
+void route_tokens(const RouteArgs<scalar_t>& a, int64_t num_tokens, int64_t num_groups, int64_t* counts) {
+  const int64_t E = a.num_experts;
+  const int64_t max_threads = at::get_num_threads();
+  if (std::min(max_threads, (num_tokens + kGrainTokens - 1) / kGrainTokens) <= 1) {
+    Scratch scratch(E);
+    route_rows_any_stride(a, 0, num_tokens, counts, scratch);
+    return;
+  }
+  // One [G, E] histogram per thread, summed afterwards.
+  const int64_t hist_size = counts != nullptr ? num_groups * E : 0;
+  std::vector<int64_t> hists(hist_size * max_threads, 0);
+  at::parallel_for(0, num_tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
+    Scratch scratch(E);
+    int64_t* hist = counts != nullptr ? hists.data() + at::get_thread_num() * hist_size : nullptr;
+    route_rows_any_stride(a, begin, end, hist, scratch);
+  });
+  for (int64_t i = 0; i < hist_size * max_threads; ++i) counts[i % hist_size] += hists[i];
+}
+
+// Smallest and largest value of a group tensor, read before anything is written so a bad id cannot index out of
+// bounds.
+template <typename index_t>
+std::pair<int64_t, int64_t> value_range(const index_t* data, int64_t n) {
+  index_t lo = data[0], hi = data[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, data[i]);
+    hi = std::max(hi, data[i]);
+  }
+  return {lo, hi};
+}
+
+}  // namespace
+
+void route_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids, const std::optional<at::Tensor>& counts,
+               const at::Tensor& logits, const std::optional<at::Tensor>& keep,
+               const std::optional<at::Tensor>& group, bool renormalize) {
+  TORCH_CHECK(logits.device().is_cpu(), "route_cpu: logits must be a CPU tensor");
+  TORCH_CHECK(logits.dim() == 2, "route_cpu: logits must be [T, E], got ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "route_cpu: logits must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t num_tokens = logits.size(0);
+  const int64_t num_experts = logits.size(-1);
+  TORCH_CHECK(num_experts >= 1, "route_cpu: logits need at least one expert column");
+  TORCH_CHECK(num_experts <= std::numeric_limits<int32_t>::max(), "route_cpu: too many experts: ", num_experts);
+
+  TORCH_CHECK(topk_weights.scalar_type() == dtype, "route_cpu: topk_weights must have the logits' dtype ", dtype,
+              ", got ", topk_weights.scalar_type());
+  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == num_tokens && topk_weights.is_contiguous() &&
+                  topk_weights.device().is_cpu(),
+              "route_cpu: topk_weights must be a contiguous CPU tensor [T, K] with T = ", num_tokens, ", got ",
+              topk_weights.sizes());
+  const int64_t top_k = topk_weights.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= std::min(num_experts, kMaxTopK), "route_cpu: top_k must be in [1, min(E, ",
+              kMaxTopK, ")] = [1, ", std::min(num_experts, kMaxTopK), "], got ", top_k);
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong, "route_cpu: topk_ids must be int64, got ", topk_ids.scalar_type());
+  TORCH_CHECK(topk_ids.sizes() == topk_weights.sizes() && topk_ids.is_contiguous() && topk_ids.device().is_cpu(),
+              "route_cpu: topk_ids must be a contiguous CPU tensor of shape ", topk_weights.sizes(), ", got ",
+              topk_ids.sizes());
+
+  int64_t num_groups = -1;  // unknown until keep or counts gives it
+  const uint8_t* keep_ptr = nullptr;
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->scalar_type() == at::kBool, "route_cpu: keep must be bool, got ", keep->scalar_type());
+    TORCH_CHECK(keep->dim() == 2 && keep->size(0) >= 1 && keep->size(1) == num_experts && keep->is_contiguous() &&
+                    keep->device().is_cpu(),
+                "route_cpu: keep must be a contiguous CPU tensor [G, E] with E = ", num_experts, ", got ",
+                keep->sizes());
+    num_groups = keep->size(0);
+    keep_ptr = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
+  }
+  int64_t* counts_ptr = nullptr;
+  if (counts.has_value()) {
+    TORCH_CHECK(counts->scalar_type() == at::kLong, "route_cpu: counts must be int64, got ", counts->scalar_type());
+    TORCH_CHECK(counts->dim() == 2 && counts->size(0) >= 1 && counts->size(1) == num_experts &&
+                    counts->is_contiguous() && counts->device().is_cpu(),
+                "route_cpu: counts must be a contiguous CPU tensor [G, E] with E = ", num_experts, ", got ",
+                counts->sizes());
+    TORCH_CHECK(num_groups < 0 || counts->size(0) == num_groups, "route_cpu: counts has ", counts->size(0),
+                " groups but keep has ", num_groups);
+    num_groups = counts->size(0);
+    counts_ptr = counts->data_ptr<int64_t>();
+  }
+  const int32_t* group32 = nullptr;
+  const int64_t* group64 = nullptr;
+  if (group.has_value()) {
+    TORCH_CHECK(group->scalar_type() == at::kInt || group->scalar_type() == at::kLong,
+                "route_cpu: group must be int32 or int64, got ", group->scalar_type());
+    TORCH_CHECK(group->dim() == 1 && group->size(0) == num_tokens && group->is_contiguous() && group->device().is_cpu(),
+                "route_cpu: group must be a contiguous CPU tensor [T] with T = ", num_tokens, ", got ", group->sizes());
+    std::pair<int64_t, int64_t> range{0, 0};
+    if (group->scalar_type() == at::kInt) {
+      group32 = group->data_ptr<int32_t>();
+      if (num_tokens > 0) range = value_range(group32, num_tokens);
+    } else {
+      group64 = group->data_ptr<int64_t>();
+      if (num_tokens > 0) range = value_range(group64, num_tokens);
+    }
+    const std::string limit = num_groups < 0 ? std::string("...") : std::to_string(num_groups);
+    TORCH_CHECK(range.first >= -1 && (num_groups < 0 || range.second < num_groups),
+                "route_cpu: group ids must be in [-1, ", limit, "), got values from ", range.first, " to ",
+                range.second);
+  }
+  if (num_tokens == 0) return;
+  if (num_groups < 0) num_groups = 1;
+
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const RouteArgs<scalar_t> args{logits.data_ptr<scalar_t>(),
+                                   logits.stride(0),
+                                   logits.stride(1),
+                                   keep_ptr,
+                                   group32,
+                                   group64,
+                                   topk_weights.data_ptr<scalar_t>(),
+                                   topk_ids.data_ptr<int64_t>(),
+                                   num_experts,
+                                   top_k,
+                                   renormalize};
+    route_tokens(args, num_tokens, num_groups, counts_ptr);
+  };
+  switch (dtype) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(c10::Half{});
+      break;
+    default:
+      run(c10::BFloat16{});
+      break;
+  }
+}
