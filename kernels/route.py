@@ -1,4 +1,272 @@
-"""Triton kernels of the fused router op."""
+"""Triton kernels of the fused router op: masked softmax + top-k + per-group expert counts, and its backward.
+
+Pure compute; the launchers live in :mod:`moe_fastmask.ops.triton_route`.
+
+Forward layout: one program owns a tile of ``BLOCK_T`` tokens x ``BLOCK_E`` (= next power of two of E) experts in
+registers. Each logit is read once; weights and ids are written once, from the flattened ``[BLOCK_T * BLOCK_K]``
+output tile (one contiguous range per program); counts are reduced to one histogram per (tile, group) before one
+atomic per touched (group, expert), so a hot expert costs one atomic per tile, not one per token.
+
+Top-k runs on sortable integer keys: the fp32 logit's bits mapped to a signed integer of the same order, with the low
+``IDX_BITS`` bits replaced by ``BLOCK_E - 1 - e``. One integer max per step then gives both the winner and its index,
+and equal logits go to the lower expert index. For 16-bit logits the fp32 value has at least 13 zero low bits, so a
+32-bit key holds the logit exactly; float32 logits use 64-bit keys (logit bits above, index below). The weight of a
+chosen expert is recomputed from the logit the key holds, ``exp(z - max) / sum``, in fp32.
+
+Ordering by the logit equals ordering by the fp32 weight except where two different logits round to the same weight
+(logits within fp32 rounding of each other, or weights that underflow to 0): there the larger logit comes first,
+where a sort of the weights would put the lower index first. The weights themselves are the same either way.
+"""
+
 if __name__ != "moe_fastmask.kernels.route":
     raise ImportError("moe_fastmask's Triton kernels are importable only as 'moe_fastmask.kernels.route'")
-X = 1
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _flip_sign_order(bits):
+    """Map fp32 bits (as int32) to an int32 with the same order as the floats (an involution on int32)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _masked_logits(
+    logits_ptr,
+    keep_ptr,
+    group_ptr,
+    rows,
+    cols,
+    row_valid,
+    col_valid,
+    stride_t,
+    stride_e,
+    n_experts,
+    HAS_KEEP: tl.constexpr,
+    HAS_GROUP: tl.constexpr,
+):
+    """Load a [BLOCK_T, BLOCK_E] logits tile as fp32; masked-out, padding and out-of-range entries are -inf.
+
+    Also returns each row's group id (int32; 0 when there is no group tensor, -1 for rows past T).
+    """
+    rows64 = rows.to(tl.int64)
+    tile_valid = row_valid[:, None] & col_valid[None, :]
+    offsets = rows64[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_e
+    z = tl.load(logits_ptr + offsets, mask=tile_valid, other=-float("inf")).to(tl.float32)
+    if HAS_GROUP:
+        grp = tl.load(group_ptr + rows64, mask=row_valid, other=-1).to(tl.int32)
+    else:
+        grp = tl.where(row_valid, 0, -1)
+    if HAS_KEEP:
+        if HAS_GROUP:
+            keep_rows = tl.maximum(grp, 0)
+            keep_offsets = keep_rows[:, None].to(tl.int64) * n_experts + cols[None, :]
+            kept = tl.load(keep_ptr + keep_offsets, mask=tile_valid, other=0)
+            allowed = (kept != 0) | (grp < 0)[:, None]
+        else:
+            kept = tl.load(keep_ptr + cols, mask=col_valid, other=0)
+            allowed = (kept != 0)[None, :]
+        z = tl.where(allowed, z, -float("inf"))
+    return z, grp
+
+
+@triton.jit
+def _exp2(x, FAST_EXP: tl.constexpr):
+    """2 ** x in fp32; FAST_EXP uses the flush-to-zero hardware approximation (CUDA only)."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _key_logit(key, IDX_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr):
+    """The fp32 logit a sortable key holds (exact: its index bits were zero in the logit)."""
+    if WIDE_KEYS:
+        return _flip_sign_order((key >> IDX_BITS).to(tl.int32)).to(tl.float32, bitcast=True)
+    else:
+        HIGH_MASK: tl.constexpr = -(1 << IDX_BITS)
+        return (_flip_sign_order(key) & HIGH_MASK).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _route_fwd_kernel(
+    weights_ptr,
+    ids_ptr,
+    counts_ptr,
+    logits_ptr,
+    keep_ptr,
+    group_ptr,
+    stride_t,
+    stride_e,
+    n_tokens,
+    n_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IDX_BITS: tl.constexpr,
+    WIDE_KEYS: tl.constexpr,
+    EVEN_E: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_GROUP: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+):
+    """weights/ids [T, TOP_K] (contiguous) and counts [G, E] += hits, from logits [T, E] (strided).
+
+    keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T] in [-1, G) (HAS_GROUP); counts: int64 [G, E].
+    ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); WIDE_KEYS selects 64-bit keys (float32 logits).
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_valid = rows < n_tokens
+    col_valid = cols < n_experts
+
+    z, grp = _masked_logits(
+        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts,
+        HAS_KEEP, HAS_GROUP,
+    )
+
+    # Sortable keys. Negative NaNs sort as -inf (their row's weights are NaN anyway); padding experts and chosen
+    # experts hold KNOCKED, below every real key, so they are never picked.
+    IDX_MASK: tl.constexpr = BLOCK_E - 1
+    HIGH_MASK: tl.constexpr = -BLOCK_E
+    code = (IDX_MASK - cols)[None, :]
+    ordered = tl.maximum(_flip_sign_order(z.to(tl.int32, bitcast=True)), -2139095041)  # flip(-inf)
+    if WIDE_KEYS:
+        KNOCKED: tl.constexpr = -9223372036854775807 - 1
+        keys = (ordered.to(tl.int64) << IDX_BITS) | code
+    else:
+        KNOCKED: tl.constexpr = -2147483647 - 1
+        keys = (ordered & HIGH_MASK) | code
+    if not EVEN_E:
+        keys = tl.where(col_valid[None, :], keys, KNOCKED)
+
+    # Iterative top-k: one integer max per pick, then knock the winner out. The first pick is the row max.
+    kcols = tl.arange(0, BLOCK_K)
+    chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=keys.dtype)
+    row_max = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(keys, axis=1)
+        keys = tl.where(keys == best[:, None], KNOCKED, keys)
+        chosen = tl.where(kcols[None, :] == j, best[:, None], chosen)
+        if j == 0:
+            row_max = _key_logit(best, IDX_BITS, WIDE_KEYS)
+    # NaN or +inf among the allowed logits, or all of them -inf, make the sum (hence the weights) NaN
+    denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
+
+    # Epilogue on the flattened [BLOCK_T * BLOCK_K] tile: the per-row values above are replicated across the
+    # threads that share a row; flattening hands each output element to one thread, then stores stay coalesced.
+    FLAT: tl.constexpr = BLOCK_T * BLOCK_K
+    flat_key = tl.reshape(chosen, [FLAT])
+    flat_max = tl.reshape(tl.broadcast_to(row_max[:, None], [BLOCK_T, BLOCK_K]), [FLAT])
+    flat_inv = tl.reshape(tl.broadcast_to((1.0 / denom)[:, None], [BLOCK_T, BLOCK_K]), [FLAT])
+    flat_j = tl.arange(0, FLAT) % BLOCK_K
+    flat_rows = pid * BLOCK_T + tl.arange(0, FLAT) // BLOCK_K
+    weights = _exp2((_key_logit(flat_key, IDX_BITS, WIDE_KEYS) - flat_max) * LOG2E, FAST_EXP) * flat_inv
+    if RENORMALIZE:
+        picked = tl.reshape(tl.where(flat_j < TOP_K, weights, 0.0), [BLOCK_T, BLOCK_K])
+        weights = weights * tl.reshape(
+            tl.broadcast_to((1.0 / tl.sum(picked, axis=1))[:, None], [BLOCK_T, BLOCK_K]), [FLAT]
+        )
+    ids = tl.minimum((~flat_key & IDX_MASK).to(tl.int32), n_experts - 1)
+    out_offsets = flat_rows.to(tl.int64) * TOP_K + flat_j
+    out_mask = (flat_rows < n_tokens) & (flat_j < TOP_K)
+    tl.store(weights_ptr + out_offsets, weights.to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + out_offsets, ids.to(tl.int64), mask=out_mask)
+
+    if HAS_COUNTS:
+        # chosen experts are the knocked-out real columns; histogram per group inside the tile, then few atomics
+        hit = keys == KNOCKED
+        if not EVEN_E:
+            hit = hit & col_valid[None, :]
+        if HAS_GROUP:
+            NO_GROUP: tl.constexpr = 2147483647
+            pending = row_valid & (grp >= 0)
+            g = tl.min(tl.where(pending, grp, NO_GROUP), axis=0)
+            while g < NO_GROUP:
+                in_group = pending & (grp == g)
+                hits = tl.sum((hit & in_group[:, None]).to(tl.int32), axis=0)
+                tl.atomic_add(
+                    counts_ptr + g.to(tl.int64) * n_experts + cols, hits.to(tl.int64),
+                    mask=col_valid & (hits > 0), sem="relaxed",
+                )
+                pending = pending & (grp != g)
+                g = tl.min(tl.where(pending, grp, NO_GROUP), axis=0)
+        else:
+            hits = tl.sum((hit & row_valid[:, None]).to(tl.int32), axis=0)
+            tl.atomic_add(counts_ptr + cols, hits.to(tl.int64), mask=col_valid & (hits > 0), sem="relaxed")
+
+
+@triton.jit
+def _route_bwd_kernel(
+    grad_logits_ptr,
+    grad_weights_ptr,
+    logits_ptr,
+    keep_ptr,
+    group_ptr,
+    ids_ptr,
+    stride_t,
+    stride_e,
+    n_tokens,
+    n_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_GROUP: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+):
+    """grad_logits [T, E] (contiguous, logits' dtype) from grad_weights [T, TOP_K] and ids [T, TOP_K] (contiguous).
+
+    p is the masked softmax recomputed in fp32 and Gs the incoming gradient scattered to the chosen experts.
+    Without renormalisation dz = p * (Gs - sum_e Gs_e p_e); with it, w = p / sum(p over chosen) on the chosen
+    experts (0 elsewhere) and dz = w * (Gs - sum_e Gs_e w_e).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_valid = rows < n_tokens
+    col_valid = cols < n_experts
+
+    z, grp = _masked_logits(
+        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts,
+        HAS_KEEP, HAS_GROUP,
+    )
+    row_max = tl.max(z, axis=1)
+    p = _exp2((z - row_max[:, None]) * 1.4426950408889634, FAST_EXP)
+    p = p * (1.0 / tl.sum(p, axis=1))[:, None]
+
+    rows64 = rows.to(tl.int64)
+    scattered = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    picked = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + rows64 * TOP_K + j, mask=row_valid, other=-1).to(tl.int32)
+        grad = tl.load(grad_weights_ptr + rows64 * TOP_K + j, mask=row_valid, other=0.0).to(tl.float32)
+        at = cols[None, :] == expert[:, None]
+        scattered = tl.where(at, grad[:, None], scattered)
+        picked = picked | at
+
+    if RENORMALIZE:
+        w = tl.where(picked, p, 0.0)
+        w = w * (1.0 / tl.sum(w, axis=1))[:, None]
+    else:
+        w = p
+    dot = tl.sum(scattered * w, axis=1)
+    grad_logits = w * (scattered - dot[:, None])
+    if RENORMALIZE:
+        grad_logits = tl.where(picked, grad_logits, 0.0)
+
+    offsets = rows64[:, None] * n_experts + cols[None, :]
+    tl.store(
+        grad_logits_ptr + offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & col_valid[None, :],
+    )

@@ -1,10 +1,223 @@
-"""Launchers of the Triton routing kernels (``moe_fastmask.kernels.route``)."""
+"""Launchers of the Triton routing kernels (``moe_fastmask.kernels.route``).
+
+Everything a launch needs is sized from T, E and top_k alone: no host synchronisation, no data-dependent host
+decision, so a call can be captured in a CUDA graph. Triton is imported lazily: the package imports (and the other
+backends run) on machines without it.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
+from torch import Tensor
+
+# Launch settings, from a sweep on an H100 (E=64, bf16, T from 16 to 262144; benchmarks/bench_route.py --sweep):
+# tiles of 2048 logits (32 tokens at E=64) with 4 warps were best at large T for the forward with counts and for the
+# backward; small batches use smaller tiles so that more programs share the work, but no fewer than 4 tokens, since
+# every program adds one atomic per touched counter.
+_TILE_ELEMENTS = 2048
+_MAX_BLOCK_T = 128
+_MIN_BLOCK_T = 4
+_TOKENS_PER_PROGRAM_SMALL_T = 64
 
 
-def is_available(device: torch.device) -> bool:
-    """True when the Triton kernels can run on ``device``."""
+@functools.cache
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install counts as absent
+        return False
+    return True
+
+
+def _interpreter_enabled() -> bool:
+    from moe_fastmask.ops.route import triton_interpreter_enabled
+
+    return triton_interpreter_enabled()
+
+
+def is_available(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run on ``device``: a CUDA device, or CPU under ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and _triton_importable()
+    if device.type == "cpu":
+        return _interpreter_enabled() and _triton_importable()
     return False
+
+
+@functools.cache
+def _kernels():
+    from moe_fastmask.kernels import route as kernels
+
+    return kernels
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def calculate_settings(num_experts: int, num_tokens: int, on_gpu: bool = True) -> tuple[int, int, int]:
+    """(BLOCK_E, BLOCK_T, num_warps) for a [T, E] problem.
+
+    BLOCK_E covers all experts (next power of two, at least 2). BLOCK_T tokens fill a tile of about
+    ``_TILE_ELEMENTS`` logits; on a GPU a small batch gets smaller tiles (about T / 64 tokens, at least
+    ``_MIN_BLOCK_T``) so that it still spreads over several programs. The interpreter prefers few large tiles.
+    """
+    block_e = max(2, _next_power_of_2(num_experts))
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // block_e))
+    if on_gpu:
+        small = _next_power_of_2(_cdiv(num_tokens, _TOKENS_PER_PROGRAM_SMALL_T))
+        block_t = min(block_t, max(_MIN_BLOCK_T, small))
+    else:
+        block_t = min(max(block_t, _MAX_BLOCK_T // 2), max(1, _next_power_of_2(num_tokens)))
+    num_warps = 4 if block_e * block_t >= 256 else 2
+    return block_e, block_t, num_warps
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _forward_into(
+    weights: Tensor,
+    ids: Tensor,
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    *,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Launch the forward kernel; returns Triton's handle of the launched kernel (None when T == 0)."""
+    num_tokens, num_experts = logits.shape
+    if num_tokens == 0:
+        return None
+    block_e, default_block_t, default_warps = calculate_settings(num_experts, num_tokens, logits.device.type == "cuda")
+    block_t = block_t or default_block_t
+    num_warps = num_warps or default_warps
+    grid = (_cdiv(num_tokens, block_t),)
+    # absent tensors pass a placeholder pointer that the kernel never touches (its HAS_* flag is off)
+    return _kernels()._route_fwd_kernel[grid](
+        weights,
+        ids,
+        counts if counts is not None else ids,
+        logits,
+        keep.view(torch.uint8) if keep is not None else logits,
+        group if group is not None else ids,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        TOP_K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_K=max(2, _next_power_of_2(top_k)),
+        IDX_BITS=block_e.bit_length() - 1,
+        WIDE_KEYS=logits.dtype == torch.float32,
+        EVEN_E=block_e == num_experts,
+        HAS_KEEP=keep is not None,
+        HAS_GROUP=group is not None,
+        HAS_COUNTS=counts is not None,
+        RENORMALIZE=renormalize,
+        FAST_EXP=logits.device.type == "cuda",
+        num_warps=num_warps,
+    )
+
+
+def route_forward(
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward of ``route`` (arguments already validated by ``check_route_args``).
+
+    Returns ``weights`` [T, top_k] in ``logits.dtype`` and ``ids`` [T, top_k] int64, both contiguous, and adds the
+    chosen experts to ``counts`` in place. ``out=(weights, ids)`` writes into given contiguous tensors instead of
+    new ones; ``block_t``/``num_warps`` override :func:`calculate_settings` (for tuning).
+    """
+    num_tokens = logits.shape[0]
+    if out is None:
+        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
+        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
+    else:
+        weights, ids = out
+        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
+            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
+        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
+            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    _forward_into(
+        weights, ids, logits, top_k, keep, group, counts, renormalize, block_t=block_t, num_warps=num_warps
+    )
+    return weights, ids
+
+
+def route_backward(
+    grad_weights: Tensor,
+    logits: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    ids: Tensor,
+    renormalize: bool,
+    *,
+    out: Tensor | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """Gradient of ``route``'s weights with respect to ``logits``: contiguous [T, E] in ``logits.dtype``.
+
+    ``grad_weights`` and ``ids`` are [T, top_k]; non-contiguous ones are copied. ``out`` writes into a given
+    contiguous tensor.
+    """
+    num_tokens, num_experts = logits.shape
+    top_k = ids.shape[1]
+    if out is None:
+        grad_logits = torch.empty((num_tokens, num_experts), dtype=logits.dtype, device=logits.device)
+    else:
+        grad_logits = out
+        if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype or not grad_logits.is_contiguous():
+            raise ValueError(f"out must be contiguous {logits.dtype} {tuple(logits.shape)}")
+    if num_tokens == 0:
+        return grad_logits
+    grad_weights = grad_weights.contiguous()
+    ids = ids.contiguous()
+    block_e, default_block_t, default_warps = calculate_settings(num_experts, num_tokens, logits.device.type == "cuda")
+    block_t = block_t or default_block_t
+    num_warps = num_warps or default_warps
+    grid = (_cdiv(num_tokens, block_t),)
+    _kernels()._route_bwd_kernel[grid](
+        grad_logits,
+        grad_weights,
+        logits,
+        keep.view(torch.uint8) if keep is not None else logits,
+        group if group is not None else ids,
+        ids,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        TOP_K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        HAS_KEEP=keep is not None,
+        HAS_GROUP=group is not None,
+        RENORMALIZE=renormalize,
+        FAST_EXP=logits.device.type == "cuda",
+        num_warps=num_warps,
+    )
+    return grad_logits

@@ -1,0 +1,440 @@
+"""Benchmark of the fused router op on a CUDA device against the eager and compiled PyTorch chains.
+
+For each T (E=64, top_k=8, bf16 logits), with and without an expert mask, with counts, uniform and skewed loads:
+
+* ``eager``: the chain as Hugging Face OLMoE runs it (softmax in float32, ``torch.topk``, cast back) plus
+  ``masked_fill`` for the mask and ``index_add_`` for the counts;
+* ``compile``: ``torch.compile`` of that chain;
+* ``fastmask``: ``route(..., backend="triton")``; ``kernel`` is the Triton launcher alone (no op dispatch).
+
+Modes ``forward`` and ``full`` (forward + backward). Two times per row:
+
+* ``median_us``: median of ``triton.testing.do_bench`` (L2 flushed before each call). It includes host time
+  whenever the host launches slower than the device runs, as in eager code;
+* ``graph_us``: per-call device time inside a CUDA graph of many calls that rotate over enough input sets to
+  exceed the L2 cache; no host time. Achieved GB/s come from it: logits read once plus weights and ids written
+  once (``full`` adds the backward's reads of logits, grad and ids and its write of grad_logits), against the
+  device-to-device copy bandwidth measured in the same run (bytes read + written).
+
+The skewed load draws logits whose top-k frequencies follow one layer's ``a1_n`` column of the OLMoE activation
+frequencies table (falling back to a Zipf-like profile when the file is missing).
+
+Usage: ``python benchmarks/bench_route.py [--out benchmarks/out/route.csv] [--freqs PATH] [--sweep]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FREQS = REPO_ROOT / ".." / "shared" / "data" / "olmoe_expert_activation_frequencies.csv"
+SIZES = [16, 256, 4096, 65536, 262144]
+QUANTILES = [0.5, 0.2, 0.8]
+NUM_EXPERTS = 64
+TOP_K = 8
+ROTATE_BYTES = 160 << 20  # input sets rotated inside a graph: about three times the H100's 50 MB L2
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "out" / "route.csv"), help="CSV path")
+    parser.add_argument("--freqs", default=str(DEFAULT_FREQS), help="OLMoE expert activation frequencies CSV")
+    parser.add_argument("--layer", type=int, default=None, help="layer of the table (default: the most skewed)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--renormalize", action="store_true", help="renormalise the top-k weights")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--sweep", action="store_true", help="also time tile/warp settings of the launchers")
+    parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up (ms)")
+    parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_profile(path: str, layer: int | None, num_experts: int, top_k: int) -> tuple[torch.Tensor, str]:
+    """Inclusion probabilities [E] summing to top_k, each <= 1, and where they came from."""
+    file = Path(path)
+    if file.is_file():
+        rows = list(csv.DictReader(file.open()))
+        layers = sorted({int(r["layer"]) for r in rows})
+        if layer is None:  # the layer whose hottest expert takes the largest share
+            layer = max(layers, key=lambda l: max(float(r["a1_n"]) for r in rows if int(r["layer"]) == l))
+        freq = torch.zeros(num_experts, dtype=torch.float64)
+        for r in rows:
+            if int(r["layer"]) == layer:
+                freq[int(r["expert"])] = float(r["a1_n"])
+        source = f"{file.name} layer {layer} a1_n"
+        cap = 1.0
+    else:
+        freq = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** 1.1
+        source = "synthetic Zipf (frequencies file missing)"
+        cap = 0.9
+    for _ in range(50):  # scale to sum top_k with every probability <= cap
+        freq = (freq * top_k / freq.sum()).clamp(max=cap)
+    return freq, source
+
+
+def skewed_logits(num_tokens: int, profile: torch.Tensor, dtype, device, gen) -> torch.Tensor:
+    """Logits whose top-k sets include expert e with probability profile[e] (systematic sampling per token)."""
+    num_experts = profile.numel()
+    prob = profile.to(device=device, dtype=torch.float64)
+    perm = torch.argsort(torch.rand(num_tokens, num_experts, device=device, generator=gen), dim=1)
+    p = prob[perm]
+    upper = torch.cumsum(p, dim=1)
+    u = torch.rand(num_tokens, 1, device=device, generator=gen, dtype=torch.float64)
+    chosen_sorted = torch.floor(upper - u) > torch.floor(upper - p - u)
+    chosen = torch.zeros_like(chosen_sorted).scatter_(1, perm, chosen_sorted)
+    noise = torch.rand(num_tokens, num_experts, device=device, generator=gen)
+    return (chosen.float() * 4.0 + noise).to(dtype)
+
+
+def make_logits(num_tokens, load, profile, device, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if load == "skewed":
+        return skewed_logits(num_tokens, profile, torch.bfloat16, device, gen)
+    return torch.randn(num_tokens, NUM_EXPERTS, device=device, generator=gen).to(torch.bfloat16)
+
+
+def make_keep(masked, device, seed):
+    if not masked:
+        return None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.ones(1, NUM_EXPERTS, dtype=torch.bool, device=device)
+    keep[0, torch.randperm(NUM_EXPERTS, device=device, generator=gen)[: NUM_EXPERTS // 4]] = False
+    return keep
+
+
+def rotation(num_tokens: int) -> int:
+    """Input sets to rotate over so that one pass over them exceeds the L2 cache."""
+    return max(1, min(16, math.ceil(ROTATE_BYTES / max(1, full_bytes(num_tokens)))))
+
+
+def forward_bytes(num_tokens: int) -> int:
+    return num_tokens * (NUM_EXPERTS * 2 + TOP_K * 2 + TOP_K * 8)
+
+
+def full_bytes(num_tokens: int) -> int:
+    # forward + backward: logits, grad_weights and ids read, grad_logits written
+    return forward_bytes(num_tokens) + num_tokens * (NUM_EXPERTS * 2 + TOP_K * 2 + TOP_K * 8 + NUM_EXPERTS * 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eager_chain(logits, drop, counts, top_k: int, renormalize: bool):
+    """Hugging Face OLMoE's router after the gate projection, plus masking and counting."""
+    if drop is not None:
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(logits.dtype)
+    flat = ids.reshape(-1)
+    counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+    return weights, ids
+
+
+def make_call(name, mode, logits, grad, keep, counts, renormalize, compiled_chain):
+    """A no-argument callable running provider ``name`` once in ``mode`` on one input set."""
+    from moe_fastmask import route
+    from moe_fastmask.ops import triton_route
+
+    drop = None if keep is None else ~keep
+    if name == "eager":
+        fwd = lambda x: eager_chain(x, drop, counts, TOP_K, renormalize)  # noqa: E731
+    elif name == "compile":
+        fwd = lambda x: compiled_chain(x, drop, counts, TOP_K, renormalize)  # noqa: E731
+    elif name == "fastmask":
+        fwd = lambda x: route(x, TOP_K, keep, None, counts, renormalize, backend="triton", validate=False)  # noqa: E731
+    elif name == "kernel":
+        fwd = lambda x: triton_route.route_forward(x, TOP_K, keep, None, counts, renormalize)  # noqa: E731
+    else:
+        raise ValueError(name)
+    if mode == "forward":
+        return lambda: fwd(logits)
+    # forward + backward to the logits, without the extra kernel that accumulating into x.grad would add
+    x = logits.detach().clone().requires_grad_()
+    return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench(fn, args) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms of ``triton.testing.do_bench`` (L2 flushed before each call)."""
+    import triton.testing
+
+    res = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=QUANTILES)
+    return tuple(float(v) for v in res)
+
+
+def graph_us(fns, calls: int, replays: int = 7) -> float:
+    """Per-call device time of a CUDA graph of ``calls`` calls cycling over ``fns`` (median over replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def graph_calls(num_tokens: int, sets: int) -> int:
+    return max(sets, 100 if num_tokens <= 4096 else 20 if num_tokens <= 65536 else 8)
+
+
+def copy_bandwidth_gbs(device, args) -> tuple[float, float]:
+    """Device-to-device copy of 512 MiB, bytes read + written: (do_bench, CUDA graph) in GB/s."""
+    n = 1 << 29
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), args)[0]
+    us = graph_us([lambda: dst.copy_(src)], calls=10)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (ms * 1e-3) / 1e9, 2 * n / (us * 1e-6) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweeps of launcher settings
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_sweep(device, args, rows, copy_gbs):
+    """Tile/warp settings of the launchers (uniform load, no mask), timed in graphs over rotating inputs."""
+    from moe_fastmask.ops import triton_route
+
+    print("\n# sweep: launcher settings (uniform, no mask), per-call device time in a CUDA graph")
+    configs = [(16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
+    for num_tokens in (65536, 262144):
+        sets = rotation(num_tokens)
+        data = []
+        for s in range(sets):
+            logits = make_logits(num_tokens, "uniform", None, device, s)
+            grad = torch.randn(num_tokens, TOP_K, device=device).to(torch.bfloat16)
+            _, ids = triton_route.route_forward(logits, TOP_K, None, None, None, args.renormalize)
+            data.append((logits, grad, ids, torch.empty_like(logits)))
+        counts = torch.zeros(1, NUM_EXPERTS, dtype=torch.int64, device=device)
+        calls = graph_calls(num_tokens, sets)
+        for block_t, warps in configs:
+            for what in ("fwd", "fwd_nocounts", "bwd"):
+                if what == "bwd":
+                    fns = [lambda d=d: triton_route.route_backward(d[1], d[0], None, None, d[2], args.renormalize,
+                                                                   out=d[3], block_t=block_t, num_warps=warps)
+                           for d in data]
+                    nbytes = full_bytes(num_tokens) - forward_bytes(num_tokens)
+                else:
+                    cnt = counts if what == "fwd" else None
+                    fns = [lambda d=d, cnt=cnt: triton_route.route_forward(d[0], TOP_K, None, None, cnt,
+                                                                           args.renormalize, block_t=block_t,
+                                                                           num_warps=warps) for d in data]
+                    nbytes = forward_bytes(num_tokens)
+                try:
+                    us = graph_us(fns, calls)
+                except Exception as exc:  # a setting that does not compile
+                    print(f"T={num_tokens} {what} BLOCK_T={block_t} warps={warps}: failed ({type(exc).__name__})")
+                    continue
+                gbs = nbytes / (us * 1e-6) / 1e9
+                print(f"T={num_tokens:>6} {what:<12} BLOCK_T={block_t:<3} warps={warps}: {us:8.2f} us "
+                      f"{gbs:7.0f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy)", flush=True)
+                rows.append(dict(section="sweep", T=num_tokens, mask=False, load="uniform", provider="kernel",
+                                 mode=what, block_t=block_t, num_warps=warps, graph_us=us, gbs=gbs,
+                                 pct_copy=100 * gbs / copy_gbs))
+        fns = [lambda d=d: triton_route.route_forward(d[0], 1, None, None, counts, args.renormalize) for d in data]
+        us = graph_us(fns, calls)
+        print(f"T={num_tokens:>6} fwd top_k=1 (default settings): {us:8.2f} us")
+        rows.append(dict(section="sweep", T=num_tokens, mask=False, load="uniform", provider="kernel",
+                         mode="fwd_topk1", graph_us=us))
+        if num_tokens == 262144:
+            describe_kernel(data[0][0], counts, args)
+        del data
+        torch.cuda.empty_cache()
+
+    print("\n# sweep: small T, per-call time in a CUDA graph of 100 calls (uniform, counts, no mask)")
+    for num_tokens in (16, 256, 4096):
+        logits = make_logits(num_tokens, "uniform", None, device, 0)
+        counts = torch.zeros(1, NUM_EXPERTS, dtype=torch.int64, device=device)
+        for block_t in (1, 2, 4, 8, 16, 32):
+            for warps in (1, 2, 4):
+                if block_t > num_tokens:
+                    continue
+                fn = lambda: triton_route.route_forward(logits, TOP_K, None, None, counts, args.renormalize,
+                                                        block_t=block_t, num_warps=warps)
+                us = graph_us([fn], 100)
+                print(f"T={num_tokens:>5} BLOCK_T={block_t:<3} warps={warps}: {us:6.2f} us")
+                rows.append(dict(section="sweep_graph", T=num_tokens, mask=False, load="uniform", provider="kernel",
+                                 mode="forward", block_t=block_t, num_warps=warps, graph_us=us))
+
+
+def describe_kernel(logits, counts, args):
+    """Registers, spills and a SASS opcode count of the default forward kernel."""
+    import collections
+    import re
+
+    from moe_fastmask.ops import triton_route
+
+    weights = torch.empty(logits.shape[0], TOP_K, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(logits.shape[0], TOP_K, dtype=torch.int64, device=logits.device)
+    handle = triton_route._forward_into(weights, ids, logits, TOP_K, None, None, counts, args.renormalize)
+    try:
+        sass = handle.asm["sass"]
+    except Exception as exc:  # no disassembler
+        print(f"forward kernel: regs={handle.n_regs} spills={handle.n_spills} (no SASS: {type(exc).__name__})")
+        return
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"^[^\t\n]*\t(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)",
+                                                              sass, flags=re.M))
+    print(f"forward kernel: regs={handle.n_regs} spills={handle.n_spills} SASS instructions={sum(ops.values())} "
+          f"top: {ops.most_common(14)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+
+
+def device_info():
+    import triton
+
+    try:
+        device = triton.runtime.driver.active.get_active_torch_device()
+    except Exception:  # a Triton without this helper
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device, torch.cuda.get_device_properties(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_route.py needs a CUDA device")
+        return 1
+    import triton
+
+    from moe_fastmask.ops import triton_route
+
+    device, props = device_info()
+    header = (f"device: {props.name} ({props.multi_processor_count} SMs) | torch {torch.__version__} | "
+              f"triton {triton.__version__} | {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(header, flush=True)
+    profile, source = load_profile(args.freqs, args.layer, NUM_EXPERTS, TOP_K)
+    print(f"skewed load: {source}; hottest expert's share {profile.max().item():.3f}")
+    copy_bench, copy_graph = copy_bandwidth_gbs(device, args)
+    copy_gbs = max(copy_bench, copy_graph)
+    print(f"device-to-device copy: {copy_bench:.0f} GB/s (do_bench), {copy_graph:.0f} GB/s (graph); "
+          f"reference {copy_gbs:.0f} GB/s (read + write)")
+    rows = [dict(section="copy", provider="torch.copy_", mode="do_bench", gbs=copy_bench),
+            dict(section="copy", provider="torch.copy_", mode="graph", gbs=copy_graph)]
+
+    if args.sweep:
+        run_sweep(device, args, rows, copy_gbs)
+
+    compiled_chain = None
+    providers = ["eager", "fastmask", "kernel"]
+    if not args.no_compile:
+        compiled_chain = torch.compile(eager_chain, dynamic=True)
+        providers.insert(1, "compile")
+
+    print("\n# providers (median: do_bench; graph: per call in a CUDA graph over rotating inputs)")
+    for num_tokens in args.sizes:
+        sets = rotation(num_tokens)
+        calls = graph_calls(num_tokens, sets)
+        for masked in (False, True):
+            keep = make_keep(masked, device, num_tokens)
+            for load in ("uniform", "skewed"):
+                inputs = [make_logits(num_tokens, load, profile, device, 1000 * s + num_tokens) for s in range(sets)]
+                grads = [torch.randn(num_tokens, TOP_K, device=device).to(torch.bfloat16) for _ in range(sets)]
+                counts = torch.zeros(1, NUM_EXPERTS, dtype=torch.int64, device=device)
+                hottest = float("nan")
+                if load == "skewed":
+                    _, ids = triton_route.route_forward(inputs[0], TOP_K, keep, None, None, False)
+                    hottest = torch.bincount(ids.flatten(), minlength=NUM_EXPERTS).max().item() / num_tokens
+                for name in providers:
+                    for mode in ["forward"] if name == "kernel" else ["forward", "full"]:
+                        fns = [make_call(name, mode, x, g, keep, counts, args.renormalize, compiled_chain)
+                               for x, g in zip(inputs, grads)]
+                        nbytes = forward_bytes(num_tokens) if mode == "forward" else full_bytes(num_tokens)
+                        try:
+                            med, lo, hi = bench(fns[0], args)
+                            per_call = graph_us(fns, calls)
+                        except Exception as exc:
+                            print(f"T={num_tokens} {name} {mode}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                            continue
+                        gbs = nbytes / (per_call * 1e-6) / 1e9
+                        row = dict(section="providers", T=num_tokens, mask=masked, load=load, provider=name,
+                                   mode=mode, median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3,
+                                   graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, hottest=hottest)
+                        rows.append(row)
+                        print(f"T={num_tokens:>6} mask={masked:d} {load:<7} {name:<8} {mode:<7} "
+                              f"median {med * 1e3:9.2f} us  graph {per_call:9.2f} us  {gbs:6.0f} GB/s "
+                              f"({row['pct_copy']:5.1f}%)", flush=True)
+                del inputs, grads, counts
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=props.name, torch=torch.__version__, triton=triton.__version__, skew=source)
+    fields = ["device", "torch", "triton", "skew", "section", "T", "mask", "load", "provider", "mode", "block_t",
+              "num_warps", "median_us", "p20_us", "p80_us", "graph_us", "gbs", "pct_copy", "hottest"]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(dict(r, **meta) for r in rows)
+
+    print("\n" + header)
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s; skew: {source}")
+    print("per-call device time in a CUDA graph, us (do_bench median of fastmask in brackets); "
+          "GB/s and % of copy for fastmask")
+    table = [r for r in rows if r["section"] == "providers"]
+    print(f"{'T':>7} {'mask':>4} {'load':<7} {'mode':<7} " + " ".join(f"{p:>9}" for p in providers)
+          + f" {'(median)':>10} {'GB/s':>6} {'%copy':>6} {'x eager':>7}")
+    for num_tokens in args.sizes:
+        for masked in (False, True):
+            for load in ("uniform", "skewed"):
+                for mode in ("forward", "full"):
+                    sel = {r["provider"]: r for r in table if r["T"] == num_tokens and r["mask"] == masked
+                           and r["load"] == load and r["mode"] == mode}
+                    if not sel:
+                        continue
+                    times = " ".join(f"{sel[p]['graph_us']:9.2f}" if p in sel else f"{'-':>9}" for p in providers)
+                    ours = sel.get("fastmask", {})
+                    eager = sel.get("eager", {})
+                    speedup = eager.get("graph_us", math.nan) / ours.get("graph_us", math.nan)
+                    print(f"{num_tokens:>7} {int(masked):>4} {load:<7} {mode:<7} {times} "
+                          f"{ours.get('median_us', math.nan):10.2f} {ours.get('gbs', math.nan):6.0f} "
+                          f"{ours.get('pct_copy', math.nan):6.1f} {speedup:7.1f}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
