@@ -129,6 +129,23 @@ def _route_op_fake(logits, top_k, keep, group, counts, renormalize, backend):
     )
 
 
+def _route_backward_impl(
+    grad_weights: Tensor,
+    logits: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    ids: Tensor,
+    renormalize: bool,
+    backend: str,
+) -> Tensor:
+    """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
+    if backend == "triton":
+        from moe_fastmask.ops import triton_route
+
+        return triton_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
+    return reference.route_backward_reference(grad_weights, logits, keep, group, ids, renormalize)
+
+
 @torch.library.custom_op("moe_fastmask::route_backward", mutates_args=())
 def _route_backward_op(
     grad_weights: Tensor,
@@ -139,11 +156,7 @@ def _route_backward_op(
     renormalize: bool,
     backend: str,
 ) -> Tensor:
-    if backend == "triton":
-        from moe_fastmask.ops import triton_route
-
-        return triton_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
-    return reference.route_backward_reference(grad_weights, logits, keep, group, ids, renormalize)
+    return _route_backward_impl(grad_weights, logits, keep, group, ids, renormalize, backend)
 
 
 @_route_backward_op.register_fake
@@ -156,7 +169,12 @@ class RouteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend):
-        weights, ids = torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend)
+        # Compiled graphs need the registered op (opaque to the tracer, with its fake); eager calls skip its
+        # dispatch overhead.
+        if torch.compiler.is_compiling():
+            weights, ids = torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend)
+        else:
+            weights, ids = _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
         ctx.save_for_backward(logits, keep, group, ids)
         ctx.renormalize = renormalize
         ctx.backend = backend
@@ -166,9 +184,8 @@ class RouteFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights, grad_ids):
         logits, keep, group, ids = ctx.saved_tensors
-        grad_logits = torch.ops.moe_fastmask.route_backward(
-            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend
-        )
+        backward_op = torch.ops.moe_fastmask.route_backward if torch.compiler.is_compiling() else _route_backward_impl
+        grad_logits = backward_op(grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend)
         return grad_logits, None, None, None, None, None, None
 
 
