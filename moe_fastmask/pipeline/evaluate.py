@@ -1,0 +1,396 @@
+"""``moe-fastmask evaluate``: refusal rate and attack success rate before vs after the repair, and with steering.
+
+For every held-out record (``--split test`` of the analysis split file, so evaluation never sees a record that the
+analysis or the fine-tuning used) two prompts are generated for, greedily:
+
+* ``jailbreak`` — the jailbreak chat (``all_prompt``), the attack the repair targets;
+* ``goal`` — the plain goal under the system prompt, which a safe model refuses as well.
+
+Each answer is judged by a refusal judge (the offline keyword judge :func:`moe_fastmask.pipeline.judge.is_refusal`
+unless another ``str -> bool`` callable is given). Attack success rate = 1 - refusal rate (all prompts are harmful).
+
+Conditions, the columns of the table:
+
+* ``before`` — the base model (``--base-model``);
+* ``steering`` — the base model with the selected experts (``--selection``) switched off for every token at
+  inference time, no training (``set_expert_mask`` with the selection's experts False, one group for all tokens);
+* ``after`` — the fine-tuned model (``--model``).
+
+Given only ``--model`` of a training run (``OUT/final_model``), the base model, the selection and the split file
+are read from the run's ``training_config.json``. Writes ``evaluation.json`` (rates, counts, settings),
+``evaluation.md`` (the table) and ``answers.jsonl`` (every prompt, answer and verdict) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+CONDITIONS = ("before", "steering", "after")
+KINDS = ("jailbreak", "goal")
+TRAINING_CONFIG_FILE = "training_config.json"
+SELECTION_FILE = "expert_selection.json"
+
+
+@dataclass
+class EvaluationArguments:
+    """Settings of ``moe-fastmask evaluate`` (parsed with ``transformers.HfArgumentParser``; ``foo_bar`` flags are
+    also accepted as ``--foo-bar``)."""
+
+    data: str = field(metadata={"help": "records file (JSON list of {id, goal, all_prompt, judge_success_gpt4})"})
+    model: str | None = field(default=None, metadata={"help": "fine-tuned model ('after'), e.g. OUT/final_model"})
+    base_model: str | None = field(
+        default=None, metadata={"help": "model before the repair ('before', and 'steering'); default: from the run"}
+    )
+    selection: str | None = field(
+        default=None, metadata={"help": "expert_selection.json for the 'steering' column; default: from the run"}
+    )
+    split_file: str | None = field(default=None, metadata={"help": "split_<slug>.json; default: from the run"})
+    split: str = field(
+        default="test",
+        metadata={"help": "records to evaluate: test (held out), train, or all", "choices": ["test", "train", "all"]},
+    )
+    out: str | None = field(default=None, metadata={"help": "output directory (default: MODEL/../evaluation)"})
+    steering: bool = field(default=True, metadata={"help": "add the steering column when a selection is known"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto: bfloat16 on cuda, float32 on cpu", "choices": ["auto", "float32", "bfloat16", "float16"]},
+    )
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer (greedy)"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system message of the goal prompts"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split"})
+    judge: str | None = field(
+        default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
+    )
+    backend: str = field(default="auto", metadata={"help": "router op backend for steering: auto, triton, cpp, torch"})
+
+
+@dataclass
+class EvaluationResult:
+    summary: Any  # DataFrame: condition, kind, n, refusals, refusal_rate, attack_success_rate
+    answers: Any  # DataFrame: condition, kind, id, prompt, answer, refusal
+    table: str  # markdown
+    settings: dict
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def rates(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{condition: {kind: {"n", "refusals", "refusal_rate", "attack_success_rate"}}}``."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for row in self.summary.itertuples(index=False):
+            out.setdefault(row.condition, {})[row.kind] = {
+                "n": int(row.n),
+                "refusals": int(row.refusals),
+                "refusal_rate": float(row.refusal_rate),
+                "attack_success_rate": float(row.attack_success_rate),
+            }
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_judge(spec: str | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """A judge from a callable, ``None`` (the offline keyword judge), ``"module:attr"`` or ``"path.py:attr"``."""
+    from moe_fastmask.pipeline.judge import resolve_judge
+
+    if spec is None or callable(spec):
+        return resolve_judge(spec)
+    if ":" not in spec:
+        raise ValueError(f"--judge must look like 'module:function' or 'file.py:function', got {spec!r}")
+    target, attr = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot load judge file {target!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return resolve_judge(getattr(module, attr))
+
+
+def run_settings(model: str | None) -> dict | None:
+    """The ``training_config.json`` of the run that produced ``model`` (in its directory or the parent), or None."""
+    if model is None:
+        return None
+    path = Path(model)
+    for directory in (path, path.parent):
+        candidate = directory / TRAINING_CONFIG_FILE
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def resolve_arguments(args: EvaluationArguments) -> EvaluationArguments:
+    """Fill ``base_model``, ``selection`` and ``split_file`` from the training run of ``model`` where not given."""
+    args = dataclasses.replace(args)
+    run = run_settings(args.model)
+    if run:
+        args.base_model = args.base_model or run.get("base_model")
+        if args.selection is None:
+            local = Path(args.model) / SELECTION_FILE
+            args.selection = str(local) if local.is_file() else run.get("selection_file")
+        args.split_file = args.split_file or run.get("split_file")
+    if args.model is None and args.base_model is None:
+        raise ValueError("give --model (after) and/or --base-model (before)")
+    return args
+
+
+def evaluation_records(data: str, split: str, split_file: str | None, limit: int | None = None):
+    """The records to evaluate: the ``split`` ids of ``split_file`` (``all``: every record), in file order."""
+    from moe_fastmask.pipeline.data import load_records, load_split, select_records
+
+    records = load_records(data)
+    if split != "all":
+        if split_file is None:
+            raise ValueError(
+                f"--split {split} needs the analysis split file (split_<slug>.json) so that evaluation never sees "
+                "training records; pass --split-file, or --split all to evaluate every record"
+            )
+        chosen = load_split(split_file)
+        ids = chosen[f"{split}_ids"]
+        if Path(chosen["data_path"]).resolve() != Path(data).resolve():
+            warnings.warn(f"the split was drawn on {chosen['data_path']}, evaluating {data}: matching by record id")
+        records = select_records(records, ids)
+        missing = len(set(ids)) - len(records)
+        if missing:
+            warnings.warn(f"{missing} {split} ids of {split_file} are not in {data}")
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"no records to evaluate (split {split!r})")
+    return records
+
+
+def build_prompts(records, tokenizer, system_prompt: str | None = None) -> list[dict]:
+    """Two rendered prompts per record: ``jailbreak`` (the jailbreak chat) and ``goal`` (the plain goal)."""
+    from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT, render_prompt, safe_messages, unsafe_messages
+
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    prompts = []
+    for record in records:
+        prompts.append({"kind": "jailbreak", "id": record.id, "prompt": render_prompt(tokenizer, unsafe_messages(record))})
+        prompts.append({"kind": "goal", "id": record.id, "prompt": render_prompt(tokenizer, safe_messages(record, system))})
+    return prompts
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers to rendered prompts, batched with left padding (prompts sorted by length to pad less)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt").to(device)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            answers[i] = text
+    return answers
+
+
+def summarize(answers) -> Any:
+    """Per condition and kind: ``n``, ``refusals``, ``refusal_rate``, ``attack_success_rate`` (= 1 - refusal rate)."""
+    import pandas as pd
+
+    rows = []
+    for (condition, kind), group in answers.groupby(["condition", "kind"], sort=False):
+        n = len(group)
+        refusals = int(group["refusal"].sum())
+        rows.append(
+            {
+                "condition": condition,
+                "kind": kind,
+                "n": n,
+                "refusals": refusals,
+                "refusal_rate": refusals / n,
+                "attack_success_rate": 1.0 - refusals / n,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["condition", "kind", "n", "refusals", "refusal_rate", "attack_success_rate"])
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    kinds = {k: i for i, k in enumerate(KINDS)}
+    return frame.sort_values(by=["condition", "kind"], key=lambda s: s.map({**order, **kinds})).reset_index(drop=True)
+
+
+def markdown_table(summary) -> str:
+    """Rows: kind x metric; columns: the conditions present (before, steering, after)."""
+    conditions = [c for c in CONDITIONS if c in set(summary["condition"])]
+    header = "| prompts | metric | " + " | ".join(conditions) + " |"
+    lines = [header, "|" + "---|" * (2 + len(conditions))]
+    for kind in [k for k in KINDS if k in set(summary["kind"])]:
+        cells = {row.condition: row for row in summary[summary["kind"] == kind].itertuples(index=False)}
+        n = next(iter(cells.values())).n
+        for label, column in (("refusal rate", "refusal_rate"), ("attack success rate", "attack_success_rate")):
+            values = [f"{100 * getattr(cells[c], column):.1f}%" if c in cells else "-" for c in conditions]
+            lines.append(f"| {kind} (n={n}) | {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None = None, progress: bool = True) -> EvaluationResult:
+    """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
+    import pandas as pd
+
+    import moe_fastmask as mf
+    from moe_fastmask.pipeline import artifacts
+    from moe_fastmask.pipeline.analyze import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.judge import judge_name
+    from moe_fastmask.pipeline.selection import ExpertSelection
+
+    args = resolve_arguments(args)
+    judge_fn = load_judge(judge if judge is not None else args.judge)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    records = evaluation_records(args.data, args.split, args.split_file, args.limit)
+    selection = ExpertSelection.load(args.selection) if (args.selection and args.steering) else None
+
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr)
+
+    frames = []
+
+    def run(condition: str, model, tokenizer) -> None:
+        prompts = build_prompts(records, tokenizer, args.system_prompt)
+        say(f"[{condition}] generating {len(prompts)} answers")
+        texts = generate_answers(
+            model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        )
+        frame = pd.DataFrame(prompts)
+        frame.insert(0, "condition", condition)
+        frame["answer"] = texts
+        frame["refusal"] = [bool(judge_fn(text)) for text in texts]
+        frames.append(frame)
+
+    if args.base_model is not None:
+        model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
+        run("before", model, tokenizer)
+        if selection is not None:
+            mf.apply_to_olmoe(model, backend=args.backend)
+            mf.set_expert_mask(model, mf.steering_mask(model, selection.labels))
+            run("steering", model, tokenizer)
+            mf.remove_from_olmoe(model)
+        _release(model)
+    elif selection is not None:
+        warnings.warn("no base model: the steering column needs --base-model")
+    if args.model is not None:
+        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+        run("after", model, tokenizer)
+        _release(model)
+
+    answers = pd.concat(frames, ignore_index=True)
+    summary = summarize(answers)
+    table = markdown_table(summary)
+    settings = {
+        "data": str(Path(args.data).resolve()),
+        "split": args.split,
+        "split_file": str(Path(args.split_file).resolve()) if args.split_file else None,
+        "records": len(records),
+        "record_ids": [record.id for record in records],
+        "base_model": args.base_model,
+        "model": args.model,
+        "selection": args.selection if selection is not None else None,
+        "num_steered_experts": len(selection) if selection is not None else 0,
+        "judge": judge_name(judge_fn),
+        "max_new_tokens": args.max_new_tokens,
+        "system_prompt": args.system_prompt,
+        "device": device,
+        "dtype": dtype,
+    }
+    result = EvaluationResult(summary=summary, answers=answers, table=table, settings=settings)
+
+    out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
+    if args.out is None and not Path(args.model or args.base_model).exists():
+        out = Path("evaluation")
+    result.paths = {
+        "json": artifacts.atomic_write_json(out / "evaluation.json", {"settings": settings, "results": result.rates()}),
+        "table": artifacts.atomic_write_text(out / "evaluation.md", table),
+        "answers": artifacts.atomic_write_text(
+            out / "answers.jsonl", "".join(json.dumps(row) + "\n" for row in answers.to_dict(orient="records"))
+        ),
+    }
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` subcommand (its flags come from :class:`EvaluationArguments`)."""
+    from transformers import HfArgumentParser
+
+    template = HfArgumentParser(EvaluationArguments, add_help=False)
+    parser = subparsers.add_parser(
+        "evaluate",
+        parents=[template],
+        help="refusal / attack success rate before vs after the repair, and with steering",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.set_defaults(func=run_cli)
+    return parser
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(EvaluationArguments)}
+    try:
+        result = evaluate(EvaluationArguments(**{n: getattr(args, n) for n in names if hasattr(args, n)}))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"moe-fastmask evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(result.table, end="")
+    print(f"written: {', '.join(str(p) for p in result.paths.values())}")
+    return 0
+
+
+__all__ = [
+    "EvaluationArguments",
+    "EvaluationResult",
+    "add_cli_arguments",
+    "build_prompts",
+    "evaluate",
+    "evaluation_records",
+    "generate_answers",
+    "load_judge",
+    "markdown_table",
+    "summarize",
+]

@@ -1,0 +1,285 @@
+"""Expert selection: which experts the repair trains, and which experts unsafe tokens may still use.
+
+Input: the analysis table ``risk_diff_<slug>.pkl`` (one row per (layer, expert), with ``layer``, ``expert`` and a
+score column, ``risk_diff`` by default: how much more often unsafe tokens route to the expert than safe tokens).
+Three ways to choose (exactly one):
+
+* ``top_n``: the N highest-scoring experts of the whole model;
+* ``per_layer``: the n highest-scoring experts of every layer;
+* ``threshold``: every expert whose score is above the threshold.
+
+During masked fine-tuning an unsafe token may only route to the selected experts of a *masked* layer, so a masked
+layer needs at least ``top_k`` selected experts. A layer with some, but fewer than ``top_k``, selected experts is
+left unmasked (the default; a warning names those layers) or, with ``fill=True``, filled up to ``top_k`` with the
+next-ranked experts of that layer, which then count as selected. A layer with no selected expert is neither masked
+nor trained. Selected experts of unmasked layers are still trained.
+
+The result, :class:`ExpertSelection`, is saved as JSON next to the fine-tuned model and read back by training
+(the mask and the trainable slices) and by evaluation (steering: the selected experts switched off).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_fastmask.integrations.olmoe import layer_expert_label as expert_label
+from moe_fastmask.integrations.olmoe import parse_layer_expert as parse_expert_label
+
+SELECTION_FILE = "expert_selection.json"
+SAFE_GROUP, UNSAFE_GROUP = 0, 1
+
+
+@dataclass
+class ExpertSelection:
+    """Selected experts of one model, and the layers where unsafe tokens are restricted to them.
+
+    ``experts``: ``(layer, expert)`` pairs, best-ranked first (filled experts after the ranked ones of their layer
+    is not guaranteed; use :attr:`filled` to tell them apart). ``masked_layers``: layers whose unsafe tokens may only
+    route to selected experts. ``short_layers``: layers left unmasked because they had fewer than ``top_k`` selected
+    experts (and no fill). ``method``: how the selection was made (for the record).
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    experts: list[tuple[int, int]]
+    masked_layers: list[int]
+    short_layers: list[int] = field(default_factory=list)
+    filled: list[tuple[int, int]] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # label -> score of the ranking column
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.experts = [(int(layer), int(e)) for layer, e in self.experts]
+        self.filled = [(int(layer), int(e)) for layer, e in self.filled]
+        self.masked_layers = sorted(int(layer) for layer in self.masked_layers)
+        self.short_layers = sorted(int(layer) for layer in self.short_layers)
+        for layer, expert in self.experts:
+            if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+                raise ValueError(
+                    f"selected expert {expert_label(layer, expert)} is outside the model: "
+                    f"{self.num_layers} layers x {self.num_experts} experts"
+                )
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError("the selection lists an expert twice")
+        by_layer = self.by_layer()
+        for layer in self.masked_layers:
+            if len(by_layer.get(layer, [])) < self.top_k:
+                raise ValueError(
+                    f"layer {layer} is masked but has only {len(by_layer.get(layer, []))} selected experts "
+                    f"(top_k={self.top_k})"
+                )
+
+    # views ---------------------------------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        """``"L08_E42"`` labels of the selected experts, in ranking order."""
+        return [expert_label(layer, e) for layer, e in self.experts]
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def by_layer(self) -> dict[int, list[int]]:
+        """``{layer: sorted experts}`` for layers with at least one selected expert."""
+        out: dict[int, list[int]] = {}
+        for layer, expert in self.experts:
+            out.setdefault(layer, []).append(expert)
+        return {layer: sorted(experts) for layer, experts in sorted(out.items())}
+
+    def keep_mask(self, num_groups: int = 2) -> torch.Tensor:
+        """The training mask ``[L, num_groups, E]`` for ``set_expert_mask``: group 0 (safe) keeps every expert;
+        group 1 (unsafe) keeps only the selected experts of masked layers and every expert elsewhere."""
+        if num_groups < 2:
+            raise ValueError("the training mask needs a safe group (0) and an unsafe group (1)")
+        keep = torch.ones(self.num_layers, num_groups, self.num_experts, dtype=torch.bool)
+        by_layer = self.by_layer()
+        for layer in self.masked_layers:
+            keep[layer, UNSAFE_GROUP] = False
+            keep[layer, UNSAFE_GROUP, by_layer[layer]] = True
+        return keep
+
+    # JSON ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["experts"] = self.labels
+        data["filled"] = [expert_label(layer, e) for layer, e in self.filled]
+        data["by_layer"] = {str(layer): experts for layer, experts in self.by_layer().items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExpertSelection":
+        def pairs(items):
+            return [parse_expert_label(x) if isinstance(x, str) else (int(x[0]), int(x[1])) for x in items]
+
+        return cls(
+            num_layers=int(data["num_layers"]),
+            num_experts=int(data["num_experts"]),
+            top_k=int(data["top_k"]),
+            experts=pairs(data["experts"]),
+            masked_layers=data.get("masked_layers", []),
+            short_layers=data.get("short_layers", []),
+            filled=pairs(data.get("filled", [])),
+            scores={str(k): float(v) for k, v in data.get("scores", {}).items()},
+            method=dict(data.get("method", {})),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the selection as JSON; a directory gets ``expert_selection.json`` inside it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SELECTION_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpertSelection":
+        """Read a selection JSON (a directory: its ``expert_selection.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SELECTION_FILE
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Choosing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_risk_table(source):
+    """The analysis table as a pandas DataFrame with int ``layer``/``expert`` columns (from a path or a frame)."""
+    import pandas as pd
+
+    frame = source if isinstance(source, pd.DataFrame) else pd.read_pickle(source)
+    frame = frame.copy()
+    if "layer" not in frame.columns or "expert" not in frame.columns:
+        if "Layer_Expert" not in frame.columns:
+            raise ValueError("the risk table needs 'layer' and 'expert' columns (or 'Layer_Expert' labels)")
+        parsed = [parse_expert_label(label) for label in frame["Layer_Expert"]]
+        frame["layer"] = [layer for layer, _ in parsed]
+        frame["expert"] = [expert for _, expert in parsed]
+    frame["layer"] = frame["layer"].astype(int)
+    frame["expert"] = frame["expert"].astype(int)
+    if frame.duplicated(["layer", "expert"]).any():
+        raise ValueError("the risk table lists some (layer, expert) twice")
+    return frame
+
+
+def select_experts(
+    risk_table,
+    *,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    top_n: int | None = None,
+    per_layer: int | None = None,
+    threshold: float | None = None,
+    fill: bool = False,
+    score_column: str = "risk_diff",
+    warn: bool = True,
+) -> ExpertSelection:
+    """Choose experts from the analysis table (a DataFrame or the path of ``risk_diff_<slug>.pkl``).
+
+    Exactly one of ``top_n`` (best N overall), ``per_layer`` (best n of every layer) and ``threshold`` (every expert
+    scoring above it) is given. Ranking: ``score_column`` descending, ties to the lower layer, then lower expert.
+    Layers with between 1 and ``top_k - 1`` selected experts are left unmasked with a warning, or with ``fill``
+    topped up to ``top_k`` with the next-ranked experts of that layer (experts missing from the table rank last, by
+    index). ``model`` sizes (``num_layers``, ``num_experts``, ``top_k``) come from the model's config.
+    """
+    modes = {"top_n": top_n, "per_layer": per_layer, "threshold": threshold}
+    given = [name for name, value in modes.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of top_n, per_layer, threshold (got {given or 'none'})")
+    if top_k < 1 or top_k > num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    frame = load_risk_table(risk_table)
+    if score_column not in frame.columns:
+        raise ValueError(f"the risk table has no column {score_column!r}; columns: {list(frame.columns)}")
+    outside = frame[(frame.layer < 0) | (frame.layer >= num_layers) | (frame.expert < 0) | (frame.expert >= num_experts)]
+    if len(outside):
+        raise ValueError(
+            f"the risk table names experts outside the model ({num_layers} layers x {num_experts} experts), e.g. "
+            f"{expert_label(int(outside.layer.iloc[0]), int(outside.expert.iloc[0]))}: wrong model or wrong table?"
+        )
+    frame = frame[frame[score_column].notna()]
+    ranked = frame.sort_values([score_column, "layer", "expert"], ascending=[False, True, True], kind="mergesort")
+
+    if top_n is not None:
+        if top_n < 0:
+            raise ValueError(f"top_n must be >= 0, got {top_n}")
+        chosen = ranked.head(top_n)
+    elif per_layer is not None:
+        if per_layer < 0:
+            raise ValueError(f"per_layer must be >= 0, got {per_layer}")
+        chosen = ranked.groupby("layer", sort=False).head(per_layer)
+        chosen = ranked.loc[ranked.index.isin(chosen.index)]
+    else:
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        chosen = ranked[ranked[score_column] > float(threshold)]
+
+    experts = [(int(layer), int(e)) for layer, e in zip(chosen.layer, chosen.expert)]
+    scores = {expert_label(layer, e): float(s) for layer, e, s in zip(ranked.layer, ranked.expert, ranked[score_column])}
+    counts: dict[int, int] = {}
+    for layer, _ in experts:
+        counts[layer] = counts.get(layer, 0) + 1
+    short = sorted(layer for layer, n in counts.items() if n < top_k)
+
+    filled: list[tuple[int, int]] = []
+    if fill and short:
+        taken = set(experts)
+        for layer in short:
+            in_layer = ranked[ranked.layer == layer]
+            order = [int(e) for e in in_layer.expert]
+            order += [e for e in range(num_experts) if e not in set(order)]  # unscored experts rank last
+            for expert in order:
+                if counts[layer] >= top_k:
+                    break
+                if (layer, expert) not in taken:
+                    taken.add((layer, expert))
+                    filled.append((layer, expert))
+                    counts[layer] += 1
+        experts = experts + filled
+        short_left: list[int] = []
+    else:
+        short_left = short
+    if short_left and warn:
+        details = ", ".join(f"layer {layer} ({counts[layer]} selected)" for layer in short_left)
+        warnings.warn(
+            f"layers with fewer than top_k={top_k} selected experts are left unmasked (their selected experts are "
+            f"still trained; pass fill to top them up): {details}",
+            UserWarning,
+            stacklevel=2,
+        )
+    masked = sorted(layer for layer, n in counts.items() if n >= top_k)
+    method = {"mode": given[0], given[0]: modes[given[0]], "fill": bool(fill), "score_column": score_column}
+    return ExpertSelection(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        experts=experts,
+        masked_layers=masked,
+        short_layers=short_left,
+        filled=filled,
+        scores={label: scores[label] for label in (expert_label(layer, e) for layer, e in experts) if label in scores},
+        method=method,
+    )
+
+
+def model_sizes(config) -> tuple[int, int, int]:
+    """``(num_layers, num_experts, top_k)`` of an OLMoE config."""
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
+    return int(config.num_hidden_layers), int(num_experts), int(config.num_experts_per_tok)
+
+
+def select_for_model(risk_table, config, **options) -> ExpertSelection:
+    """:func:`select_experts` with the sizes read from a model config."""
+    num_layers, num_experts, top_k = model_sizes(config)
+    return select_experts(risk_table, num_layers=num_layers, num_experts=num_experts, top_k=top_k, **options)
