@@ -10,7 +10,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -26,6 +25,17 @@
 #include "moe_ops.h"
 
 namespace {
+
+// C++17 stand-ins for std::bit_cast / std::countr_zero: torch builds extensions with -std=c++17 before 2.12.
+template <typename To, typename From>
+inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+inline int countr_zero(uint64_t bits) { return __builtin_ctzll(bits); }  // bits != 0 at every call
 
 constexpr int64_t kMaxTopK = 16;
 constexpr int64_t kGrainTokens = 256;  // batches up to this many tokens run on one thread
@@ -86,7 +96,7 @@ inline vfloat exp_nonpositive(vfloat x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t = y + kRound holds round(y) in its low mantissa bits
   const vfloat t = x * 1.44269504088896341f + kRound;
   const vfloat n = t - kRound;
-  const vint ni = std::bit_cast<vint>(t) - std::bit_cast<int32_t>(kRound);
+  const vint ni = bit_cast<vint>(t) - bit_cast<int32_t>(kRound);
   vfloat r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   vfloat p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -98,7 +108,7 @@ inline vfloat exp_nonpositive(vfloat x) {
   // 2^n for n in [-150, 0] as two normal powers of two, so a subnormal result rounds once, at the last multiply
   const vint n1 = ni >> 1;
   const vint n2 = ni - n1;
-  const vfloat result = p * std::bit_cast<vfloat>((n1 + 127) << 23) * std::bit_cast<vfloat>((n2 + 127) << 23);
+  const vfloat result = p * bit_cast<vfloat>((n1 + 127) << 23) * bit_cast<vfloat>((n2 + 127) << 23);
   return zero ? splat(0.0f) : result;
 }
 
@@ -110,7 +120,7 @@ inline vfloat load_logits(const scalar_t* row, int64_t stride, int64_t e) {
   } else if constexpr (contiguous && std::is_same_v<scalar_t, c10::BFloat16>) {
     vu16 bits;  // bfloat16 = the high half of a float32
     std::memcpy(&bits, row + e, sizeof(bits));
-    return std::bit_cast<vfloat>(__builtin_convertvector(bits, vint) << 16);
+    return bit_cast<vfloat>(__builtin_convertvector(bits, vint) << 16);
   } else if constexpr (contiguous && std::is_same_v<scalar_t, c10::Half>) {
     // c10::detail::fp16_ieee_to_fp32_value, lane-wise
     vu16 half;
@@ -118,10 +128,10 @@ inline vfloat load_logits(const scalar_t* row, int64_t stride, int64_t e) {
     const vuint w = __builtin_convertvector(half, vuint) << 16;
     const vuint sign = w & 0x80000000u;
     const vuint two_w = w + w;
-    const vfloat normalized = std::bit_cast<vfloat>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const vfloat denormalized = std::bit_cast<vfloat>((two_w >> 17) | (126u << 23)) - 0.5f;
-    const vuint magnitude = two_w < (1u << 27) ? std::bit_cast<vuint>(denormalized) : std::bit_cast<vuint>(normalized);
-    return std::bit_cast<vfloat>(sign | magnitude);
+    const vfloat normalized = bit_cast<vfloat>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const vfloat denormalized = bit_cast<vfloat>((two_w >> 17) | (126u << 23)) - 0.5f;
+    const vuint magnitude = two_w < (1u << 27) ? bit_cast<vuint>(denormalized) : bit_cast<vuint>(normalized);
+    return bit_cast<vfloat>(sign | magnitude);
   } else {
     vfloat v;
     for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(row[(e + l) * (contiguous ? 1 : stride)]);
@@ -211,7 +221,7 @@ inline void select_topk(Scratch& s, const float* lane_max16, float inv_sum, int6
       }
       if (num_experts - base < 64) bits &= (uint64_t{1} << (num_experts - base)) - 1;  // not the padding
       while (bits != 0) {
-        const int64_t e = base + std::countr_zero(bits);
+        const int64_t e = base + countr_zero(bits);
         bits &= bits - 1;
         cand_probs[n] = exps[e] * inv_sum;
         cand_ids[n] = static_cast<int32_t>(e);
