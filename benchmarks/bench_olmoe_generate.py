@@ -75,7 +75,9 @@ def decode_step_checks(model, batch: int, prompt_len: int) -> dict:
     from transformers import StaticCache
 
     result = {}
-    max_len = prompt_len + 8
+    # the static cache advances by one position per step, replays included: leave room for every step below
+    timed_steps = 10
+    max_len = prompt_len + 2 * timed_steps + 16
     input_ids = torch.randint(2, 50000, (batch, prompt_len), device="cuda")
     rec = mf.RoutingRecorder(model, num_groups=2)
     groups = [i % 2 for i in range(batch)]
@@ -121,15 +123,15 @@ def decode_step_checks(model, batch: int, prompt_len: int) -> dict:
             graph.replay()
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(20):
+            for _ in range(timed_steps):
                 graph.replay()
             torch.cuda.synchronize()
-            result["decode_step_cuda_graph"]["replay_ms"] = (time.perf_counter() - start) / 20 * 1e3
+            result["decode_step_cuda_graph"]["replay_ms"] = (time.perf_counter() - start) / timed_steps * 1e3
             start = time.perf_counter()
-            for _ in range(20):
+            for _ in range(timed_steps):
                 step()
             torch.cuda.synchronize()
-            result["decode_step_eager_ms"] = (time.perf_counter() - start) / 20 * 1e3
+            result["decode_step_eager_ms"] = (time.perf_counter() - start) / timed_steps * 1e3
         except Exception as exc:  # report, don't hide: the table says why
             result["decode_step_cuda_graph"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     return result

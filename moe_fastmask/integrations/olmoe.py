@@ -339,21 +339,34 @@ def set_expert_mask(model: nn.Module, keep: Tensor | None) -> None:
         details = ", ".join(f"layer {layer} group {group} keeps {int(kept[layer, group])}" for layer, group in short)
         raise ValueError(f"expert mask leaves fewer than top_k={state.top_k} experts: {details}")
     if state.groups is not None and keep.shape[1] > 1:
-        _check_groups_fit(state.groups, keep.shape[1], "the active groups")
+        _check_groups_fit(state.groups.cpu(), keep.shape[1], "the active groups")
     device = _base_model(model).layers[0].mlp.gate.weight.device
     state.keep = keep.to(device).contiguous()
 
 
-def _check_groups_fit(groups: Tensor, num_groups: int, what: str) -> None:
-    if groups.numel() and (int(groups.min()) < -1 or int(groups.max()) >= num_groups):
-        raise ValueError(f"{what} must be in [-1, {num_groups}); got {groups.tolist()}")
+def _check_groups_fit(groups: Tensor, num_groups: int | None, what: str) -> None:
+    """Range check on a CPU copy of the per-sequence groups (a handful of values)."""
+    if groups.numel() == 0:
+        return
+    low, high = int(groups.min()), int(groups.max())
+    if low < -1 or (num_groups is not None and high >= num_groups):
+        bound = f"[-1, {num_groups})" if num_groups is not None else "[-1, ...)"
+        raise ValueError(f"{what} must be in {bound}; got {groups.tolist()}")
 
 
-def _as_groups(groups: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+def _host_groups(groups: Sequence[int] | Tensor) -> Tensor:
+    """Per-sequence groups as an int64 CPU tensor (validated on the host: no device sync for list inputs)."""
     tensor = torch.as_tensor(groups)
     if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise ValueError(f"groups must be a 1-D integer sequence, one label per sequence; got {groups!r:.80}")
-    return tensor.to(device=device, dtype=torch.int64)
+    return tensor.to(device="cpu", dtype=torch.int64)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a small CPU tensor to ``device`` without blocking the host (pinned staging on CUDA)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager
@@ -365,13 +378,10 @@ def token_groups(model: nn.Module, groups: Sequence[int] | Tensor) -> Iterator[N
     """
     state = _state(model)
     device = _base_model(model).layers[0].mlp.gate.weight.device
-    tensor = _as_groups(groups, device)
-    if state.keep is not None and state.keep.shape[1] > 1:
-        _check_groups_fit(tensor, state.keep.shape[1], "groups")
-    else:
-        _check_groups_fit(tensor, int(tensor.max()) + 1 if tensor.numel() else 1, "groups")
+    host = _host_groups(groups)
+    _check_groups_fit(host, state.keep.shape[1] if state.keep is not None and state.keep.shape[1] > 1 else None, "groups")
     previous = state.groups
-    state.groups = tensor
+    state.groups = _to_device(host, device)
     try:
         yield
     finally:
@@ -428,8 +438,9 @@ class RoutingRecorder:
         state = self.state
         if state.recording is not None:
             raise RuntimeError("a RoutingRecorder is already recording on this model")
-        tensor = _as_groups(groups, self.device)
-        _check_groups_fit(tensor, self.num_groups, "groups")
+        host = _host_groups(groups)
+        _check_groups_fit(host, self.num_groups, "groups")
+        tensor = _to_device(host, self.device)
         if state.keep is not None and state.keep.shape[1] not in (1, self.num_groups):
             raise ValueError(
                 f"the expert mask has {state.keep.shape[1]} groups but the recorder counts {self.num_groups}"
@@ -453,7 +464,7 @@ class RoutingRecorder:
         if eos_token_id is None:
             return None
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return _to_device(torch.tensor(ids, dtype=torch.int64), self.device)
 
     # called from the hooks ---------------------------------------------------------------------------------
     def _count_tokens(self, phase: str, token_group: Tensor) -> None:
