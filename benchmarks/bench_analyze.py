@@ -236,14 +236,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _warm_up(model, tokenizer, device: str) -> None:
-    """One short generate patched and one unpatched (kernel compilation, CUDA init) before any timing."""
-    ids = tokenizer(["warm up"], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    for patched in (True, False):
-        (mf.apply_to_olmoe if patched else mf.remove_from_olmoe)(model)
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+def _warm_up(model, tokenizer, device: str, batch_size: int, prompt_tokens: int) -> None:
+    """Generate once unpatched and once patched with a recorder, at the timed batch shape, before any timing.
+
+    The patched run compiles the Triton kernel variants that the analysis uses (groups, counts, the tile sizes of
+    prefill and decode shapes), so their one-time JIT compilation stays out of (a)'s time.
+    """
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tokenizer) - 1, (batch_size, prompt_tokens), generator=generator).to(device)
+    single = ids[:1]
+    groups = [i % 2 for i in range(batch_size)]
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        mf.remove_from_olmoe(model)
+        model.generate(input_ids=single, attention_mask=torch.ones_like(single), **kwargs)
+        mf.apply_to_olmoe(model)
+        recorder = mf.RoutingRecorder(model, num_groups=2, record_token_experts=True)
+        with recorder.record(groups):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        mf.remove_from_olmoe(model)
     _sync(device)
 
 
@@ -258,7 +269,7 @@ def run_benchmark(args) -> dict:
         seed=0, test_fraction=0.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
         device=args.device, overwrite=True, progress=False, verbose=False,
     )  # fmt: skip
-    _warm_up(model, tokenizer, args.device)
+    _warm_up(model, tokenizer, args.device, args.batch_size, args.prompt_tokens)
     num_prompts = 2 * args.pairs
 
     mf.apply_to_olmoe(model)
