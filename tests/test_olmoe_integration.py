@@ -248,6 +248,26 @@ def test_gradient_checkpointing_counts_once(model_dir, tokenizer):
     assert torch.equal(totals[0], totals[1])
 
 
+def test_gradient_checkpointing_recomputes_with_the_forward_groups(model_dir, tokenizer):
+    """Backward usually runs after the groups context; checkpointed layers must still route as in the forward."""
+    enc = encode(tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model = mf.apply_to_olmoe(load(model_dir).train())
+        L, E, K = model.config.num_hidden_layers, model.config.num_experts, model.config.num_experts_per_tok
+        keep = torch.ones(L, 2, E, dtype=torch.bool)
+        keep[:, 1, K + 1:] = False
+        mf.set_expert_mask(model, keep)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with mf.token_groups(model, GROUPS):
+            loss = model(**enc, labels=enc.input_ids).loss
+        loss.backward()  # outside the context, as the Trainer does
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_steering_changes_generation(model_dir, tokenizer):
     model = mf.apply_to_olmoe(load(model_dir))
     enc = encode(tokenizer)

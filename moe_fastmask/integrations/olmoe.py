@@ -77,6 +77,9 @@ class FastmaskState:
     recording: _Recording | None = None
     # set by the pre-hook for the forward in flight
     token_group: Tensor | None = None  # [T] int64, -1 = unmasked and not counted
+    # the last forward's token groups, kept after its groups context has exited: gradient checkpointing recomputes
+    # layers during backward, which usually runs after the context, and must route exactly as the forward did
+    recompute_token_group: Tensor | None = None
     phase: str = PREFILL
     hook_handle: object | None = None
 
@@ -89,11 +92,18 @@ class FastmaskState:
         return keep
 
     def counts_for(self, layer: int) -> Tensor | None:
-        if self.recording is None or torch._C._current_graph_task_id() != -1:
+        if self.recording is None or _in_backward():
             # no recorder, or a forward recomputed during backward (gradient checkpointing): count nothing
             return None
         buffer = self.recording.recorder.prefill_counts if self.phase == PREFILL else self.recording.recorder.decode_counts
         return buffer[layer]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a layer forward now is a gradient-checkpointing recomputation."""
+    if torch.compiler.is_compiling():
+        return False  # compiled graphs are traced once; the check is not traceable
+    return torch._C._current_graph_task_id() != -1
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -151,7 +161,8 @@ def _fastmask_router_forward(self, hidden_states: Tensor) -> tuple[Tensor, Tenso
     router_logits = F.linear(hidden_states, self.weight)
     state: FastmaskState = self._fastmask_state
     layer = self._fastmask_layer_idx
-    token_group = state.token_group
+    in_backward = _in_backward()
+    token_group = state.recompute_token_group if in_backward else state.token_group
     if token_group is not None and token_group.shape[0] != router_logits.shape[0]:
         token_group = None  # router called outside a model forward: no per-token groups
     weights, ids = route(
@@ -165,7 +176,7 @@ def _fastmask_router_forward(self, hidden_states: Tensor) -> tuple[Tensor, Tenso
         validate=False,  # masks and groups were validated once, when they were set
     )
     recording = state.recording
-    if recording is not None and recording.recorder.record_token_experts and torch._C._current_graph_task_id() == -1:
+    if recording is not None and recording.recorder.record_token_experts and not in_backward:
         recording.recorder._log_token_experts(state.phase, layer, ids)
     return router_logits, weights, ids
 
@@ -200,6 +211,7 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state: FastmaskState = getattr(module, _STATE_ATTR)
     state.phase = PREFILL
     state.token_group = None
+    state.recompute_token_group = None
     if state.groups is None:
         return
     input_ids = _find_arg(args, kwargs, "input_ids", 0)
@@ -234,7 +246,8 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     token_group = torch.where(valid, groups[:, None], torch.full_like(groups[:, None], -1)).reshape(-1)
     state.token_group = token_group
-    if recording is not None and torch._C._current_graph_task_id() == -1:
+    state.recompute_token_group = token_group
+    if recording is not None and not _in_backward():
         recording.recorder._count_tokens(state.phase, token_group)
 
 
