@@ -25,7 +25,9 @@ trainable would give every expert a gradient, AdamW state and weight decay. :fun
 The fused tensors stay the one saved form of the model: a ``state_dict`` pre-hook writes copied slices back before
 anything is saved and a post-hook drops the slice keys, so ``save_pretrained`` (and every Trainer checkpoint)
 writes a plain OLMoE checkpoint; a ``load_state_dict`` pre-hook loads the slices from loaded fused tensors (resuming
-from a checkpoint). :func:`detach_expert_slices` writes the slices back and restores the original module.
+from a checkpoint). :func:`detach_expert_slices` writes the slices back and restores the original module. Under
+FSDP2 (``fully_shard``) every parameter is sharded on its own, so :func:`keep_slice_keys` keeps the slices in the
+state dict and :func:`merge_expert_slices` folds them into the gathered fused tensors instead.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class _SliceState:
     hook_handles: list
     had_forward: bool  # the instance had its own ``forward`` before patching
     previous_forward: object | None
+    keep_slice_keys: bool = False  # sharded training: state dicts keep the slices (see keep_slice_keys)
 
     def names(self) -> list[tuple[str, str]]:
         return [(f"{GATE_UP_PREFIX}{e}", f"{DOWN_PREFIX}{e}") for e in self.expert_ids]
@@ -407,10 +410,13 @@ def _write_back(module: nn.Module) -> None:
 
 
 def _state_dict_pre_hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    _write_back(module)
+    if not getattr(module, _STATE_ATTR).keep_slice_keys:
+        _write_back(module)
 
 
 def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    if getattr(module, _STATE_ATTR).keep_slice_keys:
+        return
     for names in getattr(module, _STATE_ATTR).names():
         for name in names:
             state_dict.pop(prefix + name, None)
@@ -526,6 +532,54 @@ def expert_slice_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def keep_slice_keys(model: nn.Module, keep: bool = True) -> None:
+    """Sharded training (FSDP2's ``fully_shard``): state dicts keep the slice keys and touch no fused tensor.
+
+    Sharding turns every parameter into a shard of its own, so the slices stop being views of the fused rows and a
+    sharded fused tensor cannot take a row write-back. With ``keep``, ``state_dict()`` returns the (possibly sharded)
+    slices as parameters of their own; gather the full state dict as the sharding library does, then fold them into
+    the fused tensors with :func:`merge_expert_slices`. :func:`detach_expert_slices` then writes nothing back.
+    """
+    for module in _experts_modules(model):
+        state = getattr(module, _STATE_ATTR, None)
+        if state is not None:
+            state.keep_slice_keys = bool(keep)
+
+
+@torch.no_grad()
+def merge_expert_slices(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fold the slice entries of a full state dict (``...experts.fastmask_gate_up_proj_<e>`` and
+    ``...fastmask_down_proj_<e>``) into row ``e`` of their fused tensors and drop them, in place; returns it.
+
+    Writes into the fused tensors held by ``state_dict``: use it on a gathered copy (what FSDP's full state dict
+    and ``Accelerator.get_state_dict`` return), where it gives the plain OLMoE checkpoint of the trained model.
+    """
+    for key in [k for k in state_dict if GATE_UP_PREFIX in k or DOWN_PREFIX in k]:
+        prefix, _, name = key.rpartition(".")
+        for slice_prefix, fused_name in ((GATE_UP_PREFIX, "gate_up_proj"), (DOWN_PREFIX, "down_proj")):
+            if name.startswith(slice_prefix) and name[len(slice_prefix):].isdigit():
+                fused = state_dict[f"{prefix}.{fused_name}" if prefix else fused_name]
+                fused[int(name[len(slice_prefix):])].copy_(state_dict.pop(key))
+    return state_dict
+
+
+def add_slice_entries(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The inverse of :func:`merge_expert_slices`: add to a full state dict of fused tensors (a checkpoint) the slice
+    entries of ``model``'s selected experts, taken from their fused rows; in place, returns it. What loading a plain
+    checkpoint into a sharded model needs (``torch.distributed.checkpoint.state_dict.set_model_state_dict``)."""
+    for prefix, module in model.named_modules():
+        state = getattr(module, _STATE_ATTR, None)
+        if state is None:
+            continue
+        base = f"{prefix}." if prefix else ""
+        for expert, names in zip(state.expert_ids, state.names()):
+            for fused_name, name in zip(("gate_up_proj", "down_proj"), names):
+                fused = state_dict.get(base + fused_name)
+                if fused is not None and base + name not in state_dict:
+                    state_dict[base + name] = fused[expert]
+    return state_dict
+
+
 def write_back_expert_slices(model: nn.Module) -> None:
     """Copy trainable slices that are copies (not views) into the fused tensors (saving does this by itself)."""
     for module in _experts_modules(model):
@@ -541,7 +595,7 @@ def detach_expert_slices(model: nn.Module, *, write_back: bool = True) -> nn.Mod
         state: _SliceState | None = getattr(module, _STATE_ATTR, None)
         if state is None:
             continue
-        if write_back:
+        if write_back and not state.keep_slice_keys:
             _write_back(module)
         for handle in state.hook_handles:
             handle.remove()

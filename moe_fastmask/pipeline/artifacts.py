@@ -6,7 +6,8 @@ reader (or a crashed run) never sees a half-written file.
 Layout of an analysis output directory ``OUT`` for model slug ``SLUG``::
 
     OUT/analysis_config_SLUG.json        run config + fingerprint (written first; guards resume)
-    OUT/batches_SLUG/batch_00000.pkl     one file per finished batch (resume reads these)
+    OUT/batches_SLUG/batch_00000.pkl     one file per finished batch (resume reads these; with several processes
+                                         each writes and rereads its own share)
     OUT/split_SLUG.json                  train/test split
     OUT/batch_outputs_SLUG.pkl           all batches + config
     OUT/risk_diff_SLUG.pkl / .csv        aggregated table
@@ -209,4 +210,15 @@ class RunStore:
                 break
             with open(path, "rb") as handle:
                 done.append(pickle.load(handle))
+        return done
+
+    def load_batches(self, batch_indices) -> dict[int, dict]:
+        """The batches among ``batch_indices`` already on disk, by index (gaps allowed: each process of a
+        multi-process run saves only its own share, ``batch_idx % world_size == rank``)."""
+        done = {}
+        for batch_idx in batch_indices:
+            path = self.batch_path(batch_idx)
+            if path.exists():
+                with open(path, "rb") as handle:
+                    done[int(batch_idx)] = pickle.load(handle)
         return done

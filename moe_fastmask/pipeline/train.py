@@ -16,6 +16,12 @@ The repair step of the pipeline, on the artifacts of ``moe-fastmask analyze``:
 4. ``OUT/final_model`` is a plain OLMoE checkpoint (model + tokenizer) that loads with
    ``AutoModelForCausalLM.from_pretrained`` without this package; ``OUT/expert_selection.json`` and
    ``OUT/training_config.json`` sit next to it (copies inside it too).
+
+Several processes (``accelerate launch``, ``torchrun``): the Trainer's own data parallelism — DDP, or FSDP2 from an
+accelerate config (``fsdp_version: 2``; FSDP1 is refused). Each process takes every ``world_size``-th batch of the
+sampler's order, so every process's batch has the analysis mix; the masks are applied per process; only the
+selected slices get gradients (averaged over the processes) and updates; the JSON files and the final model are
+written once, by the main process (under FSDP from the gathered full state dict, slices folded in).
 """
 
 from __future__ import annotations
@@ -567,6 +573,16 @@ class ExpertMaskingTrainer(Trainer):
             prepare_model(model, selection, slice_dtype=slice_dtype, memory_efficient=memory_efficient, backend=backend)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False  # the collator's ``groups`` is no model argument but must stay
+        if self.is_fsdp_enabled:
+            from moe_fastmask.integrations.expert_slices import keep_slice_keys
+
+            if not getattr(self.accelerator, "is_fsdp2", False):
+                raise ValueError(
+                    "masked fine-tuning under FSDP needs FSDP2 (accelerate config: fsdp_version: 2): the trainable "
+                    "expert slices are views of rows of the frozen fused expert tensors, which FSDP1's flat "
+                    "parameters cannot hold"
+                )
+            keep_slice_keys(self.model)  # fully_shard shards slices and fused tensors apart; _save merges them
         self.selection = selection
         self.safe_ratio = safe_ratio
         self.batch_order = batch_order
@@ -599,6 +615,7 @@ class ExpertMaskingTrainer(Trainer):
             self.loss_chunk_size > 0
             and not return_outputs
             and unwrapped is model  # a DDP/FSDP wrapper must run its own forward
+            and not self.is_fsdp_enabled  # FSDP2 shards in place: the root module's forward gathers its parameters
             and "labels" in inputs
             and self.label_smoother is None
             and self.compute_loss_func is None
@@ -611,6 +628,13 @@ class ExpertMaskingTrainer(Trainer):
             with self.accelerator.autocast():
                 return response_lm_loss(unwrapped, inputs, num_items_in_batch, self.loss_chunk_size)
 
+    def _save(self, output_dir=None, state_dict=None):
+        if state_dict is not None:  # gathered by FSDP / DeepSpeed: fold the trained slices into the fused tensors
+            from moe_fastmask.integrations.expert_slices import merge_expert_slices
+
+            state_dict = merge_expert_slices(state_dict)
+        return super()._save(output_dir, state_dict=state_dict)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from moe_fastmask.integrations.expert_slices import load_fused_state_dict
 
@@ -618,7 +642,15 @@ class ExpertMaskingTrainer(Trainer):
         state = load_fused_state_dict(resume_from_checkpoint)
         if state is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        result = model.load_state_dict(state, strict=False)
+        if self.is_fsdp_enabled:  # sharded parameters: the full tensors (slices added) go in through DCP
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            from moe_fastmask.integrations.expert_slices import add_slice_entries
+
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            result = set_model_state_dict(model, add_slice_entries(state, model), options=options)
+        else:
+            result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("rotary_emb.inv_freq")]
         if missing or result.unexpected_keys:
             raise RuntimeError(
@@ -759,7 +791,8 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         bf16=device.startswith("cuda") and dtype == torch.bfloat16,
         use_cpu=not device.startswith("cuda"),
         remove_unused_columns=False,
-        ddp_find_unused_parameters=False,  # every slice gets a gradient each step (zeros when no token chose it)
+        # every slice gets a gradient each step (zeros when no token chose it), except in the stock experts' loop
+        ddp_find_unused_parameters=bool(config.stock_experts),
         dataloader_num_workers=0,
         report_to=config.report_to,
         disable_tqdm=not sys.stderr.isatty(),
@@ -843,6 +876,9 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         "checkpointed_layers": checkpointed,
         "trainable_parameters": trainable,
         "device": str(training_args.device),
+        "world_size": training_args.world_size,
+        "global_batch_size": config.batch_size * config.gradient_accumulation_steps * training_args.world_size,
+        "distributed": str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -858,10 +894,13 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
     final = out / FINAL_MODEL_DIR
     model.config.use_cache = use_cache
+    if trainer.is_fsdp_enabled:  # the final model as one full checkpoint, whatever the checkpoints' format
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))  # hooks write the slices back and drop their keys: a plain OLMoE checkpoint
     if main_process:
         for extra in (TRAINING_CONFIG_FILE, SELECTION_FILE):
             (final / extra).write_text((out / extra).read_text())
+    trainer.accelerator.wait_for_everyone()  # every process returns once the final model is on disk
     totals = stats_callback.totals if config.routing_stats else None
     release_model(model)
     return TrainResult(out=out, final_model=final, selection=selection, config=run_config, trainer=trainer,
