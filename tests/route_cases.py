@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -161,3 +162,26 @@ def random_grid(count: int, seed: int) -> list[dict]:
         )
         specs.append(spec)
     return specs
+
+
+def assert_compiled_matches_eager(case: RouteCase, backend: str) -> None:
+    """``torch.compile(fullgraph=True)`` of route + a loss, forward and backward, equals eager (ids, counts, grads)."""
+    from moe_fastmask import route
+
+    def step(logits, counts):
+        weights, ids = route(logits, case.top_k, case.keep, case.group, counts, case.renormalize, backend)
+        return (weights.float() ** 2).sum(), ids
+
+    x_eager = case.logits.clone().requires_grad_()
+    x_comp = case.logits.clone().requires_grad_()
+    counts_eager, counts_comp = case.new_counts(), case.new_counts()
+    loss_eager, ids_eager = step(x_eager, counts_eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss_comp, ids_comp = torch.compile(step, fullgraph=True, backend="aot_eager")(x_comp, counts_comp)
+    loss_eager.backward()
+    loss_comp.backward()
+    assert torch.equal(ids_comp, ids_eager) and torch.equal(counts_comp, counts_eager)
+    assert int(counts_comp.sum()) > 0
+    torch.testing.assert_close(loss_comp, loss_eager)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad)

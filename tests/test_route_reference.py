@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import make_case, naive_route, random_grid, tolerance
+from route_cases import assert_compiled_matches_eager, make_case, naive_route, random_grid, tolerance
 
 import moe_fastmask
 from moe_fastmask import route
@@ -134,24 +132,8 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
-    case = make_case(17, 16, 4, torch.float32, seed=SESSION_SEED + 4, mask="random", groups="random")
-
-    def step(logits, counts):
-        weights, ids = route(logits, 4, case.keep, case.group, counts, True, "torch")
-        return (weights * weights).sum(), ids
-
-    x_eager = case.logits.clone().requires_grad_()
-    x_comp = case.logits.clone().requires_grad_()
-    counts_eager, counts_comp = case.new_counts(), case.new_counts()
-    loss_eager, ids_eager = step(x_eager, counts_eager)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loss_comp, ids_comp = torch.compile(step, fullgraph=True, backend="aot_eager")(x_comp, counts_comp)
-    loss_eager.backward()
-    loss_comp.backward()
-    assert torch.equal(ids_comp, ids_eager) and torch.equal(counts_comp, counts_eager)
-    torch.testing.assert_close(loss_comp, loss_eager)
-    torch.testing.assert_close(x_comp.grad, x_eager.grad)
+    case = make_case(17, 16, 4, torch.float32, seed=SESSION_SEED + 4, mask="random", groups="random", renormalize=True)
+    assert_compiled_matches_eager(case, "torch")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import POISON_ID, make_case, naive_route, random_grid, tolerance
+from route_cases import POISON_ID, assert_compiled_matches_eager, make_case, naive_route, random_grid, tolerance
 
 from moe_fastmask import route
 from moe_fastmask.ops import reference, triton_route
@@ -376,3 +376,10 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
         route(torch.randn(3, 8), 2, backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_forward_and_backward(device, session_seed):
+    case = make_case(24, 60, 4, torch.float32, seed=session_seed, mask="per_group", groups="with_unassigned",
+                     num_groups=3, renormalize=True).to(device)
+    assert_compiled_matches_eager(case, "triton")
