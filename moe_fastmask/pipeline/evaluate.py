@@ -200,7 +200,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: in
     answers: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     model.eval()
-    for start in range(0, len(order), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False):
         chunk = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt").to(device)
         output = model.generate(
