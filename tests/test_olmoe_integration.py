@@ -355,3 +355,18 @@ def test_deepcopy_of_patched_model_routes_like_the_original(model_dir, tokenizer
     clone = copy.deepcopy(model)
     with torch.no_grad():
         torch.testing.assert_close(clone(**enc).logits, model(**enc).logits)
+
+
+def test_static_cache_records_the_same_counts_as_dynamic(model_dir, tokenizer):
+    model = mf.apply_to_olmoe(load(model_dir))
+    enc = encode(tokenizer)
+    recorded = []
+    for cache_implementation in (None, "static"):
+        rec = mf.RoutingRecorder(model, num_groups=2)
+        with torch.no_grad(), rec.record(GROUPS):
+            model.generate(**enc, max_new_tokens=8, do_sample=False, cache_implementation=cache_implementation)
+        recorded.append(rec)
+    dynamic, static = recorded
+    assert int(dynamic.decode_tokens.sum()) == 7 * len(PROMPTS)
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert torch.equal(getattr(static, name), getattr(dynamic, name)), name
