@@ -37,6 +37,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+
 CONDITIONS = ("before", "steering", "after")
 KINDS = ("jailbreak", "goal")
 TRAINING_CONFIG_FILE = "training_config.json"
@@ -359,23 +361,19 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand (its flags come from :class:`EvaluationArguments`)."""
-    from transformers import HfArgumentParser
-
-    template = HfArgumentParser(EvaluationArguments, add_help=False)
-    parser = subparsers.add_parser(
+    return add_dataclass_subcommand(
+        subparsers,
         "evaluate",
-        parents=[template],
+        EvaluationArguments,
         help="refusal / attack success rate before vs after the repair, and with steering",
         description=__doc__.split("\n\n")[0],
+        func=run_cli,
     )
-    parser.set_defaults(func=run_cli)
-    return parser
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    names = {f.name for f in dataclasses.fields(EvaluationArguments)}
     try:
-        result = evaluate(EvaluationArguments(**{n: getattr(args, n) for n in names if hasattr(args, n)}))
+        result = evaluate(dataclass_from_args(EvaluationArguments, args))
     except (ValueError, FileNotFoundError) as error:
         print(f"moe-fastmask evaluate: error: {error}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback
 
+from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.selection import SELECTION_FILE, ExpertSelection, model_sizes, select_experts
 
 SAFE, UNSAFE = "safe", "unsafe"
@@ -914,22 +915,18 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (its flags come from :class:`MaskedFinetuneArguments`)."""
-    from transformers import HfArgumentParser
-
-    template = HfArgumentParser(MaskedFinetuneArguments, add_help=False)
-    parser = subparsers.add_parser(
+    return add_dataclass_subcommand(
+        subparsers,
         "train",
-        parents=[template],
+        MaskedFinetuneArguments,
         help="masked fine-tuning of the selected (unsafe) experts",
         description=__doc__.split("\n\n")[0],
+        func=run_cli,
     )
-    parser.set_defaults(func=run_cli)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
-    names = {f.name for f in dataclasses.fields(MaskedFinetuneArguments)}
-    return MaskedFinetuneArguments(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    return dataclass_from_args(MaskedFinetuneArguments, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:
