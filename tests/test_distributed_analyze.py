@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from artifact_checks import assert_same
 import torch
 import torch.multiprocessing as mp
 
@@ -70,27 +70,9 @@ def _artifact(out: Path, stem: str, suffix: str = ".pkl") -> Path:
     return path
 
 
-def _assert_same(a, b, where):
-    if isinstance(a, pd.DataFrame):
-        pd.testing.assert_frame_equal(a, b, obj=where)
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert type(a) is type(b) and a == b, where
-
-
 def _assert_same_artifacts(reference: Path, out: Path) -> None:
     for stem in PICKLES:
-        _assert_same(pd.read_pickle(_artifact(reference, stem)), pd.read_pickle(_artifact(out, stem)), stem)
+        assert_same(pd.read_pickle(_artifact(reference, stem)), pd.read_pickle(_artifact(out, stem)), stem)
     for stem, suffix in TEXTS:
         assert _artifact(reference, stem, suffix).read_text() == _artifact(out, stem, suffix).read_text(), stem
     for stem in ("risk_diff_heatmap", "top_experts"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from artifact_checks import assert_same
 
 from moe_fastmask.pipeline import analyze, stats
 from moe_fastmask.pipeline.analyze import AnalysisConfig, AnalysisError, run_analysis
@@ -176,24 +177,6 @@ def test_per_batch_risk_diff_equals_independent_computation(demo_run):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _assert_same(a, b, where="artifact"):
-    if isinstance(a, pd.DataFrame):
-        pd.testing.assert_frame_equal(a, b)
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype, where
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_after_crash_gives_identical_artifacts(demo_inputs, reference_run, tmp_path, monkeypatch):
     model, data = demo_inputs
     config = AnalysisConfig(model=str(model), data=str(data), out=str(tmp_path), num_batches=3, **SMALL)
@@ -224,7 +207,7 @@ def test_resume_after_crash_gives_identical_artifacts(demo_inputs, reference_run
 
     ref_out = Path(reference_run.config.out)
     for stem, suffix in (("batch_outputs", ".pkl"), ("risk_diff", ".pkl"), ("sft_dataset", ".pkl")):
-        _assert_same(pd.read_pickle(_read(ref_out, stem, suffix)), pd.read_pickle(_read(tmp_path, stem, suffix)), stem)
+        assert_same(pd.read_pickle(_read(ref_out, stem, suffix)), pd.read_pickle(_read(tmp_path, stem, suffix)), stem)
     for stem, suffix in (("risk_diff", ".csv"), ("split", ".json"), ("analysis_config", ".json")):
         assert _read(ref_out, stem, suffix).read_bytes() == _read(tmp_path, stem, suffix).read_bytes(), stem
     pd.testing.assert_frame_equal(resumed.risk_diff, reference_run.risk_diff)
