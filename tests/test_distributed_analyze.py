@@ -117,6 +117,39 @@ def test_single_process_collectives_are_the_identity(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _gloo_threads() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [name for name in names if name.startswith(("pt_gloo", "gloo"))]
+
+
+def _teardown_rank(rank: int, world_size: int, port: int, log_dir: str) -> None:
+    os.environ.update(_loopback_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_PORT=str(port))  # fmt: skip
+    distributed.setup("cpu")
+    during = _gloo_threads()
+    # what loading a model does: transformers imports FSDP, whose signatures default to the world group
+    import transformers.modeling_utils  # noqa: F401
+
+    distributed.any_rank(False)
+    distributed.teardown()
+    Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"during": during, "after": _gloo_threads()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_teardown_releases_the_group_after_transformers_is_imported(tmp_path):
+    """No Gloo thread survives teardown: one that did would outlive the interpreter and abort the rank at exit."""
+    mp.spawn(_teardown_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert threads["during"], "the group's worker threads should exist before teardown"
+        assert threads["after"] == [], f"rank {rank}: {threads['after']} still running after teardown"
+
+
 def test_torchrun_cli_two_ranks_equal_one_process(demo_inputs, single_run, tmp_path):
     model, data = demo_inputs
     out = tmp_path / "two"

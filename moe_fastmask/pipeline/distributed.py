@@ -21,6 +21,7 @@ rank may hold much more remaining work than another), so the process group is cr
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,15 @@ DEFAULT_TIMEOUT_S = 6 * 3600
 
 _initialized_here = False
 _object_group = None
+
+# Modules with a ``group=dist.group.WORLD`` default argument. Imported after ``init_process_group`` (transformers
+# imports the FSDP one when it loads a model), that default holds the default group past ``destroy_process_group``:
+# its Gloo worker threads then outlive the interpreter and abort the process at exit. Imported first, they hold None.
+_MODULES_DEFAULTING_TO_WORLD = (
+    "torch.distributed.fsdp.sharded_grad_scaler",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.nn.functional",
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ def setup(device: str | None = None) -> DistState:
     if world_size > 1 and not is_initialized():
         if not torch.distributed.is_available():
             raise RuntimeError(f"WORLD_SIZE={world_size} but this PyTorch build has no torch.distributed")
+        for module in _MODULES_DEFAULTING_TO_WORLD:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
         if torch.device(resolved).type == "cuda":
             torch.cuda.set_device(torch.device(resolved))
             backend = "cpu:gloo,cuda:nccl"
