@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks of record, in one run: CUDA tests, then the generation, analysis and training
 # benchmarks at the sizes benchmarks/RESULTS.md reports.
 # Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   stages: tests generate analyze train (default: all;
-# about 1, 3, 6 and 2 minutes on an H100)
+# about 1, 3, 6 and 2 minutes on an H100). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
+# folder of the pytest, pluggy and iniconfig wheels.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${1:-benchmarks/out}
@@ -18,6 +19,11 @@ if ! python3 -c "import moe_fastmask.kernels.route" 2>/dev/null; then
     cp -r moe_fastmask "$pkg/" && cp -r kernels "$pkg/moe_fastmask/kernels" && cp -r csrc "$pkg/moe_fastmask/csrc"
     export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 fi
+if ! python3 -c "import pytest" 2>/dev/null && [ -n "${PYTEST_WHEELS:-}" ]; then
+    # a machine without pytest (and without an index): install it from wheels brought along, for this run only
+    site=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target "$site" "$PYTEST_WHEELS"/*.whl \
+        && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 start=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
@@ -25,6 +31,8 @@ if want tests && python3 -c "import pytest" 2>/dev/null; then
     step "CUDA tests"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_integration.py 2>&1 | tee "$out/gpu_tests.log" | tail -5
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_route_triton.py 2>&1 | tee -a "$out/gpu_tests.log" | tail -3
+elif want tests; then
+    echo "== CUDA tests skipped: pytest is not installed here (set PYTEST_WHEELS)"
 fi
 want generate && step "generation" && timeout 300 python3 benchmarks/bench_olmoe_generate.py --out "$out" 2>&1 | tee "$out/generate.log" | tail -12
 want analyze && step "analysis (64 pairs)" && timeout 600 python3 benchmarks/bench_analyze.py --out "$out/analyze" 2>&1 | tee "$out/analyze.log" | tail -6
