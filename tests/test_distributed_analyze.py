@@ -112,6 +112,19 @@ def test_single_process_collectives_are_the_identity(monkeypatch):
     distributed.barrier()
 
 
+def test_teardown_leaves_a_group_it_did_not_create_unless_told():
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        distributed.teardown()  # accelerate's group, say: not ours
+        assert torch.distributed.is_initialized()
+        distributed.teardown(owned_only=False)  # a command's entry point owns its process
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # two processes
 # ------------------------------------------------------------------------------------------------------------

@@ -129,10 +129,15 @@ def setup(device: str | None = None) -> DistState:
     return DistState(rank=get_rank(), world_size=world_size, local_rank=local_rank, device=resolved)
 
 
-def teardown() -> None:
-    """Destroy the process group if :func:`setup` created it (the launcher's processes then exit cleanly)."""
+def teardown(*, owned_only: bool = True) -> None:
+    """Destroy the process group if :func:`setup` created it (the launcher's processes then exit cleanly).
+
+    ``owned_only=False``: whoever initialised it (accelerate, for the Trainer) — for a command's entry point, which
+    owns its process. A group left to interpreter shutdown can abort the process at exit (its Gloo worker threads
+    may still be releasing work then).
+    """
     global _initialized_here, _object_group
-    if _initialized_here and is_initialized():
+    if (_initialized_here or not owned_only) and is_initialized():
         torch.distributed.destroy_process_group()
     _initialized_here = False
     _object_group = None

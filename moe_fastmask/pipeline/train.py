@@ -930,11 +930,15 @@ def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from moe_fastmask.pipeline import distributed
+
     try:
         result = train(config_from_args(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"moe-fastmask train: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown(owned_only=False)  # the group accelerate created for the Trainer
     print(f"final model: {result.final_model}")
     print(f"selection: {result.out / SELECTION_FILE} ({len(result.selection)} experts, "
           f"masked layers {result.selection.masked_layers})")
