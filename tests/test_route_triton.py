@@ -372,6 +372,30 @@ def test_is_available_logic(monkeypatch):
     assert not triton_route.is_available("cuda")
 
 
+def test_availability_probe_runs_outside_compiled_code(monkeypatch):
+    """torch.compile(fullgraph=True) runs the Triton probe eagerly: some torch versions refuse to trace its
+    ``importlib.util.find_spec``. Here the probe graph-breaks, which fails fullgraph compilation if it is traced."""
+    calls = []
+
+    def untraceable_probe() -> bool:
+        calls.append(1)
+        torch._dynamo.graph_break()
+        return True
+
+    monkeypatch.setattr(triton_route, "_probe_triton", untraceable_probe)
+    monkeypatch.setattr(triton_route, "_triton_probe_result", [])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def plus_one_if_available(x):
+        return x + 1 if triton_route.is_available(x.device) else x - 1
+
+    torch._dynamo.reset()
+    out = torch.compile(plus_one_if_available, fullgraph=True, backend="eager")(torch.zeros(3))
+    torch._dynamo.reset()
+    assert torch.equal(out, torch.ones(3))
+    assert calls == [1]
+
+
 def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):

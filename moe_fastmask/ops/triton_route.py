@@ -23,8 +23,7 @@ _MIN_BLOCK_T = 4
 _TOKENS_PER_PROGRAM_SMALL_T = 64
 
 
-@functools.cache
-def _triton_importable() -> bool:
+def _probe_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -33,6 +32,18 @@ def _triton_importable() -> bool:
     except Exception:  # a broken install counts as absent
         return False
     return True
+
+
+_triton_probe_result: list[bool] = []  # filled by the first _triton_importable() call
+
+
+# torch.compile runs this once while tracing and keeps the result: some torch versions refuse to trace find_spec,
+# and trace through a functools.cache wrapper (losing this mark), hence the plain module-level cache.
+@torch.compiler.assume_constant_result
+def _triton_importable() -> bool:
+    if not _triton_probe_result:
+        _triton_probe_result.append(_probe_triton())
+    return _triton_probe_result[0]
 
 
 def _interpreter_enabled() -> bool:
