@@ -383,7 +383,6 @@ def test_availability_probe_runs_outside_compiled_code(monkeypatch):
         return True
 
     monkeypatch.setattr(triton_route, "_probe_triton", untraceable_probe)
-    monkeypatch.setattr(triton_route, "_triton_probe_result", [])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def plus_one_if_available(x):

@@ -23,6 +23,7 @@ _MIN_BLOCK_T = 4
 _TOKENS_PER_PROGRAM_SMALL_T = 64
 
 
+@functools.cache
 def _probe_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
@@ -34,16 +35,11 @@ def _probe_triton() -> bool:
     return True
 
 
-_triton_probe_result: list[bool] = []  # filled by the first _triton_importable() call
-
-
 # torch.compile runs this once while tracing and keeps the result: some torch versions refuse to trace find_spec,
-# and trace through a functools.cache wrapper (losing this mark), hence the plain module-level cache.
+# and trace through a functools.cache wrapper (which would hide this mark), so the mark sits on a plain function.
 @torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
-    if not _triton_probe_result:
-        _triton_probe_result.append(_probe_triton())
-    return _triton_probe_result[0]
+    return _probe_triton()
 
 
 def _interpreter_enabled() -> bool:
@@ -95,6 +91,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _launch_config(
+    logits: Tensor, block_t: int | None, num_warps: int | None
+) -> tuple[int, int, int, tuple[int]]:
+    """(BLOCK_E, BLOCK_T, num_warps, grid) of a launch over ``logits`` [T, E]; given values override the defaults."""
+    num_tokens, num_experts = logits.shape
+    block_e, default_block_t, default_warps = calculate_settings(num_experts, num_tokens, logits.device.type == "cuda")
+    block_t = block_t or default_block_t
+    return block_e, block_t, num_warps or default_warps, (_cdiv(num_tokens, block_t),)
+
+
 def _forward_into(
     weights: Tensor,
     ids: Tensor,
@@ -107,15 +113,12 @@ def _forward_into(
     *,
     block_t: int | None = None,
     num_warps: int | None = None,
-) -> None:
+) -> object | None:
     """Launch the forward kernel; returns Triton's handle of the launched kernel (None when T == 0)."""
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
         return None
-    block_e, default_block_t, default_warps = calculate_settings(num_experts, num_tokens, logits.device.type == "cuda")
-    block_t = block_t or default_block_t
-    num_warps = num_warps or default_warps
-    grid = (_cdiv(num_tokens, block_t),)
+    block_e, block_t, num_warps, grid = _launch_config(logits, block_t, num_warps)
     # absent tensors pass a placeholder pointer that the kernel never touches (its HAS_* flag is off)
     return _kernels()._route_fwd_kernel[grid](
         weights,
@@ -207,10 +210,7 @@ def route_backward(
         return grad_logits
     grad_weights = grad_weights.contiguous()
     ids = ids.contiguous()
-    block_e, default_block_t, default_warps = calculate_settings(num_experts, num_tokens, logits.device.type == "cuda")
-    block_t = block_t or default_block_t
-    num_warps = num_warps or default_warps
-    grid = (_cdiv(num_tokens, block_t),)
+    block_e, block_t, num_warps, grid = _launch_config(logits, block_t, num_warps)
     _kernels()._route_bwd_kernel[grid](
         grad_logits,
         grad_weights,
