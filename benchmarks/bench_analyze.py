@@ -311,6 +311,17 @@ def run_benchmark(args) -> dict:
     return report
 
 
+SIZE_ARGUMENTS = ("pairs", "batch_size", "prompt_tokens", "new_tokens", "device", "dtype")
+
+
+def fill_size_defaults(args: argparse.Namespace, *, tiny: tuple, full: tuple) -> argparse.Namespace:
+    """Set each of :data:`SIZE_ARGUMENTS` left at None to its default: ``tiny`` with ``--tiny``, else ``full``."""
+    for key, value in zip(SIZE_ARGUMENTS, tiny if args.tiny else full, strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="work and report directory (bench_analyze.json)")
@@ -324,11 +335,7 @@ def parse_args(argv=None):
                         help="default: bfloat16 (--tiny: float32)")  # fmt: skip
     parser.add_argument("--skip-reference", action="store_true", help="time (a) only")
     args = parser.parse_args(argv)
-    defaults = (8, 8, 40, 6, "cpu", "float32") if args.tiny else (64, 16, 128, 64, "cuda", "bfloat16")
-    for key, value in zip(("pairs", "batch_size", "prompt_tokens", "new_tokens", "device", "dtype"), defaults):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_size_defaults(args, tiny=(8, 8, 40, 6, "cpu", "float32"), full=(64, 16, 128, 64, "cuda", "bfloat16"))
 
 
 def main(argv=None) -> int:

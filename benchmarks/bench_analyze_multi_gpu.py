@@ -221,11 +221,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 (--tiny: float32)")  # fmt: skip
     args = parser.parse_args(argv)
-    defaults = (8, 4, 40, 4, "cpu", "float32") if args.tiny else (256, 16, 128, 64, None, "bfloat16")
-    for key, value in zip(("pairs", "batch_size", "prompt_tokens", "new_tokens", "device", "dtype"), defaults):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return bench_analyze.fill_size_defaults(
+        args, tiny=(8, 4, 40, 4, "cpu", "float32"), full=(256, 16, 128, 64, None, "bfloat16")
+    )
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_olmoe_generate  # noqa: E402  (model builder)
+import bench_olmoe_generate  # noqa: E402  (model builder, prompts)
 
 import moe_fastmask as mf  # noqa: E402
 from moe_fastmask.ops import triton_route  # noqa: E402
@@ -91,13 +91,7 @@ def router_call_costs(calls: int) -> dict[str, float]:
 
 
 def generate_interleaved(model, rounds: int, new_tokens: int) -> tuple[dict[str, list[float]], str]:
-    batch, prompt_len = 16, 128
-    torch.manual_seed(1)
-    input_ids = torch.randint(2, 50000, (batch, prompt_len), device="cuda")
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[: batch // 2, : prompt_len // 8] = 0
-    groups = [i % 2 for i in range(batch)]
-    gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    input_ids, attention_mask, groups, gen_kwargs = bench_olmoe_generate.generation_inputs(16, 128, new_tokens)
 
     def generate():
         with torch.no_grad():
@@ -134,22 +128,16 @@ def generate_interleaved(model, rounds: int, new_tokens: int) -> tuple[dict[str,
             torch.cuda.synchronize()
             times[variant].append(time.perf_counter() - start)
 
-    setup("patched + recorder")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run("patched + recorder")
-    torch.cuda.synchronize()
-    profiler.disable()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-    setup("plain")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run("plain")
-    torch.cuda.synchronize()
-    profiler.disable()
-    text.write("\n\n==== plain ====\n")
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    for variant in ("patched + recorder", "plain"):
+        setup(variant)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(variant)
+        torch.cuda.synchronize()
+        profiler.disable()
+        text.write(f"==== {variant} ====\n")
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
     return times, text.getvalue()
 
 

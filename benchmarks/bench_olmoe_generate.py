@@ -45,6 +45,20 @@ def build_model(layers: int | None, dtype: torch.dtype):
     return model.eval()
 
 
+def generation_inputs(
+    batch: int, prompt_len: int, new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int], dict]:
+    """Random prompts (half the batch left-padded by prompt_len / 8), groups 0/1 alternating, and greedy generate
+    arguments forcing exactly ``new_tokens`` new tokens: ``(input_ids, attention_mask, groups, gen_kwargs)``."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(2, 50000, (batch, prompt_len), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[: batch // 2, : prompt_len // 8] = 0
+    groups = [i % 2 for i in range(batch)]
+    gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return input_ids, attention_mask, groups, gen_kwargs
+
+
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
     fn()  # warm-up
     torch.cuda.synchronize()
@@ -153,13 +167,8 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.layers, torch.bfloat16)
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
-    torch.manual_seed(1)
-    input_ids = torch.randint(2, 50000, (B, P), device="cuda")
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[: B // 2, : P // 8] = 0  # left padding on half the batch
-    gen_kwargs = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
-    groups = [i % 2 for i in range(B)]
+    B, P = args.batch, args.prompt_len
+    input_ids, attention_mask, groups, gen_kwargs = generation_inputs(B, P, args.new_tokens)
 
     def generate():
         with torch.no_grad():
