@@ -5,9 +5,10 @@ the patch's cost is host time per router call. This script measures, on a GPU:
 
 1. host time per router call at T=16 tokens, E=64, top-8 (bf16): the plain transformers chain (softmax in float32,
    topk, cast) against ``route`` with and without groups and counts, and the parts of ``route`` (argument checks,
-   backend resolution, the kernel launch);
-2. whole ``generate`` calls of the random-weight OLMoE-1B-7B (batch 16 x 128-token prompts, 64 new tokens), plain,
-   patched, and patched with the recorder, interleaved round-robin so that drifts of the host's speed hit all three;
+   backend resolution, the kernel launch through Triton's JIT entry point and directly);
+2. whole ``generate`` calls of the random-weight OLMoE-1B-7B (batch 16 x 128-token prompts, 32 new tokens), plain,
+   patched, and patched with the recorder, interleaved round-robin so that drifts of the host's speed hit all three
+   (ratios: medians of per-round ratios);
 3. a cProfile of one patched + recorded ``generate`` (top functions by own time) to ``OUT/decode_profile.txt``.
 
     python benchmarks/bench_decode_overhead.py --out benchmarks/out
@@ -16,6 +17,7 @@ the patch's cost is host time per router call. This script measures, on a GPU:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import importlib
 import io
@@ -77,65 +79,53 @@ def router_call_costs(calls: int) -> dict[str, float]:
         results["route (groups + counts)"] = per_call_us(
             lambda: mf.route(logits, top_k, group=group, counts=counts, validate=False), calls
         )
+        results["route_prechecked (groups + counts), as the patched router calls it"] = per_call_us(
+            lambda: route_module.route_prechecked(logits, top_k, None, group, counts, False, "triton"), calls
+        )
         results["  check_route_args"] = per_call_us(
             lambda: route_module.check_route_args(logits, top_k, None, group, counts, False, validate=False), calls
         )
         results["  resolve_backend"] = per_call_us(lambda: route_module.resolve_backend("auto", device), calls)
-        results["  triton route_forward"] = per_call_us(
-            lambda: triton_route.route_forward(logits, top_k, None, group, counts, False), calls
-        )
+        for fast in (False, True):
+            triton_route.FAST_LAUNCH = fast
+            results[f"  triton route_forward, {'direct' if fast else 'JIT'} launch"] = per_call_us(
+                lambda: triton_route.route_forward(logits, top_k, None, group, counts, False), calls
+            )
         results["  torch.empty x2"] = per_call_us(
             lambda: (torch.empty((num_tokens, top_k), dtype=logits.dtype, device=device),
                      torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)), calls)  # fmt: skip
     return results
 
 
-def generate_interleaved(model, rounds: int, new_tokens: int) -> tuple[dict[str, list[float]], str]:
+def generate_interleaved(model, rounds: int, new_tokens: int) -> tuple[dict[str, dict[str, list[float]]], str]:
     input_ids, attention_mask, groups, gen_kwargs = bench_olmoe_generate.generation_inputs(16, 128, new_tokens)
 
     def generate():
         with torch.no_grad():
             model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
-    recorder = None
+    recorder = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
+    @contextlib.contextmanager
+    def patched_with_groups():
+        with bench_olmoe_generate.patched_variant(model), mf.token_groups(model, groups):
+            yield
 
-    def setup(variant: str):
-        nonlocal recorder
-        if variant == "plain":
-            mf.remove_from_olmoe(model)
-        else:
-            mf.apply_to_olmoe(model)
-            recorder = mf.RoutingRecorder(model, num_groups=2)
-
-    def run(variant: str):
-        if variant == "patched + recorder":
-            with recorder.record(groups):
-                generate()
-        else:
-            generate()
-
-    variants = ["plain", "patched", "patched + recorder"]
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for variant in variants:  # warm-up of each (kernel compilation, caches)
-        setup(variant)
-        run(variant)
-    for _ in range(rounds):
-        for variant in variants:
-            setup(variant)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(variant)
-            torch.cuda.synchronize()
-            times[variant].append(time.perf_counter() - start)
+    variants = {
+        "plain": lambda: bench_olmoe_generate.plain_variant(model),
+        "patched": lambda: bench_olmoe_generate.patched_variant(model),
+        "patched + token_groups (no counting)": patched_with_groups,
+        "patched + recorder": lambda: bench_olmoe_generate.patched_variant(model, recorder, groups),
+    }
+    times = bench_olmoe_generate.time_interleaved(generate, variants, rounds)
 
     text = io.StringIO()
     for variant in ("patched + recorder", "plain"):
-        setup(variant)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run(variant)
-        torch.cuda.synchronize()
-        profiler.disable()
+        with variants[variant]():
+            profiler = cProfile.Profile()
+            profiler.enable()
+            generate()
+            torch.cuda.synchronize()
+            profiler.disable()
         text.write(f"==== {variant} ====\n")
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
     return times, text.getvalue()
@@ -145,8 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark measures the host cost of GPU launches and needs a CUDA device")
@@ -162,6 +152,14 @@ def main() -> None:
     }  # fmt: skip
     report["router_call_us"] = router_call_costs(args.calls)
     model = bench_olmoe_generate.build_model(None, torch.bfloat16)
+    recorder = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
+    groups = list(range(2)) * 8
+
+    def enter_and_exit_record():
+        with recorder.record(groups):
+            pass
+
+    report["router_call_us"]["record() enter + exit, once per generate"] = per_call_us(enter_and_exit_record, 200)
     times, profile = generate_interleaved(model, args.rounds, args.new_tokens)
     report["generate_s"] = times
     (out / "decode_profile.txt").write_text(profile)
@@ -171,12 +169,15 @@ def main() -> None:
     print("\n| router call, T=16 E=64 top-8 bf16 | host us/call |\n|---|---:|")
     for name, value in report["router_call_us"].items():
         print(f"| {name} | {value:.1f} |")
-    plain = statistics.median(times["plain"])
-    print(f"\n| generate 16x128 + {args.new_tokens} | median s | min s | all | vs plain |\n|---|---:|---:|---|---:|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        listed = " ".join(f"{v:.3f}" for v in values)
-        print(f"| {name} | {median:.3f} | {min(values):.3f} | {listed} | {median / plain:.3f} |")
+    print(f"\n{args.rounds} interleaved rounds; ratios are medians of per-round ratios to plain")
+    print(f"| generate 16x128 + {args.new_tokens} | median wall s | ratio | median host CPU s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name in times["wall"]:
+        wall, cpu = times["wall"][name], times["cpu"][name]
+        print(
+            f"| {name} | {statistics.median(wall):.3f} | {bench_olmoe_generate.median_ratio(times['wall'], name, 'plain'):.3f} "
+            f"| {statistics.median(cpu):.3f} | {bench_olmoe_generate.median_ratio(times['cpu'], name, 'plain'):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Random-weight OLMoE with the full OLMoE-1B-7B config (bf16): batch 16 x 128-token prompts, 64 new tokens, greedy
 (full length forced with ``min_new_tokens``), and the prefill forward of 16 x 512 tokens with and without the patch.
+The variants run interleaved, round-robin (see :func:`time_interleaved`); ratios are medians of per-round ratios.
 
     python benchmarks/bench_olmoe_generate.py --out benchmarks/out
 
@@ -13,13 +14,16 @@ it can be captured in a CUDA graph with a static cache; and counts the host sync
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 import moe_fastmask as mf
 
@@ -59,17 +63,65 @@ def generation_inputs(
     return input_ids, attention_mask, groups, gen_kwargs
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+@contextlib.contextmanager
+def plain_variant(model, capture_to_host: bool = False) -> Iterator[None]:
+    """The unpatched model; ``capture_to_host``: with a forward hook copying each router's logits to the host (the
+    naive capture method) for the duration of the block."""
+    mf.remove_from_olmoe(model)
+    hooks = []
+    if capture_to_host:
+        captured = []
+        hooks = [
+            layer.mlp.gate.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float().cpu()))
+            for layer in model.model.layers
+        ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def patched_variant(model, recorder: "mf.RoutingRecorder | None" = None, groups=None) -> Iterator[None]:
+    """The patched model, recording with ``recorder`` (its groups ``groups``) when one is given."""
+    mf.apply_to_olmoe(model)
+    with recorder.record(groups) if recorder is not None else contextlib.nullcontext():
+        yield
+
+
+def time_interleaved(
+    fn, variants: dict[str, Callable[[], contextlib.AbstractContextManager]], rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Time ``fn`` under each variant's context, round-robin over ``rounds`` rounds after one warm-up each.
+
+    The decode loop is host-bound and the host's speed drifts over a run; interleaving puts every variant under the
+    same drift, the order of the variants rotates from round to round, and the ratio of two variants within one
+    round (seconds apart) cancels most of the drift. Returns ``{"wall": {variant: [s per round]}, "cpu": {...}}``:
+    wall time, and the CPU time of the calling thread (the host work itself, without time the thread spent
+    descheduled or waiting).
+    """
+    for enter in variants.values():
+        with enter():
+            fn()
+    names = list(variants)
+    times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
+    for round_index in tqdm(range(rounds), desc="interleaved rounds"):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            with variants[name]():
+                torch.cuda.synchronize()
+                wall, cpu = time.perf_counter(), time.thread_time()
+                fn()
+                torch.cuda.synchronize()
+                times["cpu"][name].append(time.thread_time() - cpu)
+                times["wall"][name].append(time.perf_counter() - wall)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of ``times[name][r] / times[baseline][r]``."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
 def count_syncs(fn) -> int:
@@ -126,8 +178,8 @@ def decode_step_checks(model, batch: int, prompt_len: int) -> dict:
             before = rec.decode_counts.clone()
             graph.replay()
             torch.cuda.synchronize()
-            eager = step().logits
             added = rec.decode_counts - before
+            eager = step().logits
             result["decode_step_cuda_graph"] = {
                 "captured": True,
                 "replay_counts_added": int(added.sum()),
@@ -159,7 +211,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the three generate variants")
     args = parser.parse_args()
 
     import transformers
@@ -181,63 +233,63 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "config": vars(args),
     }
-    # (a) plain transformers
-    results["a_plain_generate_s"], _ = timed(generate, args.repeats)
-    results["a_syncs"] = count_syncs(generate)
-    plain_tokens = generate()
+    rec = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
+    variants = {
+        "a": lambda: plain_variant(model),  # plain transformers
+        "b": lambda: patched_variant(model, rec, groups),  # the patch and the recorder
+        "c": lambda: plain_variant(model, capture_to_host=True),  # naive capture: every router's logits to the host
+    }
+    measured = time_interleaved(generate, variants, args.rounds)
+    results["generate_s_per_round"] = measured
+    times = measured["wall"]
+    results["a_plain_generate_s"] = statistics.median(times["a"])
+    results["b_patched_recorder_generate_s"] = statistics.median(times["b"])
+    results["c_host_copy_generate_s"] = statistics.median(times["c"])
+    results["b_over_a"] = median_ratio(times, "b", "a")
+    results["c_over_a"] = median_ratio(times, "c", "a")
+    results["b_over_a_host_cpu"] = median_ratio(measured["cpu"], "b", "a")
+    results["c_over_a_host_cpu"] = median_ratio(measured["cpu"], "c", "a")
 
-    # (c) naive capture: every layer's router logits copied to the host every step
-    captured = []
-    hooks = [
-        layer.mlp.gate.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float().cpu()))
-        for layer in model.model.layers
-    ]
-    results["c_host_copy_generate_s"], _ = timed(generate, args.repeats)
-    for hook in hooks:
-        hook.remove()
-    captured.clear()
+    with variants["a"]():
+        results["a_syncs"] = count_syncs(generate)
+        plain_tokens = generate()
+    rec.reset()
+    with variants["b"]():
+        results["b_syncs"] = count_syncs(generate)
+    rec.reset()
+    with variants["b"]():
+        patched_tokens = generate()
+    results["b_same_tokens_as_a"] = bool(torch.equal(patched_tokens, plain_tokens))
+    results["b_prefill_tokens_counted"] = rec.prefill_tokens.tolist()
+    results["b_decode_tokens_counted"] = rec.decode_tokens.tolist()
 
-    # prefill forward without the patch
+    # prefill forward of B x prefill_len, interleaved the same way
     long_ids = torch.randint(2, 50000, (B, args.prefill_len), device="cuda")
 
     def prefill():
         with torch.no_grad():
             model(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))
 
-    results["prefill_plain_ms"] = timed(prefill, 10)[0] * 1e3
-
-    # (b) patched + recorder
+    prefill_times = time_interleaved(
+        prefill,
+        {"plain": lambda: plain_variant(model), "patched": lambda: patched_variant(model),
+         "patched + recorder": lambda: patched_variant(model, rec, groups)},
+        rounds=10,
+    )["wall"]  # fmt: skip
+    results["prefill_plain_ms"] = statistics.median(prefill_times["plain"]) * 1e3
+    results["prefill_patched_ms"] = statistics.median(prefill_times["patched"]) * 1e3
+    results["prefill_patched_recorder_ms"] = statistics.median(prefill_times["patched + recorder"]) * 1e3
     mf.apply_to_olmoe(model)
-    rec = mf.RoutingRecorder(model, num_groups=2)
-
-    def generate_recorded():
-        with rec.record(groups):
-            return generate()
-
-    results["b_patched_recorder_generate_s"], _ = timed(generate_recorded, args.repeats)
-    results["b_syncs"] = count_syncs(generate_recorded)
-    rec.reset()
-    patched_tokens = generate_recorded()
-    results["b_same_tokens_as_a"] = bool(torch.equal(patched_tokens, plain_tokens))
-    results["b_prefill_tokens_counted"] = rec.prefill_tokens.tolist()
-    results["b_decode_tokens_counted"] = rec.decode_tokens.tolist()
-    results["b_over_a"] = results["b_patched_recorder_generate_s"] / results["a_plain_generate_s"]
-    results["c_over_a"] = results["c_host_copy_generate_s"] / results["a_plain_generate_s"]
-
-    def prefill_recorded():
-        with rec.record(groups):
-            prefill()
-
-    results["prefill_patched_ms"] = timed(prefill, 10)[0] * 1e3
-    results["prefill_patched_recorder_ms"] = timed(prefill_recorded, 10)[0] * 1e3
     results.update(decode_step_checks(model, B, P))
 
     (out_dir / "olmoe_generate.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print("\n| variant | time | vs (a) |\n|---|---|---|")
+    print("\n| variant | median time | median per-round ratio to (a) |\n|---|---|---|")
     print(f"| (a) plain generate | {results['a_plain_generate_s']:.3f} s | 1.00 |")
-    print(f"| (b) patch + recorder | {results['b_patched_recorder_generate_s']:.3f} s | {results['b_over_a']:.3f} |")
-    print(f"| (c) host copy of router logits | {results['c_host_copy_generate_s']:.3f} s | {results['c_over_a']:.3f} |")
+    print(f"| (b) patch + recorder | {results['b_patched_recorder_generate_s']:.3f} s | {results['b_over_a']:.3f} "
+          f"(host CPU time: {results['b_over_a_host_cpu']:.3f}) |")
+    print(f"| (c) host copy of router logits | {results['c_host_copy_generate_s']:.3f} s | {results['c_over_a']:.3f} "
+          f"(host CPU time: {results['c_over_a_host_cpu']:.3f}) |")
     print(f"| prefill {B}x{args.prefill_len} plain | {results['prefill_plain_ms']:.1f} ms | |")
     print(f"| prefill patched / + recorder | {results['prefill_patched_ms']:.1f} / {results['prefill_patched_recorder_ms']:.1f} ms | |")
 

@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   stages: tests generate analyze train (default: all;
 # about 1.5, 3, 5 and 1 minutes on an H100), and multi (data-parallel analysis over 1 and all GPUs of the machine;
 # never a default: it wants a machine with several GPUs; MULTI_PAIRS sets its pair count, default 256), and overhead
-# (host cost of patched routing in the decode loop, interleaved generate timings; about 2 minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
+# (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
 # folder of the pytest, pluggy and iniconfig wheels.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,7 +39,7 @@ fi
 want generate && step "generation" && timeout 300 python3 benchmarks/bench_olmoe_generate.py --out "$out" 2>&1 | tee "$out/generate.log" | tail -12
 want analyze && step "analysis (64 pairs)" && timeout 600 python3 benchmarks/bench_analyze.py --out "$out/analyze" 2>&1 | tee "$out/analyze.log" | tail -6
 want train && step "training (16 layers)" && timeout 300 python3 benchmarks/bench_train.py --out "$out/train" 2>&1 | tee "$out/train.log" | tail -6
-want overhead && step "decode overhead" && timeout 400 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -22
+want overhead && step "decode overhead" && timeout 420 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -22
 if want multi; then
     gpus=$(nvidia-smi -L | wc -l)
     step "data-parallel analysis (1 and $gpus GPUs, ${MULTI_PAIRS:-256} pairs)"

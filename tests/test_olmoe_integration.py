@@ -51,14 +51,28 @@ def test_patch_is_reversible_and_idempotent(model_dir):
     original_source = inspect.getsource(gate.forward)
     assert mf.apply_to_olmoe(model) is model
     assert mf.is_patched(model)
-    patched_source = inspect.getsource(gate.forward)
-    assert patched_source != original_source and "route(" in patched_source
+    assert gate.forward.__func__ is mf.integrations.olmoe._fastmask_router_forward
+    assert inspect.getsource(gate.forward) != original_source
     mf.apply_to_olmoe(model)  # idempotent
     assert len(model.model._forward_pre_hooks) == 1
     mf.remove_from_olmoe(model)
     assert not mf.is_patched(model)
     assert inspect.getsource(gate.forward) == original_source
     assert "forward" not in gate.__dict__ and not model.model._forward_pre_hooks
+
+
+def test_recorder_outlives_remove_and_reapply(model_dir, tokenizer):
+    """A recorder made before the patch was removed and applied again records on the new patch."""
+    model = mf.apply_to_olmoe(load(model_dir))
+    rec = mf.RoutingRecorder(model, num_groups=2)
+    enc = encode(tokenizer)
+    mf.remove_from_olmoe(model)
+    with pytest.raises(RuntimeError, match="not patched"), rec.record(GROUPS):
+        pass
+    mf.apply_to_olmoe(model)
+    with torch.no_grad(), rec.record(GROUPS):
+        model(**enc)
+    assert int(rec.prefill_tokens.sum()) == int(enc.attention_mask.sum())
 
 
 @pytest.mark.parametrize("train_mode", [False, True])

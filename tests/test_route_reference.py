@@ -203,3 +203,29 @@ def test_explicit_backend_that_cannot_run_raises(monkeypatch):
 def test_top_level_api():
     assert moe_fastmask.route is route
     assert callable(moe_fastmask.apply_to_olmoe) and callable(moe_fastmask.RoutingRecorder)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_route_prechecked_matches_route(backend, session_seed):
+    """The unchecked entry point integrations call gives route's results, counts and gradients."""
+    from moe_fastmask.ops import resolve_backend, route_prechecked
+
+    try:
+        concrete = resolve_backend(backend, torch.device("cpu"))
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    case = make_case(37, 16, 4, torch.float32, seed=session_seed, mask="per_group", groups="with_unassigned",
+                     num_groups=3, renormalize=True)
+    results = []
+    for fn in (route, route_prechecked):
+        logits = case.logits.clone().requires_grad_(True)
+        counts = case.new_counts()
+        weights, ids = fn(logits, case.top_k, case.keep, case.group, counts, case.renormalize, concrete)
+        (weights * torch.linspace(-1, 1, weights.numel()).view_as(weights)).sum().backward()
+        results.append((weights.detach(), ids, counts, logits.grad))
+        with torch.no_grad():  # the inference path, without autograd
+            weights_ng, ids_ng = fn(logits, case.top_k, case.keep, case.group, None, case.renormalize, concrete)
+        assert torch.equal(weights_ng, weights.detach()) and torch.equal(ids_ng, ids)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][3].abs().sum() > 0

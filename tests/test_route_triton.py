@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 import torch
 from conftest import SESSION_SEED
@@ -406,3 +409,113 @@ def test_torch_compile_fullgraph_forward_and_backward(device, session_seed):
     case = make_case(24, 60, 4, torch.float32, seed=session_seed, mask="per_group", groups="with_unassigned",
                      num_groups=3, renormalize=True).to(device)
     assert_compiled_matches_eager(case, "triton")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Direct launch of compiled kernels
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _triton_specializer():
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        return None
+    return lambda arg: tuple(native_specialize_impl(BaseBackend, arg, False, True, True))
+
+
+def test_specialization_traits_refine_tritons_own(session_seed):
+    """Arguments with equal traits must get the same specialisation from Triton, or a direct launch could run a
+    kernel compiled for assumptions the arguments break (a pointer alignment, an int fixed to 1)."""
+    specialize = _triton_specializer()
+    if specialize is None:
+        pytest.skip("this Triton has no native specialisation entry point to compare with")
+    gen = random.Random(session_seed)
+    ints = [0, 1, 2, 15, 16, 17, 32, -1, -16, (1 << 31) - 16, (1 << 31) - 1, 1 << 31, (1 << 63) - 1, 1 << 63]
+    ints += [gen.randrange(-(1 << 40), 1 << 40) for _ in range(200)] + [16 * gen.randrange(1 << 20) for _ in range(50)]
+    base = torch.zeros(64, dtype=torch.uint8)
+    tensors = [base[offset:].view(dtype) for offset in range(0, 33, 1) for dtype in (torch.uint8,)]
+    tensors += [base[offset:offset + 16].view(dtype) for offset in (0, 2, 4, 8, 16, 18) for dtype in (torch.bfloat16, torch.float16)]
+    tensors += [base[offset:offset + 32].view(torch.int64) for offset in (0, 8, 16, 24)]
+    tensors += [torch.zeros(3, dtype=dtype)[i:] for dtype in (torch.float32, torch.int32, torch.bool) for i in range(3)]
+    seen: dict[tuple, tuple] = {}
+    for arg in ints + tensors + [True, False]:
+        traits = triton_route.specialization_traits(arg)
+        assert seen.setdefault(traits, specialize(arg)) == specialize(arg), f"{arg!r}: {traits}"
+    # and the traits do tell apart what Triton tells apart
+    assert triton_route.specialization_traits(base[:16]) != triton_route.specialization_traits(base[2:18])
+    assert len({triton_route.specialization_traits(v) for v in (1, 16, 17)}) == 3
+
+
+def _misaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor whose data pointer is not 16-byte aligned."""
+    flat = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    out = flat[1:].view(tensor.shape)
+    out.copy_(tensor)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_launch_matches_jit_launch(dtype, monkeypatch):
+    """Repeated launches (the direct path after the first) give what Triton's JIT entry point gives, bit for bit,
+    across sizes, aligned and misaligned pointers, strides, masks and groups; and the direct path is taken."""
+    cases = []
+    for i, T in enumerate((1, 16, 16, 1, 37, 512, 16)):
+        case = make_case(T, 64, 8, dtype, seed=SESSION_SEED + i, mask="per_group", groups="with_unassigned",
+                         num_groups=2, renormalize=i % 2 == 1).to("cuda")
+        cases.append(case)
+        if T > 1:
+            cases.append(dataclasses.replace(case, logits=_misaligned(case.logits)))
+            cases.append(dataclasses.replace(case, logits=torch.cat([case.logits] * 2, dim=1)[:, 64:]))
+
+    def run_all():
+        results = []
+        for case in cases:
+            counts = case.new_counts()
+            weights, ids = triton_route.route_forward(case.logits, 8, case.keep, case.group, counts, case.renormalize)
+            grad = triton_route.route_backward(torch.ones_like(weights), case.logits, case.keep, case.group, ids,
+                                               case.renormalize)
+            results.append((weights, ids, counts, grad))
+        return results
+
+    monkeypatch.setattr(triton_route, "FAST_LAUNCH", False)
+    expected = run_all()
+    monkeypatch.setattr(triton_route, "FAST_LAUNCH", True)
+    before = triton_route._FORWARD.direct_launches, triton_route._BACKWARD.direct_launches
+    for _ in range(2):
+        for got, want, case in zip(run_all(), expected, cases):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), case.describe()
+    assert triton_route._FORWARD.direct_launches - before[0] >= len(cases)
+    assert triton_route._BACKWARD.direct_launches - before[1] >= len(cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_direct_launch_runs_profiler_hooks():
+    import triton
+
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    logits = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    triton_route.route_forward(logits, 8, None, None, None, False)  # compiled, then direct
+    before = triton_route._FORWARD.direct_launches
+    runtime = triton.knobs.runtime
+    chained = hasattr(runtime.launch_enter_hook, "add")  # a hook chain in newer Triton, a plain slot before
+    previous = runtime.launch_enter_hook
+    if chained:
+        runtime.launch_enter_hook.add(hook)
+    else:
+        runtime.launch_enter_hook = hook
+    try:
+        triton_route.route_forward(logits, 8, None, None, None, False)
+    finally:
+        if chained:
+            runtime.launch_enter_hook.remove(hook)
+        else:
+            runtime.launch_enter_hook = previous
+    assert len(seen) == 1 and triton_route._FORWARD.direct_launches == before + 1

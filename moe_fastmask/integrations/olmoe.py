@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_fastmask.ops.route import route
+from moe_fastmask.ops.route import resolve_backend, route_prechecked
 
 MIN_SUPPORTED_TRANSFORMERS_VERSION = "5.0.0"
 MAX_SUPPORTED_TRANSFORMERS_VERSION = "6.0.0"  # exclusive
@@ -82,6 +82,14 @@ class FastmaskState:
     recompute_token_group: Tensor | None = None
     phase: str = PREFILL
     hook_handle: object | None = None
+    # ``backend`` resolved per device once: the routers skip route()'s per-call checks (their inputs are built here)
+    resolved_backends: dict = field(default_factory=dict)
+
+    def backend_for(self, device: torch.device) -> str:
+        resolved = self.resolved_backends.get(device)
+        if resolved is None:
+            resolved = self.resolved_backends[device] = resolve_backend(self.backend, device)
+        return resolved
 
     def keep_for(self, layer: int) -> Tensor | None:
         if self.keep is None:
@@ -95,8 +103,7 @@ class FastmaskState:
         if self.recording is None or _in_backward():
             # no recorder, or a forward recomputed during backward (gradient checkpointing): count nothing
             return None
-        buffer = self.recording.recorder.prefill_counts if self.phase == PREFILL else self.recording.recorder.decode_counts
-        return buffer[layer]
+        return self.recording.recorder._layer_counts[self.phase][layer]
 
 
 def _in_backward() -> bool:
@@ -165,15 +172,15 @@ def _fastmask_router_forward(self, hidden_states: Tensor) -> tuple[Tensor, Tenso
     token_group = state.recompute_token_group if in_backward else state.token_group
     if token_group is not None and token_group.shape[0] != router_logits.shape[0]:
         token_group = None  # router called outside a model forward: no per-token groups
-    weights, ids = route(
+    # every input was validated when it was set (masks, groups) or is built to fit (counts, token groups)
+    weights, ids = route_prechecked(
         router_logits,
         self.top_k,
-        keep=state.keep_for(layer),
-        group=token_group,
-        counts=state.counts_for(layer),
-        renormalize=bool(self.norm_topk_prob),
-        backend=state.backend,
-        validate=False,  # masks and groups were validated once, when they were set
+        state.keep_for(layer),
+        token_group,
+        state.counts_for(layer),
+        bool(self.norm_topk_prob),
+        state.backend_for(router_logits.device),
     )
     recording = state.recording
     if recording is not None and recording.recorder.record_token_experts and not in_backward:
@@ -239,16 +246,16 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         elif recording.eos_ids is not None and input_ids is not None and recording.alive is not None:
             # the token fed back now was generated last step: once it is EOS the sequence is finished
             fed = input_ids[:, -1].to(groups.device)
-            is_eos = (fed[:, None] == recording.eos_ids[None, :]).any(dim=-1)
-            recording.alive = recording.alive & ~is_eos
+            recording.alive = recording.alive & torch.isin(fed, recording.eos_ids, invert=True)
         if recording.alive is not None:
             valid = valid & recording.alive[:, None]
 
-    token_group = torch.where(valid, groups[:, None], torch.full_like(groups[:, None], -1)).reshape(-1)
+    # few, small ops: in a decode step this hook's host time counts as much as a layer's
+    token_group = torch.where(valid, groups[:, None], -1).reshape(-1)
     state.token_group = token_group
     state.recompute_token_group = token_group
-    if recording is not None and not _in_backward():
-        recording.recorder._count_tokens(state.phase, token_group)
+    if recording is not None and recording.recorder.record_token_experts and not _in_backward():
+        recording.recorder._log_counted_tokens(state.phase, token_group)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ def apply_to_olmoe(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     state = getattr(base, _STATE_ATTR, None)
     if state is not None:
         state.backend = backend
+        state.resolved_backends.clear()
         return model
     first = routers[0]
     state = FastmaskState(num_layers=len(routers), num_experts=first.num_experts, top_k=first.top_k, backend=backend)
@@ -407,7 +415,8 @@ class RoutingRecorder:
 
     ``prefill_counts`` / ``decode_counts``: int64 ``[num_layers, num_groups, num_experts]`` for prompt tokens and
     for generated tokens; ``prefill_tokens`` / ``decode_tokens``: int64 ``[num_groups]`` tokens counted per group
-    (the same for every layer). Padding tokens and tokens generated after a sequence's EOS are never counted.
+    (the same for every layer; derived from the counts, since every counted token adds exactly ``top_k`` to its
+    group's counts in each layer). Padding tokens and tokens generated after a sequence's EOS are never counted.
     Nothing synchronises with the host while recording; reading the buffers is a plain tensor access.
 
     A forward is *prefill* unless it continues a cache this recording has already seen (the decode steps of
@@ -418,25 +427,36 @@ class RoutingRecorder:
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         self.model = model
-        self.state = _state(model)
+        state = _state(model)
+        self.num_layers, self.num_experts, self.top_k = state.num_layers, state.num_experts, state.top_k
         self.num_groups = num_groups
         self.record_token_experts = record_token_experts
         device = _base_model(model).layers[0].mlp.gate.weight.device
-        shape = (self.state.num_layers, num_groups, self.state.num_experts)
+        shape = (self.num_layers, num_groups, self.num_experts)
         self.prefill_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self.decode_counts = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.prefill_tokens = torch.zeros(num_groups, dtype=torch.int64, device=device)
-        self.decode_tokens = torch.zeros(num_groups, dtype=torch.int64, device=device)
+        # per-layer views made once: the routers fetch theirs in every step
+        self._layer_counts = {PREFILL: self.prefill_counts.unbind(0), DECODE: self.decode_counts.unbind(0)}
         self._token_log: dict[str, list] = {PREFILL: [], DECODE: []}
 
     @property
     def device(self) -> torch.device:
         return self.prefill_counts.device
 
+    @property
+    def prefill_tokens(self) -> Tensor:
+        """Prompt tokens counted per group, int64 ``[num_groups]`` (a new tensor on each read)."""
+        return self.prefill_counts[0].sum(dim=-1) // self.top_k
+
+    @property
+    def decode_tokens(self) -> Tensor:
+        """Generated tokens counted per group, int64 ``[num_groups]`` (a new tensor on each read)."""
+        return self.decode_counts[0].sum(dim=-1) // self.top_k
+
     def reset(self) -> None:
         """Zero every count in place (buffers keep their identity, so CUDA graphs that write them stay valid)."""
-        for buffer in (self.prefill_counts, self.decode_counts, self.prefill_tokens, self.decode_tokens):
-            buffer.zero_()
+        self.prefill_counts.zero_()
+        self.decode_counts.zero_()
         self._token_log = {PREFILL: [], DECODE: []}
 
     @contextlib.contextmanager
@@ -448,7 +468,10 @@ class RoutingRecorder:
         ``groups``: one label per sequence in ``[-1, num_groups)``; they also select each token's expert-mask row.
         ``eos_token_id``: the ids that end a sequence (default: the model's generation config).
         """
-        state = self.state
+        # the model's patch state now: a model unpatched and patched again since the recorder was made has a new one
+        state = _state(self.model)
+        if (state.num_layers, state.num_experts, state.top_k) != (self.num_layers, self.num_experts, self.top_k):
+            raise ValueError("the model's routing layout changed since this recorder was made; make a new recorder")
         if state.recording is not None:
             raise RuntimeError("a RoutingRecorder is already recording on this model")
         host = _host_groups(groups)
@@ -480,13 +503,9 @@ class RoutingRecorder:
         return _to_device(torch.tensor(ids, dtype=torch.int64), self.device)
 
     # called from the hooks ---------------------------------------------------------------------------------
-    def _count_tokens(self, phase: str, token_group: Tensor) -> None:
-        target = self.prefill_tokens if phase == PREFILL else self.decode_tokens
-        counted = token_group >= 0
-        target.index_add_(0, token_group.clamp(min=0), counted.to(torch.int64))
-        if self.record_token_experts and self.state.recording is not None:
-            batch = self.state.groups.shape[0]
-            self._token_log[phase].append({"counted": counted.view(batch, -1), "layers": {}})
+    def _log_counted_tokens(self, phase: str, token_group: Tensor) -> None:
+        batch = _state(self.model).groups.shape[0]
+        self._token_log[phase].append({"counted": (token_group >= 0).view(batch, -1), "layers": {}})
 
     def _log_token_experts(self, phase: str, layer: int, ids: Tensor) -> None:
         log = self._token_log[phase]
@@ -550,7 +569,7 @@ class RoutingRecorder:
         if not self.record_token_experts:
             raise RuntimeError("create the recorder with record_token_experts=True to keep per-token experts")
         out = {}
-        L, K = self.state.num_layers, self.state.top_k
+        L, K = self.num_layers, self.top_k
         for phase in (PREFILL, DECODE):
             entries = [entry for entry in self._token_log[phase] if len(entry["layers"]) == L]
             if not entries:

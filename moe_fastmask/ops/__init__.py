@@ -1,7 +1,10 @@
 """Public ops of moe_fastmask: the fused router op and its plain-PyTorch reference."""
 
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
-from moe_fastmask.ops.route import BACKENDS, MAX_TOP_K, RouteFunction, check_route_args, resolve_backend, route
+from moe_fastmask.ops.route import (
+    BACKENDS, MAX_TOP_K, RouteFunction, check_route_args, resolve_backend, route,
+    route_prechecked,
+)
 
 __all__ = [
     "BACKENDS",
@@ -10,6 +13,7 @@ __all__ = [
     "check_route_args",
     "resolve_backend",
     "route",
+    "route_prechecked",
     "route_backward_reference",
     "route_reference",
 ]

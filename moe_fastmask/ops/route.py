@@ -347,7 +347,25 @@ def route(
     are valid expert indices in ``[0, E)`` but otherwise unspecified, and they are counted like any others.
     """
     check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate)
-    concrete = resolve_backend(backend, logits.device)
+    return route_prechecked(logits, top_k, keep, group, counts, renormalize, resolve_backend(backend, logits.device))
+
+
+def route_prechecked(
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """:func:`route` without its argument checks, on a concrete backend (``"triton"``, ``"cpp"`` or ``"torch"``).
+
+    For callers that route many times with arguments they validated once and a backend they resolved once with
+    :func:`resolve_backend` — a model integration calling it in every layer of every decode step, where the checks
+    would cost a noticeable share of the step's host time. Arguments that :func:`check_route_args` would reject give
+    undefined results here.
+    """
     if keep is not None and not keep.is_contiguous():
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
@@ -356,5 +374,5 @@ def route(
         # Eager inference (e.g. every layer of every decode step): skip the autograd and custom-op dispatch layers,
         # which cost more host time than the kernel itself at small T. Compiled code and training go through the
         # registered op.
-        return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, concrete)
-    return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, concrete)
+        return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
+    return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, backend)

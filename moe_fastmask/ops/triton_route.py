@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -65,10 +66,93 @@ def _kernels():
     return kernels
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------------------------------
+
+# Set MOE_FASTMASK_FAST_LAUNCH=0 to send every launch through Triton's JIT entry point.
+FAST_LAUNCH = os.environ.get("MOE_FASTMASK_FAST_LAUNCH", "1") not in ("", "0")
+
+
+def specialization_traits(arg: object) -> tuple:
+    """Every property of a runtime kernel argument that Triton specialises a compiled kernel on.
+
+    Tensors: dtype and 16-byte alignment of the data pointer. Ints: == 1 (turned into a constant), divisible by 16,
+    and the integer width the value needs. Two argument lists with equal traits (and equal constexprs) run the
+    same compiled kernel.
+    """
+    if isinstance(arg, Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):
+        return (bool, arg)
+    if isinstance(arg, int):
+        return (arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31), arg < (1 << 63))
+    return (type(arg), arg)
+
+
+class KernelLauncher:
+    """Launches a Triton JIT kernel, skipping its per-call argument binding once a specialisation is compiled.
+
+    ``JITFunction.run`` binds and specialises every argument on every call, which costs more host time than the
+    routing kernel takes at decode sizes (tens of microseconds). The first launch of each specialisation goes
+    through it and keeps the compiled kernel it returns; later launches with the same :func:`specialization_traits`,
+    constexprs, ``num_warps`` and device call that kernel's launcher directly, exactly as ``JITFunction.run`` does
+    after its cache lookup (same stream, launch metadata and profiler hooks). The interpreter and devices other
+    than the current CUDA device always take the JIT path.
+    """
+
+    def __init__(self, kernel_name: str, num_runtime_args: int) -> None:
+        self.kernel_name = kernel_name
+        self.num_runtime_args = num_runtime_args  # runtime arguments come first, constexprs after
+        self.compiled: dict[tuple, object] = {}
+        self.direct_launches = 0
+
+    def __call__(self, grid: tuple[int], args: tuple, num_warps: int, device: torch.device):
+        jit_function = getattr(_kernels(), self.kernel_name)
+        if not (FAST_LAUNCH and device.type == "cuda" and _direct_launch_supported()):
+            return jit_function[grid](*args, num_warps=num_warps)
+        if device.index != torch.cuda.current_device():
+            # Triton launches on the current device: make it the tensors' device
+            with torch.cuda.device(device):
+                return jit_function[grid](*args, num_warps=num_warps)
+        runtime_args = args[: self.num_runtime_args]
+        key = (device.index, num_warps, tuple(map(specialization_traits, runtime_args)), args[self.num_runtime_args :])
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            kernel = jit_function[grid](*args, num_warps=num_warps)
+            if hasattr(kernel, "packed_metadata"):  # a compiled kernel (not the interpreter's result)
+                self.compiled[key] = kernel
+            return kernel
+        import triton
+
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        hooks = triton.knobs.runtime
+        grid_x, grid_y, grid_z = tuple(grid) + (1,) * (3 - len(grid))
+        kernel.run(
+            grid_x, grid_y, grid_z, stream, kernel.function, kernel.packed_metadata,
+            kernel.launch_metadata(grid, stream, *args), hooks.launch_enter_hook, hooks.launch_exit_hook, *args,
+        )
+        self.direct_launches += 1
+        return kernel
+
+
+@functools.cache
+def _direct_launch_supported() -> bool:
+    """The launcher calling convention used by :class:`KernelLauncher` (``triton.knobs`` era, Triton >= 3.4)."""
+    import triton
+
+    return hasattr(triton, "knobs") and hasattr(triton.knobs, "runtime")
+
+
+_FORWARD = KernelLauncher("_route_fwd_kernel", num_runtime_args=10)
+_BACKWARD = KernelLauncher("_route_bwd_kernel", num_runtime_args=10)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch; pure in its arguments
 def calculate_settings(num_experts: int, num_tokens: int, on_gpu: bool = True) -> tuple[int, int, int]:
     """(BLOCK_E, BLOCK_T, num_warps) for a [T, E] problem.
 
@@ -119,8 +203,9 @@ def _forward_into(
     if num_tokens == 0:
         return None
     block_e, block_t, num_warps, grid = _launch_config(logits, block_t, num_warps)
-    # absent tensors pass a placeholder pointer that the kernel never touches (its HAS_* flag is off)
-    return _kernels()._route_fwd_kernel[grid](
+    # absent tensors pass a placeholder pointer that the kernel never touches (its HAS_* flag is off); the order is
+    # the kernel's parameter order, runtime arguments first
+    args = (
         weights,
         ids,
         counts if counts is not None else ids,
@@ -131,20 +216,20 @@ def _forward_into(
         logits.stride(1),
         num_tokens,
         num_experts,
-        TOP_K=top_k,
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        BLOCK_K=max(2, _next_power_of_2(top_k)),
-        IDX_BITS=block_e.bit_length() - 1,
-        WIDE_KEYS=logits.dtype == torch.float32,
-        EVEN_E=block_e == num_experts,
-        HAS_KEEP=keep is not None,
-        HAS_GROUP=group is not None,
-        HAS_COUNTS=counts is not None,
-        RENORMALIZE=renormalize,
-        FAST_EXP=logits.device.type == "cuda",
-        num_warps=num_warps,
+        top_k,  # TOP_K
+        block_t,  # BLOCK_T
+        block_e,  # BLOCK_E
+        max(2, _next_power_of_2(top_k)),  # BLOCK_K
+        block_e.bit_length() - 1,  # IDX_BITS
+        logits.dtype == torch.float32,  # WIDE_KEYS
+        block_e == num_experts,  # EVEN_E
+        keep is not None,  # HAS_KEEP
+        group is not None,  # HAS_GROUP
+        counts is not None,  # HAS_COUNTS
+        renormalize,  # RENORMALIZE
+        logits.device.type == "cuda",  # FAST_EXP
     )
+    return _FORWARD(grid, args, num_warps, logits.device)
 
 
 def route_forward(
@@ -211,7 +296,7 @@ def route_backward(
     grad_weights = grad_weights.contiguous()
     ids = ids.contiguous()
     block_e, block_t, num_warps, grid = _launch_config(logits, block_t, num_warps)
-    _kernels()._route_bwd_kernel[grid](
+    args = (
         grad_logits,
         grad_weights,
         logits,
@@ -222,13 +307,13 @@ def route_backward(
         logits.stride(1),
         num_tokens,
         num_experts,
-        TOP_K=top_k,
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        HAS_KEEP=keep is not None,
-        HAS_GROUP=group is not None,
-        RENORMALIZE=renormalize,
-        FAST_EXP=logits.device.type == "cuda",
-        num_warps=num_warps,
+        top_k,  # TOP_K
+        block_t,  # BLOCK_T
+        block_e,  # BLOCK_E
+        keep is not None,  # HAS_KEEP
+        group is not None,  # HAS_GROUP
+        renormalize,  # RENORMALIZE
+        logits.device.type == "cuda",  # FAST_EXP
     )
+    _BACKWARD(grid, args, num_warps, logits.device)
     return grad_logits
