@@ -97,14 +97,15 @@ def router_call_costs(calls: int) -> dict[str, float]:
     return results
 
 
-def generate_interleaved(model, rounds: int, new_tokens: int) -> tuple[dict[str, dict[str, list[float]]], str]:
+def generate_interleaved(
+    model, recorder: mf.RoutingRecorder, rounds: int, new_tokens: int
+) -> tuple[dict[str, dict[str, list[float]]], str]:
     input_ids, attention_mask, groups, gen_kwargs = bench_olmoe_generate.generation_inputs(16, 128, new_tokens)
 
     def generate():
         with torch.no_grad():
             model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
-    recorder = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
     @contextlib.contextmanager
     def patched_with_groups():
         with bench_olmoe_generate.patched_variant(model), mf.token_groups(model, groups):
@@ -153,14 +154,14 @@ def main() -> None:
     report["router_call_us"] = router_call_costs(args.calls)
     model = bench_olmoe_generate.build_model(None, torch.bfloat16)
     recorder = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
-    groups = list(range(2)) * 8
+    groups = bench_olmoe_generate.generation_inputs(16, 128, args.new_tokens)[2]
 
     def enter_and_exit_record():
         with recorder.record(groups):
             pass
 
     report["router_call_us"]["record() enter + exit, once per generate"] = per_call_us(enter_and_exit_record, 200)
-    times, profile = generate_interleaved(model, args.rounds, args.new_tokens)
+    times, profile = generate_interleaved(model, recorder, args.rounds, args.new_tokens)
     report["generate_s"] = times
     (out / "decode_profile.txt").write_text(profile)
     (out / "decode_overhead.json").write_text(json.dumps(report, indent=2))

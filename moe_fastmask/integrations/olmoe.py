@@ -255,7 +255,7 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.token_group = token_group
     state.recompute_token_group = token_group
     if recording is not None and recording.recorder.record_token_experts and not _in_backward():
-        recording.recorder._log_counted_tokens(state.phase, token_group)
+        recording.recorder._log_counted_tokens(state.phase, (token_group >= 0).view(batch, seq_len))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -503,9 +503,9 @@ class RoutingRecorder:
         return _to_device(torch.tensor(ids, dtype=torch.int64), self.device)
 
     # called from the hooks ---------------------------------------------------------------------------------
-    def _log_counted_tokens(self, phase: str, token_group: Tensor) -> None:
-        batch = _state(self.model).groups.shape[0]
-        self._token_log[phase].append({"counted": (token_group >= 0).view(batch, -1), "layers": {}})
+    def _log_counted_tokens(self, phase: str, counted: Tensor) -> None:
+        """``counted``: bool [B, S], the tokens of this forward that are counted."""
+        self._token_log[phase].append({"counted": counted, "layers": {}})
 
     def _log_token_experts(self, phase: str, layer: int, ids: Tensor) -> None:
         log = self._token_log[phase]

@@ -2,7 +2,12 @@
 
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
 from moe_fastmask.ops.route import (
-    BACKENDS, MAX_TOP_K, RouteFunction, check_route_args, resolve_backend, route,
+    BACKENDS,
+    MAX_TOP_K,
+    RouteFunction,
+    check_route_args,
+    resolve_backend,
+    route,
     route_prechecked,
 )
 

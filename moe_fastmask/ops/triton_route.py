@@ -107,19 +107,22 @@ class KernelLauncher:
         self.compiled: dict[tuple, object] = {}
         self.direct_launches = 0
 
+    def _jit_launch(self, grid: tuple[int], args: tuple, num_warps: int):
+        """Launch through Triton's JIT entry point (compiling on a cache miss); returns the compiled kernel."""
+        return getattr(_kernels(), self.kernel_name)[grid](*args, num_warps=num_warps)
+
     def __call__(self, grid: tuple[int], args: tuple, num_warps: int, device: torch.device):
-        jit_function = getattr(_kernels(), self.kernel_name)
         if not (FAST_LAUNCH and device.type == "cuda" and _direct_launch_supported()):
-            return jit_function[grid](*args, num_warps=num_warps)
+            return self._jit_launch(grid, args, num_warps)
         if device.index != torch.cuda.current_device():
             # Triton launches on the current device: make it the tensors' device
             with torch.cuda.device(device):
-                return jit_function[grid](*args, num_warps=num_warps)
+                return self._jit_launch(grid, args, num_warps)
         runtime_args = args[: self.num_runtime_args]
         key = (device.index, num_warps, tuple(map(specialization_traits, runtime_args)), args[self.num_runtime_args :])
         kernel = self.compiled.get(key)
         if kernel is None:
-            kernel = jit_function[grid](*args, num_warps=num_warps)
+            kernel = self._jit_launch(grid, args, num_warps)
             if hasattr(kernel, "packed_metadata"):  # a compiled kernel (not the interpreter's result)
                 self.compiled[key] = kernel
             return kernel
