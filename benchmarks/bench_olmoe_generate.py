@@ -2,7 +2,9 @@
 
 Random-weight OLMoE with the full OLMoE-1B-7B config (bf16): batch 16 x 128-token prompts, 64 new tokens, greedy
 (full length forced with ``min_new_tokens``), and the prefill forward of 16 x 512 tokens with and without the patch.
-The variants run interleaved, round-robin (see :func:`time_interleaved`); ratios are medians of per-round ratios.
+The variants run interleaved, round-robin (see :func:`time_interleaved`); ratios are medians of per-round ratios, with
+95% bootstrap confidence intervals (:func:`ratio_summary`), for whole ``generate`` calls and for their decode steps
+(timed by :class:`StepClock`).
 
     python benchmarks/bench_olmoe_generate.py --out benchmarks/out
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import time
@@ -22,8 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import moe_fastmask as mf
 
@@ -90,38 +95,88 @@ def patched_variant(model, recorder: "mf.RoutingRecorder | None" = None, groups=
         yield
 
 
+class StepClock(StoppingCriteria):
+    """A stopping criterion that never stops and stamps the host clock at every generation step.
+
+    ``generate`` calls it once per new token, after the forward and the token choice, so the differences of its
+    stamps are the wall times of the decode steps (each one forward + sampling). It returns one cached all-False
+    tensor: no allocation, no kernel, no synchronisation of its own.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._not_done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        if self._not_done is None or self._not_done.shape[0] != input_ids.shape[0]:
+            self._not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._not_done
+
+    def take_step_times(self) -> list[float]:
+        """The decode-step durations (s) since the last call, and a fresh start."""
+        steps = np.diff(self.stamps).tolist()
+        self.stamps = []
+        return steps
+
+
 def time_interleaved(
-    fn, variants: dict[str, Callable[[], contextlib.AbstractContextManager]], rounds: int
+    fn,
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager]],
+    rounds: int,
+    after_each: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Time ``fn`` under each variant's context, round-robin over ``rounds`` rounds after one warm-up each.
 
     The decode loop is host-bound and the host's speed drifts over a run; interleaving puts every variant under the
     same drift, the order of the variants rotates from round to round, and the ratio of two variants within one
-    round (seconds apart) cancels most of the drift. Returns ``{"wall": {variant: [s per round]}, "cpu": {...}}``:
-    wall time, and the CPU time of the calling thread (the host work itself, without time the thread spent
-    descheduled or waiting).
+    round (seconds apart) cancels most of the drift. As in ``timeit``, the garbage collector is run before and
+    disabled during each timed call, so that no variant pays for a collection of the others' garbage.
+    ``after_each(name)`` runs after each timed call (and after the warm-ups), outside the timed region.
+    Returns ``{"wall": {variant: [s per round]}, "cpu": {...}}``: wall time, and the CPU time of the calling thread
+    (the host work itself, without time the thread spent descheduled or waiting).
     """
-    for enter in variants.values():
+    for name, enter in variants.items():
         with enter():
             fn()
+        if after_each is not None:
+            after_each(name)
     names = list(variants)
     times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
+    gc_was_enabled = gc.isenabled()
     for round_index in tqdm(range(rounds), desc="interleaved rounds"):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             with variants[name]():
                 torch.cuda.synchronize()
-                wall, cpu = time.perf_counter(), time.thread_time()
-                fn()
-                torch.cuda.synchronize()
-                times["cpu"][name].append(time.thread_time() - cpu)
-                times["wall"][name].append(time.perf_counter() - wall)
+                gc.collect()
+                gc.disable()
+                try:
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    fn()
+                    torch.cuda.synchronize()
+                    times["cpu"][name].append(time.thread_time() - cpu)
+                    times["wall"][name].append(time.perf_counter() - wall)
+                finally:
+                    if gc_was_enabled:
+                        gc.enable()
+            if after_each is not None:
+                after_each(name)
     return times
 
 
-def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
-    """Median over rounds of ``times[name][r] / times[baseline][r]``."""
-    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+def ratio_summary(
+    times: dict[str, list[float]], name: str, baseline: str, resamples: int = 10000, seed: int = 0
+) -> dict[str, float]:
+    """Median of the per-round ratios ``times[name][r] / times[baseline][r]``, their quartiles, and a 95% bootstrap
+    confidence interval of that median (percentile method, rounds resampled with replacement)."""
+    ratios = np.asarray(times[name]) / np.asarray(times[baseline])
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(resamples, ratios.size), replace=True), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    q1, q3 = np.percentile(ratios, [25, 75])
+    return {"median": float(np.median(ratios)), "ci95_low": float(low), "ci95_high": float(high),
+            "q1": float(q1), "q3": float(q3), "rounds": int(ratios.size)}  # fmt: skip
 
 
 def count_syncs(fn) -> int:
@@ -211,7 +266,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the three generate variants")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the three generate variants")
     args = parser.parse_args()
 
     import transformers
@@ -221,10 +276,13 @@ def main() -> None:
     model = build_model(args.layers, torch.bfloat16)
     B, P = args.batch, args.prompt_len
     input_ids, attention_mask, groups, gen_kwargs = generation_inputs(B, P, args.new_tokens)
+    clock = StepClock()
 
-    def generate():
+    def generate(stopping_criteria=None):
         with torch.no_grad():
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            return model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stopping_criteria, **gen_kwargs
+            )
 
     results = {
         "device": torch.cuda.get_device_name(),
@@ -239,16 +297,29 @@ def main() -> None:
         "b": lambda: patched_variant(model, rec, groups),  # the patch and the recorder
         "c": lambda: plain_variant(model, capture_to_host=True),  # naive capture: every router's logits to the host
     }
-    measured = time_interleaved(generate, variants, args.rounds)
+    # every variant's generate carries the same step clock: a per-decode-step view of the same runs
+    step_times: dict[str, list[list[float]]] = {name: [] for name in variants}
+    measured = time_interleaved(
+        lambda: generate(StoppingCriteriaList([clock])), variants, args.rounds, after_each=lambda name: step_times[name].append(clock.take_step_times())
+    )  # fmt: skip
+    for name in variants:
+        del step_times[name][0]  # the warm-up
     results["generate_s_per_round"] = measured
+    results["decode_step_s_per_round"] = step_times
     times = measured["wall"]
     results["a_plain_generate_s"] = statistics.median(times["a"])
     results["b_patched_recorder_generate_s"] = statistics.median(times["b"])
     results["c_host_copy_generate_s"] = statistics.median(times["c"])
-    results["b_over_a"] = median_ratio(times, "b", "a")
-    results["c_over_a"] = median_ratio(times, "c", "a")
-    results["b_over_a_host_cpu"] = median_ratio(measured["cpu"], "b", "a")
-    results["c_over_a_host_cpu"] = median_ratio(measured["cpu"], "c", "a")
+    for name in ("b", "c"):
+        results[f"{name}_over_a_summary"] = summary = ratio_summary(times, name, "a")
+        results[f"{name}_over_a"] = summary["median"]
+        results[f"{name}_over_a_host_cpu"] = ratio_summary(measured["cpu"], name, "a")["median"]
+    # the median decode step of each round: robust to the bursts of host slowness that hit single steps
+    step_medians = {name: [statistics.median(steps) for steps in rounds] for name, rounds in step_times.items()}
+    for name in variants:
+        results[f"{name}_decode_step_ms"] = statistics.median(step_medians[name]) * 1e3
+    for name in ("b", "c"):
+        results[f"{name}_over_a_decode_step_summary"] = ratio_summary(step_medians, name, "a")
 
     with variants["a"]():
         results["a_syncs"] = count_syncs(generate)
@@ -283,15 +354,20 @@ def main() -> None:
     results.update(decode_step_checks(model, B, P))
 
     (out_dir / "olmoe_generate.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    print("\n| variant | median time | median per-round ratio to (a) |\n|---|---|---|")
-    print(f"| (a) plain generate | {results['a_plain_generate_s']:.3f} s | 1.00 |")
-    print(f"| (b) patch + recorder | {results['b_patched_recorder_generate_s']:.3f} s | {results['b_over_a']:.3f} "
-          f"(host CPU time: {results['b_over_a_host_cpu']:.3f}) |")
-    print(f"| (c) host copy of router logits | {results['c_host_copy_generate_s']:.3f} s | {results['c_over_a']:.3f} "
-          f"(host CPU time: {results['c_over_a_host_cpu']:.3f}) |")
-    print(f"| prefill {B}x{args.prefill_len} plain | {results['prefill_plain_ms']:.1f} ms | |")
-    print(f"| prefill patched / + recorder | {results['prefill_patched_ms']:.1f} / {results['prefill_patched_recorder_ms']:.1f} ms | |")
+    print(json.dumps({key: value for key, value in results.items() if not key.endswith("_per_round")}, indent=2))
+    print(f"\n{args.rounds} interleaved rounds; ratios: median of per-round ratios to (a) [95% bootstrap CI]")
+    print("| variant | median generate | ratio | median decode step | ratio |\n|---|---:|---:|---:|---:|")
+    print(f"| (a) plain generate | {results['a_plain_generate_s']:.3f} s | 1.00 | {results['a_decode_step_ms']:.2f} ms | 1.00 |")
+    for name, label, seconds in (("b", "(b) patch + recorder", "b_patched_recorder_generate_s"),
+                                 ("c", "(c) host copy of router logits", "c_host_copy_generate_s")):  # fmt: skip
+        whole, step = results[f"{name}_over_a_summary"], results[f"{name}_over_a_decode_step_summary"]
+        print(
+            f"| {label} | {results[seconds]:.3f} s | {whole['median']:.3f} [{whole['ci95_low']:.3f}, "
+            f"{whole['ci95_high']:.3f}] | {results[f'{name}_decode_step_ms']:.2f} ms | {step['median']:.3f} "
+            f"[{step['ci95_low']:.3f}, {step['ci95_high']:.3f}] |"
+        )
+    print(f"| prefill {B}x{args.prefill_len} plain | {results['prefill_plain_ms']:.1f} ms | | | |")
+    print(f"| prefill patched / + recorder | {results['prefill_patched_ms']:.1f} / {results['prefill_patched_recorder_ms']:.1f} ms | | | |")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 # The GPU checks and benchmarks of record, in one run: CUDA tests, then the generation, analysis and training
 # benchmarks at the sizes benchmarks/RESULTS.md reports.
 # Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   stages: tests generate analyze train (default: all;
-# about 1.5, 3, 5 and 1 minutes on an H100), and multi (data-parallel analysis over 1 and all GPUs of the machine;
+# about 1.5, 5, 5 and 1 minutes on an H100), and multi (data-parallel analysis over 1 and all GPUs of the machine;
 # never a default: it wants a machine with several GPUs; MULTI_PAIRS sets its pair count, default 256), and overhead
 # (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
-# folder of the pytest, pluggy and iniconfig wheels.
+# folder of the pytest, pluggy and iniconfig wheels. GENERATE_ARGS: extra arguments of bench_olmoe_generate.py (e.g.
+# "--pin-cpu -1").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${1:-benchmarks/out}
@@ -36,10 +37,10 @@ if want tests && python3 -c "import pytest" 2>/dev/null; then
 elif want tests; then
     echo "== CUDA tests skipped: pytest is not installed here (set PYTEST_WHEELS)"
 fi
-want generate && step "generation" && timeout 300 python3 benchmarks/bench_olmoe_generate.py --out "$out" 2>&1 | tee "$out/generate.log" | tail -12
+want generate && step "generation" && timeout 480 python3 benchmarks/bench_olmoe_generate.py --out "$out" ${GENERATE_ARGS:-} 2>&1 | tee "$out/generate.log" | tail -8
 want analyze && step "analysis (64 pairs)" && timeout 600 python3 benchmarks/bench_analyze.py --out "$out/analyze" 2>&1 | tee "$out/analyze.log" | tail -6
 want train && step "training (16 layers)" && timeout 300 python3 benchmarks/bench_train.py --out "$out/train" 2>&1 | tee "$out/train.log" | tail -6
-want overhead && step "decode overhead" && timeout 420 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -22
+want overhead && step "decode overhead" && timeout 420 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -24
 if want multi; then
     gpus=$(nvidia-smi -L | wc -l)
     step "data-parallel analysis (1 and $gpus GPUs, ${MULTI_PAIRS:-256} pairs)"
