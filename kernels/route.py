@@ -7,15 +7,21 @@ registers. Each logit is read once; weights and ids are written once, from the f
 output tile (one contiguous range per program); counts are reduced to one histogram per (tile, group) before one
 atomic per touched (group, expert), so a hot expert costs one atomic per tile, not one per token.
 
-Top-k runs on sortable integer keys: the fp32 logit's bits mapped to a signed integer of the same order, with the low
-``IDX_BITS`` bits replaced by ``BLOCK_E - 1 - e``. One integer max per step then gives both the winner and its index,
-and equal logits go to the lower expert index. For 16-bit logits the fp32 value has at least 13 zero low bits, so a
-32-bit key holds the logit exactly; float32 logits use 64-bit keys (logit bits above, index below). The weight of a
-chosen expert is recomputed from the logit the key holds, ``exp(z - max) / sum``, in fp32.
+Tie rule (the same in every backend of ``route``): experts are ordered by their masked logit, highest first — every
+expert a token may use ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal
+logits go to the lower expert index. Ordering by the logit is ordering by the weight wherever the weights differ; it
+also decides between logits whose float32 weights are equal (within rounding, or underflowed to 0) the same way on
+every backend, independently of how each computes ``exp``.
 
-Ordering by the logit equals ordering by the fp32 weight except where two different logits round to the same weight
-(logits within fp32 rounding of each other, or weights that underflow to 0): there the larger logit comes first,
-where a sort of the weights would put the lower index first. The weights themselves are the same either way.
+Top-k runs on sortable integer keys: the fp32 logit's bits (-0.0 made +0.0) mapped to a signed integer of the same
+order, with the low ``IDX_BITS`` bits replaced by ``BLOCK_E - 1 - e``; masked experts get a key below that of -inf.
+One integer max per step then gives both the winner and its index, and equal logits go to the lower expert index.
+For 16-bit logits the fp32 value has at least 13 zero low bits, so a 32-bit key holds the logit exactly; float32
+logits use 64-bit keys (logit bits above, index below). The weight of a chosen expert is recomputed from the logit the
+key holds, ``exp(z - max) / sum``, in fp32 (0 for a masked expert).
+
+Group ids outside ``[-1, G)`` are treated as -1 (no mask, not counted): no id makes a kernel read or write outside
+``keep`` or ``counts``.
 """
 
 if __name__ != "moe_fastmask.kernels.route":
@@ -43,32 +49,37 @@ def _masked_logits(
     stride_t,
     stride_e,
     n_experts,
+    n_groups,
     HAS_KEEP: tl.constexpr,
     HAS_GROUP: tl.constexpr,
 ):
     """Load a [BLOCK_T, BLOCK_E] logits tile as fp32; masked-out, padding and out-of-range entries are -inf.
 
-    Also returns each row's group id (int32; 0 when there is no group tensor, -1 for rows past T).
+    Also returns each row's group id (int32; 0 when there is no group tensor, -1 for rows past T and for ids outside
+    [-1, n_groups)) and the [BLOCK_T, BLOCK_E] allowed flags (False for masked experts and padding).
     """
     rows64 = rows.to(tl.int64)
     tile_valid = row_valid[:, None] & col_valid[None, :]
     offsets = rows64[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_e
     z = tl.load(logits_ptr + offsets, mask=tile_valid, other=-float("inf")).to(tl.float32)
     if HAS_GROUP:
-        grp = tl.load(group_ptr + rows64, mask=row_valid, other=-1).to(tl.int32)
+        # range-checked in the ids' own width (an int64 id is not truncated into range first)
+        raw = tl.load(group_ptr + rows64, mask=row_valid, other=-1)
+        grp = tl.where((raw >= 0) & (raw < n_groups), raw, -1).to(tl.int32)
     else:
         grp = tl.where(row_valid, 0, -1)
+    allowed = tile_valid
     if HAS_KEEP:
         if HAS_GROUP:
             keep_rows = tl.maximum(grp, 0)
             keep_offsets = keep_rows[:, None].to(tl.int64) * n_experts + cols[None, :]
             kept = tl.load(keep_ptr + keep_offsets, mask=tile_valid, other=0)
-            allowed = (kept != 0) | (grp < 0)[:, None]
+            allowed = tile_valid & ((kept != 0) | (grp < 0)[:, None])
         else:
             kept = tl.load(keep_ptr + cols, mask=col_valid, other=0)
-            allowed = (kept != 0)[None, :]
+            allowed = tile_valid & (kept != 0)[None, :]
         z = tl.where(allowed, z, -float("inf"))
-    return z, grp
+    return z, grp, allowed
 
 
 @triton.jit
@@ -104,6 +115,7 @@ def _route_fwd_kernel(
     stride_e,
     n_tokens,
     n_experts,
+    n_groups,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -119,8 +131,9 @@ def _route_fwd_kernel(
 ):
     """weights/ids [T, TOP_K] (contiguous) and counts [G, E] += hits, from logits [T, E] (strided).
 
-    keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T] in [-1, G) (HAS_GROUP); counts: int64 [G, E].
-    ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); WIDE_KEYS selects 64-bit keys (float32 logits).
+    keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T], ids outside [-1, G) act as -1 (HAS_GROUP);
+    counts: int64 [G, E]; G = n_groups. ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); WIDE_KEYS selects 64-bit
+    keys (float32 logits).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -129,23 +142,33 @@ def _route_fwd_kernel(
     row_valid = rows < n_tokens
     col_valid = cols < n_experts
 
-    z, grp = _masked_logits(
-        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts,
+    z, grp, allowed = _masked_logits(
+        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts, n_groups,
         HAS_KEEP, HAS_GROUP,
     )
 
-    # Sortable keys. Negative NaNs sort as -inf (their row's weights are NaN anyway); padding experts and chosen
-    # experts hold KNOCKED, below every real key, so they are never picked.
+    # Sortable keys (the tie rule of the module docstring). -0.0 becomes +0.0; negative NaNs sort as -inf (their
+    # row's weights are NaN anyway); masked experts hold MASKED, below the key of an allowed -inf; padding experts and
+    # chosen experts hold KNOCKED, below every other key, so they are never picked.
     IDX_MASK: tl.constexpr = BLOCK_E - 1
     HIGH_MASK: tl.constexpr = -BLOCK_E
+    FLIP_NEG_INF: tl.constexpr = -2139095041  # _flip_sign_order of the bits of -inf
     code = (IDX_MASK - cols)[None, :]
-    ordered = tl.maximum(_flip_sign_order(z.to(tl.int32, bitcast=True)), -2139095041)  # flip(-inf)
+    z_key = tl.where(z == 0.0, 0.0, z)
+    ordered = tl.maximum(_flip_sign_order(z_key.to(tl.int32, bitcast=True)), FLIP_NEG_INF)
     if WIDE_KEYS:
         KNOCKED: tl.constexpr = -9223372036854775807 - 1
+        MASKED: tl.constexpr = KNOCKED + BLOCK_E
+        LOWEST_ALLOWED: tl.constexpr = FLIP_NEG_INF * BLOCK_E
         keys = (ordered.to(tl.int64) << IDX_BITS) | code
+        masked_keys = MASKED | code.to(tl.int64)
     else:
         KNOCKED: tl.constexpr = -2147483647 - 1
+        MASKED: tl.constexpr = KNOCKED + BLOCK_E
+        LOWEST_ALLOWED: tl.constexpr = FLIP_NEG_INF & HIGH_MASK
         keys = (ordered & HIGH_MASK) | code
+        masked_keys = MASKED | code
+    keys = tl.where(allowed, keys, masked_keys)
     if not EVEN_E:
         keys = tl.where(col_valid[None, :], keys, KNOCKED)
 
@@ -158,7 +181,8 @@ def _route_fwd_kernel(
         keys = tl.where(keys == best[:, None], KNOCKED, keys)
         chosen = tl.where(kcols[None, :] == j, best[:, None], chosen)
         if j == 0:
-            row_max = _key_logit(best, IDX_BITS, WIDE_KEYS)
+            # a row without any allowed expert (only with unvalidated masks) has max -inf: NaN weights
+            row_max = tl.where(best >= LOWEST_ALLOWED, _key_logit(best, IDX_BITS, WIDE_KEYS), -float("inf"))
     # NaN or +inf among the allowed logits, or all of them -inf, make the sum (hence the weights) NaN
     denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
 
@@ -171,6 +195,8 @@ def _route_fwd_kernel(
     flat_j = tl.arange(0, FLAT) % BLOCK_K
     flat_rows = pid * BLOCK_T + tl.arange(0, FLAT) // BLOCK_K
     weights = _exp2((_key_logit(flat_key, IDX_BITS, WIDE_KEYS) - flat_max) * LOG2E, FAST_EXP) * flat_inv
+    # a masked expert (chosen only when fewer than TOP_K are allowed) weighs 0, NaN in a NaN row, like the softmax
+    weights = tl.where(flat_key >= LOWEST_ALLOWED, weights, 0.0 * flat_inv)
     if RENORMALIZE:
         picked = tl.reshape(tl.where(flat_j < TOP_K, weights, 0.0), [BLOCK_T, BLOCK_K])
         weights = weights * tl.reshape(
@@ -217,6 +243,7 @@ def _route_bwd_kernel(
     stride_e,
     n_tokens,
     n_experts,
+    n_groups,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -237,8 +264,8 @@ def _route_bwd_kernel(
     row_valid = rows < n_tokens
     col_valid = cols < n_experts
 
-    z, grp = _masked_logits(
-        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts,
+    z, grp, allowed = _masked_logits(
+        logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts, n_groups,
         HAS_KEEP, HAS_GROUP,
     )
     row_max = tl.max(z, axis=1)

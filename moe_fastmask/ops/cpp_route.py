@@ -229,13 +229,17 @@ def route_forward(
     """Run ``torch.ops.moe_fastmask_C.route_cpu`` on already validated arguments; returns ``(weights, ids)``.
 
     ``counts`` is accumulated in place. float64 logits (only used by gradient checks) go to the PyTorch reference,
-    since the kernel computes in float32.
+    since the kernel computes in float32. Builds or loads the library on first use, so every entry point that reaches
+    this (``route``, ``route_prechecked``, ``torch.ops.moe_fastmask.route``) works in a fresh process.
     """
     if logits.dtype == torch.float64:
         from moe_fastmask.ops import reference
 
         weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize)
         return weights.contiguous(), ids.contiguous()
+    ok, error, _ = _load()  # cached after the first call
+    if not ok:
+        raise RuntimeError(f"the C++ routing kernel is not available: {error}")
     num_tokens = logits.shape[0]
     weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)

@@ -2,8 +2,15 @@
 
 The semantics are Hugging Face OLMoE's router (``OlmoeTopKRouter``): softmax in float32 over the experts, top-k,
 optional renormalisation, cast back to the logits' dtype; plus a per-group expert mask (masked experts get a logit
-of -inf before the softmax) and per-group expert counts. Ties go to the lower expert index (a stable sort), which
-``torch.topk`` does not promise.
+of -inf before the softmax) and per-group expert counts.
+
+Tie rule (the same in every backend of ``route``): experts are ordered by their masked logit, highest first — every
+expert a token may use ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal
+logits go to the lower expert index. Ordering by the logit is ordering by the weight wherever the weights differ, and
+decides between logits whose weights round to the same float (or underflow to 0) identically on every backend.
+``torch.topk`` promises no tie order, so this is two stable sorts.
+
+Group ids outside ``[-1, G)`` are treated as -1: routed without a mask and not counted.
 """
 
 from __future__ import annotations
@@ -17,18 +24,42 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def group_in_range(group: Tensor, num_groups: int) -> Tensor:
+    """Bool [T]: the tokens whose group id is in ``[0, num_groups)`` (masked and counted); the others act as -1."""
+    return (group >= 0) & (group < num_groups)
+
+
 def allowed_experts(num_tokens: int, keep: Tensor | None, group: Tensor | None) -> Tensor | None:
     """Bool [T, E]: which experts each token may use; None when nothing is masked.
 
-    A token of group ``g >= 0`` uses ``keep[g]``; a token of group -1 uses every expert; with ``group=None``
-    every token is group 0.
+    A token of group ``g`` in ``[0, G)`` uses ``keep[g]``; a token of any other group (-1, or out of range) uses
+    every expert; with ``group=None`` every token is group 0.
     """
     if keep is None:
         return None
     if group is None:
         return keep[0].expand(num_tokens, keep.shape[1])
-    group = group.long()
-    return torch.where((group >= 0)[:, None], keep[group.clamp(min=0)], True)
+    in_range = group_in_range(group, keep.shape[0])
+    return torch.where(in_range[:, None], keep[torch.where(in_range, group, 0).long()], True)
+
+
+def order_experts(logits: Tensor, allowed: Tensor | None) -> Tensor:
+    """int64 [T, E]: each token's experts in routing order (the tie rule of this module's docstring).
+
+    Masked experts come last; before them the allowed ones by descending logit, -0.0 equal to +0.0, equal logits
+    by ascending index. A negative NaN ranks as -inf and a positive one above +inf (as the kernels' integer keys do).
+    """
+    z = logits
+    z = torch.where(z == 0, torch.zeros_like(z), z)
+    z = torch.where(torch.isnan(z) & torch.signbit(z), torch.full_like(z, float("-inf")), z)
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices
+    if allowed is not None:
+        # stable: the allowed experts keep their logit order, ahead of the masked ones
+        first = torch.sort(allowed.gather(1, order).to(torch.uint8), dim=-1, descending=True, stable=True).indices
+        order = order.gather(1, first)
+    return order
 
 
 def masked_probs(logits: Tensor, keep: Tensor | None, group: Tensor | None) -> Tensor:
@@ -41,16 +72,16 @@ def masked_probs(logits: Tensor, keep: Tensor | None, group: Tensor | None) -> T
 
 
 def accumulate_counts(counts: Tensor, ids: Tensor, group: Tensor | None) -> None:
-    """``counts[g, e] += 1`` for every (token, chosen expert) whose token group ``g >= 0``; no host sync."""
-    num_experts = counts.shape[1]
+    """``counts[g, e] += 1`` for every (token, chosen expert) whose group ``g`` is in ``[0, G)``; no host sync."""
+    num_groups, num_experts = counts.shape
     top_k = ids.shape[1]
     if group is None:
         flat = ids.reshape(-1)
         counted = torch.ones_like(flat)
     else:
-        group = group.long()
-        flat = (group.clamp(min=0)[:, None] * num_experts + ids).reshape(-1)
-        counted = (group >= 0)[:, None].expand(-1, top_k).reshape(-1).to(torch.int64)
+        in_range = group_in_range(group, num_groups)
+        flat = (torch.where(in_range, group, 0).long()[:, None] * num_experts + ids).reshape(-1)
+        counted = in_range[:, None].expand(-1, top_k).reshape(-1).to(torch.int64)
     counts.view(-1).index_add_(0, flat, counted)
 
 
@@ -65,12 +96,13 @@ def route_reference(
     """Masked softmax + top-k + counts in plain PyTorch; differentiable with respect to ``logits``.
 
     Arguments are those of :func:`moe_fastmask.route` (already validated). Returns ``weights`` [T, top_k] in
-    ``logits.dtype`` and ``ids`` [T, top_k] int64, ordered by descending weight, ties to the lower expert index.
+    ``logits.dtype`` and ``ids`` [T, top_k] int64, in the order of :func:`order_experts` (descending weight).
     """
-    probs = masked_probs(logits, keep, group)
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights = sorted_probs[:, :top_k]
-    ids = sorted_ids[:, :top_k]
+    z = logits.to(compute_dtype(logits.dtype))
+    allowed = allowed_experts(logits.shape[0], keep, group)
+    probs = torch.softmax(z if allowed is None else z.masked_fill(~allowed, float("-inf")), dim=-1)
+    ids = order_experts(z.detach(), allowed)[:, :top_k]
+    weights = probs.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if counts is not None:

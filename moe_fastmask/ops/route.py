@@ -3,9 +3,10 @@
 Layers, from the outside in:
 
 * :func:`route` — argument checks, backend choice, autograd (:class:`RouteFunction`).
-* ``torch.ops.moe_fastmask.route`` / ``route_backward`` — custom ops (``torch.library.custom_op``) with fake
-  implementations, so ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them; ``counts``
-  is a declared mutated argument.
+* ``torch.ops.moe_fastmask.route`` — the registered op, differentiable by itself: a composite of the custom ops
+  ``route_forward`` (the fused forward; ``counts`` is a declared mutated argument) and ``route_weights_grad`` (the
+  gradient with respect to ``logits``, through ``route_backward``). All have fake implementations, so
+  ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
 * the backends — ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and
   ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
 """
@@ -13,14 +14,13 @@ Layers, from the outside in:
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from moe_fastmask.ops import reference
+from moe_fastmask.ops import cpp_route, reference, triton_route
+from moe_fastmask.ops.triton_route import triton_interpreter_enabled  # noqa: F401 - public name kept here
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MAX_TOP_K = 16
@@ -33,27 +33,23 @@ GROUP_DTYPES = (torch.int32, torch.int64)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def triton_interpreter_enabled() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn ``backend`` (one of :data:`BACKENDS`) into the concrete backend that runs on ``device``.
 
     ``auto``: Triton on CUDA; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one
-    warning. An explicit backend that cannot run on ``device`` raises ``ValueError``.
+    warning; float64 logits (``dtype``), which the Triton kernels do not take, use the reference on CUDA. An explicit
+    backend that cannot run on ``device`` raises ``ValueError``; ``triton`` with float64 raises ``TypeError``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from moe_fastmask.ops import cpp_route, triton_route
-
     if backend == "auto":
+        if device.type == "cuda" and dtype == torch.float64:
+            return "torch"
         if device.type == "cuda":
             if triton_route.is_available(device):
                 return "triton"
@@ -71,6 +67,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(
             f"backend='triton' cannot run on {device}: it needs a CUDA device, or CPU tensors with "
             "TRITON_INTERPRET=1 set before moe_fastmask is imported, and the triton package"
+        )
+    if backend == "triton" and dtype == torch.float64:
+        raise TypeError(
+            "backend='triton' computes in float32 and does not take float64 logits; use backend='torch', 'cpp' or "
+            "'auto' for float64"
         )
     if backend == "cpp":
         if device.type != "cpu":
@@ -94,21 +95,17 @@ def _route_forward_impl(
     renormalize: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Run the forward of a concrete backend (the body of the ``moe_fastmask::route`` custom op)."""
+    """Run the forward of a concrete backend (the body of the ``moe_fastmask::route_forward`` custom op)."""
     if backend == "triton":
-        from moe_fastmask.ops import triton_route
-
         return triton_route.route_forward(logits, top_k, keep, group, counts, renormalize)
     if backend == "cpp":
-        from moe_fastmask.ops import cpp_route
-
         return cpp_route.route_forward(logits, top_k, keep, group, counts, renormalize)
     weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize)
     return weights.contiguous(), ids.contiguous()
 
 
-@torch.library.custom_op("moe_fastmask::route", mutates_args=("counts",))
-def _route_op(
+@torch.library.custom_op("moe_fastmask::route_forward", mutates_args=("counts",))
+def _route_forward_op(
     logits: Tensor,
     top_k: int,
     keep: Tensor | None,
@@ -120,8 +117,8 @@ def _route_op(
     return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
 
 
-@_route_op.register_fake
-def _route_op_fake(logits, top_k, keep, group, counts, renormalize, backend):
+@_route_forward_op.register_fake
+def _route_forward_op_fake(logits, top_k, keep, group, counts, renormalize, backend):
     num_tokens = logits.shape[0]
     return (
         logits.new_empty((num_tokens, top_k)),
@@ -140,8 +137,6 @@ def _route_backward_impl(
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
     if backend == "triton":
-        from moe_fastmask.ops import triton_route
-
         return triton_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
     return reference.route_backward_reference(grad_weights, logits, keep, group, ids, renormalize)
 
@@ -164,17 +159,70 @@ def _route_backward_op_fake(grad_weights, logits, keep, group, ids, renormalize,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("moe_fastmask::route_weights_grad", mutates_args=())
+def _route_weights_grad_op(
+    logits: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    renormalize: bool,
+    backend: str,
+) -> Tensor:
+    """``weights`` (a copy) made differentiable with respect to ``logits``: the autograd half of ``route``."""
+    return weights.clone()
+
+
+@_route_weights_grad_op.register_fake
+def _route_weights_grad_op_fake(logits, weights, ids, keep, group, renormalize, backend):
+    return torch.empty_like(weights)
+
+
+def _route_weights_grad_setup_context(ctx, inputs, output):
+    logits, weights, ids, keep, group, renormalize, backend = inputs
+    ctx.save_for_backward(logits, keep, group, ids)
+    ctx.renormalize = renormalize
+    ctx.backend = backend
+
+
+def _route_weights_grad_backward(ctx, grad_weights):
+    logits, keep, group, ids = ctx.saved_tensors
+    grad_logits = torch.ops.moe_fastmask.route_backward(
+        grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend
+    )
+    return grad_logits, None, None, None, None, None, None
+
+
+_route_weights_grad_op.register_autograd(_route_weights_grad_backward, setup_context=_route_weights_grad_setup_context)
+
+# ``moe_fastmask::route``, the public registered op: the fused forward (``route_forward``, which mutates ``counts``)
+# plus, when ``logits`` needs a gradient, ``route_weights_grad``. Autograd formulas can only be registered on
+# functional ops, so the op is a composite of the two: differentiable by itself under torch.compile, AOT dispatch
+# and direct ``torch.ops`` calls.
+_LIBRARY = torch.library.Library("moe_fastmask", "FRAGMENT")
+_LIBRARY.define(
+    "route(Tensor logits, SymInt top_k, Tensor? keep, Tensor? group, Tensor(a4!)? counts, bool renormalize, "
+    "str backend) -> (Tensor, Tensor)"
+)
+
+
+def _route_composite(logits, top_k, keep, group, counts, renormalize, backend):
+    weights, ids = torch.ops.moe_fastmask.route_forward(logits.detach(), top_k, keep, group, counts, renormalize, backend)
+    if logits.requires_grad and torch.is_grad_enabled():
+        weights = torch.ops.moe_fastmask.route_weights_grad(logits, weights, ids, keep, group, renormalize, backend)
+    return weights, ids
+
+
+_LIBRARY.impl("route", _route_composite, "CompositeImplicitAutograd")
+
+
 class RouteFunction(torch.autograd.Function):
-    """Autograd of ``route``: gradients flow to ``logits`` through ``weights``; ``ids`` and counts have none."""
+    """Eager autograd of ``route`` (the registered op's formula without its dispatch layers): gradients flow to
+    ``logits`` through ``weights``; ``ids`` and counts have none."""
 
     @staticmethod
     def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend):
-        # Compiled graphs need the registered op (opaque to the tracer, with its fake); eager calls skip its
-        # dispatch overhead.
-        if torch.compiler.is_compiling():
-            weights, ids = torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend)
-        else:
-            weights, ids = _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
+        weights, ids = _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
         ctx.save_for_backward(logits, keep, group, ids)
         ctx.renormalize = renormalize
         ctx.backend = backend
@@ -184,19 +232,15 @@ class RouteFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights, grad_ids):
         logits, keep, group, ids = ctx.saved_tensors
-        backward_op = torch.ops.moe_fastmask.route_backward if torch.compiler.is_compiling() else _route_backward_impl
-        grad_logits = backward_op(grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend)
+        grad_logits = _route_backward_impl(
+            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend
+        )
         return grad_logits, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------------------
-
-# min kept experts per row of each validated keep mask, keyed weakly by the tensor, stamped with its version
-# (tensors compare elementwise, so the dictionary must key them by identity)
-_KEEP_MIN_KEPT = WeakIdKeyDictionary()
-
 
 def _value_checks_allowed(device: torch.device) -> bool:
     """Value checks read device data: skip them while compiling or capturing a CUDA graph (they cannot sync)."""
@@ -205,16 +249,6 @@ def _value_checks_allowed(device: torch.device) -> bool:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True
-
-
-def min_kept_experts(keep: Tensor) -> int:
-    """Fewest experts any row of ``keep`` allows; computed once per mask version (one host sync), then cached."""
-    cached = _KEEP_MIN_KEPT.get(keep)
-    if cached is not None and cached[0] == keep._version:
-        return cached[1]
-    value = int(keep.sum(dim=-1).min().item()) if keep.numel() else 0
-    _KEEP_MIN_KEPT[keep] = (keep._version, value)
-    return value
 
 
 def check_route_args(
@@ -231,8 +265,9 @@ def check_route_args(
 
     Shape, dtype and device checks always run (they read no data). With ``validate=True`` the value checks run
     too — group ids in range and every ``keep`` row allowing at least ``top_k`` experts — except while compiling
-    or capturing a CUDA graph. The ``keep`` check is cached per mask version, so only the group range check
-    synchronises with the device on each call; hot loops that validated their groups once pass ``validate=False``.
+    or capturing a CUDA graph. They read the current data on every call (a cache keyed on the tensor's version
+    would miss edits through ``.data`` or ``.numpy()``), with one host synchronisation for both; hot loops that
+    validated their inputs once pass ``validate=False``.
     """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -289,13 +324,22 @@ def check_route_args(
 
     if not validate or not _value_checks_allowed(logits.device):
         return
+    # one small tensor, one host sync: [fewest kept experts, lowest group id, highest group id]
+    stats = []
     if keep is not None:
-        fewest = min_kept_experts(keep)
+        stats.append(keep.sum(dim=-1).min())
+    if group is not None and num_tokens > 0:
+        stats += [group.min().long(), group.max().long()]
+    if not stats:
+        return
+    values = torch.stack([v.to(torch.int64) for v in stats]).tolist()
+    if keep is not None:
+        fewest = values.pop(0)
         if fewest < top_k:
             rows = (keep.sum(dim=-1) < top_k).nonzero().flatten().tolist()
             raise ValueError(f"keep rows {rows} allow fewer than top_k={top_k} experts (fewest: {fewest})")
-    if group is not None and num_tokens > 0:
-        low, high = (int(v) for v in torch.stack([group.min(), group.max()]).tolist())
+    if values:
+        low, high = values
         limit = num_groups if num_groups is not None else None
         if low < -1 or (limit is not None and high >= limit):
             bound = f"[-1, {limit})" if limit is not None else "[-1, ...)"
@@ -323,10 +367,13 @@ def route(
     Args:
         logits: ``[T, E]`` router logits, float32 / float16 / bfloat16, any strides.
         top_k: experts chosen per token, ``1 <= top_k <= min(E, 16)``.
-        keep: ``None`` or bool ``[G, E]``: the experts each token group may use (a ``False`` expert's logit is
-            treated as -inf, so it gets probability 0 and is never chosen).
+        keep: ``None`` or bool ``[G, E]``: the experts each token group may use. A ``False`` (masked) expert gets
+            weight 0 and ranks below every allowed expert, whatever their weights, so it is never chosen while the
+            row allows at least ``top_k`` experts (which ``validate`` checks).
         group: ``None`` or int32/int64 ``[T]`` in ``[-1, G)``: each token's group. Group -1 tokens are routed with
-            no mask and not counted. ``None`` puts every token in group 0.
+            no mask and not counted. ``None`` puts every token in group 0. With ``validate=False`` an id outside
+            ``[-1, G)`` is not an error: that token is treated as group -1 (no mask, not counted), and nothing is
+            ever read or written outside ``keep`` and ``counts``.
         counts: ``None`` or int64 ``[G, E]``, contiguous, accumulated in place:
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
@@ -337,17 +384,22 @@ def route(
             always run.
 
     Returns:
-        ``weights`` ``[T, top_k]`` in ``logits.dtype`` and ``ids`` ``[T, top_k]`` int64, ordered by descending
-        weight; ties go to the lower expert index. With ``keep=None`` this equals Hugging Face OLMoE's router:
-        softmax in float32, top-k, optional renormalisation, cast to ``logits.dtype``. ``weights`` is
-        differentiable with respect to ``logits``.
+        ``weights`` ``[T, top_k]`` in ``logits.dtype`` and ``ids`` ``[T, top_k]`` int64. Tie rule, the same in
+        every backend: experts are ordered by their masked logit, highest first — every expert a token may use
+        ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal logits go to
+        the lower expert index. So ids and counts are bit-identical across backends, and weights descend. With
+        ``keep=None`` this equals Hugging Face OLMoE's router: softmax in float32, top-k, optional
+        renormalisation, cast to ``logits.dtype``. ``weights`` is differentiable with respect to ``logits``.
+        float64 logits compute in float64 (``auto`` picks a backend that can; ``triton`` refuses them).
 
     NaN policy: logits are not scanned for NaN (that would synchronise with the device on every call). A token with
-    a NaN (or +inf) logit among its allowed experts, or with all its allowed logits -inf, gets NaN weights; its ids
-    are valid expert indices in ``[0, E)`` but otherwise unspecified, and they are counted like any others.
+    a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed experts but otherwise
+    unspecified, and they are counted like any others. A token whose allowed logits are all -inf gets NaN weights
+    and, by the tie rule, its allowed experts in ascending index order as ids (counted).
     """
     check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate)
-    return route_prechecked(logits, top_k, keep, group, counts, renormalize, resolve_backend(backend, logits.device))
+    concrete = resolve_backend(backend, logits.device, logits.dtype)
+    return route_prechecked(logits, top_k, keep, group, counts, renormalize, concrete)
 
 
 def route_prechecked(
@@ -370,9 +422,11 @@ def route_prechecked(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    if not (logits.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # compiled graphs need the registered op: opaque to the tracer, with its fake and its autograd formula
+        return torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend)
+    if not (logits.requires_grad and torch.is_grad_enabled()):
         # Eager inference (e.g. every layer of every decode step): skip the autograd and custom-op dispatch layers,
-        # which cost more host time than the kernel itself at small T. Compiled code and training go through the
-        # registered op.
+        # which cost more host time than the kernel itself at small T.
         return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
     return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -43,10 +44,9 @@ def _triton_importable() -> bool:
     return _probe_triton()
 
 
-def _interpreter_enabled() -> bool:
-    from moe_fastmask.ops.route import triton_interpreter_enabled
-
-    return triton_interpreter_enabled()
+def triton_interpreter_enabled() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_available(device: torch.device | str) -> bool:
@@ -55,7 +55,7 @@ def is_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and _triton_importable()
     if device.type == "cpu":
-        return _interpreter_enabled() and _triton_importable()
+        return triton_interpreter_enabled() and _triton_importable()
     return False
 
 
@@ -97,8 +97,9 @@ class KernelLauncher:
     routing kernel takes at decode sizes (tens of microseconds). The first launch of each specialisation goes
     through it and keeps the compiled kernel it returns; later launches with the same :func:`specialization_traits`,
     constexprs, ``num_warps`` and device call that kernel's launcher directly, exactly as ``JITFunction.run`` does
-    after its cache lookup (same stream, launch metadata and profiler hooks). The interpreter and devices other
-    than the current CUDA device always take the JIT path.
+    after its cache lookup (same stream, launch metadata and profiler hooks). That call uses Triton and torch
+    internals, so it is taken only on the Triton versions in :data:`DIRECT_LAUNCH_VERIFIED`; the interpreter, other
+    Triton versions and devices other than the current CUDA device always take the JIT path.
     """
 
     def __init__(self, kernel_name: str, num_runtime_args: int) -> None:
@@ -139,16 +140,38 @@ class KernelLauncher:
         return kernel
 
 
+# Triton versions (major.minor) whose ``JITFunction.run`` was checked on a GPU to launch exactly as
+# :class:`KernelLauncher` does after its cache lookup (the ``kernel.run`` calling convention, the stream, launch
+# metadata and hooks). Triton 3.9 launches through the same call but also runs ``pre_run_hooks`` first, which the
+# direct path would skip; versions not listed here take the JIT path.
+DIRECT_LAUNCH_VERIFIED = ("3.6",)
+
+
+def direct_launch_verified(version: str) -> bool:
+    """True when Triton ``version`` (e.g. ``"3.6.0"``) is one the direct launch path was verified on."""
+    return ".".join(version.split(".")[:2]) in DIRECT_LAUNCH_VERIFIED
+
+
 @functools.cache
 def _direct_launch_supported() -> bool:
-    """The launcher calling convention used by :class:`KernelLauncher` (``triton.knobs`` era, Triton >= 3.4)."""
+    """Whether :class:`KernelLauncher` may call compiled kernels directly with the installed Triton (one notice
+    when it may not: every launch then goes through Triton's public JIT entry point)."""
     import triton
 
-    return hasattr(triton, "knobs") and hasattr(triton.knobs, "runtime")
+    if direct_launch_verified(triton.__version__):
+        return True
+    warnings.warn(
+        f"moe_fastmask: direct kernel launch is verified on Triton {', '.join(DIRECT_LAUNCH_VERIFIED)} only; with "
+        f"Triton {triton.__version__} every routing launch goes through Triton's JIT entry point (more host time "
+        "per call, same results)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
 
 
-_FORWARD = KernelLauncher("_route_fwd_kernel", num_runtime_args=10)
-_BACKWARD = KernelLauncher("_route_bwd_kernel", num_runtime_args=10)
+_FORWARD = KernelLauncher("_route_fwd_kernel", num_runtime_args=11)
+_BACKWARD = KernelLauncher("_route_bwd_kernel", num_runtime_args=11)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -188,6 +211,24 @@ def _launch_config(
     return block_e, block_t, num_warps or default_warps, (_cdiv(num_tokens, block_t),)
 
 
+def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
+    """G of the kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
+    if keep is not None:
+        return keep.shape[0]
+    if counts is not None:
+        return counts.shape[0]
+    return (1 << 31) - 1
+
+
+def check_dtype(logits: Tensor) -> None:
+    """Refuse float64 logits: the kernels compute in float32, which would silently break float64 gradient checks."""
+    if logits.dtype == torch.float64:
+        raise TypeError(
+            "backend='triton' computes in float32 and does not take float64 logits; use backend='torch' or 'cpp' "
+            "(or 'auto', which picks one of them for float64) for float64"
+        )
+
+
 def _forward_into(
     weights: Tensor,
     ids: Tensor,
@@ -202,6 +243,7 @@ def _forward_into(
     num_warps: int | None = None,
 ) -> object | None:
     """Launch the forward kernel; returns Triton's handle of the launched kernel (None when T == 0)."""
+    check_dtype(logits)
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
         return None
@@ -219,6 +261,7 @@ def _forward_into(
         logits.stride(1),
         num_tokens,
         num_experts,
+        _num_groups(keep, counts),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
         block_e,  # BLOCK_E
@@ -286,6 +329,7 @@ def route_backward(
     ``grad_weights`` and ``ids`` are [T, top_k]; non-contiguous ones are copied. ``out`` writes into a given
     contiguous tensor.
     """
+    check_dtype(logits)
     num_tokens, num_experts = logits.shape
     top_k = ids.shape[1]
     if out is None:
@@ -310,6 +354,7 @@ def route_backward(
         logits.stride(1),
         num_tokens,
         num_experts,
+        _num_groups(keep, None),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
         block_e,  # BLOCK_E
