@@ -111,6 +111,8 @@ def naive_route(case: RouteCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     counts = torch.zeros(case.num_groups, E, dtype=torch.int64)
     for t in range(T):
         g = 0 if case.group is None else int(case.group[t])
+        if not 0 <= g < case.num_groups:
+            g = -1  # out-of-range ids act as -1
         allowed = [True] * E
         if case.keep is not None and g >= 0:
             allowed = [bool(v) for v in case.keep[g]]
@@ -119,7 +121,7 @@ def naive_route(case: RouteCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         exps = [math.exp(v - peak) if v != -math.inf else 0.0 for v in row]
         total = sum(exps)
         probs = [x / total for x in exps]
-        order = sorted(range(E), key=lambda e: (-probs[e], e))[: case.top_k]
+        order = tie_rule_order([float(v) for v in logits[t]], allowed)[: case.top_k]
         chosen = [probs[e] for e in order]
         if case.renormalize:
             s = sum(chosen)
@@ -130,6 +132,12 @@ def naive_route(case: RouteCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             for e in order:
                 counts[g, e] += 1
     return weights, ids, counts
+
+
+def tie_rule_order(logits: list[float], allowed: list[bool]) -> list[int]:
+    """Experts in routing order: allowed before masked, then by descending logit (-0.0 == +0.0, which Python's
+    comparison already gives), then by ascending index. No NaN."""
+    return sorted(range(len(logits)), key=lambda e: (not allowed[e], -logits[e], e))
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -185,3 +193,59 @@ def assert_compiled_matches_eager(case: RouteCase, backend: str) -> None:
     assert int(counts_comp.sum()) > 0
     torch.testing.assert_close(loss_comp, loss_eager)
     torch.testing.assert_close(x_comp.grad, x_eager.grad)
+
+
+ADVERSARIAL_KINDS = ("wide", "zeros", "half_integers", "signed_zeros", "bf16_quantised", "neg_inf_allowed")
+
+
+def adversarial_case(kind: str, seed: int, *, exact_mask: bool) -> RouteCase:
+    """A small case built to break tie and mask handling.
+
+    kind: "wide" (std-30 logits: allowed probabilities underflow to 0), "zeros" (every logit +-0.0),
+    "half_integers" (many exact ties), "signed_zeros" (+-0.0 among a few +-1), "bf16_quantised" (values rounded to
+    bfloat16, in any dtype), "neg_inf_allowed" (-inf on random experts, allowed ones included, some rows all -inf).
+    exact_mask: every group keeps exactly ``top_k`` experts (else a random subset of at least ``top_k``).
+    Groups include -1 tokens.
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    T = rng.choice([1, 5, 17])
+    E = rng.choice([4, 8, 12, 64])
+    top_k = rng.choice([k for k in (1, 2, 4, 8) if k <= E])
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    G = rng.choice([1, 2, 3])
+    if kind == "wide":
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
+    elif kind == "zeros":
+        values = torch.zeros(T, E, dtype=torch.float64)
+    elif kind == "half_integers":
+        values = torch.randint(-4, 5, (T, E), generator=gen).double() / 2
+    elif kind == "signed_zeros":
+        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
+    elif kind == "bf16_quantised":
+        values = torch.randn(T, E, generator=gen).to(torch.bfloat16).double()
+    elif kind == "neg_inf_allowed":
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        values[torch.rand(T, E, generator=gen) < 0.5] = -math.inf
+        values[0] = -math.inf  # a row whose allowed experts are all -inf
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
+    values = torch.where(values == 0, signs * 0.0, values)  # +0.0 and -0.0 both present
+    keep = torch.zeros(G, E, dtype=torch.bool)
+    for g in range(G):
+        n_kept = top_k if exact_mask else rng.randint(top_k, E)
+        keep[g, torch.randperm(E, generator=gen)[:n_kept]] = True
+    group = torch.randint(-1, G, (T,), generator=gen)
+    return RouteCase(values.to(dtype), top_k, keep, group, G, rng.random() < 0.5)
+
+
+def recount(ids: torch.Tensor, group: torch.Tensor | None, num_groups: int, num_experts: int) -> torch.Tensor:
+    """int64 [G, E]: the counts ``ids`` should add (tokens of groups outside [0, G) not counted)."""
+    counts = torch.zeros(num_groups, num_experts, dtype=torch.int64)
+    ids = ids.cpu()
+    for t in range(ids.shape[0]):
+        g = 0 if group is None else int(group[t])
+        if 0 <= g < num_groups:
+            counts[g] += torch.bincount(ids[t], minlength=num_experts)
+    return counts

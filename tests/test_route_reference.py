@@ -175,17 +175,6 @@ def test_bad_arguments_raise(kwargs, error, pattern):
         route(**args)
 
 
-def test_keep_check_is_cached_per_mask_version():
-    from moe_fastmask.ops.route import min_kept_experts
-
-    keep = torch.ones(2, E, dtype=torch.bool)
-    assert min_kept_experts(keep) == E
-    keep[1, 3:] = False  # in-place change bumps the version: the check sees it
-    assert min_kept_experts(keep) == 3
-    with pytest.raises(ValueError, match="allow fewer"):
-        route(torch.randn(4, E), 4, keep=keep, backend="torch")
-
-
 def test_validate_false_skips_value_checks_only():
     group = torch.tensor([0, 5, 0, 0])
     with pytest.raises(ValueError, match="group must have shape"):

@@ -313,7 +313,6 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.moe_fastmask.route.default,
         (case.logits, 4, case.keep, case.group, case.new_counts(), False, "triton"),
-        test_utils=("test_schema", "test_faketensor"),
     )
 
 
