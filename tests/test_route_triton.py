@@ -447,6 +447,13 @@ def test_specialization_traits_refine_tritons_own(session_seed):
     assert len({triton_route.specialization_traits(v) for v in (1, 16, 17)}) == 3
 
 
+def _skip_unless_direct_launch_verified():
+    import triton
+
+    if not triton_route.direct_launch_verified(triton.__version__):
+        pytest.skip(f"direct launch is not verified on Triton {triton.__version__}")
+
+
 def _misaligned(tensor: torch.Tensor) -> torch.Tensor:
     """The same values in a tensor whose data pointer is not 16-byte aligned."""
     flat = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
@@ -462,6 +469,7 @@ def _misaligned(tensor: torch.Tensor) -> torch.Tensor:
 def test_direct_launch_matches_jit_launch(dtype, monkeypatch):
     """Repeated launches (the direct path after the first) give what Triton's JIT entry point gives, bit for bit,
     across sizes, aligned and misaligned pointers, strides, masks and groups; and the direct path is taken."""
+    _skip_unless_direct_launch_verified()
     cases = []
     for i, T in enumerate((1, 16, 16, 1, 37, 512, 16)):
         case = make_case(T, 64, 8, dtype, seed=SESSION_SEED + i, mask="per_group", groups="with_unassigned",
@@ -498,6 +506,7 @@ def test_direct_launch_matches_jit_launch(dtype, monkeypatch):
 def test_direct_launch_runs_profiler_hooks():
     import triton
 
+    _skip_unless_direct_launch_verified()
     seen = []
     hook = lambda metadata: seen.append(metadata)  # noqa: E731
     logits = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
@@ -518,3 +527,56 @@ def test_direct_launch_runs_profiler_hooks():
         else:
             runtime.launch_enter_hook = previous
     assert len(seen) == 1 and triton_route._FORWARD.direct_launches == before + 1
+
+
+def test_direct_launch_only_on_verified_triton_versions(monkeypatch):
+    """Versions other than the verified ones take the public JIT launch, with one notice."""
+    import triton
+
+    assert triton_route.direct_launch_verified("3.6.0") and triton_route.direct_launch_verified("3.6.1+git1234")
+    for version in ("3.5.1", "3.60.0", "3.9.0", "4.0.0"):
+        assert not triton_route.direct_launch_verified(version), version
+    monkeypatch.setattr(triton, "__version__", "99.1.0")
+    triton_route._direct_launch_supported.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="JIT entry point") as caught:
+            assert not triton_route._direct_launch_supported()
+            assert not triton_route._direct_launch_supported()
+        assert len(caught) == 1
+    finally:
+        triton_route._direct_launch_supported.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_unverified_triton_version_falls_back_to_jit_launch_with_identical_results(monkeypatch):
+    import triton
+
+    cases = [make_case(T, 64, 8, torch.bfloat16, seed=SESSION_SEED + T, mask="per_group", groups="with_unassigned",
+                       num_groups=2, renormalize=True).to("cuda") for T in (1, 16, 300)]
+
+    def run_all():
+        results = []
+        for _ in range(2):  # the second round is the one a cached direct launch would take
+            for case in cases:
+                counts = case.new_counts()
+                weights, ids = triton_route.route_forward(case.logits, 8, case.keep, case.group, counts, True)
+                grad = triton_route.route_backward(torch.ones_like(weights), case.logits, case.keep, case.group, ids,
+                                                   True)
+                results.append((weights, ids, counts, grad))
+        return results
+
+    triton_route._direct_launch_supported.cache_clear()
+    expected = run_all()
+    monkeypatch.setattr(triton, "__version__", "99.1.0")
+    triton_route._direct_launch_supported.cache_clear()
+    before = triton_route._FORWARD.direct_launches, triton_route._BACKWARD.direct_launches
+    try:
+        with pytest.warns(RuntimeWarning, match="JIT entry point"):
+            got = run_all()
+    finally:
+        triton_route._direct_launch_supported.cache_clear()
+    assert (triton_route._FORWARD.direct_launches, triton_route._BACKWARD.direct_launches) == before
+    for a, b in zip(got, expected):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

@@ -1,0 +1,81 @@
+"""Launch the Triton routing kernels, forward and backward, with out-of-range group ids and ``validate=False``.
+
+Meant to run under ``compute-sanitizer`` (``--tool memcheck`` and ``--tool racecheck``; see
+benchmarks/run_gpu_suite.sh, stage ``sanitize``), with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that every tensor is
+its own allocation and an access past one is reported instead of landing in the allocator's pool. It also checks by
+itself, so it is useful without the sanitizer: ``counts`` is a view into a larger buffer filled with a poison value,
+and the buffer outside the view must stay poisoned; ids and counts must equal the PyTorch reference's, where group
+ids outside ``[-1, G)`` count as -1.
+
+Runs on CUDA when present, else on CPU through Triton's interpreter (``TRITON_INTERPRET=1`` is set here then).
+Exits non-zero on the first mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moe_fastmask import route  # noqa: E402  (after TRITON_INTERPRET is set)
+from moe_fastmask.ops import reference  # noqa: E402
+
+POISON = 0x5A5A5A5A
+OUT_OF_RANGE = (3, 1000, -2)
+
+
+def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.dtype, device: str) -> None:
+    num_groups = 2
+    gen = torch.Generator().manual_seed(num_experts * 31 + top_k)
+    group = torch.tensor([0, 1, -1, *OUT_OF_RANGE, 1, 0] * 4, dtype=group_dtype)
+    num_tokens = group.numel()
+    logits = torch.randn(num_tokens, num_experts, generator=gen).to(dtype)
+    keep = torch.rand(num_groups, num_experts, generator=gen) < 0.5
+    keep[:, :top_k] = True
+    buffer = torch.full((num_groups + 2, num_experts), POISON, dtype=torch.int64, device=device)
+    counts = buffer[1 : num_groups + 1]
+    counts.zero_()
+
+    x = logits.clone().to(device).requires_grad_()
+    weights, ids = route(x, top_k, keep.to(device), group.to(device), counts, True, "triton", validate=False)
+    weights.float().square().sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+    where = f"E={num_experts} k={top_k} {dtype} group {group_dtype}"
+    buffer = buffer.cpu()
+    if not ((buffer[0] == POISON).all() and (buffer[num_groups + 1] == POISON).all()):
+        sys.exit(f"FAIL {where}: the kernel wrote outside counts: {buffer[[0, num_groups + 1]].tolist()}")
+    as_minus_one = torch.where((group >= 0) & (group < num_groups), group, -1)
+    ref_counts = torch.zeros(num_groups, num_experts, dtype=torch.int64)
+    ref_x = logits.clone().requires_grad_()
+    ref_weights, ref_ids = reference.route_reference(ref_x, top_k, keep, as_minus_one, ref_counts, True)
+    ref_weights.float().square().sum().backward()
+    if not torch.equal(ids.cpu(), ref_ids):
+        sys.exit(f"FAIL {where}: ids differ from the reference")
+    if not torch.equal(buffer[1 : num_groups + 1], ref_counts):
+        sys.exit(f"FAIL {where}: counts differ from the reference")
+    if not torch.isfinite(x.grad).all():
+        sys.exit(f"FAIL {where}: non-finite gradient")
+    torch.testing.assert_close(x.grad.cpu().float(), ref_x.grad.float(), atol=2e-2, rtol=2e-2)
+    print(f"ok  {where}: nothing written outside counts; ids, counts and gradient match the reference")
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}, out-of-range group ids {OUT_OF_RANGE}, validate=False")
+    for num_experts, top_k, dtype, group_dtype in [
+        (64, 8, torch.bfloat16, torch.int64),
+        (60, 8, torch.float16, torch.int32),
+        (64, 2, torch.float32, torch.int64),
+        (8, 1, torch.float32, torch.int32),
+    ]:
+        check(num_experts, top_k, dtype, group_dtype, device)
+
+
+if __name__ == "__main__":
+    main()
