@@ -21,5 +21,5 @@ void route_cpu(at::Tensor& topk_weights,                    // [T, K] logits.dty
                const std::optional<at::Tensor>& counts,     // [G, E] int64, contiguous; accumulated in place
                const at::Tensor& logits,                    // [T, E] float32 / float16 / bfloat16, any strides
                const std::optional<at::Tensor>& keep,       // [G, E] bool, contiguous
-               const std::optional<at::Tensor>& group,      // [T] int32 / int64, contiguous; ids outside [-1, G) act as -1
+               const std::optional<at::Tensor>& group,      // [T] int32 / int64, contiguous; ids out of [-1, G): -1
                bool renormalize);

@@ -2,9 +2,9 @@
 //
 // Per token (route_rows): the row is read once (any strides, float32 / float16 / bfloat16 converted to float32) with
 // the group's mask applied, then max, exp and sum run on 16-byte vectors, and the top-k is picked from a handful of
-// candidates (select_topk) by the tie rule of moe_ops.h, on integer keys of the masked logits. Tokens are split over torch's intra-op threads (at::parallel_for); each thread counts
-// into its own [G, E] histogram, summed into `counts` at the end, so there are no shared counters per token and the
-// result does not depend on the number of threads.
+// candidates (select_topk) by the tie rule of moe_ops.h, on integer keys of the masked logits. Tokens are split over
+// torch's intra-op threads (at::parallel_for); each thread counts into its own [G, E] histogram, summed into `counts`
+// at the end, so there are no shared counters per token and the result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

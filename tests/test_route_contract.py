@@ -283,7 +283,9 @@ def test_auto_backend_gradcheck_float64():
 ENTRY_POINTS = {
     "registered op": "torch.ops.moe_fastmask.route(x, 2, None, None, None, False, backend)",
     "route_prechecked": "moe_fastmask.ops.route_prechecked(x, 2, None, None, None, False, backend)",
-    "route_prechecked with grad": "moe_fastmask.ops.route_prechecked(x.requires_grad_(), 2, None, None, None, False, backend)",
+    "route_prechecked with grad": (
+        "moe_fastmask.ops.route_prechecked(x.clone().requires_grad_(), 2, None, None, None, False, backend)"
+    ),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from moe_fastmask.ops import cpp_route, reference, triton_route
-from moe_fastmask.ops.triton_route import triton_interpreter_enabled  # noqa: F401 - public name kept here
+from moe_fastmask.ops.triton_route import triton_interpreter_enabled  # noqa: F401 - still importable from here
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MAX_TOP_K = 16
@@ -202,12 +202,15 @@ _route_weights_grad_op.register_autograd(_route_weights_grad_backward, setup_con
 _LIBRARY = torch.library.Library("moe_fastmask", "FRAGMENT")
 _LIBRARY.define(
     "route(Tensor logits, SymInt top_k, Tensor? keep, Tensor? group, Tensor(a4!)? counts, bool renormalize, "
-    "str backend) -> (Tensor, Tensor)"
+    "str backend) -> (Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
 )
 
 
 def _route_composite(logits, top_k, keep, group, counts, renormalize, backend):
-    weights, ids = torch.ops.moe_fastmask.route_forward(logits.detach(), top_k, keep, group, counts, renormalize, backend)
+    weights, ids = torch.ops.moe_fastmask.route_forward(
+        logits.detach(), top_k, keep, group, counts, renormalize, backend
+    )
     if logits.requires_grad and torch.is_grad_enabled():
         weights = torch.ops.moe_fastmask.route_weights_grad(logits, weights, ids, keep, group, renormalize, backend)
     return weights, ids
