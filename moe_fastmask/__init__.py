@@ -2,10 +2,13 @@
 
 from moe_fastmask.integrations import (
     RoutingRecorder,
+    apply,
     apply_to_olmoe,
+    get_adapter,
     is_patched,
     layer_expert_label,
     parse_layer_expert,
+    remove,
     remove_from_olmoe,
     set_expert_mask,
     steering_mask,
@@ -18,10 +21,13 @@ __version__ = "0.1.0"
 __all__ = [
     "RoutingRecorder",
     "__version__",
+    "apply",
     "apply_to_olmoe",
+    "get_adapter",
     "is_patched",
     "layer_expert_label",
     "parse_layer_expert",
+    "remove",
     "remove_from_olmoe",
     "route",
     "route_reference",
