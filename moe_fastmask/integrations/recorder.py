@@ -70,7 +70,8 @@ class RoutingRecorder:
     def set_phase(self, phase: str | None) -> None:
         """Count the following forwards as ``"prefill"`` or ``"decode"``; ``None``: decide by cache identity again.
 
-        For generation backends that run the forwards themselves; transformers' ``generate`` needs nothing.
+        For generation backends that run the forwards themselves; transformers' ``generate`` needs nothing. Set
+        inside a :meth:`record` block, the setting ends with the block; set outside, it holds for the blocks after.
         """
         if phase is not None and phase not in PHASES:
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
@@ -88,8 +89,8 @@ class RoutingRecorder:
 
         ``groups``: one label per sequence in ``[-1, num_groups)``; they also select each token's expert-mask row.
         ``eos_token_id``: the ids that end a sequence (default: the model's generation config).
-        ``phase``: count every forward of the block as this phase (see :meth:`set_phase`; the previous setting is
-        restored on exit); by default the phase set before, or the automatic rule.
+        ``phase``: count the block's forwards as this phase (until :meth:`set_phase` changes it); by default the
+        phase set before the block, or the automatic rule. The setting from before the block is restored on exit.
         """
         # the model's patch state now: a model unpatched and patched again since the recorder was made has a new one
         state = state_of(self.model)
