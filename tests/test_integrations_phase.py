@@ -56,20 +56,18 @@ def run(model, rec, *, fresh_cache: bool, phases: bool):
     with torch.no_grad(), rec.record(GROUPS, eos_token_id=EOS):
         if phases:
             rec.set_phase("prefill")
-        out = model(input_ids=prompt, attention_mask=mask, position_ids=position, use_cache=True, **{key: cache})
-        cache = out.past_key_values
+        model(input_ids=prompt, attention_mask=mask, position_ids=position, use_cache=True, **{key: cache})
         if phases:
             rec.set_phase("decode")
         for step in range(STEPS):
             mask = torch.cat([mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
             position = position[:, -1:] + 1
-            if fresh_cache:
+            if fresh_cache:  # the previous copy is freed: its id may come back, which must not make this decode
                 cache = copy.deepcopy(cache)
-            out = model(
+            model(
                 input_ids=fed[:, step : step + 1], attention_mask=mask, position_ids=position,
                 use_cache=True, **{key: cache},
             )
-            cache = out.past_key_values
     return rec.prefill_counts.clone(), rec.decode_counts.clone(), rec.prefill_tokens, rec.decode_tokens
 
 

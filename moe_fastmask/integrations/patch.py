@@ -12,6 +12,7 @@ forward is prefill or decode.
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +79,18 @@ def _valid_tokens(attention_mask: Tensor | None, batch: int, seq_len: int, devic
     )
 
 
+def _seen(seen: dict, cache: object) -> bool:
+    ref = seen.get(id(cache))
+    return ref is not None and ref() is cache  # a freed cache's id may be reused by a new one
+
+
+def _remember(seen: dict, cache: object) -> None:
+    try:
+        seen[id(cache)] = weakref.ref(cache)
+    except TypeError:  # not weak-referenceable: kept alive for the recording block
+        seen[id(cache)] = lambda: cache
+
+
 def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Expand per-sequence groups to per-token groups for this forward; decide prefill vs decode."""
     state: FastmaskState = getattr(module, STATE_ATTR)
@@ -107,10 +120,10 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         else:
             # automatic: a forward continuing a cache this recording has seen is a decode step of ``generate``
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is not None and id(cache) in recording.seen_caches:
+            if cache is not None and _seen(recording.seen_caches, cache):
                 state.phase = DECODE
             elif cache is not None:
-                recording.seen_caches.add(id(cache))
+                _remember(recording.seen_caches, cache)
         if state.phase == PREFILL:
             recording.alive = torch.ones(batch, dtype=torch.bool, device=groups.device)
         elif recording.eos_ids is not None and input_ids is not None and recording.alive is not None:

@@ -27,7 +27,7 @@ class Recording:
     recorder: "RoutingRecorder"
     groups: Tensor  # [B] int64 on the model's device
     eos_ids: Tensor | None  # [n_eos] int64, or None when EOS is not tracked
-    seen_caches: set = field(default_factory=set)
+    seen_caches: dict = field(default_factory=dict)  # id(cache) -> weak reference to it
     alive: Tensor | None = None  # [B] bool: sequences that have not produced EOS yet
 
 
