@@ -34,7 +34,8 @@ import torch
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline import artifacts, stats
-from moe_fastmask.pipeline.analyze import AnalysisConfig, prepare_tokenizer, run_analysis
+from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+from moe_fastmask.pipeline.common import prepare_tokenizer
 from moe_fastmask.pipeline.batching import Batch
 from moe_fastmask.pipeline.data import render_prompt
 from moe_fastmask.pipeline.demo import build_offline_tokenizer, build_tiny_olmoe
