@@ -148,3 +148,16 @@ def test_bad_input_is_refused_with_a_clear_message():
         frozen_head_cross_entropy(hidden, weight[:, :3], targets)
     with pytest.raises(ValueError, match="targets must be"):
         frozen_head_cross_entropy(hidden, weight, targets[:4])
+
+
+def test_liger_fused_linear_cross_entropy_agrees_when_installed():
+    """The library the training benchmark compares against (``--loss-impl liger``) computes the same loss."""
+    liger = pytest.importorskip("liger_kernel.transformers.functional")
+    hidden, weight, targets = make_case("ignored", 13, 16, 33, torch.float32, seed=9)
+    want_loss, want_grad, _ = _loss_and_grad(frozen_head_cross_entropy, hidden, weight, targets, 1.0, chunk_size=4)
+    loss, grad, _ = _loss_and_grad(
+        lambda h, w, t: liger.liger_fused_linear_cross_entropy(h, w.detach(), t, reduction="mean"),
+        hidden, weight, targets, 1.0,
+    )
+    torch.testing.assert_close(loss.float(), want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
