@@ -74,8 +74,9 @@ def test_forward_and_backward_match_the_reference(shape, kind, dtype):
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert weight_grad is None, "the head is frozen: no gradient may reach it"
         assert grad.dtype == hidden.dtype and torch.isfinite(grad).all()
-        torch.testing.assert_close(loss.double(), want_loss.double(), atol=loss_atol, rtol=0, msg=f"loss, chunk {chunk}")
-        torch.testing.assert_close(grad.double(), want_grad.double(), atol=grad_atol, rtol=0, msg=f"grad, chunk {chunk}")
+        where = f"chunk {chunk}"
+        torch.testing.assert_close(loss.double(), want_loss.double(), atol=loss_atol, rtol=0, msg=f"loss, {where}")
+        torch.testing.assert_close(grad.double(), want_grad.double(), atol=grad_atol, rtol=0, msg=f"grad, {where}")
         ignored = targets == IGNORE_INDEX
         assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored])), "ignored rows get no gradient"
 

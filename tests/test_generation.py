@@ -42,7 +42,9 @@ def stock_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int =
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return out[:, batch["input_ids"].shape[1] :]
 
 

@@ -50,9 +50,13 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 def _check(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> None:
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be integer [N] = [{hidden.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be integer [N] = [{hidden.shape[0]}], got {targets.dtype} {tuple(targets.shape)}"
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 

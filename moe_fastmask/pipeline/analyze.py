@@ -19,6 +19,11 @@ The flow (each step is an importable function, for notebooks):
 Which tokens count (``count_tokens``): ``"generated"`` (default) — each generated token that is fed back to the
 model, up to but excluding the sequence's first EOS; ``"prompt"`` — the prompt tokens (never padding);
 ``"all"`` — both.
+
+One file of about 780 lines on purpose: the steps, the resumable (multi-process) run and the subcommand read top to
+bottom in the order they run. What is not specific to the analysis lives elsewhere: generation in
+:mod:`~moe_fastmask.pipeline.generation`, the statistics in :mod:`~moe_fastmask.pipeline.stats`, the batch plan in
+:mod:`~moe_fastmask.pipeline.batching`, the files in :mod:`~moe_fastmask.pipeline.artifacts`.
 """
 
 from __future__ import annotations
@@ -201,7 +206,9 @@ def _batch_seed(seed: int, batch_idx: int) -> int:
     return (seed * 1_000_003 + batch_idx) % (2**63)
 
 
-def generation_request(tokenizer, batch: Batch, config: AnalysisConfig) -> tuple[list[list[dict]], list[str], GenerationRequest]:
+def generation_request(
+    tokenizer, batch: Batch, config: AnalysisConfig
+) -> tuple[list[list[dict]], list[str], GenerationRequest]:
     """The chats, rendered prompts and :class:`GenerationRequest` of one mixed batch (groups 0 safe, 1 unsafe)."""
     messages = [_messages(item, config.system_prompt) for item in batch.items]
     prompts = [render_prompt(tokenizer, chat) for chat in messages]
@@ -250,7 +257,7 @@ def _per_sample_counts(batch: Batch, output: GenerationOutput, group_counts: dic
     return {"sample_counts": sample_counts, "sample_tokens": sample_tokens, "token_experts": token_experts}
 
 
-def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, backend: GenerationBackend, judge: Judge) -> dict:
+def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: AnalysisConfig, judge: Judge) -> dict:
     """Generate one mixed batch through ``backend`` and return its batch record (host data only, numpy arrays).
 
     Keys: ``batch_idx``; ``batch_outputs`` (one dict per position: position, id, kind, messages, prompt,
@@ -261,8 +268,8 @@ def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, backe
     tokens of each group, tokens chosen by ``count_tokens``) and ``safe_tokens``, ``unsafe_tokens``;
     ``group_counts`` / ``group_tokens`` (the backend's ``[L, 2, E]`` / ``[2]`` per phase, all positions);
     ``sample_counts`` / ``sample_tokens`` (``[B, L, E]`` / ``[B]`` per phase) and ``token_experts`` (uint8
-    ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``.
-    ``model``: unused here (the backend holds it); kept so that the step reads like the others.
+    ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``. ``tokenizer`` renders
+    and tokenizes the prompts.
     """
     messages, prompts, request = generation_request(tokenizer, batch, config)
     output = backend.generate(request)
@@ -362,7 +369,7 @@ def process_mixed_batches(
     out = []
     try:
         for batch in batches:
-            batch_data = generate_batch(model, tokenizer, batch, config, backend, judge)
+            batch_data = generate_batch(backend, tokenizer, batch, config, judge)
             _say(config, _pair_message(batch_data, config))
             if on_batch is not None:
                 on_batch(batch_data)
