@@ -252,9 +252,11 @@ def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
 
 def run_cli(args: argparse.Namespace) -> int:
     from moe_fastmask.pipeline import distributed
+    from moe_fastmask.pipeline import train as package
 
     try:
-        result = train(config_from_args(args))
+        # the package's ``train``: the name users see (and may wrap) is the one the command runs
+        result = package.train(config_from_args(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"moe-fastmask train: error: {error}", file=sys.stderr)
         return 2
