@@ -197,7 +197,7 @@ def _messages(item, system_prompt: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Step 2: generation with the routing recorder
+# Step 2: generation through the backend (moe_fastmask.pipeline.generation)
 # ------------------------------------------------------------------------------------------------------------
 
 
