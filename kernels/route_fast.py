@@ -137,6 +137,36 @@ def _bitonic_topk(x, LOG_T: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constex
 
 
 @triton.jit
+def _row_tile(ptr, rows64, row_stride, col_stride, mask_rows, n_cols, other, BLOCK_T: tl.constexpr,
+              BLOCK_E: tl.constexpr, VEC: tl.constexpr, EVEN_E: tl.constexpr, ROWS_IN_THREAD: tl.constexpr):
+    """Load ptr[row, col] as a [BLOCK_T, BLOCK_E] tile (``other`` where a row is masked or col >= n_cols).
+
+    ROWS_IN_THREAD loads it as [BLOCK_E / VEC, BLOCK_T, VEC] instead: the compiler's coalescing then gives each thread
+    VEC contiguous columns and spreads lanes over rows, so a thread holds whole rows in registers and the top-k runs
+    without cross-lane shuffles (each warp load still covers 32 rows x VEC columns).
+    """
+    if ROWS_IN_THREAD:
+        HI: tl.constexpr = BLOCK_E // VEC
+        cols3 = tl.arange(0, HI)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
+        offsets = rows64[None, :, None] * row_stride + cols3.to(tl.int64) * col_stride
+        if EVEN_E:  # a row-only mask keeps VEC-wide vector loads
+            mask = tl.broadcast_to(mask_rows[None, :, None], [HI, BLOCK_T, VEC])
+        else:
+            mask = mask_rows[None, :, None] & (cols3 < n_cols)
+        x = tl.load(ptr + offsets, mask=mask, other=other)
+        x = tl.reshape(tl.permute(x, (1, 0, 2)), [BLOCK_T, BLOCK_E])
+    else:
+        cols = tl.arange(0, BLOCK_E)
+        offsets = rows64[:, None] * row_stride + cols[None, :].to(tl.int64) * col_stride
+        if EVEN_E:
+            mask = tl.broadcast_to(mask_rows[:, None], [BLOCK_T, BLOCK_E])
+        else:
+            mask = mask_rows[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(ptr + offsets, mask=mask, other=other)
+    return x
+
+
+@triton.jit
 def _iterative_topk(keys, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr, KNOCKED):
     """Top TOP_K keys by repeated maxima (descending, [BLOCK_T, BLOCK_K]; columns past TOP_K are KNOCKED)."""
     kcols = tl.arange(0, BLOCK_K)
@@ -176,12 +206,15 @@ def _route_fast_fwd_kernel(
     RENORMALIZE: tl.constexpr,
     FAST_EXP: tl.constexpr,
     SELECT: tl.constexpr,
+    ROWS_IN_THREAD: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """weights/ids [T, TOP_K] (contiguous) and counts [G, E] += hits, from logits [T, E] (strided).
 
     keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T] (HAS_GROUP); counts: int64 [G, E] rows
     ``n_experts`` apart. ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); ``BLOCK_K = 2 ** LOG_K`` is the power of two
-    at least TOP_K; ``BLOCK_T = 2 ** LOG_T``; WIDE_KEYS selects 64-bit keys (float32 logits); SELECT picks the top-k method (module docstring).
+    at least TOP_K; ``BLOCK_T = 2 ** LOG_T``; WIDE_KEYS selects 64-bit keys (float32 logits); SELECT picks the
+    top-k method (module docstring); ROWS_IN_THREAD loads whole rows into threads, VEC columns per vector load.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -190,10 +223,9 @@ def _route_fast_fwd_kernel(
     row_valid = rows < n_tokens
     col_valid = cols < n_experts
     rows64 = rows.to(tl.int64)
-    tile_valid = row_valid[:, None] & col_valid[None, :]
 
-    offsets = rows64[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_e
-    z = tl.load(logits_ptr + offsets, mask=tile_valid, other=-float("inf")).to(tl.float32)
+    z = _row_tile(logits_ptr, rows64, stride_t, stride_e, row_valid, n_experts, -float("inf"),
+                  BLOCK_T, BLOCK_E, VEC, EVEN_E, ROWS_IN_THREAD).to(tl.float32)
 
     # group ids outside [0, G) are compared in their own dtype (no truncation), then mean "no group"
     if HAS_GROUP:
@@ -205,8 +237,8 @@ def _route_fast_fwd_kernel(
         grp = tl.where(row_valid, 0, -1)
     if HAS_KEEP:
         if HAS_GROUP:
-            keep_offsets = tl.maximum(grp, 0)[:, None].to(tl.int64) * n_experts + cols[None, :]
-            kept = tl.load(keep_ptr + keep_offsets, mask=tile_valid & in_range[:, None], other=1)
+            kept = _row_tile(keep_ptr, tl.maximum(grp, 0).to(tl.int64), n_experts, 1, row_valid & in_range,
+                             n_experts, 1, BLOCK_T, BLOCK_E, VEC, EVEN_E, ROWS_IN_THREAD)
             allowed = kept != 0
         else:
             kept = tl.load(keep_ptr + cols, mask=col_valid, other=0)

@@ -81,12 +81,14 @@ def forward_into(
     renormalize: bool,
     *,
     select: str = "bitonic",
+    rows_in_thread: bool = True,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> object | None:
     """Launch the forward into contiguous ``weights``/``ids`` [T, top_k]; returns Triton's compiled-kernel handle.
 
-    ``counts`` may be a view (rows ``E`` elements apart, unit column stride) of a larger buffer: only its [G, E]
+    ``rows_in_thread`` loads each token's row into one thread (top-k without cross-lane shuffles); False keeps the
+    compiler's default tile layout. ``counts`` may be a view (rows ``E`` elements apart, unit column stride) of a larger buffer: only its [G, E]
     elements are ever written. Returns None when T == 0.
     """
     num_tokens, num_experts = logits.shape
@@ -137,6 +139,8 @@ def forward_into(
         renormalize,  # RENORMALIZE
         logits.device.type == "cuda",  # FAST_EXP
         SELECT_METHODS[select],  # SELECT
+        rows_in_thread,  # ROWS_IN_THREAD
+        min(block_e, max(1, 16 // logits.element_size())),  # VEC: columns per 16-byte load
     )
     return _FORWARD((_cdiv(num_tokens, block_t),), args, num_warps, logits.device)
 
@@ -151,6 +155,7 @@ def route_fast_forward(
     *,
     out: tuple[Tensor, Tensor] | None = None,
     select: str = "bitonic",
+    rows_in_thread: bool = True,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -158,7 +163,8 @@ def route_fast_forward(
 
     Arguments as :func:`moe_fastmask.ops.triton_route.route_forward` (validated by ``check_route_args``, except
     that group ids outside ``[0, G)`` are allowed: those tokens use every expert and are not counted). ``select``
-    is the top-k method (``bitonic``, ``tl_topk``, ``iterative``); ``block_t``/``num_warps`` override the defaults.
+    is the top-k method (``bitonic``, ``tl_topk``, ``iterative``), ``rows_in_thread`` the tile layout (see
+    :func:`forward_into`); ``block_t``/``num_warps`` override the defaults.
     """
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
@@ -176,6 +182,6 @@ def route_fast_forward(
             raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
     forward_into(
         weights, ids, logits, top_k, keep, group, counts, renormalize,
-        select=select, block_t=block_t, num_warps=num_warps,
+        select=select, rows_in_thread=rows_in_thread, block_t=block_t, num_warps=num_warps,
     )
     return weights, ids
