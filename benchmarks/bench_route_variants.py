@@ -37,17 +37,20 @@ NUM_GROUPS = 4
 GROUP_RUN = 256  # tokens of one sequence share a group id
 ROTATE_BYTES = 160 << 20
 
-# (select, rows_in_thread, BLOCK_T, num_warps) at E=64
+# (select, lanes per row (0: the compiler's tile layout), BLOCK_T, num_warps, early softmax denominator) at E=64
 MAIN_VARIANTS = (
-    [("bitonic", True, bt, w) for bt, w in [(32, 1), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 4),
-                                             (256, 8)]]
-    + [("bitonic", False, bt, w) for bt, w in [(16, 2), (32, 4), (64, 4)]]
-    + [("iterative", True, bt, w) for bt, w in [(32, 1), (64, 2), (128, 4)]]
-    + [("tl_topk", True, bt, w) for bt, w in [(32, 1), (64, 2), (128, 4)]]
+    [("bitonic", 1, bt, w, False) for bt, w in [(32, 1), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 4),
+                                                 (256, 8)]]
+    + [("bitonic", 1, bt, w, True) for bt, w in [(32, 1), (128, 4)]]
+    + [("bitonic", 2, bt, w, False) for bt, w in [(32, 2), (64, 4), (128, 8)]]
+    + [("bitonic", 4, bt, w, False) for bt, w in [(32, 4), (64, 8)]]
+    + [("bitonic", 0, bt, w, False) for bt, w in [(16, 2), (32, 4), (64, 4)]]
+    + [("iterative", 1, bt, w, False) for bt, w in [(32, 1), (64, 2), (128, 4)]]
+    + [("tl_topk", 1, bt, w, False) for bt, w in [(32, 1), (64, 2), (128, 4)]]
 )
-WIDE_VARIANTS = [("bitonic", True, 32, 1), ("bitonic", True, 64, 2), ("bitonic", False, None, None),
-                 ("bitonic", False, 16, 4)]
-ROWS_MAX_EXPERTS = 128  # beyond this a whole row per thread no longer fits in registers
+WIDE_VARIANTS = [("bitonic", 1, 32, 1, False), ("bitonic", 2, 32, 2, False), ("bitonic", 4, 32, 4, False),
+                 ("bitonic", 0, None, None, False), ("bitonic", 0, 16, 4, False)]
+ROW_REGISTERS_MAX = 128  # keys per thread beyond which a row split over lanes spills
 WIDE_SHAPES = [(128, 8), (128, 16), (256, 8), (256, 16), (512, 8), (512, 16)]
 
 
@@ -66,10 +69,10 @@ def parse_args(argv=None):
     return args
 
 
-def variant_name(select, rows, block_t, warps) -> str:
-    layout = "rows" if rows else "tile"
+def variant_name(select, lanes, block_t, warps, early) -> str:
+    layout = f"lanes{lanes}" if lanes else "tile"
     cfg = "default" if block_t is None else f"{block_t}x{warps}"
-    return f"{select}/{layout}/{cfg}"
+    return f"{select}/{layout}/{cfg}" + ("/early" if early else "")
 
 
 def make_inputs(num_tokens, num_experts, device, seed):
@@ -138,9 +141,9 @@ def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, 
            for d, o in zip(data, outs)]
     record("current", time_us(fns, num_tokens, sets, on_gpu), "")
 
-    for select, rows_in_thread, block_t, warps in variants:
-        name = variant_name(select, rows_in_thread, block_t, warps)
-        if rows_in_thread and num_experts > ROWS_MAX_EXPERTS:
+    for select, lanes, block_t, warps, early in variants:
+        name = variant_name(select, lanes, block_t, warps, early)
+        if lanes and num_experts // lanes > ROW_REGISTERS_MAX:
             continue
         if select == "tl_topk" and not route_fast_launch.tl_topk_available():
             skipped.append(f"{name} (no tl.topk in this Triton)")
@@ -148,7 +151,7 @@ def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, 
         if time.monotonic() > deadline:
             skipped.append(f"T={num_tokens} E={num_experts} k={top_k} {name} (time budget)")
             continue
-        opts = dict(select=select, rows_in_thread=rows_in_thread, block_t=block_t, num_warps=warps)
+        opts = dict(select=select, lanes_per_row=lanes, early_denom=early, block_t=block_t, num_warps=warps)
         try:
             check_counts = torch.zeros_like(counts)
             weights, ids = outs[0]
@@ -196,7 +199,7 @@ def main(argv=None):
     print(header, flush=True)
 
     rows, skipped = [], []
-    main_variants = MAIN_VARIANTS if not args.smoke else [v for v in MAIN_VARIANTS if v[2] in (32, 64)][:6]
+    main_variants = MAIN_VARIANTS if not args.smoke else [v for v in MAIN_VARIANTS if v[2] in (32, 64)][::3]
     for num_tokens in args.sizes:
         run_shape(num_tokens, 64, 8, main_variants, device, copy_gbs, rows, deadline, skipped)
     for num_experts, top_k in WIDE_SHAPES:
@@ -227,7 +230,8 @@ def main(argv=None):
         timed = [r for r in rows if r["T"] == size and r["E"] == 64 and "us" in r and r["variant"] != "current"]
         if timed:
             best = min(timed, key=lambda r: r["us"])
-            print(f"best at T={size}, E=64, k=8: {best['variant']} {best['us']:.2f} us ({best['pct_copy']:.1f}% of copy)")
+            print(f"best at T={size}, E=64, k=8: {best['variant']} {best['us']:.2f} us "
+                  f"({best['pct_copy']:.1f}% of copy)")
     if skipped:
         print("skipped: " + "; ".join(skipped))
     print(f"wrote {out}")

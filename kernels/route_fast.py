@@ -138,23 +138,25 @@ def _bitonic_topk(x, LOG_T: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constex
 
 @triton.jit
 def _row_tile(ptr, rows64, row_stride, col_stride, mask_rows, n_cols, other, BLOCK_T: tl.constexpr,
-              BLOCK_E: tl.constexpr, VEC: tl.constexpr, EVEN_E: tl.constexpr, ROWS_IN_THREAD: tl.constexpr):
+              BLOCK_E: tl.constexpr, VEC: tl.constexpr, EVEN_E: tl.constexpr, LANES: tl.constexpr):
     """Load ptr[row, col] as a [BLOCK_T, BLOCK_E] tile (``other`` where a row is masked or col >= n_cols).
 
-    ROWS_IN_THREAD loads it as [BLOCK_E / VEC, BLOCK_T, VEC] instead: the compiler's coalescing then gives each thread
-    VEC contiguous columns and spreads lanes over rows, so a thread holds whole rows in registers and the top-k runs
-    without cross-lane shuffles (each warp load still covers 32 rows x VEC columns).
+    LANES >= 1 loads it as [BLOCK_E / (LANES * VEC), BLOCK_T, LANES, VEC] instead: the compiler's coalescing then
+    gives each thread VEC contiguous columns and spreads lanes over the LANES chunks of a row and then over rows, so
+    a row lives in the registers of LANES threads (1: one thread) and the top-k needs few or no cross-lane
+    shuffles (a warp load still covers 32 / LANES rows x LANES * VEC columns). LANES = 0 keeps the default layout.
     """
-    if ROWS_IN_THREAD:
-        HI: tl.constexpr = BLOCK_E // VEC
-        cols3 = tl.arange(0, HI)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
-        offsets = rows64[None, :, None] * row_stride + cols3.to(tl.int64) * col_stride
+    if LANES > 0:
+        HI: tl.constexpr = BLOCK_E // (LANES * VEC)
+        cols4 = (tl.arange(0, HI)[:, None, None, None] * (LANES * VEC) + tl.arange(0, LANES)[None, None, :, None] * VEC
+                 + tl.arange(0, VEC)[None, None, None, :])
+        offsets = rows64[None, :, None, None] * row_stride + cols4.to(tl.int64) * col_stride
         if EVEN_E:  # a row-only mask keeps VEC-wide vector loads
-            mask = tl.broadcast_to(mask_rows[None, :, None], [HI, BLOCK_T, VEC])
+            mask = tl.broadcast_to(mask_rows[None, :, None, None], [HI, BLOCK_T, LANES, VEC])
         else:
-            mask = mask_rows[None, :, None] & (cols3 < n_cols)
+            mask = mask_rows[None, :, None, None] & (cols4 < n_cols)
         x = tl.load(ptr + offsets, mask=mask, other=other)
-        x = tl.reshape(tl.permute(x, (1, 0, 2)), [BLOCK_T, BLOCK_E])
+        x = tl.reshape(tl.permute(x, (1, 0, 2, 3)), [BLOCK_T, BLOCK_E])
     else:
         cols = tl.arange(0, BLOCK_E)
         offsets = rows64[:, None] * row_stride + cols[None, :].to(tl.int64) * col_stride
@@ -206,15 +208,17 @@ def _route_fast_fwd_kernel(
     RENORMALIZE: tl.constexpr,
     FAST_EXP: tl.constexpr,
     SELECT: tl.constexpr,
-    ROWS_IN_THREAD: tl.constexpr,
+    LANES: tl.constexpr,
     VEC: tl.constexpr,
+    EARLY_DENOM: tl.constexpr,
 ):
     """weights/ids [T, TOP_K] (contiguous) and counts [G, E] += hits, from logits [T, E] (strided).
 
     keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T] (HAS_GROUP); counts: int64 [G, E] rows
     ``n_experts`` apart. ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); ``BLOCK_K = 2 ** LOG_K`` is the power of two
     at least TOP_K; ``BLOCK_T = 2 ** LOG_T``; WIDE_KEYS selects 64-bit keys (float32 logits); SELECT picks the
-    top-k method (module docstring); ROWS_IN_THREAD loads whole rows into threads, VEC columns per vector load.
+    top-k method (module docstring); LANES threads hold a row (0: the compiler's tile layout), VEC columns per
+    vector load; EARLY_DENOM computes the softmax denominator before the top-k (one more row max).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -225,7 +229,7 @@ def _route_fast_fwd_kernel(
     rows64 = rows.to(tl.int64)
 
     z = _row_tile(logits_ptr, rows64, stride_t, stride_e, row_valid, n_experts, -float("inf"),
-                  BLOCK_T, BLOCK_E, VEC, EVEN_E, ROWS_IN_THREAD).to(tl.float32)
+                  BLOCK_T, BLOCK_E, VEC, EVEN_E, LANES).to(tl.float32)
 
     # group ids outside [0, G) are compared in their own dtype (no truncation), then mean "no group"
     if HAS_GROUP:
@@ -238,7 +242,7 @@ def _route_fast_fwd_kernel(
     if HAS_KEEP:
         if HAS_GROUP:
             kept = _row_tile(keep_ptr, tl.maximum(grp, 0).to(tl.int64), n_experts, 1, row_valid & in_range,
-                             n_experts, 1, BLOCK_T, BLOCK_E, VEC, EVEN_E, ROWS_IN_THREAD)
+                             n_experts, 1, BLOCK_T, BLOCK_E, VEC, EVEN_E, LANES)
             allowed = kept != 0
         else:
             kept = tl.load(keep_ptr + cols, mask=col_valid, other=0)
@@ -264,6 +268,10 @@ def _route_fast_fwd_kernel(
         KNOCKED: tl.constexpr = -2147483647 - 1
         TOP: tl.constexpr = 2147483647
 
+    if EARLY_DENOM:
+        # softmax denominator before the top-k, from the row max of the keys: z is dead during the top-k
+        row_max = _key_logit(tl.max(keys, axis=1), IDX_BITS, WIDE_KEYS)
+        denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
     if SELECT == 0:
         chosen = _bitonic_topk(keys, LOG_T, IDX_BITS, LOG_K)
     elif SELECT == 1:
@@ -275,10 +283,10 @@ def _route_fast_fwd_kernel(
         chosen = _iterative_topk(keys, BLOCK_T, BLOCK_K, TOP_K, KNOCKED)
 
     kcols = tl.arange(0, BLOCK_K)
-    best = tl.max(chosen, axis=1)
-    row_max = _key_logit(best, IDX_BITS, WIDE_KEYS)
+    if not EARLY_DENOM:
+        row_max = _key_logit(tl.max(chosen, axis=1), IDX_BITS, WIDE_KEYS)
+        denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
     # NaN or +inf among the allowed logits, or all of them -inf, make the sum (hence the weights) NaN
-    denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
 
     FLAT: tl.constexpr = BLOCK_T * BLOCK_K
     flat_key = tl.reshape(chosen, [FLAT])

@@ -104,7 +104,7 @@ def draw_group(mode, T, G, gen, dtype):
     return choices[torch.randint(0, len(choices), (T,), generator=gen)].to(dtype)
 
 
-def run_case(logits, top_k, keep, group, G, renormalize, method, rows_in_thread=True, block_t=None):
+def run_case(logits, top_k, keep, group, G, renormalize, method, lanes_per_row=1, block_t=None):
     """Forward with poisoned outputs and counts as a view of a larger poisoned buffer; checks against the oracle."""
     T, E = logits.shape
     weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
@@ -116,11 +116,11 @@ def run_case(logits, top_k, keep, group, G, renormalize, method, rows_in_thread=
     before = buffer.clone()
     route_fast_launch.route_fast_forward(
         logits, top_k, keep, group, counts, renormalize, out=(weights, ids), select=method,
-        rows_in_thread=rows_in_thread, block_t=block_t,
+        lanes_per_row=lanes_per_row, block_t=block_t,
     )
     ref_w, ref_ids, ref_counts = oracle(logits, top_k, keep, group, G, renormalize)
     what = (f"T={T} E={E} k={top_k} {logits.dtype} keep={keep is not None} group={group is not None} G={G} "
-            f"renorm={renormalize} method={method} rows_in_thread={rows_in_thread}")
+            f"renorm={renormalize} method={method} lanes_per_row={lanes_per_row}")
     assert torch.equal(ids, ref_ids), what
     assert torch.equal(counts, ref_counts), what
     outside = torch.ones_like(buffer, dtype=torch.bool)
@@ -163,7 +163,8 @@ def test_adversarial(kind, keep_mode, dtype):
         keep = draw_keep(keep_mode, G, E, k, gen)
         group = draw_group("out_of_range", 33, G, gen, torch.int32)
         run_case(logits, k, keep, group, G, False, "bitonic")
-        run_case(logits, k, keep, group, G, True, "iterative", rows_in_thread=False)
+        run_case(logits, k, keep, group, G, True, "iterative", lanes_per_row=0)
+        run_case(logits, k, keep, group, G, True, "bitonic", lanes_per_row=4)
 
 
 def test_masked_expert_ranks_below_allowed_neg_inf():

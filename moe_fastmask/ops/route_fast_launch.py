@@ -81,15 +81,18 @@ def forward_into(
     renormalize: bool,
     *,
     select: str = "bitonic",
-    rows_in_thread: bool = True,
+    lanes_per_row: int = 1,
+    early_denom: bool = False,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> object | None:
     """Launch the forward into contiguous ``weights``/``ids`` [T, top_k]; returns Triton's compiled-kernel handle.
 
-    ``rows_in_thread`` loads each token's row into one thread (top-k without cross-lane shuffles); False keeps the
-    compiler's default tile layout. ``counts`` may be a view (rows ``E`` elements apart, unit column stride) of a larger buffer: only its [G, E]
-    elements are ever written. Returns None when T == 0.
+    ``lanes_per_row`` (1, 2, 4, ...) spreads each token's row over that many threads of a warp (1: the top-k runs in
+    one thread's registers without shuffles; more: fewer registers per thread); 0 keeps the compiler's default tile
+    layout. ``early_denom`` computes the softmax denominator before the top-k. ``counts`` may be a view (rows ``E``
+    elements apart, unit column stride) of a larger buffer: only its [G, E] elements are ever written. Returns
+    None when T == 0.
     """
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
@@ -102,10 +105,13 @@ def forward_into(
         raise ValueError(f"block_t must be a power of two, got {block_t}")
     if counts is not None and (counts.stride(1) != 1 or (counts.shape[0] > 1 and counts.stride(0) != num_experts)):
         raise ValueError(f"counts must have strides ({num_experts}, 1), got {counts.stride()}")
+    if lanes_per_row < 0 or lanes_per_row & (lanes_per_row - 1) or lanes_per_row > 32:
+        raise ValueError(f"lanes_per_row must be 0 or a power of two up to 32, got {lanes_per_row}")
     block_e, default_block_t, default_warps = default_settings(num_experts, num_tokens, logits.device.type == "cuda")
     block_t = block_t or default_block_t
     num_warps = num_warps or default_warps
     block_k = _next_power_of_2(top_k)
+    vec = min(block_e, max(1, 16 // logits.element_size()))  # columns per 16-byte load
     if keep is not None:
         num_groups = keep.shape[0]
     elif counts is not None:
@@ -139,8 +145,9 @@ def forward_into(
         renormalize,  # RENORMALIZE
         logits.device.type == "cuda",  # FAST_EXP
         SELECT_METHODS[select],  # SELECT
-        rows_in_thread,  # ROWS_IN_THREAD
-        min(block_e, max(1, 16 // logits.element_size())),  # VEC: columns per 16-byte load
+        min(lanes_per_row, block_e // vec),  # LANES
+        vec,  # VEC
+        early_denom,  # EARLY_DENOM
     )
     return _FORWARD((_cdiv(num_tokens, block_t),), args, num_warps, logits.device)
 
@@ -155,7 +162,8 @@ def route_fast_forward(
     *,
     out: tuple[Tensor, Tensor] | None = None,
     select: str = "bitonic",
-    rows_in_thread: bool = True,
+    lanes_per_row: int = 1,
+    early_denom: bool = False,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -163,8 +171,8 @@ def route_fast_forward(
 
     Arguments as :func:`moe_fastmask.ops.triton_route.route_forward` (validated by ``check_route_args``, except
     that group ids outside ``[0, G)`` are allowed: those tokens use every expert and are not counted). ``select``
-    is the top-k method (``bitonic``, ``tl_topk``, ``iterative``), ``rows_in_thread`` the tile layout (see
-    :func:`forward_into`); ``block_t``/``num_warps`` override the defaults.
+    is the top-k method (``bitonic``, ``tl_topk``, ``iterative``), ``lanes_per_row`` and ``early_denom`` the layout
+    and schedule (see :func:`forward_into`); ``block_t``/``num_warps`` override the defaults.
     """
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
@@ -182,6 +190,6 @@ def route_fast_forward(
             raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
     forward_into(
         weights, ids, logits, top_k, keep, group, counts, renormalize,
-        select=select, rows_in_thread=rows_in_thread, block_t=block_t, num_warps=num_warps,
+        select=select, lanes_per_row=lanes_per_row, early_denom=early_denom, block_t=block_t, num_warps=num_warps,
     )
     return weights, ids
