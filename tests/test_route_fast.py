@@ -19,8 +19,9 @@ from moe_fastmask.ops import route_fast_launch, triton_route
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning"),
-    pytest.mark.skipif(not triton_route.is_available("cpu"), reason="needs Triton's interpreter"),
 ]
+needs_interpreter = pytest.mark.skipif(not triton_route.is_available("cpu"), reason="needs Triton's interpreter")
+HAS_CUDA = torch.cuda.is_available() and triton_route.is_available("cuda")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHODS = ["bitonic", "iterative"] + ["tl_topk"] * route_fast_launch.tl_topk_available()
@@ -104,20 +105,22 @@ def draw_group(mode, T, G, gen, dtype):
     return choices[torch.randint(0, len(choices), (T,), generator=gen)].to(dtype)
 
 
-def run_case(logits, top_k, keep, group, G, renormalize, method, lanes_per_row=1, block_t=None):
+def run_case(logits, top_k, keep, group, G, renormalize, method, lanes_per_row=1, block_t=None, device="cpu"):
     """Forward with poisoned outputs and counts as a view of a larger poisoned buffer; checks against the oracle."""
     T, E = logits.shape
-    weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
-    ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
-    buffer = torch.full((G + 2, E + 3), 12345, dtype=torch.int64).view(-1)
+    weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype, device=device)
+    ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64, device=device)
+    buffer = torch.full((G + 2, E + 3), 12345, dtype=torch.int64, device=device).view(-1)
     start = E + 3  # counts sit between poisoned guard elements on both sides
     counts = buffer[start : start + G * E].view(G, E)
     counts.zero_()
     before = buffer.clone()
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
     route_fast_launch.route_fast_forward(
-        logits, top_k, keep, group, counts, renormalize, out=(weights, ids), select=method,
+        move(logits), top_k, move(keep), move(group), counts, renormalize, out=(weights, ids), select=method,
         lanes_per_row=lanes_per_row, block_t=block_t,
     )
+    weights, ids, counts, buffer, before = (t.cpu() for t in (weights, ids, counts, buffer, before))
     ref_w, ref_ids, ref_counts = oracle(logits, top_k, keep, group, G, renormalize)
     what = (f"T={T} E={E} k={top_k} {logits.dtype} keep={keep is not None} group={group is not None} G={G} "
             f"renorm={renormalize} method={method} lanes_per_row={lanes_per_row}")
@@ -140,6 +143,7 @@ for E in (8, 60, 64, 128, 256, 512):
         CASES.append(dict(E=E, k=k, dtype=_rng.choice(DTYPES), seed=_rng.randrange(1 << 30)))
 
 
+@needs_interpreter
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("spec", CASES, ids=[f"E{c['E']}-k{c['k']}" for c in CASES])
 def test_shapes_random(spec, method):
@@ -152,6 +156,7 @@ def test_shapes_random(spec, method):
     run_case(logits, spec["k"], keep, group, G, bool(spec["seed"] & 1), method)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["wide", "zeros", "half_integers", "bf16_quantised", "neg_inf"])
 @pytest.mark.parametrize("keep_mode", ["none", "random", "exact_k"])
@@ -167,6 +172,7 @@ def test_adversarial(kind, keep_mode, dtype):
         run_case(logits, k, keep, group, G, True, "bitonic", lanes_per_row=4)
 
 
+@needs_interpreter
 def test_masked_expert_ranks_below_allowed_neg_inf():
     logits = torch.tensor([[0.3, -0.2, 1.0, -math.inf]])
     keep = torch.tensor([[False, False, True, True]])
@@ -175,6 +181,7 @@ def test_masked_expert_ranks_below_allowed_neg_inf():
         assert ids.tolist() == [[2, 3]] and counts.tolist() == [[0, 0, 1, 1]]
 
 
+@needs_interpreter
 def test_underflowing_allowed_expert_beats_masked():
     for dtype in DTYPES:
         logits = torch.tensor([[5.0, 0.0, -200.0, 1.0]], dtype=dtype)
@@ -183,6 +190,7 @@ def test_underflowing_allowed_expert_beats_masked():
         assert ids.tolist() == [[1, 2]]
 
 
+@needs_interpreter
 def test_signed_zeros_tie_to_lower_index():
     for dtype in DTYPES:
         for method in METHODS:
@@ -192,12 +200,14 @@ def test_signed_zeros_tie_to_lower_index():
             assert ids.tolist() == [[0, 1, 2, 3]]
 
 
+@needs_interpreter
 def test_logit_order_not_weight_order():
     # 0.0 and 1e-8 give the same float32 weight; the larger logit ranks first
     ids, _ = run_case(torch.tensor([[0.0, 1e-8, -5.0]]), 1, None, None, 1, False, "bitonic")
     assert ids.tolist() == [[1]]
 
 
+@needs_interpreter
 def test_out_of_range_groups_not_counted_nor_written():
     E = 64
     logits = torch.randn(6, E)
@@ -209,6 +219,7 @@ def test_out_of_range_groups_not_counted_nor_written():
     assert (ids[4:] >= 8).all()
 
 
+@needs_interpreter
 @pytest.mark.parametrize("block_t", [1, 4, 16, 64])
 def test_tile_sizes(block_t):
     gen = torch.Generator().manual_seed(SESSION_SEED)
@@ -218,6 +229,7 @@ def test_tile_sizes(block_t):
     run_case(logits, 8, keep, group, 3, True, "bitonic", block_t=block_t)
 
 
+@needs_interpreter
 def test_strided_logits_and_no_counts():
     gen = torch.Generator().manual_seed(SESSION_SEED)
     logits = draw_logits("wide", 40, 60, torch.float16, gen).t().contiguous().t()
@@ -226,6 +238,7 @@ def test_strided_logits_and_no_counts():
     assert torch.equal(ids, ref_ids)
 
 
+@needs_interpreter
 def test_bad_arguments():
     logits = torch.randn(4, 8)
     with pytest.raises(ValueError, match="select"):
@@ -236,3 +249,19 @@ def test_bad_arguments():
         route_fast_launch.route_fast_forward(logits, 2, None, None, None, False, block_t=3)
     with pytest.raises(TypeError, match="logits"):
         route_fast_launch.route_fast_forward(logits.double(), 2, None, None, None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("lanes_per_row", [0, 1, 2, 4])
+@pytest.mark.parametrize("method", ["bitonic", "iterative"])
+def test_gpu_against_oracle(method, lanes_per_row):
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    for E, k in ((64, 8), (60, 4), (128, 16), (8, 8)):
+        for kind in ("random", "wide", "zeros", "half_integers", "neg_inf"):
+            for dtype in DTYPES:
+                logits = draw_logits(kind, 64, E, dtype, gen)
+                keep = draw_keep("exact_k" if kind == "neg_inf" else "random", 3, E, k, gen)
+                group = draw_group("out_of_range", 64, 3, gen, torch.int64)
+                run_case(logits, k, keep, group, 3, kind == "wide", method, lanes_per_row=lanes_per_row,
+                         device="cuda")
