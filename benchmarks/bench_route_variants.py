@@ -50,6 +50,9 @@ MAIN_VARIANTS = (
 )
 WIDE_VARIANTS = [("bitonic", 1, 32, 1, False), ("bitonic", 2, 32, 2, False), ("bitonic", 4, 32, 4, False),
                  ("bitonic", 0, None, None, False), ("bitonic", 0, 16, 4, False)]
+FULL_FEATURES = "mask+groups+counts"
+# what the optional inputs cost: the same shape without them, for the current forward and these variants
+FEATURE_VARIANTS = [("bitonic", 1, 32, 1, False), ("bitonic", 2, 32, 2, False)]
 ROW_REGISTERS_MAX = 128  # keys per thread beyond which a row split over lanes spills
 WIDE_SHAPES = [(128, 8), (128, 16), (256, 8), (256, 16), (512, 8), (512, 16)]
 
@@ -118,13 +121,19 @@ def kernel_resources(handle) -> str:
 
 def _compile_one(job) -> str:
     """Compile one kernel specialisation by launching it on a small input (run in a worker process)."""
-    num_experts, top_k, variant = job
+    num_experts, top_k, variant, features = job if len(job) == 4 else (*job, FULL_FEATURES)
     from moe_fastmask.ops import route_fast_launch, triton_route
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: the --smoke check of this path
     logits, group = make_inputs(256, num_experts, device, 0)  # 256 keeps T's divisibility by 16 as at full size
-    keep = make_keep(num_experts, top_k, device, 0)
-    counts = torch.zeros(NUM_GROUPS, num_experts, dtype=torch.int64, device=device)
+    use_groups = "groups" in features
+    group = group if use_groups else None
+    keep = make_keep(num_experts, top_k, device, 0) if "mask" in features else None
+    if keep is not None and not use_groups:
+        keep = keep[:1].contiguous()
+    counts = None
+    if "counts" in features:
+        counts = torch.zeros(NUM_GROUPS if use_groups else 1, num_experts, dtype=torch.int64, device=device)
     start = time.monotonic()
     try:
         if variant is None:
@@ -157,28 +166,38 @@ def precompile(jobs: list, workers: int) -> None:
           f"(slowest: {slow})", flush=True)
 
 
-def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, deadline, skipped):
+def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, deadline, skipped,
+              features=FULL_FEATURES):
+    """Time the current forward and ``variants`` on one shape; ``features`` names the optional inputs used."""
     from moe_fastmask.ops import route_fast_launch, triton_route
 
     on_gpu = device.type == "cuda"
-    nbytes = forward_bytes(num_tokens, num_experts, top_k)
+    use_groups = "groups" in features
+    nbytes = forward_bytes(num_tokens, num_experts, top_k) - (0 if use_groups else 4 * num_tokens)
     sets = max(1, min(16, math.ceil(ROTATE_BYTES / nbytes))) if on_gpu else 2
     data = [make_inputs(num_tokens, num_experts, device, 100 * s + num_tokens) for s in range(sets)]
-    keep = make_keep(num_experts, top_k, device, num_experts + top_k)
-    counts = torch.zeros(NUM_GROUPS, num_experts, dtype=torch.int64, device=device)
+    if not use_groups:
+        data = [(logits, None) for logits, _ in data]
+    keep = make_keep(num_experts, top_k, device, num_experts + top_k) if "mask" in features else None
+    counts = None
+    if "counts" in features:
+        counts = torch.zeros(NUM_GROUPS if use_groups else 1, num_experts, dtype=torch.int64, device=device)
+    if keep is not None and not use_groups:
+        keep = keep[:1].contiguous()
     outs = [(torch.empty(num_tokens, top_k, dtype=torch.bfloat16, device=device),
              torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)) for _ in range(sets)]
 
-    ref_counts = torch.zeros_like(counts)
+    fresh_counts = lambda: None if counts is None else torch.zeros_like(counts)  # noqa: E731
+    ref_counts = fresh_counts()
     _, ref_ids = triton_route.route_forward(data[0][0], top_k, keep, data[0][1], ref_counts, False)
 
     def record(name, us, resources):
         gbs = nbytes / (us * 1e-6) / 1e9
         pct = 100 * gbs / copy_gbs if copy_gbs else math.nan
-        rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, variant=name, us=us, gbs=gbs, pct_copy=pct,
-                         resources=resources))
-        print(f"T={num_tokens:>6} E={num_experts:>3} k={top_k:>2} {name:<26} {us:9.2f} us {gbs:7.0f} GB/s "
-              f"({pct:5.1f}% of copy) {resources}", flush=True)
+        rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, features=features, variant=name, us=us, gbs=gbs,
+                         pct_copy=pct, resources=resources))
+        print(f"T={num_tokens:>6} E={num_experts:>3} k={top_k:>2} {features:<18} {name:<26} {us:9.2f} us "
+              f"{gbs:7.0f} GB/s ({pct:5.1f}% of copy) {resources}", flush=True)
 
     fns = [lambda d=d, o=o: triton_route.route_forward(d[0], top_k, keep, d[1], counts, False, out=o)
            for d, o in zip(data, outs)]
@@ -196,15 +215,17 @@ def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, 
             continue
         opts = dict(select=select, lanes_per_row=lanes, early_denom=early, block_t=block_t, num_warps=warps)
         try:
-            check_counts = torch.zeros_like(counts)
+            check_counts = fresh_counts()
             weights, ids = outs[0]
             handle = route_fast_launch.forward_into(weights, ids, data[0][0], top_k, keep, data[0][1], check_counts,
                                                     False, **opts)
-            if not (torch.equal(ids, ref_ids) and torch.equal(check_counts, ref_counts)):
+            counts_equal = counts is None or torch.equal(check_counts, ref_counts)
+            if not (torch.equal(ids, ref_ids) and counts_equal):
                 bad = int((ids != ref_ids).any(dim=1).sum())
                 print(f"T={num_tokens} E={num_experts} k={top_k} {name}: MISMATCH ({bad} rows of ids differ, "
-                      f"counts equal: {torch.equal(check_counts, ref_counts)}); not timed", flush=True)
-                rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, variant=name, resources="mismatch"))
+                      f"counts equal: {counts_equal}); not timed", flush=True)
+                rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, features=features, variant=name,
+                                 resources="mismatch"))
                 continue
             fns = [lambda d=d, o=o: route_fast_launch.forward_into(o[0], o[1], d[0], top_k, keep, d[1], counts,
                                                                    False, **opts) for d, o in zip(data, outs)]
@@ -212,7 +233,8 @@ def run_shape(num_tokens, num_experts, top_k, variants, device, copy_gbs, rows, 
         except Exception as exc:  # a configuration that does not compile or run
             print(f"T={num_tokens} E={num_experts} k={top_k} {name}: failed: {type(exc).__name__}: "
                   f"{str(exc)[:200]}", flush=True)
-            rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, variant=name, resources="failed"))
+            rows.append(dict(T=num_tokens, E=num_experts, top_k=top_k, features=features, variant=name,
+                             resources="failed"))
     del data, outs
     if on_gpu:
         torch.cuda.empty_cache()
@@ -244,21 +266,24 @@ def main(argv=None):
     rows, skipped = [], []
     main_variants = MAIN_VARIANTS if not args.smoke else [v for v in MAIN_VARIANTS if v[2] in (32, 64)][::3]
     if args.smoke:  # exercise the compile pool on two small jobs
-        precompile([(8, 2, None), (8, 2, main_variants[0])], min(2, max(1, args.jobs)))
+        precompile([(8, 2, None), (8, 2, main_variants[0], "counts")], min(2, max(1, args.jobs)))
     elif args.jobs > 0:
         jobs = [(64, 8, None)] + [(64, 8, v) for v in main_variants]
+        jobs += [(64, 8, v, f) for f in ("counts", "none") for v in [None] + FEATURE_VARIANTS]
         for num_experts, top_k in WIDE_SHAPES:
             jobs += [(num_experts, top_k, None)] + [(num_experts, top_k, v) for v in WIDE_VARIANTS
                                                     if not v[1] or num_experts // v[1] <= ROW_REGISTERS_MAX]
         precompile(jobs, args.jobs)
     for num_tokens in args.sizes:
         run_shape(num_tokens, 64, 8, main_variants, device, copy_gbs, rows, deadline, skipped)
+    for features in ("counts", "none"):
+        run_shape(args.sizes[-1], 64, 8, FEATURE_VARIANTS, device, copy_gbs, rows, deadline, skipped, features)
     for num_experts, top_k in WIDE_SHAPES:
         run_shape(args.wide_tokens, num_experts, top_k, WIDE_VARIANTS, device, copy_gbs, rows, deadline, skipped)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["T", "E", "top_k", "variant", "us", "gbs", "pct_copy", "resources"]
+    fields = ["T", "E", "top_k", "features", "variant", "us", "gbs", "pct_copy", "resources"]
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -267,18 +292,20 @@ def main(argv=None):
     print("\n" + header)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; bf16 logits, per-group mask ({NUM_GROUPS} groups, -1 runs), counts; "
           f"per-call time in a CUDA graph over rotating inputs ({time.monotonic() - started:.0f} s run)")
-    print(f"{'T':>7} {'E':>4} {'k':>3} {'variant':<26} {'us':>9} {'GB/s':>7} {'%copy':>6} {'x cur':>6}  resources")
+    print(f"{'T':>7} {'E':>4} {'k':>3} {'features':<18} {'variant':<26} {'us':>9} {'GB/s':>7} {'%copy':>6} "
+          f"{'x cur':>6}  resources")
     for r in rows:
+        where = f"{r['T']:>7} {r['E']:>4} {r['top_k']:>3} {r['features']:<18} {r['variant']:<26}"
         if "us" not in r:
-            print(f"{r['T']:>7} {r['E']:>4} {r['top_k']:>3} {r['variant']:<26} {'-':>9} {'-':>7} {'-':>6} {'-':>6}  "
-                  f"{r['resources']}")
+            print(f"{where} {'-':>9} {'-':>7} {'-':>6} {'-':>6}  {r['resources']}")
             continue
-        cur = next(c for c in rows if c["variant"] == "current" and (c["T"], c["E"], c["top_k"]) ==
-                   (r["T"], r["E"], r["top_k"]))
-        print(f"{r['T']:>7} {r['E']:>4} {r['top_k']:>3} {r['variant']:<26} {r['us']:9.2f} {r['gbs']:7.0f} "
-              f"{r['pct_copy']:6.1f} {cur['us'] / r['us']:6.2f}  {r['resources']}")
+        cur = next(c for c in rows if c["variant"] == "current" and (c["T"], c["E"], c["top_k"], c["features"]) ==
+                   (r["T"], r["E"], r["top_k"], r["features"]))
+        print(f"{where} {r['us']:9.2f} {r['gbs']:7.0f} {r['pct_copy']:6.1f} {cur['us'] / r['us']:6.2f}  "
+              f"{r['resources']}")
     for size in args.sizes:
-        timed = [r for r in rows if r["T"] == size and r["E"] == 64 and "us" in r and r["variant"] != "current"]
+        timed = [r for r in rows if r["T"] == size and r["E"] == 64 and "us" in r and r["variant"] != "current"
+                 and r["features"] == FULL_FEATURES]
         if timed:
             best = min(timed, key=lambda r: r["us"])
             print(f"best at T={size}, E=64, k=8: {best['variant']} {best['us']:.2f} us "
