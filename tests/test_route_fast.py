@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +268,20 @@ def test_gpu_against_oracle(method, lanes_per_row):
                 group = draw_group("out_of_range", 64, 3, gen, torch.int64)
                 run_case(logits, k, keep, group, 3, kind == "wide", method, lanes_per_row=lanes_per_row,
                          device="cuda")
+
+
+def test_kernel_module_loads_only_inside_the_package():
+    code = (
+        "import importlib\n"
+        "try:\n"
+        "    importlib.import_module('kernels.route_fast')\n"
+        "except ImportError as exc:\n"
+        "    print('refused:', exc)\n"
+        "import moe_fastmask.kernels.route_fast as r\n"
+        "print(r.__name__)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]  # the repository root on sys.path, where kernels/ lives
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "refused: moe_fastmask's Triton kernels are importable only" in result.stdout
+    assert "moe_fastmask.kernels.route_fast" in result.stdout
