@@ -1,6 +1,8 @@
 """Faster forward of the fused router op (masked softmax + top-k + per-group counts) on packed sortable keys.
 
-Pure compute; the launcher lives in :mod:`moe_fastmask.ops.route_fast_launch`.
+Pure compute; the launcher lives in :mod:`moe_fastmask.ops.route_fast_launch`. These are candidate forward kernels,
+measured against the dispatched one by ``benchmarks/bench_route_variants.py`` (results in ``benchmarks/RESULTS.md``);
+``moe_fastmask.route`` does not dispatch to them yet.
 
 Ranking contract (what the ids follow, bit-exactly):
 
