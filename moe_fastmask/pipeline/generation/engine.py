@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -211,7 +212,8 @@ class StaticCacheEngine:
     the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
     first. ``check_every``: decode steps between completion checks (the only host syncs of the decode loop).
     ``cache_multiple``: cache lengths are rounded up to this, so batches of similar length share a graph.
-    ``max_slots``: captured graphs (each with its cache) kept for reuse.
+    ``max_slots``: captured graphs (each with its cache) kept for reuse. ``time_phases``: synchronise after prefill
+    and after decode to time them (``last_timings``; off by default: it costs a host sync per batch).
     """
 
     name = BACKEND_NAME
@@ -230,6 +232,7 @@ class StaticCacheEngine:
         check_every: int = 16,
         cache_multiple: int = 64,
         max_slots: int = 2,
+        time_phases: bool = False,
     ) -> None:
         for arg, value in (("max_batch_size", max_batch_size), ("prefill_chunk_tokens", prefill_chunk_tokens),
                            ("check_every", check_every), ("cache_multiple", cache_multiple), ("max_slots", max_slots)):
@@ -250,6 +253,8 @@ class StaticCacheEngine:
         self.cache_multiple = cache_multiple
         self.max_slots = max_slots
         self.compile = compile
+        self.time_phases = time_phases
+        self.last_timings: dict[str, float] = {}
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         params = inspect.signature(self.decoder.forward).parameters
@@ -272,7 +277,6 @@ class StaticCacheEngine:
         self._recorders: dict[tuple[int, bool], mf.RoutingRecorder] = {}
         self._keep: Tensor | None = None
         self._eos_device = torch.tensor(self.eos_ids, dtype=torch.int64, device=self.device)
-        self._pool = None
         self._forward_decode = self._model_forward
         if compile:
             try:
@@ -301,7 +305,6 @@ class StaticCacheEngine:
         """Drop captured graphs, caches and count buffers."""
         self._slots.clear()
         self._recorders.clear()
-        self._pool = None
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> GenerationOutput:
@@ -318,6 +321,7 @@ class StaticCacheEngine:
         generated: list[list[int]] = [[] for _ in range(n)]
         experts: list[dict[str, Tensor]] | None = [{} for _ in range(n)] if request.record_token_experts else None
         order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
+        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
         for start in range(0, n, self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
             self._run_batch(rows, prompts, groups, sampling, seed, recorder, generated, experts)
@@ -446,6 +450,7 @@ class StaticCacheEngine:
         slot.step.zero_()
         ids_dev, positions_dev = ids.to(dev), positions.to(dev)
 
+        start = time.perf_counter()
         record = recorder.record(row_groups.tolist(), eos_token_id=self.eos_ids) if recorder is not None else None
         if record is not None:
             record.__enter__()
@@ -465,6 +470,7 @@ class StaticCacheEngine:
             slot.out[:, 0] = first
             slot.tokens[:, 0] = first
             slot.step.fill_(1)
+            prefilled = self._clock()
 
             _enter_phase(self.model, "decode", slot.cache, slot.live_groups)
             done_steps = 1
@@ -473,9 +479,15 @@ class StaticCacheEngine:
                 done_steps += 1
                 if done_steps % self.check_every == 0 and done_steps < N and bool(self._all_done(slot)):
                     break
+            decoded = self._clock()
         finally:
             if record is not None:
                 record.__exit__(None, None, None)
+        timings = self.last_timings
+        timings["prefill_s"] += prefilled - start
+        timings["decode_s"] += decoded - prefilled
+        timings["decode_steps"] += done_steps - 1
+        timings["batches"] += 1
 
         out = slot.out[:n_real, :done_steps].cpu().tolist()
         eos = set(self.eos_ids)
@@ -488,6 +500,11 @@ class StaticCacheEngine:
             generated[i] = tokens
         if experts is not None:
             self._collect_experts(recorder, rows, experts)
+
+    def _clock(self) -> float:
+        if self.time_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _collect_experts(self, recorder, rows, experts) -> None:
         logged = recorder.token_experts()
@@ -552,7 +569,7 @@ class StaticCacheEngine:
 
     def _decode(self, slot: _Slot) -> None:
         if not slot.key.graphed:
-            self._step(slot)
+            self._step_with_fallback(slot)
             return
         if slot.graph is not None:
             slot.graph.replay()
@@ -561,22 +578,33 @@ class StaticCacheEngine:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step(slot)
+            self._step_with_fallback(slot)
         torch.cuda.current_stream().wait_stream(stream)
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            graph = torch.cuda.CUDAGraph()  # a private memory pool: slots never share temporaries
+            with torch.cuda.graph(graph):
                 self._step(slot)
-            slot.graph = graph
         except Exception as exc:  # noqa: BLE001 - capture can fail for many reasons; eager is always correct
             slot.key = _replace(slot.key, graphed=False)
             self._say(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
-            # a failed capture ran nothing; the state is as after the warm-up step
             torch.cuda.synchronize()
             return
         # capture records without running anything: the captured step is the one the next call replays
+        slot.graph = graph
+
+    def _step_with_fallback(self, slot: _Slot) -> None:
+        """:meth:`_step`; a compiled forward that fails to compile is replaced by the eager one (said once).
+
+        Compilation fails before anything runs, and the step's bookkeeping before the forward is idempotent, so the
+        step is simply run again."""
+        try:
+            self._step(slot)
+        except Exception as exc:  # noqa: BLE001
+            if self._forward_decode is self._model_forward:
+                raise
+            self._forward_decode = self._model_forward
+            self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
+            self._step(slot)
 
 
 def _replace(key: _SlotKey, **changes) -> _SlotKey:
