@@ -156,6 +156,12 @@ def test_min_new_tokens_and_expert_mask_equal_generate(model_dir, tokenizer, bat
     assert all(eos_id not in row[:4] for row in out.token_ids)
     assert_counts_equal(out, rec)
     assert int(out.prefill_counts[:, 1, :3].sum() + out.decode_counts[:, 1, :3].sum()) == 0
+    # a mask cleared on the model directly is no longer applied by the engine
+    mf.set_expert_mask(model, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unmasked = engine.generate(request)
+    assert int(unmasked.prefill_counts[:, 1, :3].sum()) > 0
 
 
 def test_token_experts_match_counts(model_dir, tokenizer, batch, eos_id):

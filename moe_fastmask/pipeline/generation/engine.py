@@ -245,6 +245,9 @@ class StaticCacheEngine:
         if eos is None:
             raise ValueError("eos_token_id is needed: pass it or set the model's generation_config.eos_token_id")
         self.eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if not self.eos_ids or not all(0 <= e < vocab for e in self.eos_ids):
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else self.eos_ids[0]
         self.max_batch_size = max_batch_size
@@ -277,6 +280,8 @@ class StaticCacheEngine:
         self._recorders: dict[tuple[int, bool], mf.RoutingRecorder] = {}
         self._keep: Tensor | None = None
         self._eos_device = torch.tensor(self.eos_ids, dtype=torch.int64, device=self.device)
+        self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
+        self._eos_bias[self._eos_device] = float("-inf")
         self._forward_decode = self._model_forward
         if compile:
             try:
@@ -289,16 +294,20 @@ class StaticCacheEngine:
         """Set (or clear) the per-layer, per-group expert mask (see :func:`moe_fastmask.set_expert_mask`).
 
         A mask of the same shape as the current one is copied into the same buffer, so captured graphs stay valid.
+        A mask set on the model directly is taken up the same way at the next :meth:`generate`.
         """
         mf.set_expert_mask(self.model, keep)  # validates, then places a fresh copy on the device
-        if keep is None:
-            self._keep = None
+        self._adopt_mask()
+
+    def _adopt_mask(self) -> None:
+        current = _routing_state(self.model).keep
+        if current is None or current is self._keep:
+            self._keep = current
+            return
+        if self._keep is not None and self._keep.shape == current.shape:
+            self._keep.copy_(current)
         else:
-            fresh = _routing_state(self.model).keep
-            if self._keep is not None and self._keep.shape == fresh.shape:
-                self._keep.copy_(fresh)
-            else:
-                self._keep = fresh
+            self._keep = current
         _bind_expert_mask(self.model, self._keep)
 
     def close(self) -> None:
@@ -310,6 +319,7 @@ class StaticCacheEngine:
     def generate(self, request: GenerationRequest) -> GenerationOutput:
         """Generate for every prompt of ``request``; see :class:`GenerationOutput`."""
         prompts, groups, sampling = self._check(request)
+        self._adopt_mask()
         n = len(prompts)
         recorder = None
         if groups is not None:
@@ -537,10 +547,8 @@ class StaticCacheEngine:
     def _choose(self, slot: _Slot, logits: Tensor) -> Tensor:
         """The next token of every row from float32 logits ``[B, V]`` (``slot.step`` tokens generated so far)."""
         key = slot.key
-        if key.min_new:
-            eos = self._eos_device
-            suppress = slot.step < slot.min_new
-            logits[:, eos] = torch.where(suppress, float("-inf"), logits[:, eos])
+        if key.min_new:  # no EOS before min_new_tokens, as generate's MinNewTokensLengthLogitsProcessor
+            logits = logits + torch.where(slot.step < slot.min_new, self._eos_bias, 0.0)
         if not key.do_sample:
             return logits.argmax(dim=-1)
         logits = logits / slot.temperature
