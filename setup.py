@@ -15,6 +15,7 @@ setup(
         "moe_fastmask.ops",
         "moe_fastmask.integrations",
         "moe_fastmask.pipeline",
+        "moe_fastmask.pipeline.generation",
         "moe_fastmask.kernels",
         "moe_fastmask.csrc",
     ],
