@@ -10,7 +10,7 @@ Random-weight OLMoE with the full OLMoE-1B-7B config (bf16), 128-token prompts (
 3. the floor: weights + the filled KV cache read once per step at the measured device copy bandwidth;
 4. ``torch.compile`` of the engine's decode forward at batch 512 (``--no-compile`` skips it);
 5. where a decode step's device time goes at batch 512 (torch profiler over eager steps of the same engine code:
-   attention, experts, router, sampling, other), and the graph-replayed step time for comparison;
+   attention, experts, router, logits (LM head), sampling, other), next to the graph-replayed step time;
 6. a check that the replayed graph gives the same tokens and counts as the eager step.
 
     python benchmarks/bench_engine.py --out benchmarks/out          # GPU, about 4 minutes on an H200
@@ -34,7 +34,7 @@ import torch
 import moe_fastmask as mf
 from moe_fastmask.pipeline.generation.engine import GenerationRequest, SamplingSettings, StaticCacheEngine
 
-CATEGORIES = ("attention", "experts", "router", "sampling")
+CATEGORIES = ("attention", "experts", "router", "logits", "sampling")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def graph_matches_eager(model, batch: int, args, vocab: int) -> dict:
 
 @contextlib.contextmanager
 def labelled_ranges(model, engine: StaticCacheEngine):
-    """Profiler ranges around attention, experts, router (module hooks) and token choice (the engine's)."""
+    """Profiler ranges around attention, experts, router, the LM head (module hooks) and token choice."""
     handles, stack = [], []
 
     def enter(label):
@@ -209,6 +209,8 @@ def labelled_ranges(model, engine: StaticCacheEngine):
         for module, label in ((layer.self_attn, "attention"), (layer.mlp.experts, "experts"), (layer.mlp.gate, "router")):
             handles.append(module.register_forward_pre_hook(enter(label)))
             handles.append(module.register_forward_hook(leave))
+    handles.append(model.lm_head.register_forward_pre_hook(enter("logits")))
+    handles.append(model.lm_head.register_forward_hook(leave))
     choose, step = engine._choose, engine._step
 
     def labelled_choose(*a, **k):

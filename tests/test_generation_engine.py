@@ -15,6 +15,7 @@ from moe_fastmask.pipeline.generation.engine import (
     SamplingSettings,
     StaticCacheEngine,
     counter_uniform,
+    sequence_seed,
     top_p_filter,
 )
 
@@ -206,12 +207,16 @@ def test_sampling_is_reproducible_and_independent_of_batching(model_dir, tokeniz
 
 
 def test_counter_uniform_and_top_p_filter():
-    seed, keys, step = torch.tensor(5), torch.tensor([0, 1, 2, 3]), torch.tensor(9)
-    u = counter_uniform(seed, keys, step, 5000)
+    seeds, step = torch.tensor([sequence_seed(5, i) for i in range(4)]), torch.tensor(9)
+    u = counter_uniform(seeds, step, 5000)
     assert u.shape == (4, 5000) and bool((u > 0).all() and (u < 1).all())
     assert abs(float(u.mean()) - 0.5) < 0.01
-    assert torch.equal(u[1:], counter_uniform(seed, keys[1:], step, 5000))  # a row's numbers ignore the others
-    assert not torch.equal(u, counter_uniform(seed, keys, step + 1, 5000))
+    assert torch.equal(u[1:], counter_uniform(seeds[1:], step, 5000))  # a row's numbers ignore the others
+    assert not torch.equal(u, counter_uniform(seeds, step + 1, 5000))
+    assert not torch.equal(u[0], u[1])
+    # neighbouring seeds and steps give unrelated numbers
+    assert abs(float(torch.corrcoef(torch.stack([u[0], u[1]]))[0, 1])) < 0.1
+    assert sequence_seed(5, 0) != sequence_seed(6, 0) and -(2**63) <= sequence_seed(2**62, 7) < 2**63
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
     kept = top_p_filter(logits, torch.tensor(0.7)).isfinite()
     assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
@@ -232,6 +237,12 @@ def test_bad_requests_raise(model_dir, tokenizer, batch):
         engine.generate(GenerationRequest(ids, [0, 1, 2, 0, 0], 2))
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         engine.generate(GenerationRequest(ids, sampling=SamplingSettings(max_new_tokens=0)))
+    with pytest.raises(ValueError, match=r"sequence_seeds needs one int64 per prompt \(5\), got 2"):
+        engine.generate(GenerationRequest(ids, sequence_seeds=[1, 2]))
+    with pytest.raises(ValueError, match="record_token_experts needs request.groups"):
+        engine.generate(GenerationRequest(ids, record_token_experts=True))
+    with pytest.raises(ValueError, match=r"eos_token_id must be token ids in \[0, "):
+        StaticCacheEngine(model, eos_token_id=10**6)
     with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
         StaticCacheEngine(model, max_batch_size=0)
 

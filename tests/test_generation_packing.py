@@ -10,7 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
-from moe_fastmask.pipeline.generation.engine import GenerationOutput, GenerationRequest, SamplingSettings, StaticCacheEngine
+from moe_fastmask.pipeline.generation.engine import (
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    StaticCacheEngine,
+    sequence_seed,
+)
 from moe_fastmask.pipeline.generation.packing import (
     PackedLayout,
     pack_groups,
@@ -61,6 +67,13 @@ def test_pack_requests_rejects_mixed_settings():
         pack_requests([a, GenerationRequest([[3]], [0], 3)])
     with pytest.raises(ValueError, match="request 1: sampling differs"):
         pack_requests([a, GenerationRequest([[3]], [0], 2, SamplingSettings(max_new_tokens=5))])
+    sampled = GenerationRequest([[1, 2]], [0], 2, SamplingSettings(do_sample=True, seed=3))
+    unseeded = GenerationRequest([[5]], [1], 2, SamplingSettings(do_sample=True))
+    with pytest.raises(ValueError, match="request 1: a packed sampled request needs a seed"):
+        pack_requests([sampled, unseeded])
+    packed, _ = pack_requests([sampled, GenerationRequest([[5], [6]], [1, 0], 2, SamplingSettings(do_sample=True, seed=4))])
+    assert packed.sequence_seeds == [sequence_seed(3, 0), sequence_seed(4, 0), sequence_seed(4, 1)]
+    assert len(set(packed.sequence_seeds)) == 3
     with pytest.raises(ValueError, match="either every packed request records"):
         pack_requests([a, GenerationRequest([[3]], None, 2)])
     packed, layout = pack_requests([a, GenerationRequest([[3], [4]], [1, -1], 2)])
@@ -68,13 +81,15 @@ def test_pack_requests_rejects_mixed_settings():
     assert layout == PackedLayout(sizes=(1, 2), num_groups=2)
 
 
-def test_packed_counts_equal_unpacked(tmp_path):
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_packed_counts_equal_unpacked(tmp_path, do_sample):
     model_dir = build_tiny_olmoe(tmp_path / "tiny", num_layers=2, seed=5)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = mf.apply_to_olmoe(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
-    sampling = SamplingSettings(max_new_tokens=8)
     requests = []
-    for prompts, groups in BATCHES:
+    for b, (prompts, groups) in enumerate(BATCHES):
+        # sampled: each method batch has its own seed, as analyze seeds each batch
+        sampling = SamplingSettings(max_new_tokens=8, do_sample=do_sample, temperature=1.5, top_p=0.9, seed=100 + b)
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts

@@ -13,8 +13,8 @@ not padding (prefill), and generated tokens fed back before their sequence's fir
 * one decode step — EOS bookkeeping, mask and positions, the model, token choice — works only on device buffers,
   so it is captured once per (bucket, cache length, settings) as a CUDA graph and replayed; the host checks for
   completion every ``check_every`` steps, never in between;
-* greedy decoding, or sampling with temperature and top-p from counter-based noise (seed, sequence index, step),
-  so a seeded run gives the same tokens whatever the batching;
+* greedy decoding, or sampling with temperature and top-p from counter-based noise (a per-sequence seed, the step,
+  the token id), so a seeded run gives the same tokens whatever the batching;
 * on CPU, or where capture fails, the same step runs eagerly with identical results, and the engine says why once.
 """
 
@@ -56,7 +56,9 @@ class GenerationRequest:
     """Prompts (unpadded token ids, one list per sequence) and how to count their routing.
 
     ``groups``: the counting group of each sequence in ``[-1, num_groups)`` (-1: generated but never counted), or
-    ``None`` to record nothing.
+    ``None`` to record nothing. ``sequence_seeds``: the sampling seed of each sequence (default: derived from
+    ``sampling.seed`` and the sequence's index, :func:`sequence_seed`); packed requests use it so that every
+    sequence samples as it would in its own request.
     """
 
     prompt_ids: list[list[int]]
@@ -64,6 +66,7 @@ class GenerationRequest:
     num_groups: int = 1
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     record_token_experts: bool = False
+    sequence_seeds: list[int] | None = None
 
 
 @dataclass
@@ -131,11 +134,17 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
-def counter_uniform(seed: Tensor, row_keys: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """Uniform (0, 1) float32 ``[B, vocab]`` from a hash of (seed, row key, step, token id): the same numbers on
-    every device and whatever the batch holds (int64 arithmetic wraps identically on CPU and CUDA)."""
-    base = (seed * _GOLDEN + row_keys) * _MIX1 + step * _GOLDEN  # [B]
-    x = base[:, None] + torch.arange(vocab, device=row_keys.device, dtype=torch.int64) * _GOLDEN
+def sequence_seed(seed: int, index: int) -> int:
+    """The sampling seed of sequence ``index`` of a request seeded with ``seed`` (a signed int64)."""
+    value = (int(seed) * (_GOLDEN + (1 << 64)) + int(index)) & ((1 << 64) - 1)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def counter_uniform(row_seeds: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Uniform (0, 1) float32 ``[B, vocab]`` from a hash of (row seed, step, token id): the same numbers on every
+    device and whatever the batch holds (int64 arithmetic wraps identically on CPU and CUDA)."""
+    base = row_seeds * _MIX1 + step * _GOLDEN  # [B]
+    x = base[:, None] + torch.arange(vocab, device=row_seeds.device, dtype=torch.int64) * _GOLDEN
     x = (x ^ (x >> 30)) * _MIX1
     x = (x ^ (x >> 27)) * _MIX2
     x = x ^ (x >> 31)
@@ -191,8 +200,7 @@ class _Slot:
         self.live_groups = torch.full((B,), -1, **i64)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.out = torch.zeros(B, M, **i64)
-        self.row_keys = torch.zeros(B, **i64)
-        self.seed = torch.zeros((), **i64)
+        self.row_seeds = torch.zeros(B, **i64)
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.top_p = torch.ones((), dtype=torch.float32, device=device)
         self.min_new = torch.zeros((), **i64)
@@ -325,16 +333,19 @@ class StaticCacheEngine:
         if groups is not None:
             recorder = self._recorder(request.num_groups, request.record_token_experts)
             recorder.reset()
-        seed = sampling.seed
-        if sampling.do_sample and seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+        seeds = request.sequence_seeds
+        if seeds is None:
+            seed = sampling.seed
+            if sampling.do_sample and seed is None:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            seeds = [sequence_seed(seed or 0, i) for i in range(n)]
         generated: list[list[int]] = [[] for _ in range(n)]
         experts: list[dict[str, Tensor]] | None = [{} for _ in range(n)] if request.record_token_experts else None
         order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
         self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
         for start in range(0, n, self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
-            self._run_batch(rows, prompts, groups, sampling, seed, recorder, generated, experts)
+            self._run_batch(rows, prompts, groups, sampling, seeds, recorder, generated, experts)
         texts = [""] * n
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -376,6 +387,9 @@ class StaticCacheEngine:
             groups = [int(g) for g in groups]
         elif request.record_token_experts:
             raise ValueError("request.record_token_experts needs request.groups (the tokens to record)")
+        seeds = request.sequence_seeds
+        if seeds is not None and (len(seeds) != len(prompts) or not all(-(2**63) <= int(x) < 2**63 for x in seeds)):
+            raise ValueError(f"request.sequence_seeds needs one int64 per prompt ({len(prompts)}), got {len(seeds)}")
         return prompts, groups, sampling
 
     def _recorder(self, num_groups: int, token_experts: bool) -> mf.RoutingRecorder:
@@ -402,7 +416,7 @@ class StaticCacheEngine:
         self._slots[key] = slot  # most recently used last
         return slot
 
-    def _run_batch(self, rows, prompts, groups, sampling, seed, recorder, generated, experts) -> None:
+    def _run_batch(self, rows, prompts, groups, sampling, seeds, recorder, generated, experts) -> None:
         n_real = len(rows)
         B = self._bucket(n_real)
         P = max(len(prompts[i]) for i in rows)
@@ -432,12 +446,12 @@ class StaticCacheEngine:
         ids = torch.full((B, P), self.pad_token_id, dtype=torch.int64)
         valid = torch.zeros(B, P, dtype=torch.bool)
         row_groups = torch.full((B,), -1, dtype=torch.int64)
-        row_keys = torch.zeros(B, dtype=torch.int64)
+        row_seeds = torch.zeros(B, dtype=torch.int64)
         for r, i in enumerate(rows):
             p = prompts[i]
             ids[r, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
             valid[r, P - len(p) :] = True
-            row_keys[r] = i
+            row_seeds[r] = seeds[i]
             if groups is not None:
                 row_groups[r] = groups[i]
         valid[n_real:, P - 1] = True
@@ -449,11 +463,10 @@ class StaticCacheEngine:
         slot.key_valid[:, :P].copy_(valid)
         slot.base_pos.copy_(valid.sum(-1))
         slot.groups.copy_(row_groups)
-        slot.row_keys.copy_(row_keys)
+        slot.row_seeds.copy_(row_seeds)
         slot.finished.zero_()
         slot.finished[n_real:] = True
         slot.prompt_pad.fill_(P)
-        slot.seed.fill_(int(seed) if seed is not None else 0)
         slot.temperature.fill_(float(sampling.temperature))
         slot.top_p.fill_(float(sampling.top_p))
         slot.min_new.fill_(int(sampling.min_new_tokens))
@@ -554,7 +567,7 @@ class StaticCacheEngine:
         logits = logits / slot.temperature
         if key.top_p:
             logits = top_p_filter(logits, slot.top_p)
-        noise = counter_uniform(slot.seed, slot.row_keys, slot.step, logits.shape[-1])
+        noise = counter_uniform(slot.row_seeds, slot.step, logits.shape[-1])
         return (logits - torch.log(-torch.log(noise))).argmax(dim=-1)
 
     def _step(self, slot: _Slot) -> None:

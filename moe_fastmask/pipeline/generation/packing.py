@@ -13,7 +13,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from moe_fastmask.pipeline.generation.engine import GenerationOutput, GenerationRequest
+from moe_fastmask.pipeline.generation.engine import GenerationOutput, GenerationRequest, sequence_seed
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,19 @@ def split_group_axis(tensor: Tensor, num_batches: int, num_groups: int, axis: in
 def pack_requests(requests: Sequence[GenerationRequest]) -> tuple[GenerationRequest, PackedLayout]:
     """One request holding every sequence of ``requests`` (in order), each (request, group) its own group.
 
-    The requests must share sampling settings, ``num_groups`` and ``record_token_experts``, and all record
-    (``groups`` set) or none do.
+    The requests must share ``num_groups``, ``record_token_experts`` and sampling settings other than the seed, and
+    all record (``groups`` set) or none do. Each sequence keeps the sampling seed it has in its own request, so a
+    seeded sampled packed run draws the same tokens as the requests run one by one.
     """
     if not requests:
         raise ValueError("pack_requests needs at least one request")
     first = requests[0]
     for index, request in enumerate(requests[1:], start=1):
-        for name in ("sampling", "num_groups", "record_token_experts"):
+        for name in ("num_groups", "record_token_experts"):
             if getattr(request, name) != getattr(first, name):
                 raise ValueError(f"request {index}: {name} differs from request 0's; packed requests must share it")
+        if replace(request.sampling, seed=None) != replace(first.sampling, seed=None):
+            raise ValueError(f"request {index}: sampling differs from request 0's (other than the seed)")
         if (request.groups is None) != (first.groups is None):
             raise ValueError(f"request {index}: either every packed request records (groups set) or none does")
     layout = PackedLayout(sizes=tuple(len(r.prompt_ids) for r in requests), num_groups=first.num_groups)
@@ -77,11 +80,22 @@ def pack_requests(requests: Sequence[GenerationRequest]) -> tuple[GenerationRequ
                     f"request {index}: {len(request.groups)} groups for {len(request.prompt_ids)} prompts"
                 )
         groups = pack_groups([r.groups for r in requests], first.num_groups)
+    seeds = None
+    if first.sampling.do_sample:
+        seeds = []
+        for index, request in enumerate(requests):
+            if request.sequence_seeds is not None:
+                seeds += request.sequence_seeds
+            elif request.sampling.seed is None:
+                raise ValueError(f"request {index}: a packed sampled request needs a seed (sampling.seed)")
+            else:
+                seeds += [sequence_seed(request.sampling.seed, i) for i in range(len(request.prompt_ids))]
     packed = replace(
         first,
         prompt_ids=[ids for request in requests for ids in request.prompt_ids],
         groups=groups,
         num_groups=first.num_groups * len(requests),
+        sequence_seeds=seeds,
     )
     return packed, layout
 
