@@ -255,3 +255,18 @@ def test_cpu_says_once_why_it_runs_eagerly(model_dir, tokenizer, batch):
         engine.generate(GenerationRequest(ids, sampling=SamplingSettings(max_new_tokens=3)))
     messages = [str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)]
     assert len(messages) == 1 and "eagerly" in messages[0] and "cpu" in messages[0]
+
+
+def test_batch_size_for_memory(model_dir, tokenizer):
+    engine = StaticCacheEngine(load(model_dir), tokenizer, prefill_chunk_tokens=64, cache_multiple=16)
+    cfg = engine.model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # 20 + 12 positions -> a cache of 32; float32 K and V of every layer, plus the logits' share
+    per_sequence = 32 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4 + engine.vocab * 4 * 6
+    sizes = [engine.batch_size_for_memory(20, 12, free_bytes=n * per_sequence * 2, fraction=1.0, largest=1 << 20)
+             for n in (64, 128, 1024)]  # fmt: skip
+    # room for a little under 2n sequences once the prefill chunk is set aside: the power of two below
+    assert sizes == [64, 128, 1024]
+    assert engine.batch_size_for_memory(20, 12, free_bytes=10) == 1
+    assert engine.batch_size_for_memory(20, 12, free_bytes=10**15) == 4096
+    assert engine.batch_size_for_memory(20, 12) == 4096  # CPU: no device limit

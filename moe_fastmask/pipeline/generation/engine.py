@@ -307,6 +307,34 @@ class StaticCacheEngine:
         mf.set_expert_mask(self.model, keep)  # validates, then places a fresh copy on the device
         self._adopt_mask()
 
+    def batch_size_for_memory(
+        self, prompt_len: int, max_new_tokens: int, free_bytes: int | None = None, *, fraction: float = 0.85,
+        largest: int = 4096,
+    ) -> int:
+        """The largest power-of-two GPU batch whose static cache, logits and prefill activations fit in ``fraction``
+        of ``free_bytes`` (default: the device's free memory now; on CPU, ``largest``), at least 1.
+
+        An estimate: per sequence the KV cache of ``prompt_len + max_new_tokens`` positions (rounded up like the
+        engine's caches) plus float32 logits and the token-choice temporaries; once, a prefill chunk's activations.
+        """
+        if free_bytes is None:
+            if self.device.type != "cuda":
+                return largest
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        cfg = self.model.config
+        cache_len = -(-(prompt_len + max_new_tokens) // self.cache_multiple) * self.cache_multiple
+        size = self.dtype.itemsize
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        per_sequence = cache_len * cfg.num_hidden_layers * 2 * kv_heads * head_dim * size + self.vocab * 4 * 6
+        top_k = getattr(cfg, "num_experts_per_tok", 1)
+        per_prefill_token = (cfg.hidden_size * size * 16 + top_k * cfg.intermediate_size * size * 4
+                             + heads * cache_len * 4 + cache_len)  # fmt: skip
+        room = int(free_bytes * fraction) - self.prefill_chunk_tokens * per_prefill_token
+        fitting = max(1, room // per_sequence)
+        return int(min(largest, 1 << (int(fitting).bit_length() - 1)))
+
     def _adopt_mask(self) -> None:
         current = _routing_state(self.model).keep
         if current is None or current is self._keep:
