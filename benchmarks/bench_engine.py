@@ -6,7 +6,7 @@ Random-weight OLMoE with the full OLMoE-1B-7B config (bf16), 128-token prompts (
 1. decode tokens/s of the engine at batch 16, 256, 512 and 1024 (skipped if it does not fit), from the engine's
    own prefill/decode timing (one host sync after each phase), second call of each size (the first captures);
 2. ``generate`` (patched model + recorder, dynamic cache) at the same batch sizes with few new tokens: decode
-   tokens/s from the difference of a long and a one-token call;
+   tokens/s from the median decode step (host stamps at each step; ``generate`` syncs at every step anyway);
 3. the floor: weights + the filled KV cache read once per step at the measured device copy bandwidth;
 4. ``torch.compile`` of the engine's decode forward at batch 512 (``--no-compile`` skips it);
 5. where a decode step's device time goes at batch 512 (torch profiler over eager steps of the same engine code:
@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.generation.engine import GenerationRequest, SamplingSettings, StaticCacheEngine
@@ -146,8 +147,23 @@ def engine_run(engine: StaticCacheEngine, batch: int, args, vocab: int) -> dict:
     }
 
 
+class StepStamps(StoppingCriteria):
+    """A stopping criterion that never stops and stamps the host clock at each generation step (``generate``
+    synchronises with the host at every step for its own stopping checks, so the stamps are step boundaries)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        if self.done is None or self.done.shape[0] != input_ids.shape[0]:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self.done
+
+
 def generate_run(model, batch: int, args, vocab: int) -> dict:
-    """``generate`` of the patched model with the recorder: decode tokens/s from an N-token and a 1-token call."""
+    """``generate`` of the patched model with the recorder (dynamic cache): the median decode step time."""
     ids, groups = prompts(batch, args.prompt_len, vocab)
     width = max(len(row) for row in ids)
     input_ids = torch.full((batch, width), model.config.pad_token_id, dtype=torch.int64)
@@ -157,21 +173,21 @@ def generate_run(model, batch: int, args, vocab: int) -> dict:
         mask[b, width - len(row) :] = 1
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     recorder = mf.RoutingRecorder(model, num_groups=2)
+    clock = StepStamps()
 
-    def call(new: int) -> float:
-        sync(model.device)
-        start = time.perf_counter()
+    def call(new: int) -> None:
+        clock.stamps = []
         with torch.no_grad(), recorder.record(groups):
             model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=model.config.pad_token_id)  # fmt: skip
-        sync(model.device)
-        return time.perf_counter() - start
+                           do_sample=False, pad_token_id=model.config.pad_token_id,
+                           stopping_criteria=StoppingCriteriaList([clock]))  # fmt: skip
 
     call(2)  # warm-up
-    one, full = call(1), call(args.generate_new_tokens)
-    steps = args.generate_new_tokens - 1
-    return {"batch": batch, "decode_ms_per_step": (full - one) / steps * 1e3,
-            "decode_tok_s": batch * steps / max(full - one, 1e-9)}  # fmt: skip
+    call(args.generate_new_tokens)
+    steps = sorted(b - a for a, b in zip(clock.stamps, clock.stamps[1:]))
+    step_s = steps[len(steps) // 2]
+    return {"batch": batch, "decode_ms_per_step": step_s * 1e3, "decode_tok_s": batch / step_s,
+            "steps_timed": len(steps)}  # fmt: skip
 
 
 def graph_matches_eager(model, batch: int, args, vocab: int) -> dict:
