@@ -1,0 +1,134 @@
+"""The static-cache engine on a CUDA device: the replayed decode graph against ``generate`` and the eager step.
+
+Skipped on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import moe_fastmask as mf
+from moe_fastmask.pipeline.demo import build_tiny_olmoe
+from moe_fastmask.pipeline.generation.engine import GenerationRequest, SamplingSettings, StaticCacheEngine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+PROMPTS = [
+    "How do I bake bread at home?",
+    "Hi",
+    "Write a poem about the sea and the wind, please.",
+    "Tell me how to pick a lock.",
+    "Sure, here is how to do it step by step.",
+]
+GROUPS = [0, 1, -1, 1, 0]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_olmoe(tmp_path_factory.mktemp("tiny_engine_gpu"), num_layers=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load(model_dir, dtype=torch.float32):
+    return mf.apply_to_olmoe(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval())
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    ids = [row[mask.bool()].tolist() for row, mask in zip(enc.input_ids.cpu(), enc.attention_mask.cpu())]
+    return enc, ids
+
+
+def run(engine, ids, groups=GROUPS, **sampling):
+    settings = SamplingSettings(**{"max_new_tokens": NEW, **sampling})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = engine.generate(GenerationRequest(ids, groups, 2, settings))
+    return out, [str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)]
+
+
+def assert_same(a, b):
+    assert a.token_ids == b.token_ids
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_graph_equals_generate_with_eos_mid_batch(model_dir, tokenizer, batch):
+    enc, ids = batch
+    model = load(model_dir)
+    with torch.no_grad():
+        free = model.generate(**enc, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    generated = free[:, enc.input_ids.shape[1] :].tolist()
+    eos = next(
+        row[t] for row in generated for t in range(2, NEW - 3)
+        if row[t] not in row[:t] and any(row[t] not in other for other in generated)
+    )  # fmt: skip
+    rec = mf.RoutingRecorder(model, num_groups=2)
+    with torch.no_grad(), rec.record(GROUPS, eos_token_id=eos):
+        seq = model.generate(**enc, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in seq[:, enc.input_ids.shape[1] :].tolist()]
+    engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, check_every=2)
+    out, said = run(engine, ids)
+    assert not said  # captured: nothing to say
+    assert all(slot.graph is not None for slot in engine._slots.values())
+    assert out.token_ids == expected
+    assert torch.equal(out.prefill_counts, rec.prefill_counts.cpu())
+    assert torch.equal(out.decode_counts, rec.decode_counts.cpu())
+    again, _ = run(engine, ids)  # the graph replayed for a second request
+    assert_same(again, out)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 4}])
+def test_graph_equals_eager_bf16(model_dir, tokenizer, batch, sampling):
+    _, ids = batch
+    model = load(model_dir, torch.bfloat16)
+    graphed = StaticCacheEngine(model, tokenizer, max_batch_size=4)  # two batches: buckets 4 and 1
+    eager = StaticCacheEngine(model, tokenizer, max_batch_size=4, use_cuda_graph=False)
+    out_graph, _ = run(graphed, ids, min_new_tokens=3, **sampling)
+    out_eager, said = run(eager, ids, min_new_tokens=3, **sampling)
+    assert said == ["StaticCacheEngine: the decode step runs eagerly: use_cuda_graph=False"]
+    assert_same(out_graph, out_eager)
+
+
+def test_mask_changed_after_capture_is_read_by_the_graph(model_dir, tokenizer, batch):
+    _, ids = batch
+    model = load(model_dir)
+    engine = StaticCacheEngine(model, tokenizer)
+    keep = torch.ones(3, 2, 8, dtype=torch.bool)
+    engine.set_expert_mask(keep)
+    run(engine, ids)  # captures with the all-keep mask
+    keep[:, 1, :4] = False
+    engine.set_expert_mask(keep)
+    out, _ = run(engine, ids)
+    eager = StaticCacheEngine(model, tokenizer, use_cuda_graph=False)
+    expected, _ = run(eager, ids)
+    assert_same(out, expected)
+    assert int(out.decode_counts[:, 1, :4].sum()) == 0
+
+
+def test_compiled_decode_counts_every_step(model_dir, tokenizer, batch):
+    """Compiled kernels may round differently, so tokens can differ; the counted token totals cannot."""
+    _, ids = batch
+    model = load(model_dir)
+    compiled = StaticCacheEngine(model, tokenizer, compile=True)
+    eager = StaticCacheEngine(model, tokenizer, use_cuda_graph=False)
+    out, said = run(compiled, ids, min_new_tokens=NEW)
+    expected, _ = run(eager, ids, min_new_tokens=NEW)
+    assert not said, said
+    assert torch.equal(out.prefill_counts, expected.prefill_counts)  # prefill is never compiled
+    assert torch.equal(out.decode_tokens, expected.decode_tokens)
+    assert torch.equal(out.decode_counts.sum(-1), expected.decode_counts.sum(-1))
