@@ -10,14 +10,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
-from moe_fastmask.pipeline.generation.engine import (
-    GenerationRequest,
-    SamplingSettings,
-    StaticCacheEngine,
-    counter_uniform,
-    sequence_seed,
-    top_p_filter,
-)
+import numpy as np
+
+from moe_fastmask.pipeline.generation import GenerationRequest, SamplingSettings, get_backend
+from moe_fastmask.pipeline.generation.engine import StaticCacheEngine, counter_uniform, top_p_filter
+from moe_fastmask.pipeline.generation.packing import sequence_seed
+
+
+def request_of(prompts, groups=None, num_groups=2, sampling=None, **kwargs):
+    return GenerationRequest(
+        prompts=prompts, sampling=sampling or SamplingSettings(max_new_tokens=NEW), groups=groups,
+        num_groups=num_groups, **kwargs,
+    )  # fmt: skip
 
 PROMPTS = [
     "How do I bake bread at home?",
@@ -42,7 +46,7 @@ def tokenizer(model_dir):
 
 def load(model_dir, attn="sdpa"):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
-    return mf.apply_to_olmoe(model)
+    return mf.apply(model)
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +80,27 @@ def eos_id(model_dir, tokenizer, batch):
 
 
 def reference(model, tokenizer, enc, groups, eos, num_groups=2, **kwargs):
-    """``model.generate`` under the recorder: sequences cut after the first EOS, and the counts."""
+    """``model.generate`` under the recorder: sequences cut before the first EOS, and the counts."""
     rec = mf.RoutingRecorder(model, num_groups=num_groups)
     with torch.no_grad(), rec.record(groups, eos_token_id=eos):
         seq = model.generate(**enc, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **kwargs)
     tokens = []
     for row in seq[:, enc.input_ids.shape[1] :].tolist():
-        tokens.append(row[: row.index(eos) + 1] if eos in row else row)
+        tokens.append(row[: row.index(eos)] if eos in row else row)
     return tokens, rec
 
 
 def engine_run(model, tokenizer, ids, groups, eos, num_groups=2, sampling=None, **engine_kwargs):
     engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **engine_kwargs)
-    request = GenerationRequest(
-        prompt_ids=ids, groups=groups, num_groups=num_groups, sampling=sampling or SamplingSettings(max_new_tokens=NEW)
-    )
+    request = request_of(ids, groups, num_groups, sampling)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return engine.generate(request)
 
 
 def assert_counts_equal(out, rec):
-    assert torch.equal(out.prefill_counts, rec.prefill_counts.cpu())
-    assert torch.equal(out.decode_counts, rec.decode_counts.cpu())
-    assert torch.equal(out.prefill_tokens, rec.prefill_tokens.cpu())
-    assert torch.equal(out.decode_tokens, rec.decode_tokens.cpu())
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert np.array_equal(getattr(out, name), getattr(rec, name).cpu().numpy()), name
 
 
 @pytest.mark.parametrize(
@@ -117,13 +117,13 @@ def test_greedy_tokens_and_counts_equal_generate(model_dir, tokenizer, batch, eo
     enc, ids = batch
     model = load(model_dir, attn)
     expected, rec = reference(model, tokenizer, enc, GROUPS, eos_id, max_new_tokens=NEW)
-    finished = [eos_id in row for row in expected]
+    finished = [len(row) < NEW for row in expected]
     assert any(finished) and not all(finished)  # EOS mid-batch
     assert int(rec.decode_tokens.sum()) > 0
     out = engine_run(model, tokenizer, ids, GROUPS, eos_id, **engine_kwargs)
-    assert out.token_ids == expected
-    assert out.prompt_lengths == [len(i) for i in ids]
-    assert out.texts == tokenizer.batch_decode(expected, skip_special_tokens=True)
+    assert out.tokens == expected
+    assert out.num_prompt_tokens == [len(i) for i in ids]
+    assert out.texts == tokenizer.batch_decode([row + [eos_id] * (len(row) < NEW) for row in expected], skip_special_tokens=True)
     assert_counts_equal(out, rec)
 
 
@@ -132,9 +132,9 @@ def test_chunked_prefill_equals_unchunked(model_dir, tokenizer, batch, eos_id):
     model = load(model_dir)
     whole = engine_run(model, tokenizer, ids, GROUPS, eos_id)
     chunked = engine_run(model, tokenizer, ids, GROUPS, eos_id, prefill_chunk_tokens=8)  # 1 position per chunk
-    assert chunked.token_ids == whole.token_ids
+    assert chunked.tokens == whole.tokens
     for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
-        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+        assert np.array_equal(getattr(chunked, name), getattr(whole, name)), name
 
 
 def test_min_new_tokens_and_expert_mask_equal_generate(model_dir, tokenizer, batch, eos_id):
@@ -149,12 +149,12 @@ def test_min_new_tokens_and_expert_mask_equal_generate(model_dir, tokenizer, bat
     engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
     engine.set_expert_mask(torch.ones_like(keep))  # replaced below in place: the engine must read the new mask
     engine.set_expert_mask(keep)
-    request = GenerationRequest(ids, GROUPS, 2, SamplingSettings(max_new_tokens=NEW, min_new_tokens=4))
+    request = request_of(ids, GROUPS, 2, SamplingSettings(max_new_tokens=NEW, min_new_tokens=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = engine.generate(request)
-    assert out.token_ids == expected
-    assert all(eos_id not in row[:4] for row in out.token_ids)
+    assert out.tokens == expected
+    assert all(len(row) >= 4 for row in out.tokens)
     assert_counts_equal(out, rec)
     assert int(out.prefill_counts[:, 1, :3].sum() + out.decode_counts[:, 1, :3].sum()) == 0
     # a mask cleared on the model directly is no longer applied by the engine
@@ -169,24 +169,28 @@ def test_token_experts_match_counts(model_dir, tokenizer, batch, eos_id):
     _, ids = batch
     model = load(model_dir)
     engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, max_batch_size=2)
-    request = GenerationRequest(ids, GROUPS, 2, SamplingSettings(max_new_tokens=NEW), record_token_experts=True)
+    request = request_of(ids, GROUPS, 2, record_token_experts=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = engine.generate(request)
+    experts = out.token_experts
     for phase, counts in (("prefill", out.prefill_counts), ("decode", out.decode_counts)):
-        recount = torch.zeros_like(counts)
+        recount = np.zeros_like(counts)
         for seq, group in enumerate(GROUPS):
-            experts = out.token_experts[seq][phase].long()  # [T, L, K]
+            counted = experts[f"{phase}_counted"][seq]
             if group < 0:
-                assert experts.shape[0] == 0
+                assert not counted.any()
                 continue
+            ids_seq = experts[phase][seq][counted].astype(np.int64)  # [T, L, K]
             for layer in range(counts.shape[0]):
-                recount[layer, group] += torch.bincount(experts[:, layer].reshape(-1), minlength=counts.shape[2])
-        assert torch.equal(recount, counts), phase
-    # counted prompt tokens are the real ones; counted decode tokens are those fed back before EOS
-    assert [e["prefill"].shape[0] for e in out.token_experts] == [len(i) if g >= 0 else 0 for i, g in zip(ids, GROUPS)]
-    fed = [len(t) - 1 if t[-1] == eos_id or len(t) == NEW else len(t) for t in out.token_ids]
-    assert [e["decode"].shape[0] for e in out.token_experts] == [f if g >= 0 else 0 for f, g in zip(fed, GROUPS)]
+                recount[layer, group] += np.bincount(ids_seq[:, layer].reshape(-1), minlength=counts.shape[2])
+        assert np.array_equal(recount, counts), phase
+    # counted prompt tokens are the real ones (right-aligned); counted decode tokens those fed back before EOS
+    assert experts["prefill_counted"].sum(1).tolist() == [len(i) if g >= 0 else 0 for i, g in zip(ids, GROUPS)]
+    assert all(experts["prefill_counted"][s, -len(i):].all() for s, (i, g) in enumerate(zip(ids, GROUPS)) if g >= 0)
+    fed = [min(len(t), NEW - 1) for t in out.tokens]
+    assert experts["decode_counted"].sum(1).tolist() == [f if g >= 0 else 0 for f, g in zip(fed, GROUPS)]
+    assert experts["decode"].shape[1] == max(min(len(t) + 1, NEW) for t in out.tokens) - 1
 
 
 def test_sampling_is_reproducible_and_independent_of_batching(model_dir, tokenizer, batch):
@@ -195,15 +199,15 @@ def test_sampling_is_reproducible_and_independent_of_batching(model_dir, tokeniz
     sampling = SamplingSettings(max_new_tokens=NEW, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
     first = engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=sampling)
     again = engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=sampling, max_batch_size=2)
-    assert first.token_ids == again.token_ids
+    assert first.tokens == again.tokens
     assert first.prefill_counts is None  # no groups: nothing recorded
     other = SamplingSettings(max_new_tokens=NEW, do_sample=True, temperature=1.5, top_p=0.95, seed=8)
-    assert engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=other).token_ids != first.token_ids
+    assert engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=other).tokens != first.tokens
     greedy = engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id)
-    assert first.token_ids != greedy.token_ids
+    assert first.tokens != greedy.tokens
     # a nucleus this small holds only the most likely token: sampling becomes greedy
     narrow = SamplingSettings(max_new_tokens=NEW, do_sample=True, temperature=2.0, top_p=1e-6, seed=3)
-    assert engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=narrow).token_ids == greedy.token_ids
+    assert engine_run(model, tokenizer, ids, None, tokenizer.eos_token_id, sampling=narrow).tokens == greedy.tokens
 
 
 def test_counter_uniform_and_top_p_filter():
@@ -227,20 +231,14 @@ def test_bad_requests_raise(model_dir, tokenizer, batch):
     _, ids = batch
     model = load(model_dir)
     engine = StaticCacheEngine(model, tokenizer)
-    with pytest.raises(ValueError, match="prompt_ids is empty"):
-        engine.generate(GenerationRequest([]))
-    with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
-        engine.generate(GenerationRequest([[1], []]))
-    with pytest.raises(ValueError, match="groups has 1 labels for 5 prompts"):
-        engine.generate(GenerationRequest(ids, [0], 2))
-    with pytest.raises(ValueError, match=r"groups must be in \[-1, 2\)"):
-        engine.generate(GenerationRequest(ids, [0, 1, 2, 0, 0], 2))
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
-        engine.generate(GenerationRequest(ids, sampling=SamplingSettings(max_new_tokens=0)))
-    with pytest.raises(ValueError, match=r"sequence_seeds needs one int64 per prompt \(5\), got 2"):
-        engine.generate(GenerationRequest(ids, sequence_seeds=[1, 2]))
-    with pytest.raises(ValueError, match="record_token_experts needs request.groups"):
-        engine.generate(GenerationRequest(ids, record_token_experts=True))
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        engine.generate(_with_prompts(request_of([[1], [5]]), [[1], []]))
+    with pytest.raises(ValueError, match=r"holds token ids outside"):
+        engine.generate(request_of([[1, 10**6]]))
+    with pytest.raises(ValueError, match="sequence_seeds has 2 entries for 5 prompts"):
+        request_of(ids, sequence_seeds=[1, 2])
+    with pytest.raises(ValueError, match="record_token_experts needs groups"):
+        request_of(ids, record_token_experts=True)
     with pytest.raises(ValueError, match=r"eos_token_id must be token ids in \[0, "):
         StaticCacheEngine(model, eos_token_id=10**6)
     with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
@@ -252,7 +250,7 @@ def test_cpu_says_once_why_it_runs_eagerly(model_dir, tokenizer, batch):
     engine = StaticCacheEngine(load(model_dir), tokenizer, max_batch_size=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.generate(GenerationRequest(ids, sampling=SamplingSettings(max_new_tokens=3)))
+        engine.generate(request_of(ids, sampling=SamplingSettings(max_new_tokens=3)))
     messages = [str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)]
     assert len(messages) == 1 and "eagerly" in messages[0] and "cpu" in messages[0]
 
@@ -270,3 +268,30 @@ def test_batch_size_for_memory(model_dir, tokenizer):
     assert engine.batch_size_for_memory(20, 12, free_bytes=10) == 1
     assert engine.batch_size_for_memory(20, 12, free_bytes=10**15) == 4096
     assert engine.batch_size_for_memory(20, 12) == 4096  # CPU: no device limit
+
+
+def _with_prompts(request, prompts):
+    """``request`` with other prompts, bypassing the request's own checks (to reach the engine's)."""
+    object.__setattr__(request, "prompts", prompts)
+    return request
+
+
+def test_registered_as_graph_backend(model_dir, tokenizer, batch, eos_id):
+    enc, ids = batch
+    model = load(model_dir)
+    model.generation_config.eos_token_id = eos_id
+    backend = get_backend("graph", model, tokenizer)
+    assert isinstance(backend, StaticCacheEngine) and backend.name == "graph"
+    hf = get_backend("hf", model, tokenizer)
+    request = request_of(ids, GROUPS, 2, record_token_experts=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = backend.generate(request), hf.generate(request)
+    assert a.tokens == b.tokens and a.texts == b.texts and a.num_prompt_tokens == b.num_prompt_tokens
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    for key in ("prefill_counted", "decode_counted"):
+        assert np.array_equal(a.token_experts[key], b.token_experts[key]), key
+    for phase in ("prefill", "decode"):
+        counted = a.token_experts[f"{phase}_counted"]
+        assert np.array_equal(a.token_experts[phase][counted], b.token_experts[phase][counted]), phase

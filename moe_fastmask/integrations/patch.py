@@ -124,7 +124,15 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 state.phase = DECODE
             elif cache is not None:
                 _remember(recording.seen_caches, cache)
-        if state.phase == PREFILL:
+        rows = recording.recorder.row_groups
+        if rows is not None:
+            # the backend's device buffer, EOS already applied: read as is (nothing here may copy from the host or
+            # sync, since the forward may be captured in a CUDA graph)
+            if rows.shape[0] != batch:
+                raise ValueError(f"{rows.shape[0]} row groups were set but the batch holds {batch} sequences")
+            groups = rows
+            recording.alive = None
+        elif state.phase == PREFILL:
             recording.alive = torch.ones(batch, dtype=torch.bool, device=groups.device)
         elif recording.eos_ids is not None and input_ids is not None and recording.alive is not None:
             # the token fed back now was generated last step: once it is EOS the sequence is finished

@@ -27,6 +27,9 @@ class RoutingRecorder:
     which phase the next forwards are with :meth:`set_phase` (``"prefill"``, ``"decode"``, or ``None`` for the
     automatic rule again) or for a whole block with ``record(..., phase=...)``. A prefill forward restarts the
     EOS tracking of the batch; a decode forward stops counting a sequence once the token it is fed is an EOS.
+    A backend that tracks EOS itself on the device (a decode step replayed as a CUDA graph, where host-side
+    bookkeeping does not run) hands the recorder a device buffer of per-sequence groups with :meth:`set_row_groups`,
+    rewritten in place as sequences finish (-1); the hook then reads it as is, with no host copy and no sync.
     Forwards recomputed during backward (gradient checkpointing) are not counted twice.
     """
 
@@ -46,6 +49,7 @@ class RoutingRecorder:
         self._layer_counts = {PREFILL: self.prefill_counts.unbind(0), DECODE: self.decode_counts.unbind(0)}
         self._token_log: dict[str, list] = {PREFILL: [], DECODE: []}
         self.phase_override: str | None = None
+        self.row_groups: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +81,23 @@ class RoutingRecorder:
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
         self.phase_override = phase
 
+    def set_row_groups(self, groups: Tensor | None) -> None:
+        """Count the following forwards with ``groups``, a device buffer the caller owns; ``None``: the block's groups.
+
+        ``groups``: int64 ``[batch]`` on the recorder's device, values in ``[-1, num_groups)`` (-1: not counted),
+        typically rewritten in place by the caller between forwards (e.g. -1 once a sequence has fed back its EOS).
+        While it is set the hook uses it as it is, in every phase, and does no EOS tracking of its own: each forward
+        reads the buffer's current values on the device, so a forward captured in a CUDA graph keeps reading it at
+        replay. The values are not checked (that would sync with the host); the buffer must keep its identity for
+        captured graphs. Set inside a :meth:`record` block, the setting ends with the block.
+        """
+        if groups is not None:
+            if not isinstance(groups, Tensor) or groups.dim() != 1 or groups.dtype != torch.int64:
+                raise ValueError(f"row groups must be a 1-D int64 tensor, got {groups!r:.80}")
+            if groups.device != self.device:
+                raise ValueError(f"row groups must be on the recorder's device {self.device}, not {groups.device}")
+        self.row_groups = groups
+
     @contextlib.contextmanager
     def record(
         self,
@@ -106,7 +127,7 @@ class RoutingRecorder:
                 f"the expert mask has {state.keep.shape[1]} groups but the recorder counts {self.num_groups}"
             )
         eos = self._eos_ids(eos_token_id)
-        previous_phase = self.phase_override
+        previous_phase, previous_rows = self.phase_override, self.row_groups
         if phase is not None:
             self.set_phase(phase)
         self._token_log = {PREFILL: [], DECODE: []}
@@ -116,7 +137,7 @@ class RoutingRecorder:
         try:
             yield self
         finally:
-            self.phase_override = previous_phase
+            self.phase_override, self.row_groups = previous_phase, previous_rows
             state.recording = None
             state.groups = previous_groups
             state.token_group = None

@@ -24,105 +24,26 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+import numpy as np
+
 import moe_fastmask as mf
+from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.packing import sequence_seed
 
 BACKEND_NAME = "graph"
 
-# --------------------------------------------------------------------------------------------------------------
-# Request and output (the shapes of the generation-backend protocol; the shared definitions replace these at merge)
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingSettings:
-    """How tokens are chosen. ``do_sample=False``: greedy (temperature, top_p and seed unused)."""
-
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
-class GenerationRequest:
-    """Prompts (unpadded token ids, one list per sequence) and how to count their routing.
-
-    ``groups``: the counting group of each sequence in ``[-1, num_groups)`` (-1: generated but never counted), or
-    ``None`` to record nothing. ``sequence_seeds``: the sampling seed of each sequence (default: derived from
-    ``sampling.seed`` and the sequence's index, :func:`sequence_seed`); packed requests use it so that every
-    sequence samples as it would in its own request.
-    """
-
-    prompt_ids: list[list[int]]
-    groups: list[int] | None = None
-    num_groups: int = 1
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    record_token_experts: bool = False
-    sequence_seeds: list[int] | None = None
-
-
-@dataclass
-class GenerationOutput:
-    """Per sequence, in request order: generated ids cut after the first EOS (kept), texts, prompt lengths.
-
-    Counts are int64 CPU tensors ``[layers, groups, experts]``, token totals ``[groups]``; all ``None`` when the
-    request recorded nothing. ``token_experts``: per sequence ``{"prefill": uint8 [P, L, K], "decode": uint8
-    [D, L, K]}`` for its counted tokens, when asked for.
-    """
-
-    token_ids: list[list[int]]
-    texts: list[str]
-    prompt_lengths: list[int]
-    prefill_counts: Tensor | None = None
-    decode_counts: Tensor | None = None
-    prefill_tokens: Tensor | None = None
-    decode_tokens: Tensor | None = None
-    token_experts: list[dict[str, Tensor]] | None = None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Recorder bridge: the only code that touches the patched model's routing state
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _routing_state(model: nn.Module):
-    from moe_fastmask.integrations.olmoe import _state
-
-    return _state(model)
-
-
-def _enter_phase(model: nn.Module, phase: str, cache: object, live_groups: Tensor | None) -> None:
-    """Make the next forwards count as ``phase`` ("prefill" or "decode") for the active recording.
-
-    The recorder calls a forward *decode* when it continues a cache seen before; chunked prefill continues its
-    cache too, so the engine states the phase itself. In decode the per-sequence groups come from ``live_groups``
-    (a device buffer the step rewrites in place: -1 once a sequence has fed back its EOS), which stays valid when
-    the step replays as a CUDA graph, where the recorder's own host-side EOS tracking would not run.
-    """
-    state = _routing_state(model)
-    recording = state.recording
-    if recording is None:
-        return
-    if phase == "prefill":
-        recording.seen_caches.discard(id(cache))
-        state.groups = recording.groups
-    else:
-        recording.seen_caches.add(id(cache))
-        recording.alive = None  # the engine tracks EOS in live_groups
-        state.groups = live_groups
-
-
-def _bind_expert_mask(model: nn.Module, buffer: Tensor | None) -> None:
-    """Point the routers at ``buffer`` (kept at a fixed address, so captured graphs read its current values)."""
-    _routing_state(model).keep = buffer
+def _bind_row_groups(recorder, live_groups: Tensor | None) -> None:
+    """Count with ``live_groups`` (a device buffer the decode step rewrites: -1 once a sequence has fed back its
+    EOS) instead of the recorder's own host-side EOS tracking, which does not run when the step replays as a CUDA
+    graph."""
+    if recorder is not None:
+        recorder.set_row_groups(live_groups)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,12 +53,6 @@ def _bind_expert_mask(model: nn.Module, buffer: Tensor | None) -> None:
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-
-
-def sequence_seed(seed: int, index: int) -> int:
-    """The sampling seed of sequence ``index`` of a request seeded with ``seed`` (a signed int64)."""
-    value = (int(seed) * (_GOLDEN + (1 << 64)) + int(index)) & ((1 << 64) - 1)
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def counter_uniform(row_seeds: Tensor, step: Tensor, vocab: int) -> Tensor:
@@ -213,9 +128,9 @@ class _Slot:
 class StaticCacheEngine:
     """Batched generation with a static KV cache and a CUDA-graph decode step, with exact per-group routing counts.
 
-    ``model``: an OLMoE causal LM (patched with :func:`moe_fastmask.apply_to_olmoe` here if it is not yet).
-    ``tokenizer``: only for the output texts (empty strings without one). ``eos_token_id`` / ``pad_token_id``:
-    default from the model's generation config. ``max_batch_size``: sequences per GPU batch.
+    ``model``: a causal LM of a supported MoE family (patched with :func:`moe_fastmask.apply` here, router op
+    backend ``op_backend``, if it is not yet). ``tokenizer``: for the output texts (empty strings without one).
+    ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
     ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward. ``use_cuda_graph``: capture
     the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
     first. ``check_every``: decode steps between completion checks (the only host syncs of the decode loop).
@@ -231,6 +146,7 @@ class StaticCacheEngine:
         model: nn.Module,
         tokenizer=None,
         *,
+        op_backend: str = "auto",
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         max_batch_size: int = 256,
@@ -246,10 +162,12 @@ class StaticCacheEngine:
                            ("check_every", check_every), ("cache_multiple", cache_multiple), ("max_slots", max_slots)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")  # fmt: skip
-        self.model = mf.apply_to_olmoe(model) if not mf.is_patched(model) else model
+        self.model = mf.apply(model, backend=op_backend) if not mf.is_patched(model) else model
         self.tokenizer = tokenizer
         config = getattr(model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("eos_token_id is needed: pass it or set the model's generation_config.eos_token_id")
         self.eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
@@ -257,6 +175,8 @@ class StaticCacheEngine:
         if not self.eos_ids or not all(0 <= e < vocab for e in self.eos_ids):
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.eos_ids[0]
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -287,6 +207,7 @@ class StaticCacheEngine:
         self._slots: dict[_SlotKey, _Slot] = {}
         self._recorders: dict[tuple[int, bool], mf.RoutingRecorder] = {}
         self._keep: Tensor | None = None
+        self._mask_set = False
         self._eos_device = torch.tensor(self.eos_ids, dtype=torch.int64, device=self.device)
         self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
         self._eos_bias[self._eos_device] = float("-inf")
@@ -304,7 +225,8 @@ class StaticCacheEngine:
         A mask of the same shape as the current one is copied into the same buffer, so captured graphs stay valid.
         A mask set on the model directly is taken up the same way at the next :meth:`generate`.
         """
-        mf.set_expert_mask(self.model, keep)  # validates, then places a fresh copy on the device
+        self._mask_set = keep is not None
+        mf.set_expert_mask(self.model, keep)  # validates; a mask of the current shape is copied into the same buffer
         self._adopt_mask()
 
     def batch_size_for_memory(
@@ -336,18 +258,18 @@ class StaticCacheEngine:
         return int(min(largest, 1 << (int(fitting).bit_length() - 1)))
 
     def _adopt_mask(self) -> None:
-        current = _routing_state(self.model).keep
-        if current is None or current is self._keep:
-            self._keep = current
-            return
-        if self._keep is not None and self._keep.shape == current.shape:
-            self._keep.copy_(current)
-        else:
-            self._keep = current
-        _bind_expert_mask(self.model, self._keep)
+        # the mask buffer the routers read (set_expert_mask keeps its address while the shape stays): a new buffer
+        # makes the slots capture again
+        from moe_fastmask.integrations.state import state_of
+
+        self._keep = state_of(self.model).keep
 
     def close(self) -> None:
-        """Drop captured graphs, caches and count buffers."""
+        """Lift a mask set through this engine, drop captured graphs, caches and count buffers."""
+        if self._mask_set:
+            mf.set_expert_mask(self.model, None)
+            self._mask_set = False
+        self._keep = None
         self._slots.clear()
         self._recorders.clear()
 
@@ -368,34 +290,49 @@ class StaticCacheEngine:
                 seed = int(torch.randint(0, 2**62, ()).item())
             seeds = [sequence_seed(seed or 0, i) for i in range(n)]
         generated: list[list[int]] = [[] for _ in range(n)]
-        experts: list[dict[str, Tensor]] | None = [{} for _ in range(n)] if request.record_token_experts else None
+        experts: dict | None = None
+        if request.record_token_experts:
+            L, K = recorder.num_layers, recorder.top_k
+            P, D = max(len(p) for p in prompts), sampling.max_new_tokens
+            experts = {
+                "prefill": np.zeros((n, P, L, K), dtype=np.uint8), "prefill_counted": np.zeros((n, P), dtype=bool),
+                "decode": np.zeros((n, D, L, K), dtype=np.uint8), "decode_counted": np.zeros((n, D), dtype=bool),
+            }  # fmt: skip
         order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
         self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
         for start in range(0, n, self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
             self._run_batch(rows, prompts, groups, sampling, seeds, recorder, generated, experts)
+        eos = set(self.eos_ids)
+        tokens = [row[:-1] if row and row[-1] in eos else row for row in generated]  # the EOS is not kept
         texts = [""] * n
         if self.tokenizer is not None:
+            # with the EOS, as the ``hf`` backend decodes its rows (special tokens skipped either way)
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        output = GenerationOutput(token_ids=generated, texts=texts, prompt_lengths=[len(p) for p in prompts])
+        output = GenerationOutput(tokens=tokens, texts=texts, num_prompt_tokens=[len(p) for p in prompts])
         if recorder is not None:
-            output.prefill_counts = recorder.prefill_counts.cpu().clone()
-            output.decode_counts = recorder.decode_counts.cpu().clone()
-            output.prefill_tokens = recorder.prefill_tokens.cpu()
-            output.decode_tokens = recorder.decode_tokens.cpu()
+            # real copies: on the CPU ``.cpu()`` would alias the recorder's buffers, which the next request zeroes
+            output.prefill_counts = recorder.prefill_counts.to("cpu", copy=True).numpy()
+            output.decode_counts = recorder.decode_counts.to("cpu", copy=True).numpy()
+            output.prefill_tokens = recorder.prefill_tokens.to("cpu", copy=True).numpy()
+            output.decode_tokens = recorder.decode_tokens.to("cpu", copy=True).numpy()
+        if experts is not None:
+            # decode positions: as many as the longest sequence fed back (generate's decode forwards)
+            fed = max(len(row) for row in generated) - 1
+            experts["decode"], experts["decode_counted"] = experts["decode"][:, :fed], experts["decode_counted"][:, :fed]
             output.token_experts = experts
         return output
 
     # request checks ------------------------------------------------------------------------------------------
     def _check(self, request: GenerationRequest):
-        prompts = request.prompt_ids
+        prompts = [list(map(int, ids)) for ids in request.prompts]
         if not prompts:
-            raise ValueError("request.prompt_ids is empty: nothing to generate")
+            raise ValueError("request.prompts is empty: nothing to generate")
         for index, ids in enumerate(prompts):
             if len(ids) == 0:
-                raise ValueError(f"request.prompt_ids[{index}] is empty: every prompt needs at least one token")
+                raise ValueError(f"request.prompts[{index}] is empty: every prompt needs at least one token")
             if min(ids) < 0 or max(ids) >= self.vocab:
-                raise ValueError(f"request.prompt_ids[{index}] holds token ids outside [0, {self.vocab})")
+                raise ValueError(f"request.prompts[{index}] holds token ids outside [0, {self.vocab})")
         sampling = request.sampling
         if sampling.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
@@ -502,9 +439,13 @@ class StaticCacheEngine:
         ids_dev, positions_dev = ids.to(dev), positions.to(dev)
 
         start = time.perf_counter()
-        record = recorder.record(row_groups.tolist(), eos_token_id=self.eos_ids) if recorder is not None else None
+        slot.live_groups.copy_(slot.groups)
+        # the engine states the phase (chunked prefill continues its cache, which the automatic rule would call a
+        # decode step) and keeps the per-row groups on the device itself (-1 once a sequence has fed back its EOS)
+        record = recorder.record(row_groups.tolist(), phase="prefill") if recorder is not None else None
         if record is not None:
             record.__enter__()
+            _bind_row_groups(recorder, slot.live_groups)
         try:
             # prefill, in sequence chunks; logits of the last position only
             chunk = max(1, self.prefill_chunk_tokens // B)
@@ -514,7 +455,6 @@ class StaticCacheEngine:
                 visible = (slot.cache_index[None, None, :] <= torch.arange(s, e, device=dev)[None, :, None]) & (
                     slot.key_valid[:, None, :]
                 )
-                _enter_phase(self.model, "prefill", slot.cache, slot.live_groups)
                 hidden = self._decoder_forward(ids_dev[:, s:e], visible, positions_dev[:, s:e], slot.cache)
             logits = self.lm_head(hidden[:, -1]).float()
             first = self._choose(slot, logits)
@@ -523,7 +463,8 @@ class StaticCacheEngine:
             slot.step.fill_(1)
             prefilled = self._clock()
 
-            _enter_phase(self.model, "decode", slot.cache, slot.live_groups)
+            if recorder is not None:
+                recorder.set_phase("decode")
             done_steps = 1
             while done_steps < N:
                 self._decode(slot)
@@ -550,20 +491,31 @@ class StaticCacheEngine:
                     break
             generated[i] = tokens
         if experts is not None:
-            self._collect_experts(recorder, rows, experts)
+            self._collect_experts(recorder, rows, prompts, experts)
 
     def _clock(self) -> float:
         if self.time_phases and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _collect_experts(self, recorder, rows, experts) -> None:
+    def _collect_experts(self, recorder, rows, prompts, experts) -> None:
+        """This GPU batch's per-token experts into the request's arrays: prompt positions right-aligned (left
+        padding, as ``generate`` lays them out), decode positions from the first step; ids only where counted."""
         logged = recorder.token_experts()
-        for r, i in enumerate(rows):
-            experts[i] = {
-                phase: logged[phase][r][logged[f"{phase}_counted"][r]] if logged[phase].numel() else logged[phase][0]
-                for phase in ("prefill", "decode")
-            }
+        for phase in ("prefill", "decode"):
+            ids, counted = logged[phase].numpy(), logged[f"{phase}_counted"].numpy()
+            if ids.shape[1] == 0:
+                continue
+            ids = np.where(counted[..., None, None], ids, 0).astype(np.uint8)
+            for r, i in enumerate(rows):
+                if phase == "prefill":
+                    width = len(prompts[i])
+                    experts[phase][i, -width:] = ids[r, -width:]
+                    experts[f"{phase}_counted"][i, -width:] = counted[r, -width:]
+                else:
+                    width = min(ids.shape[1], experts[phase].shape[1])
+                    experts[phase][i, :width] = ids[r, :width]
+                    experts[f"{phase}_counted"][i, :width] = counted[r, :width]
 
     # the model and the step ------------------------------------------------------------------------------------
     def _mask(self, visible: Tensor) -> Tensor:
@@ -635,7 +587,8 @@ class StaticCacheEngine:
                 self._step(slot)
         except Exception as exc:  # noqa: BLE001 - capture can fail for many reasons; eager is always correct
             slot.key = _replace(slot.key, graphed=False)
-            self._say(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
+            self._say(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}, at {_origin(exc)}); decoding "
+                      f"eagerly{_capture_hint(self.model)}")
             torch.cuda.synchronize()
             return
         # capture records without running anything: the captured step is the one the next call replays
@@ -654,6 +607,28 @@ class StaticCacheEngine:
             self._forward_decode = self._model_forward
             self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
             self._step(slot)
+
+
+def _origin(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost Python frame that raised ``exc`` (where a capture broke)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{frame.filename.rsplit('/', 2)[-1] if '/' in frame.filename else frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _capture_hint(model: nn.Module) -> str:
+    """Why a capture commonly fails: transformers' ``grouped_mm`` experts fall back to a loop over host-side offsets
+    (a device-to-host copy) for weights other than bfloat16 on some versions; ``batched_mm`` stays on the device."""
+    implementation = getattr(model.config, "_experts_implementation", None)
+    dtype = next(model.parameters()).dtype
+    if implementation == "grouped_mm" and dtype != torch.bfloat16:
+        return (f" (the experts run transformers' grouped_mm on {dtype} weights, which can loop over host-side "
+                "offsets; model.set_experts_implementation('batched_mm') keeps the step on the device)")
+    return ""
 
 
 def _replace(key: _SlotKey, **changes) -> _SlotKey:
