@@ -295,3 +295,17 @@ def test_registered_as_graph_backend(model_dir, tokenizer, batch, eos_id):
     for phase in ("prefill", "decode"):
         counted = a.token_experts[f"{phase}_counted"]
         assert np.array_equal(a.token_experts[phase][counted], b.token_experts[phase][counted]), phase
+
+
+def test_evaluate_answers_through_the_graph_engine(model_dir, tokenizer, batch, eos_id):
+    from moe_fastmask.pipeline.evaluate import generate_answers
+
+    model = load(model_dir)
+    model.generation_config.eos_token_id = eos_id
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = generate_answers(model, tokenizer, texts, batch_size=3, max_new_tokens=NEW, engine="graph")
+    hf = generate_answers(model, tokenizer, texts, batch_size=3, max_new_tokens=NEW, engine="hf")
+    assert graph == hf and any(graph)
