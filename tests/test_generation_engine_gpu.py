@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
-from moe_fastmask.pipeline.generation.engine import GenerationRequest, SamplingSettings, StaticCacheEngine
+from moe_fastmask.pipeline.generation import GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -39,7 +41,12 @@ def tokenizer(model_dir):
 
 
 def load(model_dir, dtype=torch.float32):
-    return mf.apply_to_olmoe(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    if dtype != torch.bfloat16 and hasattr(model, "set_experts_implementation"):
+        # transformers' grouped_mm experts loop over host-side offsets for float32 weights on some versions (a
+        # device-to-host copy, which a CUDA graph cannot capture); batched_mm stays on the device
+        model.set_experts_implementation("batched_mm")
+    return mf.apply(model)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +64,28 @@ def run(engine, ids, groups=GROUPS, **sampling):
     settings = SamplingSettings(**{"max_new_tokens": NEW, **sampling})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = engine.generate(GenerationRequest(ids, groups, 2, settings))
+        out = engine.generate(GenerationRequest(prompts=ids, sampling=settings, groups=groups, num_groups=2))
     return out, [str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)]
 
 
 def assert_same(a, b):
-    assert a.token_ids == b.token_ids
+    assert a.tokens == b.tokens
     for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def assert_totals_match_tokens(out, ids, groups, new):
+    """The counted tokens recounted from what was generated: every real prompt token; each generated token fed
+    back before its sequence's EOS (at most ``new - 1``); ``top_k`` experts per token and layer."""
+    prefill, decode = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    for prompt, tokens, g in zip(ids, out.tokens, groups):
+        if g >= 0:
+            prefill[g] += len(prompt)
+            decode[g] += min(len(tokens), new - 1)
+    assert out.prefill_tokens.tolist() == prefill.tolist() and out.decode_tokens.tolist() == decode.tolist()
+    top_k = out.prefill_counts[0].sum() // max(1, prefill.sum())
+    for counts, tokens in ((out.prefill_counts, prefill), (out.decode_counts, decode)):
+        assert (counts.sum(-1) == tokens[None, :] * top_k).all()
 
 
 def test_graph_equals_generate_with_eos_mid_batch(model_dir, tokenizer, batch):
@@ -80,14 +101,15 @@ def test_graph_equals_generate_with_eos_mid_batch(model_dir, tokenizer, batch):
     rec = mf.RoutingRecorder(model, num_groups=2)
     with torch.no_grad(), rec.record(GROUPS, eos_token_id=eos):
         seq = model.generate(**enc, max_new_tokens=NEW, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    expected = [row[: row.index(eos) + 1] if eos in row else row for row in seq[:, enc.input_ids.shape[1] :].tolist()]
+    expected = [row[: row.index(eos)] if eos in row else row for row in seq[:, enc.input_ids.shape[1] :].tolist()]
     engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, check_every=2)
     out, said = run(engine, ids)
     assert not said  # captured: nothing to say
     assert all(slot.graph is not None for slot in engine._slots.values())
-    assert out.token_ids == expected
-    assert torch.equal(out.prefill_counts, rec.prefill_counts.cpu())
-    assert torch.equal(out.decode_counts, rec.decode_counts.cpu())
+    assert out.tokens == expected
+    assert any(len(row) < NEW for row in expected) and not all(len(row) < NEW for row in expected)  # EOS mid-batch
+    assert np.array_equal(out.prefill_counts, rec.prefill_counts.cpu().numpy())
+    assert np.array_equal(out.decode_counts, rec.decode_counts.cpu().numpy())
     again, _ = run(engine, ids)  # the graph replayed for a second request
     assert_same(again, out)
 
@@ -101,6 +123,8 @@ def test_graph_equals_eager_bf16(model_dir, tokenizer, batch, sampling):
     out_graph, _ = run(graphed, ids, min_new_tokens=3, **sampling)
     out_eager, said = run(eager, ids, min_new_tokens=3, **sampling)
     assert said == ["StaticCacheEngine: the decode step runs eagerly: use_cuda_graph=False"]
+    assert_totals_match_tokens(out_graph, ids, GROUPS, NEW)
+    assert_totals_match_tokens(out_eager, ids, GROUPS, NEW)
     assert_same(out_graph, out_eager)
 
 
@@ -118,6 +142,7 @@ def test_mask_changed_after_capture_is_read_by_the_graph(model_dir, tokenizer, b
     expected, _ = run(eager, ids)
     assert_same(out, expected)
     assert int(out.decode_counts[:, 1, :4].sum()) == 0
+    assert all(slot.graph is not None for slot in engine._slots.values())  # the mask change did not force eager
 
 
 def test_compiled_decode_counts_every_step(model_dir, tokenizer, batch):
@@ -129,6 +154,31 @@ def test_compiled_decode_counts_every_step(model_dir, tokenizer, batch):
     out, said = run(compiled, ids, min_new_tokens=NEW)
     expected, _ = run(eager, ids, min_new_tokens=NEW)
     assert not said, said
-    assert torch.equal(out.prefill_counts, expected.prefill_counts)  # prefill is never compiled
-    assert torch.equal(out.decode_tokens, expected.decode_tokens)
-    assert torch.equal(out.decode_counts.sum(-1), expected.decode_counts.sum(-1))
+    assert np.array_equal(out.prefill_counts, expected.prefill_counts)  # prefill is never compiled
+    assert np.array_equal(out.decode_tokens, expected.decode_tokens)
+    assert np.array_equal(out.decode_counts.sum(-1), expected.decode_counts.sum(-1))
+    assert_totals_match_tokens(out, ids, GROUPS, NEW)
+
+
+def test_analysis_packed_through_the_graph_engine_equals_unpacked(tmp_path):
+    """analyze on the GPU with the graph engine: several method batches per request give the artifacts of one
+    batch per request (float32, capturable experts)."""
+    import sys
+    from pathlib import Path
+
+    from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+    from moe_fastmask.pipeline.demo import build_demo
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compare_artifacts import compare
+
+    model_dir, data = build_demo(tmp_path / "inputs")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load(model_dir)
+    runs = {}
+    for name, size in (("alone", 8), ("packed", 32)):
+        config = AnalysisConfig(model=str(model_dir), data=str(data), out=str(tmp_path / name), batch_size=8,
+                                num_batches=6, max_new_tokens=8, engine="graph", gpu_batch_size=size, device="cuda",
+                                progress=False, verbose=False)  # fmt: skip
+        runs[name] = run_analysis(config, model=model, tokenizer=tokenizer)
+    assert compare(tmp_path / "alone", tmp_path / "packed") == []
