@@ -6,7 +6,9 @@ The flow (each step is an importable function, for notebooks):
    into mixed safe/unsafe batches (:mod:`moe_fastmask.pipeline.batching`; paired at ``safe_ratio=0.5``).
 2. :func:`process_mixed_batches` — per batch, greedy (or sampled) batched generation through the generation
    backend of ``engine`` (:mod:`moe_fastmask.pipeline.generation`; ``hf``: ``generate`` with left padding under a
-   :class:`moe_fastmask.RoutingRecorder`): per-group expert counts per phase, each token's chosen experts as uint8
+   :class:`moe_fastmask.RoutingRecorder`; ``graph``: the static-cache CUDA-graph engine), several method batches
+   packed into one request (``gpu_batch_size``; each (batch, kind) its own counting group, so every batch's results
+   are those it gives alone): per-group expert counts per phase, each token's chosen experts as uint8
    ids (never router logits); the refusal judge labels each answer, and the optional pair filter keeps only pairs
    where the plain goal was refused and the jailbreak was not.
 3. :func:`risk_diff_per_batch` — per batch and (layer, expert):
