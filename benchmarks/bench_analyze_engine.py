@@ -6,8 +6,8 @@ Scenarios, in one run on the same random-weight OLMoE-1B-7B (bf16, ``bench_analy
 1. ``analyze`` (:func:`run_analysis`, every artifact written) with ``engine="graph"`` on ``--pairs`` pairs of
    ``--prompt-tokens``-token prompts, exactly ``--new-tokens`` new tokens (EOS suppressed with ``min_new_tokens``, so
    all methods do equal work), method batches of 8 safe + 8 unsafe packed into GPU batches of ``--gpu-batch-size``
-   (default: from free memory), per-token experts not kept (their host-side logging would make the decode step
-   eager); the one-prompt-at-a-time method (``bench_analyze.reference_method``: ``generate`` per prompt, router
+   (default: from free memory), per-token experts kept (analyze's default: the decode step writes them to device
+   buffers, inside the graph); the one-prompt-at-a-time method (``bench_analyze.reference_method``: ``generate`` per prompt, router
    logits dumped to disk at every step) on the first ``--reference-pairs`` pairs, and ``analyze`` with the ``hf``
    engine, one method batch per request (the previous default), on ``--hf-pairs`` pairs;
 2. the same at ``--long-prompt-tokens``-token prompts on ``--long-pairs`` pairs;
@@ -125,7 +125,7 @@ def analysis_run(model, tokenizer, name: str, records: list[dict], work: Path, a
     config = AnalysisConfig(
         model=name, data=str(data_path), out=str(work / "analyze"), batch_size=16, safe_ratio=0.5, seed=0,
         test_fraction=0.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, device=args.device,
-        engine=engine, gpu_batch_size=gpu_batch_size, keep_token_experts=False, overwrite=True, progress=False,
+        engine=engine, gpu_batch_size=gpu_batch_size, keep_token_experts=True, overwrite=True, progress=False,
         verbose=False,
     )  # fmt: skip
     sync(args.device)

@@ -205,3 +205,43 @@ def test_same_shape_mask_keeps_its_buffer(model):
     assert state.keep is not buffer and state.keep.shape[1] == 1
     mf.set_expert_mask(model, None)
     assert state.keep is None
+
+
+def test_decode_sink_holds_the_logged_experts(model):
+    """Decode experts written into the caller's device buffers (graph-safe) equal the recorder's host-side log."""
+    from transformers import DynamicCache
+
+    prompt, mask, fed = inputs()
+    key = cache_kwarg(model)
+    results = []
+    for use_sink in (False, True):
+        rec = mf.RoutingRecorder(model, record_token_experts=True)
+        sink = torch.full((BATCH, STEPS + 2, rec.num_layers, rec.top_k), 255, dtype=torch.uint8)
+        position = torch.zeros(1, dtype=torch.int64)
+        step_mask, step_position = mask, (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), rec.record(GROUPS, eos_token_id=EOS):
+            model(input_ids=prompt, attention_mask=step_mask, position_ids=step_position, use_cache=True,
+                  **{key: cache})  # fmt: skip
+            if use_sink:
+                rec.set_phase("decode")
+                rec.set_decode_sink(sink, position)
+            for step in range(STEPS):
+                position.fill_(step)
+                step_mask = torch.cat([step_mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
+                step_position = step_position[:, -1:] + 1
+                model(input_ids=fed[:, step : step + 1], attention_mask=step_mask, position_ids=step_position,
+                      use_cache=True, **{key: cache})  # fmt: skip
+        assert rec.decode_sink is None  # ends with the block
+        results.append((rec.token_experts(), sink, rec.decode_counts.clone()))
+    (logged, _, counts), (with_sink, sink, sink_counts) = results
+    assert torch.equal(sink[:, :STEPS], logged["decode"])  # every step, every layer
+    assert bool((sink[:, STEPS:] == 255).all())  # nothing written past the steps run
+    assert with_sink["decode"].shape[1] == 0  # nothing went to the host log
+    assert torch.equal(with_sink["prefill"], logged["prefill"]) and torch.equal(sink_counts, counts)
+    rec = mf.RoutingRecorder(model)
+    with pytest.raises(RuntimeError, match="record_token_experts=True"):
+        rec.set_decode_sink(sink, position)
+    rec = mf.RoutingRecorder(model, record_token_experts=True)
+    with pytest.raises(ValueError, match=r"expert_ids must be uint8 \[batch, steps, 2, 2\]"):
+        rec.set_decode_sink(sink[..., :1], position)

@@ -50,6 +50,7 @@ class RoutingRecorder:
         self._token_log: dict[str, list] = {PREFILL: [], DECODE: []}
         self.phase_override: str | None = None
         self.row_groups: Tensor | None = None
+        self.decode_sink: tuple[Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +99,33 @@ class RoutingRecorder:
                 raise ValueError(f"row groups must be on the recorder's device {self.device}, not {groups.device}")
         self.row_groups = groups
 
+    def set_decode_sink(self, expert_ids: Tensor | None, position: Tensor | None = None) -> None:
+        """Write each decode forward's chosen experts into device buffers instead of the host-side log.
+
+        ``expert_ids``: uint8 ``[batch, steps, num_layers, top_k]`` on the recorder's device; ``position``: int64
+        ``[1]`` on the device, the step index the next decode forward writes (the caller advances it). Every
+        layer's ids of a one-token decode forward go to ``expert_ids[:, position, layer]`` with device ops only,
+        so a decode step captured in a CUDA graph keeps writing them at replay; which positions count is the
+        caller's business (it knows its finished rows). Needs ``record_token_experts=True``; ``None`` ends it.
+        Set inside a :meth:`record` block, the setting ends with the block.
+        """
+        if expert_ids is None:
+            self.decode_sink = None
+            return
+        if not self.record_token_experts:
+            raise RuntimeError("create the recorder with record_token_experts=True to keep per-token experts")
+        if (expert_ids.dtype != torch.uint8 or expert_ids.dim() != 4
+                or tuple(expert_ids.shape[2:]) != (self.num_layers, self.top_k)):  # fmt: skip
+            raise ValueError(
+                f"expert_ids must be uint8 [batch, steps, {self.num_layers}, {self.top_k}], got "
+                f"{expert_ids.dtype} {tuple(expert_ids.shape)}"
+            )
+        if position is None or position.dtype != torch.int64 or position.shape != (1,):
+            raise ValueError("position must be an int64 tensor of shape [1]")
+        if expert_ids.device != self.device or position.device != self.device:
+            raise ValueError(f"the sink buffers must be on the recorder's device {self.device}")
+        self.decode_sink = (expert_ids, position)
+
     @contextlib.contextmanager
     def record(
         self,
@@ -127,7 +155,7 @@ class RoutingRecorder:
                 f"the expert mask has {state.keep.shape[1]} groups but the recorder counts {self.num_groups}"
             )
         eos = self._eos_ids(eos_token_id)
-        previous_phase, previous_rows = self.phase_override, self.row_groups
+        previous_phase, previous_rows, previous_sink = self.phase_override, self.row_groups, self.decode_sink
         if phase is not None:
             self.set_phase(phase)
         self._token_log = {PREFILL: [], DECODE: []}
@@ -137,7 +165,7 @@ class RoutingRecorder:
         try:
             yield self
         finally:
-            self.phase_override, self.row_groups = previous_phase, previous_rows
+            self.phase_override, self.row_groups, self.decode_sink = previous_phase, previous_rows, previous_sink
             state.recording = None
             state.groups = previous_groups
             state.token_group = None

@@ -93,6 +93,7 @@ class _SlotKey:
     top_p: bool
     min_new: bool
     graphed: bool
+    token_experts: bool = False
 
 
 class _Slot:
@@ -123,6 +124,9 @@ class _Slot:
         self.graph = None
         self.recorder = None
         self.keep = None
+        self.expert_ids = None  # uint8 [B, M, L, K]: decode experts per step (device sink of the recorder)
+        self.expert_counted = None  # bool [B, M]: which decode positions are counted
+        self.fed_position = torch.zeros(1, **i64)  # the decode position the step writes
 
 
 class StaticCacheEngine:
@@ -387,10 +391,9 @@ class StaticCacheEngine:
         P = max(len(prompts[i]) for i in rows)
         N = sampling.max_new_tokens
         M = -(-(P + N) // self.cache_multiple) * self.cache_multiple
-        graphed = self.use_cuda_graph and not (recorder is not None and recorder.record_token_experts)
-        if self.use_cuda_graph and not graphed:
-            self._say("per-token experts are logged by host hooks: the decode step runs eagerly")
-        elif not graphed and self._eager_reason is not None:
+        graphed = self.use_cuda_graph
+        token_experts = recorder is not None and recorder.record_token_experts
+        if not graphed and self._eager_reason is not None:
             self._say(f"the decode step runs eagerly: {self._eager_reason}")
         key = _SlotKey(
             batch=B,
@@ -401,11 +404,16 @@ class StaticCacheEngine:
             top_p=sampling.do_sample and sampling.top_p < 1,
             min_new=sampling.min_new_tokens > 0,
             graphed=graphed,
+            token_experts=token_experts,
         )
         slot = self._slot(key)
         if slot.recorder is not recorder or slot.keep is not self._keep:
             slot.graph = None  # a graph writes into its recorder's buffers and reads its mask buffer
             slot.recorder, slot.keep = recorder, self._keep
+        if token_experts and slot.expert_ids is None:
+            slot.expert_ids = torch.zeros(B, M, recorder.num_layers, recorder.top_k, dtype=torch.uint8,
+                                          device=self.device)  # fmt: skip
+            slot.expert_counted = torch.zeros(B, M, dtype=torch.bool, device=self.device)
 
         # host-side batch layout: left padding; dummy rows (bucket fill) hold one pad token and are never counted
         ids = torch.full((B, P), self.pad_token_id, dtype=torch.int64)
@@ -436,6 +444,9 @@ class StaticCacheEngine:
         slot.top_p.fill_(float(sampling.top_p))
         slot.min_new.fill_(int(sampling.min_new_tokens))
         slot.step.zero_()
+        if token_experts:
+            slot.expert_ids.zero_()
+            slot.expert_counted.zero_()
         ids_dev, positions_dev = ids.to(dev), positions.to(dev)
 
         start = time.perf_counter()
@@ -465,6 +476,8 @@ class StaticCacheEngine:
 
             if recorder is not None:
                 recorder.set_phase("decode")
+                if token_experts:
+                    recorder.set_decode_sink(slot.expert_ids, slot.fed_position)
             done_steps = 1
             while done_steps < N:
                 self._decode(slot)
@@ -491,17 +504,20 @@ class StaticCacheEngine:
                     break
             generated[i] = tokens
         if experts is not None:
-            self._collect_experts(recorder, rows, prompts, experts)
+            self._collect_experts(recorder, slot, done_steps - 1, rows, prompts, experts)
 
     def _clock(self) -> float:
         if self.time_phases and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _collect_experts(self, recorder, rows, prompts, experts) -> None:
+    def _collect_experts(self, recorder, slot, decode_steps: int, rows, prompts, experts) -> None:
         """This GPU batch's per-token experts into the request's arrays: prompt positions right-aligned (left
-        padding, as ``generate`` lays them out), decode positions from the first step; ids only where counted."""
+        padding, as ``generate`` lays them out), decode positions from the first step; ids only where counted.
+        Prefill experts come from the recorder's log, decode experts from the slot's device sink."""
         logged = recorder.token_experts()
+        logged["decode"] = slot.expert_ids[:, :decode_steps].cpu()
+        logged["decode_counted"] = slot.expert_counted[:, :decode_steps].cpu()
         for phase in ("prefill", "decode"):
             ids, counted = logged[phase].numpy(), logged[f"{phase}_counted"].numpy()
             if ids.shape[1] == 0:
@@ -556,6 +572,9 @@ class StaticCacheEngine:
         # a sequence whose fed-back token is EOS is finished: it and everything after it is never counted
         slot.finished.logical_or_(torch.isin(fed, self._eos_device))
         slot.live_groups.copy_(torch.where(slot.finished, -1, slot.groups))
+        if slot.expert_ids is not None:  # per-token experts: this step's position and whether it counts
+            slot.fed_position.copy_((slot.step - 1).view(1))
+            slot.expert_counted.index_copy_(1, slot.fed_position, (slot.live_groups >= 0)[:, None])
         pos = slot.prompt_pad + slot.step - 1  # cache index of the fed token
         visible = ((slot.cache_index <= pos)[None, :] & slot.key_valid)[:, None, :]
         position_ids = (slot.base_pos + slot.step - 1)[:, None]
