@@ -182,3 +182,26 @@ def test_analysis_packed_through_the_graph_engine_equals_unpacked(tmp_path):
                                 progress=False, verbose=False)  # fmt: skip
         runs[name] = run_analysis(config, model=model, tokenizer=tokenizer)
     assert compare(tmp_path / "alone", tmp_path / "packed") == []
+
+
+def test_token_experts_recorded_inside_the_graph(model_dir, tokenizer, batch):
+    """Per-token decode experts go to device buffers: the step stays captured and gives the eager step's experts."""
+    _, ids = batch
+    model = load(model_dir)
+    request = GenerationRequest(prompts=ids, sampling=SamplingSettings(max_new_tokens=NEW), groups=GROUPS,
+                                num_groups=2, record_token_experts=True)  # fmt: skip
+    graphed = StaticCacheEngine(model, tokenizer)
+    eager = StaticCacheEngine(model, tokenizer, use_cuda_graph=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = graphed.generate(request)
+    assert not [str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)]
+    assert all(slot.graph is not None for slot in graphed._slots.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = eager.generate(request)
+    assert_same(out, expected)
+    for key, value in expected.token_experts.items():
+        assert np.array_equal(out.token_experts[key], value), key
+    counted = out.token_experts["decode_counted"]
+    assert counted.sum() == out.decode_tokens.sum() and counted.any()
