@@ -15,7 +15,13 @@ not padding (prefill), and generated tokens fed back before their sequence's fir
   completion every ``check_every`` steps, never in between;
 * greedy decoding, or sampling with temperature and top-p from counter-based noise (a per-sequence seed, the step,
   the token id), so a seeded run gives the same tokens whatever the batching;
-* on CPU, or where capture fails, the same step runs eagerly with identical results, and the engine says why once.
+* per-token experts, when asked for, are written by the decode step into device buffers (inside the graph);
+* on CPU, or where capture fails, the same step runs eagerly with identical results, and the engine says why once
+  (with where the capture broke).
+
+The recorder is driven through its public API only: the phase (:meth:`RoutingRecorder.set_phase`), the per-row
+groups on the device (:meth:`RoutingRecorder.set_row_groups`) and the decode expert sink
+(:meth:`RoutingRecorder.set_decode_sink`); the expert mask keeps its buffer (:func:`moe_fastmask.set_expert_mask`).
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-
-import numpy as np
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
