@@ -13,7 +13,7 @@ from moe_fastmask.pipeline import artifacts, judge, stats
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
 
 REPO = Path(__file__).resolve().parents[1]
-FREQUENCIES_CSV = REPO.parent / "shared" / "data" / "olmoe_expert_activation_frequencies.csv"
+FREQUENCIES_CSV = REPO / "tests" / "data" / "olmoe_expert_activation_frequencies.csv"  # source: tests/data/README.md
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,7 +98,6 @@ def test_aggregation_skips_nan_batches_and_handles_empty():
     assert stats.aggregate_risk_diffs(empty).empty
 
 
-@pytest.mark.skipif(not FREQUENCIES_CSV.exists(), reason=f"shared data file not found: {FREQUENCIES_CSV}")
 def test_reproduces_published_frequency_table():
     csv = pd.read_csv(FREQUENCIES_CSV).rename(columns={"risk_diff": "csv_risk_diff"})
     n_layers, n_experts = csv["layer"].max() + 1, csv["expert"].max() + 1

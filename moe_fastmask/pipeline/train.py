@@ -43,7 +43,9 @@ from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback
 
 from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
-from moe_fastmask.pipeline.selection import SELECTION_FILE, ExpertSelection, model_sizes, select_experts
+from moe_fastmask.pipeline.preflight import check_paths
+from moe_fastmask.pipeline.selection import SELECTION_FILE, ExpertSelection, masked_layer_report, model_sizes
+from moe_fastmask.pipeline.selection import select_experts
 
 SAFE, UNSAFE = "safe", "unsafe"
 GROUP_OF_KIND = {SAFE: 0, UNSAFE: 1}
@@ -76,8 +78,13 @@ class MaskedFinetuneArguments:
     selection: str | None = field(
         default=None, metadata={"help": "use this expert_selection.json instead of selecting from the risk table"}
     )
-    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall (default 64)"})
-    per_layer: int | None = field(default=None, metadata={"help": "select the n highest-scoring experts of every layer"})
+    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall"})
+    per_layer: int | None = field(
+        default=None,
+        metadata={"help": "select the n highest-scoring experts of every layer (default, with none of --top-n, "
+                  "--per-layer, --threshold: the model's top_k, 8 for OLMoE). Only experts with a positive risk_diff, "
+                  "at most num_experts - top_k per layer"},
+    )
     threshold: float | None = field(default=None, metadata={"help": "select every expert scoring above this"})
     fill: bool = field(
         default=False,
@@ -85,6 +92,11 @@ class MaskedFinetuneArguments:
                   "(default: leave them unmasked, with a warning)"},
     )
     score_column: str = field(default="risk_diff", metadata={"help": "ranking column of the risk table"})
+    allow_unmasked: bool = field(
+        default=False,
+        metadata={"help": "train even when no layer has top_k selected experts, so no layer is masked for unsafe "
+                  "samples (default: refuse)"},
+    )
     # batches
     batch_size: int = field(default=16, metadata={"help": "samples per batch (per device)"})
     safe_ratio: float = field(default=0.5, metadata={"help": "share of safe samples in every batch"})
@@ -160,9 +172,9 @@ class MaskedFinetuneArguments:
             options["per_layer"] = self.per_layer
         elif self.threshold is not None:
             options["threshold"] = self.threshold
-        else:
-            options["top_n"] = 64 if self.top_n is None else self.top_n
-        return options
+        elif self.top_n is not None:
+            options["top_n"] = self.top_n
+        return options  # no mode: the selection's default, per_layer = top_k
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,7 +261,8 @@ class SFTDataset(Dataset):
                 }
             )
         if self.truncated:
-            warnings.warn(f"{self.truncated} of {len(self.items)} samples were cut to max_length={max_length}")
+            warnings.warn(f"{self.truncated} of {len(self.items)} samples were cut to max_length={max_length} "
+                          f"(--max-length sets it)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -769,6 +782,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
     from moe_fastmask.pipeline import artifacts
 
+    check_paths(config.out, model=config.model if model is None else None)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -821,6 +835,9 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         selection = build_selection(config, model.config, risk_table)
     if not selection.experts:
         raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
+    _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
+    if main_process:
+        print(masked_message, file=sys.stderr)
     if main_process:
         selection.save(selection_path)
 
