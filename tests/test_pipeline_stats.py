@@ -241,3 +241,18 @@ def test_run_store_resume_and_config_guard(tmp_path):
     store.save_batch({"batch_idx": 0})
     store.prepare({"seed": 0, "batch_size": 16}, overwrite=True)  # same config: still a fresh start
     assert store.finished_batches(1) == []
+
+
+def test_top_experts_chart_labels_its_error_bars():
+    from moe_fastmask.pipeline import plots
+
+    per_batch = pd.concat([stats.batch_risk_diff(np.array([[3, 1, 0]]), np.array([[1, 2, b]]), 4, 4, batch_idx=b)
+                           for b in range(3)], ignore_index=True)  # fmt: skip
+    table = stats.aggregate_risk_diffs(per_batch)
+    figure = plots.top_experts_figure(table, n=3)
+    (axes,) = figure.axes
+    legend = axes.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["error bars: ±1 standard deviation of risk_diff over batches"]
+    no_spread = plots.top_experts_figure(table.drop(columns=["risk_diff_std"]), n=3)
+    assert no_spread.axes[0].get_legend() is None  # no error bars, nothing to label
