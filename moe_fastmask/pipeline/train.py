@@ -838,7 +838,6 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
     if main_process:
         print(masked_message, file=sys.stderr)
-    if main_process:
         selection.save(selection_path)
 
     dataset = SFTDataset(frame, tokenizer, config.max_length)
