@@ -41,7 +41,7 @@ import pandas as pd
 
 from moe_fastmask.pipeline import artifacts, plots, stats
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
-from moe_fastmask.pipeline.batching import Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.batching import Batch, BatchPlanError, check_batch_mix, plan_batches
 from moe_fastmask.pipeline.common import (
     DTYPES,
     NUM_GROUPS,
@@ -73,6 +73,7 @@ from moe_fastmask.pipeline.generation import (
     get_backend,
 )
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
+from moe_fastmask.pipeline.preflight import check_paths
 
 DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 COUNT_TOKENS = {"generated": ("decode",), "prompt": ("prefill",), "all": ("prefill", "decode")}
@@ -148,6 +149,7 @@ class AnalysisConfig:
             raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
         if self.top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
+        check_batch_mix(self.batch_size, self.safe_ratio)  # before anything is written, demo included
 
     @property
     def do_sample(self) -> bool:
@@ -334,11 +336,17 @@ def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: 
     return record
 
 
-def _pair_message(batch_data: dict, config: AnalysisConfig) -> str:
+def plural(count: int, noun: str) -> str:
+    """``"1 batch"``, ``"2 batches"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
+
+
+def _pair_message(batch_data: dict, config: AnalysisConfig) -> str | None:
+    """The pair filter's verdict on one batch; None with the filter off (every prompt counts, nothing to say)."""
+    if not config.filter_pairs:
+        return None
     passed, total = sum(batch_data["pair_passed"]), len(batch_data["pairs"])
     text = f"batch {batch_data['batch_idx']}: {passed}/{total} pairs pass the pair filter"
-    if not config.filter_pairs:
-        return text + " (filter off: every prompt counted)"
     if passed == 0:
         return text + " -> no pair left; this batch is left out of the statistics"
     return text
@@ -370,7 +378,8 @@ def process_mixed_batches(
     try:
         for batch in batches:
             batch_data = generate_batch(backend, tokenizer, batch, config, judge)
-            _say(config, _pair_message(batch_data, config))
+            if (message := _pair_message(batch_data, config)) is not None:
+                _say(config, message)
             if on_batch is not None:
                 on_batch(batch_data)
             out.append(batch_data)
@@ -559,6 +568,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     config = dataclasses.replace(config)
     config.validate()
+    check_paths(config.out)  # an --out that cannot be a directory fails here, before the demo is built
     dist = distributed.setup(config.device)
     if not dist.is_main:
         config.verbose = config.progress = False
@@ -571,6 +581,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     config.validate()
     if config.data is not None and not Path(config.data).exists():
         raise DataValidationError(f"data file {config.data!r} does not exist")
+    if model is None:
+        check_paths(model=config.model)  # before the run config and the split are written
 
     device = dist.device
     dtype = resolve_dtype(config.dtype, device) if model is None else str(model.dtype).replace("torch.", "")
@@ -606,10 +618,11 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
             )
     shares = (f"; {dist.world_size} processes, batch i on rank i % {dist.world_size}: rank 0 has {len(mine)}"
               if dist.enabled else "")  # fmt: skip
-    _say(config, f"analyze {slug}: {len(train)} train records -> {len(batches)} batches of {config.batch_size} "
-                 f"(safe_ratio {config.safe_ratio}){shares}; {len(done)} already done in {out}")  # fmt: skip
+    _say(config, f"analyze {slug}: {len(train)} train records -> {plural(len(batches), 'batch')} of "
+                 f"{config.batch_size} (safe_ratio {config.safe_ratio}){shares}; {len(done)} already done in {out}")
     for batch_idx in sorted(done):
-        _say(config, _pair_message(done[batch_idx], config) + " [resumed]")
+        if (message := _pair_message(done[batch_idx], config)) is not None:
+            _say(config, message + " [resumed]")
 
     remaining = [batch for batch in mine if batch.batch_idx not in done]
     local = dict(done)
@@ -642,7 +655,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     batch_data_list = distributed.gather_in_order(local, len(batches))
     if dist.enabled:
         totals = _check_reduced_counts(list(local.values()), batch_data_list, device)
-        _say(config, f"{dist.world_size} ranks: {totals[0]} batches counted, {totals[1]} safe and {totals[2]} unsafe "
+        _say(config, f"{dist.world_size} ranks: {plural(int(totals[0]), 'batch')} counted, {totals[1]} safe and "
+                     f"{totals[2]} unsafe "
                      f"tokens (all-reduced)")  # fmt: skip
 
     config_dict = {**settings, "fingerprint": artifacts.config_fingerprint(settings)}
@@ -651,14 +665,14 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     passed = [sum(b["pair_passed"]) for b in batch_data_list]
     total = sum(len(b["pairs"]) for b in batch_data_list)
-    _say(config, f"pair filter ({'on' if config.filter_pairs else 'off'}): {sum(passed)}/{total} pairs pass; "
-                 f"per batch {passed}")  # fmt: skip
+    if config.filter_pairs:
+        _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
 
     per_batch = risk_diff_per_batch(batch_data_list, config)
     if per_batch.empty:
         raise AnalysisError(
-            f"no batch kept counted tokens of both groups ({len(batch_data_list)} batches, {sum(passed)} pairs "
-            f"passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
+            f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
+            f"pairs passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
             + ("; try without --filter-pairs" if config.filter_pairs else "")
         )
     table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
@@ -669,13 +683,13 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         artifacts.atomic_write_csv(paths["risk_diff_csv"], table)
         artifacts.atomic_pickle(paths["sft_dataset"], sft)
         plots.plot_heatmap(table, paths["heatmap"],
-                           title=f"risk_diff, {slug} ({per_batch['batch_idx'].nunique()} batches)")  # fmt: skip
+                           title=f"risk_diff, {slug} ({plural(per_batch['batch_idx'].nunique(), 'batch')})")
         plots.plot_top_experts(table, paths["top_experts"], n=min(20, len(table)))
 
     _write_once(write_results)  # every rank returns once the artifacts are on disk
 
-    _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over {per_batch['batch_idx'].nunique()} "
-                 f"batches):\n" + stats.format_top(table, 10))  # fmt: skip
+    _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over "
+                 f"{plural(per_batch['batch_idx'].nunique(), 'batch')}):\n" + stats.format_top(table, 10))  # fmt: skip
     _say(config, "artifacts:\n" + "\n".join(f"  {path}" for path in paths.values()))
     return AnalysisResult(
         config=config, slug=slug, paths=paths, split=split, batch_data_list=batch_data_list,

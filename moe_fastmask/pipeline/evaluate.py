@@ -6,14 +6,17 @@ analysis or the fine-tuning used) two prompts are generated for, greedily:
 * ``jailbreak`` — the jailbreak chat (``all_prompt``), the attack the repair targets;
 * ``goal`` — the plain goal under the system prompt, which a safe model refuses as well.
 
-Each answer is judged by a refusal judge (the offline keyword judge :func:`moe_fastmask.pipeline.judge.is_refusal`
-unless another ``str -> bool`` callable is given). Attack success rate = 1 - refusal rate (all prompts are harmful).
+Each answer is judged by a refusal judge (the offline keyword judge :func:`moe_fastmask.pipeline.judge.is_refusal`,
+a list of refusal phrases, unless another ``str -> bool`` callable is given). Attack success rate = 1 - refusal rate
+(all prompts are harmful). The output and ``evaluation.md`` say both after the table.
 
 Conditions, the columns of the table:
 
 * ``before`` — the base model (``--base-model``);
 * ``steering`` — the base model with the selected experts (``--selection``) switched off for every token at
   inference time, no training (``set_expert_mask`` with the selection's experts False, one group for all tokens);
+  a layer with more than ``num_experts - top_k`` selected experts is steered with its ``num_experts - top_k``
+  highest-scoring ones (checked before any generation, and said);
 * ``after`` — the fine-tuned model (``--model``).
 
 Given only ``--model`` of a training run (``OUT/final_model``), the base model, the selection and the split file
@@ -72,7 +75,10 @@ class EvaluationArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer (greedy)"})
-    system_prompt: str | None = field(default=None, metadata={"help": "system message of the goal prompts"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system message of the goal prompts (default: the analysis default, "
+                                "'You are a helpful assistant.'; the one used is saved in evaluation.json)"}
+    )
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split"})
     judge: str | None = field(
         default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
@@ -88,7 +94,7 @@ class EvaluationArguments:
 class EvaluationResult:
     summary: Any  # DataFrame: condition, kind, n, refusals, refusal_rate, attack_success_rate
     answers: Any  # DataFrame: condition, kind, id, prompt, answer, refusal
-    table: str  # markdown
+    table: str  # markdown: the table, then how refusal was judged
     settings: dict
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -268,8 +274,22 @@ def markdown_table(summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _release(model) -> None:
-    del model
+def judge_description(judge: Callable[[str], bool]) -> str:
+    """One line on how answers are judged, for the output and ``evaluation.md``."""
+    from moe_fastmask.pipeline.judge import REFUSAL_MARKERS, judge_name
+
+    name = judge_name(judge)
+    if name == "moe_fastmask.pipeline.judge.is_refusal":
+        how = (f"a keyword list ({name}: an answer containing one of {len(REFUSAL_MARKERS)} refusal phrases of "
+               f"GCG/HarmBench and Arditi et al., or an empty answer, is a refusal)")  # fmt: skip
+    else:
+        how = name
+    return (f"Refusal is judged by {how}; attack success rate = 1 - refusal rate (every prompt asks for something "
+            f"harmful).")  # fmt: skip
+
+
+def _free_memory() -> None:
+    """Collect the model just dropped (its modules hold reference cycles) and return its CUDA memory."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -284,27 +304,39 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
     import pandas as pd
 
+    import moe_fastmask as mf
     from moe_fastmask.pipeline import artifacts
     from moe_fastmask.pipeline.common import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
     from moe_fastmask.pipeline.generation import get_backend
     from moe_fastmask.pipeline.judge import judge_name
-    from moe_fastmask.pipeline.selection import ExpertSelection
+    from moe_fastmask.pipeline.preflight import check_paths
+    from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, steering_experts
 
     args = resolve_arguments(args)
+    out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
+    if args.out is None and not Path(args.model or args.base_model).exists():
+        out = Path("evaluation")
+    check_paths(out, model=args.model, base_model=args.base_model)
     judge_fn = load_judge(judge if judge is not None else args.judge)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     records = evaluation_records(args.data, args.split, args.split_file, args.limit)
     selection = ExpertSelection.load(args.selection) if (args.selection and args.steering) else None
+    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
 
     def say(message: str) -> None:
         if progress:
             print(message, file=sys.stderr)
 
+    steered, steering_note = steering_experts(selection) if selection is not None else ([], None)
+    if steering_note and args.base_model is not None:
+        say(steering_note)
+
     frames = []
 
     def run(condition: str, model, tokenizer, backend) -> None:
-        prompts = build_prompts(records, tokenizer, args.system_prompt)
+        prompts = build_prompts(records, tokenizer, system_prompt)
         say(f"[{condition}] generating {len(prompts)} answers")
         texts = generate_answers(
             model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size,
@@ -318,14 +350,24 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     if args.base_model is not None:
         model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
+        if selection is not None and model_sizes(model.config) != (
+            selection.num_layers, selection.num_experts, selection.top_k
+        ):
+            raise ValueError(
+                f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
+                f"{selection.top_k}; {args.base_model} has {model_sizes(model.config)}"
+            )
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("before", model, tokenizer, backend)
         if selection is not None:
-            backend.set_expert_mask(selection.steering_mask())
+            keep = torch.ones(selection.num_layers, 1, selection.num_experts, dtype=torch.bool)
+            for layer, expert in map(mf.parse_layer_expert, steered):
+                keep[layer, 0, expert] = False  # steered: off for every token
+            backend.set_expert_mask(keep)
             run("steering", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model, tokenizer  # the only references: the "after" model loads into freed memory
+        _free_memory()
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
@@ -333,12 +375,13 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("after", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model, tokenizer
+        _free_memory()
 
     answers = pd.concat(frames, ignore_index=True)
     summary = summarize(answers)
-    table = markdown_table(summary)
+    description = judge_description(judge_fn)
+    table = markdown_table(summary) + "\n" + description + "\n"
     settings = {
         "data": str(Path(args.data).resolve()),
         "split": args.split,
@@ -348,20 +391,19 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         "base_model": args.base_model,
         "model": args.model,
         "selection": args.selection if selection is not None else None,
-        "num_steered_experts": len(selection) if selection is not None else 0,
+        "num_steered_experts": len(steered) if selection is not None and args.base_model is not None else 0,
+        "steered_experts": steered if selection is not None and args.base_model is not None else [],
+        "steering_note": steering_note if args.base_model is not None else None,
         "judge": judge_name(judge_fn),
+        "judge_description": description,
         "max_new_tokens": args.max_new_tokens,
-        "system_prompt": args.system_prompt,
+        "system_prompt": system_prompt,
         "device": device,
         "dtype": dtype,
         # the default engine adds no key: its evaluation.json stays as it was before engines existed
         **({"engine": args.engine} if args.engine != DEFAULT_BACKEND else {}),
     }
     result = EvaluationResult(summary=summary, answers=answers, table=table, settings=settings)
-
-    out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
-    if args.out is None and not Path(args.model or args.base_model).exists():
-        out = Path("evaluation")
     result.paths = {
         "json": artifacts.atomic_write_json(out / "evaluation.json", {"settings": settings, "results": result.rates()}),
         "table": artifacts.atomic_write_text(out / "evaluation.md", table),
@@ -408,6 +450,7 @@ __all__ = [
     "evaluate",
     "evaluation_records",
     "generate_answers",
+    "judge_description",
     "load_judge",
     "markdown_table",
     "summarize",

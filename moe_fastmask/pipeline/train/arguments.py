@@ -25,8 +25,13 @@ class MaskedFinetuneArguments:
     selection: str | None = field(
         default=None, metadata={"help": "use this expert_selection.json instead of selecting from the risk table"}
     )
-    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall (default 64)"})
-    per_layer: int | None = field(default=None, metadata={"help": "select the n highest-scoring experts of every layer"})
+    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall"})
+    per_layer: int | None = field(
+        default=None,
+        metadata={"help": "select the n highest-scoring experts of every layer (default, with none of --top-n, "
+                  "--per-layer, --threshold: the model's top_k, 8 for OLMoE). Only experts with a positive risk_diff, "
+                  "at most num_experts - top_k per layer"},
+    )
     threshold: float | None = field(default=None, metadata={"help": "select every expert scoring above this"})
     fill: bool = field(
         default=False,
@@ -34,6 +39,11 @@ class MaskedFinetuneArguments:
                   "(default: leave them unmasked, with a warning)"},
     )
     score_column: str = field(default="risk_diff", metadata={"help": "ranking column of the risk table"})
+    allow_unmasked: bool = field(
+        default=False,
+        metadata={"help": "train even when no layer has top_k selected experts, so no layer is masked for unsafe "
+                  "samples (default: refuse)"},
+    )
     # batches
     batch_size: int = field(default=16, metadata={"help": "samples per batch (per device)"})
     safe_ratio: float = field(default=0.5, metadata={"help": "share of safe samples in every batch"})
@@ -109,9 +119,9 @@ class MaskedFinetuneArguments:
             options["per_layer"] = self.per_layer
         elif self.threshold is not None:
             options["threshold"] = self.threshold
-        else:
-            options["top_n"] = 64 if self.top_n is None else self.top_n
-        return options
+        elif self.top_n is not None:
+            options["top_n"] = self.top_n
+        return options  # no mode: the selection's default, per_layer = top_k
 
 
 __all__ = ["MaskedFinetuneArguments"]

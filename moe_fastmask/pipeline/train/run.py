@@ -21,7 +21,8 @@ from moe_fastmask.pipeline.common import (
     split_counts,
     torch_dtype,
 )
-from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, select_experts
+from moe_fastmask.pipeline.preflight import check_paths
+from moe_fastmask.pipeline.selection import ExpertSelection, masked_layer_report, model_sizes, select_experts
 from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
 from moe_fastmask.pipeline.train.data import (
     MaskedSFTCollator,
@@ -96,6 +97,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
     from moe_fastmask.pipeline import artifacts
 
+    check_paths(config.out, model=config.model if model is None else None)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +148,9 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         selection = build_selection(config, model.config, risk_table)
     if not selection.experts:
         raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
+    _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
     if main_process:
+        print(masked_message, file=sys.stderr)
         selection.save(selection_path)
 
     dataset = SFTDataset(frame, tokenizer, config.max_length)

@@ -1,0 +1,94 @@
+"""Checks of a run's paths before anything is written or loaded: the model source and the output directory.
+
+A mistake found here raises :class:`UsageError`, a ``ValueError`` whose message is one line naming the flag and the
+value; the ``moe-fastmask`` subcommands print it and exit with status 2, so a typo in ``--model`` or ``--out`` never
+ends in a traceback or leaves partial files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# owner/name on the Hugging Face hub: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+
+
+class UsageError(ValueError):
+    """A user mistake (a path, a value, a combination of flags); the command line prints the one-line message and
+    exits with status 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def is_hub_id(text: str) -> bool:
+    """True for a syntactically valid hub repository id ``owner/name`` (nothing is looked up)."""
+    return (
+        bool(_HUB_ID.match(text))
+        and "--" not in text
+        and ".." not in text
+        and len(text) <= 96
+        and not text.startswith(("./", "../", "~"))
+    )
+
+
+def check_model_source(model: str | os.PathLike, flag: str = "--model") -> str:
+    """``"local"`` for a model directory (a directory holding ``config.json``), ``"hub"`` for a syntactically valid
+    hub id ``owner/name`` that is not a local path; anything else raises :class:`UsageError`."""
+    text = os.fspath(model)
+    if not text.strip():
+        raise UsageError(f"{flag} is empty: give a model directory or a hub id (owner/name)")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {text!r} is a file; give a model directory (with config.json) or a hub id")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag} {text!r}: the directory has no config.json, so it holds no model")
+        return "local"
+    if is_hub_id(text):
+        return "hub"
+    raise UsageError(f"{flag} {text!r}: no such local model directory, and not a hub id (owner/name)")
+
+
+def check_output_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """The output directory as a path, if it is one or can be made one: an existing file there, or a file in place
+    of one of its parent directories, or a parent that cannot be written to, raises :class:`UsageError`."""
+    text = os.fspath(out)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {text!r} is an existing file; give a directory (new or existing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {text!r}: the directory is not writable")
+        return path
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {text!r}: {parent} is a file, so the directory cannot be made")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {text!r}: cannot create it, {parent} is not writable")
+            break
+    return path
+
+
+def check_paths(out: str | os.PathLike | None = None, **models: str | os.PathLike | None) -> None:
+    """Check the output directory (when given) and each model source given by keyword (``base_model=...`` is
+    reported as ``--base-model``; ``None`` values are skipped), before a run writes or loads anything."""
+    if out is not None:
+        check_output_dir(out)
+    for name, model in models.items():
+        if model is not None:
+            check_model_source(model, _flag(name))
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (hub and loading errors run over several lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+__all__ = ["UsageError", "check_model_source", "check_output_dir", "check_paths", "is_hub_id", "one_line"]

@@ -1,0 +1,167 @@
+"""User mistakes in paths and batch settings: a one-line error, exit status 2, nothing written; the model-source and
+output-directory checks behind them."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_fastmask.cli import main
+from moe_fastmask.pipeline import analyze
+from moe_fastmask.pipeline.demo import build_tiny_olmoe
+from moe_fastmask.pipeline.preflight import (
+    UsageError,
+    check_model_source,
+    check_output_dir,
+    check_paths,
+    is_hub_id,
+    one_line,
+)
+from moe_fastmask.pipeline.selection import ExpertSelection
+
+L, E, K = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    model = build_tiny_olmoe(root / "model", seed=0, num_layers=L, num_experts=E, top_k=K)
+    records = [{"id": i, "goal": f"Explain thing {i}.", "judge_success_gpt4": 1,
+                "all_prompt": [{"role": "user", "content": f"TASK {i}"}]} for i in range(10)]  # fmt: skip
+    data = root / "data.json"
+    data.write_text(json.dumps(records))
+    rows = []
+    for i in range(4):
+        rows.append({"batch_idx": 0, "position": i, "kind": "safe", "id": i, "response": "Sure.",
+                     "messages": [{"role": "user", "content": f"Explain thing {i}."}]})  # fmt: skip
+        rows.append({"batch_idx": 0, "position": 4 + i, "kind": "unsafe", "id": i, "response": "I'm sorry.",
+                     "messages": [{"role": "user", "content": f"TASK {i}"}]})  # fmt: skip
+    sft = root / "analysis"
+    sft.mkdir()
+    pd.DataFrame(rows).to_pickle(sft / "sft_dataset_tiny.pkl")
+    a_file = root / "a_file.txt"
+    a_file.write_text("not a directory\n")
+    return {"root": root, "model": model, "data": data, "sft": sft, "file": a_file}
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def cases(inputs, out):
+    model, data, sft, a_file = str(inputs["model"]), str(inputs["data"]), str(inputs["sft"]), str(inputs["file"])
+    missing = str(inputs["root"] / "no_such_model")
+    bare = inputs["root"] / "not_a_model"
+    bare.mkdir(exist_ok=True)
+    return [
+        (["analyze", "--model", missing, "--data", data, "--out", out],
+         f"--model {missing!r}: no such local model directory, and not a hub id (owner/name)"),
+        (["analyze", "--model", "runs/x/final_model", "--data", data, "--out", out],
+         "no such local model directory, and not a hub id"),
+        (["analyze", "--model", str(bare), "--data", data, "--out", out], "the directory has no config.json"),
+        (["analyze", "--model", a_file, "--data", data, "--out", out], "is a file; give a model directory"),
+        (["analyze", "--model", model, "--data", data, "--out", a_file],
+         f"--out {a_file!r} is an existing file; give a directory"),
+        (["analyze", "--model", model, "--data", data, "--out", str(Path(a_file) / "sub")],
+         "is a file, so the directory cannot be made"),
+        (["analyze", "--demo", "--out", a_file], "is an existing file"),
+        (["analyze", "--model", model, "--data", data, "--out", out, "--batch-size", "15"],
+         "use --batch-size 14 or 16"),
+        (["analyze", "--demo", "--out", out, "--batch-size", "15"], "use --batch-size 14 or 16"),
+        (["train", "--model", missing, "--sft", sft, "--out", out], "no such local model directory, and not a hub id"),
+        (["train", "--model", model, "--sft", sft, "--out", a_file], "is an existing file"),
+        (["evaluate", "--model", missing, "--data", data, "--split", "all", "--out", out],
+         "no such local model directory, and not a hub id"),
+        (["evaluate", "--base-model", missing, "--model", model, "--data", data, "--split", "all", "--out", out],
+         f"--base-model {missing!r}: no such local model directory"),
+        (["evaluate", "--model", model, "--data", data, "--split", "all", "--out", a_file], "is an existing file"),
+    ]  # fmt: skip
+
+
+def test_each_mistake_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, message in cases(inputs, str(out)):
+        before = sorted(p.name for p in inputs["root"].iterdir())
+        code, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        assert message in err, (argv, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"moe-fastmask {argv[0]}: error")
+        assert not out.exists(), argv  # not even the directory
+        assert sorted(p.name for p in inputs["root"].iterdir()) == before
+        assert inputs["file"].read_text() == "not a directory\n"
+
+
+def test_train_refuses_a_selection_that_masks_no_layer(inputs, tmp_path, capsys):
+    unmasked = ExpertSelection(num_layers=L, num_experts=E, top_k=K, experts=[(0, 1), (1, 2)], masked_layers=[])
+    selection = unmasked.save(tmp_path / "selection.json")
+    out = tmp_path / "train"
+    code, err = run(["train", "--model", str(inputs["model"]), "--sft", str(inputs["sft"]), "--out", str(out),
+                     "--selection", str(selection), "--device", "cpu", "--max-steps", "1"], capsys)  # fmt: skip
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"moe-fastmask train: error: no layer is masked for unsafe samples: a masked layer needs top_k={K} selected "
+        f"experts, selected per layer: layer 0 1, layer 1 1. Select more experts per layer (e.g. --per-layer {K}) or "
+        f"--fill, or pass --allow-unmasked to train the selected experts without the mask"
+    )
+    assert not (out / "expert_selection.json").exists() and not (out / "training_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the checks themselves
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["allenai/OLMoE-1B-7B-0125-Instruct", "a/b", "org_1/model.v2"])
+def test_hub_ids(text):
+    assert is_hub_id(text)
+
+
+@pytest.mark.parametrize("text", ["model", "a/b/c", "./a/b", "~/a", "/abs/path", "a--b/c", "a/b..c", "a/-b", "a/ b",
+                                  "a/" + "b" * 95, "a/b/"])  # fmt: skip
+def test_not_hub_ids(text):
+    assert not is_hub_id(text)
+
+
+def test_model_source(inputs, tmp_path):
+    assert check_model_source(inputs["model"]) == "local"
+    assert check_model_source("allenai/OLMoE-1B-7B-0125-Instruct") == "hub"
+    with pytest.raises(UsageError, match=r"^--base-model 'nope': no such local model directory, and not a hub id"):
+        check_model_source("nope", "--base-model")
+    with pytest.raises(UsageError, match="is empty"):
+        check_model_source("  ")
+    (tmp_path / "owner").mkdir()
+    with pytest.raises(UsageError, match="no config.json"):  # an existing local path wins over the hub reading
+        check_model_source(tmp_path / "owner")
+
+
+def test_output_dir(inputs, tmp_path):
+    assert check_output_dir(tmp_path) == tmp_path
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with pytest.raises(UsageError, match="is an existing file"):
+        check_output_dir(inputs["file"])
+    with pytest.raises(UsageError, match="--out .*: .*a_file.txt is a file"):
+        check_output_dir(inputs["file"] / "x" / "y")
+    check_paths(tmp_path, model=inputs["model"], base_model=None)
+    with pytest.raises(UsageError, match="^--base-model"):
+        check_paths(None, model=inputs["model"], base_model=str(tmp_path / "missing"))
+
+
+def test_loading_errors_become_one_line(monkeypatch):
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise OSError("owner/name is not a local folder and is not a valid model identifier\nIf this is a private "
+                      "repository, make sure to pass a token")  # fmt: skip
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(UsageError) as info:
+        analyze.load_model_and_tokenizer("owner/name", "cpu", "float32")
+    assert str(info.value) == (
+        "cannot load model 'owner/name': owner/name is not a local folder and is not a valid model identifier"
+    )
+    assert one_line(ValueError("\n\n  first  \nsecond")) == "first" and one_line(OSError()) == "OSError"
