@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from moe_fastmask.pipeline import artifacts, plots, stats
+from moe_fastmask.pipeline.analysis_config import COUNT_TOKENS, DEFAULT_REFUSAL_TEXT, AnalysisConfig
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
 from moe_fastmask.pipeline.batching import Batch, BatchPlanError, check_batch_mix, plan_batches
 from moe_fastmask.pipeline.common import (
@@ -75,85 +76,12 @@ from moe_fastmask.pipeline.generation import (
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
 from moe_fastmask.pipeline.preflight import check_paths
 
-DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
-COUNT_TOKENS = {"generated": ("decode",), "prompt": ("prefill",), "all": ("prefill", "decode")}
 SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
 PHASES = ("prefill", "decode")
 
 
 class AnalysisError(RuntimeError):
     """The analysis cannot produce a result (e.g. no batch kept tokens of both groups)."""
-
-
-@dataclass
-class AnalysisConfig:
-    """Settings of one analysis run (the CLI flags of ``moe-fastmask analyze``)."""
-
-    model: str | None = None
-    data: str | None = None
-    out: str = "analysis_out"
-    demo: bool = False
-    batch_size: int = 16
-    safe_ratio: float = 0.5
-    num_batches: int | None = None
-    seed: int = 0
-    test_fraction: float = 0.2
-    only_successful: bool = False
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # sampling, like vLLM's SamplingParams: temperature 0 is greedy
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    count_tokens: str = "generated"
-    filter_pairs: bool = False
-    refusal_text: str = DEFAULT_REFUSAL_TEXT
-    top_n: int = 10
-    keep_token_experts: bool = True
-    engine: str = DEFAULT_BACKEND  # generation backend (moe_fastmask.pipeline.generation)
-    device: str | None = None
-    dtype: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
-    verbose: bool = True
-    judge: Judge | None = field(default=None, repr=False)  # API only: a callable str -> bool
-
-    def validate(self) -> None:
-        if self.demo and (self.model or self.data):
-            raise ValueError(
-                "--demo builds its own model and data under OUT/demo/; drop --model/--data "
-                "(or reuse them: --model OUT/demo/model --data OUT/demo/data.json)"
-            )
-        if not self.demo and (not self.model or not self.data):
-            raise ValueError("give --model and --data, or --demo")
-        if self.count_tokens not in COUNT_TOKENS:
-            raise ValueError(f"count_tokens must be one of {sorted(COUNT_TOKENS)}, got {self.count_tokens!r}")
-        if self.engine not in backend_names():
-            raise ValueError(f"engine must be one of {backend_names()}, got {self.engine!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.count_tokens == "generated" and self.max_new_tokens < 2:
-            raise ValueError(
-                "count_tokens='generated' counts generated tokens as they are fed back to the model, so the last "
-                "one never is: max_new_tokens must be >= 2"
-            )
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
-        if self.filter_pairs and not self.keep_token_experts:
-            raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
-        if self.top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
-        check_batch_mix(self.batch_size, self.safe_ratio)  # before anything is written, demo included
-
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > 0
 
 
 @dataclass
@@ -703,64 +631,16 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
-    """Add the ``analyze`` subcommand to the ``moe-fastmask`` parser."""
-    d = AnalysisConfig()
-    parser = subparsers.add_parser(
-        "analyze",
-        help="find the experts that fire more on jailbreak prompts than on the plain goals",
-        description=__doc__.split("\n\n")[0]
-        + " Writes batch_outputs_<slug>.pkl, risk_diff_<slug>.pkl/.csv, sft_dataset_<slug>.pkl, split_<slug>.json, "
-        "plots and the run config to --out; re-running the same command resumes.",
-    )
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--model", help="model path or hub id (loaded with from_pretrained)")
-    io.add_argument("--data", help="JSON list of records {id, goal, all_prompt, judge_success_gpt4}")
-    io.add_argument("--out", required=True, help="output directory")
-    io.add_argument("--demo", action="store_true",
-                    help="build a tiny random OLMoE and a synthetic dataset under OUT/demo/ and analyze them")
-    io.add_argument("--overwrite", action="store_true", help="delete the run of this model found in --out (any config) and start over; "
-                    "without it a matching run resumes and a different one is refused")
-    batching = parser.add_argument_group("data and batching")
-    batching.add_argument("--batch-size", type=int, default=d.batch_size)
-    batching.add_argument("--safe-ratio", type=float, default=d.safe_ratio,
-                          help="share of safe prompts per batch (0.5: each batch holds both forms of its records)")
-    batching.add_argument("--num-batches", type=int, default=None, help="default: as many as the data fills")
-    batching.add_argument("--seed", type=int, default=d.seed)
-    batching.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                          help="records held out for evaluation (split_<slug>.json)")
-    batching.add_argument("--only-successful", action="store_true",
-                          help="use only records with judge_success_gpt4 == 1")
-    batching.add_argument("--system-prompt", default=d.system_prompt, help="system message of the safe prompts")
-    generation = parser.add_argument_group("generation and counting")
-    generation.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    generation.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
-    generation.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    generation.add_argument("--top-p", type=float, default=d.top_p)
-    generation.add_argument("--count-tokens", choices=sorted(COUNT_TOKENS), default=d.count_tokens,
-                            help="which tokens count: generated (default), prompt, or all")
-    generation.add_argument("--filter-pairs", action="store_true",
-                            help="count only pairs whose plain goal was refused and whose jailbreak was not")
-    generation.add_argument("--refusal-text", default=d.refusal_text,
-                            help="SFT target of a jailbreak whose plain goal was not refused")
-    generation.add_argument("--top-n", type=int, default=d.top_n,
-                            help="size of each batch's top list, for the stability count (top_count)")
-    generation.add_argument("--no-token-experts", dest="keep_token_experts", action="store_false",
-                            help="do not keep each token's chosen experts (smaller batch_outputs; no --filter-pairs)")
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--engine", choices=backend_names(), default=d.engine,
-                         help="generation backend (moe_fastmask.pipeline.generation)")
-    runtime.add_argument("--device", default=None,
-                         help="default: cuda if available (one process per GPU: the GPU of LOCAL_RANK), else cpu")
-    runtime.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="auto: bfloat16 on cuda, float32 on cpu")
-    runtime.add_argument("--no-progress", dest="progress", action="store_false")
-    runtime.add_argument("--quiet", dest="verbose", action="store_false")
-    parser.set_defaults(func=run_cli)
-    return parser
+    """Add the ``analyze`` subcommand (its flags come from :class:`AnalysisConfig`) to the ``moe-fastmask`` parser."""
+    from moe_fastmask.pipeline.cli_args import add_subcommand
+
+    return add_subcommand(subparsers, "analyze")
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
-    names = {f.name for f in dataclasses.fields(AnalysisConfig)} - {"judge"}
-    return AnalysisConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    from moe_fastmask.pipeline.cli_args import dataclass_from_args
+
+    return dataclass_from_args(AnalysisConfig, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
-from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import DTYPES, SELECTION_FILE, TRAINING_CONFIG_FILE
 from moe_fastmask.pipeline.generation import DEFAULT_BACKEND, backend_names
 
@@ -50,8 +49,8 @@ KINDS = ("jailbreak", "goal")
 
 @dataclass
 class EvaluationArguments:
-    """Settings of ``moe-fastmask evaluate`` (parsed with ``transformers.HfArgumentParser``; ``foo_bar`` flags are
-    also accepted as ``--foo-bar``)."""
+    """Settings of ``moe-fastmask evaluate`` (each field is the flag ``--foo-bar``; the old ``--foo_bar`` spelling is
+    still accepted, see :mod:`moe_fastmask.pipeline.cli_args`)."""
 
     data: str = field(metadata={"help": "records file (JSON list of {id, goal, all_prompt, judge_success_gpt4})"})
     model: str | None = field(default=None, metadata={"help": "fine-tuned model ('after'), e.g. OUT/final_model"})
@@ -67,7 +66,11 @@ class EvaluationArguments:
         metadata={"help": "records to evaluate: test (held out), train, or all", "choices": ["test", "train", "all"]},
     )
     out: str | None = field(default=None, metadata={"help": "output directory (default: MODEL/../evaluation)"})
-    steering: bool = field(default=True, metadata={"help": "add the steering column when a selection is known"})
+    steering: bool = field(
+        default=True,
+        metadata={"help": "add the steering column when a selection is known",
+                  "negative_help": "leave out the steering column (the base model with the selected experts off)"},
+    )
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)"})
     dtype: str = field(
         default="auto",
@@ -83,7 +86,11 @@ class EvaluationArguments:
     judge: str | None = field(
         default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
     )
-    backend: str = field(default="auto", metadata={"help": "router op backend for steering: auto, triton, cpp, torch"})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "router op backend for steering (auto: triton on cuda, else cpp, else torch)",
+                  "choices": ["auto", "triton", "cpp", "torch"]},
+    )
     engine: str = field(
         default=DEFAULT_BACKEND,
         metadata={"help": "generation backend (moe_fastmask.pipeline.generation)", "choices": list(backend_names())},
@@ -290,6 +297,8 @@ def judge_description(judge: Callable[[str], bool]) -> str:
 
 def _free_memory() -> None:
     """Collect the model just dropped (its modules hold reference cycles) and return its CUDA memory."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -303,6 +312,8 @@ def _free_memory() -> None:
 def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None = None, progress: bool = True) -> EvaluationResult:
     """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
     import pandas as pd
+
+    import torch
 
     import moe_fastmask as mf
     from moe_fastmask.pipeline import artifacts
@@ -421,14 +432,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand (its flags come from :class:`EvaluationArguments`)."""
-    return add_dataclass_subcommand(
-        subparsers,
-        "evaluate",
-        EvaluationArguments,
-        help="refusal / attack success rate before vs after the repair, and with steering",
-        description=__doc__.split("\n\n")[0],
-        func=run_cli,
-    )
+    return add_subcommand(subparsers, "evaluate")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fastmask.pipeline.batching import check_batch_mix
 from moe_fastmask.pipeline.common import DTYPES
 
 
 @dataclass
 class MaskedFinetuneArguments:
-    """Settings of ``moe-fastmask train`` (parsed with ``transformers.HfArgumentParser``; every ``foo_bar`` flag is
-    also accepted as ``--foo-bar``)."""
+    """Settings of ``moe-fastmask train`` (each field is the flag ``--foo-bar``; the old ``--foo_bar`` spelling is
+    still accepted, see :mod:`moe_fastmask.pipeline.cli_args`)."""
 
     model: str = field(
         metadata={"help": "base model path or hub id", "aliases": ["--model_name", "--model-name", "--model_name_or_path"]}
@@ -87,8 +88,17 @@ class MaskedFinetuneArguments:
         metadata={"help": "run the frozen experts through the stock transformers implementation (keeps its "
                   "activations) instead of the recomputing one"},
     )
-    backend: str = field(default="auto", metadata={"help": "router op backend: auto, triton, cpp, torch"})
-    routing_stats: bool = field(default=True, metadata={"help": "count routing per group and log mask statistics"})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "router op backend (auto: triton on cuda, else cpp, else torch)",
+                  "choices": ["auto", "triton", "cpp", "torch"]},
+    )
+    routing_stats: bool = field(
+        default=True,
+        metadata={"help": "count routing per group and log the mask statistics",
+                  "negative_help": "do not count routing per group or log the mask statistics (masking still "
+                  "applies)"},
+    )
     # checkpoints and logging
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
@@ -108,6 +118,8 @@ class MaskedFinetuneArguments:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.safe_ratio <= 1.0:
             raise ValueError(f"safe_ratio must be in [0, 1], got {self.safe_ratio}")
+        if 0.0 < self.safe_ratio < 1.0:  # a mixed batch holds whole pairs, as in analyze (0 or 1: one kind only)
+            check_batch_mix(self.batch_size, self.safe_ratio)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import (
     CHECKPOINT_DIR,
     FINAL_MODEL_DIR,
@@ -240,14 +240,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (its flags come from :class:`MaskedFinetuneArguments`)."""
-    return add_dataclass_subcommand(
-        subparsers,
-        "train",
-        MaskedFinetuneArguments,
-        help="masked fine-tuning of the selected (unsafe) experts",
-        description=DESCRIPTION,
-        func=run_cli,
-    )
+    return add_subcommand(subparsers, "train")
 
 
 def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
