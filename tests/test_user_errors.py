@@ -46,7 +46,10 @@ def inputs(tmp_path_factory):
 
 
 def run(argv, capsys):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
     captured = capsys.readouterr()
     return code, captured.err.strip()
 
@@ -81,15 +84,73 @@ def cases(inputs, out):
     ]  # fmt: skip
 
 
+def more_cases(inputs, out):
+    """Types, ranges, incompatible flags, missing files and optional packages, for every subcommand."""
+    model, data, sft, a_file = str(inputs["model"]), str(inputs["data"]), str(inputs["sft"]), str(inputs["file"])
+    missing = str(inputs["root"] / "missing.json")
+    analyze_base = ["analyze", "--model", model, "--data", data, "--out", out]
+    train_base = ["train", "--model", model, "--sft", sft, "--out", out, "--device", "cpu"]
+    evaluate_base = ["evaluate", "--model", model, "--data", data, "--split", "all", "--out", out, "--device", "cpu"]
+    return [
+        # analyze
+        (["analyze", "--demo"], "the following arguments are required: --out"),
+        (["analyze", "--out", out], "give --model and --data, or --demo"),
+        (["analyze", "--demo", "--model", model, "--out", out], "--demo builds its own model and data"),
+        ([*analyze_base, "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+        ([*analyze_base, "--count-tokens", "logits"], "argument --count-tokens: invalid choice: 'logits'"),
+        ([*analyze_base, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        ([*analyze_base, "--safe-ratio", "1.5"], "safe_ratio must be strictly between 0 and 1"),
+        ([*analyze_base, "--batch-size", "1"], "batch_size must be an integer >= 2"),
+        ([*analyze_base, "--test-fraction", "1"], "test_fraction must be in [0, 1)"),
+        ([*analyze_base, "--temperature", "-1"], "need temperature >= 0"),
+        ([*analyze_base, "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        ([*analyze_base, "--min-new-tokens", "99"], "min_new_tokens must be in [0, max_new_tokens]"),
+        ([*analyze_base, "--num-batches", "0"], "num_batches must be >= 1"),
+        ([*analyze_base, "--num-batches", "50"], "50 batches requested but the 8 records fill only 1"),
+        ([*analyze_base, "--filter-pairs", "--no-token-experts"], "needs keep_token_experts"),
+        (["analyze", "--model", model, "--data", missing, "--out", out], f"data file {missing!r} does not exist"),
+        (["analyze", "--model", model, "--data", a_file, "--out", out], "not valid JSON"),
+        # train
+        ([*train_base, "--batch-size", "15"], "use --batch-size 14 or 16"),
+        ([*train_base, "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+        ([*train_base, "--safe-ratio", "2"], "safe_ratio must be in [0, 1]"),
+        ([*train_base, "--top-n", "3", "--threshold", "0.1"], "give at most one of --top-n, --per-layer, --threshold"),
+        ([*train_base, "--checkpoint-layers", "-1"], "checkpoint_layers must be >= 0"),
+        ([*train_base, "--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+        (["train", "--model", model, "--out", out], "the following arguments are required: --sft"),
+        (["train", "--model", model, "--sft", missing, "--out", out], f"SFT file {missing} does not exist"),
+        (["train", "--model", model, "--sft", str(inputs["root"]), "--out", out], "no sft_dataset_<slug>.pkl in"),
+        ([*train_base, "--resume"], "--resume: no checkpoint in"),
+        ([*train_base, "--resume", str(inputs["root"] / "nope")], "no such checkpoint directory"),
+        ([*train_base, "--selection", missing], "does not exist"),
+        ([*train_base, "--report-to", "surely_not_installed"], "--report-to"),
+        # evaluate
+        (["evaluate", "--data", data, "--out", out], "give --model (after) and/or --base-model (before)"),
+        (["evaluate", "--model", model, "--out", out], "the following arguments are required: --data"),
+        (["evaluate", "--model", model, "--data", missing, "--out", out], "does not exist"),
+        ([*evaluate_base[:-2], "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+        ([*evaluate_base, "--batch-size", "0"], "batch_size must be >= 1"),
+        ([*evaluate_base, "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        ([*evaluate_base, "--limit", "0"], "limit must be >= 1"),
+        ([*evaluate_base, "--judge", "no_colon"], "--judge must look like 'module:function'"),
+        ([*evaluate_base, "--judge", "surely_not_a_module:judge"], "--judge 'surely_not_a_module:judge': cannot import"),
+        ([*evaluate_base, "--judge", "json:no_such_function"], "has no 'no_such_function'"),
+        ([*evaluate_base, "--selection", missing], "does not exist"),
+        (["evaluate", "--model", model, "--data", data, "--split", "test", "--out", out], "--split test needs"),
+    ]  # fmt: skip
+
+
 def test_each_mistake_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    for argv, message in cases(inputs, str(out)):
+    for argv, message in cases(inputs, str(out)) + more_cases(inputs, str(out)):
         before = sorted(p.name for p in inputs["root"].iterdir())
         code, err = run(argv, capsys)
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert err.startswith(f"moe-fastmask {argv[0]}: error")
+        assert "Traceback" not in err, err
+        last = err.splitlines()[-1]  # argparse's errors come after its usage lines
+        assert last.startswith(f"moe-fastmask {argv[0]}: error"), (argv, err)
+        assert message in last, (argv, err)
         assert not out.exists(), argv  # not even the directory
         assert sorted(p.name for p in inputs["root"].iterdir()) == before
         assert inputs["file"].read_text() == "not a directory\n"
@@ -165,3 +226,67 @@ def test_loading_errors_become_one_line(monkeypatch):
         "cannot load model 'owner/name': owner/name is not a local folder and is not a valid model identifier"
     )
     assert one_line(ValueError("\n\n  first  \nsecond")) == "first" and one_line(OSError()) == "OSError"
+
+
+def test_hub_id_that_does_not_load_writes_nothing(inputs, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def not_on_hub(*args, **kwargs):
+        raise OSError("owner/no-such-model is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'\nIf this is a private repository, ...")  # fmt: skip
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_on_hub)
+    out = tmp_path / "out"
+    code, err = run(["analyze", "--model", "owner/no-such-model", "--data", str(inputs["data"]), "--out", str(out)],
+                    capsys)  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert err == ("moe-fastmask analyze: error: --model 'owner/no-such-model': cannot load it from the hub: "
+                   "owner/no-such-model is not a local folder and is not a valid model identifier listed on "
+                   "'https://huggingface.co/models'")  # fmt: skip
+    assert not out.exists()
+
+
+def test_model_that_fails_after_the_config_resolved_is_cleaned_up(inputs, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_tokenizer(*args, **kwargs):
+        raise OSError("owner/model does not appear to have a file named tokenizer.json")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    kept = tmp_path / "existing"  # an --out that existed keeps what it held; the run's own files go
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", kept):
+        code, err = run(["analyze", "--model", "owner/model", "--data", str(inputs["data"]), "--out", str(out),
+                         "--no-progress", "--quiet"], capsys)  # fmt: skip
+        assert code == 2 and err.endswith("cannot load model 'owner/model': owner/model does not appear to have a "
+                                          "file named tokenizer.json"), err
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_missing_package_is_one_line_and_internal_errors_keep_the_traceback(monkeypatch, capsys, inputs, tmp_path):
+    from moe_fastmask.pipeline import evaluate
+
+    def needs_vllm(args):
+        raise ModuleNotFoundError("No module named 'vllm'", name="vllm")
+
+    monkeypatch.setattr(evaluate, "run_cli", needs_vllm)
+    argv = ["evaluate", "--model", str(inputs["model"]), "--data", str(inputs["data"]), "--out", str(tmp_path)]
+    code, err = run(argv, capsys)
+    assert (code, err) == (2, "moe-fastmask evaluate: error: the package 'vllm' is not installed (pip install vllm)")
+
+    def bug(args):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setattr(evaluate, "run_cli", bug)
+    with pytest.raises(RuntimeError, match="an internal error"):  # not turned into a usage message
+        main(argv)
+
+    def broken_import(args):
+        raise ModuleNotFoundError("No module named 'moe_fastmask.nothing'", name="moe_fastmask.nothing")
+
+    monkeypatch.setattr(evaluate, "run_cli", broken_import)
+    with pytest.raises(ModuleNotFoundError):  # the package's own modules: a bug, with its traceback
+        main(argv)

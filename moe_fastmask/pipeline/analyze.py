@@ -74,7 +74,7 @@ from moe_fastmask.pipeline.generation import (
     get_backend,
 )
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
-from moe_fastmask.pipeline.preflight import check_paths
+from moe_fastmask.pipeline.preflight import UsageError, check_paths, resolve_hub_model
 
 SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
 PHASES = ("prefill", "decode")
@@ -511,6 +511,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         raise DataValidationError(f"data file {config.data!r} does not exist")
     if model is None:
         check_paths(model=config.model)  # before the run config and the split are written
+        resolve_hub_model(config.model)  # a hub id that does not load fails here too
 
     device = dist.device
     dtype = resolve_dtype(config.dtype, device) if model is None else str(model.dtype).replace("torch.", "")
@@ -523,6 +524,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     settings["model_slug"] = slug
     paths = store.final_paths()
     failure = None
+    out_existed, fresh = out.exists(), not store.config_path.exists()
     if dist.is_main:  # rank 0 binds the directory to the config; every rank gets its verdict
         try:
             store.prepare(settings, overwrite=config.overwrite)
@@ -558,7 +560,14 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     try:
         if remaining:
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                try:
+                    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                except UsageError:
+                    if fresh and not done and not dist.enabled:  # this run wrote only its config and split
+                        store.clear()
+                        if not out_existed and not any(out.iterdir()):
+                            out.rmdir()
+                    raise
             elif tokenizer is None:
                 raise ValueError("pass the tokenizer together with the model")
             prepare_tokenizer(tokenizer)

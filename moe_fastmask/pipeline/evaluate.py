@@ -96,6 +96,12 @@ class EvaluationArguments:
         metadata={"help": "generation backend (moe_fastmask.pipeline.generation)", "choices": list(backend_names())},
     )
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be >= 1 (--{name.replace('_', '-')}), got {value!r}")
+
 
 @dataclass
 class EvaluationResult:
@@ -134,12 +140,17 @@ def load_judge(spec: str | Callable[[str], bool] | None) -> Callable[[str], bool
     target, attr = spec.rsplit(":", 1)
     if target.endswith(".py"):
         module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"cannot load judge file {target!r}")
+        if module_spec is None or module_spec.loader is None or not Path(target).is_file():
+            raise ValueError(f"--judge {spec!r}: no judge file {target!r}")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"--judge {spec!r}: cannot import {target!r} ({error})") from error
+    if not hasattr(module, attr):
+        raise ValueError(f"--judge {spec!r}: {target!r} has no {attr!r}")
     return resolve_judge(getattr(module, attr))
 
 
@@ -329,6 +340,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     if args.out is None and not Path(args.model or args.base_model).exists():
         out = Path("evaluation")
     check_paths(out, model=args.model, base_model=args.base_model)
+    if args.selection and args.steering and not Path(args.selection).is_file():
+        raise ValueError(f"--selection {args.selection!r} does not exist")
     judge_fn = load_judge(judge if judge is not None else args.judge)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

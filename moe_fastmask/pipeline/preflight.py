@@ -85,10 +85,33 @@ def check_paths(out: str | os.PathLike | None = None, **models: str | os.PathLik
             check_model_source(model, _flag(name))
 
 
+def resolve_hub_model(model: str | os.PathLike, flag: str = "--model") -> None:
+    """For a hub id, fetch (or find in the cache) its ``config.json`` now, so that an id that does not exist, is
+    private or cannot be reached fails with a one-line :class:`UsageError` before a run writes anything. A local
+    directory is left alone (:func:`check_model_source` checked it)."""
+    text = os.fspath(model)
+    if check_model_source(text, flag) != "hub":
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(text)
+    except (OSError, ValueError) as error:  # not on the hub, no access, no network, not a model repository
+        raise UsageError(f"{flag} {text!r}: cannot load it from the hub: {one_line(error)}") from error
+
+
 def one_line(error: BaseException) -> str:
     """The first non-empty line of an error's message (hub and loading errors run over several lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 
 
-__all__ = ["UsageError", "check_model_source", "check_output_dir", "check_paths", "is_hub_id", "one_line"]
+__all__ = [
+    "UsageError",
+    "check_model_source",
+    "check_output_dir",
+    "check_paths",
+    "is_hub_id",
+    "one_line",
+    "resolve_hub_model",
+]

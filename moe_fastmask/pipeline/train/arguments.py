@@ -108,6 +108,11 @@ class MaskedFinetuneArguments:
         metadata={"help": "continue from a checkpoint: a checkpoint directory, or no value for the latest one in "
                   "OUT/checkpoints", "nargs": "?", "const": "latest"},
     )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "show the progress bar over training steps", "negative": "--no-progress",
+                  "negative_help": "no progress bar (the loss and routing metrics are still logged)"},
+    )
     report_to: str = field(default="none", metadata={"help": "transformers report_to (none, tensorboard, wandb, ...)"})
 
     def __post_init__(self) -> None:
