@@ -2,6 +2,7 @@
 output-directory checks behind them."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -290,3 +291,23 @@ def test_missing_package_is_one_line_and_internal_errors_keep_the_traceback(monk
     monkeypatch.setattr(evaluate, "run_cli", broken_import)
     with pytest.raises(ModuleNotFoundError):  # the package's own modules: a bug, with its traceback
         main(argv)
+
+
+def test_train_shows_a_step_bar_and_explains_its_routing_metrics_once(inputs, tmp_path, capsys):
+    from moe_fastmask.pipeline.train.run import ROUTING_METRICS
+
+    masking = ExpertSelection(num_layers=L, num_experts=E, top_k=K, experts=[(0, 1), (0, 2), (1, 1), (1, 2)],
+                              masked_layers=[0, 1])  # fmt: skip
+    selection = masking.save(tmp_path / "selection.json")
+    argv = ["train", "--model", str(inputs["model"]), "--sft", str(inputs["sft"]), "--out", str(tmp_path / "train"),
+            "--selection", str(selection), "--device", "cpu", "--max-steps", "2", "--batch-size", "4",
+            "--logging-steps", "1", "--save-steps", "100"]  # fmt: skip
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 0, err
+    assert err.count(ROUTING_METRICS) == 1 and captured.out.count(ROUTING_METRICS) == 0
+    assert "routing/unsafe_on_selected" in captured.out  # the logged shares it explains
+    assert re.search(r"\b2/2 \[", err)  # the Trainer's tqdm bar over the 2 steps
+    code = main([*argv[:5], "--out", str(tmp_path / "quiet"), *argv[7:], "--no-progress"])
+    assert code == 0 and not re.search(r"\b2/2 \[", capsys.readouterr().err)
