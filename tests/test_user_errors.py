@@ -125,6 +125,16 @@ def more_cases(inputs, out):
         ([*train_base, "--resume", str(inputs["root"] / "nope")], "no such checkpoint directory"),
         ([*train_base, "--selection", missing], "does not exist"),
         ([*train_base, "--report-to", "surely_not_installed"], "--report-to"),
+        ([*train_base, "--learning-rate", "-1"], "learning_rate must be >= 0.0 (--learning-rate), got -1.0"),
+        ([*train_base, "--gradient-accumulation-steps", "0"], "gradient_accumulation_steps must be >= 1"),
+        ([*train_base, "--num-epochs", "0"], "num_epochs must be > 0 (or give --max-steps)"),
+        ([*train_base, "--checkpoint-layers", "2"], "--checkpoint-layers needs --gradient-checkpointing"),
+        ([*train_base, "--lr-scheduler-type", "foo"], "foo is not a valid SchedulerType"),
+        # devices (the machine running the tests may have no GPU: a device that cannot exist here)
+        ([*analyze_base, "--device", "tpu"], "--device 'tpu': not a device; use cpu, cuda or cuda:N"),
+        ([*train_base[:-2], "--device", "cuda:99"], "--device 'cuda:99': "),
+        ([*evaluate_base[:-2], "--device", "cuda:99"], "--device 'cuda:99': "),
+        (["analyze", "--demo", "--out", out, "--device", "cuda:99"], "--device 'cuda:99': "),
         # evaluate
         (["evaluate", "--data", data, "--out", out], "give --model (after) and/or --base-model (before)"),
         (["evaluate", "--model", model, "--out", out], "the following arguments are required: --data"),

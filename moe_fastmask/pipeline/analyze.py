@@ -74,7 +74,7 @@ from moe_fastmask.pipeline.generation import (
     get_backend,
 )
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
-from moe_fastmask.pipeline.preflight import UsageError, check_paths, resolve_hub_model
+from moe_fastmask.pipeline.preflight import UsageError, check_device, check_paths, resolve_hub_model
 
 SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
 PHASES = ("prefill", "decode")
@@ -497,6 +497,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     config = dataclasses.replace(config)
     config.validate()
     check_paths(config.out)  # an --out that cannot be a directory fails here, before the demo is built
+    check_device(config.device)
     dist = distributed.setup(config.device)
     if not dist.is_main:
         config.verbose = config.progress = False

@@ -332,7 +332,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
     from moe_fastmask.pipeline.generation import get_backend
     from moe_fastmask.pipeline.judge import judge_name
-    from moe_fastmask.pipeline.preflight import check_paths
+    from moe_fastmask.pipeline.preflight import check_device, check_paths
     from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, steering_experts
 
     args = resolve_arguments(args)
@@ -340,6 +340,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     if args.out is None and not Path(args.model or args.base_model).exists():
         out = Path("evaluation")
     check_paths(out, model=args.model, base_model=args.base_model)
+    check_device(args.device)
     if args.selection and args.steering and not Path(args.selection).is_file():
         raise ValueError(f"--selection {args.selection!r} does not exist")
     judge_fn = load_judge(judge if judge is not None else args.judge)

@@ -100,6 +100,24 @@ def resolve_hub_model(model: str | os.PathLike, flag: str = "--model") -> None:
         raise UsageError(f"{flag} {text!r}: cannot load it from the hub: {one_line(error)}") from error
 
 
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """A ``--device`` that torch understands and that exists here (``None``: the default, always fine)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"{flag} {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{flag} {device!r}: no CUDA device is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"{flag} {device!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+
+
 def one_line(error: BaseException) -> str:
     """The first non-empty line of an error's message (hub and loading errors run over several lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -108,6 +126,7 @@ def one_line(error: BaseException) -> str:
 
 __all__ = [
     "UsageError",
+    "check_device",
     "check_model_source",
     "check_output_dir",
     "check_paths",

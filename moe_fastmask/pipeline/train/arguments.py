@@ -129,6 +129,17 @@ class MaskedFinetuneArguments:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
             raise ValueError(f"checkpoint_layers must be >= 0, got {self.checkpoint_layers}")
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("--checkpoint-layers needs --gradient-checkpointing")
+        at_least = {"gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 1, "warmup_steps": 0,
+                    "loss_chunk_size": 0, "learning_rate": 0.0, "weight_decay": 0.0, "max_grad_norm": 0.0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} (--{name.replace('_', '-')}), got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 (--save-total-limit), got {self.save_total_limit}")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ValueError(f"num_epochs must be > 0 (or give --max-steps), got {self.num_epochs}")
 
     def selection_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"fill": self.fill, "score_column": self.score_column}

@@ -21,7 +21,7 @@ from moe_fastmask.pipeline.common import (
     split_counts,
     torch_dtype,
 )
-from moe_fastmask.pipeline.preflight import UsageError, check_paths, one_line
+from moe_fastmask.pipeline.preflight import UsageError, check_device, check_paths, one_line
 from moe_fastmask.pipeline.selection import ExpertSelection, masked_layer_report, model_sizes, select_experts
 from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
 from moe_fastmask.pipeline.train.data import (
@@ -118,6 +118,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     from moe_fastmask.pipeline import artifacts
 
     check_paths(config.out, model=config.model if model is None else None)
+    check_device(config.device)
     for flag, value in (("--selection", config.selection), ("--risk-table", config.risk_table)):
         if value and not Path(value).is_file():
             raise UsageError(f"{flag} {value!r} does not exist")
