@@ -1,4 +1,5 @@
-"""User mistakes in paths and batch settings: a one-line error, exit status 2, nothing written; the model-source and
+"""User mistakes on the command line (paths, types, ranges, incompatible flags, devices, missing packages): a one-line
+error naming the flag, exit status 2, nothing written; internal errors keep their traceback; the model-source and
 output-directory checks behind them."""
 
 import json

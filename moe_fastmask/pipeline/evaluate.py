@@ -82,9 +82,10 @@ class EvaluationArguments:
         default=None, metadata={"help": "system message of the goal prompts (default: the analysis default, "
                                 "'You are a helpful assistant.'; the one used is saved in evaluation.json)"}
     )
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split (default: all of them)"})
     judge: str | None = field(
-        default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
+        default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool; default: the keyword "
+                                "judge, moe_fastmask.pipeline.judge)"}
     )
     backend: str = field(
         default="auto",

@@ -77,7 +77,7 @@ class MaskedFinetuneArguments:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     checkpoint_layers: int | None = field(
-        default=None, metadata={"help": "with --gradient-checkpointing: recompute only this many decoder layers"}
+        default=None, metadata={"help": "with --gradient-checkpointing: recompute only this many decoder layers (default: all)"}
     )
     loss_chunk_size: int = field(
         default=1024,
