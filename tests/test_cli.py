@@ -125,3 +125,17 @@ def test_builder_refuses_an_undescribed_field():
 
     with pytest.raises(TypeError, match="Settings.silent: every flag needs a help text"):
         add_dataclass_arguments(argparse.ArgumentParser(), Settings)
+
+
+def test_the_op_is_registered_whichever_is_imported_first():
+    code = (
+        "import sys, moe_fastmask\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "x = torch.randn(4, 6)\n"
+        "weights, ids = torch.ops.moe_fastmask.route(x, 2, None, None, None, False, 'torch')\n"
+        "assert torch.equal(ids, torch.sort(x, dim=1, descending=True, stable=True).indices[:, :2])\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

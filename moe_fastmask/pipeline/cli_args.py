@@ -29,15 +29,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32)
 
 
-def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
-    """``(python type, optional)`` from the annotation text (``int``, ``str | None``, ...)."""
+def _field_type(field: dataclasses.Field) -> type:
+    """The value type from the annotation text (``int``, ``str | None``, ...; ``None`` means "not given")."""
     text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     parts = [part.strip() for part in text.replace("Optional[", "").rstrip("]").split("|")]
-    optional = "None" in parts
     names = [part for part in parts if part != "None"]
     if len(names) != 1 or names[0] not in _TYPES:
         raise TypeError(f"field {field.name!r}: no command-line type for annotation {text!r}")
-    return _TYPES[names[0]], optional
+    return _TYPES[names[0]]
 
 
 def _default(field: dataclasses.Field):
@@ -76,7 +75,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, arguments_type: typ
         flag = "--" + field.name.replace("_", "-")
         old = [f"--{field.name}"] if "_" in field.name else []
         aliases = [a for a in meta.get("aliases", []) if a != flag]
-        kind, optional = _field_type(field)
+        kind = _field_type(field)
         default = _default(field)
         if kind is bool:
             if default is True:
