@@ -1,13 +1,29 @@
-"""The ``moe-fastmask`` command line: one parser, one subcommand per pipeline call, no logic of its own."""
+"""The ``moe-fastmask`` command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from moe_fastmask.pipeline.cli_args import SUBCOMMANDS, HelpFormatter, add_subcommand, check_required
+
+DESCRIPTION = """\
+Find and repair the experts of a Mixture-of-Experts model that jailbreak prompts lean on.
+
+  1. analyze   run plain and jailbreak prompts, rank the experts by how much more they fire on jailbreaks
+  2. train     fine-tune only the top-ranked experts, with jailbreak prompts routed to them alone
+  3. evaluate  compare refusal rates before and after the repair (and with the experts switched off)
+
+Start with a tiny demo that needs no model or data:  moe-fastmask analyze --demo --out demo_run
+Each subcommand's options:  moe-fastmask SUBCOMMAND --help
+"""
+
 
 def _add_build_ext(subparsers) -> None:
-    parser = subparsers.add_parser("build-ext", help="compile the C++ CPU kernel ahead of time (cached)")
+    parser = subparsers.add_parser(
+        "build-ext", help="compile the C++ CPU kernel ahead of time (otherwise it compiles on first use; cached)",
+        description="Compile the C++ CPU routing kernel now and print where it was cached.",
+    )
     parser.set_defaults(func=_run_build_ext)
 
 
@@ -19,25 +35,27 @@ def _run_build_ext(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-fastmask", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    """The whole parser; building it imports neither torch nor transformers (they load when a subcommand runs)."""
+    parser = argparse.ArgumentParser(prog="moe-fastmask", description=DESCRIPTION, formatter_class=HelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for name in SUBCOMMANDS:
+        add_subcommand(subparsers, name)
     _add_build_ext(subparsers)
-    # Each pipeline module adds its own subcommand's arguments; the parser stays in one place.
-    from moe_fastmask.pipeline import analyze
-
-    analyze.add_cli_arguments(subparsers)
-    from moe_fastmask.pipeline import train
-
-    train.add_cli_arguments(subparsers)
-    from moe_fastmask.pipeline import evaluate
-
-    evaluate.add_cli_arguments(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    check_required(args)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as error:
+        # a missing package (an optional one such as wandb for --report-to, or a broken install): one line
+        if error.name is None or error.name.split(".")[0] == "moe_fastmask":
+            raise
+        print(f"moe-fastmask {args.command}: error: the package {error.name!r} is not installed "
+              f"(pip install {error.name.split('.')[0]})", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

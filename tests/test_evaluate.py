@@ -152,3 +152,84 @@ def test_cli_evaluate(setup, capsys):
     rc = main(["evaluate", "--base-model", str(setup["base"]), "--data", str(setup["data"]), "--device", "cpu"])
     assert rc == 2  # no split file known: refuse rather than risk evaluating training records
     assert "split" in capsys.readouterr().err
+
+
+def test_before_model_is_freed_before_the_after_model_loads(setup, monkeypatch):
+    import weakref
+
+    from moe_fastmask.pipeline import common
+
+    original = common.load_model_and_tokenizer
+    loaded, alive_at_load = [], []
+
+    def tracking_load(name, device, dtype):
+        alive_at_load.append([ref() is not None for ref in loaded])  # no gc.collect() here: evaluate must do it
+        model, tokenizer = original(name, device, dtype)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    monkeypatch.setattr(common, "load_model_and_tokenizer", tracking_load)
+    args = ev.EvaluationArguments(data=str(setup["data"]), model=str(setup["after"]), max_new_tokens=2, device="cpu",
+                                  out=str(setup["root"] / "out_free"))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = ev.evaluate(args, progress=False)
+    assert list(result.rates()) == ["before", "steering", "after"]  # the base model was steered too
+    assert alive_at_load == [[], [False]]  # the "before" model was gone when the "after" one loaded
+    assert loaded[1]() is None  # and the "after" model is released at the end
+
+
+def test_steering_is_checked_before_generation_and_uses_a_feasible_subset(setup, monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    scores = {f"L00_E{e:02d}": 1.0 - 0.1 * e for e in range(E)}
+    everything = ExpertSelection(num_layers=L, num_experts=E, top_k=K, experts=[(0, e) for e in range(E)] + [(1, 3)],
+                                 masked_layers=[0], scores=scores)  # fmt: skip
+    selection_file = everything.save(run / "expert_selection.json")
+    events = []
+    original = ev.generate_answers
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        events.append(("generate", capsys.readouterr().err))
+        return original(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_answers", spy)
+    args = ev.EvaluationArguments(data=str(setup["data"]), base_model=str(setup["base"]), selection=str(selection_file),
+                                  split_file=str(setup["split"]), max_new_tokens=2, device="cpu", out=str(run / "ev"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = ev.evaluate(args, progress=True)
+    said_first = events[0][1]
+    assert "steering: switching off every selected expert would leave fewer than top_k=2" in said_first
+    assert "layer 0 (8 selected, steered 6; left on: L00_E06, L00_E07)" in said_first  # the two lowest scores
+    assert result.settings["steered_experts"] == [f"L00_E{e:02d}" for e in range(6)] + ["L01_E03"]
+    assert result.settings["num_steered_experts"] == 7
+    assert "steered 6" in result.settings["steering_note"]
+    assert list(result.rates()) == ["before", "steering"]
+
+
+def test_output_says_how_refusal_is_judged_and_records_the_system_prompt(setup, capsys):
+    from moe_fastmask.cli import main
+    from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
+
+    out = setup["root"] / "cli_judge"
+    assert main(["evaluate", "--model", str(setup["after"]), "--data", str(setup["data"]), "--max-new-tokens", "2",
+                 "--device", "cpu", "--no-steering", "--limit", "1", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    for text in (printed, (out / "evaluation.md").read_text()):
+        assert "Refusal is judged by a keyword list (moe_fastmask.pipeline.judge.is_refusal" in text
+        assert "attack success rate = 1 - refusal rate" in text
+    settings = json.loads((out / "evaluation.json").read_text())["settings"]
+    assert settings["system_prompt"] == DEFAULT_SYSTEM_PROMPT
+    assert "keyword list" in settings["judge_description"]
+    assert main(["evaluate", "--model", str(setup["after"]), "--data", str(setup["data"]), "--max-new-tokens", "2",
+                 "--device", "cpu", "--no-steering", "--limit", "1", "--out", str(out), "--system-prompt", "Be safe."]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["settings"]["system_prompt"] == "Be safe."
+    from moe_fastmask.pipeline.judge import judge_name
+
+    def never(text):
+        return False
+
+    assert ev.judge_description(never).startswith(
+        f"Refusal is judged by {judge_name(never)}; attack success rate = 1 - refusal rate"
+    )

@@ -261,3 +261,21 @@ def test_a_registered_backend_is_used_by_analyze(model_dir, monkeypatch, tmp_pat
         assert a["batch_outputs"] == b["batch_outputs"]
         assert np.array_equal(a["safe_routings"], b["safe_routings"])
         assert np.array_equal(a["group_counts"]["decode"], b["group_counts"]["decode"])
+
+
+def test_closed_backend_keeps_nothing_alive(model_dir):
+    import gc
+    import weakref
+
+    model, tokenizer = load(model_dir)
+    backend = get_backend("hf", model, tokenizer, op_backend="torch")
+    keep = torch.ones(L, 1, E, dtype=torch.bool)
+    keep[0, 0, :2] = False
+    backend.set_expert_mask(keep)
+    backend.generate(GenerationRequest(prompts=prompts(tokenizer), sampling=greedy(), groups=[0, 1, 0, 1]))
+    ref = weakref.ref(model)
+    backend.close()
+    backend.close()  # a second close is harmless
+    del model
+    gc.collect()
+    assert ref() is None  # the backend object itself still exists, but no longer holds the model

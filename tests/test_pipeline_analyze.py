@@ -375,3 +375,20 @@ def test_bench_analyze_tiny_counts_match(tmp_path, capsys):
     assert report["counts_match"] is True and report["count_entries_differing"] == 0
     assert report["analyze_prompts_per_s"] > 0 and report["reference_prompts_per_s"] > 0
     assert "speedup (a)/(b)" in capsys.readouterr().out
+
+
+def test_filter_off_says_nothing_about_pairs_and_counts_read_naturally(demo_inputs, tmp_path, capsys):
+    batch = {"batch_idx": 2, "pair_passed": [False] * 3 + [True], "pairs": [(i, i + 4) for i in range(4)]}
+    assert analyze._pair_message(batch, AnalysisConfig()) is None
+    assert analyze._pair_message(batch, AnalysisConfig(filter_pairs=True)) == (
+        "batch 2: 1/4 pairs pass the pair filter"
+    )
+    assert [analyze.plural(n, "batch") for n in (0, 1, 2)] == ["0 batches", "1 batch", "2 batches"]
+    model, data = demo_inputs
+    config = AnalysisConfig(model=str(model), data=str(data), out=str(tmp_path), num_batches=1,
+                            **{**SMALL, "verbose": True})  # fmt: skip
+    run_analysis(config)
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "pair filter" not in text and "pairs pass" not in text
+    assert "-> 1 batch of 8" in text and "(mean over 1 batch)" in text and "1 batches" not in text

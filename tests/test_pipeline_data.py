@@ -56,10 +56,12 @@ def _message(index, turn, message):
 
 
 INVALID = [
-    pytest.param(_set(2, "goal", ""), ["record 2 (id 2)", "'goal'", "missing or empty"], id="empty-goal"),
+    pytest.param(_set(2, "goal", ""), ["record 2 (id 2)", "'goal' is empty"], id="empty-goal"),
     pytest.param(_set(2, "goal", "   "), ["record 2 (id 2)", "'goal'"], id="blank-goal"),
-    pytest.param(_delete(1, "goal"), ["record 1 (id 1)", "'goal'", "missing"], id="missing-goal"),
-    pytest.param(_set(1, "goal", 7), ["record 1 (id 1)", "'goal'"], id="goal-not-string"),
+    pytest.param(_delete(1, "goal"), ["record 1 (id 1)", "'goal' is missing"], id="missing-goal"),
+    pytest.param(_set(1, "goal", 7), ["record 1 (id 1): field 'goal' must be a string, got int 7"], id="goal-int"),
+    pytest.param(_set(1, "goal", None), ["record 1 (id 1): field 'goal' must be a string, got null"], id="goal-null"),
+    pytest.param(_set(1, "goal", ["a"]), ["field 'goal' must be a string, got list"], id="goal-list"),
     pytest.param(_set(3, "all_prompt", "hi"), ["record 3 (id 3)", "'all_prompt'", "non-empty list"], id="prompt-str"),
     pytest.param(_set(3, "all_prompt", []), ["record 3 (id 3)", "'all_prompt'", "empty list"], id="prompt-empty"),
     pytest.param(_delete(3, "all_prompt"), ["record 3 (id 3)", "'all_prompt'"], id="prompt-missing"),
@@ -70,17 +72,24 @@ INVALID = [
     pytest.param(_message(0, 0, "hello"), ["record 0 (id 0)", "'all_prompt', message 0"], id="message-not-object"),
     pytest.param(_message(4, 0, {"role": "hacker", "content": "x"}), ["record 4 (id 4)", "unknown role 'hacker'"],
                  id="unknown-role"),
-    pytest.param(_message(4, 0, {"role": "user", "content": None}), ["record 4 (id 4)", "'content' must be a string"],
-                 id="content-not-string"),
+    pytest.param(_message(4, 0, {"role": "user", "content": None}), ["record 4 (id 4)", "'content' must be a string",
+                 "got null"], id="content-not-string"),
+    pytest.param(_message(4, 0, {"role": 3, "content": "x"}), ["record 4 (id 4)", "'role' must be a string, got int"],
+                 id="role-not-string"),
+    pytest.param(_set(3, "all_prompt", {"role": "user"}), ["record 3 (id 3)", "'all_prompt'", "got object"],
+                 id="prompt-object"),
     pytest.param(_set(5, "id", 2), ["record 5 (id 2)", "'id'", "duplicate id 2", "first used by record 2"],
                  id="duplicate-id"),
-    pytest.param(_set(5, "id", "5"), ["record 5 (id '5')", "'id'", "integer"], id="id-not-int"),
-    pytest.param(_delete(5, "id"), ["record 5", "'id'"], id="id-missing"),
+    pytest.param(_set(5, "id", "5"), ["record 5 (id '5')", "'id' must be an integer, got str '5'"], id="id-not-int"),
+    pytest.param(_set(5, "id", 5.0), ["'id' must be an integer, got float 5.0"], id="id-float"),
+    pytest.param(_delete(5, "id"), ["record 5", "'id' is missing"], id="id-missing"),
     pytest.param(_set(6, "judge_success_gpt4", 2), ["record 6 (id 6)", "'judge_success_gpt4'", "0 or 1", "2"],
                  id="judge-2"),
-    pytest.param(_set(6, "judge_success_gpt4", "yes"), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-str"),
+    pytest.param(_set(6, "judge_success_gpt4", "yes"), ["record 6 (id 6)", "'judge_success_gpt4'", "got str 'yes'"],
+                 id="judge-str"),
     pytest.param(_set(6, "judge_success_gpt4", True), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-bool"),
-    pytest.param(_delete(6, "judge_success_gpt4"), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-missing"),
+    pytest.param(_delete(6, "judge_success_gpt4"), ["record 6 (id 6)", "'judge_success_gpt4'", "missing"],
+                 id="judge-missing"),
 ]  # fmt: skip
 
 
@@ -223,6 +232,40 @@ def test_rounding_half_up():
     assert group_sizes(5, 0.5) == (3, 2)
     assert group_sizes(16, 0.5) == (8, 8)
     assert group_sizes(10, 0.25) == (3, 7)
+
+
+@pytest.mark.parametrize(
+    "batch_size, ratio, nearest, match",
+    [
+        (15, 0.5, (14, 16), r"batch size 15 at safe ratio 0.5 gives 7.5 safe prompts per batch, which would be rounded "
+                            r"to 8 safe \+ 7 jailbreak prompts, leaving one prompt of every batch without its other "
+                            r"form; use --batch-size 14 or 16"),
+        (3, 0.5, (2, 4), r"use --batch-size 2 or 4"),
+        (10, 0.25, (8, 12), r"2.5 safe prompts .* 3 safe \+ 7 jailbreak prompts, a safe share of 0.3 instead of 0.25; "
+                            r"use --batch-size 8 or 12"),
+        (16, 0.3, (10, 20), r"use --batch-size 10 or 20"),
+    ],
+)  # fmt: skip
+def test_batches_that_cannot_hold_the_mix_are_refused_naming_the_nearest_sizes(batch_size, ratio, nearest, match):
+    records = data.validate_records(_records(40))
+    with pytest.raises(BatchPlanError, match=match):
+        plan_batches(records, batch_size=batch_size, safe_ratio=ratio)
+    for size in nearest:
+        n_safe = round(size * ratio)
+        assert batching.check_batch_mix(size, ratio) == (n_safe, size - n_safe)
+        assert plan_batches(records, batch_size=size, safe_ratio=ratio, num_batches=1)[0].safe_indices == list(
+            range(n_safe)
+        )
+
+
+def test_whole_mixes_pass_and_float_ratios_are_not_refused_for_rounding_noise():
+    assert batching.check_batch_mix(16, 0.5) == (8, 8)
+    assert batching.check_batch_mix(10, 0.3) == (3, 7)  # 10 * 0.3 = 3.0000000000000004
+    assert batching.check_batch_mix(12, 1 / 3) == (4, 8)
+    assert batching.nearest_whole_sizes(15, 0.5) == [14, 16]
+    assert batching.nearest_whole_sizes(7, 0.123457) == []  # none within reach: the message says what to do
+    with pytest.raises(BatchPlanError, match="whose product with the safe ratio is a whole number"):
+        batching.check_batch_mix(7, 0.123457)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from moe_fastmask.pipeline import artifacts, judge, stats
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
 
 REPO = Path(__file__).resolve().parents[1]
-FREQUENCIES_CSV = REPO.parent / "shared" / "data" / "olmoe_expert_activation_frequencies.csv"
+FREQUENCIES_CSV = REPO / "tests" / "data" / "olmoe_expert_activation_frequencies.csv"  # source: tests/data/README.md
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,7 +98,6 @@ def test_aggregation_skips_nan_batches_and_handles_empty():
     assert stats.aggregate_risk_diffs(empty).empty
 
 
-@pytest.mark.skipif(not FREQUENCIES_CSV.exists(), reason=f"shared data file not found: {FREQUENCIES_CSV}")
 def test_reproduces_published_frequency_table():
     csv = pd.read_csv(FREQUENCIES_CSV).rename(columns={"risk_diff": "csv_risk_diff"})
     n_layers, n_experts = csv["layer"].max() + 1, csv["expert"].max() + 1
@@ -242,3 +241,18 @@ def test_run_store_resume_and_config_guard(tmp_path):
     store.save_batch({"batch_idx": 0})
     store.prepare({"seed": 0, "batch_size": 16}, overwrite=True)  # same config: still a fresh start
     assert store.finished_batches(1) == []
+
+
+def test_top_experts_chart_labels_its_error_bars():
+    from moe_fastmask.pipeline import plots
+
+    per_batch = pd.concat([stats.batch_risk_diff(np.array([[3, 1, 0]]), np.array([[1, 2, b]]), 4, 4, batch_idx=b)
+                           for b in range(3)], ignore_index=True)  # fmt: skip
+    table = stats.aggregate_risk_diffs(per_batch)
+    figure = plots.top_experts_figure(table, n=3)
+    (axes,) = figure.axes
+    legend = axes.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["error bars: ±1 standard deviation of risk_diff over batches"]
+    no_spread = plots.top_experts_figure(table.drop(columns=["risk_diff_std"]), n=3)
+    assert no_spread.axes[0].get_legend() is None  # no error bars, nothing to label

@@ -1,14 +1,25 @@
-"""Expert selection from the analysis risk table: the three modes, short layers (unmasked or filled), the masks,
-and the JSON round trip."""
+"""Expert selection from the analysis risk table: the three modes and the default, only positive risk differences,
+the per-layer cap, short layers (unmasked or filled), the masks, the masked-layer report, the steering subset, and
+the JSON round trip; the default on SteerMoE's published OLMoE table."""
 
 import json
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from moe_fastmask.pipeline.selection import ExpertSelection, load_risk_table, select_experts
+from moe_fastmask.pipeline.preflight import UsageError
+from moe_fastmask.pipeline.selection import (
+    ExpertSelection,
+    load_risk_table,
+    masked_layer_report,
+    select_experts,
+    steering_experts,
+)
+
+OLMOE_TABLE = Path(__file__).parent / "data" / "olmoe_expert_activation_frequencies.csv"  # see tests/data/README.md
 
 L, E, K = 3, 6, 2
 
@@ -54,11 +65,66 @@ def test_threshold_takes_every_expert_above_it():
     assert set(sel.experts) == {(0, 1), (0, 4), (1, 2), (0, 0), (2, 5)}
 
 
-def test_exactly_one_mode():
-    with pytest.raises(ValueError, match="exactly one"):
-        select()
-    with pytest.raises(ValueError, match="exactly one"):
+def test_at_most_one_mode_and_the_default_is_top_k_per_layer():
+    with pytest.raises(ValueError, match="at most one"):
         select(top_n=3, per_layer=1)
+    sel = select()
+    assert sel.by_layer() == select(per_layer=K).by_layer() == {0: [1, 4], 1: [2, 3], 2: [0, 5]}
+    assert sel.masked_layers == [0, 1, 2]
+    assert sel.method == {"mode": "per_layer", "per_layer": K, "fill": False, "score_column": "risk_diff",
+                          "default": True}  # fmt: skip
+
+
+def test_only_experts_with_a_positive_risk_diff_are_taken_and_the_rest_is_explained():
+    # layer 1 has two positive experts, layer 2 two; E02 of layer 2 scores exactly 0
+    table = risk_table({**SCORES, (2, 2): 0.0})
+    with pytest.warns(UserWarning, match=r"fewer than per_layer=3 .*layer 1 has 2, layer 2 has 2"):
+        sel = select(table, per_layer=3)
+    assert sel.by_layer() == {0: [0, 1, 4], 1: [2, 3], 2: [0, 5]}
+    assert all(sel.scores[label] > 0 for label in sel.labels)
+    assert "layer 1 has 2" in sel.notes[0]
+    with pytest.warns(UserWarning, match=r"took 7 of the top_n=20 experts asked: 7 experts have a positive risk_diff"):
+        sel = select(table, top_n=20)
+    assert len(sel) == 7 and all(sel.scores[label] > 0 for label in sel.labels)
+    with pytest.warns(UserWarning, match=r"risk_diff <= 0 were not taken"):
+        sel = select(table, threshold=-5.0)
+    assert set(sel.experts) == set(SCORES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to explain: every one asked for was taken
+        assert select(table, top_n=7).notes == []
+
+
+def test_never_more_than_num_experts_minus_top_k_per_layer():
+    everything_positive = risk_table({(layer, e): 1.1 + 0.1 * e - 0.5 * layer for layer in range(L) for e in range(E)})
+    with pytest.warns(UserWarning, match=rf"per_layer={E} is more than .*{E - K} per layer"):
+        sel = select(everything_positive, per_layer=E)
+    assert sel.by_layer() == {layer: [2, 3, 4, 5] for layer in range(L)}  # the E - K best of each layer
+    assert sel.masked_layers == [0, 1, 2]
+    # top_n goes on down the ranking past a full layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel = select(everything_positive, top_n=6)
+    assert sel.experts == [(0, 5), (0, 4), (0, 3), (0, 2), (1, 5), (1, 4)]
+    with pytest.warns(UserWarning, match=r"took 12 of the top_n=20 .*layers \[0, 1, 2\] reached it"):
+        assert len(select(everything_positive, top_n=20)) == L * (E - K)
+    with pytest.warns(UserWarning, match=r"took 12 of the 18 experts above the threshold"):
+        assert len(select(everything_positive, threshold=0.0)) == L * (E - K)
+
+
+def test_default_masks_every_layer_of_olmoe_on_the_published_table():
+    table = pd.read_csv(OLMOE_TABLE)[["layer", "expert", "risk_diff"]]
+    positive = table[table.risk_diff > 0].groupby("layer").size()
+    assert len(positive) == 16 and positive.min() >= 8  # the data allows 8 per layer everywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no short layer, nothing taken short
+        sel = select_experts(table, num_layers=16, num_experts=64, top_k=8)
+    assert sel.masked_layers == list(range(16)) and sel.short_layers == []
+    assert {layer: len(experts) for layer, experts in sel.by_layer().items()} == {layer: 8 for layer in range(16)}
+    best = table.sort_values(["risk_diff", "expert"], ascending=[False, True]).groupby("layer").head(8)
+    assert set(sel.experts) == set(zip(best.layer, best.expert))
+    assert masked_layer_report(sel)[0] == 16
+    labels, message = steering_experts(sel)
+    assert labels == sel.labels and message is None
 
 
 def test_short_layers_stay_unmasked_with_a_warning_naming_them():
@@ -115,13 +181,14 @@ def test_layer_expert_labels_alone_are_enough():
     assert select(table, per_layer=2).by_layer() == select(per_layer=2).by_layer()
 
 
-def test_other_score_column():
+def test_other_score_column_ranks_the_experts_with_a_positive_risk_diff():
     table = risk_table(SCORES)
     table["risk_diff_abs"] = 0.0
-    table.loc[(table.layer == 2) & (table.expert == 4), "risk_diff_abs"] = 5.0
+    table.loc[(table.layer == 2) & (table.expert == 4), "risk_diff_abs"] = 9.0  # risk_diff < 0: never taken
+    table.loc[(table.layer == 2) & (table.expert == 0), "risk_diff_abs"] = 5.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert select(table, top_n=1, score_column="risk_diff_abs").experts == [(2, 4)]
+        assert select(table, top_n=1, score_column="risk_diff_abs").experts == [(2, 0)]
     with pytest.raises(ValueError, match="no column"):
         select(table, top_n=1, score_column="nope")
 
@@ -143,6 +210,38 @@ def test_json_round_trip(tmp_path):
     again = ExpertSelection.load(tmp_path)
     assert again == sel
     assert torch.equal(again.keep_mask(), sel.keep_mask())
+
+
+def test_masked_layer_report_counts_and_refuses_an_unmasked_run():
+    count, message = masked_layer_report(select(per_layer=K))
+    assert count == 3 and "masked layers for unsafe samples: 3 of 3" in message
+    with pytest.warns(UserWarning):
+        partly = select(top_n=4)  # layer 0 masked, layer 1 short
+    count, message = masked_layer_report(partly)
+    assert count == 1 and "1 of 3" in message and "unmasked (fewer than top_k selected): [1]" in message
+    with pytest.warns(UserWarning):
+        unmasked = select(per_layer=1)
+    with pytest.raises(UsageError, match=r"no layer is masked .*top_k=2 .*layer 0 1, layer 1 1, layer 2 1.*"
+                                         r"--per-layer 2.*--allow-unmasked"):  # fmt: skip
+        masked_layer_report(unmasked)
+    count, message = masked_layer_report(unmasked, allow_unmasked=True)
+    assert count == 0 and "without the mask" in message and "\n" not in message
+
+
+def test_steering_keeps_top_k_experts_of_every_layer_with_the_best_scoring_subset():
+    scores = {"L00_E00": 0.1, "L00_E01": 0.9, "L00_E02": 0.5, "L00_E03": 0.7, "L00_E04": 0.5, "L00_E05": -0.2}
+    everything = ExpertSelection(num_layers=L, num_experts=E, top_k=K, masked_layers=[0, 1],
+                                 experts=[(0, e) for e in range(E)] + [(1, 0), (1, 1)], scores=scores)  # fmt: skip
+    labels, message = steering_experts(everything)
+    # layer 0: the E - K = 4 best (0.9, 0.7, then the tie at 0.5 in index order); layer 1 untouched
+    assert labels == ["L00_E01", "L00_E02", "L00_E03", "L00_E04", "L01_E00", "L01_E01"]
+    assert "layer 0 (6 selected, steered 4; left on: L00_E00, L00_E05)" in message and "layer 1" not in message
+    unscored = ExpertSelection(num_layers=L, num_experts=E, top_k=K, masked_layers=[],
+                               experts=[(2, e) for e in (5, 4, 3, 2, 1)], scores={"L02_E01": 0.3})  # fmt: skip
+    labels, message = steering_experts(unscored)
+    assert labels == ["L02_E04", "L02_E03", "L02_E02", "L02_E01"]  # unscored E05 ranks last
+    assert "left on: L02_E05" in message
+    assert steering_experts(select(per_layer=K)) == (select(per_layer=K).labels, None)
 
 
 def test_inconsistent_selections_are_rejected():

@@ -474,7 +474,7 @@ def test_cli_accepts_both_flag_spellings():
     a, b = tr.config_from_args(old), tr.config_from_args(new)
     assert (a.model, a.batch_size, a.safe_ratio, a.num_epochs, a.learning_rate) == ("m", 8, 0.25, 2.0, 1e-4)
     assert dataclass_dict(a) | {"resume": "latest"} == dataclass_dict(b)
-    assert a.selection_options() == {"fill": False, "score_column": "risk_diff", "top_n": 64}
+    assert a.selection_options() == {"fill": False, "score_column": "risk_diff"}  # the selection's default
     with pytest.raises(ValueError, match="at most one"):
         tr.MaskedFinetuneArguments(model="m", sft="s", out="o", top_n=3, threshold=0.1)
 

@@ -42,8 +42,9 @@ import numpy as np
 import pandas as pd
 
 from moe_fastmask.pipeline import artifacts, plots, stats
+from moe_fastmask.pipeline.analysis_config import COUNT_TOKENS, DEFAULT_REFUSAL_TEXT, AnalysisConfig
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
-from moe_fastmask.pipeline.batching import Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.batching import Batch, BatchPlanError, check_batch_mix, plan_batches
 from moe_fastmask.pipeline.common import (
     DTYPES,
     NUM_GROUPS,
@@ -76,97 +77,14 @@ from moe_fastmask.pipeline.generation import (
 )
 from moe_fastmask.pipeline.generation.packing import pack_requests, split_output
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
+from moe_fastmask.pipeline.preflight import UsageError, check_device, check_paths, resolve_hub_model
 
-DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
-COUNT_TOKENS = {"generated": ("decode",), "prompt": ("prefill",), "all": ("prefill", "decode")}
 SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
 PHASES = ("prefill", "decode")
 
 
 class AnalysisError(RuntimeError):
     """The analysis cannot produce a result (e.g. no batch kept tokens of both groups)."""
-
-
-@dataclass
-class AnalysisConfig:
-    """Settings of one analysis run (the CLI flags of ``moe-fastmask analyze``)."""
-
-    model: str | None = None
-    data: str | None = None
-    out: str = "analysis_out"
-    demo: bool = False
-    batch_size: int = 16
-    safe_ratio: float = 0.5
-    num_batches: int | None = None
-    seed: int = 0
-    test_fraction: float = 0.2
-    only_successful: bool = False
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # sampling, like vLLM's SamplingParams: temperature 0 is greedy
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    count_tokens: str = "generated"
-    filter_pairs: bool = False
-    refusal_text: str = DEFAULT_REFUSAL_TEXT
-    top_n: int = 10
-    keep_token_experts: bool = True
-    engine: str = DEFAULT_BACKEND  # generation backend (moe_fastmask.pipeline.generation)
-    gpu_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "sequences per generation request: several method batches (--batch-size each) are packed into "
-            "one, each (batch, kind) counted in its own group, so the results equal one batch at a time; default: "
-            "from free memory on CUDA with --engine graph, else one batch of --batch-size (no packing)"
-        },
-    )
-    device: str | None = None
-    dtype: str = "auto"
-    overwrite: bool = False
-    progress: bool = True
-    verbose: bool = True
-    judge: Judge | None = field(default=None, repr=False)  # API only: a callable str -> bool
-
-    def validate(self) -> None:
-        if self.demo and (self.model or self.data):
-            raise ValueError(
-                "--demo builds its own model and data under OUT/demo/; drop --model/--data "
-                "(or reuse them: --model OUT/demo/model --data OUT/demo/data.json)"
-            )
-        if not self.demo and (not self.model or not self.data):
-            raise ValueError("give --model and --data, or --demo")
-        if self.count_tokens not in COUNT_TOKENS:
-            raise ValueError(f"count_tokens must be one of {sorted(COUNT_TOKENS)}, got {self.count_tokens!r}")
-        if self.engine not in backend_names():
-            raise ValueError(f"engine must be one of {backend_names()}, got {self.engine!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.count_tokens == "generated" and self.max_new_tokens < 2:
-            raise ValueError(
-                "count_tokens='generated' counts generated tokens as they are fed back to the model, so the last "
-                "one never is: max_new_tokens must be >= 2"
-            )
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
-        if self.filter_pairs and not self.keep_token_experts:
-            raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
-        if self.top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
-        if self.gpu_batch_size is not None and (
-            isinstance(self.gpu_batch_size, bool) or not isinstance(self.gpu_batch_size, int) or self.gpu_batch_size < 1
-        ):
-            raise ValueError(f"gpu_batch_size must be a positive integer, got {self.gpu_batch_size!r}")
-
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > 0
 
 
 @dataclass
@@ -368,11 +286,17 @@ def batch_record(
     return record
 
 
-def _pair_message(batch_data: dict, config: AnalysisConfig) -> str:
+def plural(count: int, noun: str) -> str:
+    """``"1 batch"``, ``"2 batches"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
+
+
+def _pair_message(batch_data: dict, config: AnalysisConfig) -> str | None:
+    """The pair filter's verdict on one batch; None with the filter off (every prompt counts, nothing to say)."""
+    if not config.filter_pairs:
+        return None
     passed, total = sum(batch_data["pair_passed"]), len(batch_data["pairs"])
     text = f"batch {batch_data['batch_idx']}: {passed}/{total} pairs pass the pair filter"
-    if not config.filter_pairs:
-        return text + " (filter off: every prompt counted)"
     if passed == 0:
         return text + " -> no pair left; this batch is left out of the statistics"
     return text
@@ -419,7 +343,8 @@ def process_mixed_batches(
             else:
                 records = generate_packed(backend, tokenizer, chunk, config, judge)
             for batch_data in records:
-                _say(config, _pair_message(batch_data, config))
+                if (message := _pair_message(batch_data, config)) is not None:
+                    _say(config, message)
                 if on_batch is not None:
                     on_batch(batch_data)
                 out.append(batch_data)
@@ -634,6 +559,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     config = dataclasses.replace(config)
     config.validate()
+    check_paths(config.out)  # an --out that cannot be a directory fails here, before the demo is built
+    check_device(config.device)
     dist = distributed.setup(config.device)
     if not dist.is_main:
         config.verbose = config.progress = False
@@ -646,6 +573,9 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     config.validate()
     if config.data is not None and not Path(config.data).exists():
         raise DataValidationError(f"data file {config.data!r} does not exist")
+    if model is None:
+        check_paths(model=config.model)  # before the run config and the split are written
+        resolve_hub_model(config.model)  # a hub id that does not load fails here too
 
     device = dist.device
     dtype = resolve_dtype(config.dtype, device) if model is None else str(model.dtype).replace("torch.", "")
@@ -658,6 +588,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     settings["model_slug"] = slug
     paths = store.final_paths()
     failure = None
+    out_existed, fresh = out.exists(), not store.config_path.exists()
     if dist.is_main:  # rank 0 binds the directory to the config; every rank gets its verdict
         try:
             store.prepare(settings, overwrite=config.overwrite)
@@ -681,10 +612,11 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
             )
     shares = (f"; {dist.world_size} processes, batch i on rank i % {dist.world_size}: rank 0 has {len(mine)}"
               if dist.enabled else "")  # fmt: skip
-    _say(config, f"analyze {slug}: {len(train)} train records -> {len(batches)} batches of {config.batch_size} "
-                 f"(safe_ratio {config.safe_ratio}){shares}; {len(done)} already done in {out}")  # fmt: skip
+    _say(config, f"analyze {slug}: {len(train)} train records -> {plural(len(batches), 'batch')} of "
+                 f"{config.batch_size} (safe_ratio {config.safe_ratio}){shares}; {len(done)} already done in {out}")
     for batch_idx in sorted(done):
-        _say(config, _pair_message(done[batch_idx], config) + " [resumed]")
+        if (message := _pair_message(done[batch_idx], config)) is not None:
+            _say(config, message + " [resumed]")
 
     remaining = [batch for batch in mine if batch.batch_idx not in done]
     local = dict(done)
@@ -692,7 +624,14 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     try:
         if remaining:
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                try:
+                    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                except UsageError:
+                    if fresh and not done and not dist.enabled:  # this run wrote only its config and split
+                        store.clear()
+                        if not out_existed and not any(out.iterdir()):
+                            out.rmdir()
+                    raise
             elif tokenizer is None:
                 raise ValueError("pass the tokenizer together with the model")
             prepare_tokenizer(tokenizer)
@@ -717,7 +656,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     batch_data_list = distributed.gather_in_order(local, len(batches))
     if dist.enabled:
         totals = _check_reduced_counts(list(local.values()), batch_data_list, device)
-        _say(config, f"{dist.world_size} ranks: {totals[0]} batches counted, {totals[1]} safe and {totals[2]} unsafe "
+        _say(config, f"{dist.world_size} ranks: {plural(int(totals[0]), 'batch')} counted, {totals[1]} safe and "
+                     f"{totals[2]} unsafe "
                      f"tokens (all-reduced)")  # fmt: skip
 
     config_dict = {**settings, "fingerprint": artifacts.config_fingerprint(settings)}
@@ -726,14 +666,14 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     passed = [sum(b["pair_passed"]) for b in batch_data_list]
     total = sum(len(b["pairs"]) for b in batch_data_list)
-    _say(config, f"pair filter ({'on' if config.filter_pairs else 'off'}): {sum(passed)}/{total} pairs pass; "
-                 f"per batch {passed}")  # fmt: skip
+    if config.filter_pairs:
+        _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
 
     per_batch = risk_diff_per_batch(batch_data_list, config)
     if per_batch.empty:
         raise AnalysisError(
-            f"no batch kept counted tokens of both groups ({len(batch_data_list)} batches, {sum(passed)} pairs "
-            f"passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
+            f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
+            f"pairs passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
             + ("; try without --filter-pairs" if config.filter_pairs else "")
         )
     table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
@@ -744,13 +684,13 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         artifacts.atomic_write_csv(paths["risk_diff_csv"], table)
         artifacts.atomic_pickle(paths["sft_dataset"], sft)
         plots.plot_heatmap(table, paths["heatmap"],
-                           title=f"risk_diff, {slug} ({per_batch['batch_idx'].nunique()} batches)")  # fmt: skip
+                           title=f"risk_diff, {slug} ({plural(per_batch['batch_idx'].nunique(), 'batch')})")
         plots.plot_top_experts(table, paths["top_experts"], n=min(20, len(table)))
 
     _write_once(write_results)  # every rank returns once the artifacts are on disk
 
-    _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over {per_batch['batch_idx'].nunique()} "
-                 f"batches):\n" + stats.format_top(table, 10))  # fmt: skip
+    _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over "
+                 f"{plural(per_batch['batch_idx'].nunique(), 'batch')}):\n" + stats.format_top(table, 10))  # fmt: skip
     _say(config, "artifacts:\n" + "\n".join(f"  {path}" for path in paths.values()))
     return AnalysisResult(
         config=config, slug=slug, paths=paths, split=split, batch_data_list=batch_data_list,
@@ -764,66 +704,16 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
-    """Add the ``analyze`` subcommand to the ``moe-fastmask`` parser."""
-    d = AnalysisConfig()
-    parser = subparsers.add_parser(
-        "analyze",
-        help="find the experts that fire more on jailbreak prompts than on the plain goals",
-        description=__doc__.split("\n\n")[0]
-        + " Writes batch_outputs_<slug>.pkl, risk_diff_<slug>.pkl/.csv, sft_dataset_<slug>.pkl, split_<slug>.json, "
-        "plots and the run config to --out; re-running the same command resumes.",
-    )
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--model", help="model path or hub id (loaded with from_pretrained)")
-    io.add_argument("--data", help="JSON list of records {id, goal, all_prompt, judge_success_gpt4}")
-    io.add_argument("--out", required=True, help="output directory")
-    io.add_argument("--demo", action="store_true",
-                    help="build a tiny random OLMoE and a synthetic dataset under OUT/demo/ and analyze them")
-    io.add_argument("--overwrite", action="store_true", help="delete the run of this model found in --out (any config) and start over; "
-                    "without it a matching run resumes and a different one is refused")
-    batching = parser.add_argument_group("data and batching")
-    batching.add_argument("--batch-size", type=int, default=d.batch_size)
-    batching.add_argument("--safe-ratio", type=float, default=d.safe_ratio,
-                          help="share of safe prompts per batch (0.5: each batch holds both forms of its records)")
-    batching.add_argument("--num-batches", type=int, default=None, help="default: as many as the data fills")
-    batching.add_argument("--seed", type=int, default=d.seed)
-    batching.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                          help="records held out for evaluation (split_<slug>.json)")
-    batching.add_argument("--only-successful", action="store_true",
-                          help="use only records with judge_success_gpt4 == 1")
-    batching.add_argument("--system-prompt", default=d.system_prompt, help="system message of the safe prompts")
-    generation = parser.add_argument_group("generation and counting")
-    generation.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    generation.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
-    generation.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    generation.add_argument("--top-p", type=float, default=d.top_p)
-    generation.add_argument("--count-tokens", choices=sorted(COUNT_TOKENS), default=d.count_tokens,
-                            help="which tokens count: generated (default), prompt, or all")
-    generation.add_argument("--filter-pairs", action="store_true",
-                            help="count only pairs whose plain goal was refused and whose jailbreak was not")
-    generation.add_argument("--refusal-text", default=d.refusal_text,
-                            help="SFT target of a jailbreak whose plain goal was not refused")
-    generation.add_argument("--top-n", type=int, default=d.top_n,
-                            help="size of each batch's top list, for the stability count (top_count)")
-    generation.add_argument("--no-token-experts", dest="keep_token_experts", action="store_false",
-                            help="do not keep each token's chosen experts (smaller batch_outputs; no --filter-pairs)")
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--engine", choices=backend_names(), default=d.engine,
-                         help="generation backend (moe_fastmask.pipeline.generation)")
-    runtime.add_argument("--gpu-batch-size", type=int, default=None,
-                         help=AnalysisConfig.__dataclass_fields__["gpu_batch_size"].metadata["help"])
-    runtime.add_argument("--device", default=None,
-                         help="default: cuda if available (one process per GPU: the GPU of LOCAL_RANK), else cpu")
-    runtime.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="auto: bfloat16 on cuda, float32 on cpu")
-    runtime.add_argument("--no-progress", dest="progress", action="store_false")
-    runtime.add_argument("--quiet", dest="verbose", action="store_false")
-    parser.set_defaults(func=run_cli)
-    return parser
+    """Add the ``analyze`` subcommand (its flags come from :class:`AnalysisConfig`) to the ``moe-fastmask`` parser."""
+    from moe_fastmask.pipeline.cli_args import add_subcommand
+
+    return add_subcommand(subparsers, "analyze")
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
-    names = {f.name for f in dataclasses.fields(AnalysisConfig)} - {"judge"}
-    return AnalysisConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    from moe_fastmask.pipeline.cli_args import dataclass_from_args
+
+    return dataclass_from_args(AnalysisConfig, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:

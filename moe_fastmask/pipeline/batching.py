@@ -8,7 +8,8 @@ Each batch draws ``max(n_safe, n_unsafe)`` records (after one seeded shuffle of 
 safe forms of the first ``n_safe`` of them, the unsafe half the unsafe forms of the first ``n_unsafe``. So at
 ``safe_ratio = 0.5`` a batch holds the safe and the unsafe form of the same records — position ``i`` and
 ``n_safe + i`` are a pair — and topic does not leak into the safe/unsafe comparison; at other ratios the smaller
-half is paired with part of the larger one.
+half is paired with part of the larger one. :func:`plan_batches` refuses a batch size whose ``batch_size *
+safe_ratio`` is not a whole number (e.g. 15 at 0.5), naming the nearest sizes that are.
 """
 
 from __future__ import annotations
@@ -75,6 +76,40 @@ def group_sizes(batch_size: int, safe_ratio: float) -> tuple[int, int]:
     return n_safe, n_unsafe
 
 
+def nearest_whole_sizes(batch_size: int, safe_ratio: float, search: int = 1000) -> list[int]:
+    """The batch sizes nearest to ``batch_size`` (at most one below, one above) whose ``size * safe_ratio`` safe
+    prompts are a whole number, both groups non-empty; empty when none lies within ``search``."""
+
+    def whole(size: int) -> bool:
+        n_safe = size * safe_ratio
+        return abs(n_safe - round(n_safe)) < 1e-9 and 0 < round(n_safe) < size
+
+    below = next((s for s in range(batch_size - 1, 1, -1) if whole(s)), None)
+    above = next((s for s in range(batch_size + 1, batch_size + search) if whole(s)), None)
+    return [s for s in (below, above) if s is not None]
+
+
+def check_batch_mix(batch_size: int, safe_ratio: float) -> tuple[int, int]:
+    """``(n_safe, n_unsafe)`` when a batch of ``batch_size`` holds exactly ``safe_ratio`` safe prompts; otherwise
+    :class:`BatchPlanError` naming the nearest sizes that do. Rounding would change the mix silently, and at
+    ``safe_ratio = 0.5`` leave a prompt of every batch without its other form."""
+    n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
+    exact = batch_size * safe_ratio
+    if abs(exact - n_safe) > 1e-9:
+        sizes = nearest_whole_sizes(batch_size, safe_ratio)
+        if abs(safe_ratio - 0.5) < 1e-12:
+            effect = "leaving one prompt of every batch without its other form"
+        else:
+            effect = f"a safe share of {n_safe / batch_size:g} instead of {safe_ratio:g}"
+        fix = (f"use --batch-size {' or '.join(str(s) for s in sizes)}" if sizes
+               else "pick a batch size whose product with the safe ratio is a whole number")
+        raise BatchPlanError(
+            f"batch size {batch_size} at safe ratio {safe_ratio:g} gives {exact:g} safe prompts per batch, which "
+            f"would be rounded to {n_safe} safe + {n_unsafe} jailbreak prompts, {effect}; {fix}"
+        )
+    return n_safe, n_unsafe
+
+
 def plan_batches(
     records: Sequence[Record],
     batch_size: int = 16,
@@ -86,7 +121,7 @@ def plan_batches(
 
     Raises :class:`BatchPlanError` when the data cannot fill the request, saying how many batches it can fill.
     """
-    n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
+    n_safe, n_unsafe = check_batch_mix(batch_size, safe_ratio)
     per_batch = max(n_safe, n_unsafe)
     fillable = len(records) // per_batch
     if num_batches is None:
@@ -102,7 +137,8 @@ def plan_batches(
         need = f"each batch of {batch_size} at safe_ratio {safe_ratio} needs {per_batch} records"
         hint = f"; use --num-batches {fillable} or fewer" if fillable else ""
         raise BatchPlanError(
-            f"{num_batches} batches requested but the {len(records)} records fill only {fillable} ({need}){hint}"
+            f"{num_batches} {'batch' if num_batches == 1 else 'batches'} requested but the {len(records)} records "
+            f"fill only {fillable} ({need}){hint}"
         )
     order = sorted(records, key=lambda r: r.index)
     random.Random(seed).shuffle(order)

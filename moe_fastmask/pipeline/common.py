@@ -73,8 +73,13 @@ def load_model_and_tokenizer(model_name_or_path: str, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype))
+    from moe_fastmask.pipeline.preflight import UsageError, one_line
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype))
+    except OSError as error:  # not found locally or on the hub, no access, no network: one line, no traceback
+        raise UsageError(f"cannot load model {str(model_name_or_path)!r}: {one_line(error)}") from error
     model.to(device).eval()
     return model, prepare_tokenizer(tokenizer)
 

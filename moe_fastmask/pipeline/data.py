@@ -54,23 +54,36 @@ def _where(index: int, raw: Any) -> str:
     return f"record {index} (id {rid!r})"
 
 
+def _type(value: Any) -> str:
+    """The JSON name of a value's type, for messages (``int``, ``float``, ``bool``, ``list``, ``object``, ``null``)."""
+    if value is None:
+        return "null"
+    return {dict: "object"}.get(type(value), type(value).__name__)
+
+
 def _validate_record(index: int, raw: Any, source: str) -> Record:
     prefix = f"{source}: " if source else ""
     where = _where(index, raw)
     if not isinstance(raw, dict):
         raise DataValidationError(f"{prefix}{where}: expected an object with fields id, goal, all_prompt, "
-                                  f"judge_success_gpt4; got {type(raw).__name__}")
-    rid = raw.get("id")
+                                  f"judge_success_gpt4; got {_type(raw)}")
+    if "id" not in raw:
+        raise DataValidationError(f"{prefix}{where}: field 'id' is missing")
+    rid = raw["id"]
     if isinstance(rid, bool) or not isinstance(rid, int):
-        raise DataValidationError(f"{prefix}{where}: field 'id' must be an integer, got {rid!r}")
-    goal = raw.get("goal")
-    if not isinstance(goal, str) or not goal.strip():
-        raise DataValidationError(f"{prefix}{where}: field 'goal' is missing or empty")
+        raise DataValidationError(f"{prefix}{where}: field 'id' must be an integer, got {_type(rid)} {rid!r:.80}")
+    if "goal" not in raw:
+        raise DataValidationError(f"{prefix}{where}: field 'goal' is missing")
+    goal = raw["goal"]
+    if not isinstance(goal, str):
+        raise DataValidationError(f"{prefix}{where}: field 'goal' must be a string, got {_type(goal)} {goal!r:.80}")
+    if not goal.strip():
+        raise DataValidationError(f"{prefix}{where}: field 'goal' is empty")
     prompt = raw.get("all_prompt")
     if not isinstance(prompt, list) or not prompt:
         raise DataValidationError(
             f"{prefix}{where}: field 'all_prompt' must be a non-empty list of {{role, content}} messages, "
-            f"got {type(prompt).__name__ if not isinstance(prompt, list) else 'an empty list'}"
+            f"got {_type(prompt) if not isinstance(prompt, list) else 'an empty list'}"
         )
     messages = []
     for turn, message in enumerate(prompt):
@@ -80,6 +93,10 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
                 f"got {message!r:.80}"
             )
         role, content = message["role"], message["content"]
+        if not isinstance(role, str):
+            raise DataValidationError(
+                f"{prefix}{where}: field 'all_prompt', message {turn}: 'role' must be a string, got {_type(role)}"
+            )
         if role not in KNOWN_ROLES:
             raise DataValidationError(
                 f"{prefix}{where}: field 'all_prompt', message {turn}: unknown role {role!r} "
@@ -88,12 +105,13 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
         if not isinstance(content, str):
             raise DataValidationError(
                 f"{prefix}{where}: field 'all_prompt', message {turn}: 'content' must be a string, "
-                f"got {type(content).__name__}"
+                f"got {_type(content)}"
             )
         messages.append({"role": role, "content": content})
     judge = raw.get("judge_success_gpt4", "<missing>")
     if isinstance(judge, bool) or judge not in (0, 1):
-        raise DataValidationError(f"{prefix}{where}: field 'judge_success_gpt4' must be 0 or 1, got {judge!r}")
+        got = "nothing (missing)" if judge == "<missing>" else f"{_type(judge)} {judge!r:.80}"
+        raise DataValidationError(f"{prefix}{where}: field 'judge_success_gpt4' must be 0 or 1, got {got}")
     return Record(id=rid, goal=goal, all_prompt=messages, judge_success_gpt4=int(judge), index=index)
 
 

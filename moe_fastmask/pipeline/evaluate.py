@@ -6,14 +6,17 @@ analysis or the fine-tuning used) two prompts are generated for, greedily:
 * ``jailbreak`` — the jailbreak chat (``all_prompt``), the attack the repair targets;
 * ``goal`` — the plain goal under the system prompt, which a safe model refuses as well.
 
-Each answer is judged by a refusal judge (the offline keyword judge :func:`moe_fastmask.pipeline.judge.is_refusal`
-unless another ``str -> bool`` callable is given). Attack success rate = 1 - refusal rate (all prompts are harmful).
+Each answer is judged by a refusal judge (the offline keyword judge :func:`moe_fastmask.pipeline.judge.is_refusal`,
+a list of refusal phrases, unless another ``str -> bool`` callable is given). Attack success rate = 1 - refusal rate
+(all prompts are harmful). The output and ``evaluation.md`` say both after the table.
 
 Conditions, the columns of the table:
 
 * ``before`` — the base model (``--base-model``);
 * ``steering`` — the base model with the selected experts (``--selection``) switched off for every token at
   inference time, no training (``set_expert_mask`` with the selection's experts False, one group for all tokens);
+  a layer with more than ``num_experts - top_k`` selected experts is steered with its ``num_experts - top_k``
+  highest-scoring ones (checked before any generation, and said);
 * ``after`` — the fine-tuned model (``--model``).
 
 Given only ``--model`` of a training run (``OUT/final_model``), the base model, the selection and the split file
@@ -35,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
-from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import DTYPES, SELECTION_FILE, TRAINING_CONFIG_FILE
 from moe_fastmask.pipeline.generation import DEFAULT_BACKEND, backend_names
 
@@ -47,8 +49,8 @@ KINDS = ("jailbreak", "goal")
 
 @dataclass
 class EvaluationArguments:
-    """Settings of ``moe-fastmask evaluate`` (parsed with ``transformers.HfArgumentParser``; ``foo_bar`` flags are
-    also accepted as ``--foo-bar``)."""
+    """Settings of ``moe-fastmask evaluate`` (each field is the flag ``--foo-bar``; the old ``--foo_bar`` spelling is
+    still accepted, see :mod:`moe_fastmask.pipeline.cli_args`)."""
 
     data: str = field(metadata={"help": "records file (JSON list of {id, goal, all_prompt, judge_success_gpt4})"})
     model: str | None = field(default=None, metadata={"help": "fine-tuned model ('after'), e.g. OUT/final_model"})
@@ -64,7 +66,11 @@ class EvaluationArguments:
         metadata={"help": "records to evaluate: test (held out), train, or all", "choices": ["test", "train", "all"]},
     )
     out: str | None = field(default=None, metadata={"help": "output directory (default: MODEL/../evaluation)"})
-    steering: bool = field(default=True, metadata={"help": "add the steering column when a selection is known"})
+    steering: bool = field(
+        default=True,
+        metadata={"help": "add the steering column when a selection is known",
+                  "negative_help": "leave out the steering column (the base model with the selected experts off)"},
+    )
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)"})
     dtype: str = field(
         default="auto",
@@ -72,23 +78,37 @@ class EvaluationArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer (greedy)"})
-    system_prompt: str | None = field(default=None, metadata={"help": "system message of the goal prompts"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split"})
-    judge: str | None = field(
-        default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system message of the goal prompts (default: the analysis default, "
+                                "'You are a helpful assistant.'; the one used is saved in evaluation.json)"}
     )
-    backend: str = field(default="auto", metadata={"help": "router op backend for steering: auto, triton, cpp, torch"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records of the split (default: all of them)"})
+    judge: str | None = field(
+        default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool; default: the keyword "
+                                "judge, moe_fastmask.pipeline.judge)"}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "router op backend for steering (auto: triton on cuda, else cpp, else torch)",
+                  "choices": ["auto", "triton", "cpp", "torch"]},
+    )
     engine: str = field(
         default=DEFAULT_BACKEND,
         metadata={"help": "generation backend (moe_fastmask.pipeline.generation)", "choices": list(backend_names())},
     )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be >= 1 (--{name.replace('_', '-')}), got {value!r}")
 
 
 @dataclass
 class EvaluationResult:
     summary: Any  # DataFrame: condition, kind, n, refusals, refusal_rate, attack_success_rate
     answers: Any  # DataFrame: condition, kind, id, prompt, answer, refusal
-    table: str  # markdown
+    table: str  # markdown: the table, then how refusal was judged
     settings: dict
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -121,12 +141,17 @@ def load_judge(spec: str | Callable[[str], bool] | None) -> Callable[[str], bool
     target, attr = spec.rsplit(":", 1)
     if target.endswith(".py"):
         module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"cannot load judge file {target!r}")
+        if module_spec is None or module_spec.loader is None or not Path(target).is_file():
+            raise ValueError(f"--judge {spec!r}: no judge file {target!r}")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"--judge {spec!r}: cannot import {target!r} ({error})") from error
+    if not hasattr(module, attr):
+        raise ValueError(f"--judge {spec!r}: {target!r} has no {attr!r}")
     return resolve_judge(getattr(module, attr))
 
 
@@ -268,8 +293,24 @@ def markdown_table(summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _release(model) -> None:
-    del model
+def judge_description(judge: Callable[[str], bool]) -> str:
+    """One line on how answers are judged, for the output and ``evaluation.md``."""
+    from moe_fastmask.pipeline.judge import REFUSAL_MARKERS, judge_name
+
+    name = judge_name(judge)
+    if name == "moe_fastmask.pipeline.judge.is_refusal":
+        how = (f"a keyword list ({name}: an answer containing one of {len(REFUSAL_MARKERS)} refusal phrases of "
+               f"GCG/HarmBench and Arditi et al., or an empty answer, is a refusal)")  # fmt: skip
+    else:
+        how = name
+    return (f"Refusal is judged by {how}; attack success rate = 1 - refusal rate (every prompt asks for something "
+            f"harmful).")  # fmt: skip
+
+
+def _free_memory() -> None:
+    """Collect the model just dropped (its modules hold reference cycles) and return its CUDA memory."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -284,27 +325,44 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
     import pandas as pd
 
+    import torch
+
+    import moe_fastmask as mf
     from moe_fastmask.pipeline import artifacts
     from moe_fastmask.pipeline.common import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
     from moe_fastmask.pipeline.generation import get_backend
     from moe_fastmask.pipeline.judge import judge_name
-    from moe_fastmask.pipeline.selection import ExpertSelection
+    from moe_fastmask.pipeline.preflight import check_device, check_paths
+    from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, steering_experts
 
     args = resolve_arguments(args)
+    out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
+    if args.out is None and not Path(args.model or args.base_model).exists():
+        out = Path("evaluation")
+    check_paths(out, model=args.model, base_model=args.base_model)
+    check_device(args.device)
+    if args.selection and args.steering and not Path(args.selection).is_file():
+        raise ValueError(f"--selection {args.selection!r} does not exist")
     judge_fn = load_judge(judge if judge is not None else args.judge)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     records = evaluation_records(args.data, args.split, args.split_file, args.limit)
     selection = ExpertSelection.load(args.selection) if (args.selection and args.steering) else None
+    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
 
     def say(message: str) -> None:
         if progress:
             print(message, file=sys.stderr)
 
+    steered, steering_note = steering_experts(selection) if selection is not None else ([], None)
+    if steering_note and args.base_model is not None:
+        say(steering_note)
+
     frames = []
 
     def run(condition: str, model, tokenizer, backend) -> None:
-        prompts = build_prompts(records, tokenizer, args.system_prompt)
+        prompts = build_prompts(records, tokenizer, system_prompt)
         say(f"[{condition}] generating {len(prompts)} answers")
         texts = generate_answers(
             model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size,
@@ -318,14 +376,24 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     if args.base_model is not None:
         model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
+        if selection is not None and model_sizes(model.config) != (
+            selection.num_layers, selection.num_experts, selection.top_k
+        ):
+            raise ValueError(
+                f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
+                f"{selection.top_k}; {args.base_model} has {model_sizes(model.config)}"
+            )
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("before", model, tokenizer, backend)
         if selection is not None:
-            backend.set_expert_mask(selection.steering_mask())
+            keep = torch.ones(selection.num_layers, 1, selection.num_experts, dtype=torch.bool)
+            for layer, expert in map(mf.parse_layer_expert, steered):
+                keep[layer, 0, expert] = False  # steered: off for every token
+            backend.set_expert_mask(keep)
             run("steering", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model, tokenizer  # the only references: the "after" model loads into freed memory
+        _free_memory()
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
@@ -333,12 +401,13 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("after", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model, tokenizer
+        _free_memory()
 
     answers = pd.concat(frames, ignore_index=True)
     summary = summarize(answers)
-    table = markdown_table(summary)
+    description = judge_description(judge_fn)
+    table = markdown_table(summary) + "\n" + description + "\n"
     settings = {
         "data": str(Path(args.data).resolve()),
         "split": args.split,
@@ -348,20 +417,19 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         "base_model": args.base_model,
         "model": args.model,
         "selection": args.selection if selection is not None else None,
-        "num_steered_experts": len(selection) if selection is not None else 0,
+        "num_steered_experts": len(steered) if selection is not None and args.base_model is not None else 0,
+        "steered_experts": steered if selection is not None and args.base_model is not None else [],
+        "steering_note": steering_note if args.base_model is not None else None,
         "judge": judge_name(judge_fn),
+        "judge_description": description,
         "max_new_tokens": args.max_new_tokens,
-        "system_prompt": args.system_prompt,
+        "system_prompt": system_prompt,
         "device": device,
         "dtype": dtype,
         # the default engine adds no key: its evaluation.json stays as it was before engines existed
         **({"engine": args.engine} if args.engine != DEFAULT_BACKEND else {}),
     }
     result = EvaluationResult(summary=summary, answers=answers, table=table, settings=settings)
-
-    out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
-    if args.out is None and not Path(args.model or args.base_model).exists():
-        out = Path("evaluation")
     result.paths = {
         "json": artifacts.atomic_write_json(out / "evaluation.json", {"settings": settings, "results": result.rates()}),
         "table": artifacts.atomic_write_text(out / "evaluation.md", table),
@@ -379,14 +447,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand (its flags come from :class:`EvaluationArguments`)."""
-    return add_dataclass_subcommand(
-        subparsers,
-        "evaluate",
-        EvaluationArguments,
-        help="refusal / attack success rate before vs after the repair, and with steering",
-        description=__doc__.split("\n\n")[0],
-        func=run_cli,
-    )
+    return add_subcommand(subparsers, "evaluate")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -408,6 +469,7 @@ __all__ = [
     "evaluate",
     "evaluation_records",
     "generate_answers",
+    "judge_description",
     "load_judge",
     "markdown_table",
     "summarize",

@@ -52,19 +52,27 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, title: str = "risk_diff 
     return atomic_savefig(path, figure)
 
 
-def plot_top_experts(table: pd.DataFrame, path: str | Path, n: int = 20, title: str | None = None) -> Path:
-    """Bar chart of the ``n`` experts with the highest ``risk_diff`` (the table's first rows), with the spread over
-    batches as error bars when the table has ``risk_diff_std``."""
+def top_experts_figure(table: pd.DataFrame, n: int = 20, title: str | None = None):
+    """The bar chart of :func:`plot_top_experts` as a matplotlib ``Figure`` (not saved)."""
     top = table.head(n)
     figure = _figure(max(6.0, 0.4 * len(top) + 2), 4.5)
     axes = figure.add_subplot(1, 1, 1)
     errors = top["risk_diff_std"].fillna(0.0).to_numpy() if "risk_diff_std" in top.columns else None
     colours = ["#c0392b" if value >= 0 else "#2471a3" for value in top["risk_diff"]]
-    axes.bar(range(len(top)), top["risk_diff"].to_numpy(), yerr=errors, color=colours, capsize=2)
+    bars = axes.bar(range(len(top)), top["risk_diff"].to_numpy(), yerr=errors, color=colours, capsize=2)
+    if bars.errorbar is not None:  # say what the whiskers are
+        bars.errorbar.set_label("error bars: ±1 standard deviation of risk_diff over batches")
+        axes.legend(handles=[bars.errorbar], loc="upper right", fontsize=8)
     axes.set_xticks(range(len(top)))
     axes.set_xticklabels(top["Layer_Expert"].tolist(), rotation=60, ha="right", fontsize=8)
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.set_ylabel("risk_diff (mean over batches)")
     axes.set_title(title or f"top {len(top)} experts by risk_diff")
     figure.tight_layout()
-    return atomic_savefig(path, figure)
+    return figure
+
+
+def plot_top_experts(table: pd.DataFrame, path: str | Path, n: int = 20, title: str | None = None) -> Path:
+    """Bar chart of the ``n`` experts with the highest ``risk_diff`` (the table's first rows), with the spread over
+    batches (sample standard deviation) as labelled error bars when the table has ``risk_diff_std``."""
+    return atomic_savefig(path, top_experts_figure(table, n, title))

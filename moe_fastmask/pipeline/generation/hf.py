@@ -110,14 +110,17 @@ class HFGenerateBackend:
     def close(self) -> None:
         """Lift a mask this backend set and remove the routing patch if it was added for that mask (a patch used
         only for recording stays: it is idempotent, and routes like the stock model without a mask). The recorder
-        is dropped."""
+        is dropped, and so are the model and tokenizer: a closed backend keeps nothing alive."""
         import moe_fastmask as mf
 
+        if self.model is None:  # closed already
+            return
         self.set_expert_mask(None)
         if self._patched_for_mask and mf.is_patched(self.model):
             mf.remove(self.model)
         self._patched_for_mask = False
         self.recorder = None
+        self.model = self.tokenizer = None
 
     # -- generation -------------------------------------------------------------------------------------------------
 

@@ -29,43 +29,55 @@ Modules: :mod:`~.arguments` (the settings), :mod:`~.data` (SFT set, collator, mi
 :mod:`moe_fastmask.ops.cross_entropy`.
 """
 
-from moe_fastmask.ops.cross_entropy import IGNORE_INDEX, FrozenHeadCrossEntropy
-from moe_fastmask.pipeline.common import (
-    CHECKPOINT_DIR,
-    FINAL_MODEL_DIR,
-    GROUP_OF_KIND,
-    SAFE,
-    SELECTION_FILE,
-    TRAINING_CONFIG_FILE,
-    UNSAFE,
-    split_counts,
-)
-from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
-from moe_fastmask.pipeline.train.data import (
-    MaskedSFTCollator,
-    MixedBatchSampler,
-    SFTDataset,
-    choose_batch_order,
-    load_sft_frame,
-    resolve_sft_paths,
-)
-from moe_fastmask.pipeline.train.run import (
-    TrainResult,
-    add_cli_arguments,
-    build_selection,
-    config_from_args,
-    run_cli,
-    train,
-)
-from moe_fastmask.pipeline.train.trainer import (
-    ExpertMaskingTrainer,
-    RoutingStatsCallback,
-    enable_gradient_checkpointing,
-    prepare_model,
-    release_model,
-    response_lm_loss,
-    response_token_loss,
-)
+import importlib
+from typing import Any
+
+# The names load on first use: ``moe-fastmask`` builds its parser from :mod:`~.arguments` without importing torch.
+_LAZY = {
+    "CHECKPOINT_DIR": "moe_fastmask.pipeline.common",
+    "FINAL_MODEL_DIR": "moe_fastmask.pipeline.common",
+    "GROUP_OF_KIND": "moe_fastmask.pipeline.common",
+    "IGNORE_INDEX": "moe_fastmask.ops.cross_entropy",
+    "SAFE": "moe_fastmask.pipeline.common",
+    "SELECTION_FILE": "moe_fastmask.pipeline.common",
+    "TRAINING_CONFIG_FILE": "moe_fastmask.pipeline.common",
+    "UNSAFE": "moe_fastmask.pipeline.common",
+    "ExpertMaskingTrainer": "moe_fastmask.pipeline.train.trainer",
+    "FrozenHeadCrossEntropy": "moe_fastmask.ops.cross_entropy",
+    "MaskedFinetuneArguments": "moe_fastmask.pipeline.train.arguments",
+    "MaskedSFTCollator": "moe_fastmask.pipeline.train.data",
+    "MixedBatchSampler": "moe_fastmask.pipeline.train.data",
+    "RoutingStatsCallback": "moe_fastmask.pipeline.train.trainer",
+    "SFTDataset": "moe_fastmask.pipeline.train.data",
+    "TrainResult": "moe_fastmask.pipeline.train.run",
+    "add_cli_arguments": "moe_fastmask.pipeline.train.run",
+    "build_selection": "moe_fastmask.pipeline.train.run",
+    "choose_batch_order": "moe_fastmask.pipeline.train.data",
+    "config_from_args": "moe_fastmask.pipeline.train.run",
+    "enable_gradient_checkpointing": "moe_fastmask.pipeline.train.trainer",
+    "load_sft_frame": "moe_fastmask.pipeline.train.data",
+    "prepare_model": "moe_fastmask.pipeline.train.trainer",
+    "release_model": "moe_fastmask.pipeline.train.trainer",
+    "resolve_sft_paths": "moe_fastmask.pipeline.train.data",
+    "response_lm_loss": "moe_fastmask.pipeline.train.trainer",
+    "response_token_loss": "moe_fastmask.pipeline.train.trainer",
+    "run_cli": "moe_fastmask.pipeline.train.run",
+    "split_counts": "moe_fastmask.pipeline.common",
+    "train": "moe_fastmask.pipeline.train.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CHECKPOINT_DIR",

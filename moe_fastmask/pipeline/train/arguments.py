@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fastmask.pipeline.batching import check_batch_mix
 from moe_fastmask.pipeline.common import DTYPES
 
 
 @dataclass
 class MaskedFinetuneArguments:
-    """Settings of ``moe-fastmask train`` (parsed with ``transformers.HfArgumentParser``; every ``foo_bar`` flag is
-    also accepted as ``--foo-bar``)."""
+    """Settings of ``moe-fastmask train`` (each field is the flag ``--foo-bar``; the old ``--foo_bar`` spelling is
+    still accepted, see :mod:`moe_fastmask.pipeline.cli_args`)."""
 
     model: str = field(
         metadata={"help": "base model path or hub id", "aliases": ["--model_name", "--model-name", "--model_name_or_path"]}
@@ -25,8 +26,13 @@ class MaskedFinetuneArguments:
     selection: str | None = field(
         default=None, metadata={"help": "use this expert_selection.json instead of selecting from the risk table"}
     )
-    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall (default 64)"})
-    per_layer: int | None = field(default=None, metadata={"help": "select the n highest-scoring experts of every layer"})
+    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall"})
+    per_layer: int | None = field(
+        default=None,
+        metadata={"help": "select the n highest-scoring experts of every layer (default, with none of --top-n, "
+                  "--per-layer, --threshold: the model's top_k, 8 for OLMoE). Only experts with a positive risk_diff, "
+                  "at most num_experts - top_k per layer"},
+    )
     threshold: float | None = field(default=None, metadata={"help": "select every expert scoring above this"})
     fill: bool = field(
         default=False,
@@ -34,6 +40,11 @@ class MaskedFinetuneArguments:
                   "(default: leave them unmasked, with a warning)"},
     )
     score_column: str = field(default="risk_diff", metadata={"help": "ranking column of the risk table"})
+    allow_unmasked: bool = field(
+        default=False,
+        metadata={"help": "train even when no layer has top_k selected experts, so no layer is masked for unsafe "
+                  "samples (default: refuse)"},
+    )
     # batches
     batch_size: int = field(default=16, metadata={"help": "samples per batch (per device)"})
     safe_ratio: float = field(default=0.5, metadata={"help": "share of safe samples in every batch"})
@@ -66,7 +77,7 @@ class MaskedFinetuneArguments:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     checkpoint_layers: int | None = field(
-        default=None, metadata={"help": "with --gradient-checkpointing: recompute only this many decoder layers"}
+        default=None, metadata={"help": "with --gradient-checkpointing: recompute only this many decoder layers (default: all)"}
     )
     loss_chunk_size: int = field(
         default=1024,
@@ -77,8 +88,17 @@ class MaskedFinetuneArguments:
         metadata={"help": "run the frozen experts through the stock transformers implementation (keeps its "
                   "activations) instead of the recomputing one"},
     )
-    backend: str = field(default="auto", metadata={"help": "router op backend: auto, triton, cpp, torch"})
-    routing_stats: bool = field(default=True, metadata={"help": "count routing per group and log mask statistics"})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "router op backend (auto: triton on cuda, else cpp, else torch)",
+                  "choices": ["auto", "triton", "cpp", "torch"]},
+    )
+    routing_stats: bool = field(
+        default=True,
+        metadata={"help": "count routing per group and log the mask statistics",
+                  "negative_help": "do not count routing per group or log the mask statistics (masking still "
+                  "applies)"},
+    )
     # checkpoints and logging
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
@@ -87,6 +107,11 @@ class MaskedFinetuneArguments:
         default=None,
         metadata={"help": "continue from a checkpoint: a checkpoint directory, or no value for the latest one in "
                   "OUT/checkpoints", "nargs": "?", "const": "latest"},
+    )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "show the progress bar over training steps", "negative": "--no-progress",
+                  "negative_help": "no progress bar (the loss and routing metrics are still logged)"},
     )
     report_to: str = field(default="none", metadata={"help": "transformers report_to (none, tensorboard, wandb, ...)"})
 
@@ -98,10 +123,23 @@ class MaskedFinetuneArguments:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.safe_ratio <= 1.0:
             raise ValueError(f"safe_ratio must be in [0, 1], got {self.safe_ratio}")
+        if 0.0 < self.safe_ratio < 1.0:  # a mixed batch holds whole pairs, as in analyze (0 or 1: one kind only)
+            check_batch_mix(self.batch_size, self.safe_ratio)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
             raise ValueError(f"checkpoint_layers must be >= 0, got {self.checkpoint_layers}")
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("--checkpoint-layers needs --gradient-checkpointing")
+        at_least = {"gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 1, "warmup_steps": 0,
+                    "loss_chunk_size": 0, "learning_rate": 0.0, "weight_decay": 0.0, "max_grad_norm": 0.0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} (--{name.replace('_', '-')}), got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 (--save-total-limit), got {self.save_total_limit}")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ValueError(f"num_epochs must be > 0 (or give --max-steps), got {self.num_epochs}")
 
     def selection_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"fill": self.fill, "score_column": self.score_column}
@@ -109,9 +147,9 @@ class MaskedFinetuneArguments:
             options["per_layer"] = self.per_layer
         elif self.threshold is not None:
             options["threshold"] = self.threshold
-        else:
-            options["top_n"] = 64 if self.top_n is None else self.top_n
-        return options
+        elif self.top_n is not None:
+            options["top_n"] = self.top_n
+        return options  # no mode: the selection's default, per_layer = top_k
 
 
 __all__ = ["MaskedFinetuneArguments"]

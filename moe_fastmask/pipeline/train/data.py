@@ -90,7 +90,8 @@ class SFTDataset(Dataset):
                 }
             )
         if self.truncated:
-            warnings.warn(f"{self.truncated} of {len(self.items)} samples were cut to max_length={max_length}")
+            warnings.warn(f"{self.truncated} of {len(self.items)} samples were cut to max_length={max_length} "
+                          f"(--max-length sets it)")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import (
     CHECKPOINT_DIR,
     FINAL_MODEL_DIR,
@@ -21,7 +21,8 @@ from moe_fastmask.pipeline.common import (
     split_counts,
     torch_dtype,
 )
-from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, select_experts
+from moe_fastmask.pipeline.preflight import UsageError, check_device, check_paths, one_line
+from moe_fastmask.pipeline.selection import ExpertSelection, masked_layer_report, model_sizes, select_experts
 from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
 from moe_fastmask.pipeline.train.data import (
     MaskedSFTCollator,
@@ -38,6 +39,11 @@ from moe_fastmask.pipeline.train.trainer import (
 )
 
 DESCRIPTION = "``moe-fastmask train``: masked fine-tuning of the selected (unsafe) experts of an OLMoE model."
+ROUTING_METRICS = (
+    "logged routing metrics, over the masked layers: routing/unsafe_on_selected = share of the jailbreak tokens' "
+    "expert choices that went to selected experts (1 while the mask holds); routing/safe_on_selected = the same "
+    "share for safe tokens, which route freely"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,6 +83,21 @@ def _check_split(sft_frame, split_path: Path | None) -> dict | None:
     return split
 
 
+def _check_report_to(report_to: str) -> None:
+    """Each ``--report-to`` integration must be installed (the Trainer would fail only after the model loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [name.strip() for name in str(report_to).split(",") if name.strip()]
+    available = set(get_available_reporting_integrations())
+    wanted = [name for name in names if name not in ("none", "all")]
+    absent = [name for name in wanted if name not in available]
+    if absent:
+        raise UsageError(
+            f"--report-to {','.join(absent)}: not installed or not a transformers integration (installed: "
+            f"{', '.join(sorted(available)) or 'none'}); pip install the tracker's package, or use --report-to none"
+        )
+
+
 def build_selection(config: MaskedFinetuneArguments, model_config, risk_table: Path | None) -> ExpertSelection:
     """The selection of a run: ``config.selection`` if given, else chosen from the risk table."""
     if config.selection:
@@ -96,8 +117,20 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
     from moe_fastmask.pipeline import artifacts
 
+    check_paths(config.out, model=config.model if model is None else None)
+    check_device(config.device)
+    for flag, value in (("--selection", config.selection), ("--risk-table", config.risk_table)):
+        if value and not Path(value).is_file():
+            raise UsageError(f"{flag} {value!r} does not exist")
+    _check_report_to(config.report_to)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resume = None  # found before anything is loaded or written
+    if config.resume:
+        resume = _latest_checkpoint(out / CHECKPOINT_DIR) if config.resume == "latest" else Path(config.resume)
+        if resume is None:
+            raise UsageError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR} to continue from")
+        if not resume.is_dir():
+            raise UsageError(f"--resume {config.resume!r}: no such checkpoint directory")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(config.dtype, device)
     training_args = TrainingArguments(
@@ -123,7 +156,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         ddp_find_unused_parameters=bool(config.stock_experts),
         dataloader_num_workers=0,
         report_to=config.report_to,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not config.progress,  # the Trainer's bar over steps
     )
     main_process = training_args.should_save  # under a launcher, one process writes the files
     paths = resolve_sft_paths(config.sft)
@@ -131,11 +164,14 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     frame = load_sft_frame(paths["sft"])
     split = _check_split(frame, paths["split"])
 
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    try:
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(config.model)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    except OSError as error:  # not found locally or on the hub, no access, no network: one line, nothing written
+        raise UsageError(f"cannot load model {config.model!r}: {one_line(error)}") from error
     prepare_tokenizer(tokenizer, padding_side=None)
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
     use_cache = model.config.use_cache
     model.config.use_cache = False
 
@@ -146,7 +182,12 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         selection = build_selection(config, model.config, risk_table)
     if not selection.experts:
         raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
+    _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
     if main_process:
+        print(masked_message, file=sys.stderr)
+        if config.routing_stats and selection.masked_layers:
+            print(ROUTING_METRICS, file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
         selection.save(selection_path)
 
     dataset = SFTDataset(frame, tokenizer, config.max_length)
@@ -207,11 +248,6 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     if main_process:
         artifacts.atomic_write_json(out / TRAINING_CONFIG_FILE, run_config)
 
-    resume = None
-    if config.resume:
-        resume = _latest_checkpoint(out / CHECKPOINT_DIR) if config.resume == "latest" else Path(config.resume)
-        if resume is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     final = out / FINAL_MODEL_DIR
@@ -236,14 +272,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
 def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand (its flags come from :class:`MaskedFinetuneArguments`)."""
-    return add_dataclass_subcommand(
-        subparsers,
-        "train",
-        MaskedFinetuneArguments,
-        help="masked fine-tuning of the selected (unsafe) experts",
-        description=DESCRIPTION,
-        func=run_cli,
-    )
+    return add_subcommand(subparsers, "train")
 
 
 def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:

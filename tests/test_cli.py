@@ -1,0 +1,141 @@
+"""The ``moe-fastmask`` command line: one style for every subcommand, a fast ``--help``, the old spellings."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from moe_fastmask.cli import build_parser
+from moe_fastmask.pipeline.cli_args import SUBCOMMANDS, add_dataclass_arguments, dataclass_from_args
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, contextlib, io\n"
+        "from moe_fastmask.cli import build_parser, main\n"
+        "build_parser()\n"
+        "for argv in (['--help'], ['analyze', '--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as exit_:\n"
+        "            assert exit_.code == 0, argv\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_top_level_help_speaks_to_users(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("analyze", "train", "evaluate", "build-ext"):
+        assert name in text
+    assert "moe-fastmask analyze --demo --out" in text
+    assert "pipeline module" not in text and "no logic of its own" not in text
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_flag_is_described_hyphenated_with_its_default(name, capsys):
+    parser = _subparser(name)
+    settings = SUBCOMMANDS[name].settings_type()
+    visible = [a for a in parser._actions if a.help != argparse.SUPPRESS and a.option_strings]
+    for action in visible:
+        assert action.help and action.help.strip(), action.option_strings
+        for flag in action.option_strings:
+            assert "_" not in flag, flag  # one spelling in --help: hyphens
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(settings):
+        if field.metadata.get("cli", True) is False:
+            continue
+        if "_" in field.name:
+            assert f"--{field.name} " not in text  # the old spelling parses but is not shown
+        if field.metadata.get("required"):
+            assert f"--{field.name.replace('_', '-')} {field.name.upper()} {field.metadata['help']} (required)" in text
+            continue
+        default = field.default
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and default != "" and \
+                "default" not in field.metadata["help"].lower():  # fmt: skip
+            assert f"(default: {default!r})" in text or f"(default: {default})" in text, field.name
+
+
+def test_negated_flags_have_their_own_text(capsys):
+    for name, flag, words in (("train", "--no-routing-stats", "do not count routing"),
+                              ("evaluate", "--no-steering", "leave out the steering column"),
+                              ("analyze", "--no-token-experts", "do not keep each token"),
+                              ("analyze", "--quiet", "only errors and warnings")):  # fmt: skip
+        action = next(a for a in _subparser(name)._actions if flag in a.option_strings)
+        assert words in action.help, (flag, action.help)
+
+
+def test_old_and_new_spellings_give_the_same_settings():
+    parser = build_parser()
+    pairs = [
+        (["train", "--model_name", "m", "--sft", "s", "--out", "o", "--no_routing_stats", "--per_layer", "4",
+          "--gradient_checkpointing", "--max_steps", "3"],
+         ["train", "--model", "m", "--sft", "s", "--out", "o", "--no-routing-stats", "--per-layer", "4",
+          "--gradient-checkpointing", "--max-steps", "3"]),
+        (["evaluate", "--data", "d", "--base_model", "b", "--no_steering", "--max_new_tokens", "9"],
+         ["evaluate", "--data", "d", "--base-model", "b", "--no-steering", "--max-new-tokens", "9"]),
+        (["analyze", "--demo", "--out", "o", "--batch_size", "8", "--safe_ratio", "0.5", "--max_new_tokens", "4"],
+         ["analyze", "--demo", "--out", "o", "--batch-size", "8", "--safe-ratio", "0.5", "--max-new-tokens", "4"]),
+    ]  # fmt: skip
+    for old, new in pairs:
+        settings = SUBCOMMANDS[old[0]].settings_type()
+        a, b = parser.parse_args(old), parser.parse_args(new)
+        assert dataclasses.asdict(dataclass_from_args(settings, a)) == dataclasses.asdict(dataclass_from_args(settings, b))
+    train = dataclass_from_args(SUBCOMMANDS["train"].settings_type(), parser.parse_args(pairs[0][1]))
+    assert (train.routing_stats, train.per_layer, train.gradient_checkpointing) == (False, 4, True)
+    evaluate = dataclass_from_args(SUBCOMMANDS["evaluate"].settings_type(), parser.parse_args(pairs[1][1]))
+    assert (evaluate.steering, evaluate.base_model) == (False, "b")
+
+
+def test_required_flag_by_its_old_spelling_counts(capsys):
+    from moe_fastmask.pipeline.cli_args import check_required
+
+    args = build_parser().parse_args(["train", "--model_name_or_path", "m", "--sft", "s", "--out", "o"])
+    check_required(args)  # --model given by an alias: no error
+    args = build_parser().parse_args(["train", "--sft", "s", "--out", "o"])
+    with pytest.raises(SystemExit) as info:
+        check_required(args)
+    assert info.value.code == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err
+
+
+def test_builder_refuses_an_undescribed_field():
+    @dataclasses.dataclass
+    class Settings:
+        described: int = dataclasses.field(default=1, metadata={"help": "a described flag"})
+        silent: int = 2
+
+    with pytest.raises(TypeError, match="Settings.silent: every flag needs a help text"):
+        add_dataclass_arguments(argparse.ArgumentParser(), Settings)
+
+
+def test_the_op_is_registered_whichever_is_imported_first():
+    code = (
+        "import sys, moe_fastmask\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "x = torch.randn(4, 6)\n"
+        "weights, ids = torch.ops.moe_fastmask.route(x, 2, None, None, None, False, 'torch')\n"
+        "assert torch.equal(ids, torch.sort(x, dim=1, descending=True, stable=True).indices[:, :2])\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
