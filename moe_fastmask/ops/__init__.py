@@ -3,7 +3,9 @@
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
 from moe_fastmask.ops.route import (
     BACKENDS,
+    MAX_N_GROUP,
     MAX_TOP_K,
+    SCORINGS,
     RouteFunction,
     check_route_args,
     resolve_backend,
@@ -13,7 +15,9 @@ from moe_fastmask.ops.route import (
 
 __all__ = [
     "BACKENDS",
+    "MAX_N_GROUP",
     "MAX_TOP_K",
+    "SCORINGS",
     "RouteFunction",
     "check_route_args",
     "resolve_backend",
