@@ -416,3 +416,17 @@ def test_argument_errors(kwargs, error, match):
     renormalize = kwargs.pop("renormalize", False)
     with pytest.raises(error, match=match):
         route(torch.randn(4, 16), 3, None, None, None, renormalize, "torch", **kwargs)
+
+
+def test_benchmark_smoke_path(capsys):
+    """benchmarks/bench_route.py imports, and its CPU smoke path finds route equal to every family's eager chain."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_route.py"
+    spec = importlib.util.spec_from_file_location("bench_route_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(module.FAMILIES) and all(line.endswith(" ok") for line in lines)
