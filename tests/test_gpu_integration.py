@@ -40,7 +40,7 @@ def test_patched_matches_unpatched_on_gpu(model_dir):
         ref_logits = model(**enc).logits
         ref_gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
         mf.apply_to_olmoe(model)
-        assert mf.integrations.olmoe._state(model).backend == "auto"
+        assert mf.integrations.state.state_of(model).backend == "auto"
         logits = model(**enc).logits
         rec = mf.RoutingRecorder(model, num_groups=2)
         with rec.record(GROUPS):

@@ -1,9 +1,12 @@
-"""Train only some experts of OLMoE's fused expert tensors: gradients, optimizer state and updates for the selected
-expert slices alone.
+"""Train only some experts of a model's fused expert tensors: gradients, optimizer state and updates for the
+selected expert slices alone.
 
-transformers stores the experts of an OLMoE layer as two fused parameters, ``mlp.experts.gate_up_proj``
-``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``. ``requires_grad`` works per tensor, so marking them
-trainable would give every expert a gradient, AdamW state and weight decay. :func:`attach_expert_slices` instead
+transformers 5.x stores the experts of an MoE layer as two fused parameters, e.g. OLMoE's
+``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``; the model's adapter
+(:func:`moe_fastmask.integrations.get_adapter`) says where the experts modules are, the names and layout of their
+fused tensors, the gate activation, how one expert MLP runs and which RMSNorm classes may be replaced.
+``requires_grad`` works per tensor, so marking the fused tensors trainable would give every expert a gradient, AdamW
+state and weight decay. :func:`attach_expert_slices` instead
 
 * freezes every parameter of the model (the fused tensors included);
 * gives each selected expert two trainable parameters on its layer's experts module,
@@ -12,19 +15,21 @@ trainable would give every expert a gradient, AdamW state and weight decay. :fun
   place); with another ``dtype`` (e.g. fp32 master weights for a bf16 model) they are copies. They are the only
   parameters with ``requires_grad=True``, so an optimizer built from the trainable parameters holds nothing else:
   no gradient, no AdamW state and no weight decay ever touches another expert;
-* rebinds the experts ``forward`` of every layer to :class:`SlicedExpertsFunction`: the assignments of the frozen
-  experts run as grouped GEMMs on the frozen fused tensors, those of the selected experts as grouped GEMMs on the
-  stacked trainable slices; backward keeps only the layer input (plus the selected experts' gate/up output) and
-  recomputes the frozen gate/up projection, so the frozen experts keep almost no activations. Output and gradients
-  equal the stock forward's, including the gradient of the routing weights (through the frozen router to the
-  hidden states). ``memory_efficient=False`` keeps the stock implementation (``config._experts_implementation``)
-  with the selected experts' routing weights zeroed and adds their outputs from the slices in an autograd loop;
-* (``memory_efficient``) rebinds every RMSNorm to :class:`RMSNormFunction`, which keeps its input in the model dtype
-  for backward rather than an fp32 copy (same forward bits).
+* rebinds the experts ``forward`` of every MoE layer to :class:`moe_fastmask.ops.SlicedExpertsFunction`: the
+  assignments of the frozen experts run as grouped GEMMs on the frozen fused tensors, those of the selected experts
+  as grouped GEMMs on the stacked trainable slices; backward keeps only the layer input (plus the selected experts'
+  gate/up output) and recomputes the frozen gate/up projection, so the frozen experts keep almost no activations.
+  Output and gradients equal the stock forward's, including the gradient of the routing weights (through the frozen
+  router to the hidden states). ``memory_efficient=False`` keeps the stock implementation
+  (``config._experts_implementation``) with the selected experts' routing weights zeroed and adds their outputs
+  from the slices in an autograd loop;
+* (``memory_efficient``) rebinds every RMSNorm of the adapter's norm classes to
+  :class:`moe_fastmask.ops.RMSNormFunction`, which keeps its input in the model dtype for backward rather than an
+  fp32 copy (same forward bits).
 
 The fused tensors stay the one saved form of the model: a ``state_dict`` pre-hook writes copied slices back before
 anything is saved and a post-hook drops the slice keys, so ``save_pretrained`` (and every Trainer checkpoint)
-writes a plain OLMoE checkpoint; a ``load_state_dict`` pre-hook loads the slices from loaded fused tensors (resuming
+writes a plain checkpoint; a ``load_state_dict`` pre-hook loads the slices from loaded fused tensors (resuming
 from a checkpoint). :func:`detach_expert_slices` writes the slices back and restores the original module. Under
 FSDP2 (``fully_shard``) every parameter is sharded on its own, so :func:`keep_slice_keys` keeps the slices in the
 state dict and :func:`merge_expert_slices` folds them into the gathered fused tensors instead.
@@ -35,19 +40,25 @@ from __future__ import annotations
 import json
 import re
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_fastmask.integrations.adapter import ExpertLayout, MoEAdapter
+from moe_fastmask.integrations.registry import get_adapter
+# the autograd functions live in ops; their names stay importable from here
+from moe_fastmask.ops.expert_mlp import SlicedExpertsFunction
+from moe_fastmask.ops.rmsnorm import RMSNormFunction
 
 GATE_UP_PREFIX = "fastmask_gate_up_proj_"
 DOWN_PREFIX = "fastmask_down_proj_"
 LUT_NAME = "fastmask_expert_lut"
-_BACKWARD_CHUNKS = 4  # the frozen experts' backward runs in about this many row blocks
 _STATE_ATTR = "_fastmask_slices"
+_NORM_ATTR = "_fastmask_lean_norm"
 
 
 @dataclass
@@ -58,38 +69,46 @@ class _SliceState:
     hook_handles: list
     had_forward: bool  # the instance had its own ``forward`` before patching
     previous_forward: object | None
+    adapter: MoEAdapter
+    act_fn: Callable[[Tensor], Tensor]
     keep_slice_keys: bool = False  # sharded training: state dicts keep the slices (see keep_slice_keys)
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return self.adapter.expert_layout
 
     def names(self) -> list[tuple[str, str]]:
         return [(f"{GATE_UP_PREFIX}{e}", f"{DOWN_PREFIX}{e}") for e in self.expert_ids]
 
+    def fused(self, module: nn.Module) -> tuple[Tensor, Tensor]:
+        return getattr(module, self.layout.gate_up), getattr(module, self.layout.down)
+
 
 # --------------------------------------------------------------------------------------------------------------
-# Model walking
+# Model walking (through the model's adapter)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from transformers.models.olmoe.modeling_olmoe import OlmoeModel
-
-    for module in [model, *model.modules()]:
-        if isinstance(module, OlmoeModel):
-            return module.layers
-    raise TypeError(f"expected an OLMoE model (OlmoeForCausalLM or OlmoeModel), got {type(model).__name__}")
-
-
-def _experts_modules(model: nn.Module) -> list[nn.Module]:
-    experts = []
-    for idx, layer in enumerate(_decoder_layers(model)):
-        module = getattr(getattr(layer, "mlp", None), "experts", None)
-        if module is None or not isinstance(getattr(module, "gate_up_proj", None), Tensor):
+def _experts_modules(model: nn.Module, adapter: MoEAdapter | None = None) -> list[nn.Module]:
+    """The experts module of every MoE layer, checked to hold fused tensors in the layout slices train."""
+    adapter = adapter or get_adapter(model)
+    layout = adapter.expert_layout
+    if not layout.concatenated:
+        raise TypeError(
+            f"expert slices need fused gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I] tensors "
+            f"without bias; the {adapter.model_type} experts are {layout}"
+        )
+    experts = adapter.experts_modules(adapter.base_model(model))
+    for idx, module in enumerate(experts):
+        if not isinstance(getattr(module, layout.gate_up, None), Tensor) or not isinstance(
+            getattr(module, layout.down, None), Tensor
+        ):
             raise TypeError(
-                f"layer {idx}: mlp.experts has no fused gate_up_proj tensor; expert slices support the transformers "
-                "5.x OLMoE layout (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I])"
+                f"MoE layer {idx}: the {adapter.model_type} experts module has no fused {layout.gate_up} / "
+                f"{layout.down} tensors"
             )
         if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-            raise TypeError(f"layer {idx}: transposed or biased expert tensors are not supported")
-        experts.append(module)
+            raise TypeError(f"MoE layer {idx}: transposed or biased expert tensors are not supported")
     return experts
 
 
@@ -110,178 +129,6 @@ def normalize_selection(
     return {layer: sorted(experts) for layer, experts in sorted(by_layer.items())}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Grouped expert computation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _grouped_gemm(x: Tensor, weight: Tensor):
-    """The grouped GEMM op for bf16 CUDA tensors (``F.grouped_mm`` on sm80+, older ``torch._grouped_mm`` on sm90),
-    or None."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
-        return None
-    capability = torch.cuda.get_device_capability(x.device)
-    if hasattr(F, "grouped_mm") and capability >= (8, 0):
-        return F.grouped_mm
-    if hasattr(torch, "_grouped_mm") and capability >= (9, 0):
-        return torch._grouped_mm
-    return None
-
-
-def _grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
-    """``x [S, in]`` rows grouped by expert times ``weight [G, in, out]`` -> ``[S, out]``; group ``g`` owns
-    ``counts[g]`` consecutive rows (``offsets``: their int32 cumulative sums on the device). CUDA bf16: one grouped
-    GEMM; elsewhere one matmul per non-empty group."""
-    fn = _grouped_gemm(x, weight)
-    if fn is not None:
-        return fn(x, weight, offs=offsets)
-    out = x.new_empty(x.shape[0], weight.shape[-1])
-    start = 0
-    for group, count in enumerate(counts):
-        if count:
-            torch.mm(x[start : start + count], weight[group].to(x.dtype), out=out[start : start + count])
-        start += count
-    return out
-
-
-def _inverse(perm: Tensor) -> Tensor:
-    """The inverse permutation (a scatter of ``S`` ints; moving ``[S, H]`` rows is then a gather)."""
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
-    return inverse
-
-
-def _unsort_sum(rows: Tensor, inverse: Tensor, num_tokens: int) -> Tensor:
-    """Sorted per-assignment rows ``[S, H]`` back to flat order, summed per token -> ``[T, H]`` (deterministic)."""
-    return rows[inverse].view(num_tokens, -1, rows.shape[-1]).sum(dim=1)
-
-
-def _gated(gate_up: Tensor, act_fn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``gate, up, act(gate) (recorded for its backward), act(gate) * up`` of a gate/up projection output."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    with torch.enable_grad():
-        gate = gate.detach().requires_grad_(True)
-        act = act_fn(gate)
-    return gate, up, act, act.detach() * up
-
-
-class SlicedExpertsFunction(torch.autograd.Function):
-    """One OLMoE experts layer, ``out[t] = sum_k w[t, k] * expert_{idx[t, k]}(x[t])``, whose selected experts use the
-    trainable slices and every other expert the frozen fused tensors.
-
-    The ``T*K`` assignments are sorted by expert with the selected experts last (one host sync per layer reads the
-    group sizes); the frozen ones run as one grouped GEMM pair on the fused tensors, the selected ones as one on the
-    stacked slices. Kept for backward: the layer input ``x``, the routing, and the gate/up output of the selected
-    assignments only. Backward recomputes the frozen gate/up projection, gets the routing-weight gradient as
-    ``<act(gate) * up, down^T dy>`` (no down projection recomputed) and returns gradients for ``x``, the routing
-    weights and the slices — none for the fused tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, lut, gate_up, down, act_fn, *slices):
-        num_tokens, num_top_k = top_k_index.shape
-        num_experts, num_slots = gate_up.shape[0], len(slices) // 2
-        local = lut[top_k_index]
-        key = torch.where(local >= 0, local + num_experts, top_k_index).reshape(-1)
-        perm = torch.sort(key).indices
-        inverse = _inverse(perm)
-        counts_dev = torch.bincount(key, minlength=num_experts + num_slots)
-        counts = counts_dev.tolist()  # the one host sync
-        frozen_counts, slot_counts = counts[:num_experts], counts[num_experts:]
-        num_frozen = sum(frozen_counts)
-        offsets_frozen = torch.cumsum(counts_dev[:num_experts], dim=0, dtype=torch.int32)
-        offsets_slots = torch.cumsum(counts_dev[num_experts:], dim=0, dtype=torch.int32)
-        x = hidden[perm // num_top_k]
-        weights = top_k_weights.reshape(-1)[perm]
-        rows = x.new_empty(x.shape)
-        if num_frozen:
-            gu = _grouped_mm(x[:num_frozen], gate_up.transpose(-2, -1), offsets_frozen, frozen_counts)
-            gate, up = gu.chunk(2, dim=-1)
-            rows[:num_frozen] = _grouped_mm(act_fn(gate) * up, down.transpose(-2, -1), offsets_frozen, frozen_counts)
-            del gu, gate, up
-        slot_gate_up = None
-        if num_frozen < x.shape[0]:
-            w_gate_up = torch.stack([p.to(x.dtype) for p in slices[0::2]])
-            w_down = torch.stack([p.to(x.dtype) for p in slices[1::2]])
-            slot_gate_up = _grouped_mm(x[num_frozen:], w_gate_up.transpose(-2, -1), offsets_slots, slot_counts)
-            gate, up = slot_gate_up.chunk(2, dim=-1)
-            rows[num_frozen:] = _grouped_mm(act_fn(gate) * up, w_down.transpose(-2, -1), offsets_slots, slot_counts)
-        rows.mul_(weights.unsqueeze(-1).to(rows.dtype))
-        ctx.save_for_backward(
-            hidden, perm, inverse, weights, offsets_frozen, offsets_slots, gate_up, down, slot_gate_up, *slices
-        )
-        ctx.act_fn, ctx.counts, ctx.num_frozen, ctx.num_top_k = act_fn, (frozen_counts, slot_counts), num_frozen, num_top_k
-        ctx.weights_dtype = top_k_weights.dtype
-        return _unsort_sum(rows, inverse, num_tokens).to(hidden.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, perm, inverse, weights, offsets_frozen, offsets_slots, gate_up, down, slot_gate_up, *slices = (
-            ctx.saved_tensors
-        )
-        frozen_counts, slot_counts = ctx.counts
-        num_frozen, act_fn = ctx.num_frozen, ctx.act_fn
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        need_slices = any(ctx.needs_input_grad[7:])
-        num_tokens, dtype = hidden.shape[0], hidden.dtype
-        num_rows = perm.shape[0]
-        token = perm // ctx.num_top_k
-        grad_x = hidden.new_empty(num_rows, hidden.shape[1]) if need_x else None
-        grad_w = torch.empty(num_rows, dtype=torch.float32, device=hidden.device) if need_w else None
-        slice_grads: list[Tensor | None] = [None] * len(slices)
-
-        def backward_rows(rows, w_gate_up, w_down, offsets, counts, gu=None, slots=None):
-            """Gradients for the sorted rows ``rows`` (whole groups ``counts`` of ``w_gate_up``/``w_down``)."""
-            x = hidden[token[rows]]
-            if gu is None:
-                gu = _grouped_mm(x, w_gate_up.transpose(-2, -1), offsets, counts)
-            gate, up, act, inner = _gated(gu, act_fn)
-            del gu
-            dy = grad_out[token[rows]].to(dtype)  # dL/d(weighted expert output)
-            z = _grouped_mm(dy, w_down, offsets, counts)  # dL/d(inner), before the routing weight
-            if need_w:
-                grad_w[rows] = (inner * z).sum(dim=-1, dtype=torch.float32)
-            w = weights[rows].unsqueeze(-1).to(dtype)
-            d_inner = z * w
-            del z
-            (d_gate,) = torch.autograd.grad(act, gate, d_inner * up)
-            d_gate_up = torch.cat([d_gate.to(dtype), (d_inner * act.detach()).to(dtype)], dim=-1)
-            del d_gate, d_inner, act, gate, up
-            if need_x:
-                grad_x[rows] = _grouped_mm(d_gate_up, w_gate_up, offsets, counts)
-            if slots is not None and need_slices:
-                weighted = dy * w
-                start = 0
-                for slot, count in zip(slots, counts):
-                    part = slice(start, start + count)
-                    slice_grads[2 * slot] = (d_gate_up[part].t() @ x[part]).to(slices[2 * slot].dtype)
-                    slice_grads[2 * slot + 1] = (weighted[part].t() @ inner[part]).to(slices[2 * slot + 1].dtype)
-                    start += count
-
-        # The frozen rows in chunks of whole experts, to bound the temporaries of the recomputation.
-        max_rows = max(1, -(-num_rows // _BACKWARD_CHUNKS))
-        first, row = 0, 0
-        while first < len(frozen_counts):
-            last, rows = first, 0
-            while last < len(frozen_counts) and (rows == 0 or rows + frozen_counts[last] <= max_rows):
-                rows += frozen_counts[last]
-                last += 1
-            if rows:
-                base = offsets_frozen[first - 1] if first else 0
-                backward_rows(slice(row, row + rows), gate_up[first:last], down[first:last],
-                              offsets_frozen[first:last] - base, frozen_counts[first:last])
-            first, row = last, row + rows
-        if slot_gate_up is not None:
-            w_gate_up = torch.stack([p.to(dtype) for p in slices[0::2]])
-            w_down = torch.stack([p.to(dtype) for p in slices[1::2]])
-            backward_rows(slice(num_frozen, num_rows), w_gate_up, w_down, offsets_slots, slot_counts,
-                          gu=slot_gate_up, slots=range(len(slot_counts)))
-        elif need_slices:  # no token chose a selected expert: zero gradients (every process of a DDP run has one)
-            slice_grads = [torch.zeros_like(p) for p in slices]
-        grad_hidden = _unsort_sum(grad_x, inverse, num_tokens).to(dtype) if need_x else None
-        grad_weights = grad_w[inverse].view(num_tokens, -1).to(ctx.weights_dtype) if need_w else None
-        return (grad_hidden, None, grad_weights, None, None, None, None, *slice_grads)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The patched experts forward
@@ -300,11 +147,15 @@ def _slice_params(module: nn.Module) -> list[Tensor]:
     return [getattr(module, name) for names in state.names() for name in names]
 
 
-def _memory_efficient_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+def _memory_efficient_experts_forward(
+    self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
     """The experts forward through :class:`SlicedExpertsFunction` (layers with or without selected experts)."""
+    state: _SliceState = getattr(self, _STATE_ATTR)
+    gate_up, down = state.fused(self)
     return SlicedExpertsFunction.apply(
-        hidden_states, top_k_index, top_k_weights, getattr(self, LUT_NAME), self.gate_up_proj, self.down_proj,
-        self.act_fn, *_slice_params(self),
+        hidden_states, top_k_index, top_k_weights, getattr(self, LUT_NAME), gate_up, down, state.act_fn,
+        *_slice_params(self),
     )
 
 
@@ -329,8 +180,8 @@ def _stock_sliced_experts_forward(self, hidden_states: Tensor, top_k_index: Tens
     for slot, (gate_up_name, down_name) in enumerate(state.names()):
         end = start + counts[slot + 1]
         if end > start:
-            gate, up = F.linear(x[start:end], getattr(self, gate_up_name).to(x.dtype)).chunk(2, dim=-1)
-            pieces.append(F.linear(self.act_fn(gate) * up, getattr(self, down_name).to(x.dtype)))
+            weights = getattr(self, gate_up_name), getattr(self, down_name)
+            pieces.append(state.adapter.expert_mlp(self, x[start:end], *weights))
         start = end
     contrib = torch.cat(pieces) * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
     return out.index_add(0, token_idx, contrib.to(out.dtype))
@@ -340,31 +191,6 @@ def _stock_sliced_experts_forward(self, hidden_states: Tensor, top_k_index: Tens
 # RMSNorm that keeps its input in the model dtype for backward
 # --------------------------------------------------------------------------------------------------------------
 
-_NORM_ATTR = "_fastmask_lean_norm"
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """OLMoE's RMSNorm (fp32 statistics, ``weight * normed.to(input dtype)``), bit-identical forward, keeping the
-    input in its own dtype and the ``[..., 1]`` inverse RMS for backward instead of an fp32 copy of the input."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        h = x.to(torch.float32)
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (h * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, rstd = ctx.saved_tensors
-        normed = x.to(torch.float32) * rstd
-        grad_normed = (grad_out * weight).to(torch.float32)
-        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, None
-
 
 def _lean_rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
@@ -373,13 +199,13 @@ def _lean_rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def attach_lean_norms(model: nn.Module) -> int:
-    """Rebind every ``OlmoeRMSNorm`` of ``model`` to :class:`RMSNormFunction` when it records a graph (training);
-    inference runs the stock forward. Returns how many norms were patched."""
-    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
-
+    """Rebind every RMSNorm of ``model`` whose class the adapter lists (:meth:`MoEAdapter.norm_classes`) to
+    :class:`RMSNormFunction` when it records a graph (training); inference runs the stock forward. Returns how many
+    norms were patched."""
+    classes = get_adapter(model).norm_classes()
     count = 0
     for module in model.modules():
-        if isinstance(module, OlmoeRMSNorm) and not hasattr(module, _NORM_ATTR) and "forward" not in module.__dict__:
+        if isinstance(module, classes) and not hasattr(module, _NORM_ATTR) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_lean_rmsnorm_forward, module)
             setattr(module, _NORM_ATTR, True)
             count += 1
@@ -402,8 +228,9 @@ def detach_lean_norms(model: nn.Module) -> None:
 @torch.no_grad()
 def _write_back(module: nn.Module) -> None:
     state: _SliceState = getattr(module, _STATE_ATTR)
+    gate_up, down = state.fused(module)
     for expert, (gate_up_name, down_name) in zip(state.expert_ids, state.names()):
-        for fused, name in ((module.gate_up_proj, gate_up_name), (module.down_proj, down_name)):
+        for fused, name in ((gate_up, gate_up_name), (down, down_name)):
             piece = getattr(module, name)
             if piece.data_ptr() != fused[expert].data_ptr():  # a copy (a view of the fused row needs nothing)
                 fused[expert].copy_(piece)
@@ -426,7 +253,7 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict
     """Loading fused tensors (a checkpoint) also loads the selected slices from them."""
     state: _SliceState = getattr(module, _STATE_ATTR)
     for expert, names in zip(state.expert_ids, state.names()):
-        for fused_name, name in zip(("gate_up_proj", "down_proj"), names):
+        for fused_name, name in zip((state.layout.gate_up, state.layout.down), names):
             fused = state_dict.get(prefix + fused_name)
             if fused is not None and prefix + name not in state_dict:
                 state_dict[prefix + name] = fused[expert]
@@ -445,12 +272,13 @@ def attach_expert_slices(
     memory_efficient: bool = True,
     freeze: bool = True,
 ) -> list[nn.Parameter]:
-    """Make only the ``selected`` experts of an OLMoE ``model`` trainable, as separate per-expert parameters.
+    """Make only the ``selected`` experts of ``model`` (an MoE model with a registered adapter) trainable, as
+    separate per-expert parameters.
 
-    ``selected``: ``{layer: [expert, ...]}`` or ``(layer, expert)`` pairs. ``dtype``: dtype of the trainable
-    parameters; by default the fused tensors' dtype, and then they are views of the fused rows (no extra memory);
-    ``torch.float32`` for a bf16 model keeps fp32 master copies (more precise updates, 6x the slice bytes with AdamW
-    state). ``memory_efficient``: every layer's experts run through :class:`SlicedExpertsFunction` (keeps the layer
+    ``selected``: ``{layer: [expert, ...]}`` or ``(layer, expert)`` pairs (layers counted among the MoE layers).
+    ``dtype``: dtype of the trainable parameters; by default the fused tensors' dtype, and then they are views of the
+    fused rows (no extra memory); ``torch.float32`` for a bf16 model keeps fp32 master copies (more precise updates,
+    6x the slice bytes with AdamW state). ``memory_efficient``: every layer's experts run through :class:`SlicedExpertsFunction` (keeps the layer
     input and the selected experts' gate/up output for backward, recomputes the frozen experts' gate/up projection);
     False: the stock implementation with the selected experts' routing weights zeroed, plus an autograd loop over the
     selected experts (keeps every activation). With ``memory_efficient`` every RMSNorm also keeps its input in the
@@ -461,11 +289,12 @@ def attach_expert_slices(
     saving still writes them back). Returns the new trainable parameters (gate/up then down per expert, in layer
     order). Calling it again detaches the previous slices first (writing them back).
     """
-    experts = _experts_modules(model)
+    adapter = get_adapter(model)
+    experts = _experts_modules(model, adapter)
     if has_expert_slices(model):
         detach_expert_slices(model)
-    first = experts[0]
-    by_layer = normalize_selection(selected, len(experts), first.gate_up_proj.shape[0])
+    layout = adapter.expert_layout
+    by_layer = normalize_selection(selected, len(experts), getattr(experts[0], layout.gate_up).shape[0])
     if freeze:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -474,7 +303,8 @@ def attach_expert_slices(
         expert_ids = by_layer.get(layer, [])
         if not expert_ids and not memory_efficient:
             continue  # the stock forward already trains nothing here
-        device = module.gate_up_proj.device
+        gate_up, down = getattr(module, layout.gate_up), getattr(module, layout.down)
+        device = gate_up.device
         state = _SliceState(
             layer=layer,
             expert_ids=list(expert_ids),
@@ -482,16 +312,18 @@ def attach_expert_slices(
             hook_handles=[],
             had_forward="forward" in module.__dict__,
             previous_forward=module.__dict__.get("forward"),
+            adapter=adapter,
+            act_fn=adapter.expert_activation(module),
         )
         for expert, names in zip(expert_ids, state.names()):
-            for fused, name in zip((module.gate_up_proj, module.down_proj), names):
+            for fused, name in zip((gate_up, down), names):
                 row = fused.detach()[expert]
                 if dtype is not None and dtype != fused.dtype:
                     row = row.to(dtype).clone()
                 param = nn.Parameter(row, requires_grad=True)
                 module.register_parameter(name, param)
                 params.append(param)
-        lut = torch.full((module.gate_up_proj.shape[0],), -1, dtype=torch.long, device=device)
+        lut = torch.full((gate_up.shape[0],), -1, dtype=torch.long, device=device)
         if expert_ids:
             lut[torch.tensor(expert_ids, device=device)] = torch.arange(len(expert_ids), device=device)
         module.register_buffer(LUT_NAME, lut, persistent=False)
@@ -513,25 +345,6 @@ def has_expert_slices(model: nn.Module) -> bool:
     return any(hasattr(module, _STATE_ATTR) for module in _experts_modules(model))
 
 
-def sliced_experts(model: nn.Module) -> dict[int, list[int]]:
-    """``{layer: [experts]}`` whose weights currently live in trainable slices."""
-    return {
-        getattr(module, _STATE_ATTR).layer: list(getattr(module, _STATE_ATTR).expert_ids)
-        for module in _experts_modules(model)
-        if hasattr(module, _STATE_ATTR) and getattr(module, _STATE_ATTR).expert_ids
-    }
-
-
-def expert_slice_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable slice parameters of ``model`` (gate/up then down per expert), in layer order."""
-    params = []
-    for module in _experts_modules(model):
-        state = getattr(module, _STATE_ATTR, None)
-        if state is not None:
-            params.extend(getattr(module, name) for names in state.names() for name in names)
-    return params
-
-
 def keep_slice_keys(model: nn.Module, keep: bool = True) -> None:
     """Sharded training (FSDP2's ``fully_shard``): state dicts keep the slice keys and touch no fused tensor.
 
@@ -547,16 +360,18 @@ def keep_slice_keys(model: nn.Module, keep: bool = True) -> None:
 
 
 @torch.no_grad()
-def merge_expert_slices(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def merge_expert_slices(state_dict: dict[str, Tensor], *, layout: ExpertLayout | None = None) -> dict[str, Tensor]:
     """Fold the slice entries of a full state dict (``...experts.fastmask_gate_up_proj_<e>`` and
     ``...fastmask_down_proj_<e>``) into row ``e`` of their fused tensors and drop them, in place; returns it.
 
     Writes into the fused tensors held by ``state_dict``: use it on a gathered copy (what FSDP's full state dict
-    and ``Accelerator.get_state_dict`` return), where it gives the plain OLMoE checkpoint of the trained model.
+    and ``Accelerator.get_state_dict`` return), where it gives the plain checkpoint of the trained model.
+    ``layout``: the names of the fused tensors (default: ``gate_up_proj`` / ``down_proj``).
     """
+    layout = layout or ExpertLayout()
     for key in [k for k in state_dict if GATE_UP_PREFIX in k or DOWN_PREFIX in k]:
         prefix, _, name = key.rpartition(".")
-        for slice_prefix, fused_name in ((GATE_UP_PREFIX, "gate_up_proj"), (DOWN_PREFIX, "down_proj")):
+        for slice_prefix, fused_name in ((GATE_UP_PREFIX, layout.gate_up), (DOWN_PREFIX, layout.down)):
             if name.startswith(slice_prefix) and name[len(slice_prefix):].isdigit():
                 fused = state_dict[f"{prefix}.{fused_name}" if prefix else fused_name]
                 fused[int(name[len(slice_prefix):])].copy_(state_dict.pop(key))
@@ -573,18 +388,11 @@ def add_slice_entries(state_dict: dict[str, Tensor], model: nn.Module) -> dict[s
             continue
         base = f"{prefix}." if prefix else ""
         for expert, names in zip(state.expert_ids, state.names()):
-            for fused_name, name in zip(("gate_up_proj", "down_proj"), names):
+            for fused_name, name in zip((state.layout.gate_up, state.layout.down), names):
                 fused = state_dict.get(base + fused_name)
                 if fused is not None and base + name not in state_dict:
                     state_dict[base + name] = fused[expert]
     return state_dict
-
-
-def write_back_expert_slices(model: nn.Module) -> None:
-    """Copy trainable slices that are copies (not views) into the fused tensors (saving does this by itself)."""
-    for module in _experts_modules(model):
-        if hasattr(module, _STATE_ATTR):
-            _write_back(module)
 
 
 def detach_expert_slices(model: nn.Module, *, write_back: bool = True) -> nn.Module:
@@ -620,7 +428,7 @@ _PER_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 
 
 def load_fused_state_dict(checkpoint: str | Path) -> dict[str, Tensor] | None:
-    """The weights of a saved OLMoE checkpoint directory under the module names of the loaded model.
+    """The weights of a saved checkpoint directory under the module names of the loaded model (fused experts).
 
     ``save_pretrained`` in transformers 5 writes experts in the original per-expert layout
     (``...experts.<e>.gate_proj.weight``), which plain ``Module.load_state_dict`` cannot take: this stacks them into

@@ -1,6 +1,9 @@
-"""Public ops of moe_fastmask: the fused router op and its plain-PyTorch reference."""
+"""Public ops of moe_fastmask: the fused router op, the sliced expert MLP and the lean RMSNorm, with their
+plain-PyTorch references."""
 
+from moe_fastmask.ops.expert_mlp import SlicedExpertsFunction, sliced_expert_mlp, sliced_expert_mlp_reference
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
+from moe_fastmask.ops.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 from moe_fastmask.ops.route import (
     BACKENDS,
     MAX_N_GROUP,
@@ -17,12 +20,18 @@ __all__ = [
     "BACKENDS",
     "MAX_N_GROUP",
     "MAX_TOP_K",
+    "RMSNormFunction",
     "SCORINGS",
     "RouteFunction",
+    "SlicedExpertsFunction",
     "check_route_args",
     "resolve_backend",
+    "rms_norm",
+    "rms_norm_reference",
     "route",
     "route_prechecked",
     "route_backward_reference",
     "route_reference",
+    "sliced_expert_mlp",
+    "sliced_expert_mlp_reference",
 ]
