@@ -209,3 +209,15 @@ def test_masked_training_step_changes_only_selected_slices(name):
         else:
             assert torch.equal(p.detach(), before[n]), f"{n} changed"
     assert len(changed) == 2 * 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_model_routes_like_stock(name):
+    """In bfloat16 (DeepSeek-style routers still project and weigh in float32, Mixtral's weights stay float32):
+    the same experts in every layer and the same logits."""
+    stock = tiny_model(name).to(torch.bfloat16)
+    ours = mf.apply(copy.deepcopy(stock))
+    for mine, theirs in zip(capture_router_ids(ours, IDS), capture_router_ids(stock, IDS)):
+        assert torch.equal(mine.sort(dim=1).values, theirs.sort(dim=1).values)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, stock(IDS).logits)
