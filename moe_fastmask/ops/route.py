@@ -512,21 +512,23 @@ def route(
         ``weights`` ``[T, top_k]`` in ``logits.dtype`` and ``ids`` ``[T, top_k]`` int64. Tie rule, the same in
         every backend: experts are ordered by their masked logit, highest first — every expert a token may use
         ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal logits go to
-        the lower expert index. So ids and counts are bit-identical across backends, and weights descend. With
-        ``keep=None`` this equals Hugging Face OLMoE's router: softmax in float32, top-k, optional
-        renormalisation, cast to ``logits.dtype``. ``weights`` is differentiable with respect to ``logits``.
-        float64 logits compute in float64 (``auto`` picks a backend that can; ``triton`` refuses them). In every
-        variant the order is the tie rule applied to the selection value instead of the logit (for ``sigmoid``:
-        ``sigmoid(z) + bias``, -inf outside the kept groups); each backend computes the sigmoid with its own
-        ``exp``, so two experts whose selection values differ only by rounding may be ordered differently on
-        different backends (equal logits and biases always tie exactly). A keep mask means the same in every
-        variant: a masked expert is never chosen while the row allows ``top_k`` experts, and counts count the
-        chosen experts.
+        the lower expert index. So with the softmax scorings ids and counts are bit-identical across backends, and
+        weights descend. With ``keep=None`` and the defaults this equals Hugging Face OLMoE's router: softmax in
+        float32, top-k, optional renormalisation, cast to ``logits.dtype``. ``weights`` is differentiable with
+        respect to ``logits`` (``bias`` gets no gradient; the choice of experts has none). float64 logits compute in
+        float64 (``auto`` picks a backend that can; ``triton`` refuses them). With ``scoring="sigmoid"`` the tie
+        rule orders by the selection value ``sigmoid(z) + bias`` (-inf outside the kept groups) instead of the
+        logit; each backend computes the sigmoid with its own ``exp``, so two experts whose selection values differ
+        only by rounding may be ordered differently on different backends (equal logits and biases always tie
+        exactly), and weights need not descend. A keep mask means the same in every variant: a masked expert is
+        never chosen while the row allows ``top_k`` experts, and counts count the chosen experts.
 
-    NaN policy: logits are not scanned for NaN (that would synchronise with the device on every call). A token with
-    a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed experts but otherwise
-    unspecified, and they are counted like any others. A token whose allowed logits are all -inf gets NaN weights
-    and, by the tie rule, its allowed experts in ascending index order as ids (counted).
+    NaN policy: logits are not scanned for NaN (that would synchronise with the device on every call). With
+    ``"softmax"`` a token with a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed
+    experts but otherwise unspecified, and they are counted like any others. A token whose allowed logits are all
+    -inf gets NaN weights and, by the tie rule, its allowed experts in ascending index order as ids (counted). With
+    ``"softmax_chosen"`` the same holds for the chosen logits; with ``"sigmoid"`` a NaN logit makes its own weight
+    NaN (with ``renormalize`` the token's weights).
     """
     variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
     check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate, **variant)
