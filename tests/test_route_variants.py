@@ -430,3 +430,31 @@ def test_benchmark_smoke_path(capsys):
     assert module.main(["--smoke"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(module.FAMILIES) and all(line.endswith(" ok") for line in lines)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_groups_act_as_unassigned(backend):
+    """With validate=False, group ids outside [-1, G) route like -1 (no mask, not counted) in every variant."""
+    _require(backend)
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    logits = torch.randn(9, 16, generator=gen)
+    logits[:, :6] += 3.0  # the masked experts are the strongest
+    logits = logits.to(device)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[:, :6] = False
+    keep = keep.to(device)
+    wild = torch.tensor([0, 1, 2, -2, 7, -1, 1, 0, 1 << 20]).to(device)
+    tame = torch.where((wild >= 0) & (wild < 2), wild, -1)
+    for name in ("softmax_chosen", "sigmoid_groups", "softmax_renorm_scaled"):
+        kwargs = variant_kwargs(name, 16, gen, 3)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        renormalize = kwargs.pop("renormalize", False)
+        results = []
+        for group in (wild, tame):
+            counts = torch.zeros(2, 16, dtype=torch.int64, device=device)
+            weights, ids = route(logits, 3, keep, group, counts, renormalize, backend, validate=False, **kwargs)
+            results.append((weights.cpu(), ids.cpu(), counts.cpu()))
+        (w1, i1, c1), (w2, i2, c2) = results
+        assert torch.equal(i1, i2) and torch.equal(c1, c2) and torch.equal(w1, w2)
+        assert bool((i1[[2, 3, 4, 8]] < 6).any())  # unmasked rows do use the experts the groups mask
