@@ -7,17 +7,11 @@ per torch version and source hash), so installing stays quick and never needs to
 environment (which would pull a CUDA build of torch). ``moe-fastmask build-ext`` compiles it ahead of time.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=[
-        "moe_fastmask",
-        "moe_fastmask.ops",
-        "moe_fastmask.integrations",
-        "moe_fastmask.pipeline",
-        "moe_fastmask.kernels",
-        "moe_fastmask.csrc",
-    ],
+    # every subpackage of moe_fastmask (generation backends, training, ...) plus the two folders mapped into it
+    packages=find_packages(include=["moe_fastmask", "moe_fastmask.*"]) + ["moe_fastmask.kernels", "moe_fastmask.csrc"],
     package_dir={"moe_fastmask": "moe_fastmask", "moe_fastmask.kernels": "kernels", "moe_fastmask.csrc": "csrc"},
     # The C++ sources travel with the package so that an installed wheel can still JIT-build the CPU kernel.
     package_data={"moe_fastmask.csrc": ["*.cpp", "*.h"]},

@@ -34,7 +34,8 @@ import torch
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline import artifacts, stats
-from moe_fastmask.pipeline.analyze import AnalysisConfig, prepare_tokenizer, run_analysis
+from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+from moe_fastmask.pipeline.common import prepare_tokenizer
 from moe_fastmask.pipeline.batching import Batch
 from moe_fastmask.pipeline.data import render_prompt
 from moe_fastmask.pipeline.demo import build_offline_tokenizer, build_tiny_olmoe
@@ -155,7 +156,7 @@ def reference_method(model, tokenizer, batches: list[Batch], config: AnalysisCon
     numpy files; statistics recomputed from the files. Returns per-batch counts and the aggregated table."""
     from moe_fastmask.pipeline.analyze import _messages
 
-    mf.remove_from_olmoe(model)
+    mf.remove(model)
     layers = model.model.layers
     num_layers = len(layers)
     num_experts = layers[0].mlp.gate.num_experts
@@ -222,7 +223,7 @@ def reference_method(model, tokenizer, batches: list[Batch], config: AnalysisCon
     import pandas as pd
 
     table = stats.aggregate_risk_diffs(pd.concat(frames, ignore_index=True), top_n=config.top_n)
-    mf.apply_to_olmoe(model)
+    mf.apply(model)
     return {"counts": counts, "tokens": tokens, "table": table}
 
 
@@ -248,13 +249,13 @@ def _warm_up(model, tokenizer, device: str, batch_size: int, prompt_tokens: int)
     groups = [i % 2 for i in range(batch_size)]
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        mf.remove_from_olmoe(model)
+        mf.remove(model)
         model.generate(input_ids=single, attention_mask=torch.ones_like(single), **kwargs)
-        mf.apply_to_olmoe(model)
+        mf.apply(model)
         recorder = mf.RoutingRecorder(model, num_groups=2, record_token_experts=True)
         with recorder.record(groups):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        mf.remove_from_olmoe(model)
+        mf.remove(model)
     _sync(device)
 
 
@@ -272,7 +273,7 @@ def run_benchmark(args) -> dict:
     _warm_up(model, tokenizer, args.device, args.batch_size, args.prompt_tokens)
     num_prompts = 2 * args.pairs
 
-    mf.apply_to_olmoe(model)
+    mf.apply(model)
     _sync(args.device)
     start = time.perf_counter()
     result = run_analysis(config, model=model, tokenizer=tokenizer)

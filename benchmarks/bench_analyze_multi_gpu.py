@@ -108,7 +108,7 @@ def run_worker(args) -> dict | None:
 def _load_tiny(model_dir: Path, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_fastmask.pipeline.analyze import prepare_tokenizer
+    from moe_fastmask.pipeline.common import prepare_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir)), "tiny-olmoe"

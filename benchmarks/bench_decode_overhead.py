@@ -153,7 +153,7 @@ def main() -> None:
     }  # fmt: skip
     report["router_call_us"] = router_call_costs(args.calls)
     model = bench_olmoe_generate.build_model(None, torch.bfloat16)
-    recorder = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
+    recorder = mf.RoutingRecorder(mf.apply(model), num_groups=2)
     groups = bench_olmoe_generate.generation_inputs(16, 128, args.new_tokens)[2]
 
     def enter_and_exit_record():

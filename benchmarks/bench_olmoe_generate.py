@@ -72,7 +72,7 @@ def generation_inputs(
 def plain_variant(model, capture_to_host: bool = False) -> Iterator[None]:
     """The unpatched model; ``capture_to_host``: with a forward hook copying each router's logits to the host (the
     naive capture method) for the duration of the block."""
-    mf.remove_from_olmoe(model)
+    mf.remove(model)
     hooks = []
     if capture_to_host:
         captured = []
@@ -90,7 +90,7 @@ def plain_variant(model, capture_to_host: bool = False) -> Iterator[None]:
 @contextlib.contextmanager
 def patched_variant(model, recorder: "mf.RoutingRecorder | None" = None, groups=None) -> Iterator[None]:
     """The patched model, recording with ``recorder`` (its groups ``groups``) when one is given."""
-    mf.apply_to_olmoe(model)
+    mf.apply(model)
     with recorder.record(groups) if recorder is not None else contextlib.nullcontext():
         yield
 
@@ -291,7 +291,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "config": vars(args),
     }
-    rec = mf.RoutingRecorder(mf.apply_to_olmoe(model), num_groups=2)
+    rec = mf.RoutingRecorder(mf.apply(model), num_groups=2)
     variants = {
         "a": lambda: plain_variant(model),  # plain transformers
         "b": lambda: patched_variant(model, rec, groups),  # the patch and the recorder
@@ -350,7 +350,7 @@ def main() -> None:
     results["prefill_plain_ms"] = statistics.median(prefill_times["plain"]) * 1e3
     results["prefill_patched_ms"] = statistics.median(prefill_times["patched"]) * 1e3
     results["prefill_patched_recorder_ms"] = statistics.median(prefill_times["patched + recorder"]) * 1e3
-    mf.apply_to_olmoe(model)
+    mf.apply(model)
     results.update(decode_step_checks(model, B, P))
 
     (out_dir / "olmoe_generate.json").write_text(json.dumps(results, indent=2))

@@ -11,8 +11,10 @@ Modes (each runs in its own process, so peak memory is per mode):
   ``down_proj``) of every layer, ``model(**batch).loss``, AdamW over the expert tensors;
 * ``masked`` — the masked fine-tuning step of ``moe-fastmask train``: routers through the fused op with the
   unsafe-group mask, ``--selected`` experts as trainable slices (:mod:`moe_fastmask.integrations.expert_slices`),
-  the loss of :class:`moe_fastmask.pipeline.train.ExpertMaskingTrainer` (response tokens, chunked frozen lm_head),
-  AdamW over the slices only.
+  the loss of :class:`moe_fastmask.pipeline.train.ExpertMaskingTrainer` (response tokens, chunked frozen lm_head:
+  :func:`moe_fastmask.ops.frozen_head_cross_entropy`), AdamW over the slices only. ``--loss-impl liger``: the same
+  response tokens through Liger-Kernel's fused linear cross entropy instead (``pip install liger-kernel``; optional,
+  for the comparison only).
 
 The selection: ``top_k`` experts in each of ``selected / top_k`` evenly spaced layers (64 = 8 experts x 8 layers for
 the full model), so every selected layer is masked for unsafe tokens.
@@ -23,6 +25,7 @@ after the forward minus what was there before it), and the extra peak of backwar
 
     python benchmarks/bench_train.py --out DIR                 # CUDA: both modes, full-size model
     python benchmarks/bench_train.py --out DIR --tiny          # CPU smoke test
+    python benchmarks/bench_train.py --out DIR --modes masked --loss-impl liger   # the loss through Liger-Kernel
 """
 
 from __future__ import annotations
@@ -37,6 +40,22 @@ from pathlib import Path
 
 GIB = 1 << 30
 MODES = ("plain", "masked")
+LOSS_IMPLS = ("ours", "liger")
+
+
+def liger_response_loss(model, batch):
+    """The masked mode's loss with Liger-Kernel's fused linear cross entropy on the response tokens (the rows that
+    :func:`moe_fastmask.pipeline.train.response_lm_loss` feeds to its chunked frozen-head cross entropy)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+    ).last_hidden_state
+    shift_labels = batch["labels"][:, 1:]
+    keep = shift_labels != -100
+    return liger_fused_linear_cross_entropy(
+        hidden[:, :-1][keep], model.lm_head.weight.detach(), shift_labels[keep], reduction="mean"
+    ).float()
 
 
 def olmoe_1b_7b_config(tiny: bool, layers: int | None = None):
@@ -132,6 +151,8 @@ def run_mode(args) -> dict:
 
         def loss_fn():
             with mf.token_groups(model, groups):
+                if args.loss_impl == "liger":
+                    return liger_response_loss(model, batch)
                 if args.loss_chunk_size > 0:
                     return response_lm_loss(model, batch, chunk_size=args.loss_chunk_size)
                 return model(**batch).loss
@@ -199,6 +220,7 @@ def run_mode(args) -> dict:
         result.update(
             selected_experts=len(selection), masked_layers=selection.masked_layers,
             memory_efficient_experts=not args.stock_experts, loss_chunk_size=args.loss_chunk_size,
+            loss_impl=args.loss_impl,
             checkpoint_layers=args.checkpoint_layers, slice_dtype=args.slice_dtype,
         )
     return result
@@ -210,7 +232,8 @@ def markdown(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        cells = [r["mode"], f"{r['ms_per_step_median']:.1f}"] + [
+        label = r["mode"] + (" (liger loss)" if r.get("loss_impl") == "liger" else "")
+        cells = [label, f"{r['ms_per_step_median']:.1f}"] + [
             f"{r.get(key, 0.0):.2f}"
             for key in ("peak_gib", "params_gib", "grads_gib", "optimizer_state_gib", "activations_gib", "backward_peak_extra_gib")
         ]
@@ -231,6 +254,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny: 1)")
     parser.add_argument("--loss-chunk-size", type=int, default=1024, help="masked: 0 = the model's own loss")
+    parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default="ours",
+                        help="masked: the response-token loss: ours (chunked frozen head) or liger (Liger-Kernel's "
+                        "fused linear cross entropy; needs liger-kernel installed)")
     parser.add_argument("--stock-experts", action="store_true", help="masked: stock frozen-experts implementation")
     parser.add_argument("--checkpoint-layers", type=int, default=None,
                         help="masked: gradient checkpointing on N decoder layers (-1: all)")

@@ -46,3 +46,23 @@ def test_top_level_kernels_exports_nothing():
     result = run_python("import kernels\nprint(getattr(kernels, '__file__', 'x'), kernels.__all__)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "None []"
+
+
+def test_setup_ships_every_subpackage_and_the_mapped_folders(monkeypatch):
+    import runpy
+
+    import setuptools
+
+    captured: dict = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"))
+    on_disk = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "moe_fastmask").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    shipped = set(captured["packages"])
+    assert on_disk <= shipped, f"packages missing from setup.py: {sorted(on_disk - shipped)}"
+    assert {"moe_fastmask.kernels", "moe_fastmask.csrc"} <= shipped
+    assert captured["package_dir"]["moe_fastmask.kernels"] == "kernels"

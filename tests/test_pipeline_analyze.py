@@ -138,7 +138,7 @@ def test_risk_diff_and_sft_structure(demo_run):
 
 def test_per_batch_risk_diff_equals_independent_computation(demo_run):
     outputs = pd.read_pickle(_read(demo_run, "batch_outputs"))["batch_data_list"]
-    per_batch = analyze.calculate_risk_diff_per_batch(outputs)
+    per_batch = analyze.risk_diff_per_batch(outputs)
     n_experts = 8
     for batch in outputs:
         te = batch["token_experts"]
@@ -169,7 +169,7 @@ def test_per_batch_risk_diff_equals_independent_computation(demo_run):
             assert (row.a_safe, row.a_unsafe, row.d_safe, row.d_unsafe) == (a_s, a_u, tokens[0] - a_s, tokens[1] - a_u)
             assert row.risk_diff == pytest.approx(a_u / tokens[1] - a_s / tokens[0], abs=1e-12)
     table = pd.read_pickle(_read(demo_run, "risk_diff"))
-    pd.testing.assert_frame_equal(analyze.aggregate_batch_risk_diffs(per_batch), table)
+    pd.testing.assert_frame_equal(stats.aggregate_risk_diffs(per_batch), table)
 
 
 # ------------------------------------------------------------------------------------------------------------

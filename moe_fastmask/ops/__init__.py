@@ -1,6 +1,7 @@
-"""Public ops of moe_fastmask: the fused router op, the sliced expert MLP and the lean RMSNorm, with their
-plain-PyTorch references."""
+"""Public ops of moe_fastmask: the fused router op, the sliced expert MLP, the lean RMSNorm and the chunked
+frozen-head cross entropy, with their plain-PyTorch references."""
 
+from moe_fastmask.ops.cross_entropy import FrozenHeadCrossEntropy, cross_entropy_reference, frozen_head_cross_entropy
 from moe_fastmask.ops.expert_mlp import SlicedExpertsFunction, sliced_expert_mlp, sliced_expert_mlp_reference
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
 from moe_fastmask.ops.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
@@ -18,6 +19,7 @@ from moe_fastmask.ops.route import (
 
 __all__ = [
     "BACKENDS",
+    "FrozenHeadCrossEntropy",
     "MAX_N_GROUP",
     "MAX_TOP_K",
     "RMSNormFunction",
@@ -25,6 +27,8 @@ __all__ = [
     "RouteFunction",
     "SlicedExpertsFunction",
     "check_route_args",
+    "cross_entropy_reference",
+    "frozen_head_cross_entropy",
     "resolve_backend",
     "rms_norm",
     "rms_norm_reference",

@@ -4,19 +4,26 @@ The flow (each step is an importable function, for notebooks):
 
 1. :func:`prepare_batches` — load and validate the records, draw the seeded train/test split, cut the train records
    into mixed safe/unsafe batches (:mod:`moe_fastmask.pipeline.batching`; paired at ``safe_ratio=0.5``).
-2. :func:`process_mixed_batches` — per batch, greedy (or sampled) batched generation with left padding under a
-   :class:`moe_fastmask.RoutingRecorder`: per-group expert counts accumulate on the device, each token's chosen
-   experts are kept as uint8 ids (never router logits), the refusal judge labels each answer, and the optional pair
-   filter keeps only pairs where the plain goal was refused and the jailbreak was not.
-3. :func:`risk_diff_per_batch` (alias ``calculate_risk_diff_per_batch``) — per batch and (layer, expert):
+2. :func:`process_mixed_batches` — per batch, greedy (or sampled) batched generation through the generation
+   backend of ``engine`` (:mod:`moe_fastmask.pipeline.generation`; ``hf``: ``generate`` with left padding under a
+   :class:`moe_fastmask.RoutingRecorder`): per-group expert counts per phase, each token's chosen experts as uint8
+   ids (never router logits); the refusal judge labels each answer, and the optional pair filter keeps only pairs
+   where the plain goal was refused and the jailbreak was not.
+3. :func:`risk_diff_per_batch` — per batch and (layer, expert):
    ``a_safe, a_unsafe, d_safe, d_unsafe, a_safe_n, a_unsafe_n, risk_diff = a_unsafe_n - a_safe_n``.
-4. :func:`aggregate_risk_diffs` (alias ``aggregate_batch_risk_diffs``) — mean over batches, summed counts, spread.
+4. :func:`aggregate_risk_diffs` (from :mod:`~moe_fastmask.pipeline.stats`) — mean over batches, summed counts,
+   spread.
 5. :func:`build_sft_dataset`, artifacts and plots; :func:`run_analysis` runs it all, persisting each batch as it
    finishes, so the same command resumes after a crash and ends with the same artifacts.
 
 Which tokens count (``count_tokens``): ``"generated"`` (default) — each generated token that is fed back to the
 model, up to but excluding the sequence's first EOS; ``"prompt"`` — the prompt tokens (never padding);
 ``"all"`` — both.
+
+One file of about 780 lines on purpose: the steps, the resumable (multi-process) run and the subcommand read top to
+bottom in the order they run. What is not specific to the analysis lives elsewhere: generation in
+:mod:`~moe_fastmask.pipeline.generation`, the statistics in :mod:`~moe_fastmask.pipeline.stats`, the batch plan in
+:mod:`~moe_fastmask.pipeline.batching`, the files in :mod:`~moe_fastmask.pipeline.artifacts`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,17 @@ import pandas as pd
 
 from moe_fastmask.pipeline import artifacts, plots, stats
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
-from moe_fastmask.pipeline.batching import SAFE, Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.batching import Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.common import (
+    DTYPES,
+    NUM_GROUPS,
+    SAFE,
+    SAFE_GROUP,
+    UNSAFE_GROUP,
+    load_model_and_tokenizer,
+    prepare_tokenizer,
+    resolve_dtype,
+)
 from moe_fastmask.pipeline.data import (
     DEFAULT_SYSTEM_PROMPT,
     DataValidationError,
@@ -46,11 +63,19 @@ from moe_fastmask.pipeline.data import (
     select_records,
     unsafe_messages,
 )
+from moe_fastmask.pipeline.generation import (
+    DEFAULT_BACKEND,
+    GenerationBackend,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    backend_names,
+    get_backend,
+)
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
 
 DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 COUNT_TOKENS = {"generated": ("decode",), "prompt": ("prefill",), "all": ("prefill", "decode")}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 SFT_COLUMNS = ["batch_idx", "position", "kind", "id", "messages", "response"]
 PHASES = ("prefill", "decode")
 
@@ -84,6 +109,7 @@ class AnalysisConfig:
     refusal_text: str = DEFAULT_REFUSAL_TEXT
     top_n: int = 10
     keep_token_experts: bool = True
+    engine: str = DEFAULT_BACKEND  # generation backend (moe_fastmask.pipeline.generation)
     device: str | None = None
     dtype: str = "auto"
     overwrite: bool = False
@@ -101,6 +127,8 @@ class AnalysisConfig:
             raise ValueError("give --model and --data, or --demo")
         if self.count_tokens not in COUNT_TOKENS:
             raise ValueError(f"count_tokens must be one of {sorted(COUNT_TOKENS)}, got {self.count_tokens!r}")
+        if self.engine not in backend_names():
+            raise ValueError(f"engine must be one of {backend_names()}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -169,18 +197,8 @@ def _messages(item, system_prompt: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Step 2: generation with the routing recorder
+# Step 2: generation through the backend (moe_fastmask.pipeline.generation)
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _generation_kwargs(config: AnalysisConfig, tokenizer) -> dict:
-    kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
-              "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    if config.min_new_tokens:
-        kwargs["min_new_tokens"] = config.min_new_tokens
-    if config.do_sample:
-        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
-    return kwargs
 
 
 def _batch_seed(seed: int, batch_idx: int) -> int:
@@ -188,33 +206,59 @@ def _batch_seed(seed: int, batch_idx: int) -> int:
     return (seed * 1_000_003 + batch_idx) % (2**63)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _generated_length(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
-    """Generated tokens of each row before its first EOS."""
-    if not len(eos_ids):
-        return np.full(tokens.shape[0], tokens.shape[1], dtype=np.int64)
-    is_eos = np.isin(tokens, np.asarray(eos_ids))
-    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), tokens.shape[1]).astype(np.int64)
-
-
-def _host(tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", copy=True).numpy()
+def generation_request(
+    tokenizer, batch: Batch, config: AnalysisConfig
+) -> tuple[list[list[dict]], list[str], GenerationRequest]:
+    """The chats, rendered prompts and :class:`GenerationRequest` of one mixed batch (groups 0 safe, 1 unsafe)."""
+    messages = [_messages(item, config.system_prompt) for item in batch.items]
+    prompts = [render_prompt(tokenizer, chat) for chat in messages]
+    token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    sampling = SamplingSettings(
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=config.min_new_tokens,
+        do_sample=config.do_sample,
+        temperature=config.temperature if config.do_sample else 1.0,
+        top_p=config.top_p,
+        seed=_batch_seed(config.seed, batch.batch_idx) if config.do_sample else None,
+    )
+    request = GenerationRequest(
+        prompts=token_ids, sampling=sampling, groups=batch.groups, num_groups=NUM_GROUPS,
+        record_token_experts=config.keep_token_experts,
+    )  # fmt: skip
+    return messages, prompts, request
 
 
 def _group_sum(config: AnalysisConfig, per_phase: dict[str, np.ndarray]) -> np.ndarray:
     return sum(per_phase[phase] for phase in COUNT_TOKENS[config.count_tokens])
 
 
-def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, recorder, judge: Judge) -> dict:
-    """Generate one mixed batch under ``recorder`` and return its batch record (host data only, numpy arrays).
+def _per_sample_counts(batch: Batch, output: GenerationOutput, group_counts: dict, group_tokens: dict) -> dict:
+    """``sample_counts`` / ``sample_tokens`` per phase from the per-token experts, checked against the group counts."""
+    token_experts = output.token_experts
+    num_experts = group_counts["prefill"].shape[-1]
+    groups = np.asarray(batch.groups)
+    sample_counts, sample_tokens = {}, {}
+    for phase in PHASES:
+        sample_counts[phase], sample_tokens[phase] = stats.sample_counts(
+            token_experts[phase], token_experts[f"{phase}_counted"], num_experts
+        )
+        if sample_counts[phase].shape[0] == 0:  # no forward of this phase ran (e.g. every row ended at once)
+            sample_counts[phase] = np.zeros((len(batch.items), *group_counts[phase].shape[::2]), dtype=np.int64)
+            sample_tokens[phase] = np.zeros(len(batch.items), dtype=np.int64)
+        for g in (SAFE_GROUP, UNSAFE_GROUP):
+            if not (np.array_equal(sample_counts[phase][groups == g].sum(0), group_counts[phase][:, g])
+                    and sample_tokens[phase][groups == g].sum() == group_tokens[phase][g]):  # fmt: skip
+                warnings.warn(
+                    f"batch {batch.batch_idx}: the per-token experts and the {phase} counts of group {g} disagree "
+                    f"(unfiltered batches use the group counts, filtered ones the per-token experts)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return {"sample_counts": sample_counts, "sample_tokens": sample_tokens, "token_experts": token_experts}
+
+
+def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: AnalysisConfig, judge: Judge) -> dict:
+    """Generate one mixed batch through ``backend`` and return its batch record (host data only, numpy arrays).
 
     Keys: ``batch_idx``; ``batch_outputs`` (one dict per position: position, id, kind, messages, prompt,
     generated_text, refused, num_prompt_tokens, num_generated_tokens); ``safe_indices``, ``unsafe_indices``;
@@ -222,83 +266,41 @@ def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, recor
     computed whether or not the filter is on), ``kept_indices`` (positions counted: every position, or the passing
     pairs with ``filter_pairs``); ``safe_routings``, ``unsafe_routings`` (int64 ``[L, E]`` counts of the kept
     tokens of each group, tokens chosen by ``count_tokens``) and ``safe_tokens``, ``unsafe_tokens``;
-    ``group_counts`` / ``group_tokens`` (the recorder's ``[L, 2, E]`` / ``[2]`` per phase, all positions);
+    ``group_counts`` / ``group_tokens`` (the backend's ``[L, 2, E]`` / ``[2]`` per phase, all positions);
     ``sample_counts`` / ``sample_tokens`` (``[B, L, E]`` / ``[B]`` per phase) and ``token_experts`` (uint8
-    ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``.
+    ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``. ``tokenizer`` renders
+    and tokenizes the prompts.
     """
-    import torch
-
-    device = recorder.device
-    messages = [_messages(item, config.system_prompt) for item in batch.items]
-    prompts = [render_prompt(tokenizer, chat) for chat in messages]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = encoded["attention_mask"].to(device)
-
-    recorder.reset()
-    if config.do_sample:
-        torch.manual_seed(_batch_seed(config.seed, batch.batch_idx))
-    with torch.no_grad(), recorder.record(batch.groups):
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(config, tokenizer)
-        )
-    new_tokens = output[:, input_ids.shape[1]:].cpu()
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    # one host copy of the device counts per batch (a real copy: on the CPU .cpu() would alias the live buffers)
-    group_counts = {"prefill": _host(recorder.prefill_counts), "decode": _host(recorder.decode_counts)}
-    group_tokens = {"prefill": _host(recorder.prefill_tokens), "decode": _host(recorder.decode_tokens)}
-    num_experts = group_counts["prefill"].shape[-1]
+    messages, prompts, request = generation_request(tokenizer, batch, config)
+    output = backend.generate(request)
+    group_counts = {"prefill": output.prefill_counts, "decode": output.decode_counts}
+    group_tokens = {"prefill": output.prefill_tokens, "decode": output.decode_tokens}
 
     record: dict = {"batch_idx": batch.batch_idx}
     if config.keep_token_experts:
-        token_experts = {key: value.numpy() for key, value in recorder.token_experts().items()}
-        sample_counts, sample_tokens = {}, {}
-        for phase in PHASES:
-            sample_counts[phase], sample_tokens[phase] = stats.sample_counts(
-                token_experts[phase], token_experts[f"{phase}_counted"], num_experts
-            )
-            if sample_counts[phase].shape[0] == 0:  # no forward of this phase ran (e.g. every row ended at once)
-                sample_counts[phase] = np.zeros((len(batch.items), *group_counts[phase].shape[::2]), dtype=np.int64)
-                sample_tokens[phase] = np.zeros(len(batch.items), dtype=np.int64)
-            groups = np.asarray(batch.groups)
-            for g in (0, 1):
-                if not (np.array_equal(sample_counts[phase][groups == g].sum(0), group_counts[phase][:, g])
-                        and sample_tokens[phase][groups == g].sum() == group_tokens[phase][g]):  # fmt: skip
-                    warnings.warn(
-                        f"batch {batch.batch_idx}: the per-token experts and the recorder's {phase} counts of "
-                        f"group {g} disagree (unfiltered batches use the recorder's counts, filtered ones the "
-                        f"per-token experts)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-        record.update(sample_counts=sample_counts, sample_tokens=sample_tokens, token_experts=token_experts)
+        record.update(_per_sample_counts(batch, output, group_counts, group_tokens))
 
-    refused = [bool(judge(text)) for text in texts]
+    refused = [bool(judge(text)) for text in output.texts]
     pairs = batch.pairs()
     pair_passed = [refused[s] and not refused[u] for s, u in pairs]
     if config.filter_pairs:
         kept = sorted([p for (s, u), ok in zip(pairs, pair_passed) if ok for p in (s, u)])
-    else:
-        kept = [item.position for item in batch.items]
-
-    if config.filter_pairs:
         kept_arr = np.zeros(len(batch.items), dtype=bool)
         kept_arr[kept] = True
         groups = np.asarray(batch.groups)
         per_sample = _group_sum(config, record["sample_counts"])
         per_sample_tokens = _group_sum(config, record["sample_tokens"])
-        safe_routings = per_sample[kept_arr & (groups == 0)].sum(0)
-        unsafe_routings = per_sample[kept_arr & (groups == 1)].sum(0)
-        safe_tokens = int(per_sample_tokens[kept_arr & (groups == 0)].sum())
-        unsafe_tokens = int(per_sample_tokens[kept_arr & (groups == 1)].sum())
+        safe_routings = per_sample[kept_arr & (groups == SAFE_GROUP)].sum(0)
+        unsafe_routings = per_sample[kept_arr & (groups == UNSAFE_GROUP)].sum(0)
+        safe_tokens = int(per_sample_tokens[kept_arr & (groups == SAFE_GROUP)].sum())
+        unsafe_tokens = int(per_sample_tokens[kept_arr & (groups == UNSAFE_GROUP)].sum())
     else:
+        kept = [item.position for item in batch.items]
         counts = _group_sum(config, group_counts)
         tokens = _group_sum(config, group_tokens)
-        safe_routings, unsafe_routings = counts[:, 0], counts[:, 1]
-        safe_tokens, unsafe_tokens = int(tokens[0]), int(tokens[1])
+        safe_routings, unsafe_routings = counts[:, SAFE_GROUP], counts[:, UNSAFE_GROUP]
+        safe_tokens, unsafe_tokens = int(tokens[SAFE_GROUP]), int(tokens[UNSAFE_GROUP])
 
-    prompt_lengths = attention_mask.sum(dim=1).cpu().numpy()
-    generated_lengths = _generated_length(new_tokens.numpy(), _eos_ids(model, tokenizer))
     record.update(
         batch_outputs=[
             {
@@ -313,7 +315,8 @@ def generate_batch(model, tokenizer, batch: Batch, config: AnalysisConfig, recor
                 "num_generated_tokens": int(n_generated),
             }
             for item, chat, prompt, text, flag, n_prompt, n_generated in zip(
-                batch.items, messages, prompts, texts, refused, prompt_lengths, generated_lengths
+                batch.items, messages, prompts, output.texts, refused, output.num_prompt_tokens,
+                output.num_generated_tokens,
             )
         ],
         safe_indices=batch.safe_indices,
@@ -348,31 +351,34 @@ def process_mixed_batches(
     config: AnalysisConfig | None = None,
     *,
     judge: Judge | None = None,
-    recorder=None,
+    backend: GenerationBackend | None = None,
     on_batch: Callable[[dict], None] | None = None,
     progress=None,
 ) -> list[dict]:
     """Run every batch through :func:`generate_batch`; returns one batch record per batch.
 
-    Patches ``model`` for routing (idempotent) and creates the recorder unless one is given. ``on_batch`` is called
-    with each finished batch record (:func:`run_analysis` persists it there). ``progress``: a tqdm bar to advance.
+    ``backend``: the generation backend (default: ``config.engine`` over ``model`` / ``tokenizer``, closed at the
+    end). ``on_batch`` is called with each finished batch record (:func:`run_analysis` persists it there).
+    ``progress``: a tqdm bar to advance.
     """
-    import moe_fastmask as mf
-
     config = config or AnalysisConfig()
     judge = resolve_judge(judge if judge is not None else config.judge)
-    mf.apply_to_olmoe(model)
-    if recorder is None:
-        recorder = mf.RoutingRecorder(model, num_groups=2, record_token_experts=config.keep_token_experts)
+    own = backend is None
+    if own:
+        backend = get_backend(config.engine, model, tokenizer)
     out = []
-    for batch in batches:
-        batch_data = generate_batch(model, tokenizer, batch, config, recorder, judge)
-        _say(config, _pair_message(batch_data, config))
-        if on_batch is not None:
-            on_batch(batch_data)
-        out.append(batch_data)
-        if progress is not None:
-            progress.update(1)
+    try:
+        for batch in batches:
+            batch_data = generate_batch(backend, tokenizer, batch, config, judge)
+            _say(config, _pair_message(batch_data, config))
+            if on_batch is not None:
+                on_batch(batch_data)
+            out.append(batch_data)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if own:
+            backend.close()
     return out
 
 
@@ -410,9 +416,7 @@ def risk_diff_per_batch(batch_data_list: Sequence[dict], config: AnalysisConfig 
     return pd.concat(frames, ignore_index=True)
 
 
-aggregate_risk_diffs = stats.aggregate_risk_diffs
-calculate_risk_diff_per_batch = risk_diff_per_batch
-aggregate_batch_risk_diffs = stats.aggregate_risk_diffs
+aggregate_risk_diffs = stats.aggregate_risk_diffs  # step 4, with the other steps
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -458,37 +462,6 @@ def build_sft_dataset(batch_data_list: Sequence[dict], refusal_text: str = DEFAU
 # ------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
-
-
-def load_model_and_tokenizer(model_name_or_path: str, device: str, dtype: str):
-    """``from_pretrained`` on the path or hub id; tokenizer set to left padding with a pad token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype))
-    model.to(device).eval()
-    return model, prepare_tokenizer(tokenizer)
-
-
-def prepare_tokenizer(tokenizer):
-    """Left padding (batched generation) and a pad token (the EOS token when the tokenizer has none)."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def result_settings(config: AnalysisConfig, model_name: str, dtype: str) -> dict:
     """The settings that change the results — the run config written to disk and fingerprinted for resume."""
     model_path = Path(model_name).expanduser()
@@ -514,6 +487,8 @@ def result_settings(config: AnalysisConfig, model_name: str, dtype: str) -> dict
         "keep_token_experts": config.keep_token_experts,
         "dtype": dtype,
         "judge": judge_name(config.judge),
+        # the default engine adds no key, so that its runs keep the fingerprint they had before engines existed
+        **({"engine": config.engine} if config.engine != DEFAULT_BACKEND else {}),
     }
 
 
@@ -758,6 +733,8 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     generation.add_argument("--no-token-experts", dest="keep_token_experts", action="store_false",
                             help="do not keep each token's chosen experts (smaller batch_outputs; no --filter-pairs)")
     runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--engine", choices=backend_names(), default=d.engine,
+                         help="generation backend (moe_fastmask.pipeline.generation)")
     runtime.add_argument("--device", default=None,
                          help="default: cuda if available (one process per GPU: the GPU of LOCAL_RANK), else cpu")
     runtime.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="auto: bfloat16 on cuda, float32 on cpu")
@@ -794,10 +771,8 @@ __all__ = [
     "ConfigMismatchError",
     "DataValidationError",
     "add_cli_arguments",
-    "aggregate_batch_risk_diffs",
     "aggregate_risk_diffs",
     "build_sft_dataset",
-    "calculate_risk_diff_per_batch",
     "generate_batch",
     "load_model_and_tokenizer",
     "prepare_batches",

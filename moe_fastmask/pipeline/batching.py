@@ -13,15 +13,12 @@ half is paired with part of the larger one.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from moe_fastmask.pipeline.common import GROUP_OF_KIND, SAFE, UNSAFE, split_counts
 from moe_fastmask.pipeline.data import Record
-
-SAFE, UNSAFE = "safe", "unsafe"
-GROUP_OF_KIND = {SAFE: 0, UNSAFE: 1}
 
 
 class BatchPlanError(ValueError):
@@ -69,24 +66,13 @@ def group_sizes(batch_size: int, safe_ratio: float) -> tuple[int, int]:
         raise BatchPlanError(f"batch_size must be an integer >= 2 (one safe and one unsafe prompt), got {batch_size!r}")
     if not isinstance(safe_ratio, (int, float)) or not 0.0 < safe_ratio < 1.0:
         raise BatchPlanError(f"safe_ratio must be strictly between 0 and 1, got {safe_ratio!r}")
-    n_safe = math.floor(batch_size * safe_ratio + 0.5)
-    n_unsafe = batch_size - n_safe
+    n_safe, n_unsafe = split_counts(batch_size, safe_ratio)
     if n_safe == 0 or n_unsafe == 0:
         raise BatchPlanError(
             f"safe_ratio {safe_ratio} with batch_size {batch_size} gives {n_safe} safe and {n_unsafe} unsafe prompts "
             f"per batch; both groups need at least one"
         )
     return n_safe, n_unsafe
-
-
-def records_per_batch(batch_size: int, safe_ratio: float) -> int:
-    n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
-    return max(n_safe, n_unsafe)
-
-
-def max_batches(num_records: int, batch_size: int, safe_ratio: float) -> int:
-    """How many full batches ``num_records`` records fill."""
-    return num_records // records_per_batch(batch_size, safe_ratio)
 
 
 def plan_batches(

@@ -38,11 +38,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.common import DTYPES, SELECTION_FILE, TRAINING_CONFIG_FILE
+from moe_fastmask.pipeline.generation import DEFAULT_BACKEND, backend_names
 
 CONDITIONS = ("before", "steering", "after")
 KINDS = ("jailbreak", "goal")
-TRAINING_CONFIG_FILE = "training_config.json"
-SELECTION_FILE = "expert_selection.json"
 
 
 @dataclass
@@ -68,7 +68,7 @@ class EvaluationArguments:
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)"})
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto: bfloat16 on cuda, float32 on cpu", "choices": ["auto", "float32", "bfloat16", "float16"]},
+        metadata={"help": "auto: bfloat16 on cuda, float32 on cpu", "choices": list(DTYPES)},
     )
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer (greedy)"})
@@ -78,6 +78,10 @@ class EvaluationArguments:
         default=None, metadata={"help": "refusal judge 'module:function' or 'file.py:function' (str -> bool)"}
     )
     backend: str = field(default="auto", metadata={"help": "router op backend for steering: auto, triton, cpp, torch"})
+    engine: str = field(
+        default=DEFAULT_BACKEND,
+        metadata={"help": "generation backend (moe_fastmask.pipeline.generation)", "choices": list(backend_names())},
+    )
 
 
 @dataclass
@@ -191,31 +195,38 @@ def build_prompts(records, tokenizer, system_prompt: str | None = None) -> list[
     return prompts
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 128) -> list[str]:
-    """Greedy answers to rendered prompts, batched with left padding (prompts sorted by length to pad less)."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 128, backend=None,
+    engine: str = DEFAULT_BACKEND,
+) -> list[str]:
+    """Greedy answers to rendered prompts, in batches of ``batch_size`` (prompts sorted by length to pad less).
+
+    ``backend``: the generation backend to use (default: one of ``engine`` over ``model`` / ``tokenizer``, closed at
+    the end).
+    """
+    from tqdm.auto import tqdm
+
+    from moe_fastmask.pipeline.common import prepare_tokenizer
+    from moe_fastmask.pipeline.generation import GenerationRequest, SamplingSettings, get_backend
+
+    prepare_tokenizer(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
     model.eval()
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False):
-        chunk = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt").to(device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
-            answers[i] = text
+    own = backend is None
+    if own:
+        backend = get_backend(engine, model, tokenizer)
+    sampling = SamplingSettings(max_new_tokens=max_new_tokens)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False):
+            chunk = order[start : start + batch_size]
+            output = backend.generate(GenerationRequest(prompts=[encoded[i] for i in chunk], sampling=sampling))
+            for i, text in zip(chunk, output.texts):
+                answers[i] = text
+    finally:
+        if own:
+            backend.close()
     return answers
 
 
@@ -273,9 +284,9 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
     import pandas as pd
 
-    import moe_fastmask as mf
     from moe_fastmask.pipeline import artifacts
-    from moe_fastmask.pipeline.analyze import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.common import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.generation import get_backend
     from moe_fastmask.pipeline.judge import judge_name
     from moe_fastmask.pipeline.selection import ExpertSelection
 
@@ -292,11 +303,12 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     frames = []
 
-    def run(condition: str, model, tokenizer) -> None:
+    def run(condition: str, model, tokenizer, backend) -> None:
         prompts = build_prompts(records, tokenizer, args.system_prompt)
         say(f"[{condition}] generating {len(prompts)} answers")
         texts = generate_answers(
-            model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+            model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, backend=backend,
         )
         frame = pd.DataFrame(prompts)
         frame.insert(0, "condition", condition)
@@ -306,18 +318,22 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     if args.base_model is not None:
         model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
-        run("before", model, tokenizer)
+        backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
+        run("before", model, tokenizer, backend)
         if selection is not None:
-            mf.apply_to_olmoe(model, backend=args.backend)
-            mf.set_expert_mask(model, mf.steering_mask(model, selection.labels))
-            run("steering", model, tokenizer)
-            mf.remove_from_olmoe(model)
+            backend.set_expert_mask(selection.steering_mask())
+            run("steering", model, tokenizer, backend)
+        backend.close()
+        del backend
         _release(model)
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
         model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
-        run("after", model, tokenizer)
+        backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
+        run("after", model, tokenizer, backend)
+        backend.close()
+        del backend
         _release(model)
 
     answers = pd.concat(frames, ignore_index=True)
@@ -338,6 +354,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         "system_prompt": args.system_prompt,
         "device": device,
         "dtype": dtype,
+        # the default engine adds no key: its evaluation.json stays as it was before engines existed
+        **({"engine": args.engine} if args.engine != DEFAULT_BACKEND else {}),
     }
     result = EvaluationResult(summary=summary, answers=answers, table=table, settings=settings)
 

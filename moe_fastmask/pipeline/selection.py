@@ -29,11 +29,8 @@ from typing import Any
 
 import torch
 
-from moe_fastmask.integrations.olmoe import layer_expert_label as expert_label
-from moe_fastmask.integrations.olmoe import parse_layer_expert as parse_expert_label
-
-SELECTION_FILE = "expert_selection.json"
-SAFE_GROUP, UNSAFE_GROUP = 0, 1
+from moe_fastmask.integrations import layer_expert_label, parse_layer_expert
+from moe_fastmask.pipeline.common import SELECTION_FILE, UNSAFE_GROUP
 
 
 @dataclass
@@ -64,7 +61,7 @@ class ExpertSelection:
         for layer, expert in self.experts:
             if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
                 raise ValueError(
-                    f"selected expert {expert_label(layer, expert)} is outside the model: "
+                    f"selected expert {layer_expert_label(layer, expert)} is outside the model: "
                     f"{self.num_layers} layers x {self.num_experts} experts"
                 )
         if len(set(self.experts)) != len(self.experts):
@@ -81,7 +78,7 @@ class ExpertSelection:
     @property
     def labels(self) -> list[str]:
         """``"L08_E42"`` labels of the selected experts, in ranking order."""
-        return [expert_label(layer, e) for layer, e in self.experts]
+        return [layer_expert_label(layer, e) for layer, e in self.experts]
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -105,18 +102,25 @@ class ExpertSelection:
             keep[layer, UNSAFE_GROUP, by_layer[layer]] = True
         return keep
 
+    def steering_mask(self) -> torch.Tensor:
+        """The steering mask ``[L, 1, E]`` for ``set_expert_mask``: every selected expert off for every token."""
+        keep = torch.ones(self.num_layers, 1, self.num_experts, dtype=torch.bool)
+        for layer, expert in self.experts:
+            keep[layer, 0, expert] = False
+        return keep
+
     # JSON ----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["experts"] = self.labels
-        data["filled"] = [expert_label(layer, e) for layer, e in self.filled]
+        data["filled"] = [layer_expert_label(layer, e) for layer, e in self.filled]
         data["by_layer"] = {str(layer): experts for layer, experts in self.by_layer().items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExpertSelection":
         def pairs(items):
-            return [parse_expert_label(x) if isinstance(x, str) else (int(x[0]), int(x[1])) for x in items]
+            return [parse_layer_expert(x) if isinstance(x, str) else (int(x[0]), int(x[1])) for x in items]
 
         return cls(
             num_layers=int(data["num_layers"]),
@@ -162,7 +166,7 @@ def load_risk_table(source):
     if "layer" not in frame.columns or "expert" not in frame.columns:
         if "Layer_Expert" not in frame.columns:
             raise ValueError("the risk table needs 'layer' and 'expert' columns (or 'Layer_Expert' labels)")
-        parsed = [parse_expert_label(label) for label in frame["Layer_Expert"]]
+        parsed = [parse_layer_expert(label) for label in frame["Layer_Expert"]]
         frame["layer"] = [layer for layer, _ in parsed]
         frame["expert"] = [expert for _, expert in parsed]
     frame["layer"] = frame["layer"].astype(int)
@@ -206,7 +210,7 @@ def select_experts(
     if len(outside):
         raise ValueError(
             f"the risk table names experts outside the model ({num_layers} layers x {num_experts} experts), e.g. "
-            f"{expert_label(int(outside.layer.iloc[0]), int(outside.expert.iloc[0]))}: wrong model or wrong table?"
+            f"{layer_expert_label(int(outside.layer.iloc[0]), int(outside.expert.iloc[0]))}: wrong model or wrong table?"
         )
     frame = frame[frame[score_column].notna()]
     ranked = frame.sort_values([score_column, "layer", "expert"], ascending=[False, True, True], kind="mergesort")
@@ -226,7 +230,7 @@ def select_experts(
         chosen = ranked[ranked[score_column] > float(threshold)]
 
     experts = [(int(layer), int(e)) for layer, e in zip(chosen.layer, chosen.expert)]
-    scores = {expert_label(layer, e): float(s) for layer, e, s in zip(ranked.layer, ranked.expert, ranked[score_column])}
+    scores = {layer_expert_label(layer, e): float(s) for layer, e, s in zip(ranked.layer, ranked.expert, ranked[score_column])}
     counts: dict[int, int] = {}
     for layer, _ in experts:
         counts[layer] = counts.get(layer, 0) + 1
@@ -268,7 +272,7 @@ def select_experts(
         masked_layers=masked,
         short_layers=short_left,
         filled=filled,
-        scores={label: scores[label] for label in (expert_label(layer, e) for layer, e in experts) if label in scores},
+        scores={label: scores[label] for label in (layer_expert_label(layer, e) for layer, e in experts) if label in scores},
         method=method,
     )
 
@@ -277,9 +281,3 @@ def model_sizes(config) -> tuple[int, int, int]:
     """``(num_layers, num_experts, top_k)`` of an OLMoE config."""
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
     return int(config.num_hidden_layers), int(num_experts), int(config.num_experts_per_tok)
-
-
-def select_for_model(risk_table, config, **options) -> ExpertSelection:
-    """:func:`select_experts` with the sizes read from a model config."""
-    num_layers, num_experts, top_k = model_sizes(config)
-    return select_experts(risk_table, num_layers=num_layers, num_experts=num_experts, top_k=top_k, **options)

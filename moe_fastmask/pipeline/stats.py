@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moe_fastmask.integrations.olmoe import layer_expert_label
+from moe_fastmask.integrations.labels import layer_expert_label
 
 COUNT_COLUMNS = ["a_safe", "a_unsafe", "d_safe", "d_unsafe", "safe_tokens", "unsafe_tokens"]
 PER_BATCH_COLUMNS = ["batch_idx", "layer", "expert", *COUNT_COLUMNS, "a_safe_n", "a_unsafe_n", "risk_diff"]

@@ -1,0 +1,49 @@
+"""Generation backends: "generate these prompts, in these groups, with these settings" behind one protocol.
+
+``analyze`` and ``evaluate`` never call ``model.generate`` themselves; they build a
+:class:`~moe_fastmask.pipeline.generation.base.GenerationRequest` and read a
+:class:`~moe_fastmask.pipeline.generation.base.GenerationOutput` from the backend that ``--engine`` names.
+
+The protocol (:mod:`moe_fastmask.pipeline.generation.base`):
+
+* :class:`SamplingSettings` — ``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature``, ``top_p``
+  and the torch ``seed`` set right before a sampled request.
+* :class:`GenerationRequest` — ``prompts`` (unpadded token ids per sequence), ``groups`` (the counting group of
+  each sequence, -1 = routed but not counted, None = no routing record), ``num_groups``, ``sampling`` and
+  ``record_token_experts``.
+* :class:`GenerationOutput` — per sequence the generated ``tokens`` up to the first EOS (EOS not kept), the decoded
+  ``texts`` and ``num_prompt_tokens``; with groups, the host arrays ``prefill_counts`` / ``decode_counts`` (int64
+  ``[layers, groups, experts]``) and ``prefill_tokens`` / ``decode_tokens`` (int64 ``[groups]``); with
+  ``record_token_experts``, ``token_experts`` (each counted position's expert ids, per phase).
+* :class:`GenerationBackend` — ``name``, ``generate(request)``, ``set_expert_mask(keep)`` (steering: bool
+  ``[layers, groups, experts]``, None lifts it) and ``close()``. Which forwards are prefill and which are decode is
+  the backend's business; the counts it returns must follow the rules above (no padding, nothing after a
+  sequence's EOS, group -1 never counted), so that every backend gives the analysis the same statistics.
+
+Backends: ``hf`` (:mod:`moe_fastmask.pipeline.generation.hf`, ``transformers``' ``generate``). To add one, write
+a module with a class taking ``(model, tokenizer, **options)`` that implements the protocol, and add its line to
+:data:`BACKENDS` in :mod:`~moe_fastmask.pipeline.generation.base`; ``--engine`` offers it, and ``analyze`` /
+``evaluate`` need no change.
+"""
+
+from moe_fastmask.pipeline.generation.base import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    GenerationBackend,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    backend_names,
+    get_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "GenerationBackend",
+    "GenerationOutput",
+    "GenerationRequest",
+    "SamplingSettings",
+    "backend_names",
+    "get_backend",
+]

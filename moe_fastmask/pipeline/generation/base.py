@@ -1,0 +1,147 @@
+"""The generation-backend protocol, its request / output records, and the backend registry."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+# name -> "module:attribute" of the backend class; imported on first use, so an engine's own dependencies (vLLM, ...)
+# are needed only by the runs that choose it. A new backend is one module and one line here.
+BACKENDS: dict[str, str] = {
+    "hf": "moe_fastmask.pipeline.generation.hf:HFGenerateBackend",
+}
+DEFAULT_BACKEND = "hf"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to generate: greedy unless ``do_sample`` (then ``temperature`` / ``top_p``, no top-k cut).
+
+    ``seed``: with ``do_sample``, the torch seed set right before generating (one seed per request makes a resumed
+    run draw the same tokens as an uninterrupted one); None leaves the generator as it is.
+    """
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One batch to generate.
+
+    ``prompts``: the prompt token ids of each sequence, unpadded (the backend pads as it needs). ``groups``: the
+    counting group of each sequence in ``[-1, num_groups)`` (-1: routed but not counted), or None for no routing
+    record at all. ``record_token_experts``: also keep each counted token's chosen experts (needs ``groups``).
+    """
+
+    prompts: Sequence[Sequence[int]]
+    sampling: SamplingSettings
+    groups: Sequence[int] | None = None
+    num_groups: int = 2
+    record_token_experts: bool = False
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts):
+            raise ValueError("a generation request needs at least one prompt")
+        for i, prompt in enumerate(self.prompts):
+            if not len(prompt):
+                raise ValueError(f"prompt {i} of the request is empty")
+        if self.groups is not None:
+            if len(self.groups) != len(self.prompts):
+                raise ValueError(f"groups has {len(self.groups)} entries for {len(self.prompts)} prompts")
+            bad = [g for g in self.groups if not -1 <= int(g) < self.num_groups]
+            if bad:
+                raise ValueError(f"groups must lie in [-1, {self.num_groups}), got {bad[:5]}")
+        elif self.record_token_experts:
+            raise ValueError("record_token_experts needs groups (per-token experts are kept only while recording)")
+
+
+@dataclass
+class GenerationOutput:
+    """What a backend gives back for one :class:`GenerationRequest`, on the host, in request order.
+
+    ``tokens``: each sequence's generated token ids up to its first EOS, the EOS **not** kept (so ``len`` is the
+    number of generated tokens before the EOS). ``texts``: each sequence's generated tokens decoded with special
+    tokens skipped. ``num_prompt_tokens``: each prompt's length.
+
+    With ``groups`` in the request: ``prefill_counts`` / ``decode_counts`` int64 ``[layers, groups, experts]`` —
+    routing of the prompt tokens / of the generated tokens fed back to the model, padding and tokens after a
+    sequence's EOS never counted, group -1 never counted — and ``prefill_tokens`` / ``decode_tokens`` int64
+    ``[groups]``. With ``record_token_experts``: ``token_experts`` maps ``"prefill"`` / ``"decode"`` to uint8
+    ``[B, T, layers, top_k]`` expert ids and ``"prefill_counted"`` / ``"decode_counted"`` to bool ``[B, T]`` (which
+    of those positions were counted); T is the number of positions of that phase (0 when none ran).
+    """
+
+    tokens: list[list[int]]
+    texts: list[str]
+    num_prompt_tokens: list[int]
+    prefill_counts: np.ndarray | None = None
+    decode_counts: np.ndarray | None = None
+    prefill_tokens: np.ndarray | None = None
+    decode_tokens: np.ndarray | None = None
+    token_experts: dict[str, np.ndarray] | None = None
+
+    @property
+    def num_generated_tokens(self) -> list[int]:
+        return [len(row) for row in self.tokens]
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Generates batches of prompts and reports the routing of each phase.
+
+    ``name``: the registry name. ``generate(request)``: one :class:`GenerationRequest` in, one
+    :class:`GenerationOutput` out; the backend decides which forwards are prefill and which are decode.
+    ``set_expert_mask(keep)``: restrict routing for the following requests (bool ``[layers, groups, experts]``, as
+    :func:`moe_fastmask.set_expert_mask`; one group applies to every token), None lifts it. ``close()``: undo
+    ``set_expert_mask`` and release what the backend holds; the model stays usable.
+    """
+
+    name: str
+
+    def generate(self, request: GenerationRequest) -> GenerationOutput: ...
+
+    def set_expert_mask(self, keep: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backend names (the ``--engine`` choices)."""
+    return tuple(BACKENDS)
+
+
+def get_backend(name: str, model, tokenizer, **options) -> GenerationBackend:
+    """Create backend ``name`` over ``model`` / ``tokenizer``; ``options`` go to its constructor."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown generation engine {name!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, attribute = BACKENDS[name].split(":")
+    backend_type = getattr(importlib.import_module(module_name), attribute)
+    return backend_type(model, tokenizer, **options)
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "GenerationBackend",
+    "GenerationOutput",
+    "GenerationRequest",
+    "SamplingSettings",
+    "backend_names",
+    "get_backend",
+]

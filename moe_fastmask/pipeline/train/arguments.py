@@ -1,0 +1,117 @@
+"""The settings of ``moe-fastmask train`` (:class:`MaskedFinetuneArguments`, one ``HfArgumentParser`` dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_fastmask.pipeline.common import DTYPES
+
+
+@dataclass
+class MaskedFinetuneArguments:
+    """Settings of ``moe-fastmask train`` (parsed with ``transformers.HfArgumentParser``; every ``foo_bar`` flag is
+    also accepted as ``--foo-bar``)."""
+
+    model: str = field(
+        metadata={"help": "base model path or hub id", "aliases": ["--model_name", "--model-name", "--model_name_or_path"]}
+    )
+    sft: str = field(metadata={"help": "sft_dataset_<slug>.pkl, or the analysis output directory holding it"})
+    out: str = field(metadata={"help": "output directory (checkpoints/, final_model/, selection and config JSON)"})
+    # selection
+    risk_table: str | None = field(
+        default=None, metadata={"help": "risk_diff_<slug>.pkl (default: next to the SFT file)"}
+    )
+    selection: str | None = field(
+        default=None, metadata={"help": "use this expert_selection.json instead of selecting from the risk table"}
+    )
+    top_n: int | None = field(default=None, metadata={"help": "select the N highest-scoring experts overall (default 64)"})
+    per_layer: int | None = field(default=None, metadata={"help": "select the n highest-scoring experts of every layer"})
+    threshold: float | None = field(default=None, metadata={"help": "select every expert scoring above this"})
+    fill: bool = field(
+        default=False,
+        metadata={"help": "top layers with fewer than top_k selected experts up with their next-ranked experts "
+                  "(default: leave them unmasked, with a warning)"},
+    )
+    score_column: str = field(default="risk_diff", metadata={"help": "ranking column of the risk table"})
+    # batches
+    batch_size: int = field(default=16, metadata={"help": "samples per batch (per device)"})
+    safe_ratio: float = field(default=0.5, metadata={"help": "share of safe samples in every batch"})
+    batch_order: str = field(
+        default="auto",
+        metadata={"help": "analysis: replay the analysis batches (batch_idx); shuffle: new mixed batches each epoch; "
+                  "auto: analysis when every analysis batch has the mix, else shuffle",
+                  "choices": ["auto", "analysis", "shuffle"]},
+    )
+    max_length: int = field(default=512, metadata={"help": "max tokens per sample (prompt + response)"})
+    # optimisation
+    num_epochs: float = field(default=3.0, metadata={"help": "training epochs"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (overrides num_epochs)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (selected experts only)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order and of training"})
+    # runtime
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)"})
+    dtype: str = field(
+        default="auto", metadata={"help": "model dtype; auto: bfloat16 on cuda, float32 on cpu", "choices": list(DTYPES)}
+    )
+    slice_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the trainable expert slices; auto: the model's (views of the fused tensors, no "
+                  "extra memory); float32: fp32 master copies for a bf16 model", "choices": list(DTYPES)},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    checkpoint_layers: int | None = field(
+        default=None, metadata={"help": "with --gradient-checkpointing: recompute only this many decoder layers"}
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "response tokens per lm_head/cross-entropy chunk (0: the model's own loss over all logits)"},
+    )
+    stock_experts: bool = field(
+        default=False,
+        metadata={"help": "run the frozen experts through the stock transformers implementation (keeps its "
+                  "activations) instead of the recomputing one"},
+    )
+    backend: str = field(default="auto", metadata={"help": "router op backend: auto, triton, cpp, torch"})
+    routing_stats: bool = field(default=True, metadata={"help": "count routing per group and log mask statistics"})
+    # checkpoints and logging
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "continue from a checkpoint: a checkpoint directory, or no value for the latest one in "
+                  "OUT/checkpoints", "nargs": "?", "const": "latest"},
+    )
+    report_to: str = field(default="none", metadata={"help": "transformers report_to (none, tensorboard, wandb, ...)"})
+
+    def __post_init__(self) -> None:
+        modes = [name for name in ("top_n", "per_layer", "threshold") if getattr(self, name) is not None]
+        if len(modes) > 1:
+            raise ValueError(f"give at most one of --top-n, --per-layer, --threshold (got {', '.join(modes)})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.safe_ratio <= 1.0:
+            raise ValueError(f"safe_ratio must be in [0, 1], got {self.safe_ratio}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ValueError(f"checkpoint_layers must be >= 0, got {self.checkpoint_layers}")
+
+    def selection_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"fill": self.fill, "score_column": self.score_column}
+        if self.per_layer is not None:
+            options["per_layer"] = self.per_layer
+        elif self.threshold is not None:
+            options["threshold"] = self.threshold
+        else:
+            options["top_n"] = 64 if self.top_n is None else self.top_n
+        return options
+
+
+__all__ = ["MaskedFinetuneArguments"]

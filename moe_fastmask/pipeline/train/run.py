@@ -1,0 +1,271 @@
+"""One masked fine-tuning run (:func:`train`) and the ``moe-fastmask train`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moe_fastmask.pipeline.cli_args import add_dataclass_subcommand, dataclass_from_args
+from moe_fastmask.pipeline.common import (
+    CHECKPOINT_DIR,
+    FINAL_MODEL_DIR,
+    SELECTION_FILE,
+    TRAINING_CONFIG_FILE,
+    prepare_tokenizer,
+    split_counts,
+    torch_dtype,
+)
+from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, select_experts
+from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
+from moe_fastmask.pipeline.train.data import (
+    MaskedSFTCollator,
+    SFTDataset,
+    choose_batch_order,
+    load_sft_frame,
+    resolve_sft_paths,
+)
+from moe_fastmask.pipeline.train.trainer import (
+    ExpertMaskingTrainer,
+    RoutingStatsCallback,
+    enable_gradient_checkpointing,
+    release_model,
+)
+
+DESCRIPTION = "``moe-fastmask train``: masked fine-tuning of the selected (unsafe) experts of an OLMoE model."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    final_model: Path
+    selection: ExpertSelection
+    config: dict
+    trainer: ExpertMaskingTrainer
+    routing_totals: Tensor | None
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not directory.is_dir():
+        return None
+    last = get_last_checkpoint(str(directory))
+    return Path(last) if last else None
+
+
+def _check_split(sft_frame, split_path: Path | None) -> dict | None:
+    if split_path is None:
+        return None
+    from moe_fastmask.pipeline.data import load_split
+
+    split = load_split(split_path)
+    if "id" in sft_frame.columns:
+        leaked = sorted(set(int(i) for i in sft_frame["id"]) & set(int(i) for i in split["test_ids"]))
+        if leaked:
+            raise ValueError(f"the SFT set holds held-out test records of {split_path}: ids {leaked[:10]}")
+    return split
+
+
+def build_selection(config: MaskedFinetuneArguments, model_config, risk_table: Path | None) -> ExpertSelection:
+    """The selection of a run: ``config.selection`` if given, else chosen from the risk table."""
+    if config.selection:
+        return ExpertSelection.load(config.selection)
+    if risk_table is None:
+        raise FileNotFoundError("no risk table: pass --risk-table (risk_diff_<slug>.pkl) or --selection")
+    num_layers, num_experts, top_k = model_sizes(model_config)
+    return select_experts(
+        risk_table, num_layers=num_layers, num_experts=num_experts, top_k=top_k, **config.selection_options()
+    )
+
+
+def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callbacks=None) -> TrainResult:
+    """Run masked fine-tuning as configured; returns where things went and the trainer."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from moe_fastmask.pipeline import artifacts
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype(config.dtype, device)
+    training_args = TrainingArguments(
+        output_dir=str(out / CHECKPOINT_DIR),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        bf16=device.startswith("cuda") and dtype == torch.bfloat16,
+        use_cpu=not device.startswith("cuda"),
+        remove_unused_columns=False,
+        # every slice gets a gradient each step (zeros when no token chose it), except in the stock experts' loop
+        ddp_find_unused_parameters=bool(config.stock_experts),
+        dataloader_num_workers=0,
+        report_to=config.report_to,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    main_process = training_args.should_save  # under a launcher, one process writes the files
+    paths = resolve_sft_paths(config.sft)
+    risk_table = Path(config.risk_table) if config.risk_table else paths["risk_table"]
+    frame = load_sft_frame(paths["sft"])
+    split = _check_split(frame, paths["split"])
+
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    prepare_tokenizer(tokenizer, padding_side=None)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+
+    selection_path = out / SELECTION_FILE
+    if config.resume and not config.selection and selection_path.is_file():
+        selection = ExpertSelection.load(selection_path)  # the checkpoint's optimizer state matches this one
+    else:
+        selection = build_selection(config, model.config, risk_table)
+    if not selection.experts:
+        raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
+    if main_process:
+        selection.save(selection_path)
+
+    dataset = SFTDataset(frame, tokenizer, config.max_length)
+    batch_order = choose_batch_order(dataset, config.batch_size, config.safe_ratio, config.batch_order)
+    slice_dtype = None if config.slice_dtype == "auto" else getattr(torch, config.slice_dtype)
+
+    # the one model-preparation path: the trainer moves the model to its device and calls prepare_model
+    trainer = ExpertMaskingTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=MaskedSFTCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+        selection=selection,
+        slice_dtype=slice_dtype,
+        memory_efficient=not config.stock_experts,
+        backend=config.backend,
+        safe_ratio=config.safe_ratio,
+        batch_order=batch_order,
+        loss_chunk_size=config.loss_chunk_size,
+    )
+    if config.routing_stats:
+        import moe_fastmask as mf
+
+        trainer.routing_recorder = mf.RoutingRecorder(model, num_groups=2)
+        stats_callback = RoutingStatsCallback(trainer.routing_recorder, selection)
+        # first, so that the loggers after it see the routing shares
+        trainer.callback_handler.callbacks.insert(0, stats_callback)
+    checkpointed: list[int] = []
+    if config.gradient_checkpointing:
+        first = min(selection.by_layer()) if selection.experts else 0
+        checkpointed = enable_gradient_checkpointing(model, config.checkpoint_layers, first)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run_config = {
+        "arguments": dataclasses.asdict(config),
+        "base_model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
+        "sft": str(paths["sft"].resolve()),
+        "risk_table": str(risk_table.resolve()) if risk_table else None,
+        "split_file": str(paths["split"].resolve()) if paths["split"] else None,
+        "data_path": split["data_path"] if split else None,
+        "selection_file": str(selection_path.resolve()),
+        "num_selected": len(selection),
+        "masked_layers": selection.masked_layers,
+        "short_layers": selection.short_layers,
+        "batch_order": batch_order,
+        "samples": {"safe": dataset.groups.count(0), "unsafe": dataset.groups.count(1)},
+        "batch_mix": dict(zip(("safe", "unsafe"), split_counts(config.batch_size, config.safe_ratio))),
+        "checkpointed_layers": checkpointed,
+        "trainable_parameters": trainable,
+        "device": str(training_args.device),
+        "world_size": training_args.world_size,
+        "global_batch_size": config.batch_size * config.gradient_accumulation_steps * training_args.world_size,
+        "distributed": str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    if main_process:
+        artifacts.atomic_write_json(out / TRAINING_CONFIG_FILE, run_config)
+
+    resume = None
+    if config.resume:
+        resume = _latest_checkpoint(out / CHECKPOINT_DIR) if config.resume == "latest" else Path(config.resume)
+        if resume is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    final = out / FINAL_MODEL_DIR
+    model.config.use_cache = use_cache
+    if trainer.is_fsdp_enabled:  # the final model as one full checkpoint, whatever the checkpoints' format
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))  # hooks write the slices back and drop their keys: a plain OLMoE checkpoint
+    if main_process:
+        for extra in (TRAINING_CONFIG_FILE, SELECTION_FILE):
+            (final / extra).write_text((out / extra).read_text())
+    trainer.accelerator.wait_for_everyone()  # every process returns once the final model is on disk
+    totals = stats_callback.totals if config.routing_stats else None
+    release_model(model)
+    return TrainResult(out=out, final_model=final, selection=selection, config=run_config, trainer=trainer,
+                       routing_totals=totals)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand (its flags come from :class:`MaskedFinetuneArguments`)."""
+    return add_dataclass_subcommand(
+        subparsers,
+        "train",
+        MaskedFinetuneArguments,
+        help="masked fine-tuning of the selected (unsafe) experts",
+        description=DESCRIPTION,
+        func=run_cli,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
+    return dataclass_from_args(MaskedFinetuneArguments, args)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from moe_fastmask.pipeline import distributed
+    from moe_fastmask.pipeline import train as package
+
+    try:
+        # the package's ``train``: the name users see (and may wrap) is the one the command runs
+        result = package.train(config_from_args(args))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"moe-fastmask train: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown(owned_only=False)  # the group accelerate created for the Trainer
+    print(f"final model: {result.final_model}")
+    print(f"selection: {result.out / SELECTION_FILE} ({len(result.selection)} experts, "
+          f"masked layers {result.selection.masked_layers})")
+    return 0
+
+
+__all__ = ["DESCRIPTION", "TrainResult", "add_cli_arguments", "build_selection", "config_from_args", "run_cli", "train"]
