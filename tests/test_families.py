@@ -59,7 +59,8 @@ def tiny_model(name: str, seed: int = 0):
     adapter = mf.get_adapter(model)
     with torch.no_grad():  # decisive routing (random tiny routers are near-uniform) and a real selection bias
         for router in adapter.routers(adapter.base_model(model)):
-            router.weight.normal_(0.0, 1.0)
+            # sigmoid routers: logits of a few units, so scores do not saturate to 1.0 (ties broken by rounding)
+            router.weight.normal_(0.0, 0.35 if hasattr(router, "e_score_correction_bias") else 1.0)
             if getattr(router, "bias", None) is not None:
                 router.bias.normal_(0.0, 0.5)
             if getattr(router, "e_score_correction_bias", None) is not None:
