@@ -249,3 +249,26 @@ def test_other_backends_route_like_stock(name, backend):
     stock(ids, labels=ids).loss.backward()
     for mine, theirs in zip(routers(ours), routers(stock)):
         torch.testing.assert_close(mine.weight.grad, theirs.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_moe_layer_count_from_the_config(name):
+    """The pipeline sizes masks from the config: the adapter's MoE layer count matches the model's MoE blocks,
+    with dense layers placed by the family's own rule."""
+    from moe_fastmask.pipeline.selection import model_sizes
+
+    variants = [{}]
+    if name in ("qwen2_moe", "qwen3_moe"):
+        variants += [dict(mlp_only_layers=[0]), dict(num_hidden_layers=4, decoder_sparse_step=2)]
+    if name in ("deepseek_v3", "glm4_moe"):
+        variants += [dict(first_k_dense_replace=2, num_hidden_layers=4)]
+    config_name, model_name, kwargs = FAMILIES[name]
+    for extra in variants:
+        config = getattr(transformers, config_name)(**COMMON, **{**kwargs, **extra})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = getattr(transformers, model_name)(config)
+        adapter = mf.get_adapter(model)
+        num_layers, num_experts, top_k = model_sizes(config)
+        assert num_layers == len(adapter.moe_blocks(adapter.base_model(model))) == adapter.num_moe_layers(config)
+        assert (num_experts, top_k) == (adapter.num_experts(routers(model)[0]), adapter.top_k(routers(model)[0]))

@@ -155,6 +155,11 @@ class MoEAdapter:
         """False for dense decoder layers of families mixing them in; every layer is an MoE layer by default."""
         return True
 
+    def num_moe_layers(self, config) -> int:
+        """How many MoE layers a model of ``config`` has (the length of :meth:`moe_blocks`), from the config alone;
+        every decoder layer by default."""
+        return int(config.num_hidden_layers)
+
     def moe_blocks(self, base: nn.Module) -> list[nn.Module]:
         """The MoE blocks (router + experts) in layer order; their positions are the MoE layer indices."""
         blocks = []

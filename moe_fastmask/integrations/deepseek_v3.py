@@ -48,6 +48,9 @@ class DeepseekV3Adapter(MoEAdapter):
     def is_moe_layer(self, layer: nn.Module) -> bool:
         return isinstance(layer.mlp, self._classes()["block"])
 
+    def num_moe_layers(self, config) -> int:
+        return int(config.num_hidden_layers) - int(config.first_k_dense_replace)
+
     def router_semantics(self, router: nn.Module) -> RouterSemantics:
         num_groups = int(router.num_group)
         return RouterSemantics(

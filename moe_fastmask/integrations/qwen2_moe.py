@@ -47,5 +47,12 @@ class Qwen2MoeAdapter(MoEAdapter):
 
         return isinstance(layer.mlp, Qwen2MoeSparseMoeBlock)
 
+    def num_moe_layers(self, config) -> int:
+        # the decoder layer's rule: MoE unless in mlp_only_layers, on every decoder_sparse_step-th layer
+        return sum(
+            i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+            for i in range(config.num_hidden_layers)
+        )
+
     def router_semantics(self, router: nn.Module) -> RouterSemantics:
         return RouterSemantics(scoring="softmax", renormalize=bool(router.norm_topk_prob), shared_experts=True)
