@@ -272,3 +272,50 @@ def test_moe_layer_count_from_the_config(name):
         num_layers, num_experts, top_k = model_sizes(config)
         assert num_layers == len(adapter.moe_blocks(adapter.base_model(model))) == adapter.num_moe_layers(config)
         assert (num_experts, top_k) == (adapter.num_experts(routers(model)[0]), adapter.top_k(routers(model)[0]))
+
+
+def test_analyze_and_train_on_a_deepseek_style_model(tmp_path):
+    """The pipeline on the family with the most to get wrong (dense first layer, sigmoid router with a selection
+    bias and groups, shared experts): analyze, then masked training changes only the selected experts' rows."""
+    from moe_fastmask.pipeline import train as tr
+    from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+    from moe_fastmask.pipeline.demo import build_demo, build_offline_tokenizer
+
+    _, data = build_demo(tmp_path / "demo", num_records=16)
+    tokenizer = build_offline_tokenizer()
+    config_name, model_name, kwargs = FAMILIES["deepseek_v3"]
+    # multi-head latent attention with padded batches needs as many key/value heads as query heads
+    config = getattr(transformers, config_name)(
+        **{**COMMON, "vocab_size": len(tokenizer), "num_key_value_heads": 4}, **kwargs,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, model_name)(config)
+        model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run_analysis(AnalysisConfig(model=str(tmp_path / "model"), data=str(data), out=str(tmp_path / "analysis"),
+                                num_batches=2, batch_size=8, max_new_tokens=4, progress=False, verbose=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tr.train(tr.MaskedFinetuneArguments(
+            model=str(tmp_path / "model"), sft=str(tmp_path / "analysis"), out=str(tmp_path / "train"), top_n=3,
+            batch_size=8, num_epochs=1, learning_rate=1e-2, device="cpu", seed=0))
+        trained = transformers.AutoModelForCausalLM.from_pretrained(result.final_model)
+    assert result.selection.num_layers == 2 and len(result.selection.experts) == 3
+    selected = {(layer, e) for layer, e in result.selection.experts}
+    before = dict(model.named_parameters())
+    adapter = mf.get_adapter(trained)
+    fused = {}
+    for layer, module in enumerate(adapter.experts_modules(adapter.base_model(trained))):
+        for tensor in (module.gate_up_proj, module.down_proj):
+            fused[id(tensor)] = layer
+    changed = set()
+    for name, param in trained.named_parameters():
+        diff = param.detach() != before[name].detach()
+        if id(param) in fused:
+            changed |= {(fused[id(param)], e) for e in diff.flatten(1).any(dim=1).nonzero().flatten().tolist()}
+        else:
+            assert not diff.any(), f"{name} changed"
+    assert changed and changed <= selected
