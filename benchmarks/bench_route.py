@@ -16,10 +16,17 @@ Modes ``forward`` and ``full`` (forward + backward). Two times per row:
   once (``full`` adds the backward's reads of logits, grad and ids and its write of grad_logits), against the
   device-to-device copy bandwidth measured in the same run (bytes read + written).
 
+Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
+``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
+eager router chain (Hugging Face's code after the gate projection, plus counting), with the same GB/s and % of copy
+columns. ``--smoke`` runs every family's chain and ``route`` once on small CPU inputs and checks they agree (no GPU
+needed).
+
 The skewed load draws logits whose top-k frequencies follow one layer's ``a1_n`` column of the OLMoE activation
 frequencies table (falling back to a Zipf-like profile when the file is missing).
 
-Usage: ``python benchmarks/bench_route.py [--out benchmarks/out/route.csv] [--freqs PATH] [--sweep]``
+Usage: ``python benchmarks/bench_route.py [--out benchmarks/out/route.csv] [--freqs PATH] [--sweep] [--no-families]
+[--smoke]``
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ SIZES = [16, 256, 4096, 65536, 262144]
 QUANTILES = [0.5, 0.2, 0.8]
 NUM_EXPERTS = 64
 TOP_K = 8
+FAMILY_SIZES = [4096, 262144]
 ROTATE_BYTES = 160 << 20  # input sets rotated inside a graph: about three times the H100's 50 MB L2
 
 
@@ -54,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also time tile/warp settings of the launchers")
     parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up (ms)")
     parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
+    parser.add_argument("--family-sizes", type=int, nargs="+", default=FAMILY_SIZES, help="T of the families section")
+    parser.add_argument("--no-families", action="store_true", help="skip the families section")
+    parser.add_argument("--smoke", action="store_true", help="check each family's chain against route on CPU, then exit")
     return parser.parse_args(argv)
 
 
@@ -169,6 +180,149 @@ def make_call(name, mode, logits, grad, keep, counts, renormalize, compiled_chai
     # forward + backward to the logits, without the extra kernel that accumulating into x.grad would add
     x = logits.detach().clone().requires_grad_()
     return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model families: each router's shape and route arguments, and its own eager chain
+# --------------------------------------------------------------------------------------------------------------
+
+# dtype: the router logits' dtype in the family's modeling code (DeepSeek-style routers project in float32)
+FAMILIES = {
+    "olmoe": dict(E=64, top_k=8, dtype=torch.bfloat16, route=dict(scoring="softmax")),
+    "qwen2_moe": dict(E=60, top_k=4, dtype=torch.bfloat16, route=dict(scoring="softmax")),
+    "qwen3_moe": dict(E=128, top_k=8, dtype=torch.bfloat16, route=dict(scoring="softmax", renormalize=True)),
+    "qwen3_next": dict(E=512, top_k=10, dtype=torch.bfloat16, route=dict(scoring="softmax", renormalize=True)),
+    "mixtral": dict(E=8, top_k=2, dtype=torch.float32, route=dict(scoring="softmax", renormalize=True)),
+    "gpt_oss": dict(E=128, top_k=4, dtype=torch.bfloat16, route=dict(scoring="softmax_chosen")),
+    "deepseek_v3": dict(E=256, top_k=8, dtype=torch.float32, route=dict(
+        scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True, scale=2.5)),
+    "kimi_k2": dict(E=384, top_k=8, dtype=torch.float32, route=dict(
+        scoring="sigmoid", bias=True, renormalize=True, scale=2.827)),
+}
+
+
+def family_inputs(name: str, num_tokens: int, device, seed: int, dtype=None) -> tuple[torch.Tensor, dict]:
+    """Random router logits of family ``name`` (in its dtype unless ``dtype`` is given) and its route keyword
+    arguments (a random selection bias where the family has one)."""
+    spec = FAMILIES[name]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(num_tokens, spec["E"], device=device, generator=gen).to(dtype or spec["dtype"])
+    kwargs = dict(spec["route"])
+    if kwargs.pop("bias", False):
+        kwargs["bias"] = torch.randn(spec["E"], device=device, generator=gen) * 0.1
+    return logits, kwargs
+
+
+def family_eager(logits, top_k: int, counts, scoring="softmax", bias=None, n_group=1, topk_group=1,
+                 renormalize=False, scale=1.0):
+    """The family's router after the gate projection, as its Hugging Face modeling code writes it, plus counting."""
+    if scoring == "softmax_chosen":  # GPT-OSS
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.nn.functional.softmax(values, dim=1, dtype=values.dtype)
+    elif scoring == "sigmoid":  # DeepSeek-V3 / GLM-4.5 / Kimi-K2
+        scores = logits.sigmoid()
+        choice = scores + bias if bias is not None else scores
+        if n_group > 1:
+            num_tokens, num_experts = logits.shape
+            group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(num_tokens, -1)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * scale
+    else:  # OLMoE, Qwen2/3-MoE, Mixtral
+        probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(logits.dtype)
+    flat = ids.reshape(-1)
+    counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+    return weights, ids
+
+
+def family_call(provider: str, mode: str, name: str, logits, grad, counts):
+    """A no-argument callable running ``provider`` (``eager`` or ``fastmask``) of family ``name`` once."""
+    from moe_fastmask import route
+
+    top_k = FAMILIES[name]["top_k"]
+    _, kwargs = family_inputs(name, 1, logits.device, 0)
+    if provider == "eager":
+        fwd = lambda x: family_eager(x, top_k, counts, **kwargs)  # noqa: E731
+    else:
+        renormalize = kwargs.pop("renormalize", False)
+        fwd = lambda x: route(x, top_k, None, None, counts, renormalize, "auto", validate=False, **kwargs)  # noqa: E731
+    if mode == "forward":
+        return lambda: fwd(logits)
+    x = logits.detach().clone().requires_grad_()
+    return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
+
+
+def family_bytes(name: str, num_tokens: int, mode: str) -> int:
+    """Bytes the fused op must move: logits read, weights and ids written (full: the backward's traffic too)."""
+    spec = FAMILIES[name]
+    elt = torch.finfo(spec["dtype"]).bits // 8
+    forward = num_tokens * (spec["E"] * elt + spec["top_k"] * (elt + 8))
+    if mode == "forward":
+        return forward
+    return forward + num_tokens * (2 * spec["E"] * elt + spec["top_k"] * (elt + 8))
+
+
+def smoke() -> int:
+    """Every family's eager chain against route on small float32 CPU inputs: same experts and counts, close
+    weights."""
+    from moe_fastmask import route
+
+    for name, spec in FAMILIES.items():
+        # float32: bf16 logits tie often, and torch.topk breaks ties in no stated order
+        logits, kwargs = family_inputs(name, 33, "cpu", 0, dtype=torch.float32)
+        counts_eager = torch.zeros(1, spec["E"], dtype=torch.int64)
+        counts_route = torch.zeros(1, spec["E"], dtype=torch.int64)
+        weights_eager, ids_eager = family_eager(logits, spec["top_k"], counts_eager, **kwargs)
+        renormalize = kwargs.pop("renormalize", False)
+        weights, ids = route(logits, spec["top_k"], None, None, counts_route, renormalize, **kwargs)
+        order, order_eager = ids.argsort(dim=1), ids_eager.argsort(dim=1)
+        same = torch.equal(ids.gather(1, order), ids_eager.gather(1, order_eager))
+        diff = (weights.gather(1, order).float() - weights_eager.gather(1, order_eager).float()).abs().max().item()
+        ok = same and torch.equal(counts_route, counts_eager) and diff <= 1e-2
+        print(f"{name:<12} E={spec['E']:>3} k={spec['top_k']:>2} {spec['route']['scoring']:<15} same experts={same} "
+              f"max |dw|={diff:.2e} {'ok' if ok else 'MISMATCH'}")
+        if not ok:
+            return 1
+    return 0
+
+
+def run_families(device, args, rows, copy_gbs):
+    """The families section: route against each family's eager chain, forward and full, at args.family_sizes."""
+    print("\n# families: route at each family's router against its own eager chain (graph us, GB/s, % of copy)")
+    for num_tokens in args.family_sizes:
+        for name, spec in FAMILIES.items():
+            sets = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, family_bytes(name, num_tokens, "full")))))
+            calls = graph_calls(num_tokens, sets)
+            inputs = [family_inputs(name, num_tokens, device, 1000 * s + num_tokens)[0] for s in range(sets)]
+            grads = [torch.randn(num_tokens, spec["top_k"], device=device).to(spec["dtype"]) for _ in range(sets)]
+            counts = torch.zeros(1, spec["E"], dtype=torch.int64, device=device)
+            for provider in ("eager", "fastmask"):
+                for mode in ("forward", "full"):
+                    fns = [family_call(provider, mode, name, x, g, counts) for x, g in zip(inputs, grads)]
+                    try:
+                        med, lo, hi = bench(fns[0], args)
+                        per_call = graph_us(fns, calls)
+                    except Exception as exc:
+                        print(f"{name} T={num_tokens} {provider} {mode}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        continue
+                    gbs = family_bytes(name, num_tokens, mode) / (per_call * 1e-6) / 1e9
+                    rows.append(dict(section="families", family=name, T=num_tokens, provider=provider, mode=mode,
+                                     median_us=med * 1e3, p20_us=lo * 1e3, p80_us=hi * 1e3, graph_us=per_call,
+                                     gbs=gbs, pct_copy=100 * gbs / copy_gbs))
+                    print(f"{name:<12} T={num_tokens:>6} {provider:<8} {mode:<7} median {med * 1e3:9.2f} us  "
+                          f"graph {per_call:9.2f} us  {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}%)", flush=True)
+            del inputs, grads, counts
+            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -335,6 +489,8 @@ def device_info():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        return smoke()
     if not torch.cuda.is_available():
         print("bench_route.py needs a CUDA device")
         return 1
@@ -357,6 +513,8 @@ def main(argv=None):
 
     if args.sweep:
         run_sweep(device, args, rows, copy_gbs)
+    if not args.no_families:
+        run_families(device, args, rows, copy_gbs)
 
     compiled_chain = None
     providers = ["eager", "fastmask", "kernel"]
@@ -403,7 +561,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=props.name, torch=torch.__version__, triton=triton.__version__, skew=source)
-    fields = ["device", "torch", "triton", "skew", "section", "T", "mask", "load", "provider", "mode", "block_t",
+    fields = ["device", "torch", "triton", "skew", "section", "family", "T", "mask", "load", "provider", "mode", "block_t",
               "num_warps", "median_us", "p20_us", "p80_us", "graph_us", "gbs", "pct_copy", "hottest"]
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

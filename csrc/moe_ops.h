@@ -6,7 +6,8 @@
 #include <optional>
 
 // Fused MoE routing on CPU: per-group expert mask, softmax over the allowed experts (float32), top-k, optional
-// renormalisation, and per-group expert counts.
+// renormalisation, and per-group expert counts; router variants as in moe_fastmask.route (scoring: softmax over the
+// chosen experts only, or sigmoid scores with a selection bias and group-limited top-k; a weight scale).
 //
 // Tie rule (the same in every backend of moe_fastmask.route): experts are ordered by their masked logit, highest
 // first; every expert a token may use ranks above every masked expert (even an allowed logit of -inf), -0.0 equals
@@ -22,4 +23,9 @@ void route_cpu(at::Tensor& topk_weights,                    // [T, K] logits.dty
                const at::Tensor& logits,                    // [T, E] float32 / float16 / bfloat16, any strides
                const std::optional<at::Tensor>& keep,       // [G, E] bool, contiguous
                const std::optional<at::Tensor>& group,      // [T] int32 / int64, contiguous; ids out of [-1, G): -1
-               bool renormalize);
+               bool renormalize,
+               int64_t scoring,                             // 0 softmax, 1 softmax over the chosen, 2 sigmoid
+               const std::optional<at::Tensor>& bias,       // [E] float32 selection bias (sigmoid), contiguous
+               int64_t n_group,                             // group-limited top-k (sigmoid); 1 = none
+               int64_t topk_group,                          // groups kept per token
+               double scale);                               // multiplies the weights

@@ -121,6 +121,13 @@ inline vfloat exp_nonpositive(vfloat x) {
   return zero ? splat(0.0f) : result;
 }
 
+// sigmoid(x) = 1 / (1 + exp(-x)), lane-wise, through exp of -|x| (exp_nonpositive's domain): 0 at -inf, 1 at +inf.
+inline vfloat sigmoid(vfloat x) {
+  const vfloat e = exp_nonpositive(bit_cast<vfloat>(bit_cast<vint>(x) | splat_int(std::numeric_limits<int32_t>::min())));
+  return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+inline float sigmoid(float x) { return sigmoid(splat(x))[0]; }
+
 // Integer keys with the order of the tie rule (moe_ops.h), lane-wise: the float bits mapped to an int32 of the same
 // order, -0.0 made +0.0 first, a negative NaN raised to -inf's key (a positive one sorts above +inf); masked lanes
 // (kept == 0) get kMasked, below every allowed key. Equal keys are equal logits: the lower index wins in select_topk.
@@ -129,6 +136,13 @@ inline vint order_keys(vfloat v, vint kept) {
   const vint bits = bit_cast<vint>(v);
   const vint key = bits ^ ((bits >> 31) & 0x7FFFFFFF);
   return kept != 0 ? vmax(key, splat_int(kFlipNegInf)) : splat_int(kMasked);
+}
+
+// order_keys of one allowed value.
+inline int32_t order_key(float v) {
+  if (v == 0.0f) v = 0.0f;
+  const int32_t bits = bit_cast<int32_t>(v);
+  return std::max(bits ^ ((bits >> 31) & 0x7FFFFFFF), kFlipNegInf);
 }
 
 // Logits [e, e + kLanes) of a row as float32; `contiguous` means a unit expert stride.
@@ -177,7 +191,16 @@ struct RouteArgs {
   int64_t num_groups;       // G: group ids outside [0, G) are treated as -1 (no mask, not counted)
   int64_t top_k;            // K
   bool renormalize;
+  int64_t scoring;          // kSoftmax, kSoftmaxChosen or kSigmoid
+  const float* bias;        // [E] selection bias (sigmoid), or nullptr
+  int64_t n_group;          // group-limited top-k (sigmoid): contiguous groups of E / n_group experts; 1 = none
+  int64_t topk_group;       // groups kept per token
+  float scale;              // multiplies the weights
 };
+
+constexpr int64_t kSoftmax = 0;
+constexpr int64_t kSoftmaxChosen = 1;
+constexpr int64_t kSigmoid = 2;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -273,6 +296,60 @@ inline void select_topk(Scratch& s, int64_t num_experts, int64_t top_k, int64_t*
   for (int64_t j = 0; j < top_k; ++j) ids[j] = cand_ids[by_rank[j]];
 }
 
+// Sigmoid variant: replaces the order keys of the allowed experts (keys[e] != kMasked) by those of their selection
+// values sigmoid(x) + bias, set to -inf outside the token's kept groups (group_limit). sel: [padded] scratch.
+void group_limit(float* sel, int64_t num_experts, int64_t n_group, int64_t topk_group);
+
+template <typename scalar_t>
+void sigmoid_keys(const RouteArgs<scalar_t>& a, const float* x, int32_t* keys, float* sel, int64_t padded) {
+  const int64_t E = a.num_experts;
+  for (int64_t e = 0; e < padded; e += kLanes) vstore(sel + e, sigmoid(vload(x + e)));
+  for (int64_t e = 0; e < E; ++e) {
+    if (keys[e] == kMasked) {
+      sel[e] = -kInf;  // invisible to the group scores
+    } else if (a.bias != nullptr) {
+      sel[e] += a.bias[e];
+    }
+  }
+  if (a.n_group > 1) group_limit(sel, E, a.n_group, a.topk_group);
+  for (int64_t e = 0; e < E; ++e) {
+    if (keys[e] != kMasked) keys[e] = order_key(sel[e]);
+  }
+}
+
+// DeepSeek-V3's group limit: a group scores the sum of its two highest values (-inf for masked experts; an exact tie
+// for the highest counts twice); the topk_group best groups are kept, equal scores to the lower group index (float
+// comparison: -0.0 == +0.0); values outside the kept groups become -inf.
+void group_limit(float* sel, int64_t num_experts, int64_t n_group, int64_t topk_group) {
+  const int64_t size = num_experts / n_group;
+  float scores[64];  // n_group <= 64 (route checks it)
+  bool kept[64];
+  for (int64_t g = 0; g < n_group; ++g) {
+    float first = -kInf, second = -kInf;
+    for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+      const float v = sel[e];
+      if (v > first) {
+        second = first;
+        first = v;
+      } else if (v > second) {
+        second = v;
+      }
+    }
+    scores[g] = first + second;
+    kept[g] = false;
+  }
+  for (int64_t j = 0; j < topk_group; ++j) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < n_group; ++g) {
+      if (!kept[g] && (best < 0 || scores[g] > scores[best])) best = g;
+    }
+    kept[best] = true;
+  }
+  for (int64_t g = 0; g < n_group; ++g) {
+    if (!kept[g]) std::fill(sel + g * size, sel + (g + 1) * size, -kInf);
+  }
+}
+
 // Routes tokens [begin, end). hist: [G, E] counts to add to, or nullptr.
 template <typename scalar_t, bool contiguous>
 void route_rows(const RouteArgs<scalar_t>& a, int64_t begin, int64_t end, int64_t* hist, Scratch& scratch) {
@@ -323,14 +400,38 @@ void route_rows(const RouteArgs<scalar_t>& a, int64_t begin, int64_t end, int64_
     const float row_max = hmax(row_max_v);
     bool bad = row_max == -kInf;
     for (int l = 0; l < kLanes; ++l) bad |= not_nan_or_inf[l] == 0;
+    if (a.scoring == kSigmoid) sigmoid_keys(a, x, keys, exps, padded);
 
     // 2. top-k by the order keys (also on bad rows: their ids follow the same rule)
     scalar_t* w_out = a.weights + t * K;
     int64_t* id_out = a.ids + t * K;
     select_topk(scratch, E, K, id_out);
-    if (bad) {
+    float w[kMaxTopK];
+    if (a.scoring == kSigmoid) {
+      // sigmoid of the chosen logits (masked ones are -inf in x: weight 0); renormalised as s / (sum + 1e-20)
+      float total = 0.0f;
+      for (int64_t j = 0; j < K; ++j) total += (w[j] = sigmoid(x[id_out[j]]));
+      if (a.renormalize) {
+        const float inv = 1.0f / (total + 1e-20f);
+        for (int64_t j = 0; j < K; ++j) w[j] *= inv;
+      }
+    } else if (a.scoring == kSoftmaxChosen) {
+      // softmax over the chosen logits only: NaN when one is NaN, the largest is +inf, or all are -inf
+      float peak = -kInf;
+      bool chosen_bad = false;
+      for (int64_t j = 0; j < K; ++j) {
+        const float v = x[id_out[j]];
+        chosen_bad |= v != v;
+        peak = std::max(peak, v);
+      }
+      chosen_bad |= peak == -kInf || peak == kInf;
+      float total = 0.0f;
+      for (int64_t j = 0; j < K; ++j) total += (w[j] = exp_nonpositive(splat(x[id_out[j]] - peak))[0]);
+      const float inv = 1.0f / total;
+      for (int64_t j = 0; j < K; ++j) w[j] = chosen_bad ? std::numeric_limits<float>::quiet_NaN() : w[j] * inv;
+    } else if (bad) {
       // the softmax is NaN everywhere on such a row
-      for (int64_t j = 0; j < K; ++j) w_out[j] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+      for (int64_t j = 0; j < K; ++j) w[j] = std::numeric_limits<float>::quiet_NaN();
     } else {
       // 3. exp(x - max) and its sum; probabilities are exp * (1 / sum), as in torch.softmax (0 for masked experts)
       constexpr int kVectors = 16 / kLanes;
@@ -345,16 +446,15 @@ void route_rows(const RouteArgs<scalar_t>& a, int64_t begin, int64_t end, int64_
       for (int k = 1; k < kVectors; ++k) sum_v[0] += sum_v[k];
       const float inv_sum = 1.0f / hsum(sum_v[0]);
 
-      // 4. weights of the chosen experts, renormalise, store
-      float w[kMaxTopK];
+      // 4. weights of the chosen experts, renormalise
       for (int64_t j = 0; j < K; ++j) w[j] = exps[id_out[j]] * inv_sum;
       if (a.renormalize) {
         float chosen = 0.0f;
         for (int64_t j = 0; j < K; ++j) chosen += w[j];
         for (int64_t j = 0; j < K; ++j) w[j] /= chosen;
       }
-      for (int64_t j = 0; j < K; ++j) w_out[j] = static_cast<scalar_t>(w[j]);
     }
+    for (int64_t j = 0; j < K; ++j) w_out[j] = static_cast<scalar_t>(w[j] * a.scale);
 
     // 5. counts
     if (hist != nullptr && g >= 0) {
@@ -398,7 +498,8 @@ void route_tokens(const RouteArgs<scalar_t>& a, int64_t num_tokens, int64_t num_
 
 void route_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids, const std::optional<at::Tensor>& counts,
                const at::Tensor& logits, const std::optional<at::Tensor>& keep,
-               const std::optional<at::Tensor>& group, bool renormalize) {
+               const std::optional<at::Tensor>& group, bool renormalize, int64_t scoring,
+               const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group, double scale) {
   TORCH_CHECK(logits.device().is_cpu(), "route_cpu: logits must be a CPU tensor");
   TORCH_CHECK(logits.dim() == 2, "route_cpu: logits must be [T, E], got ", logits.sizes());
   const auto dtype = logits.scalar_type();
@@ -460,6 +561,23 @@ void route_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids, const std::option
       group64 = group->data_ptr<int64_t>();
     }
   }
+  TORCH_CHECK(scoring == kSoftmax || scoring == kSoftmaxChosen || scoring == kSigmoid,
+              "route_cpu: scoring must be 0 (softmax), 1 (softmax over the chosen) or 2 (sigmoid), got ", scoring);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(scoring == kSigmoid, "route_cpu: a selection bias needs sigmoid scoring");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == num_experts &&
+                    bias->is_contiguous() && bias->device().is_cpu(),
+                "route_cpu: bias must be a contiguous float32 CPU tensor [E] with E = ", num_experts, ", got ",
+                bias->sizes());
+    bias_ptr = bias->data_ptr<float>();
+  }
+  TORCH_CHECK(n_group >= 1 && n_group <= 64 && num_experts % n_group == 0 && num_experts / n_group >= 2 - (n_group == 1),
+              "route_cpu: n_group must be in [1, 64] and divide E = ", num_experts,
+              " into groups of at least 2, got ", n_group);
+  TORCH_CHECK(n_group == 1 || scoring == kSigmoid, "route_cpu: group-limited top-k needs sigmoid scoring");
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group && (n_group == 1 || topk_group * (num_experts / n_group) >= top_k),
+              "route_cpu: topk_group must be in [1, n_group] and its groups must hold top_k experts, got ", topk_group);
   if (num_tokens == 0) return;
   if (num_groups < 0) num_groups = 1;
 
@@ -476,7 +594,12 @@ void route_cpu(at::Tensor& topk_weights, at::Tensor& topk_ids, const std::option
                                    num_experts,
                                    num_groups,
                                    top_k,
-                                   renormalize};
+                                   renormalize,
+                                   scoring,
+                                   bias_ptr,
+                                   n_group,
+                                   topk_group,
+                                   static_cast<float>(scale)};
     route_tokens(args, num_tokens, num_groups, counts_ptr);
   };
   switch (dtype) {

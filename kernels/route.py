@@ -22,6 +22,12 @@ key holds, ``exp(z - max) / sum``, in fp32 (0 for a masked expert).
 
 Group ids outside ``[-1, G)`` are treated as -1 (no mask, not counted): no id makes a kernel read or write outside
 ``keep`` or ``counts``.
+
+Router variants (constexpr ``SCORING``: 0 softmax, 1 softmax over the chosen experts only, 2 sigmoid) live in small
+helpers so they carry over to another forward: :func:`_selection_values` (what the top-k orders: the logit, or
+``sigmoid(z) + bias`` limited to the kept groups by :func:`_group_limit`), :func:`_variant_weights` (the weights of
+the chosen experts) and :func:`_variant_grad` (the backward). Sigmoid selection values are full fp32 values, so that
+variant always uses 64-bit keys.
 """
 
 if __name__ != "moe_fastmask.kernels.route":
@@ -94,6 +100,169 @@ def _exp2(x, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(x, FAST_EXP: tl.constexpr):
+    """1 / (1 + exp(-x)) in fp32: 0 at -inf, 1 at +inf."""
+    return 1.0 / (1.0 + _exp2(-x * 1.4426950408889634, FAST_EXP))
+
+
+@triton.jit
+def _group_limit(
+    values,
+    allowed,
+    cols,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """DeepSeek-V3's group limit on a [BLOCK_T, BLOCK_E] tile of selection values: -inf outside each row's kept groups.
+
+    Group g holds experts [g * GROUP_SIZE, (g + 1) * GROUP_SIZE) and scores the sum of its two highest allowed
+    values (masked experts count as -inf; an exact tie for the highest counts twice). The TOPK_GROUP best groups are
+    kept, equal scores going to the lower group index (-0.0 == +0.0 under float comparison).
+    """
+    gcols = tl.arange(0, BLOCK_G)
+    group_of = cols // GROUP_SIZE
+    scores = tl.full([BLOCK_T, BLOCK_G], -float("inf"), tl.float32)
+    for g in tl.static_range(N_GROUP):
+        v = tl.where(allowed & (group_of == g)[None, :], values, -float("inf"))
+        first = tl.max(v, axis=1)
+        n_first = tl.sum((v == first[:, None]).to(tl.int32), axis=1)
+        below = tl.max(tl.where(v < first[:, None], v, -float("inf")), axis=1)
+        second = tl.where(n_first >= 2, first, below)
+        scores = tl.where(gcols[None, :] == g, (first + second)[:, None], scores)
+    # iterative top-TOPK_GROUP of the group scores; padding groups start out taken
+    taken = tl.broadcast_to((gcols >= N_GROUP)[None, :], [BLOCK_T, BLOCK_G])
+    kept = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.max(tl.where(taken, -float("inf"), scores), axis=1)
+        pick = tl.min(tl.where((~taken) & (scores == best[:, None]), gcols[None, :], BLOCK_G), axis=1)
+        hit = gcols[None, :] == pick[:, None]
+        taken = taken | hit
+        kept = kept | hit
+    in_kept = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+    for g in tl.static_range(N_GROUP):
+        kept_g = tl.sum((kept & (gcols[None, :] == g)).to(tl.int32), axis=1) > 0
+        in_kept = in_kept | (kept_g[:, None] & (group_of == g)[None, :])
+    return tl.where(in_kept, values, -float("inf"))
+
+
+@triton.jit
+def _selection_values(
+    z,
+    allowed,
+    cols,
+    col_valid,
+    bias_ptr,
+    SCORING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+):
+    """What the top-k orders, from the masked fp32 logits ``z``: ``z`` itself for the softmax variants; for sigmoid
+    ``sigmoid(z) + bias``, -inf outside the kept groups when N_GROUP > 1 (masked experts get their key later)."""
+    if SCORING == 2:
+        values = _sigmoid(z, FAST_EXP)
+        if HAS_BIAS:
+            values = values + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+        if N_GROUP > 1:
+            values = _group_limit(
+                values, allowed, cols, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_T, BLOCK_E, BLOCK_G
+            )
+        return values
+    else:
+        return z
+
+
+@triton.jit
+def _variant_weights(
+    flat_logit,
+    flat_max,
+    flat_inv,
+    flat_allowed,
+    flat_j,
+    scale,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCORING: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+):
+    """Weights of the chosen experts on the flattened [BLOCK_T * BLOCK_K] tile, in fp32.
+
+    flat_logit: each chosen expert's logit; flat_max / flat_inv: the row's max allowed logit and 1 / softmax
+    denominator (softmax; flat_inv is 1 for softmax_chosen); flat_allowed: False for a chosen masked expert (weight 0).
+    softmax: exp(z - max) / sum; softmax_chosen: the same over the chosen experts; sigmoid: sigmoid(z), renormalised
+    as s / (sum + 1e-20). Then times ``scale``.
+    """
+    FLAT: tl.constexpr = BLOCK_T * BLOCK_K
+    if SCORING == 2:
+        weights = tl.where(flat_allowed, _sigmoid(flat_logit, FAST_EXP), 0.0)
+        if RENORMALIZE:
+            picked = tl.reshape(tl.where(flat_j < TOP_K, weights, 0.0), [BLOCK_T, BLOCK_K])
+            inv = 1.0 / (tl.sum(picked, axis=1) + 1e-20)
+            weights = weights * tl.reshape(tl.broadcast_to(inv[:, None], [BLOCK_T, BLOCK_K]), [FLAT])
+    else:
+        weights = _exp2((flat_logit - flat_max) * 1.4426950408889634, FAST_EXP) * flat_inv
+        # a masked expert (chosen only when fewer than TOP_K are allowed) weighs 0, NaN in a NaN row, like the softmax
+        weights = tl.where(flat_allowed, weights, 0.0 * flat_inv)
+        if RENORMALIZE or SCORING == 1:
+            picked = tl.reshape(tl.where(flat_j < TOP_K, weights, 0.0), [BLOCK_T, BLOCK_K])
+            weights = weights * tl.reshape(
+                tl.broadcast_to((1.0 / tl.sum(picked, axis=1))[:, None], [BLOCK_T, BLOCK_K]), [FLAT]
+            )
+    return weights * scale
+
+
+@triton.jit
+def _variant_grad(
+    z,
+    scattered,
+    picked,
+    scale,
+    SCORING: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+):
+    """Gradient w.r.t. the masked fp32 logits ``z`` [BLOCK_T, BLOCK_E] of the chosen weights, given the incoming
+    gradient scattered to the chosen experts (``scattered``) and their positions (``picked``).
+
+    softmax: with p the masked softmax, dz = p * (Gs - sum Gs p); renormalised (and softmax_chosen) w = p / sum(p
+    over chosen) on the chosen experts and dz = w * (Gs - sum Gs w) there, 0 elsewhere. sigmoid: dz = Gs s (1 - s);
+    renormalised, with S = sum s + 1e-20: dz = (Gs - sum Gs s / S) / S * s (1 - s). Then times ``scale``.
+    """
+    if SCORING == 2:
+        s = tl.where(picked, _sigmoid(z, FAST_EXP), 0.0)
+        grad = scattered
+        if RENORMALIZE:
+            total = tl.sum(s, axis=1) + 1e-20
+            grad = (grad - (tl.sum(grad * s, axis=1) / total)[:, None]) * (1.0 / total)[:, None]
+        grad_logits = tl.where(picked, grad * s * (1.0 - s), 0.0)
+    else:
+        row_max = tl.max(z, axis=1)
+        p = _exp2((z - row_max[:, None]) * 1.4426950408889634, FAST_EXP)
+        p = p * (1.0 / tl.sum(p, axis=1))[:, None]
+        if RENORMALIZE or SCORING == 1:
+            w = tl.where(picked, p, 0.0)
+            w = w * (1.0 / tl.sum(w, axis=1))[:, None]
+        else:
+            w = p
+        dot = tl.sum(scattered * w, axis=1)
+        grad_logits = w * (scattered - dot[:, None])
+        if RENORMALIZE or SCORING == 1:
+            grad_logits = tl.where(picked, grad_logits, 0.0)
+    return grad_logits * scale
+
+
+@triton.jit
 def _key_logit(key, IDX_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr):
     """The fp32 logit a sortable key holds (exact: its index bits were zero in the logit)."""
     if WIDE_KEYS:
@@ -111,11 +280,13 @@ def _route_fwd_kernel(
     logits_ptr,
     keep_ptr,
     group_ptr,
+    bias_ptr,
     stride_t,
     stride_e,
     n_tokens,
     n_experts,
     n_groups,
+    scale,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -128,12 +299,19 @@ def _route_fwd_kernel(
     HAS_COUNTS: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     FAST_EXP: tl.constexpr,
+    SCORING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """weights/ids [T, TOP_K] (contiguous) and counts [G, E] += hits, from logits [T, E] (strided).
 
     keep: uint8 [G, E] contiguous (HAS_KEEP); group: int32/int64 [T], ids outside [-1, G) act as -1 (HAS_GROUP);
     counts: int64 [G, E]; G = n_groups. ``BLOCK_E = 2 ** IDX_BITS >= E`` (EVEN_E: equal); WIDE_KEYS selects 64-bit
-    keys (float32 logits).
+    keys (float32 logits, or sigmoid scoring). bias: float [E] (HAS_BIAS); the variant constexprs are those of
+    :func:`_selection_values` and :func:`_variant_weights`.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -154,7 +332,11 @@ def _route_fwd_kernel(
     HIGH_MASK: tl.constexpr = -BLOCK_E
     FLIP_NEG_INF: tl.constexpr = -2139095041  # _flip_sign_order of the bits of -inf
     code = (IDX_MASK - cols)[None, :]
-    z_key = tl.where(z == 0.0, 0.0, z)
+    sel = _selection_values(
+        z, allowed, cols, col_valid, bias_ptr, SCORING, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_SIZE,
+        BLOCK_T, BLOCK_E, BLOCK_G, FAST_EXP,
+    )
+    z_key = tl.where(sel == 0.0, 0.0, sel)
     ordered = tl.maximum(_flip_sign_order(z_key.to(tl.int32, bitcast=True)), FLIP_NEG_INF)
     if WIDE_KEYS:
         KNOCKED: tl.constexpr = -9223372036854775807 - 1
@@ -183,8 +365,11 @@ def _route_fwd_kernel(
         if j == 0:
             # a row without any allowed expert (only with unvalidated masks) has max -inf: NaN weights
             row_max = tl.where(best >= LOWEST_ALLOWED, _key_logit(best, IDX_BITS, WIDE_KEYS), -float("inf"))
-    # NaN or +inf among the allowed logits, or all of them -inf, make the sum (hence the weights) NaN
-    denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
+    if SCORING == 0:
+        # NaN or +inf among the allowed logits, or all of them -inf, make the sum (hence the weights) NaN
+        denom = tl.sum(_exp2((z - row_max[:, None]) * LOG2E, FAST_EXP), axis=1)
+    else:
+        denom = tl.full([BLOCK_T], 1.0, tl.float32)
 
     # Epilogue on the flattened [BLOCK_T * BLOCK_K] tile: the per-row values above are replicated across the
     # threads that share a row; flattening hands each output element to one thread, then stores stay coalesced.
@@ -194,17 +379,20 @@ def _route_fwd_kernel(
     flat_inv = tl.reshape(tl.broadcast_to((1.0 / denom)[:, None], [BLOCK_T, BLOCK_K]), [FLAT])
     flat_j = tl.arange(0, FLAT) % BLOCK_K
     flat_rows = pid * BLOCK_T + tl.arange(0, FLAT) // BLOCK_K
-    weights = _exp2((_key_logit(flat_key, IDX_BITS, WIDE_KEYS) - flat_max) * LOG2E, FAST_EXP) * flat_inv
-    # a masked expert (chosen only when fewer than TOP_K are allowed) weighs 0, NaN in a NaN row, like the softmax
-    weights = tl.where(flat_key >= LOWEST_ALLOWED, weights, 0.0 * flat_inv)
-    if RENORMALIZE:
-        picked = tl.reshape(tl.where(flat_j < TOP_K, weights, 0.0), [BLOCK_T, BLOCK_K])
-        weights = weights * tl.reshape(
-            tl.broadcast_to((1.0 / tl.sum(picked, axis=1))[:, None], [BLOCK_T, BLOCK_K]), [FLAT]
-        )
     ids = tl.minimum((~flat_key & IDX_MASK).to(tl.int32), n_experts - 1)
     out_offsets = flat_rows.to(tl.int64) * TOP_K + flat_j
     out_mask = (flat_rows < n_tokens) & (flat_j < TOP_K)
+    if SCORING == 2:
+        # the key holds the selection value: read the chosen experts' logits back (k values per row, cached)
+        flat_logit = tl.load(
+            logits_ptr + flat_rows.to(tl.int64) * stride_t + ids.to(tl.int64) * stride_e, mask=out_mask, other=0.0
+        ).to(tl.float32)
+    else:
+        flat_logit = _key_logit(flat_key, IDX_BITS, WIDE_KEYS)
+    weights = _variant_weights(
+        flat_logit, flat_max, flat_inv, flat_key >= LOWEST_ALLOWED, flat_j, scale,
+        TOP_K, BLOCK_T, BLOCK_K, SCORING, RENORMALIZE, FAST_EXP,
+    )
     tl.store(weights_ptr + out_offsets, weights.to(weights_ptr.dtype.element_ty), mask=out_mask)
     tl.store(ids_ptr + out_offsets, ids.to(tl.int64), mask=out_mask)
 
@@ -244,6 +432,7 @@ def _route_bwd_kernel(
     n_tokens,
     n_experts,
     n_groups,
+    scale,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -251,12 +440,12 @@ def _route_bwd_kernel(
     HAS_GROUP: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     FAST_EXP: tl.constexpr,
+    SCORING: tl.constexpr,
 ):
     """grad_logits [T, E] (contiguous, logits' dtype) from grad_weights [T, TOP_K] and ids [T, TOP_K] (contiguous).
 
-    p is the masked softmax recomputed in fp32 and Gs the incoming gradient scattered to the chosen experts.
-    Without renormalisation dz = p * (Gs - sum_e Gs_e p_e); with it, w = p / sum(p over chosen) on the chosen
-    experts (0 elsewhere) and dz = w * (Gs - sum_e Gs_e w_e).
+    Gs is the incoming gradient scattered to the chosen experts; the formula of each variant is in
+    :func:`_variant_grad`.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -268,10 +457,6 @@ def _route_bwd_kernel(
         logits_ptr, keep_ptr, group_ptr, rows, cols, row_valid, col_valid, stride_t, stride_e, n_experts, n_groups,
         HAS_KEEP, HAS_GROUP,
     )
-    row_max = tl.max(z, axis=1)
-    p = _exp2((z - row_max[:, None]) * 1.4426950408889634, FAST_EXP)
-    p = p * (1.0 / tl.sum(p, axis=1))[:, None]
-
     rows64 = rows.to(tl.int64)
     scattered = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     picked = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
@@ -282,15 +467,7 @@ def _route_bwd_kernel(
         scattered = tl.where(at, grad[:, None], scattered)
         picked = picked | at
 
-    if RENORMALIZE:
-        w = tl.where(picked, p, 0.0)
-        w = w * (1.0 / tl.sum(w, axis=1))[:, None]
-    else:
-        w = p
-    dot = tl.sum(scattered * w, axis=1)
-    grad_logits = w * (scattered - dot[:, None])
-    if RENORMALIZE:
-        grad_logits = tl.where(picked, grad_logits, 0.0)
+    grad_logits = _variant_grad(z, scattered, picked, scale, SCORING, RENORMALIZE, FAST_EXP)
 
     offsets = rows64[:, None] * n_experts + cols[None, :]
     tl.store(

@@ -249,3 +249,93 @@ def recount(ids: torch.Tensor, group: torch.Tensor | None, num_groups: int, num_
         if 0 <= g < num_groups:
             counts[g] += torch.bincount(ids[t], minlength=num_experts)
     return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router variants (scoring, selection bias, group-limited top-k, scale)
+# ----------------------------------------------------------------------------------------------------------------
+
+# one variant per family router, plus the combinations the families do not use
+VARIANTS = {
+    "softmax": dict(scoring="softmax"),
+    "softmax_renorm_scaled": dict(scoring="softmax", renormalize=True, scale=2.5),
+    "softmax_chosen": dict(scoring="softmax_chosen"),
+    "sigmoid": dict(scoring="sigmoid"),
+    "sigmoid_bias_renorm": dict(scoring="sigmoid", bias=True, renormalize=True, scale=1.5),
+    "sigmoid_groups": dict(scoring="sigmoid", bias=True, n_group=4, topk_group=2, renormalize=True, scale=2.5),
+}
+
+
+def variant_kwargs(name: str, num_experts: int, generator: torch.Generator, top_k: int = 1) -> dict:
+    """route keyword arguments of variant ``name``: ``bias=True`` becomes a random float32 bias [E] (std 0.1, so it
+    reorders experts); n_group shrinks to a divisor of E that leaves groups of at least 2 experts, and topk_group
+    grows until the kept groups hold ``top_k`` experts."""
+    kwargs = dict(VARIANTS[name])
+    if kwargs.pop("bias", False):
+        kwargs["bias"] = torch.randn(num_experts, generator=generator) * 0.1
+    n_group = kwargs.get("n_group", 1)
+    while n_group > 1 and (num_experts % n_group or num_experts // n_group < 2):
+        n_group //= 2
+    if "n_group" in kwargs:
+        kwargs["n_group"] = n_group
+        kwargs["topk_group"] = max(min(kwargs["topk_group"], n_group), -(-top_k // (num_experts // n_group)))
+        if n_group == 1:
+            kwargs["topk_group"] = 1
+    return kwargs
+
+
+def naive_variant_route(
+    logits: torch.Tensor,
+    top_k: int,
+    allowed: torch.Tensor,
+    *,
+    scoring: str = "softmax",
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token float64 Python loop of every variant: (weights [T, k], ids [T, k]). ``allowed``: bool [T, E].
+
+    Written from the routers' definitions (DeepSeek-V3's group limit, GPT-OSS' softmax over the chosen), not from the
+    reference's code. Use on inputs whose selection values are well separated (float64 vs float32 order).
+    """
+    T, E = logits.shape
+    weights = torch.zeros(T, top_k, dtype=torch.float64)
+    ids = torch.zeros(T, top_k, dtype=torch.int64)
+    b = [0.0] * E if bias is None else [float(v) for v in bias]
+    for t in range(T):
+        z = [float(v) for v in logits[t].double()]
+        ok = [bool(v) for v in allowed[t]]
+        if scoring == "sigmoid":
+            s = [1.0 / (1.0 + math.exp(-v)) for v in z]
+            sel = [s[e] + b[e] if ok[e] else -math.inf for e in range(E)]
+            if n_group > 1:
+                size = E // n_group
+                scores = []
+                for g in range(n_group):
+                    top2 = sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]
+                    scores.append(sum(top2))
+                kept = sorted(range(n_group), key=lambda g: (-scores[g], g))[:topk_group]
+                sel = [sel[e] if e // size in kept else -math.inf for e in range(E)]
+        else:
+            sel = [z[e] if ok[e] else -math.inf for e in range(E)]
+        order = sorted(range(E), key=lambda e: (not ok[e], -sel[e], e))[:top_k]
+        if scoring == "softmax":
+            peak = max(z[e] for e in range(E) if ok[e])
+            total = sum(math.exp(z[e] - peak) for e in range(E) if ok[e])
+            w = [math.exp(z[e] - peak) / total for e in order]
+            if renormalize:
+                w = [v / sum(w) for v in w]
+        elif scoring == "softmax_chosen":
+            peak = max(z[e] for e in order)
+            w = [math.exp(z[e] - peak) for e in order]
+            w = [v / sum(w) for v in w]
+        else:
+            w = [1.0 / (1.0 + math.exp(-z[e])) for e in order]
+            if renormalize:
+                w = [v / (sum(w) + 1e-20) for v in w]
+        weights[t] = torch.tensor([v * scale for v in w], dtype=torch.float64)
+        ids[t] = torch.tensor(order)
+    return weights, ids

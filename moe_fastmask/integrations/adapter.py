@@ -49,19 +49,28 @@ class RouterSemantics:
     shared_experts: bool = False
 
     def unsupported_by_route(self) -> list[str]:
-        """What :func:`moe_fastmask.route` (softmax over all experts, top-k, optional renormalisation) cannot do."""
+        """What :func:`moe_fastmask.route` cannot do among these semantics (argument ranges are checked by
+        :func:`moe_fastmask.ops.check_route_args` on the router's shape when the model is patched)."""
         problems = []
-        if self.scoring != "softmax":
+        if self.scoring not in ("softmax", "sigmoid"):
             problems.append(f"scoring={self.scoring!r}")
-        if self.softmax_after_topk:
-            problems.append("softmax after top-k")
-        if self.selection_bias:
-            problems.append("a selection bias")
-        if self.num_groups > 1:
-            problems.append(f"group-limited top-k ({self.num_groups} groups)")
-        if self.scaling_factor != 1.0:
-            problems.append(f"scaling factor {self.scaling_factor}")
+        if self.softmax_after_topk and (self.scoring != "softmax" or self.renormalize):
+            problems.append("softmax after top-k with sigmoid scoring or renormalisation")
+        if self.selection_bias and self.scoring != "sigmoid":
+            problems.append("a selection bias without sigmoid scoring")
+        if self.num_groups > 1 and self.scoring != "sigmoid":
+            problems.append(f"group-limited top-k ({self.num_groups} groups) without sigmoid scoring")
         return problems
+
+    def route_kwargs(self) -> dict:
+        """The variant keyword arguments of :func:`moe_fastmask.route` for these semantics (without the bias
+        tensor, which the adapter's :meth:`MoEAdapter.selection_bias` reads from the router on every call)."""
+        return dict(
+            scoring="softmax_chosen" if self.softmax_after_topk else self.scoring,
+            n_group=self.num_groups,
+            topk_group=self.topk_groups,
+            scale=float(self.scaling_factor),
+        )
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,11 @@ class MoEAdapter:
         """False for dense decoder layers of families mixing them in; every layer is an MoE layer by default."""
         return True
 
+    def num_moe_layers(self, config) -> int:
+        """How many MoE layers a model of ``config`` has (the length of :meth:`moe_blocks`), from the config alone;
+        every decoder layer by default."""
+        return int(config.num_hidden_layers)
+
     def moe_blocks(self, base: nn.Module) -> list[nn.Module]:
         """The MoE blocks (router + experts) in layer order; their positions are the MoE layer indices."""
         blocks = []
@@ -188,6 +202,16 @@ class MoEAdapter:
     def router_logits(self, router: nn.Module, hidden_states: Tensor) -> Tensor:
         """``[T, E]`` logits exactly as the stock router forward computes them."""
         return F.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
+
+    def route_input(self, router: nn.Module, logits: Tensor) -> Tensor:
+        """The tensor :func:`moe_fastmask.route` runs on, from the logits; its dtype is the routed weights' dtype
+        (e.g. ``logits.float()`` for a router whose weights stay float32 on a bfloat16 model)."""
+        return logits
+
+    def selection_bias(self, router: nn.Module) -> Tensor | None:
+        """The router's per-expert selection bias ``[E]`` when its semantics have one (read on every call, so
+        updates to it take effect)."""
+        return None
 
     def router_output(self, router: nn.Module, logits: Tensor, weights: Tensor, ids: Tensor) -> tuple:
         """What the stock router forward returns, from the logits and the routed ``weights`` / ``ids``."""

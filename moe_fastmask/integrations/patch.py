@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from moe_fastmask.integrations.registry import get_adapter
 from moe_fastmask.integrations.state import DECODE, PREFILL, STATE_ATTR, FastmaskState, in_backward
-from moe_fastmask.ops.route import route_prechecked
+from moe_fastmask.ops.route import check_variant_args, route_prechecked
 
 _LAYER_ATTR = "_fastmask_layer_idx"
 
@@ -40,13 +40,15 @@ def _fastmask_router_forward(self, hidden_states: Tensor) -> tuple:
         token_group = None  # router called outside a model forward: no per-token groups
     # every input was validated when it was set (masks, groups) or is built to fit (counts, token groups)
     weights, ids = route_prechecked(
-        router_logits,
+        adapter.route_input(self, router_logits),
         self.top_k,
         state.keep_for(layer),
         token_group,
         state.counts_for(layer),
         state.renormalize[layer],
         state.backend_for(router_logits.device),
+        bias=adapter.selection_bias(self) if state.selection_bias[layer] else None,
+        **state.route_kwargs[layer],
     )
     recording = state.recording
     if recording is not None and recording.recorder.record_token_experts and not backward:
@@ -172,7 +174,7 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     routers = adapter.routers(base)
     if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE layers to patch")
-    renormalize = []
+    renormalize, route_kwargs, selection_bias = [], [], []
     for idx, router in enumerate(routers):
         semantics = adapter.router_semantics(router)
         unsupported = semantics.unsupported_by_route()
@@ -180,12 +182,27 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             raise NotImplementedError(
                 f"{adapter.model_type} layer {idx}: the fused router op does not implement {', '.join(unsupported)}"
             )
+        kwargs = semantics.route_kwargs()
+        bias = adapter.selection_bias(router) if semantics.selection_bias else None
+        try:  # once here, on the router's shape: the patched forward skips route's checks
+            check_variant_args(
+                torch.empty(0, adapter.num_experts(router), device="meta"), adapter.top_k(router),
+                bool(semantics.renormalize), bias=None if bias is None else bias.to("meta"), **kwargs,
+            )
+        except (TypeError, ValueError) as exc:
+            raise NotImplementedError(
+                f"{adapter.model_type} layer {idx}: the fused router op cannot run this router: {exc}"
+            ) from exc
         renormalize.append(bool(semantics.renormalize))
+        route_kwargs.append(kwargs)
+        selection_bias.append(bool(semantics.selection_bias))
     state = getattr(base, STATE_ATTR, None)
     if state is not None:
         state.backend = backend
         state.resolved_backends.clear()
         state.renormalize = renormalize
+        state.route_kwargs = route_kwargs
+        state.selection_bias = selection_bias
         return model
     first = routers[0]
     state = FastmaskState(
@@ -196,6 +213,8 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         adapter=adapter,
         routers=list(routers),
         renormalize=renormalize,
+        route_kwargs=route_kwargs,
+        selection_bias=selection_bias,
     )
     for idx, router in enumerate(routers):
         router._fastmask_state = state

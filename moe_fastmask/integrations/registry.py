@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from moe_fastmask.integrations.adapter import MoEAdapter
+from moe_fastmask.integrations.deepseek_v3 import DeepseekV3Adapter
+from moe_fastmask.integrations.glm4_moe import Glm4MoeAdapter
+from moe_fastmask.integrations.gpt_oss import GptOssAdapter
+from moe_fastmask.integrations.mixtral import MixtralAdapter
 from moe_fastmask.integrations.olmoe import OlmoeAdapter
+from moe_fastmask.integrations.qwen2_moe import Qwen2MoeAdapter
+from moe_fastmask.integrations.qwen3_moe import Qwen3MoeAdapter
 
 _ADAPTERS: dict[str, MoEAdapter] = {}
 
@@ -50,3 +56,9 @@ def get_adapter(model: nn.Module | str) -> MoEAdapter:
 
 
 register_adapter(OlmoeAdapter())
+register_adapter(Qwen2MoeAdapter())
+register_adapter(Qwen3MoeAdapter())
+register_adapter(MixtralAdapter())
+register_adapter(GptOssAdapter())
+register_adapter(DeepseekV3Adapter())
+register_adapter(Glm4MoeAdapter())

@@ -42,6 +42,8 @@ class FastmaskState:
     adapter: MoEAdapter | None = None
     routers: list = field(default_factory=list)  # the patched routers, in MoE layer order
     renormalize: list = field(default_factory=list)  # per router, from the adapter's router semantics
+    route_kwargs: list = field(default_factory=list)  # per router: route's variant arguments (RouterSemantics)
+    selection_bias: list = field(default_factory=list)  # per router: whether to pass the adapter's selection bias
     keep: Tensor | None = None  # bool [L, G, E]
     groups: Tensor | None = None  # [B] per-sequence groups of the active token_groups()/record() block
     recording: Recording | None = None

@@ -7,7 +7,9 @@ from moe_fastmask.ops.reference import route_backward_reference, route_reference
 from moe_fastmask.ops.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 from moe_fastmask.ops.route import (
     BACKENDS,
+    MAX_N_GROUP,
     MAX_TOP_K,
+    SCORINGS,
     RouteFunction,
     check_route_args,
     resolve_backend,
@@ -18,8 +20,10 @@ from moe_fastmask.ops.route import (
 __all__ = [
     "BACKENDS",
     "FrozenHeadCrossEntropy",
+    "MAX_N_GROUP",
     "MAX_TOP_K",
     "RMSNormFunction",
+    "SCORINGS",
     "RouteFunction",
     "SlicedExpertsFunction",
     "check_route_args",

@@ -39,6 +39,7 @@ EXTRA_LDFLAGS = ("-fopenmp",) if _OPENMP else ()
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CPP"
 CACHE_ENV = "MOE_FASTMASK_CACHE_DIR"
 _STAMP = "BUILT"
+SCORING_CODES = {"softmax": 0, "softmax_chosen": 1, "sigmoid": 2}  # route's scoring names as the kernel's codes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake(f"{LIBRARY_NAME}::route_cpu")
-    def _route_cpu_fake(topk_weights, topk_ids, counts, logits, keep, group, renormalize):
+    def _route_cpu_fake(topk_weights, topk_ids, counts, logits, keep, group, renormalize, scoring=0, bias=None,
+                        n_group=1, topk_group=1, scale=1.0):
         return None
 
 
@@ -225,6 +227,12 @@ def route_forward(
     group: Tensor | None,
     counts: Tensor | None,
     renormalize: bool,
+    *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Run ``torch.ops.moe_fastmask_C.route_cpu`` on already validated arguments; returns ``(weights, ids)``.
 
@@ -235,7 +243,10 @@ def route_forward(
     if logits.dtype == torch.float64:
         from moe_fastmask.ops import reference
 
-        weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize)
+        weights, ids = reference.route_reference(
+            logits, top_k, keep, group, counts, renormalize, scoring=scoring, bias=bias, n_group=n_group,
+            topk_group=topk_group, scale=scale,
+        )
         return weights.contiguous(), ids.contiguous()
     ok, error, _ = _load()  # cached after the first call
     if not ok:
@@ -243,5 +254,10 @@ def route_forward(
     num_tokens = logits.shape[0]
     weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
-    torch.ops.moe_fastmask_C.route_cpu(weights, ids, counts, logits, keep, group, renormalize)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    torch.ops.moe_fastmask_C.route_cpu(
+        weights, ids, counts, logits, keep, group, renormalize, SCORING_CODES[scoring], bias, n_group, topk_group,
+        float(scale),
+    )
     return weights, ids

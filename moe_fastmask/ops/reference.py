@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of the fused router op: the CPU fallback and the oracle every kernel is tested against.
 
-The semantics are Hugging Face OLMoE's router (``OlmoeTopKRouter``): softmax in float32 over the experts, top-k,
-optional renormalisation, cast back to the logits' dtype; plus a per-group expert mask (masked experts get a logit
-of -inf before the softmax) and per-group expert counts.
+The default semantics are Hugging Face OLMoE's router (``OlmoeTopKRouter``): softmax in float32 over the experts,
+top-k, optional renormalisation, cast back to the logits' dtype; plus a per-group expert mask (masked experts get a
+logit of -inf before the softmax) and per-group expert counts. The router variants (``scoring``, ``bias``,
+``n_group``/``topk_group``, ``scale``) are described in :func:`route_reference`; each is one small function here.
 
 Tie rule (the same in every backend of ``route``): experts are ordered by their masked logit, highest first — every
 expert a token may use ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal
@@ -62,6 +63,88 @@ def order_experts(logits: Tensor, allowed: Tensor | None) -> Tensor:
     return order
 
 
+SCORINGS = ("softmax", "softmax_chosen", "sigmoid")
+SIGMOID_RENORM_EPS = 1e-20  # DeepSeek-V3's denominator guard: weights / (sum + 1e-20)
+
+
+def selection_values(
+    logits: Tensor,
+    allowed: Tensor | None,
+    scoring: str,
+    bias: Tensor | None,
+    n_group: int,
+    topk_group: int,
+) -> Tensor:
+    """The values experts are ordered by (before the tie rule), in the compute dtype.
+
+    ``softmax`` / ``softmax_chosen``: the logit itself (ordering by the logit is ordering by the probability).
+    ``sigmoid``: ``sigmoid(z) + bias``; with ``n_group > 1`` the experts outside each token's kept groups
+    (:func:`kept_groups`) get -inf, so they rank below every expert of a kept group, and above masked experts.
+    """
+    z = logits.to(compute_dtype(logits.dtype))
+    if scoring != "sigmoid":
+        return z
+    values = torch.sigmoid(z)
+    if bias is not None:
+        values = values + bias.to(values.dtype)
+    if n_group > 1:
+        kept = kept_groups(values, allowed, n_group, topk_group)  # [T, n_group]
+        in_kept = kept.repeat_interleave(logits.shape[1] // n_group, dim=1)
+        values = values.masked_fill(~in_kept, float("-inf"))
+    return values
+
+
+def kept_groups(values: Tensor, allowed: Tensor | None, n_group: int, topk_group: int) -> Tensor:
+    """Bool [T, n_group]: DeepSeek-V3's group limit. Experts are split into ``n_group`` contiguous groups; a group
+    scores the sum of its two highest selection values (masked experts count as -inf, so a group with fewer than two
+    allowed experts scores -inf); the ``topk_group`` best groups are kept, equal scores going to the lower group
+    index (-0.0 equal to +0.0)."""
+    if allowed is not None:
+        values = values.masked_fill(~allowed, float("-inf"))
+    num_tokens, num_experts = values.shape
+    scores = values.view(num_tokens, n_group, num_experts // n_group).topk(2, dim=-1).values.sum(dim=-1)
+    scores = torch.where(scores == 0, torch.zeros_like(scores), scores)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    return torch.zeros(num_tokens, n_group, dtype=torch.bool, device=values.device).scatter_(1, order, True)
+
+
+def chosen_weights(
+    logits: Tensor,
+    allowed: Tensor | None,
+    ids: Tensor,
+    scoring: str,
+    renormalize: bool,
+    scale: float,
+) -> Tensor:
+    """Weights of the chosen experts ``ids`` in the compute dtype (differentiable with respect to ``logits``).
+
+    ``softmax``: the softmax over all allowed experts at ``ids`` (optionally renormalised to sum 1).
+    ``softmax_chosen``: the softmax over the chosen experts' logits only (GPT-OSS' ``softmax(topk(logits))``).
+    ``sigmoid``: ``sigmoid(z)`` at ``ids`` (no bias), optionally divided by ``sum + 1e-20`` (DeepSeek-V3).
+    A chosen masked expert (only possible with unvalidated masks) weighs 0. All are then multiplied by ``scale``.
+    """
+    z = logits.to(compute_dtype(logits.dtype))
+    if scoring == "softmax":
+        probs = torch.softmax(z if allowed is None else z.masked_fill(~allowed, float("-inf")), dim=-1)
+        weights = probs.gather(1, ids)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif scoring == "softmax_chosen":
+        picked = z.gather(1, ids)
+        if allowed is not None:
+            picked = picked.masked_fill(~allowed.gather(1, ids), float("-inf"))
+        weights = torch.softmax(picked, dim=-1)
+    else:
+        weights = torch.sigmoid(z.gather(1, ids))
+        if allowed is not None:
+            weights = weights.masked_fill(~allowed.gather(1, ids), 0.0)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + SIGMOID_RENORM_EPS)
+    if scale != 1.0:
+        weights = weights * scale
+    return weights
+
+
 def masked_probs(logits: Tensor, keep: Tensor | None, group: Tensor | None) -> Tensor:
     """Softmax over each token's allowed experts, in float32 (float64 for float64 logits); masked experts get 0."""
     z = logits.to(compute_dtype(logits.dtype))
@@ -92,19 +175,32 @@ def route_reference(
     group: Tensor | None = None,
     counts: Tensor | None = None,
     renormalize: bool = False,
+    *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Masked softmax + top-k + counts in plain PyTorch; differentiable with respect to ``logits``.
+    """Masked routing + top-k + counts in plain PyTorch; differentiable with respect to ``logits``.
 
-    Arguments are those of :func:`moe_fastmask.route` (already validated). Returns ``weights`` [T, top_k] in
-    ``logits.dtype`` and ``ids`` [T, top_k] int64, in the order of :func:`order_experts` (descending weight).
+    Arguments are those of :func:`moe_fastmask.route` (already validated). Experts are ordered by
+    :func:`selection_values` under the tie rule (:func:`order_experts`); weights come from :func:`chosen_weights`.
+    Returns ``weights`` [T, top_k] in ``logits.dtype`` and ``ids`` [T, top_k] int64, in routing order.
     """
     z = logits.to(compute_dtype(logits.dtype))
     allowed = allowed_experts(logits.shape[0], keep, group)
-    probs = torch.softmax(z if allowed is None else z.masked_fill(~allowed, float("-inf")), dim=-1)
-    ids = order_experts(z.detach(), allowed)[:, :top_k]
-    weights = probs.gather(1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if scoring == "softmax" and scale == 1.0:
+        # the original expression, kept verbatim so the default route is unchanged to the bit
+        probs = torch.softmax(z if allowed is None else z.masked_fill(~allowed, float("-inf")), dim=-1)
+        ids = order_experts(z.detach(), allowed)[:, :top_k]
+        weights = probs.gather(1, ids)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    else:
+        values = selection_values(logits.detach(), allowed, scoring, bias, n_group, topk_group)
+        ids = order_experts(values, allowed)[:, :top_k]
+        weights = chosen_weights(logits, allowed, ids, scoring, renormalize, scale)
     if counts is not None:
         accumulate_counts(counts, ids, group)
     return weights.to(logits.dtype), ids
@@ -117,13 +213,25 @@ def route_backward_reference(
     group: Tensor | None,
     ids: Tensor,
     renormalize: bool,
+    *,
+    scoring: str = "softmax",
+    scale: float = 1.0,
 ) -> Tensor:
     """Closed-form gradient of ``route``'s weights with respect to the logits, in one fused torch expression.
 
     Without renormalisation, with p the masked softmax and G the incoming gradient scattered to the chosen experts:
-    ``dz = p * (G - sum_j g_j w_j)``. With renormalisation the weights are a softmax over the chosen experts alone,
-    so ``dz = w_j * (g_j - sum_l g_l w_l)`` on the chosen experts and 0 elsewhere.
+    ``dz = p * (G - sum_j g_j w_j)``. With renormalisation (and for ``softmax_chosen``) the weights are a softmax
+    over the chosen experts alone, so ``dz = w_j * (g_j - sum_l g_l w_l)`` on the chosen experts and 0 elsewhere.
+    ``sigmoid``: ``dz_j = g_j s_j (1 - s_j)``; renormalised, with ``S = sum s + 1e-20`` and ``u = s / S``,
+    ``dz_j = (g_j - sum_l g_l u_l) / S * s_j (1 - s_j)``. Everything is multiplied by ``scale``. Neither the
+    selection bias nor the group limit has a gradient (they only choose).
     """
+    if scale != 1.0:
+        grad_weights = grad_weights * scale
+    if scoring == "sigmoid":
+        return _sigmoid_backward(grad_weights, logits, keep, group, ids, renormalize)
+    if scoring == "softmax_chosen":
+        renormalize = True  # the same formula: a softmax over the chosen experts
     probs = masked_probs(logits, keep, group)
     grad = grad_weights.to(probs.dtype)
     chosen = probs.gather(1, ids)
@@ -136,3 +244,18 @@ def route_backward_reference(
         scattered = torch.zeros_like(probs).scatter_(1, ids, grad)
         grad_logits = probs * (scattered - dot)
     return grad_logits.to(logits.dtype)
+
+
+def _sigmoid_backward(
+    grad_weights: Tensor, logits: Tensor, keep: Tensor | None, group: Tensor | None, ids: Tensor, renormalize: bool
+) -> Tensor:
+    z = logits.to(compute_dtype(logits.dtype))
+    allowed = allowed_experts(logits.shape[0], keep, group)
+    s = torch.sigmoid(z.gather(1, ids))
+    if allowed is not None:
+        s = s.masked_fill(~allowed.gather(1, ids), 0.0)
+    grad = grad_weights.to(s.dtype)
+    if renormalize:
+        total = s.sum(dim=-1, keepdim=True) + SIGMOID_RENORM_EPS
+        grad = (grad - (grad * s).sum(dim=-1, keepdim=True) / total) / total
+    return torch.zeros_like(z).scatter_(1, ids, grad * s * (1 - s)).to(logits.dtype)

@@ -1,4 +1,7 @@
-"""The public fused router op ``route``: masked softmax + top-k + per-group expert counts.
+"""The public fused router op ``route``: masked scoring + top-k + per-group expert counts.
+
+Variants of the router (``scoring``, a selection ``bias``, group-limited top-k, a weight ``scale``) cover the
+routers of OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS and DeepSeek-V3 / GLM-4.5; see :func:`route`.
 
 Layers, from the outside in:
 
@@ -14,6 +17,7 @@ Layers, from the outside in:
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -24,8 +28,10 @@ from moe_fastmask.ops.triton_route import triton_interpreter_enabled  # noqa: F4
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MAX_TOP_K = 16
+MAX_N_GROUP = 64
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_DTYPES = (torch.int32, torch.int64)
+SCORINGS = reference.SCORINGS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,13 +100,19 @@ def _route_forward_impl(
     counts: Tensor | None,
     renormalize: bool,
     backend: str,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Run the forward of a concrete backend (the body of the ``moe_fastmask::route_forward`` custom op)."""
+    variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
     if backend == "triton":
-        return triton_route.route_forward(logits, top_k, keep, group, counts, renormalize)
+        return triton_route.route_forward(logits, top_k, keep, group, counts, renormalize, **variant)
     if backend == "cpp":
-        return cpp_route.route_forward(logits, top_k, keep, group, counts, renormalize)
-    weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize)
+        return cpp_route.route_forward(logits, top_k, keep, group, counts, renormalize, **variant)
+    weights, ids = reference.route_reference(logits, top_k, keep, group, counts, renormalize, **variant)
     return weights.contiguous(), ids.contiguous()
 
 
@@ -113,12 +125,20 @@ def _route_forward_op(
     counts: Tensor | None,
     renormalize: bool,
     backend: str,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
+    return _route_forward_impl(
+        logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
+    )
 
 
 @_route_forward_op.register_fake
-def _route_forward_op_fake(logits, top_k, keep, group, counts, renormalize, backend):
+def _route_forward_op_fake(logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
+                           n_group=1, topk_group=1, scale=1.0):
     num_tokens = logits.shape[0]
     return (
         logits.new_empty((num_tokens, top_k)),
@@ -134,11 +154,17 @@ def _route_backward_impl(
     ids: Tensor,
     renormalize: bool,
     backend: str,
+    scoring: str = "softmax",
+    scale: float = 1.0,
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
     if backend == "triton":
-        return triton_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
-    return reference.route_backward_reference(grad_weights, logits, keep, group, ids, renormalize)
+        return triton_route.route_backward(
+            grad_weights, logits, keep, group, ids, renormalize, scoring=scoring, scale=scale
+        )
+    return reference.route_backward_reference(
+        grad_weights, logits, keep, group, ids, renormalize, scoring=scoring, scale=scale
+    )
 
 
 @torch.library.custom_op("moe_fastmask::route_backward", mutates_args=())
@@ -150,12 +176,15 @@ def _route_backward_op(
     ids: Tensor,
     renormalize: bool,
     backend: str,
+    scoring: str = "softmax",
+    scale: float = 1.0,
 ) -> Tensor:
-    return _route_backward_impl(grad_weights, logits, keep, group, ids, renormalize, backend)
+    return _route_backward_impl(grad_weights, logits, keep, group, ids, renormalize, backend, scoring, scale)
 
 
 @_route_backward_op.register_fake
-def _route_backward_op_fake(grad_weights, logits, keep, group, ids, renormalize, backend):
+def _route_backward_op_fake(grad_weights, logits, keep, group, ids, renormalize, backend, scoring="softmax",
+                            scale=1.0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -168,29 +197,34 @@ def _route_weights_grad_op(
     group: Tensor | None,
     renormalize: bool,
     backend: str,
+    scoring: str = "softmax",
+    scale: float = 1.0,
 ) -> Tensor:
     """``weights`` (a copy) made differentiable with respect to ``logits``: the autograd half of ``route``."""
     return weights.clone()
 
 
 @_route_weights_grad_op.register_fake
-def _route_weights_grad_op_fake(logits, weights, ids, keep, group, renormalize, backend):
+def _route_weights_grad_op_fake(logits, weights, ids, keep, group, renormalize, backend, scoring="softmax",
+                                scale=1.0):
     return torch.empty_like(weights)
 
 
 def _route_weights_grad_setup_context(ctx, inputs, output):
-    logits, weights, ids, keep, group, renormalize, backend = inputs
+    logits, weights, ids, keep, group, renormalize, backend, scoring, scale = inputs
     ctx.save_for_backward(logits, keep, group, ids)
     ctx.renormalize = renormalize
     ctx.backend = backend
+    ctx.scoring = scoring
+    ctx.scale = scale
 
 
 def _route_weights_grad_backward(ctx, grad_weights):
     logits, keep, group, ids = ctx.saved_tensors
     grad_logits = torch.ops.moe_fastmask.route_backward(
-        grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend
+        grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend, ctx.scoring, ctx.scale
     )
-    return grad_logits, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None, None
 
 
 _route_weights_grad_op.register_autograd(_route_weights_grad_backward, setup_context=_route_weights_grad_setup_context)
@@ -202,17 +236,21 @@ _route_weights_grad_op.register_autograd(_route_weights_grad_backward, setup_con
 _LIBRARY = torch.library.Library("moe_fastmask", "FRAGMENT")
 _LIBRARY.define(
     "route(Tensor logits, SymInt top_k, Tensor? keep, Tensor? group, Tensor(a4!)? counts, bool renormalize, "
-    "str backend) -> (Tensor, Tensor)",
+    'str backend, str scoring="softmax", Tensor? bias=None, SymInt n_group=1, SymInt topk_group=1, '
+    "float scale=1.) -> (Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
 
-def _route_composite(logits, top_k, keep, group, counts, renormalize, backend):
+def _route_composite(logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
+                     n_group=1, topk_group=1, scale=1.0):
     weights, ids = torch.ops.moe_fastmask.route_forward(
-        logits.detach(), top_k, keep, group, counts, renormalize, backend
+        logits.detach(), top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
     )
     if logits.requires_grad and torch.is_grad_enabled():
-        weights = torch.ops.moe_fastmask.route_weights_grad(logits, weights, ids, keep, group, renormalize, backend)
+        weights = torch.ops.moe_fastmask.route_weights_grad(
+            logits, weights, ids, keep, group, renormalize, backend, scoring, scale
+        )
     return weights, ids
 
 
@@ -224,11 +262,16 @@ class RouteFunction(torch.autograd.Function):
     ``logits`` through ``weights``; ``ids`` and counts have none."""
 
     @staticmethod
-    def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend):
-        weights, ids = _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
+    def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
+                n_group=1, topk_group=1, scale=1.0):
+        weights, ids = _route_forward_impl(
+            logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
+        )
         ctx.save_for_backward(logits, keep, group, ids)
         ctx.renormalize = renormalize
         ctx.backend = backend
+        ctx.scoring = scoring
+        ctx.scale = scale
         ctx.mark_non_differentiable(ids)
         return weights, ids
 
@@ -236,14 +279,67 @@ class RouteFunction(torch.autograd.Function):
     def backward(ctx, grad_weights, grad_ids):
         logits, keep, group, ids = ctx.saved_tensors
         grad_logits = _route_backward_impl(
-            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend
+            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend, ctx.scoring, ctx.scale
         )
-        return grad_logits, None, None, None, None, None, None
+        return (grad_logits,) + (None,) * 11
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------------------
+
+def check_variant_args(
+    logits: Tensor,
+    top_k: int,
+    renormalize: bool,
+    scoring: str,
+    bias: Tensor | None,
+    n_group: int,
+    topk_group: int,
+    scale: float,
+) -> None:
+    """The checks of ``route``'s router-variant arguments (shape, dtype and range only; no device data is read)."""
+    num_experts = logits.shape[1]
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if scoring == "softmax_chosen" and renormalize:
+        raise ValueError("renormalize=True has no meaning with scoring='softmax_chosen' (its weights already sum to 1)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if bias is not None:
+        if scoring != "sigmoid":
+            raise ValueError(f"bias (a selection bias) needs scoring='sigmoid', got scoring={scoring!r}")
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if bias.shape != (num_experts,):
+            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
+        if bias.device != logits.device:
+            raise ValueError(f"bias is on {bias.device} but logits are on {logits.device}")
+        if bias.requires_grad:
+            raise ValueError("bias must not require grad: it only chooses experts and gets no gradient")
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if n_group != 1:
+        if scoring != "sigmoid":
+            raise ValueError(f"group-limited top-k (n_group={n_group}) needs scoring='sigmoid', got {scoring!r}")
+        if n_group < 1 or num_experts % n_group != 0 or num_experts // n_group < 2:
+            raise ValueError(
+                f"n_group must divide E={num_experts} into groups of at least 2 experts, got n_group={n_group}"
+            )
+        if n_group > MAX_N_GROUP:
+            raise ValueError(f"n_group must be at most {MAX_N_GROUP}, got {n_group}")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+        if topk_group * (num_experts // n_group) < top_k:
+            raise ValueError(
+                f"topk_group={topk_group} groups of {num_experts // n_group} experts hold fewer than top_k={top_k}"
+            )
+    elif topk_group != 1:
+        raise ValueError(f"topk_group={topk_group} needs n_group > 1")
+
 
 def _value_checks_allowed(device: torch.device) -> bool:
     """Value checks read device data: skip them while compiling or capturing a CUDA graph (they cannot sync)."""
@@ -263,6 +359,11 @@ def check_route_args(
     renormalize: bool,
     *,
     validate: bool = True,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument for anything ``route`` cannot compute correctly.
 
@@ -287,6 +388,7 @@ def check_route_args(
         raise ValueError(f"top_k must be in [1, min(E, {MAX_TOP_K})] = [1, {min(num_experts, MAX_TOP_K)}], got {top_k}")
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    check_variant_args(logits, top_k, renormalize, scoring, bias, n_group, topk_group, scale)
 
     num_groups = None
     if keep is not None:
@@ -364,8 +466,13 @@ def route(
     backend: str = "auto",
     *,
     validate: bool = True,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Fused MoE routing: mask, softmax over experts, top-k, optional renormalisation and per-group counts.
+    """Fused MoE routing: mask, scores over experts, top-k, optional renormalisation and per-group counts.
 
     Args:
         logits: ``[T, E]`` router logits, float32 / float16 / bfloat16, any strides.
@@ -385,24 +492,48 @@ def route(
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
             always run.
+        scoring: how experts are scored and weighted.
+            ``"softmax"`` (default): softmax over the allowed experts, top-k by logit, weights = the chosen
+            probabilities (OLMoE, Qwen2/3-MoE; Mixtral with ``renormalize=True``).
+            ``"softmax_chosen"``: top-k by logit, weights = softmax over the chosen logits only (GPT-OSS'
+            ``softmax(topk(logits))``); ``renormalize`` must be False.
+            ``"sigmoid"``: scores ``s = sigmoid(z)``, top-k by ``s + bias`` (within the kept groups), weights = the
+            chosen ``s``; renormalised as ``s / (sum + 1e-20)`` (DeepSeek-V3, GLM-4.5).
+        bias: ``None`` or float ``[E]`` (sigmoid only): a per-expert selection bias that decides which experts are
+            chosen but does not enter the weights (DeepSeek-V3's ``e_score_correction_bias``). No gradient.
+        n_group, topk_group: group-limited top-k (sigmoid only): the experts form ``n_group`` contiguous groups of
+            ``E / n_group``; each group scores the sum of its two highest ``s + bias`` (masked experts count as
+            -inf), the ``topk_group`` best groups are kept (equal scores: lower group index) and the top-k is taken
+            within them. Experts of the other groups rank below every expert of a kept group, above masked ones.
+            ``n_group=1`` (default) means no group limit.
+        scale: multiplies the final weights (DeepSeek-V3's ``routed_scaling_factor``).
 
     Returns:
         ``weights`` ``[T, top_k]`` in ``logits.dtype`` and ``ids`` ``[T, top_k]`` int64. Tie rule, the same in
         every backend: experts are ordered by their masked logit, highest first — every expert a token may use
         ranks above every masked expert (even an allowed logit of -inf), -0.0 equals +0.0, and equal logits go to
-        the lower expert index. So ids and counts are bit-identical across backends, and weights descend. With
-        ``keep=None`` this equals Hugging Face OLMoE's router: softmax in float32, top-k, optional
-        renormalisation, cast to ``logits.dtype``. ``weights`` is differentiable with respect to ``logits``.
-        float64 logits compute in float64 (``auto`` picks a backend that can; ``triton`` refuses them).
+        the lower expert index. So with the softmax scorings ids and counts are bit-identical across backends, and
+        weights descend. With ``keep=None`` and the defaults this equals Hugging Face OLMoE's router: softmax in
+        float32, top-k, optional renormalisation, cast to ``logits.dtype``. ``weights`` is differentiable with
+        respect to ``logits`` (``bias`` gets no gradient; the choice of experts has none). float64 logits compute in
+        float64 (``auto`` picks a backend that can; ``triton`` refuses them). With ``scoring="sigmoid"`` the tie
+        rule orders by the selection value ``sigmoid(z) + bias`` (-inf outside the kept groups) instead of the
+        logit; each backend computes the sigmoid with its own ``exp``, so two experts whose selection values differ
+        only by rounding may be ordered differently on different backends (equal logits and biases always tie
+        exactly), and weights need not descend. A keep mask means the same in every variant: a masked expert is
+        never chosen while the row allows ``top_k`` experts, and counts count the chosen experts.
 
-    NaN policy: logits are not scanned for NaN (that would synchronise with the device on every call). A token with
-    a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed experts but otherwise
-    unspecified, and they are counted like any others. A token whose allowed logits are all -inf gets NaN weights
-    and, by the tie rule, its allowed experts in ascending index order as ids (counted).
+    NaN policy: logits are not scanned for NaN (that would synchronise with the device on every call). With
+    ``"softmax"`` a token with a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed
+    experts but otherwise unspecified, and they are counted like any others. A token whose allowed logits are all
+    -inf gets NaN weights and, by the tie rule, its allowed experts in ascending index order as ids (counted). With
+    ``"softmax_chosen"`` the same holds for the chosen logits; with ``"sigmoid"`` a NaN logit makes its own weight
+    NaN (with ``renormalize`` the token's weights).
     """
-    check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate)
+    variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
+    check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate, **variant)
     concrete = resolve_backend(backend, logits.device, logits.dtype)
-    return route_prechecked(logits, top_k, keep, group, counts, renormalize, concrete)
+    return route_prechecked(logits, top_k, keep, group, counts, renormalize, concrete, **variant)
 
 
 def route_prechecked(
@@ -413,6 +544,12 @@ def route_prechecked(
     counts: Tensor | None,
     renormalize: bool,
     backend: str,
+    *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`route` without its argument checks, on a concrete backend (``"triton"``, ``"cpp"`` or ``"torch"``).
 
@@ -425,11 +562,15 @@ def route_prechecked(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    scale = float(scale)
+    variant = (scoring, bias, n_group, topk_group, scale)
     if torch.compiler.is_compiling():
         # compiled graphs need the registered op: opaque to the tracer, with its fake and its autograd formula
-        return torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend)
+        return torch.ops.moe_fastmask.route(logits, top_k, keep, group, counts, renormalize, backend, *variant)
     if not (logits.requires_grad and torch.is_grad_enabled()):
         # Eager inference (e.g. every layer of every decode step): skip the autograd and custom-op dispatch layers,
         # which cost more host time than the kernel itself at small T.
-        return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend)
-    return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, backend)
+        return _route_forward_impl(logits, top_k, keep, group, counts, renormalize, backend, *variant)
+    return RouteFunction.apply(logits, top_k, keep, group, counts, renormalize, backend, *variant)

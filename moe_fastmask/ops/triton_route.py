@@ -170,8 +170,11 @@ def _direct_launch_supported() -> bool:
     return False
 
 
-_FORWARD = KernelLauncher("_route_fwd_kernel", num_runtime_args=11)
-_BACKWARD = KernelLauncher("_route_bwd_kernel", num_runtime_args=11)
+_FORWARD = KernelLauncher("_route_fwd_kernel", num_runtime_args=13)
+_BACKWARD = KernelLauncher("_route_bwd_kernel", num_runtime_args=12)
+
+# ``route``'s scoring names as the kernels' SCORING constexpr
+SCORING_CODES = {"softmax": 0, "softmax_chosen": 1, "sigmoid": 2}
 
 
 def _next_power_of_2(n: int) -> int:
@@ -239,6 +242,11 @@ def _forward_into(
     counts: Tensor | None,
     renormalize: bool,
     *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> object | None:
@@ -257,23 +265,31 @@ def _forward_into(
         logits,
         keep.view(torch.uint8) if keep is not None else logits,
         group if group is not None else ids,
+        bias if bias is not None else logits,
         logits.stride(0),
         logits.stride(1),
         num_tokens,
         num_experts,
         _num_groups(keep, counts),
+        float(scale),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
         block_e,  # BLOCK_E
         max(2, _next_power_of_2(top_k)),  # BLOCK_K
         block_e.bit_length() - 1,  # IDX_BITS
-        logits.dtype == torch.float32,  # WIDE_KEYS
+        logits.dtype == torch.float32 or scoring == "sigmoid",  # WIDE_KEYS: sigmoid keys hold full fp32 values
         block_e == num_experts,  # EVEN_E
         keep is not None,  # HAS_KEEP
         group is not None,  # HAS_GROUP
         counts is not None,  # HAS_COUNTS
         renormalize,  # RENORMALIZE
         logits.device.type == "cuda",  # FAST_EXP
+        SCORING_CODES[scoring],  # SCORING
+        bias is not None,  # HAS_BIAS
+        n_group,  # N_GROUP
+        topk_group,  # TOPK_GROUP
+        num_experts // n_group,  # GROUP_SIZE
+        max(2, _next_power_of_2(n_group)),  # BLOCK_G
     )
     return _FORWARD(grid, args, num_warps, logits.device)
 
@@ -286,11 +302,17 @@ def route_forward(
     counts: Tensor | None,
     renormalize: bool,
     *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
     out: tuple[Tensor, Tensor] | None = None,
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Fused forward of ``route`` (arguments already validated by ``check_route_args``).
+    """Fused forward of ``route`` (arguments already validated by ``check_route_args``; the variant arguments are
+    those of :func:`moe_fastmask.route`).
 
     Returns ``weights`` [T, top_k] in ``logits.dtype`` and ``ids`` [T, top_k] int64, both contiguous, and adds the
     chosen experts to ``counts`` in place. ``out=(weights, ids)`` writes into given contiguous tensors instead of
@@ -307,7 +329,8 @@ def route_forward(
         if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
             raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
     _forward_into(
-        weights, ids, logits, top_k, keep, group, counts, renormalize, block_t=block_t, num_warps=num_warps
+        weights, ids, logits, top_k, keep, group, counts, renormalize, scoring=scoring, bias=bias, n_group=n_group,
+        topk_group=topk_group, scale=scale, block_t=block_t, num_warps=num_warps,
     )
     return weights, ids
 
@@ -320,6 +343,8 @@ def route_backward(
     ids: Tensor,
     renormalize: bool,
     *,
+    scoring: str = "softmax",
+    scale: float = 1.0,
     out: Tensor | None = None,
     block_t: int | None = None,
     num_warps: int | None = None,
@@ -355,6 +380,7 @@ def route_backward(
         num_tokens,
         num_experts,
         _num_groups(keep, None),
+        float(scale),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
         block_e,  # BLOCK_E
@@ -362,6 +388,7 @@ def route_backward(
         group is not None,  # HAS_GROUP
         renormalize,  # RENORMALIZE
         logits.device.type == "cuda",  # FAST_EXP
+        SCORING_CODES[scoring],  # SCORING
     )
     _BACKWARD(grid, args, num_warps, logits.device)
     return grad_logits

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from moe_fastmask.integrations import layer_expert_label, parse_layer_expert
+from moe_fastmask.integrations import get_adapter, layer_expert_label, parse_layer_expert
 from moe_fastmask.pipeline.common import SELECTION_FILE, UNSAFE_GROUP
 
 
@@ -407,6 +407,8 @@ def steering_experts(selection: ExpertSelection) -> tuple[list[str], str | None]
 
 
 def model_sizes(config) -> tuple[int, int, int]:
-    """``(num_layers, num_experts, top_k)`` of an OLMoE config."""
+    """``(num_layers, num_experts, top_k)`` of a supported MoE config; layers are the MoE layers (families with
+    dense layers, e.g. DeepSeek-V3, have fewer than ``num_hidden_layers``)."""
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
-    return int(config.num_hidden_layers), int(num_experts), int(config.num_experts_per_tok)
+    num_layers = get_adapter(config.model_type).num_moe_layers(config)
+    return int(num_layers), int(num_experts), int(config.num_experts_per_tok)
