@@ -1,0 +1,1 @@
+"""Generation backends: the engines that generate a batch and count its routing per group."""

