@@ -187,7 +187,8 @@ def _prompt_ids(tokenizer, prompts=PROMPTS, system=None):
     ]
 
 
-def _hf_generate(model, tokenizer, prompt_ids, groups, eos_id, max_new_tokens, keep=None, num_groups=2):
+def _hf_generate(model, tokenizer, prompt_ids, groups, eos_id, max_new_tokens, keep=None, num_groups=2,
+                 full_rows=False):
     """Left-padded greedy generate under a RoutingRecorder: (generated ids cut after EOS, recorder, pad widths)."""
     width = max(len(ids) for ids in prompt_ids)
     pad = tokenizer.pad_token_id
@@ -205,6 +206,8 @@ def _hf_generate(model, tokenizer, prompt_ids, groups, eos_id, max_new_tokens, k
     for row in out[:, width:].tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
         generated.append(row[:cut])
+    if full_rows:
+        return generated, rec, out[:, width:].tolist()
     return generated, rec
 
 
@@ -216,23 +219,27 @@ def test_summary_of_recorder_rows_equals_recorder(hf_model, tokenizer):
     with torch.no_grad():
         free, _ = _hf_generate(hf_model, tokenizer, prompt_ids, [0] * 4, tokenizer.eos_token_id, 12)
     eos_id = free[0][4]  # one sequence ends early on a token it generates mid-way
-    generated, rec = _hf_generate(hf_model, tokenizer, prompt_ids, groups, eos_id, 12)
+    generated, rec, full = _hf_generate(hf_model, tokenizer, prompt_ids, groups, eos_id, 12, full_rows=True)
     assert min(map(len, generated)) < max(map(len, generated)), "one sequence must finish early"
+    assert any(eos_id in row[:-1] for row in full), "a row must go on after its EOS (padding)"
     te = rec.token_experts()
     width = te["prefill"].shape[1]
-    routed = []
-    for b, ids in enumerate(prompt_ids):
-        prefill = te["prefill"][b, width - len(ids):]
-        decode = te["decode"][b, : len(generated[b]) - 1]
-        routed.append(torch.cat([prefill, decode]).numpy())
-    summary = vb.summarize_routed_experts(routed, [len(p) for p in prompt_ids], generated, groups, 2,
-                                          hf_model.config.num_experts, [eos_id], record_token_experts=True)
-    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
-        assert torch.equal(getattr(summary, name), getattr(rec, name).cpu()), name
-    for phase in ("prefill", "decode"):
-        counted = te[f"{phase}_counted"]
-        assert torch.equal(summary.token_experts[f"{phase}_counted"], counted), phase
-        assert torch.equal(summary.token_experts[phase][counted], te[phase][counted]), phase
+    # cut: rows up to each sequence's own end, as vLLM returns them; full: every decode forward transformers ran,
+    # including the one that consumed the EOS and the padding after it, which must not be counted
+    for sequences in (generated, full):
+        routed = []
+        for b, ids in enumerate(prompt_ids):
+            prefill = te["prefill"][b, width - len(ids):]
+            decode = te["decode"][b, : len(sequences[b]) - 1]
+            routed.append(torch.cat([prefill, decode]).numpy())
+        summary = vb.summarize_routed_experts(routed, [len(p) for p in prompt_ids], sequences, groups, 2,
+                                              hf_model.config.num_experts, [eos_id], record_token_experts=True)
+        for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+            assert torch.equal(getattr(summary, name), getattr(rec, name).cpu()), name
+        for phase in ("prefill", "decode"):
+            counted = te[f"{phase}_counted"]
+            assert torch.equal(summary.token_experts[f"{phase}_counted"], counted), phase
+            assert torch.equal(summary.token_experts[phase][counted], te[phase][counted]), phase
 
 
 # ----------------------------------------------------------------------------------------------------------------
