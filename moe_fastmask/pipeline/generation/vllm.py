@@ -439,7 +439,9 @@ class VLLMBackend:
             engine_kwargs["enable_return_routed_experts"] = True
             if self._cpu and not engine_kwargs["enforce_eager"]:
                 raise ValueError(self._compiled_cpu_message())
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # steering sends the routing function to the engine's worker processes, which vLLM only pickles when
+            # allowed (the engine's own processes; nothing is read from outside)
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
             llm = vllm.LLM(model=str(model), **engine_kwargs)
         self.llm = llm
         model_config = llm.llm_engine.model_config
@@ -499,7 +501,15 @@ class VLLMBackend:
         if key == self._installed:
             return
         keep = None if key is None else self._keep[:, key].contiguous()
-        self.llm.apply_model(functools.partial(install_expert_mask, keep=keep, backend=self.route_backend))
+        try:
+            self.llm.apply_model(functools.partial(install_expert_mask, keep=keep, backend=self.route_backend))
+        except TypeError as error:
+            if "serializ" not in str(error):
+                raise
+            raise RuntimeError(
+                "steering could not send the routing function to vLLM's engine process: set "
+                "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before creating the engine, or VLLM_ENABLE_V1_MULTIPROCESSING=0"
+            ) from error
         self._installed = key
 
     def _mask_key(self, group: int) -> int | None:
