@@ -111,7 +111,8 @@ def test_summary_equals_loop_recount(num_experts, top_k, dtype, session_seed):
         for b, g in enumerate(groups):
             if g >= 0:
                 for layer in range(3):
-                    rebuilt[layer, g] += torch.bincount(ids[b][counted[b]][:, layer].long().reshape(-1), minlength=num_experts)
+                    chosen = ids[b][counted[b]][:, layer].long().reshape(-1)
+                    rebuilt[layer, g] += torch.bincount(chosen, minlength=num_experts)
         assert torch.equal(rebuilt, torch.from_numpy(expected[phase])), phase
     # prompts sit right-aligned (as in a left-padded batch), decode steps from column 0
     b = int(np.argmin(prompt_lengths))
@@ -302,8 +303,9 @@ def _backend_with_eos(engine, eos_ids):
 
 
 def _request(prompt_ids, groups, max_new_tokens=12, record=True):
-    return vb.GenerationRequest(prompt_ids=prompt_ids, groups=groups, num_groups=2,
-                                sampling=vb.SamplingSettings(max_new_tokens=max_new_tokens), record_token_experts=record)
+    sampling = vb.SamplingSettings(max_new_tokens=max_new_tokens)
+    return vb.GenerationRequest(prompt_ids=prompt_ids, groups=groups, num_groups=2, sampling=sampling,
+                                record_token_experts=record)
 
 
 def _assert_same_as_recorder(out, generated, rec):

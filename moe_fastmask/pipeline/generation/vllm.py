@@ -111,7 +111,9 @@ def check_vllm_version(version: str, *, cpu: bool) -> None:
     try:
         parsed = Version(version)
     except InvalidVersion:
-        raise RuntimeError(f"cannot read the vLLM version {version!r}; the vLLM backend needs {SUPPORTED_VLLM_VERSIONS}")
+        raise RuntimeError(
+            f"cannot read the vLLM version {version!r}; the vLLM backend needs {SUPPORTED_VLLM_VERSIONS}"
+        ) from None
     release = Version(parsed.base_version)
     too_old = release < Version(MIN_VLLM_VERSION)
     too_new_cpu = cpu and release >= Version(MAX_CPU_VLLM_VERSION)
@@ -215,7 +217,8 @@ def summarize_routed_experts(
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     arrays = []
     layout = None
-    for b, (routed, prompt_len, generated, group) in enumerate(zip(routed_experts, prompt_lengths, generated_ids, groups)):
+    inputs = zip(routed_experts, prompt_lengths, generated_ids, groups)
+    for b, (routed, prompt_len, generated, group) in enumerate(inputs):
         if routed is None:
             raise ValueError(
                 f"sequence {b}: no routed_experts; create the engine with enable_return_routed_experts=True"
@@ -242,7 +245,9 @@ def summarize_routed_experts(
         if routed.size:
             low, high = int(routed.min()), int(routed.max())
             if low < 0 or high >= num_experts:
-                raise ValueError(f"sequence {b}: routed_experts holds expert ids {low}..{high}, outside [0, {num_experts})")
+                raise ValueError(
+                    f"sequence {b}: routed_experts holds expert ids {low}..{high}, outside [0, {num_experts})"
+                )
             if routed.shape[2] > 1 and (np.diff(np.sort(routed, axis=2), axis=2) == 0).any():
                 row = int(np.nonzero((np.diff(np.sort(routed, axis=2), axis=2) == 0).any(axis=(1, 2)))[0][0])
                 raise ValueError(
@@ -270,7 +275,8 @@ def summarize_routed_experts(
             if group < 0 or not mask.any():
                 continue
             flat = (ids[mask].astype(np.int64) + layer_offset).reshape(-1)
-            counts[phase][:, group] += np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+            per_layer = np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+            counts[phase][:, group] += per_layer
             tokens[phase][group] += int(mask.sum())
     token_experts = None
     if record_token_experts:
@@ -301,6 +307,7 @@ def summarize_routed_experts(
 # Steering: moe_fastmask.route as every FusedMoE router's custom routing function (runs on the workers)
 # ----------------------------------------------------------------------------------------------------------------
 
+_INSTALLED_ATTR = "_fastmask_installed_mask"  # on the vllm.LLM: cache salt of the mask its workers route with
 _ORIGINAL_ROUTER_ATTR = "_fastmask_original_router"  # (router, its own custom routing function)
 
 
@@ -452,12 +459,11 @@ class VLLMBackend:
         self.num_experts = int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "n_routed_experts"))
         self.top_k = int(hf_config.num_experts_per_tok)
         self.tokenizer = llm.get_tokenizer()
-        self.eos_token_ids = (
-            [int(e) for e in eos_token_ids] if eos_token_ids is not None else _eos_ids_of(model_config.model, self.tokenizer)
-        )
+        if eos_token_ids is None:
+            eos_token_ids = _eos_ids_of(model_config.model, self.tokenizer)
+        self.eos_token_ids = [int(e) for e in eos_token_ids]
         self.route_backend = route_backend
         self._keep: Tensor | None = None  # bool [L, G, E] as set
-        self._installed: object = None  # key of the mask installed on the workers (None = vLLM's own routing)
 
     @staticmethod
     def _compiled_cpu_message() -> str:
@@ -479,7 +485,8 @@ class VLLMBackend:
             return
         if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
             raise TypeError(f"keep must be a bool tensor [num_layers, num_groups, num_experts], got {keep!r:.80}")
-        if keep.dim() != 3 or keep.shape[0] != self.num_layers or keep.shape[2] != self.num_experts or keep.shape[1] < 1:
+        layout = (self.num_layers, self.num_experts)
+        if keep.dim() != 3 or keep.shape[1] < 1 or (keep.shape[0], keep.shape[2]) != layout:
             raise ValueError(
                 f"keep must have shape [num_layers, num_groups, num_experts] = [{self.num_layers}, G, "
                 f"{self.num_experts}], got {tuple(keep.shape)}"
@@ -487,7 +494,7 @@ class VLLMBackend:
         kept = keep.sum(dim=-1)
         short = (kept < self.top_k).nonzero().tolist()
         if short:
-            details = ", ".join(f"layer {layer} group {group} keeps {int(kept[layer, group])}" for layer, group in short)
+            details = ", ".join(f"layer {layer} group {g} keeps {int(kept[layer, g])}" for layer, g in short)
             raise ValueError(f"expert mask leaves fewer than top_k={self.top_k} experts: {details}")
         if not self._eager:
             raise ValueError(
@@ -498,9 +505,11 @@ class VLLMBackend:
 
     def _install(self, key: int | None) -> None:
         """Install mask row ``key`` of the set mask on every worker (``None``: vLLM's own routing)."""
-        if key == self._installed:
-            return
         keep = None if key is None else self._keep[:, key].contiguous()
+        salt = mask_cache_salt(keep)
+        # the installed mask is a property of the engine, which other backends may share
+        if getattr(self.llm, _INSTALLED_ATTR, None) == salt:
+            return
         try:
             self.llm.apply_model(functools.partial(install_expert_mask, keep=keep, backend=self.route_backend))
         except TypeError as error:
@@ -510,7 +519,7 @@ class VLLMBackend:
                 "steering could not send the routing function to vLLM's engine process: set "
                 "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before creating the engine, or VLLM_ENABLE_V1_MULTIPROCESSING=0"
             ) from error
-        self._installed = key
+        setattr(self.llm, _INSTALLED_ATTR, salt)
 
     def _mask_key(self, group: int) -> int | None:
         if self._keep is None or group < 0:
@@ -595,6 +604,6 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Restore vLLM's routing on the workers and drop the engine."""
-        if self.llm is not None and self._installed is not None:
+        if self.llm is not None and getattr(self.llm, _INSTALLED_ATTR, None) is not None:
             self._install(None)
         self.llm = None
