@@ -443,3 +443,46 @@ def test_bad_masks_and_modes_are_refused(engine, model_dir):
     if current_platform.is_cpu():
         with pytest.raises(ValueError, match="enforce_eager=True on CPU"):
             vb.VLLMBackend(model_dir, enforce_eager=False, **ENGINE_KWARGS)
+
+
+@needs_vllm
+def test_min_new_tokens_equal_transformers(engine, hf_model, tokenizer):
+    prompt_ids = _prompt_ids(tokenizer)
+    groups = [0, 1, 0, 1]
+    free = engine.generate(_request(prompt_ids, None, max_new_tokens=8, record=False)).generated_ids
+    eos_id = free[0][1]  # sequence 0 would stop at its second token
+    request = _request(prompt_ids, groups, max_new_tokens=8)
+    request.sampling.min_new_tokens = 4
+    out = _backend_with_eos(engine, [eos_id]).generate(request)
+    assert len(out.generated_ids[0]) >= 4 and eos_id not in out.generated_ids[0][:3]
+    width = max(len(ids) for ids in prompt_ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])
+    attention = (torch.arange(width)[None] >= torch.tensor([width - len(ids) for ids in prompt_ids])[:, None]).long()
+    rec = mf.RoutingRecorder(hf_model, num_groups=2, record_token_experts=True)
+    with torch.no_grad(), rec.record(groups, eos_token_id=eos_id):
+        full = hf_model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=8, min_new_tokens=4,
+                                 do_sample=False, eos_token_id=eos_id, pad_token_id=pad)
+    generated = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in full[:, width:].tolist()]
+    _assert_same_as_recorder(out, generated, rec)
+
+
+@needs_vllm
+def test_seeded_sampling_repeats_and_prefill_counts_do_not_depend_on_it(engine, tokenizer):
+    prompt_ids = _prompt_ids(tokenizer)
+    groups = [0, 1, 0, 1]
+    greedy = engine.generate(_request(prompt_ids, groups, max_new_tokens=8))
+    runs = []
+    for seed in (5, 5, 6):
+        request = _request(prompt_ids, groups, max_new_tokens=8)
+        request.sampling = vb.SamplingSettings(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=1.0, seed=seed)
+        runs.append(engine.generate(request))
+    assert runs[0].generated_ids == runs[1].generated_ids
+    assert torch.equal(runs[0].decode_counts, runs[1].decode_counts)
+    assert runs[0].generated_ids != runs[2].generated_ids
+    assert runs[0].generated_ids != greedy.generated_ids
+    for run in runs:
+        assert torch.equal(run.prefill_counts, greedy.prefill_counts)
+        assert int(run.decode_tokens.sum()) == sum(
+            int(vb.decode_counted(ids, engine.eos_token_ids).sum()) for ids in run.generated_ids
+        )
