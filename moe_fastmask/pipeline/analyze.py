@@ -71,6 +71,7 @@ from moe_fastmask.pipeline.generation import (
     SamplingSettings,
     backend_names,
     get_backend,
+    load_model,
 )
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
 
@@ -617,7 +618,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     try:
         if remaining:
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                model, tokenizer = load_model(config.engine, config.model, device, dtype)
             elif tokenizer is None:
                 raise ValueError("pass the tokenizer together with the model")
             prepare_tokenizer(tokenizer)
@@ -754,7 +755,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         run_analysis(config_from_args(args))
-    except (ValueError, ConfigMismatchError, AnalysisError) as error:
+    except (ValueError, ImportError, ConfigMismatchError, AnalysisError) as error:
         where = f" (rank {distributed.get_rank()})" if distributed.get_world_size() > 1 else ""
         print(f"moe-fastmask analyze: error{where}: {error}", file=sys.stderr)
         return 2

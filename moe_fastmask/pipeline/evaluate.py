@@ -213,7 +213,8 @@ def generate_answers(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
-    model.eval()
+    if hasattr(model, "eval"):  # a transformers model (the vllm engine has no train mode)
+        model.eval()
     own = backend is None
     if own:
         backend = get_backend(engine, model, tokenizer)
@@ -285,8 +286,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     import pandas as pd
 
     from moe_fastmask.pipeline import artifacts
-    from moe_fastmask.pipeline.common import load_model_and_tokenizer, resolve_device, resolve_dtype
-    from moe_fastmask.pipeline.generation import get_backend
+    from moe_fastmask.pipeline.common import resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.generation import get_backend, load_model
     from moe_fastmask.pipeline.judge import judge_name
     from moe_fastmask.pipeline.selection import ExpertSelection
 
@@ -317,7 +318,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         frames.append(frame)
 
     if args.base_model is not None:
-        model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
+        model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("before", model, tokenizer, backend)
         if selection is not None:
@@ -329,7 +330,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
-        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+        model, tokenizer = load_model(args.engine, args.model, device, dtype)
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("after", model, tokenizer, backend)
         backend.close()
@@ -392,7 +393,7 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     try:
         result = evaluate(dataclass_from_args(EvaluationArguments, args))
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, ImportError, FileNotFoundError) as error:
         print(f"moe-fastmask evaluate: error: {error}", file=sys.stderr)
         return 2
     print(result.table, end="")
