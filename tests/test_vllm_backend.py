@@ -533,12 +533,13 @@ def test_analyze_artifacts_equal_transformers(engine, model_dir, tmp_path):
     result = run_analysis(vllm_config)
     assert vb._ENGINE["llm"] is engine.llm, "the run must reuse the session's engine"
     assert sum(b["safe_tokens"] + b["unsafe_tokens"] for b in result.batch_data_list) > 0
-    # every file equal but the run config (it names the engine) and batch_outputs (it holds that config)
+    # every file byte for byte but the run config (it names the engine), and the batch records, compared below
     differing = {line.split(":")[0] for line in compare(tmp_path / "hf", tmp_path / "vllm")}
-    slug = hf.slug
-    assert differing <= {f"config_{slug}.json", f"batch_outputs_{slug}.pkl"} | {
-        str(p.relative_to(tmp_path / "hf")) for p in (tmp_path / "hf").rglob("*") if "config" in p.name
-    }, differing
+    batch_files = {str(p.relative_to(tmp_path / "hf")) for p in (tmp_path / "hf").rglob("batch*.pkl")}
+    assert len(batch_files) == 3  # two per-batch files and batch_outputs
+    assert differing <= {hf.paths["config"].name} | batch_files, differing
+    for name in sorted(batch_files - {hf.paths["batch_outputs"].name}):
+        _assert_same_batches([pd.read_pickle(tmp_path / "hf" / name)], [pd.read_pickle(tmp_path / "vllm" / name)])
     for name in ("risk_diff", "sft_dataset"):
         assert_same(pd.read_pickle(hf.paths[name]), pd.read_pickle(result.paths[name]), name)
     assert hf.paths["risk_diff_csv"].read_bytes() == result.paths["risk_diff_csv"].read_bytes()

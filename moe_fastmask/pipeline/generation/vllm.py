@@ -390,7 +390,6 @@ def load_engine(model: str | Path, dtype: str = "auto", **engine_kwargs: Any):
     key = f"{Path(model).resolve() if Path(model).exists() else model}|{dtype}"
     if not engine_kwargs and _ENGINE.get("key") == key:
         return _ENGINE["llm"]
-    release_engine()
     engine_kwargs.setdefault("enforce_eager", True)
     engine_kwargs.setdefault("enable_prefix_caching", True)
     if engine_kwargs.get("enable_return_routed_experts") is False:
@@ -404,6 +403,7 @@ def load_engine(model: str | Path, dtype: str = "auto", **engine_kwargs: Any):
     # steering sends the routing function to the engine's worker processes, which vLLM only pickles when allowed
     # (the engine's own processes; nothing is read from outside)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    release_engine()
     llm = vllm.LLM(model=str(model), dtype=dtype, **engine_kwargs)
     _ENGINE.update(key=key, llm=llm)
     return llm
