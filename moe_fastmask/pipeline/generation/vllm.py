@@ -426,8 +426,14 @@ def load_model(model_name_or_path: str, device: str, dtype: str):
     vLLM places the model itself (``device`` is not used)."""
     from transformers import AutoTokenizer
 
+    from moe_fastmask.pipeline import distributed
     from moe_fastmask.pipeline.common import prepare_tokenizer
 
+    if distributed.get_world_size() > 1:
+        raise ValueError(
+            "--engine vllm runs in one process (vLLM spreads the model over GPUs itself, e.g. "
+            f'{{"tensor_parallel_size": 8}} in ${ENGINE_ARGS_ENV}); do not start it under torchrun / accelerate launch'
+        )
     llm = load_engine(model_name_or_path, dtype=dtype, **engine_args_from_env())
     return llm, prepare_tokenizer(AutoTokenizer.from_pretrained(model_name_or_path))
 
