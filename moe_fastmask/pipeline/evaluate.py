@@ -269,8 +269,7 @@ def markdown_table(summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _release(model) -> None:
-    del model
+def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -325,8 +324,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
             backend.set_expert_mask(selection.steering_mask())
             run("steering", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model  # the weights (or the vLLM engine) go before the next model loads
+        _release()
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
@@ -334,8 +333,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("after", model, tokenizer, backend)
         backend.close()
-        del backend
-        _release(model)
+        del backend, model  # the weights (or the vLLM engine) go before the next model loads
+        _release()
 
     answers = pd.concat(frames, ignore_index=True)
     summary = summarize(answers)
