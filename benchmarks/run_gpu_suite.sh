@@ -4,8 +4,10 @@
 # Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   stages: tests generate analyze train (default: all;
 # about 1.5, 5, 5 and 1 minutes on an H100), and multi (data-parallel analysis over 1 and all GPUs of the machine;
 # never a default: it wants a machine with several GPUs; MULTI_PAIRS sets its pair count, default 256), and overhead
-# (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default), and
-# sanitize (compute-sanitizer memcheck and racecheck on the Triton routing kernels, forward and backward, with
+# (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default),
+# engine (the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark; about 5 minutes; not a default),
+# analyze-engine (analyze through the engine vs one prompt at a time, and the route kernel at many groups: about 7
+# minutes; not a default), and sanitize (compute-sanitizer memcheck and racecheck on the Triton routing kernels, forward and backward, with
 # out-of-range group ids and validate=False: benchmarks/sanitize_route.py; a few minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
 # folder of the pytest, pluggy and iniconfig wheels. GENERATE_ARGS: extra arguments of bench_olmoe_generate.py (e.g.
 # "--pin-cpu -1").
@@ -58,6 +60,15 @@ if want sanitize; then
         timeout 300 python3 benchmarks/sanitize_route.py 2>&1 | tee "$out/sanitize.log" | tail -8
     fi
 fi
+if want engine; then
+    step "generation engine (GPU tests, decode benchmark)"
+    if python3 -c "import pytest" 2>/dev/null; then
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_generation_engine_gpu.py 2>&1 | tee "$out/engine_tests.log" | tail -5
+    fi
+    timeout 600 python3 benchmarks/bench_engine.py --out "$out" 2>&1 | tee "$out/engine.log" | tail -12
+fi
+want analyze-engine && step "analysis through the engine (2,048 pairs at 128 tokens, 1,024-token prompts, route at many groups)" \
+    && timeout 480 python3 benchmarks/bench_analyze_engine.py --out "$out/analyze_engine" 2>&1 | tee "$out/analyze_engine.log" | tail -24
 if want multi; then
     gpus=$(nvidia-smi -L | wc -l)
     step "data-parallel analysis (1 and $gpus GPUs, ${MULTI_PAIRS:-256} pairs)"

@@ -130,3 +130,118 @@ def test_bad_phase_is_refused(model):
     with pytest.raises(ValueError, match="got 'generate'"), rec.record(GROUPS, phase="generate"):
         pass
     assert rec.phase_override is None
+
+
+def test_row_groups_buffer_replaces_host_eos_tracking(model, monkeypatch):
+    """A backend's device buffer of per-row groups, rewritten in place (-1 once a row has fed back its EOS), gives
+    the counts of the recorder's own EOS tracking, and the hook reads it without any host staging."""
+    from transformers import DynamicCache
+
+    import moe_fastmask.integrations.patch as patch
+
+    auto = run(model, mf.RoutingRecorder(model), fresh_cache=False, phases=False)
+    prompt, mask, fed = inputs()
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    key = cache_kwarg(model)
+    cache = DynamicCache(config=model.config)
+    rec = mf.RoutingRecorder(model)
+    rows = torch.tensor(GROUPS, dtype=torch.int64)
+    finished = torch.zeros(BATCH, dtype=torch.bool)
+    staged = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: staged.append(self) or self)
+    monkeypatch.setattr(patch.torch, "isin", lambda *a, **k: pytest.fail("host-side EOS tracking ran"))
+    with torch.no_grad(), rec.record(GROUPS, eos_token_id=EOS, phase="prefill"):
+        staged.clear()  # record() stages the block's groups once, before any forward
+        rec.set_row_groups(rows)
+        model(input_ids=prompt, attention_mask=mask, position_ids=position, use_cache=True, **{key: cache})
+        rec.set_phase("decode")
+        for step in range(STEPS):
+            finished |= fed[:, step] == EOS
+            rows.copy_(torch.where(finished, -1, torch.tensor(GROUPS)))  # in place: the buffer keeps its identity
+            mask = torch.cat([mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
+            position = position[:, -1:] + 1
+            cache = copy.deepcopy(cache)
+            model(input_ids=fed[:, step : step + 1], attention_mask=mask, position_ids=position, use_cache=True,
+                  **{key: cache})  # fmt: skip
+        assert state_alive(model) is None
+    assert staged == []
+    assert rec.row_groups is None  # ends with the block
+    for got, want in zip((rec.prefill_counts, rec.decode_counts, rec.prefill_tokens, rec.decode_tokens), auto):
+        assert torch.equal(got, want)
+
+
+def state_alive(model):
+    from moe_fastmask.integrations.state import state_of
+
+    return state_of(model).recording.alive
+
+
+def test_row_groups_are_checked(model):
+    rec = mf.RoutingRecorder(model)
+    with pytest.raises(ValueError, match="1-D int64 tensor"):
+        rec.set_row_groups(torch.zeros(3, dtype=torch.int32))
+    prompt, mask, _ = inputs()
+    with torch.no_grad(), rec.record(GROUPS):
+        rec.set_row_groups(torch.zeros(BATCH + 1, dtype=torch.int64))
+        with pytest.raises(ValueError, match="4 row groups were set but the batch holds 3 sequences"):
+            model(input_ids=prompt, attention_mask=mask)
+
+
+def test_same_shape_mask_keeps_its_buffer(model):
+    """A new mask of the current shape is written into the routers' buffer (captured graphs read it at replay);
+    the buffer is never the caller's tensor."""
+    from moe_fastmask.integrations.state import state_of
+
+    state = state_of(model)
+    keep = torch.ones(state.num_layers, 2, state.num_experts, dtype=torch.bool)
+    mf.set_expert_mask(model, keep)
+    buffer = state.keep
+    assert buffer is not keep and buffer.data_ptr() != keep.data_ptr()
+    keep[:, 1, :3] = False
+    assert bool(buffer.all())  # the caller's later edits do not leak in
+    mf.set_expert_mask(model, keep)
+    assert state.keep is buffer and torch.equal(buffer, keep)
+    mf.set_expert_mask(model, keep[:, :1].clone())  # another shape: a new buffer
+    assert state.keep is not buffer and state.keep.shape[1] == 1
+    mf.set_expert_mask(model, None)
+    assert state.keep is None
+
+
+def test_decode_sink_holds_the_logged_experts(model):
+    """Decode experts written into the caller's device buffers (graph-safe) equal the recorder's host-side log."""
+    from transformers import DynamicCache
+
+    prompt, mask, fed = inputs()
+    key = cache_kwarg(model)
+    results = []
+    for use_sink in (False, True):
+        rec = mf.RoutingRecorder(model, record_token_experts=True)
+        sink = torch.full((BATCH, STEPS + 2, rec.num_layers, rec.top_k), 255, dtype=torch.uint8)
+        position = torch.zeros(1, dtype=torch.int64)
+        step_mask, step_position = mask, (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), rec.record(GROUPS, eos_token_id=EOS):
+            model(input_ids=prompt, attention_mask=step_mask, position_ids=step_position, use_cache=True,
+                  **{key: cache})  # fmt: skip
+            if use_sink:
+                rec.set_phase("decode")
+                rec.set_decode_sink(sink, position)
+            for step in range(STEPS):
+                position.fill_(step)
+                step_mask = torch.cat([step_mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
+                step_position = step_position[:, -1:] + 1
+                model(input_ids=fed[:, step : step + 1], attention_mask=step_mask, position_ids=step_position,
+                      use_cache=True, **{key: cache})  # fmt: skip
+        assert rec.decode_sink is None  # ends with the block
+        results.append((rec.token_experts(), sink, rec.decode_counts.clone()))
+    (logged, _, counts), (with_sink, sink, sink_counts) = results
+    assert torch.equal(sink[:, :STEPS], logged["decode"])  # every step, every layer
+    assert bool((sink[:, STEPS:] == 255).all())  # nothing written past the steps run
+    assert with_sink["decode"].shape[1] == 0  # nothing went to the host log
+    assert torch.equal(with_sink["prefill"], logged["prefill"]) and torch.equal(sink_counts, counts)
+    rec = mf.RoutingRecorder(model)
+    with pytest.raises(RuntimeError, match="record_token_experts=True"):
+        rec.set_decode_sink(sink, position)
+    rec = mf.RoutingRecorder(model, record_token_experts=True)
+    with pytest.raises(ValueError, match=r"expert_ids must be uint8 \[batch, steps, 2, 2\]"):
+        rec.set_decode_sink(sink[..., :1], position)

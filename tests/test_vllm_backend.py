@@ -496,6 +496,12 @@ def test_seeded_sampling_repeats_and_prefill_counts_do_not_depend_on_it(engine, 
         np.testing.assert_array_equal(run.prefill_counts, greedy.prefill_counts)
         # every generated token before the EOS is fed back, except the last of a sequence cut at max_new_tokens
         assert int(run.decode_tokens.sum()) == sum(len(ids) - (len(ids) == 8) for ids in run.tokens)
+    # per-sequence seeds (packed requests): a sequence draws the same tokens whatever else the request holds
+    sampling = vb.SamplingSettings(max_new_tokens=8, do_sample=True, temperature=1.5)
+    seeds = [11, 12, 13, 14]
+    full = engine.generate(vb.GenerationRequest(prompts=prompt_ids, sampling=sampling, sequence_seeds=seeds))
+    part = engine.generate(vb.GenerationRequest(prompts=prompt_ids[2:], sampling=sampling, sequence_seeds=seeds[2:]))
+    assert part.tokens == full.tokens[2:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,6 +552,9 @@ def test_analyze_artifacts_equal_transformers(engine, model_dir, tmp_path):
     saved = {name: pd.read_pickle(r.paths["batch_outputs"]) for name, r in (("hf", hf), ("vllm", result))}
     _assert_same_batches(saved["hf"]["batch_data_list"], saved["vllm"]["batch_data_list"])
     assert saved["vllm"]["config"]["engine"] == "vllm" and "engine" not in saved["hf"]["config"]
+    # both batches packed into one engine call (--gpu-batch-size): the same files, byte for byte
+    run_analysis(AnalysisConfig(out=str(tmp_path / "packed"), engine="vllm", gpu_batch_size=8, **common))
+    assert compare(tmp_path / "vllm", tmp_path / "packed") == []
     # resume: a second run finds every batch done and writes the same artifacts
     again = run_analysis(vllm_config)
     assert_same(again.risk_diff, result.risk_diff, "risk_diff (resumed)")

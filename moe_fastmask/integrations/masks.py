@@ -40,7 +40,9 @@ def set_expert_mask(model: nn.Module, keep: Tensor | None) -> None:
     :meth:`RoutingRecorder.record`; without groups every token is group 0) may only choose experts with
     ``keep[layer, g, expert]`` True. Group -1 tokens (padding, finished sequences) route without a mask. A mask with
     one group applies to every group. Every (layer, group) must keep at least ``top_k`` experts; otherwise a
-    ``ValueError`` names the layer. The mask is validated here once (one host sync) and moved to the model's device.
+    ``ValueError`` names the layer. The mask is validated here once (one host sync) and copied to the model's device;
+    a mask of the shape of the current one is copied into the current buffer (its address stays, so decode steps
+    captured as CUDA graphs see the change).
     """
     state = state_of(model)
     if keep is None:
@@ -60,7 +62,13 @@ def set_expert_mask(model: nn.Module, keep: Tensor | None) -> None:
         raise ValueError(f"expert mask leaves fewer than top_k={state.top_k} experts: {details}")
     if state.groups is not None and keep.shape[1] > 1:
         check_groups_fit(state.groups.cpu(), keep.shape[1], "the active groups")
-    state.keep = keep.to(state.device).contiguous()
+    current = state.keep
+    if current is not None and current.shape == keep.shape:
+        # same shape: written into the buffer the routers already read, so CUDA graphs captured with it read the
+        # new mask at replay
+        current.copy_(keep)
+    else:
+        state.keep = keep.to(state.device, copy=True).contiguous()  # owned: never the caller's tensor
 
 
 def check_groups_fit(groups: Tensor, num_groups: int | None, what: str) -> None:

@@ -50,7 +50,14 @@ def _fastmask_router_forward(self, hidden_states: Tensor) -> tuple:
     )
     recording = state.recording
     if recording is not None and recording.recorder.record_token_experts and not backward:
-        recording.recorder._log_token_experts(state.phase, layer, ids)
+        sink = recording.recorder.decode_sink
+        if sink is not None and state.phase == DECODE:
+            # device buffers (graph-safe): this decode forward's ids at the caller's step position
+            expert_ids, position = sink
+            rows = expert_ids.shape[0]
+            expert_ids[:, :, layer].index_copy_(1, position, ids.view(rows, -1, ids.shape[-1]).to(torch.uint8))
+        else:
+            recording.recorder._log_token_experts(state.phase, layer, ids)
     return adapter.router_output(self, router_logits, weights, ids)
 
 
@@ -124,7 +131,15 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 state.phase = DECODE
             elif cache is not None:
                 _remember(recording.seen_caches, cache)
-        if state.phase == PREFILL:
+        rows = recording.recorder.row_groups
+        if rows is not None:
+            # the backend's device buffer, EOS already applied: read as is (nothing here may copy from the host or
+            # sync, since the forward may be captured in a CUDA graph)
+            if rows.shape[0] != batch:
+                raise ValueError(f"{rows.shape[0]} row groups were set but the batch holds {batch} sequences")
+            groups = rows
+            recording.alive = None
+        elif state.phase == PREFILL:
             recording.alive = torch.ones(batch, dtype=torch.bool, device=groups.device)
         elif recording.eos_ids is not None and input_ids is not None and recording.alive is not None:
             # the token fed back now was generated last step: once it is EOS the sequence is finished
@@ -137,7 +152,9 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     token_group = torch.where(valid, groups[:, None], -1).reshape(-1)
     state.token_group = token_group
     state.recompute_token_group = token_group
-    if recording is not None and recording.recorder.record_token_experts and not in_backward():
+    sink = recording.recorder.decode_sink if recording is not None else None
+    if (recording is not None and recording.recorder.record_token_experts and not in_backward()
+            and not (sink is not None and state.phase == DECODE)):  # fmt: skip
         recording.recorder._log_counted_tokens(state.phase, (token_group >= 0).view(batch, seq_len))
 
 

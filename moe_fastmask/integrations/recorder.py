@@ -27,6 +27,9 @@ class RoutingRecorder:
     which phase the next forwards are with :meth:`set_phase` (``"prefill"``, ``"decode"``, or ``None`` for the
     automatic rule again) or for a whole block with ``record(..., phase=...)``. A prefill forward restarts the
     EOS tracking of the batch; a decode forward stops counting a sequence once the token it is fed is an EOS.
+    A backend that tracks EOS itself on the device (a decode step replayed as a CUDA graph, where host-side
+    bookkeeping does not run) hands the recorder a device buffer of per-sequence groups with :meth:`set_row_groups`,
+    rewritten in place as sequences finish (-1); the hook then reads it as is, with no host copy and no sync.
     Forwards recomputed during backward (gradient checkpointing) are not counted twice.
     """
 
@@ -46,6 +49,8 @@ class RoutingRecorder:
         self._layer_counts = {PREFILL: self.prefill_counts.unbind(0), DECODE: self.decode_counts.unbind(0)}
         self._token_log: dict[str, list] = {PREFILL: [], DECODE: []}
         self.phase_override: str | None = None
+        self.row_groups: Tensor | None = None
+        self.decode_sink: tuple[Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +82,50 @@ class RoutingRecorder:
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
         self.phase_override = phase
 
+    def set_row_groups(self, groups: Tensor | None) -> None:
+        """Count the following forwards with ``groups``, a device buffer the caller owns; ``None``: the block's groups.
+
+        ``groups``: int64 ``[batch]`` on the recorder's device, values in ``[-1, num_groups)`` (-1: not counted),
+        typically rewritten in place by the caller between forwards (e.g. -1 once a sequence has fed back its EOS).
+        While it is set the hook uses it as it is, in every phase, and does no EOS tracking of its own: each forward
+        reads the buffer's current values on the device, so a forward captured in a CUDA graph keeps reading it at
+        replay. The values are not checked (that would sync with the host); the buffer must keep its identity for
+        captured graphs. Set inside a :meth:`record` block, the setting ends with the block.
+        """
+        if groups is not None:
+            if not isinstance(groups, Tensor) or groups.dim() != 1 or groups.dtype != torch.int64:
+                raise ValueError(f"row groups must be a 1-D int64 tensor, got {groups!r:.80}")
+            if groups.device != self.device:
+                raise ValueError(f"row groups must be on the recorder's device {self.device}, not {groups.device}")
+        self.row_groups = groups
+
+    def set_decode_sink(self, expert_ids: Tensor | None, position: Tensor | None = None) -> None:
+        """Write each decode forward's chosen experts into device buffers instead of the host-side log.
+
+        ``expert_ids``: uint8 ``[batch, steps, num_layers, top_k]`` on the recorder's device; ``position``: int64
+        ``[1]`` on the device, the step index the next decode forward writes (the caller advances it). Every
+        layer's ids of a one-token decode forward go to ``expert_ids[:, position, layer]`` with device ops only,
+        so a decode step captured in a CUDA graph keeps writing them at replay; which positions count is the
+        caller's business (it knows its finished rows). Needs ``record_token_experts=True``; ``None`` ends it.
+        Set inside a :meth:`record` block, the setting ends with the block.
+        """
+        if expert_ids is None:
+            self.decode_sink = None
+            return
+        if not self.record_token_experts:
+            raise RuntimeError("create the recorder with record_token_experts=True to keep per-token experts")
+        if (expert_ids.dtype != torch.uint8 or expert_ids.dim() != 4
+                or tuple(expert_ids.shape[2:]) != (self.num_layers, self.top_k)):  # fmt: skip
+            raise ValueError(
+                f"expert_ids must be uint8 [batch, steps, {self.num_layers}, {self.top_k}], got "
+                f"{expert_ids.dtype} {tuple(expert_ids.shape)}"
+            )
+        if position is None or position.dtype != torch.int64 or position.shape != (1,):
+            raise ValueError("position must be an int64 tensor of shape [1]")
+        if expert_ids.device != self.device or position.device != self.device:
+            raise ValueError(f"the sink buffers must be on the recorder's device {self.device}")
+        self.decode_sink = (expert_ids, position)
+
     @contextlib.contextmanager
     def record(
         self,
@@ -106,7 +155,7 @@ class RoutingRecorder:
                 f"the expert mask has {state.keep.shape[1]} groups but the recorder counts {self.num_groups}"
             )
         eos = self._eos_ids(eos_token_id)
-        previous_phase = self.phase_override
+        previous_phase, previous_rows, previous_sink = self.phase_override, self.row_groups, self.decode_sink
         if phase is not None:
             self.set_phase(phase)
         self._token_log = {PREFILL: [], DECODE: []}
@@ -116,7 +165,7 @@ class RoutingRecorder:
         try:
             yield self
         finally:
-            self.phase_override = previous_phase
+            self.phase_override, self.row_groups, self.decode_sink = previous_phase, previous_rows, previous_sink
             state.recording = None
             state.groups = previous_groups
             state.token_group = None

@@ -6,7 +6,9 @@ The flow (each step is an importable function, for notebooks):
    into mixed safe/unsafe batches (:mod:`moe_fastmask.pipeline.batching`; paired at ``safe_ratio=0.5``).
 2. :func:`process_mixed_batches` — per batch, greedy (or sampled) batched generation through the generation
    backend of ``engine`` (:mod:`moe_fastmask.pipeline.generation`; ``hf``: ``generate`` with left padding under a
-   :class:`moe_fastmask.RoutingRecorder`): per-group expert counts per phase, each token's chosen experts as uint8
+   :class:`moe_fastmask.RoutingRecorder`; ``graph``: the static-cache CUDA-graph engine), several method batches
+   packed into one request (``gpu_batch_size``; each (batch, kind) its own counting group, so every batch's results
+   are those it gives alone): per-group expert counts per phase, each token's chosen experts as uint8
    ids (never router logits); the refusal judge labels each answer, and the optional pair filter keeps only pairs
    where the plain goal was refused and the jailbreak was not.
 3. :func:`risk_diff_per_batch` — per batch and (layer, expert):
@@ -73,6 +75,7 @@ from moe_fastmask.pipeline.generation import (
     get_backend,
     load_model,
 )
+from moe_fastmask.pipeline.generation.packing import pack_requests, split_output
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
 
 DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
@@ -111,6 +114,14 @@ class AnalysisConfig:
     top_n: int = 10
     keep_token_experts: bool = True
     engine: str = DEFAULT_BACKEND  # generation backend (moe_fastmask.pipeline.generation)
+    gpu_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "sequences per generation request: several method batches (--batch-size each) are packed into "
+            "one, each (batch, kind) counted in its own group, so the results equal one batch at a time; default: "
+            "from free memory on CUDA with --engine graph, else one batch of --batch-size (no packing)"
+        },
+    )
     device: str | None = None
     dtype: str = "auto"
     overwrite: bool = False
@@ -149,6 +160,10 @@ class AnalysisConfig:
             raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
         if self.top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
+        if self.gpu_batch_size is not None and (
+            isinstance(self.gpu_batch_size, bool) or not isinstance(self.gpu_batch_size, int) or self.gpu_batch_size < 1
+        ):
+            raise ValueError(f"gpu_batch_size must be a positive integer, got {self.gpu_batch_size!r}")
 
     @property
     def do_sample(self) -> bool:
@@ -272,8 +287,27 @@ def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: 
     ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``. ``tokenizer`` renders
     and tokenizes the prompts.
     """
-    messages, prompts, request = generation_request(tokenizer, batch, config)
-    output = backend.generate(request)
+    return generate_packed(backend, tokenizer, [batch], config, judge)[0]
+
+
+def generate_packed(
+    backend: GenerationBackend, tokenizer, batches: Sequence[Batch], config: AnalysisConfig, judge: Judge
+) -> list[dict]:
+    """Generate several method batches in one request (:mod:`~moe_fastmask.pipeline.generation.packing`: each
+    (batch, kind) its own counting group) and return each batch's record, equal to :func:`generate_batch`'s."""
+    prepared = [generation_request(tokenizer, batch, config) for batch in batches]
+    packed, layout = pack_requests([request for *_, request in prepared])
+    outputs = split_output(backend.generate(packed), layout)
+    return [
+        batch_record(batch, messages, prompts, output, config, judge)
+        for batch, (messages, prompts, _), output in zip(batches, prepared, outputs)
+    ]
+
+
+def batch_record(
+    batch: Batch, messages: list, prompts: list[str], output: GenerationOutput, config: AnalysisConfig, judge: Judge
+) -> dict:
+    """The batch record of :func:`generate_batch` from one method batch's generation output."""
     group_counts = {"prefill": output.prefill_counts, "decode": output.decode_counts}
     group_tokens = {"prefill": output.prefill_tokens, "decode": output.decode_tokens}
 
@@ -361,26 +395,67 @@ def process_mixed_batches(
     ``backend``: the generation backend (default: ``config.engine`` over ``model`` / ``tokenizer``, closed at the
     end). ``on_batch`` is called with each finished batch record (:func:`run_analysis` persists it there).
     ``progress``: a tqdm bar to advance.
+
+    Several method batches go into one generation request (``config.gpu_batch_size`` sequences, see
+    :func:`gpu_batch_size`; :mod:`~moe_fastmask.pipeline.generation.packing`): each (batch, kind) is its own counting
+    group and every sequence keeps its own sampling seed, so each batch record is the one the batch gives alone.
     """
     config = config or AnalysisConfig()
     judge = resolve_judge(judge if judge is not None else config.judge)
     own = backend is None
     if own:
-        backend = get_backend(config.engine, model, tokenizer)
+        options = {}
+        if config.engine == "graph" and config.gpu_batch_size is not None:
+            options["max_batch_size"] = config.gpu_batch_size
+        backend = get_backend(config.engine, model, tokenizer, **options)
     out = []
     try:
-        for batch in batches:
-            batch_data = generate_batch(backend, tokenizer, batch, config, judge)
-            _say(config, _pair_message(batch_data, config))
-            if on_batch is not None:
-                on_batch(batch_data)
-            out.append(batch_data)
-            if progress is not None:
-                progress.update(1)
+        per_request = max(1, gpu_batch_size(config, backend, tokenizer, batches) // config.batch_size)
+        if config.do_sample and not _draws_per_sequence(backend):
+            per_request = 1  # one generator per request: packing would change what each batch draws
+        for start in range(0, len(batches), per_request):
+            chunk = list(batches[start : start + per_request])
+            if len(chunk) == 1:
+                records = [generate_batch(backend, tokenizer, chunk[0], config, judge)]
+            else:
+                records = generate_packed(backend, tokenizer, chunk, config, judge)
+            for batch_data in records:
+                _say(config, _pair_message(batch_data, config))
+                if on_batch is not None:
+                    on_batch(batch_data)
+                out.append(batch_data)
+                if progress is not None:
+                    progress.update(1)
     finally:
         if own:
             backend.close()
     return out
+
+
+def _draws_per_sequence(backend: GenerationBackend) -> bool:
+    # the graph engine samples each sequence from its own seed (``sequence_seeds``), whatever shares the request
+    return getattr(backend, "name", None) == "graph"
+
+
+def gpu_batch_size(config: AnalysisConfig, backend: GenerationBackend, tokenizer, batches: Sequence[Batch]) -> int:
+    """Sequences per generation request: ``config.gpu_batch_size``; else, with a backend that estimates it
+    (``batch_size_for_memory``) on CUDA, what fits in free memory at the longest prompt; else one method batch
+    (``config.batch_size``: exactly the requests of an unpacked run)."""
+    if config.gpu_batch_size is not None:
+        return config.gpu_batch_size
+    estimate = getattr(backend, "batch_size_for_memory", None)
+    device = getattr(backend, "device", None)
+    if estimate is None or device is None or torch_device_type(device) != "cuda" or not batches:
+        return config.batch_size
+    longest = max(len(p) for batch in batches for p in generation_request(tokenizer, batch, config)[2].prompts)
+    size = int(estimate(longest, config.max_new_tokens))
+    if hasattr(backend, "max_batch_size"):
+        backend.max_batch_size = max(backend.max_batch_size, size)
+    return size
+
+
+def torch_device_type(device) -> str:
+    return getattr(device, "type", str(device).split(":")[0])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -736,6 +811,8 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--engine", choices=backend_names(), default=d.engine,
                          help="generation backend (moe_fastmask.pipeline.generation)")
+    runtime.add_argument("--gpu-batch-size", type=int, default=None,
+                         help=AnalysisConfig.__dataclass_fields__["gpu_batch_size"].metadata["help"])
     runtime.add_argument("--device", default=None,
                          help="default: cuda if available (one process per GPU: the GPU of LOCAL_RANK), else cpu")
     runtime.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="auto: bfloat16 on cuda, float32 on cpu")

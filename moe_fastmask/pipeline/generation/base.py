@@ -12,6 +12,7 @@ import numpy as np
 # are needed only by the runs that choose it. A new backend is one module and one line here.
 BACKENDS: dict[str, str] = {
     "hf": "moe_fastmask.pipeline.generation.hf:HFGenerateBackend",
+    "graph": "moe_fastmask.pipeline.generation.engine:StaticCacheEngine",
     "vllm": "moe_fastmask.pipeline.generation.vllm:VLLMBackend",
 }
 DEFAULT_BACKEND = "hf"
@@ -48,6 +49,9 @@ class GenerationRequest:
     ``prompts``: the prompt token ids of each sequence, unpadded (the backend pads as it needs). ``groups``: the
     counting group of each sequence in ``[-1, num_groups)`` (-1: routed but not counted), or None for no routing
     record at all. ``record_token_experts``: also keep each counted token's chosen experts (needs ``groups``).
+    ``sequence_seeds``: with ``do_sample``, one int64 sampling seed per sequence, for backends that draw each
+    sequence's tokens from its own seed (``graph``), so that a sequence samples the same tokens whatever else the
+    request holds (packed requests); backends drawing from one generator (``hf``) use ``sampling.seed``.
     """
 
     prompts: Sequence[Sequence[int]]
@@ -55,6 +59,7 @@ class GenerationRequest:
     groups: Sequence[int] | None = None
     num_groups: int = 2
     record_token_experts: bool = False
+    sequence_seeds: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.prompts):
@@ -70,6 +75,8 @@ class GenerationRequest:
                 raise ValueError(f"groups must lie in [-1, {self.num_groups}), got {bad[:5]}")
         elif self.record_token_experts:
             raise ValueError("record_token_experts needs groups (per-token experts are kept only while recording)")
+        if self.sequence_seeds is not None and len(self.sequence_seeds) != len(self.prompts):
+            raise ValueError(f"sequence_seeds has {len(self.sequence_seeds)} entries for {len(self.prompts)} prompts")
 
 
 @dataclass

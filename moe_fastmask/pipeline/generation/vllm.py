@@ -573,7 +573,7 @@ class VLLMBackend:
         return group
 
     # generation -----------------------------------------------------------------------------------------------
-    def _sampling_params(self, settings: SamplingSettings, index: int):
+    def _sampling_params(self, settings: SamplingSettings, seed: int | None):
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -581,7 +581,7 @@ class VLLMBackend:
             min_tokens=int(settings.min_new_tokens),
             temperature=float(settings.temperature) if settings.do_sample else 0.0,
             top_p=float(settings.top_p) if settings.do_sample else 1.0,
-            seed=None if settings.seed is None or not settings.do_sample else int(settings.seed) + index,
+            seed=seed if settings.do_sample else None,
             # stop exactly on the EOS ids the counts use (not also on the tokenizer's own EOS)
             ignore_eos=True,
             stop_token_ids=list(self.eos_token_ids),
@@ -599,6 +599,12 @@ class VLLMBackend:
         if groups is not None and self._cpu and not self._eager:
             raise ValueError(_compiled_cpu_message())
         keys = [self._mask_key(None if groups is None else g) for g in (groups or [None] * len(prompts))]
+        # each sequence samples from its own seed, so its tokens do not depend on what else the request holds
+        if request.sequence_seeds is not None:
+            seeds = [int(seed) for seed in request.sequence_seeds]
+        else:
+            base = request.sampling.seed
+            seeds = [None if base is None else int(base) + b for b in range(len(prompts))]
         outputs: list[Any] = [None] * len(prompts)
         # one engine pass per distinct mask (unmasked first); each pass keeps batching and the prefix cache
         for key in sorted(set(keys), key=lambda k: -1 if k is None else k):
@@ -611,7 +617,7 @@ class VLLMBackend:
                 if salt is not None:
                     item["cache_salt"] = salt
                 inputs.append(item)
-            params = [self._sampling_params(request.sampling, b) for b in members]
+            params = [self._sampling_params(request.sampling, seeds[b]) for b in members]
             for b, result in zip(members, self.llm.generate(inputs, params, use_tqdm=False)):
                 outputs[b] = result.outputs[0]
         full = [list(map(int, out.token_ids)) for out in outputs]

@@ -1,0 +1,661 @@
+"""A generation backend on a static KV cache whose decode step replays as a CUDA graph.
+
+:class:`StaticCacheEngine` (registry name ``"graph"``) generates for many prompts at once and counts routing per
+group exactly as :class:`~moe_fastmask.RoutingRecorder` counts it under ``model.generate``: prompt tokens that are
+not padding (prefill), and generated tokens fed back before their sequence's first EOS (decode). How it runs:
+
+* the request's sequences are sorted by prompt length and cut into GPU batches of at most ``max_batch_size``;
+  each batch is left-padded to its longest prompt and, so that few graphs serve many batches, to a batch-size
+  bucket (a power of two) with dummy rows that are never counted;
+* a transformers ``StaticCache`` of ``prompt + max_new_tokens`` positions (rounded up) holds the batch; prefill
+  runs eagerly in sequence chunks of at most ``prefill_chunk_tokens`` tokens, computing logits for the last
+  position only;
+* one decode step — EOS bookkeeping, mask and positions, the model, token choice — works only on device buffers,
+  so it is captured once per (bucket, cache length, settings) as a CUDA graph and replayed; the host checks for
+  completion every ``check_every`` steps, never in between;
+* greedy decoding, or sampling with temperature and top-p from counter-based noise (a per-sequence seed, the step,
+  the token id), so a seeded run gives the same tokens whatever the batching;
+* per-token experts, when asked for, are written by the decode step into device buffers (inside the graph);
+* on CPU, or where capture fails, the same step runs eagerly with identical results, and the engine says why once
+  (with where the capture broke).
+
+The recorder is driven through its public API only: the phase (:meth:`RoutingRecorder.set_phase`), the per-row
+groups on the device (:meth:`RoutingRecorder.set_row_groups`) and the decode expert sink
+(:meth:`RoutingRecorder.set_decode_sink`); the expert mask keeps its buffer (:func:`moe_fastmask.set_expert_mask`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import moe_fastmask as mf
+from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.packing import sequence_seed
+
+BACKEND_NAME = "graph"
+
+def _bind_row_groups(recorder, live_groups: Tensor | None) -> None:
+    """Count with ``live_groups`` (a device buffer the decode step rewrites: -1 once a sequence has fed back its
+    EOS) instead of the recorder's own host-side EOS tracking, which does not run when the step replays as a CUDA
+    graph."""
+    if recorder is not None:
+        recorder.set_row_groups(live_groups)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token choice (device-only ops: capturable)
+# --------------------------------------------------------------------------------------------------------------
+
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def counter_uniform(row_seeds: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Uniform (0, 1) float32 ``[B, vocab]`` from a hash of (row seed, step, token id): the same numbers on every
+    device and whatever the batch holds (int64 arithmetic wraps identically on CPU and CUDA)."""
+    base = row_seeds * _MIX1 + step * _GOLDEN  # [B]
+    x = base[:, None] + torch.arange(vocab, device=row_seeds.device, dtype=torch.int64) * _GOLDEN
+    x = (x ^ (x >> 30)) * _MIX1
+    x = (x ^ (x >> 27)) * _MIX2
+    x = x ^ (x >> 31)
+    return (((x >> 20) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def top_p_filter(logits: Tensor, top_p: Tensor) -> Tensor:
+    """``logits`` with tokens outside the smallest set whose probability reaches ``top_p`` set to -inf (the most
+    likely token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+    drop_sorted = before > top_p
+    drop_sorted[:, 0] = False
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SlotKey:
+    batch: int
+    cache_len: int
+    num_groups: int | None
+    keep_shape: tuple | None
+    do_sample: bool
+    top_p: bool
+    min_new: bool
+    graphed: bool
+    token_experts: bool = False
+
+
+class _Slot:
+    """A static cache and the device buffers of one decode step; its graph, once captured, is replayed."""
+
+    def __init__(self, key: _SlotKey, config, device: torch.device, vocab: int) -> None:
+        from transformers import StaticCache
+
+        B, M = key.batch, key.cache_len
+        self.key = key
+        self.cache = StaticCache(config=config, max_cache_len=M)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(B, 1, **i64)  # the token fed in this step
+        self.step = torch.zeros((), **i64)  # tokens generated so far
+        self.prompt_pad = torch.zeros((), **i64)  # cache index of the first generated token
+        self.base_pos = torch.zeros(B, **i64)  # position id of the first generated token (= real prompt length)
+        self.key_valid = torch.zeros(B, M, dtype=torch.bool, device=device)
+        self.cache_index = torch.arange(M, **i64)
+        self.groups = torch.full((B,), -1, **i64)
+        self.live_groups = torch.full((B,), -1, **i64)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.out = torch.zeros(B, M, **i64)
+        self.row_seeds = torch.zeros(B, **i64)
+        self.temperature = torch.ones((), dtype=torch.float32, device=device)
+        self.top_p = torch.ones((), dtype=torch.float32, device=device)
+        self.min_new = torch.zeros((), **i64)
+        self.vocab = vocab
+        self.graph = None
+        self.recorder = None
+        self.keep = None
+        self.expert_ids = None  # uint8 [B, M, L, K]: decode experts per step (device sink of the recorder)
+        self.expert_counted = None  # bool [B, M]: which decode positions are counted
+        self.fed_position = torch.zeros(1, **i64)  # the decode position the step writes
+
+
+class StaticCacheEngine:
+    """Batched generation with a static KV cache and a CUDA-graph decode step, with exact per-group routing counts.
+
+    ``model``: a causal LM of a supported MoE family (patched with :func:`moe_fastmask.apply` here, router op
+    backend ``op_backend``, if it is not yet). ``tokenizer``: for the output texts (empty strings without one).
+    ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
+    ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward. ``use_cuda_graph``: capture
+    the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
+    first. ``check_every``: decode steps between completion checks (the only host syncs of the decode loop).
+    ``cache_multiple``: cache lengths are rounded up to this, so batches of similar length share a graph.
+    ``max_slots``: captured graphs (each with its cache) kept for reuse. ``time_phases``: synchronise after prefill
+    and after decode to time them (``last_timings``; off by default: it costs a host sync per batch).
+    """
+
+    name = BACKEND_NAME
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        op_backend: str = "auto",
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        max_batch_size: int = 256,
+        prefill_chunk_tokens: int = 16384,
+        use_cuda_graph: bool = True,
+        compile: bool = False,
+        check_every: int = 16,
+        cache_multiple: int = 64,
+        max_slots: int = 2,
+        time_phases: bool = False,
+    ) -> None:
+        for arg, value in (("max_batch_size", max_batch_size), ("prefill_chunk_tokens", prefill_chunk_tokens),
+                           ("check_every", check_every), ("cache_multiple", cache_multiple), ("max_slots", max_slots)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")  # fmt: skip
+        self.model = mf.apply(model, backend=op_backend) if not mf.is_patched(model) else model
+        self.tokenizer = tokenizer
+        config = getattr(model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("eos_token_id is needed: pass it or set the model's generation_config.eos_token_id")
+        self.eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if not self.eos_ids or not all(0 <= e < vocab for e in self.eos_ids):
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
+        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else self.eos_ids[0]
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.check_every = check_every
+        self.cache_multiple = cache_multiple
+        self.max_slots = max_slots
+        self.compile = compile
+        self.time_phases = time_phases
+        self.last_timings: dict[str, float] = {}
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        weight = self.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.vocab = weight.shape[0]
+        attn = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"StaticCacheEngine supports the 'sdpa' and 'eager' attention implementations, not {attn!r}")
+        self._bool_mask = attn == "sdpa"
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self._eager_reason: str | None = None
+        if self.device.type != "cuda":
+            self._eager_reason = f"the model is on {self.device.type}; CUDA graphs need a CUDA device"
+        elif not use_cuda_graph:
+            self._eager_reason = "use_cuda_graph=False"
+        self._said: set[str] = set()
+        self._slots: dict[_SlotKey, _Slot] = {}
+        self._recorders: dict[tuple[int, bool], mf.RoutingRecorder] = {}
+        self._keep: Tensor | None = None
+        self._mask_set = False
+        self._eos_device = torch.tensor(self.eos_ids, dtype=torch.int64, device=self.device)
+        self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
+        self._eos_bias[self._eos_device] = float("-inf")
+        self._forward_decode = self._model_forward
+        if compile:
+            try:
+                self._forward_decode = torch.compile(self._model_forward, dynamic=False)
+            except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager forward
+                self._say(f"torch.compile is unavailable ({type(exc).__name__}: {exc}); the decode step runs uncompiled")
+
+    # public API ----------------------------------------------------------------------------------------------
+    def set_expert_mask(self, keep: Tensor | None) -> None:
+        """Set (or clear) the per-layer, per-group expert mask (see :func:`moe_fastmask.set_expert_mask`).
+
+        A mask of the same shape as the current one is copied into the same buffer, so captured graphs stay valid.
+        A mask set on the model directly is taken up the same way at the next :meth:`generate`.
+        """
+        self._mask_set = keep is not None
+        mf.set_expert_mask(self.model, keep)  # validates; a mask of the current shape is copied into the same buffer
+        self._adopt_mask()
+
+    def batch_size_for_memory(
+        self, prompt_len: int, max_new_tokens: int, free_bytes: int | None = None, *, fraction: float = 0.85,
+        largest: int = 4096,
+    ) -> int:
+        """The largest power-of-two GPU batch whose static cache, logits and prefill activations fit in ``fraction``
+        of ``free_bytes`` (default: the device's free memory now; on CPU, ``largest``), at least 1.
+
+        An estimate: per sequence the KV cache of ``prompt_len + max_new_tokens`` positions (rounded up like the
+        engine's caches) plus float32 logits and the token-choice temporaries; once, a prefill chunk's activations.
+        """
+        if free_bytes is None:
+            if self.device.type != "cuda":
+                return largest
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        cfg = self.model.config
+        cache_len = -(-(prompt_len + max_new_tokens) // self.cache_multiple) * self.cache_multiple
+        size = self.dtype.itemsize
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        per_sequence = cache_len * cfg.num_hidden_layers * 2 * kv_heads * head_dim * size + self.vocab * 4 * 6
+        top_k = getattr(cfg, "num_experts_per_tok", 1)
+        per_prefill_token = (cfg.hidden_size * size * 16 + top_k * cfg.intermediate_size * size * 4
+                             + heads * cache_len * 4 + cache_len)  # fmt: skip
+        room = int(free_bytes * fraction) - self.prefill_chunk_tokens * per_prefill_token
+        fitting = max(1, room // per_sequence)
+        return int(min(largest, 1 << (int(fitting).bit_length() - 1)))
+
+    def _adopt_mask(self) -> None:
+        # the mask buffer the routers read (set_expert_mask keeps its address while the shape stays): a new buffer
+        # makes the slots capture again
+        from moe_fastmask.integrations.state import state_of
+
+        self._keep = state_of(self.model).keep
+
+    def close(self) -> None:
+        """Lift a mask set through this engine, drop captured graphs, caches and count buffers."""
+        if self._mask_set:
+            mf.set_expert_mask(self.model, None)
+            self._mask_set = False
+        self._keep = None
+        self._slots.clear()
+        self._recorders.clear()
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Generate for every prompt of ``request``; see :class:`GenerationOutput`."""
+        prompts, groups, sampling = self._check(request)
+        self._adopt_mask()
+        n = len(prompts)
+        recorder = None
+        if groups is not None:
+            recorder = self._recorder(request.num_groups, request.record_token_experts)
+            recorder.reset()
+        seeds = request.sequence_seeds
+        if seeds is None:
+            seed = sampling.seed
+            if sampling.do_sample and seed is None:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            seeds = [sequence_seed(seed or 0, i) for i in range(n)]
+        generated: list[list[int]] = [[] for _ in range(n)]
+        experts: dict | None = None
+        if request.record_token_experts:
+            L, K = recorder.num_layers, recorder.top_k
+            P, D = max(len(p) for p in prompts), sampling.max_new_tokens
+            experts = {
+                "prefill": np.zeros((n, P, L, K), dtype=np.uint8), "prefill_counted": np.zeros((n, P), dtype=bool),
+                "decode": np.zeros((n, D, L, K), dtype=np.uint8), "decode_counted": np.zeros((n, D), dtype=bool),
+            }  # fmt: skip
+        order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
+        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
+        for start in range(0, n, self.max_batch_size):
+            rows = order[start : start + self.max_batch_size]
+            self._run_batch(rows, prompts, groups, sampling, seeds, recorder, generated, experts)
+        eos = set(self.eos_ids)
+        tokens = [row[:-1] if row and row[-1] in eos else row for row in generated]  # the EOS is not kept
+        texts = [""] * n
+        if self.tokenizer is not None:
+            # with the EOS, as the ``hf`` backend decodes its rows (special tokens skipped either way)
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        output = GenerationOutput(tokens=tokens, texts=texts, num_prompt_tokens=[len(p) for p in prompts])
+        if recorder is not None:
+            # real copies: on the CPU ``.cpu()`` would alias the recorder's buffers, which the next request zeroes
+            output.prefill_counts = recorder.prefill_counts.to("cpu", copy=True).numpy()
+            output.decode_counts = recorder.decode_counts.to("cpu", copy=True).numpy()
+            output.prefill_tokens = recorder.prefill_tokens.to("cpu", copy=True).numpy()
+            output.decode_tokens = recorder.decode_tokens.to("cpu", copy=True).numpy()
+        if experts is not None:
+            # decode positions: as many as the longest sequence fed back (generate's decode forwards)
+            fed = max(len(row) for row in generated) - 1
+            experts["decode"], experts["decode_counted"] = experts["decode"][:, :fed], experts["decode_counted"][:, :fed]
+            output.token_experts = experts
+        return output
+
+    # request checks ------------------------------------------------------------------------------------------
+    def _check(self, request: GenerationRequest):
+        prompts = [list(map(int, ids)) for ids in request.prompts]
+        if not prompts:
+            raise ValueError("request.prompts is empty: nothing to generate")
+        for index, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise ValueError(f"request.prompts[{index}] is empty: every prompt needs at least one token")
+            if min(ids) < 0 or max(ids) >= self.vocab:
+                raise ValueError(f"request.prompts[{index}] holds token ids outside [0, {self.vocab})")
+        sampling = request.sampling
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
+        if not 0 <= sampling.min_new_tokens <= sampling.max_new_tokens:
+            raise ValueError(f"sampling.min_new_tokens must be in [0, max_new_tokens], got {sampling.min_new_tokens}")
+        if sampling.do_sample and not (sampling.temperature > 0 and 0 < sampling.top_p <= 1):
+            raise ValueError(
+                f"sampling needs temperature > 0 and top_p in (0, 1]; got {sampling.temperature}, {sampling.top_p}"
+            )
+        groups = request.groups
+        if groups is not None:
+            if len(groups) != len(prompts):
+                raise ValueError(f"request.groups has {len(groups)} labels for {len(prompts)} prompts")
+            bad = [g for g in groups if not -1 <= int(g) < request.num_groups]
+            if bad:
+                raise ValueError(f"request.groups must be in [-1, {request.num_groups}); got {bad[:5]}")
+            groups = [int(g) for g in groups]
+        elif request.record_token_experts:
+            raise ValueError("request.record_token_experts needs request.groups (the tokens to record)")
+        seeds = request.sequence_seeds
+        if seeds is not None and (len(seeds) != len(prompts) or not all(-(2**63) <= int(x) < 2**63 for x in seeds)):
+            raise ValueError(f"request.sequence_seeds needs one int64 per prompt ({len(prompts)}), got {len(seeds)}")
+        return prompts, groups, sampling
+
+    def _recorder(self, num_groups: int, token_experts: bool) -> mf.RoutingRecorder:
+        key = (num_groups, token_experts)
+        if key not in self._recorders:
+            self._recorders[key] = mf.RoutingRecorder(self.model, num_groups, record_token_experts=token_experts)
+        return self._recorders[key]
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            warnings.warn(f"StaticCacheEngine: {message}", stacklevel=3)
+
+    # one GPU batch ---------------------------------------------------------------------------------------------
+    def _bucket(self, rows: int) -> int:
+        return min(1 << max(0, math.ceil(math.log2(rows))), max(self.max_batch_size, rows))
+
+    def _slot(self, key: _SlotKey) -> _Slot:
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            while len(self._slots) >= self.max_slots:
+                self._slots.pop(next(iter(self._slots)))  # least recently used
+            slot = _Slot(key, self.model.config, self.device, self.vocab)
+        self._slots[key] = slot  # most recently used last
+        return slot
+
+    def _run_batch(self, rows, prompts, groups, sampling, seeds, recorder, generated, experts) -> None:
+        n_real = len(rows)
+        B = self._bucket(n_real)
+        P = max(len(prompts[i]) for i in rows)
+        N = sampling.max_new_tokens
+        M = -(-(P + N) // self.cache_multiple) * self.cache_multiple
+        graphed = self.use_cuda_graph
+        token_experts = recorder is not None and recorder.record_token_experts
+        if not graphed and self._eager_reason is not None:
+            self._say(f"the decode step runs eagerly: {self._eager_reason}")
+        key = _SlotKey(
+            batch=B,
+            cache_len=M,
+            num_groups=recorder.num_groups if recorder is not None else None,
+            keep_shape=tuple(self._keep.shape) if self._keep is not None else None,
+            do_sample=sampling.do_sample,
+            top_p=sampling.do_sample and sampling.top_p < 1,
+            min_new=sampling.min_new_tokens > 0,
+            graphed=graphed,
+            token_experts=token_experts,
+        )
+        slot = self._slot(key)
+        if slot.recorder is not recorder or slot.keep is not self._keep:
+            slot.graph = None  # a graph writes into its recorder's buffers and reads its mask buffer
+            slot.recorder, slot.keep = recorder, self._keep
+        if token_experts and slot.expert_ids is None:
+            slot.expert_ids = torch.zeros(B, M, recorder.num_layers, recorder.top_k, dtype=torch.uint8,
+                                          device=self.device)  # fmt: skip
+            slot.expert_counted = torch.zeros(B, M, dtype=torch.bool, device=self.device)
+
+        # host-side batch layout: left padding; dummy rows (bucket fill) hold one pad token and are never counted
+        ids = torch.full((B, P), self.pad_token_id, dtype=torch.int64)
+        valid = torch.zeros(B, P, dtype=torch.bool)
+        row_groups = torch.full((B,), -1, dtype=torch.int64)
+        row_seeds = torch.zeros(B, dtype=torch.int64)
+        for r, i in enumerate(rows):
+            p = prompts[i]
+            ids[r, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
+            valid[r, P - len(p) :] = True
+            row_seeds[r] = seeds[i]
+            if groups is not None:
+                row_groups[r] = groups[i]
+        valid[n_real:, P - 1] = True
+        positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+
+        dev = self.device
+        slot.cache.reset()
+        slot.key_valid.fill_(True)
+        slot.key_valid[:, :P].copy_(valid)
+        slot.base_pos.copy_(valid.sum(-1))
+        slot.groups.copy_(row_groups)
+        slot.row_seeds.copy_(row_seeds)
+        slot.finished.zero_()
+        slot.finished[n_real:] = True
+        slot.prompt_pad.fill_(P)
+        slot.temperature.fill_(float(sampling.temperature))
+        slot.top_p.fill_(float(sampling.top_p))
+        slot.min_new.fill_(int(sampling.min_new_tokens))
+        slot.step.zero_()
+        if token_experts:
+            slot.expert_ids.zero_()
+            slot.expert_counted.zero_()
+        ids_dev, positions_dev = ids.to(dev), positions.to(dev)
+
+        start = time.perf_counter()
+        slot.live_groups.copy_(slot.groups)
+        # the engine states the phase (chunked prefill continues its cache, which the automatic rule would call a
+        # decode step) and keeps the per-row groups on the device itself (-1 once a sequence has fed back its EOS)
+        record = recorder.record(row_groups.tolist(), phase="prefill") if recorder is not None else None
+        if record is not None:
+            record.__enter__()
+            _bind_row_groups(recorder, slot.live_groups)
+        try:
+            # prefill, in sequence chunks; logits of the last position only
+            chunk = max(1, self.prefill_chunk_tokens // B)
+            hidden = None
+            for s in range(0, P, chunk):
+                e = min(P, s + chunk)
+                visible = (slot.cache_index[None, None, :] <= torch.arange(s, e, device=dev)[None, :, None]) & (
+                    slot.key_valid[:, None, :]
+                )
+                hidden = self._decoder_forward(ids_dev[:, s:e], visible, positions_dev[:, s:e], slot.cache)
+            logits = self.lm_head(hidden[:, -1]).float()
+            first = self._choose(slot, logits)
+            slot.out[:, 0] = first
+            slot.tokens[:, 0] = first
+            slot.step.fill_(1)
+            prefilled = self._clock()
+
+            if recorder is not None:
+                recorder.set_phase("decode")
+                if token_experts:
+                    recorder.set_decode_sink(slot.expert_ids, slot.fed_position)
+            done_steps = 1
+            while done_steps < N:
+                self._decode(slot)
+                done_steps += 1
+                if done_steps % self.check_every == 0 and done_steps < N and bool(self._all_done(slot)):
+                    break
+            decoded = self._clock()
+        finally:
+            if record is not None:
+                record.__exit__(None, None, None)
+        timings = self.last_timings
+        timings["prefill_s"] += prefilled - start
+        timings["decode_s"] += decoded - prefilled
+        timings["decode_steps"] += done_steps - 1
+        timings["batches"] += 1
+
+        out = slot.out[:n_real, :done_steps].cpu().tolist()
+        eos = set(self.eos_ids)
+        for r, i in enumerate(rows):
+            tokens = out[r]
+            for t, token in enumerate(tokens):
+                if token in eos:
+                    tokens = tokens[: t + 1]
+                    break
+            generated[i] = tokens
+        if experts is not None:
+            self._collect_experts(recorder, slot, done_steps - 1, rows, prompts, experts)
+
+    def _clock(self) -> float:
+        if self.time_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _collect_experts(self, recorder, slot, decode_steps: int, rows, prompts, experts) -> None:
+        """This GPU batch's per-token experts into the request's arrays: prompt positions right-aligned (left
+        padding, as ``generate`` lays them out), decode positions from the first step; ids only where counted.
+        Prefill experts come from the recorder's log, decode experts from the slot's device sink."""
+        logged = recorder.token_experts()
+        logged["decode"] = slot.expert_ids[:, :decode_steps].cpu()
+        logged["decode_counted"] = slot.expert_counted[:, :decode_steps].cpu()
+        for phase in ("prefill", "decode"):
+            ids, counted = logged[phase].numpy(), logged[f"{phase}_counted"].numpy()
+            if ids.shape[1] == 0:
+                continue
+            ids = np.where(counted[..., None, None], ids, 0).astype(np.uint8)
+            for r, i in enumerate(rows):
+                if phase == "prefill":
+                    width = len(prompts[i])
+                    experts[phase][i, -width:] = ids[r, -width:]
+                    experts[f"{phase}_counted"][i, -width:] = counted[r, -width:]
+                else:
+                    width = min(ids.shape[1], experts[phase].shape[1])
+                    experts[phase][i, :width] = ids[r, :width]
+                    experts[f"{phase}_counted"][i, :width] = counted[r, :width]
+
+    # the model and the step ------------------------------------------------------------------------------------
+    def _mask(self, visible: Tensor) -> Tensor:
+        """[B, q, M] bool visibility -> the 4-D mask the attention implementation takes."""
+        mask = visible[:, None]
+        if self._bool_mask:
+            return mask
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(self.dtype).min
+        )
+
+    def _decoder_forward(self, input_ids: Tensor, visible: Tensor, position_ids: Tensor, cache) -> Tensor:
+        kwargs = {self._cache_kwarg: cache}
+        out = self.decoder(
+            input_ids=input_ids, attention_mask=self._mask(visible), position_ids=position_ids, use_cache=True, **kwargs
+        )
+        return out.last_hidden_state
+
+    def _model_forward(self, tokens: Tensor, visible: Tensor, position_ids: Tensor, cache) -> Tensor:
+        return self.lm_head(self._decoder_forward(tokens, visible, position_ids, cache)[:, -1]).float()
+
+    def _choose(self, slot: _Slot, logits: Tensor) -> Tensor:
+        """The next token of every row from float32 logits ``[B, V]`` (``slot.step`` tokens generated so far)."""
+        key = slot.key
+        if key.min_new:  # no EOS before min_new_tokens, as generate's MinNewTokensLengthLogitsProcessor
+            logits = logits + torch.where(slot.step < slot.min_new, self._eos_bias, 0.0)
+        if not key.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / slot.temperature
+        if key.top_p:
+            logits = top_p_filter(logits, slot.top_p)
+        noise = counter_uniform(slot.row_seeds, slot.step, logits.shape[-1])
+        return (logits - torch.log(-torch.log(noise))).argmax(dim=-1)
+
+    def _step(self, slot: _Slot) -> None:
+        """One decode step on device buffers only: feed ``slot.tokens``, write the next token."""
+        fed = slot.tokens[:, 0]
+        # a sequence whose fed-back token is EOS is finished: it and everything after it is never counted
+        slot.finished.logical_or_(torch.isin(fed, self._eos_device))
+        slot.live_groups.copy_(torch.where(slot.finished, -1, slot.groups))
+        if slot.expert_ids is not None:  # per-token experts: this step's position and whether it counts
+            slot.fed_position.copy_((slot.step - 1).view(1))
+            slot.expert_counted.index_copy_(1, slot.fed_position, (slot.live_groups >= 0)[:, None])
+        pos = slot.prompt_pad + slot.step - 1  # cache index of the fed token
+        visible = ((slot.cache_index <= pos)[None, :] & slot.key_valid)[:, None, :]
+        position_ids = (slot.base_pos + slot.step - 1)[:, None]
+        logits = self._forward_decode(slot.tokens, visible, position_ids, slot.cache)
+        token = torch.where(slot.finished, self.pad_token_id, self._choose(slot, logits))
+        slot.out.index_copy_(1, slot.step.view(1), token[:, None])
+        slot.tokens.copy_(token[:, None])
+        slot.step.add_(1)
+
+    def _all_done(self, slot: _Slot) -> Tensor:
+        return (slot.finished | torch.isin(slot.tokens[:, 0], self._eos_device)).all()
+
+    def _decode(self, slot: _Slot) -> None:
+        if not slot.key.graphed:
+            self._step_with_fallback(slot)
+            return
+        if slot.graph is not None:
+            slot.graph.replay()
+            return
+        # first decode step of this slot: run it for real on a side stream (warm-up), then capture the next one
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step_with_fallback(slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()  # a private memory pool: slots never share temporaries
+            with torch.cuda.graph(graph):
+                self._step(slot)
+        except Exception as exc:  # noqa: BLE001 - capture can fail for many reasons; eager is always correct
+            slot.key = _replace(slot.key, graphed=False)
+            self._say(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}, at {_origin(exc)}); decoding "
+                      f"eagerly{_capture_hint(self.model)}")
+            torch.cuda.synchronize()
+            return
+        # capture records without running anything: the captured step is the one the next call replays
+        slot.graph = graph
+
+    def _step_with_fallback(self, slot: _Slot) -> None:
+        """:meth:`_step`; a compiled forward that fails to compile is replaced by the eager one (said once).
+
+        Compilation fails before anything runs, and the step's bookkeeping before the forward is idempotent, so the
+        step is simply run again."""
+        try:
+            self._step(slot)
+        except Exception as exc:  # noqa: BLE001
+            if self._forward_decode is self._model_forward:
+                raise
+            self._forward_decode = self._model_forward
+            self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
+            self._step(slot)
+
+
+def _origin(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost Python frame that raised ``exc`` (where a capture broke)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{frame.filename.rsplit('/', 2)[-1] if '/' in frame.filename else frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _capture_hint(model: nn.Module) -> str:
+    """Why a capture commonly fails: transformers' ``grouped_mm`` experts fall back to a loop over host-side offsets
+    (a device-to-host copy) for weights other than bfloat16 on some versions; ``batched_mm`` stays on the device."""
+    implementation = getattr(model.config, "_experts_implementation", None)
+    dtype = next(model.parameters()).dtype
+    if implementation == "grouped_mm" and dtype != torch.bfloat16:
+        return (f" (the experts run transformers' grouped_mm on {dtype} weights, which can loop over host-side "
+                "offsets; model.set_experts_implementation('batched_mm') keeps the step on the device)")
+    return ""
+
+
+def _replace(key: _SlotKey, **changes) -> _SlotKey:
+    from dataclasses import replace
+
+    return replace(key, **changes)
