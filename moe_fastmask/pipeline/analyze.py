@@ -74,6 +74,7 @@ from moe_fastmask.pipeline.generation import (
     SamplingSettings,
     backend_names,
     get_backend,
+    load_model,
 )
 from moe_fastmask.pipeline.generation.packing import pack_requests, split_output
 from moe_fastmask.pipeline.judge import Judge, judge_name, resolve_judge
@@ -625,7 +626,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         if remaining:
             if model is None:
                 try:
-                    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype)
+                    model, tokenizer = load_model(config.engine, config.model, device, dtype)
                 except UsageError:
                     if fresh and not done and not dist.enabled:  # this run wrote only its config and split
                         store.clear()
@@ -721,7 +722,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         run_analysis(config_from_args(args))
-    except (ValueError, ConfigMismatchError, AnalysisError) as error:
+    except (ValueError, ImportError, ConfigMismatchError, AnalysisError) as error:
         where = f" (rank {distributed.get_rank()})" if distributed.get_world_size() > 1 else ""
         print(f"moe-fastmask analyze: error{where}: {error}", file=sys.stderr)
         return 2

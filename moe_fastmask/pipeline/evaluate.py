@@ -238,7 +238,8 @@ def generate_answers(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
-    model.eval()
+    if hasattr(model, "eval"):  # a transformers model (the vllm engine has no train mode)
+        model.eval()
     own = backend is None
     if own:
         backend = get_backend(engine, model, tokenizer)
@@ -329,9 +330,9 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     import moe_fastmask as mf
     from moe_fastmask.pipeline import artifacts
-    from moe_fastmask.pipeline.common import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from moe_fastmask.pipeline.common import resolve_device, resolve_dtype
     from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
-    from moe_fastmask.pipeline.generation import get_backend
+    from moe_fastmask.pipeline.generation import get_backend, load_model
     from moe_fastmask.pipeline.judge import judge_name
     from moe_fastmask.pipeline.preflight import check_device, check_paths
     from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, steering_experts
@@ -375,8 +376,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         frames.append(frame)
 
     if args.base_model is not None:
-        model, tokenizer = load_model_and_tokenizer(args.base_model, device, dtype)
-        if selection is not None and model_sizes(model.config) != (
+        model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
+        if selection is not None and model is not None and model_sizes(model.config) != (
             selection.num_layers, selection.num_experts, selection.top_k
         ):
             raise ValueError(
@@ -397,7 +398,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     elif selection is not None:
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
-        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+        model, tokenizer = load_model(args.engine, args.model, device, dtype)
         backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
         run("after", model, tokenizer, backend)
         backend.close()
@@ -453,7 +454,7 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     try:
         result = evaluate(dataclass_from_args(EvaluationArguments, args))
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, ImportError, FileNotFoundError) as error:
         print(f"moe-fastmask evaluate: error: {error}", file=sys.stderr)
         return 2
     print(result.table, end="")

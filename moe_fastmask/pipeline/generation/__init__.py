@@ -20,14 +20,16 @@ The protocol (:mod:`moe_fastmask.pipeline.generation.base`):
   the backend's business; the counts it returns must follow the rules above (no padding, nothing after a
   sequence's EOS, group -1 never counted), so that every backend gives the analysis the same statistics.
 
-Backends: ``hf`` (:mod:`moe_fastmask.pipeline.generation.hf`, ``transformers``' ``generate``, the reference) and
+Backends: ``hf`` (:mod:`moe_fastmask.pipeline.generation.hf`, ``transformers``' ``generate``, the reference),
 ``graph`` (:mod:`moe_fastmask.pipeline.generation.engine`: static KV cache, bucketed left-padded batches, chunked
-prefill, the decode step replayed as a CUDA graph; the same tokens and counts as ``hf``, eagerly on CPU).
+prefill, the decode step replayed as a CUDA graph; the same tokens and counts as ``hf``, eagerly on CPU) and ``vllm``
+(:mod:`moe_fastmask.pipeline.generation.vllm`, ``vllm.LLM``; optional, imported only when chosen).
 :mod:`~moe_fastmask.pipeline.generation.packing` puts several method batches into one request and splits the output
 back, each batch exactly as it would come alone. To add one, write
 a module with a class taking ``(model, tokenizer, **options)`` that implements the protocol, and add its line to
 :data:`BACKENDS` in :mod:`~moe_fastmask.pipeline.generation.base`; ``--engine`` offers it, and ``analyze`` /
-``evaluate`` need no change.
+``evaluate`` need no change. A backend that generates from something else than a transformers model gives its class
+a ``load_model(model_name_or_path, device, dtype) -> (model, tokenizer)``, which :func:`load_model` calls instead.
 """
 
 from moe_fastmask.pipeline.generation.base import (
@@ -37,8 +39,10 @@ from moe_fastmask.pipeline.generation.base import (
     GenerationOutput,
     GenerationRequest,
     SamplingSettings,
+    backend_class,
     backend_names,
     get_backend,
+    load_model,
 )
 
 __all__ = [
@@ -48,6 +52,8 @@ __all__ = [
     "GenerationOutput",
     "GenerationRequest",
     "SamplingSettings",
+    "backend_class",
     "backend_names",
     "get_backend",
+    "load_model",
 ]

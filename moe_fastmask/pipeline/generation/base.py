@@ -13,6 +13,7 @@ import numpy as np
 BACKENDS: dict[str, str] = {
     "hf": "moe_fastmask.pipeline.generation.hf:HFGenerateBackend",
     "graph": "moe_fastmask.pipeline.generation.engine:StaticCacheEngine",
+    "vllm": "moe_fastmask.pipeline.generation.vllm:VLLMBackend",
 }
 DEFAULT_BACKEND = "hf"
 
@@ -133,13 +134,29 @@ def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
-def get_backend(name: str, model, tokenizer, **options) -> GenerationBackend:
-    """Create backend ``name`` over ``model`` / ``tokenizer``; ``options`` go to its constructor."""
+def backend_class(name: str) -> type:
+    """The class registered as backend ``name`` (its module is imported now, not its engine's dependencies)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown generation engine {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name, attribute = BACKENDS[name].split(":")
-    backend_type = getattr(importlib.import_module(module_name), attribute)
-    return backend_type(model, tokenizer, **options)
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def get_backend(name: str, model, tokenizer, **options) -> GenerationBackend:
+    """Create backend ``name`` over ``model`` / ``tokenizer``; ``options`` go to its constructor."""
+    return backend_class(name)(model, tokenizer, **options)
+
+
+def load_model(name: str, model_name_or_path: str, device: str, dtype: str):
+    """``(model, tokenizer)`` for backend ``name``: what its class's ``load_model`` returns when it has one (vLLM: its
+    engine, never a second copy of the weights), else the transformers model
+    (:func:`moe_fastmask.pipeline.common.load_model_and_tokenizer`)."""
+    loader = getattr(backend_class(name), "load_model", None)
+    if loader is None:
+        from moe_fastmask.pipeline.common import load_model_and_tokenizer
+
+        loader = load_model_and_tokenizer
+    return loader(model_name_or_path, device, dtype)
 
 
 __all__ = [
@@ -149,6 +166,8 @@ __all__ = [
     "GenerationOutput",
     "GenerationRequest",
     "SamplingSettings",
+    "backend_class",
     "backend_names",
     "get_backend",
+    "load_model",
 ]
