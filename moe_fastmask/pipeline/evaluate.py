@@ -377,7 +377,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
 
     if args.base_model is not None:
         model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
-        if selection is not None and model is not None and model_sizes(model.config) != (
+        if selection is not None and isinstance(model, torch.nn.Module) and model_sizes(model.config) != (
             selection.num_layers, selection.num_experts, selection.top_k
         ):
             raise ValueError(
