@@ -1,5 +1,8 @@
 """A generation backend on a static KV cache whose decode step replays as a CUDA graph.
 
+About 660 lines in one module on purpose: the captured step, the device buffers it replays over, and the eager path
+that must give the same results change together.
+
 :class:`StaticCacheEngine` (registry name ``"graph"``) generates for many prompts at once and counts routing per
 group exactly as :class:`~moe_fastmask.RoutingRecorder` counts it under ``model.generate``: prompt tokens that are
 not padding (prefill), and generated tokens fed back before their sequence's first EOS (decode). How it runs:

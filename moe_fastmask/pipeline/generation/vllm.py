@@ -1,5 +1,8 @@
 """vLLM generation backend: batched, prefix-cached generation through ``vllm.LLM`` with exact per-group counts.
 
+About 680 lines in one module on purpose: everything that knows vLLM (version checks, the routed-experts conversion,
+steering on the workers, the engine cache, the backend) stays behind this one lazily imported module.
+
 vLLM reports the experts it routed every token to (``LLM(..., enable_return_routed_experts=True)``: per request a
 uint8 array ``[prompt_len + generated - 1, layers, top_k]``; the last generated token is never run through the
 model). :func:`summarize_routed_experts` turns those arrays into the same per-group prefill/decode counts and
