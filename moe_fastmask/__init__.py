@@ -64,7 +64,13 @@ class _RegisterOpsAfterTorch(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module) -> None:
             exec_module(module)
-            importlib.import_module("moe_fastmask.ops")
+            try:
+                importlib.import_module("moe_fastmask.ops")
+            except Exception as exc:  # never let our registration break the user's ``import torch``
+                import warnings
+
+                warnings.warn(f"moe_fastmask: registering torch.ops.moe_fastmask failed ({exc!r}); it is retried "
+                              f"when moe_fastmask.ops is imported", RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_then_register
         return spec
