@@ -1,11 +1,13 @@
 """Every supported model family on a tiny random model built from its config class: the patched model equals the
 stock one (logits, greedy generation, gradients), the recorder's counts equal a recount of the stock routers'
-choices, a masked expert is never chosen, and a short masked training step changes only the selected expert slices
-(or is refused, naming the family, where the expert layout is not one expert slices train)."""
+choices, a masked expert is never chosen, a short masked training step changes only the selected expert slices
+(or is refused, naming the family, where the expert layout is not one expert slices train), and the pipeline
+(analyze, train, evaluate) runs end to end on each family."""
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -285,18 +287,11 @@ def math_attention():
         yield
 
 
-@pytest.mark.usefixtures("math_attention")
-def test_analyze_and_train_on_a_deepseek_style_model(tmp_path):
-    """The pipeline on the family with the most to get wrong (dense first layer, sigmoid router with a selection
-    bias and groups, shared experts): analyze, then masked training changes only the selected experts' rows."""
-    from moe_fastmask.pipeline import train as tr
-    from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
-    from moe_fastmask.pipeline.demo import build_demo, build_offline_tokenizer
-
-    _, data = build_demo(tmp_path / "demo", num_records=16)
-    tokenizer = build_offline_tokenizer()
-    config_name, model_name, kwargs = FAMILIES["deepseek_v3"]
-    # multi-head latent attention with padded batches needs as many key/value heads as query heads
+def _pipeline_model(name: str, tokenizer, path):
+    """A tiny random ``name`` model sized for the offline tokenizer, saved with it to ``path``; returns the model."""
+    config_name, model_name, kwargs = FAMILIES[name]
+    # DeepSeek's multi-head latent attention with padded batches needs as many key/value heads as query heads;
+    # every family gets the same, so that the cases differ only in the family
     config = getattr(transformers, config_name)(
         **{**COMMON, "vocab_size": len(tokenizer), "num_key_value_heads": 4}, **kwargs,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -305,30 +300,97 @@ def test_analyze_and_train_on_a_deepseek_style_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(transformers, model_name)(config)
-        model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def _analyze(name: str, tmp_path):
+    """Demo data, the saved tiny model and ``analyze`` on it: (data file, model, model directory, analysis dir)."""
+    from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
+    from moe_fastmask.pipeline.demo import build_demo, build_offline_tokenizer
+
+    _, data = build_demo(tmp_path / "demo", num_records=16)
+    model = _pipeline_model(name, build_offline_tokenizer(), tmp_path / "model")
     run_analysis(AnalysisConfig(model=str(tmp_path / "model"), data=str(data), out=str(tmp_path / "analysis"),
                                 num_batches=2, batch_size=8, max_new_tokens=4, progress=False, verbose=False))
+    return data, model, tmp_path / "model", tmp_path / "analysis"
+
+
+def _train(model_dir, analysis, out):
+    from moe_fastmask.pipeline import train as tr
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # three experts over two top-4 layers mask no layer: the point here is that only selected rows change
-        result = tr.train(tr.MaskedFinetuneArguments(
-            model=str(tmp_path / "model"), sft=str(tmp_path / "analysis"), out=str(tmp_path / "train"), top_n=3,
-            batch_size=8, num_epochs=1, learning_rate=1e-2, device="cpu", seed=0, allow_unmasked=True))
-        trained = transformers.AutoModelForCausalLM.from_pretrained(result.final_model)
-    assert result.selection.num_layers == 2 and len(result.selection.experts) == 3
-    selected = {(layer, e) for layer, e in result.selection.experts}
-    before = dict(model.named_parameters())
-    adapter = mf.get_adapter(trained)
-    fused = {}
-    for layer, module in enumerate(adapter.experts_modules(adapter.base_model(trained))):
-        for tensor in (module.gate_up_proj, module.down_proj):
-            fused[id(tensor)] = layer
+        # three experts over two top-k layers leave a layer with fewer than k of them unmasked: the point here is
+        # that only the selected rows change, not the masking
+        return tr.train(tr.MaskedFinetuneArguments(
+            model=str(model_dir), sft=str(analysis), out=str(out), top_n=3, batch_size=8, num_epochs=1,
+            learning_rate=1e-2, device="cpu", seed=0, allow_unmasked=True))
+
+
+def _changed_expert_rows(before, trained) -> set[tuple[int, int]]:
+    """The (MoE layer, expert) rows of the fused expert tensors that differ from ``before``; every other parameter
+    and buffer (the selection bias of sigmoid routers among them) must be unchanged."""
+    fused = {id(t): layer for layer, tensors in enumerate(_fused_expert_tensors(trained)) for t in tensors}
+    reference = {**dict(before.named_parameters()), **dict(before.named_buffers())}
     changed = set()
-    for name, param in trained.named_parameters():
-        diff = param.detach() != before[name].detach()
+    for name, param in list(trained.named_parameters()) + list(trained.named_buffers()):
+        diff = param.detach() != reference[name].detach()
         if id(param) in fused:
             changed |= {(fused[id(param)], e) for e in diff.flatten(1).any(dim=1).nonzero().flatten().tolist()}
         else:
             assert not diff.any(), f"{name} changed"
-    assert changed and changed <= selected
+    return changed
+
+
+@pytest.mark.usefixtures("math_attention")
+@pytest.mark.parametrize("name", NAMES)
+def test_analyze_train_evaluate(name, tmp_path):
+    """analyze, train and evaluate on each family (DeepSeek-style models have the most to get wrong: a dense first
+    layer, a sigmoid router with a selection bias and groups, shared experts): training changes only the selected
+    experts' rows (GPT-OSS, whose experts are not fused bias-free tensors, is refused by name), and evaluate answers
+    under every condition the run allows: before, steering (the base model with the selected experts off), after."""
+    from moe_fastmask.pipeline.common import SELECTION_FILE
+    from moe_fastmask.pipeline.evaluate import EvaluationArguments, evaluate
+    from moe_fastmask.pipeline.selection import model_sizes, select_experts
+    from moe_fastmask.pipeline.train.data import resolve_sft_paths
+
+    data, model, model_dir, analysis = _analyze(name, tmp_path)
+    paths = resolve_sft_paths(analysis)
+    num_layers, num_experts, top_k = model_sizes(model.config)
+    assert num_layers == 2
+    if mf.get_adapter(model).expert_layout.concatenated:
+        result = _train(model_dir, analysis, tmp_path / "train")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained = transformers.AutoModelForCausalLM.from_pretrained(result.final_model)
+        assert len(result.selection.experts) == 3
+        changed = _changed_expert_rows(model, trained)
+        assert changed and changed <= {(layer, e) for layer, e in result.selection.experts}
+        after, selection_file = str(result.final_model), result.out / SELECTION_FILE
+        conditions = {"before", "steering", "after"}
+    else:
+        assert name == "gpt_oss"
+        with pytest.raises(TypeError, match=rf"the {name} experts"):
+            _train(model_dir, analysis, tmp_path / "train")
+        selection = select_experts(paths["risk_table"], num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                                   top_n=3, warn=False)
+        selection_file = tmp_path / SELECTION_FILE
+        selection.save(selection_file)
+        after, conditions = None, {"before", "steering"}
+    assert selection_file.is_file()
+    limit = 2
+    evaluation = evaluate(EvaluationArguments(
+        data=str(data), model=after, base_model=str(model_dir), selection=str(selection_file),
+        split_file=str(paths["split"]), out=str(tmp_path / "evaluation"), steering=True, device="cpu", limit=limit,
+        batch_size=limit, max_new_tokens=2), progress=False)
+    assert set(evaluation.summary.condition) == conditions
+    # each record is asked twice: its jailbreak prompt and its plain goal
+    counts = evaluation.answers.groupby(["condition", "kind"]).size().to_dict()
+    assert counts == {(c, kind): limit for c in conditions for kind in ("goal", "jailbreak")}
+    assert evaluation.settings["num_steered_experts"] > 0
+    assert set(evaluation.rates()) == conditions
+    assert set(json.loads(evaluation.paths["json"].read_text())["results"]) == conditions
+    written = [json.loads(line) for line in evaluation.paths["answers"].read_text().splitlines()]
+    assert {row["condition"] for row in written} == conditions and len(written) == len(evaluation.answers)
