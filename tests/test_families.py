@@ -374,6 +374,12 @@ def test_analyze_train_evaluate(name, tmp_path):
         assert name == "gpt_oss"
         with pytest.raises(TypeError, match=rf"the {name} experts"):
             _train(model_dir, analysis, tmp_path / "train")
+        assert not (tmp_path / "train").exists()  # refused before anything is written
+        from moe_fastmask.cli import main
+
+        assert main(["train", "--model", str(model_dir), "--sft", str(analysis), "--out", str(tmp_path / "cli"),
+                     "--device", "cpu"]) == 2  # one line, no traceback
+        assert not (tmp_path / "cli").exists()
         selection = select_experts(paths["risk_table"], num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                    top_n=3, warn=False)
         selection_file = tmp_path / SELECTION_FILE

@@ -89,12 +89,22 @@ class _SliceState:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class UnsupportedExpertLayoutError(TypeError):
+    """The model's experts are not stored in the fused layout that expert slices train."""
+
+
+def check_expert_slices_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedExpertLayoutError` (or the registry's error for an unknown family) unless expert
+    slices can train ``model``; cheap, so callers run it before writing anything."""
+    _experts_modules(model)
+
+
 def _experts_modules(model: nn.Module, adapter: MoEAdapter | None = None) -> list[nn.Module]:
     """The experts module of every MoE layer, checked to hold fused tensors in the layout slices train."""
     adapter = adapter or get_adapter(model)
     layout = adapter.expert_layout
     if not layout.concatenated:
-        raise TypeError(
+        raise UnsupportedExpertLayoutError(
             f"expert slices need fused gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I] tensors "
             f"without bias; the {adapter.model_type} experts are {layout}"
         )
@@ -103,12 +113,15 @@ def _experts_modules(model: nn.Module, adapter: MoEAdapter | None = None) -> lis
         if not isinstance(getattr(module, layout.gate_up, None), Tensor) or not isinstance(
             getattr(module, layout.down, None), Tensor
         ):
-            raise TypeError(
+            raise UnsupportedExpertLayoutError(
                 f"MoE layer {idx}: the {adapter.model_type} experts module has no fused {layout.gate_up} / "
                 f"{layout.down} tensors"
             )
         if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-            raise TypeError(f"MoE layer {idx}: transposed or biased expert tensors are not supported")
+            raise UnsupportedExpertLayoutError(
+                f"MoE layer {idx}: the {adapter.model_type} experts are transposed or biased, which expert slices do "
+                f"not support"
+            )
     return experts
 
 

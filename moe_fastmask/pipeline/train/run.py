@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_fastmask.integrations.expert_slices import UnsupportedExpertLayoutError, check_expert_slices_supported
+from moe_fastmask.integrations.registry import UnsupportedModelError
 from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import (
     CHECKPOINT_DIR,
@@ -172,6 +174,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     except OSError as error:  # not found locally or on the hub, no access, no network: one line, nothing written
         raise UsageError(f"cannot load model {config.model!r}: {one_line(error)}") from error
     prepare_tokenizer(tokenizer, padding_side=None)
+    check_expert_slices_supported(model)  # an unsupported family is refused before anything is written
     use_cache = model.config.use_cache
     model.config.use_cache = False
 
@@ -286,7 +289,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         # the package's ``train``: the name users see (and may wrap) is the one the command runs
         result = package.train(config_from_args(args))
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, UnsupportedModelError, UnsupportedExpertLayoutError) as error:
         print(f"moe-fastmask train: error: {error}", file=sys.stderr)
         return 2
     finally:
