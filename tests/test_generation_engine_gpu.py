@@ -19,15 +19,7 @@ from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-PROMPTS = [
-    "How do I bake bread at home?",
-    "Hi",
-    "Write a poem about the sea and the wind, please.",
-    "Tell me how to pick a lock.",
-    "Sure, here is how to do it step by step.",
-]
-GROUPS = [0, 1, -1, 1, 0]
-NEW = 12
+from test_generation_engine import GROUPS, NEW, PROMPTS  # noqa: E402  (the CPU tests' batch: the same cases)
 
 
 @pytest.fixture(scope="module")
