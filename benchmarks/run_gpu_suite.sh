@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of record, in one run: CUDA tests, then the generation, analysis and training
-# benchmarks at the sizes benchmarks/RESULTS.md reports.
-# Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   stages: tests generate analyze train (default: all;
-# about 1.5, 5, 5 and 1 minutes on an H100), and multi (data-parallel analysis over 1 and all GPUs of the machine;
-# never a default: it wants a machine with several GPUs; MULTI_PAIRS sets its pair count, default 256), and overhead
-# (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default),
-# engine (the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark; about 5 minutes; not a default),
-# analyze-engine (analyze through the engine vs one prompt at a time, and the route kernel at many groups: about 7
-# minutes; not a default), and sanitize (compute-sanitizer memcheck and racecheck on the Triton routing kernels, forward and backward, with
-# out-of-range group ids and validate=False: benchmarks/sanitize_route.py; a few minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
-# folder of the pytest, pluggy and iniconfig wheels. GENERATE_ARGS: extra arguments of bench_olmoe_generate.py (e.g.
-# "--pin-cpu -1").
+# The GPU checks and benchmarks of record, in one run.
+# Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR [STAGE ...]]   (default stages: tests generate analyze train)
+# Stages (minutes on an H200, roughly):
+#   tests           CUDA tests (1.5)
+#   generate        patched + recording generate vs plain (5); GENERATE_ARGS: extra arguments of bench_olmoe_generate.py
+#   analyze         the analysis pipeline on 64 pairs (5)
+#   train           the training step, plain vs masked, 16 layers (1)
+#   train-liger     the masked step with our loss vs Liger-Kernel's fused linear cross entropy (2); LIGER_WHEELS: a
+#                   folder holding the liger-kernel wheel, installed for this run only
+#   overhead        host cost of patched routing in the decode loop (3.5)
+#   engine          the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark (5)
+#   analyze-engine  analyze through the engine vs one prompt at a time, and the route kernel at many groups (7)
+#   multi           data-parallel analysis over 1 and all GPUs (a machine with several GPUs); MULTI_PAIRS (256)
+#   sanitize        compute-sanitizer memcheck and racecheck on the routing kernels (benchmarks/sanitize_route.py)
+# Only the defaults run without naming stages. The tests stages need pytest; where it is missing, set PYTEST_WHEELS
+# to a folder of the pytest, pluggy and iniconfig wheels.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${1:-benchmarks/out}
@@ -44,6 +48,19 @@ fi
 want generate && step "generation" && timeout 480 python3 benchmarks/bench_olmoe_generate.py --out "$out" ${GENERATE_ARGS:-} 2>&1 | tee "$out/generate.log" | tail -8
 want analyze && step "analysis (64 pairs)" && timeout 600 python3 benchmarks/bench_analyze.py --out "$out/analyze" 2>&1 | tee "$out/analyze.log" | tail -6
 want train && step "training (16 layers)" && timeout 300 python3 benchmarks/bench_train.py --out "$out/train" 2>&1 | tee "$out/train.log" | tail -6
+if want train-liger; then
+    # the masked step's loss: ours (chunked frozen-head cross entropy) vs Liger-Kernel's fused linear cross entropy;
+    # liger-kernel must be importable (LIGER_WHEELS: a folder holding its wheel, installed for this run only)
+    if [ -n "${LIGER_WHEELS:-}" ]; then
+        site=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target "$site" "$LIGER_WHEELS"/*.whl \
+            && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$site"
+    fi
+    step "training loss: ours vs Liger-Kernel (masked mode, 16 layers)"
+    for impl in ours liger; do
+        timeout 240 python3 benchmarks/bench_train.py --out "$out/train_$impl" --modes masked --loss-impl "$impl" 2>&1 \
+            | tee "$out/train_$impl.log" | tail -4
+    done
+fi
 want overhead && step "decode overhead" && timeout 420 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -24
 if want sanitize; then
     step "compute-sanitizer on the routing kernels (out-of-range groups, validate=False)"
