@@ -6,7 +6,8 @@
 #   generate        patched + recording generate vs plain (5); GENERATE_ARGS: extra arguments of bench_olmoe_generate.py
 #   analyze         the analysis pipeline on 64 pairs (5)
 #   train           the training step, plain vs masked, 16 layers (1)
-#   train-liger     the masked step with our loss vs Liger-Kernel's fused linear cross entropy (2); LIGER_WHEELS: a
+#   train-liger     the masked step with our loss vs Liger-Kernel's fused linear cross entropy, then the loss alone
+#                   (benchmarks/bench_loss.py) (3); LIGER_WHEELS: a
 #                   folder holding the liger-kernel wheel, installed for this run only
 #   overhead        host cost of patched routing in the decode loop (3.5)
 #   engine          the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark (5)
@@ -60,6 +61,8 @@ if want train-liger; then
         timeout 240 python3 benchmarks/bench_train.py --out "$out/train_$impl" --modes masked --loss-impl "$impl" 2>&1 \
             | tee "$out/train_$impl.log" | tail -4
     done
+    step "the loss alone: ours vs Liger-Kernel vs plain PyTorch (OLMoE head, 2k-32k rows)"
+    timeout 180 python3 benchmarks/bench_loss.py --out "$out/loss" 2>&1 | tee "$out/loss.log" | tail -12
 fi
 want overhead && step "decode overhead" && timeout 420 python3 benchmarks/bench_decode_overhead.py --out "$out" 2>&1 | tee "$out/overhead.log" | tail -24
 if want sanitize; then
