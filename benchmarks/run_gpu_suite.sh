@@ -7,6 +7,10 @@
 # (host cost of patched routing in the decode loop, interleaved generate timings; about 3.5 minutes; not a default),
 # engine (the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark; about 5 minutes; not a default),
 # analyze-engine (analyze through the engine vs one prompt at a time, and the route kernel at many groups: about 7
+# minutes; not a default), family-generate (generation on a random-weight Qwen3-MoE of Qwen3-30B-A3B's size, 61 GB in
+# bf16: generate and the engine, recording on vs off, counts checked exactly; about 3-5 minutes, needs about 80 GB of
+# GPU memory; not a default; FAMILY_GENERATE_ARGS: extra arguments, e.g. "--layers 24"), diag-cpp (build facts of the
+# C++ CPU kernel and each of its argument errors in its own process, reporting any that die on a signal; under 2
 # minutes; not a default), and sanitize (compute-sanitizer memcheck and racecheck on the Triton routing kernels, forward and backward, with
 # out-of-range group ids and validate=False: benchmarks/sanitize_route.py; a few minutes; not a default). The tests stage needs pytest; where it is missing, set PYTEST_WHEELS to a
 # folder of the pytest, pluggy and iniconfig wheels. GENERATE_ARGS: extra arguments of bench_olmoe_generate.py (e.g.
@@ -75,4 +79,9 @@ if want multi; then
     timeout 580 python3 benchmarks/bench_analyze_multi_gpu.py --out "$out/multi" --gpus 1 "$gpus" \
         --pairs "${MULTI_PAIRS:-256}" 2>&1 | tee "$out/multi.log" | tail -8
 fi
+want family-generate && step "Qwen3-MoE generation (Qwen3-30B-A3B size), recording on vs off" \
+    && timeout 420 python3 benchmarks/bench_family_generate.py --out "$out" ${FAMILY_GENERATE_ARGS:-} 2>&1 \
+    | tee "$out/family_generate.log" | tail -14
+want diag-cpp && step "C++ kernel: build facts and argument errors, one process each" \
+    && timeout 150 python3 benchmarks/diag_cpp_errors.py 2>&1 | tee "$out/diag_cpp.log" | tail -40
 step "done"
