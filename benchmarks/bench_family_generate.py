@@ -161,15 +161,21 @@ def run_benchmark(model, args, log=print) -> pd.DataFrame:
         for batch in args.batches:
             elapsed = time.perf_counter() - begin
             if elapsed > args.budget_s:
-                rows.append({"variant": variant, "batch": batch, "skipped": f"budget ({elapsed:.0f} s > {args.budget_s} s)"})
+                skipped = f"budget ({elapsed:.0f} s > {args.budget_s} s)"
+                rows.append({"variant": variant, "batch": batch, "skipped": skipped})
                 log(f"{variant:>13} batch {batch:>4}: skipped, over the time budget")
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the engine's "decodes eagerly on CPU" notice
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 row = measure(model, tokenizer, variant, batch, args, engine)
+            # kept with the row: e.g. the engine saying it decodes eagerly (no CUDA graph) and why
+            row["notes"] = "; ".join(dict.fromkeys(str(w.message)[:300] for w in caught
+                                                  if "StaticCacheEngine" in str(w.message)))  # fmt: skip
             rows.append(row)
             counts = "" if row["counts_exact"] is None else f", counts exact: {row['counts_exact']}"
-            log(f"{variant:>13} batch {batch:>4}: {row['new_tok_s']:9.0f} new tok/s ({row['wall_s']:.2f} s){counts}")
+            notes = f" [{row['notes']}]" if row["notes"] else ""
+            log(f"{variant:>13} batch {batch:>4}: {row['new_tok_s']:9.0f} new tok/s ({row['wall_s']:.2f} s){counts}"
+                f"{notes}")
     if engine is not None:
         engine.close()
     return pd.DataFrame(rows)
@@ -177,20 +183,20 @@ def run_benchmark(model, args, log=print) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame, header: str) -> str:
     """The rows as a markdown table, each recording row next to its recording-off twin (``x off``)."""
-    lines = [header, "", "| variant | batch | new tok/s | x off | decode tok/s | wall s | 1st call s | counts exact |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [header, "", "| variant | batch | new tok/s | x off | decode tok/s | wall s | 1st call s | counts exact | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     done = table[table["skipped"].isna()] if "skipped" in table else table
     speed = {(r.variant, r.batch): r.new_tok_s for r in done.itertuples()}
     for r in table.itertuples():
         if "skipped" in table and isinstance(r.skipped, str):
-            lines.append(f"| {r.variant} | {r.batch} | skipped: {r.skipped} | | | | | |")
+            lines.append(f"| {r.variant} | {r.batch} | skipped: {r.skipped} | | | | | | |")
             continue
         off = speed.get((r.variant.removesuffix("+rec"), r.batch)) if r.recording else None
         ratio = f"{r.new_tok_s / off:.3f}" if off else ""
         decode = f"{r.decode_tok_s:.0f}" if pd.notna(r.decode_tok_s) else ""
         exact = "" if r.counts_exact is None or pd.isna(r.counts_exact) else str(bool(r.counts_exact))
         lines.append(f"| {r.variant} | {r.batch} | {r.new_tok_s:.0f} | {ratio} | {decode} | {r.wall_s:.2f} | "
-                     f"{r.first_call_s:.2f} | {exact} |")  # fmt: skip
+                     f"{r.first_call_s:.2f} | {exact} | {r.notes} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

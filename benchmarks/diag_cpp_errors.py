@@ -1,4 +1,5 @@
-"""Why an argument error of the C++ CPU routing op can kill the process: build facts, then each error in its own process.
+"""Why an argument error of the C++ CPU routing op can kill the process: build facts, then each error in its own
+process.
 
 ``torch.ops.moe_fastmask_C.route_cpu`` checks its arguments with ``TORCH_CHECK`` before any parallel work, so a bad
 argument should become a ``RuntimeError``; a process that dies on a signal instead points at the toolchain (the C++
@@ -138,7 +139,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "dtype (first check)": ("expect('topk_weights', weights.double(), ids, counts, logits, None, None, False)", {}),
     "top_k": ("expect('top_k', torch.empty(9, 17), torch.empty(9, 17, dtype=torch.int64), counts, logits, None, None, "
               "False)", {}),
-    "keep dtype": ("expect('keep', weights, ids, counts, logits, torch.ones(1, 16, dtype=torch.int32), None, False)", {}),
+    "keep dtype": (
+        "expect('keep', weights, ids, counts, logits, torch.ones(1, 16, dtype=torch.int32), None, False)", {}),
     "counts shape": ("expect('counts', weights, ids, torch.zeros(1, 15, dtype=torch.int64), logits, None, None, False)",
                      {}),
     "scoring=3": (SCORING3, {}),
@@ -324,7 +326,8 @@ def main() -> int:
         futures = [pool.submit(run_case, name, body, env, probe) for name, (body, env) in cases.items()]
         for future in futures:
             name, rc, out, err = future.result()
-            print(f"{name:56s} {describe(rc):14s} {out.strip().splitlines()[-1][:80] if out.strip() else ''}", flush=True)
+            last = out.strip().splitlines()[-1][:80] if out.strip() else ""
+            print(f"{name:56s} {describe(rc):14s} {last}", flush=True)
             if rc != 0:
                 if rc < 0 and "UB" not in name:
                     died.append(name)
