@@ -16,7 +16,9 @@ Each recording row checks its counts exactly: the recorded token totals per grou
 and the generated tokens, and every counted token has ``top_k`` experts in every layer
 (:func:`bench_engine.totals_match_tokens`).
 
-    python benchmarks/bench_family_generate.py --out benchmarks/out     # GPU: about 3-4 minutes on an H200
+    python benchmarks/bench_family_generate.py --out benchmarks/out     # GPU: under 6 minutes on an H200 (--budget-s)
+    python benchmarks/bench_family_generate.py --layers 4 --out /tmp/fg # GPU, a quick check of the script
+    python benchmarks/bench_family_generate.py --tiny --out /tmp/fg     # CPU, tiny config
 
 Writes ``family_generate.csv`` and ``family_generate.md`` under ``--out`` and prints the table. ``--budget-s``: no
 new measurement starts once the run has taken that long (the rows left out say so).
@@ -208,8 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--budget-s", type=float, default=300.0,
-                        help="start no measurement after this many seconds of measuring (default 300)")
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="start no measurement after this many seconds of measuring (default 270)")
     parser.add_argument("--tiny", action="store_true", help="a tiny config on CPU in float32: checks the script runs")
     args = parser.parse_args(argv)
     bad = [v for v in args.variants if v.endswith("+rec") and v.removesuffix("+rec") not in args.variants]
