@@ -17,8 +17,9 @@ crosses the library boundary, or at state left behind by what ran before (``torc
    call, after ``torch.library.opcheck`` (whole, and each of its sub-tests alone), with C++ stack traces on; and, from
    a probe library built with the same flags, a ``TORCH_CHECK`` thrown outside vs inside ``at::parallel_for``, a
    plain ``std::runtime_error``, and (for comparison: undefined behaviour, expected to abort) an exception leaving a
-   raw ``#pragma omp`` region; then the failing test itself under pytest. A case that dies shows its stderr, with the
-   native backtrace the probe's signal handler prints.
+   raw ``#pragma omp`` region; then the failing test itself under pytest (alone, after its file's other opcheck
+   tests, and after the whole file before it; started first, in the background). A case that dies shows its
+   stderr, with the native backtrace the probe's signal handler prints.
 
     python benchmarks/diag_cpp_errors.py        # from the repository root; under 2 minutes (most of it compiling)
 
@@ -171,6 +172,19 @@ CASES: dict[str, tuple[str, dict]] = {
             f"op = op.default\ntorch.library.opcheck(op, SIGMOID, test_utils={name!r})\n{SCORING3}", {})
         for name in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     },
+    "route opcheck + torch.compile (cpp), then scoring=3": (
+        "import warnings\nfrom moe_fastmask import route\n"
+        "x = torch.randn(6, 16, generator=g).requires_grad_()\n"
+        "keep = torch.ones(2, 16, dtype=torch.bool)\ngroup = torch.tensor([0, 1, -1, 1, 0, 1])\n"
+        "c = torch.zeros(2, 16, dtype=torch.int64)\nb = torch.randn(16, generator=g) * 0.1\n"
+        "torch.library.opcheck(torch.ops.moe_fastmask.route.default, "
+        "(x, 3, keep, group, c, True, 'cpp', 'sigmoid', b, 4, 2, 2.5))\n"
+        "step = lambda x, c: route(x, 3, keep, group, c, True, 'cpp', scoring='sigmoid', bias=b, n_group=4, "
+        "topk_group=2, scale=2.5)\n"
+        "with warnings.catch_warnings():\n    warnings.simplefilter('ignore')\n"
+        "    w, _ = torch.compile(step, fullgraph=True, backend='aot_eager')(x, c)\n"
+        "w.float().pow(2).sum().backward()\n"
+        f"{SCORING3}", {}),
     "probe: TORCH_CHECK outside parallel_for": (
         "expect('before the parallel', torch.zeros(4), 0, call=torch.ops.moe_fastmask_probe.throw_from)", {}),
     "probe: TORCH_CHECK inside parallel_for": (
@@ -185,6 +199,13 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 PYTEST_CASE = "tests/test_route_variants.py::test_cpp_op_opcheck_with_variants"
+# the test alone; after the file's other opcheck / compile tests; after every test before it in the file (-x: the
+# run stops at the first failure, so a crash is the last thing it prints)
+PYTEST_RUNS = {
+    "pytest: the test alone": [PYTEST_CASE],
+    "pytest: -k opcheck of its file": [PYTEST_CASE.split("::")[0], "-k", "opcheck"],
+    "pytest: its whole file, -x": [PYTEST_CASE.split("::")[0], "-x"],
+}
 
 
 def _run(cmd: list[str], timeout: float = 30, **kwargs) -> str:
@@ -305,6 +326,14 @@ def main() -> int:
     toolchain_facts()
     from moe_fastmask.ops import cpp_route
 
+    # the pytest runs start now, in the background (they build the library themselves, under its build lock)
+    pytests = {}
+    if (REPO / PYTEST_CASE.split("::")[0]).is_file():
+        for title, cmd in PYTEST_RUNS.items():
+            pytests[title] = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cmd], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, cwd=REPO, env=_env(),
+            )  # fmt: skip
     # the routing library (cached after the first build) and the probe compile at the same time
     probe_dir = Path(tempfile.mkdtemp(prefix="moe_fastmask_probe_"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -332,15 +361,23 @@ def main() -> int:
                 if rc < 0 and "UB" not in name:
                     died.append(name)
                 print("    " + "\n    ".join(err.strip().splitlines()[-40:]), flush=True)
-    # the failing test itself
-    if shutil.which(sys.executable) and (REPO / PYTEST_CASE.split("::")[0]).is_file():
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", PYTEST_CASE],
-                              capture_output=True, text=True, timeout=120, cwd=REPO, env=_env())  # fmt: skip
-        print(f"{'pytest ' + PYTEST_CASE.split('::')[1]:56s} {describe(proc.returncode):14s}", flush=True)
+    # the failing test itself, alone and after the tests before it
+    deadline = begin + 110
+    for title, proc in pytests.items():
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            print(f"{title:56s} {'unfinished':14s} (stopped at {time.perf_counter() - begin:.0f} s)", flush=True)
+            print("    " + "\n    ".join(out.strip().splitlines()[-6:]), flush=True)
+            continue
+        summary = out.strip().splitlines()[-1][:80] if out.strip() else ""
+        print(f"{title:56s} {describe(proc.returncode):14s} {summary}", flush=True)
         if proc.returncode != 0:
-            print("    " + "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-30:]), flush=True)
-            if proc.returncode < 0 or "Fatal Python error" in proc.stdout + proc.stderr:
-                died.append("pytest " + PYTEST_CASE)
+            print("    " + "\n    ".join(out.strip().splitlines()[-30:]), flush=True)
+            if proc.returncode < 0 or "Fatal Python error" in out:
+                died.append(title)
     shutil.rmtree(probe_dir, ignore_errors=True)
     print(f"\n{len(died)} case(s) died on a signal{': ' + '; '.join(died) if died else ''}; "
           f"{time.perf_counter() - begin:.0f} s", flush=True)
