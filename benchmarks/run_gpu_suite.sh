@@ -7,11 +7,15 @@
 #   analyze         the analysis pipeline on 64 pairs (5)
 #   train           the training step, plain vs masked, 16 layers (1)
 #   train-liger     the masked step with our loss vs Liger-Kernel's fused linear cross entropy, then the loss alone
-#                   (benchmarks/bench_loss.py) (3); LIGER_WHEELS: a
-#                   folder holding the liger-kernel wheel, installed for this run only
+#                   (benchmarks/bench_loss.py) (3); LIGER_WHEELS: a folder
+#                   holding the liger-kernel wheel, installed for this run only
 #   overhead        host cost of patched routing in the decode loop (3.5)
 #   engine          the static-cache CUDA-graph engine: its GPU tests, then its decode benchmark (5)
 #   analyze-engine  analyze through the engine vs one prompt at a time, and the route kernel at many groups (7)
+#   family-generate generation on a random-weight Qwen3-MoE of Qwen3-30B-A3B's size (61 GB in bf16): generate and the
+#                   engine, recording on vs off, counts checked exactly (3-5; about 80 GB of GPU memory);
+#                   FAMILY_GENERATE_ARGS: extra arguments, e.g. "--layers 24"
+#   diag-cpp        build facts of the C++ CPU kernel and each of its argument errors in its own process (2)
 #   multi           data-parallel analysis over 1 and all GPUs (a machine with several GPUs); MULTI_PAIRS (256)
 #   sanitize        compute-sanitizer memcheck and racecheck on the routing kernels (benchmarks/sanitize_route.py)
 # Only the defaults run without naming stages. The tests stages need pytest; where it is missing, set PYTEST_WHEELS
@@ -95,4 +99,9 @@ if want multi; then
     timeout 580 python3 benchmarks/bench_analyze_multi_gpu.py --out "$out/multi" --gpus 1 "$gpus" \
         --pairs "${MULTI_PAIRS:-256}" 2>&1 | tee "$out/multi.log" | tail -8
 fi
+want family-generate && step "Qwen3-MoE generation (Qwen3-30B-A3B size), recording on vs off" \
+    && timeout 420 python3 benchmarks/bench_family_generate.py --out "$out" ${FAMILY_GENERATE_ARGS:-} 2>&1 \
+    | tee "$out/family_generate.log" | tail -14
+want diag-cpp && step "C++ kernel: build facts and argument errors, one process each" \
+    && timeout 150 python3 benchmarks/diag_cpp_errors.py 2>&1 | tee "$out/diag_cpp.log" | tail -40
 step "done"
