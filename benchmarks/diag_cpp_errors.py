@@ -287,7 +287,7 @@ def build_probe(directory: Path) -> str:
     try:
         cpp_extension.load_inline(
             name="moe_fastmask_probe", cpp_sources=[PROBE_SOURCE], extra_cflags=list(cpp_route.EXTRA_CFLAGS),
-            extra_ldflags=list(cpp_route.EXTRA_LDFLAGS), build_directory=str(directory), is_python_module=False,
+            extra_ldflags=cpp_route.link_flags(), build_directory=str(directory), is_python_module=False,
             verbose=False,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the cases of the real op still run

@@ -6,6 +6,8 @@ The first run compiles the kernel (about half a minute on two cores); later runs
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -392,3 +394,32 @@ def test_cached_build_loads_in_a_new_process():
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) < 10.0
     assert library.stat().st_mtime_ns == before
+
+
+def _needed_libraries(library: Path) -> list[str]:
+    dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.rsplit("[", 1)[-1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+
+
+@pytest.mark.skipif(cpp_route.loaded_cxx_runtime() is None or shutil.which("readelf") is None,
+                    reason="needs /proc/self/maps and readelf")
+def test_library_links_the_processes_cxx_runtime_even_with_a_static_libstdcxx_compiler(tmp_path):
+    """A compiler that links libstdc++ statically (some toolchain wrappers find only libstdc++.a) must not give the
+    library a private C++ runtime: torch's error messages formatting numbers then crash the process."""
+    wrapper = tmp_path / "static-cxx"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("c++") or "g++"} "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    code = (
+        "import torch; from moe_fastmask.ops import cpp_route; print(cpp_route.build()); "
+        "logits = torch.randn(9, 16); w = torch.empty(9, 3); ids = torch.empty(9, 3, dtype=torch.int64)\n"
+        "try:\n    torch.ops.moe_fastmask_C.route_cpu(w, ids, None, logits, None, None, False, 3, None, 1, 1, 1.0)\n"
+        "except RuntimeError as exc:\n    print('raised:', exc)"
+    )
+    env = {**os.environ, "CXX": str(wrapper), "MOE_FASTMASK_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    library = Path(out.stdout.splitlines()[0])
+    assert "got 3" in out.stdout  # the numeric part of the message was formatted
+    assert any(name.startswith("libstdc++.so") for name in _needed_libraries(library))
+    defined = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
+    assert "_ZNSo" not in defined  # no std::ostream of its own

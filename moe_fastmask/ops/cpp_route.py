@@ -6,7 +6,8 @@ the torch version, the Python version, the machine and a hash of the sources and
 ``<torch>-<python>-<machine>-<hash>/``. A finished build leaves a ``BUILT`` stamp next to the library; later processes
 see the stamp and load the library directly, without running the compiler or ninja. Builds of one key are serialised
 by an ``flock`` on ``<key>.lock``, which the OS releases when a process dies, so concurrent first uses build once and
-an interrupted build never blocks later ones.
+an interrupted build never blocks later ones. The library links the C++ runtime the process already has loaded
+(torch's ``libstdc++``), never a static copy: see :func:`loaded_cxx_runtime`.
 
 The library registers ``torch.ops.moe_fastmask_C.route_cpu`` (see ``csrc/torch_bindings.cpp``); :func:`route_forward`
 is the thin wrapper the ``cpp`` backend of :func:`moe_fastmask.route` calls. ``MOE_FASTMASK_DISABLE_CPP=1`` makes
@@ -39,6 +40,7 @@ EXTRA_LDFLAGS = ("-fopenmp",) if _OPENMP else ()
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CPP"
 CACHE_ENV = "MOE_FASTMASK_CACHE_DIR"
 _STAMP = "BUILT"
+_LOADED_MAPS = "/proc/self/maps"
 SCORING_CODES = {"softmax": 0, "softmax_chosen": 1, "sigmoid": 2}  # route's scoring names as the kernel's codes
 
 
@@ -69,12 +71,38 @@ def cache_root() -> Path:
     return Path(base) / "moe_fastmask" / "cpp"
 
 
+def loaded_cxx_runtime() -> str | None:
+    """Path of the C++ runtime (``libstdc++.so``) this process has loaded, i.e. torch's; None where it is not known.
+
+    The library is linked against exactly this file. A compiler that finds only a static ``libstdc++.a`` (some
+    toolchain wrappers do) would otherwise put a second, private C++ runtime into the library; an error message built
+    there then formats numbers through a locale the second runtime never set up, and the process dies
+    (segmentation fault) instead of raising.
+    """
+    try:
+        with open(_LOADED_MAPS) as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)  # address, perms, offset, device, inode[, path]
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if "/libstdc++.so" in path and os.path.isfile(path):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+def link_flags() -> list[str]:
+    """Linker flags of the build: OpenMP where used, and the process's own C++ runtime where it is known."""
+    runtime = loaded_cxx_runtime()
+    return list(EXTRA_LDFLAGS) + ([runtime] if runtime else [])
+
+
 def build_key(sources: Path) -> str:
     """Cache key: torch version, Python version, machine, and a hash of the sources and flags."""
     digest = hashlib.sha256()
     for name in SOURCE_FILES:
         digest.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
-    digest.update(repr((EXTRA_CFLAGS, EXTRA_LDFLAGS, os.environ.get("CXX", ""))).encode())
+    digest.update(repr((EXTRA_CFLAGS, link_flags(), os.environ.get("CXX", ""))).encode())
     torch_version = torch.__version__.replace("+", "_")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return f"torch{torch_version}-{python}-{platform.machine()}-{digest.hexdigest()[:16]}"
@@ -133,7 +161,7 @@ def _compile_and_load(directory: Path) -> None:
         name=LIBRARY_NAME,
         sources=[str(sources / name) for name in COMPILED_FILES],
         extra_cflags=list(EXTRA_CFLAGS),
-        extra_ldflags=list(EXTRA_LDFLAGS),
+        extra_ldflags=link_flags(),
         extra_include_paths=[str(sources)],
         build_directory=str(directory),
         is_python_module=False,
