@@ -73,6 +73,7 @@ from moe_fastmask.pipeline.generation import (
     GenerationRequest,
     SamplingSettings,
     backend_names,
+    engine_options,
     get_backend,
     load_model,
 )
@@ -328,7 +329,7 @@ def process_mixed_batches(
     judge = resolve_judge(judge if judge is not None else config.judge)
     own = backend is None
     if own:
-        options = {}
+        options = engine_options(config.engine, config.engine_compile)
         if config.engine == "graph" and config.gpu_batch_size is not None:
             options["max_batch_size"] = config.gpu_batch_size
         backend = get_backend(config.engine, model, tokenizer, **options)

@@ -145,7 +145,9 @@ class StaticCacheEngine:
     ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
     ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward. ``use_cuda_graph``: capture
     the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
-    first. ``check_every``: decode steps between completion checks (the only host syncs of the decode loop).
+    first (True / False, or ``"auto"``: on CUDA where ``torch.compile`` is supported, never on CPU; a forward that
+    fails to compile runs uncompiled, said once; :attr:`compiled` tells which runs). ``check_every``: decode steps
+    between completion checks (the only host syncs of the decode loop).
     ``cache_multiple``: cache lengths are rounded up to this, so batches of similar length share a graph.
     ``max_slots``: captured graphs (each with its cache) kept for reuse. ``time_phases``: synchronise after prefill
     and after decode to time them (``last_timings``; off by default: it costs a host sync per batch).
@@ -164,7 +166,7 @@ class StaticCacheEngine:
         max_batch_size: int = 256,
         prefill_chunk_tokens: int = 16384,
         use_cuda_graph: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         check_every: int = 16,
         cache_multiple: int = 64,
         max_slots: int = 2,
@@ -195,7 +197,6 @@ class StaticCacheEngine:
         self.check_every = check_every
         self.cache_multiple = cache_multiple
         self.max_slots = max_slots
-        self.compile = compile
         self.time_phases = time_phases
         self.last_timings: dict[str, float] = {}
         self.decoder = model.get_decoder()
@@ -224,11 +225,31 @@ class StaticCacheEngine:
         self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
         self._eos_bias[self._eos_device] = float("-inf")
         self._forward_decode = self._model_forward
-        if compile:
+        self.compile = self._resolve_compile(compile)
+        if self.compile:
             try:
-                self._forward_decode = torch.compile(self._model_forward, dynamic=False)
+                # dynamic=None: one static compile, then at most one more with the dimensions that changed made
+                # symbolic (batch bucket, cache length), instead of a compile per shape
+                self._forward_decode = torch.compile(self._model_forward, dynamic=None)
             except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager forward
                 self._say(f"torch.compile is unavailable ({type(exc).__name__}: {exc}); the decode step runs uncompiled")
+
+    def _resolve_compile(self, compile: bool | str) -> bool:
+        if compile == "auto":
+            if self.device.type != "cuda":
+                return False
+            reason = compile_unavailable()
+            if reason is not None:
+                self._say(f"torch.compile is unavailable ({reason}); the decode step runs uncompiled")
+            return reason is None
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        return compile
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decode step's model forward is (still) the ``torch.compile``d one."""
+        return self._forward_decode != self._model_forward  # bound methods: equal, never identical
 
     # public API ----------------------------------------------------------------------------------------------
     def set_expert_mask(self, keep: Tensor | None) -> None:
@@ -311,7 +332,7 @@ class StaticCacheEngine:
                 "decode": np.zeros((n, D, L, K), dtype=np.uint8), "decode_counted": np.zeros((n, D), dtype=bool),
             }  # fmt: skip
         order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
-        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
+        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "decode_steps": 0, "batches": 0}
         for start in range(0, n, self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
             self._run_batch(rows, prompts, groups, sampling, seeds, recorder, generated, experts)
@@ -458,6 +479,7 @@ class StaticCacheEngine:
         ids_dev, positions_dev = ids.to(dev), positions.to(dev)
 
         start = time.perf_counter()
+        capture_before = self.last_timings["capture_s"]
         slot.live_groups.copy_(slot.groups)
         # the engine states the phase (chunked prefill continues its cache, which the automatic rule would call a
         # decode step) and keeps the per-row groups on the device itself (-1 once a sequence has fed back its EOS)
@@ -498,7 +520,7 @@ class StaticCacheEngine:
                 record.__exit__(None, None, None)
         timings = self.last_timings
         timings["prefill_s"] += prefilled - start
-        timings["decode_s"] += decoded - prefilled
+        timings["decode_s"] += decoded - prefilled - (timings["capture_s"] - capture_before)
         timings["decode_steps"] += done_steps - 1
         timings["batches"] += 1
 
@@ -603,6 +625,13 @@ class StaticCacheEngine:
             slot.graph.replay()
             return
         # first decode step of this slot: run it for real on a side stream (warm-up), then capture the next one
+        started = time.perf_counter()
+        try:
+            self._warm_up_and_capture(slot)
+        finally:
+            self.last_timings["capture_s"] = self.last_timings.get("capture_s", 0.0) + self._clock() - started
+
+    def _warm_up_and_capture(self, slot: _Slot) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -629,11 +658,26 @@ class StaticCacheEngine:
         try:
             self._step(slot)
         except Exception as exc:  # noqa: BLE001
-            if self._forward_decode is self._model_forward:
+            if not self.compiled:
                 raise
             self._forward_decode = self._model_forward
             self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
             self._step(slot)
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot compile for CUDA here (None when it can): dynamo unsupported on this Python, or
+    no Triton for inductor's GPU kernels."""
+    try:
+        import torch._dynamo
+        from torch.utils._triton import has_triton
+    except Exception as exc:  # noqa: BLE001 - a broken install is a reason like any other
+        return f"{type(exc).__name__}: {exc}"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch._dynamo does not support this Python"
+    if not has_triton():
+        return "Triton is not installed"
+    return None
 
 
 def _origin(exc: BaseException) -> str:
