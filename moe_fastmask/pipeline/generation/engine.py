@@ -445,18 +445,22 @@ class StaticCacheEngine:
             slot.expert_counted = torch.zeros(B, M, dtype=torch.bool, device=self.device)
 
         # host-side batch layout: left padding; dummy rows (bucket fill) hold one pad token and are never counted
-        ids = torch.full((B, P), self.pad_token_id, dtype=torch.int64)
-        valid = torch.zeros(B, P, dtype=torch.bool)
-        row_groups = torch.full((B,), -1, dtype=torch.int64)
-        row_seeds = torch.zeros(B, dtype=torch.int64)
-        for r, i in enumerate(rows):
-            p = prompts[i]
-            ids[r, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
-            valid[r, P - len(p) :] = True
-            row_seeds[r] = seeds[i]
-            if groups is not None:
-                row_groups[r] = groups[i]
-        valid[n_real:, P - 1] = True
+        # (numpy, vectorised: a GPU batch holds thousands of rows)
+        lengths = np.fromiter((len(prompts[i]) for i in rows), dtype=np.int64, count=n_real)
+        valid_np = np.zeros((B, P), dtype=bool)
+        valid_np[:n_real] = np.arange(P)[None, :] >= (P - lengths)[:, None]
+        valid_np[n_real:, P - 1] = True
+        ids_np = np.full((B, P), self.pad_token_id, dtype=np.int64)
+        ids_np[:n_real][valid_np[:n_real]] = np.fromiter(
+            (token for i in rows for token in prompts[i]), dtype=np.int64, count=int(lengths.sum())
+        )  # row-major order of the valid positions: each row's prompt, left to right
+        row_groups_np = np.full(B, -1, dtype=np.int64)
+        if groups is not None:
+            row_groups_np[:n_real] = [groups[i] for i in rows]
+        row_seeds_np = np.zeros(B, dtype=np.int64)
+        row_seeds_np[:n_real] = [int(seeds[i]) for i in rows]
+        ids, valid = torch.from_numpy(ids_np), torch.from_numpy(valid_np)
+        row_groups, row_seeds = torch.from_numpy(row_groups_np), torch.from_numpy(row_seeds_np)
         positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
 
         dev = self.device
@@ -524,15 +528,12 @@ class StaticCacheEngine:
         timings["decode_steps"] += done_steps - 1
         timings["batches"] += 1
 
-        out = slot.out[:n_real, :done_steps].cpu().tolist()
-        eos = set(self.eos_ids)
-        for r, i in enumerate(rows):
-            tokens = out[r]
-            for t, token in enumerate(tokens):
-                if token in eos:
-                    tokens = tokens[: t + 1]
-                    break
-            generated[i] = tokens
+        out = slot.out[:n_real, :done_steps].cpu().numpy()
+        is_eos = np.isin(out, self.eos_ids)
+        # each row up to and with its first EOS (all of it without one)
+        ends = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, done_steps)
+        for r, (i, tokens) in enumerate(zip(rows, out.tolist())):
+            generated[i] = tokens[: ends[r]]
         if experts is not None:
             self._collect_experts(recorder, slot, done_steps - 1, rows, prompts, experts)
 
@@ -548,20 +549,24 @@ class StaticCacheEngine:
         logged = recorder.token_experts()
         logged["decode"] = slot.expert_ids[:, :decode_steps].cpu()
         logged["decode_counted"] = slot.expert_counted[:, :decode_steps].cpu()
+        index = np.asarray(rows, dtype=np.int64)
         for phase in ("prefill", "decode"):
             ids, counted = logged[phase].numpy(), logged[f"{phase}_counted"].numpy()
             if ids.shape[1] == 0:
                 continue
+            n_real = len(rows)
+            ids, counted = ids[:n_real], counted[:n_real]
             ids = np.where(counted[..., None, None], ids, 0).astype(np.uint8)
-            for r, i in enumerate(rows):
-                if phase == "prefill":
-                    width = len(prompts[i])
-                    experts[phase][i, -width:] = ids[r, -width:]
-                    experts[f"{phase}_counted"][i, -width:] = counted[r, -width:]
-                else:
-                    width = min(ids.shape[1], experts[phase].shape[1])
-                    experts[phase][i, :width] = ids[r, :width]
-                    experts[f"{phase}_counted"][i, :width] = counted[r, :width]
+            # whole windows at once: a position outside a row's prompt (its left padding) is never counted, so it
+            # copies the zeros the request's arrays already hold there
+            if phase == "prefill":  # right-aligned: the batch's prompt width within the request's
+                width = ids.shape[1]
+                experts[phase][index, -width:] = ids
+                experts[f"{phase}_counted"][index, -width:] = counted
+            else:
+                width = min(ids.shape[1], experts[phase].shape[1])
+                experts[phase][index, :width] = ids[:, :width]
+                experts[f"{phase}_counted"][index, :width] = counted[:, :width]
 
     # the model and the step ------------------------------------------------------------------------------------
     def _mask(self, visible: Tensor) -> Tensor:
