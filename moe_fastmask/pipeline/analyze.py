@@ -413,6 +413,8 @@ def process_mixed_batches(
 
     worker = _HostWorker() if config.overlap else None
     try:
+        if worker is not None:
+            worker.submit(_import_plotting)  # the final plots' imports (about half a second), off the critical path
         started = time.perf_counter()
         prepared = prepare_requests(tokenizer, batches, config)
         times["prepare_s"] += time.perf_counter() - started
@@ -452,6 +454,14 @@ def process_mixed_batches(
     if worker is not None:
         worker.raise_failure()
     return [records[batch.batch_idx] for batch in batches]
+
+
+def _import_plotting() -> None:
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - the plots themselves say what is wrong, at the end
+        pass
 
 
 class _HostWorker:
