@@ -165,3 +165,28 @@ def test_request_plan_orders_by_cache_length_and_spreads_evenly():
     hf = SimpleNamespace(name="hf")
     plan, num_groups = analyze.request_plan(given, hf, batches, _prepared(lengths))
     assert plan == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and num_groups is None
+
+
+def test_host_work_is_held_back_while_the_prefill_launches(demo_inputs, tmp_path, monkeypatch):
+    from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
+
+    events = []
+    real_phase = StaticCacheEngine._phase
+
+    def logging_phase(engine, phase):
+        assert engine.on_phase is not None  # analyze listens while it overlaps host work
+        real_phase(engine, phase)
+        events.append(phase)
+
+    monkeypatch.setattr(StaticCacheEngine, "_phase", logging_phase)
+    real_save = analyze.RunStore.save_batch
+
+    def saving(store, batch_data):
+        events.append(f"save {batch_data['batch_idx']}")
+        return real_save(store, batch_data)
+
+    monkeypatch.setattr(analyze.RunStore, "save_batch", saving)
+    run_analysis(config_of(demo_inputs, tmp_path, engine="graph", gpu_batch_size=8))
+    assert events.count("prefill") == 4 and sorted(e for e in events if e and e.startswith("save")) == [
+        f"save {i}" for i in range(4)
+    ]

@@ -354,3 +354,14 @@ def test_a_forward_that_fails_to_compile_runs_uncompiled(model_dir, tokenizer, b
     assert out.tokens == plain.tokens
     for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
         assert np.array_equal(getattr(out, name), getattr(plain, name)), name
+
+
+def test_on_phase_is_told_prefill_then_decode_per_gpu_batch(model_dir, tokenizer, batch, eos_id):
+    _, ids = batch
+    engine = StaticCacheEngine(load(model_dir), tokenizer, eos_token_id=eos_id, max_batch_size=2)
+    phases = []
+    engine.on_phase = phases.append
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.generate(request_of(ids, GROUPS))
+    assert phases == ["prefill", "decode", None] * 3  # five prompts: three GPU batches of at most two

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -273,11 +274,13 @@ class PendingRecords:
     judge: Judge
 
     def finish(self) -> list[dict]:
+        return list(self.records())
+
+    def records(self):
+        """The batch records one at a time (:meth:`finish` makes them all)."""
         outputs = split_output(self.output, self.layout)
-        return [
-            batch_record(batch, messages, prompts, output, self.config, self.judge)
-            for batch, (messages, prompts, _), output in zip(self.batches, self.prepared, outputs)
-        ]
+        for batch, (messages, prompts, _), output in zip(self.batches, self.prepared, outputs):
+            yield batch_record(batch, messages, prompts, output, self.config, self.judge)
 
 
 def batch_record(
@@ -400,9 +403,14 @@ def process_mixed_batches(
                 options["max_batch_size"] = config.gpu_batch_size
         backend = get_backend(config.engine, model, tokenizer, **options)
     records: dict[int, dict] = {}
+    # open except while the backend launches its prefill kernel by kernel: host work holding the GIL then would
+    # delay every launch (the decode step's few graph replays do not mind)
+    launching = threading.Event()
+    launching.set()
 
-    def deliver(finish: Callable[[], list[dict]]) -> None:
-        for batch_data in finish():
+    def deliver(made) -> None:
+        for batch_data in made:
+            launching.wait()
             if (message := _pair_message(batch_data, config)) is not None:
                 _say(config, message)
             if on_batch is not None:
@@ -412,6 +420,8 @@ def process_mixed_batches(
                 progress.update(1)
 
     worker = _HostWorker() if config.overlap else None
+    if worker is not None and hasattr(backend, "on_phase"):
+        backend.on_phase = lambda phase: launching.clear() if phase == "prefill" else launching.set()
     try:
         if worker is not None:
             worker.submit(_import_plotting)  # the final plots' imports (about half a second), off the critical path
@@ -433,19 +443,22 @@ def process_mixed_batches(
                 if key.endswith("_s"):
                     times[f"engine_{key}"] = times.get(f"engine_{key}", 0.0) + value
             if isinstance(result, PendingRecords):
-                finish = result.finish
+                made = result.records
             else:  # records already made (a replaced generate_batch / generate_packed)
-                finish = (lambda ready: lambda: ready)(result if isinstance(result, list) else [result])
+                made = (lambda ready: lambda: ready)(result if isinstance(result, list) else [result])
             if worker is None:
                 started = time.perf_counter()
-                deliver(finish)
+                deliver(made())
                 times["host_s"] += time.perf_counter() - started
             else:
-                times["host_wait_s"] += worker.submit(lambda finish=finish: deliver(finish))
+                times["host_wait_s"] += worker.submit(lambda made=made: deliver(made()))
     finally:
+        launching.set()
         if worker is not None:  # the requests generated before a failure still reach on_batch
             times["host_wait_s"] += worker.close()
             times["host_s"] += worker.busy_s
+        if hasattr(backend, "on_phase"):
+            backend.on_phase = None
         if own:
             backend.close()
         if timings is not None:
@@ -473,7 +486,6 @@ class _HostWorker:
 
     def __init__(self) -> None:
         import queue
-        import threading
 
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._failure: BaseException | None = None

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,6 +199,10 @@ class StaticCacheEngine:
         self.max_slots = max_slots
         self.time_phases = time_phases
         self.last_timings: dict[str, float] = {}
+        # called with "prefill" before a GPU batch's prefill (eager: kernel launches from Python), "decode" before its
+        # decode loop (graph replays) and None after it: a caller running host work in another thread can hold it
+        # back while the prefill launches
+        self.on_phase: Callable[[str | None], None] | None = None
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         params = inspect.signature(self.decoder.forward).parameters
@@ -492,6 +496,7 @@ class StaticCacheEngine:
             record.__enter__()
             _bind_row_groups(recorder, slot.live_groups)
         try:
+            self._phase("prefill")
             # prefill, in sequence chunks; logits of the last position only
             chunk = max(1, self.prefill_chunk_tokens // B)
             hidden = None
@@ -507,6 +512,7 @@ class StaticCacheEngine:
             slot.tokens[:, 0] = first
             slot.step.fill_(1)
             prefilled = self._clock()
+            self._phase("decode")
 
             if recorder is not None:
                 recorder.set_phase("decode")
@@ -520,6 +526,7 @@ class StaticCacheEngine:
                     break
             decoded = self._clock()
         finally:
+            self._phase(None)
             if record is not None:
                 record.__exit__(None, None, None)
         timings = self.last_timings
@@ -536,6 +543,10 @@ class StaticCacheEngine:
             generated[i] = tokens[: ends[r]]
         if experts is not None:
             self._collect_experts(recorder, slot, done_steps - 1, rows, prompts, experts)
+
+    def _phase(self, phase: str | None) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def _clock(self) -> float:
         if self.time_phases and self.device.type == "cuda":
