@@ -408,9 +408,14 @@ def process_mixed_batches(
     launching = threading.Event()
     launching.set()
 
+    held = [0.0]  # seconds the background host work waited for a prefill to end (not host work)
+
     def deliver(made) -> None:
         for batch_data in made:
-            launching.wait()
+            if not launching.is_set():
+                started = time.perf_counter()
+                launching.wait()
+                held[0] += time.perf_counter() - started
             if (message := _pair_message(batch_data, config)) is not None:
                 _say(config, message)
             if on_batch is not None:
@@ -456,7 +461,7 @@ def process_mixed_batches(
         launching.set()
         if worker is not None:  # the requests generated before a failure still reach on_batch
             times["host_wait_s"] += worker.close()
-            times["host_s"] += worker.busy_s
+            times["host_s"] += worker.busy_s - held[0]
         if hasattr(backend, "on_phase"):
             backend.on_phase = None
         if own:

@@ -16,6 +16,8 @@ not padding (prefill), and generated tokens fed back before their sequence's fir
 * one decode step — EOS bookkeeping, mask and positions, the model, token choice — works only on device buffers,
   so it is captured once per (bucket, cache length, settings) as a CUDA graph and replayed; the host checks for
   completion every ``check_every`` steps, never in between;
+* optionally (``compile``; ``"auto"``: on CUDA) the model forward of the decode step is ``torch.compile``d before
+  the capture: one compile for the first shape, at most one more (dynamic) for all later ones;
 * greedy decoding, or sampling with temperature and top-p from counter-based noise (a per-sequence seed, the step,
   the token id), so a seeded run gives the same tokens whatever the batching;
 * per-token experts, when asked for, are written by the decode step into device buffers (inside the graph);
