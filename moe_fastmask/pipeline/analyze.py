@@ -889,22 +889,34 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     config_dict = {**settings, "fingerprint": artifacts.config_fingerprint(settings)}
     outputs = {"batch_data_list": batch_data_list, "config": config_dict}
-    _write_once(lambda: artifacts.atomic_pickle(paths["batch_outputs"], outputs))
+    write_outputs = lambda: artifacts.atomic_pickle(paths["batch_outputs"], outputs)  # noqa: E731
+    writing = None
+    if distributed.get_world_size() == 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-    passed = [sum(b["pair_passed"]) for b in batch_data_list]
-    total = sum(len(b["pairs"]) for b in batch_data_list)
-    if config.filter_pairs:
-        _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
+        writing = ThreadPoolExecutor(1)  # the largest file, written while the statistics are computed
+        written = writing.submit(write_outputs)
+    else:
+        _write_once(write_outputs)
+    try:
+        passed = [sum(b["pair_passed"]) for b in batch_data_list]
+        total = sum(len(b["pairs"]) for b in batch_data_list)
+        if config.filter_pairs:
+            _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
 
-    per_batch = risk_diff_per_batch(batch_data_list, config)
-    if per_batch.empty:
-        raise AnalysisError(
-            f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
-            f"pairs passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
-            + ("; try without --filter-pairs" if config.filter_pairs else "")
-        )
-    table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
-    sft = build_sft_dataset(batch_data_list, config.refusal_text)
+        per_batch = risk_diff_per_batch(batch_data_list, config)
+        if per_batch.empty:
+            raise AnalysisError(
+                f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
+                f"pairs passed the filter); nothing to aggregate. The generations are saved in "
+                f"{paths['batch_outputs']}" + ("; try without --filter-pairs" if config.filter_pairs else "")
+            )
+        table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
+        sft = build_sft_dataset(batch_data_list, config.refusal_text)
+    finally:
+        if writing is not None:
+            writing.shutdown(wait=True)
+            written.result()  # its error, if the write failed
 
     def write_results() -> None:
         artifacts.atomic_pickle(paths["risk_diff"], table)
