@@ -425,7 +425,9 @@ def process_mixed_batches(
                 progress.update(1)
 
     worker = _HostWorker() if config.overlap else None
-    if worker is not None and hasattr(backend, "on_phase"):
+    listens = worker is not None and hasattr(backend, "on_phase")
+    if listens:
+        previous_hook = backend.on_phase
         backend.on_phase = lambda phase: launching.clear() if phase == "prefill" else launching.set()
     try:
         if worker is not None:
@@ -462,8 +464,8 @@ def process_mixed_batches(
         if worker is not None:  # the requests generated before a failure still reach on_batch
             times["host_wait_s"] += worker.close()
             times["host_s"] += worker.busy_s - held[0]
-        if hasattr(backend, "on_phase"):
-            backend.on_phase = None
+        if listens:
+            backend.on_phase = previous_hook
         if own:
             backend.close()
         if timings is not None:
