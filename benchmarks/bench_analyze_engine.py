@@ -11,9 +11,10 @@ Scenarios, in one run on the same random-weight OLMoE-1B-7B (bf16, ``bench_analy
    (``"on"``, analyze's default on CUDA; the first run pays the compile) and compiled again in the same process (the
    compiled step reused: what every later run of a long analysis costs); each with where its time went
    (:attr:`AnalysisResult.timings`: prefill, decode, compile + capture, the host part in the background and the wait
-   for it, rendering + tokenization, setup, final artifacts); the one-prompt-at-a-time method (``bench_analyze.reference_method``: ``generate`` per prompt, router
-   logits dumped to disk at every step) on the first ``--reference-pairs`` pairs, and ``analyze`` with the ``hf``
-   engine, one method batch per request (the previous default), on ``--hf-pairs`` pairs;
+   for it, rendering + tokenization, setup, final artifacts); the one-prompt-at-a-time method
+   (``bench_analyze.reference_method``: ``generate`` per prompt, router logits dumped to disk at every step) on the
+   first ``--reference-pairs`` pairs, and ``analyze`` with the ``hf`` engine, one method batch per request (the
+   previous default), on ``--hf-pairs`` pairs;
 2. the same at ``--long-prompt-tokens``-token prompts on ``--long-pairs`` pairs (the graph engine uncompiled; with
    ``--long-compile`` compiled too);
 3. the route kernel (Triton, bf16 logits, E=64, top-8, counts and a keep mask) at G = 2, 16, 64, 128 groups for a
@@ -156,8 +157,8 @@ BREAKDOWN = (  # (label, timings key): where an analyze run's wall time went
 
 
 def breakdown_cells(timings: dict) -> list[str]:
-    """Seconds per part; "engine host": the rest of the time in the engine's ``generate`` (batch layout, copies to
-    and from the device, decoding the texts); "host (bg)" overlaps generation, only "host wait" adds to the total."""
+    """Seconds per part; "eng.host": the rest of the time in the engine's ``generate`` (batch layout, copies to and
+    from the device, decoding the texts); "host(bg)" overlaps generation, only "hostwait" adds to the total."""
     engine_parts = sum(timings.get(k, 0.0) for k in ("engine_prefill_s", "engine_decode_s", "engine_capture_s"))
     cells = []
     for _, key in BREAKDOWN:
@@ -279,6 +280,13 @@ def main(argv=None) -> int:
         print(f"{pairs} records of {prompt_tokens}-token prompts built in {time.perf_counter() - start:.0f} s",
               flush=True)  # fmt: skip
         row: dict = {"prompt_tokens": prompt_tokens}
+        if args.device == "cuda" and args.gpu_batch_size is None:
+            from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
+
+            # what analyze sizes its GPU batches from (it then spreads the batches evenly over >= 2 requests)
+            row["fits_in_memory"] = StaticCacheEngine(model).batch_size_for_memory(prompt_tokens, args.new_tokens)
+            print(f"{prompt_tokens}+{args.new_tokens} tokens: {row['fits_in_memory']} sequences fit in free memory",
+                  flush=True)  # fmt: skip
         runs = [("graph", "off")]
         if prompt_tokens == args.prompt_tokens:
             runs += [("graph_compiled", "on")] + ([] if args.no_compile_again else [("graph_compiled_again", "on")])
@@ -324,6 +332,9 @@ def main(argv=None) -> int:
             exact = r.get("totals_match_tokens", "-")
             print(f" {row['prompt_tokens']:6d}  {label:35s} {r['prompts']:8d} {r['seconds']:8.1f} "
                   f"{r['prompts_per_s']:10.2f} {r['prompts_per_s'] / ref:16.1f}  {exact}")
+        if "fits_in_memory" in row:
+            print(f"         GPU batch from free memory: {row['fits_in_memory']} sequences fit; analyze spreads the "
+                  f"{2 * row['graph']['pairs']} prompts over >= 2 requests")
         for key, _ in labels:
             if key in row and row[key].get("engine_said"):
                 print(f"         {key}: engine said: {row[key]['engine_said']}")
