@@ -74,7 +74,9 @@ class AnalysisConfig:
     gpu_batch_size: int | None = field(default=None, metadata={
         "help": "sequences per generation request: several method batches (--batch-size each) are packed into one, "
                 "each (batch, kind) counted in its own group, so the results equal one batch at a time; default: from "
-                "free memory on CUDA with --engine graph, else one batch of --batch-size (no packing)",
+                "free memory on CUDA with --engine graph (the batches spread evenly over at least two requests, so "
+                "that judging and saving one overlaps generating the next), else one batch of --batch-size (no "
+                "packing)",
         "group": _RUN})
     device: str | None = field(default=None, metadata={
         "help": "cuda or cpu (default: cuda if available, one process per GPU: the GPU of LOCAL_RANK)",
