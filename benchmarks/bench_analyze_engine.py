@@ -7,17 +7,23 @@ Scenarios, in one run on the same random-weight OLMoE-1B-7B (bf16, ``bench_analy
    ``--prompt-tokens``-token prompts, exactly ``--new-tokens`` new tokens (EOS suppressed with ``min_new_tokens``, so
    all methods do equal work), method batches of 8 safe + 8 unsafe packed into GPU batches of ``--gpu-batch-size``
    (default: from free memory), per-token experts kept (analyze's default: the decode step writes them to device
-   buffers, inside the graph); the one-prompt-at-a-time method (``bench_analyze.reference_method``: ``generate`` per prompt, router
-   logits dumped to disk at every step) on the first ``--reference-pairs`` pairs, and ``analyze`` with the ``hf``
-   engine, one method batch per request (the previous default), on ``--hf-pairs`` pairs;
-2. the same at ``--long-prompt-tokens``-token prompts on ``--long-pairs`` pairs;
+   buffers, inside the graph) — three runs: the decode step uncompiled (``engine_compile="off"``), compiled
+   (``"on"``, analyze's default on CUDA; the first run pays the compile) and compiled again in the same process (the
+   compiled step reused: what every later run of a long analysis costs); each with where its time went
+   (:attr:`AnalysisResult.timings`: prefill, decode, compile + capture, the host part in the background and the wait
+   for it, rendering + tokenization, setup, final artifacts); the one-prompt-at-a-time method
+   (``bench_analyze.reference_method``: ``generate`` per prompt, router logits dumped to disk at every step) on the
+   first ``--reference-pairs`` pairs, and ``analyze`` with the ``hf`` engine, one method batch per request (the
+   previous default), on ``--hf-pairs`` pairs;
+2. the same at ``--long-prompt-tokens``-token prompts on ``--long-pairs`` pairs (the graph engine uncompiled; with
+   ``--long-compile`` compiled too);
 3. the route kernel (Triton, bf16 logits, E=64, top-8, counts and a keep mask) at G = 2, 16, 64, 128 groups for a
    decode batch and a prefill chunk of tokens.
 
 The engine's per-batch counts are checked against the counted totals recounted from its generated tokens (exact
 whatever the numerics). Prompts are synthetic records whose two chats render to exactly the prompt length.
 
-    python benchmarks/bench_analyze_engine.py --out /tmp/bae              # GPU, about 6 minutes on an H200
+    python benchmarks/bench_analyze_engine.py --out /tmp/bae              # GPU, about 7 minutes on an H200
     python benchmarks/bench_analyze_engine.py --out /tmp/bae --smoke      # CPU, tiny model, checks the script runs
 """
 
@@ -120,13 +126,13 @@ def totals_match_tokens(result, config: AnalysisConfig) -> bool:
 
 
 def analysis_run(model, tokenizer, name: str, records: list[dict], work: Path, args, *, engine: str,
-                 gpu_batch_size: int | None) -> tuple[dict, object, AnalysisConfig]:  # fmt: skip
+                 gpu_batch_size: int | None, engine_compile: str = "off") -> tuple[dict, object, AnalysisConfig]:  # fmt: skip
     data_path = artifacts.atomic_write_json(work / "data.json", records)
     config = AnalysisConfig(
         model=name, data=str(data_path), out=str(work / "analyze"), batch_size=16, safe_ratio=0.5, seed=0,
         test_fraction=0.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, device=args.device,
         engine=engine, gpu_batch_size=gpu_batch_size, keep_token_experts=True, overwrite=True, progress=False,
-        verbose=False,
+        verbose=False, engine_compile=engine_compile if engine == "graph" else "auto",
     )  # fmt: skip
     sync(args.device)
     start = time.perf_counter()
@@ -137,9 +143,28 @@ def analysis_run(model, tokenizer, name: str, records: list[dict], work: Path, a
     seconds = time.perf_counter() - start
     said = sorted({str(w.message) for w in caught if "StaticCacheEngine" in str(w.message)})
     prompts = 2 * len(records)
-    return ({"engine": engine, "pairs": len(records), "prompts": prompts, "seconds": seconds,
-             "prompts_per_s": prompts / seconds, "gpu_batch_size": gpu_batch_size, "engine_said": said,
+    return ({"engine": engine, "engine_compile": config.engine_compile, "pairs": len(records), "prompts": prompts,
+             "seconds": seconds, "prompts_per_s": prompts / seconds, "gpu_batch_size": gpu_batch_size,
+             "engine_said": said, "timings": dict(result.timings),
              "totals_match_tokens": totals_match_tokens(result, config)}, result, config)  # fmt: skip
+
+
+BREAKDOWN = (  # (label, timings key): where an analyze run's wall time went
+    ("setup", "setup_s"), ("tokenize", "prepare_s"), ("prefill", "engine_prefill_s"), ("decode", "engine_decode_s"),
+    ("compile", "engine_capture_s"), ("eng.host", None), ("host(bg)", "host_s"), ("hostwait", "host_wait_s"),
+    ("finalize", "finalize_s"), ("total", "total_s"),
+)
+
+
+def breakdown_cells(timings: dict) -> list[str]:
+    """Seconds per part; "eng.host": the rest of the time in the engine's ``generate`` (batch layout, copies to and
+    from the device, decoding the texts); "host(bg)" overlaps generation, only "hostwait" adds to the total."""
+    engine_parts = sum(timings.get(k, 0.0) for k in ("engine_prefill_s", "engine_decode_s", "engine_capture_s"))
+    cells = []
+    for _, key in BREAKDOWN:
+        value = timings.get("generate_s", 0.0) - engine_parts if key is None else timings.get(key, float("nan"))
+        cells.append(f"{value:8.2f}")
+    return cells
 
 
 def reference_run(model, tokenizer, records: list[dict], work: Path, args) -> dict:
@@ -215,14 +240,20 @@ def parse_args(argv=None):
     parser.add_argument("--long-pairs", type=int, default=512)
     parser.add_argument("--long-prompt-tokens", type=int, default=1024)
     parser.add_argument("--reference-pairs", type=int, default=4, help="pairs run one prompt at a time")
-    parser.add_argument("--hf-pairs", type=int, default=32, help="pairs analysed with the hf engine (0: skip)")
+    parser.add_argument("--hf-pairs", type=int, default=16, help="pairs analysed with the hf engine (0: skip)")
     parser.add_argument("--gpu-batch-size", type=int, default=None, help="default: from free memory")
+    parser.add_argument("--no-compile", action="store_true", help="only the uncompiled graph-engine runs")
+    parser.add_argument("--no-compile-again", action="store_true",
+                        help="skip the second compiled run (compiled step reused)")
+    parser.add_argument("--long-compile", action="store_true",
+                        help="a compiled run at the long prompts too (another compile: about a minute more)")
     args = parser.parse_args(argv)
     args.device, args.dtype, args.tiny = ("cpu", "float32", True) if args.smoke else ("cuda", "bfloat16", False)
     if args.smoke:
         args.pairs, args.prompt_tokens, args.new_tokens = 16, 40, 6
         args.long_pairs, args.long_prompt_tokens, args.reference_pairs, args.hf_pairs = 8, 64, 2, 8
         args.gpu_batch_size = args.gpu_batch_size or 32
+        args.no_compile = True  # auto never compiles on the CPU; "on" there would time a C++ build
     return args
 
 
@@ -249,10 +280,30 @@ def main(argv=None) -> int:
         print(f"{pairs} records of {prompt_tokens}-token prompts built in {time.perf_counter() - start:.0f} s",
               flush=True)  # fmt: skip
         row: dict = {"prompt_tokens": prompt_tokens}
-        row["graph"], result, config = analysis_run(model, tokenizer, name, records, work / "graph", args,
-                                                    engine="graph", gpu_batch_size=args.gpu_batch_size)  # fmt: skip
-        print(f"analyze --engine graph, {prompt_tokens}-token prompts: {row['graph']}", flush=True)
-        del result
+        if args.device == "cuda" and args.gpu_batch_size is None:
+            from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
+
+            # what analyze sizes its GPU batches from (it then spreads the batches evenly over >= 2 requests)
+            row["fits_in_memory"] = StaticCacheEngine(model).batch_size_for_memory(prompt_tokens, args.new_tokens)
+            print(f"{prompt_tokens}+{args.new_tokens} tokens: {row['fits_in_memory']} sequences fit in free memory",
+                  flush=True)  # fmt: skip
+        runs = [("graph", "off")]
+        if prompt_tokens == args.prompt_tokens:
+            runs += [("graph_compiled", "on")] + ([] if args.no_compile_again else [("graph_compiled_again", "on")])
+        elif args.long_compile:
+            runs.append(("graph_compiled", "on"))
+        for key, engine_compile in runs:
+            if engine_compile == "on" and args.no_compile:
+                continue
+            row[key], result, config = analysis_run(
+                model, tokenizer, name, records, work / key, args, engine="graph", gpu_batch_size=args.gpu_batch_size,
+                engine_compile=engine_compile,
+            )  # fmt: skip
+            print(f"analyze --engine graph --engine-compile {engine_compile}, {prompt_tokens}-token prompts: "
+                  f"{row[key]}", flush=True)  # fmt: skip
+            del result
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         if args.hf_pairs:
             row["hf"], _, _ = analysis_run(model, tokenizer, name, records[: args.hf_pairs], work / "hf", args,
                                            engine="hf", gpu_batch_size=None)  # fmt: skip
@@ -268,19 +319,34 @@ def main(argv=None) -> int:
 
     print(f"\n# analyze end to end: {report['device']}, torch {report['torch']}, transformers "
           f"{report['transformers']}, {report['model']} ({report['dtype']}), {args.new_tokens} new tokens")
-    print(" prompt  method                         prompts  seconds  prompts/s  x one-at-a-time  totals exact")
+    labels = (("graph", "analyze --engine graph, uncompiled"), ("graph_compiled", "graph, compiled (1st run)"),
+              ("graph_compiled_again", "graph, compiled (2nd run)"), ("hf", "analyze --engine hf"),
+              ("reference", "one prompt at a time"))  # fmt: skip
+    print(" prompt  method                              prompts  seconds  prompts/s  x one-at-a-time  totals exact")
     for row in report["scenarios"]:
         ref = row["reference"]["prompts_per_s"]
-        for key, label in (("graph", "analyze --engine graph (packed)"), ("hf", "analyze --engine hf"),
-                           ("reference", "one prompt at a time")):  # fmt: skip
+        for key, label in labels:
             if key not in row:
                 continue
             r = row[key]
             exact = r.get("totals_match_tokens", "-")
-            print(f" {row['prompt_tokens']:6d}  {label:30s} {r['prompts']:8d} {r['seconds']:8.1f} "
+            print(f" {row['prompt_tokens']:6d}  {label:35s} {r['prompts']:8d} {r['seconds']:8.1f} "
                   f"{r['prompts_per_s']:10.2f} {r['prompts_per_s'] / ref:16.1f}  {exact}")
-        if row["graph"]["engine_said"]:
-            print(f"         engine said: {row['graph']['engine_said']}")
+        if "fits_in_memory" in row:
+            print(f"         GPU batch from free memory: {row['fits_in_memory']} sequences fit; analyze spreads the "
+                  f"{2 * row['graph']['pairs']} prompts over >= 2 requests")
+        for key, _ in labels:
+            if key in row and row[key].get("engine_said"):
+                print(f"         {key}: engine said: {row[key]['engine_said']}")
+    print("\n# where the time of each graph-engine run went, seconds: setup (records, split), tokenize (chat rendering "
+          "+ tokenization), prefill, decode, compile (compile + CUDA-graph capture of the decode step), eng.host (the "
+          "rest of generate: batch layout, copies, texts), host(bg) (judging, batch records, per-batch files: in a "
+          "background thread, alongside generation), hostwait (generation waiting for it), finalize (artifacts)")
+    print(" prompt  run                  " + "".join(f"{label:>9s}" for label, _ in BREAKDOWN))
+    for row in report["scenarios"]:
+        for key, label in labels[:3]:
+            if key in row:
+                print(f" {row['prompt_tokens']:6d}  {key:20s} " + " ".join(breakdown_cells(row[key]["timings"])))
     print("\n# route kernel (bf16 logits, E=64, top-8, keep mask, counts): median us per call (host) / device us")
     print(" tokens  " + "  ".join(f"G={g:<14d}" for g in GROUP_COUNTS))
     for tokens in sorted({r["tokens"] for r in report["route"]}):

@@ -92,7 +92,7 @@ if want engine; then
     timeout 600 python3 benchmarks/bench_engine.py --out "$out" 2>&1 | tee "$out/engine.log" | tail -12
 fi
 want analyze-engine && step "analysis through the engine (2,048 pairs at 128 tokens, 1,024-token prompts, route at many groups)" \
-    && timeout 480 python3 benchmarks/bench_analyze_engine.py --out "$out/analyze_engine" 2>&1 | tee "$out/analyze_engine.log" | tail -24
+    && timeout 480 python3 benchmarks/bench_analyze_engine.py --out "$out/analyze_engine" 2>&1 | tee "$out/analyze_engine.log" | tail -40
 if want multi; then
     gpus=$(nvidia-smi -L | wc -l)
     step "data-parallel analysis (1 and $gpus GPUs, ${MULTI_PAIRS:-256} pairs)"

@@ -102,3 +102,36 @@ def test_gpu_batch_size_is_checked_and_parsed(demo_inputs, tmp_path):
     assert analyze.config_from_args(args).gpu_batch_size == 64
     args = parser.parse_args(["analyze", "--demo", "--out", str(tmp_path)])
     assert analyze.config_from_args(args).gpu_batch_size is None
+
+
+def test_engine_compile_flag_reaches_the_engine_and_stays_eager_on_cpu(demo_inputs, tmp_path, monkeypatch):
+    import argparse
+
+    from moe_fastmask.pipeline.evaluate import EvaluationArguments
+    from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
+
+    parser = argparse.ArgumentParser()
+    analyze.add_cli_arguments(parser.add_subparsers(dest="command"))
+    base = ["analyze", "--demo", "--out", str(tmp_path), "--engine", "graph"]
+    assert analyze.config_from_args(parser.parse_args(base)).engine_compile == "auto"
+    assert analyze.config_from_args(parser.parse_args(base + ["--engine-compile", "off"])).engine_compile == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--engine-compile", "sometimes"])
+    with pytest.raises(ValueError, match="--engine-compile on needs .*not --engine hf"):
+        config_of(demo_inputs, tmp_path, engine="hf", engine_compile="on").validate()
+    with pytest.raises(ValueError, match="--engine-compile on needs"):
+        EvaluationArguments(data="d.json", model="m", engine="hf", engine_compile="on")
+
+    seen = []
+    real_init = StaticCacheEngine.__init__
+
+    def spying_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((kwargs.get("compile"), self.compiled))
+
+    monkeypatch.setattr(StaticCacheEngine, "__init__", spying_init)
+    auto = run_analysis(config_of(demo_inputs, tmp_path / "auto", engine="graph", gpu_batch_size=16))
+    off = run_analysis(config_of(demo_inputs, tmp_path / "off", engine="graph", gpu_batch_size=16,
+                                 engine_compile="off"))  # fmt: skip
+    assert seen == [("auto", False), (False, False)]  # auto never compiles on the CPU
+    assert_same_runs(auto, off, tmp_path / "auto", tmp_path / "off")

@@ -309,3 +309,59 @@ def test_evaluate_answers_through_the_graph_engine(model_dir, tokenizer, batch, 
         graph = generate_answers(model, tokenizer, texts, batch_size=3, max_new_tokens=NEW, engine="graph")
     hf = generate_answers(model, tokenizer, texts, batch_size=3, max_new_tokens=NEW, engine="hf")
     assert graph == hf and any(graph)
+
+
+def test_compile_auto_stays_eager_on_cpu(model_dir, tokenizer, batch, eos_id):
+    _, ids = batch
+    model = load(model_dir)
+    plain = engine_run(model, tokenizer, ids, GROUPS, eos_id, compile=False)
+    engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+                               compile="auto")  # fmt: skip
+    assert engine.compile is False and not engine.compiled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = engine.generate(request_of(ids, GROUPS))
+    assert not [w for w in caught if "compile" in str(w.message)]
+    assert auto.tokens == plain.tokens and auto.texts == plain.texts
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert np.array_equal(getattr(auto, name), getattr(plain, name)), name
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto', got 'yes'"):
+        StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, compile="yes")
+
+
+def test_a_forward_that_fails_to_compile_runs_uncompiled(model_dir, tokenizer, batch, eos_id, monkeypatch):
+    _, ids = batch
+    model = load(model_dir)
+    plain = engine_run(model, tokenizer, ids, GROUPS, eos_id)
+    calls = []
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(kwargs)
+            raise RuntimeError("inductor broke")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, compile=True)
+    assert engine.compiled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = engine.generate(request_of(ids, GROUPS))
+    said = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(calls) == 1 and not engine.compiled  # tried once, then the eager forward for good
+    assert len(said) == 1 and "inductor broke" in said[0] and "uncompiled" in said[0]
+    assert out.tokens == plain.tokens
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert np.array_equal(getattr(out, name), getattr(plain, name)), name
+
+
+def test_on_phase_is_told_prefill_then_decode_per_gpu_batch(model_dir, tokenizer, batch, eos_id):
+    _, ids = batch
+    engine = StaticCacheEngine(load(model_dir), tokenizer, eos_token_id=eos_id, max_batch_size=2)
+    phases = []
+    engine.on_phase = phases.append
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.generate(request_of(ids, GROUPS))
+    assert phases == ["prefill", "decode", None] * 3  # five prompts: three GPU batches of at most two

@@ -171,7 +171,7 @@ def test_analysis_packed_through_the_graph_engine_equals_unpacked(tmp_path):
     for name, size in (("alone", 8), ("packed", 32)):
         config = AnalysisConfig(model=str(model_dir), data=str(data), out=str(tmp_path / name), batch_size=8,
                                 num_batches=6, max_new_tokens=8, engine="graph", gpu_batch_size=size, device="cuda",
-                                progress=False, verbose=False)  # fmt: skip
+                                engine_compile="off", progress=False, verbose=False)  # fmt: skip
         runs[name] = run_analysis(config, model=model, tokenizer=tokenizer)
     assert compare(tmp_path / "alone", tmp_path / "packed") == []
 

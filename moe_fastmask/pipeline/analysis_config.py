@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from moe_fastmask.pipeline.batching import check_batch_mix
 from moe_fastmask.pipeline.common import DTYPES
 from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
-from moe_fastmask.pipeline.generation.base import DEFAULT_BACKEND, backend_names
+from moe_fastmask.pipeline.generation.base import COMPILE_CHOICES, DEFAULT_BACKEND, backend_names, check_engine_compile
 from moe_fastmask.pipeline.judge import Judge
 
 DEFAULT_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
@@ -67,10 +67,16 @@ class AnalysisConfig:
         "group": _GEN})
     engine: str = field(default=DEFAULT_BACKEND, metadata={
         "help": "generation backend", "choices": list(backend_names()), "group": _RUN})
+    engine_compile: str = field(default="auto", metadata={
+        "help": "torch.compile the decode step of --engine graph before capturing it (faster steps, a compile of "
+                "about half a minute first): auto = on CUDA where torch.compile works, never on CPU; a step that "
+                "fails to compile runs uncompiled", "choices": list(COMPILE_CHOICES), "group": _RUN})
     gpu_batch_size: int | None = field(default=None, metadata={
         "help": "sequences per generation request: several method batches (--batch-size each) are packed into one, "
                 "each (batch, kind) counted in its own group, so the results equal one batch at a time; default: from "
-                "free memory on CUDA with --engine graph, else one batch of --batch-size (no packing)",
+                "free memory on CUDA with --engine graph (the batches spread evenly over at least two requests, so "
+                "that judging and saving one overlaps generating the next), else one batch of --batch-size (no "
+                "packing)",
         "group": _RUN})
     device: str | None = field(default=None, metadata={
         "help": "cuda or cpu (default: cuda if available, one process per GPU: the GPU of LOCAL_RANK)",
@@ -87,6 +93,9 @@ class AnalysisConfig:
         "help": "print what each step does", "negative": "--quiet",
         "negative_help": "print only errors and warnings", "group": _RUN})
     judge: Judge | None = field(default=None, repr=False, metadata={"cli": False})  # API only: a callable str -> bool
+    # API only: judge, build the batch records and write the per-batch files of one generation request in a background
+    # thread while the next one generates (the same records and files either way)
+    overlap: bool = field(default=True, metadata={"cli": False})
 
     def validate(self) -> None:
         if self.demo and (self.model or self.data):
@@ -100,6 +109,7 @@ class AnalysisConfig:
             raise ValueError(f"count_tokens must be one of {sorted(COUNT_TOKENS)}, got {self.count_tokens!r}")
         if self.engine not in backend_names():
             raise ValueError(f"engine must be one of {backend_names()}, got {self.engine!r}")
+        check_engine_compile(self.engine, self.engine_compile)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

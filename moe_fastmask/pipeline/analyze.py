@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,7 @@ from moe_fastmask.pipeline.generation import (
     GenerationRequest,
     SamplingSettings,
     backend_names,
+    engine_options,
     get_backend,
     load_model,
 )
@@ -90,6 +93,13 @@ class AnalysisError(RuntimeError):
 
 @dataclass
 class AnalysisResult:
+    """What :func:`run_analysis` returns. ``timings``: seconds of this process's run, by part — ``total_s``;
+    ``setup_s`` (records, split, resume, model load); ``prepare_s`` (chat rendering and tokenization);
+    ``generate_s`` (in the backend's ``generate``; with the graph engine ``engine_prefill_s``, ``engine_decode_s``,
+    ``engine_capture_s`` (compile and capture of the decode step) of it); ``host_s`` (splitting, judging, batch
+    records, per-batch files: in the background, overlapping ``generate_s``, with ``config.overlap``) and
+    ``host_wait_s`` (generation waiting for it); ``finalize_s`` (gathering, statistics, artifacts, plots)."""
+
     config: AnalysisConfig
     slug: str
     paths: dict[str, Path]
@@ -98,6 +108,7 @@ class AnalysisResult:
     per_batch: pd.DataFrame
     risk_diff: pd.DataFrame
     sft_dataset: pd.DataFrame
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _say(config: AnalysisConfig, message: str) -> None:
@@ -144,9 +155,27 @@ def generation_request(
     tokenizer, batch: Batch, config: AnalysisConfig
 ) -> tuple[list[list[dict]], list[str], GenerationRequest]:
     """The chats, rendered prompts and :class:`GenerationRequest` of one mixed batch (groups 0 safe, 1 unsafe)."""
-    messages = [_messages(item, config.system_prompt) for item in batch.items]
-    prompts = [render_prompt(tokenizer, chat) for chat in messages]
-    token_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return prepare_requests(tokenizer, [batch], config)[0]
+
+
+def prepare_requests(
+    tokenizer, batches: Sequence[Batch], config: AnalysisConfig
+) -> list[tuple[list[list[dict]], list[str], GenerationRequest]]:
+    """:func:`generation_request` of every batch, the prompts of all of them tokenized in one call (once per run:
+    the generation loop then only generates)."""
+    messages = [[_messages(item, config.system_prompt) for item in batch.items] for batch in batches]
+    prompts = [[render_prompt(tokenizer, chat) for chat in chats] for chats in messages]
+    flat = [prompt for batch_prompts in prompts for prompt in batch_prompts]
+    token_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    prepared, start = [], 0
+    for batch, chats, batch_prompts in zip(batches, messages, prompts):
+        ids = token_ids[start : start + len(batch_prompts)]
+        start += len(batch_prompts)
+        prepared.append((chats, batch_prompts, _request(batch, config, ids)))
+    return prepared
+
+
+def _request(batch: Batch, config: AnalysisConfig, token_ids: list[list[int]]) -> GenerationRequest:
     sampling = SamplingSettings(
         max_new_tokens=config.max_new_tokens,
         min_new_tokens=config.min_new_tokens,
@@ -155,11 +184,10 @@ def generation_request(
         top_p=config.top_p,
         seed=_batch_seed(config.seed, batch.batch_idx) if config.do_sample else None,
     )
-    request = GenerationRequest(
+    return GenerationRequest(
         prompts=token_ids, sampling=sampling, groups=batch.groups, num_groups=NUM_GROUPS,
         record_token_experts=config.keep_token_experts,
     )  # fmt: skip
-    return messages, prompts, request
 
 
 def _group_sum(config: AnalysisConfig, per_phase: dict[str, np.ndarray]) -> np.ndarray:
@@ -191,7 +219,9 @@ def _per_sample_counts(batch: Batch, output: GenerationOutput, group_counts: dic
     return {"sample_counts": sample_counts, "sample_tokens": sample_tokens, "token_experts": token_experts}
 
 
-def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: AnalysisConfig, judge: Judge) -> dict:
+def generate_batch(
+    backend: GenerationBackend, tokenizer, batch: Batch, config: AnalysisConfig, judge: Judge, **options
+) -> dict | PendingRecords:
     """Generate one mixed batch through ``backend`` and return its batch record (host data only, numpy arrays).
 
     Keys: ``batch_idx``; ``batch_outputs`` (one dict per position: position, id, kind, messages, prompt,
@@ -203,23 +233,54 @@ def generate_batch(backend: GenerationBackend, tokenizer, batch: Batch, config: 
     ``group_counts`` / ``group_tokens`` (the backend's ``[L, 2, E]`` / ``[2]`` per phase, all positions);
     ``sample_counts`` / ``sample_tokens`` (``[B, L, E]`` / ``[B]`` per phase) and ``token_experts`` (uint8
     ``[B, T, L, K]`` ids + bool ``[B, T]`` counted, per phase) when ``keep_token_experts``. ``tokenizer`` renders
-    and tokenizes the prompts.
+    and tokenizes the prompts. ``options``: those of :func:`generate_packed` (with ``defer``: the
+    :class:`PendingRecords` of the one batch).
     """
-    return generate_packed(backend, tokenizer, [batch], config, judge)[0]
+    result = generate_packed(backend, tokenizer, [batch], config, judge, **options)
+    return result if isinstance(result, PendingRecords) else result[0]
 
 
 def generate_packed(
-    backend: GenerationBackend, tokenizer, batches: Sequence[Batch], config: AnalysisConfig, judge: Judge
-) -> list[dict]:
+    backend: GenerationBackend, tokenizer, batches: Sequence[Batch], config: AnalysisConfig, judge: Judge, *,
+    prepared: Sequence[tuple] | None = None, num_groups: int | None = None, defer: bool = False,
+) -> list[dict] | PendingRecords:
     """Generate several method batches in one request (:mod:`~moe_fastmask.pipeline.generation.packing`: each
-    (batch, kind) its own counting group) and return each batch's record, equal to :func:`generate_batch`'s."""
-    prepared = [generation_request(tokenizer, batch, config) for batch in batches]
+    (batch, kind) its own counting group) and return each batch's record, equal to :func:`generate_batch`'s.
+
+    ``prepared``: the batches' :func:`prepare_requests` entries (default: rendered and tokenized here).
+    ``num_groups``: count in this many groups (at least the packed ones; the extra stay empty), so that requests of
+    fewer batches reuse the captured decode step of full ones. ``defer``: return the :class:`PendingRecords`
+    instead (generated; judging and the records left to its ``finish()``).
+    """
+    if prepared is None:
+        prepared = prepare_requests(tokenizer, batches, config)
     packed, layout = pack_requests([request for *_, request in prepared])
-    outputs = split_output(backend.generate(packed), layout)
-    return [
-        batch_record(batch, messages, prompts, output, config, judge)
-        for batch, (messages, prompts, _), output in zip(batches, prepared, outputs)
-    ]
+    if num_groups is not None and num_groups > packed.num_groups:
+        packed = dataclasses.replace(packed, num_groups=num_groups)
+    pending = PendingRecords(list(batches), list(prepared), backend.generate(packed), layout, config, judge)
+    return pending if defer else pending.finish()
+
+
+@dataclass
+class PendingRecords:
+    """A generated request whose host part is still to do: :meth:`finish` splits the output per method batch,
+    judges the answers and builds the batch records (no GPU work: it can run while the next request generates)."""
+
+    batches: list[Batch]
+    prepared: list[tuple]
+    output: GenerationOutput
+    layout: object
+    config: AnalysisConfig
+    judge: Judge
+
+    def finish(self) -> list[dict]:
+        return list(self.records())
+
+    def records(self):
+        """The batch records one at a time (:meth:`finish` makes them all)."""
+        outputs = split_output(self.output, self.layout)
+        for batch, (messages, prompts, _), output in zip(self.batches, self.prepared, outputs):
+            yield batch_record(batch, messages, prompts, output, self.config, self.judge)
 
 
 def batch_record(
@@ -313,48 +374,163 @@ def process_mixed_batches(
     backend: GenerationBackend | None = None,
     on_batch: Callable[[dict], None] | None = None,
     progress=None,
+    timings: dict | None = None,
 ) -> list[dict]:
-    """Run every batch through :func:`generate_batch`; returns one batch record per batch.
+    """Run every batch through :func:`generate_batch`; returns one batch record per batch, in the order of ``batches``.
 
     ``backend``: the generation backend (default: ``config.engine`` over ``model`` / ``tokenizer``, closed at the
     end). ``on_batch`` is called with each finished batch record (:func:`run_analysis` persists it there).
-    ``progress``: a tqdm bar to advance.
+    ``progress``: a tqdm bar to advance. ``timings``: a dict to add the seconds spent in each part to (see
+    :class:`AnalysisResult`).
 
-    Several method batches go into one generation request (``config.gpu_batch_size`` sequences, see
-    :func:`gpu_batch_size`; :mod:`~moe_fastmask.pipeline.generation.packing`): each (batch, kind) is its own counting
-    group and every sequence keeps its own sampling seed, so each batch record is the one the batch gives alone.
+    Every prompt is rendered and tokenized once, up front. Several method batches go into one generation request
+    (``config.gpu_batch_size`` sequences, see :func:`gpu_batch_size` and :func:`request_plan`;
+    :mod:`~moe_fastmask.pipeline.generation.packing`): each (batch, kind) is its own counting group and every
+    sequence keeps its own sampling seed, so each batch record is the one the batch gives alone. With
+    ``config.overlap`` the host part of a request (splitting, judging, the batch records, ``on_batch``) runs in one
+    background thread while the next request generates; records and files are the same, a failure there is raised
+    here, and the batches finished before a failure (here or there) are still handed to ``on_batch``.
     """
     config = config or AnalysisConfig()
     judge = resolve_judge(judge if judge is not None else config.judge)
+    times = {"prepare_s": 0.0, "generate_s": 0.0, "host_s": 0.0, "host_wait_s": 0.0}
     own = backend is None
     if own:
-        options = {}
-        if config.engine == "graph" and config.gpu_batch_size is not None:
-            options["max_batch_size"] = config.gpu_batch_size
+        options = engine_options(config.engine, config.engine_compile)
+        if config.engine == "graph":
+            options["time_phases"] = True  # one sync per GPU batch, for the prefill / decode split of the timings
+            if config.gpu_batch_size is not None:
+                options["max_batch_size"] = config.gpu_batch_size
         backend = get_backend(config.engine, model, tokenizer, **options)
-    out = []
+    records: dict[int, dict] = {}
+    # open except while the backend launches its prefill kernel by kernel: host work holding the GIL then would
+    # delay every launch (the decode step's few graph replays do not mind)
+    launching = threading.Event()
+    launching.set()
+
+    held = [0.0]  # seconds the background host work waited for a prefill to end (not host work)
+
+    def deliver(made) -> None:
+        for batch_data in made:
+            if not launching.is_set():
+                started = time.perf_counter()
+                launching.wait()
+                held[0] += time.perf_counter() - started
+            if (message := _pair_message(batch_data, config)) is not None:
+                _say(config, message)
+            if on_batch is not None:
+                on_batch(batch_data)
+            records[batch_data["batch_idx"]] = batch_data
+            if progress is not None:
+                progress.update(1)
+
+    worker = _HostWorker() if config.overlap else None
+    listens = worker is not None and hasattr(backend, "on_phase")
+    if listens:
+        previous_hook = backend.on_phase
+        backend.on_phase = lambda phase: launching.clear() if phase == "prefill" else launching.set()
     try:
-        per_request = max(1, gpu_batch_size(config, backend, tokenizer, batches) // config.batch_size)
-        if config.do_sample and not _draws_per_sequence(backend):
-            per_request = 1  # one generator per request: packing would change what each batch draws
-        for start in range(0, len(batches), per_request):
-            chunk = list(batches[start : start + per_request])
+        if worker is not None:
+            worker.submit(_import_plotting)  # the final plots' imports (about half a second), off the critical path
+        started = time.perf_counter()
+        prepared = prepare_requests(tokenizer, batches, config)
+        times["prepare_s"] += time.perf_counter() - started
+        plan, num_groups = request_plan(config, backend, batches, prepared)
+        for chunk in plan:
+            options = {"prepared": [prepared[i] for i in chunk], "defer": True}
+            if num_groups is not None:
+                options["num_groups"] = num_groups
+            started = time.perf_counter()
             if len(chunk) == 1:
-                records = [generate_batch(backend, tokenizer, chunk[0], config, judge)]
+                result = generate_batch(backend, tokenizer, batches[chunk[0]], config, judge, **options)
             else:
-                records = generate_packed(backend, tokenizer, chunk, config, judge)
-            for batch_data in records:
-                if (message := _pair_message(batch_data, config)) is not None:
-                    _say(config, message)
-                if on_batch is not None:
-                    on_batch(batch_data)
-                out.append(batch_data)
-                if progress is not None:
-                    progress.update(1)
+                result = generate_packed(backend, tokenizer, [batches[i] for i in chunk], config, judge, **options)
+            times["generate_s"] += time.perf_counter() - started
+            for key, value in (getattr(backend, "last_timings", None) or {}).items():
+                if key.endswith("_s"):
+                    times[f"engine_{key}"] = times.get(f"engine_{key}", 0.0) + value
+            if isinstance(result, PendingRecords):
+                made = result.records
+            else:  # records already made (a replaced generate_batch / generate_packed)
+                made = (lambda ready: lambda: ready)(result if isinstance(result, list) else [result])
+            if worker is None:
+                started = time.perf_counter()
+                deliver(made())
+                times["host_s"] += time.perf_counter() - started
+            else:
+                times["host_wait_s"] += worker.submit(lambda made=made: deliver(made()))
     finally:
+        launching.set()
+        if worker is not None:  # the requests generated before a failure still reach on_batch
+            times["host_wait_s"] += worker.close()
+            times["host_s"] += worker.busy_s - held[0]
+        if listens:
+            backend.on_phase = previous_hook
         if own:
             backend.close()
-    return out
+        if timings is not None:
+            for key, value in times.items():
+                timings[key] = timings.get(key, 0.0) + value
+    if worker is not None:
+        worker.raise_failure()
+    return [records[batch.batch_idx] for batch in batches]
+
+
+def _import_plotting() -> None:
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - the plots themselves say what is wrong, at the end
+        pass
+
+
+class _HostWorker:
+    """One background thread running submitted tasks in order; at most one task waits while another runs (the
+    host part of the previous request overlaps the generation of the next, no further: memory stays bounded).
+
+    A task that raises stops the worker from running later tasks; :meth:`submit` and :meth:`raise_failure`
+    raise that error in the calling thread."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._failure: BaseException | None = None
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="analyze-host-work", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            if self._failure is not None:
+                continue  # drained, not run: the caller raises the failure
+            started = time.perf_counter()
+            try:
+                task()
+            except BaseException as error:  # noqa: BLE001 - handed to the submitting thread
+                self._failure = error
+            self.busy_s += time.perf_counter() - started
+
+    def submit(self, task: Callable[[], None]) -> float:
+        """Queue ``task``; returns the seconds spent waiting for room. Raises a failure of an earlier task."""
+        self.raise_failure()
+        started = time.perf_counter()
+        self._queue.put(task)
+        return time.perf_counter() - started
+
+    def close(self) -> float:
+        """Run what is queued, stop the thread; returns the seconds waited."""
+        started = time.perf_counter()
+        self._queue.put(None)
+        self._thread.join()
+        return time.perf_counter() - started
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
 
 def _draws_per_sequence(backend: GenerationBackend) -> bool:
@@ -362,21 +538,67 @@ def _draws_per_sequence(backend: GenerationBackend) -> bool:
     return getattr(backend, "name", None) == "graph"
 
 
-def gpu_batch_size(config: AnalysisConfig, backend: GenerationBackend, tokenizer, batches: Sequence[Batch]) -> int:
-    """Sequences per generation request: ``config.gpu_batch_size``; else, with a backend that estimates it
-    (``batch_size_for_memory``) on CUDA, what fits in free memory at the longest prompt; else one method batch
-    (``config.batch_size``: exactly the requests of an unpacked run)."""
-    if config.gpu_batch_size is not None:
-        return config.gpu_batch_size
+def _sizes_from_memory(config: AnalysisConfig, backend: GenerationBackend) -> bool:
     estimate = getattr(backend, "batch_size_for_memory", None)
     device = getattr(backend, "device", None)
-    if estimate is None or device is None or torch_device_type(device) != "cuda" or not batches:
+    return (config.gpu_batch_size is None and estimate is not None and device is not None
+            and torch_device_type(device) == "cuda")  # fmt: skip
+
+
+def gpu_batch_size(
+    config: AnalysisConfig, backend: GenerationBackend, tokenizer, batches: Sequence[Batch],
+    prepared: Sequence[tuple] | None = None,
+) -> int:
+    """Sequences per generation request: ``config.gpu_batch_size``; else, with a backend that estimates it
+    (``batch_size_for_memory``) on CUDA, what fits in free memory at the longest prompt; else one method batch
+    (``config.batch_size``: exactly the requests of an unpacked run). ``prepared``: the batches'
+    :func:`prepare_requests` entries (default: made here)."""
+    if config.gpu_batch_size is not None:
+        return config.gpu_batch_size
+    if not _sizes_from_memory(config, backend) or not batches:
         return config.batch_size
-    longest = max(len(p) for batch in batches for p in generation_request(tokenizer, batch, config)[2].prompts)
-    size = int(estimate(longest, config.max_new_tokens))
+    if prepared is None:
+        prepared = prepare_requests(tokenizer, batches, config)
+    longest = max(len(p) for *_, request in prepared for p in request.prompts)
+    size = int(backend.batch_size_for_memory(longest, config.max_new_tokens))
     if hasattr(backend, "max_batch_size"):
         backend.max_batch_size = max(backend.max_batch_size, size)
     return size
+
+
+def request_plan(
+    config: AnalysisConfig, backend: GenerationBackend, batches: Sequence[Batch], prepared: Sequence[tuple]
+) -> tuple[list[list[int]], int | None]:
+    """Which batches (indices into ``batches``) go into each generation request, and the group count every request
+    counts in (None: its own).
+
+    ``per_request = gpu_batch_size // batch_size`` batches per request (1 when sampling through a backend with one
+    generator per request: packing would change what each batch draws). With the graph engine:
+
+    * the batches are ordered by the cache length their longest prompt needs (stable: batches whose caches round to
+      the same length keep their order), so a request pads its prompts little;
+    * every request counts in ``per_request * 2`` groups, so that a last, shorter request reuses the captured
+      decode step;
+    * with the size from free memory, the batches are spread evenly over the fewest requests that fit, and over at
+      least two, so that the host part of one overlaps the generation of the other.
+    """
+    if not batches:
+        return [], None
+    per_request = max(1, gpu_batch_size(config, backend, None, batches, prepared) // config.batch_size)
+    if config.do_sample and not _draws_per_sequence(backend):
+        per_request = 1  # one generator per request: packing would change what each batch draws
+    order = list(range(len(batches)))
+    num_groups = None
+    if _draws_per_sequence(backend):
+        multiple = int(getattr(backend, "cache_multiple", 1))
+        longest = [max(len(p) for p in request.prompts) for *_, request in prepared]
+        order.sort(key=lambda i: -(-(longest[i] + config.max_new_tokens) // multiple))
+        if _sizes_from_memory(config, backend):
+            requests = max(min(2, len(batches)), -(-len(batches) // per_request))
+            per_request = -(-len(batches) // requests)
+        if per_request > 1:
+            num_groups = per_request * NUM_GROUPS
+    return [order[start : start + per_request] for start in range(0, len(order), per_request)], num_groups
 
 
 def torch_device_type(device) -> str:
@@ -558,6 +780,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     """
     from moe_fastmask.pipeline import distributed
 
+    run_started = time.perf_counter()
+    timings: dict[str, float] = {}
     config = dataclasses.replace(config)
     config.validate()
     check_paths(config.out)  # an --out that cannot be a directory fails here, before the demo is built
@@ -638,10 +862,12 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
             prepare_tokenizer(tokenizer)
             from tqdm.auto import tqdm
 
+            timings["setup_s"] = time.perf_counter() - run_started
             with tqdm(total=len(mine), initial=len(done), desc="analyze", unit="batch",
                       disable=not config.progress) as bar:  # fmt: skip
                 new = process_mixed_batches(
-                    model, tokenizer, remaining, config, judge=config.judge, on_batch=store.save_batch, progress=bar
+                    model, tokenizer, remaining, config, judge=config.judge, on_batch=store.save_batch, progress=bar,
+                    timings=timings,
                 )
             local.update((batch_data["batch_idx"], batch_data) for batch_data in new)
     except BaseException as error:
@@ -654,6 +880,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         raise AnalysisError(
             "another rank failed (see its error); the finished batches are saved, rerun the same command to resume"
         )
+    finalize_started = time.perf_counter()
+    timings.setdefault("setup_s", finalize_started - run_started)
     batch_data_list = distributed.gather_in_order(local, len(batches))
     if dist.enabled:
         totals = _check_reduced_counts(list(local.values()), batch_data_list, device)
@@ -663,22 +891,34 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     config_dict = {**settings, "fingerprint": artifacts.config_fingerprint(settings)}
     outputs = {"batch_data_list": batch_data_list, "config": config_dict}
-    _write_once(lambda: artifacts.atomic_pickle(paths["batch_outputs"], outputs))
+    write_outputs = lambda: artifacts.atomic_pickle(paths["batch_outputs"], outputs)  # noqa: E731
+    writing = None
+    if distributed.get_world_size() == 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-    passed = [sum(b["pair_passed"]) for b in batch_data_list]
-    total = sum(len(b["pairs"]) for b in batch_data_list)
-    if config.filter_pairs:
-        _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
+        writing = ThreadPoolExecutor(1)  # the largest file, written while the statistics are computed
+        written = writing.submit(write_outputs)
+    else:
+        _write_once(write_outputs)
+    try:
+        passed = [sum(b["pair_passed"]) for b in batch_data_list]
+        total = sum(len(b["pairs"]) for b in batch_data_list)
+        if config.filter_pairs:
+            _say(config, f"pair filter: {sum(passed)}/{total} pairs pass; per batch {passed}")
 
-    per_batch = risk_diff_per_batch(batch_data_list, config)
-    if per_batch.empty:
-        raise AnalysisError(
-            f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
-            f"pairs passed the filter); nothing to aggregate. The generations are saved in {paths['batch_outputs']}"
-            + ("; try without --filter-pairs" if config.filter_pairs else "")
-        )
-    table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
-    sft = build_sft_dataset(batch_data_list, config.refusal_text)
+        per_batch = risk_diff_per_batch(batch_data_list, config)
+        if per_batch.empty:
+            raise AnalysisError(
+                f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
+                f"pairs passed the filter); nothing to aggregate. The generations are saved in "
+                f"{paths['batch_outputs']}" + ("; try without --filter-pairs" if config.filter_pairs else "")
+            )
+        table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
+        sft = build_sft_dataset(batch_data_list, config.refusal_text)
+    finally:
+        if writing is not None:
+            writing.shutdown(wait=True)
+            written.result()  # its error, if the write failed
 
     def write_results() -> None:
         artifacts.atomic_pickle(paths["risk_diff"], table)
@@ -693,9 +933,11 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     _say(config, f"top {min(10, len(table))} experts by risk_diff (mean over "
                  f"{plural(per_batch['batch_idx'].nunique(), 'batch')}):\n" + stats.format_top(table, 10))  # fmt: skip
     _say(config, "artifacts:\n" + "\n".join(f"  {path}" for path in paths.values()))
+    timings["finalize_s"] = time.perf_counter() - finalize_started
+    timings["total_s"] = time.perf_counter() - run_started
     return AnalysisResult(
         config=config, slug=slug, paths=paths, split=split, batch_data_list=batch_data_list,
-        per_batch=per_batch, risk_diff=table, sft_dataset=sft,
+        per_batch=per_batch, risk_diff=table, sft_dataset=sft, timings=timings,
     )  # fmt: skip
 
 

@@ -41,7 +41,13 @@ from typing import Any, Callable, Sequence
 
 from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import DTYPES, SELECTION_FILE, TRAINING_CONFIG_FILE
-from moe_fastmask.pipeline.generation import DEFAULT_BACKEND, backend_names
+from moe_fastmask.pipeline.generation import (
+    COMPILE_CHOICES,
+    DEFAULT_BACKEND,
+    backend_names,
+    check_engine_compile,
+    engine_options,
+)
 
 CONDITIONS = ("before", "steering", "after")
 KINDS = ("jailbreak", "goal")
@@ -96,8 +102,14 @@ class EvaluationArguments:
         default=DEFAULT_BACKEND,
         metadata={"help": "generation backend (moe_fastmask.pipeline.generation)", "choices": list(backend_names())},
     )
+    engine_compile: str = field(
+        default="auto",
+        metadata={"help": "torch.compile the decode step of --engine graph: auto = on CUDA where torch.compile works, "
+                  "never on CPU", "choices": list(COMPILE_CHOICES)},
+    )
 
     def __post_init__(self) -> None:
+        check_engine_compile(self.engine, self.engine_compile)
         for name in ("batch_size", "max_new_tokens", "limit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -384,7 +396,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
                 f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
                 f"{selection.top_k}; {args.base_model} has {model_sizes(model.config)}"
             )
-        backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
+        options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
+        backend = get_backend(args.engine, model, tokenizer, **options)
         run("before", model, tokenizer, backend)
         if selection is not None:
             keep = torch.ones(selection.num_layers, 1, selection.num_experts, dtype=torch.bool)
@@ -399,7 +412,8 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         warnings.warn("no base model: the steering column needs --base-model")
     if args.model is not None:
         model, tokenizer = load_model(args.engine, args.model, device, dtype)
-        backend = get_backend(args.engine, model, tokenizer, op_backend=args.backend)
+        options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
+        backend = get_backend(args.engine, model, tokenizer, **options)
         run("after", model, tokenizer, backend)
         backend.close()
         del backend, model, tokenizer

@@ -21,6 +21,7 @@ refusal (it answers nothing). Any ``Callable[[str], bool]`` can stand in for the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Sequence
 
 Judge = Callable[[str], bool]
@@ -98,7 +99,12 @@ class RefusalJudge:
         if not text.strip():
             return self.empty_is_refusal
         body = self._norm(text if self.window is None else text[: self.window])
-        return any(self._norm(marker) in body for marker in self.markers)
+        return any(marker in body for marker in self._normed_markers)
+
+    @cached_property
+    def _normed_markers(self) -> tuple[str, ...]:
+        # normalised once per judge, not once per answer
+        return tuple(self._norm(marker) for marker in self.markers)
 
 
 DEFAULT_JUDGE = RefusalJudge()

@@ -34,6 +34,7 @@ a ``load_model(model_name_or_path, device, dtype) -> (model, tokenizer)``, which
 
 from moe_fastmask.pipeline.generation.base import (
     BACKENDS,
+    COMPILE_CHOICES,
     DEFAULT_BACKEND,
     GenerationBackend,
     GenerationOutput,
@@ -41,12 +42,15 @@ from moe_fastmask.pipeline.generation.base import (
     SamplingSettings,
     backend_class,
     backend_names,
+    check_engine_compile,
+    engine_options,
     get_backend,
     load_model,
 )
 
 __all__ = [
     "BACKENDS",
+    "COMPILE_CHOICES",
     "DEFAULT_BACKEND",
     "GenerationBackend",
     "GenerationOutput",
@@ -54,6 +58,8 @@ __all__ = [
     "SamplingSettings",
     "backend_class",
     "backend_names",
+    "check_engine_compile",
+    "engine_options",
     "get_backend",
     "load_model",
 ]

@@ -16,6 +16,9 @@ BACKENDS: dict[str, str] = {
     "vllm": "moe_fastmask.pipeline.generation.vllm:VLLMBackend",
 }
 DEFAULT_BACKEND = "hf"
+# ``--engine-compile``: whether a backend that can (``graph``) ``torch.compile``s its decode step
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILING_BACKENDS = ("graph",)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,25 @@ def get_backend(name: str, model, tokenizer, **options) -> GenerationBackend:
     return backend_class(name)(model, tokenizer, **options)
 
 
+def check_engine_compile(engine: str, engine_compile: str) -> None:
+    """Raise ``ValueError`` for an ``--engine-compile`` value that is not a choice, or ``on`` for an engine that does
+    not compile."""
+    if engine_compile not in COMPILE_CHOICES:
+        raise ValueError(f"engine_compile must be one of {', '.join(COMPILE_CHOICES)}, got {engine_compile!r}")
+    if engine_compile == "on" and engine not in COMPILING_BACKENDS:
+        raise ValueError(f"--engine-compile on needs an engine that compiles its decode step "
+                         f"({', '.join(COMPILING_BACKENDS)}), not --engine {engine}")
+
+
+def engine_options(engine: str, engine_compile: str = "auto", **options) -> dict:
+    """Constructor options of backend ``engine``: ``options`` plus, for a backend that compiles, ``compile``
+    (``"auto"``, True or False from ``engine_compile``)."""
+    check_engine_compile(engine, engine_compile)
+    if engine in COMPILING_BACKENDS:
+        options["compile"] = {"auto": "auto", "on": True, "off": False}[engine_compile]
+    return options
+
+
 def load_model(name: str, model_name_or_path: str, device: str, dtype: str):
     """``(model, tokenizer)`` for backend ``name``: what its class's ``load_model`` returns when it has one (vLLM: its
     engine, never a second copy of the weights), else the transformers model
@@ -161,6 +183,7 @@ def load_model(name: str, model_name_or_path: str, device: str, dtype: str):
 
 __all__ = [
     "BACKENDS",
+    "COMPILE_CHOICES",
     "DEFAULT_BACKEND",
     "GenerationBackend",
     "GenerationOutput",
@@ -168,6 +191,8 @@ __all__ = [
     "SamplingSettings",
     "backend_class",
     "backend_names",
+    "check_engine_compile",
+    "engine_options",
     "get_backend",
     "load_model",
 ]

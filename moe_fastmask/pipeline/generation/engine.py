@@ -16,6 +16,8 @@ not padding (prefill), and generated tokens fed back before their sequence's fir
 * one decode step — EOS bookkeeping, mask and positions, the model, token choice — works only on device buffers,
   so it is captured once per (bucket, cache length, settings) as a CUDA graph and replayed; the host checks for
   completion every ``check_every`` steps, never in between;
+* optionally (``compile``; ``"auto"``: on CUDA) the model forward of the decode step is ``torch.compile``d before
+  the capture: one compile for the first shape, at most one more (dynamic) for all later ones;
 * greedy decoding, or sampling with temperature and top-p from counter-based noise (a per-sequence seed, the step,
   the token id), so a seeded run gives the same tokens whatever the batching;
 * per-token experts, when asked for, are written by the decode step into device buffers (inside the graph);
@@ -34,7 +36,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -145,7 +147,9 @@ class StaticCacheEngine:
     ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
     ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward. ``use_cuda_graph``: capture
     the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
-    first. ``check_every``: decode steps between completion checks (the only host syncs of the decode loop).
+    first (True / False, or ``"auto"``: on CUDA where ``torch.compile`` is supported, never on CPU; a forward that
+    fails to compile runs uncompiled, said once; :attr:`compiled` tells which runs). ``check_every``: decode steps
+    between completion checks (the only host syncs of the decode loop).
     ``cache_multiple``: cache lengths are rounded up to this, so batches of similar length share a graph.
     ``max_slots``: captured graphs (each with its cache) kept for reuse. ``time_phases``: synchronise after prefill
     and after decode to time them (``last_timings``; off by default: it costs a host sync per batch).
@@ -164,7 +168,7 @@ class StaticCacheEngine:
         max_batch_size: int = 256,
         prefill_chunk_tokens: int = 16384,
         use_cuda_graph: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         check_every: int = 16,
         cache_multiple: int = 64,
         max_slots: int = 2,
@@ -195,9 +199,12 @@ class StaticCacheEngine:
         self.check_every = check_every
         self.cache_multiple = cache_multiple
         self.max_slots = max_slots
-        self.compile = compile
         self.time_phases = time_phases
         self.last_timings: dict[str, float] = {}
+        # called with "prefill" before a GPU batch's prefill (eager: kernel launches from Python), "decode" before its
+        # decode loop (graph replays) and None after it: a caller running host work in another thread can hold it
+        # back while the prefill launches
+        self.on_phase: Callable[[str | None], None] | None = None
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         params = inspect.signature(self.decoder.forward).parameters
@@ -224,11 +231,31 @@ class StaticCacheEngine:
         self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
         self._eos_bias[self._eos_device] = float("-inf")
         self._forward_decode = self._model_forward
-        if compile:
+        self.compile = self._resolve_compile(compile)
+        if self.compile:
             try:
-                self._forward_decode = torch.compile(self._model_forward, dynamic=False)
+                # dynamic=None: one static compile, then at most one more with the dimensions that changed made
+                # symbolic (batch bucket, cache length), instead of a compile per shape
+                self._forward_decode = torch.compile(self._model_forward, dynamic=None)
             except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager forward
                 self._say(f"torch.compile is unavailable ({type(exc).__name__}: {exc}); the decode step runs uncompiled")
+
+    def _resolve_compile(self, compile: bool | str) -> bool:
+        if compile == "auto":
+            if self.device.type != "cuda":
+                return False
+            reason = compile_unavailable()
+            if reason is not None:
+                self._say(f"torch.compile is unavailable ({reason}); the decode step runs uncompiled")
+            return reason is None
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        return compile
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decode step's model forward is (still) the ``torch.compile``d one."""
+        return self._forward_decode != self._model_forward  # bound methods: equal, never identical
 
     # public API ----------------------------------------------------------------------------------------------
     def set_expert_mask(self, keep: Tensor | None) -> None:
@@ -311,7 +338,7 @@ class StaticCacheEngine:
                 "decode": np.zeros((n, D, L, K), dtype=np.uint8), "decode_counted": np.zeros((n, D), dtype=bool),
             }  # fmt: skip
         order = sorted(range(n), key=lambda i: (len(prompts[i]), i))
-        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "batches": 0}
+        self.last_timings = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "decode_steps": 0, "batches": 0}
         for start in range(0, n, self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
             self._run_batch(rows, prompts, groups, sampling, seeds, recorder, generated, experts)
@@ -424,18 +451,22 @@ class StaticCacheEngine:
             slot.expert_counted = torch.zeros(B, M, dtype=torch.bool, device=self.device)
 
         # host-side batch layout: left padding; dummy rows (bucket fill) hold one pad token and are never counted
-        ids = torch.full((B, P), self.pad_token_id, dtype=torch.int64)
-        valid = torch.zeros(B, P, dtype=torch.bool)
-        row_groups = torch.full((B,), -1, dtype=torch.int64)
-        row_seeds = torch.zeros(B, dtype=torch.int64)
-        for r, i in enumerate(rows):
-            p = prompts[i]
-            ids[r, P - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
-            valid[r, P - len(p) :] = True
-            row_seeds[r] = seeds[i]
-            if groups is not None:
-                row_groups[r] = groups[i]
-        valid[n_real:, P - 1] = True
+        # (numpy, vectorised: a GPU batch holds thousands of rows)
+        lengths = np.fromiter((len(prompts[i]) for i in rows), dtype=np.int64, count=n_real)
+        valid_np = np.zeros((B, P), dtype=bool)
+        valid_np[:n_real] = np.arange(P)[None, :] >= (P - lengths)[:, None]
+        valid_np[n_real:, P - 1] = True
+        ids_np = np.full((B, P), self.pad_token_id, dtype=np.int64)
+        ids_np[:n_real][valid_np[:n_real]] = np.fromiter(
+            (token for i in rows for token in prompts[i]), dtype=np.int64, count=int(lengths.sum())
+        )  # row-major order of the valid positions: each row's prompt, left to right
+        row_groups_np = np.full(B, -1, dtype=np.int64)
+        if groups is not None:
+            row_groups_np[:n_real] = [groups[i] for i in rows]
+        row_seeds_np = np.zeros(B, dtype=np.int64)
+        row_seeds_np[:n_real] = [int(seeds[i]) for i in rows]
+        ids, valid = torch.from_numpy(ids_np), torch.from_numpy(valid_np)
+        row_groups, row_seeds = torch.from_numpy(row_groups_np), torch.from_numpy(row_seeds_np)
         positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
 
         dev = self.device
@@ -458,6 +489,7 @@ class StaticCacheEngine:
         ids_dev, positions_dev = ids.to(dev), positions.to(dev)
 
         start = time.perf_counter()
+        capture_before = self.last_timings["capture_s"]
         slot.live_groups.copy_(slot.groups)
         # the engine states the phase (chunked prefill continues its cache, which the automatic rule would call a
         # decode step) and keeps the per-row groups on the device itself (-1 once a sequence has fed back its EOS)
@@ -466,6 +498,7 @@ class StaticCacheEngine:
             record.__enter__()
             _bind_row_groups(recorder, slot.live_groups)
         try:
+            self._phase("prefill")
             # prefill, in sequence chunks; logits of the last position only
             chunk = max(1, self.prefill_chunk_tokens // B)
             hidden = None
@@ -481,6 +514,7 @@ class StaticCacheEngine:
             slot.tokens[:, 0] = first
             slot.step.fill_(1)
             prefilled = self._clock()
+            self._phase("decode")
 
             if recorder is not None:
                 recorder.set_phase("decode")
@@ -494,25 +528,27 @@ class StaticCacheEngine:
                     break
             decoded = self._clock()
         finally:
+            self._phase(None)
             if record is not None:
                 record.__exit__(None, None, None)
         timings = self.last_timings
         timings["prefill_s"] += prefilled - start
-        timings["decode_s"] += decoded - prefilled
+        timings["decode_s"] += decoded - prefilled - (timings["capture_s"] - capture_before)
         timings["decode_steps"] += done_steps - 1
         timings["batches"] += 1
 
-        out = slot.out[:n_real, :done_steps].cpu().tolist()
-        eos = set(self.eos_ids)
-        for r, i in enumerate(rows):
-            tokens = out[r]
-            for t, token in enumerate(tokens):
-                if token in eos:
-                    tokens = tokens[: t + 1]
-                    break
-            generated[i] = tokens
+        out = slot.out[:n_real, :done_steps].cpu().numpy()
+        is_eos = np.isin(out, self.eos_ids)
+        # each row up to and with its first EOS (all of it without one)
+        ends = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, done_steps)
+        for r, (i, tokens) in enumerate(zip(rows, out.tolist())):
+            generated[i] = tokens[: ends[r]]
         if experts is not None:
             self._collect_experts(recorder, slot, done_steps - 1, rows, prompts, experts)
+
+    def _phase(self, phase: str | None) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def _clock(self) -> float:
         if self.time_phases and self.device.type == "cuda":
@@ -526,20 +562,24 @@ class StaticCacheEngine:
         logged = recorder.token_experts()
         logged["decode"] = slot.expert_ids[:, :decode_steps].cpu()
         logged["decode_counted"] = slot.expert_counted[:, :decode_steps].cpu()
+        index = np.asarray(rows, dtype=np.int64)
         for phase in ("prefill", "decode"):
             ids, counted = logged[phase].numpy(), logged[f"{phase}_counted"].numpy()
             if ids.shape[1] == 0:
                 continue
+            n_real = len(rows)
+            ids, counted = ids[:n_real], counted[:n_real]
             ids = np.where(counted[..., None, None], ids, 0).astype(np.uint8)
-            for r, i in enumerate(rows):
-                if phase == "prefill":
-                    width = len(prompts[i])
-                    experts[phase][i, -width:] = ids[r, -width:]
-                    experts[f"{phase}_counted"][i, -width:] = counted[r, -width:]
-                else:
-                    width = min(ids.shape[1], experts[phase].shape[1])
-                    experts[phase][i, :width] = ids[r, :width]
-                    experts[f"{phase}_counted"][i, :width] = counted[r, :width]
+            # whole windows at once: a position outside a row's prompt (its left padding) is never counted, so it
+            # copies the zeros the request's arrays already hold there
+            if phase == "prefill":  # right-aligned: the batch's prompt width within the request's
+                width = ids.shape[1]
+                experts[phase][index, -width:] = ids
+                experts[f"{phase}_counted"][index, -width:] = counted
+            else:
+                width = min(ids.shape[1], experts[phase].shape[1])
+                experts[phase][index, :width] = ids[:, :width]
+                experts[f"{phase}_counted"][index, :width] = counted[:, :width]
 
     # the model and the step ------------------------------------------------------------------------------------
     def _mask(self, visible: Tensor) -> Tensor:
@@ -603,6 +643,13 @@ class StaticCacheEngine:
             slot.graph.replay()
             return
         # first decode step of this slot: run it for real on a side stream (warm-up), then capture the next one
+        started = time.perf_counter()
+        try:
+            self._warm_up_and_capture(slot)
+        finally:
+            self.last_timings["capture_s"] = self.last_timings.get("capture_s", 0.0) + self._clock() - started
+
+    def _warm_up_and_capture(self, slot: _Slot) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -629,11 +676,26 @@ class StaticCacheEngine:
         try:
             self._step(slot)
         except Exception as exc:  # noqa: BLE001
-            if self._forward_decode is self._model_forward:
+            if not self.compiled:
                 raise
             self._forward_decode = self._model_forward
             self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
             self._step(slot)
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot compile for CUDA here (None when it can): dynamo unsupported on this Python, or
+    no Triton for inductor's GPU kernels."""
+    try:
+        import torch._dynamo
+        from torch.utils._triton import has_triton
+    except Exception as exc:  # noqa: BLE001 - a broken install is a reason like any other
+        return f"{type(exc).__name__}: {exc}"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch._dynamo does not support this Python"
+    if not has_triton():
+        return "Triton is not installed"
+    return None
 
 
 def _origin(exc: BaseException) -> str:

@@ -149,6 +149,14 @@ def split_output(output: GenerationOutput, layout: PackedLayout) -> list[Generat
     pieces: dict[str, list] = {}
     for name, axis in (("prefill_counts", 1), ("decode_counts", 1), ("prefill_tokens", 0), ("decode_tokens", 0)):
         value = getattr(output, name)
+        if value is not None and np.asarray(value).shape[axis] > n * G:
+            # the request counted in more groups than it packed (a fixed count shared by every request): the extra
+            # groups hold no sequence, so nothing may be counted there
+            value = np.asarray(value)
+            extra = np.take(value, np.arange(n * G, value.shape[axis]), axis=axis)
+            if extra.any():
+                raise ValueError(f"{name}: groups beyond the {n} x {G} packed ones counted tokens")
+            value = np.take(value, np.arange(n * G), axis=axis)
         pieces[name] = [None] * n if value is None else split_group_axis(np.asarray(value), n, G, axis)
     results = []
     for b, (start, size) in enumerate(zip(layout.starts, layout.sizes)):
