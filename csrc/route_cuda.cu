@@ -27,15 +27,7 @@
 
 #include <stdint.h>
 
-namespace {
-
-constexpr int kThreads = 256;
-constexpr int kMinBlocks = 4;  // at most 64 registers: 8 warps of loads in flight per scheduler
-constexpr int kMaxKeepBytes = 16 * 1024;   // shared keep bitmask limit (the Python side checks it too)
-constexpr int kMaxHistBytes = 32 * 1024;   // shared histogram limit; above it counts go straight to global memory
-
-enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
+// Launch arguments (mirrored field for field by RouteParams in moe_fastmask/ops/cuda_route.py).
 struct RouteParams {
   void* weights;            // [T, k] logits' dtype, contiguous
   int64_t* ids;             // [T, k] int64, contiguous
@@ -54,6 +46,16 @@ struct RouteParams {
   int32_t vector_loads;     // 1: rows contiguous, 16-byte aligned, E == E_PAD
   int32_t shared_hist;      // 1: count into shared memory first
 };
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMinBlocks = 4;  // at most 64 registers: 8 warps of loads in flight per scheduler
+constexpr int kMaxKeepBytes = 16 * 1024;   // shared keep bitmask limit (the Python side checks it too)
+constexpr int kMaxHistBytes = 32 * 1024;   // shared histogram limit; above it counts go straight to global memory
+
+enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
