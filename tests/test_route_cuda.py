@@ -401,6 +401,7 @@ def test_arch_override(monkeypatch):
 
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
 def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     """Compile for sm_90 in a fresh process (no device needed) and call the launcher: it refuses shapes it does not
     take before touching a device, and reports a CUDA error (not a crash) when there is no device."""
