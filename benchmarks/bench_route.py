@@ -22,7 +22,8 @@ Section ``cuda`` (``--only-cuda`` runs it alone, after the copy bandwidth): the 
 Triton kernel at the issue's setting (E=64, top-8, bf16, a 4-group keep mask, group ids in runs with -1 runs, counts)
 for T = 4,096, 65,536 and 262,144, forward and forward + backward, plus wider routers (E up to 512, top-k up to 16;
 shapes the CUDA kernel does not take run on Triton under ``backend="cuda"``, and say so). Providers: ``cuda`` and
-``triton`` through ``route`` (``validate=False``), ``cuda_kernel`` the CUDA launcher alone. Each provider's ids and
+``triton`` through ``route`` (``validate=False``), ``cuda_kernel`` the CUDA launcher alone
+(``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows). Each provider's ids and
 counts are checked against the reference once before timing.
 
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
@@ -373,8 +374,9 @@ def cuda_call(provider: str, mode: str, logits, keep, group, grad, counts, top_k
     from moe_fastmask import route
     from moe_fastmask.ops import cuda_route
 
-    if provider == "cuda_kernel":
-        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False)  # noqa: E731
+    if provider.startswith("cuda_kernel"):
+        prefetch = provider != "cuda_kernel_noprefetch"
+        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False, prefetch=prefetch)  # noqa: E731
     else:
         fwd = lambda x: route(x, top_k, keep, group, counts, False, provider, validate=False)  # noqa: E731
     if mode == "forward":
@@ -390,8 +392,9 @@ def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
 
     counts = torch.zeros(CUDA_GROUPS, logits.shape[1], dtype=torch.int64, device=logits.device)
     ref_counts = torch.zeros_like(counts)
-    if provider == "cuda_kernel":
-        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False)
+    if provider.startswith("cuda_kernel"):
+        prefetch = provider != "cuda_kernel_noprefetch"
+        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, prefetch=prefetch)
     else:
         _, ids = route(logits, top_k, keep, group, counts, False, provider, validate=False)
     _, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, False)
@@ -419,7 +422,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 for s in range(sets)]
         counts = torch.zeros(CUDA_GROUPS, num_experts, dtype=torch.int64, device=device)
         covered = cuda_route.supports(data[0][0], top_k, data[0][1])
-        providers = ["cuda", "triton"] + (["cuda_kernel"] if covered else [])
+        providers = ["cuda", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
         for provider in providers:
             problem = check_cuda_provider(provider, *data[0][:3], top_k)
             if problem:
@@ -427,7 +430,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
                                  mode="check", note=problem))
                 continue
-            for mode in ("forward", "full") if provider != "cuda_kernel" else ("forward",):
+            for mode in ("forward", "full") if not provider.startswith("cuda_kernel") else ("forward",):
                 fns = [cuda_call(provider, mode, x, keep, group, grad, counts, top_k) for x, keep, group, grad in data]
                 try:
                     per_call = graph_us(fns, calls)
@@ -446,7 +449,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
 
     print(f"\n# cuda summary (copy {copy_gbs:.0f} GB/s): us per call, % of copy")
     print(f"{'E':>4} {'k':>3} {'T':>7} {'mode':<7} {'cuda':>9} {'%copy':>6} {'triton':>9} {'%copy':>6} {'x triton':>8}"
-          f" {'kernel':>9}")
+          f" {'kernel':>9} {'no prefetch':>11}")
     for num_experts, top_k, num_tokens in cases:
         for mode in ("forward", "full"):
             sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == num_experts
@@ -454,11 +457,12 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
             if not sel:
                 continue
             c, t, k = sel.get("cuda", {}), sel.get("triton", {}), sel.get("cuda_kernel", {})
+            n = sel.get("cuda_kernel_noprefetch", {})
             speedup = t.get("graph_us", math.nan) / c.get("graph_us", math.nan)
             print(f"{num_experts:>4} {top_k:>3} {num_tokens:>7} {mode:<7} {c.get('graph_us', math.nan):9.2f} "
                   f"{c.get('pct_copy', math.nan):6.1f} {t.get('graph_us', math.nan):9.2f} "
                   f"{t.get('pct_copy', math.nan):6.1f} {speedup:8.2f} {k.get('graph_us', math.nan):9.2f} "
-                  f"{c.get('note', '')}")
+                  f"{n.get('graph_us', math.nan):11.2f} {c.get('note', '')}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ struct RouteParams {
   int32_t group_is_int64;
   int32_t vector_loads;     // 1: rows contiguous, 16-byte aligned, E == E_PAD
   int32_t shared_hist;      // 1: count into shared memory first
+  int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
 };
 
 namespace {
@@ -206,7 +207,7 @@ __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
 }
 
-template <typename T, int E_PAD, int KMAX>
+template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const RouteParams p) {
   constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;  // logits per lane
   constexpr int LANES = E_PAD / V;                                                          // lanes per row
@@ -256,7 +257,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const T* logits = static_cast<const T*>(p.logits);
 
-  for (int64_t base = warp_id * ROWS_PER_WARP; base < p.num_tokens; base += num_warps * ROWS_PER_WARP) {
+  // the lane's logits, kept packed (16-byte vectors) and widened to fp32 where used; with PREFETCH the next rows'
+  // are loaded before the current ones are worked on, so that two row groups per warp are in flight
+  constexpr int kVecs = (V * static_cast<int>(sizeof(T)) + 15) / 16;
+  auto load_row = [&](int64_t r, uint4 (&dst)[kVecs]) {
+    if (p.vector_loads && r < p.num_tokens) {
+      const uint4* src = reinterpret_cast<const uint4*>(logits + r * p.stride_t + e0);
+#pragma unroll
+      for (int q = 0; q < kVecs; ++q) dst[q] = __ldg(src + q);
+    } else {
+#pragma unroll
+      for (int q = 0; q < kVecs; ++q) dst[q] = make_uint4(0u, 0u, 0u, 0u);
+      T* out = reinterpret_cast<T*>(dst);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (r < p.num_tokens && e0 + i < E) out[i] = logits[r * p.stride_t + (int64_t)(e0 + i) * p.stride_e];
+      }
+    }
+  };
+  const int64_t step = num_warps * ROWS_PER_WARP;
+  uint4 next[kVecs];
+  if constexpr (PREFETCH) load_row(warp_id * ROWS_PER_WARP + row_in_warp, next);
+
+  for (int64_t base = warp_id * ROWS_PER_WARP; base < p.num_tokens; base += step) {
     const int64_t row = base + row_in_warp;
     const bool row_valid = row < p.num_tokens;
 
@@ -268,22 +291,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
     }
     const bool in_group = row_valid && g >= 0 && g < G;
 
-    // the lane's logits, kept packed (16-byte vectors) and widened to fp32 where used
-    constexpr int kVecs = (V * static_cast<int>(sizeof(T)) + 15) / 16;
     uint4 raw[kVecs];
-    T* vals = reinterpret_cast<T*>(raw);
-    if (p.vector_loads && row_valid) {
-      const uint4* src = reinterpret_cast<const uint4*>(logits + row * p.stride_t + e0);
+    if constexpr (PREFETCH) {
 #pragma unroll
-      for (int q = 0; q < kVecs; ++q) raw[q] = __ldg(src + q);
+      for (int q = 0; q < kVecs; ++q) raw[q] = next[q];
+      if (base + step < p.num_tokens) load_row(row + step, next);
     } else {
-#pragma unroll
-      for (int q = 0; q < kVecs; ++q) raw[q] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        if (row_valid && e0 + i < E) vals[i] = logits[row * p.stride_t + (int64_t)(e0 + i) * p.stride_e];
-      }
+      load_row(row, raw);
     }
+    const T* vals = reinterpret_cast<const T*>(raw);
 
     unsigned int allowed = row_valid ? valid_bits : 0u;
     if (has_keep && in_group) {
@@ -377,12 +393,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   }
 }
 
-template <typename T, int E_PAD, int KMAX>
+template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;
   constexpr int ROWS_PER_BLOCK = (kThreads / 32) * (32 / (E_PAD / V));
   constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
-  auto kernel = route_fwd_kernel<T, E_PAD, KMAX>;
+  auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
   const size_t smem = sizeof(unsigned int) * ((p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0) +
                                               (p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0));
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
@@ -409,24 +425,29 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int E_PAD>
+template <typename T, int E_PAD, bool PREFETCH>
 cudaError_t launch_k(const RouteParams& p, int device, cudaStream_t stream) {
-  if (p.top_k <= 8) return launch<T, E_PAD, 8>(p, device, stream);
+  if (p.top_k <= 8) return launch<T, E_PAD, 8, PREFETCH>(p, device, stream);
   if constexpr (E_PAD >= 16) {
-    return launch<T, E_PAD, 16>(p, device, stream);
+    return launch<T, E_PAD, 16, PREFETCH>(p, device, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+template <typename T, int E_PAD>
+cudaError_t launch_p(const RouteParams& p, int device, cudaStream_t stream) {
+  return p.prefetch ? launch_k<T, E_PAD, true>(p, device, stream) : launch_k<T, E_PAD, false>(p, device, stream);
 }
 
 template <typename T>
 cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
   const int e = p.num_experts;
-  if (e <= 8) return launch_k<T, 8>(p, device, stream);
-  if (e <= 16) return launch_k<T, 16>(p, device, stream);
-  if (e <= 32) return launch_k<T, 32>(p, device, stream);
-  if (e <= 64) return launch_k<T, 64>(p, device, stream);
-  if (e <= 128) return launch_k<T, 128>(p, device, stream);
-  if (e <= 256) return launch_k<T, 256>(p, device, stream);
+  if (e <= 8) return launch_p<T, 8>(p, device, stream);
+  if (e <= 16) return launch_p<T, 16>(p, device, stream);
+  if (e <= 32) return launch_p<T, 32>(p, device, stream);
+  if (e <= 64) return launch_p<T, 64>(p, device, stream);
+  if (e <= 128) return launch_p<T, 128>(p, device, stream);
+  if (e <= 256) return launch_p<T, 256>(p, device, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -92,25 +92,31 @@ def make_keep(G: int, E: int, k: int, tight: bool, gen: torch.Generator) -> torc
     return keep
 
 
-def run_cuda(logits, top_k, keep, group, counts, renormalize):
+def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None):
     """The kernel on poisoned outputs: (weights, ids)."""
     T = logits.shape[0]
     weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype, device=logits.device)
     ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64, device=logits.device)
-    cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids))
+    cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids), prefetch=prefetch)
     torch.cuda.synchronize()
     return weights, ids
 
 
 def check_against_reference(logits, top_k, keep=None, group=None, num_groups=1, renormalize=False, counts=True,
                             where=""):
+    for prefetch in (True, False):
+        _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts,
+                                 f"{where} prefetch={prefetch}", prefetch)
+
+
+def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch):
     """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
     device = logits.device
     T, E = logits.shape
     start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64, device=device) if counts else None
     counts_cuda = start.clone() if counts else None
     counts_ref = start.clone() if counts else None
-    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize)
+    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch)
     # ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle
     ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, counts_ref, renormalize)
     assert torch.equal(ids, ref_ids), f"ids differ; {where}\n{ids[(ids != ref_ids).any(1)][:4]}\n" \
@@ -429,6 +435,6 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     assert "too wide 1" in out.stdout and "k too large 1" in out.stdout and "empty 0" in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
-    # one kernel per (dtype, padded E, top-k bound): 3 x (6 x 2 - 1)
-    assert "registers lines 33" in out.stdout, out.stdout
+    # one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2
+    assert "registers lines 66" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 104

@@ -37,6 +37,7 @@ SOURCE_NAME = "route_cuda.cu"
 LIBRARY_NAME = "moe_fastmask_cuda"
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CUDA"
 ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
+PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"  # "0": no software prefetch of a warp's next rows (for benchmarking)
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 256
 MAX_TOP_K = 16
@@ -66,6 +67,7 @@ class RouteParams(ctypes.Structure):
         ("group_is_int64", ctypes.c_int32),
         ("vector_loads", ctypes.c_int32),
         ("shared_hist", ctypes.c_int32),
+        ("prefetch", ctypes.c_int32),
     ]
 
 
@@ -271,6 +273,11 @@ def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
     return (1 << 31) - 1
 
 
+@functools.cache
+def _prefetch_default() -> bool:
+    return os.environ.get(PREFETCH_ENV, "1") not in ("", "0")
+
+
 def _padded_experts(num_experts: int) -> int:
     return max(8, 1 << (num_experts - 1).bit_length())
 
@@ -310,11 +317,13 @@ def route_forward(
     renormalize: bool,
     *,
     out: tuple[Tensor, Tensor] | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
-    ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones."""
+    ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: on, unless
+    ``MOE_FASTMASK_CUDA_PREFETCH=0``) picks the kernel instance that loads a warp's next rows early."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -358,6 +367,7 @@ def route_forward(
         int(group is not None and group.dtype == torch.int64),
         int(vector_loads),
         0,  # chosen by the launcher from G * E
+        int(_prefetch_default() if prefetch is None else bool(prefetch)),
     )
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(device).cuda_stream
