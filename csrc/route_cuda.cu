@@ -451,9 +451,45 @@ cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+template <typename T, int E_PAD>
+cudaError_t preload_e() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 8, true>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 8, false>);
+  if constexpr (E_PAD >= 16) {
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, true>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, false>);
+  }
+  return err;
+}
+
+template <typename T>
+cudaError_t preload_t() {
+  cudaError_t err = preload_e<T, 8>();
+  if (err == cudaSuccess) err = preload_e<T, 16>();
+  if (err == cudaSuccess) err = preload_e<T, 32>();
+  if (err == cudaSuccess) err = preload_e<T, 64>();
+  if (err == cudaSuccess) err = preload_e<T, 128>();
+  if (err == cudaSuccess) err = preload_e<T, 256>();
+  return err;
+}
+
 }  // namespace
 
 extern "C" {
+
+// Load every kernel instance onto `device` now (lazy module loading would otherwise load each at its first launch,
+// which may fall inside a CUDA graph capture). Returns 0 or a cudaError_t code.
+int moe_fastmask_route_cuda_preload(int device) {
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = preload_t<float>();
+  if (err == cudaSuccess) err = preload_t<__half>();
+  if (err == cudaSuccess) err = preload_t<__nv_bfloat16>();
+  return static_cast<int>(err);
+}
+
 
 // Largest E and top_k the kernel takes, and its shared-memory limits (bytes); the Python side sends other shapes to
 // Triton.

@@ -189,6 +189,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         ctypes.POINTER(RouteParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
     ]
     lib.moe_fastmask_route_cuda_forward.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_preload.argtypes = [ctypes.c_int]
+    lib.moe_fastmask_route_cuda_preload.restype = ctypes.c_int
     lib.moe_fastmask_route_cuda_error_string.argtypes = [ctypes.c_int]
     lib.moe_fastmask_route_cuda_error_string.restype = ctypes.c_char_p
     for name in ("max_experts", "max_top_k", "max_keep_bytes", "params_size"):
@@ -203,6 +205,20 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _preload(lib: ctypes.CDLL, device: int) -> None:
+    """Load the kernels onto ``device`` now rather than at their first launch (which may be inside a graph capture)."""
+    if device in _PRELOADED:
+        return
+    code = lib.moe_fastmask_route_cuda_preload(device)
+    if code != 0:
+        message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
+        raise RuntimeError(f"loading the CUDA routing kernels onto device {device} failed: {message}")
+    _PRELOADED.add(device)
+
+
+_PRELOADED: set[int] = set()
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str, str]:
     """Build (if needed) and load once per process; returns (library or None, error message, library path)."""
@@ -213,6 +229,7 @@ def _load() -> tuple[ctypes.CDLL | None, str, str]:
     try:
         path = _build()
         lib = _bind(path)
+        _preload(lib, torch.cuda.current_device())
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
         message = str(exc).strip()
         if len(message) > 3000:
@@ -370,6 +387,8 @@ def route_forward(
         int(_prefetch_default() if prefetch is None else bool(prefetch)),
     )
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
+        _preload(lib, device)
     stream = torch.cuda.current_stream(device).cuda_stream
     code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
     if code != 0:
