@@ -123,8 +123,9 @@ def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize
         f"{ref_ids[(ids != ref_ids).any(1)][:4]}"
     if counts:
         assert torch.equal(counts_cuda, counts_ref), f"counts differ; {where}"
-        cpu_group = None if group is None else group.cpu()
-        assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
+        if prefetch and T <= 300:  # an independent per-token recount (a Python loop: small T only)
+            cpu_group = None if group is None else group.cpu()
+            assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
     nan = ref_w.isnan()
     assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where}"
     atol, rtol = tolerance(logits.dtype)
