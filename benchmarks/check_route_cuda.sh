@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA routing kernel (csrc/route_cuda.cu) on a GPU machine, in one run of about 3-5 minutes:
+# The CUDA routing kernel (csrc/route_cuda.cu) on a GPU machine, in one run of about 3-5 minutes (every step has its
+# own time limit; together at most 580 s):
 #   1. build it in a fresh cache folder and print nvcc's register / spill line of every kernel instance;
 #   2. tests/test_route_cuda.py (the kernel against the reference, the loader, the fallbacks);
 #   3. benchmarks/bench_route.py --only-cuda: the copy bandwidth, then the CUDA kernel against the dispatched Triton
@@ -33,7 +34,7 @@ step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 status=0
 
 step "1. build (nvcc -Xptxas -v)"
-timeout 180 python3 - <<'EOF' 2>&1 | tee "$out/build.log"
+timeout 120 python3 - <<'EOF' 2>&1 | tee "$out/build.log"
 import re, time
 from moe_fastmask.ops import cuda_route
 t = time.time()
@@ -59,14 +60,14 @@ EOF
 
 if python3 -c "import pytest" 2>/dev/null; then
     step "2. tests/test_route_cuda.py"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py 2>&1 | tee "$out/tests.log" | tail -15
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py 2>&1 | tee "$out/tests.log" | tail -15
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 else
     echo "== 2. tests skipped: pytest is not installed here (set PYTEST_WHEELS)"
 fi
 
 step "3. bench: CUDA kernel vs dispatched Triton vs copy"
-timeout 170 python3 benchmarks/bench_route.py --only-cuda --no-compile --out "$out/route_cuda.csv" 2>&1 \
+timeout 140 python3 benchmarks/bench_route.py --only-cuda --no-compile --out "$out/route_cuda.csv" 2>&1 \
     | tee "$out/bench.log" | grep -v "^E=" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
