@@ -507,7 +507,9 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   if (p.num_experts < 1 || p.num_experts > 256 || p.top_k < 1 || p.top_k > 16 || p.top_k > p.num_experts) {
     return cudaErrorInvalidValue;
   }
-  const int words = p.num_experts > 32 ? (p.num_experts + 31) / 32 : 1;
+  int e_pad = 8;
+  while (e_pad < p.num_experts) e_pad *= 2;
+  const int words = e_pad >= 32 ? e_pad / 32 : 1;  // the kernel's WORDS_PER_GROUP
   if (p.keep && static_cast<int64_t>(p.num_groups) * words * 4 > kMaxKeepBytes) return cudaErrorInvalidValue;
   if (p.counts) {
     p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;

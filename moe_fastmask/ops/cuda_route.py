@@ -41,7 +41,7 @@ PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"  # "0": no software prefetch of a wa
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 256
 MAX_TOP_K = 16
-MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * ceil(E / 32) * 4 bytes at most
+MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STAMP = "BUILT"
 _BUILD_TIMEOUT_S = 900
@@ -320,7 +320,7 @@ def supports(
     num_experts = logits.shape[1]
     if not 1 <= num_experts <= MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         return False
-    if keep is not None and keep.shape[0] * max(1, -(-num_experts // 32)) * 4 > MAX_KEEP_BYTES:
+    if keep is not None and keep.shape[0] * max(1, _padded_experts(num_experts) // 32) * 4 > MAX_KEEP_BYTES:
         return False
     return True
 
