@@ -329,6 +329,16 @@ def test_uncovered_calls_fall_back_without_error(cuda_kernel):
     counts = [torch.zeros(5000, 64, dtype=torch.int64, device="cuda") for _ in range(2)]
     ids = [route(logits, 4, many, group, c, backend=b)[1] for c, b in zip(counts, ("cuda", "triton"))]
     assert torch.equal(ids[0], ids[1]) and torch.equal(counts[0], counts[1]) and int(counts[0].sum()) == 65 * 4
+    # the largest mask the kernel keeps in shared memory (E=200 pads to 256: 8 words per group), with counts past the
+    # shared histogram: it runs the kernel, equal to Triton
+    logits = torch.randn(300, 200, generator=gen).cuda()
+    edge = torch.rand(512, 200, generator=gen).cuda() < 0.5
+    edge[:, :8] = True
+    assert cuda_route.supports(logits, 8, edge) and not cuda_route.supports(logits, 8, edge.repeat(2, 1))
+    group = torch.randint(-1, 512, (300,), generator=gen).cuda()
+    counts = [torch.zeros(512, 200, dtype=torch.int64, device="cuda") for _ in range(2)]
+    ids = [route(logits, 8, edge, group, c, backend=b)[1] for c, b in zip(counts, ("cuda", "triton"))]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(counts[0], counts[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
