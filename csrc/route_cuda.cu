@@ -235,7 +235,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
     for (int w = threadIdx.x; w < G * WORDS_PER_GROUP; w += blockDim.x) {
       const int g = w / WORDS_PER_GROUP, e0 = (w % WORDS_PER_GROUP) * 32;
       unsigned int word = 0;
-      for (int b = 0; b < 32 && e0 + b < E; ++b) word |= static_cast<unsigned int>(p.keep[(int64_t)g * E + e0 + b] != 0) << b;
+      for (int b = 0; b < 32 && e0 + b < E; ++b) {
+        word |= static_cast<unsigned int>(p.keep[static_cast<int64_t>(g) * E + e0 + b] != 0) << b;
+      }
       keep_bits[w] = word;
     }
   }
@@ -399,8 +401,9 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   constexpr int ROWS_PER_BLOCK = (kThreads / 32) * (32 / (E_PAD / V));
   constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
   auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
-  const size_t smem = sizeof(unsigned int) * ((p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0) +
-                                              (p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0));
+  const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0;
+  const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
+  const size_t smem = sizeof(unsigned int) * (keep_words + hist_words);
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   static int sms[64] = {0};
   static int resident[64] = {0};

@@ -201,7 +201,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     )
     expected = (MAX_EXPERTS, MAX_TOP_K, MAX_KEEP_BYTES, ctypes.sizeof(RouteParams))
     if limits != expected:
-        raise RuntimeError(f"the CUDA library's limits / parameter layout {limits} differ from this module's {expected}")
+        raise RuntimeError(
+            f"the CUDA library's limits / parameter layout {limits} differ from this module's {expected}"
+        )
     return lib
 
 
