@@ -230,15 +230,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   unsigned int* keep_bits = smem;                                          // [G * WORDS_PER_GROUP] when has_keep
   unsigned int* hist = smem + (has_keep ? G * WORDS_PER_GROUP : 0);        // [G * E] when shared_hist
 
-  // keep as bits in shared memory; zeroed histogram
+  // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram
   if (has_keep) {
-    for (int w = threadIdx.x; w < G * WORDS_PER_GROUP; w += blockDim.x) {
-      const int g = w / WORDS_PER_GROUP, e0 = (w % WORDS_PER_GROUP) * 32;
-      unsigned int word = 0;
-      for (int b = 0; b < 32 && e0 + b < E; ++b) {
-        word |= static_cast<unsigned int>(p.keep[static_cast<int64_t>(g) * E + e0 + b] != 0) << b;
-      }
-      keep_bits[w] = word;
+    const int warp_in_block = threadIdx.x >> 5, lane_id = threadIdx.x & 31;
+    for (int w = warp_in_block; w < G * WORDS_PER_GROUP; w += kThreads / 32) {
+      const int g = w / WORDS_PER_GROUP, e = (w % WORDS_PER_GROUP) * 32 + lane_id;
+      const bool kept = e < E && p.keep[static_cast<int64_t>(g) * E + e] != 0;
+      const unsigned int word = __ballot_sync(0xffffffffu, kept);
+      if (lane_id == 0) keep_bits[w] = word;
     }
   }
   if (has_counts && p.shared_hist) {
