@@ -26,6 +26,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -236,6 +237,14 @@ def _load() -> tuple[ctypes.CDLL | None, str, str]:
         message = str(exc).strip()
         if len(message) > 3000:
             message = message[:1000] + "\n...\n" + message[-2000:]
+        if find_nvcc() is not None and not disabled():
+            # a compiler is there but the build or load failed: say so once (no compiler is the quiet, common case)
+            warnings.warn(
+                f"moe_fastmask: the CUDA routing kernel is not available ({type(exc).__name__}: {message[:400]}); "
+                "route uses Triton on CUDA",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return None, f"{type(exc).__name__}: {message}", ""
     return lib, "", str(path)
 
