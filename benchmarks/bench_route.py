@@ -5,7 +5,9 @@ For each T (E=64, top_k=8, bf16 logits), with and without an expert mask, with c
 * ``eager``: the chain as Hugging Face OLMoE runs it (softmax in float32, ``torch.topk``, cast back) plus
   ``masked_fill`` for the mask and ``index_add_`` for the counts;
 * ``compile``: ``torch.compile`` of that chain;
-* ``fastmask``: ``route(..., backend="triton")``; ``kernel`` is the Triton launcher alone (no op dispatch).
+* ``fastmask``: ``route(..., backend="triton")``; ``kernel`` is the Triton launcher alone (no op dispatch);
+* ``cuda``: ``route(..., backend="cuda")`` (the CUDA kernel of ``csrc/route_cuda.cu``; its backward is Triton's),
+  when it builds here.
 
 Modes ``forward`` and ``full`` (forward + backward). Two times per row:
 
@@ -15,6 +17,14 @@ Modes ``forward`` and ``full`` (forward + backward). Two times per row:
   exceed the L2 cache; no host time. Achieved GB/s come from it: logits read once plus weights and ids written
   once (``full`` adds the backward's reads of logits, grad and ids and its write of grad_logits), against the
   device-to-device copy bandwidth measured in the same run (bytes read + written).
+
+Section ``cuda`` (``--only-cuda`` runs it alone, after the copy bandwidth): the CUDA kernel against the dispatched
+Triton kernel at the issue's setting (E=64, top-8, bf16, a 4-group keep mask, group ids in runs with -1 runs, counts)
+for T = 4,096, 65,536 and 262,144, forward and forward + backward, plus wider routers (E up to 512, top-k up to 16;
+shapes the CUDA kernel does not take run on Triton under ``backend="cuda"``, and say so). Providers: ``cuda`` and
+``triton`` through ``route`` (``validate=False``), ``cuda_kernel`` the CUDA launcher alone
+(``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows). Each provider's ids and
+counts are checked against the reference once before timing.
 
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
@@ -26,7 +36,7 @@ The skewed load draws logits whose top-k frequencies follow one layer's ``a1_n``
 frequencies table (falling back to a Zipf-like profile when the file is missing).
 
 Usage: ``python benchmarks/bench_route.py [--out benchmarks/out/route.csv] [--freqs PATH] [--sweep] [--no-families]
-[--smoke]``
+[--no-cuda] [--only-cuda] [--smoke]``
 """
 
 from __future__ import annotations
@@ -49,6 +59,11 @@ NUM_EXPERTS = 64
 TOP_K = 8
 FAMILY_SIZES = [4096, 262144]
 ROTATE_BYTES = 160 << 20  # input sets rotated inside a graph: about three times the H100's 50 MB L2
+CUDA_SIZES = [4096, 65536, 262144]
+# (E, top_k, T) of the cuda section's wider routers
+CUDA_WIDE = [(8, 2, 262144), (60, 4, 262144), (128, 8, 65536), (128, 16, 65536), (256, 8, 65536), (256, 16, 65536),
+             (512, 10, 65536), (512, 16, 65536)]
+CUDA_GROUPS = 4
 
 
 def parse_args(argv=None):
@@ -65,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--family-sizes", type=int, nargs="+", default=FAMILY_SIZES, help="T of the families section")
     parser.add_argument("--no-families", action="store_true", help="skip the families section")
     parser.add_argument("--smoke", action="store_true", help="check each family's chain against route on CPU, then exit")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernel (section and provider)")
+    parser.add_argument("--only-cuda", action="store_true", help="copy bandwidth and the cuda section only")
+    parser.add_argument("--cuda-sizes", type=int, nargs="+", default=CUDA_SIZES, help="T of the cuda section")
     return parser.parse_args(argv)
 
 
@@ -173,6 +191,8 @@ def make_call(name, mode, logits, grad, keep, counts, renormalize, compiled_chai
         fwd = lambda x: route(x, TOP_K, keep, None, counts, renormalize, backend="triton", validate=False)  # noqa: E731
     elif name == "kernel":
         fwd = lambda x: triton_route.route_forward(x, TOP_K, keep, None, counts, renormalize)  # noqa: E731
+    elif name == "cuda":
+        fwd = lambda x: route(x, TOP_K, keep, None, counts, renormalize, backend="cuda", validate=False)  # noqa: E731
     else:
         raise ValueError(name)
     if mode == "forward":
@@ -323,6 +343,126 @@ def run_families(device, args, rows, copy_gbs):
                           f"graph {per_call:9.2f} us  {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}%)", flush=True)
             del inputs, grads, counts
             torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The CUDA kernel against the dispatched Triton kernel
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cuda_case(num_tokens: int, num_experts: int, top_k: int, device, seed: int):
+    """bf16 logits [T, E], a [4, E] keep mask (each group keeps 3/4 of the experts, at least top_k), group ids in
+    runs of 256 tokens over [-1, 4) and a grad [T, top_k]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen).to(torch.bfloat16)
+    keep = torch.rand(CUDA_GROUPS, num_experts, device=device, generator=gen) < 0.75
+    keep[:, :top_k] = True
+    runs = torch.randint(-1, CUDA_GROUPS, (-(-num_tokens // 256),), device=device, generator=gen)
+    group = runs.repeat_interleave(256)[:num_tokens].contiguous()
+    grad = torch.randn(num_tokens, top_k, device=device, generator=gen).to(torch.bfloat16)
+    return logits, keep, group, grad
+
+
+def cuda_bytes(num_tokens: int, num_experts: int, top_k: int, mode: str) -> int:
+    """Logits read, weights (bf16) and ids written; full adds the backward's logits, grad and ids reads and its
+    grad_logits write."""
+    forward = num_tokens * (num_experts * 2 + top_k * (2 + 8))
+    return forward if mode == "forward" else forward + num_tokens * (2 * num_experts * 2 + top_k * (2 + 8))
+
+
+def cuda_call(provider: str, mode: str, logits, keep, group, grad, counts, top_k: int):
+    from moe_fastmask import route
+    from moe_fastmask.ops import cuda_route
+
+    if provider.startswith("cuda_kernel"):
+        prefetch = provider != "cuda_kernel_noprefetch"
+        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False, prefetch=prefetch)  # noqa: E731
+    else:
+        fwd = lambda x: route(x, top_k, keep, group, counts, False, provider, validate=False)  # noqa: E731
+    if mode == "forward":
+        return lambda: fwd(logits)
+    x = logits.detach().clone().requires_grad_()
+    return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
+
+
+def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
+    """'' when the provider's ids and counts equal the reference's on this input, else what differs."""
+    from moe_fastmask import route
+    from moe_fastmask.ops import cuda_route, reference
+
+    counts = torch.zeros(CUDA_GROUPS, logits.shape[1], dtype=torch.int64, device=logits.device)
+    ref_counts = torch.zeros_like(counts)
+    if provider.startswith("cuda_kernel"):
+        prefetch = provider != "cuda_kernel_noprefetch"
+        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, prefetch=prefetch)
+    else:
+        _, ids = route(logits, top_k, keep, group, counts, False, provider, validate=False)
+    _, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, False)
+    if not torch.equal(ids, ref_ids):
+        return f"ids differ from the reference in {int((ids != ref_ids).any(1).sum())} rows"
+    if not torch.equal(counts, ref_counts):
+        return "counts differ from the reference"
+    return ""
+
+
+def run_cuda_section(device, args, rows, copy_gbs) -> None:
+    """The cuda section (see the module docstring)."""
+    from moe_fastmask.ops import cuda_route
+
+    if not cuda_route.is_available():
+        print(f"\n# cuda section skipped: {cuda_route.load_error()[:500]}")
+        return
+    print(f"\n# cuda: CUDA kernel vs dispatched Triton (bf16, {CUDA_GROUPS}-group keep mask, group ids with -1 runs, "
+          "counts); per call in a CUDA graph over rotating inputs")
+    cases = [(NUM_EXPERTS, TOP_K, t) for t in args.cuda_sizes] + CUDA_WIDE
+    for num_experts, top_k, num_tokens in cases:
+        sets = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, cuda_bytes(num_tokens, num_experts, top_k, "full")))))
+        calls = graph_calls(num_tokens, sets)
+        data = [cuda_case(num_tokens, num_experts, top_k, device, 7000 * s + num_tokens + num_experts)
+                for s in range(sets)]
+        counts = torch.zeros(CUDA_GROUPS, num_experts, dtype=torch.int64, device=device)
+        covered = cuda_route.supports(data[0][0], top_k, data[0][1])
+        providers = ["cuda", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
+        for provider in providers:
+            problem = check_cuda_provider(provider, *data[0][:3], top_k)
+            if problem:
+                print(f"E={num_experts} k={top_k} T={num_tokens} {provider}: WRONG RESULT: {problem}")
+                rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
+                                 mode="check", note=problem))
+                continue
+            for mode in ("forward", "full") if not provider.startswith("cuda_kernel") else ("forward",):
+                fns = [cuda_call(provider, mode, x, keep, group, grad, counts, top_k) for x, keep, group, grad in data]
+                try:
+                    per_call = graph_us(fns, calls)
+                except Exception as exc:
+                    print(f"E={num_experts} k={top_k} T={num_tokens} {provider} {mode}: failed: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                gbs = cuda_bytes(num_tokens, num_experts, top_k, mode) / (per_call * 1e-6) / 1e9
+                note = "" if covered or provider == "triton" else "runs on Triton (shape not covered)"
+                rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
+                                 mode=mode, graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, note=note))
+                print(f"E={num_experts:>3} k={top_k:>2} T={num_tokens:>6} {provider:<11} {mode:<7} graph "
+                      f"{per_call:9.2f} us {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy) {note}", flush=True)
+        del data, counts
+        torch.cuda.empty_cache()
+
+    print(f"\n# cuda summary (copy {copy_gbs:.0f} GB/s): us per call, % of copy")
+    print(f"{'E':>4} {'k':>3} {'T':>7} {'mode':<7} {'cuda':>9} {'%copy':>6} {'triton':>9} {'%copy':>6} {'x triton':>8}"
+          f" {'kernel':>9} {'no prefetch':>11}")
+    for num_experts, top_k, num_tokens in cases:
+        for mode in ("forward", "full"):
+            sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == num_experts
+                   and r["top_k"] == top_k and r["T"] == num_tokens and r["mode"] == mode}
+            if not sel:
+                continue
+            c, t, k = sel.get("cuda", {}), sel.get("triton", {}), sel.get("cuda_kernel", {})
+            n = sel.get("cuda_kernel_noprefetch", {})
+            speedup = t.get("graph_us", math.nan) / c.get("graph_us", math.nan)
+            print(f"{num_experts:>4} {top_k:>3} {num_tokens:>7} {mode:<7} {c.get('graph_us', math.nan):9.2f} "
+                  f"{c.get('pct_copy', math.nan):6.1f} {t.get('graph_us', math.nan):9.2f} "
+                  f"{t.get('pct_copy', math.nan):6.1f} {speedup:8.2f} {k.get('graph_us', math.nan):9.2f} "
+                  f"{n.get('graph_us', math.nan):11.2f} {c.get('note', '')}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,14 +651,21 @@ def main(argv=None):
     rows = [dict(section="copy", provider="torch.copy_", mode="do_bench", gbs=copy_bench),
             dict(section="copy", provider="torch.copy_", mode="graph", gbs=copy_graph)]
 
-    if args.sweep:
+    from moe_fastmask.ops import cuda_route
+
+    with_cuda = not args.no_cuda and cuda_route.is_available()
+    if not args.no_cuda:
+        run_cuda_section(device, args, rows, copy_gbs)
+    if args.only_cuda:
+        args.sizes = []
+    if args.sweep and not args.only_cuda:
         run_sweep(device, args, rows, copy_gbs)
-    if not args.no_families:
+    if not args.no_families and not args.only_cuda:
         run_families(device, args, rows, copy_gbs)
 
     compiled_chain = None
-    providers = ["eager", "fastmask", "kernel"]
-    if not args.no_compile:
+    providers = ["eager", "fastmask"] + (["cuda"] if with_cuda else []) + ["kernel"]
+    if not args.no_compile and not args.only_cuda:
         compiled_chain = torch.compile(eager_chain, dynamic=True)
         providers.insert(1, "compile")
 
@@ -561,8 +708,9 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=props.name, torch=torch.__version__, triton=triton.__version__, skew=source)
-    fields = ["device", "torch", "triton", "skew", "section", "family", "T", "mask", "load", "provider", "mode", "block_t",
-              "num_warps", "median_us", "p20_us", "p80_us", "graph_us", "gbs", "pct_copy", "hottest"]
+    fields = ["device", "torch", "triton", "skew", "section", "family", "E", "top_k", "T", "mask", "load", "provider",
+              "mode", "block_t", "num_warps", "median_us", "p20_us", "p80_us", "graph_us", "gbs", "pct_copy", "hottest",
+              "note"]
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

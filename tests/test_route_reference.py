@@ -165,7 +165,7 @@ E = 8
         (dict(counts=torch.zeros(E, 2, dtype=torch.int64).t()), ValueError, "counts must be contiguous"),
         (dict(counts=torch.zeros(3, E, dtype=torch.int64), keep=torch.ones(2, E, dtype=torch.bool)), ValueError, "counts has 3 groups but keep has 2"),
         (dict(renormalize=1), TypeError, "renormalize must be a bool"),
-        (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, pattern):

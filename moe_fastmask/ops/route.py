@@ -13,8 +13,10 @@ Layers, from the outside in:
   ``route_forward`` (the fused forward; ``counts`` is a declared mutated argument) and ``route_weights_grad`` (the
   gradient with respect to ``logits``, through ``route_backward``). All have fake implementations, so
   ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
-* the backends — ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and
-  ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
+* the backends — ``cuda`` (the CUDA kernel of ``csrc/route_cuda.cu`` for the default router, Triton for the other
+  variants and shapes), ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and
+  ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`). The ``cuda`` backend's backward is
+  the Triton backward (it only reads the logits, the mask and the chosen ids).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from moe_fastmask.ops import cpp_route, reference, triton_route
+from moe_fastmask.ops import cpp_route, cuda_route, reference, triton_route
 from moe_fastmask.ops.triton_route import triton_interpreter_enabled  # noqa: F401 - still importable from here
 
-BACKENDS = ("auto", "triton", "cpp", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
 MAX_TOP_K = 16
 MAX_N_GROUP = 64
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,9 +52,10 @@ def _warn_once(message: str) -> None:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn ``backend`` (one of :data:`BACKENDS`) into the concrete backend that runs on ``device``.
 
-    ``auto``: Triton on CUDA; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one
-    warning; float64 logits (``dtype``), which the Triton kernels do not take, use the reference on CUDA. An explicit
-    backend that cannot run on ``device`` raises ``ValueError``; ``triton`` with float64 raises ``TypeError``.
+    ``auto``: on CUDA the CUDA kernel when it builds and loads (``cuda``: calls it does not cover run on Triton),
+    else Triton; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one warning; float64
+    logits (``dtype``), which the GPU kernels do not take, use the reference on CUDA. An explicit backend that cannot
+    run on ``device`` raises ``ValueError``; ``triton`` or ``cuda`` with float64 raises ``TypeError``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -60,6 +63,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         if device.type == "cuda" and dtype == torch.float64:
             return "torch"
         if device.type == "cuda":
+            if cuda_route.is_available():
+                return "cuda"
             if triton_route.is_available(device):
                 return "triton"
             _warn_once("moe_fastmask.route: Triton is not available; using the PyTorch reference on CUDA")
@@ -82,6 +87,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
             "backend='triton' computes in float32 and does not take float64 logits; use backend='torch', 'cpp' or "
             "'auto' for float64"
         )
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors only, got tensors on {device}")
+        if not cuda_route.is_available():
+            raise ValueError(f"backend='cuda' is not available: {cuda_route.load_error()}")
+        if dtype == torch.float64:
+            raise TypeError(
+                "backend='cuda' computes in float32 and does not take float64 logits; use backend='torch' or 'auto' "
+                "for float64"
+            )
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
@@ -93,6 +108,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 # --------------------------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _gpu_fallback(device: torch.device) -> str:
+    """Where the ``cuda`` backend sends what its kernel does not cover (other variants and shapes, the backward):
+    Triton, or the reference where Triton cannot run."""
+    return "triton" if triton_route.is_available(device) else "torch"
 
 
 def _route_forward_impl(
@@ -111,6 +132,10 @@ def _route_forward_impl(
 ) -> tuple[Tensor, Tensor]:
     """Run the forward of a concrete backend (the body of the ``moe_fastmask::route_forward`` custom op)."""
     variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
+    if backend == "cuda":
+        if cuda_route.supports(logits, top_k, keep, **variant):
+            return cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize)
+        backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_forward(logits, top_k, keep, group, counts, renormalize, **variant)
     if backend == "cpp":
@@ -161,6 +186,8 @@ def _route_backward_impl(
     scale: float = 1.0,
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
+    if backend == "cuda":
+        backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_backward(
             grad_weights, logits, keep, group, ids, renormalize, scoring=scoring, scale=scale
@@ -490,8 +517,9 @@ def route(
         counts: ``None`` or int64 ``[G, E]``, contiguous, accumulated in place:
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
-        backend: ``"auto"`` (Triton on CUDA, C++ on CPU, the reference if neither), ``"triton"``, ``"cpp"`` or
-            ``"torch"``.
+        backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
+            ``"cuda"`` (the CUDA kernel for the default router with ``E <= 256``; Triton for the other variants and
+            shapes, and for the backward), ``"triton"``, ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
             always run.
@@ -554,7 +582,8 @@ def route_prechecked(
     topk_group: int = 1,
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`route` without its argument checks, on a concrete backend (``"triton"``, ``"cpp"`` or ``"torch"``).
+    """:func:`route` without its argument checks, on a concrete backend (``"cuda"``, ``"triton"``, ``"cpp"`` or
+    ``"torch"``).
 
     For callers that route many times with arguments they validated once and a backend they resolved once with
     :func:`resolve_backend` — a model integration calling it in every layer of every decode step, where the checks

@@ -1,0 +1,411 @@
+"""Loader and wrapper of the CUDA routing kernel (``csrc/route_cuda.cu``).
+
+The kernel file is free of torch headers: it is compiled with ``nvcc`` alone into a shared library exporting a plain
+C launcher, which this module calls through ``ctypes`` with raw pointers and the caller's CUDA stream (so the build
+needs no CUDA-enabled torch headers, and a launch is captured by CUDA graphs like any other on that stream). It is
+compiled on first use on a machine with a CUDA device and ``nvcc`` (``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on
+``PATH``), for the compute capability of the visible devices (``MOE_FASTMASK_CUDA_ARCH``, e.g. ``"90"`` or
+``"90;100"``, overrides it), into a cache folder keyed by a hash of the source, the flags, the architectures and the
+compiler: ``$MOE_FASTMASK_CACHE_DIR`` or ``~/.cache/moe_fastmask/cpp`` (shared with the C++ CPU kernel), then
+``cuda-<hash>/``. As for the CPU kernel, a finished build leaves a ``BUILT`` stamp, and builds of one key are
+serialised by an ``flock`` that the OS releases when a process dies. The compiler's output (with ``-Xptxas -v``:
+registers and spills per kernel) is kept in ``build.log`` there.
+
+The kernel covers the default router (``scoring="softmax"``, optional renormalisation, no bias, no group limit,
+``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 256`` and ``top_k <= 16``; :func:`supports` says whether
+it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton. ``MOE_FASTMASK_DISABLE_CUDA=1`` makes
+:func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moe_fastmask.ops import cpp_route
+
+SOURCE_NAME = "route_cuda.cu"
+LIBRARY_NAME = "moe_fastmask_cuda"
+DISABLE_ENV = "MOE_FASTMASK_DISABLE_CUDA"
+ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
+PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"  # "0": no software prefetch of a warp's next rows (for benchmarking)
+NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
+MAX_EXPERTS = 256
+MAX_TOP_K = 16
+MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STAMP = "BUILT"
+_BUILD_TIMEOUT_S = 900
+
+
+class RouteParams(ctypes.Structure):
+    """The kernel's ``RouteParams`` (csrc/route_cuda.cu), field for field."""
+
+    _fields_ = [
+        ("weights", ctypes.c_void_p),
+        ("ids", ctypes.c_void_p),
+        ("counts", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+        ("keep", ctypes.c_void_p),
+        ("group", ctypes.c_void_p),
+        ("stride_t", ctypes.c_int64),
+        ("stride_e", ctypes.c_int64),
+        ("num_tokens", ctypes.c_int64),
+        ("num_experts", ctypes.c_int32),
+        ("num_groups", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("renormalize", ctypes.c_int32),
+        ("group_is_int64", ctypes.c_int32),
+        ("vector_loads", ctypes.c_int32),
+        ("shared_hist", ctypes.c_int32),
+        ("prefetch", ctypes.c_int32),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Locating, building and loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def disabled() -> bool:
+    """True when ``MOE_FASTMASK_DISABLE_CUDA`` is set to anything but ``""`` or ``"0"``."""
+    return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
+
+
+def source_path() -> Path:
+    """``<repo>/csrc/route_cuda.cu`` in a source checkout, ``moe_fastmask/csrc/route_cuda.cu`` when installed."""
+    package_dir = Path(__file__).resolve().parent.parent
+    for candidate in (package_dir.parent / "csrc", package_dir / "csrc"):
+        if (candidate / SOURCE_NAME).is_file():
+            return candidate / SOURCE_NAME
+    raise FileNotFoundError(f"CUDA source {SOURCE_NAME} not found next to {package_dir}")
+
+
+def find_nvcc() -> str | None:
+    """``$CUDA_HOME/bin/nvcc`` (torch's idea of ``CUDA_HOME``), else ``nvcc`` on ``PATH``; None when neither exists."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    with contextlib.suppress(Exception):
+        from torch.utils import cpp_extension
+
+        homes.append(cpp_extension.CUDA_HOME)
+    for home in homes:
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def target_archs() -> tuple[str, ...]:
+    """Compute capabilities to compile for, as ``"90"``-style strings: ``$MOE_FASTMASK_CUDA_ARCH`` (``;`` or ``,``
+    separated), else those of the visible CUDA devices."""
+    override = os.environ.get(ARCH_ENV, "").replace(",", ";").replace(".", "")
+    if override.strip():
+        return tuple(sorted({a.strip() for a in override.split(";") if a.strip()}))
+    if not torch.cuda.is_available():
+        return ()
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return tuple(sorted(f"{major}{minor}" for major, minor in caps))
+
+
+def nvcc_command(nvcc: str, source: Path, output: Path, archs: tuple[str, ...]) -> list[str]:
+    """The compiler command line of the library."""
+    gencode = []
+    for arch in archs:
+        # "90a"-style targets keep their suffix in code=sm_90a and arch=compute_90a
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return [nvcc, *NVCC_FLAGS, *gencode, "-o", str(output), str(source)]
+
+
+def build_key(source: Path, nvcc: str, archs: tuple[str, ...]) -> str:
+    """Cache key: a hash of the source, the flags, the architectures and the compiler's path."""
+    digest = hashlib.sha256()
+    digest.update(source.read_bytes())
+    digest.update(repr((NVCC_FLAGS, archs, nvcc)).encode())
+    return f"cuda-{digest.hexdigest()[:16]}"
+
+
+def _library_path(directory: Path) -> Path:
+    return directory / f"{LIBRARY_NAME}.so"
+
+
+def _built(directory: Path) -> bool:
+    return (directory / _STAMP).is_file() and _library_path(directory).is_file()
+
+
+def _compile(directory: Path, nvcc: str, source: Path, archs: tuple[str, ...]) -> None:
+    """Compile into ``directory`` (the caller holds the lock); the compiler's output goes to ``build.log``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f"{LIBRARY_NAME}.tmp{os.getpid()}.so"
+    command = nvcc_command(nvcc, source, partial, archs)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    log = f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
+    (directory / "build.log").write_text(log)
+    if done.returncode != 0:
+        tail = log if len(log) < 3000 else log[:1000] + "\n...\n" + log[-2000:]
+        raise RuntimeError(f"nvcc failed (exit {done.returncode}):\n{tail}")
+    os.replace(partial, _library_path(directory))
+    stamp = directory / f"{_STAMP}.tmp{os.getpid()}"
+    stamp.write_text(f"{nvcc}\n{source}\n{';'.join(archs)}\n")
+    os.replace(stamp, directory / _STAMP)
+
+
+def build_dir() -> Path:
+    """Folder the library of the current source, compiler and architectures is (or will be) built in."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    return cpp_route.cache_root() / build_key(source_path(), nvcc, target_archs())
+
+
+def _build() -> Path:
+    """Path of the library of the current source, compiling it first unless a finished build is cached."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    archs = target_archs()
+    if not archs:
+        raise RuntimeError(f"no CUDA device to compile for (set {ARCH_ENV}, e.g. 90, to build without one)")
+    source = source_path()
+    directory = cpp_route.cache_root() / build_key(source, nvcc, archs)
+    if not _built(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with cpp_route._build_lock(directory.parent / f"{directory.name}.lock"):
+            if not _built(directory):
+                _compile(directory, nvcc, source, archs)
+    return _library_path(directory)
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.moe_fastmask_route_cuda_forward.argtypes = [
+        ctypes.POINTER(RouteParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    lib.moe_fastmask_route_cuda_forward.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_preload.argtypes = [ctypes.c_int]
+    lib.moe_fastmask_route_cuda_preload.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_error_string.argtypes = [ctypes.c_int]
+    lib.moe_fastmask_route_cuda_error_string.restype = ctypes.c_char_p
+    for name in ("max_experts", "max_top_k", "max_keep_bytes", "params_size"):
+        getattr(lib, f"moe_fastmask_route_cuda_{name}").restype = ctypes.c_int
+    limits = (
+        lib.moe_fastmask_route_cuda_max_experts(), lib.moe_fastmask_route_cuda_max_top_k(),
+        lib.moe_fastmask_route_cuda_max_keep_bytes(), lib.moe_fastmask_route_cuda_params_size(),
+    )
+    expected = (MAX_EXPERTS, MAX_TOP_K, MAX_KEEP_BYTES, ctypes.sizeof(RouteParams))
+    if limits != expected:
+        raise RuntimeError(
+            f"the CUDA library's limits / parameter layout {limits} differ from this module's {expected}"
+        )
+    return lib
+
+
+def _preload(lib: ctypes.CDLL, device: int) -> None:
+    """Load the kernels onto ``device`` now rather than at their first launch (which may be inside a graph capture)."""
+    if device in _PRELOADED:
+        return
+    code = lib.moe_fastmask_route_cuda_preload(device)
+    if code != 0:
+        message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
+        raise RuntimeError(f"loading the CUDA routing kernels onto device {device} failed: {message}")
+    _PRELOADED.add(device)
+
+
+_PRELOADED: set[int] = set()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str, str]:
+    """Build (if needed) and load once per process; returns (library or None, error message, library path)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device (torch.cuda.is_available() is False)", ""
+    if torch.version.cuda is None:
+        return None, "this torch build has no CUDA support", ""
+    try:
+        path = _build()
+        lib = _bind(path)
+        _preload(lib, torch.cuda.current_device())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
+        message = str(exc).strip()
+        if len(message) > 3000:
+            message = message[:1000] + "\n...\n" + message[-2000:]
+        if find_nvcc() is not None and not disabled():
+            # a compiler is there but the build or load failed: say so once (no compiler is the quiet, common case)
+            warnings.warn(
+                f"moe_fastmask: the CUDA routing kernel is not available ({type(exc).__name__}: {message[:400]}); "
+                "route uses Triton on CUDA",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None, f"{type(exc).__name__}: {message}", ""
+    return lib, "", str(path)
+
+
+# torch.compile calls these once while tracing (they build, load and read the environment) and keeps the result.
+@torch.compiler.assume_constant_result
+def is_available() -> bool:
+    """True when the CUDA kernel is (or can be) built and loaded, and ``MOE_FASTMASK_DISABLE_CUDA`` is not set.
+
+    False on machines without a CUDA device or ``nvcc``, and on CPU builds of torch (without trying to compile).
+    """
+    if disabled():
+        return False
+    return _load()[0] is not None
+
+
+@torch.compiler.assume_constant_result
+def load_error() -> str:
+    """Why :func:`is_available` is False (``""`` when it is True)."""
+    if disabled():
+        return f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    return _load()[1]
+
+
+def build() -> str:
+    """Build the library ahead of time (nothing to do when cached) and load it; returns the library's path.
+
+    Works with ``MOE_FASTMASK_DISABLE_CUDA`` set too (that only stops :func:`is_available` from using the kernel).
+    """
+    lib, error, path = _load()
+    if lib is None:
+        raise RuntimeError(f"building the CUDA routing kernel failed: {error}")
+    return path
+
+
+def build_log() -> str:
+    """The compiler output of the loaded library's build (``-Xptxas -v``: registers and spills per kernel)."""
+    path = build()
+    log = Path(path).parent / "build.log"
+    return log.read_text() if log.is_file() else ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
+    """G of the kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
+    if keep is not None:
+        return keep.shape[0]
+    if counts is not None:
+        return counts.shape[0]
+    return (1 << 31) - 1
+
+
+@functools.cache
+def _prefetch_default() -> bool:
+    return os.environ.get(PREFETCH_ENV, "1") not in ("", "0")
+
+
+def _padded_experts(num_experts: int) -> int:
+    return max(8, 1 << (num_experts - 1).bit_length())
+
+
+def supports(
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None = None,
+    *,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
+) -> bool:
+    """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): the
+    default router (softmax, no bias, no group limit, scale 1) on CUDA float32 / float16 / bfloat16 logits with
+    ``E <= 256``, ``top_k <= 16`` and a keep mask of at most 16 KiB as bits."""
+    if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
+        return False
+    if scoring != "softmax" or bias is not None or n_group != 1 or topk_group != 1 or float(scale) != 1.0:
+        return False
+    num_experts = logits.shape[1]
+    if not 1 <= num_experts <= MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
+        return False
+    if keep is not None and keep.shape[0] * max(1, _padded_experts(num_experts) // 32) * 4 > MAX_KEEP_BYTES:
+        return False
+    return True
+
+
+def route_forward(
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+    prefetch: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
+    :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
+    and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
+    ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: on, unless
+    ``MOE_FASTMASK_CUDA_PREFETCH=0``) picks the kernel instance that loads a warp's next rows early."""
+    lib, error, _ = _load()
+    if lib is None:
+        raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
+    num_tokens, num_experts = logits.shape
+    if out is None:
+        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
+        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
+    else:
+        weights, ids = out
+        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
+            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
+        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
+            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    if num_tokens == 0:
+        return weights, ids
+    if keep is not None and not keep.is_contiguous():
+        keep = keep.contiguous()
+    if group is not None and not group.is_contiguous():
+        group = group.contiguous()
+    element = logits.element_size()
+    vector_loads = (
+        num_experts == _padded_experts(num_experts)
+        and logits.stride(1) == 1
+        and (logits.stride(0) * element) % 16 == 0
+        and logits.data_ptr() % 16 == 0
+    )
+    params = RouteParams(
+        weights.data_ptr(),
+        ids.data_ptr(),
+        counts.data_ptr() if counts is not None else None,
+        logits.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        group.data_ptr() if group is not None else None,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        _num_groups(keep, counts),
+        top_k,
+        int(bool(renormalize)),
+        int(group is not None and group.dtype == torch.int64),
+        int(vector_loads),
+        0,  # chosen by the launcher from G * E
+        int(_prefetch_default() if prefetch is None else bool(prefetch)),
+    )
+    device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
+        _preload(lib, device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
+    if code != 0:
+        message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
+        raise RuntimeError(
+            f"the CUDA routing kernel failed to launch (T={num_tokens}, E={num_experts}, top_k={top_k}, "
+            f"{logits.dtype}): {message}"
+        )
+    return weights, ids

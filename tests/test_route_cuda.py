@@ -1,0 +1,451 @@
+"""The CUDA kernel of ``route`` (``backend="cuda"``, ``csrc/route_cuda.cu``) against the PyTorch reference, and its
+loader's behaviour on machines where it cannot run.
+
+GPU tests (marked ``gpu``) skip without a CUDA device or without ``nvcc``; a build that fails where both exist fails
+them with the compiler's message. The CPU tests check the loader (disabled by its environment variable, unavailable
+without CUDA), the dispatch (calls the kernel does not cover go to Triton or the reference without an error), and,
+where ``nvcc`` exists, that the source compiles into a library whose launcher matches the Python side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SESSION_SEED
+from route_cases import POISON_ID, recount, tie_free_logits, tolerance
+
+from moe_fastmask import route
+from moe_fastmask.ops import cuda_route, reference, resolve_backend, triton_route
+
+route_module = importlib.import_module("moe_fastmask.ops.route")
+
+INF = math.inf
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+POISON_COUNT = 0x5A5A5A5A
+HAS_CUDA = torch.cuda.is_available()
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel():
+    """Skip without a CUDA device or nvcc; otherwise the kernel must build and load."""
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if cuda_route.disabled():
+        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
+    if cuda_route.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    if not cuda_route.is_available():
+        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[T, E] CPU logits of an adversarial ``kind``."""
+    if kind == "distinct":
+        return tie_free_logits(T, E, dtype, gen)
+    if kind == "normal":
+        return torch.randn(T, E, generator=gen).to(dtype)
+    if kind == "wide":  # allowed probabilities underflow to 0; bf16 / fp16 saturate to +-inf at the ends
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
+        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
+        return values.to(dtype)
+    if kind == "ties":  # many exact ties
+        return (torch.randint(-4, 5, (T, E), generator=gen).double() / 2).to(dtype)
+    if kind == "bf16_quantised":
+        return torch.randn(T, E, generator=gen).to(torch.bfloat16).to(dtype)
+    if kind == "signed_zeros":
+        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
+        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
+        return torch.where(values == 0, signs * 0.0, values).to(dtype)
+    if kind == "neg_inf":  # -inf on random experts; row 0 entirely -inf
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        values[torch.rand(T, E, generator=gen) < 0.5] = -INF
+        values[0] = -INF
+        return values.to(dtype)
+    raise ValueError(kind)
+
+
+KINDS = ("distinct", "normal", "wide", "ties", "bf16_quantised", "signed_zeros", "neg_inf")
+
+
+def make_keep(G: int, E: int, k: int, tight: bool, gen: torch.Generator) -> torch.Tensor:
+    """Bool [G, E]: each group keeps exactly k (tight) or a random number >= k of experts."""
+    keep = torch.zeros(G, E, dtype=torch.bool)
+    for g in range(G):
+        n = k if tight else int(torch.randint(k, E + 1, (1,), generator=gen))
+        keep[g, torch.randperm(E, generator=gen)[:n]] = True
+    return keep
+
+
+def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None):
+    """The kernel on poisoned outputs: (weights, ids)."""
+    T = logits.shape[0]
+    weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype, device=logits.device)
+    ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64, device=logits.device)
+    cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids), prefetch=prefetch)
+    torch.cuda.synchronize()
+    return weights, ids
+
+
+def check_against_reference(logits, top_k, keep=None, group=None, num_groups=1, renormalize=False, counts=True,
+                            where=""):
+    for prefetch in (True, False):
+        _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts,
+                                 f"{where} prefetch={prefetch}", prefetch)
+
+
+def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch):
+    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
+    device = logits.device
+    T, E = logits.shape
+    start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64, device=device) if counts else None
+    counts_cuda = start.clone() if counts else None
+    counts_ref = start.clone() if counts else None
+    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch)
+    # ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle
+    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, counts_ref, renormalize)
+    assert torch.equal(ids, ref_ids), f"ids differ; {where}\n{ids[(ids != ref_ids).any(1)][:4]}\n" \
+        f"{ref_ids[(ids != ref_ids).any(1)][:4]}"
+    if counts:
+        assert torch.equal(counts_cuda, counts_ref), f"counts differ; {where}"
+        if prefetch and T <= 300:  # an independent per-token recount (a Python loop: small T only)
+            cpu_group = None if group is None else group.cpu()
+            assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
+    nan = ref_w.isnan()
+    assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where}"
+    atol, rtol = tolerance(logits.dtype)
+    torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where}\n{m}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the kernel against the reference
+# --------------------------------------------------------------------------------------------------------------
+
+SHAPES = [(8, 1), (8, 2), (8, 8), (16, 4), (16, 16), (32, 8), (60, 4), (60, 8), (64, 1), (64, 8), (64, 16),
+          (100, 10), (128, 8), (128, 16), (5, 3), (256, 8), (256, 16), (12, 12), (1, 1), (200, 16)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E, k", SHAPES, ids=[f"E{e}-k{k}" for e, k in SHAPES])
+def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
+    gen = torch.Generator().manual_seed(SESSION_SEED + E * 131 + k)
+    rng = random.Random(SESSION_SEED + E + k)
+    for T in (1, 7, 33, 257, 1000, 4099):
+        with_groups = rng.random() < 0.7
+        G = rng.choice([1, 2, 5]) if with_groups else 1  # without group ids every token is group 0
+        mask = rng.choice(["none", "loose", "tight"])
+        keep = None if mask == "none" else make_keep(G, E, k, mask == "tight", gen).cuda()
+        group = torch.randint(-1, G, (T,), generator=gen).cuda() if with_groups else None
+        renorm = rng.random() < 0.5
+        logits = make_logits("distinct", T, E, dtype, gen).cuda()
+        check_against_reference(logits, k, keep, group, G, renorm, where=f"T={T} E={E} k={k} {dtype} mask={mask}")
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
+    gen = torch.Generator().manual_seed(SESSION_SEED + hash(kind) % 1000)
+    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16)):
+        for tight in (False, True):
+            G, T = 3, 517
+            logits = make_logits(kind, T, E, dtype, gen).cuda()
+            keep = make_keep(G, E, k, tight, gen).cuda()
+            group = torch.randint(-1, G, (T,), generator=gen).cuda()
+            for renorm in (False, True):
+                check_against_reference(logits, k, keep, group, G, renorm,
+                                        where=f"{kind} E={E} k={k} {dtype} tight={tight} renorm={renorm}")
+
+
+@gpu
+def test_tie_rule_examples(cuda_kernel):
+    cases = [
+        ([[-0.0, 0.0, -1.0]], 1, None, [[0]]),
+        ([[0.0, -0.0, -1.0]], 1, None, [[0]]),
+        ([[0.0, 1e-8, -5.0]], 1, None, [[1]]),
+        ([[1e-8, 0.0, -5.0]], 2, None, [[0, 1]]),
+        ([[0.3, -0.2, 1.0, -INF]], 2, [[False, False, True, True]], [[2, 3]]),
+        ([[3.0, -INF, 2.0, -INF, 1.0, -INF]], 3, [[False, True, False, True, False, True]], [[1, 3, 5]]),
+        ([[4.0, 3.0, -50.0, 2.0, 1.0]], 3, [[False, False, True, False, False]], [[2, 0, 1]]),
+    ]
+    for dtype in DTYPES:
+        for rows, k, keep, expected in cases:
+            if dtype == torch.float16 and 1e-8 in rows[0]:
+                continue  # 1e-8 is 0 in float16
+            logits = torch.tensor(rows, dtype=dtype, device="cuda")
+            keep_t = None if keep is None else torch.tensor(keep, device="cuda")
+            counts = torch.zeros(1, logits.shape[1], dtype=torch.int64, device="cuda")
+            weights, ids = run_cuda(logits, k, keep_t, None, counts, False)
+            assert ids.tolist() == expected, (rows, keep, dtype)
+            assert counts.cpu().squeeze(0).tolist() == [int(e in expected[0]) for e in range(logits.shape[1])]
+    # the all--inf row: NaN weights; fewer allowed than k: the masked ones weigh 0
+    w, _ = run_cuda(torch.tensor([[3.0, -INF, 2.0, -INF]], device="cuda"), 2,
+                    torch.tensor([[False, True, False, True]], device="cuda"), None, None, False)
+    assert bool(w.isnan().all())
+    w, _ = run_cuda(torch.tensor([[4.0, 3.0, -50.0, 2.0]], device="cuda"), 3,
+                    torch.tensor([[False, False, True, False]], device="cuda"), None, None, True)
+    assert w.tolist() == [[1.0, 0.0, 0.0]]
+
+
+@gpu
+@pytest.mark.parametrize("group_dtype", [torch.int64, torch.int32], ids=str)
+def test_out_of_range_groups_never_read_or_written(cuda_kernel, group_dtype):
+    """validate=False: ids outside [-1, G) act as -1; counts is a view into a poisoned buffer that stays poisoned."""
+    G, E, k = 2, 64, 8
+    bad = [3, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40)] if group_dtype == torch.int64 else [])
+    group = torch.tensor(([0, 1, -1, 1, 0] + bad) * 37, dtype=group_dtype, device="cuda")
+    T = group.numel()
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    for dtype in DTYPES:
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = make_keep(G, E, k, False, gen).cuda()
+        buffer = torch.full((G + 2, E), POISON_COUNT, dtype=torch.int64, device="cuda")
+        counts = buffer[1 : G + 1]
+        counts.zero_()
+        weights, ids = route(logits, k, keep, group, counts, True, "cuda", validate=False)
+        torch.cuda.synchronize()
+        assert (buffer[0] == POISON_COUNT).all() and (buffer[G + 1] == POISON_COUNT).all()
+        as_minus_one = torch.where((group >= 0) & (group < G), group, -1).long()
+        ref_counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+        ref_w, ref_ids = reference.route_reference(logits, k, keep, as_minus_one, ref_counts, True)
+        assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts), dtype
+        torch.testing.assert_close(weights, ref_w, atol=tolerance(dtype)[0], rtol=tolerance(dtype)[1])
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "offset"])
+def test_strided_and_misaligned_logits(cuda_kernel, layout):
+    """Any strides: column-major views, rows of a wider tensor, a storage offset that breaks 16-byte alignment."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 5)
+    for dtype in DTYPES:
+        base = torch.randn(300, 65, generator=gen).to(dtype).cuda()
+        if layout == "transposed":
+            logits = base[:, :64].t().contiguous().t()
+        elif layout == "sliced":
+            logits = base[:, :64]
+        else:
+            logits = base.view(-1)[1 : 1 + 299 * 64].view(299, 64)
+        keep = make_keep(2, 64, 8, False, gen).cuda()
+        group = torch.randint(-1, 2, (logits.shape[0],), generator=gen).cuda()
+        check_against_reference(logits, 8, keep, group, 2, True, where=f"{layout} {dtype}")
+
+
+@gpu
+def test_skewed_load_and_many_groups_count_exactly(cuda_kernel):
+    """Every token on the same experts (same-address atomics), and G * E past the shared histogram (global atomics)."""
+    E, k, T = 64, 8, 100_000
+    logits = torch.full((T, E), -3.0, device="cuda")
+    logits[:, 5:13] = 2.0
+    for G in (1, 4, 200):
+        group = torch.randint(0, G, (T,), device="cuda")
+        counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            counts.zero_()
+            _, ids = run_cuda(logits.to(dtype), k, None, group, counts, False)
+            assert torch.equal(ids, torch.arange(5, 13, device="cuda").expand(T, k))
+            expected = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+            expected[:, 5:13] = torch.bincount(group, minlength=G)[:, None]
+            assert torch.equal(counts, expected), (G, dtype)
+
+
+@gpu
+def test_route_dispatch_and_gradient(cuda_kernel):
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "cuda"
+    gen = torch.Generator().manual_seed(SESSION_SEED + 9)
+    logits = torch.randn(77, 64, generator=gen).cuda()
+    keep = make_keep(2, 64, 8, False, gen).cuda()
+    group = torch.randint(-1, 2, (77,), generator=gen).cuda()
+    grad_out = torch.randn(77, 8, generator=gen).cuda()
+    for renorm in (False, True):
+        x = logits.clone().requires_grad_()
+        weights, ids = route(x, 8, keep, group, None, renorm, "cuda")
+        (weights * grad_out).sum().backward()
+        ref_x = logits.double().requires_grad_()
+        ref_w, ref_ids = reference.route_reference(ref_x, 8, keep, group, None, renorm)
+        (ref_w * grad_out.double()).sum().backward()
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=1e-6, rtol=1e-5)
+
+
+@gpu
+def test_opcheck_and_cuda_graph(cuda_kernel):
+    gen = torch.Generator().manual_seed(SESSION_SEED + 11)
+    logits = torch.randn(6, 8, generator=gen).cuda().requires_grad_()
+    keep = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    keep[1, :3] = False
+    group = torch.tensor([0, 1, -1, 1, 0, 1], device="cuda")
+    counts = torch.zeros(2, 8, dtype=torch.int64, device="cuda")
+    for renorm in (False, True):
+        torch.library.opcheck(torch.ops.moe_fastmask.route.default, (logits, 3, keep, group, counts, renorm, "cuda"))
+
+    x = torch.randn(4099, 64, device="cuda", dtype=torch.bfloat16)
+    counts = torch.zeros(1, 64, dtype=torch.int64, device="cuda")
+    route(x, 8, counts=counts, backend="cuda")  # warm-up (builds, loads) outside the capture
+    counts.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights, ids = route(x, 8, counts=counts, backend="cuda", validate=False)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref_counts = torch.zeros(1, 64, dtype=torch.int64, device="cuda")
+    _, ref_ids = reference.route_reference(x, 8, None, None, ref_counts)
+    assert torch.equal(ids, ref_ids) and torch.equal(counts, 3 * ref_counts)
+
+
+@gpu
+def test_uncovered_calls_fall_back_without_error(cuda_kernel):
+    """Other variants, E > 256 and masks too large for shared memory run on Triton (or the reference)."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 13)
+    logits = torch.randn(65, 64, generator=gen).cuda()
+    for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0),
+                   dict(scoring="sigmoid", n_group=4, topk_group=2)):
+        assert not cuda_route.supports(logits, 4, **kwargs)
+        w, ids = route(logits, 4, backend="cuda", **kwargs)
+        triton_w, triton_ids = route(logits, 4, backend="triton", **kwargs)
+        assert torch.equal(ids, triton_ids) and torch.equal(w, triton_w), kwargs
+    wide = torch.randn(9, 512, generator=gen).cuda()
+    assert not cuda_route.supports(wide, 8)
+    assert torch.equal(route(wide, 8, backend="cuda")[1], route(wide, 8, backend="triton")[1])
+    many = torch.ones(5000, 64, dtype=torch.bool, device="cuda")
+    assert not cuda_route.supports(logits, 4, many)
+    group = torch.randint(0, 5000, (65,), generator=gen).cuda()
+    counts = [torch.zeros(5000, 64, dtype=torch.int64, device="cuda") for _ in range(2)]
+    ids = [route(logits, 4, many, group, c, backend=b)[1] for c, b in zip(counts, ("cuda", "triton"))]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(counts[0], counts[1]) and int(counts[0].sum()) == 65 * 4
+    # the largest mask the kernel keeps in shared memory (E=200 pads to 256: 8 words per group), with counts past the
+    # shared histogram: it runs the kernel, equal to Triton
+    logits = torch.randn(300, 200, generator=gen).cuda()
+    edge = torch.rand(512, 200, generator=gen).cuda() < 0.5
+    edge[:, :8] = True
+    assert cuda_route.supports(logits, 8, edge) and not cuda_route.supports(logits, 8, edge.repeat(2, 1))
+    group = torch.randint(-1, 512, (300,), generator=gen).cuda()
+    counts = [torch.zeros(512, 200, dtype=torch.int64, device="cuda") for _ in range(2)]
+    ids = [route(logits, 8, edge, group, c, backend=b)[1] for c, b in zip(counts, ("cuda", "triton"))]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(counts[0], counts[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: loader and dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(cuda_route.DISABLE_ENV, "1")
+    assert cuda_route.disabled()
+    assert not cuda_route.is_available()
+    assert cuda_route.DISABLE_ENV in cuda_route.load_error()
+    if HAS_CUDA and triton_route.is_available("cuda"):
+        assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    monkeypatch.setenv(cuda_route.DISABLE_ENV, "0")
+    assert not cuda_route.disabled()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the machines without a CUDA device")
+def test_unavailable_without_cuda():
+    assert not cuda_route.is_available()
+    assert "CUDA" in cuda_route.load_error()
+    assert resolve_backend("auto", torch.device("cpu")) in ("cpp", "torch")
+    with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors only"):
+        route(torch.randn(4, 8), 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_supports_only_the_default_router_on_cuda_tensors():
+    x = torch.randn(4, 64)
+    assert not cuda_route.supports(x, 8)  # CPU tensor
+    meta = torch.empty(4, 64, device="meta", dtype=torch.bfloat16)
+    assert not cuda_route.supports(meta, 8)
+
+
+@pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
+def test_forward_impl_of_the_cuda_backend_falls_back_on_what_it_does_not_cover(monkeypatch):
+    """A call the kernel does not take (here: CPU tensors) runs on Triton, or on the reference without Triton,
+    with no error; the backward of the cuda backend too."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 17)
+    logits = torch.randn(9, 16, generator=gen)
+    keep = make_keep(2, 16, 4, False, gen)
+    group = torch.randint(-1, 2, (9,), generator=gen)
+    ref_counts = torch.zeros(2, 16, dtype=torch.int64)
+    ref_w, ref_ids = reference.route_reference(logits, 4, keep, group, ref_counts, True)
+    grad = torch.randn(9, 4, generator=gen)
+    ref_grad = reference.route_backward_reference(grad, logits, keep, group, ref_ids, True)
+    choices = [True, False] if triton_route.is_available("cpu") else [False]
+    for triton_ok in choices:
+        monkeypatch.setattr(triton_route, "is_available", lambda device, ok=triton_ok: ok)
+        assert route_module._gpu_fallback(torch.device("cpu")) == ("triton" if triton_ok else "torch")
+        counts = torch.zeros(2, 16, dtype=torch.int64)
+        w, ids = route_module._route_forward_impl(logits, 4, keep, group, counts, True, "cuda")
+        assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts), triton_ok
+        torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+        g = route_module._route_backward_impl(grad, logits, keep, group, ids, True, "cuda")
+        torch.testing.assert_close(g, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_build_key_and_command():
+    source = cuda_route.source_path()
+    assert source.name == "route_cuda.cu" and source.is_file()
+    key90 = cuda_route.build_key(source, "/usr/bin/nvcc", ("90",))
+    assert key90 != cuda_route.build_key(source, "/usr/bin/nvcc", ("80", "90"))
+    assert key90 != cuda_route.build_key(source, "/opt/nvcc", ("90",))
+    command = cuda_route.nvcc_command("nvcc", source, Path("out.so"), ("80", "90"))
+    assert command[0] == "nvcc" and command[-1] == str(source)
+    assert "arch=compute_90,code=sm_90" in command and "arch=compute_80,code=sm_80" in command
+    assert "-Xptxas" in command and "-shared" in command
+
+
+def test_arch_override(monkeypatch):
+    monkeypatch.setenv(cuda_route.ARCH_ENV, "90, 80")
+    assert cuda_route.target_archs() == ("80", "90")
+    monkeypatch.setenv(cuda_route.ARCH_ENV, "9.0")
+    assert cuda_route.target_archs() == ("90",)
+
+
+@pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
+def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
+    """Compile for sm_90 in a fresh process (no device needed) and call the launcher: it refuses shapes it does not
+    take before touching a device, and reports a CUDA error (not a crash) when there is no device."""
+    code = (
+        "import ctypes, torch\n"
+        "from moe_fastmask.ops import cuda_route as c\n"
+        "lib = c._bind(c._build())\n"
+        "p = c.RouteParams(num_tokens=4, num_experts=300, top_k=8, num_groups=1)\n"
+        "print('too wide', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteParams(num_tokens=4, num_experts=64, top_k=17, num_groups=1)\n"
+        "print('k too large', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteParams(num_tokens=0, num_experts=64, top_k=8, num_groups=1)\n"
+        "print('empty', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "if not torch.cuda.is_available():\n"
+        "    p = c.RouteParams(num_tokens=4, num_experts=64, top_k=8, num_groups=1)\n"
+        "    rc = lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None)\n"
+        "    print('no device', rc != 0, lib.moe_fastmask_route_cuda_error_string(rc).decode())\n"
+        "log = (c._build().parent / 'build.log').read_text()\n"
+        "print('registers lines', sum('registers' in line for line in log.splitlines()))\n"
+    )
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "too wide 1" in out.stdout and "k too large 1" in out.stdout and "empty 0" in out.stdout, out.stdout
+    if not HAS_CUDA:
+        assert "no device True" in out.stdout, out.stdout
+    # one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2
+    assert "registers lines 66" in out.stdout, out.stdout
+    assert ctypes.sizeof(cuda_route.RouteParams) == 104
