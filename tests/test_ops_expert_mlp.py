@@ -213,3 +213,28 @@ def test_bad_slices_are_refused():
         sliced_expert_mlp(hidden, index, weights, lut, gate_up, down, act, slices[:6], **biases)
     with pytest.raises(ValueError, match="give both"):
         sliced_expert_mlp(hidden, index, weights, lut, gate_up, down, act, slices, gate_up_bias=biases["gate_up_bias"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", ["random", "one_hot_expert", "none_selected_chosen"])
+@pytest.mark.parametrize("shape", [(64, 32, 16, 8, 2, [1, 5]), (300, 64, 32, 16, 4, [0, 3, 7])],
+                         ids=lambda s: f"T{s[0]}H{s[1]}I{s[2]}E{s[3]}K{s[4]}S{len(s[5])}")
+def test_cuda_grouped_gemm_path_matches_the_reference(shape, case, layout):
+    """bfloat16 on CUDA runs the grouped GEMMs (``F.grouped_mm``), transposed weights and their transposes in
+    backward included: against the float64 reference on the CPU."""
+    dtype = torch.bfloat16
+    mlp = expert_mlp(layout, torch.nn.SiLU(), dtype)
+    inputs = make(shape, case, dtype, layout=layout)
+    on_gpu = [t.cuda() for t in inputs[:6]], [s.cuda() for s in inputs[6]], inputs[7].cuda()
+    biases = {name: b.cuda() for name, b in inputs[8].items()}
+    ours = run(sliced_expert_mlp, *on_gpu[0], on_gpu[1], on_gpu[2], biases, mlp)
+    wide = [t.double() if t.is_floating_point() else t for t in inputs[:6]]
+    ref = run(sliced_expert_mlp_reference, *wide, [s.double() for s in inputs[6]], inputs[7].double(),
+              {name: b.double() for name, b in inputs[8].items()}, mlp)
+    atol, rtol = TOLERANCES[dtype]
+    for got, want in [*zip(ours[:3], ref[:3]), *zip(ours[3], ref[3])]:
+        want = torch.zeros_like(got, dtype=torch.float64) if want is None else want
+        size = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(got.cpu(), want.to(dtype), atol=atol * size, rtol=rtol)
+    assert all(fused.grad is None for fused in ours[4])
