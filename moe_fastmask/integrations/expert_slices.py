@@ -307,9 +307,9 @@ def attach_expert_slices(
     other parameter.
 
     Attach after the model is on its final device and dtype (a later ``.to(dtype)`` would turn views into copies;
-    saving still writes them back). Returns the new trainable parameters (gate/up then down per expert, in layer
-    order, biases after them for biased experts). Calling it again detaches the previous slices first (writing them
-    back).
+    saving still writes them back). Returns the new trainable parameters (per selected expert, in layer order:
+    gate/up, down, then gate/up bias and down bias for biased experts). Calling it again detaches the previous slices
+    first (writing them back).
     """
     adapter = get_adapter(model)
     experts = _experts_modules(model, adapter)
