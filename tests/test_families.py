@@ -1,8 +1,9 @@
 """Every supported model family on a tiny random model built from its config class: the patched model equals the
 stock one (logits, greedy generation, gradients), the recorder's counts equal a recount of the stock routers'
-choices, a masked expert is never chosen, a short masked training step changes only the selected expert slices
-(or is refused, naming the family, where the expert layout is not one expert slices train), and the pipeline
-(analyze, train, evaluate) runs end to end on each family."""
+choices, a masked expert is never chosen, expert slices train exactly what the stock experts module's own autograd
+would (weights and, for GPT-OSS, biases, in each family's stored layout), a short masked training step changes only
+the selected expert slices, a saved trained model reloads with them, and the pipeline (analyze, train, evaluate)
+runs end to end on each family."""
 
 from __future__ import annotations
 
@@ -174,23 +175,88 @@ def test_masked_expert_is_never_chosen(name):
 
 
 def _fused_expert_tensors(model):
+    """Per MoE layer, the fused expert tensors of the family's layout (weights, then biases where it has them)."""
     adapter = mf.get_adapter(model)
-    layout = adapter.expert_layout
-    return [(getattr(m, layout.gate_up), getattr(m, layout.down)) for m in adapter.experts_modules(adapter.base_model(model))]
+    names = adapter.expert_layout.tensor_names()
+    return [tuple(getattr(m, n) for n in names) for m in adapter.experts_modules(adapter.base_model(model))]
+
+
+def _randomize_experts(model) -> None:
+    """Expert weights large enough that gate/up entries reach GPT-OSS' clamps (limit 7), and random biases (the
+    families' initialisation leaves them 0, which would hide a missing bias term)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for tensors in _fused_expert_tensors(model):
+            for tensor in tensors:
+                if tensor.dim() == 3:  # [E, in, out] or [E, out, in]: std 3 over gate/up, ~1 over down
+                    std = (3.0 if tensor is tensors[0] else 1.0) / min(tensor.shape[1:]) ** 0.5
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+                else:
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+
+def _busiest_experts(model, inputs, per_layer: int = 2) -> dict[int, list[int]]:
+    """The ``per_layer`` experts each MoE layer chooses most often for ``inputs`` (so every one gets a gradient)."""
+    return {layer: sorted(torch.bincount(ids.flatten()).argsort(descending=True)[:per_layer].tolist())
+            for layer, ids in enumerate(capture_router_ids(model, inputs))}
+
+
+def _slices(model, selected) -> dict[tuple[int, int, str], torch.Tensor]:
+    """Every slice of ``selected``, keyed by (MoE layer, expert, name of its fused tensor)."""
+    adapter = mf.get_adapter(model)
+    names = adapter.expert_layout.tensor_names()
+    modules = adapter.experts_modules(adapter.base_model(model))
+    return {(layer, e, name): getattr(modules[layer], f"{prefix}{e}")
+            for layer, experts in selected.items() for e in experts
+            for prefix, name in zip(expert_slices.SLICE_PREFIXES, names)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_slices_train_like_the_stock_experts(name):
+    """Slices attached (both experts paths), no mask: the stock logits, and the selected experts' weight and bias
+    gradients equal what autograd through the stock experts module gives its fused tensors, row for row."""
+    stock = tiny_model(name)
+    stock.config._experts_implementation = "eager"  # the family's own experts loop
+    _randomize_experts(stock)
+    selected = _busiest_experts(stock, IDS)
+    names = mf.get_adapter(stock).expert_layout.tensor_names()
+    assert len(names) == (4 if name == "gpt_oss" else 2)
+    ours = copy.deepcopy(stock)
+    for param in stock.parameters():
+        param.requires_grad_(param in {t for tensors in _fused_expert_tensors(stock) for t in tensors})
+    out_stock = stock(IDS, labels=IDS)
+    out_stock.loss.backward()
+    fused_grads = _fused_expert_tensors(stock)
+    results = {}
+    for memory_efficient in (True, False):
+        model = mf.apply(copy.deepcopy(ours))
+        params = expert_slices.attach_expert_slices(model, selected, memory_efficient=memory_efficient)
+        assert len(params) == len(names) * sum(map(len, selected.values()))
+        out = model(IDS, labels=IDS)
+        out.loss.backward()
+        torch.testing.assert_close(out.logits, out_stock.logits, atol=1e-5, rtol=1e-5)
+        grads = {key: param.grad for key, param in _slices(model, selected).items()}
+        for (layer, e, tensor), grad in grads.items():
+            want = fused_grads[layer][names.index(tensor)].grad[e]
+            assert want.abs().sum() > 0, (layer, e, tensor)  # a chosen expert: a real comparison
+            torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5, msg=f"{name} {(layer, e, tensor)}")
+        assert all(t.grad is None for tensors in _fused_expert_tensors(model) for t in tensors)
+        results[memory_efficient] = (out.logits.detach(), grads)
+    # the memory-efficient path (frozen experts recomputed in backward) and the stock experts' path agree
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-6)
+    for key, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][key], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_masked_training_step_changes_only_selected_slices(name):
     model = mf.apply(tiny_model(name))
     selected = {0: [1, 3], 1: [2]}
-    if not mf.get_adapter(model).expert_layout.concatenated:
-        with pytest.raises(TypeError, match=rf"{name} experts"):
-            expert_slices.attach_expert_slices(model, selected)
-        return
+    num_tensors = len(mf.get_adapter(model).expert_layout.tensor_names())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     before.update({n: b.detach().clone() for n, b in model.named_buffers()})
     params = expert_slices.attach_expert_slices(model, selected)
-    assert len(params) == 2 * 3
+    assert len(params) == num_tensors * 3
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}  # shared experts frozen
     mf.set_expert_mask(model, mf.steering_mask(model, [(0, 5), (1, 4)]))
     optimizer = torch.optim.SGD(params, lr=0.5)
@@ -202,8 +268,8 @@ def test_masked_training_step_changes_only_selected_slices(name):
     expert_slices.detach_expert_slices(model)
     changed = set()
     fused_names = {}
-    for layer, (gate_up, down) in enumerate(_fused_expert_tensors(model)):
-        for tensor in (gate_up, down):
+    for layer, tensors in enumerate(_fused_expert_tensors(model)):
+        for tensor in tensors:
             fused_names[id(tensor)] = layer
     for n, p in list(model.named_parameters()) + list(model.named_buffers()):
         if n not in before:
@@ -214,7 +280,81 @@ def test_masked_training_step_changes_only_selected_slices(name):
             changed.add(n)
         else:
             assert torch.equal(p.detach(), before[n]), f"{n} changed"
-    assert len(changed) == 2 * 2
+    assert len(changed) == 2 * num_tensors
+
+
+@pytest.mark.parametrize("slice_dtype", [None, torch.float64], ids=["views", "copies"])
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_trained_model_reloads_with_the_trained_slices(name, slice_dtype, tmp_path):
+    """A few AdamW steps on slices (views of the fused rows, or float64 copies written back on saving), then
+    ``save_pretrained``: the checkpoint has no slice keys, and the reloaded model holds the trained rows in the
+    family's stored layout and every other tensor unchanged."""
+    model = tiny_model(name)
+    _randomize_experts(model)
+    mf.apply(model)
+    selected = _busiest_experts(model, IDS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fused_before = [[t.detach().clone() for t in tensors] for tensors in _fused_expert_tensors(model)]
+    params = expert_slices.attach_expert_slices(model, selected, dtype=slice_dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        optimizer.step()
+    trained = {(layer, e, tensor): p.detach().clone() for (layer, e, tensor), p in _slices(model, selected).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    names = mf.get_adapter(model).expert_layout.tensor_names()
+    fused = _fused_expert_tensors(reloaded)
+    for (layer, e, tensor), value in trained.items():
+        row = fused[layer][names.index(tensor)][e]
+        assert torch.equal(row, value.to(row.dtype)), (layer, e, tensor)
+        assert not torch.equal(row, fused_before[layer][names.index(tensor)][e]), (layer, e, tensor)  # trained
+    fused_ids = {id(t) for tensors in fused for t in tensors}
+    for n, p in reloaded.named_parameters():
+        assert "fastmask" not in n
+        if id(p) in fused_ids:
+            rows = (p.detach() != before[n]).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            layer = next(layer for layer, tensors in enumerate(fused) if any(t is p for t in tensors))
+            assert rows == selected[layer], (n, rows)
+        else:
+            assert torch.equal(p.detach(), before[n]), f"{n} changed"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_slice_keys_merge_into_the_plain_state_dict(name):
+    """Sharded training's path: with ``keep_slice_keys`` the state dict holds the (float64) slices under their own
+    keys, weights and biases alike; ``merge_expert_slices`` folds them into the fused rows, giving the state dict of
+    the written-back model, and ``add_slice_entries`` takes them back out of a plain one."""
+    model = tiny_model(name)
+    _randomize_experts(model)
+    mf.apply(model)
+    selected = _busiest_experts(model, IDS)
+    params = expert_slices.attach_expert_slices(model, selected, dtype=torch.float64)
+    with torch.no_grad():
+        for param in params:
+            param.add_(0.25)
+    expert_slices.keep_slice_keys(model)
+    kept = {key: value.clone() for key, value in model.state_dict().items()}
+    slice_keys = [key for key in kept if ".fastmask_" in key]
+    assert len(slice_keys) == len(params) == len(mf.get_adapter(model).expert_layout.tensor_names()) * sum(
+        map(len, selected.values()))
+    merged = expert_slices.merge_expert_slices(kept)
+    assert not any("fastmask" in key for key in merged)
+    expert_slices.keep_slice_keys(model, False)
+    plain = model.state_dict()  # written back by the pre-hook
+    assert set(merged) == set(plain) and all(torch.equal(merged[k], plain[k]) for k in plain)
+    names = mf.get_adapter(model).expert_layout.tensor_names()
+    entries = expert_slices.add_slice_entries(dict(plain), model)
+    for key in slice_keys:  # each trained slice is its fused row now, in the stored layout
+        module, _, leaf = key.rpartition(".")
+        prefix = next(p for p in expert_slices.SLICE_PREFIXES if leaf.startswith(p) and leaf[len(p):].isdigit())
+        row = plain[f"{module}.{names[expert_slices.SLICE_PREFIXES.index(prefix)]}"][int(leaf[len(prefix):])]
+        assert torch.equal(row, model.get_parameter(key).detach().to(row.dtype)), key
+        assert torch.equal(entries[key], row), key
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -317,28 +457,42 @@ def _analyze(name: str, tmp_path):
     return data, model, tmp_path / "model", tmp_path / "analysis"
 
 
-def _train(model_dir, analysis, out):
+def _train(model_dir, analysis, out, *, cli: bool = False):
+    """Train three experts; returns (final model directory, selected (layer, expert) pairs). ``cli``: through
+    ``moe-fastmask train`` (which must succeed), else through :func:`moe_fastmask.pipeline.train.train`."""
     from moe_fastmask.pipeline import train as tr
+    from moe_fastmask.pipeline.common import FINAL_MODEL_DIR, SELECTION_FILE
+    from moe_fastmask.pipeline.selection import ExpertSelection
 
+    # three experts over two top-k layers leave a layer with fewer than k of them unmasked: the point here is
+    # that only the selected rows change, not the masking
+    settings = dict(top_n=3, batch_size=8, num_epochs=1, learning_rate=1e-2, device="cpu", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # three experts over two top-k layers leave a layer with fewer than k of them unmasked: the point here is
-        # that only the selected rows change, not the masking
-        return tr.train(tr.MaskedFinetuneArguments(
-            model=str(model_dir), sft=str(analysis), out=str(out), top_n=3, batch_size=8, num_epochs=1,
-            learning_rate=1e-2, device="cpu", seed=0, allow_unmasked=True))
+        if not cli:
+            result = tr.train(tr.MaskedFinetuneArguments(
+                model=str(model_dir), sft=str(analysis), out=str(out), allow_unmasked=True, **settings))
+            return result.final_model, result.selection.experts
+        from moe_fastmask.cli import main
+
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+        assert main(["train", "--model", str(model_dir), "--sft", str(analysis), "--out", str(out),
+                     "--allow-unmasked", "--no-progress", *flags]) == 0
+    return out / FINAL_MODEL_DIR, ExpertSelection.load(out / SELECTION_FILE).experts
 
 
-def _changed_expert_rows(before, trained) -> set[tuple[int, int]]:
-    """The (MoE layer, expert) rows of the fused expert tensors that differ from ``before``; every other parameter
-    and buffer (the selection bias of sigmoid routers among them) must be unchanged."""
+def _changed_expert_rows(before, trained) -> dict[tuple[int, int], set[str]]:
+    """The (MoE layer, expert) rows of the fused expert tensors that differ from ``before``, each with the names of
+    the tensors whose row changed; every other parameter and buffer (the selection bias of sigmoid routers among
+    them) must be unchanged."""
     fused = {id(t): layer for layer, tensors in enumerate(_fused_expert_tensors(trained)) for t in tensors}
     reference = {**dict(before.named_parameters()), **dict(before.named_buffers())}
-    changed = set()
+    changed: dict[tuple[int, int], set[str]] = {}
     for name, param in list(trained.named_parameters()) + list(trained.named_buffers()):
         diff = param.detach() != reference[name].detach()
         if id(param) in fused:
-            changed |= {(fused[id(param)], e) for e in diff.flatten(1).any(dim=1).nonzero().flatten().tolist()}
+            for e in diff.flatten(1).any(dim=1).nonzero().flatten().tolist():
+                changed.setdefault((fused[id(param)], e), set()).add(name.rpartition(".")[2])
         else:
             assert not diff.any(), f"{name} changed"
     return changed
@@ -348,43 +502,31 @@ def _changed_expert_rows(before, trained) -> set[tuple[int, int]]:
 @pytest.mark.parametrize("name", NAMES)
 def test_analyze_train_evaluate(name, tmp_path):
     """analyze, train and evaluate on each family (DeepSeek-style models have the most to get wrong: a dense first
-    layer, a sigmoid router with a selection bias and groups, shared experts): training changes only the selected
-    experts' rows (GPT-OSS, whose experts are not fused bias-free tensors, is refused by name), and evaluate answers
-    under every condition the run allows: before, steering (the base model with the selected experts off), after."""
-    from moe_fastmask.pipeline.common import SELECTION_FILE
+    layer, a sigmoid router with a selection bias and groups, shared experts; GPT-OSS transposed, interleaved,
+    biased experts, trained here through the command line): training changes only the selected experts' rows (for
+    GPT-OSS, of the weights and the biases), and evaluate answers under every condition: before, steering (the base
+    model with the selected experts off), after."""
+    from moe_fastmask.pipeline.common import FINAL_MODEL_DIR, SELECTION_FILE
     from moe_fastmask.pipeline.evaluate import EvaluationArguments, evaluate
-    from moe_fastmask.pipeline.selection import model_sizes, select_experts
+    from moe_fastmask.pipeline.selection import model_sizes
     from moe_fastmask.pipeline.train.data import resolve_sft_paths
 
     data, model, model_dir, analysis = _analyze(name, tmp_path)
     paths = resolve_sft_paths(analysis)
     num_layers, num_experts, top_k = model_sizes(model.config)
     assert num_layers == 2
-    if mf.get_adapter(model).expert_layout.concatenated:
-        result = _train(model_dir, analysis, tmp_path / "train")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trained = transformers.AutoModelForCausalLM.from_pretrained(result.final_model)
-        assert len(result.selection.experts) == 3
-        changed = _changed_expert_rows(model, trained)
-        assert changed and changed <= {(layer, e) for layer, e in result.selection.experts}
-        after, selection_file = str(result.final_model), result.out / SELECTION_FILE
-        conditions = {"before", "steering", "after"}
-    else:
-        assert name == "gpt_oss"
-        with pytest.raises(TypeError, match=rf"the {name} experts"):
-            _train(model_dir, analysis, tmp_path / "train")
-        assert not (tmp_path / "train").exists()  # refused before anything is written
-        from moe_fastmask.cli import main
-
-        assert main(["train", "--model", str(model_dir), "--sft", str(analysis), "--out", str(tmp_path / "cli"),
-                     "--device", "cpu"]) == 2  # one line, no traceback
-        assert not (tmp_path / "cli").exists()
-        selection = select_experts(paths["risk_table"], num_layers=num_layers, num_experts=num_experts, top_k=top_k,
-                                   top_n=3, warn=False)
-        selection_file = tmp_path / SELECTION_FILE
-        selection.save(selection_file)
-        after, conditions = None, {"before", "steering"}
+    final_model, experts = _train(model_dir, analysis, tmp_path / "train", cli=name == "gpt_oss")
+    assert final_model == tmp_path / "train" / FINAL_MODEL_DIR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = transformers.AutoModelForCausalLM.from_pretrained(final_model)
+    assert len(experts) == 3
+    changed = _changed_expert_rows(model, trained)
+    assert changed and set(changed) <= {(layer, e) for layer, e in experts}
+    names = set(mf.get_adapter(trained).expert_layout.tensor_names())  # GPT-OSS: the biases too
+    assert all(tensors == names for tensors in changed.values()), changed
+    after, selection_file = str(final_model), tmp_path / "train" / SELECTION_FILE
+    conditions = {"before", "steering", "after"}
     assert selection_file.is_file()
     limit = 2
     evaluation = evaluate(EvaluationArguments(

@@ -212,15 +212,26 @@ class _TransposedExpertsAdapter(MixtralTestAdapter):
     expert_layout = ExpertLayout(transposed=True, has_bias=True)
 
 
+class _InterleavedExpertsAdapter(MixtralTestAdapter):
+    expert_layout = ExpertLayout(interleaved=True)
+
+
 def test_semantics_and_layouts_the_ops_cannot_run_are_refused(mixtral_unregistered):
     register_adapter(_SigmoidRouterAdapter())
     model = tiny_mixtral()
     with pytest.raises(NotImplementedError, match=r"mixtral layer 0: .*n_group must divide E=6"):
         mf.apply(model)
     assert not mf.is_patched(model)
+    # an adapter whose layout the experts modules do not hold: refused before anything changes
     register_adapter(_TransposedExpertsAdapter(), replace=True)
-    with pytest.raises(TypeError, match="expert slices need fused gate_up"):
+    with pytest.raises(TypeError, match=r"MoE layer 0: the mixtral experts module \(MixtralExperts\) does not match "
+                                        r"its adapter's expert layout .*: no fused gate_up_proj_bias, down_proj_bias"):
         expert_slices.attach_expert_slices(model, {0: [1]})
+    register_adapter(_InterleavedExpertsAdapter(), replace=True)
+    with pytest.raises(TypeError, match=r"does not match its adapter's expert layout .*: is_concatenated=True"):
+        expert_slices.attach_expert_slices(model, {0: [1]})
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("fastmask" in name for name, _ in model.named_parameters())
 
 
 def test_transformers_range_is_checked(monkeypatch):

@@ -229,7 +229,7 @@ def test_sliced_experts_function_gradcheck():
     slices = [w[e].clone().requires_grad_(True) for e in selected for w in (gate_up, down)]
 
     def fn(hidden, weights, *slices):
-        return es.SlicedExpertsFunction.apply(hidden, top_k_index, weights, lut, gate_up, down, act, *slices)
+        return es.SlicedExpertsFunction.apply(hidden, top_k_index, weights, lut, gate_up, down, act, None, None, *slices)
 
     assert torch.autograd.gradcheck(fn, (hidden, top_k_weights, *slices))
 

@@ -8,7 +8,8 @@ names a model class; it asks the model's adapter. An adapter says
   experts module, and the RMSNorm classes whose forward :class:`moe_fastmask.ops.RMSNormFunction` reproduces;
 * the router semantics, as data (:class:`RouterSemantics`): scoring function, softmax before or after top-k,
   renormalisation, selection bias, group-limited top-k, scaling factor, shared experts;
-* the experts' weight layout, as data (:class:`ExpertLayout`), and how one expert MLP runs on given weights;
+* the experts' weight layout, as data (:class:`ExpertLayout`), and the gated activation of one expert
+  (:meth:`MoEAdapter.expert_glu`), from which the generic code runs an expert MLP on given weights;
 * how the router computes its logits and what its forward returns;
 * the transformers versions whose modeling code it was written against.
 
@@ -24,6 +25,8 @@ from typing import Callable, ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_fastmask.ops.expert_mlp import ExpertMLP, GatedActivation
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,10 @@ class ExpertLayout:
     """How an experts module stores its weights.
 
     ``gate_up`` / ``down``: attribute names of the fused tensors. Not ``transposed``: ``gate_up [E, 2I, H]`` and
-    ``down [E, H, I]`` (``y = x @ W.T``); ``transposed``: ``[E, H, 2I]`` and ``[E, I, H]`` (GPT-OSS).
-    ``interleaved``: gate and up rows alternate (GPT-OSS) instead of all gate rows then all up rows.
-    ``has_bias``: per-expert biases next to the weights.
+    ``down [E, H, I]`` (``y = x @ W.T``); ``transposed``: ``[E, H, 2I]`` and ``[E, I, H]`` (``y = x @ W``, GPT-OSS).
+    ``interleaved``: gate and up columns of the gate/up projection alternate (GPT-OSS) instead of all gate columns
+    then all up columns. ``has_bias``: per-expert biases next to the weights, ``gate_up_bias [E, 2I]`` and
+    ``down_bias [E, H]`` (attribute names), added after each projection.
     """
 
     gate_up: str = "gate_up_proj"
@@ -88,11 +92,14 @@ class ExpertLayout:
     transposed: bool = False
     interleaved: bool = False
     has_bias: bool = False
+    gate_up_bias: str = "gate_up_proj_bias"
+    down_bias: str = "down_proj_bias"
 
-    @property
-    def concatenated(self) -> bool:
-        """``gate_up [E, 2I, H]`` as gate rows then up rows, no bias: the layout expert slices train."""
-        return not (self.transposed or self.interleaved or self.has_bias)
+    def tensor_names(self) -> tuple[str, ...]:
+        """The fused tensors of one experts module, in the order expert slices keep per expert: ``gate_up``,
+        ``down``, then (``has_bias``) ``gate_up_bias``, ``down_bias``."""
+        names = (self.gate_up, self.down)
+        return names + (self.gate_up_bias, self.down_bias) if self.has_bias else names
 
 
 class MoEAdapter:
@@ -222,8 +229,22 @@ class MoEAdapter:
         """The gate activation of a gated expert MLP ``down(act(gate(x)) * up(x))``."""
         return experts.act_fn
 
-    def expert_mlp(self, experts: nn.Module, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-        """One expert's MLP on rows ``x [N, H]`` with its weights ``gate_up`` / ``down`` (rows of the fused
-        tensors, or trainable copies of them), in the layout of :attr:`expert_layout` (concatenated by default)."""
-        gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
-        return F.linear(self.expert_activation(experts)(gate) * up, down.to(x.dtype))
+    def expert_glu(self, experts: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The gated activation from one expert's gate/up projection output ``[N, 2I]`` (bias added) to the down
+        projection's input ``[N, I]``: ``act(gate) * up`` with gate and up columns as :attr:`expert_layout` arranges
+        them, by default; a family with another activation overrides this."""
+        return GatedActivation(self.expert_activation(experts), interleaved=self.expert_layout.interleaved)
+
+    def expert_mlp_spec(self, experts: nn.Module) -> ExpertMLP:
+        """How one expert of ``experts`` computes, for :class:`moe_fastmask.ops.SlicedExpertsFunction`: the
+        layout's orientation and :meth:`expert_glu`."""
+        return ExpertMLP(glu=self.expert_glu(experts), transposed=self.expert_layout.transposed)
+
+    def expert_mlp(
+        self, experts: nn.Module, x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Tensor | None = None,
+        down_bias: Tensor | None = None,
+    ) -> Tensor:
+        """One expert's MLP on rows ``x [N, H]`` with its weights ``gate_up`` / ``down`` (and biases, when the
+        layout has them): rows of the fused tensors, or trainable copies of them, in the layout of
+        :attr:`expert_layout`."""
+        return self.expert_mlp_spec(experts).forward(x, gate_up, down, gate_up_bias, down_bias)

@@ -1,20 +1,24 @@
 """Train only some experts of a model's fused expert tensors: gradients, optimizer state and updates for the
 selected expert slices alone.
 
-transformers 5.x stores the experts of an MoE layer as two fused parameters, e.g. OLMoE's
-``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``; the model's adapter
-(:func:`moe_fastmask.integrations.get_adapter`) says where the experts modules are, the names and layout of their
-fused tensors, the gate activation, how one expert MLP runs and which RMSNorm classes may be replaced.
+transformers 5.x stores the experts of an MoE layer as fused parameters, e.g. OLMoE's ``mlp.experts.gate_up_proj``
+``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``, or GPT-OSS' transposed ``gate_up_proj [E, H, 2I]`` (gate
+and up columns interleaved) and ``down_proj [E, I, H]`` with ``gate_up_proj_bias [E, 2I]`` and
+``down_proj_bias [E, H]``. The model's adapter (:func:`moe_fastmask.integrations.get_adapter`) says where the experts
+modules are, the names and layout of their fused tensors as data (:class:`ExpertLayout`), the gated activation of
+one expert (:meth:`MoEAdapter.expert_glu`) and which RMSNorm classes may be replaced; nothing here names a family.
 ``requires_grad`` works per tensor, so marking the fused tensors trainable would give every expert a gradient, AdamW
 state and weight decay. :func:`attach_expert_slices` instead
 
-* freezes every parameter of the model (the fused tensors included);
-* gives each selected expert two trainable parameters on its layer's experts module,
-  ``fastmask_gate_up_proj_<e>`` ``[2I, H]`` and ``fastmask_down_proj_<e>`` ``[H, I]``. When they keep the fused
-  tensors' dtype they are *views* of the fused rows (no extra memory; an optimizer step updates the fused tensor in
-  place); with another ``dtype`` (e.g. fp32 master weights for a bf16 model) they are copies. They are the only
-  parameters with ``requires_grad=True``, so an optimizer built from the trainable parameters holds nothing else:
-  no gradient, no AdamW state and no weight decay ever touches another expert;
+* freezes every parameter of the model (the fused tensors included; shared experts stay frozen);
+* gives each selected expert one trainable parameter per fused tensor on its layer's experts module, its row in the
+  stored layout: ``fastmask_gate_up_proj_<e>`` (``[2I, H]``, or ``[H, 2I]`` transposed) and
+  ``fastmask_down_proj_<e>`` (``[H, I]``, or ``[I, H]``), plus ``fastmask_gate_up_bias_<e>`` ``[2I]`` and
+  ``fastmask_down_bias_<e>`` ``[H]`` for biased experts. When they keep the fused tensors' dtype they are *views* of
+  the fused rows (no extra memory; an optimizer step updates the fused tensor in place); with another ``dtype``
+  (e.g. fp32 master weights for a bf16 model) they are copies. They are the only parameters with
+  ``requires_grad=True``, so an optimizer built from the trainable parameters holds nothing else: no gradient, no
+  AdamW state and no weight decay ever touches another expert;
 * rebinds the experts ``forward`` of every MoE layer to :class:`moe_fastmask.ops.SlicedExpertsFunction`: the
   assignments of the frozen experts run as grouped GEMMs on the frozen fused tensors, those of the selected experts
   as grouped GEMMs on the stacked trainable slices; backward keeps only the layer input (plus the selected experts'
@@ -27,7 +31,8 @@ state and weight decay. :func:`attach_expert_slices` instead
   :class:`moe_fastmask.ops.RMSNormFunction`, which keeps its input in the model dtype for backward rather than an
   fp32 copy (same forward bits).
 
-The fused tensors stay the one saved form of the model: a ``state_dict`` pre-hook writes copied slices back before
+The fused tensors stay the one saved form of the model: a ``state_dict`` pre-hook writes copied slices back (into
+their rows, so the stored layout is kept as it was) before
 anything is saved and a post-hook drops the slice keys, so ``save_pretrained`` (and every Trainer checkpoint)
 writes a plain checkpoint; a ``load_state_dict`` pre-hook loads the slices from loaded fused tensors (resuming
 from a checkpoint). :func:`detach_expert_slices` writes the slices back and restores the original module. Under
@@ -43,7 +48,6 @@ import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,11 +55,15 @@ from torch import Tensor, nn
 from moe_fastmask.integrations.adapter import ExpertLayout, MoEAdapter
 from moe_fastmask.integrations.registry import get_adapter
 # the autograd functions live in ops; their names stay importable from here
-from moe_fastmask.ops.expert_mlp import SlicedExpertsFunction
+from moe_fastmask.ops.expert_mlp import ExpertMLP, SlicedExpertsFunction
 from moe_fastmask.ops.rmsnorm import RMSNormFunction
 
 GATE_UP_PREFIX = "fastmask_gate_up_proj_"
 DOWN_PREFIX = "fastmask_down_proj_"
+GATE_UP_BIAS_PREFIX = "fastmask_gate_up_bias_"
+DOWN_BIAS_PREFIX = "fastmask_down_bias_"
+# per expert, in the order of ExpertLayout.tensor_names(): gate_up, down, then the biases of biased experts
+SLICE_PREFIXES = (GATE_UP_PREFIX, DOWN_PREFIX, GATE_UP_BIAS_PREFIX, DOWN_BIAS_PREFIX)
 LUT_NAME = "fastmask_expert_lut"
 _STATE_ATTR = "_fastmask_slices"
 _NORM_ATTR = "_fastmask_lean_norm"
@@ -70,18 +78,21 @@ class _SliceState:
     had_forward: bool  # the instance had its own ``forward`` before patching
     previous_forward: object | None
     adapter: MoEAdapter
-    act_fn: Callable[[Tensor], Tensor]
+    mlp: ExpertMLP  # how one expert computes (the adapter's layout and gated activation)
     keep_slice_keys: bool = False  # sharded training: state dicts keep the slices (see keep_slice_keys)
 
     @property
     def layout(self) -> ExpertLayout:
         return self.adapter.expert_layout
 
-    def names(self) -> list[tuple[str, str]]:
-        return [(f"{GATE_UP_PREFIX}{e}", f"{DOWN_PREFIX}{e}") for e in self.expert_ids]
+    def names(self) -> list[tuple[str, ...]]:
+        """Per selected expert, its slice names, matching :meth:`ExpertLayout.tensor_names`."""
+        prefixes = SLICE_PREFIXES[: len(self.layout.tensor_names())]
+        return [tuple(f"{prefix}{e}" for prefix in prefixes) for e in self.expert_ids]
 
-    def fused(self, module: nn.Module) -> tuple[Tensor, Tensor]:
-        return getattr(module, self.layout.gate_up), getattr(module, self.layout.down)
+    def fused(self, module: nn.Module) -> tuple[Tensor, ...]:
+        """The fused tensors, in the order of :meth:`ExpertLayout.tensor_names`."""
+        return tuple(getattr(module, name) for name in self.layout.tensor_names())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +101,7 @@ class _SliceState:
 
 
 class UnsupportedExpertLayoutError(TypeError):
-    """The model's experts are not stored in the fused layout that expert slices train."""
+    """The model's experts modules do not hold the fused tensors their adapter's :class:`ExpertLayout` describes."""
 
 
 def check_expert_slices_supported(model: nn.Module) -> None:
@@ -100,27 +111,22 @@ def check_expert_slices_supported(model: nn.Module) -> None:
 
 
 def _experts_modules(model: nn.Module, adapter: MoEAdapter | None = None) -> list[nn.Module]:
-    """The experts module of every MoE layer, checked to hold fused tensors in the layout slices train."""
+    """The experts module of every MoE layer, checked to hold the fused tensors of the adapter's layout (and, where
+    transformers' experts modules say how they are stored, to be stored that way)."""
     adapter = adapter or get_adapter(model)
     layout = adapter.expert_layout
-    if not layout.concatenated:
-        raise UnsupportedExpertLayoutError(
-            f"expert slices need fused gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I] tensors "
-            f"without bias; the {adapter.model_type} experts are {layout}"
-        )
     experts = adapter.experts_modules(adapter.base_model(model))
     for idx, module in enumerate(experts):
-        if not isinstance(getattr(module, layout.gate_up, None), Tensor) or not isinstance(
-            getattr(module, layout.down, None), Tensor
-        ):
+        absent = [name for name in layout.tensor_names() if not isinstance(getattr(module, name, None), Tensor)]
+        # flags set by transformers' use_experts_implementation on the experts class
+        flags = dict(is_transposed=layout.transposed, has_bias=layout.has_bias, is_concatenated=not layout.interleaved)
+        differ = [f"{flag}={getattr(module, flag)}" for flag, want in flags.items()
+                  if isinstance(getattr(module, flag, None), bool) and getattr(module, flag) != want]
+        if absent or differ:
+            found = f"no fused {', '.join(absent)}" if absent else f"{', '.join(differ)}"
             raise UnsupportedExpertLayoutError(
-                f"MoE layer {idx}: the {adapter.model_type} experts module has no fused {layout.gate_up} / "
-                f"{layout.down} tensors"
-            )
-        if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-            raise UnsupportedExpertLayoutError(
-                f"MoE layer {idx}: the {adapter.model_type} experts are transposed or biased, which expert slices do "
-                f"not support"
+                f"MoE layer {idx}: the {adapter.model_type} experts module ({type(module).__name__}) does not match "
+                f"its adapter's expert layout {layout}: {found}"
             )
     return experts
 
@@ -165,10 +171,11 @@ def _memory_efficient_experts_forward(
 ) -> Tensor:
     """The experts forward through :class:`SlicedExpertsFunction` (layers with or without selected experts)."""
     state: _SliceState = getattr(self, _STATE_ATTR)
-    gate_up, down = state.fused(self)
+    gate_up, down, *biases = state.fused(self)
+    gate_up_bias, down_bias = biases or (None, None)
     return SlicedExpertsFunction.apply(
-        hidden_states, top_k_index, top_k_weights, getattr(self, LUT_NAME), gate_up, down, state.act_fn,
-        *_slice_params(self),
+        hidden_states, top_k_index, top_k_weights, getattr(self, LUT_NAME), gate_up, down, state.mlp, gate_up_bias,
+        down_bias, *_slice_params(self),
     )
 
 
@@ -190,11 +197,10 @@ def _stock_sliced_experts_forward(self, hidden_states: Tensor, top_k_index: Tens
     token_idx = order // num_top_k
     x = hidden_states[token_idx]
     pieces, start = [], 0
-    for slot, (gate_up_name, down_name) in enumerate(state.names()):
+    for slot, names in enumerate(state.names()):
         end = start + counts[slot + 1]
         if end > start:
-            weights = getattr(self, gate_up_name), getattr(self, down_name)
-            pieces.append(state.adapter.expert_mlp(self, x[start:end], *weights))
+            pieces.append(state.mlp.forward(x[start:end], *(getattr(self, name) for name in names)))
         start = end
     contrib = torch.cat(pieces) * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
     return out.index_add(0, token_idx, contrib.to(out.dtype))
@@ -241,9 +247,9 @@ def detach_lean_norms(model: nn.Module) -> None:
 @torch.no_grad()
 def _write_back(module: nn.Module) -> None:
     state: _SliceState = getattr(module, _STATE_ATTR)
-    gate_up, down = state.fused(module)
-    for expert, (gate_up_name, down_name) in zip(state.expert_ids, state.names()):
-        for fused, name in ((gate_up, gate_up_name), (down, down_name)):
+    tensors = state.fused(module)
+    for expert, names in zip(state.expert_ids, state.names()):
+        for fused, name in zip(tensors, names):  # each slice is its row in the stored layout: a plain row copy
             piece = getattr(module, name)
             if piece.data_ptr() != fused[expert].data_ptr():  # a copy (a view of the fused row needs nothing)
                 fused[expert].copy_(piece)
@@ -266,7 +272,7 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict
     """Loading fused tensors (a checkpoint) also loads the selected slices from them."""
     state: _SliceState = getattr(module, _STATE_ATTR)
     for expert, names in zip(state.expert_ids, state.names()):
-        for fused_name, name in zip((state.layout.gate_up, state.layout.down), names):
+        for fused_name, name in zip(state.layout.tensor_names(), names):
             fused = state_dict.get(prefix + fused_name)
             if fused is not None and prefix + name not in state_dict:
                 state_dict[prefix + name] = fused[expert]
@@ -288,19 +294,22 @@ def attach_expert_slices(
     """Make only the ``selected`` experts of ``model`` (an MoE model with a registered adapter) trainable, as
     separate per-expert parameters.
 
-    ``selected``: ``{layer: [expert, ...]}`` or ``(layer, expert)`` pairs (layers counted among the MoE layers).
+    ``selected``: ``{layer: [expert, ...]}`` or ``(layer, expert)`` pairs (layers counted among the MoE layers); each
+    selected expert trains every fused tensor of its layout (its weights and, for biased experts, its biases).
     ``dtype``: dtype of the trainable parameters; by default the fused tensors' dtype, and then they are views of the
     fused rows (no extra memory); ``torch.float32`` for a bf16 model keeps fp32 master copies (more precise updates,
-    6x the slice bytes with AdamW state). ``memory_efficient``: every layer's experts run through :class:`SlicedExpertsFunction` (keeps the layer
-    input and the selected experts' gate/up output for backward, recomputes the frozen experts' gate/up projection);
+    6x the slice bytes with AdamW state). ``memory_efficient``: every layer's experts run through
+    :class:`SlicedExpertsFunction` (keeps the layer input and the selected experts' gate/up output for backward,
+    recomputes the frozen experts' gate/up projection);
     False: the stock implementation with the selected experts' routing weights zeroed, plus an autograd loop over the
     selected experts (keeps every activation). With ``memory_efficient`` every RMSNorm also keeps its input in the
     model dtype instead of an fp32 copy (:func:`attach_lean_norms`). ``freeze``: ``requires_grad=False`` on every
     other parameter.
 
     Attach after the model is on its final device and dtype (a later ``.to(dtype)`` would turn views into copies;
-    saving still writes them back). Returns the new trainable parameters (gate/up then down per expert, in layer
-    order). Calling it again detaches the previous slices first (writing them back).
+    saving still writes them back). Returns the new trainable parameters (per selected expert, in layer order:
+    gate/up, down, then gate/up bias and down bias for biased experts). Calling it again detaches the previous slices
+    first (writing them back).
     """
     adapter = get_adapter(model)
     experts = _experts_modules(model, adapter)
@@ -316,7 +325,8 @@ def attach_expert_slices(
         expert_ids = by_layer.get(layer, [])
         if not expert_ids and not memory_efficient:
             continue  # the stock forward already trains nothing here
-        gate_up, down = getattr(module, layout.gate_up), getattr(module, layout.down)
+        tensors = tuple(getattr(module, name) for name in layout.tensor_names())
+        gate_up = tensors[0]
         device = gate_up.device
         state = _SliceState(
             layer=layer,
@@ -326,10 +336,10 @@ def attach_expert_slices(
             had_forward="forward" in module.__dict__,
             previous_forward=module.__dict__.get("forward"),
             adapter=adapter,
-            act_fn=adapter.expert_activation(module),
+            mlp=adapter.expert_mlp_spec(module),
         )
         for expert, names in zip(expert_ids, state.names()):
-            for fused, name in zip((gate_up, down), names):
+            for fused, name in zip(tensors, names):
                 row = fused.detach()[expert]
                 if dtype is not None and dtype != fused.dtype:
                     row = row.to(dtype).clone()
@@ -374,17 +384,20 @@ def keep_slice_keys(model: nn.Module, keep: bool = True) -> None:
 
 @torch.no_grad()
 def merge_expert_slices(state_dict: dict[str, Tensor], *, layout: ExpertLayout | None = None) -> dict[str, Tensor]:
-    """Fold the slice entries of a full state dict (``...experts.fastmask_gate_up_proj_<e>`` and
-    ``...fastmask_down_proj_<e>``) into row ``e`` of their fused tensors and drop them, in place; returns it.
+    """Fold the slice entries of a full state dict (``...experts.fastmask_gate_up_proj_<e>``,
+    ``...fastmask_down_proj_<e>`` and, for biased experts, ``...fastmask_gate_up_bias_<e>`` /
+    ``...fastmask_down_bias_<e>``) into row ``e`` of their fused tensors and drop them, in place; returns it.
 
     Writes into the fused tensors held by ``state_dict``: use it on a gathered copy (what FSDP's full state dict
     and ``Accelerator.get_state_dict`` return), where it gives the plain checkpoint of the trained model.
-    ``layout``: the names of the fused tensors (default: ``gate_up_proj`` / ``down_proj``).
+    ``layout``: the names of the fused tensors (default: ``gate_up_proj`` / ``down_proj`` and
+    ``gate_up_proj_bias`` / ``down_proj_bias``).
     """
     layout = layout or ExpertLayout()
-    for key in [k for k in state_dict if GATE_UP_PREFIX in k or DOWN_PREFIX in k]:
+    fused_names = (layout.gate_up, layout.down, layout.gate_up_bias, layout.down_bias)
+    for key in [k for k in state_dict if any(prefix in k for prefix in SLICE_PREFIXES)]:
         prefix, _, name = key.rpartition(".")
-        for slice_prefix, fused_name in ((GATE_UP_PREFIX, layout.gate_up), (DOWN_PREFIX, layout.down)):
+        for slice_prefix, fused_name in zip(SLICE_PREFIXES, fused_names):
             if name.startswith(slice_prefix) and name[len(slice_prefix):].isdigit():
                 fused = state_dict[f"{prefix}.{fused_name}" if prefix else fused_name]
                 fused[int(name[len(slice_prefix):])].copy_(state_dict.pop(key))
@@ -401,7 +414,7 @@ def add_slice_entries(state_dict: dict[str, Tensor], model: nn.Module) -> dict[s
             continue
         base = f"{prefix}." if prefix else ""
         for expert, names in zip(state.expert_ids, state.names()):
-            for fused_name, name in zip((state.layout.gate_up, state.layout.down), names):
+            for fused_name, name in zip(state.layout.tensor_names(), names):
                 fused = state_dict.get(base + fused_name)
                 if fused is not None and base + name not in state_dict:
                     state_dict[base + name] = fused[expert]

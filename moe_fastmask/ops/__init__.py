@@ -2,7 +2,13 @@
 frozen-head cross entropy, with their plain-PyTorch references."""
 
 from moe_fastmask.ops.cross_entropy import FrozenHeadCrossEntropy, cross_entropy_reference, frozen_head_cross_entropy
-from moe_fastmask.ops.expert_mlp import SlicedExpertsFunction, sliced_expert_mlp, sliced_expert_mlp_reference
+from moe_fastmask.ops.expert_mlp import (
+    ExpertMLP,
+    GatedActivation,
+    SlicedExpertsFunction,
+    sliced_expert_mlp,
+    sliced_expert_mlp_reference,
+)
 from moe_fastmask.ops.reference import route_backward_reference, route_reference
 from moe_fastmask.ops.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 from moe_fastmask.ops.route import (
@@ -19,7 +25,9 @@ from moe_fastmask.ops.route import (
 
 __all__ = [
     "BACKENDS",
+    "ExpertMLP",
     "FrozenHeadCrossEntropy",
+    "GatedActivation",
     "MAX_N_GROUP",
     "MAX_TOP_K",
     "RMSNormFunction",
