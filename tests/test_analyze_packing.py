@@ -135,3 +135,32 @@ def test_engine_compile_flag_reaches_the_engine_and_stays_eager_on_cpu(demo_inpu
                                  engine_compile="off"))  # fmt: skip
     assert seen == [("auto", False), (False, False)]  # auto never compiles on the CPU
     assert_same_runs(auto, off, tmp_path / "auto", tmp_path / "off")
+
+
+def test_analysis_plans_its_decoding_with_the_engine(demo_inputs, tmp_path, monkeypatch):
+    """analyze tells the graph engine how much it will decode (prompts x max new tokens) before generating."""
+    import json
+
+    from moe_fastmask.pipeline.generation.engine import StaticCacheEngine
+
+    planned, generated_before = [], []
+    real_plan, real_generate = StaticCacheEngine.plan_work, StaticCacheEngine.generate
+
+    def spy_plan(self, sequences, max_new_tokens):
+        planned.append((sequences, max_new_tokens))
+        generated_before.append(bool(generated))
+        return real_plan(self, sequences, max_new_tokens)
+
+    generated = []
+
+    def spy_generate(self, request):
+        generated.append(len(request.prompts))
+        return real_generate(self, request)
+
+    monkeypatch.setattr(StaticCacheEngine, "plan_work", spy_plan)
+    monkeypatch.setattr(StaticCacheEngine, "generate", spy_generate)
+    config = config_of(demo_inputs, tmp_path, engine="graph", gpu_batch_size=16)
+    run_analysis(config)
+    records = json.loads(Path(config.data).read_text())
+    assert planned == [(sum(generated), config.max_new_tokens)] and generated_before == [False]
+    assert sum(generated) <= 2 * len(records)

@@ -329,6 +329,56 @@ def test_compile_auto_stays_eager_on_cpu(model_dir, tokenizer, batch, eos_id):
         StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, compile="yes")
 
 
+def test_auto_compile_waits_for_enough_planned_work(model_dir, tokenizer, batch, eos_id, monkeypatch):
+    """compile="auto" (where it may compile) compiles once plan_work announces enough decoding, not before."""
+    from moe_fastmask.pipeline.generation import engine as engine_module
+
+    _, ids = batch
+    model = load(model_dir)
+    plain = engine_run(model, tokenizer, ids, GROUPS, eos_id, compile=False)
+    compiled_fns = []
+
+    def spy_compile(fn, **kwargs):
+        compiled_fns.append(fn)
+        return lambda *args, **kw: fn(*args, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    engine = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
+    engine._compile_when_planned = True  # what compile="auto" leaves on a CUDA device where torch.compile works
+    threshold = engine_module.COMPILE_PAYS_AFTER_SEQUENCE_STEPS
+    engine.plan_work(threshold // 64 - 1, 64)
+    assert not compiled_fns and not engine.compiled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.plan_work(threshold // 64, 64)
+        engine.plan_work(threshold, 64)  # already compiled: not again
+    assert len(compiled_fns) == 1 and engine.compiled
+    assert any("compiling the decode step" in str(w.message) for w in caught)
+    out = engine.generate(request_of(ids, GROUPS))
+    assert out.tokens == plain.tokens
+    for name in ("prefill_counts", "decode_counts"):
+        assert np.array_equal(getattr(out, name), getattr(plain, name)), name
+    eager = StaticCacheEngine(model, tokenizer, eos_token_id=eos_id, compile=False)
+    eager.plan_work(threshold, 64)  # compile=False stays uncompiled whatever the work
+    assert len(compiled_fns) == 1 and not eager.compiled
+
+
+def test_prefill_chunk_sized_from_free_memory():
+    from moe_fastmask.pipeline.generation.engine import (
+        MAX_PREFILL_CHUNK_TOKENS,
+        MIN_PREFILL_CHUNK_TOKENS,
+        prefill_chunk_for_memory,
+    )
+
+    per_token = 150_000
+    assert prefill_chunk_for_memory(per_token, None) == 16384  # unknown free memory (CPU)
+    assert prefill_chunk_for_memory(per_token, 120 << 30) == MAX_PREFILL_CHUNK_TOKENS
+    assert prefill_chunk_for_memory(per_token, 1 << 30) == MIN_PREFILL_CHUNK_TOKENS
+    middle = prefill_chunk_for_memory(per_token, 10 << 30)
+    assert MIN_PREFILL_CHUNK_TOKENS < middle < MAX_PREFILL_CHUNK_TOKENS and middle & (middle - 1) == 0
+    assert middle * per_token <= 0.15 * (10 << 30) < 2 * middle * per_token
+
+
 def test_a_forward_that_fails_to_compile_runs_uncompiled(model_dir, tokenizer, batch, eos_id, monkeypatch):
     _, ids = batch
     model = load(model_dir)

@@ -69,8 +69,9 @@ class AnalysisConfig:
         "help": "generation backend", "choices": list(backend_names()), "group": _RUN})
     engine_compile: str = field(default="auto", metadata={
         "help": "torch.compile the decode step of --engine graph before capturing it (faster steps, a compile of "
-                "about half a minute first): auto = on CUDA where torch.compile works, never on CPU; a step that "
-                "fails to compile runs uncompiled", "choices": list(COMPILE_CHOICES), "group": _RUN})
+                "about half a minute first): auto = on CUDA where torch.compile works and the run decodes enough to "
+                "repay the compile (about 6 M prompt x new-token steps), never on CPU; a step that fails to compile "
+                "runs uncompiled", "choices": list(COMPILE_CHOICES), "group": _RUN})
     gpu_batch_size: int | None = field(default=None, metadata={
         "help": "sequences per generation request: several method batches (--batch-size each) are packed into one, "
                 "each (batch, kind) counted in its own group, so the results equal one batch at a time; default: from "

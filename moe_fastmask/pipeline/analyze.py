@@ -436,6 +436,8 @@ def process_mixed_batches(
         prepared = prepare_requests(tokenizer, batches, config)
         times["prepare_s"] += time.perf_counter() - started
         plan, num_groups = request_plan(config, backend, batches, prepared)
+        if hasattr(backend, "plan_work"):  # lets compile="auto" weigh the compile against the decoding ahead
+            backend.plan_work(sum(len(batches[i].items) for chunk in plan for i in chunk), config.max_new_tokens)
         for chunk in plan:
             options = {"prepared": [prepared[i] for i in chunk], "defer": True}
             if num_groups is not None:

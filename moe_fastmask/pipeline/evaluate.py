@@ -104,8 +104,8 @@ class EvaluationArguments:
     )
     engine_compile: str = field(
         default="auto",
-        metadata={"help": "torch.compile the decode step of --engine graph: auto = on CUDA where torch.compile works, "
-                  "never on CPU", "choices": list(COMPILE_CHOICES)},
+        metadata={"help": "torch.compile the decode step of --engine graph: auto = on CUDA where torch.compile works and "
+                  "the run decodes enough to repay the compile (about 6 M prompt x new-token steps), never on CPU", "choices": list(COMPILE_CHOICES)},
     )
 
     def __post_init__(self) -> None:
@@ -256,6 +256,8 @@ def generate_answers(
     if own:
         backend = get_backend(engine, model, tokenizer)
     sampling = SamplingSettings(max_new_tokens=max_new_tokens)
+    if hasattr(backend, "plan_work"):  # lets compile="auto" weigh the compile against the decoding ahead
+        backend.plan_work(len(prompts), max_new_tokens)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False):
             chunk = order[start : start + batch_size]

@@ -145,10 +145,11 @@ class StaticCacheEngine:
     ``model``: a causal LM of a supported MoE family (patched with :func:`moe_fastmask.apply` here, router op
     backend ``op_backend``, if it is not yet). ``tokenizer``: for the output texts (empty strings without one).
     ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
-    ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward. ``use_cuda_graph``: capture
-    the decode step on CUDA (ignored on CPU). ``compile``: ``torch.compile`` the model forward of the decode step
-    first (True / False, or ``"auto"``: on CUDA where ``torch.compile`` is supported, never on CPU; a forward that
-    fails to compile runs uncompiled, said once; :attr:`compiled` tells which runs). ``check_every``: decode steps
+    ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward (default: sized from free
+    memory, :func:`prefill_chunk_for_memory`). ``use_cuda_graph``: capture the decode step on CUDA (ignored on CPU).
+    ``compile``: ``torch.compile`` the model forward of the decode step first (True / False, or ``"auto"``: on CUDA
+    where ``torch.compile`` is supported, once :meth:`plan_work` announces enough decoding to repay the compile; never
+    on CPU; a forward that fails to compile runs uncompiled, said once; :attr:`compiled` tells which runs). ``check_every``: decode steps
     between completion checks (the only host syncs of the decode loop).
     ``cache_multiple``: cache lengths are rounded up to this, so batches of similar length share a graph.
     ``max_slots``: captured graphs (each with its cache) kept for reuse. ``time_phases``: synchronise after prefill
@@ -166,7 +167,7 @@ class StaticCacheEngine:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         max_batch_size: int = 256,
-        prefill_chunk_tokens: int = 16384,
+        prefill_chunk_tokens: int | None = None,
         use_cuda_graph: bool = True,
         compile: bool | str = False,
         check_every: int = 16,
@@ -174,7 +175,7 @@ class StaticCacheEngine:
         max_slots: int = 2,
         time_phases: bool = False,
     ) -> None:
-        for arg, value in (("max_batch_size", max_batch_size), ("prefill_chunk_tokens", prefill_chunk_tokens),
+        for arg, value in (("max_batch_size", max_batch_size), ("prefill_chunk_tokens", prefill_chunk_tokens or 1),
                            ("check_every", check_every), ("cache_multiple", cache_multiple), ("max_slots", max_slots)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")  # fmt: skip
@@ -195,7 +196,7 @@ class StaticCacheEngine:
             pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.eos_ids[0]
         self.max_batch_size = max_batch_size
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._prefill_chunk_tokens = prefill_chunk_tokens
         self.check_every = check_every
         self.cache_multiple = cache_multiple
         self.max_slots = max_slots
@@ -231,14 +232,19 @@ class StaticCacheEngine:
         self._eos_bias = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
         self._eos_bias[self._eos_device] = float("-inf")
         self._forward_decode = self._model_forward
+        self._compile_when_planned = False  # compile="auto" on CUDA: decided by plan_work
         self.compile = self._resolve_compile(compile)
         if self.compile:
-            try:
-                # dynamic=None: one static compile, then at most one more with the dimensions that changed made
-                # symbolic (batch bucket, cache length), instead of a compile per shape
-                self._forward_decode = torch.compile(self._model_forward, dynamic=None)
-            except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager forward
-                self._say(f"torch.compile is unavailable ({type(exc).__name__}: {exc}); the decode step runs uncompiled")
+            self._enable_compile()
+
+    def _enable_compile(self) -> None:
+        self.compile = True
+        try:
+            # dynamic=None: one static compile, then at most one more with the dimensions that changed made
+            # symbolic (batch bucket, cache length), instead of a compile per shape
+            self._forward_decode = torch.compile(self._model_forward, dynamic=None)
+        except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager forward
+            self._say(f"torch.compile is unavailable ({type(exc).__name__}: {exc}); the decode step runs uncompiled")
 
     def _resolve_compile(self, compile: bool | str) -> bool:
         if compile == "auto":
@@ -247,7 +253,8 @@ class StaticCacheEngine:
             reason = compile_unavailable()
             if reason is not None:
                 self._say(f"torch.compile is unavailable ({reason}); the decode step runs uncompiled")
-            return reason is None
+            self._compile_when_planned = reason is None
+            return False
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         return compile
@@ -258,6 +265,25 @@ class StaticCacheEngine:
         return self._forward_decode != self._model_forward  # bound methods: equal, never identical
 
     # public API ----------------------------------------------------------------------------------------------
+    @property
+    def prefill_chunk_tokens(self) -> int:
+        """Most tokens (batch x chunk length) per prefill forward: as given, else sized from the device's memory
+        (see :func:`prefill_chunk_for_memory`)."""
+        if self._prefill_chunk_tokens is None:
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            self._prefill_chunk_tokens = prefill_chunk_for_memory(self._prefill_token_bytes(CACHE_LEN_FOR_SIZING), free)
+        return self._prefill_chunk_tokens
+
+    def plan_work(self, sequences: int, max_new_tokens: int) -> None:
+        """Say how much decoding the coming requests hold (``sequences`` x ``max_new_tokens`` sequence-steps at
+        most). With ``compile="auto"`` on CUDA, the decode step is compiled when that much work repays the compile
+        (:data:`COMPILE_PAYS_AFTER_SEQUENCE_STEPS`); call it before generating (captured graphs are dropped)."""
+        work = int(sequences) * int(max_new_tokens)
+        if self._compile_when_planned and not self.compile and work >= COMPILE_PAYS_AFTER_SEQUENCE_STEPS:
+            self._say(f"compiling the decode step: {work:,} sequence-steps planned repay its compile (about half a minute)")
+            self._slots.clear()
+            self._enable_compile()
+
     def set_expert_mask(self, keep: Tensor | None) -> None:
         """Set (or clear) the per-layer, per-group expert mask (see :func:`moe_fastmask.set_expert_mask`).
 
@@ -289,12 +315,22 @@ class StaticCacheEngine:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         per_sequence = cache_len * cfg.num_hidden_layers * 2 * kv_heads * head_dim * size + self.vocab * 4 * 6
-        top_k = getattr(cfg, "num_experts_per_tok", 1)
-        per_prefill_token = (cfg.hidden_size * size * 16 + top_k * cfg.intermediate_size * size * 4
-                             + heads * cache_len * 4 + cache_len)  # fmt: skip
+        per_prefill_token = self._prefill_token_bytes(cache_len)
+        if self._prefill_chunk_tokens is None:
+            self._prefill_chunk_tokens = prefill_chunk_for_memory(per_prefill_token, free_bytes)
         room = int(free_bytes * fraction) - self.prefill_chunk_tokens * per_prefill_token
         fitting = max(1, room // per_sequence)
         return int(min(largest, 1 << (int(fitting).bit_length() - 1)))
+
+    def _prefill_token_bytes(self, cache_len: int) -> int:
+        """Estimated activation bytes per token of a prefill forward (hidden states, expert intermediates, attention
+        scores over a cache of ``cache_len`` positions and its mask)."""
+        cfg = self.model.config
+        size = self.dtype.itemsize
+        top_k = getattr(cfg, "num_experts_per_tok", 1)
+        intermediate = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        return (cfg.hidden_size * size * 16 + top_k * intermediate * size * 4
+                + cfg.num_attention_heads * cache_len * 4 + cache_len)  # fmt: skip
 
     def _adopt_mask(self) -> None:
         # the mask buffer the routers read (set_expert_mask keeps its address while the shape stays): a new buffer
@@ -681,6 +717,26 @@ class StaticCacheEngine:
             self._forward_decode = self._model_forward
             self._say(f"torch.compile of the decode step failed ({type(exc).__name__}: {str(exc)[:200]}); uncompiled")
             self._step(slot)
+
+
+# Measured on an H200 (benchmarks/RESULTS.md, analysis through the engine): compiling and capturing OLMoE-1B-7B's
+# decode step took 38 s and saved about 6 us per sequence-step (12.5 ms a step at batch 2,048), so the compile repays
+# itself after about 6 M sequence-steps (for example 94 k prompts of 64 new tokens).
+COMPILE_PAYS_AFTER_SEQUENCE_STEPS = 6_000_000
+# prefill activations are sized for caches of this length when no batch sizing has run yet
+CACHE_LEN_FOR_SIZING = 2048
+# Larger prefill forwards launch fewer kernels and run the expert GEMMs fuller; beyond this the gain is small
+MAX_PREFILL_CHUNK_TOKENS = 65536
+MIN_PREFILL_CHUNK_TOKENS = 4096
+
+
+def prefill_chunk_for_memory(per_token_bytes: int, free_bytes: int | None, *, fraction: float = 0.15) -> int:
+    """Tokens per prefill forward: the largest power of two whose activations (``per_token_bytes`` each) take at most
+    ``fraction`` of ``free_bytes``, within [4,096, 65,536]; 16,384 where the free memory is unknown (CPU)."""
+    if free_bytes is None:
+        return 16384
+    fitting = max(1, int(free_bytes * fraction) // max(1, per_token_bytes))
+    return int(min(MAX_PREFILL_CHUNK_TOKENS, max(MIN_PREFILL_CHUNK_TOKENS, 1 << (fitting.bit_length() - 1))))
 
 
 def compile_unavailable() -> str | None:
