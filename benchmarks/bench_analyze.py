@@ -154,7 +154,7 @@ def build_records(tokenizer, num_pairs: int, prompt_tokens: int, seed: int = 0) 
 def reference_method(model, tokenizer, batches: list[Batch], config: AnalysisConfig, work: Path) -> dict:
     """One prompt at a time; router logits of every layer copied to the host at every step and appended to per-layer
     numpy files; statistics recomputed from the files. Returns per-batch counts and the aggregated table."""
-    from moe_fastmask.pipeline.analyze import _messages
+    from moe_fastmask.pipeline.analysis_requests import method_messages
 
     mf.remove(model)
     layers = model.model.layers
@@ -176,7 +176,7 @@ def reference_method(model, tokenizer, batches: list[Batch], config: AnalysisCon
     try:
         for batch in batches:
             for item, group in zip(batch.items, batch.groups):
-                prompt = render_prompt(tokenizer, _messages(item, config.system_prompt))
+                prompt = render_prompt(tokenizer, method_messages(item, config.system_prompt))
                 ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
                 with torch.no_grad():
                     out = model.generate(

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from moe_fastmask.pipeline import analyze
+from moe_fastmask.pipeline import analysis_requests, analyze
 from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
 from moe_fastmask.pipeline.demo import build_demo
 from moe_fastmask.pipeline.generation import GenerationRequest, SamplingSettings
@@ -20,6 +20,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_analyze_packing import assert_same_runs  # noqa: E402
 
 SMALL = dict(batch_size=8, max_new_tokens=6, num_batches=4, progress=False, verbose=False)
+
+def patch_generate_packed(monkeypatch, replacement) -> None:
+    """Replace generate_packed for every request: analyze calls it for packed requests, and generate_batch (in
+    analysis_requests) for single ones."""
+    monkeypatch.setattr(analyze, "generate_packed", replacement)
+    monkeypatch.setattr(analysis_requests, "generate_packed", replacement)
+
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +101,7 @@ def test_a_failure_in_the_background_is_raised_and_the_run_resumes(demo_inputs, 
     monkeypatch.setattr(analyze.RunStore, "save_batch", real_save)
     generated = []
     real_packed = analyze.generate_packed
-    monkeypatch.setattr(analyze, "generate_packed",
+    patch_generate_packed(monkeypatch,
                         lambda b, t, batches, *a, **k: generated.append([x.batch_idx for x in batches])
                         or real_packed(b, t, batches, *a, **k))  # fmt: skip
     resumed = run_analysis(config_of(demo_inputs, out, engine="graph", gpu_batch_size=16))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_fastmask.pipeline import analyze
+from moe_fastmask.pipeline import analysis_requests, analyze
 from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
 from moe_fastmask.pipeline.demo import build_demo
 
@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compare_artifacts import compare  # noqa: E402
 
 SMALL = dict(batch_size=8, max_new_tokens=6, num_batches=4, progress=False, verbose=False)
+
+def patch_generate_packed(monkeypatch, replacement) -> None:
+    """Replace generate_packed for every request: analyze calls it for packed requests, and generate_batch (in
+    analysis_requests) for single ones."""
+    monkeypatch.setattr(analyze, "generate_packed", replacement)
+    monkeypatch.setattr(analysis_requests, "generate_packed", replacement)
+
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def test_packed_analysis_equals_one_batch_at_a_time(demo_inputs, tmp_path, monke
         requests.append([batch.batch_idx for batch in batches])
         return real_packed(backend, tokenizer, batches, *args, **kwargs)
 
-    monkeypatch.setattr(analyze, "generate_packed", spying)
+    patch_generate_packed(monkeypatch, spying)
     alone = run_analysis(config_of(demo_inputs, tmp_path / "alone", engine=engine, temperature=temperature))
     assert requests == [[0], [1], [2], [3]]  # one method batch per request: the unpacked run
     requests.clear()
@@ -78,14 +85,14 @@ def test_packed_run_resumes_after_a_crash(demo_inputs, tmp_path, monkeypatch):
         return real_packed(backend, tokenizer, batches, *args, **kwargs)
 
     out = tmp_path / "packed"
-    monkeypatch.setattr(analyze, "generate_packed", crash_on_second_request)
+    patch_generate_packed(monkeypatch, crash_on_second_request)
     with pytest.raises(KeyboardInterrupt):
         run_analysis(config_of(demo_inputs, out, gpu_batch_size=16))
     assert calls == [[0, 1], [2, 3]]
     assert sorted(p.name for p in (out / "batches_demo--model").iterdir()) == ["batch_00000.pkl", "batch_00001.pkl"]
 
     calls.clear()
-    monkeypatch.setattr(analyze, "generate_packed", lambda *a, **k: calls.append("packed") or real_packed(*a, **k))
+    patch_generate_packed(monkeypatch, lambda *a, **k: calls.append("packed") or real_packed(*a, **k))
     resumed = run_analysis(config_of(demo_inputs, out, gpu_batch_size=16))
     assert calls == ["packed"]  # only the two missing batches ran, in one request
     assert_same_runs(resumed, reference, out, tmp_path / "reference", bytes_equal=False)

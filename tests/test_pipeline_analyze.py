@@ -379,8 +379,8 @@ def test_bench_analyze_tiny_counts_match(tmp_path, capsys):
 
 def test_filter_off_says_nothing_about_pairs_and_counts_read_naturally(demo_inputs, tmp_path, capsys):
     batch = {"batch_idx": 2, "pair_passed": [False] * 3 + [True], "pairs": [(i, i + 4) for i in range(4)]}
-    assert analyze._pair_message(batch, AnalysisConfig()) is None
-    assert analyze._pair_message(batch, AnalysisConfig(filter_pairs=True)) == (
+    assert analyze.pair_message(batch, AnalysisConfig()) is None
+    assert analyze.pair_message(batch, AnalysisConfig(filter_pairs=True)) == (
         "batch 2: 1/4 pairs pass the pair filter"
     )
     assert [analyze.plural(n, "batch") for n in (0, 1, 2)] == ["0 batches", "1 batch", "2 batches"]
