@@ -1,6 +1,6 @@
 """The public fused router op ``route``: masked scoring + top-k + per-group expert counts.
 
-About 580 lines in one module on purpose: the argument checks, the registered ops with their fake implementations
+About 610 lines in one module on purpose: the argument checks, the registered ops with their fake implementations
 and autograd, and the backend dispatch are one contract and change together.
 
 Variants of the router (``scoring``, a selection ``bias``, group-limited top-k, a weight ``scale``) cover the

@@ -1,6 +1,6 @@
 """A generation backend on a static KV cache whose decode step replays as a CUDA graph.
 
-About 660 lines in one module on purpose: the captured step, the device buffers it replays over, and the eager path
+About 780 lines in one module on purpose: the captured step, the device buffers it replays over, and the eager path
 that must give the same results change together.
 
 :class:`StaticCacheEngine` (registry name ``"graph"``) generates for many prompts at once and counts routing per
