@@ -734,8 +734,8 @@ route_lane_kernel(const RouteParams p) {
 
     float inv = 1.0f;
     if constexpr (kSoftmax) {
-      // sum of exp(z - max) over the allowed experts: a masked one reads as -inf
-      const float shift = row_max * kLog2e;
+      // sum of exp(z - max) over the allowed experts: a masked one reads as -inf ((z - max) * log2e as in the split
+      // kernel: max * log2e may overflow)
       float d0 = 0.0f, d1 = 0.0f;
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
@@ -749,8 +749,8 @@ route_lane_kernel(const RouteParams p) {
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          d0 += fast_exp2(fmaf(L::lo(w[j]), kLog2e, -shift));
-          d1 += fast_exp2(fmaf(L::hi(w[j]), kLog2e, -shift));
+          d0 += fast_exp2((L::lo(w[j]) - row_max) * kLog2e);
+          d1 += fast_exp2((L::hi(w[j]) - row_max) * kLog2e);
         }
       }
       inv = 1.0f / (d0 + d1);
@@ -762,7 +762,7 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if constexpr (kSoftmax) {
-        wts[i] = top[i] >= kLowestAllowed ? fast_exp2(fmaf(z[i], kLog2e, -row_max * kLog2e)) * inv : 0.0f * inv;
+        wts[i] = top[i] >= kLowestAllowed ? fast_exp2((z[i] - row_max) * kLog2e) * inv : 0.0f * inv;
       } else {
         wts[i] = z[i];
       }
