@@ -486,12 +486,14 @@ cudaError_t preload_t() {
 // half-rate ALU pipe (about 440 per 8 rows for E=64 top-8). Here each lane keeps the running top 8 of its own row
 // sorted in registers and folds in one 8-expert chunk at a time: an optimal 19-comparator sort of the chunk, then
 // the top 8 of the two sorted runs (8 max, then a 12-comparator bitonic merge): no shuffles, no pops, and the
-// per-element key costs about two ALU operations (16-bit order transform done on packed pairs).
+// per-element key costs about 1.5 ALU operations (16-bit order transform done on packed pairs, the mask applied by
+// the AND / multiply that moves the value into place).
 // A warp copies its 32 rows into shared memory with cp.async (each instruction 512 contiguous bytes, one tile ahead
 // of the one being worked on), chunks swizzled so that the lanes' row reads are free of bank conflicts.
 // Keys: the 16-bit order of the logit (sign flipped for positives, all bits for negatives, after x*1+0 turns -0.0
-// into +0.0 and NaN into the canonical positive NaN) above, E_PAD - 1 - e below; a masked expert has a value of 0
-// (as if 0xFFFF, which no canonical result has), below -inf (bf16 0x007F, fp16 0x03FF).
+// into +0.0 and NaN into the canonical positive NaN) above, E_PAD - 1 - e below; a masked expert has a value of 0,
+// below every canonical value (the lowest, -inf, is bf16 0x007F, fp16 0x03FF; only 0xFFFF, a non-canonical NaN,
+// would map to 0).
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int kLaneTopK = 8;
@@ -502,7 +504,7 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 
 template <typename T> struct Lane16;
 template <> struct Lane16<__nv_bfloat16> {
-  static constexpr unsigned int kOnes = 0x3F803F80u, kNegInf = 0xFF80FF80u;
+  static constexpr unsigned int kOnes = 0x3F803F80u;
   static __device__ __forceinline__ unsigned int canon(unsigned int w) {  // w * 1 + 0 per half
     unsigned int d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));
@@ -510,6 +512,11 @@ template <> struct Lane16<__nv_bfloat16> {
   }
   static __device__ __forceinline__ float lo(unsigned int w) { return __uint_as_float(w << 16); }
   static __device__ __forceinline__ float hi(unsigned int w) { return __uint_as_float(w & 0xFFFF0000u); }
+  // the pair as floats, a masked one as -inf, from its mask-table entry (and_hi, mul_lo): two IMADs and one LOP3
+  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
+    const unsigned int add_lo = mul_lo * 0xFFFF0080u + 0xFF800000u;  // 0 where kept, -inf where masked
+    return make_float2(__uint_as_float(w * mul_lo + add_lo), __uint_as_float((w & and_hi) | (~and_hi & 0xFF800000u)));
+  }
   static __device__ __forceinline__ float from_bits(unsigned int b) { return __uint_as_float(b << 16); }
   static __device__ __forceinline__ unsigned short to_bits(float w) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(w));
@@ -530,6 +537,11 @@ template <> struct Lane16<__half> {
   }
   static __device__ __forceinline__ float from_bits(unsigned int b) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  }
+  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
+    const unsigned int kept = and_hi | __umulhi(mul_lo, 0xFFFF0000u);  // 0xFFFF per kept half
+    const unsigned int x = (w & kept) | (~kept & kNegInf);
+    return make_float2(lo(x), hi(x));
   }
   static __device__ __forceinline__ unsigned short to_bits(float w) { return __half_as_ushort(__float2half_rn(w)); }
 };
@@ -593,7 +605,7 @@ template <int E_PAD> struct LaneShape {
   static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
   static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
   static constexpr int kWarps = kLaneStageBytes / (2 * kTileBytes);  // warps per block (two tiles each)
-  static constexpr int kMaskStride = NC + 1;                     // chunks per group row of the mask table
+  static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
   // 20-24 resident warps per SM (at most 102 / 85 registers) where shared memory allows it
   static constexpr int kMinBlocks = E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3;
 };
@@ -617,18 +629,25 @@ route_lane_kernel(const RouteParams p) {
   const bool shared_hist = has_counts && p.shared_hist;
   const bool vector_out = top_k == kLaneTopK &&
                           ((reinterpret_cast<uintptr_t>(p.ids) | reinterpret_cast<uintptr_t>(p.weights)) & 15) == 0;
-  // shared: tiles [kWarps][2][kTileBytes], mask table [(G + 1) * kMaskStride] uint4 (row G: nothing masked),
-  // histogram [G * E] u32
+  // shared: tiles [kWarps][2][kTileBytes], mask table [(G + 1) * kMaskStride] uint4 (row G: nothing masked; an
+  // entry per expert pair, see below; 16 padding bytes per row spread the rows over the banks), histogram [G * E] u32
   unsigned char* tiles = lane_smem;
   uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes);
   unsigned int* hist = reinterpret_cast<unsigned int*>(
       lane_smem + kLaneStageBytes + (kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0));
 
-  if constexpr (kMask) {  // 0xFFFF per masked expert
-    unsigned short* m16 = reinterpret_cast<unsigned short*>(mask_table);
-    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 8; i += blockDim.x) {
-      const int g = i / (S::kMaskStride * 8), e = i % (S::kMaskStride * 8);
-      m16[i] = (g < G && e < E && p.keep[static_cast<int64_t>(g) * E + e] == 0) ? 0xFFFFu : 0u;
+  if constexpr (kMask) {
+    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
+    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
+    uint2* entries = reinterpret_cast<uint2*>(mask_table);
+    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
+      const int g = i / (S::kMaskStride * 2), pair = i % (S::kMaskStride * 2);
+      bool lo_kept = true, hi_kept = true;
+      if (g < G && pair < NC * 4) {
+        lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
+        hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
+      }
+      entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
     }
   }
   if (shared_hist) {
@@ -689,19 +708,22 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const uint4 raw = my_row[swizzle<NC>(lane, c)];
-        unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-        uint4 m = make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (kMask) m = my_mask[c];
-        const unsigned int mw[4] = {m.x, m.y, m.z, m.w};
+        const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
         unsigned int keys[8];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          unsigned int x = L::canon(w[j]);
-          if constexpr (kMask) x |= mw[j];
-          const unsigned int o = x ^ (sign_halves(x) | 0x80008000u);  // unsigned order per half; 0xFFFF -> 0
+          const unsigned int x = L::canon(w[j]);
+          const unsigned int o = x ^ (sign_halves(x) | 0x80008000u);  // unsigned order per half
           const unsigned int e_lo = c * 8 + 2 * j;
-          keys[2 * j] = (o << 16) | static_cast<unsigned int>(E_PAD - 1 - e_lo);
-          keys[2 * j + 1] = (o & 0xFFFF0000u) | static_cast<unsigned int>(E_PAD - 2 - e_lo);
+          const unsigned int code_lo = E_PAD - 1 - e_lo, code_hi = E_PAD - 2 - e_lo;
+          if constexpr (kMask) {  // a masked expert's value is 0
+            const uint2 m = reinterpret_cast<const uint2*>(my_mask + c * 2)[j];
+            keys[2 * j] = o * m.y + code_lo;
+            keys[2 * j + 1] = (o & m.x) | code_hi;
+          } else {
+            keys[2 * j] = (o << 16) | code_lo;
+            keys[2 * j + 1] = (o & 0xFFFF0000u) | code_hi;
+          }
         }
         sort8_desc(keys);
         if (c == 0) {
@@ -737,20 +759,22 @@ route_lane_kernel(const RouteParams p) {
       // sum of exp(z - max) over the allowed experts: a masked one reads as -inf ((z - max) * log2e as in the split
       // kernel: max * log2e may overflow)
       float d0 = 0.0f, d1 = 0.0f;
-#pragma unroll
-      for (int c = 0; c < NC; ++c) {
+#pragma unroll 2
+      for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
         const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
-        unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+        const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+        const uint4 keep_all = make_uint4(0xFFFF0000u, 0x10000u, 0xFFFF0000u, 0x10000u);
+        uint4 m[2] = {keep_all, keep_all};
         if constexpr (kMask) {
-          const uint4 m = lds128(my_mask + c);
-          const unsigned int mw[4] = {m.x, m.y, m.z, m.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) w[j] = (w[j] & ~mw[j]) | (mw[j] & L::kNegInf);
+          m[0] = lds128(my_mask + c * 2);
+          m[1] = lds128(my_mask + c * 2 + 1);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          d0 += fast_exp2((L::lo(w[j]) - row_max) * kLog2e);
-          d1 += fast_exp2((L::hi(w[j]) - row_max) * kLog2e);
+          const unsigned int and_hi = j % 2 ? m[j / 2].z : m[j / 2].x, mul_lo = j % 2 ? m[j / 2].w : m[j / 2].y;
+          const float2 f = kMask ? L::masked_floats(w[j], and_hi, mul_lo) : make_float2(L::lo(w[j]), L::hi(w[j]));
+          d0 += fast_exp2((f.x - row_max) * kLog2e);
+          d1 += fast_exp2((f.y - row_max) * kLog2e);
         }
       }
       inv = 1.0f / (d0 + d1);
@@ -859,7 +883,7 @@ size_t lane_smem_bytes(RouteParams& p, int dtype) {
   if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK) return 0;
   const int e = p.num_experts;
   if (e != 32 && e != 64 && e != 128) return 0;
-  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * (e / 8 + 1) * 16 : 0;
+  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * (e / 4 + 1) * 16 : 0;
   if (mask > kLaneMaxExtraBytes) return 0;
   size_t hist = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * e * 4 : 0;
   if (mask + hist > kLaneMaxExtraBytes) {

@@ -45,7 +45,7 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "split" (default) or "lane" (see VA
 VARIANTS = {"split": 0, "lane": 1}
 LANE_EXPERTS = (32, 64, 128)
 LANE_MAX_TOP_K = 8
-LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's shared mask table ((G + 1) * (E / 8 + 1) * 16 bytes) limit
+LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes) limit
 # benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
@@ -343,7 +343,7 @@ def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
         return False
     if top_k > LANE_MAX_TOP_K or not _vector_rows(logits):
         return False
-    return keep is None or (keep.shape[0] + 1) * (num_experts // 8 + 1) * 16 <= LANE_MAX_EXTRA_BYTES
+    return keep is None or (keep.shape[0] + 1) * (num_experts // 4 + 1) * 16 <= LANE_MAX_EXTRA_BYTES
 
 
 def _padded_experts(num_experts: int) -> int:
