@@ -1012,7 +1012,10 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   if (p.variant == 1 || p.ablation != 0) {
     const size_t smem = lane_smem_bytes(p, dtype);
     if (p.ablation != 0) {
-      if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64) return cudaErrorInvalidValue;
+      const int flags = lane_ablation_flags(p.ablation);
+      if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep)) {
+        return cudaErrorInvalidValue;
+      }
       return static_cast<int>(launch_lane_ablation(p, smem, device, s));
     }
     if (smem != 0) {

@@ -426,6 +426,8 @@ def route_forward(
             raise ValueError(f"_ablation must be one of {sorted(LANE_ABLATIONS)}, got {_ablation!r}")
         if logits.dtype != torch.bfloat16 or num_experts != 64 or not lane_takes(logits, top_k, keep):
             raise ValueError("_ablation runs on bfloat16 logits with E=64 that the lane variant takes only")
+        if keep is None and _ablation.startswith("mask"):
+            raise ValueError(f"_ablation={_ablation!r} needs a keep mask")
         ablation = LANE_ABLATIONS[_ablation]
     params = RouteParams(
         weights.data_ptr(),
