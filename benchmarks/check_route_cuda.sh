@@ -82,7 +82,7 @@ fi
 step "3. bench: lane and split CUDA kernels vs dispatched Triton vs copy, lane ablations"
 MOE_FASTMASK_CUDA_VARIANT=lane timeout 170 python3 benchmarks/bench_route.py --only-cuda --no-compile \
     --cuda-sizes 65536 262144 --cuda-wide 128,8,65536 256,8,65536 --out "$out/route_cuda.csv" 2>&1 \
-    | tee "$out/bench.log" | tail -45
+    | tee "$out/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "4. compute-sanitizer, lane variant as the default (small cases, out-of-range groups, validate=False)"
