@@ -23,8 +23,12 @@ Triton kernel at the issue's setting (E=64, top-8, bf16, a 4-group keep mask, gr
 for T = 4,096, 65,536 and 262,144, forward and forward + backward, plus wider routers (E up to 512, top-k up to 16;
 shapes the CUDA kernel does not take run on Triton under ``backend="cuda"``, and say so). Providers: ``cuda`` and
 ``triton`` through ``route`` (``validate=False``), ``cuda_kernel`` the CUDA launcher alone
-(``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows). Each provider's ids and
-counts are checked against the reference once before timing.
+(``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows), ``cuda_lane`` the
+row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128, top-k <= 8), and at E=64 top-8 its benchmark
+instances with parts of the work removed (``lane_load_store``: the tiles copied, the first k experts stored;
+``lane_topk``: + keys and top-k; ``lane_mask_topk``: + the mask; ``lane_mask_topk_softmax``: + the softmax; the full
+kernel adds the counts). ``cuda`` runs the op's default variant (``MOE_FASTMASK_CUDA_VARIANT``). Each provider's ids
+and counts (not the ablations') are checked against the reference once before timing.
 
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
@@ -83,6 +87,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernel (section and provider)")
     parser.add_argument("--only-cuda", action="store_true", help="copy bandwidth and the cuda section only")
     parser.add_argument("--cuda-sizes", type=int, nargs="+", default=CUDA_SIZES, help="T of the cuda section")
+    parser.add_argument("--cuda-wide", nargs="*", default=[f"{e},{k},{t}" for e, k, t in CUDA_WIDE],
+                        help="E,top_k,T of the cuda section's wider routers")
+    parser.add_argument("--cuda-modes", nargs="+", default=["forward", "full"], choices=["forward", "full"],
+                        help="modes of the cuda section's op providers")
     return parser.parse_args(argv)
 
 
@@ -376,7 +384,14 @@ def cuda_call(provider: str, mode: str, logits, keep, group, grad, counts, top_k
 
     if provider.startswith("cuda_kernel"):
         prefetch = provider != "cuda_kernel_noprefetch"
-        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False, prefetch=prefetch)  # noqa: E731
+        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False, prefetch=prefetch,  # noqa: E731
+                                                 variant="split")
+    elif provider == "cuda_lane":
+        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False, variant="lane")  # noqa: E731
+    elif provider.startswith("lane_"):
+        ablation = provider[len("lane_"):]
+        fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False,  # noqa: E731
+                                                 _ablation=ablation)
     else:
         fwd = lambda x: route(x, top_k, keep, group, counts, False, provider, validate=False)  # noqa: E731
     if mode == "forward":
@@ -392,9 +407,14 @@ def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
 
     counts = torch.zeros(CUDA_GROUPS, logits.shape[1], dtype=torch.int64, device=logits.device)
     ref_counts = torch.zeros_like(counts)
+    if provider.startswith("lane_"):
+        return ""  # the ablations' results are not the op's
     if provider.startswith("cuda_kernel"):
         prefetch = provider != "cuda_kernel_noprefetch"
-        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, prefetch=prefetch)
+        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, prefetch=prefetch,
+                                          variant="split")
+    elif provider == "cuda_lane":
+        _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, variant="lane")
     else:
         _, ids = route(logits, top_k, keep, group, counts, False, provider, validate=False)
     _, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, False)
@@ -413,8 +433,10 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
         print(f"\n# cuda section skipped: {cuda_route.load_error()[:500]}")
         return
     print(f"\n# cuda: CUDA kernel vs dispatched Triton (bf16, {CUDA_GROUPS}-group keep mask, group ids with -1 runs, "
-          "counts); per call in a CUDA graph over rotating inputs")
-    cases = [(NUM_EXPERTS, TOP_K, t) for t in args.cuda_sizes] + CUDA_WIDE
+          f"counts); per call in a CUDA graph over rotating inputs; op default variant "
+          f"{cuda_route._variant_default()!r}")
+    wide = [tuple(int(v) for v in case.split(",")) for case in args.cuda_wide]
+    cases = [(NUM_EXPERTS, TOP_K, t) for t in args.cuda_sizes] + wide
     for num_experts, top_k, num_tokens in cases:
         sets = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, cuda_bytes(num_tokens, num_experts, top_k, "full")))))
         calls = graph_calls(num_tokens, sets)
@@ -423,14 +445,23 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
         counts = torch.zeros(CUDA_GROUPS, num_experts, dtype=torch.int64, device=device)
         covered = cuda_route.supports(data[0][0], top_k, data[0][1])
         providers = ["cuda", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
+        if cuda_route.lane_takes(data[0][0], top_k, data[0][1]):
+            providers.append("cuda_lane")
+            if num_experts == 64 and top_k == 8:
+                providers += [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS]
         for provider in providers:
-            problem = check_cuda_provider(provider, *data[0][:3], top_k)
+            try:
+                problem = check_cuda_provider(provider, *data[0][:3], top_k)
+            except Exception as exc:  # noqa: BLE001 - reported, and the provider is not timed
+                problem = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             if problem:
                 print(f"E={num_experts} k={top_k} T={num_tokens} {provider}: WRONG RESULT: {problem}")
                 rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
                                  mode="check", note=problem))
-                continue
-            for mode in ("forward", "full") if not provider.startswith("cuda_kernel") else ("forward",):
+                if problem.startswith("failed") or provider in ("cuda", "triton"):
+                    continue  # (a wrong kernel variant is still timed, its rows marked)
+            op = provider in ("cuda", "triton")
+            for mode in [m for m in args.cuda_modes if op or m == "forward"]:
                 fns = [cuda_call(provider, mode, x, keep, group, grad, counts, top_k) for x, keep, group, grad in data]
                 try:
                     per_call = graph_us(fns, calls)
@@ -440,16 +471,18 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                     continue
                 gbs = cuda_bytes(num_tokens, num_experts, top_k, mode) / (per_call * 1e-6) / 1e9
                 note = "" if covered or provider == "triton" else "runs on Triton (shape not covered)"
+                note = "ablation: not the op's results" if provider.startswith("lane_") else note
+                note = f"WRONG RESULT: {problem}" if problem else note
                 rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
                                  mode=mode, graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, note=note))
-                print(f"E={num_experts:>3} k={top_k:>2} T={num_tokens:>6} {provider:<11} {mode:<7} graph "
+                print(f"E={num_experts:>3} k={top_k:>2} T={num_tokens:>6} {provider:<24} {mode:<7} graph "
                       f"{per_call:9.2f} us {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy) {note}", flush=True)
         del data, counts
         torch.cuda.empty_cache()
 
     print(f"\n# cuda summary (copy {copy_gbs:.0f} GB/s): us per call, % of copy")
     print(f"{'E':>4} {'k':>3} {'T':>7} {'mode':<7} {'cuda':>9} {'%copy':>6} {'triton':>9} {'%copy':>6} {'x triton':>8}"
-          f" {'kernel':>9} {'no prefetch':>11}")
+          f" {'kernel':>9} {'no prefetch':>11} {'lane':>9} {'%copy':>6}")
     for num_experts, top_k, num_tokens in cases:
         for mode in ("forward", "full"):
             sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == num_experts
@@ -458,11 +491,25 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 continue
             c, t, k = sel.get("cuda", {}), sel.get("triton", {}), sel.get("cuda_kernel", {})
             n = sel.get("cuda_kernel_noprefetch", {})
+            lane = sel.get("cuda_lane", {})
             speedup = t.get("graph_us", math.nan) / c.get("graph_us", math.nan)
             print(f"{num_experts:>4} {top_k:>3} {num_tokens:>7} {mode:<7} {c.get('graph_us', math.nan):9.2f} "
                   f"{c.get('pct_copy', math.nan):6.1f} {t.get('graph_us', math.nan):9.2f} "
                   f"{t.get('pct_copy', math.nan):6.1f} {speedup:8.2f} {k.get('graph_us', math.nan):9.2f} "
-                  f"{n.get('graph_us', math.nan):11.2f} {c.get('note', '')}")
+                  f"{n.get('graph_us', math.nan):11.2f} {lane.get('graph_us', math.nan):9.2f} "
+                  f"{lane.get('pct_copy', math.nan):6.1f} {c.get('note', '')}")
+    ablations = [r for r in rows if r.get("section") == "cuda" and str(r.get("provider", "")).startswith("lane_")
+                 and r.get("mode") == "forward"]
+    if ablations:
+        print("\n# lane kernel, E=64 top-8 bf16 forward, work added step by step: us per call (% of copy)")
+        for num_tokens in sorted({r["T"] for r in ablations}):
+            sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == NUM_EXPERTS
+                   and r["top_k"] == TOP_K and r["T"] == num_tokens and r.get("mode") == "forward"}
+            steps = [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS] + ["cuda_lane", "cuda_kernel"]
+            cells = [f"{p.removeprefix('lane_')} {sel[p]['graph_us']:.2f} ({sel[p]['pct_copy']:.1f}%)"
+                     for p in steps if p in sel and "graph_us" in sel[p]]
+            print(f"T={num_tokens:>7}: " + " | ".join(cells).replace("cuda_lane", "+counts (lane)")
+                  .replace("cuda_kernel", "split"))
 
 
 # --------------------------------------------------------------------------------------------------------------

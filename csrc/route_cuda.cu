@@ -46,6 +46,8 @@ struct RouteParams {
   int32_t vector_loads;     // 1: rows contiguous, 16-byte aligned, E == E_PAD
   int32_t shared_hist;      // 1: count into shared memory first
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
+  int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies)
+  int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
 };
 
 namespace {
@@ -476,6 +478,486 @@ cudaError_t preload_t() {
   return err;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// "lane" variant: one row per lane, for 16-bit logits with E = 32, 64 or 128 (contiguous rows), top_k <= 8.
+//
+// The split variant spends most of its instructions on integer compares, selects and shuffles, most of them on the
+// half-rate ALU pipe (about 440 per 8 rows for E=64 top-8). Here each lane keeps the running top 8 of its own row
+// sorted in registers and folds in one 8-expert chunk at a time: an optimal 19-comparator sort of the chunk, then
+// the top 8 of the two sorted runs (8 max, then a 12-comparator bitonic merge): no shuffles, no pops, and the
+// per-element key costs about 1.5 ALU operations (16-bit order transform done on packed pairs, the mask applied by
+// the AND / multiply that moves the value into place).
+// A warp copies its 32 rows into shared memory with cp.async (each instruction 512 contiguous bytes, one tile ahead
+// of the one being worked on), chunks swizzled so that the lanes' row reads are free of bank conflicts.
+// Keys: the 16-bit order of the logit (sign flipped for positives, all bits for negatives, after x*1+0 turns -0.0
+// into +0.0 and NaN into the canonical positive NaN) above, E_PAD - 1 - e below; a masked expert has a value of 0,
+// below every canonical value (the lowest, -inf, is bf16 0x007F, fp16 0x03FF; only 0xFFFF, a non-canonical NaN,
+// would map to 0).
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kLaneTopK = 8;
+constexpr int kLaneStageBytes = 32 * 1024;  // shared bytes of the tiles (two per warp) per block
+constexpr int kLaneMaxExtraBytes = 16 * 1024;  // mask table + histogram above the tiles
+// FLAGS bits (every bit set in normal use; the benchmark times instances with some cleared)
+constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull = 15;
+
+template <typename T> struct Lane16;
+template <> struct Lane16<__nv_bfloat16> {
+  static constexpr unsigned int kOnes = 0x3F803F80u;
+  static __device__ __forceinline__ unsigned int canon(unsigned int w) {  // w * 1 + 0 per half
+    unsigned int d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));
+    return d;
+  }
+  static __device__ __forceinline__ float lo(unsigned int w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float hi(unsigned int w) { return __uint_as_float(w & 0xFFFF0000u); }
+  // the pair as floats, a masked one as -inf, from its mask-table entry (and_hi, mul_lo): two IMADs and one LOP3
+  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
+    const unsigned int add_lo = mul_lo * 0xFFFF0080u + 0xFF800000u;  // 0 where kept, -inf where masked
+    return make_float2(__uint_as_float(w * mul_lo + add_lo), __uint_as_float((w & and_hi) | (~and_hi & 0xFF800000u)));
+  }
+  static __device__ __forceinline__ float from_bits(unsigned int b) { return __uint_as_float(b << 16); }
+  static __device__ __forceinline__ unsigned short to_bits(float w) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(w));
+  }
+};
+template <> struct Lane16<__half> {
+  static constexpr unsigned int kOnes = 0x3C003C00u, kNegInf = 0xFC00FC00u;
+  static __device__ __forceinline__ unsigned int canon(unsigned int w) {
+    unsigned int d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));
+    return d;
+  }
+  static __device__ __forceinline__ float lo(unsigned int w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+  }
+  static __device__ __forceinline__ float hi(unsigned int w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+  static __device__ __forceinline__ float from_bits(unsigned int b) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  }
+  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
+    const unsigned int kept = and_hi | __umulhi(mul_lo, 0xFFFF0000u);  // 0xFFFF per kept half
+    const unsigned int x = (w & kept) | (~kept & kNegInf);
+    return make_float2(lo(x), hi(x));
+  }
+  static __device__ __forceinline__ unsigned short to_bits(float w) { return __half_as_ushort(__float2half_rn(w)); }
+};
+
+__device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF in each half whose sign bit is set
+  unsigned int d;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(d) : "r"(w));
+  return d;
+}
+
+__device__ __forceinline__ void cas(unsigned int& a, unsigned int& b) {  // a = max, b = min
+  const unsigned int x = a, y = b;
+  a = max(x, y);
+  b = min(x, y);
+}
+
+__device__ __forceinline__ void sort8_desc(unsigned int (&k)[8]) {  // Batcher's odd-even merge sort, 19 comparators
+  cas(k[0], k[1]); cas(k[2], k[3]); cas(k[4], k[5]); cas(k[6], k[7]);
+  cas(k[0], k[2]); cas(k[1], k[3]); cas(k[4], k[6]); cas(k[5], k[7]);
+  cas(k[1], k[2]); cas(k[5], k[6]);
+  cas(k[0], k[4]); cas(k[1], k[5]); cas(k[2], k[6]); cas(k[3], k[7]);
+  cas(k[2], k[4]); cas(k[3], k[5]);
+  cas(k[1], k[2]); cas(k[3], k[4]); cas(k[5], k[6]);
+}
+
+// top = the 8 largest of top and c (both sorted descending), sorted descending
+__device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsigned int (&c)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) top[i] = max(top[i], c[7 - i]);  // a bitonic sequence holding the top 8
+  cas(top[0], top[4]); cas(top[1], top[5]); cas(top[2], top[6]); cas(top[3], top[7]);
+  cas(top[0], top[2]); cas(top[1], top[3]); cas(top[4], top[6]); cas(top[5], top[7]);
+  cas(top[0], top[1]); cas(top[2], top[3]); cas(top[4], top[5]); cas(top[6], top[7]);
+}
+
+// 16-byte slot of chunk c of tile row r: rows of one quarter-warp (8 lanes) land on 8 different bank groups, both
+// when a lane reads its own row and when 8 lanes copy consecutive chunks
+template <int NC> __device__ __forceinline__ int swizzle(int r, int c) {
+  if constexpr (NC >= 8) {
+    return c ^ (r & 7);
+  } else {
+    return c ^ ((r >> 1) & 3);
+  }
+}
+
+// a shared-memory load the compiler may not merge with an earlier one (so the row is not held in registers)
+__device__ __forceinline__ uint4 lds128(const uint4* a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));
+  return v;
+}
+
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+template <int E_PAD> struct LaneShape {
+  static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
+  static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
+  static constexpr int kWarps = kLaneStageBytes / (2 * kTileBytes);  // warps per block (two tiles each)
+  static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
+  // 20-24 resident warps per SM (at most 102 / 85 registers) where shared memory allows it
+  static constexpr int kMinBlocks = E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3;
+};
+
+template <typename T, int E_PAD, int FLAGS>
+__global__ void __launch_bounds__(LaneShape<E_PAD>::kWarps * 32, LaneShape<E_PAD>::kMinBlocks)
+route_lane_kernel(const RouteParams p) {
+  using S = LaneShape<E_PAD>;
+  using L = Lane16<T>;
+  constexpr int NC = S::NC;
+  constexpr bool kTopK = (FLAGS & kDoTopK) != 0, kSoftmax = (FLAGS & kDoSoftmax) != 0;
+  constexpr bool kCounts = (FLAGS & kDoCounts) != 0, kMask = (FLAGS & kDoMask) != 0;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(16) unsigned char lane_smem[];
+
+  const int E = p.num_experts;  // == E_PAD
+  const int G = p.num_groups;
+  const int top_k = p.top_k;
+  const int64_t T_rows = p.num_tokens;
+  const bool has_counts = kCounts && p.counts != nullptr;
+  const bool shared_hist = has_counts && p.shared_hist;
+  const bool vector_out = top_k == kLaneTopK &&
+                          ((reinterpret_cast<uintptr_t>(p.ids) | reinterpret_cast<uintptr_t>(p.weights)) & 15) == 0;
+  // shared: tiles [kWarps][2][kTileBytes], mask table [(G + 1) * kMaskStride] uint4 (row G: nothing masked; an
+  // entry per expert pair, see below; 16 padding bytes per row spread the rows over the banks), histogram [G * E] u32
+  unsigned char* tiles = lane_smem;
+  uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes);
+  unsigned int* hist = reinterpret_cast<unsigned int*>(
+      lane_smem + kLaneStageBytes + (kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0));
+
+  if constexpr (kMask) {
+    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
+    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
+    uint2* entries = reinterpret_cast<uint2*>(mask_table);
+    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
+      const int g = i / (S::kMaskStride * 2), pair = i % (S::kMaskStride * 2);
+      bool lo_kept = true, hi_kept = true;
+      if (g < G && pair < NC * 4) {
+        lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
+        hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
+      }
+      entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
+    }
+  }
+  if (shared_hist) {
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int warp_in_block = threadIdx.x >> 5;
+  const int64_t num_tiles = (T_rows + 31) / 32;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * S::kWarps;
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * S::kWarps + warp_in_block;
+  unsigned char* my_tiles = tiles + warp_in_block * 2 * S::kTileBytes;
+  const unsigned int my_tiles_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_tiles));
+  const T* logits = static_cast<const T*>(p.logits);
+
+  // copy tile t into buffer b: instruction q moves 512 contiguous bytes of the tile (row r, chunk c per lane)
+  auto issue = [&](int64_t t, int b) {
+#pragma unroll
+    for (int q = 0; q < S::kTileBytes / 512; ++q) {
+      const int u = q * 32 + lane, r = u / NC, c = u % NC;
+      const int64_t row = t * 32 + r;
+      const bool ok = row < T_rows;
+      const T* src = logits + (ok ? row : 0) * p.stride_t + c * 8;
+      cp_async16(my_tiles_s + b * S::kTileBytes + (r * NC + swizzle<NC>(r, c)) * 16, src, ok ? 16 : 0);
+    }
+  };
+  auto load_group = [&](int64_t t) -> int {  // the group row of the lane's row (G: no mask, not counted)
+    const int64_t row = t * 32 + lane;
+    int64_t g = 0;
+    if (p.group != nullptr && row < T_rows) {
+      g = p.group_is_int64 ? static_cast<const int64_t*>(p.group)[row]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[row]);
+    }
+    return (row < T_rows && g >= 0 && g < G) ? static_cast<int>(g) : G;
+  };
+
+  if (tile < num_tiles) issue(tile, 0);
+  cp_async_commit();
+  int g_next = tile < num_tiles ? load_group(tile) : G;
+  int buf = 0;
+  for (; tile < num_tiles; tile += num_warps, buf ^= 1) {
+    const int64_t next = tile + num_warps;
+    if (next < num_tiles) issue(next, buf ^ 1);
+    cp_async_commit();
+    const int gi = g_next;
+    if (next < num_tiles) g_next = load_group(next);
+    cp_async_wait_one();
+    __syncwarp();
+
+    const int64_t row = tile * 32 + lane;
+    const bool row_valid = row < T_rows;
+    const uint4* my_row = reinterpret_cast<const uint4*>(my_tiles + buf * S::kTileBytes) + lane * NC;
+    const uint4* my_mask = mask_table + gi * S::kMaskStride;
+
+    unsigned int top[8];
+    if constexpr (kTopK) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const uint4 raw = my_row[swizzle<NC>(lane, c)];
+        const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+        unsigned int keys[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const unsigned int x = L::canon(w[j]);
+          const unsigned int o = x ^ (sign_halves(x) | 0x80008000u);  // unsigned order per half
+          const unsigned int e_lo = c * 8 + 2 * j;
+          const unsigned int code_lo = E_PAD - 1 - e_lo, code_hi = E_PAD - 2 - e_lo;
+          if constexpr (kMask) {  // a masked expert's value is 0
+            const uint2 m = reinterpret_cast<const uint2*>(my_mask + c * 2)[j];
+            keys[2 * j] = o * m.y + code_lo;
+            keys[2 * j + 1] = (o & m.x) | code_hi;
+          } else {
+            keys[2 * j] = (o << 16) | code_lo;
+            keys[2 * j + 1] = (o & 0xFFFF0000u) | code_hi;
+          }
+        }
+        sort8_desc(keys);
+        if (c == 0) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) top[i] = keys[i];
+        } else {
+          merge8_desc(top, keys);
+        }
+      }
+    } else {  // (benchmark instances) the first 8 experts, unsorted, as picks
+      const uint4 raw = my_row[swizzle<NC>(lane, 0)];
+      const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const unsigned int o = w[j] ^ (sign_halves(w[j]) | 0x80008000u);
+        top[2 * j] = (o << 16) | static_cast<unsigned int>(E_PAD - 1 - 2 * j);
+        top[2 * j + 1] = (o & 0xFFFF0000u) | static_cast<unsigned int>(E_PAD - 2 - 2 * j);
+      }
+    }
+
+    // the picks' logits (a key's value back to the 16-bit pattern); allowed: above the masked keys (value 0)
+    constexpr unsigned int kLowestAllowed = 0x00010000u;
+    float z[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const unsigned int v = top[i] >> 16;
+      z[i] = L::from_bits(v ^ ((v & 0x8000u) ? 0x8000u : 0xFFFFu));
+    }
+    const float row_max = top[0] >= kLowestAllowed ? z[0] : -INFINITY;
+
+    float inv = 1.0f;
+    if constexpr (kSoftmax) {
+      // sum of exp(z - max) over the allowed experts: a masked one reads as -inf ((z - max) * log2e as in the split
+      // kernel: max * log2e may overflow)
+      float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll 2
+      for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
+        const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+        const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+        const uint4 keep_all = make_uint4(0xFFFF0000u, 0x10000u, 0xFFFF0000u, 0x10000u);
+        uint4 m[2] = {keep_all, keep_all};
+        if constexpr (kMask) {
+          m[0] = lds128(my_mask + c * 2);
+          m[1] = lds128(my_mask + c * 2 + 1);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const unsigned int and_hi = j % 2 ? m[j / 2].z : m[j / 2].x, mul_lo = j % 2 ? m[j / 2].w : m[j / 2].y;
+          const float2 f = kMask ? L::masked_floats(w[j], and_hi, mul_lo) : make_float2(L::lo(w[j]), L::hi(w[j]));
+          d0 += fast_exp2((f.x - row_max) * kLog2e);
+          d1 += fast_exp2((f.y - row_max) * kLog2e);
+        }
+      }
+      inv = 1.0f / (d0 + d1);
+    }
+    __syncwarp();  // every lane is done with this buffer before the next iteration refills it
+
+    float wts[8];
+    float picked_sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (kSoftmax) {
+        wts[i] = top[i] >= kLowestAllowed ? fast_exp2((z[i] - row_max) * kLog2e) * inv : 0.0f * inv;
+      } else {
+        wts[i] = z[i];
+      }
+      if (i < top_k) picked_sum += wts[i];
+    }
+    if (kSoftmax && p.renormalize) {
+      const float rinv = 1.0f / picked_sum;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) wts[i] *= rinv;
+    }
+
+    if (row_valid) {
+      int64_t* ids_out = p.ids + row * top_k;
+      unsigned short* w_out = static_cast<unsigned short*>(p.weights) + row * top_k;
+      int expert[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) expert[i] = E_PAD - 1 - static_cast<int>(top[i] & (E_PAD - 1));
+      if (vector_out) {  // 64 + 16 bytes, 16-byte aligned
+        longlong2* ids2 = reinterpret_cast<longlong2*>(ids_out);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ids2[i] = make_longlong2(expert[2 * i], expert[2 * i + 1]);
+        unsigned int pk[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          pk[i] = static_cast<unsigned int>(L::to_bits(wts[2 * i])) |
+                  (static_cast<unsigned int>(L::to_bits(wts[2 * i + 1])) << 16);
+        }
+        *reinterpret_cast<uint4*>(w_out) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (i < top_k) {
+            ids_out[i] = expert[i];
+            w_out[i] = L::to_bits(wts[i]);
+          }
+        }
+      }
+      if (has_counts && gi < G) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (i < top_k) {
+            if (shared_hist) {
+              atomicAdd(hist + gi * E + expert[i], 1u);
+            } else {
+              atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + static_cast<int64_t>(gi) * E + expert[i]),
+                        1ull);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if (shared_hist) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) {
+      const unsigned int c = hist[i];
+      if (c != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + i), static_cast<unsigned long long>(c));
+    }
+  }
+}
+
+template <typename T, int E_PAD, int FLAGS>
+cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  using S = LaneShape<E_PAD>;
+  auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
+  static int sms[64] = {0};
+  static int resident[64] = {0};
+  static size_t resident_smem[64] = {0};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (sms[device] == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  if (resident[device] == 0 || resident_smem[device] != smem) {
+    int blocks = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, S::kWarps * 32, smem);
+    if (err != cudaSuccess) return err;
+    resident[device] = blocks > 0 ? blocks : 1;
+    resident_smem[device] = smem;
+  }
+  const int64_t tiles = (p.num_tokens + 31) / 32;
+  const int64_t needed = (tiles + S::kWarps - 1) / S::kWarps;
+  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  if (grid <= 0) return cudaSuccess;
+  kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.
+// A histogram that does not fit goes to global atomics (p.shared_hist cleared).
+size_t lane_smem_bytes(RouteParams& p, int dtype) {
+  if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK) return 0;
+  const int e = p.num_experts;
+  if (e != 32 && e != 64 && e != 128) return 0;
+  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * (e / 4 + 1) * 16 : 0;
+  if (mask > kLaneMaxExtraBytes) return 0;
+  size_t hist = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * e * 4 : 0;
+  if (mask + hist > kLaneMaxExtraBytes) {
+    p.shared_hist = 0;
+    hist = 0;
+  }
+  return kLaneStageBytes + mask + hist;
+}
+
+// FLAGS of a benchmarking ablation (0: none)
+int lane_ablation_flags(int ablation) {
+  switch (ablation) {
+    case 1: return 0;                                // copy the tiles, store the first k experts
+    case 2: return kDoTopK;                          // + top-k (no mask)
+    case 3: return kDoTopK | kDoMask;                // + mask
+    case 4: return kDoTopK | kDoMask | kDoSoftmax;   // + softmax (no counts)
+    default: return -1;
+  }
+}
+
+template <typename T, int E_PAD>
+cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  if (p.keep) return launch_lane<T, E_PAD, kLaneFull>(p, smem, device, stream);
+  return launch_lane<T, E_PAD, kLaneFull & ~kDoMask>(p, smem, device, stream);
+}
+
+template <typename T>
+cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  if (p.num_experts == 32) return launch_lane_e<T, 32>(p, smem, device, stream);
+  if (p.num_experts == 64) return launch_lane_e<T, 64>(p, smem, device, stream);
+  return launch_lane_e<T, 128>(p, smem, device, stream);
+}
+
+cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  // bf16, E = 64 only
+  switch (lane_ablation_flags(p.ablation)) {
+    case 0: return launch_lane<__nv_bfloat16, 64, 0>(p, smem, device, stream);
+    case kDoTopK: return launch_lane<__nv_bfloat16, 64, kDoTopK>(p, smem, device, stream);
+    case kDoTopK | kDoMask: return launch_lane<__nv_bfloat16, 64, kDoTopK | kDoMask>(p, smem, device, stream);
+    case kDoTopK | kDoMask | kDoSoftmax:
+      return launch_lane<__nv_bfloat16, 64, kDoTopK | kDoMask | kDoSoftmax>(p, smem, device, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int E_PAD>
+cudaError_t preload_lane_e() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull & ~kDoMask>);
+  return err;
+}
+
+template <typename T>
+cudaError_t preload_lane_t() {
+  cudaError_t err = preload_lane_e<T, 32>();
+  if (err == cudaSuccess) err = preload_lane_e<T, 64>();
+  if (err == cudaSuccess) err = preload_lane_e<T, 128>();
+  return err;
+}
+
+cudaError_t preload_lane_ablations() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, 0>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK>);
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK | kDoMask>);
+  }
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK | kDoMask | kDoSoftmax>);
+  }
+  return err;
+}
+
 }  // namespace
 
 extern "C" {
@@ -489,6 +971,9 @@ int moe_fastmask_route_cuda_preload(int device) {
   if (err == cudaSuccess) err = preload_t<float>();
   if (err == cudaSuccess) err = preload_t<__half>();
   if (err == cudaSuccess) err = preload_t<__nv_bfloat16>();
+  if (err == cudaSuccess) err = preload_lane_t<__half>();
+  if (err == cudaSuccess) err = preload_lane_t<__nv_bfloat16>();
+  if (err == cudaSuccess) err = preload_lane_ablations();
   return static_cast<int>(err);
 }
 
@@ -524,6 +1009,20 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.variant == 1 || p.ablation != 0) {
+    const size_t smem = lane_smem_bytes(p, dtype);
+    if (p.ablation != 0) {
+      const int flags = lane_ablation_flags(p.ablation);
+      if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep)) {
+        return cudaErrorInvalidValue;
+      }
+      return static_cast<int>(launch_lane_ablation(p, smem, device, s));
+    }
+    if (smem != 0) {
+      return static_cast<int>(dtype == kFloat16 ? launch_lane_t<__half>(p, smem, device, s)
+                                                : launch_lane_t<__nv_bfloat16>(p, smem, device, s));
+    }
+  }
   switch (dtype) {
     case kFloat32: err = launch_e<float>(p, device, s); break;
     case kFloat16: err = launch_e<__half>(p, device, s); break;

@@ -72,6 +72,10 @@ def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Genera
         values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
         signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
         return torch.where(values == 0, signs * 0.0, values).to(dtype)
+    if kind == "subnormal":  # values below the dtype's normal range (and zeros of both signs): none may be flushed
+        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
+        values = torch.randint(-3, 4, (T, E), generator=gen).double() * tiny
+        return torch.where(torch.rand(T, E, generator=gen) < 0.1, -0.0, values).to(dtype)
     if kind == "neg_inf":  # -inf on random experts; row 0 entirely -inf
         values = torch.randn(T, E, generator=gen, dtype=torch.float64)
         values[torch.rand(T, E, generator=gen) < 0.5] = -INF
@@ -80,7 +84,7 @@ def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Genera
     raise ValueError(kind)
 
 
-KINDS = ("distinct", "normal", "wide", "ties", "bf16_quantised", "signed_zeros", "neg_inf")
+KINDS = ("distinct", "normal", "wide", "ties", "bf16_quantised", "signed_zeros", "subnormal", "neg_inf")
 
 
 def make_keep(G: int, E: int, k: int, tight: bool, gen: torch.Generator) -> torch.Tensor:
@@ -92,38 +96,48 @@ def make_keep(G: int, E: int, k: int, tight: bool, gen: torch.Generator) -> torc
     return keep
 
 
-def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None):
+def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None, variant=None, ablation=None):
     """The kernel on poisoned outputs: (weights, ids)."""
     T = logits.shape[0]
     weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype, device=logits.device)
     ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64, device=logits.device)
-    cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids), prefetch=prefetch)
+    cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids), prefetch=prefetch,
+                             variant=variant, _ablation=ablation)
     torch.cuda.synchronize()
     return weights, ids
 
 
+def kernel_configs(logits, top_k, keep):
+    """(prefetch, variant) pairs to check a call on: the split kernel's two instances, and the lane kernel where it
+    takes the call (elsewhere it runs the split kernel)."""
+    configs = [(True, "split"), (False, "split")]
+    if cuda_route.lane_takes(logits, top_k, keep):
+        configs.append((None, "lane"))
+    return configs
+
+
 def check_against_reference(logits, top_k, keep=None, group=None, num_groups=1, renormalize=False, counts=True,
                             where=""):
-    for prefetch in (True, False):
+    for prefetch, variant in kernel_configs(logits, top_k, keep):
         _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts,
-                                 f"{where} prefetch={prefetch}", prefetch)
+                                 f"{where} prefetch={prefetch} variant={variant}", prefetch, variant)
 
 
-def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch):
+def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch, variant):
     """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
     device = logits.device
     T, E = logits.shape
     start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64, device=device) if counts else None
     counts_cuda = start.clone() if counts else None
     counts_ref = start.clone() if counts else None
-    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch)
+    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch, variant)
     # ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle
     ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, counts_ref, renormalize)
     assert torch.equal(ids, ref_ids), f"ids differ; {where}\n{ids[(ids != ref_ids).any(1)][:4]}\n" \
         f"{ref_ids[(ids != ref_ids).any(1)][:4]}"
     if counts:
         assert torch.equal(counts_cuda, counts_ref), f"counts differ; {where}"
-        if prefetch and T <= 300:  # an independent per-token recount (a Python loop: small T only)
+        if prefetch is not False and T <= 300:  # an independent per-token recount (a Python loop: small T only)
             cpu_group = None if group is None else group.cpu()
             assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
     nan = ref_w.isnan()
@@ -162,7 +176,7 @@ def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
     gen = torch.Generator().manual_seed(SESSION_SEED + hash(kind) % 1000)
-    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16)):
+    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (32, 4), (128, 8)):
         for tight in (False, True):
             G, T = 3, 517
             logits = make_logits(kind, T, E, dtype, gen).cuda()
@@ -193,6 +207,14 @@ def test_tie_rule_examples(cuda_kernel):
             counts = torch.zeros(1, logits.shape[1], dtype=torch.int64, device="cuda")
             weights, ids = run_cuda(logits, k, keep_t, None, counts, False)
             assert ids.tolist() == expected, (rows, keep, dtype)
+            if dtype != torch.float32:  # the lane kernel on the same rows, padded to 32 experts
+                padded = torch.full((1, 32), -INF, dtype=dtype, device="cuda")
+                padded[:, : logits.shape[1]] = logits
+                keep_p = torch.zeros(1, 32, dtype=torch.bool, device="cuda")
+                keep_p[:, : logits.shape[1]] = True if keep_t is None else keep_t
+                assert cuda_route.lane_takes(padded, k, keep_p)
+                _, lane_ids = run_cuda(padded, k, keep_p, None, None, False, variant="lane")
+                assert lane_ids.tolist() == expected, (rows, keep, dtype, "lane")
             assert counts.cpu().squeeze(0).tolist() == [int(e in expected[0]) for e in range(logits.shape[1])]
     # the all--inf row: NaN weights; fewer allowed than k: the masked ones weigh 0
     w, _ = run_cuda(torch.tensor([[3.0, -INF, 2.0, -INF]], device="cuda"), 2,
@@ -255,13 +277,39 @@ def test_skewed_load_and_many_groups_count_exactly(cuda_kernel):
     for G in (1, 4, 200):
         group = torch.randint(0, G, (T,), device="cuda")
         counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype, variant in ((torch.bfloat16, "split"), (torch.float32, "split"), (torch.bfloat16, "lane")):
             counts.zero_()
-            _, ids = run_cuda(logits.to(dtype), k, None, group, counts, False)
+            _, ids = run_cuda(logits.to(dtype), k, None, group, counts, False, variant=variant)
             assert torch.equal(ids, torch.arange(5, 13, device="cuda").expand(T, k))
             expected = torch.zeros(G, E, dtype=torch.int64, device="cuda")
             expected[:, 5:13] = torch.bincount(group, minlength=G)[:, None]
-            assert torch.equal(counts, expected), (G, dtype)
+            assert torch.equal(counts, expected), (G, dtype, variant)
+
+
+@gpu
+def test_lane_kernel_ablations_run_the_lane_kernel(cuda_kernel):
+    """The benchmark's lane-kernel instances with parts removed: copying only gives the first k experts; top-k
+    without the mask the unmasked ids; top-k with the mask (with or without the softmax) the op's ids; none counts.
+    (Their weights are not the op's.)"""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 19)
+    T, E, k, G = 1000, 64, 8, 3
+    logits = make_logits("distinct", T, E, torch.bfloat16, gen).cuda()
+    keep = make_keep(G, E, k, False, gen).cuda()
+    group = torch.randint(-1, G, (T,), generator=gen).cuda()
+    _, masked_ids = reference.route_reference(logits, k, keep, group, None, False)
+    _, unmasked_ids = reference.route_reference(logits, k, None, None, None, False)
+    expected = {"load_store": torch.arange(k, device="cuda").expand(T, k), "topk": unmasked_ids,
+                "mask_topk": masked_ids, "mask_topk_softmax": masked_ids}
+    assert set(expected) == set(cuda_route.LANE_ABLATIONS)
+    for name, ids_expected in expected.items():
+        counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+        _, ids = run_cuda(logits, k, keep, group, counts, False, ablation=name)
+        assert torch.equal(ids, ids_expected), name
+        assert int(counts.abs().sum()) == 0, name
+    with pytest.raises(ValueError, match="_ablation"):
+        cuda_route.route_forward(logits.float(), k, keep, group, None, False, _ablation="topk")
+    with pytest.raises(ValueError, match="variant"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, variant="rows")
 
 
 @gpu
@@ -446,6 +494,7 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     assert "too wide 1" in out.stdout and "k too large 1" in out.stdout and "empty 0" in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
-    # one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2
-    assert "registers lines 66" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 104
+    # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66; lane: one per
+    # (16-bit dtype, E in 32 / 64 / 128, with or without a mask) = 12, and 4 benchmark instances
+    assert "registers lines 82" in out.stdout, out.stdout
+    assert ctypes.sizeof(cuda_route.RouteParams) == 112

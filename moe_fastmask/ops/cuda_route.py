@@ -39,6 +39,15 @@ LIBRARY_NAME = "moe_fastmask_cuda"
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CUDA"
 ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
 PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"  # "0": no software prefetch of a warp's next rows (for benchmarking)
+VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "split" (default) or "lane" (see VARIANTS)
+# "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
+# with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split")
+VARIANTS = {"split": 0, "lane": 1}
+LANE_EXPERTS = (32, 64, 128)
+LANE_MAX_TOP_K = 8
+LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes) limit
+# benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
+LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 256
 MAX_TOP_K = 16
@@ -69,6 +78,8 @@ class RouteParams(ctypes.Structure):
         ("vector_loads", ctypes.c_int32),
         ("shared_hist", ctypes.c_int32),
         ("prefetch", ctypes.c_int32),
+        ("variant", ctypes.c_int32),
+        ("ablation", ctypes.c_int32),
     ]
 
 
@@ -306,6 +317,35 @@ def _prefetch_default() -> bool:
     return os.environ.get(PREFETCH_ENV, "1") not in ("", "0")
 
 
+@functools.cache
+def _variant_default() -> str:
+    name = os.environ.get(VARIANT_ENV, "").strip() or "split"
+    if name not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV}={name!r}: expected one of {sorted(VARIANTS)}")
+    return name
+
+
+def _vector_rows(logits: Tensor) -> bool:
+    """Rows of exactly a power-of-two number of experts, contiguous and 16-byte aligned (16-byte vector loads)."""
+    num_experts = logits.shape[1]
+    return (
+        num_experts == _padded_experts(num_experts)
+        and logits.stride(1) == 1
+        and (logits.stride(0) * logits.element_size()) % 16 == 0
+        and logits.data_ptr() % 16 == 0
+    )
+
+
+def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
+    """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it)."""
+    num_experts = logits.shape[1]
+    if logits.dtype not in (torch.float16, torch.bfloat16) or num_experts not in LANE_EXPERTS:
+        return False
+    if top_k > LANE_MAX_TOP_K or not _vector_rows(logits):
+        return False
+    return keep is None or (keep.shape[0] + 1) * (num_experts // 4 + 1) * 16 <= LANE_MAX_EXTRA_BYTES
+
+
 def _padded_experts(num_experts: int) -> int:
     return max(8, 1 << (num_experts - 1).bit_length())
 
@@ -346,12 +386,17 @@ def route_forward(
     *,
     out: tuple[Tensor, Tensor] | None = None,
     prefetch: bool | None = None,
+    variant: str | None = None,
+    _ablation: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
     ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: on, unless
-    ``MOE_FASTMASK_CUDA_PREFETCH=0``) picks the kernel instance that loads a warp's next rows early."""
+    ``MOE_FASTMASK_CUDA_PREFETCH=0``) picks the kernel instance that loads a warp's next rows early. ``variant``
+    (default: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
+    (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
+    the work removed (``LANE_ABLATIONS``): its results are not the op's."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -371,13 +416,19 @@ def route_forward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    element = logits.element_size()
-    vector_loads = (
-        num_experts == _padded_experts(num_experts)
-        and logits.stride(1) == 1
-        and (logits.stride(0) * element) % 16 == 0
-        and logits.data_ptr() % 16 == 0
-    )
+    vector_loads = _vector_rows(logits)
+    variant = _variant_default() if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    ablation = 0
+    if _ablation is not None:
+        if _ablation not in LANE_ABLATIONS:
+            raise ValueError(f"_ablation must be one of {sorted(LANE_ABLATIONS)}, got {_ablation!r}")
+        if logits.dtype != torch.bfloat16 or num_experts != 64 or not lane_takes(logits, top_k, keep):
+            raise ValueError("_ablation runs on bfloat16 logits with E=64 that the lane variant takes only")
+        if keep is None and _ablation.startswith("mask"):
+            raise ValueError(f"_ablation={_ablation!r} needs a keep mask")
+        ablation = LANE_ABLATIONS[_ablation]
     params = RouteParams(
         weights.data_ptr(),
         ids.data_ptr(),
@@ -396,6 +447,8 @@ def route_forward(
         int(vector_loads),
         0,  # chosen by the launcher from G * E
         int(_prefetch_default() if prefetch is None else bool(prefetch)),
+        VARIANTS[variant],
+        ablation,
     )
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
