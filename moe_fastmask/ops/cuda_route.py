@@ -38,8 +38,10 @@ SOURCE_NAME = "route_cuda.cu"
 LIBRARY_NAME = "moe_fastmask_cuda"
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CUDA"
 ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
-PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"  # "0": no software prefetch of a warp's next rows (for benchmarking)
-VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "split" (default) or "lane" (see VARIANTS)
+# "1": the split kernel's instance with software prefetch of a warp's next rows; off by default (measured slower on an
+# H200: 45.6 vs 43.8 us at T=262,144, E=64; benchmarks/RESULTS.md)
+PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"
+VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) or "split" (see VARIANTS)
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
 # with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split")
 VARIANTS = {"split": 0, "lane": 1}
@@ -314,12 +316,12 @@ def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
 
 @functools.cache
 def _prefetch_default() -> bool:
-    return os.environ.get(PREFETCH_ENV, "1") not in ("", "0")
+    return os.environ.get(PREFETCH_ENV, "0") not in ("", "0")
 
 
 @functools.cache
 def _variant_default() -> str:
-    name = os.environ.get(VARIANT_ENV, "").strip() or "split"
+    name = os.environ.get(VARIANT_ENV, "").strip() or "lane"
     if name not in VARIANTS:
         raise ValueError(f"{VARIANT_ENV}={name!r}: expected one of {sorted(VARIANTS)}")
     return name
@@ -392,9 +394,10 @@ def route_forward(
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
-    ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: on, unless
-    ``MOE_FASTMASK_CUDA_PREFETCH=0``) picks the kernel instance that loads a warp's next rows early. ``variant``
-    (default: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
+    ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: off, unless
+    ``MOE_FASTMASK_CUDA_PREFETCH=1``) picks the kernel instance that loads a warp's next rows early. ``variant``
+    (default: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"lane"``, which runs where it applies and hands other calls to
+    ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
     the work removed (``LANE_ABLATIONS``): its results are not the op's."""
     lib, error, _ = _load()
