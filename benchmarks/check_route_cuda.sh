@@ -18,17 +18,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${1:-benchmarks/out/cuda}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv
-date -u
-if ! python3 -c "import moe_fastmask.kernels.route" 2>/dev/null; then
-    pkg=$(mktemp -d)
-    cp -r moe_fastmask "$pkg/" && cp -r kernels "$pkg/moe_fastmask/kernels" && cp -r csrc "$pkg/moe_fastmask/csrc"
-    export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
-fi
-if ! python3 -c "import pytest" 2>/dev/null && [ -n "${PYTEST_WHEELS:-}" ]; then
-    site=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target "$site" "$PYTEST_WHEELS"/*.whl \
-        && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 # a fresh cache: the build runs (and logs its registers) here, and every later step loads that build
 export MOE_FASTMASK_CACHE_DIR=$(mktemp -d)
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -11,32 +11,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from moe_fastmask.pipeline import analysis_requests, analyze
+from moe_fastmask.pipeline import analyze
 from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
 from moe_fastmask.pipeline.demo import build_demo
 from moe_fastmask.pipeline.generation import GenerationRequest, SamplingSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_analyze_packing import assert_same_runs  # noqa: E402
-
-SMALL = dict(batch_size=8, max_new_tokens=6, num_batches=4, progress=False, verbose=False)
-
-def patch_generate_packed(monkeypatch, replacement) -> None:
-    """Replace generate_packed for every request: analyze calls it for packed requests, and generate_batch (in
-    analysis_requests) for single ones."""
-    monkeypatch.setattr(analyze, "generate_packed", replacement)
-    monkeypatch.setattr(analysis_requests, "generate_packed", replacement)
-
+from test_analyze_packing import assert_same_runs, config_of, patch_generate_packed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("inputs"))
-
-
-def config_of(demo_inputs, out, **changes) -> AnalysisConfig:
-    model, data = demo_inputs
-    return AnalysisConfig(model=str(model), data=str(data), out=str(out), **{**SMALL, **changes})
 
 
 @pytest.mark.parametrize("engine, gpu_batch_size", [("graph", 16), ("hf", None)], ids=["graph-packed", "hf"])

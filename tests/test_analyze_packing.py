@@ -18,12 +18,12 @@ from compare_artifacts import compare  # noqa: E402
 
 SMALL = dict(batch_size=8, max_new_tokens=6, num_batches=4, progress=False, verbose=False)
 
+
 def patch_generate_packed(monkeypatch, replacement) -> None:
     """Replace generate_packed for every request: analyze calls it for packed requests, and generate_batch (in
     analysis_requests) for single ones."""
     monkeypatch.setattr(analyze, "generate_packed", replacement)
     monkeypatch.setattr(analysis_requests, "generate_packed", replacement)
-
 
 
 @pytest.fixture(scope="module")
