@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_fastmask.ops.reference import output_buffers
+
 from moe_fastmask.ops import cpp_route
 
 SOURCE_NAME = "route_cuda.cu"
@@ -404,15 +406,7 @@ def route_forward(
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
     num_tokens, num_experts = logits.shape
-    if out is None:
-        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
-        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
-    else:
-        weights, ids = out
-        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
-            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
-        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
-            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    weights, ids = output_buffers(logits, top_k, out)
     if num_tokens == 0:
         return weights, ids
     if keep is not None and not keep.is_contiguous():

@@ -259,3 +259,18 @@ def _sigmoid_backward(
         total = s.sum(dim=-1, keepdim=True) + SIGMOID_RENORM_EPS
         grad = (grad - (grad * s).sum(dim=-1, keepdim=True) / total) / total
     return torch.zeros_like(z).scatter_(1, ids, grad * s * (1 - s)).to(logits.dtype)
+
+def output_buffers(logits: Tensor, top_k: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The ``(weights [T, top_k] in the logits' dtype, ids [T, top_k] int64)`` a kernel writes: new tensors, or ``out``
+    after checking that both are contiguous and of that shape and dtype."""
+    num_tokens = logits.shape[0]
+    if out is None:
+        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
+        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
+    else:
+        weights, ids = out
+        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
+            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
+        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
+            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    return weights, ids

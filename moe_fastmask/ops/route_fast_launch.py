@@ -13,6 +13,8 @@ import functools
 import torch
 from torch import Tensor
 
+from moe_fastmask.ops.reference import output_buffers
+
 from moe_fastmask.ops import triton_route
 
 # top-k methods of the kernel's SELECT
@@ -178,16 +180,7 @@ def route_fast_forward(
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"top_k must be in [1, E={logits.shape[1]}], got {top_k}")
-    num_tokens = logits.shape[0]
-    if out is None:
-        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
-        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
-    else:
-        weights, ids = out
-        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
-            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
-        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
-            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    weights, ids = output_buffers(logits, top_k, out)
     forward_into(
         weights, ids, logits, top_k, keep, group, counts, renormalize,
         select=select, lanes_per_row=lanes_per_row, early_denom=early_denom, block_t=block_t, num_warps=num_warps,

@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from moe_fastmask.ops.reference import output_buffers
+
 # Launch settings, from a sweep on an H100 (E=64, bf16, T from 16 to 262144; benchmarks/bench_route.py --sweep):
 # tiles of 2048 logits (32 tokens at E=64) with 4 warps were best at large T for the forward with counts and for the
 # backward; small batches use smaller tiles so that more programs share the work, but no fewer than 4 tokens, since
@@ -318,16 +320,7 @@ def route_forward(
     chosen experts to ``counts`` in place. ``out=(weights, ids)`` writes into given contiguous tensors instead of
     new ones; ``block_t``/``num_warps`` override :func:`calculate_settings` (for tuning).
     """
-    num_tokens = logits.shape[0]
-    if out is None:
-        weights = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
-        ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
-    else:
-        weights, ids = out
-        if weights.shape != (num_tokens, top_k) or weights.dtype != logits.dtype or not weights.is_contiguous():
-            raise ValueError(f"out weights must be contiguous {logits.dtype} [{num_tokens}, {top_k}]")
-        if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
-            raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
+    weights, ids = output_buffers(logits, top_k, out)
     _forward_into(
         weights, ids, logits, top_k, keep, group, counts, renormalize, scoring=scoring, bias=bias, n_group=n_group,
         topk_group=topk_group, scale=scale, block_t=block_t, num_warps=num_warps,
