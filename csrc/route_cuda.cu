@@ -2,9 +2,9 @@
 // optional renormalisation, per-group expert counts). Torch-free: the library exports a plain C launcher that
 // moe_fastmask/ops/cuda_route.py calls through ctypes with raw pointers and the caller's CUDA stream.
 //
-// Layout (after vLLM's topk_softmax): a row of E_PAD (power of two >= E) experts is spread over LANES lanes of one
-// warp, each lane holding V = E_PAD / LANES logits in registers (16-byte vector loads when the rows allow it); a warp
-// holds 32 / LANES rows and walks the rows grid-stride.
+// Layout (after vLLM's topk_softmax): a row of E_PAD (power of two >= E; up to 512 for 16-bit logits, 256 for
+// float32) experts is spread over LANES lanes of one warp, each lane holding V = E_PAD / LANES logits in registers
+// (16-byte vector loads when the rows allow it); a warp holds 32 / LANES rows and walks the rows grid-stride.
 //
 // Top-k on packed integer keys (one integer comparison orders by value, then by index):
 //   key = ordered(logit) with the low IDX_BITS bits replaced by E_PAD - 1 - e   (allowed expert e)
@@ -27,6 +27,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 // Launch arguments (mirrored field for field by RouteParams in moe_fastmask/ops/cuda_route.py).
 struct RouteParams {
   void* weights;            // [T, k] logits' dtype, contiguous
@@ -48,6 +50,8 @@ struct RouteParams {
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
   int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies)
   int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
+  int32_t grid_policy;      // lane kernel: 0 a full wave of blocks (default), 1 balanced, 2 balanced, >= 2 tiles a warp
+  int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
 };
 
 namespace {
@@ -452,6 +456,9 @@ cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
   if (e <= 64) return launch_p<T, 64>(p, device, stream);
   if (e <= 128) return launch_p<T, 128>(p, device, stream);
   if (e <= 256) return launch_p<T, 256>(p, device, stream);
+  if constexpr (sizeof(T) == 2) {  // (a row of 512 float32 logits would need two warps)
+    if (e <= 512) return launch_p<T, 512>(p, device, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -475,6 +482,9 @@ cudaError_t preload_t() {
   if (err == cudaSuccess) err = preload_e<T, 64>();
   if (err == cudaSuccess) err = preload_e<T, 128>();
   if (err == cudaSuccess) err = preload_e<T, 256>();
+  if constexpr (sizeof(T) == 2) {
+    if (err == cudaSuccess) err = preload_e<T, 512>();
+  }
   return err;
 }
 
@@ -497,10 +507,19 @@ cudaError_t preload_t() {
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int kLaneTopK = 8;
-constexpr int kLaneStageBytes = 32 * 1024;  // shared bytes of the tiles (two per warp) per block
+constexpr int kLaneStageBytes = 32 * 1024;  // shared bytes of the tiles (one or two per warp) per block
 constexpr int kLaneMaxExtraBytes = 16 * 1024;  // mask table + histogram above the tiles
 // FLAGS bits (every bit set in normal use; the benchmark times instances with some cleared)
 constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull = 15;
+// option bits: kTopK8, the call's top_k is 8 (no run-time top_k tests); kOneStage, one tile buffer per warp (the
+// next tile is copied while the warp writes its outputs) instead of two (copied while it computes), which leaves
+// shared memory for twice the warps per multiprocessor
+// kStageIds, a warp's int64 ids go through its (consumed) tile buffer and out as whole 512-byte lines
+constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kLaneOptions = kTopK8 | kOneStage | kStageIds;
+// the op's choice (measured: benchmarks/RESULTS.md): two stages, ids stored directly. The kernel is bound by its
+// integer work, and staging the ids, which lifts the loads-and-stores-only instance from 68% to 90% of the copy
+// bandwidth, costs the full kernel 2-3%; one stage (more warps) does not help it either
+constexpr int kLaneDefaultOptions = 0;  // (kTopK8 is added where top_k == 8)
 
 template <typename T> struct Lane16;
 template <> struct Lane16<__nv_bfloat16> {
@@ -599,31 +618,59 @@ __device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, in
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// wait until at most n commit groups are pending (n a compile-time constant after unrolling: the switch folds away)
+__device__ __forceinline__ void cp_async_wait(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    case 7: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    case 8: asm volatile("cp.async.wait_group 8;" ::: "memory"); break;
+    case 9: asm volatile("cp.async.wait_group 9;" ::: "memory"); break;
+    case 10: asm volatile("cp.async.wait_group 10;" ::: "memory"); break;
+    case 11: asm volatile("cp.async.wait_group 11;" ::: "memory"); break;
+    case 12: asm volatile("cp.async.wait_group 12;" ::: "memory"); break;
+    case 13: asm volatile("cp.async.wait_group 13;" ::: "memory"); break;
+    case 14: asm volatile("cp.async.wait_group 14;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 15;" ::: "memory"); break;
+  }
+}
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
-template <int E_PAD> struct LaneShape {
+template <int E_PAD, int FLAGS> struct LaneShape {
   static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
+  static constexpr int kStages = (FLAGS & kOneStage) ? 1 : 2;    // tile buffers per warp
   static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
-  static constexpr int kWarps = kLaneStageBytes / (2 * kTileBytes);  // warps per block (two tiles each)
+  static constexpr int kWarps = kLaneStageBytes / (kStages * kTileBytes);  // warps per block
   static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
-  // 20-24 resident warps per SM (at most 102 / 85 registers) where shared memory allows it
-  static constexpr int kMinBlocks = E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3;
+  // resident blocks per SM where shared memory allows it (the register cap follows): two stages 20-24 warps (at most
+  // 102 / 85 registers), one stage 32 warps at E = 32 / 64 (at most 64 registers), 16 at E = 128 (at most 128)
+  static constexpr int kMinBlocks = kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3) : (E_PAD == 32 ? 2 : 4);
 };
 
 template <typename T, int E_PAD, int FLAGS>
-__global__ void __launch_bounds__(LaneShape<E_PAD>::kWarps * 32, LaneShape<E_PAD>::kMinBlocks)
+__global__ void __launch_bounds__(LaneShape<E_PAD, FLAGS>::kWarps * 32, LaneShape<E_PAD, FLAGS>::kMinBlocks)
 route_lane_kernel(const RouteParams p) {
-  using S = LaneShape<E_PAD>;
+  using S = LaneShape<E_PAD, FLAGS>;
   using L = Lane16<T>;
   constexpr int NC = S::NC;
   constexpr bool kTopK = (FLAGS & kDoTopK) != 0, kSoftmax = (FLAGS & kDoSoftmax) != 0;
   constexpr bool kCounts = (FLAGS & kDoCounts) != 0, kMask = (FLAGS & kDoMask) != 0;
+  constexpr bool kK8 = (FLAGS & kTopK8) != 0, kTwoStages = S::kStages == 2, kStaged = (FLAGS & kStageIds) != 0;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
   const int E = p.num_experts;  // == E_PAD
   const int G = p.num_groups;
-  const int top_k = p.top_k;
+  const int top_k = kK8 ? 8 : p.top_k;
   const int64_t T_rows = p.num_tokens;
   const bool has_counts = kCounts && p.counts != nullptr;
   const bool shared_hist = has_counts && p.shared_hist;
@@ -660,11 +707,12 @@ route_lane_kernel(const RouteParams p) {
   const int64_t num_tiles = (T_rows + 31) / 32;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * S::kWarps;
   int64_t tile = static_cast<int64_t>(blockIdx.x) * S::kWarps + warp_in_block;
-  unsigned char* my_tiles = tiles + warp_in_block * 2 * S::kTileBytes;
+  unsigned char* my_tiles = tiles + warp_in_block * S::kStages * S::kTileBytes;
   const unsigned int my_tiles_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_tiles));
   const T* logits = static_cast<const T*>(p.logits);
 
-  // copy tile t into buffer b: instruction q moves 512 contiguous bytes of the tile (row r, chunk c per lane)
+  // copy tile t into buffer b and commit it: instruction q moves 512 contiguous bytes of the tile (row r, chunk c
+  // per lane)
   auto issue = [&](int64_t t, int b) {
 #pragma unroll
     for (int q = 0; q < S::kTileBytes / 512; ++q) {
@@ -674,6 +722,7 @@ route_lane_kernel(const RouteParams p) {
       const T* src = logits + (ok ? row : 0) * p.stride_t + c * 8;
       cp_async16(my_tiles_s + b * S::kTileBytes + (r * NC + swizzle<NC>(r, c)) * 16, src, ok ? 16 : 0);
     }
+    cp_async_commit();
   };
   auto load_group = [&](int64_t t) -> int {  // the group row of the lane's row (G: no mask, not counted)
     const int64_t row = t * 32 + lane;
@@ -686,17 +735,23 @@ route_lane_kernel(const RouteParams p) {
   };
 
   if (tile < num_tiles) issue(tile, 0);
-  cp_async_commit();
   int g_next = tile < num_tiles ? load_group(tile) : G;
   int buf = 0;
-  for (; tile < num_tiles; tile += num_warps, buf ^= 1) {
+  for (; tile < num_tiles; tile += num_warps, buf ^= (kTwoStages ? 1 : 0)) {
     const int64_t next = tile + num_warps;
-    if (next < num_tiles) issue(next, buf ^ 1);
-    cp_async_commit();
+    if (kTwoStages) {
+      if (next < num_tiles) {
+        issue(next, buf ^ 1);
+      } else {
+        cp_async_commit();  // (an empty group: the wait below leaves the newest group pending)
+      }
+      cp_async_wait(1);
+    } else {
+      cp_async_wait(0);
+    }
+    __syncwarp();
     const int gi = g_next;
     if (next < num_tiles) g_next = load_group(next);
-    cp_async_wait_one();
-    __syncwarp();
 
     const int64_t row = tile * 32 + lane;
     const bool row_valid = row < T_rows;
@@ -756,48 +811,68 @@ route_lane_kernel(const RouteParams p) {
 
     float inv = 1.0f;
     if constexpr (kSoftmax) {
-      // sum of exp(z - max) over the allowed experts: a masked one reads as -inf ((z - max) * log2e as in the split
-      // kernel: max * log2e may overflow)
+      // sum of exp(z - max) over the allowed experts: a masked one reads as -inf. The exponent is one FMA,
+      // z * log2e - max * log2e, unless max * log2e overflows (|max| > 2.36e38, finite) for some row of the warp:
+      // then (z - max) * log2e, as in the split kernel (the same values up to rounding; the same NaN and -inf cases)
       float d0 = 0.0f, d1 = 0.0f;
+      const bool wide = __any_sync(0xffffffffu, fabsf(row_max) > 2.0e38f && fabsf(row_max) != INFINITY);
+      auto sum_exp = [&](auto one_fma) {
+        constexpr bool kOneFma = decltype(one_fma)::value;
+        const float neg_max_log2e = -row_max * kLog2e;
 #pragma unroll 2
-      for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
-        const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
-        const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-        const uint4 keep_all = make_uint4(0xFFFF0000u, 0x10000u, 0xFFFF0000u, 0x10000u);
-        uint4 m[2] = {keep_all, keep_all};
-        if constexpr (kMask) {
-          m[0] = lds128(my_mask + c * 2);
-          m[1] = lds128(my_mask + c * 2 + 1);
-        }
+        for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
+          const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+          const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+          const uint4 keep_all = make_uint4(0xFFFF0000u, 0x10000u, 0xFFFF0000u, 0x10000u);
+          uint4 m[2] = {keep_all, keep_all};
+          if constexpr (kMask) {
+            m[0] = lds128(my_mask + c * 2);
+            m[1] = lds128(my_mask + c * 2 + 1);
+          }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const unsigned int and_hi = j % 2 ? m[j / 2].z : m[j / 2].x, mul_lo = j % 2 ? m[j / 2].w : m[j / 2].y;
-          const float2 f = kMask ? L::masked_floats(w[j], and_hi, mul_lo) : make_float2(L::lo(w[j]), L::hi(w[j]));
-          d0 += fast_exp2((f.x - row_max) * kLog2e);
-          d1 += fast_exp2((f.y - row_max) * kLog2e);
+          for (int j = 0; j < 4; ++j) {
+            const unsigned int and_hi = j % 2 ? m[j / 2].z : m[j / 2].x, mul_lo = j % 2 ? m[j / 2].w : m[j / 2].y;
+            const float2 f = kMask ? L::masked_floats(w[j], and_hi, mul_lo) : make_float2(L::lo(w[j]), L::hi(w[j]));
+            if constexpr (kOneFma) {
+              d0 += fast_exp2(fmaf(f.x, kLog2e, neg_max_log2e));
+              d1 += fast_exp2(fmaf(f.y, kLog2e, neg_max_log2e));
+            } else {
+              d0 += fast_exp2((f.x - row_max) * kLog2e);
+              d1 += fast_exp2((f.y - row_max) * kLog2e);
+            }
+          }
         }
+      };
+      if (wide) {
+        sum_exp(std::false_type{});
+      } else {
+        sum_exp(std::true_type{});
       }
-      inv = 1.0f / (d0 + d1);
+      inv = fast_rcp(d0 + d1);
     }
-    __syncwarp();  // every lane is done with this buffer before the next iteration refills it
+    __syncwarp();  // every lane is done with this buffer before it is refilled
+    if (!kTwoStages && !kStaged && next < num_tiles) issue(next, 0);  // (copied while the outputs are written)
 
     float wts[8];
     float picked_sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if constexpr (kSoftmax) {
-        wts[i] = top[i] >= kLowestAllowed ? fast_exp2((z[i] - row_max) * kLog2e) * inv : 0.0f * inv;
+        wts[i] = top[i] >= kLowestAllowed ? fast_exp2((z[i] - row_max) * kLog2e) * inv : 0.0f * inv;  // (exact form)
       } else {
         wts[i] = z[i];
       }
       if (i < top_k) picked_sum += wts[i];
     }
     if (kSoftmax && p.renormalize) {
-      const float rinv = 1.0f / picked_sum;
+      const float rinv = fast_rcp(picked_sum);
 #pragma unroll
       for (int i = 0; i < 8; ++i) wts[i] *= rinv;
     }
 
+    // staged ids: 16-byte slot q (row q / 4) of the warp's 2 KB of ids sits at q ^ ((q >> 3) & 3) of the tile
+    // buffer, so that 8 lanes writing their rows' slots i, and 8 lanes reading consecutive slots, hit 8 bank groups
+    uint4* stage = reinterpret_cast<uint4*>(my_tiles + buf * S::kTileBytes);
     if (row_valid) {
       int64_t* ids_out = p.ids + row * top_k;
       unsigned short* w_out = static_cast<unsigned short*>(p.weights) + row * top_k;
@@ -805,9 +880,18 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) expert[i] = E_PAD - 1 - static_cast<int>(top[i] & (E_PAD - 1));
       if (vector_out) {  // 64 + 16 bytes, 16-byte aligned
-        longlong2* ids2 = reinterpret_cast<longlong2*>(ids_out);
+        if constexpr (kStaged) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) ids2[i] = make_longlong2(expert[2 * i], expert[2 * i + 1]);
+          for (int i = 0; i < 4; ++i) {
+            const int q = lane * 4 + i;
+            stage[q ^ ((q >> 3) & 3)] = make_uint4(static_cast<unsigned int>(expert[2 * i]), 0u,
+                                                   static_cast<unsigned int>(expert[2 * i + 1]), 0u);
+          }
+        } else {
+          longlong2* ids2 = reinterpret_cast<longlong2*>(ids_out);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) ids2[i] = make_longlong2(expert[2 * i], expert[2 * i + 1]);
+        }
         unsigned int pk[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -838,6 +922,20 @@ route_lane_kernel(const RouteParams p) {
         }
       }
     }
+    if constexpr (kStaged) {
+      if (vector_out) {
+        __syncwarp();
+        const int64_t rows_left = T_rows - tile * 32;
+        uint4* ids_tile = reinterpret_cast<uint4*>(p.ids + tile * 32 * 8);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int q = j * 32 + lane;
+          if (q / 4 < rows_left) ids_tile[q] = stage[q ^ ((q >> 3) & 3)];
+        }
+      }
+      __syncwarp();  // the buffer is free again
+      if (!kTwoStages && next < num_tiles) issue(next, 0);
+    }
   }
 
   if (shared_hist) {
@@ -849,9 +947,37 @@ route_lane_kernel(const RouteParams p) {
   }
 }
 
+// Blocks of the lane kernel for `tiles` warp tiles (32 rows each). Policy 0 (default): one full wave of resident
+// blocks (fewer when T is small), the tiles dealt round-robin, so some warps may take one tile more than the rest.
+// Policy 1: every warp takes n tiles (the last ones one fewer at most), with n chosen to make the busiest
+// multiprocessor's share smallest; policy 2: the same with n >= 2 where there are tiles enough. (Policy 1 makes the
+// loads-and-stores-only instance 6% faster; the full kernel, bound by its integer work, runs best with the most
+// warps, policy 0.)
+int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms, int resident) {
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
+  if (p.grid_policy == 0 || tiles <= 0) {
+    const int64_t needed = (tiles + warps_per_block - 1) / warps_per_block;
+    return static_cast<int>(needed < wave ? needed : wave);
+  }
+  const int64_t max_warps = wave * warps_per_block;
+  int64_t n_lo = (tiles + max_warps - 1) / max_warps;
+  if (p.grid_policy == 2 && n_lo < 2 && tiles >= 2 * sms * warps_per_block) n_lo = 2;
+  int64_t best_blocks = 0, best_load = 0;
+  for (int64_t n = n_lo; n < n_lo + 4; ++n) {
+    const int64_t warps = (tiles + n - 1) / n;
+    const int64_t blocks = (warps + warps_per_block - 1) / warps_per_block;
+    const int64_t load = (blocks + sms - 1) / sms * warps_per_block * n;  // tiles of the busiest multiprocessor
+    if (best_blocks == 0 || load < best_load) {
+      best_blocks = blocks;
+      best_load = load;
+    }
+  }
+  return static_cast<int>(best_blocks);
+}
+
 template <typename T, int E_PAD, int FLAGS>
 cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
-  using S = LaneShape<E_PAD>;
+  using S = LaneShape<E_PAD, FLAGS>;
   auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
   static int sms[64] = {0};
   static int resident[64] = {0};
@@ -868,10 +994,7 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
     resident[device] = blocks > 0 ? blocks : 1;
     resident_smem[device] = smem;
   }
-  const int64_t tiles = (p.num_tokens + 31) / 32;
-  const int64_t needed = (tiles + S::kWarps - 1) / S::kWarps;
-  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms[device], resident[device]);
   if (grid <= 0) return cudaSuccess;
   kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
@@ -906,8 +1029,13 @@ int lane_ablation_flags(int ablation) {
 
 template <typename T, int E_PAD>
 cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
-  if (p.keep) return launch_lane<T, E_PAD, kLaneFull>(p, smem, device, stream);
-  return launch_lane<T, E_PAD, kLaneFull & ~kDoMask>(p, smem, device, stream);
+  constexpr int kOpt = kLaneDefaultOptions;
+  if (p.top_k == 8) {
+    if (p.keep) return launch_lane<T, E_PAD, kLaneFull | kOpt | kTopK8>(p, smem, device, stream);
+    return launch_lane<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>(p, smem, device, stream);
+  }
+  if (p.keep) return launch_lane<T, E_PAD, kLaneFull | kOpt>(p, smem, device, stream);
+  return launch_lane<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt>(p, smem, device, stream);
 }
 
 template <typename T>
@@ -917,23 +1045,50 @@ cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStr
   return launch_lane_e<T, 128>(p, smem, device, stream);
 }
 
+// (benchmarking) bf16, E = 64, a keep mask: the full kernel with the option bits of p.lane_options (kTopK8 only with
+// top_k == 8), or an ablation instance (the default options; the loads-and-stores-only one with p.lane_options')
+template <int F>
+cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  using B = __nv_bfloat16;
+  switch (p.lane_options & (kOneStage | kStageIds)) {
+    case 0: return launch_lane<B, 64, F>(p, smem, device, stream);
+    case kOneStage: return launch_lane<B, 64, F | kOneStage>(p, smem, device, stream);
+    case kStageIds: return launch_lane<B, 64, F | kStageIds>(p, smem, device, stream);
+    default: return launch_lane<B, 64, F | kOneStage | kStageIds>(p, smem, device, stream);
+  }
+}
+
 cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
-  // bf16, E = 64 only
+  using B = __nv_bfloat16;
+  constexpr int kOpt = kLaneDefaultOptions;
+  if (p.ablation == 0) {
+    return (p.lane_options & kTopK8) ? launch_lane_options<kLaneFull | kTopK8>(p, smem, device, stream)
+                                     : launch_lane_options<kLaneFull>(p, smem, device, stream);
+  }
   switch (lane_ablation_flags(p.ablation)) {
-    case 0: return launch_lane<__nv_bfloat16, 64, 0>(p, smem, device, stream);
-    case kDoTopK: return launch_lane<__nv_bfloat16, 64, kDoTopK>(p, smem, device, stream);
-    case kDoTopK | kDoMask: return launch_lane<__nv_bfloat16, 64, kDoTopK | kDoMask>(p, smem, device, stream);
+    case 0:
+      if (p.lane_options != 0) return launch_lane_options<0>(p, smem, device, stream);
+      return launch_lane<B, 64, 0 | kOpt>(p, smem, device, stream);
+    case kDoTopK: return launch_lane<B, 64, kDoTopK | kOpt>(p, smem, device, stream);
+    case kDoTopK | kDoMask: return launch_lane<B, 64, kDoTopK | kDoMask | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask | kDoSoftmax:
-      return launch_lane<__nv_bfloat16, 64, kDoTopK | kDoMask | kDoSoftmax>(p, smem, device, stream);
+      return launch_lane<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>(p, smem, device, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, int E_PAD>
 cudaError_t preload_lane_e() {
+  constexpr int kOpt = kLaneDefaultOptions;
   cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull & ~kDoMask>);
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull | kOpt>);
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt>);
+  }
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull | kOpt | kTopK8>);
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>);
+  }
   return err;
 }
 
@@ -945,15 +1100,28 @@ cudaError_t preload_lane_t() {
   return err;
 }
 
-cudaError_t preload_lane_ablations() {
+template <int F>
+cudaError_t preload_lane_options() {
+  using B = __nv_bfloat16;
   cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, 0>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK>);
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kStageIds>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage | kStageIds>);
+  return err;
+}
+
+cudaError_t preload_lane_ablations() {
+  using B = __nv_bfloat16;
+  constexpr int kOpt = kLaneDefaultOptions;
+  cudaFuncAttributes attr;
+  cudaError_t err = preload_lane_options<0>();
+  if (err == cudaSuccess) err = preload_lane_options<kLaneFull>();
+  if (err == cudaSuccess) err = preload_lane_options<kLaneFull | kTopK8>();
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kOpt>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kOpt>);
   if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK | kDoMask>);
-  }
-  if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, kDoTopK | kDoMask | kDoSoftmax>);
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>);
   }
   return err;
 }
@@ -980,7 +1148,7 @@ int moe_fastmask_route_cuda_preload(int device) {
 
 // Largest E and top_k the kernel takes, and its shared-memory limits (bytes); the Python side sends other shapes to
 // Triton.
-int moe_fastmask_route_cuda_max_experts() { return 256; }
+int moe_fastmask_route_cuda_max_experts() { return 512; }  // (256 for float32 logits)
 int moe_fastmask_route_cuda_max_top_k() { return 16; }
 int moe_fastmask_route_cuda_max_keep_bytes() { return kMaxKeepBytes; }
 int moe_fastmask_route_cuda_max_hist_bytes() { return kMaxHistBytes; }
@@ -991,7 +1159,8 @@ int moe_fastmask_route_cuda_params_size() { return static_cast<int>(sizeof(Route
 int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int device, void* stream) {
   RouteParams p = *params;
   if (p.num_tokens <= 0) return 0;
-  if (p.num_experts < 1 || p.num_experts > 256 || p.top_k < 1 || p.top_k > 16 || p.top_k > p.num_experts) {
+  const int max_experts = dtype == kFloat32 ? 256 : 512;
+  if (p.num_experts < 1 || p.num_experts > max_experts || p.top_k < 1 || p.top_k > 16 || p.top_k > p.num_experts) {
     return cudaErrorInvalidValue;
   }
   int e_pad = 8;
@@ -1009,11 +1178,15 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.variant == 1 || p.ablation != 0) {
+  if (p.variant == 1 || p.ablation != 0 || p.lane_options != 0) {
     const size_t smem = lane_smem_bytes(p, dtype);
-    if (p.ablation != 0) {
-      const int flags = lane_ablation_flags(p.ablation);
-      if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep)) {
+    if (p.ablation != 0 || p.lane_options != 0) {
+      const int flags = p.ablation != 0 ? lane_ablation_flags(p.ablation) : kLaneFull;
+      const bool bad_options = (p.lane_options & ~(kLaneOptions | 1)) != 0 ||
+                               ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||
+                               (p.lane_options != 0 && p.ablation > 1);
+      if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
+          bad_options) {
         return cudaErrorInvalidValue;
       }
       return static_cast<int>(launch_lane_ablation(p, smem, device, s));

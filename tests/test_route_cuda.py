@@ -188,6 +188,26 @@ def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("E, k", [(512, 8), (512, 16), (300, 10), (257, 1)], ids=lambda v: str(v))
+def test_wide_routers_of_16_bit_logits(cuda_kernel, E, k, dtype):
+    """Up to 512 experts of 16-bit logits run the split kernel (a row over a whole warp); float32 rows of more than
+    256 experts do not (they go to Triton)."""
+    assert cuda_route.supports(torch.empty(1, E, dtype=dtype, device="cuda"), k)
+    assert not cuda_route.supports(torch.empty(1, E, dtype=torch.float32, device="cuda"), k)
+    gen = torch.Generator().manual_seed(SESSION_SEED + E * 7 + k)
+    for kind in ("distinct", "ties", "wide", "neg_inf"):
+        for T, tight in ((1, False), (33, True), (1000, False)):
+            G = 3
+            logits = make_logits(kind, T, E, dtype, gen).cuda()
+            keep = make_keep(G, E, k, tight, gen).cuda()
+            group = torch.randint(-1, G, (T,), generator=gen).cuda()
+            for renorm in (False, True):
+                check_against_reference(logits, k, keep, group, G, renorm,
+                                        where=f"{kind} T={T} E={E} k={k} {dtype} tight={tight} renorm={renorm}")
+
+
+@gpu
 def test_tie_rule_examples(cuda_kernel):
     cases = [
         ([[-0.0, 0.0, -1.0]], 1, None, [[0]]),
@@ -359,7 +379,8 @@ def test_opcheck_and_cuda_graph(cuda_kernel):
 
 @gpu
 def test_uncovered_calls_fall_back_without_error(cuda_kernel):
-    """Other variants, E > 256 and masks too large for shared memory run on Triton (or the reference)."""
+    """Other variants, float32 rows of more than 256 experts, rows of more than 512 and masks too large for shared
+    memory run on Triton (or the reference)."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 13)
     logits = torch.randn(65, 64, generator=gen).cuda()
     for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0),
@@ -368,9 +389,9 @@ def test_uncovered_calls_fall_back_without_error(cuda_kernel):
         w, ids = route(logits, 4, backend="cuda", **kwargs)
         triton_w, triton_ids = route(logits, 4, backend="triton", **kwargs)
         assert torch.equal(ids, triton_ids) and torch.equal(w, triton_w), kwargs
-    wide = torch.randn(9, 512, generator=gen).cuda()
-    assert not cuda_route.supports(wide, 8)
-    assert torch.equal(route(wide, 8, backend="cuda")[1], route(wide, 8, backend="triton")[1])
+    for wide in (torch.randn(9, 512, generator=gen).cuda(), torch.randn(9, 513, generator=gen).cuda().bfloat16()):
+        assert not cuda_route.supports(wide, 8)
+        assert torch.equal(route(wide, 8, backend="cuda")[1], route(wide, 8, backend="triton")[1])
     many = torch.ones(5000, 64, dtype=torch.bool, device="cuda")
     assert not cuda_route.supports(logits, 4, many)
     group = torch.randint(0, 5000, (65,), generator=gen).cuda()
@@ -475,8 +496,10 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
         "import ctypes, torch\n"
         "from moe_fastmask.ops import cuda_route as c\n"
         "lib = c._bind(c._build())\n"
-        "p = c.RouteParams(num_tokens=4, num_experts=300, top_k=8, num_groups=1)\n"
+        "p = c.RouteParams(num_tokens=4, num_experts=513, top_k=8, num_groups=1)\n"
         "print('too wide', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteParams(num_tokens=4, num_experts=300, top_k=8, num_groups=1)\n"
+        "print('too wide f32', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 0, 0, None))\n"
         "p = c.RouteParams(num_tokens=4, num_experts=64, top_k=17, num_groups=1)\n"
         "print('k too large', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
         "p = c.RouteParams(num_tokens=0, num_experts=64, top_k=8, num_groups=1)\n"
@@ -491,10 +514,14 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "too wide 1" in out.stdout and "k too large 1" in out.stdout and "empty 0" in out.stdout, out.stdout
+    for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0"):
+        assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
-    # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66; lane: one per
-    # (16-bit dtype, E in 32 / 64 / 128, with or without a mask) = 12, and 4 benchmark instances
-    assert "registers lines 82" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 112
+    # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
+    # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per
+    # (16-bit dtype, E in 32 / 64 / 128, with or without a mask, top_k == 8 or not) = 24, and 13 benchmark instances
+    # (bf16, E=64: the loads-and-stores-only one under 4 option sets, the other 3 ablations, and the full kernel under
+    # the 8 option sets less the 2 that the op uses)
+    assert "registers lines 111" in out.stdout, out.stdout
+    assert ctypes.sizeof(cuda_route.RouteParams) == 120

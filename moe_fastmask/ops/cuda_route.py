@@ -12,9 +12,10 @@ serialised by an ``flock`` that the OS releases when a process dies. The compile
 registers and spills per kernel) is kept in ``build.log`` there.
 
 The kernel covers the default router (``scoring="softmax"``, optional renormalisation, no bias, no group limit,
-``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 256`` and ``top_k <= 16``; :func:`supports` says whether
-it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton. ``MOE_FASTMASK_DISABLE_CUDA=1`` makes
-:func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
+``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 512`` (256 for float32) and ``top_k <= 16``;
+:func:`supports` says whether it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton.
+``MOE_FASTMASK_DISABLE_CUDA=1`` makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on
+CUDA.
 """
 
 from __future__ import annotations
@@ -52,8 +53,17 @@ LANE_MAX_TOP_K = 8
 LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes) limit
 # benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
+# benchmarking only: the lane kernel's option bits (bf16, E=64, with a keep mask): "topk8" drops the run-time top_k
+# tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
+# "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu); with the
+# "load_store" ablation, "one_stage" and "stage_ids" apply
+LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64}
+# how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
+# tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
+GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
-MAX_EXPERTS = 256
+MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
+MAX_EXPERTS_FLOAT32 = 256
 MAX_TOP_K = 16
 MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -84,6 +94,8 @@ class RouteParams(ctypes.Structure):
         ("prefetch", ctypes.c_int32),
         ("variant", ctypes.c_int32),
         ("ablation", ctypes.c_int32),
+        ("grid_policy", ctypes.c_int32),
+        ("lane_options", ctypes.c_int32),
     ]
 
 
@@ -367,13 +379,14 @@ def supports(
 ) -> bool:
     """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): the
     default router (softmax, no bias, no group limit, scale 1) on CUDA float32 / float16 / bfloat16 logits with
-    ``E <= 256``, ``top_k <= 16`` and a keep mask of at most 16 KiB as bits."""
+    ``E <= 512`` (float32: 256), ``top_k <= 16`` and a keep mask of at most 16 KiB as bits."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
     if scoring != "softmax" or bias is not None or n_group != 1 or topk_group != 1 or float(scale) != 1.0:
         return False
     num_experts = logits.shape[1]
-    if not 1 <= num_experts <= MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
+    max_experts = MAX_EXPERTS_FLOAT32 if logits.dtype == torch.float32 else MAX_EXPERTS
+    if not 1 <= num_experts <= max_experts or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         return False
     if keep is not None and keep.shape[0] * max(1, _padded_experts(num_experts) // 32) * 4 > MAX_KEEP_BYTES:
         return False
@@ -392,6 +405,8 @@ def route_forward(
     prefetch: bool | None = None,
     variant: str | None = None,
     _ablation: str | None = None,
+    _grid_policy: str = "wave",
+    _lane_options: tuple[str, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -401,7 +416,9 @@ def route_forward(
     (default: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"lane"``, which runs where it applies and hands other calls to
     ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
-    the work removed (``LANE_ABLATIONS``): its results are not the op's."""
+    the work removed (``LANE_ABLATIONS``): its results are not the op's. ``_grid_policy`` (``GRID_POLICIES``) and
+    ``_lane_options`` (names from ``LANE_OPTIONS``; bf16 logits with E=64 and a keep mask) pick the lane kernel's
+    grid and option bits, for benchmarking the choices the defaults make."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -426,6 +443,22 @@ def route_forward(
         if keep is None and _ablation.startswith("mask"):
             raise ValueError(f"_ablation={_ablation!r} needs a keep mask")
         ablation = LANE_ABLATIONS[_ablation]
+    if _grid_policy not in GRID_POLICIES:
+        raise ValueError(f"_grid_policy must be one of {sorted(GRID_POLICIES)}, got {_grid_policy!r}")
+    lane_options = 0
+    if _lane_options is not None:
+        unknown = sorted(set(_lane_options) - set(LANE_OPTIONS))
+        if unknown:
+            raise ValueError(f"_lane_options must be names from {sorted(LANE_OPTIONS)}, got {unknown}")
+        if logits.dtype != torch.bfloat16 or num_experts != 64 or keep is None or not lane_takes(logits, top_k, keep):
+            raise ValueError(
+                "_lane_options runs on bfloat16 logits with E=64 and a keep mask that the lane variant takes"
+            )
+        if "topk8" in _lane_options and (top_k != 8 or _ablation is not None):
+            raise ValueError("_lane_options 'topk8' needs top_k == 8 (and no _ablation)")
+        if _ablation not in (None, "load_store"):
+            raise ValueError("_lane_options combines with _ablation='load_store' only")
+        lane_options = 1 | sum(LANE_OPTIONS[name] for name in set(_lane_options))  # (bit 0: options given)
     params = RouteParams(
         weights.data_ptr(),
         ids.data_ptr(),
@@ -446,6 +479,8 @@ def route_forward(
         int(_prefetch_default() if prefetch is None else bool(prefetch)),
         VARIANTS[variant],
         ablation,
+        GRID_POLICIES[_grid_policy],
+        lane_options,
     )
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
