@@ -30,7 +30,8 @@ for cfg in "wave:topk8" "wave:load_store" "wave:load_store+stage_ids"; do
     name=$(echo "$cfg" | tr ':+' '__')
     timeout 150 "$ncu" --clock-control none --kernel-name regex:route_lane --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section SchedulerStats \
-        --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis --print-details all \
+        --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters \
+        --print-details all \
         python3 benchmarks/bench_route_lane.py --profile "$cfg" --T 262144 > "$out/ncu_$name.txt" 2>&1
     grep -E "SM Frequency|Duration|DRAM Throughput|Compute \(SM\)|Issue Slots Busy|Executed Ipc Active|Achieved Occ|highest-utilized|Stall [A-Z]|stall" \
         "$out/ncu_$name.txt" | head -40

@@ -739,17 +739,11 @@ route_lane_kernel(const RouteParams p) {
   int buf = 0;
   for (; tile < num_tiles; tile += num_warps, buf ^= (kTwoStages ? 1 : 0)) {
     const int64_t next = tile + num_warps;
-    if (kTwoStages) {
-      if (next < num_tiles) {
-        issue(next, buf ^ 1);
-      } else {
-        cp_async_commit();  // (an empty group: the wait below leaves the newest group pending)
-      }
-      cp_async_wait(1);
-    } else {
-      cp_async_wait(0);
-    }
+    // this tile first, then the next one's copy (issued only once this one has landed, so that at the start, when
+    // every warp waits, the first tiles are not queued behind the second ones)
+    cp_async_wait(0);
     __syncwarp();
+    if (kTwoStages && next < num_tiles) issue(next, buf ^ 1);
     const int gi = g_next;
     if (next < num_tiles) g_next = load_group(next);
 
