@@ -1,0 +1,517 @@
+"""The CUDA backward of ``route`` (``backend="cuda"``, ``csrc/route_cuda_backward.cu``) against the closed-form
+reference (``reference.route_backward_reference`` in float64) and the reference's autograd.
+
+GPU tests (marked ``gpu``) skip without a CUDA device or without ``nvcc``; a build that fails where both exist fails
+them with the compiler's message. Outputs are poisoned before every launch (a value no gradient here comes near), so
+an element the kernel does not write shows. The CPU tests check, where ``nvcc`` exists, that the library compiles for
+sm_90 without spills and that the backward launcher refuses calls it does not take before touching a device, and that
+the Python mirror of the launch arguments matches the C struct.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SESSION_SEED
+from route_cases import tie_free_logits, tolerance
+
+from moe_fastmask import route
+from moe_fastmask.ops import cuda_route, reference, triton_route
+
+route_module = importlib.import_module("moe_fastmask.ops.route")
+
+INF = math.inf
+NAN = math.nan
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_CUDA = torch.cuda.is_available()
+POISON = 1e4  # |grad_logits| <= 2 max|grad_weights|, far below this for the gradients drawn here
+CUDA_ERROR_INVALID_VALUE = 1
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel():
+    """Skip without a CUDA device or nvcc; otherwise the library must build and load."""
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if cuda_route.disabled():
+        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
+    if cuda_route.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    if not cuda_route.is_available():
+        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cases and checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[T, E] CPU logits of an adversarial ``kind``."""
+    if kind == "distinct":
+        return tie_free_logits(T, E, dtype, gen)
+    if kind == "normal":
+        return torch.randn(T, E, generator=gen).to(dtype)
+    if kind == "ties":  # many exact ties, equal rows included
+        values = torch.randint(-4, 5, (T, E), generator=gen).double() / 2
+        values[::7] = 1.5
+        return values.to(dtype)
+    if kind == "wide":  # probabilities underflow; 16-bit logits saturate to +-inf at the ends (NaN rows)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
+        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
+        return values.to(dtype)
+    if kind == "neg_inf":  # -inf on random experts; rows 0 and 5 entirely -inf
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        values[torch.rand(T, E, generator=gen) < 0.5] = -INF
+        values[0] = -INF
+        values[5 % T] = -INF
+        return values.to(dtype)
+    if kind == "nan_inf":  # NaN, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked there)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        cols = torch.randint(0, E, (rows.numel(),), generator=gen)
+        values[rows, cols] = NAN
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = INF
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = -INF
+        values[1 % T] = NAN
+        return values.to(dtype)
+    if kind == "signed_zeros":
+        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
+        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
+        return torch.where(values == 0, signs * 0.0, values).to(dtype)
+    if kind == "subnormal":
+        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
+        return (torch.randint(-3, 4, (T, E), generator=gen).double() * tiny).to(dtype)
+    raise ValueError(kind)
+
+
+KINDS = ("distinct", "normal", "ties", "wide", "neg_inf", "nan_inf", "signed_zeros", "subnormal")
+
+
+def make_keep(G: int, E: int, allowed: int | None, gen: torch.Generator) -> torch.Tensor:
+    """Bool [G, E]: each group keeps exactly ``allowed`` experts (None: a random number, at least 1)."""
+    keep = torch.zeros(G, E, dtype=torch.bool)
+    for g in range(G):
+        n = int(torch.randint(1, E + 1, (1,), generator=gen)) if allowed is None else allowed
+        keep[g, torch.randperm(E, generator=gen)[:n]] = True
+    return keep
+
+
+def forward_ids(logits, k, keep, group) -> torch.Tensor:
+    """The chosen ids as the forward gives them (the tie rule; masked experts last when fewer than k are allowed)."""
+    return reference.route_reference(logits, k, keep, group, None, False)[1]
+
+
+def run_backward(grad, logits, keep, group, ids, renormalize) -> torch.Tensor:
+    """The kernel on a poisoned output."""
+    out = torch.full(logits.shape, POISON, dtype=logits.dtype, device=logits.device)
+    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out)
+    assert got is out
+    torch.cuda.synchronize()
+    return out
+
+
+def check_against_reference(grad, logits, keep, group, ids, renormalize, where="", out=None):
+    """grad_logits within the dtype's tolerance of the float64 reference, NaN exactly where it is NaN; masked
+    experts (and, renormalised, unchosen ones) exactly 0 in rows without NaN."""
+    got = run_backward(grad, logits, keep, group, ids, renormalize) if out is None else out
+    exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize)
+    assert got.shape == logits.shape and got.dtype == logits.dtype and got.is_contiguous(), where
+    atol, rtol = tolerance(logits.dtype)
+    torch.testing.assert_close(got.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{where}\n{m}")
+    T, E = logits.shape
+    zero = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    allowed = reference.allowed_experts(T, keep, group)
+    if allowed is not None:
+        zero |= ~allowed
+    if renormalize:
+        zero |= ~torch.zeros_like(zero).scatter_(1, ids, True)
+    clean = ~exact.isnan().any(dim=1, keepdim=True)
+    assert bool((got[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
+    return got
+
+
+def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    group = torch.randint(-1, G, (T,), generator=gen)
+    return group.to(torch.int32) if kind == "int32" else group
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the kernel against the reference
+# --------------------------------------------------------------------------------------------------------------
+
+SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E, k", SHAPES, ids=[f"E{e}-k{k}" for e, k in SHAPES])
+def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
+    gen = torch.Generator().manual_seed(SESSION_SEED + E * 131 + k)
+    rng = random.Random(SESSION_SEED + E + k)
+    for T in (1, 31, 1000, 4099):
+        for renorm in (False, True):
+            G = rng.choice([1, 2, 5])
+            mask = rng.choice(["none", "loose", "tight"])
+            keep = None if mask == "none" else make_keep(G, E, k if mask == "tight" else None, gen)
+            if keep is not None:
+                keep[:, :k] |= mask == "loose"  # loose masks allow at least k experts
+            group = random_group(T, G, rng.choice(["none", "int32", "int64"]), gen)
+            logits = make_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).cuda()
+            keep = None if keep is None else keep.cuda()
+            group = None if group is None else group.cuda()
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+            check_against_reference(grad, logits, keep, group, ids, renorm,
+                                     where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
+    """Ties, -inf, NaN / inf rows, wide values, signed zeros, subnormals; masks allowing exactly k, fewer than k
+    (masked experts chosen) or no expert at all (all-masked rows), and out-of-range group ids."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + sum(map(ord, kind)))
+    T, G = 517, 4
+    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4)):
+        keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
+                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).cuda()
+        group = torch.randint(-2, G + 2, (T,), generator=gen).cuda()  # -2, G and G + 1 act as "no mask"
+        logits = make_logits(kind, T, E, dtype, gen).cuda()
+        ids = forward_ids(logits, k, keep, group)
+        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        for renorm in (False, True):
+            check_against_reference(grad, logits, keep, group, ids, renorm,
+                                    where=f"{kind} E={E} k={k} {dtype} renorm={renorm}")
+            check_against_reference(grad, logits, None, None, forward_ids(logits, k, None, None), renorm,
+                                    where=f"{kind} E={E} k={k} {dtype} renorm={renorm} no mask")
+
+
+@gpu
+def test_nan_and_masked_examples(cuda_kernel):
+    """Hand-made rows: a NaN on a masked expert does not reach the row; NaN / +inf / all--inf rows are NaN (with
+    renormalisation only on the chosen experts); a chosen masked expert gets 0."""
+    keep = torch.tensor([[True, True, False, True], [False, False, False, False]], device="cuda")
+    for dtype in DTYPES:
+        logits = torch.tensor([[1.0, 2.0, NAN, 0.5],     # group 0: the NaN is masked
+                               [1.0, NAN, 0.0, 0.5],     # group 0: NaN allowed
+                               [INF, 0.0, 1.0, 2.0],     # group 0: +inf allowed
+                               [-INF, -INF, 3.0, -INF],  # group 0: allowed all -inf
+                               [1.0, 2.0, 3.0, 4.0],     # group 1: everything masked
+                               [4.0, -1.0, 9.0, 0.0]],   # group 0, k = 3 chooses the masked expert 2
+                              dtype=dtype, device="cuda")
+        group = torch.tensor([0, 0, 0, 0, 1, 0], device="cuda")
+        ids = forward_ids(logits, 3, keep, group)
+        assert ids[5].tolist() == [0, 3, 1]
+        ids4 = forward_ids(logits, 4, keep, group)
+        assert ids4[5].tolist() == [0, 3, 1, 2]
+        grad = torch.tensor([[0.5, -1.0, 2.0]] * 6, dtype=dtype, device="cuda")
+        grad4 = torch.tensor([[0.5, -1.0, 2.0, 3.0]] * 6, dtype=dtype, device="cuda")
+        for renorm in (False, True):
+            got = check_against_reference(grad, logits, keep, group, ids, renorm, where=f"{dtype} {renorm}")
+            assert not got[0].isnan().any() and got[0, 2] == 0
+            for row in (1, 2, 3, 4):
+                nan = got[row].isnan()
+                assert bool(nan.all()) if not renorm else nan.tolist() == [e in ids[row] for e in range(4)]
+            check_against_reference(grad4, logits, keep, group, ids4, renorm, where=f"{dtype} {renorm} k=4")
+
+
+@gpu
+@pytest.mark.parametrize("group_dtype", [torch.int64, torch.int32], ids=str)
+def test_out_of_range_groups_never_read_outside_keep(cuda_kernel, group_dtype):
+    """Ids outside [0, G) mean no mask; keep is a view into a buffer whose rows before and after mask everything,
+    so a read outside keep would turn the row into NaN."""
+    G, E, k = 3, 64, 8
+    bad = [3, 4, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40), 2**32] if group_dtype == torch.int64 else [])
+    gen = torch.Generator().manual_seed(SESSION_SEED + 3)
+    for E in (64, 60, 256):
+        group = torch.tensor(([0, 1, 2, -1] + bad) * 41, dtype=group_dtype, device="cuda")
+        T = group.numel()
+        buffer = torch.zeros(G + 2, E, dtype=torch.bool)
+        buffer[1 : G + 1] = make_keep(G, E, None, gen) | (torch.arange(E) < k)
+        keep = buffer.cuda()[1 : G + 1]
+        assert keep.is_contiguous()
+        for dtype in DTYPES:
+            logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+            for renorm in (False, True):
+                got = check_against_reference(grad, logits, keep, group, ids, renorm, where=f"E={E} {dtype}")
+                assert not got.isnan().any()
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "offset", "padded_rows", "partial_chunks",
+                                    "misaligned_keep", "misaligned_out"])
+def test_strided_and_misaligned_tensors(cuda_kernel, layout):
+    """Any logits strides and alignments (16-byte accesses only where they are whole and aligned), a keep mask that is
+    not 4-byte aligned, and an output that is not 16-byte aligned."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 5)
+    T, E, k, G = 301, 64, 8, 3
+    for dtype in DTYPES:
+        out = None
+        if layout == "transposed":
+            logits = torch.randn(T, E, generator=gen).to(dtype).cuda().t().contiguous().t()
+        elif layout == "sliced":
+            logits = torch.randn(T, E + 1, generator=gen).to(dtype).cuda()[:, :E]
+        elif layout == "offset":
+            logits = torch.randn(T * E + 1, generator=gen).to(dtype).cuda()[1:].view(T, E)
+        elif layout == "padded_rows":  # rows 16-byte aligned, 144 / 288 bytes apart
+            logits = torch.randn(T, 72, generator=gen).to(dtype).cuda()[:, :E]
+        elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
+            logits = torch.randn(T, 64, generator=gen).to(dtype).cuda()[:, :60]
+        else:
+            logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        E_here = logits.shape[1]
+        keep = make_keep(G, E_here, None, gen)
+        keep[:, :k] = True
+        keep = keep.cuda()
+        if layout == "misaligned_keep":
+            keep = torch.zeros(G * E_here + 1, dtype=torch.bool, device="cuda")[1:].view(G, E_here).copy_(keep)
+            assert keep.data_ptr() % 4 != 0
+        group = torch.randint(-1, G, (T,), generator=gen).cuda()
+        ids = forward_ids(logits, k, keep, group)
+        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        for renorm in (False, True):
+            if layout == "misaligned_out":
+                out = torch.full((T * E_here + 1,), POISON, dtype=dtype, device="cuda")[1:].view(T, E_here)
+                assert out.data_ptr() % 16 != 0
+                cuda_route.route_backward(grad, logits, keep, group, ids, renorm, out=out)
+                torch.cuda.synchronize()
+            check_against_reference(grad, logits, keep, group, ids, renorm, where=f"{layout} {dtype} {renorm}",
+                                    out=out)
+
+
+@gpu
+def test_any_ids_and_many_rows(cuda_kernel):
+    """Chosen ids in any order (not the top-k), and more rows than one resident wave of blocks covers (the
+    grid-stride loop)."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 7)
+    T, E, k = 300_001, 64, 8
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = (torch.rand(4, E, generator=gen) < 0.7).cuda()
+        keep[:, :k] = True
+        group = torch.randint(-1, 4, (T,), generator=gen).cuda()
+        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        for renorm in (False, True):
+            check_against_reference(grad, logits, keep, group, forward_ids(logits, k, keep, group), renorm,
+                                    where=f"T={T} {dtype} renorm={renorm}")
+        ids = torch.argsort(torch.rand(1000, E, generator=gen), dim=1)[:, :k].cuda()
+        for renorm in (False, True):
+            check_against_reference(grad[:1000], logits[:1000], None, None, ids, renorm, where=f"any ids {dtype}")
+
+
+@gpu
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
+    """(weights * g).sum().backward() through route(backend="cuda") runs the CUDA backward (Triton's is made to fail)
+    and equals the reference's autograd in float64."""
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the cuda backend ran the Triton backward")
+
+    monkeypatch.setattr(triton_route, "route_backward", no_triton)
+    gen = torch.Generator().manual_seed(SESSION_SEED + 9)
+    for T, E, k in ((77, 64, 8), (1000, 60, 4), (33, 256, 16), (5, 8, 8)):
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = (torch.rand(2, E, generator=gen) < 0.6).cuda()
+        keep[:, :k] = True
+        group = torch.randint(-1, 2, (T,), generator=gen).cuda()
+        grad_out = torch.randn(T, k, generator=gen).cuda()
+        x = logits.clone().requires_grad_()
+        weights, ids = route(x, k, keep, group, None, renorm, "cuda")
+        (weights * grad_out.to(dtype)).sum().backward()
+        ref_x = logits.double().requires_grad_()
+        ref_w, ref_ids = reference.route_reference(ref_x, k, keep, group, None, renorm)
+        (ref_w * grad_out.to(dtype).double()).sum().backward()
+        assert torch.equal(ids, ref_ids)
+        assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+        atol, rtol = tolerance(dtype)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+        # the registered op (torch.compile's path) takes the same backward
+        x.grad = None
+        weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda")
+        (weights * grad_out.to(dtype)).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+
+
+@gpu
+def test_opcheck_and_cuda_graph(cuda_kernel):
+    gen = torch.Generator().manual_seed(SESSION_SEED + 11)
+    logits = torch.randn(6, 8, generator=gen).cuda()
+    keep = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    keep[1, :3] = False
+    group = torch.tensor([0, 1, -1, 1, 0, 1], device="cuda")
+    ids = forward_ids(logits, 3, keep, group)
+    grad = torch.randn(6, 3, generator=gen).cuda()
+    for renorm in (False, True):
+        torch.library.opcheck(torch.ops.moe_fastmask.route_backward.default,
+                              (grad, logits, keep, group, ids, renorm, "cuda"))
+
+    x = torch.randn(4099, 64, device="cuda", dtype=torch.bfloat16)
+    ids = forward_ids(x, 8, None, None)
+    grad = torch.randn(4099, 8, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(x, POISON)
+    cuda_route.route_backward(grad, x, None, None, ids, True, out=out)  # warm-up outside the capture
+    out.fill_(POISON)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_route.route_backward(grad, x, None, None, ids, True, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(grad, x, None, None, ids, True, where="graph", out=out)
+
+
+@gpu
+def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kernel):
+    """Other variants and shapes run Triton's backward under backend="cuda"; the launcher itself refuses bad shapes."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 13)
+    logits = torch.randn(65, 64, generator=gen).cuda()
+    ids = forward_ids(logits, 4, None, None)
+    grad = torch.randn(65, 4, generator=gen).cuda()
+    assert cuda_route.supports_backward(grad, logits, ids)
+    for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0)):
+        assert not cuda_route.supports_backward(grad, logits, ids, **kwargs)
+        renorm = kwargs.get("scoring") != "softmax_chosen"
+        got = route_module._route_backward_impl(grad, logits, None, None, ids, renorm, "cuda", **kwargs)
+        expected = triton_route.route_backward(grad, logits, None, None, ids, renorm, **kwargs)
+        assert torch.equal(got, expected), kwargs
+    assert not cuda_route.supports_backward(grad.half(), logits, ids)  # grad of another dtype
+    assert not cuda_route.supports_backward(grad, logits, ids.int())
+    assert not cuda_route.supports_backward(grad, logits.double(), ids)
+    wide = torch.randn(9, 512, generator=gen).cuda()
+    wide_ids = forward_ids(wide, 8, None, None)
+    assert not cuda_route.supports_backward(torch.ones(9, 8, device="cuda"), wide, wide_ids)
+    got = route_module._route_backward_impl(torch.ones(9, 8, device="cuda"), wide, None, None, wide_ids, False, "cuda")
+    torch.testing.assert_close(got, reference.route_backward_reference(torch.ones(9, 8, device="cuda"), wide, None,
+                                                                       None, wide_ids, False), atol=1e-6, rtol=1e-5)
+    lib = cuda_route._load()[0]
+    for fields in bad_shapes():
+        params = cuda_route.RouteBackwardParams(**fields)
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), 2, 0, None)
+        assert code == CUDA_ERROR_INVALID_VALUE, fields
+
+
+def bad_shapes() -> list[dict]:
+    """Launch arguments the backward launcher must refuse with cudaErrorInvalidValue (pointers are never read)."""
+    good = dict(grad_logits=64, grad_weights=64, logits=64, ids=64, stride_t=64, stride_e=1, num_tokens=4,
+                num_experts=64, num_groups=1, top_k=8)
+    return [
+        dict(good, num_experts=300),
+        dict(good, num_experts=0),
+        dict(good, top_k=17),
+        dict(good, top_k=0),
+        dict(good, num_experts=4, top_k=5),
+        dict(good, num_tokens=-1),
+        dict(good, stride_e=-1),
+        dict(good, grad_logits=None),
+        dict(good, ids=None),
+        dict(good, keep=64, num_groups=0),
+        dict(good, group_is_int64=2),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: the build, the launcher's refusals, the argument mirror
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_params_mirror_the_c_struct():
+    """RouteBackwardParams lists the C struct's fields in order, with the same widths, and has no tail padding."""
+    source = cuda_route.backward_source_path().read_text()
+    body = re.search(r"struct RouteBackwardParams \{(.*?)\};", source, re.S).group(1)
+    c_fields = re.findall(r"^\s*(?:const\s+)?(\w+)\*?\s+\*?(\w+);", body, re.M)
+    py_fields = cuda_route.RouteBackwardParams._fields_
+    assert [name for _, name in c_fields] == [name for name, _ in py_fields]
+    widths = {"void": 8, "int64_t": 8, "uint8_t": 8, "int32_t": 4}
+    for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
+        is_pointer = re.search(rf"\*\s*{name};", body) is not None
+        assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 96
+
+
+def test_build_key_and_command_cover_the_backward_source(tmp_path):
+    forward, backward = cuda_route.source_path(), cuda_route.backward_source_path()
+    assert backward.name == "route_cuda_backward.cu" and backward.is_file() and backward.parent == forward.parent
+    command = cuda_route.nvcc_command("nvcc", forward, Path("out.so"), ("90",))
+    assert command[-2:] == [str(backward), str(forward)]
+    for source in (forward, backward):
+        shutil.copy(source, tmp_path / source.name)
+    key = cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",))
+    (tmp_path / backward.name).write_text(backward.read_text() + "\n// changed\n")
+    assert cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",)) != key
+
+
+def test_supports_backward_needs_cuda_tensors():
+    logits = torch.randn(4, 64)
+    ids = torch.zeros(4, 8, dtype=torch.int64)
+    assert not cuda_route.supports_backward(torch.randn(4, 8), logits, ids)
+    meta = torch.empty(4, 64, device="meta")
+    assert not cuda_route.supports_backward(torch.empty(4, 8, device="meta"), meta, ids.to("meta"))
+
+
+@pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
+def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
+    """Compile for sm_90 in a fresh process (no device needed): every backward kernel instance without spills, and
+    the launcher refuses the shapes it does not take before touching a device (and reports a CUDA error, not a
+    crash, for a valid call without a device)."""
+    code = (
+        "import ctypes, torch\n"
+        "from moe_fastmask.ops import cuda_route as c\n"
+        "import test_route_cuda_backward as t\n"
+        "lib = c._bind(c._build())\n"
+        "size = lib.moe_fastmask_route_cuda_backward_params_size()\n"
+        "print('params size', size, ctypes.sizeof(c.RouteBackwardParams))\n"
+        "for fields in t.bad_shapes():\n"
+        "    p = c.RouteBackwardParams(**fields)\n"
+        "    print('refused', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64))\n"
+        "print('bad dtype', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 3, 0, None))\n"
+        "print('null params', lib.moe_fastmask_route_cuda_backward(None, 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64, num_tokens=0))\n"
+        "print('empty', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64))\n"
+        "rc = lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None)\n"
+        "print('no device', rc not in (0, 1), lib.moe_fastmask_route_cuda_error_string(rc).decode())\n"
+        "print('LOG', (c._build().parent / 'build.log').read_text())\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    size = ctypes.sizeof(cuda_route.RouteBackwardParams)
+    assert f"params size {size} {size}" in out.stdout, out.stdout[:2000]
+    assert out.stdout.count(f"refused {CUDA_ERROR_INVALID_VALUE}\n") == len(bad_shapes()), out.stdout[:2000]
+    assert f"bad dtype {CUDA_ERROR_INVALID_VALUE}" in out.stdout, out.stdout[:2000]
+    assert f"null params {CUDA_ERROR_INVALID_VALUE}" in out.stdout, out.stdout[:2000]
+    assert "empty 0" in out.stdout and "no device True" in out.stdout, out.stdout[:2000]
+    # ptxas: per kernel a "Compiling entry function" line, then "Function properties", its stack and spills, and its
+    # registers
+    log = out.stdout.split("LOG", 1)[1].splitlines()
+    entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
+    assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
+    for i in entries:
+        report = " ".join(log[i + 1 : i + 4])
+        assert "0 bytes spill stores, 0 bytes spill loads" in report and "registers" in report, (log[i], report)
