@@ -8,19 +8,20 @@
 //   without renormalisation  dz = p * (G - sum_e G_e p_e)
 //   with renormalisation     dz = w * (G - sum_e G_e w_e) on the chosen experts, 0 elsewhere, w = p / sum_chosen p
 // A row whose allowed logits hold NaN or +inf, or are all -inf (also: every expert masked), has p = NaN everywhere,
-// as in the reference: masked experts get exp(-inf - max) * (1 / sum) = 0 * NaN there. fmaxf skips NaN in the row
-// max, but the NaN logit's own exp term then makes the sum NaN. Group ids outside [0, G) act as "no mask"; ids
-// outside [0, E) scatter nothing. Nothing outside the tensors' ranges is read or written.
+// as in the reference: a masked expert gets exp2(-inf - max) * (1 / sum) = 0 * NaN there. (fmaxf skips NaN in the
+// row max, but the NaN logit's own exp term makes the sum NaN.) Group ids outside [0, G) act as "no mask"; ids outside
+// [0, E) scatter nothing. Nothing outside the tensors is read or written.
 //
 // Layout (memory-bound; no shared-memory staging of the logits): a row of E_PAD (power of two >= max(E, 8)) experts
-// is spread over L = E_PAD / 8 lanes of one warp, 8 experts per lane, so a warp step holds R = 32 / L rows, times U
-// row groups whose loads are all issued before any is used. A lane's experts are 16-byte chunks: one chunk of 8 for
-// 16-bit logits, two chunks of 4 for float32 (chunk q of lane s covers experts (q * L + s) * 4 ...: each load
-// instruction of the warp reads contiguous bytes). The row max and the sums are butterfly shuffles over the row's
-// lanes. The row's k (id, grad) pairs (entry j on lane j % L) are scattered into a per-warp shared buffer
-// [U][R][E_PAD] of grads plus chosen flags: each lane zeroes its own 8 slots, __syncwarp, the scatter, __syncwarp,
-// each lane reads its 8 back (the sums over the row then need no gather). Every lane of a warp runs the same number
-// of steps (the step is warp-uniform), so the full-mask __syncwarp calls are safe; three phases per step need two.
+// is spread over L = E_PAD / V lanes of one warp, V experts per lane (16 from E_PAD = 64 on, to spread each lane's
+// fixed costs over more experts; else 8), so a warp step holds R = 32 / L rows. A lane's experts come as 16-byte
+// chunks (8 experts of 16-bit logits, 4 of float32), chunk q of lane s at expert (q * L + s) * chunk size, so that
+// each load instruction of the warp reads contiguous bytes. All of a step's loads are issued before any is used.
+// The row max and sums are butterfly shuffles over the row's lanes. The row's k (id, grad) pairs (entry j on lane
+// j % L) are scattered into a per-warp shared buffer [R][E_PAD] of grads (plus chosen flags when renormalising):
+// each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots back (so the sums
+// over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are warp-uniform), so the
+// full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,7 +53,6 @@ constexpr int kBwdThreads = 256;
 constexpr int kBwdWarps = kBwdThreads / 32;
 constexpr int kBwdMaxExperts = 256;
 constexpr int kBwdMaxTopK = 16;
-constexpr int kRowSlots = 256;     // R * E_PAD = 8 * 32: scatter-buffer slots of one row group of a warp (any E_PAD)
 
 enum BwdDType { kBwdFloat32 = 0, kBwdFloat16 = 1, kBwdBFloat16 = 2 };
 // launch flags, chosen by the launcher from the pointers and strides
@@ -94,19 +94,24 @@ template <> struct BwdElem<__nv_bfloat16> {
 };
 
 template <typename T, int E_PAD> struct BwdShape {
+  static constexpr int V = E_PAD >= 64 ? 16 : 8;                // experts per lane
   static constexpr int CH = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
-  static constexpr int NCH = 8 / CH;                            // chunks per lane (8 experts per lane)
-  static constexpr int L = E_PAD / 8;                           // lanes per row
-  static constexpr int R = 32 / L;                              // rows per row group
+  static constexpr int NCH = V / CH;                            // chunks per lane
+  static constexpr int NQ = V / 4;                              // runs of 4 consecutive experts per lane
+  static constexpr int L = E_PAD / V;                           // lanes per row
+  static constexpr int R = 32 / L;                              // rows per warp step
+  static constexpr int SLOTS = R * E_PAD;                       // scatter-buffer slots per warp (32 V)
   static constexpr int KMAX = kBwdMaxTopK < E_PAD ? kBwdMaxTopK : E_PAD;
   static constexpr int J = (KMAX + L - 1) / L;                  // (id, grad) entries per lane
-  static constexpr int U = J <= 2 ? 2 : 1;                      // row groups per warp step (registers allowing)
-  // resident blocks: at most 64 registers (32 warps per SM, each with U row groups of loads in flight); 80 where a
-  // lane holds 8 (id, grad) entries (E_PAD <= 16)
-  static constexpr int kMinBlocks = J > 4 ? 3 : 4;
+  // resident blocks: at most 64 registers (32 warps per SM, each with a step of loads in flight); 80 where a lane
+  // holds 8 (id, grad) entries (E_PAD <= 16) and in the checked instances (their bounds checks need more), 128 in
+  // the checked float32 ones (no spills)
+  static constexpr int kMinBlocksVec = J > 4 ? 3 : 4;
+  static constexpr int kMinBlocksChecked = sizeof(T) == 4 ? 2 : 3;
   static_assert(E_PAD >= 8 && E_PAD <= kBwdMaxExperts && (E_PAD & (E_PAD - 1)) == 0, "E_PAD: power of two, 8..256");
-  static_assert(L * 8 == E_PAD && R * L == 32 && R * E_PAD == kRowSlots, "lane layout");
-  static_assert(NCH * CH == 8 && CH >= 4, "a lane's experts come in runs of at least 4");
+  static_assert(L * V == E_PAD && R * L == 32 && SLOTS == 32 * V, "lane layout");
+  static_assert(NCH * CH == V && CH % 4 == 0, "a lane's experts come in runs of 4 inside its chunks");
+  static_assert(J * L >= KMAX, "every (id, grad) entry has a lane");
 };
 
 // element c (0 <= c < CH) of a 16-byte chunk, as bits
@@ -121,19 +126,20 @@ __device__ __forceinline__ unsigned int chunk_bits(const uint4& v, int c) {
 }
 
 // VEC: the fast instance, for E == E_PAD, contiguous 16-byte aligned logits rows and output, and a 4-byte aligned
-// keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts); otherwise every access is
-// checked against E and the logits are read element by element through their strides, except for the whole 16-byte
-// chunks of rows that allow vector loads (flags & kVectorLoads) and the output chunks of rows that allow vector stores.
+// keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts). Otherwise every access is
+// checked against E, and the logits are read element by element through their strides except for whole 16-byte
+// chunks of rows that allow vector loads (flags & kVectorLoads); likewise for the output (flags & kVectorStores).
 template <typename T, int E_PAD, bool VEC>
-__global__ void __launch_bounds__(kBwdThreads, BwdShape<T, E_PAD>::kMinBlocks)
+__global__ void __launch_bounds__(kBwdThreads,
+                                  VEC ? BwdShape<T, E_PAD>::kMinBlocksVec : BwdShape<T, E_PAD>::kMinBlocksChecked)
 route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   using S = BwdShape<T, E_PAD>;
   using Elem = BwdElem<T>;
   using Bits = typename Elem::Bits;
-  constexpr int CH = S::CH, NCH = S::NCH, L = S::L, R = S::R, J = S::J, U = S::U;
+  constexpr int V = S::V, CH = S::CH, NCH = S::NCH, NQ = S::NQ, L = S::L, R = S::R, J = S::J;
   constexpr float kLog2e = 1.4426950408889634f;
-  __shared__ __align__(16) float s_grad[kBwdWarps][U][kRowSlots];          // G per (row group, row, expert)
-  __shared__ __align__(16) unsigned char s_pick[kBwdWarps][U][kRowSlots];  // 1: a chosen expert (renormalize)
+  __shared__ __align__(16) float s_grad[kBwdWarps][S::SLOTS];          // G per (row, expert)
+  __shared__ __align__(16) unsigned char s_pick[kBwdWarps][S::SLOTS];  // 1: a chosen expert (renormalize)
 
   const int E = VEC ? E_PAD : p.num_experts;
   const int top_k = p.top_k;
@@ -150,227 +156,208 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int sub = lane % L;  // lane within its row
-  const int r = lane / L;    // row within the row group
+  const int r = lane / L;    // row within the warp step
   // the lane's element i is expert chunk_e[i / CH] + i % CH; elements 4h .. 4h + 3 are the consecutive experts
   // quad_e[h] .. quad_e[h] + 3
   int chunk_e[NCH];
 #pragma unroll
   for (int q = 0; q < NCH; ++q) chunk_e[q] = (q * L + sub) * CH;
-  int quad_e[2];
+  int quad_e[NQ];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) quad_e[h] = chunk_e[(4 * h) / CH] + (4 * h) % CH;
-  // bit i: element i is a real expert (< E)
-  unsigned int in_range = 0u;
+  for (int h = 0; h < NQ; ++h) quad_e[h] = chunk_e[(4 * h) / CH] + (4 * h) % CH;
+  unsigned int in_range = 0u;  // bit i: element i is a real expert (< E)
 #pragma unroll
-  for (int i = 0; i < 8; ++i) in_range |= static_cast<unsigned int>(chunk_e[i / CH] + i % CH < E) << i;
+  for (int i = 0; i < V; ++i) in_range |= static_cast<unsigned int>(chunk_e[i / CH] + i % CH < E) << i;
 
-  float* const my_grad = &s_grad[warp][0][r * E_PAD];  // row group u at my_grad[u * kRowSlots]
-  unsigned char* const my_pick = &s_pick[warp][0][r * E_PAD];
+  float* const my_grad = &s_grad[warp][r * E_PAD];  // the row's slots (R * E_PAD per warp)
+  unsigned char* const my_pick = &s_pick[warp][r * E_PAD];
 
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kBwdWarps;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kBwdWarps + warp;
-  constexpr int kRowsPerStep = U * R;
 
-  for (int64_t base = warp_id * kRowsPerStep; base < num_tokens; base += num_warps * kRowsPerStep) {
-    // ---- loads of the U row groups, all issued before any is used
-    uint4 raw[U][NCH];
-    long long ids[U][J];
-    float grads[U][J];
-    int64_t keep_row[U];  // -1: no mask
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t row = base + u * R + r;
-      const bool valid = row < num_tokens;
-      keep_row[u] = -1;
-      if (has_keep && valid) {
-        int64_t g = 0;
-        if (p.group != nullptr) {
-          g = p.group_is_int64 ? __ldcs(static_cast<const long long*>(p.group) + row)
-                               : static_cast<int64_t>(__ldcs(static_cast<const int*>(p.group) + row));
-        }
-        keep_row[u] = (g >= 0 && g < p.num_groups) ? g : -1;
+  for (int64_t base = warp_id * R; base < num_tokens; base += num_warps * R) {
+    const int64_t row = base + r;
+    const bool valid = row < num_tokens;
+
+    // ---- loads, all issued before any is used: group id, logits, (id, grad) entries
+    int64_t keep_row = -1;  // -1: no mask
+    if (has_keep && valid) {
+      int64_t g = 0;
+      if (p.group != nullptr) {
+        g = p.group_is_int64 ? __ldcs(static_cast<const long long*>(p.group) + row)
+                             : static_cast<int64_t>(__ldcs(static_cast<const int*>(p.group) + row));
       }
-      const Bits* src = logits + row * p.stride_t;
+      keep_row = static_cast<uint64_t>(g) < static_cast<uint64_t>(p.num_groups) ? g : -1;
+    }
+    uint4 raw[NCH];
+    const Bits* src = logits + row * p.stride_t;
 #pragma unroll
-      for (int q = 0; q < NCH; ++q) {
-        const int e = chunk_e[q];
-        if (vector_loads && valid && (VEC || e + CH <= E)) {
-          raw[u][q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
-        } else {
-          unsigned int w[4] = {0u, 0u, 0u, 0u};
-          if constexpr (!VEC) {
+    for (int q = 0; q < NCH; ++q) {
+      const int e = chunk_e[q];
+      if (vector_loads && valid && (VEC || e + CH <= E)) {
+        raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
+      } else {
+        unsigned int w[4] = {0u, 0u, 0u, 0u};
+        if constexpr (!VEC) {
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-              if (valid && e + c < E) {
-                const unsigned int b = src[static_cast<int64_t>(e + c) * p.stride_e];
-                if constexpr (sizeof(T) == 4) {
-                  w[c] = b;
-                } else {
-                  w[c >> 1] |= b << (16 * (c & 1));
-                }
+          for (int c = 0; c < CH; ++c) {
+            if (valid && e + c < E) {
+              const unsigned int b = src[static_cast<int64_t>(e + c) * p.stride_e];
+              if constexpr (sizeof(T) == 4) {
+                w[c] = b;
+              } else {
+                w[c >> 1] |= b << (16 * (c & 1));
               }
             }
           }
-          raw[u][q] = make_uint4(w[0], w[1], w[2], w[3]);
         }
-      }
-#pragma unroll
-      for (int jj = 0; jj < J; ++jj) {
-        const int j = sub + jj * L;
-        ids[u][jj] = -1;
-        grads[u][jj] = 0.0f;
-        if (valid && j < top_k) {
-          const int64_t at = row * top_k + j;
-          ids[u][jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
-          grads[u][jj] = Elem::to_float(__ldcs(grad_weights + at));
-        }
+        raw[q] = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
-    // the allowed experts among the lane's 8 (bit i: element i), from the keep row (after the group loads)
-    unsigned int allowed[U];
+    long long ids[J];
+    float grads[J];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      allowed[u] = in_range;
-      if (keep_row[u] >= 0) {
-        const uint8_t* keep = p.keep + keep_row[u] * E;
-        unsigned int kept = 0u;
+    for (int jj = 0; jj < J; ++jj) {
+      const int j = sub + jj * L;
+      ids[jj] = -1;
+      grads[jj] = 0.0f;
+      if (valid && j < top_k) {
+        const int64_t at = row * top_k + j;
+        ids[jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
+        grads[jj] = Elem::to_float(__ldcs(grad_weights + at));
+      }
+    }
+    // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
+    unsigned int allowed = in_range;
+    if (keep_row >= 0) {
+      const uint8_t* keep = p.keep + keep_row * E;
+      unsigned int kept = 0u;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int e = quad_e[h];
-          if (keep_words && (VEC || e + 4 <= E)) {
-            const unsigned int word = __ldg(reinterpret_cast<const unsigned int*>(keep + e));
+      for (int h = 0; h < NQ; ++h) {
+        const int e = quad_e[h];
+        if (keep_words && (VEC || e + 4 <= E)) {
+          const unsigned int word = __ldg(reinterpret_cast<const unsigned int*>(keep + e));
 #pragma unroll
-            for (int c = 0; c < 4; ++c) kept |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
-          } else if constexpr (!VEC) {
+          for (int c = 0; c < 4; ++c) {
+            kept |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
+          }
+        } else if constexpr (!VEC) {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              if (e + c < E) kept |= static_cast<unsigned int>(__ldg(keep + e + c) != 0) << (4 * h + c);
-            }
+          for (int c = 0; c < 4; ++c) {
+            if (e + c < E) kept |= static_cast<unsigned int>(__ldg(keep + e + c) != 0) << (4 * h + c);
           }
         }
-        allowed[u] &= kept;
       }
+      allowed &= kept;
     }
 
     // ---- scatter the chosen experts' grads: zero own slots, sync, scatter, sync, read own slots back
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        *reinterpret_cast<float4*>(my_grad + u * kRowSlots + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (renormalize) *reinterpret_cast<unsigned int*>(my_pick + u * kRowSlots + quad_e[h]) = 0u;
-      }
+    for (int h = 0; h < NQ; ++h) {
+      *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (renormalize) *reinterpret_cast<unsigned int*>(my_pick + quad_e[h]) = 0u;
     }
     __syncwarp();
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int jj = 0; jj < J; ++jj) {
-        const long long e = ids[u][jj];
-        if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E)) {  // (-1: no entry)
-          my_grad[u * kRowSlots + static_cast<int>(e)] = grads[u][jj];
-          if (renormalize) my_pick[u * kRowSlots + static_cast<int>(e)] = 1;
-        }
+    for (int jj = 0; jj < J; ++jj) {
+      const long long e = ids[jj];
+      if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E)) {  // (-1: no entry)
+        my_grad[e] = grads[jj];
+        if (renormalize) my_pick[e] = 1;
       }
     }
     __syncwarp();
-
+    float G[V];
+    unsigned int chosen = 0u;  // bit i: element i is a chosen expert (renormalize)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float G[8];
-      unsigned int chosen = 0u;  // bit i: element i is a chosen expert (renormalize)
+    for (int h = 0; h < NQ; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(my_grad + quad_e[h]);
+      G[4 * h] = v.x;
+      G[4 * h + 1] = v.y;
+      G[4 * h + 2] = v.z;
+      G[4 * h + 3] = v.w;
+      if (renormalize) {
+        const unsigned int word = *reinterpret_cast<const unsigned int*>(my_pick + quad_e[h]);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float4 v = *reinterpret_cast<const float4*>(my_grad + u * kRowSlots + quad_e[h]);
-        G[4 * h] = v.x;
-        G[4 * h + 1] = v.y;
-        G[4 * h + 2] = v.z;
-        G[4 * h + 3] = v.w;
-        if (renormalize) {
-          const unsigned int word = *reinterpret_cast<const unsigned int*>(my_pick + u * kRowSlots + quad_e[h]);
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            chosen |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
-          }
+        for (int c = 0; c < 4; ++c) {
+          chosen |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
         }
       }
+    }
 
-      // masked softmax: padding and masked experts read as -inf
-      float z[8];
+    // ---- masked softmax (padding and masked experts read as -inf), then the gradient
+    float prob[V];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        z[i] = ((allowed[u] >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[u][i / CH], i % CH)) : -INFINITY;
-      }
-      float row_max = -INFINITY;
+    for (int i = 0; i < V; ++i) {
+      prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
+    }
+    float row_max = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) row_max = fmaxf(row_max, z[i]);
+    for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
 #pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
-      float prob[8];
-      float sum = 0.0f;
+    for (int off = L / 2; off > 0; off >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
+    float sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        prob[i] = bwd_exp2((z[i] - row_max) * kLog2e);
-        sum += prob[i];
-      }
+    for (int i = 0; i < V; ++i) {
+      prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
+      sum += prob[i];
+    }
 #pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
-      const float inv = bwd_rcp(sum);  // sum in [1, 256], or NaN
+    for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
+    const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
 #pragma unroll
-      for (int i = 0; i < 8; ++i) prob[i] *= inv;
+    for (int i = 0; i < V; ++i) prob[i] *= inv;
 
-      float dz[8];
-      if (!renormalize) {
-        float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
+    float dz[V];
+    if (!renormalize) {
+      float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot += G[i] * prob[i];
+      for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
 #pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+      for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dz[i] = prob[i] * (G[i] - dot);
-      } else {
-        float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+      for (int i = 0; i < V; ++i) dz[i] = prob[i] * (G[i] - dot);
+    } else {
+      float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if ((chosen >> i) & 1u) {
-            picked += prob[i];
-            dot += G[i] * prob[i];
-          }
+      for (int i = 0; i < V; ++i) {
+        if ((chosen >> i) & 1u) {
+          picked += prob[i];
+          dot += G[i] * prob[i];
         }
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) {
-          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-        }
-        const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
-        dot *= rinv;                          // sum_l g_l w_l
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dz[i] = ((chosen >> i) & 1u) ? prob[i] * rinv * (G[i] - dot) : 0.0f;
       }
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) {
+        picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+        dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+      }
+      const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+      dot *= rinv;                          // sum_l g_l w_l
+#pragma unroll
+      for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? prob[i] * rinv * (G[i] - dot) : 0.0f;
+    }
 
-      const int64_t row = base + u * R + r;
-      if (row < num_tokens) {
-        Bits* out = grad_logits + row * E;
+    if (valid) {
+      Bits* out = grad_logits + row * E;
 #pragma unroll
-        for (int q = 0; q < NCH; ++q) {
-          const int e = chunk_e[q];
-          if (vector_stores && (VEC || e < E)) {  // (vector stores: E is a multiple of CH, so the chunk is whole)
-            unsigned int w[4];
-            if constexpr (sizeof(T) == 4) {
+      for (int q = 0; q < NCH; ++q) {
+        const int e = chunk_e[q];
+        if (vector_stores && (VEC || e < E)) {  // (vector stores: E is a multiple of CH, so the chunk is whole)
+          unsigned int w[4];
+          if constexpr (sizeof(T) == 4) {
 #pragma unroll
-              for (int c = 0; c < 4; ++c) w[c] = Elem::from_float(dz[q * CH + c]);
-            } else {
+            for (int c = 0; c < 4; ++c) w[c] = Elem::from_float(dz[q * CH + c]);
+          } else {
 #pragma unroll
-              for (int c = 0; c < 4; ++c) {
-                w[c] = Elem::from_float(dz[q * CH + 2 * c]) | (Elem::from_float(dz[q * CH + 2 * c + 1]) << 16);
-              }
+            for (int c = 0; c < 4; ++c) {
+              w[c] = Elem::from_float(dz[q * CH + 2 * c]) | (Elem::from_float(dz[q * CH + 2 * c + 1]) << 16);
             }
-            __stcs(reinterpret_cast<uint4*>(out + e), make_uint4(w[0], w[1], w[2], w[3]));
-          } else if constexpr (!VEC) {
+          }
+          __stcs(reinterpret_cast<uint4*>(out + e), make_uint4(w[0], w[1], w[2], w[3]));
+        } else if constexpr (!VEC) {
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-              if (e + c < E) out[e + c] = static_cast<Bits>(Elem::from_float(dz[q * CH + c]));
-            }
+          for (int c = 0; c < CH; ++c) {
+            if (e + c < E) out[e + c] = static_cast<Bits>(Elem::from_float(dz[q * CH + c]));
           }
         }
       }
@@ -396,7 +383,7 @@ cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cuda
     if (err != cudaSuccess) return err;
     resident[device] = blocks > 0 ? blocks : 1;
   }
-  constexpr int64_t kRowsPerBlock = static_cast<int64_t>(kBwdWarps) * S::U * S::R;
+  constexpr int64_t kRowsPerBlock = static_cast<int64_t>(kBwdWarps) * S::R;
   const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
   const int grid = static_cast<int>(needed < wave ? needed : wave);
@@ -489,7 +476,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
   if (p.stride_e == 1 && (p.stride_t * size) % 16 == 0 && aligned16(p.logits)) flags |= kVectorLoads;
   if ((p.num_experts * size) % 16 == 0 && aligned16(p.grad_logits)) flags |= kVectorStores;
   if (p.keep != nullptr && p.num_experts % 4 == 0 && (reinterpret_cast<uintptr_t>(p.keep) & 3u) == 0) {
-    flags |= kKeepWords;
+    flags |= kKeepWords;  // (then every keep row is 4-byte aligned)
   }
 
   int current = -1;

@@ -117,23 +117,24 @@ def forward_ids(logits, k, keep, group) -> torch.Tensor:
     return reference.route_reference(logits, k, keep, group, None, False)[1]
 
 
-def run_backward(grad, logits, keep, group, ids, renormalize) -> torch.Tensor:
-    """The kernel on a poisoned output."""
-    out = torch.full(logits.shape, POISON, dtype=logits.dtype, device=logits.device)
+def run_cuda(grad, logits, keep, group, ids, renormalize, out) -> None:
+    """The CUDA backward, writing into ``out``."""
     got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out)
     assert got is out
     torch.cuda.synchronize()
-    return out
 
 
-def check_against_reference(grad, logits, keep, group, ids, renormalize, where="", out=None):
-    """grad_logits within the dtype's tolerance of the float64 reference, NaN exactly where it is NaN; masked
-    experts (and, renormalised, unchosen ones) exactly 0 in rows without NaN."""
-    got = run_backward(grad, logits, keep, group, ids, renormalize) if out is None else out
+def check_against_reference(run, grad, logits, keep, group, ids, renormalize, where="", out=None):
+    """``run`` (a launcher: ``run_cuda``, or the host emulation) writes grad_logits into a poisoned output (``out``,
+    or a new contiguous tensor). It must be within the dtype's tolerance of the float64 reference, NaN exactly where
+    that is NaN, and exactly 0 on masked experts (renormalised, on unchosen ones too) in rows without NaN."""
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    out.fill_(POISON)
+    run(grad, logits, keep, group, ids, renormalize, out)
     exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize)
-    assert got.shape == logits.shape and got.dtype == logits.dtype and got.is_contiguous(), where
     atol, rtol = tolerance(logits.dtype)
-    torch.testing.assert_close(got.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
+    torch.testing.assert_close(out.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{where}\n{m}")
     T, E = logits.shape
     zero = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
@@ -143,8 +144,8 @@ def check_against_reference(grad, logits, keep, group, ids, renormalize, where="
     if renormalize:
         zero |= ~torch.zeros_like(zero).scatter_(1, ids, True)
     clean = ~exact.isnan().any(dim=1, keepdim=True)
-    assert bool((got[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
-    return got
+    assert bool((out[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
+    return out
 
 
 def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
@@ -155,157 +156,200 @@ def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------------------------
-# GPU: the kernel against the reference
+# Scenarios: each checks one launcher (``run``) on tensors of ``device`` against the reference. The GPU tests run
+# them on the CUDA kernel; test_kernel_source_emulated_on_the_host runs them (smaller) on the same source compiled
+# for the host.
 # --------------------------------------------------------------------------------------------------------------
 
 SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E]
 
 
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E, k", SHAPES, ids=[f"E{e}-k{k}" for e, k in SHAPES])
-def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
-    gen = torch.Generator().manual_seed(SESSION_SEED + E * 131 + k)
-    rng = random.Random(SESSION_SEED + E + k)
-    for T in (1, 31, 1000, 4099):
+def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
+    """Random logits, masks (none, at least k allowed, exactly k), group ids (none, int32, int64, with -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    for T in sizes:
         for renorm in (False, True):
             G = rng.choice([1, 2, 5])
             mask = rng.choice(["none", "loose", "tight"])
             keep = None if mask == "none" else make_keep(G, E, k if mask == "tight" else None, gen)
-            if keep is not None:
-                keep[:, :k] |= mask == "loose"  # loose masks allow at least k experts
+            if mask == "loose":
+                keep[:, :k] = True  # at least k allowed
             group = random_group(T, G, rng.choice(["none", "int32", "int64"]), gen)
-            logits = make_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).cuda()
-            keep = None if keep is None else keep.cuda()
-            group = None if group is None else group.cuda()
+            logits = make_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).to(device)
+            keep = None if keep is None else keep.to(device)
+            group = None if group is None else group.to(device)
             ids = forward_ids(logits, k, keep, group)
-            grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
-            check_against_reference(grad, logits, keep, group, ids, renorm,
-                                     where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            check_against_reference(run, grad, logits, keep, group, ids, renorm,
+                                    where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
 
 
-@gpu
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
-    """Ties, -inf, NaN / inf rows, wide values, signed zeros, subnormals; masks allowing exactly k, fewer than k
-    (masked experts chosen) or no expert at all (all-masked rows), and out-of-range group ids."""
-    gen = torch.Generator().manual_seed(SESSION_SEED + sum(map(ord, kind)))
-    T, G = 517, 4
-    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4)):
+ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4))
+
+
+def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
+    """Values of ``kind``; masks allowing exactly k, fewer than k (masked experts chosen) or no expert (all-masked
+    rows); group ids -2, G and G + 1 (no mask); also without a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    G = 4
+    for E, k in shapes:
         keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
-                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).cuda()
-        group = torch.randint(-2, G + 2, (T,), generator=gen).cuda()  # -2, G and G + 1 act as "no mask"
-        logits = make_logits(kind, T, E, dtype, gen).cuda()
+                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
+        group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
+        logits = make_logits(kind, T, E, dtype, gen).to(device)
         ids = forward_ids(logits, k, keep, group)
-        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
         for renorm in (False, True):
-            check_against_reference(grad, logits, keep, group, ids, renorm,
+            check_against_reference(run, grad, logits, keep, group, ids, renorm,
                                     where=f"{kind} E={E} k={k} {dtype} renorm={renorm}")
-            check_against_reference(grad, logits, None, None, forward_ids(logits, k, None, None), renorm,
+            check_against_reference(run, grad, logits, None, None, forward_ids(logits, k, None, None), renorm,
                                     where=f"{kind} E={E} k={k} {dtype} renorm={renorm} no mask")
 
 
-@gpu
-def test_nan_and_masked_examples(cuda_kernel):
+def scenario_examples(run, device):
     """Hand-made rows: a NaN on a masked expert does not reach the row; NaN / +inf / all--inf rows are NaN (with
     renormalisation only on the chosen experts); a chosen masked expert gets 0."""
-    keep = torch.tensor([[True, True, False, True], [False, False, False, False]], device="cuda")
+    keep = torch.tensor([[True, True, False, True], [False, False, False, False]], device=device)
     for dtype in DTYPES:
         logits = torch.tensor([[1.0, 2.0, NAN, 0.5],     # group 0: the NaN is masked
                                [1.0, NAN, 0.0, 0.5],     # group 0: NaN allowed
                                [INF, 0.0, 1.0, 2.0],     # group 0: +inf allowed
                                [-INF, -INF, 3.0, -INF],  # group 0: allowed all -inf
                                [1.0, 2.0, 3.0, 4.0],     # group 1: everything masked
-                               [4.0, -1.0, 9.0, 0.0]],   # group 0, k = 3 chooses the masked expert 2
-                              dtype=dtype, device="cuda")
-        group = torch.tensor([0, 0, 0, 0, 1, 0], device="cuda")
+                               [4.0, -1.0, 9.0, 0.0]],   # group 0, k = 4 chooses the masked expert 2
+                              dtype=dtype, device=device)
+        group = torch.tensor([0, 0, 0, 0, 1, 0], device=device)
         ids = forward_ids(logits, 3, keep, group)
-        assert ids[5].tolist() == [0, 3, 1]
         ids4 = forward_ids(logits, 4, keep, group)
         assert ids4[5].tolist() == [0, 3, 1, 2]
-        grad = torch.tensor([[0.5, -1.0, 2.0]] * 6, dtype=dtype, device="cuda")
-        grad4 = torch.tensor([[0.5, -1.0, 2.0, 3.0]] * 6, dtype=dtype, device="cuda")
+        grad = torch.tensor([[0.5, -1.0, 2.0]] * 6, dtype=dtype, device=device)
+        grad4 = torch.tensor([[0.5, -1.0, 2.0, 3.0]] * 6, dtype=dtype, device=device)
         for renorm in (False, True):
-            got = check_against_reference(grad, logits, keep, group, ids, renorm, where=f"{dtype} {renorm}")
+            got = check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"{dtype} {renorm}")
             assert not got[0].isnan().any() and got[0, 2] == 0
             for row in (1, 2, 3, 4):
                 nan = got[row].isnan()
                 assert bool(nan.all()) if not renorm else nan.tolist() == [e in ids[row] for e in range(4)]
-            check_against_reference(grad4, logits, keep, group, ids4, renorm, where=f"{dtype} {renorm} k=4")
+            got = check_against_reference(run, grad4, logits, keep, group, ids4, renorm, where=f"{dtype} {renorm} k=4")
+            assert got[5, 2] == 0
+
+
+def scenario_out_of_range_groups(run, device, group_dtype, repeat, seed):
+    """Ids outside [0, G) mean no mask; keep is a view into a buffer whose rows before and after mask everything,
+    so a read outside keep would turn the row into NaN."""
+    G, k = 3, 8
+    bad = [3, 4, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40), 2**32] if group_dtype == torch.int64 else [])
+    gen = torch.Generator().manual_seed(seed)
+    for E in (64, 60, 256):
+        group = torch.tensor(([0, 1, 2, -1] + bad) * repeat, dtype=group_dtype, device=device)
+        T = group.numel()
+        buffer = torch.zeros(G + 2, E, dtype=torch.bool)
+        buffer[1 : G + 1] = make_keep(G, E, None, gen) | (torch.arange(E) < k)
+        keep = buffer.to(device)[1 : G + 1]
+        assert keep.is_contiguous()
+        for dtype in DTYPES:
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                got = check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"E={E} {dtype}")
+                assert not got.isnan().any()
+
+
+LAYOUTS = ["transposed", "sliced", "offset", "padded_rows", "partial_chunks", "misaligned_keep", "misaligned_out"]
+
+
+def scenario_layout(run, device, layout, T, seed):
+    """Any logits strides and alignments (16-byte accesses only where they are whole and aligned), a keep mask that
+    is not 4-byte aligned, an output that is not 16-byte aligned."""
+    gen = torch.Generator().manual_seed(seed)
+    E, k, G = 64, 8, 3
+    for dtype in DTYPES:
+        if layout == "transposed":
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device).t().contiguous().t()
+        elif layout == "sliced":
+            logits = torch.randn(T, E + 1, generator=gen).to(dtype).to(device)[:, :E]
+        elif layout == "offset":
+            logits = torch.randn(T * E + 1, generator=gen).to(dtype).to(device)[1:].view(T, E)
+        elif layout == "padded_rows":  # rows 16-byte aligned, 144 / 288 bytes apart
+            logits = torch.randn(T, 72, generator=gen).to(dtype).to(device)[:, :E]
+        elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
+            logits = torch.randn(T, 64, generator=gen).to(dtype).to(device)[:, :60]
+        else:
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+        E_here = logits.shape[1]
+        keep = make_keep(G, E_here, None, gen)
+        keep[:, :k] = True
+        keep = keep.to(device)
+        if layout == "misaligned_keep":
+            keep = torch.zeros(G * E_here + 1, dtype=torch.bool, device=device)[1:].view(G, E_here).copy_(keep)
+            assert keep.data_ptr() % 4 != 0
+        out = None
+        if layout == "misaligned_out":
+            out = torch.empty(T * E_here + 1, dtype=dtype, device=device)[1:].view(T, E_here)
+            assert out.data_ptr() % 16 != 0
+        group = torch.randint(-1, G, (T,), generator=gen).to(device)
+        ids = forward_ids(logits, k, keep, group)
+        grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+        for renorm in (False, True):
+            check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"{layout} {dtype} {renorm}",
+                                    out=out)
+
+
+def scenario_any_ids(run, device, T, seed):
+    """Chosen ids in any order (not the top-k)."""
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        for E, k in ((64, 8), (8, 3), (256, 16)):
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :k].to(device)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                check_against_reference(run, grad, logits, None, None, ids, renorm, where=f"any ids {dtype} E={E}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the kernel against the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E, k", SHAPES, ids=[f"E{e}-k{k}" for e, k in SHAPES])
+def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
+    scenario_random_shapes(run_cuda, "cuda", E, k, dtype, (1, 31, 1000, 4099), SESSION_SEED + E * 131 + k)
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
+    scenario_adversarial(run_cuda, "cuda", kind, dtype, 517, ADVERSARIAL_SHAPES, SESSION_SEED + sum(map(ord, kind)))
+
+
+@gpu
+def test_nan_and_masked_examples(cuda_kernel):
+    scenario_examples(run_cuda, "cuda")
 
 
 @gpu
 @pytest.mark.parametrize("group_dtype", [torch.int64, torch.int32], ids=str)
 def test_out_of_range_groups_never_read_outside_keep(cuda_kernel, group_dtype):
-    """Ids outside [0, G) mean no mask; keep is a view into a buffer whose rows before and after mask everything,
-    so a read outside keep would turn the row into NaN."""
-    G, E, k = 3, 64, 8
-    bad = [3, 4, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40), 2**32] if group_dtype == torch.int64 else [])
-    gen = torch.Generator().manual_seed(SESSION_SEED + 3)
-    for E in (64, 60, 256):
-        group = torch.tensor(([0, 1, 2, -1] + bad) * 41, dtype=group_dtype, device="cuda")
-        T = group.numel()
-        buffer = torch.zeros(G + 2, E, dtype=torch.bool)
-        buffer[1 : G + 1] = make_keep(G, E, None, gen) | (torch.arange(E) < k)
-        keep = buffer.cuda()[1 : G + 1]
-        assert keep.is_contiguous()
-        for dtype in DTYPES:
-            logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
-            ids = forward_ids(logits, k, keep, group)
-            grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
-            for renorm in (False, True):
-                got = check_against_reference(grad, logits, keep, group, ids, renorm, where=f"E={E} {dtype}")
-                assert not got.isnan().any()
+    scenario_out_of_range_groups(run_cuda, "cuda", group_dtype, 41, SESSION_SEED + 3)
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["transposed", "sliced", "offset", "padded_rows", "partial_chunks",
-                                    "misaligned_keep", "misaligned_out"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_and_misaligned_tensors(cuda_kernel, layout):
-    """Any logits strides and alignments (16-byte accesses only where they are whole and aligned), a keep mask that is
-    not 4-byte aligned, and an output that is not 16-byte aligned."""
-    gen = torch.Generator().manual_seed(SESSION_SEED + 5)
-    T, E, k, G = 301, 64, 8, 3
-    for dtype in DTYPES:
-        out = None
-        if layout == "transposed":
-            logits = torch.randn(T, E, generator=gen).to(dtype).cuda().t().contiguous().t()
-        elif layout == "sliced":
-            logits = torch.randn(T, E + 1, generator=gen).to(dtype).cuda()[:, :E]
-        elif layout == "offset":
-            logits = torch.randn(T * E + 1, generator=gen).to(dtype).cuda()[1:].view(T, E)
-        elif layout == "padded_rows":  # rows 16-byte aligned, 144 / 288 bytes apart
-            logits = torch.randn(T, 72, generator=gen).to(dtype).cuda()[:, :E]
-        elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
-            logits = torch.randn(T, 64, generator=gen).to(dtype).cuda()[:, :60]
-        else:
-            logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
-        E_here = logits.shape[1]
-        keep = make_keep(G, E_here, None, gen)
-        keep[:, :k] = True
-        keep = keep.cuda()
-        if layout == "misaligned_keep":
-            keep = torch.zeros(G * E_here + 1, dtype=torch.bool, device="cuda")[1:].view(G, E_here).copy_(keep)
-            assert keep.data_ptr() % 4 != 0
-        group = torch.randint(-1, G, (T,), generator=gen).cuda()
-        ids = forward_ids(logits, k, keep, group)
-        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
-        for renorm in (False, True):
-            if layout == "misaligned_out":
-                out = torch.full((T * E_here + 1,), POISON, dtype=dtype, device="cuda")[1:].view(T, E_here)
-                assert out.data_ptr() % 16 != 0
-                cuda_route.route_backward(grad, logits, keep, group, ids, renorm, out=out)
-                torch.cuda.synchronize()
-            check_against_reference(grad, logits, keep, group, ids, renorm, where=f"{layout} {dtype} {renorm}",
-                                    out=out)
+    scenario_layout(run_cuda, "cuda", layout, 301, SESSION_SEED + 5)
 
 
 @gpu
 def test_any_ids_and_many_rows(cuda_kernel):
-    """Chosen ids in any order (not the top-k), and more rows than one resident wave of blocks covers (the
-    grid-stride loop)."""
-    gen = torch.Generator().manual_seed(SESSION_SEED + 7)
+    """Ids in any order, and more rows than one resident wave of blocks covers (the grid-stride loop)."""
+    scenario_any_ids(run_cuda, "cuda", 1000, SESSION_SEED + 7)
+    gen = torch.Generator().manual_seed(SESSION_SEED + 8)
     T, E, k = 300_001, 64, 8
     for dtype in (torch.bfloat16, torch.float32):
         logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
@@ -313,12 +357,10 @@ def test_any_ids_and_many_rows(cuda_kernel):
         keep[:, :k] = True
         group = torch.randint(-1, 4, (T,), generator=gen).cuda()
         grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        ids = forward_ids(logits, k, keep, group)
         for renorm in (False, True):
-            check_against_reference(grad, logits, keep, group, forward_ids(logits, k, keep, group), renorm,
+            check_against_reference(run_cuda, grad, logits, keep, group, ids, renorm,
                                     where=f"T={T} {dtype} renorm={renorm}")
-        ids = torch.argsort(torch.rand(1000, E, generator=gen), dim=1)[:, :k].cuda()
-        for renorm in (False, True):
-            check_against_reference(grad[:1000], logits[:1000], None, None, ids, renorm, where=f"any ids {dtype}")
 
 
 @gpu
@@ -371,15 +413,17 @@ def test_opcheck_and_cuda_graph(cuda_kernel):
     x = torch.randn(4099, 64, device="cuda", dtype=torch.bfloat16)
     ids = forward_ids(x, 8, None, None)
     grad = torch.randn(4099, 8, device="cuda", dtype=torch.bfloat16)
-    out = torch.full_like(x, POISON)
+    out = torch.empty_like(x)
     cuda_route.route_backward(grad, x, None, None, ids, True, out=out)  # warm-up outside the capture
-    out.fill_(POISON)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cuda_route.route_backward(grad, x, None, None, ids, True, out=out)
-    graph.replay()
-    torch.cuda.synchronize()
-    check_against_reference(grad, x, None, None, ids, True, where="graph", out=out)
+
+    def replay(*args):
+        graph.replay()
+        torch.cuda.synchronize()
+
+    check_against_reference(replay, grad, x, None, None, ids, True, where="graph", out=out)
 
 
 @gpu
@@ -515,3 +559,241 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
     for i in entries:
         report = " ".join(log[i + 1 : i + 4])
         assert "0 bytes spill stores, 0 bytes spill loads" in report and "registers" in report, (log[i], report)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: the kernel source itself, compiled for the host with an emulation of the warp (and AddressSanitizer)
+# --------------------------------------------------------------------------------------------------------------
+
+EMU_HEADER = r"""
+// Host emulation of the CUDA device API the backward kernel uses: the 32 lanes of a warp are std::threads that
+// run the warps of every block one after another (they do not interact); __syncwarp and the shuffles are barriers
+// of the 32.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct uint4 { unsigned int x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 gridDim, blockDim;
+
+// a barrier of the 32 lanes that gives up (and ends the process) when a lane never arrives: lanes that disagree on
+// the number of __syncwarp calls would otherwise hang
+struct EmuWarp {
+  std::atomic<int> arrived{0};
+  std::atomic<long> generation{0};
+  unsigned char slots[32][8];
+  void wait() {
+    const long gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == 31) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (long spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      std::this_thread::yield();
+      if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
+        std::fprintf(stderr, "emulation: a lane never reached __syncwarp / a shuffle (divergent warp)\n");
+        std::_Exit(3);
+      }
+    }
+  }
+};
+inline thread_local EmuWarp* emu_warp = nullptr;
+
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu_warp->wait(); }
+
+template <typename X>
+X __shfl_xor_sync(unsigned int, X v, int offset, int width = 32) {
+  static_assert(sizeof(X) <= 8, "shuffle of at most 8 bytes");
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (offset >= width) std::_Exit(4);
+  std::memcpy(emu_warp->slots[lane], &v, sizeof(X));
+  emu_warp->wait();
+  X out;
+  std::memcpy(&out, emu_warp->slots[lane ^ offset], sizeof(X));
+  emu_warp->wait();
+  return out;
+}
+
+template <typename X> inline X __ldcs(const X* p) { return *p; }
+template <typename X> inline X __ldg(const X* p) { return *p; }
+template <typename X> inline void __stcs(X* p, X v) { *p = v; }
+
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+
+struct __half { unsigned short bits; };
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.bits, 2); return static_cast<float>(v); }
+inline __half __float2half_rn(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  __half h;
+  std::memcpy(&h.bits, &v, 2);
+  return h;
+}
+
+struct __nv_bfloat16 { unsigned short bits; };
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned int u = __float_as_uint(f);
+  if (std::isnan(f)) return {static_cast<unsigned short>((u >> 16) | 0x40u)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return {static_cast<unsigned short>(u >> 16)};
+}
+
+// ex2.approx.ftz / rcp.approx.ftz: subnormal inputs and results are zero
+inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+inline float emu_ex2(float x) { return emu_ftz(std::exp2(emu_ftz(x))); }
+inline float emu_rcp(float x) { return emu_ftz(1.0f / emu_ftz(x)); }
+
+// runtime API
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+struct cudaFuncAttributes { int numRegs; };
+inline int emu_sms = 2;  // small, so that the grid-stride loops take several steps
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sms; return cudaSuccess; }
+template <typename F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* v, F, int, size_t) {
+  *v = 1;
+  return cudaSuccess;
+}
+template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  a->numRegs = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+
+inline void emu_launch(int grid, int threads, const std::function<void()>& body) {
+  gridDim = {static_cast<unsigned int>(grid), 1, 1};
+  blockDim = {static_cast<unsigned int>(threads), 1, 1};
+  EmuWarp warp;  // 32 lanes run the warps of every block one after another
+  std::vector<std::thread> lanes;
+  for (int l = 0; l < 32; ++l) {
+    lanes.emplace_back([&, l] {
+      emu_warp = &warp;
+      for (int b = 0; b < grid; ++b) {
+        for (int w = 0; w < threads / 32; ++w) {
+          threadIdx = {static_cast<unsigned int>(w * 32 + l), 0, 0};
+          blockIdx = {static_cast<unsigned int>(b), 0, 0};
+          body();
+          warp.wait();  // the warp is done before its lanes take the next one
+        }
+      }
+    });
+  }
+  for (auto& t : lanes) t.join();
+}
+"""
+
+# the source's device-only statements, and their host stand-ins
+EMU_SUBSTITUTIONS = {
+    'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
+    'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
+    "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);": "emu_launch(grid, kBwdThreads, [&] { kernel(p, flags); });",
+}
+
+
+def build_emulation(directory: Path, sanitize: bool) -> Path:
+    """Compile csrc/route_cuda_backward.cu for the host (g++) against EMU_HEADER; returns the library's path."""
+    source = cuda_route.backward_source_path().read_text()
+    for device_code, host_code in EMU_SUBSTITUTIONS.items():
+        assert source.count(device_code) == 1, f"the kernel source no longer has: {device_code}"
+        source = source.replace(device_code, host_code)
+    (directory / "emu_cuda.h").write_text(EMU_HEADER)
+    for name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
+        (directory / name).write_text('#include "emu_cuda.h"\n')
+    (directory / "route_cuda_backward_host.cpp").write_text(source)
+    library = directory / "route_cuda_backward_host.so"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
+               f"-I{directory}", "-o", str(library), str(directory / "route_cuda_backward_host.cpp")]
+    if sanitize:
+        command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return library
+
+
+def emulated_run(library: Path):
+    """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
+    lib = ctypes.CDLL(str(library))
+    lib.moe_fastmask_route_cuda_backward.argtypes = [
+        ctypes.POINTER(cuda_route.RouteBackwardParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    assert lib.moe_fastmask_route_cuda_backward_params_size() == ctypes.sizeof(cuda_route.RouteBackwardParams)
+
+    def run(grad, logits, keep, group, ids, renormalize, out):
+        grad, ids = grad.contiguous(), ids.contiguous()
+        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize)
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
+        assert code == 0, code
+
+    return run
+
+
+def emulated_checks(library: str) -> None:
+    """The scenarios, smaller, on the emulated kernel (CPU tensors; the emulated device has 2 SMs, so the
+    grid-stride loops take several steps)."""
+    run = emulated_run(Path(library))
+    for dtype in DTYPES:
+        for E, k in SHAPES:
+            scenario_random_shapes(run, "cpu", E, k, dtype, (1, 37), SESSION_SEED + E * 131 + k)
+        for kind in KINDS:
+            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16)),
+                                 SESSION_SEED + sum(map(ord, kind)))
+    scenario_examples(run, "cpu")
+    for group_dtype in (torch.int64, torch.int32):
+        scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
+    for layout in LAYOUTS:
+        scenario_layout(run, "cpu", layout, 37, SESSION_SEED + 5)
+    scenario_any_ids(run, "cpu", 29, SESSION_SEED + 7)
+    print("emulated checks passed")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+@pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+def test_kernel_source_emulated_on_the_host(tmp_path):
+    """The kernel source, compiled for the host with its warps emulated by threads, against the reference on every
+    scenario (random shapes, adversarial values, examples, out-of-range groups, layouts, any ids), under
+    AddressSanitizer where g++ has it: every load and store within its tensor or the shared buffers. Runs in a fresh
+    process (a sanitizer report, or a warp whose lanes disagree on the __syncwarp calls, ends it)."""
+    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    sanitize = os.path.isabs(asan) and Path(asan).is_file()
+    library = build_emulation(tmp_path, sanitize)
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(SESSION_SEED),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    if sanitize:
+        env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
+    code = f"import test_route_cuda_backward as t\nt.emulated_checks({str(library)!r})\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)
+    assert out.returncode == 0 and "emulated checks passed" in out.stdout, (out.stdout[-2000:], out.stderr[-5000:])

@@ -535,6 +535,37 @@ def supports_backward(
     )
 
 
+def backward_params(
+    grad_logits: Tensor,
+    grad_weights: Tensor,
+    logits: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    ids: Tensor,
+    renormalize: bool,
+) -> RouteBackwardParams:
+    """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
+    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides)."""
+    num_tokens, num_experts = logits.shape
+    return RouteBackwardParams(
+        grad_logits.data_ptr(),
+        grad_weights.data_ptr(),
+        logits.data_ptr(),
+        ids.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        group.data_ptr() if group is not None else None,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        keep.shape[0] if keep is not None else 1,
+        ids.shape[1],
+        int(bool(renormalize)),
+        int(group is not None and group.dtype == torch.int64),
+        0,
+    )
+
+
 def route_backward(
     grad_weights: Tensor,
     logits: Tensor,
@@ -567,23 +598,7 @@ def route_backward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    params = RouteBackwardParams(
-        grad_logits.data_ptr(),
-        grad_weights.data_ptr(),
-        logits.data_ptr(),
-        ids.data_ptr(),
-        keep.data_ptr() if keep is not None else None,
-        group.data_ptr() if group is not None else None,
-        logits.stride(0),
-        logits.stride(1),
-        num_tokens,
-        num_experts,
-        keep.shape[0] if keep is not None else 1,
-        ids.shape[1],
-        int(bool(renormalize)),
-        int(group is not None and group.dtype == torch.int64),
-        0,
-    )
+    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
