@@ -3,9 +3,11 @@ reference (``reference.route_backward_reference`` in float64) and the reference'
 
 GPU tests (marked ``gpu``) skip without a CUDA device or without ``nvcc``; a build that fails where both exist fails
 them with the compiler's message. Outputs are poisoned before every launch (a value no gradient here comes near), so
-an element the kernel does not write shows. The CPU tests check, where ``nvcc`` exists, that the library compiles for
-sm_90 without spills and that the backward launcher refuses calls it does not take before touching a device, and that
-the Python mirror of the launch arguments matches the C struct.
+an element the kernel does not write shows. The scenarios (random shapes, adversarial values, hand-made rows,
+out-of-range group ids, strides and alignments, ids in any order) also run on CPU against the kernel source compiled
+for the host with ``g++``, its warps emulated by threads, under AddressSanitizer. The other CPU tests check, where
+``nvcc`` exists, that the library compiles for sm_90 without spills and that the backward launcher refuses calls it
+does not take before touching a device, and that the Python mirror of the launch arguments matches the C struct.
 """
 
 from __future__ import annotations
@@ -449,6 +451,10 @@ def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kern
     got = route_module._route_backward_impl(torch.ones(9, 8, device="cuda"), wide, None, None, wide_ids, False, "cuda")
     torch.testing.assert_close(got, reference.route_backward_reference(torch.ones(9, 8, device="cuda"), wide, None,
                                                                        None, wide_ids, False), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="grad_weights"):
+        cuda_route.route_backward(grad.half(), logits, None, None, ids, False)
+    with pytest.raises(ValueError, match="ids"):
+        cuda_route.route_backward(grad, logits, None, None, ids.int(), False)
     lib = cuda_route._load()[0]
     for fields in bad_shapes():
         params = cuda_route.RouteBackwardParams(**fields)

@@ -584,6 +584,13 @@ def route_backward(
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
     num_tokens, num_experts = logits.shape
+    if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != num_tokens:
+        raise ValueError(f"ids must be int64 [T, k] with T={num_tokens}, got {ids.dtype} {tuple(ids.shape)}")
+    if grad_weights.dtype != logits.dtype or grad_weights.shape != ids.shape:
+        raise ValueError(
+            f"grad_weights must be {logits.dtype} {tuple(ids.shape)} (the logits' dtype, the ids' shape), got "
+            f"{grad_weights.dtype} {tuple(grad_weights.shape)}"
+        )
     if out is None:
         grad_logits = torch.empty((num_tokens, num_experts), dtype=logits.dtype, device=logits.device)
     else:
