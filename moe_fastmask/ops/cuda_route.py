@@ -16,8 +16,8 @@ The kernel covers the default router (``scoring="softmax"``, optional renormalis
 ``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 256`` and ``top_k <= 16``; :func:`supports` says whether
 it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton. The backward (:func:`route_backward`, the
 gradient of the weights with respect to the logits) covers the same router, dtypes and shapes, with a keep mask of any
-size (:func:`supports_backward`). ``MOE_FASTMASK_DISABLE_CUDA=1`` makes
-:func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
+size (:func:`supports_backward`). ``MOE_FASTMASK_DISABLE_CUDA=1`` makes :func:`is_available` return False, so
+``route(backend="auto")`` uses Triton on CUDA.
 """
 
 from __future__ import annotations
