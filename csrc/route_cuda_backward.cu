@@ -56,7 +56,7 @@ constexpr int kBwdMaxTopK = 16;
 
 enum BwdDType { kBwdFloat32 = 0, kBwdFloat16 = 1, kBwdBFloat16 = 2 };
 // launch flags, chosen by the launcher from the pointers and strides
-enum BwdFlags { kVectorLoads = 1, kVectorStores = 2, kKeepWords = 4 };
+enum BwdFlags { kVectorLoads = 1, kVectorStores = 2, kKeepWords = 4, kHalfLoads = 8, kHalfStores = 16 };
 
 __device__ __forceinline__ float bwd_exp2(float x) {
   float y;
@@ -127,8 +127,9 @@ __device__ __forceinline__ unsigned int chunk_bits(const uint4& v, int c) {
 
 // VEC: the fast instance, for E == E_PAD, contiguous 16-byte aligned logits rows and output, and a 4-byte aligned
 // keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts). Otherwise every access is
-// checked against E, and the logits are read element by element through their strides except for whole 16-byte
-// chunks of rows that allow vector loads (flags & kVectorLoads); likewise for the output (flags & kVectorStores).
+// checked against E: the logits are read in whole 16-byte chunks where the rows allow it (flags & kVectorLoads), else
+// in whole 8-byte halves of chunks (flags & kHalfLoads: e.g. 60 contiguous 16-bit experts), else element by element
+// through their strides; likewise the output (kVectorStores, kHalfStores).
 template <typename T, int E_PAD, bool VEC>
 __global__ void __launch_bounds__(kBwdThreads,
                                   VEC ? BwdShape<T, E_PAD>::kMinBlocksVec : BwdShape<T, E_PAD>::kMinBlocksChecked)
@@ -147,6 +148,8 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const bool renormalize = p.renormalize != 0;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
   const bool vector_stores = VEC || (flags & kVectorStores) != 0;
+  const bool half_loads = (flags & kHalfLoads) != 0;
+  const bool half_stores = (flags & kHalfStores) != 0;
   const bool keep_words = VEC || (flags & kKeepWords) != 0;
   const bool has_keep = p.keep != nullptr;
   const Bits* logits = static_cast<const Bits*>(p.logits);
@@ -200,13 +203,23 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
         unsigned int w[4] = {0u, 0u, 0u, 0u};
         if constexpr (!VEC) {
 #pragma unroll
-          for (int c = 0; c < CH; ++c) {
-            if (valid && e + c < E) {
-              const unsigned int b = src[static_cast<int64_t>(e + c) * p.stride_e];
-              if constexpr (sizeof(T) == 4) {
-                w[c] = b;
-              } else {
-                w[c >> 1] |= b << (16 * (c & 1));
+          for (int hh = 0; hh < 2; ++hh) {  // the chunk's 8-byte halves: elements hh * CH / 2 ...
+            const int eh = e + hh * (CH / 2);
+            if (half_loads && valid && eh + CH / 2 <= E) {
+              const uint2 v = __ldcs(reinterpret_cast<const uint2*>(src + eh));
+              w[2 * hh] = v.x;
+              w[2 * hh + 1] = v.y;
+            } else {
+#pragma unroll
+              for (int c = hh * (CH / 2); c < (hh + 1) * (CH / 2); ++c) {
+                if (valid && e + c < E) {
+                  const unsigned int b = src[static_cast<int64_t>(e + c) * p.stride_e];
+                  if constexpr (sizeof(T) == 4) {
+                    w[c] = b;
+                  } else {
+                    w[c >> 1] |= b << (16 * (c & 1));
+                  }
+                }
               }
             }
           }
@@ -342,22 +355,32 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
       for (int q = 0; q < NCH; ++q) {
         const int e = chunk_e[q];
-        if (vector_stores && (VEC || e < E)) {  // (vector stores: E is a multiple of CH, so the chunk is whole)
-          unsigned int w[4];
-          if constexpr (sizeof(T) == 4) {
+        unsigned int w[4];  // the chunk as bits
+        if constexpr (sizeof(T) == 4) {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) w[c] = Elem::from_float(dz[q * CH + c]);
-          } else {
+          for (int c = 0; c < 4; ++c) w[c] = Elem::from_float(dz[q * CH + c]);
+        } else {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              w[c] = Elem::from_float(dz[q * CH + 2 * c]) | (Elem::from_float(dz[q * CH + 2 * c + 1]) << 16);
-            }
+          for (int c = 0; c < 4; ++c) {
+            w[c] = Elem::from_float(dz[q * CH + 2 * c]) | (Elem::from_float(dz[q * CH + 2 * c + 1]) << 16);
           }
+        }
+        // (vector stores: E is a multiple of CH, so a chunk that starts below E is whole; half stores: likewise for
+        // the 8-byte halves)
+        if (vector_stores && (VEC || e < E)) {
           __stcs(reinterpret_cast<uint4*>(out + e), make_uint4(w[0], w[1], w[2], w[3]));
         } else if constexpr (!VEC) {
 #pragma unroll
-          for (int c = 0; c < CH; ++c) {
-            if (e + c < E) out[e + c] = static_cast<Bits>(Elem::from_float(dz[q * CH + c]));
+          for (int hh = 0; hh < 2; ++hh) {
+            const int eh = e + hh * (CH / 2);
+            if (half_stores && eh < E) {
+              __stcs(reinterpret_cast<uint2*>(out + eh), make_uint2(w[2 * hh], w[2 * hh + 1]));
+            } else {
+#pragma unroll
+              for (int c = hh * (CH / 2); c < (hh + 1) * (CH / 2); ++c) {
+                if (e + c < E) out[e + c] = static_cast<Bits>(Elem::from_float(dz[q * CH + c]));
+              }
+            }
           }
         }
       }
@@ -431,7 +454,7 @@ cudaError_t preload_bwd_t() {
   return err;
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
 
 }  // namespace
 
@@ -473,8 +496,10 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
 
   const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
   int flags = 0;
-  if (p.stride_e == 1 && (p.stride_t * size) % 16 == 0 && aligned16(p.logits)) flags |= kVectorLoads;
-  if ((p.num_experts * size) % 16 == 0 && aligned16(p.grad_logits)) flags |= kVectorStores;
+  if (p.stride_e == 1 && (p.stride_t * size) % 16 == 0 && aligned(p.logits, 16)) flags |= kVectorLoads;
+  if (p.stride_e == 1 && (p.stride_t * size) % 8 == 0 && aligned(p.logits, 8)) flags |= kHalfLoads;
+  if ((p.num_experts * size) % 16 == 0 && aligned(p.grad_logits, 16)) flags |= kVectorStores;
+  if ((p.num_experts * size) % 8 == 0 && aligned(p.grad_logits, 8)) flags |= kHalfStores;
   if (p.keep != nullptr && p.num_experts % 4 == 0 && (reinterpret_cast<uintptr_t>(p.keep) & 3u) == 0) {
     flags |= kKeepWords;  // (then every keep row is 4-byte aligned)
   }

@@ -259,12 +259,13 @@ def scenario_out_of_range_groups(run, device, group_dtype, repeat, seed):
                 assert not got.isnan().any()
 
 
-LAYOUTS = ["transposed", "sliced", "offset", "padded_rows", "partial_chunks", "misaligned_keep", "misaligned_out"]
+LAYOUTS = ["transposed", "sliced", "offset", "offset_8_bytes", "padded_rows", "partial_chunks", "misaligned_keep",
+           "misaligned_out", "out_offset_8_bytes"]
 
 
 def scenario_layout(run, device, layout, T, seed):
-    """Any logits strides and alignments (16-byte accesses only where they are whole and aligned), a keep mask that
-    is not 4-byte aligned, an output that is not 16-byte aligned."""
+    """Any logits strides and alignments (16- and 8-byte accesses only where they are whole and aligned), a keep mask
+    that is not 4-byte aligned, an output that is not 16-byte aligned (8-byte, or not even that)."""
     gen = torch.Generator().manual_seed(seed)
     E, k, G = 64, 8, 3
     for dtype in DTYPES:
@@ -274,6 +275,10 @@ def scenario_layout(run, device, layout, T, seed):
             logits = torch.randn(T, E + 1, generator=gen).to(dtype).to(device)[:, :E]
         elif layout == "offset":
             logits = torch.randn(T * E + 1, generator=gen).to(dtype).to(device)[1:].view(T, E)
+        elif layout == "offset_8_bytes":  # 8-byte loads, not 16
+            n = 8 // dtype.itemsize
+            logits = torch.randn(T * E + n, generator=gen).to(dtype).to(device)[n:].view(T, E)
+            assert logits.data_ptr() % 16 == 8
         elif layout == "padded_rows":  # rows 16-byte aligned, 144 / 288 bytes apart
             logits = torch.randn(T, 72, generator=gen).to(dtype).to(device)[:, :E]
         elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
@@ -288,9 +293,10 @@ def scenario_layout(run, device, layout, T, seed):
             keep = torch.zeros(G * E_here + 1, dtype=torch.bool, device=device)[1:].view(G, E_here).copy_(keep)
             assert keep.data_ptr() % 4 != 0
         out = None
-        if layout == "misaligned_out":
-            out = torch.empty(T * E_here + 1, dtype=dtype, device=device)[1:].view(T, E_here)
-            assert out.data_ptr() % 16 != 0
+        if layout in ("misaligned_out", "out_offset_8_bytes"):
+            n = 1 if layout == "misaligned_out" else 8 // dtype.itemsize
+            out = torch.empty(T * E_here + n, dtype=dtype, device=device)[n:].view(T, E_here)
+            assert out.data_ptr() % 16 == (n * dtype.itemsize) % 16
         group = torch.randint(-1, G, (T,), generator=gen).to(device)
         ids = forward_ids(logits, k, keep, group)
         grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
@@ -598,8 +604,10 @@ EMU_HEADER = r"""
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
