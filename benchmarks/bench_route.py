@@ -6,7 +6,8 @@ For each T (E=64, top_k=8, bf16 logits), with and without an expert mask, with c
   ``masked_fill`` for the mask and ``index_add_`` for the counts;
 * ``compile``: ``torch.compile`` of that chain;
 * ``fastmask``: ``route(..., backend="triton")``; ``kernel`` is the Triton launcher alone (no op dispatch);
-* ``cuda``: ``route(..., backend="cuda")`` (the CUDA kernel of ``csrc/route_cuda.cu``; its backward is Triton's),
+* ``cuda``: ``route(..., backend="cuda")`` (the CUDA kernels of ``csrc/route_cuda.cu`` and
+  ``csrc/route_cuda_backward.cu``),
   when it builds here.
 
 Modes ``forward`` and ``full`` (forward + backward). Two times per row:

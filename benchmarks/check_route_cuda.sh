@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA routing kernel (csrc/route_cuda.cu) on a GPU machine, in one run of about 3-4 minutes (every step has its
-# own time limit):
+# The CUDA routing kernels (csrc/route_cuda.cu, csrc/route_cuda_backward.cu) on a GPU machine, in one run of about 5-6
+# minutes (every step has its own time limit):
 #   1. build it in a fresh cache folder and print nvcc's register / spill lines of the bf16 instances that the
 #      benchmark times (split E=64 top-8, lane E=32/64/128 and the lane benchmark instances);
-#   2. tests/test_route_cuda.py (both kernel variants against the reference, the loader, the fallbacks);
+#   2. tests/test_route_cuda.py and tests/test_route_cuda_backward.py (the forward variants and the backward against
+#      the reference, the loader, the fallbacks);
 #   3. benchmarks/bench_route.py --only-cuda at T = 65,536 and 262,144 (E=64, top-8, bf16, 4-group mask, counts) and
-#      E=128 / 256 top-8 at T = 65,536: the copy bandwidth; the op (its "cuda" provider runs the lane variant here)
+#      its wider routers (E up to 512, top-k up to 16): the copy bandwidth; the op (its "cuda" provider runs the lane variant here)
 #      forward and forward + backward against the dispatched Triton kernel; the split kernel with and without
 #      prefetch; the lane kernel; at E=64 the lane kernel with parts of its work removed (the cost of each part);
 #   4. while time is left: compute-sanitizer memcheck, then racecheck, with the lane variant as the default (the split
@@ -62,29 +63,30 @@ PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "== BUILD FAILED"; status=1; }
 
 if python3 -c "import pytest" 2>/dev/null; then
-    step "2. tests/test_route_cuda.py (split and lane variants)"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py 2>&1 | tee "$out/tests.log" | tail -25
+    step "2. tests/test_route_cuda.py, tests/test_route_cuda_backward.py"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py tests/test_route_cuda_backward.py 2>&1 \
+        | tee "$out/tests.log" | tail -25
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 else
     echo "== 2. tests skipped: pytest is not installed here (set PYTEST_WHEELS)"
 fi
 
 step "3. bench: lane and split CUDA kernels vs dispatched Triton vs copy, lane ablations"
-MOE_FASTMASK_CUDA_VARIANT=lane timeout 170 python3 benchmarks/bench_route.py --only-cuda --no-compile \
-    --cuda-sizes 65536 262144 --cuda-wide 128,8,65536 256,8,65536 --out "$out/route_cuda.csv" 2>&1 \
+MOE_FASTMASK_CUDA_VARIANT=lane timeout 240 python3 benchmarks/bench_route.py --only-cuda --no-compile \
+    --cuda-sizes 65536 262144 --out "$out/route_cuda.csv" 2>&1 \
     | tee "$out/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "4. compute-sanitizer, lane variant as the default (small cases, out-of-range groups, validate=False)"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck; do
-    if [ $(( $(date +%s) - start )) -gt 200 ]; then
+    if [ $(( $(date +%s) - start )) -gt 400 ]; then
         echo "== compute-sanitizer --tool $tool skipped: out of time"
         continue
     fi
     if [ -x "$sanitizer" ]; then
         MOE_FASTMASK_CUDA_VARIANT=lane PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$sanitizer" --tool "$tool" \
-            --error-exitcode 99 python3 benchmarks/sanitize_route.py --backends cuda --forward-only 2>&1 \
+            --error-exitcode 99 python3 benchmarks/sanitize_route.py --backends cuda 2>&1 \
             | tee "$out/sanitize_$tool.log" | tail -4
         rc=${PIPESTATUS[0]}
         echo "== compute-sanitizer --tool $tool: exit status $rc"

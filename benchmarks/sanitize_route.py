@@ -85,7 +85,7 @@ def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.d
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", choices=["triton", "cuda"], default=["triton", "cuda"])
-    parser.add_argument("--forward-only", action="store_true", help="skip the backward (Triton's, for both backends)")
+    parser.add_argument("--forward-only", action="store_true", help="skip the backward")
     args = parser.parse_args(argv)
     backward = not args.forward_only
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,11 +1,12 @@
-"""Loader and wrapper of the CUDA routing kernel (``csrc/route_cuda.cu``).
+"""Loader and wrapper of the CUDA routing kernels (``csrc/route_cuda.cu``, and the backward in
+``csrc/route_cuda_backward.cu``).
 
-The kernel file is free of torch headers: it is compiled with ``nvcc`` alone into a shared library exporting a plain
-C launcher, which this module calls through ``ctypes`` with raw pointers and the caller's CUDA stream (so the build
-needs no CUDA-enabled torch headers, and a launch is captured by CUDA graphs like any other on that stream). It is
+The kernel files are free of torch headers: they are compiled with ``nvcc`` alone into one shared library exporting
+plain C launchers, which this module calls through ``ctypes`` with raw pointers and the caller's CUDA stream (so the
+build needs no CUDA-enabled torch headers, and a launch is captured by CUDA graphs like any other on that stream). It is
 compiled on first use on a machine with a CUDA device and ``nvcc`` (``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on
 ``PATH``), for the compute capability of the visible devices (``MOE_FASTMASK_CUDA_ARCH``, e.g. ``"90"`` or
-``"90;100"``, overrides it), into a cache folder keyed by a hash of the source, the flags, the architectures and the
+``"90;100"``, overrides it), into a cache folder keyed by a hash of the sources, the flags, the architectures and the
 compiler: ``$MOE_FASTMASK_CACHE_DIR`` or ``~/.cache/moe_fastmask/cpp`` (shared with the C++ CPU kernel), then
 ``cuda-<hash>/``. As for the CPU kernel, a finished build leaves a ``BUILT`` stamp, and builds of one key are
 serialised by an ``flock`` that the OS releases when a process dies. The compiler's output (with ``-Xptxas -v``:
@@ -13,9 +14,10 @@ registers and spills per kernel) is kept in ``build.log`` there.
 
 The kernel covers the default router (``scoring="softmax"``, optional renormalisation, no bias, no group limit,
 ``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 512`` (256 for float32) and ``top_k <= 16``;
-:func:`supports` says whether it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton.
-``MOE_FASTMASK_DISABLE_CUDA=1`` makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on
-CUDA.
+:func:`supports` says whether it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton. The
+backward (:func:`route_backward`, the gradient of the weights with respect to the logits) covers the same router and
+dtypes with ``E <= 256``, and a keep mask of any size (:func:`supports_backward`). ``MOE_FASTMASK_DISABLE_CUDA=1``
+makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from moe_fastmask.ops.reference import output_buffers
 from moe_fastmask.ops import cpp_route
 
 SOURCE_NAME = "route_cuda.cu"
+BACKWARD_SOURCE_NAME = "route_cuda_backward.cu"  # built into the same library
 LIBRARY_NAME = "moe_fastmask_cuda"
 DISABLE_ENV = "MOE_FASTMASK_DISABLE_CUDA"
 ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
@@ -64,6 +67,7 @@ GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
 MAX_EXPERTS_FLOAT32 = 256
+MAX_BACKWARD_EXPERTS = 256
 MAX_TOP_K = 16
 MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -99,6 +103,28 @@ class RouteParams(ctypes.Structure):
     ]
 
 
+class RouteBackwardParams(ctypes.Structure):
+    """The backward kernel's ``RouteBackwardParams`` (csrc/route_cuda_backward.cu), field for field."""
+
+    _fields_ = [
+        ("grad_logits", ctypes.c_void_p),
+        ("grad_weights", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+        ("ids", ctypes.c_void_p),
+        ("keep", ctypes.c_void_p),
+        ("group", ctypes.c_void_p),
+        ("stride_t", ctypes.c_int64),
+        ("stride_e", ctypes.c_int64),
+        ("num_tokens", ctypes.c_int64),
+        ("num_experts", ctypes.c_int32),
+        ("num_groups", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("renormalize", ctypes.c_int32),
+        ("group_is_int64", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Locating, building and loading
 # --------------------------------------------------------------------------------------------------------------
@@ -116,6 +142,11 @@ def source_path() -> Path:
         if (candidate / SOURCE_NAME).is_file():
             return candidate / SOURCE_NAME
     raise FileNotFoundError(f"CUDA source {SOURCE_NAME} not found next to {package_dir}")
+
+
+def backward_source_path(source: Path | None = None) -> Path:
+    """The backward kernel's source: ``route_cuda_backward.cu`` next to ``source`` (default: :func:`source_path`)."""
+    return (source_path() if source is None else source).with_name(BACKWARD_SOURCE_NAME)
 
 
 def find_nvcc() -> str | None:
@@ -144,18 +175,20 @@ def target_archs() -> tuple[str, ...]:
 
 
 def nvcc_command(nvcc: str, source: Path, output: Path, archs: tuple[str, ...]) -> list[str]:
-    """The compiler command line of the library."""
+    """The compiler command line of the library: the backward's source (next to ``source``), then ``source``."""
     gencode = []
     for arch in archs:
         # "90a"-style targets keep their suffix in code=sm_90a and arch=compute_90a
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return [nvcc, *NVCC_FLAGS, *gencode, "-o", str(output), str(source)]
+    return [nvcc, *NVCC_FLAGS, *gencode, "-o", str(output), str(backward_source_path(source)), str(source)]
 
 
 def build_key(source: Path, nvcc: str, archs: tuple[str, ...]) -> str:
-    """Cache key: a hash of the source, the flags, the architectures and the compiler's path."""
+    """Cache key: a hash of the sources (``source`` and the backward's next to it), the flags, the architectures and
+    the compiler's path."""
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    digest.update(backward_source_path(source).read_bytes())
     digest.update(repr((NVCC_FLAGS, archs, nvcc)).encode())
     return f"cuda-{digest.hexdigest()[:16]}"
 
@@ -219,6 +252,13 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.moe_fastmask_route_cuda_forward.restype = ctypes.c_int
     lib.moe_fastmask_route_cuda_preload.argtypes = [ctypes.c_int]
     lib.moe_fastmask_route_cuda_preload.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_backward.argtypes = [
+        ctypes.POINTER(RouteBackwardParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    lib.moe_fastmask_route_cuda_backward.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_backward_preload.argtypes = [ctypes.c_int]
+    lib.moe_fastmask_route_cuda_backward_preload.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_backward_params_size.restype = ctypes.c_int
     lib.moe_fastmask_route_cuda_error_string.argtypes = [ctypes.c_int]
     lib.moe_fastmask_route_cuda_error_string.restype = ctypes.c_char_p
     for name in ("max_experts", "max_top_k", "max_keep_bytes", "params_size"):
@@ -232,6 +272,12 @@ def _bind(path: Path) -> ctypes.CDLL:
         raise RuntimeError(
             f"the CUDA library's limits / parameter layout {limits} differ from this module's {expected}"
         )
+    backward_size = lib.moe_fastmask_route_cuda_backward_params_size()
+    if backward_size != ctypes.sizeof(RouteBackwardParams):
+        raise RuntimeError(
+            f"the CUDA library's backward parameter layout ({backward_size} bytes) differs from this module's "
+            f"({ctypes.sizeof(RouteBackwardParams)} bytes)"
+        )
     return lib
 
 
@@ -240,6 +286,8 @@ def _preload(lib: ctypes.CDLL, device: int) -> None:
     if device in _PRELOADED:
         return
     code = lib.moe_fastmask_route_cuda_preload(device)
+    if code == 0:
+        code = lib.moe_fastmask_route_cuda_backward_preload(device)
     if code != 0:
         message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
         raise RuntimeError(f"loading the CUDA routing kernels onto device {device} failed: {message}")
@@ -494,3 +542,114 @@ def route_forward(
             f"{logits.dtype}): {message}"
         )
     return weights, ids
+
+
+def supports_backward(
+    grad_weights: Tensor,
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    scoring: str = "softmax",
+    scale: float = 1.0,
+) -> bool:
+    """Whether the CUDA backward takes this call (shapes only; :func:`is_available` is separate): the default router
+    (softmax, scale 1) on CUDA float32 / float16 / bfloat16 logits [T, E] with ``E <= 256``, int64 ``ids`` [T, k] with
+    ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the ids' shape. A keep mask of any size."""
+    if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
+        return False
+    if scoring != "softmax" or float(scale) != 1.0:
+        return False
+    num_tokens, num_experts = logits.shape
+    if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[0] != num_tokens or ids.device != logits.device:
+        return False
+    top_k = ids.shape[1]
+    if not 1 <= num_experts <= MAX_BACKWARD_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
+        return False
+    return (
+        grad_weights.dtype == logits.dtype and grad_weights.shape == ids.shape and grad_weights.device == logits.device
+    )
+
+
+def backward_params(
+    grad_logits: Tensor,
+    grad_weights: Tensor,
+    logits: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    ids: Tensor,
+    renormalize: bool,
+) -> RouteBackwardParams:
+    """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
+    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides)."""
+    num_tokens, num_experts = logits.shape
+    return RouteBackwardParams(
+        grad_logits.data_ptr(),
+        grad_weights.data_ptr(),
+        logits.data_ptr(),
+        ids.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        group.data_ptr() if group is not None else None,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        keep.shape[0] if keep is not None else 1,
+        ids.shape[1],
+        int(bool(renormalize)),
+        int(group is not None and group.dtype == torch.int64),
+        0,
+    )
+
+
+def route_backward(
+    grad_weights: Tensor,
+    logits: Tensor,
+    keep: Tensor | None,
+    group: Tensor | None,
+    ids: Tensor,
+    renormalize: bool,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
+    :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
+    by ``check_route_args``; ids outside ``[0, G)`` mean no mask). Returns a contiguous [T, E] tensor in
+    ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place."""
+    lib, error, _ = _load()
+    if lib is None:
+        raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
+    num_tokens, num_experts = logits.shape
+    if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != num_tokens:
+        raise ValueError(f"ids must be int64 [T, k] with T={num_tokens}, got {ids.dtype} {tuple(ids.shape)}")
+    if grad_weights.dtype != logits.dtype or grad_weights.shape != ids.shape:
+        raise ValueError(
+            f"grad_weights must be {logits.dtype} {tuple(ids.shape)} (the logits' dtype, the ids' shape), got "
+            f"{grad_weights.dtype} {tuple(grad_weights.shape)}"
+        )
+    if out is None:
+        grad_logits = torch.empty((num_tokens, num_experts), dtype=logits.dtype, device=logits.device)
+    else:
+        grad_logits = out
+        if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype or not grad_logits.is_contiguous():
+            raise ValueError(f"out must be contiguous {logits.dtype} {tuple(logits.shape)}")
+    if num_tokens == 0:
+        return grad_logits
+    grad_weights = grad_weights.contiguous()
+    ids = ids.contiguous()
+    if keep is not None and not keep.is_contiguous():
+        keep = keep.contiguous()
+    if group is not None and not group.is_contiguous():
+        group = group.contiguous()
+    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize)
+    device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
+        _preload(lib, device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
+    if code != 0:
+        message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
+        raise RuntimeError(
+            f"the CUDA routing backward failed to launch (T={num_tokens}, E={num_experts}, top_k={ids.shape[1]}, "
+            f"{logits.dtype}): {message}"
+        )
+    return grad_logits

@@ -13,10 +13,9 @@ Layers, from the outside in:
   ``route_forward`` (the fused forward; ``counts`` is a declared mutated argument) and ``route_weights_grad`` (the
   gradient with respect to ``logits``, through ``route_backward``). All have fake implementations, so
   ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
-* the backends — ``cuda`` (the CUDA kernel of ``csrc/route_cuda.cu`` for the default router, Triton for the other
-  variants and shapes), ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and
-  ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`). The ``cuda`` backend's backward is
-  the Triton backward (it only reads the logits, the mask and the chosen ids).
+* the backends — ``cuda`` (the CUDA kernels of ``csrc/route_cuda.cu`` and ``csrc/route_cuda_backward.cu`` for the
+  default router, Triton for the other variants and shapes), ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``),
+  ``cpp`` (the C++ CPU kernel) and ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
 """
 
 from __future__ import annotations
@@ -111,8 +110,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 
 def _gpu_fallback(device: torch.device) -> str:
-    """Where the ``cuda`` backend sends what its kernel does not cover (other variants and shapes, the backward):
-    Triton, or the reference where Triton cannot run."""
+    """Where the ``cuda`` backend sends what its kernels do not cover (other variants and shapes): Triton, or the
+    reference where Triton cannot run."""
     return "triton" if triton_route.is_available(device) else "torch"
 
 
@@ -187,6 +186,10 @@ def _route_backward_impl(
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
     if backend == "cuda":
+        if cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale) and (
+            cuda_route.is_available()
+        ):
+            return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
         backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_backward(
@@ -518,8 +521,8 @@ def route(
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
         backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
-            ``"cuda"`` (the CUDA kernel for the default router with ``E <= 256``; Triton for the other variants and
-            shapes, and for the backward), ``"triton"``, ``"cpp"`` or ``"torch"``.
+            ``"cuda"`` (the CUDA kernels, forward and backward, for the default router with ``E <= 256``; Triton for
+            the other variants and shapes), ``"triton"``, ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
             always run.

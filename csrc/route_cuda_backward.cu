@@ -1,0 +1,523 @@
+// CUDA backward of moe_fastmask.route for the default router (softmax over the allowed experts, scale 1): the
+// gradient of the chosen weights with respect to the logits. Torch-free, like route_cuda.cu (built into the same
+// library): a plain C launcher that moe_fastmask/ops/cuda_route.py calls through ctypes with raw pointers and the
+// caller's CUDA stream.
+//
+// Math (fp32), with p the softmax over the row's allowed experts (masked ones p = 0) and G the incoming gradient
+// scattered to the chosen experts:
+//   without renormalisation  dz = p * (G - sum_e G_e p_e)
+//   with renormalisation     dz = w * (G - sum_e G_e w_e) on the chosen experts, 0 elsewhere, w = p / sum_chosen p
+// A row whose allowed logits hold NaN or +inf, or are all -inf (also: every expert masked), has p = NaN everywhere,
+// as in the reference: a masked expert gets exp2(-inf - max) * (1 / sum) = 0 * NaN there. (fmaxf skips NaN in the
+// row max, but the NaN logit's own exp term makes the sum NaN.) Group ids outside [0, G) act as "no mask"; ids outside
+// [0, E) scatter nothing. Nothing outside the tensors is read or written.
+//
+// Layout (memory-bound; no shared-memory staging of the logits): a row of E_PAD (power of two >= max(E, 8)) experts
+// is spread over L = E_PAD / V lanes of one warp, V experts per lane (16 from E_PAD = 64 on, to spread each lane's
+// fixed costs over more experts; else 8), so a warp step holds R = 32 / L rows. A lane's experts come as 16-byte
+// chunks (8 experts of 16-bit logits, 4 of float32), chunk q of lane s at expert (q * L + s) * chunk size, so that
+// each load instruction of the warp reads contiguous bytes. All of a step's loads are issued before any is used.
+// The row max and sums are butterfly shuffles over the row's lanes. The row's k (id, grad) pairs (entry j on lane
+// j % L) are scattered into a per-warp shared buffer [R][E_PAD] of grads (plus chosen flags when renormalising):
+// each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots back (so the sums
+// over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are warp-uniform), so the
+// full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+// Launch arguments (mirrored field for field by RouteBackwardParams in moe_fastmask/ops/cuda_route.py).
+struct RouteBackwardParams {
+  void* grad_logits;          // [T, E] logits' dtype, contiguous (written)
+  const void* grad_weights;   // [T, k] logits' dtype, contiguous
+  const void* logits;         // [T, E] strided
+  const int64_t* ids;         // [T, k] int64, contiguous
+  const uint8_t* keep;        // [G, E] bool, contiguous, or null
+  const void* group;          // [T] int32 / int64, contiguous, or null (every token in group 0)
+  int64_t stride_t;           // logits strides, in elements
+  int64_t stride_e;
+  int64_t num_tokens;
+  int32_t num_experts;
+  int32_t num_groups;         // G: rows of keep (ids outside [0, G) act as -1: no mask)
+  int32_t top_k;
+  int32_t renormalize;
+  int32_t group_is_int64;
+  int32_t reserved;           // 0 (keeps the struct free of tail padding)
+};
+
+namespace {
+
+constexpr int kBwdThreads = 256;
+constexpr int kBwdWarps = kBwdThreads / 32;
+constexpr int kBwdMaxExperts = 256;
+constexpr int kBwdMaxTopK = 16;
+
+enum BwdDType { kBwdFloat32 = 0, kBwdFloat16 = 1, kBwdBFloat16 = 2 };
+// launch flags, chosen by the launcher from the pointers and strides
+enum BwdFlags { kVectorLoads = 1, kVectorStores = 2, kKeepWords = 4, kHalfLoads = 8, kHalfStores = 16 };
+
+__device__ __forceinline__ float bwd_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / x within 1 ulp (NaN stays NaN); the callers' x are far from the subnormal range
+__device__ __forceinline__ float bwd_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// An element's bits, its float value, and a float rounded back to the element's bits.
+template <typename T> struct BwdElem;
+template <> struct BwdElem<float> {
+  using Bits = unsigned int;
+  static __device__ __forceinline__ float to_float(unsigned int b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ unsigned int from_float(float v) { return __float_as_uint(v); }
+};
+template <> struct BwdElem<__half> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(unsigned int b) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  }
+  static __device__ __forceinline__ unsigned int from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+template <> struct BwdElem<__nv_bfloat16> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(unsigned int b) { return __uint_as_float(b << 16); }
+  static __device__ __forceinline__ unsigned int from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+template <typename T, int E_PAD> struct BwdShape {
+  static constexpr int V = E_PAD >= 64 ? 16 : 8;                // experts per lane
+  static constexpr int CH = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int NCH = V / CH;                            // chunks per lane
+  static constexpr int NQ = V / 4;                              // runs of 4 consecutive experts per lane
+  static constexpr int L = E_PAD / V;                           // lanes per row
+  static constexpr int R = 32 / L;                              // rows per warp step
+  static constexpr int SLOTS = R * E_PAD;                       // scatter-buffer slots per warp (32 V)
+  static constexpr int KMAX = kBwdMaxTopK < E_PAD ? kBwdMaxTopK : E_PAD;
+  static constexpr int J = (KMAX + L - 1) / L;                  // (id, grad) entries per lane
+  // resident blocks: at most 64 registers (32 warps per SM, each with a step of loads in flight); 80 where a lane
+  // holds 8 (id, grad) entries (E_PAD <= 16) and in the checked instances (their bounds checks need more), 128 in
+  // the checked float32 ones (no spills)
+  static constexpr int kMinBlocksVec = J > 4 ? 3 : 4;
+  static constexpr int kMinBlocksChecked = sizeof(T) == 4 ? 2 : 3;
+  static_assert(E_PAD >= 8 && E_PAD <= kBwdMaxExperts && (E_PAD & (E_PAD - 1)) == 0, "E_PAD: power of two, 8..256");
+  static_assert(L * V == E_PAD && R * L == 32 && SLOTS == 32 * V, "lane layout");
+  static_assert(NCH * CH == V && CH % 4 == 0, "a lane's experts come in runs of 4 inside its chunks");
+  static_assert(J * L >= KMAX, "every (id, grad) entry has a lane");
+};
+
+// element c (0 <= c < CH) of a 16-byte chunk, as bits
+template <typename T>
+__device__ __forceinline__ unsigned int chunk_bits(const uint4& v, int c) {
+  const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(T) == 4) {
+    return w[c];
+  } else {
+    return (w[c >> 1] >> (16 * (c & 1))) & 0xFFFFu;
+  }
+}
+
+// VEC: the fast instance, for E == E_PAD, contiguous 16-byte aligned logits rows and output, and a 4-byte aligned
+// keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts). Otherwise every access is
+// checked against E: the logits are read in whole 16-byte chunks where the rows allow it (flags & kVectorLoads), else
+// in whole 8-byte halves of chunks (flags & kHalfLoads: e.g. 60 contiguous 16-bit experts), else element by element
+// through their strides; likewise the output (kVectorStores, kHalfStores).
+template <typename T, int E_PAD, bool VEC>
+__global__ void __launch_bounds__(kBwdThreads,
+                                  VEC ? BwdShape<T, E_PAD>::kMinBlocksVec : BwdShape<T, E_PAD>::kMinBlocksChecked)
+route_bwd_kernel(const RouteBackwardParams p, const int flags) {
+  using S = BwdShape<T, E_PAD>;
+  using Elem = BwdElem<T>;
+  using Bits = typename Elem::Bits;
+  constexpr int V = S::V, CH = S::CH, NCH = S::NCH, NQ = S::NQ, L = S::L, R = S::R, J = S::J;
+  constexpr float kLog2e = 1.4426950408889634f;
+  __shared__ __align__(16) float s_grad[kBwdWarps][S::SLOTS];          // G per (row, expert)
+  __shared__ __align__(16) unsigned char s_pick[kBwdWarps][S::SLOTS];  // 1: a chosen expert (renormalize)
+
+  const int E = VEC ? E_PAD : p.num_experts;
+  const int top_k = p.top_k;
+  const int64_t num_tokens = p.num_tokens;
+  const bool renormalize = p.renormalize != 0;
+  const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
+  const bool vector_stores = VEC || (flags & kVectorStores) != 0;
+  const bool half_loads = (flags & kHalfLoads) != 0;
+  const bool half_stores = (flags & kHalfStores) != 0;
+  const bool keep_words = VEC || (flags & kKeepWords) != 0;
+  const bool has_keep = p.keep != nullptr;
+  const Bits* logits = static_cast<const Bits*>(p.logits);
+  const Bits* grad_weights = static_cast<const Bits*>(p.grad_weights);
+  Bits* grad_logits = static_cast<Bits*>(p.grad_logits);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int sub = lane % L;  // lane within its row
+  const int r = lane / L;    // row within the warp step
+  // the lane's element i is expert chunk_e[i / CH] + i % CH; elements 4h .. 4h + 3 are the consecutive experts
+  // quad_e[h] .. quad_e[h] + 3
+  int chunk_e[NCH];
+#pragma unroll
+  for (int q = 0; q < NCH; ++q) chunk_e[q] = (q * L + sub) * CH;
+  int quad_e[NQ];
+#pragma unroll
+  for (int h = 0; h < NQ; ++h) quad_e[h] = chunk_e[(4 * h) / CH] + (4 * h) % CH;
+  unsigned int in_range = 0u;  // bit i: element i is a real expert (< E)
+#pragma unroll
+  for (int i = 0; i < V; ++i) in_range |= static_cast<unsigned int>(chunk_e[i / CH] + i % CH < E) << i;
+
+  float* const my_grad = &s_grad[warp][r * E_PAD];  // the row's slots (R * E_PAD per warp)
+  unsigned char* const my_pick = &s_pick[warp][r * E_PAD];
+
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kBwdWarps;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kBwdWarps + warp;
+
+  for (int64_t base = warp_id * R; base < num_tokens; base += num_warps * R) {
+    const int64_t row = base + r;
+    const bool valid = row < num_tokens;
+
+    // ---- loads, all issued before any is used: group id, logits, (id, grad) entries
+    int64_t keep_row = -1;  // -1: no mask
+    if (has_keep && valid) {
+      int64_t g = 0;
+      if (p.group != nullptr) {
+        g = p.group_is_int64 ? __ldcs(static_cast<const long long*>(p.group) + row)
+                             : static_cast<int64_t>(__ldcs(static_cast<const int*>(p.group) + row));
+      }
+      keep_row = static_cast<uint64_t>(g) < static_cast<uint64_t>(p.num_groups) ? g : -1;
+    }
+    uint4 raw[NCH];
+    const Bits* src = logits + row * p.stride_t;
+#pragma unroll
+    for (int q = 0; q < NCH; ++q) {
+      const int e = chunk_e[q];
+      if (vector_loads && valid && (VEC || e + CH <= E)) {
+        raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
+      } else {
+        unsigned int w[4] = {0u, 0u, 0u, 0u};
+        if constexpr (!VEC) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {  // the chunk's 8-byte halves: elements hh * CH / 2 ...
+            const int eh = e + hh * (CH / 2);
+            if (half_loads && valid && eh + CH / 2 <= E) {
+              const uint2 v = __ldcs(reinterpret_cast<const uint2*>(src + eh));
+              w[2 * hh] = v.x;
+              w[2 * hh + 1] = v.y;
+            } else {
+#pragma unroll
+              for (int c = hh * (CH / 2); c < (hh + 1) * (CH / 2); ++c) {
+                if (valid && e + c < E) {
+                  const unsigned int b = src[static_cast<int64_t>(e + c) * p.stride_e];
+                  if constexpr (sizeof(T) == 4) {
+                    w[c] = b;
+                  } else {
+                    w[c >> 1] |= b << (16 * (c & 1));
+                  }
+                }
+              }
+            }
+          }
+        }
+        raw[q] = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+    long long ids[J];
+    float grads[J];
+#pragma unroll
+    for (int jj = 0; jj < J; ++jj) {
+      const int j = sub + jj * L;
+      ids[jj] = -1;
+      grads[jj] = 0.0f;
+      if (valid && j < top_k) {
+        const int64_t at = row * top_k + j;
+        ids[jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
+        grads[jj] = Elem::to_float(__ldcs(grad_weights + at));
+      }
+    }
+    // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
+    unsigned int allowed = in_range;
+    if (keep_row >= 0) {
+      const uint8_t* keep = p.keep + keep_row * E;
+      unsigned int kept = 0u;
+#pragma unroll
+      for (int h = 0; h < NQ; ++h) {
+        const int e = quad_e[h];
+        if (keep_words && (VEC || e + 4 <= E)) {
+          const unsigned int word = __ldg(reinterpret_cast<const unsigned int*>(keep + e));
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            kept |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
+          }
+        } else if constexpr (!VEC) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if (e + c < E) kept |= static_cast<unsigned int>(__ldg(keep + e + c) != 0) << (4 * h + c);
+          }
+        }
+      }
+      allowed &= kept;
+    }
+
+    // ---- scatter the chosen experts' grads: zero own slots, sync, scatter, sync, read own slots back
+#pragma unroll
+    for (int h = 0; h < NQ; ++h) {
+      *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (renormalize) *reinterpret_cast<unsigned int*>(my_pick + quad_e[h]) = 0u;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int jj = 0; jj < J; ++jj) {
+      const long long e = ids[jj];
+      if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E)) {  // (-1: no entry)
+        my_grad[e] = grads[jj];
+        if (renormalize) my_pick[e] = 1;
+      }
+    }
+    __syncwarp();
+    float G[V];
+    unsigned int chosen = 0u;  // bit i: element i is a chosen expert (renormalize)
+#pragma unroll
+    for (int h = 0; h < NQ; ++h) {
+      const float4 v = *reinterpret_cast<const float4*>(my_grad + quad_e[h]);
+      G[4 * h] = v.x;
+      G[4 * h + 1] = v.y;
+      G[4 * h + 2] = v.z;
+      G[4 * h + 3] = v.w;
+      if (renormalize) {
+        const unsigned int word = *reinterpret_cast<const unsigned int*>(my_pick + quad_e[h]);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          chosen |= static_cast<unsigned int>(((word >> (8 * c)) & 0xFFu) != 0) << (4 * h + c);
+        }
+      }
+    }
+
+    // ---- masked softmax (padding and masked experts read as -inf), then the gradient
+    float prob[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
+    }
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
+      sum += prob[i];
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
+    const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
+#pragma unroll
+    for (int i = 0; i < V; ++i) prob[i] *= inv;
+
+    float dz[V];
+    if (!renormalize) {
+      float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
+#pragma unroll
+      for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dz[i] = prob[i] * (G[i] - dot);
+    } else {
+      float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if ((chosen >> i) & 1u) {
+          picked += prob[i];
+          dot += G[i] * prob[i];
+        }
+      }
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) {
+        picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+        dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+      }
+      const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+      dot *= rinv;                          // sum_l g_l w_l
+#pragma unroll
+      for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? prob[i] * rinv * (G[i] - dot) : 0.0f;
+    }
+
+    if (valid) {
+      Bits* out = grad_logits + row * E;
+#pragma unroll
+      for (int q = 0; q < NCH; ++q) {
+        const int e = chunk_e[q];
+        unsigned int w[4];  // the chunk as bits
+        if constexpr (sizeof(T) == 4) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) w[c] = Elem::from_float(dz[q * CH + c]);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            w[c] = Elem::from_float(dz[q * CH + 2 * c]) | (Elem::from_float(dz[q * CH + 2 * c + 1]) << 16);
+          }
+        }
+        // (vector stores: E is a multiple of CH, so a chunk that starts below E is whole; half stores: likewise for
+        // the 8-byte halves)
+        if (vector_stores && (VEC || e < E)) {
+          __stcs(reinterpret_cast<uint4*>(out + e), make_uint4(w[0], w[1], w[2], w[3]));
+        } else if constexpr (!VEC) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int eh = e + hh * (CH / 2);
+            if (half_stores && eh < E) {
+              __stcs(reinterpret_cast<uint2*>(out + eh), make_uint2(w[2 * hh], w[2 * hh + 1]));
+            } else {
+#pragma unroll
+              for (int c = hh * (CH / 2); c < (hh + 1) * (CH / 2); ++c) {
+                if (e + c < E) out[e + c] = static_cast<Bits>(Elem::from_float(dz[q * CH + c]));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int E_PAD, bool VEC>
+cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
+  using S = BwdShape<T, E_PAD>;
+  auto kernel = route_bwd_kernel<T, E_PAD, VEC>;
+  // one resident wave of blocks, each walking its rows grid-stride (fewer blocks when T is small)
+  static int sms[64] = {0};
+  static int resident[64] = {0};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (sms[device] == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  if (resident[device] == 0) {
+    int blocks = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBwdThreads, 0);
+    if (err != cudaSuccess) return err;
+    resident[device] = blocks > 0 ? blocks : 1;
+  }
+  constexpr int64_t kRowsPerBlock = static_cast<int64_t>(kBwdWarps) * S::R;
+  const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  if (grid <= 0) return cudaSuccess;
+  kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);
+  return cudaGetLastError();
+}
+
+// the VEC instance where E == E_PAD and every access allows it, else the checked one
+template <typename T, int E_PAD>
+cudaError_t launch_bwd_v(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
+  const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
+  if (p.num_experts == E_PAD && (flags & vec) == vec) return launch_bwd<T, E_PAD, true>(p, flags, device, stream);
+  return launch_bwd<T, E_PAD, false>(p, flags, device, stream);
+}
+
+template <typename T>
+cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
+  const int e = p.num_experts;
+  if (e <= 8) return launch_bwd_v<T, 8>(p, flags, device, stream);
+  if (e <= 16) return launch_bwd_v<T, 16>(p, flags, device, stream);
+  if (e <= 32) return launch_bwd_v<T, 32>(p, flags, device, stream);
+  if (e <= 64) return launch_bwd_v<T, 64>(p, flags, device, stream);
+  if (e <= 128) return launch_bwd_v<T, 128>(p, flags, device, stream);
+  if (e <= 256) return launch_bwd_v<T, 256>(p, flags, device, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int E_PAD>
+cudaError_t preload_bwd_e() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, false>);
+  return err;
+}
+
+template <typename T>
+cudaError_t preload_bwd_t() {
+  cudaError_t err = preload_bwd_e<T, 8>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 16>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 32>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 64>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 128>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 256>();
+  return err;
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
+
+}  // namespace
+
+extern "C" {
+
+// Load every backward kernel instance onto `device` now (lazy module loading would otherwise load each at its first
+// launch, which may fall inside a CUDA graph capture). Returns 0 or a cudaError_t code.
+int moe_fastmask_route_cuda_backward_preload(int device) {
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = preload_bwd_t<float>();
+  if (err == cudaSuccess) err = preload_bwd_t<__half>();
+  if (err == cudaSuccess) err = preload_bwd_t<__nv_bfloat16>();
+  return static_cast<int>(err);
+}
+
+int moe_fastmask_route_cuda_backward_params_size() { return static_cast<int>(sizeof(RouteBackwardParams)); }
+
+// Launch the backward on `stream` (a cudaStream_t) of `device`; dtype 0 float32, 1 float16, 2 bfloat16 (logits,
+// grad_weights and grad_logits alike). Returns 0 or a cudaError_t code: cudaErrorInvalidValue, before touching a
+// device, for a call the kernel does not take (E outside [1, 256], top_k outside [1, min(16, E)], another dtype,
+// negative strides, a missing tensor, a keep mask without groups).
+int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtype, int device, void* stream) {
+  if (params == nullptr) return cudaErrorInvalidValue;
+  const RouteBackwardParams p = *params;
+  if (p.num_tokens < 0) return cudaErrorInvalidValue;
+  if (p.num_tokens == 0) return 0;
+  if (p.num_experts < 1 || p.num_experts > kBwdMaxExperts || p.top_k < 1 || p.top_k > kBwdMaxTopK ||
+      p.top_k > p.num_experts) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype != kBwdFloat32 && dtype != kBwdFloat16 && dtype != kBwdBFloat16) return cudaErrorInvalidValue;
+  if (p.grad_logits == nullptr || p.grad_weights == nullptr || p.logits == nullptr || p.ids == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.stride_t < 0 || p.stride_e < 0 || (p.keep != nullptr && p.num_groups < 1)) return cudaErrorInvalidValue;
+  if (p.group_is_int64 != 0 && p.group_is_int64 != 1) return cudaErrorInvalidValue;
+
+  const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
+  int flags = 0;
+  if (p.stride_e == 1 && (p.stride_t * size) % 16 == 0 && aligned(p.logits, 16)) flags |= kVectorLoads;
+  if (p.stride_e == 1 && (p.stride_t * size) % 8 == 0 && aligned(p.logits, 8)) flags |= kHalfLoads;
+  if ((p.num_experts * size) % 16 == 0 && aligned(p.grad_logits, 16)) flags |= kVectorStores;
+  if ((p.num_experts * size) % 8 == 0 && aligned(p.grad_logits, 8)) flags |= kHalfStores;
+  if (p.keep != nullptr && p.num_experts % 4 == 0 && (reinterpret_cast<uintptr_t>(p.keep) & 3u) == 0) {
+    flags |= kKeepWords;  // (then every keep row is 4-byte aligned)
+  }
+
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device) {
+    err = cudaSetDevice(device);
+    if (err != cudaSuccess) return err;
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kBwdFloat32: err = launch_bwd_e<float>(p, flags, device, s); break;
+    case kBwdFloat16: err = launch_bwd_e<__half>(p, flags, device, s); break;
+    default: err = launch_bwd_e<__nv_bfloat16>(p, flags, device, s); break;
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"

@@ -1,0 +1,813 @@
+"""The CUDA backward of ``route`` (``backend="cuda"``, ``csrc/route_cuda_backward.cu``) against the closed-form
+reference (``reference.route_backward_reference`` in float64) and the reference's autograd.
+
+GPU tests (marked ``gpu``) skip without a CUDA device or without ``nvcc``; a build that fails where both exist fails
+them with the compiler's message. Outputs are poisoned before every launch (a value no gradient here comes near), so
+an element the kernel does not write shows. The scenarios (random shapes, adversarial values, hand-made rows,
+out-of-range group ids, strides and alignments, ids in any order) also run on CPU against the kernel source compiled
+for the host with ``g++``, its warps emulated by threads, under AddressSanitizer. The other CPU tests check, where
+``nvcc`` exists, that the library compiles for sm_90 without spills and that the backward launcher refuses calls it
+does not take before touching a device, and that the Python mirror of the launch arguments matches the C struct.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SESSION_SEED
+from route_cases import tie_free_logits, tolerance
+
+from moe_fastmask import route
+from moe_fastmask.ops import cuda_route, reference, triton_route
+
+route_module = importlib.import_module("moe_fastmask.ops.route")
+
+INF = math.inf
+NAN = math.nan
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_CUDA = torch.cuda.is_available()
+POISON = 1e4  # |grad_logits| <= 2 max|grad_weights|, far below this for the gradients drawn here
+CUDA_ERROR_INVALID_VALUE = 1
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel():
+    """Skip without a CUDA device or nvcc; otherwise the library must build and load."""
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if cuda_route.disabled():
+        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
+    if cuda_route.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    if not cuda_route.is_available():
+        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cases and checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[T, E] CPU logits of an adversarial ``kind``."""
+    if kind == "distinct":
+        return tie_free_logits(T, E, dtype, gen)
+    if kind == "normal":
+        return torch.randn(T, E, generator=gen).to(dtype)
+    if kind == "ties":  # many exact ties, equal rows included
+        values = torch.randint(-4, 5, (T, E), generator=gen).double() / 2
+        values[::7] = 1.5
+        return values.to(dtype)
+    if kind == "wide":  # probabilities underflow; 16-bit logits saturate to +-inf at the ends (NaN rows)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
+        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
+        return values.to(dtype)
+    if kind == "neg_inf":  # -inf on random experts; rows 0 and 5 entirely -inf
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        values[torch.rand(T, E, generator=gen) < 0.5] = -INF
+        values[0] = -INF
+        values[5 % T] = -INF
+        return values.to(dtype)
+    if kind == "nan_inf":  # NaN, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked there)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        cols = torch.randint(0, E, (rows.numel(),), generator=gen)
+        values[rows, cols] = NAN
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = INF
+        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = -INF
+        values[1 % T] = NAN
+        return values.to(dtype)
+    if kind == "signed_zeros":
+        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
+        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
+        return torch.where(values == 0, signs * 0.0, values).to(dtype)
+    if kind == "subnormal":
+        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
+        return (torch.randint(-3, 4, (T, E), generator=gen).double() * tiny).to(dtype)
+    raise ValueError(kind)
+
+
+KINDS = ("distinct", "normal", "ties", "wide", "neg_inf", "nan_inf", "signed_zeros", "subnormal")
+
+
+def make_keep(G: int, E: int, allowed: int | None, gen: torch.Generator) -> torch.Tensor:
+    """Bool [G, E]: each group keeps exactly ``allowed`` experts (None: a random number, at least 1)."""
+    keep = torch.zeros(G, E, dtype=torch.bool)
+    for g in range(G):
+        n = int(torch.randint(1, E + 1, (1,), generator=gen)) if allowed is None else allowed
+        keep[g, torch.randperm(E, generator=gen)[:n]] = True
+    return keep
+
+
+def forward_ids(logits, k, keep, group) -> torch.Tensor:
+    """The chosen ids as the forward gives them (the tie rule; masked experts last when fewer than k are allowed)."""
+    return reference.route_reference(logits, k, keep, group, None, False)[1]
+
+
+def run_cuda(grad, logits, keep, group, ids, renormalize, out) -> None:
+    """The CUDA backward, writing into ``out``."""
+    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out)
+    assert got is out
+    torch.cuda.synchronize()
+
+
+def check_against_reference(run, grad, logits, keep, group, ids, renormalize, where="", out=None):
+    """``run`` (a launcher: ``run_cuda``, or the host emulation) writes grad_logits into a poisoned output (``out``,
+    or a new contiguous tensor). It must be within the dtype's tolerance of the float64 reference, NaN exactly where
+    that is NaN, and exactly 0 on masked experts (renormalised, on unchosen ones too) in rows without NaN."""
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    out.fill_(POISON)
+    run(grad, logits, keep, group, ids, renormalize, out)
+    exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize)
+    atol, rtol = tolerance(logits.dtype)
+    torch.testing.assert_close(out.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{where}\n{m}")
+    T, E = logits.shape
+    zero = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    allowed = reference.allowed_experts(T, keep, group)
+    if allowed is not None:
+        zero |= ~allowed
+    if renormalize:
+        zero |= ~torch.zeros_like(zero).scatter_(1, ids, True)
+    clean = ~exact.isnan().any(dim=1, keepdim=True)
+    assert bool((out[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
+    return out
+
+
+def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    group = torch.randint(-1, G, (T,), generator=gen)
+    return group.to(torch.int32) if kind == "int32" else group
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scenarios: each checks one launcher (``run``) on tensors of ``device`` against the reference. The GPU tests run
+# them on the CUDA kernel; test_kernel_source_emulated_on_the_host runs them (smaller) on the same source compiled
+# for the host.
+# --------------------------------------------------------------------------------------------------------------
+
+SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E]
+
+
+def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
+    """Random logits, masks (none, at least k allowed, exactly k), group ids (none, int32, int64, with -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    for T in sizes:
+        for renorm in (False, True):
+            G = rng.choice([1, 2, 5])
+            mask = rng.choice(["none", "loose", "tight"])
+            keep = None if mask == "none" else make_keep(G, E, k if mask == "tight" else None, gen)
+            if mask == "loose":
+                keep[:, :k] = True  # at least k allowed
+            group = random_group(T, G, rng.choice(["none", "int32", "int64"]), gen)
+            logits = make_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).to(device)
+            keep = None if keep is None else keep.to(device)
+            group = None if group is None else group.to(device)
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            check_against_reference(run, grad, logits, keep, group, ids, renorm,
+                                    where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
+
+
+ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4))
+
+
+def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
+    """Values of ``kind``; masks allowing exactly k, fewer than k (masked experts chosen) or no expert (all-masked
+    rows); group ids -2, G and G + 1 (no mask); also without a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    G = 4
+    for E, k in shapes:
+        keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
+                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
+        group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
+        logits = make_logits(kind, T, E, dtype, gen).to(device)
+        ids = forward_ids(logits, k, keep, group)
+        grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+        for renorm in (False, True):
+            check_against_reference(run, grad, logits, keep, group, ids, renorm,
+                                    where=f"{kind} E={E} k={k} {dtype} renorm={renorm}")
+            check_against_reference(run, grad, logits, None, None, forward_ids(logits, k, None, None), renorm,
+                                    where=f"{kind} E={E} k={k} {dtype} renorm={renorm} no mask")
+
+
+def scenario_examples(run, device):
+    """Hand-made rows: a NaN on a masked expert does not reach the row; NaN / +inf / all--inf rows are NaN (with
+    renormalisation only on the chosen experts); a chosen masked expert gets 0."""
+    keep = torch.tensor([[True, True, False, True], [False, False, False, False]], device=device)
+    for dtype in DTYPES:
+        logits = torch.tensor([[1.0, 2.0, NAN, 0.5],     # group 0: the NaN is masked
+                               [1.0, NAN, 0.0, 0.5],     # group 0: NaN allowed
+                               [INF, 0.0, 1.0, 2.0],     # group 0: +inf allowed
+                               [-INF, -INF, 3.0, -INF],  # group 0: allowed all -inf
+                               [1.0, 2.0, 3.0, 4.0],     # group 1: everything masked
+                               [4.0, -1.0, 9.0, 0.0]],   # group 0, k = 4 chooses the masked expert 2
+                              dtype=dtype, device=device)
+        group = torch.tensor([0, 0, 0, 0, 1, 0], device=device)
+        ids = forward_ids(logits, 3, keep, group)
+        ids4 = forward_ids(logits, 4, keep, group)
+        assert ids4[5].tolist() == [0, 3, 1, 2]
+        grad = torch.tensor([[0.5, -1.0, 2.0]] * 6, dtype=dtype, device=device)
+        grad4 = torch.tensor([[0.5, -1.0, 2.0, 3.0]] * 6, dtype=dtype, device=device)
+        for renorm in (False, True):
+            got = check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"{dtype} {renorm}")
+            assert not got[0].isnan().any() and got[0, 2] == 0
+            for row in (1, 2, 3, 4):
+                nan = got[row].isnan()
+                assert bool(nan.all()) if not renorm else nan.tolist() == [e in ids[row] for e in range(4)]
+            got = check_against_reference(run, grad4, logits, keep, group, ids4, renorm, where=f"{dtype} {renorm} k=4")
+            assert got[5, 2] == 0
+
+
+def scenario_out_of_range_groups(run, device, group_dtype, repeat, seed):
+    """Ids outside [0, G) mean no mask; keep is a view into a buffer whose rows before and after mask everything,
+    so a read outside keep would turn the row into NaN."""
+    G, k = 3, 8
+    bad = [3, 4, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40), 2**32] if group_dtype == torch.int64 else [])
+    gen = torch.Generator().manual_seed(seed)
+    for E in (64, 60, 256):
+        group = torch.tensor(([0, 1, 2, -1] + bad) * repeat, dtype=group_dtype, device=device)
+        T = group.numel()
+        buffer = torch.zeros(G + 2, E, dtype=torch.bool)
+        buffer[1 : G + 1] = make_keep(G, E, None, gen) | (torch.arange(E) < k)
+        keep = buffer.to(device)[1 : G + 1]
+        assert keep.is_contiguous()
+        for dtype in DTYPES:
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                got = check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"E={E} {dtype}")
+                assert not got.isnan().any()
+
+
+LAYOUTS = ["transposed", "sliced", "offset", "offset_8_bytes", "padded_rows", "partial_chunks", "misaligned_keep",
+           "misaligned_out", "out_offset_8_bytes"]
+
+
+def scenario_layout(run, device, layout, T, seed):
+    """Any logits strides and alignments (16- and 8-byte accesses only where they are whole and aligned), a keep mask
+    that is not 4-byte aligned, an output that is not 16-byte aligned (8-byte, or not even that)."""
+    gen = torch.Generator().manual_seed(seed)
+    E, k, G = 64, 8, 3
+    for dtype in DTYPES:
+        if layout == "transposed":
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device).t().contiguous().t()
+        elif layout == "sliced":
+            logits = torch.randn(T, E + 1, generator=gen).to(dtype).to(device)[:, :E]
+        elif layout == "offset":
+            logits = torch.randn(T * E + 1, generator=gen).to(dtype).to(device)[1:].view(T, E)
+        elif layout == "offset_8_bytes":  # 8-byte loads, not 16
+            n = 8 // dtype.itemsize
+            logits = torch.randn(T * E + n, generator=gen).to(dtype).to(device)[n:].view(T, E)
+            assert logits.data_ptr() % 16 == 8
+        elif layout == "padded_rows":  # rows 16-byte aligned, 144 / 288 bytes apart
+            logits = torch.randn(T, 72, generator=gen).to(dtype).to(device)[:, :E]
+        elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
+            logits = torch.randn(T, 64, generator=gen).to(dtype).to(device)[:, :60]
+        else:
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+        E_here = logits.shape[1]
+        keep = make_keep(G, E_here, None, gen)
+        keep[:, :k] = True
+        keep = keep.to(device)
+        if layout == "misaligned_keep":
+            keep = torch.zeros(G * E_here + 1, dtype=torch.bool, device=device)[1:].view(G, E_here).copy_(keep)
+            assert keep.data_ptr() % 4 != 0
+        out = None
+        if layout in ("misaligned_out", "out_offset_8_bytes"):
+            n = 1 if layout == "misaligned_out" else 8 // dtype.itemsize
+            out = torch.empty(T * E_here + n, dtype=dtype, device=device)[n:].view(T, E_here)
+            assert out.data_ptr() % 16 == (n * dtype.itemsize) % 16
+        group = torch.randint(-1, G, (T,), generator=gen).to(device)
+        ids = forward_ids(logits, k, keep, group)
+        grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+        for renorm in (False, True):
+            check_against_reference(run, grad, logits, keep, group, ids, renorm, where=f"{layout} {dtype} {renorm}",
+                                    out=out)
+
+
+def scenario_any_ids(run, device, T, seed):
+    """Chosen ids in any order (not the top-k)."""
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        for E, k in ((64, 8), (8, 3), (256, 16)):
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :k].to(device)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                check_against_reference(run, grad, logits, None, None, ids, renorm, where=f"any ids {dtype} E={E}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the kernel against the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E, k", SHAPES, ids=[f"E{e}-k{k}" for e, k in SHAPES])
+def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
+    scenario_random_shapes(run_cuda, "cuda", E, k, dtype, (1, 31, 1000, 4099), SESSION_SEED + E * 131 + k)
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
+    scenario_adversarial(run_cuda, "cuda", kind, dtype, 517, ADVERSARIAL_SHAPES, SESSION_SEED + sum(map(ord, kind)))
+
+
+@gpu
+def test_nan_and_masked_examples(cuda_kernel):
+    scenario_examples(run_cuda, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("group_dtype", [torch.int64, torch.int32], ids=str)
+def test_out_of_range_groups_never_read_outside_keep(cuda_kernel, group_dtype):
+    scenario_out_of_range_groups(run_cuda, "cuda", group_dtype, 41, SESSION_SEED + 3)
+
+
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_and_misaligned_tensors(cuda_kernel, layout):
+    scenario_layout(run_cuda, "cuda", layout, 301, SESSION_SEED + 5)
+
+
+@gpu
+def test_any_ids_and_many_rows(cuda_kernel):
+    """Ids in any order, and more rows than one resident wave of blocks covers (the grid-stride loop)."""
+    scenario_any_ids(run_cuda, "cuda", 1000, SESSION_SEED + 7)
+    gen = torch.Generator().manual_seed(SESSION_SEED + 8)
+    T, E, k = 300_001, 64, 8
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = (torch.rand(4, E, generator=gen) < 0.7).cuda()
+        keep[:, :k] = True
+        group = torch.randint(-1, 4, (T,), generator=gen).cuda()
+        grad = torch.randn(T, k, generator=gen).to(dtype).cuda()
+        ids = forward_ids(logits, k, keep, group)
+        for renorm in (False, True):
+            check_against_reference(run_cuda, grad, logits, keep, group, ids, renorm,
+                                    where=f"T={T} {dtype} renorm={renorm}")
+
+
+@gpu
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
+    """(weights * g).sum().backward() through route(backend="cuda") runs the CUDA backward (Triton's is made to fail)
+    and equals the reference's autograd in float64."""
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the cuda backend ran the Triton backward")
+
+    monkeypatch.setattr(triton_route, "route_backward", no_triton)
+    gen = torch.Generator().manual_seed(SESSION_SEED + 9)
+    for T, E, k in ((77, 64, 8), (1000, 60, 4), (33, 256, 16), (5, 8, 8)):
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = (torch.rand(2, E, generator=gen) < 0.6).cuda()
+        keep[:, :k] = True
+        group = torch.randint(-1, 2, (T,), generator=gen).cuda()
+        grad_out = torch.randn(T, k, generator=gen).cuda()
+        x = logits.clone().requires_grad_()
+        weights, ids = route(x, k, keep, group, None, renorm, "cuda")
+        (weights * grad_out.to(dtype)).sum().backward()
+        ref_x = logits.double().requires_grad_()
+        ref_w, ref_ids = reference.route_reference(ref_x, k, keep, group, None, renorm)
+        (ref_w * grad_out.to(dtype).double()).sum().backward()
+        assert torch.equal(ids, ref_ids)
+        assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+        atol, rtol = tolerance(dtype)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+        # the registered op (torch.compile's path) takes the same backward
+        x.grad = None
+        weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda")
+        (weights * grad_out.to(dtype)).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+
+
+@gpu
+def test_opcheck_and_cuda_graph(cuda_kernel):
+    gen = torch.Generator().manual_seed(SESSION_SEED + 11)
+    logits = torch.randn(6, 8, generator=gen).cuda()
+    keep = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    keep[1, :3] = False
+    group = torch.tensor([0, 1, -1, 1, 0, 1], device="cuda")
+    ids = forward_ids(logits, 3, keep, group)
+    grad = torch.randn(6, 3, generator=gen).cuda()
+    for renorm in (False, True):
+        torch.library.opcheck(torch.ops.moe_fastmask.route_backward.default,
+                              (grad, logits, keep, group, ids, renorm, "cuda"))
+
+    x = torch.randn(4099, 64, device="cuda", dtype=torch.bfloat16)
+    ids = forward_ids(x, 8, None, None)
+    grad = torch.randn(4099, 8, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    cuda_route.route_backward(grad, x, None, None, ids, True, out=out)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_route.route_backward(grad, x, None, None, ids, True, out=out)
+
+    def replay(*args):
+        graph.replay()
+        torch.cuda.synchronize()
+
+    check_against_reference(replay, grad, x, None, None, ids, True, where="graph", out=out)
+
+
+@gpu
+def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kernel):
+    """Other variants and shapes run Triton's backward under backend="cuda"; the launcher itself refuses bad shapes."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 13)
+    logits = torch.randn(65, 64, generator=gen).cuda()
+    ids = forward_ids(logits, 4, None, None)
+    grad = torch.randn(65, 4, generator=gen).cuda()
+    assert cuda_route.supports_backward(grad, logits, ids)
+    for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0)):
+        assert not cuda_route.supports_backward(grad, logits, ids, **kwargs)
+        renorm = kwargs.get("scoring") != "softmax_chosen"
+        got = route_module._route_backward_impl(grad, logits, None, None, ids, renorm, "cuda", **kwargs)
+        expected = triton_route.route_backward(grad, logits, None, None, ids, renorm, **kwargs)
+        assert torch.equal(got, expected), kwargs
+    assert not cuda_route.supports_backward(grad.half(), logits, ids)  # grad of another dtype
+    assert not cuda_route.supports_backward(grad, logits, ids.int())
+    assert not cuda_route.supports_backward(grad, logits.double(), ids)
+    wide = torch.randn(9, 512, generator=gen).cuda()
+    wide_ids = forward_ids(wide, 8, None, None)
+    assert not cuda_route.supports_backward(torch.ones(9, 8, device="cuda"), wide, wide_ids)
+    got = route_module._route_backward_impl(torch.ones(9, 8, device="cuda"), wide, None, None, wide_ids, False, "cuda")
+    torch.testing.assert_close(got, reference.route_backward_reference(torch.ones(9, 8, device="cuda"), wide, None,
+                                                                       None, wide_ids, False), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="grad_weights"):
+        cuda_route.route_backward(grad.half(), logits, None, None, ids, False)
+    with pytest.raises(ValueError, match="ids"):
+        cuda_route.route_backward(grad, logits, None, None, ids.int(), False)
+    lib = cuda_route._load()[0]
+    for fields in bad_shapes():
+        params = cuda_route.RouteBackwardParams(**fields)
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), 2, 0, None)
+        assert code == CUDA_ERROR_INVALID_VALUE, fields
+
+
+def bad_shapes() -> list[dict]:
+    """Launch arguments the backward launcher must refuse with cudaErrorInvalidValue (pointers are never read)."""
+    good = dict(grad_logits=64, grad_weights=64, logits=64, ids=64, stride_t=64, stride_e=1, num_tokens=4,
+                num_experts=64, num_groups=1, top_k=8)
+    return [
+        dict(good, num_experts=300),
+        dict(good, num_experts=0),
+        dict(good, top_k=17),
+        dict(good, top_k=0),
+        dict(good, num_experts=4, top_k=5),
+        dict(good, num_tokens=-1),
+        dict(good, stride_e=-1),
+        dict(good, grad_logits=None),
+        dict(good, ids=None),
+        dict(good, keep=64, num_groups=0),
+        dict(good, group_is_int64=2),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: the build, the launcher's refusals, the argument mirror
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_params_mirror_the_c_struct():
+    """RouteBackwardParams lists the C struct's fields in order, with the same widths, and has no tail padding."""
+    source = cuda_route.backward_source_path().read_text()
+    body = re.search(r"struct RouteBackwardParams \{(.*?)\};", source, re.S).group(1)
+    c_fields = re.findall(r"^\s*(?:const\s+)?(\w+)\*?\s+\*?(\w+);", body, re.M)
+    py_fields = cuda_route.RouteBackwardParams._fields_
+    assert [name for _, name in c_fields] == [name for name, _ in py_fields]
+    widths = {"void": 8, "int64_t": 8, "uint8_t": 8, "int32_t": 4}
+    for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
+        is_pointer = re.search(rf"\*\s*{name};", body) is not None
+        assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 96
+
+
+def test_build_key_and_command_cover_the_backward_source(tmp_path):
+    forward, backward = cuda_route.source_path(), cuda_route.backward_source_path()
+    assert backward.name == "route_cuda_backward.cu" and backward.is_file() and backward.parent == forward.parent
+    command = cuda_route.nvcc_command("nvcc", forward, Path("out.so"), ("90",))
+    assert command[-2:] == [str(backward), str(forward)]
+    for source in (forward, backward):
+        shutil.copy(source, tmp_path / source.name)
+    key = cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",))
+    (tmp_path / backward.name).write_text(backward.read_text() + "\n// changed\n")
+    assert cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",)) != key
+
+
+def test_supports_backward_needs_cuda_tensors():
+    logits = torch.randn(4, 64)
+    ids = torch.zeros(4, 8, dtype=torch.int64)
+    assert not cuda_route.supports_backward(torch.randn(4, 8), logits, ids)
+    meta = torch.empty(4, 64, device="meta")
+    assert not cuda_route.supports_backward(torch.empty(4, 8, device="meta"), meta, ids.to("meta"))
+
+
+@pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
+def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
+    """Compile for sm_90 in a fresh process (no device needed): every backward kernel instance without spills, and
+    the launcher refuses the shapes it does not take before touching a device (and reports a CUDA error, not a
+    crash, for a valid call without a device)."""
+    code = (
+        "import ctypes, torch\n"
+        "from moe_fastmask.ops import cuda_route as c\n"
+        "import test_route_cuda_backward as t\n"
+        "lib = c._bind(c._build())\n"
+        "size = lib.moe_fastmask_route_cuda_backward_params_size()\n"
+        "print('params size', size, ctypes.sizeof(c.RouteBackwardParams))\n"
+        "for fields in t.bad_shapes():\n"
+        "    p = c.RouteBackwardParams(**fields)\n"
+        "    print('refused', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64))\n"
+        "print('bad dtype', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 3, 0, None))\n"
+        "print('null params', lib.moe_fastmask_route_cuda_backward(None, 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64, num_tokens=0))\n"
+        "print('empty', lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteBackwardParams(**dict(t.bad_shapes()[0], num_experts=64))\n"
+        "rc = lib.moe_fastmask_route_cuda_backward(ctypes.byref(p), 2, 0, None)\n"
+        "print('no device', rc not in (0, 1), lib.moe_fastmask_route_cuda_error_string(rc).decode())\n"
+        "print('LOG', (c._build().parent / 'build.log').read_text())\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    size = ctypes.sizeof(cuda_route.RouteBackwardParams)
+    assert f"params size {size} {size}" in out.stdout, out.stdout[:2000]
+    assert out.stdout.count(f"refused {CUDA_ERROR_INVALID_VALUE}\n") == len(bad_shapes()), out.stdout[:2000]
+    assert f"bad dtype {CUDA_ERROR_INVALID_VALUE}" in out.stdout, out.stdout[:2000]
+    assert f"null params {CUDA_ERROR_INVALID_VALUE}" in out.stdout, out.stdout[:2000]
+    assert "empty 0" in out.stdout and "no device True" in out.stdout, out.stdout[:2000]
+    # ptxas: per kernel a "Compiling entry function" line, then "Function properties", its stack and spills, and its
+    # registers
+    log = out.stdout.split("LOG", 1)[1].splitlines()
+    entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
+    assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
+    for i in entries:
+        report = " ".join(log[i + 1 : i + 4])
+        assert "0 bytes spill stores, 0 bytes spill loads" in report and "registers" in report, (log[i], report)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: the kernel source itself, compiled for the host with an emulation of the warp (and AddressSanitizer)
+# --------------------------------------------------------------------------------------------------------------
+
+EMU_HEADER = r"""
+// Host emulation of the CUDA device API the backward kernel uses: the 32 lanes of a warp are std::threads that
+// run the warps of every block one after another (they do not interact); __syncwarp and the shuffles are barriers
+// of the 32.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct uint2 { unsigned int x, y; };
+struct uint4 { unsigned int x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 gridDim, blockDim;
+
+// a barrier of the 32 lanes that gives up (and ends the process) when a lane never arrives: lanes that disagree on
+// the number of __syncwarp calls would otherwise hang
+struct EmuWarp {
+  std::atomic<int> arrived{0};
+  std::atomic<long> generation{0};
+  unsigned char slots[32][8];
+  void wait() {
+    const long gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == 31) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (long spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      std::this_thread::yield();
+      if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
+        std::fprintf(stderr, "emulation: a lane never reached __syncwarp / a shuffle (divergent warp)\n");
+        std::_Exit(3);
+      }
+    }
+  }
+};
+inline thread_local EmuWarp* emu_warp = nullptr;
+
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu_warp->wait(); }
+
+template <typename X>
+X __shfl_xor_sync(unsigned int, X v, int offset, int width = 32) {
+  static_assert(sizeof(X) <= 8, "shuffle of at most 8 bytes");
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (offset >= width) std::_Exit(4);
+  std::memcpy(emu_warp->slots[lane], &v, sizeof(X));
+  emu_warp->wait();
+  X out;
+  std::memcpy(&out, emu_warp->slots[lane ^ offset], sizeof(X));
+  emu_warp->wait();
+  return out;
+}
+
+template <typename X> inline X __ldcs(const X* p) { return *p; }
+template <typename X> inline X __ldg(const X* p) { return *p; }
+template <typename X> inline void __stcs(X* p, X v) { *p = v; }
+
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+
+struct __half { unsigned short bits; };
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.bits, 2); return static_cast<float>(v); }
+inline __half __float2half_rn(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  __half h;
+  std::memcpy(&h.bits, &v, 2);
+  return h;
+}
+
+struct __nv_bfloat16 { unsigned short bits; };
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned int u = __float_as_uint(f);
+  if (std::isnan(f)) return {static_cast<unsigned short>((u >> 16) | 0x40u)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return {static_cast<unsigned short>(u >> 16)};
+}
+
+// ex2.approx.ftz / rcp.approx.ftz: subnormal inputs and results are zero
+inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+inline float emu_ex2(float x) { return emu_ftz(std::exp2(emu_ftz(x))); }
+inline float emu_rcp(float x) { return emu_ftz(1.0f / emu_ftz(x)); }
+
+// runtime API
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+struct cudaFuncAttributes { int numRegs; };
+inline int emu_sms = 2;  // small, so that the grid-stride loops take several steps
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sms; return cudaSuccess; }
+template <typename F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* v, F, int, size_t) {
+  *v = 1;
+  return cudaSuccess;
+}
+template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  a->numRegs = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+
+inline void emu_launch(int grid, int threads, const std::function<void()>& body) {
+  gridDim = {static_cast<unsigned int>(grid), 1, 1};
+  blockDim = {static_cast<unsigned int>(threads), 1, 1};
+  EmuWarp warp;  // 32 lanes run the warps of every block one after another
+  std::vector<std::thread> lanes;
+  for (int l = 0; l < 32; ++l) {
+    lanes.emplace_back([&, l] {
+      emu_warp = &warp;
+      for (int b = 0; b < grid; ++b) {
+        for (int w = 0; w < threads / 32; ++w) {
+          threadIdx = {static_cast<unsigned int>(w * 32 + l), 0, 0};
+          blockIdx = {static_cast<unsigned int>(b), 0, 0};
+          body();
+          warp.wait();  // the warp is done before its lanes take the next one
+        }
+      }
+    });
+  }
+  for (auto& t : lanes) t.join();
+}
+"""
+
+# the source's device-only statements, and their host stand-ins
+EMU_SUBSTITUTIONS = {
+    'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
+    'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
+    "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);": "emu_launch(grid, kBwdThreads, [&] { kernel(p, flags); });",
+}
+
+
+def build_emulation(directory: Path, sanitize: bool) -> Path:
+    """Compile csrc/route_cuda_backward.cu for the host (g++) against EMU_HEADER; returns the library's path."""
+    source = cuda_route.backward_source_path().read_text()
+    for device_code, host_code in EMU_SUBSTITUTIONS.items():
+        assert source.count(device_code) == 1, f"the kernel source no longer has: {device_code}"
+        source = source.replace(device_code, host_code)
+    (directory / "emu_cuda.h").write_text(EMU_HEADER)
+    for name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
+        (directory / name).write_text('#include "emu_cuda.h"\n')
+    (directory / "route_cuda_backward_host.cpp").write_text(source)
+    library = directory / "route_cuda_backward_host.so"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
+               f"-I{directory}", "-o", str(library), str(directory / "route_cuda_backward_host.cpp")]
+    if sanitize:
+        command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return library
+
+
+def emulated_run(library: Path):
+    """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
+    lib = ctypes.CDLL(str(library))
+    lib.moe_fastmask_route_cuda_backward.argtypes = [
+        ctypes.POINTER(cuda_route.RouteBackwardParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    assert lib.moe_fastmask_route_cuda_backward_params_size() == ctypes.sizeof(cuda_route.RouteBackwardParams)
+
+    def run(grad, logits, keep, group, ids, renormalize, out):
+        grad, ids = grad.contiguous(), ids.contiguous()
+        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize)
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
+        assert code == 0, code
+
+    return run
+
+
+def emulated_checks(library: str) -> None:
+    """The scenarios, smaller, on the emulated kernel (CPU tensors; the emulated device has 2 SMs, so the
+    grid-stride loops take several steps)."""
+    run = emulated_run(Path(library))
+    for dtype in DTYPES:
+        for E, k in SHAPES:
+            scenario_random_shapes(run, "cpu", E, k, dtype, (1, 37), SESSION_SEED + E * 131 + k)
+        for kind in KINDS:
+            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16)),
+                                 SESSION_SEED + sum(map(ord, kind)))
+    scenario_examples(run, "cpu")
+    for group_dtype in (torch.int64, torch.int32):
+        scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
+    for layout in LAYOUTS:
+        scenario_layout(run, "cpu", layout, 37, SESSION_SEED + 5)
+    scenario_any_ids(run, "cpu", 29, SESSION_SEED + 7)
+    print("emulated checks passed")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+@pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+def test_kernel_source_emulated_on_the_host(tmp_path):
+    """The kernel source, compiled for the host with its warps emulated by threads, against the reference on every
+    scenario (random shapes, adversarial values, examples, out-of-range groups, layouts, any ids), under
+    AddressSanitizer where g++ has it: every load and store within its tensor or the shared buffers. Runs in a fresh
+    process (a sanitizer report, or a warp whose lanes disagree on the __syncwarp calls, ends it)."""
+    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    sanitize = os.path.isabs(asan) and Path(asan).is_file()
+    library = build_emulation(tmp_path, sanitize)
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(SESSION_SEED),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    if sanitize:
+        env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
+    code = f"import test_route_cuda_backward as t\nt.emulated_checks({str(library)!r})\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)
+    assert out.returncode == 0 and "emulated checks passed" in out.stdout, (out.stdout[-2000:], out.stderr[-5000:])
