@@ -103,13 +103,10 @@ template <typename T, int E_PAD> struct BwdShape {
   static constexpr int SLOTS = R * E_PAD;                       // scatter-buffer slots per warp (32 V)
   static constexpr int KMAX = kBwdMaxTopK < E_PAD ? kBwdMaxTopK : E_PAD;
   static constexpr int J = (KMAX + L - 1) / L;                  // (id, grad) entries per lane
-  // the fast 16-bit instances from E_PAD = 32 load a warp's next step before working on the current one (two steps
-  // of loads in flight per warp)
-  static constexpr bool kPrefetchVec = sizeof(T) == 2 && E_PAD >= 32;
-  // resident blocks: at most 64 registers (32 warps per SM, each with a step of loads in flight); 80 with the
-  // prefetch (24 warps, two steps each), where a lane holds 8 (id, grad) entries (E_PAD <= 16) and in the checked
-  // instances (their bounds checks need more), 128 in the checked float32 ones (no spills)
-  static constexpr int kMinBlocksVec = J > 4 || kPrefetchVec ? 3 : 4;
+  // resident blocks: at most 64 registers (32 warps per SM, each with a step of loads in flight); 80 where a lane
+  // holds 8 (id, grad) entries (E_PAD <= 16) and in the checked instances (their bounds checks need more), 128 in
+  // the checked float32 ones (no spills)
+  static constexpr int kMinBlocksVec = J > 4 ? 3 : 4;
   static constexpr int kMinBlocksChecked = sizeof(T) == 4 ? 2 : 3;
   static_assert(E_PAD >= 8 && E_PAD <= kBwdMaxExperts && (E_PAD & (E_PAD - 1)) == 0, "E_PAD: power of two, 8..256");
   static_assert(L * V == E_PAD && R * L == 32 && SLOTS == 32 * V, "lane layout");
@@ -181,32 +178,27 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kBwdWarps;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kBwdWarps + warp;
 
-  // a warp step's loads (group id, logits, (id, grad) entries): the next step's are issued before this step's work,
-  // so that two steps of loads per warp are in flight
-  struct Loaded {
-    int64_t keep_row;  // -1: no mask
-    uint4 raw[NCH];
-    long long ids[J];
-    float grads[J];
-  };
-  auto load_step = [&](int64_t step_base, Loaded& out) {
-    const int64_t row = step_base + r;
+  for (int64_t base = warp_id * R; base < num_tokens; base += num_warps * R) {
+    const int64_t row = base + r;
     const bool valid = row < num_tokens;
-    out.keep_row = -1;
+
+    // ---- loads, all issued before any is used: group id, logits, (id, grad) entries
+    int64_t keep_row = -1;  // -1: no mask
     if (has_keep && valid) {
       int64_t g = 0;
       if (p.group != nullptr) {
         g = p.group_is_int64 ? __ldcs(static_cast<const long long*>(p.group) + row)
                              : static_cast<int64_t>(__ldcs(static_cast<const int*>(p.group) + row));
       }
-      out.keep_row = static_cast<uint64_t>(g) < static_cast<uint64_t>(p.num_groups) ? g : -1;
+      keep_row = static_cast<uint64_t>(g) < static_cast<uint64_t>(p.num_groups) ? g : -1;
     }
+    uint4 raw[NCH];
     const Bits* src = logits + row * p.stride_t;
 #pragma unroll
     for (int q = 0; q < NCH; ++q) {
       const int e = chunk_e[q];
       if (vector_loads && valid && (VEC || e + CH <= E)) {
-        out.raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
+        raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
       } else {
         unsigned int w[4] = {0u, 0u, 0u, 0u};
         if constexpr (!VEC) {
@@ -232,40 +224,22 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
             }
           }
         }
-        out.raw[q] = make_uint4(w[0], w[1], w[2], w[3]);
+        raw[q] = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
+    long long ids[J];
+    float grads[J];
 #pragma unroll
     for (int jj = 0; jj < J; ++jj) {
       const int j = sub + jj * L;
-      out.ids[jj] = -1;
-      out.grads[jj] = 0.0f;
+      ids[jj] = -1;
+      grads[jj] = 0.0f;
       if (valid && j < top_k) {
         const int64_t at = row * top_k + j;
-        out.ids[jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
-        out.grads[jj] = Elem::to_float(__ldcs(grad_weights + at));
+        ids[jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
+        grads[jj] = Elem::to_float(__ldcs(grad_weights + at));
       }
     }
-  };
-
-  constexpr bool kPrefetch = VEC && S::kPrefetchVec;
-  const int64_t step_rows = num_warps * R;
-  Loaded cur, next;
-  int64_t base = warp_id * R;
-  if (kPrefetch && base < num_tokens) load_step(base, cur);
-  for (; base < num_tokens; base += step_rows) {
-    if (!kPrefetch) {
-      load_step(base, cur);
-    } else if (base + step_rows < num_tokens) {
-      load_step(base + step_rows, next);
-    }
-    const int64_t row = base + r;
-    const bool valid = row < num_tokens;
-    const int64_t keep_row = cur.keep_row;
-    const uint4 (&raw)[NCH] = cur.raw;
-    const long long (&ids)[J] = cur.ids;
-    const float (&grads)[J] = cur.grads;
-
     // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
     unsigned int allowed = in_range;
     if (keep_row >= 0) {
@@ -411,7 +385,6 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
         }
       }
     }
-    if (kPrefetch) cur = next;
   }
 }
 
