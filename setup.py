@@ -5,7 +5,8 @@ that name belongs to Hugging Face's ``kernels`` package, which transformers prob
 The C++ CPU kernel in ``csrc/`` is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, cached
 per torch version and source hash), so installing stays quick and never needs torch inside pip's isolated build
 environment (which would pull a CUDA build of torch). ``moe-fastmask build-ext`` compiles it ahead of time. The CUDA
-kernels (``csrc/route_cuda.cu``, ``csrc/route_cuda_backward.cu``) are likewise compiled with nvcc on first use on a CUDA machine.
+kernels (``csrc/route_cuda.cu``, ``csrc/route_cuda_backward.cu``) are likewise compiled with nvcc on first use on a
+CUDA machine.
 """
 
 from setuptools import find_packages, setup
