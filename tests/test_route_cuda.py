@@ -96,13 +96,13 @@ def make_keep(G: int, E: int, k: int, tight: bool, gen: torch.Generator) -> torc
     return keep
 
 
-def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None, variant=None, ablation=None):
+def run_cuda(logits, top_k, keep, group, counts, renormalize, prefetch=None, variant=None, ablation=None, **knobs):
     """The kernel on poisoned outputs: (weights, ids)."""
     T = logits.shape[0]
     weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype, device=logits.device)
     ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64, device=logits.device)
     cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, out=(weights, ids), prefetch=prefetch,
-                             variant=variant, _ablation=ablation)
+                             variant=variant, _ablation=ablation, **knobs)
     torch.cuda.synchronize()
     return weights, ids
 
@@ -304,6 +304,42 @@ def test_skewed_load_and_many_groups_count_exactly(cuda_kernel):
             expected = torch.zeros(G, E, dtype=torch.int64, device="cuda")
             expected[:, 5:13] = torch.bincount(group, minlength=G)[:, None]
             assert torch.equal(counts, expected), (G, dtype, variant)
+
+
+@gpu
+def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
+    """Every grid policy and option set of the lane kernel (the benchmark's choices) gives the reference's ids and
+    counts and weights within tolerance, on row counts that leave a partial last tile and several tiles per warp;
+    the loads-and-stores-only instance under each option set gives the first k experts."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(SESSION_SEED + 23)
+    E, k, G = 64, 8, 3
+    names = sorted(cuda_route.LANE_OPTIONS)
+    subsets = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+    for T in (1, 1000, 300_001):
+        logits = make_logits("distinct", T, E, torch.bfloat16, gen).cuda()
+        keep = make_keep(G, E, k, False, gen).cuda()
+        group = torch.randint(-1, G, (T,), generator=gen).cuda()
+        ref_counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+        ref_w, ref_ids = reference.route_reference(logits, k, keep, group, ref_counts, False)
+        for policy, subset in itertools.product(cuda_route.GRID_POLICIES, subsets):
+            counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+            w, ids = run_cuda(logits, k, keep, group, counts, False, variant="lane", _grid_policy=policy,
+                              _lane_options=subset)
+            assert torch.equal(ids, ref_ids), (T, policy, subset)
+            assert torch.equal(counts, ref_counts), (T, policy, subset)
+            torch.testing.assert_close(w, ref_w, atol=tolerance(w.dtype)[0], rtol=tolerance(w.dtype)[1])
+            if "topk8" not in subset:
+                _, ids = run_cuda(logits, k, keep, group, None, False, ablation="load_store", _grid_policy=policy,
+                                  _lane_options=subset)
+                assert torch.equal(ids, torch.arange(k, device="cuda").expand(T, k)), (T, policy, subset)
+    with pytest.raises(ValueError, match="_lane_options"):
+        cuda_route.route_forward(logits, 4, keep, group, None, False, _lane_options=("topk8",))
+    with pytest.raises(ValueError, match="_lane_options"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _lane_options=("fast",))
+    with pytest.raises(ValueError, match="_grid_policy"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _grid_policy="all")
 
 
 @gpu

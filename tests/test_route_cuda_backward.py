@@ -807,7 +807,7 @@ def test_kernel_source_emulated_on_the_host(tmp_path):
     env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(SESSION_SEED),
                PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     asan_env = dict(env, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
-    code = f"import test_route_cuda_backward as t\nt.emulated_checks({{library!r}})\n"
+    code = "import test_route_cuda_backward as t\nt.emulated_checks({library!r})\n"
     out = None
     if sanitize:
         library = build_emulation(tmp_path / "asan", True)
