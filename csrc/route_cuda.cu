@@ -498,8 +498,12 @@ cudaError_t preload_t() {
 // the top 8 of the two sorted runs (8 max, then a 12-comparator bitonic merge): no shuffles, no pops, and the
 // per-element key costs about 1.5 ALU operations (16-bit order transform done on packed pairs, the mask applied by
 // the AND / multiply that moves the value into place).
-// A warp copies its 32 rows into shared memory with cp.async (each instruction 512 contiguous bytes, one tile ahead
-// of the one being worked on), chunks swizzled so that the lanes' row reads are free of bank conflicts.
+// A warp copies its 32 rows into shared memory with cp.async (each instruction 512 contiguous bytes; the next tile is
+// issued once the current one has landed, and copies while it is worked on), chunks swizzled so that the lanes' row
+// reads are free of bank conflicts.
+// Where the time goes (benchmarks/RESULTS.md): the integer pipe. About 890 of the ~1,630 instructions per 32-row tile
+// run on it, 507 of them the sorting networks; the loads and stores alone reach 90% of the copy bandwidth when the
+// ids go out through shared memory (kStageIds), but the full kernel stays near 50%, whatever the grid or buffering.
 // Keys: the 16-bit order of the logit (sign flipped for positives, all bits for negatives, after x*1+0 turns -0.0
 // into +0.0 and NaN into the canonical positive NaN) above, E_PAD - 1 - e below; a masked expert has a value of 0,
 // below every canonical value (the lowest, -inf, is bf16 0x007F, fp16 0x03FF; only 0xFFFF, a non-canonical NaN,
