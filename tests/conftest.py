@@ -22,3 +22,19 @@ def pytest_report_header(config):
 def session_seed() -> int:
     """Fresh each run (printed in the header); fixed with MOE_FASTMASK_TEST_SEED to replay a failure."""
     return SESSION_SEED
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel():
+    """For the CUDA kernels' tests: skip without a CUDA device or nvcc; otherwise their library must build and
+    load."""
+    from moe_fastmask.ops import cuda_route
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if cuda_route.disabled():
+        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
+    if cuda_route.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    if not cuda_route.is_available():
+        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")

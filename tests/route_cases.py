@@ -56,6 +56,47 @@ def tie_free_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, gener
     return values.to(dtype)
 
 
+def adversarial_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[T, E] CPU logits of an adversarial ``kind`` (the CUDA kernels' tests pick their kinds from these)."""
+    inf, nan = math.inf, math.nan
+    if kind == "distinct":
+        return tie_free_logits(T, E, dtype, gen)
+    if kind == "normal":
+        return torch.randn(T, E, generator=gen).to(dtype)
+    if kind == "wide":  # probabilities underflow to 0; bf16 / fp16 saturate to +-inf at the ends (NaN rows)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
+        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
+        return values.to(dtype)
+    if kind == "ties":  # many exact ties, equal rows included
+        values = torch.randint(-4, 5, (T, E), generator=gen).double() / 2
+        values[::7] = 1.5
+        return values.to(dtype)
+    if kind == "bf16_quantised":
+        return torch.randn(T, E, generator=gen).to(torch.bfloat16).to(dtype)
+    if kind == "signed_zeros":
+        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
+        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
+        return torch.where(values == 0, signs * 0.0, values).to(dtype)
+    if kind == "subnormal":  # values below the dtype's normal range (and zeros of both signs): none may be flushed
+        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
+        values = torch.randint(-3, 4, (T, E), generator=gen).double() * tiny
+        return torch.where(torch.rand(T, E, generator=gen) < 0.1, -0.0, values).to(dtype)
+    if kind == "neg_inf":  # -inf on random experts; rows 0 and 5 entirely -inf
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        values[torch.rand(T, E, generator=gen) < 0.5] = -inf
+        values[0] = -inf
+        values[5 % T] = -inf
+        return values.to(dtype)
+    if kind == "nan_inf":  # NaN, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked there)
+        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
+        for value in (nan, inf, -inf):
+            rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
+            values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = value
+        values[1 % T] = nan
+        return values.to(dtype)
+    raise ValueError(kind)
+
+
 def random_keep(num_groups: int, num_experts: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
     """Bool [G, E]: each group keeps a different random subset of at least ``top_k`` experts."""
     keep = torch.zeros(num_groups, num_experts, dtype=torch.bool)

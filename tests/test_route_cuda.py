@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import POISON_ID, recount, tie_free_logits, tolerance
+from route_cases import POISON_ID, adversarial_logits, recount, tolerance
 
 from moe_fastmask import route
 from moe_fastmask.ops import cuda_route, reference, resolve_backend, triton_route
@@ -36,52 +36,9 @@ HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cuda_kernel():
-    """Skip without a CUDA device or nvcc; otherwise the kernel must build and load."""
-    if not HAS_CUDA:
-        pytest.skip("no CUDA device")
-    if cuda_route.disabled():
-        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
-    if cuda_route.find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    if not cuda_route.is_available():
-        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------------------------
-
-
-def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """[T, E] CPU logits of an adversarial ``kind``."""
-    if kind == "distinct":
-        return tie_free_logits(T, E, dtype, gen)
-    if kind == "normal":
-        return torch.randn(T, E, generator=gen).to(dtype)
-    if kind == "wide":  # allowed probabilities underflow to 0; bf16 / fp16 saturate to +-inf at the ends
-        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
-        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
-        return values.to(dtype)
-    if kind == "ties":  # many exact ties
-        return (torch.randint(-4, 5, (T, E), generator=gen).double() / 2).to(dtype)
-    if kind == "bf16_quantised":
-        return torch.randn(T, E, generator=gen).to(torch.bfloat16).to(dtype)
-    if kind == "signed_zeros":
-        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
-        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
-        return torch.where(values == 0, signs * 0.0, values).to(dtype)
-    if kind == "subnormal":  # values below the dtype's normal range (and zeros of both signs): none may be flushed
-        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
-        values = torch.randint(-3, 4, (T, E), generator=gen).double() * tiny
-        return torch.where(torch.rand(T, E, generator=gen) < 0.1, -0.0, values).to(dtype)
-    if kind == "neg_inf":  # -inf on random experts; row 0 entirely -inf
-        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
-        values[torch.rand(T, E, generator=gen) < 0.5] = -INF
-        values[0] = -INF
-        return values.to(dtype)
-    raise ValueError(kind)
 
 
 KINDS = ("distinct", "normal", "wide", "ties", "bf16_quantised", "signed_zeros", "subnormal", "neg_inf")
@@ -167,7 +124,7 @@ def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
         keep = None if mask == "none" else make_keep(G, E, k, mask == "tight", gen).cuda()
         group = torch.randint(-1, G, (T,), generator=gen).cuda() if with_groups else None
         renorm = rng.random() < 0.5
-        logits = make_logits("distinct", T, E, dtype, gen).cuda()
+        logits = adversarial_logits("distinct", T, E, dtype, gen).cuda()
         check_against_reference(logits, k, keep, group, G, renorm, where=f"T={T} E={E} k={k} {dtype} mask={mask}")
 
 
@@ -179,7 +136,7 @@ def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
     for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (32, 4), (128, 8)):
         for tight in (False, True):
             G, T = 3, 517
-            logits = make_logits(kind, T, E, dtype, gen).cuda()
+            logits = adversarial_logits(kind, T, E, dtype, gen).cuda()
             keep = make_keep(G, E, k, tight, gen).cuda()
             group = torch.randint(-1, G, (T,), generator=gen).cuda()
             for renorm in (False, True):
@@ -199,7 +156,7 @@ def test_wide_routers_of_16_bit_logits(cuda_kernel, E, k, dtype):
     for kind in ("distinct", "ties", "wide", "neg_inf"):
         for T, tight in ((1, False), (33, True), (1000, False)):
             G = 3
-            logits = make_logits(kind, T, E, dtype, gen).cuda()
+            logits = adversarial_logits(kind, T, E, dtype, gen).cuda()
             keep = make_keep(G, E, k, tight, gen).cuda()
             group = torch.randint(-1, G, (T,), generator=gen).cuda()
             for renorm in (False, True):
@@ -318,7 +275,7 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
     names = sorted(cuda_route.LANE_OPTIONS)
     subsets = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
     for T in (1, 1000, 300_001):
-        logits = make_logits("distinct", T, E, torch.bfloat16, gen).cuda()
+        logits = adversarial_logits("distinct", T, E, torch.bfloat16, gen).cuda()
         keep = make_keep(G, E, k, False, gen).cuda()
         group = torch.randint(-1, G, (T,), generator=gen).cuda()
         ref_counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
@@ -349,7 +306,7 @@ def test_lane_kernel_ablations_run_the_lane_kernel(cuda_kernel):
     (Their weights are not the op's.)"""
     gen = torch.Generator().manual_seed(SESSION_SEED + 19)
     T, E, k, G = 1000, 64, 8, 3
-    logits = make_logits("distinct", T, E, torch.bfloat16, gen).cuda()
+    logits = adversarial_logits("distinct", T, E, torch.bfloat16, gen).cuda()
     keep = make_keep(G, E, k, False, gen).cuda()
     group = torch.randint(-1, G, (T,), generator=gen).cuda()
     _, masked_ids = reference.route_reference(logits, k, keep, group, None, False)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import tie_free_logits, tolerance
+from route_cases import adversarial_logits, tolerance
 
 from moe_fastmask import route
 from moe_fastmask.ops import cuda_route, reference, triton_route
@@ -43,63 +43,9 @@ CUDA_ERROR_INVALID_VALUE = 1
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cuda_kernel():
-    """Skip without a CUDA device or nvcc; otherwise the library must build and load."""
-    if not HAS_CUDA:
-        pytest.skip("no CUDA device")
-    if cuda_route.disabled():
-        pytest.skip(f"{cuda_route.DISABLE_ENV} is set")
-    if cuda_route.find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    if not cuda_route.is_available():
-        pytest.fail(f"the CUDA kernel did not build or load: {cuda_route.load_error()}")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Cases and checks
 # --------------------------------------------------------------------------------------------------------------
-
-
-def make_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """[T, E] CPU logits of an adversarial ``kind``."""
-    if kind == "distinct":
-        return tie_free_logits(T, E, dtype, gen)
-    if kind == "normal":
-        return torch.randn(T, E, generator=gen).to(dtype)
-    if kind == "ties":  # many exact ties, equal rows included
-        values = torch.randint(-4, 5, (T, E), generator=gen).double() / 2
-        values[::7] = 1.5
-        return values.to(dtype)
-    if kind == "wide":  # probabilities underflow; 16-bit logits saturate to +-inf at the ends (NaN rows)
-        values = torch.randn(T, E, generator=gen, dtype=torch.float64) * 30
-        values[torch.rand(T, E, generator=gen) < 0.05] *= 1e3
-        return values.to(dtype)
-    if kind == "neg_inf":  # -inf on random experts; rows 0 and 5 entirely -inf
-        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
-        values[torch.rand(T, E, generator=gen) < 0.5] = -INF
-        values[0] = -INF
-        values[5 % T] = -INF
-        return values.to(dtype)
-    if kind == "nan_inf":  # NaN, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked there)
-        values = torch.randn(T, E, generator=gen, dtype=torch.float64)
-        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
-        cols = torch.randint(0, E, (rows.numel(),), generator=gen)
-        values[rows, cols] = NAN
-        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
-        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = INF
-        rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
-        values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = -INF
-        values[1 % T] = NAN
-        return values.to(dtype)
-    if kind == "signed_zeros":
-        values = torch.randint(-1, 2, (T, E), generator=gen).double() * (torch.rand(T, E, generator=gen) < 0.2)
-        signs = torch.where(torch.rand(T, E, generator=gen) < 0.5, -1.0, 1.0).double()
-        return torch.where(values == 0, signs * 0.0, values).to(dtype)
-    if kind == "subnormal":
-        tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]
-        return (torch.randint(-3, 4, (T, E), generator=gen).double() * tiny).to(dtype)
-    raise ValueError(kind)
 
 
 KINDS = ("distinct", "normal", "ties", "wide", "neg_inf", "nan_inf", "signed_zeros", "subnormal")
@@ -178,7 +124,7 @@ def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
             if mask == "loose":
                 keep[:, :k] = True  # at least k allowed
             group = random_group(T, G, rng.choice(["none", "int32", "int64"]), gen)
-            logits = make_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).to(device)
+            logits = adversarial_logits(rng.choice(["distinct", "normal"]), T, E, dtype, gen).to(device)
             keep = None if keep is None else keep.to(device)
             group = None if group is None else group.to(device)
             ids = forward_ids(logits, k, keep, group)
@@ -199,7 +145,7 @@ def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
         keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
                             make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
         group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
-        logits = make_logits(kind, T, E, dtype, gen).to(device)
+        logits = adversarial_logits(kind, T, E, dtype, gen).to(device)
         ids = forward_ids(logits, k, keep, group)
         grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
         for renorm in (False, True):
