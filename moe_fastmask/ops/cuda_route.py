@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_fastmask.ops.reference import output_buffers
+from moe_fastmask.ops.reference import grad_logits_buffer, output_buffers
 
 from moe_fastmask.ops import cpp_route
 
@@ -626,12 +626,7 @@ def route_backward(
             f"grad_weights must be {logits.dtype} {tuple(ids.shape)} (the logits' dtype, the ids' shape), got "
             f"{grad_weights.dtype} {tuple(grad_weights.shape)}"
         )
-    if out is None:
-        grad_logits = torch.empty((num_tokens, num_experts), dtype=logits.dtype, device=logits.device)
-    else:
-        grad_logits = out
-        if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype or not grad_logits.is_contiguous():
-            raise ValueError(f"out must be contiguous {logits.dtype} {tuple(logits.shape)}")
+    grad_logits = grad_logits_buffer(logits, out)
     if num_tokens == 0:
         return grad_logits
     grad_weights = grad_weights.contiguous()

@@ -274,3 +274,13 @@ def output_buffers(logits: Tensor, top_k: int, out: tuple[Tensor, Tensor] | None
         if ids.shape != (num_tokens, top_k) or ids.dtype != torch.int64 or not ids.is_contiguous():
             raise ValueError(f"out ids must be contiguous int64 [{num_tokens}, {top_k}]")
     return weights, ids
+
+
+def grad_logits_buffer(logits: Tensor, out: Tensor | None = None) -> Tensor:
+    """The ``grad_logits`` [T, E] in the logits' dtype a backward kernel writes: a new contiguous tensor, or ``out``
+    after checking that it is contiguous and of that shape and dtype."""
+    if out is None:
+        return torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.dtype != logits.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {logits.dtype} {tuple(logits.shape)}")
+    return out

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from moe_fastmask.ops.reference import output_buffers
+from moe_fastmask.ops.reference import grad_logits_buffer, output_buffers
 
 # Launch settings, from a sweep on an H100 (E=64, bf16, T from 16 to 262144; benchmarks/bench_route.py --sweep):
 # tiles of 2048 logits (32 tokens at E=64) with 4 warps were best at large T for the forward with counts and for the
@@ -350,12 +350,7 @@ def route_backward(
     check_dtype(logits)
     num_tokens, num_experts = logits.shape
     top_k = ids.shape[1]
-    if out is None:
-        grad_logits = torch.empty((num_tokens, num_experts), dtype=logits.dtype, device=logits.device)
-    else:
-        grad_logits = out
-        if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype or not grad_logits.is_contiguous():
-            raise ValueError(f"out must be contiguous {logits.dtype} {tuple(logits.shape)}")
+    grad_logits = grad_logits_buffer(logits, out)
     if num_tokens == 0:
         return grad_logits
     grad_weights = grad_weights.contiguous()
