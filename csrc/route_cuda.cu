@@ -400,33 +400,45 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   }
 }
 
+// The multiprocessors of `device` and the blocks of KERNEL resident on one at `threads` and `smem`, queried once
+// per (kernel, device, shared-memory size) and kept.
+template <auto KERNEL>
+cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resident) {
+  static int cached_sms[64] = {0};
+  static int cached_resident[64] = {0};
+  static size_t cached_smem[64] = {0};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (cached_sms[device] == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&cached_sms[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  if (cached_resident[device] == 0 || cached_smem[device] != smem) {
+    int blocks = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, KERNEL, threads, smem);
+    if (err != cudaSuccess) return err;
+    cached_resident[device] = blocks > 0 ? blocks : 1;
+    cached_smem[device] = smem;
+  }
+  sms = cached_sms[device];
+  resident = cached_resident[device];
+  return cudaSuccess;
+}
+
 template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;
   constexpr int ROWS_PER_BLOCK = (kThreads / 32) * (32 / (E_PAD / V));
   constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
-  auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
+  constexpr auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
   const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0;
   const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
   const size_t smem = sizeof(unsigned int) * (keep_words + hist_words);
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
-  static int sms[64] = {0};
-  static int resident[64] = {0};
-  static size_t resident_smem[64] = {0};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (sms[device] == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  if (resident[device] == 0 || resident_smem[device] != smem) {
-    int blocks = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem);
-    if (err != cudaSuccess) return err;
-    resident[device] = blocks > 0 ? blocks : 1;
-    resident_smem[device] = smem;
-  }
+  int sms = 0, resident = 0;
+  const cudaError_t err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
+  if (err != cudaSuccess) return err;
   const int64_t needed = (p.num_tokens + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
-  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
   kernel<<<grid, kThreads, smem, stream>>>(p);
@@ -976,23 +988,11 @@ int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms,
 template <typename T, int E_PAD, int FLAGS>
 cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   using S = LaneShape<E_PAD, FLAGS>;
-  auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
-  static int sms[64] = {0};
-  static int resident[64] = {0};
-  static size_t resident_smem[64] = {0};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (sms[device] == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  if (resident[device] == 0 || resident_smem[device] != smem) {
-    int blocks = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, S::kWarps * 32, smem);
-    if (err != cudaSuccess) return err;
-    resident[device] = blocks > 0 ? blocks : 1;
-    resident_smem[device] = smem;
-  }
-  const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms[device], resident[device]);
+  constexpr auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
+  int sms = 0, resident = 0;
+  const cudaError_t err = wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident);
+  if (err != cudaSuccess) return err;
+  const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms, resident);
   if (grid <= 0) return cudaSuccess;
   kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
