@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_fastmask.ops.reference import grad_logits_buffer, output_buffers
+from moe_fastmask.ops.reference import grad_logits_buffer, kernel_num_groups, output_buffers
 
 from moe_fastmask.ops import cpp_route
 
@@ -367,15 +367,6 @@ def build_log() -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
-    """G of the kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
-    if keep is not None:
-        return keep.shape[0]
-    if counts is not None:
-        return counts.shape[0]
-    return (1 << 31) - 1
-
-
 @functools.cache
 def _prefetch_default() -> bool:
     return os.environ.get(PREFETCH_ENV, "0") not in ("", "0")
@@ -518,7 +509,7 @@ def route_forward(
         logits.stride(1),
         num_tokens,
         num_experts,
-        _num_groups(keep, counts),
+        kernel_num_groups(keep, counts),
         top_k,
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),

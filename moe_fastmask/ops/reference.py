@@ -260,6 +260,15 @@ def _sigmoid_backward(
         grad = (grad - (grad * s).sum(dim=-1, keepdim=True) / total) / total
     return torch.zeros_like(z).scatter_(1, ids, grad * s * (1 - s)).to(logits.dtype)
 
+def kernel_num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
+    """G of a kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
+    if keep is not None:
+        return keep.shape[0]
+    if counts is not None:
+        return counts.shape[0]
+    return (1 << 31) - 1
+
+
 def output_buffers(logits: Tensor, top_k: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The ``(weights [T, top_k] in the logits' dtype, ids [T, top_k] int64)`` a kernel writes: new tensors, or ``out``
     after checking that both are contiguous and of that shape and dtype."""

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from moe_fastmask.ops.reference import grad_logits_buffer, output_buffers
+from moe_fastmask.ops.reference import grad_logits_buffer, kernel_num_groups, output_buffers
 
 # Launch settings, from a sweep on an H100 (E=64, bf16, T from 16 to 262144; benchmarks/bench_route.py --sweep):
 # tiles of 2048 logits (32 tokens at E=64) with 4 warps were best at large T for the forward with counts and for the
@@ -216,15 +216,6 @@ def _launch_config(
     return block_e, block_t, num_warps or default_warps, (_cdiv(num_tokens, block_t),)
 
 
-def _num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
-    """G of the kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
-    if keep is not None:
-        return keep.shape[0]
-    if counts is not None:
-        return counts.shape[0]
-    return (1 << 31) - 1
-
-
 def check_dtype(logits: Tensor) -> None:
     """Refuse float64 logits: the kernels compute in float32, which would silently break float64 gradient checks."""
     if logits.dtype == torch.float64:
@@ -272,7 +263,7 @@ def _forward_into(
         logits.stride(1),
         num_tokens,
         num_experts,
-        _num_groups(keep, counts),
+        kernel_num_groups(keep, counts),
         float(scale),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
@@ -367,7 +358,7 @@ def route_backward(
         logits.stride(1),
         num_tokens,
         num_experts,
-        _num_groups(keep, None),
+        kernel_num_groups(keep, None),
         float(scale),
         top_k,  # TOP_K
         block_t,  # BLOCK_T
