@@ -634,27 +634,7 @@ __device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, in
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// wait until at most n commit groups are pending (n a compile-time constant after unrolling: the switch folds away)
-__device__ __forceinline__ void cp_async_wait(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    case 7: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-    case 8: asm volatile("cp.async.wait_group 8;" ::: "memory"); break;
-    case 9: asm volatile("cp.async.wait_group 9;" ::: "memory"); break;
-    case 10: asm volatile("cp.async.wait_group 10;" ::: "memory"); break;
-    case 11: asm volatile("cp.async.wait_group 11;" ::: "memory"); break;
-    case 12: asm volatile("cp.async.wait_group 12;" ::: "memory"); break;
-    case 13: asm volatile("cp.async.wait_group 13;" ::: "memory"); break;
-    case 14: asm volatile("cp.async.wait_group 14;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 15;" ::: "memory"); break;
-  }
-}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 __device__ __forceinline__ float fast_rcp(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -757,7 +737,7 @@ route_lane_kernel(const RouteParams p) {
     const int64_t next = tile + num_warps;
     // this tile first, then the next one's copy (issued only once this one has landed, so that at the start, when
     // every warp waits, the first tiles are not queued behind the second ones)
-    cp_async_wait(0);
+    cp_async_wait_all();
     __syncwarp();
     if (kTwoStages && next < num_tiles) issue(next, buf ^ 1);
     const int gi = g_next;
