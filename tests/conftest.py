@@ -1,7 +1,11 @@
 """Test set-up: Triton through its CPU interpreter when there is no GPU, and one fresh random seed per session."""
 
+import importlib.util
 import os
 import random
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -16,6 +20,19 @@ SESSION_SEED = int(os.environ.get("MOE_FASTMASK_TEST_SEED", random.SystemRandom(
 
 def pytest_report_header(config):
     return f"moe_fastmask random seed: {SESSION_SEED} (set MOE_FASTMASK_TEST_SEED to replay)"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (its sibling scripts importable while it loads)."""
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench_dir))
+    return module
 
 
 @pytest.fixture

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling bench_engine
-    try:
-        path = REPO / "benchmarks" / "bench_family_generate.py"
-        spec = importlib.util.spec_from_file_location("bench_family_generate", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+    return load_benchmark("bench_family_generate")  # (it imports its sibling bench_engine)
 
 
 SMALL = ["--tiny", "--batches", "2", "3", "--prompt-len", "6", "--new-tokens", "4"]

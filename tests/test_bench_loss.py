@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_loss():
-    spec = importlib.util.spec_from_file_location("bench_loss", REPO / "benchmarks" / "bench_loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_loss")
 
 
 def test_tiny_run_writes_rows_that_match_the_reference(bench_loss, tmp_path):

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, StoppingCriteriaList
 
+from conftest import load_benchmark
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_olmoe_generate", REPO / "benchmarks" / "bench_olmoe_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_olmoe_generate")
 
 
 def test_ratio_summary_is_the_median_of_per_round_ratios(bench, session_seed):

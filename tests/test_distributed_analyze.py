@@ -17,6 +17,7 @@ from artifact_checks import assert_same
 import torch
 import torch.multiprocessing as mp
 
+from conftest import load_benchmark
 from moe_fastmask.pipeline import analyze, distributed
 from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
 from moe_fastmask.pipeline.demo import build_demo
@@ -255,12 +256,7 @@ def test_rank_crash_then_resume_gives_identical_artifacts(demo_inputs, single_ru
 
 
 def test_bench_analyze_multi_gpu_tiny(tmp_path, capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_analyze_multi_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_analyze_multi_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_analyze_multi_gpu")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "bench_analyze_multi_gpu.json").read_text())["runs"]
     assert [run["world_size"] for run in runs] == [1, 2]

@@ -1,7 +1,6 @@
 """End to end: ``moe-fastmask analyze`` on the tiny demo model (CPU, float32, a few short batches)."""
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,12 +9,12 @@ import pandas as pd
 import pytest
 from artifact_checks import assert_same
 
+from conftest import load_benchmark
 from moe_fastmask.pipeline import analyze, stats
 from moe_fastmask.pipeline.analyze import AnalysisConfig, AnalysisError, run_analysis
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError
 from moe_fastmask.pipeline.demo import build_demo
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=8, max_new_tokens=6, progress=False, verbose=False)
 BATCH_KEYS = {"batch_idx", "batch_outputs", "safe_indices", "unsafe_indices", "safe_routings", "unsafe_routings",
               "safe_tokens", "unsafe_tokens", "pairs", "pair_passed", "kept_indices", "group_counts", "group_tokens",
@@ -367,9 +366,7 @@ def test_sampling_is_seeded_per_batch(demo_inputs, tmp_path):
 
 
 def test_bench_analyze_tiny_counts_match(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_analyze", REPO / "benchmarks" / "bench_analyze.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_analyze")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_analyze.json").read_text())
     assert report["counts_match"] is True and report["count_entries_differing"] == 0

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SESSION_SEED
+from conftest import SESSION_SEED, load_benchmark
 from route_cases import (
     ADVERSARIAL_KINDS,
     VARIANTS,
@@ -423,13 +423,7 @@ def test_argument_errors(kwargs, error, match):
 
 def test_benchmark_smoke_path(capsys):
     """benchmarks/bench_route.py imports, and its CPU smoke path finds route equal to every family's eager chain."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_route.py"
-    spec = importlib.util.spec_from_file_location("bench_route_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_route")
     assert module.main(["--smoke"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(module.FAMILIES) and all(line.endswith(" ok") for line in lines)
