@@ -3,7 +3,8 @@
 At the roofline setting of ``bench_route.py``'s cuda section (E=64, top-8, bf16 logits, a 4-group keep mask, group
 ids in runs with -1 runs, counts on), for each T and grid policy (``cuda_route.GRID_POLICIES``: one full wave of
 blocks, or warps with equal shares of tiles): the loads-and-stores-only instance (the memory floor) and the full
-kernel with its top_k == 8 specialisation, each under every set of the options that change the memory traffic
+kernel with its top_k == 8 specialisation, with the top-k on one 32-bit key per register and on two 16-bit keys
+(``packed16``, an option the op leaves off), each under every set of the options that change the memory traffic
 (``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written through shared memory as whole
 lines), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as the
 forward moves (the bandwidth a kernel of that size reaches). Ids, counts and weights of every instance that computes
@@ -13,7 +14,11 @@ them are checked against the reference before timing; times are per call in a CU
 ``--profile NAME`` runs instead a few plain calls of one configuration (for ``ncu``): NAME is
 ``POLICY:OPT+OPT`` (``balanced:topk8+stage_ids``, ``wave:``) or ``POLICY:load_store[+OPT...]``.
 
-Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]``
+``--shift S`` adds S to every logit (``--shift -3``: most rows' top 8 span zero, the case where the packed top-k
+(``packed16``) hands its warps to the 32-bit keys).
+
+Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]
+[--shift S]``
 """
 
 from __future__ import annotations
@@ -42,25 +47,28 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument("--policies", nargs="+", default=None, help="grid policies to time (default: all)")
+    parser.add_argument("--shift", type=float, default=0.0,
+                        help="add this to every logit (e.g. -3: rows whose top 8 span zero, which the packed top-k "
+                             "hands to the 32-bit keys)")
     return parser.parse_args(argv)
 
 
 def configurations(policies=None):
     """(name, forward kwargs) of every configuration timed: per grid policy, the loads-and-stores-only instance and
-    the full kernel (top_k == 8 specialised) under each set of the options that change the memory traffic, plus the
-    full kernel without the top_k specialisation."""
+    the full kernel (top_k == 8 specialised; 32-bit keys, then packed 16-bit keys) under each set of the options that
+    change the memory traffic, plus the full kernel without the top_k specialisation."""
     from moe_fastmask.ops import cuda_route
 
-    memory_options = [o for o in sorted(cuda_route.LANE_OPTIONS) if o != "topk8"]
+    memory_options = [o for o in sorted(cuda_route.LANE_OPTIONS) if o not in ("topk8", "packed16")]
     subsets = [c for r in range(len(memory_options) + 1) for c in itertools.combinations(memory_options, r)]
     out = []
     for policy in policies or cuda_route.GRID_POLICIES:
         for subset in subsets:
             out.append((f"{policy}:load_store{''.join('+' + o for o in subset)}",
                         dict(_grid_policy=policy, _ablation="load_store", _lane_options=subset)))
-        for subset in subsets:
-            out.append((f"{policy}:{'+'.join(('topk8',) + subset)}",
-                        dict(_grid_policy=policy, _lane_options=("topk8",) + subset)))
+        for top_k_options, subset in itertools.product((("topk8",), ("topk8", "packed16")), subsets):
+            out.append((f"{policy}:{'+'.join(top_k_options + subset)}",
+                        dict(_grid_policy=policy, _lane_options=top_k_options + subset)))
         out.append((f"{policy}:", dict(_grid_policy=policy, _lane_options=())))
     return out
 
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
         return 1
     if args.profile:
         logits, keep, group, _ = bench_route.cuda_case(args.T, E, K, device, 1)
+        logits = (logits.float() + args.shift).to(logits.dtype)
         counts = torch.zeros(bench_route.CUDA_GROUPS, E, dtype=torch.int64, device=device)
         kwargs = parse_profile(args.profile)
         for _ in range(8):
@@ -124,6 +133,8 @@ def main(argv=None) -> int:
         sets = max(1, min(16, math.ceil(bench_route.ROTATE_BYTES / bench_route.cuda_bytes(num_tokens, E, K, "full"))))
         calls = bench_route.graph_calls(num_tokens, sets)
         data = [bench_route.cuda_case(num_tokens, E, K, device, 9000 * s + num_tokens) for s in range(sets)]
+        if args.shift:
+            data = [((x.float() + args.shift).to(x.dtype), *rest) for x, *rest in data]
         counts = torch.zeros(bench_route.CUDA_GROUPS, E, dtype=torch.int64, device=device)
         nbytes = bench_route.cuda_bytes(num_tokens, E, K, "forward")
         # the copy of as many bytes (read + write) as the forward moves: the bandwidth a kernel of this size reaches

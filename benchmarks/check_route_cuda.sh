@@ -57,7 +57,8 @@ for line in log.splitlines():
         print(f"  {name:<45} {m.group(1):>3} registers, {spill}")
         name, shown = None, shown + 1
 print(f"{total} kernel instances ({shown} shown; lane FLAGS 15 = full, 7 = without a mask, 0 / 1 / 9 / 11 = the "
-      "benchmark's load_store / topk / mask_topk / mask_topk_softmax)")
+      "benchmark's load_store / topk / mask_topk / mask_topk_softmax; + 16 top_k == 8, + 32 / 64 one stage / ids "
+      "staged, + 128 packed 16-bit keys)")
 print("warnings:", [l for l in log.splitlines() if "warning" in l.lower()][:10])
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "== BUILD FAILED"; status=1; }

@@ -523,6 +523,7 @@ cudaError_t preload_t() {
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int kLaneTopK = 8;
+constexpr unsigned int kPackedMaxMisses = 2;  // per block, see packed_misses
 constexpr int kLaneStageBytes = 32 * 1024;  // shared bytes of the tiles (one or two per warp) per block
 constexpr int kLaneMaxExtraBytes = 16 * 1024;  // mask table + histogram above the tiles
 // FLAGS bits (every bit set in normal use; the benchmark times instances with some cleared)
@@ -531,10 +532,14 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 // next tile is copied while the warp writes its outputs) instead of two (copied while it computes), which leaves
 // shared memory for twice the warps per multiprocessor
 // kStageIds, a warp's int64 ids go through its (consumed) tile buffer and out as whole 512-byte lines
-constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kLaneOptions = kTopK8 | kOneStage | kStageIds;
+// kPacked16, the top-k of bf16 rows with E = 64 on two 16-bit keys per register (below); other instances ignore it
+constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128;
+constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids stored directly. The kernel is bound by its
 // integer work, and staging the ids, which lifts the loads-and-stores-only instance from 68% to 90% of the copy
 // bandwidth, costs the full kernel 2-3%; one stage (more warps) does not help it either
+// (kPacked16 is not the default: on logits whose rows fit its windows it is within the run-to-run spread of the 32-bit
+// keys, and where they do not (a row's top 8 spanning zero) its attempts cost up to a third more time)
 constexpr int kLaneDefaultOptions = 0;  // (kTopK8 is added where top_k == 8)
 
 template <typename T> struct Lane16;
@@ -587,28 +592,64 @@ __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF
   return d;
 }
 
+// Keys of a network: one 32-bit key per register (Key32), or two 16-bit keys per register ordered independently
+// (Key16x2, the packed top-k below)
+struct Key32 {
+  static __device__ __forceinline__ unsigned int hi(unsigned int a, unsigned int b) { return max(a, b); }
+  static __device__ __forceinline__ unsigned int lo(unsigned int a, unsigned int b) { return min(a, b); }
+};
+struct Key16x2 {
+  static __device__ __forceinline__ unsigned int hi(unsigned int a, unsigned int b) { return __vmaxu2(a, b); }
+  static __device__ __forceinline__ unsigned int lo(unsigned int a, unsigned int b) { return __vminu2(a, b); }
+};
+
+template <typename K>
 __device__ __forceinline__ void cas(unsigned int& a, unsigned int& b) {  // a = max, b = min
   const unsigned int x = a, y = b;
-  a = max(x, y);
-  b = min(x, y);
+  a = K::hi(x, y);
+  b = K::lo(x, y);
 }
 
+template <typename K>
 __device__ __forceinline__ void sort8_desc(unsigned int (&k)[8]) {  // Batcher's odd-even merge sort, 19 comparators
-  cas(k[0], k[1]); cas(k[2], k[3]); cas(k[4], k[5]); cas(k[6], k[7]);
-  cas(k[0], k[2]); cas(k[1], k[3]); cas(k[4], k[6]); cas(k[5], k[7]);
-  cas(k[1], k[2]); cas(k[5], k[6]);
-  cas(k[0], k[4]); cas(k[1], k[5]); cas(k[2], k[6]); cas(k[3], k[7]);
-  cas(k[2], k[4]); cas(k[3], k[5]);
-  cas(k[1], k[2]); cas(k[3], k[4]); cas(k[5], k[6]);
+  cas<K>(k[0], k[1]); cas<K>(k[2], k[3]); cas<K>(k[4], k[5]); cas<K>(k[6], k[7]);
+  cas<K>(k[0], k[2]); cas<K>(k[1], k[3]); cas<K>(k[4], k[6]); cas<K>(k[5], k[7]);
+  cas<K>(k[1], k[2]); cas<K>(k[5], k[6]);
+  cas<K>(k[0], k[4]); cas<K>(k[1], k[5]); cas<K>(k[2], k[6]); cas<K>(k[3], k[7]);
+  cas<K>(k[2], k[4]); cas<K>(k[3], k[5]);
+  cas<K>(k[1], k[2]); cas<K>(k[3], k[4]); cas<K>(k[5], k[6]);
+}
+
+template <typename K>
+__device__ __forceinline__ void bitonic_clean8_desc(unsigned int (&t)[8]) {  // a bitonic sequence, sorted
+  cas<K>(t[0], t[4]); cas<K>(t[1], t[5]); cas<K>(t[2], t[6]); cas<K>(t[3], t[7]);
+  cas<K>(t[0], t[2]); cas<K>(t[1], t[3]); cas<K>(t[4], t[6]); cas<K>(t[5], t[7]);
+  cas<K>(t[0], t[1]); cas<K>(t[2], t[3]); cas<K>(t[4], t[5]); cas<K>(t[6], t[7]);
 }
 
 // top = the 8 largest of top and c (both sorted descending), sorted descending
+template <typename K>
 __device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsigned int (&c)[8]) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) top[i] = max(top[i], c[7 - i]);  // a bitonic sequence holding the top 8
-  cas(top[0], top[4]); cas(top[1], top[5]); cas(top[2], top[6]); cas(top[3], top[7]);
-  cas(top[0], top[2]); cas(top[1], top[3]); cas(top[4], top[6]); cas(top[5], top[7]);
-  cas(top[0], top[1]); cas(top[2], top[3]); cas(top[4], top[5]); cas(top[6], top[7]);
+  for (int i = 0; i < 8; ++i) top[i] = K::hi(top[i], c[7 - i]);  // a bitonic sequence holding the top 8
+  bitonic_clean8_desc<K>(top);
+}
+
+// Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
+// pairs run on the integer pipe at the rate of 32-bit ones, so a network costs half as many instructions per key).
+// A 16-bit key cannot hold a bf16 value and the expert index, so it holds the value's offset in a window of
+// kWindow = 2^(16 - log2 E) - 1 order steps below the row's largest allowed value (1023 steps, 8 binades, at E = 64)
+// above the index code: key = (max(u, base) - base) << log2 E | (E - 1 - e), u the value's order (positives only:
+// x ^ 0x8000; negatives and masked experts fall to u < 0x8000 <= base). Keys of one register's two halves (experts
+// 2i and 2i + 1) go through the same network, giving the top 8 of the even and of the odd experts; a last merge
+// joins them. Exact wherever the 8th pick lies inside the window (offset > 0): then every pick is an allowed expert
+// ranked by its exact value, and everything below the window (offset 0) ranks below the picks. A warp whose rows
+// are not all exact (the row's 8th largest value 8 binades or more below its largest, a largest value <= 0, fewer
+// than 8 allowed experts, NaN) redoes its top-k with the 32-bit keys.
+__device__ __forceinline__ unsigned int bf16x2_max_nan(unsigned int a, unsigned int b) {  // NaN if either is NaN
+  unsigned int d;
+  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
 }
 
 // 16-byte slot of chunk c of tile row r: rows of one quarter-warp (8 lanes) land on 8 different bank groups, both
@@ -641,12 +682,89 @@ __device__ __forceinline__ float fast_rcp(float x) {
   return y;
 }
 
+// The packed top-k (see above) of a lane's bf16 row of 64 experts (NC = 8 chunks) in shared memory, my_keep its
+// group's keep words: true, with top[] holding the picks as the 32-bit keys of route_lane_kernel, where every row of
+// the warp fits its window (a lane with row_valid false counts as fitting); false, top[] untouched, otherwise. Every
+// lane of the warp calls it.
+template <int NC, bool kMask>
+__device__ __forceinline__ bool packed_top8(const uint4* my_row, const uint4* my_keep, int lane, bool row_valid,
+                                            unsigned int (&top)[8]) {
+  constexpr int E_PAD = NC * 8;
+  static_assert(E_PAD == 64, "the packed top-k's window and codes are sized for 64 experts");
+  constexpr int kCodeBits = 6;
+  constexpr unsigned int kWindow = (1u << (16 - kCodeBits)) - 1;
+  // u: order of each positive value (x ^ 0x8000; negatives and -0.0 land below 0x8000), 0 for a masked expert (NaN
+  // rows go to the 32-bit keys, so no canonical form is needed). Two passes over the row in shared memory (its
+  // largest logit, then the keys): holding the row would spill
+  auto load_u = [&](int c, unsigned int (&u)[4]) {
+    const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+    uint4 kept = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
+    if constexpr (kMask) kept = lds128(my_keep + c);
+    u[0] = (raw.x ^ 0x80008000u) & kept.x;
+    u[1] = (raw.y ^ 0x80008000u) & kept.y;
+    u[2] = (raw.z ^ 0x80008000u) & kept.z;
+    u[3] = (raw.w ^ 0x80008000u) & kept.w;
+  };
+  // the window's top: the row's largest logit (masked experts too: a top above the allowed ones only narrows the
+  // window), NaN-propagating so that a row holding a NaN is sent to the 32-bit keys
+  unsigned int x_max = 0xFF80FF80u;
+#pragma unroll 2
+  for (int c = 0; c < NC; ++c) {  // (two chunks at a time, so that the loads do not take all the registers)
+    const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+    x_max = bf16x2_max_nan(bf16x2_max_nan(raw.x, raw.y), bf16x2_max_nan(x_max, bf16x2_max_nan(raw.z, raw.w)));
+  }
+  const unsigned int top_x = bf16x2_max_nan(x_max, __byte_perm(x_max, 0, 0x1032)) & 0xFFFFu;
+  const bool nan_row = (top_x & 0x7FFFu) > 0x7F80u;
+  const unsigned int top_u = top_x ^ ((top_x & 0x8000u) ? 0xFFFFu : 0x8000u);
+  const unsigned int base = max(top_u, 0x8000u + kWindow) - kWindow;  // >= 0x8000: negatives and +0 fall below
+  const unsigned int base2 = base * 0x10001u;
+  // keys of experts 16q .. 16q + 15 (8 registers), sorted per half. Per half, the key is
+  // (max(u, base) - base) * 2^kCodeBits + code; in 32-bit arithmetic modulo 2^32 the packed pair's is
+  // max(u, base) * 2^kCodeBits + (codes - base * 2^kCodeBits): one multiply-add (the halves' offsets are exact, so
+  // the product's carries between halves cancel)
+  const unsigned int key_bias = 0u - base2 * (1u << kCodeBits);
+  auto sorted_keys = [&](int q, unsigned int (&keys)[8]) {
+    load_u(2 * q, reinterpret_cast<unsigned int(&)[4]>(keys[0]));
+    load_u(2 * q + 1, reinterpret_cast<unsigned int(&)[4]>(keys[4]));
+    const unsigned int q_bias = key_bias - static_cast<unsigned int>(q) * (16u * 0x10001u);  // codes of step q
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const unsigned int code2 = (E_PAD - 1 - 2 * j) | ((E_PAD - 2 - 2 * j) << 16);  // experts 2j, 2j + 1
+      keys[j] = Key16x2::hi(keys[j], base2) * (1u << kCodeBits) + (q_bias + code2);
+    }
+    sort8_desc<Key16x2>(keys);
+  };
+  unsigned int run[8];
+  sorted_keys(0, run);
+#pragma unroll 1
+  for (int q = 1; q < NC / 2; ++q) {  // (not unrolled: the loads of every step would not fit the registers)
+    unsigned int keys[8];
+    sorted_keys(q, keys);
+    merge8_desc<Key16x2>(run, keys);
+  }
+  // the even experts' top 8 (low halves) against the odd experts' (high halves, reversed): a bitonic sequence in the
+  // low halves holding the row's top 8
+  unsigned int fin[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) fin[i] = Key16x2::hi(run[i], __byte_perm(run[7 - i], 0, 0x1032));
+  bitonic_clean8_desc<Key16x2>(fin);
+  const bool fits = !row_valid || ((fin[7] & 0xFFFFu) >= (1u << kCodeBits) && !nan_row);
+  if (!__all_sync(0xffffffffu, fits)) return false;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {  // back to the 32-bit key: order above, code below
+    const unsigned int k16 = fin[i] & 0xFFFFu;
+    top[i] = (((k16 >> kCodeBits) + base) << 16) | (k16 & (E_PAD - 1));
+  }
+  return true;
+}
+
 template <int E_PAD, int FLAGS> struct LaneShape {
   static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
   static constexpr int kStages = (FLAGS & kOneStage) ? 1 : 2;    // tile buffers per warp
   static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
   static constexpr int kWarps = kLaneStageBytes / (kStages * kTileBytes);  // warps per block
   static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
+  static constexpr int kKeepStride = NC + 1;      // 16-byte units per group row of the packed top-k's keep words
   // resident blocks per SM where shared memory allows it (the register cap follows): two stages 20-24 warps (at most
   // 102 / 85 registers), one stage 32 warps at E = 32 / 64 (at most 64 registers), 16 at E = 128 (at most 128)
   static constexpr int kMinBlocks = kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3) : (E_PAD == 32 ? 2 : 4);
@@ -661,6 +779,7 @@ route_lane_kernel(const RouteParams p) {
   constexpr bool kTopK = (FLAGS & kDoTopK) != 0, kSoftmax = (FLAGS & kDoSoftmax) != 0;
   constexpr bool kCounts = (FLAGS & kDoCounts) != 0, kMask = (FLAGS & kDoMask) != 0;
   constexpr bool kK8 = (FLAGS & kTopK8) != 0, kTwoStages = S::kStages == 2, kStaged = (FLAGS & kStageIds) != 0;
+  constexpr bool kPacked = kTopK && (FLAGS & kPacked16) != 0 && std::is_same<T, __nv_bfloat16>::value && E_PAD == 64;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
@@ -673,11 +792,18 @@ route_lane_kernel(const RouteParams p) {
   const bool vector_out = top_k == kLaneTopK &&
                           ((reinterpret_cast<uintptr_t>(p.ids) | reinterpret_cast<uintptr_t>(p.weights)) & 15) == 0;
   // shared: tiles [kWarps][2][kTileBytes], mask table [(G + 1) * kMaskStride] uint4 (row G: nothing masked; an
-  // entry per expert pair, see below; 16 padding bytes per row spread the rows over the banks), histogram [G * E] u32
+  // entry per expert pair, see below; 16 padding bytes per row spread the rows over the banks), for the packed
+  // top-k its keep words [(G + 1) * kKeepStride] uint4 (0xFFFF per kept half of an expert pair), histogram [G * E]
   unsigned char* tiles = lane_smem;
   uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes);
-  unsigned int* hist = reinterpret_cast<unsigned int*>(
-      lane_smem + kLaneStageBytes + (kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0));
+  const size_t mask_bytes = kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0;
+  const size_t keep_word_bytes = kMask && kPacked ? static_cast<size_t>(G + 1) * S::kKeepStride * 16 : 0;
+  uint4* keep_words = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes + mask_bytes);
+  unsigned int* hist = reinterpret_cast<unsigned int*>(lane_smem + kLaneStageBytes + mask_bytes + keep_word_bytes);
+  // misses of the packed top-k in this block (a warp whose rows do not all fit their windows); after
+  // kPackedMaxMisses the block's warps go straight to the 32-bit keys, so that logits that never fit cost little
+  __shared__ unsigned int packed_misses;
+  if (threadIdx.x == 0) packed_misses = 0;
 
   if constexpr (kMask) {
     // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
@@ -691,6 +817,17 @@ route_lane_kernel(const RouteParams p) {
         hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
       }
       entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
+    }
+    if constexpr (kPacked) {
+      for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
+        const int g = i / (S::kKeepStride * 4), pair = i % (S::kKeepStride * 4);
+        bool lo_kept = true, hi_kept = true;
+        if (g < G && pair < NC * 4) {
+          lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
+          hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
+        }
+        reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
+      }
     }
   }
   if (shared_hist) {
@@ -707,31 +844,65 @@ route_lane_kernel(const RouteParams p) {
   const unsigned int my_tiles_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_tiles));
   const T* logits = static_cast<const T*>(p.logits);
 
+  // a lane's copies q = 0, 1, ... move chunk lane % NC of rows lane / NC + q * kRowsPerCopy; their shared offsets
+  // repeat with period kPeriod in q (beside the whole rows skipped), so a full tile's copy needs no index arithmetic
+  constexpr int kRowsPerCopy = 32 / NC, kCopies = S::kTileBytes / 512;
+  constexpr int kPeriod = NC >= 8 ? 8 / kRowsPerCopy : 1;
+  const int copy_row = lane / NC, copy_chunk = lane % NC;
+  unsigned int copy_dst[kPeriod];
+#pragma unroll
+  for (int q = 0; q < kPeriod; ++q) {
+    const int r = copy_row + q * kRowsPerCopy;
+    copy_dst[q] = my_tiles_s + (r * NC + swizzle<NC>(r, copy_chunk)) * 16;
+  }
+  // bytes between a lane's consecutive copies (fits 32 bits: the host sends larger strides to the split kernel)
+  const unsigned int copy_step = static_cast<unsigned int>(p.stride_t) * (kRowsPerCopy * 2);
   // copy tile t into buffer b and commit it: instruction q moves 512 contiguous bytes of the tile (row r, chunk c
   // per lane)
   auto issue = [&](int64_t t, int b) {
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(logits + (t * 32 + copy_row) * p.stride_t) +
+                               copy_chunk * 16;
+    if ((t + 1) * 32 <= T_rows) {  // (warp-uniform) every row exists
 #pragma unroll
-    for (int q = 0; q < S::kTileBytes / 512; ++q) {
-      const int u = q * 32 + lane, r = u / NC, c = u % NC;
-      const int64_t row = t * 32 + r;
-      const bool ok = row < T_rows;
-      const T* src = logits + (ok ? row : 0) * p.stride_t + c * 8;
-      cp_async16(my_tiles_s + b * S::kTileBytes + (r * NC + swizzle<NC>(r, c)) * 16, src, ok ? 16 : 0);
+      for (int q = 0; q < kCopies; ++q) {
+        cp_async16(copy_dst[q % kPeriod] + b * S::kTileBytes + (q / kPeriod) * kPeriod * kRowsPerCopy * NC * 16,
+                   src + static_cast<uint64_t>(q) * copy_step, 16);
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < kCopies; ++q) {
+        const int u = q * 32 + lane, r = u / NC, c = u % NC;
+        const int64_t row = t * 32 + r;
+        const bool ok = row < T_rows;
+        const T* src_q = logits + (ok ? row : 0) * p.stride_t + c * 8;
+        cp_async16(my_tiles_s + b * S::kTileBytes + (r * NC + swizzle<NC>(r, c)) * 16, src_q, ok ? 16 : 0);
+      }
     }
     cp_async_commit();
   };
-  auto load_group = [&](int64_t t) -> int {  // the group row of the lane's row (G: no mask, not counted)
+  // the group id of the lane's row in tile t as loaded, as its two 32-bit words (0 without group ids; lo = 2^32 - 1
+  // past the last row; hi = 0 for int32 ids, so that neither a sign extension nor a check waits on the load): loaded
+  // a tile ahead and range-checked only where it is used, since an instruction on it next to the load would stall
+  // the warp there
+  auto load_group = [&](int64_t t, unsigned int& lo, unsigned int& hi) {
     const int64_t row = t * 32 + lane;
-    int64_t g = 0;
-    if (p.group != nullptr && row < T_rows) {
-      g = p.group_is_int64 ? static_cast<const int64_t*>(p.group)[row]
-                           : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[row]);
+    lo = 0;
+    hi = 0;
+    if (p.group == nullptr) return;
+    if (row >= T_rows) {
+      lo = 0xFFFFFFFFu;
+    } else if (p.group_is_int64) {
+      const uint2 g = static_cast<const uint2*>(p.group)[row];
+      lo = g.x;
+      hi = g.y;
+    } else {
+      lo = static_cast<const unsigned int*>(p.group)[row];
     }
-    return (row < T_rows && g >= 0 && g < G) ? static_cast<int>(g) : G;
   };
 
   if (tile < num_tiles) issue(tile, 0);
-  int g_next = tile < num_tiles ? load_group(tile) : G;
+  unsigned int g_lo = 0xFFFFFFFFu, g_hi = 0;
+  if (tile < num_tiles) load_group(tile, g_lo, g_hi);
   int buf = 0;
   for (; tile < num_tiles; tile += num_warps, buf ^= (kTwoStages ? 1 : 0)) {
     const int64_t next = tile + num_warps;
@@ -740,8 +911,9 @@ route_lane_kernel(const RouteParams p) {
     cp_async_wait_all();
     __syncwarp();
     if (kTwoStages && next < num_tiles) issue(next, buf ^ 1);
-    const int gi = g_next;
-    if (next < num_tiles) g_next = load_group(next);
+    // the group row (G: no mask, not counted), an int32 or int64 id in [0, G)
+    const int gi = g_hi == 0 && g_lo < static_cast<unsigned int>(G) ? static_cast<int>(g_lo) : G;
+    if (next < num_tiles) load_group(next, g_lo, g_hi);
 
     const int64_t row = tile * 32 + lane;
     const bool row_valid = row < T_rows;
@@ -749,7 +921,14 @@ route_lane_kernel(const RouteParams p) {
     const uint4* my_mask = mask_table + gi * S::kMaskStride;
 
     unsigned int top[8];
-    if constexpr (kTopK) {
+    bool top_done = false;
+    if constexpr (kPacked) {
+      if (*static_cast<volatile unsigned int*>(&packed_misses) < kPackedMaxMisses) {  // (warp-uniform: one load)
+        top_done = packed_top8<NC, kMask>(my_row, keep_words + gi * S::kKeepStride, lane, row_valid, top);
+        if (!top_done && lane == 0) atomicAdd(&packed_misses, 1u);
+      }
+    }
+    if (kTopK && !top_done) {
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const uint4 raw = my_row[swizzle<NC>(lane, c)];
@@ -770,15 +949,15 @@ route_lane_kernel(const RouteParams p) {
             keys[2 * j + 1] = (o & 0xFFFF0000u) | code_hi;
           }
         }
-        sort8_desc(keys);
+        sort8_desc<Key32>(keys);
         if (c == 0) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) top[i] = keys[i];
         } else {
-          merge8_desc(top, keys);
+          merge8_desc<Key32>(top, keys);
         }
       }
-    } else {  // (benchmark instances) the first 8 experts, unsorted, as picks
+    } else if (!kTopK) {  // (benchmark instances) the first 8 experts, unsorted, as picks
       const uint4 raw = my_row[swizzle<NC>(lane, 0)];
       const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
@@ -802,10 +981,12 @@ route_lane_kernel(const RouteParams p) {
     float inv = 1.0f;
     if constexpr (kSoftmax) {
       // sum of exp(z - max) over the allowed experts: a masked one reads as -inf. The exponent is one FMA,
-      // z * log2e - max * log2e, unless max * log2e overflows (|max| > 2.36e38, finite) for some row of the warp:
-      // then (z - max) * log2e, as in the split kernel (the same values up to rounding; the same NaN and -inf cases)
+      // z * log2e - max * log2e, which is off by the rounding of max * log2e (at most 2^-24 |max| log2e: 2.2e-5 at
+      // |max| = 256, a relative 1.5e-5 on every weight), unless some row of the warp has a finite |max| > 256: then
+      // (z - max) * log2e, as in the split kernel (exact up to the exponential's own rounding; the same NaN and -inf
+      // cases)
       float d0 = 0.0f, d1 = 0.0f;
-      const bool wide = __any_sync(0xffffffffu, fabsf(row_max) > 2.0e38f && fabsf(row_max) != INFINITY);
+      const bool wide = __any_sync(0xffffffffu, fabsf(row_max) > 256.0f && fabsf(row_max) != INFINITY);
       auto sum_exp = [&](auto one_fma) {
         constexpr bool kOneFma = decltype(one_fma)::value;
         const float neg_max_log2e = -row_max * kLog2e;
@@ -982,9 +1163,13 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
 // A histogram that does not fit goes to global atomics (p.shared_hist cleared).
 size_t lane_smem_bytes(RouteParams& p, int dtype) {
   if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK) return 0;
+  if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   const int e = p.num_experts;
   if (e != 32 && e != 64 && e != 128) return 0;
-  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * (e / 4 + 1) * 16 : 0;
+  // the mask table, and for the packed top-k (an option, bf16 at E = 64) its keep words
+  const bool packed = (p.lane_options & kPacked16) != 0 && dtype == kBFloat16 && e == 64;
+  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * ((e / 4 + 1) + (packed ? e / 8 + 1 : 0)) * 16
+                             : 0;
   if (mask > kLaneMaxExtraBytes) return 0;
   size_t hist = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * e * 4 : 0;
   if (mask + hist > kLaneMaxExtraBytes) {
@@ -1026,7 +1211,7 @@ cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStr
 // (benchmarking) bf16, E = 64, a keep mask: the full kernel with the option bits of p.lane_options (kTopK8 only with
 // top_k == 8), or an ablation instance (the default options; the loads-and-stores-only one with p.lane_options')
 template <int F>
-cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+cudaError_t launch_lane_memory_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   using B = __nv_bfloat16;
   switch (p.lane_options & (kOneStage | kStageIds)) {
     case 0: return launch_lane<B, 64, F>(p, smem, device, stream);
@@ -1034,6 +1219,14 @@ cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, c
     case kStageIds: return launch_lane<B, 64, F | kStageIds>(p, smem, device, stream);
     default: return launch_lane<B, 64, F | kOneStage | kStageIds>(p, smem, device, stream);
   }
+}
+
+template <int F>
+cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  if constexpr ((F & kDoTopK) != 0) {
+    if (p.lane_options & kPacked16) return launch_lane_memory_options<F | kPacked16>(p, smem, device, stream);
+  }
+  return launch_lane_memory_options<F>(p, smem, device, stream);
 }
 
 cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
@@ -1046,7 +1239,7 @@ cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, 
   switch (lane_ablation_flags(p.ablation)) {
     case 0:
       if (p.lane_options != 0) return launch_lane_options<0>(p, smem, device, stream);
-      return launch_lane<B, 64, 0 | kOpt>(p, smem, device, stream);
+      return launch_lane<B, 64, 0>(p, smem, device, stream);  // (the options of the top-k do not apply)
     case kDoTopK: return launch_lane<B, 64, kDoTopK | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask: return launch_lane<B, 64, kDoTopK | kDoMask | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask | kDoSoftmax:
@@ -1079,13 +1272,22 @@ cudaError_t preload_lane_t() {
 }
 
 template <int F>
-cudaError_t preload_lane_options() {
+cudaError_t preload_lane_memory_options() {
   using B = __nv_bfloat16;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kStageIds>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage | kStageIds>);
+  return err;
+}
+
+template <int F>
+cudaError_t preload_lane_options() {
+  cudaError_t err = preload_lane_memory_options<F>();
+  if constexpr ((F & kDoTopK) != 0) {
+    if (err == cudaSuccess) err = preload_lane_memory_options<F | kPacked16>();
+  }
   return err;
 }
 
@@ -1162,6 +1364,7 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
       const int flags = p.ablation != 0 ? lane_ablation_flags(p.ablation) : kLaneFull;
       const bool bad_options = (p.lane_options & ~(kLaneOptions | 1)) != 0 ||
                                ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||
+                               ((p.lane_options & kPacked16) && p.ablation != 0) ||
                                (p.lane_options != 0 && p.ablation > 1);
       if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
           bad_options) {

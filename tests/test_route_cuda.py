@@ -287,7 +287,7 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
             assert torch.equal(ids, ref_ids), (T, policy, subset)
             assert torch.equal(counts, ref_counts), (T, policy, subset)
             torch.testing.assert_close(w, ref_w, atol=tolerance(w.dtype)[0], rtol=tolerance(w.dtype)[1])
-            if "topk8" not in subset:
+            if "topk8" not in subset and "packed16" not in subset:
                 _, ids = run_cuda(logits, k, keep, group, None, False, ablation="load_store", _grid_policy=policy,
                                   _lane_options=subset)
                 assert torch.equal(ids, torch.arange(k, device="cuda").expand(T, k)), (T, policy, subset)
@@ -295,8 +295,88 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
         cuda_route.route_forward(logits, 4, keep, group, None, False, _lane_options=("topk8",))
     with pytest.raises(ValueError, match="_lane_options"):
         cuda_route.route_forward(logits, k, keep, group, None, False, _lane_options=("fast",))
+    with pytest.raises(ValueError, match="_lane_options 'packed16'"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _ablation="load_store",
+                                 _lane_options=("packed16",))
     with pytest.raises(ValueError, match="_grid_policy"):
         cuda_route.route_forward(logits, k, keep, group, None, False, _grid_policy="all")
+
+
+def bf16_from_order(order: torch.Tensor) -> torch.Tensor:
+    """bf16 values of given 16-bit orders (the kernel's value order: 0x8000 + bits for a positive value, 0xFFFF - bits
+    for a negative one)."""
+    bits = torch.where(order >= 0x8000, order - 0x8000, 0xFFFF - order)
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.bfloat16)
+
+
+def packed_window_case(gen: torch.Generator):
+    """bf16 [T, 64] logits (CPU) with rows on both sides of the packed top-k's window edge, and its masks: (logits,
+    keep, tight_keep, group), see test_packed_top_k_window_edges_and_warp_fallbacks."""
+    E, k, G = 64, 8, 3
+    T = 32 * 12 + 5  # (a partial last tile)
+    window = 1023
+    base_logits = torch.randn(T, E, generator=gen)
+    keep = make_keep(G, E, k, False, gen)
+    keep[:, 5] = False
+    group = torch.randint(0, G, (T,), generator=gen)
+    group[224:256] = G  # out of range: unmasked, uncounted
+    order = torch.full((T, E), 0, dtype=torch.int64)
+    top = 0x8000 + 0x3F80 + int(torch.randint(0, 0x200, (1,), generator=gen))  # a positive largest logit near 1..4
+    # warp 0: every row's 8th largest allowed logit at the window's lowest step (inside), with or without the mask
+    # warp 1: the same rows, one of them with its 8th largest one step below the window (the warp falls back)
+    # warp 2: 8th largest far below (many binades), in every row
+    for w, edge_offsets in enumerate(([1] * 32, [1] * 31 + [0], [-3000] * 32)):
+        for lane, offset in enumerate(edge_offsets):
+            r = 32 * w + lane
+            values = torch.randint(top - window - 2500, top - window - 5, (E,), generator=gen)  # below the window
+            kept = keep[group[r]].nonzero().flatten()
+            picks = kept[torch.randperm(len(kept), generator=gen)[:8]]  # (allowed in the row's group)
+            values[picks[0]] = top
+            values[picks[1:7]] = torch.randint(top - window + 1, top + 1, (6,), generator=gen)
+            values[picks[7]] = top - window + offset  # offset 1: inside (the lowest step), 0: just below
+            order[r] = values
+    rows = slice(0, 96)
+    logits = base_logits.to(torch.bfloat16)
+    logits[rows] = bf16_from_order(order[rows])
+    # warp 3: exact ties at the edge and at the top; warp 4: all negative; warp 5: the largest logit masked (huge)
+    logits[96:128] = bf16_from_order(torch.randint(top - window, top - window + 3, (32, E), generator=gen))
+    logits[128:160] = -logits[128:160].abs() - 0.5
+    logits[160:192, 5] = 1.0e30
+    # warp 6: NaN in one row, +inf in another, -inf everywhere in a third; warp 7: tight masks (every group keeps 8)
+    logits[192, 7] = float("nan")
+    logits[200, 9] = float("inf")
+    logits[210] = float("-inf")
+    tight_keep = make_keep(G, E, k, True, gen)
+    return logits, keep, tight_keep, group
+
+
+@gpu
+def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
+    """The lane kernel's 16-bit-key top-k (bf16, E=64) keeps each row's picks exact where they fit its window (1023
+    order steps below the row's largest logit) and hands the whole warp to the 32-bit keys where one row does not.
+    Rows here sit on both sides of the window's edge, with and without the other rows of their warp fitting, with
+    the largest logit masked, all logits negative, fewer allowed experts than k, NaN and +-inf; every layout is
+    checked against the reference and against the 32-bit-key instance."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 29)
+    E, k, G = 64, 8, 3
+    logits, keep, tight_keep, group = (t.cuda() for t in packed_window_case(gen))
+    runs = [(keep, options) for options in (("topk8",), ("topk8", "packed16"))] + [(tight_keep, ("packed16",)),
+                                                                                  (None, None)]
+    for keep_r, options in runs:
+        where = f"options={options} keep={'tight' if keep_r is tight_keep else keep_r is not None}"
+        group_r = group.cuda() if keep_r is not None else None
+        counts = torch.zeros(G, E, dtype=torch.int64, device="cuda") if keep_r is not None else None
+        ref_counts = None if counts is None else torch.zeros_like(counts)
+        weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane", _lane_options=options)
+        ref_w, ref_ids = reference.route_reference(logits, k, keep_r, group_r, ref_counts, False)
+        bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
+        assert not bad, f"{where} rows {bad[:8]}: {ids[bad[:2]].tolist()} vs {ref_ids[bad[:2]].tolist()}"
+        if counts is not None:
+            assert torch.equal(counts, ref_counts), where
+        nan = ref_w.isnan()
+        assert torch.equal(weights.isnan(), nan), where
+        atol, rtol = tolerance(torch.bfloat16)
+        torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where}\n{m}")
 
 
 @gpu
@@ -513,8 +593,9 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, and 13 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
-    # sets, the other 3 ablations, and the full kernel under the 8 option sets less the 2 that the op uses); backward
-    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36
-    assert "registers lines 147" in out.stdout, out.stdout
+    # top_k == 8 or not) = 24, and 21 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
+    # sets, the other 3 ablations, and the full kernel under the 16 option sets (top_k == 8 or not, packed keys or
+    # not, 4 memory option sets) less the 2 that the op uses); backward (csrc/route_cuda_backward.cu): one per (dtype,
+    # padded E, vector or checked access) = 3 x 6 x 2 = 36
+    assert "registers lines 155" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 120

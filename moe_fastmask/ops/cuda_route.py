@@ -53,14 +53,19 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) o
 VARIANTS = {"split": 0, "lane": 1}
 LANE_EXPERTS = (32, 64, 128)
 LANE_MAX_TOP_K = 8
-LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes) limit
+# the lane kernel's limit on its shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes, plus (G + 1) * (E / 8 + 1) * 16
+# bytes of keep words with the "packed16" option)
+LANE_MAX_EXTRA_BYTES = 16 * 1024
+LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in elements (its copy step is a 32-bit byte count)
 # benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
 # benchmarking only: the lane kernel's option bits (bf16, E=64, with a keep mask): "topk8" drops the run-time top_k
 # tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
-# "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu); with the
+# "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu), "packed16" takes the
+# top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
+# 32-bit key per register); with the
 # "load_store" ablation, "one_stage" and "stage_ids" apply
-LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64}
+LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128}
 # how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
 # tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
 GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
@@ -398,6 +403,8 @@ def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
         return False
     if top_k > LANE_MAX_TOP_K or not _vector_rows(logits):
         return False
+    if logits.stride(0) > LANE_MAX_ROW_STRIDE:
+        return False
     return keep is None or (keep.shape[0] + 1) * (num_experts // 4 + 1) * 16 <= LANE_MAX_EXTRA_BYTES
 
 
@@ -495,6 +502,12 @@ def route_forward(
             )
         if "topk8" in _lane_options and (top_k != 8 or _ablation is not None):
             raise ValueError("_lane_options 'topk8' needs top_k == 8 (and no _ablation)")
+        if "packed16" in _lane_options and _ablation is not None:
+            raise ValueError("_lane_options 'packed16' runs on the full kernel (no _ablation)")
+        if "packed16" in _lane_options and (keep.shape[0] + 1) * (num_experts // 4 + num_experts // 8 + 2) * 16 > (
+            LANE_MAX_EXTRA_BYTES
+        ):
+            raise ValueError("_lane_options 'packed16' needs room for its keep words: fewer groups")
         if _ablation not in (None, "load_store"):
             raise ValueError("_lane_options combines with _ablation='load_store' only")
         lane_options = 1 | sum(LANE_OPTIONS[name] for name in set(_lane_options))  # (bit 0: options given)
