@@ -923,7 +923,8 @@ route_lane_kernel(const RouteParams p) {
     unsigned int top[8];
     bool top_done = false;
     if constexpr (kPacked) {
-      if (*static_cast<volatile unsigned int*>(&packed_misses) < kPackedMaxMisses) {  // (warp-uniform: one load)
+      // (a vote makes the decision warp-uniform: another warp may add a miss while this one reads)
+      if (__all_sync(0xffffffffu, *static_cast<volatile unsigned int*>(&packed_misses) < kPackedMaxMisses)) {
         top_done = packed_top8<NC, kMask>(my_row, keep_words + gi * S::kKeepStride, lane, row_valid, top);
         if (!top_done && lane == 0) atomicAdd(&packed_misses, 1u);
       }

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import itertools
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import cuda_emulation
 from conftest import SESSION_SEED
 from route_cases import POISON_ID, adversarial_logits, recount, tolerance
 
@@ -268,8 +271,6 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
     """Every grid policy and option set of the lane kernel (the benchmark's choices) gives the reference's ids and
     counts and weights within tolerance, on row counts that leave a partial last tile and several tiles per warp;
     the loads-and-stores-only instance under each option set gives the first k experts."""
-    import itertools
-
     gen = torch.Generator().manual_seed(SESSION_SEED + 23)
     E, k, G = 64, 8, 3
     names = sorted(cuda_route.LANE_OPTIONS)
@@ -599,3 +600,143 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     # padded E, vector or checked access) = 3 x 6 x 2 = 36
     assert "registers lines 155" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 120
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU: the kernel source itself, compiled for the host with an emulation of the device (and AddressSanitizer)
+# --------------------------------------------------------------------------------------------------------------
+
+# the source's device-only statements, and their host stand-ins (tests/cuda_emulation.py)
+FORWARD_EMU_SUBSTITUTIONS = {
+    'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
+    'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
+    'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_bf16x2_canon(w);",
+    'asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_f16x2_canon(w);",
+    'asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(d) : "r"(w));': "d = emu_prmt(w, 0, 0xBB99);",
+    'asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));': "d = emu_bf16x2_max_nan(a, b);",
+    'asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"\n'
+    '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)\n'
+    '               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));': "v = *a;",
+    'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
+        "emu_cp_async16(dst, src, bytes);",
+    'asm volatile("cp.async.commit_group;" ::: "memory");': "",
+    'asm volatile("cp.async.wait_group 0;" ::: "memory");': "",
+    "extern __shared__ unsigned int smem[];":
+        "unsigned int* const smem = reinterpret_cast<unsigned int*>(emu_smem_base);",
+    "extern __shared__ __align__(16) unsigned char lane_smem[];": "unsigned char* const lane_smem = emu_smem_base;",
+    "kernel<<<grid, kThreads, smem, stream>>>(p);": "emu_launch(grid, kThreads, smem, [&] { kernel(p); });",
+    "kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);": "emu_launch(grid, S::kWarps * 32, smem, [&] { kernel(p); });",
+}
+
+
+def build_forward_emulation(directory: Path, sanitize: bool) -> Path:
+    """csrc/route_cuda.cu compiled for the host (see tests/cuda_emulation.py); returns the library's path."""
+    return cuda_emulation.build_emulation(cuda_route.source_path().read_text(), FORWARD_EMU_SUBSTITUTIONS, directory,
+                                          "route_cuda_host", sanitize)
+
+
+def emulated_forward(library: Path):
+    """A launcher on CPU tensors through the emulated library, with the Python side's arguments: (weights, ids)
+    written over poisoned outputs; ``options`` names from ``LANE_OPTIONS``."""
+    lib = ctypes.CDLL(str(library))
+    lib.moe_fastmask_route_cuda_forward.argtypes = [
+        ctypes.POINTER(cuda_route.RouteParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    assert lib.moe_fastmask_route_cuda_params_size() == ctypes.sizeof(cuda_route.RouteParams)
+
+    def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave"):
+        T = logits.shape[0]
+        weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
+        ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
+        lane_options = 0 if options is None else 1 | sum(cuda_route.LANE_OPTIONS[o] for o in options)
+        params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
+                                           variant=variant, grid_policy=grid_policy, lane_options=lane_options)
+        code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
+        assert code == 0, code
+        return weights, ids
+
+    return run
+
+
+def check_emulated(run, logits, top_k, keep, group, num_groups, renormalize, where, **launch):
+    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
+    E = logits.shape[1]
+    start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64)
+    counts = start.clone()
+    ref_counts = start.clone()
+    weights, ids = run(logits, top_k, keep, group, counts, renormalize, **launch)
+    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, renormalize)
+    bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
+    assert not bad, (f"ids differ; {where} {launch} rows {bad[:6]}: {ids[bad[:2]].tolist()} vs "
+                     f"{ref_ids[bad[:2]].tolist()}")
+    assert torch.equal(counts, ref_counts), f"counts differ; {where} {launch}"
+    nan = ref_w.isnan()
+    assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where} {launch}"
+    atol, rtol = tolerance(logits.dtype)
+    torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where} {launch}\n{m}")
+
+
+def emulated_forward_checks(library: str) -> None:
+    """Both forward kernels of the source, on CPU tensors through the emulation (2 SMs, so the grid-stride loops take
+    several steps): random shapes and masks with int32 / int64 and out-of-range group ids, the adversarial values,
+    the packed top-k's window edges, every lane-kernel option set and grid policy, and strided rows."""
+    run = emulated_forward(Path(library))
+    gen = torch.Generator().manual_seed(SESSION_SEED + 37)
+    shapes = [(8, 2), (32, 8), (60, 4), (64, 8), (64, 4), (128, 8), (256, 16)]
+    for dtype in DTYPES:
+        for E, k in shapes + ([(512, 10)] if dtype != torch.float32 else []):
+            for T in (1, 45, 200):
+                logits = adversarial_logits("normal", T, E, dtype, gen)
+                G = 3
+                keep = make_keep(G, E, k, bool(T % 2), gen)
+                group = torch.randint(-1, G + 1, (T,), generator=gen)
+                if T % 3 == 0:
+                    group = group.to(torch.int32)
+                else:  # int64 ids out of range whose low 32 bits are a valid group
+                    group[::7], group[3::11] = 2**32 + 1, -(2**32) + 2
+                variants = ["split"] + (["lane"] if cuda_route.lane_takes(logits, k, keep) else [])
+                for variant in variants:
+                    check_emulated(run, logits, k, keep, group, G, T % 5 == 0, f"E={E} k={k} T={T} {dtype}",
+                                   variant=variant)
+                    check_emulated(run, logits, k, None, None, 1, False, f"E={E} k={k} T={T} {dtype} no mask",
+                                   variant=variant)
+    for kind in KINDS:
+        for dtype in (torch.float16, torch.bfloat16):
+            for E, k in ((64, 8), (32, 4), (60, 4)):
+                logits = adversarial_logits(kind, 70, E, dtype, gen)
+                keep = make_keep(2, E, k, False, gen)
+                group = torch.randint(-1, 2, (70,), generator=gen)
+                for variant in ("lane", "split"):
+                    check_emulated(run, logits, k, keep, group, 2, False, f"{kind} E={E} {dtype}", variant=variant)
+    # the packed top-k at its windows' edges, and every option set and grid of the lane kernel
+    logits, keep, tight_keep, group = packed_window_case(torch.Generator().manual_seed(SESSION_SEED + 29))
+    names = sorted(cuda_route.LANE_OPTIONS)
+    for r in range(len(names) + 1):
+        for options in itertools.combinations(names, r):
+            for keep_r in (keep, tight_keep):
+                check_emulated(run, logits, 8, keep_r, group, 3, False, "window case", options=options,
+                               grid_policy="balanced" if len(options) % 2 else "wave")
+    # normal logits, every expert kept: every warp's rows fit the packed top-k's windows (its fast path throughout)
+    logits = adversarial_logits("normal", 300, 64, torch.bfloat16, gen)
+    keep_all = torch.ones(3, 64, dtype=torch.bool)
+    group = torch.randint(-1, 3, (300,), generator=gen)
+    for options in (("packed16",), ("topk8", "packed16")):
+        check_emulated(run, logits, 8, keep_all, group, 3, False, "normal, all kept", options=options)
+    # strided rows (the lane kernel takes 16-byte aligned row strides; the split kernel any)
+    wide = adversarial_logits("distinct", 50, 80, torch.bfloat16, gen)
+    check_emulated(run, wide[:, :64], 8, None, None, 1, False, "row stride 80")
+    check_emulated(run, wide[:, 3:67], 8, None, None, 1, False, "misaligned rows")
+    check_emulated(run, wide.t().contiguous().t()[:, :64], 8, None, None, 1, False, "column-major logits")
+    print("emulated forward checks passed")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+@pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+def test_forward_kernel_source_emulated_on_the_host(tmp_path):
+    """Both forward kernels of csrc/route_cuda.cu, compiled for the host with the device emulated by threads, against
+    the reference (emulated_forward_checks), under AddressSanitizer where g++ has it: every load and store within
+    its tensor or the block's shared memory. Runs in a fresh process (a sanitizer report, or threads that disagree
+    on a barrier, end it)."""
+    code = "import test_route_cuda as t\nt.emulated_forward_checks({library!r})\n"
+    cuda_emulation.run_emulated_checks(build_forward_emulation, code, tmp_path, SESSION_SEED,
+                                       "emulated forward checks passed")

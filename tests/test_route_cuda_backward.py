@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import cuda_emulation
 from conftest import SESSION_SEED
 from route_cases import adversarial_logits, tolerance
 
@@ -523,185 +524,19 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
 # CPU: the kernel source itself, compiled for the host with an emulation of the warp (and AddressSanitizer)
 # --------------------------------------------------------------------------------------------------------------
 
-EMU_HEADER = r"""
-// Host emulation of the CUDA device API the backward kernel uses: the 32 lanes of a warp are std::threads that
-// run the warps of every block one after another (they do not interact); __syncwarp and the shuffles are barriers
-// of the 32.
-#pragma once
-#include <atomic>
-#include <chrono>
-#include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <mutex>
-#include <thread>
-#include <vector>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
-
-struct dim3 { unsigned int x = 1, y = 1, z = 1; };
-struct uint2 { unsigned int x, y; };
-struct uint4 { unsigned int x, y, z, w; };
-struct float4 { float x, y, z, w; };
-inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
-inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 gridDim, blockDim;
-
-// a barrier of the 32 lanes that gives up (and ends the process) when a lane never arrives: lanes that disagree on
-// the number of __syncwarp calls would otherwise hang
-struct EmuWarp {
-  std::atomic<int> arrived{0};
-  std::atomic<long> generation{0};
-  unsigned char slots[32][8];
-  void wait() {
-    const long gen = generation.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) == 31) {
-      arrived.store(0, std::memory_order_relaxed);
-      generation.store(gen + 1, std::memory_order_release);
-      return;
-    }
-    const auto start = std::chrono::steady_clock::now();
-    for (long spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
-      std::this_thread::yield();
-      if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
-        std::fprintf(stderr, "emulation: a lane never reached __syncwarp / a shuffle (divergent warp)\n");
-        std::_Exit(3);
-      }
-    }
-  }
-};
-inline thread_local EmuWarp* emu_warp = nullptr;
-
-inline void __syncwarp(unsigned int = 0xffffffffu) { emu_warp->wait(); }
-
-template <typename X>
-X __shfl_xor_sync(unsigned int, X v, int offset, int width = 32) {
-  static_assert(sizeof(X) <= 8, "shuffle of at most 8 bytes");
-  const int lane = static_cast<int>(threadIdx.x & 31);
-  if (offset >= width) std::_Exit(4);
-  std::memcpy(emu_warp->slots[lane], &v, sizeof(X));
-  emu_warp->wait();
-  X out;
-  std::memcpy(&out, emu_warp->slots[lane ^ offset], sizeof(X));
-  emu_warp->wait();
-  return out;
-}
-
-template <typename X> inline X __ldcs(const X* p) { return *p; }
-template <typename X> inline X __ldg(const X* p) { return *p; }
-template <typename X> inline void __stcs(X* p, X v) { *p = v; }
-
-inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-
-struct __half { unsigned short bits; };
-inline __half __ushort_as_half(unsigned short u) { return {u}; }
-inline unsigned short __half_as_ushort(__half h) { return h.bits; }
-inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.bits, 2); return static_cast<float>(v); }
-inline __half __float2half_rn(float f) {
-  const _Float16 v = static_cast<_Float16>(f);
-  __half h;
-  std::memcpy(&h.bits, &v, 2);
-  return h;
-}
-
-struct __nv_bfloat16 { unsigned short bits; };
-inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  unsigned int u = __float_as_uint(f);
-  if (std::isnan(f)) return {static_cast<unsigned short>((u >> 16) | 0x40u)};
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return {static_cast<unsigned short>(u >> 16)};
-}
-
-// ex2.approx.ftz / rcp.approx.ftz: subnormal inputs and results are zero
-inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
-inline float emu_ex2(float x) { return emu_ftz(std::exp2(emu_ftz(x))); }
-inline float emu_rcp(float x) { return emu_ftz(1.0f / emu_ftz(x)); }
-
-// runtime API
-typedef int cudaError_t;
-typedef void* cudaStream_t;
-enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
-struct cudaFuncAttributes { int numRegs; };
-inline int emu_sms = 2;  // small, so that the grid-stride loops take several steps
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sms; return cudaSuccess; }
-template <typename F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* v, F, int, size_t) {
-  *v = 1;
-  return cudaSuccess;
-}
-template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
-  a->numRegs = 0;
-  return cudaSuccess;
-}
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-
-inline void emu_launch(int grid, int threads, const std::function<void()>& body) {
-  gridDim = {static_cast<unsigned int>(grid), 1, 1};
-  blockDim = {static_cast<unsigned int>(threads), 1, 1};
-  EmuWarp warp;  // 32 lanes run the warps of every block one after another
-  std::vector<std::thread> lanes;
-  for (int l = 0; l < 32; ++l) {
-    lanes.emplace_back([&, l] {
-      emu_warp = &warp;
-      for (int b = 0; b < grid; ++b) {
-        for (int w = 0; w < threads / 32; ++w) {
-          threadIdx = {static_cast<unsigned int>(w * 32 + l), 0, 0};
-          blockIdx = {static_cast<unsigned int>(b), 0, 0};
-          body();
-          warp.wait();  // the warp is done before its lanes take the next one
-        }
-      }
-    });
-  }
-  for (auto& t : lanes) t.join();
-}
-"""
-
-# the source's device-only statements, and their host stand-ins
+# the source's device-only statements, and their host stand-ins (tests/cuda_emulation.py)
 EMU_SUBSTITUTIONS = {
     'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
     'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
-    "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);": "emu_launch(grid, kBwdThreads, [&] { kernel(p, flags); });",
+    "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);":
+        "emu_launch(grid, kBwdThreads, 0, [&] { kernel(p, flags); });",
 }
 
 
 def build_emulation(directory: Path, sanitize: bool) -> Path:
-    """Compile csrc/route_cuda_backward.cu for the host (g++) against EMU_HEADER; returns the library's path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    source = cuda_route.backward_source_path().read_text()
-    for device_code, host_code in EMU_SUBSTITUTIONS.items():
-        assert source.count(device_code) == 1, f"the kernel source no longer has: {device_code}"
-        source = source.replace(device_code, host_code)
-    (directory / "emu_cuda.h").write_text(EMU_HEADER)
-    for name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
-        (directory / name).write_text('#include "emu_cuda.h"\n')
-    (directory / "route_cuda_backward_host.cpp").write_text(source)
-    library = directory / "route_cuda_backward_host.so"
-    command = ["g++", "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
-               f"-I{directory}", "-o", str(library), str(directory / "route_cuda_backward_host.cpp")]
-    if sanitize:
-        command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return library
+    """csrc/route_cuda_backward.cu compiled for the host (see tests/cuda_emulation.py); returns the library's path."""
+    return cuda_emulation.build_emulation(cuda_route.backward_source_path().read_text(), EMU_SUBSTITUTIONS, directory,
+                                          "route_cuda_backward_host", sanitize)
 
 
 def emulated_run(library: Path):
@@ -747,24 +582,5 @@ def test_kernel_source_emulated_on_the_host(tmp_path):
     scenario (random shapes, adversarial values, examples, out-of-range groups, layouts, any ids), under
     AddressSanitizer where g++ has it: every load and store within its tensor or the shared buffers. Runs in a fresh
     process (a sanitizer report, or a warp whose lanes disagree on the __syncwarp calls, ends it)."""
-    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    sanitize = os.path.isabs(asan) and Path(asan).is_file()
-    tests_dir = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(SESSION_SEED),
-               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
-    asan_env = dict(env, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0")
     code = "import test_route_cuda_backward as t\nt.emulated_checks({library!r})\n"
-    out = None
-    if sanitize:
-        library = build_emulation(tmp_path / "asan", True)
-        out = subprocess.run([sys.executable, "-c", code.format(library=str(library))], capture_output=True,
-                             text=True, timeout=1200, env=asan_env)
-        # a sanitizer runtime that cannot run under this Python and torch (some toolchains' C++ runtimes break its
-        # interceptors: "AddressSanitizer: CHECK failed") is no finding about the kernel: run without it then
-        if out.returncode != 0 and "AddressSanitizer: CHECK failed" in out.stderr:
-            out = None
-    if out is None:
-        library = build_emulation(tmp_path / "plain", False)
-        out = subprocess.run([sys.executable, "-c", code.format(library=str(library))], capture_output=True,
-                             text=True, timeout=1200, env=env)
-    assert out.returncode == 0 and "emulated checks passed" in out.stdout, (out.stdout[-2000:], out.stderr[-5000:])
+    cuda_emulation.run_emulated_checks(build_emulation, code, tmp_path, SESSION_SEED, "emulated checks passed")

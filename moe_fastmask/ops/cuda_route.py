@@ -476,7 +476,6 @@ def route_forward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    vector_loads = _vector_rows(logits)
     variant = _variant_default() if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -511,29 +510,9 @@ def route_forward(
         if _ablation not in (None, "load_store"):
             raise ValueError("_lane_options combines with _ablation='load_store' only")
         lane_options = 1 | sum(LANE_OPTIONS[name] for name in set(_lane_options))  # (bit 0: options given)
-    params = RouteParams(
-        weights.data_ptr(),
-        ids.data_ptr(),
-        counts.data_ptr() if counts is not None else None,
-        logits.data_ptr(),
-        keep.data_ptr() if keep is not None else None,
-        group.data_ptr() if group is not None else None,
-        logits.stride(0),
-        logits.stride(1),
-        num_tokens,
-        num_experts,
-        kernel_num_groups(keep, counts),
-        top_k,
-        int(bool(renormalize)),
-        int(group is not None and group.dtype == torch.int64),
-        int(vector_loads),
-        0,  # chosen by the launcher from G * E
-        int(_prefetch_default() if prefetch is None else bool(prefetch)),
-        VARIANTS[variant],
-        ablation,
-        GRID_POLICIES[_grid_policy],
-        lane_options,
-    )
+    params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
+                            prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
+                            variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
@@ -571,6 +550,52 @@ def supports_backward(
         return False
     return (
         grad_weights.dtype == logits.dtype and grad_weights.shape == ids.shape and grad_weights.device == logits.device
+    )
+
+
+def forward_params(
+    weights: Tensor,
+    ids: Tensor,
+    logits: Tensor,
+    top_k: int,
+    keep: Tensor | None,
+    group: Tensor | None,
+    counts: Tensor | None,
+    renormalize: bool,
+    *,
+    prefetch: bool = False,
+    variant: str = "lane",
+    ablation: int = 0,
+    grid_policy: str = "wave",
+    lane_options: int = 0,
+) -> RouteParams:
+    """The forward launcher's arguments: pointers and strides of the given tensors (``weights``, ``ids``, ``keep``
+    and ``group`` contiguous; ``logits`` any strides), the variant (``VARIANTS``) and grid policy
+    (``GRID_POLICIES``) by name, and the benchmark-only ablation and option codes as :func:`route_forward` encodes
+    them."""
+    num_tokens, num_experts = logits.shape
+    return RouteParams(
+        weights.data_ptr(),
+        ids.data_ptr(),
+        counts.data_ptr() if counts is not None else None,
+        logits.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        group.data_ptr() if group is not None else None,
+        logits.stride(0),
+        logits.stride(1),
+        num_tokens,
+        num_experts,
+        kernel_num_groups(keep, counts),
+        top_k,
+        int(bool(renormalize)),
+        int(group is not None and group.dtype == torch.int64),
+        int(_vector_rows(logits)),
+        0,  # chosen by the launcher from G * E
+        int(bool(prefetch)),
+        VARIANTS[variant],
+        ablation,
+        GRID_POLICIES[grid_policy],
+        lane_options,
     )
 
 

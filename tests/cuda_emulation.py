@@ -1,0 +1,310 @@
+"""Host emulation of the CUDA device API that the kernels in ``csrc/`` use, so that their sources run on machines
+without a GPU: the source is compiled with ``g++`` against ``EMU_HEADER`` (with its few device-only statements
+replaced by host stand-ins), every thread of a block is a ``std::thread`` (blocks run one after another), and
+``__syncwarp`` / ``__syncthreads``, the shuffles and the votes are barriers of the warp or block. Under
+AddressSanitizer (where g++ has one that runs here) every load and store must stay within its tensor or the block's
+shared memory, which starts poisoned.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EMU_HEADER = r"""
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct uint2 { unsigned int x, y; };
+struct uint4 { unsigned int x, y, z, w; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct __attribute__((aligned(16))) longlong2 { long long x, y; };
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline longlong2 make_longlong2(long long x, long long y) { return {x, y}; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 gridDim, blockDim;
+
+// a barrier of n threads that gives up (and ends the process) when one never arrives: threads that disagree on the
+// number of barrier calls (a divergent warp or block) would otherwise hang
+struct EmuBarrier {
+  int count = 32;
+  std::atomic<int> arrived{0};
+  std::atomic<long> generation{0};
+  void wait() {
+    const long gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == count - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (long spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      std::this_thread::yield();
+      if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) {
+        std::fprintf(stderr, "emulation: a thread never reached a barrier (divergent warp or block)\n");
+        std::_Exit(3);
+      }
+    }
+  }
+};
+struct EmuWarp {
+  EmuBarrier barrier;
+  unsigned char slots[32][8];
+};
+inline thread_local EmuWarp* emu_warp = nullptr;
+inline thread_local EmuBarrier* emu_block = nullptr;
+inline unsigned char* emu_smem_base = nullptr;  // the running block's dynamic shared memory
+
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu_warp->barrier.wait(); }
+inline void __syncthreads() { emu_block->wait(); }
+
+// every lane's value of v, through the warp's slots (two barriers: written, then read)
+template <typename X>
+void emu_exchange(const X& v, X (&all)[32]) {
+  static_assert(sizeof(X) <= 8, "exchanges of at most 8 bytes");
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  std::memcpy(emu_warp->slots[lane], &v, sizeof(X));
+  emu_warp->barrier.wait();
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], emu_warp->slots[l], sizeof(X));
+  emu_warp->barrier.wait();
+}
+template <typename X>
+X __shfl_xor_sync(unsigned int, X v, int offset, int width = 32) {
+  if (offset >= width) std::_Exit(4);
+  X all[32];
+  emu_exchange(v, all);
+  return all[static_cast<int>(threadIdx.x & 31) ^ offset];
+}
+inline unsigned int __ballot_sync(unsigned int, bool pred) {
+  int all[32];
+  emu_exchange(static_cast<int>(pred), all);
+  unsigned int bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= (all[l] ? 1u : 0u) << l;
+  return bits;
+}
+inline bool __any_sync(unsigned int mask, bool pred) { return __ballot_sync(mask, pred) != 0; }
+inline bool __all_sync(unsigned int mask, bool pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }
+
+template <typename X> inline X __ldcs(const X* p) { return *p; }
+template <typename X> inline X __ldg(const X* p) { return *p; }
+template <typename X> inline void __stcs(X* p, X v) { *p = v; }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+inline unsigned int __vmaxu2(unsigned int a, unsigned int b) {
+  return max(a & 0xFFFF0000u, b & 0xFFFF0000u) | max(a & 0xFFFFu, b & 0xFFFFu);
+}
+inline unsigned int __vminu2(unsigned int a, unsigned int b) {
+  return min(a & 0xFFFF0000u, b & 0xFFFF0000u) | min(a & 0xFFFFu, b & 0xFFFFu);
+}
+// byte n of the result: byte (s >> 4n) & 7 of the 8 bytes b:a (CUDA's __byte_perm)
+inline unsigned int __byte_perm(unsigned int a, unsigned int b, unsigned int s) {
+  const unsigned long long bytes = (static_cast<unsigned long long>(b) << 32) | a;
+  unsigned int out = 0;
+  for (int n = 0; n < 4; ++n) out |= static_cast<unsigned int>((bytes >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << 8 * n;
+  return out;
+}
+// PTX prmt.b32 (default mode): like __byte_perm, and a selector nibble with bit 3 set replicates the chosen byte's
+// sign bit
+inline unsigned int emu_prmt(unsigned int a, unsigned int b, unsigned int s) {
+  const unsigned long long bytes = (static_cast<unsigned long long>(b) << 32) | a;
+  unsigned int out = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned int nibble = (s >> (4 * n)) & 15, byte = (bytes >> (8 * (nibble & 7))) & 0xFF;
+    out |= ((nibble & 8) ? ((byte & 0x80) ? 0xFFu : 0u) : byte) << 8 * n;
+  }
+  return out;
+}
+
+struct __half { unsigned short bits; };
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline float __half2float(__half h) { _Float16 v; std::memcpy(&v, &h.bits, 2); return static_cast<float>(v); }
+inline __half __float2half_rn(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  __half h;
+  std::memcpy(&h.bits, &v, 2);
+  return h;
+}
+
+struct __nv_bfloat16 { unsigned short bits; };
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(static_cast<unsigned int>(b.bits) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned int u = __float_as_uint(f);
+  if (std::isnan(f)) return {static_cast<unsigned short>((u >> 16) | 0x40u)};
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return {static_cast<unsigned short>(u >> 16)};
+}
+
+// x * 1 + 0 per 16-bit half (fma.rn.bf16x2 / fma.rn.f16x2): -0.0 becomes +0.0, a NaN the canonical 0x7FFF, the rest
+// (subnormals too) stays
+inline unsigned int emu_canon_x2(unsigned int w, unsigned int inf_bits) {
+  unsigned int out = 0;
+  for (int n = 0; n < 2; ++n) {
+    unsigned int h = (w >> (16 * n)) & 0xFFFFu;
+    if ((h & 0x7FFFu) > inf_bits) h = 0x7FFFu;
+    if (h == 0x8000u) h = 0;
+    out |= h << (16 * n);
+  }
+  return out;
+}
+inline unsigned int emu_bf16x2_canon(unsigned int w) { return emu_canon_x2(w, 0x7F80u); }
+inline unsigned int emu_f16x2_canon(unsigned int w) { return emu_canon_x2(w, 0x7C00u); }
+// max.NaN.bf16x2: per half the larger value, the canonical NaN where either is NaN
+inline unsigned int emu_bf16x2_max_nan(unsigned int a, unsigned int b) {
+  unsigned int out = 0;
+  for (int n = 0; n < 2; ++n) {
+    const unsigned int x = (a >> (16 * n)) & 0xFFFFu, y = (b >> (16 * n)) & 0xFFFFu;
+    const float fx = __uint_as_float(x << 16), fy = __uint_as_float(y << 16);
+    const unsigned int m = (std::isnan(fx) || std::isnan(fy)) ? 0x7FFFu : (fx >= fy ? x : y);
+    out |= m << (16 * n);
+  }
+  return out;
+}
+
+// ex2.approx.ftz / rcp.approx.ftz: subnormal inputs and results are zero
+inline float emu_ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+inline float emu_ex2(float x) { return emu_ftz(std::exp2(emu_ftz(x))); }
+inline float emu_rcp(float x) { return emu_ftz(1.0f / emu_ftz(x)); }
+
+// shared-memory addresses are offsets from the running block's shared memory; cp.async copies at once
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<size_t>(static_cast<const unsigned char*>(p) - emu_smem_base);
+}
+inline void emu_cp_async16(unsigned int dst, const void* src, int bytes) {
+  std::memcpy(emu_smem_base + dst, src, bytes);
+  std::memset(emu_smem_base + dst + bytes, 0, 16 - bytes);
+}
+
+// runtime API
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+struct cudaFuncAttributes { int numRegs; };
+inline int emu_sms = 2;  // small, so that the grid-stride loops take several steps
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sms; return cudaSuccess; }
+template <typename F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* v, F, int, size_t) {
+  *v = 1;
+  return cudaSuccess;
+}
+template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  a->numRegs = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+
+// a launch: the blocks one after another, each with its threads as std::threads over poisoned shared memory
+inline void emu_launch(int grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
+  gridDim = {static_cast<unsigned int>(grid), 1, 1};
+  blockDim = {static_cast<unsigned int>(threads), 1, 1};
+  for (int b = 0; b < grid; ++b) {
+    std::vector<unsigned char> smem(smem_bytes + 16, 0xA5);
+    emu_smem_base = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+    EmuBarrier block;
+    block.count = threads;
+    std::vector<EmuWarp> warps((threads + 31) / 32);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        threadIdx = {static_cast<unsigned int>(t), 0, 0};
+        blockIdx = {static_cast<unsigned int>(b), 0, 0};
+        emu_warp = &warps[t / 32];
+        emu_block = &block;
+        body();
+      });
+    }
+    for (auto& thread : pool) thread.join();
+  }
+  emu_smem_base = nullptr;
+}
+"""
+
+
+def build_emulation(source: str, substitutions: dict[str, str], directory: Path, stem: str, sanitize: bool) -> Path:
+    """Compile a kernel source for the host (g++, against ``EMU_HEADER``), each key of ``substitutions`` (a
+    device-only statement that must occur exactly once) replaced by its host stand-in; returns the library's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for device_code, host_code in substitutions.items():
+        assert source.count(device_code) == 1, f"the kernel source no longer has (exactly once): {device_code}"
+        source = source.replace(device_code, host_code)
+    (directory / "emu_cuda.h").write_text(EMU_HEADER)
+    for name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
+        (directory / name).write_text('#include "emu_cuda.h"\n')
+    (directory / f"{stem}.cpp").write_text(source)
+    library = directory / f"{stem}.so"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
+               f"-I{directory}", "-o", str(library), str(directory / f"{stem}.cpp")]
+    if sanitize:
+        command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return library
+
+
+def run_emulated_checks(build, code: str, tmp_path: Path, seed: int, marker: str) -> None:
+    """Run ``code`` (Python, ``{library}`` in it for the built library's path) in a fresh process (a sanitizer
+    report, or threads that disagree on a barrier, end it) on the library ``build(directory, sanitize)`` makes:
+    under AddressSanitizer where g++ has one, else, or where that runtime cannot start under this Python and torch,
+    without it. Fails unless the process exits 0 and prints ``marker``."""
+    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    sanitize = os.path.isabs(asan) and Path(asan).is_file()
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(seed),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    out = None
+    if sanitize:
+        library = build(tmp_path / "asan", True)
+        out = subprocess.run([sys.executable, "-c", code.format(library=str(library))], capture_output=True,
+                             text=True, timeout=1800, env=dict(env, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0"))
+        # a sanitizer runtime that cannot run under this Python and torch (some toolchains' C++ runtimes break its
+        # interceptors: "AddressSanitizer: CHECK failed") is no finding about the kernel: run without it then
+        if out.returncode != 0 and "AddressSanitizer: CHECK failed" in out.stderr:
+            out = None
+    if out is None:
+        library = build(tmp_path / "plain", False)
+        out = subprocess.run([sys.executable, "-c", code.format(library=str(library))], capture_output=True,
+                             text=True, timeout=1800, env=env)
+    assert out.returncode == 0 and marker in out.stdout, (out.stdout[-2000:], out.stderr[-5000:])
