@@ -806,26 +806,26 @@ route_lane_kernel(const RouteParams p) {
   if (threadIdx.x == 0) packed_misses = 0;
 
   if constexpr (kMask) {
-    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
-    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
-    uint2* entries = reinterpret_cast<uint2*>(mask_table);
-    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
-      const int g = i / (S::kMaskStride * 2), pair = i % (S::kMaskStride * 2);
-      bool lo_kept = true, hi_kept = true;
+    // whether experts 2 * pair and 2 * pair + 1 are kept in group row g (row G and the padding: all kept)
+    auto pair_kept = [&](int g, int pair, bool& lo_kept, bool& hi_kept) {
+      lo_kept = hi_kept = true;
       if (g < G && pair < NC * 4) {
         lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
         hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
       }
+    };
+    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
+    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
+    uint2* entries = reinterpret_cast<uint2*>(mask_table);
+    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
+      bool lo_kept, hi_kept;
+      pair_kept(i / (S::kMaskStride * 2), i % (S::kMaskStride * 2), lo_kept, hi_kept);
       entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
     }
     if constexpr (kPacked) {
       for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
-        const int g = i / (S::kKeepStride * 4), pair = i % (S::kKeepStride * 4);
-        bool lo_kept = true, hi_kept = true;
-        if (g < G && pair < NC * 4) {
-          lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
-          hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
-        }
+        bool lo_kept, hi_kept;
+        pair_kept(i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
         reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
       }
     }
