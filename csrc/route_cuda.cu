@@ -803,7 +803,7 @@ route_lane_kernel(const RouteParams p) {
   // misses of the packed top-k in this block (a warp whose rows do not all fit their windows); after
   // kPackedMaxMisses the block's warps go straight to the 32-bit keys, so that logits that never fit cost little
   __shared__ unsigned int packed_misses;
-  if (threadIdx.x == 0) packed_misses = 0;
+  if (kPacked && threadIdx.x == 0) packed_misses = 0;
 
   if constexpr (kMask) {
     // whether experts 2 * pair and 2 * pair + 1 are kept in group row g (row G and the padding: all kept)
