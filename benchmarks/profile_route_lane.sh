@@ -3,7 +3,9 @@
 # policies x option sets, the loads-and-stores-only floor, a copy of the same bytes; ids, counts and weights checked
 # against the reference first), then Nsight Compute on the op's default instance and on the loads-and-stores-only one
 # with and without the ids staged through shared memory (T = 262,144, E=64, top-8, bf16, 4-group mask, counts):
-# duration, SM clock, issue and pipe utilisation, occupancy, warp stall reasons and the executed instruction mix.
+# duration, SM clock, issue and pipe utilisation, occupancy, warp stall reasons and the executed instruction mix;
+# last, the op's instance's per-instruction stall samples and the instructions its warps stall on most
+# (benchmarks/ncu_top_stalls.py).
 # Usage: bash benchmarks/profile_route_lane.sh [OUT_DIR]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,5 +38,12 @@ for cfg in "wave:topk8" "wave:load_store" "wave:load_store+stage_ids"; do
     grep -E "SM Frequency|Duration|DRAM Throughput|Compute \(SM\)|Issue Slots Busy|Executed Ipc Active|Achieved Occ|highest-utilized|Stall [A-Z]|stall" \
         "$out/ncu_$name.txt" | head -40
 done
+step "4. ncu per-instruction stall samples, wave:topk8 (benchmarks/ncu_top_stalls.py)"
+if [ -n "$ncu" ]; then
+    timeout 150 "$ncu" --clock-control none --kernel-name regex:route_lane --launch-skip 3 --launch-count 1 \
+        --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+        python3 benchmarks/bench_route_lane.py --profile wave:topk8 --T 262144 > "$out/ncu_source_wave_topk8.csv" 2>&1
+    python3 benchmarks/ncu_top_stalls.py "$out/ncu_source_wave_topk8.csv" --top 12 || status=1
+fi
 step "done (status $status)"
 exit $status
