@@ -73,6 +73,11 @@ def configurations(policies=None):
     return out
 
 
+def shifted(logits, shift: float):
+    """``logits + shift`` in the logits' dtype (the logits themselves when shift is 0)."""
+    return logits if shift == 0 else (logits.float() + shift).to(logits.dtype)
+
+
 def parse_profile(name: str) -> dict:
     policy, _, opts = name.partition(":")
     names = tuple(o for o in opts.split("+") if o)
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
         return 1
     if args.profile:
         logits, keep, group, _ = bench_route.cuda_case(args.T, E, K, device, 1)
-        logits = (logits.float() + args.shift).to(logits.dtype)
+        logits = shifted(logits, args.shift)
         counts = torch.zeros(bench_route.CUDA_GROUPS, E, dtype=torch.int64, device=device)
         kwargs = parse_profile(args.profile)
         for _ in range(8):
@@ -133,8 +138,7 @@ def main(argv=None) -> int:
         sets = max(1, min(16, math.ceil(bench_route.ROTATE_BYTES / bench_route.cuda_bytes(num_tokens, E, K, "full"))))
         calls = bench_route.graph_calls(num_tokens, sets)
         data = [bench_route.cuda_case(num_tokens, E, K, device, 9000 * s + num_tokens) for s in range(sets)]
-        if args.shift:
-            data = [((x.float() + args.shift).to(x.dtype), *rest) for x, *rest in data]
+        data = [(shifted(x, args.shift), *rest) for x, *rest in data]
         counts = torch.zeros(bench_route.CUDA_GROUPS, E, dtype=torch.int64, device=device)
         nbytes = bench_route.cuda_bytes(num_tokens, E, K, "forward")
         # the copy of as many bytes (read + write) as the forward moves: the bandwidth a kernel of this size reaches

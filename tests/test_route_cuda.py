@@ -83,27 +83,32 @@ def check_against_reference(logits, top_k, keep=None, group=None, num_groups=1, 
                                  f"{where} prefetch={prefetch} variant={variant}", prefetch, variant)
 
 
-def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch, variant):
-    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
-    device = logits.device
-    T, E = logits.shape
-    start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64, device=device) if counts else None
-    counts_cuda = start.clone() if counts else None
-    counts_ref = start.clone() if counts else None
-    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch, variant)
-    # ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle
-    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, counts_ref, renormalize)
-    assert torch.equal(ids, ref_ids), f"ids differ; {where}\n{ids[(ids != ref_ids).any(1)][:4]}\n" \
-        f"{ref_ids[(ids != ref_ids).any(1)][:4]}"
-    if counts:
-        assert torch.equal(counts_cuda, counts_ref), f"counts differ; {where}"
-        if prefetch is not False and T <= 300:  # an independent per-token recount (a Python loop: small T only)
-            cpu_group = None if group is None else group.cpu()
-            assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
+def assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, where):
+    """A kernel's outputs against the reference on the same call: ids exact, counts (the kernel's, which started at
+    ``start``; both None without counts) exact, weights within tolerance with NaN exactly where the reference has
+    NaN. Ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle."""
+    ref_counts = None if start is None else start.clone()
+    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, renormalize)
+    bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
+    assert not bad, f"ids differ; {where} rows {bad[:6]}: {ids[bad[:2]].tolist()} vs {ref_ids[bad[:2]].tolist()}"
+    if counts is not None:
+        assert torch.equal(counts, ref_counts), f"counts differ; {where}"
     nan = ref_w.isnan()
     assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where}"
     atol, rtol = tolerance(logits.dtype)
     torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where}\n{m}")
+
+
+def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize, counts, where, prefetch, variant):
+    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
+    T, E = logits.shape
+    start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64, device=logits.device) if counts else None
+    counts_cuda = start.clone() if counts else None
+    weights, ids = run_cuda(logits, top_k, keep, group, counts_cuda, renormalize, prefetch, variant)
+    assert_matches_reference(weights, ids, counts_cuda, start, logits, top_k, keep, group, renormalize, where)
+    if counts and prefetch is not False and T <= 300:  # an independent per-token recount (a Python loop: small T only)
+        cpu_group = None if group is None else group.cpu()
+        assert torch.equal((counts_cuda - start).cpu(), recount(ids, cpu_group, num_groups, E)), where
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -366,18 +371,10 @@ def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
     for keep_r, options in runs:
         where = f"options={options} keep={'tight' if keep_r is tight_keep else keep_r is not None}"
         group_r = group.cuda() if keep_r is not None else None
-        counts = torch.zeros(G, E, dtype=torch.int64, device="cuda") if keep_r is not None else None
-        ref_counts = None if counts is None else torch.zeros_like(counts)
+        start = torch.zeros(G, E, dtype=torch.int64, device="cuda") if keep_r is not None else None
+        counts = None if start is None else start.clone()
         weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane", _lane_options=options)
-        ref_w, ref_ids = reference.route_reference(logits, k, keep_r, group_r, ref_counts, False)
-        bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
-        assert not bad, f"{where} rows {bad[:8]}: {ids[bad[:2]].tolist()} vs {ref_ids[bad[:2]].tolist()}"
-        if counts is not None:
-            assert torch.equal(counts, ref_counts), where
-        nan = ref_w.isnan()
-        assert torch.equal(weights.isnan(), nan), where
-        atol, rtol = tolerance(torch.bfloat16)
-        torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where}\n{m}")
+        assert_matches_reference(weights, ids, counts, start, logits, k, keep_r, group_r, False, where)
 
 
 @gpu
@@ -648,7 +645,7 @@ def emulated_forward(library: Path):
         T = logits.shape[0]
         weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
-        lane_options = 0 if options is None else 1 | sum(cuda_route.LANE_OPTIONS[o] for o in options)
+        lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options)
         code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
@@ -660,20 +657,10 @@ def emulated_forward(library: Path):
 
 def check_emulated(run, logits, top_k, keep, group, num_groups, renormalize, where, **launch):
     """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
-    E = logits.shape[1]
-    start = torch.randint(0, 1000, (num_groups, E), dtype=torch.int64)
+    start = torch.randint(0, 1000, (num_groups, logits.shape[1]), dtype=torch.int64)
     counts = start.clone()
-    ref_counts = start.clone()
     weights, ids = run(logits, top_k, keep, group, counts, renormalize, **launch)
-    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, renormalize)
-    bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
-    assert not bad, (f"ids differ; {where} {launch} rows {bad[:6]}: {ids[bad[:2]].tolist()} vs "
-                     f"{ref_ids[bad[:2]].tolist()}")
-    assert torch.equal(counts, ref_counts), f"counts differ; {where} {launch}"
-    nan = ref_w.isnan()
-    assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where} {launch}"
-    atol, rtol = tolerance(logits.dtype)
-    torch.testing.assert_close(weights[~nan], ref_w[~nan], atol=atol, rtol=rtol, msg=lambda m: f"{where} {launch}\n{m}")
+    assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, f"{where} {launch}")
 
 
 def emulated_forward_checks(library: str) -> None:

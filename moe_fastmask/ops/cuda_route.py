@@ -53,9 +53,7 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) o
 VARIANTS = {"split": 0, "lane": 1}
 LANE_EXPERTS = (32, 64, 128)
 LANE_MAX_TOP_K = 8
-# the lane kernel's limit on its shared mask table ((G + 1) * (E / 4 + 1) * 16 bytes, plus (G + 1) * (E / 8 + 1) * 16
-# bytes of keep words with the "packed16" option)
-LANE_MAX_EXTRA_BYTES = 16 * 1024
+LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's limit on its shared mask table (see _lane_mask_bytes)
 LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in elements (its copy step is a 32-bit byte count)
 # benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
@@ -63,8 +61,7 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
 # "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu), "packed16" takes the
 # top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
-# 32-bit key per register); with the
-# "load_store" ablation, "one_stage" and "stage_ids" apply
+# 32-bit key per register); with the "load_store" ablation, "one_stage" and "stage_ids" apply
 LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128}
 # how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
 # tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
@@ -405,7 +402,19 @@ def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
         return False
     if logits.stride(0) > LANE_MAX_ROW_STRIDE:
         return False
-    return keep is None or (keep.shape[0] + 1) * (num_experts // 4 + 1) * 16 <= LANE_MAX_EXTRA_BYTES
+    return keep is None or _lane_mask_bytes(keep.shape[0], num_experts, False) <= LANE_MAX_EXTRA_BYTES
+
+
+def _lane_mask_bytes(num_groups: int, num_experts: int, packed: bool) -> int:
+    """Shared bytes of the lane kernel's mask table for G groups (a row more: nothing masked), with the packed
+    top-k's keep words (``"packed16"``) when ``packed``; the kernel's ``lane_smem_bytes`` computes the same."""
+    units = num_experts // 4 + 1 + (num_experts // 8 + 1 if packed else 0)
+    return (num_groups + 1) * units * 16
+
+
+def lane_option_bits(names) -> int:
+    """The launcher's ``lane_options`` code of option names from ``LANE_OPTIONS`` (bit 0: options given)."""
+    return 1 | sum(LANE_OPTIONS[name] for name in set(names))
 
 
 def _padded_experts(num_experts: int) -> int:
@@ -503,13 +512,11 @@ def route_forward(
             raise ValueError("_lane_options 'topk8' needs top_k == 8 (and no _ablation)")
         if "packed16" in _lane_options and _ablation is not None:
             raise ValueError("_lane_options 'packed16' runs on the full kernel (no _ablation)")
-        if "packed16" in _lane_options and (keep.shape[0] + 1) * (num_experts // 4 + num_experts // 8 + 2) * 16 > (
-            LANE_MAX_EXTRA_BYTES
-        ):
+        if "packed16" in _lane_options and _lane_mask_bytes(keep.shape[0], num_experts, True) > LANE_MAX_EXTRA_BYTES:
             raise ValueError("_lane_options 'packed16' needs room for its keep words: fewer groups")
         if _ablation not in (None, "load_store"):
             raise ValueError("_lane_options combines with _ablation='load_store' only")
-        lane_options = 1 | sum(LANE_OPTIONS[name] for name in set(_lane_options))  # (bit 0: options given)
+        lane_options = lane_option_bits(_lane_options)
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options)
