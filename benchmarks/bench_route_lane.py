@@ -4,7 +4,8 @@ At the roofline setting of ``bench_route.py``'s cuda section (E=64, top-8, bf16 
 ids in runs with -1 runs, counts on), for each T and grid policy (``cuda_route.GRID_POLICIES``: one full wave of
 blocks, or warps with equal shares of tiles): the loads-and-stores-only instance (the memory floor) and the full
 kernel with its top_k == 8 specialisation, with the top-k on one 32-bit key per register and on two 16-bit keys
-(``packed16``, an option the op leaves off), each under every set of the options that change the memory traffic
+(``packed16``, an option the op leaves off), and with the softmax denominator summed in a second pass over the row
+(``two_pass_softmax``, the op's way before it summed it in the top-k's pass), each under every set of the options that change the memory traffic
 (``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written through shared memory as whole
 lines), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as the
 forward moves (the bandwidth a kernel of that size reaches). Ids, counts and weights of every instance that computes
@@ -59,14 +60,16 @@ def configurations(policies=None):
     change the memory traffic, plus the full kernel without the top_k specialisation."""
     from moe_fastmask.ops import cuda_route
 
-    memory_options = [o for o in sorted(cuda_route.LANE_OPTIONS) if o not in ("topk8", "packed16")]
+    memory_options = [o for o in sorted(cuda_route.LANE_OPTIONS)
+                      if o != "topk8" and o not in cuda_route.LANE_FULL_KERNEL_OPTIONS]
     subsets = [c for r in range(len(memory_options) + 1) for c in itertools.combinations(memory_options, r)]
     out = []
     for policy in policies or cuda_route.GRID_POLICIES:
         for subset in subsets:
             out.append((f"{policy}:load_store{''.join('+' + o for o in subset)}",
                         dict(_grid_policy=policy, _ablation="load_store", _lane_options=subset)))
-        for top_k_options, subset in itertools.product((("topk8",), ("topk8", "packed16")), subsets):
+        top_k_options_sets = [("topk8",)] + [("topk8", o) for o in cuda_route.LANE_FULL_KERNEL_OPTIONS]
+        for top_k_options, subset in itertools.product(top_k_options_sets, subsets):
             out.append((f"{policy}:{'+'.join(top_k_options + subset)}",
                         dict(_grid_policy=policy, _lane_options=top_k_options + subset)))
         out.append((f"{policy}:", dict(_grid_policy=policy, _lane_options=())))

@@ -533,8 +533,10 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 // shared memory for twice the warps per multiprocessor
 // kStageIds, a warp's int64 ids go through its (consumed) tile buffer and out as whole 512-byte lines
 // kPacked16, the top-k of bf16 rows with E = 64 on two 16-bit keys per register (below); other instances ignore it
-constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128;
-constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16;
+// kTwoPassSoftmax, the softmax denominator in a second pass over the row once the top-k has its maximum (the
+// default sums it in the top-k's pass, see route_lane_kernel; the second pass stays as that sum's fallback)
+constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwoPassSoftmax = 256;
+constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids stored directly. The kernel is bound by its
 // integer work, and staging the ids, which lifts the loads-and-stores-only instance from 68% to 90% of the copy
 // bandwidth, costs the full kernel 2-3%; one stage (more warps) does not help it either
@@ -590,6 +592,12 @@ __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF
   unsigned int d;
   asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(d) : "r"(w));
   return d;
+}
+
+// a 16-bit order (sign_halves' transform: x ^ 0x8000 for positives, ~x for negatives) back to its value
+template <typename L>
+__device__ __forceinline__ float unordered16(unsigned int v) {
+  return L::from_bits(v ^ ((v & 0x8000u) ? 0x8000u : 0xFFFFu));
 }
 
 // Keys of a network: one 32-bit key per register (Key32), or two 16-bit keys per register ordered independently
@@ -780,6 +788,7 @@ route_lane_kernel(const RouteParams p) {
   constexpr bool kCounts = (FLAGS & kDoCounts) != 0, kMask = (FLAGS & kDoMask) != 0;
   constexpr bool kK8 = (FLAGS & kTopK8) != 0, kTwoStages = S::kStages == 2, kStaged = (FLAGS & kStageIds) != 0;
   constexpr bool kPacked = kTopK && (FLAGS & kPacked16) != 0 && std::is_same<T, __nv_bfloat16>::value && E_PAD == 64;
+  constexpr bool kOnePassSoftmax = kTopK && kSoftmax && (FLAGS & kTwoPassSoftmax) == 0;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
@@ -929,12 +938,20 @@ route_lane_kernel(const RouteParams p) {
         if (!top_done && lane == 0) atomicAdd(&packed_misses, 1u);
       }
     }
+    // one-pass softmax denominator (kOnePassSoftmax): sum_exp = sum of 2^(z log2e - ref) over the allowed experts,
+    // summed while the top-k reads the row, with ref = fl(R log2e), R the largest logit (masked or not) of the row's
+    // first chunk: every term and every weight take the same ref, so it cancels from the weights, and each exponent
+    // is one FMA rounded once. It holds where no term overflowed and the largest did not underflow (checked below;
+    // a warp with a row outside falls back to the second pass)
+    float sum_exp0 = 0.0f, sum_exp1 = 0.0f, neg_ref = 0.0f;
+    bool one_pass = false;
     if (kTopK && !top_done) {
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const uint4 raw = my_row[swizzle<NC>(lane, c)];
         const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
         unsigned int keys[8];
+        unsigned int o_max = 0;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const unsigned int x = L::canon(w[j]);
@@ -949,6 +966,24 @@ route_lane_kernel(const RouteParams p) {
             keys[2 * j] = (o << 16) | code_lo;
             keys[2 * j + 1] = (o & 0xFFFF0000u) | code_hi;
           }
+          if constexpr (kOnePassSoftmax) {
+            if (c == 0) o_max = j == 0 ? o : __vmaxu2(o_max, o);
+            if (c == 0 && j == 3) {
+              neg_ref = -(unordered16<L>(max(o_max >> 16, o_max & 0xFFFFu)) * kLog2e);
+            }
+          }
+        }
+        if constexpr (kOnePassSoftmax) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // (the mask entries are the key loop's: the loads are shared)
+            float2 f = make_float2(L::lo(w[j]), L::hi(w[j]));
+            if constexpr (kMask) {
+              const uint2 m = reinterpret_cast<const uint2*>(my_mask + c * 2)[j];
+              f = L::masked_floats(w[j], m.x, m.y);
+            }
+            sum_exp0 += fast_exp2(fmaf(f.x, kLog2e, neg_ref));
+            sum_exp1 += fast_exp2(fmaf(f.y, kLog2e, neg_ref));
+          }
         }
         sort8_desc<Key32>(keys);
         if (c == 0) {
@@ -958,6 +993,7 @@ route_lane_kernel(const RouteParams p) {
           merge8_desc<Key32>(top, keys);
         }
       }
+      one_pass = kOnePassSoftmax;
     } else if (!kTopK) {  // (benchmark instances) the first 8 experts, unsorted, as picks
       const uint4 raw = my_row[swizzle<NC>(lane, 0)];
       const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -974,13 +1010,19 @@ route_lane_kernel(const RouteParams p) {
     float z[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const unsigned int v = top[i] >> 16;
-      z[i] = L::from_bits(v ^ ((v & 0x8000u) ? 0x8000u : 0xFFFFu));
+      z[i] = unordered16<L>(top[i] >> 16);
     }
     const float row_max = top[0] >= kLowestAllowed ? z[0] : -INFINITY;
 
     float inv = 1.0f;
-    if constexpr (kSoftmax) {
+    if (one_pass) {
+      // (2^-60, 2^100]: the largest term did not underflow, none overflowed (inf) or was NaN (an allowed NaN, or a
+      // masked inf or NaN: both sums' NaN or inf fail it too), and the reciprocal stays a normal number
+      const float sum = sum_exp0 + sum_exp1;
+      one_pass = __all_sync(0xffffffffu, !row_valid || (sum > 0x1p-60f && sum <= 0x1p100f));
+      inv = fast_rcp(sum);
+    }
+    if (kSoftmax && !one_pass) {
       // sum of exp(z - max) over the allowed experts: a masked one reads as -inf. The exponent is one FMA,
       // z * log2e - max * log2e, which is off by the rounding of max * log2e (at most 2^-24 |max| log2e: 2.2e-5 at
       // |max| = 256, a relative 1.5e-5 on every weight), unless some row of the warp has a finite |max| > 256: then
@@ -1030,7 +1072,8 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if constexpr (kSoftmax) {
-        wts[i] = top[i] >= kLowestAllowed ? fast_exp2((z[i] - row_max) * kLog2e) * inv : 0.0f * inv;  // (exact form)
+        const float e = one_pass ? fast_exp2(fmaf(z[i], kLog2e, neg_ref)) : fast_exp2((z[i] - row_max) * kLog2e);
+        wts[i] = top[i] >= kLowestAllowed ? e * inv : 0.0f * inv;  // (the second pass: the exact form)
       } else {
         wts[i] = z[i];
       }
@@ -1226,6 +1269,9 @@ template <int F>
 cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   if constexpr ((F & kDoTopK) != 0) {
     if (p.lane_options & kPacked16) return launch_lane_memory_options<F | kPacked16>(p, smem, device, stream);
+    if (p.lane_options & kTwoPassSoftmax) {
+      return launch_lane_memory_options<F | kTwoPassSoftmax>(p, smem, device, stream);
+    }
   }
   return launch_lane_memory_options<F>(p, smem, device, stream);
 }
@@ -1288,6 +1334,7 @@ cudaError_t preload_lane_options() {
   cudaError_t err = preload_lane_memory_options<F>();
   if constexpr ((F & kDoTopK) != 0) {
     if (err == cudaSuccess) err = preload_lane_memory_options<F | kPacked16>();
+    if (err == cudaSuccess) err = preload_lane_memory_options<F | kTwoPassSoftmax>();
   }
   return err;
 }

@@ -278,8 +278,7 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
     the loads-and-stores-only instance under each option set gives the first k experts."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 23)
     E, k, G = 64, 8, 3
-    names = sorted(cuda_route.LANE_OPTIONS)
-    subsets = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+    subsets = lane_option_sets()
     for T in (1, 1000, 300_001):
         logits = adversarial_logits("distinct", T, E, torch.bfloat16, gen).cuda()
         keep = make_keep(G, E, k, False, gen).cuda()
@@ -293,7 +292,7 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
             assert torch.equal(ids, ref_ids), (T, policy, subset)
             assert torch.equal(counts, ref_counts), (T, policy, subset)
             torch.testing.assert_close(w, ref_w, atol=tolerance(w.dtype)[0], rtol=tolerance(w.dtype)[1])
-            if "topk8" not in subset and "packed16" not in subset:
+            if "topk8" not in subset and not set(subset) & set(cuda_route.LANE_FULL_KERNEL_OPTIONS):
                 _, ids = run_cuda(logits, k, keep, group, None, False, ablation="load_store", _grid_policy=policy,
                                   _lane_options=subset)
                 assert torch.equal(ids, torch.arange(k, device="cuda").expand(T, k)), (T, policy, subset)
@@ -301,11 +300,55 @@ def test_lane_kernel_options_and_grids_give_the_ops_results(cuda_kernel):
         cuda_route.route_forward(logits, 4, keep, group, None, False, _lane_options=("topk8",))
     with pytest.raises(ValueError, match="_lane_options"):
         cuda_route.route_forward(logits, k, keep, group, None, False, _lane_options=("fast",))
-    with pytest.raises(ValueError, match="_lane_options 'packed16'"):
-        cuda_route.route_forward(logits, k, keep, group, None, False, _ablation="load_store",
-                                 _lane_options=("packed16",))
+    for name in cuda_route.LANE_FULL_KERNEL_OPTIONS:
+        with pytest.raises(ValueError, match=f"_lane_options '{name}'"):
+            cuda_route.route_forward(logits, k, keep, group, None, False, _ablation="load_store", _lane_options=(name,))
+    with pytest.raises(ValueError, match="do not combine"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _lane_options=cuda_route.LANE_EXCLUSIVE_OPTIONS)
     with pytest.raises(ValueError, match="_grid_policy"):
         cuda_route.route_forward(logits, k, keep, group, None, False, _grid_policy="all")
+
+
+def lane_option_sets() -> list[tuple[str, ...]]:
+    """Every set of the lane kernel's option names that the launcher takes (all but the exclusive pair)."""
+    names = sorted(cuda_route.LANE_OPTIONS)
+    subsets = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+    return [c for c in subsets if not set(cuda_route.LANE_EXCLUSIVE_OPTIONS) <= set(c)]
+
+
+def one_pass_softmax_case(gen: torch.Generator):
+    """bf16 [T, 64] logits (CPU), a keep mask of 2 groups and group ids around the edges of the lane kernel's one-pass
+    softmax denominator (summed against the largest logit of a row's first 8 experts, masked or not): (logits, keep,
+    group). Each 32-row warp holds one kind of row among normal ones; see test_one_pass_softmax_edges_and_fallbacks."""
+    E, G = 64, 2
+    T = 32 * 9 + 3
+    logits = torch.randn(T, E, generator=gen)
+    keep = torch.ones(G, E, dtype=torch.bool)
+    keep[1, :] = False
+    keep[1, torch.randperm(E, generator=gen)[:12]] = True
+    keep[1, 3] = False  # (a masked expert of the first chunk)
+    keep[1, 20] = True
+    group = torch.randint(0, G, (T,), generator=gen)
+    special = [32 * w + 7 for w in range(9)]
+    group[special] = 1
+    # warp 0: normal rows only
+    # warp 1: a masked logit of the first chunk 100 above the allowed ones: the allowed terms underflow (falls back)
+    logits[special[1], 3] = 100.0
+    # warp 2: an allowed logit 90 above the first chunk's: its term overflows (falls back)
+    logits[special[2], 20] = 90.0
+    # warp 3 / 4: a masked +inf / NaN (the sum turns NaN; falls back; the reference ignores them)
+    logits[special[3], 3] = float("inf")
+    logits[special[4], 3] = float("nan")
+    # warp 5: an allowed logit 40 above the first chunk's, and another row's masked one 30 above the allowed ones
+    # (both within the one pass's range: 2^58 and 2^-43 terms)
+    logits[special[5], 20] = 40.0
+    logits[special[5] + 1, 3], group[special[5] + 1] = 30.0, 1
+    # warp 6: the first chunk all -inf (masked or not); warp 7: allowed logits near 1e30 (the reference far from 0);
+    # warp 8 (partial): an allowed +inf
+    logits[special[6], :8] = float("-inf")
+    logits[special[7]] = 1.0e30 + logits[special[7]] * 1.0e28
+    logits[special[8], 20] = float("inf")
+    return logits.to(torch.bfloat16), keep, group
 
 
 def bf16_from_order(order: torch.Tensor) -> torch.Tensor:
@@ -375,6 +418,22 @@ def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
         counts = None if start is None else start.clone()
         weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane", _lane_options=options)
         assert_matches_reference(weights, ids, counts, start, logits, k, keep_r, group_r, False, where)
+
+
+@gpu
+def test_one_pass_softmax_edges_and_fallbacks(cuda_kernel):
+    """The lane kernel's softmax denominator summed in the top-k's pass, against the reference and the two-pass
+    instance: rows whose terms underflow or overflow against the first chunk's largest logit, masked +inf and NaN,
+    a first chunk of -inf, logits near 1e30 and an allowed +inf (each in a warp of normal rows, which fall back with
+    it), and rows within the one pass's range; with and without top_k == 8 specialisation, renormalised or not."""
+    logits, keep, group = (t.cuda() for t in one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31)))
+    k, G = 8, 2
+    for options, renormalize in itertools.product(((), ("topk8",), ("two_pass_softmax",)), (False, True)):
+        start = torch.zeros(G, 64, dtype=torch.int64, device="cuda")
+        counts = start.clone()
+        weights, ids = run_cuda(logits, k, keep, group, counts, renormalize, variant="lane", _lane_options=options)
+        assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, renormalize,
+                                 f"options={options} renormalize={renormalize}")
 
 
 @gpu
@@ -591,11 +650,11 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, and 21 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
-    # sets, the other 3 ablations, and the full kernel under the 16 option sets (top_k == 8 or not, packed keys or
-    # not, 4 memory option sets) less the 2 that the op uses); backward (csrc/route_cuda_backward.cu): one per (dtype,
-    # padded E, vector or checked access) = 3 x 6 x 2 = 36
-    assert "registers lines 155" in out.stdout, out.stdout
+    # top_k == 8 or not) = 24, and 29 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
+    # sets, the other 3 ablations, and the full kernel under the 24 option sets (top_k == 8 or not; 32-bit keys,
+    # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses); backward
+    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36
+    assert "registers lines 163" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 120
 
 
@@ -697,12 +756,14 @@ def emulated_forward_checks(library: str) -> None:
                     check_emulated(run, logits, k, keep, group, 2, False, f"{kind} E={E} {dtype}", variant=variant)
     # the packed top-k at its windows' edges, and every option set and grid of the lane kernel
     logits, keep, tight_keep, group = packed_window_case(torch.Generator().manual_seed(SESSION_SEED + 29))
-    names = sorted(cuda_route.LANE_OPTIONS)
-    for r in range(len(names) + 1):
-        for options in itertools.combinations(names, r):
-            for keep_r in (keep, tight_keep):
-                check_emulated(run, logits, 8, keep_r, group, 3, False, "window case", options=options,
-                               grid_policy="balanced" if len(options) % 2 else "wave")
+    for options in lane_option_sets():
+        for keep_r in (keep, tight_keep):
+            check_emulated(run, logits, 8, keep_r, group, 3, False, "window case", options=options,
+                           grid_policy="balanced" if len(options) % 2 else "wave")
+    # the one-pass softmax denominator's edges (each falling back in its own warp)
+    logits, keep, group = one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31))
+    for options in ((), ("two_pass_softmax",)):
+        check_emulated(run, logits, 8, keep, group, 2, bool(options), "one-pass softmax case", options=options)
     # normal logits, every expert kept: every warp's rows fit the packed top-k's windows (its fast path throughout)
     logits = adversarial_logits("normal", 300, 64, torch.bfloat16, gen)
     keep_all = torch.ones(3, 64, dtype=torch.bool)

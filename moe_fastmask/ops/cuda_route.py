@@ -61,8 +61,12 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
 # "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu), "packed16" takes the
 # top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
-# 32-bit key per register); with the "load_store" ablation, "one_stage" and "stage_ids" apply
-LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128}
+# 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
+# it in the top-k's pass); with the "load_store" ablation, "one_stage" and "stage_ids" apply
+LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256}
+# options of the full kernel only (no ablation), and a pair that does not combine
+LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax")
+LANE_EXCLUSIVE_OPTIONS = ("packed16", "two_pass_softmax")
 # how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
 # tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
 GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
@@ -510,8 +514,11 @@ def route_forward(
             )
         if "topk8" in _lane_options and (top_k != 8 or _ablation is not None):
             raise ValueError("_lane_options 'topk8' needs top_k == 8 (and no _ablation)")
-        if "packed16" in _lane_options and _ablation is not None:
-            raise ValueError("_lane_options 'packed16' runs on the full kernel (no _ablation)")
+        for name in LANE_FULL_KERNEL_OPTIONS:
+            if name in _lane_options and _ablation is not None:
+                raise ValueError(f"_lane_options {name!r} runs on the full kernel (no _ablation)")
+        if set(LANE_EXCLUSIVE_OPTIONS) <= set(_lane_options):
+            raise ValueError(f"_lane_options: {' and '.join(map(repr, LANE_EXCLUSIVE_OPTIONS))} do not combine")
         if "packed16" in _lane_options and _lane_mask_bytes(keep.shape[0], num_experts, True) > LANE_MAX_EXTRA_BYTES:
             raise ValueError("_lane_options 'packed16' needs room for its keep words: fewer groups")
         if _ablation not in (None, "load_store"):
