@@ -814,36 +814,6 @@ route_lane_kernel(const RouteParams p) {
   __shared__ unsigned int packed_misses;
   if (kPacked && threadIdx.x == 0) packed_misses = 0;
 
-  if constexpr (kMask) {
-    // whether experts 2 * pair and 2 * pair + 1 are kept in group row g (row G and the padding: all kept)
-    auto pair_kept = [&](int g, int pair, bool& lo_kept, bool& hi_kept) {
-      lo_kept = hi_kept = true;
-      if (g < G && pair < NC * 4) {
-        lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
-        hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
-      }
-    };
-    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
-    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
-    uint2* entries = reinterpret_cast<uint2*>(mask_table);
-    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
-      bool lo_kept, hi_kept;
-      pair_kept(i / (S::kMaskStride * 2), i % (S::kMaskStride * 2), lo_kept, hi_kept);
-      entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
-    }
-    if constexpr (kPacked) {
-      for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
-        bool lo_kept, hi_kept;
-        pair_kept(i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
-        reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
-      }
-    }
-  }
-  if (shared_hist) {
-    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
-  }
-  __syncthreads();
-
   const int lane = threadIdx.x & 31;
   const int warp_in_block = threadIdx.x >> 5;
   const int64_t num_tiles = (T_rows + 31) / 32;
@@ -909,9 +879,42 @@ route_lane_kernel(const RouteParams p) {
     }
   };
 
-  if (tile < num_tiles) issue(tile, 0);
+  // the first tile's group ids and copy go out before the mask table is built (its loads from keep, and the block's
+  // barrier, would otherwise delay every warp's first copy by a global-memory latency)
   unsigned int g_lo = 0xFFFFFFFFu, g_hi = 0;
   if (tile < num_tiles) load_group(tile, g_lo, g_hi);
+  if (tile < num_tiles) issue(tile, 0);
+
+  if constexpr (kMask) {
+    // whether experts 2 * pair and 2 * pair + 1 are kept in group row g (row G and the padding: all kept)
+    auto pair_kept = [&](int g, int pair, bool& lo_kept, bool& hi_kept) {
+      lo_kept = hi_kept = true;
+      if (g < G && pair < NC * 4) {
+        lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
+        hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
+      }
+    };
+    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
+    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
+    uint2* entries = reinterpret_cast<uint2*>(mask_table);
+    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
+      bool lo_kept, hi_kept;
+      pair_kept(i / (S::kMaskStride * 2), i % (S::kMaskStride * 2), lo_kept, hi_kept);
+      entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
+    }
+    if constexpr (kPacked) {
+      for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
+        bool lo_kept, hi_kept;
+        pair_kept(i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
+        reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
+      }
+    }
+  }
+  if (shared_hist) {
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+  __syncthreads();
+
   int buf = 0;
   for (; tile < num_tiles; tile += num_warps, buf ^= (kTwoStages ? 1 : 0)) {
     const int64_t next = tile + num_warps;
