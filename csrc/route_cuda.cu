@@ -512,10 +512,12 @@ cudaError_t preload_t() {
 // the AND / multiply that moves the value into place).
 // A warp copies its 32 rows into shared memory with cp.async (each instruction 512 contiguous bytes; the next tile is
 // issued once the current one has landed, and copies while it is worked on), chunks swizzled so that the lanes' row
-// reads are free of bank conflicts.
-// Where the time goes (benchmarks/RESULTS.md): the integer pipe. About 890 of the ~1,630 instructions per 32-row tile
-// run on it, 507 of them the sorting networks; the loads and stores alone reach 90% of the copy bandwidth when the
-// ids go out through shared memory (kStageIds), but the full kernel stays near 50%, whatever the grid or buffering.
+// reads are free of bank conflicts. The softmax denominator is summed in the same pass over the row (against the
+// largest logit of its first chunk; a second pass is the fallback), so the row is read from shared memory once.
+// Where the time goes (benchmarks/RESULTS.md): issue and the integer pipe. About 1,400 instructions per 32-row tile
+// (Nsight Compute), 530 of them the sorting networks and about 290 the softmax's 64 exponentials; the loads and
+// stores alone reach 90% of the copy bandwidth when the ids go out through shared memory (kStageIds), but the full
+// kernel stays near 55%, whatever the grid or buffering.
 // Keys: the 16-bit order of the logit (sign flipped for positives, all bits for negatives, after x*1+0 turns -0.0
 // into +0.0 and NaN into the canonical positive NaN) above, E_PAD - 1 - e below; a masked expert has a value of 0,
 // below every canonical value (the lowest, -inf, is bf16 0x007F, fp16 0x03FF; only 0xFFFF, a non-canonical NaN,
@@ -538,8 +540,9 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwoPassSoftmax = 256;
 constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids stored directly. The kernel is bound by its
-// integer work, and staging the ids, which lifts the loads-and-stores-only instance from 68% to 90% of the copy
-// bandwidth, costs the full kernel 2-3%; one stage (more warps) does not help it either
+// instructions, and staging the ids, which lifts the loads-and-stores-only instance from 65% to 90% of the copy
+// bandwidth, moves the full kernel by a few percent either way (within the run-to-run spread), as does one stage
+// (more warps; slower at T = 65,536)
 // (kPacked16 is not the default: on logits whose rows fit its windows it is within the run-to-run spread of the 32-bit
 // keys, and where they do not (a row's top 8 spanning zero) its attempts cost up to a third more time)
 constexpr int kLaneDefaultOptions = 0;  // (kTopK8 is added where top_k == 8)
