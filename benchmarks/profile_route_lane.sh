@@ -26,7 +26,7 @@ timeout 240 python3 benchmarks/bench_route_lane.py --policies wave balanced --ou
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-for cfg in "wave:topk8" "wave:load_store" "wave:load_store+stage_ids"; do
+for cfg in "wave:topk8+stage_ids" "wave:load_store" "wave:load_store+stage_ids"; do
     step "3. ncu $cfg"
     if [ -z "$ncu" ]; then echo "ncu not found"; break; fi
     name=$(echo "$cfg" | tr ':+' '__')
@@ -38,11 +38,11 @@ for cfg in "wave:topk8" "wave:load_store" "wave:load_store+stage_ids"; do
     grep -E "SM Frequency|Duration|DRAM Throughput|Compute \(SM\)|Issue Slots Busy|Executed Ipc Active|Achieved Occ|highest-utilized|Stall [A-Z]|stall" \
         "$out/ncu_$name.txt" | head -40
 done
-step "4. ncu per-instruction stall samples, wave:topk8 (benchmarks/ncu_top_stalls.py)"
+step "4. ncu per-instruction stall samples, wave:topk8+stage_ids (benchmarks/ncu_top_stalls.py)"
 if [ -n "$ncu" ]; then
     timeout 150 "$ncu" --clock-control none --kernel-name regex:route_lane --launch-skip 3 --launch-count 1 \
         --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
-        python3 benchmarks/bench_route_lane.py --profile wave:topk8 --T 262144 > "$out/ncu_source_wave_topk8.csv" 2>&1
+        python3 benchmarks/bench_route_lane.py --profile wave:topk8+stage_ids --T 262144 > "$out/ncu_source_wave_topk8.csv" 2>&1
     python3 benchmarks/ncu_top_stalls.py "$out/ncu_source_wave_topk8.csv" --top 12 || status=1
 fi
 step "done (status $status)"

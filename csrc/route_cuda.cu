@@ -539,13 +539,13 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 // default sums it in the top-k's pass, see route_lane_kernel; the second pass stays as that sum's fallback)
 constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwoPassSoftmax = 256;
 constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax;
-// the op's choice (measured: benchmarks/RESULTS.md): two stages, ids stored directly. The kernel is bound by its
-// instructions, and staging the ids, which lifts the loads-and-stores-only instance from 65% to 90% of the copy
-// bandwidth, moves the full kernel by a few percent either way (within the run-to-run spread), as does one stage
-// (more warps; slower at T = 65,536)
+// the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
+// loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
+// gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
+// stage (more warps) is slower at T = 65,536 and no faster at T = 262,144
 // (kPacked16 is not the default: on logits whose rows fit its windows it is within the run-to-run spread of the 32-bit
 // keys, and where they do not (a row's top 8 spanning zero) its attempts cost up to a third more time)
-constexpr int kLaneDefaultOptions = 0;  // (kTopK8 is added where top_k == 8)
+constexpr int kLaneDefaultOptions = kStageIds;  // (kTopK8 is added where top_k == 8)
 
 template <typename T> struct Lane16;
 template <> struct Lane16<__nv_bfloat16> {
@@ -1292,7 +1292,7 @@ cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, 
   switch (lane_ablation_flags(p.ablation)) {
     case 0:
       if (p.lane_options != 0) return launch_lane_options<0>(p, smem, device, stream);
-      return launch_lane<B, 64, 0>(p, smem, device, stream);  // (the options of the top-k do not apply)
+      return launch_lane<B, 64, kOpt & (kOneStage | kStageIds)>(p, smem, device, stream);  // (the memory options)
     case kDoTopK: return launch_lane<B, 64, kDoTopK | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask: return launch_lane<B, 64, kDoTopK | kDoMask | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask | kDoSoftmax:

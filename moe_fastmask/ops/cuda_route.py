@@ -59,7 +59,8 @@ LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in element
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
 # benchmarking only: the lane kernel's option bits (bf16, E=64, with a keep mask): "topk8" drops the run-time top_k
 # tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
-# "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu), "packed16" takes the
+# "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu; the op does, so an option
+# set without it times the direct stores), "packed16" takes the
 # top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
 # it in the top-k's pass); with the "load_store" ablation, "one_stage" and "stage_ids" apply
