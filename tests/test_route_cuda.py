@@ -756,10 +756,9 @@ def emulated_forward_checks(library: str) -> None:
                     check_emulated(run, logits, k, keep, group, 2, False, f"{kind} E={E} {dtype}", variant=variant)
     # the packed top-k at its windows' edges, and every option set and grid of the lane kernel
     logits, keep, tight_keep, group = packed_window_case(torch.Generator().manual_seed(SESSION_SEED + 29))
-    for options in lane_option_sets():
-        for keep_r in (keep, tight_keep):
-            check_emulated(run, logits, 8, keep_r, group, 3, False, "window case", options=options,
-                           grid_policy="balanced" if len(options) % 2 else "wave")
+    for i, options in enumerate(lane_option_sets()):  # (the two masks and grids in turn: each set under one)
+        check_emulated(run, logits, 8, (keep, tight_keep)[i % 2], group, 3, False, "window case", options=options,
+                       grid_policy="balanced" if len(options) % 2 else "wave")
     # the one-pass softmax denominator's edges (each falling back in its own warp)
     logits, keep, group = one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31))
     for options in ((), ("two_pass_softmax",)):
