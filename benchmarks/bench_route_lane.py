@@ -18,8 +18,10 @@ them are checked against the reference before timing; times are per call in a CU
 ``--shift S`` adds S to every logit (``--shift -3``: most rows' top 8 span zero, the case where the packed top-k
 (``packed16``) hands its warps to the 32-bit keys).
 
+``--only NAME ...`` times only the configurations named (as printed) and the op as dispatched.
+
 Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]
-[--shift S]``
+[--shift S] [--only NAME ...]``
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument("--policies", nargs="+", default=None, help="grid policies to time (default: all)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only these configurations (names as printed, e.g. wave:topk8+stage_ids), and the op")
     parser.add_argument("--shift", type=float, default=0.0,
                         help="add this to every logit (e.g. -3: rows whose top 8 span zero, which the packed top-k "
                              "hands to the 32-bit keys)")
@@ -62,7 +66,8 @@ def configurations(policies=None):
 
     memory_options = [o for o in sorted(cuda_route.LANE_OPTIONS)
                       if o != "topk8" and o not in cuda_route.LANE_FULL_KERNEL_OPTIONS]
-    subsets = [c for r in range(len(memory_options) + 1) for c in itertools.combinations(memory_options, r)]
+    subsets = [c for r in range(len(memory_options) + 1) for c in itertools.combinations(memory_options, r)
+               if not any(set(pair) <= set(c) for pair in cuda_route.LANE_EXCLUSIVE_OPTIONS)]
     out = []
     for policy in policies or cuda_route.GRID_POLICIES:
         for subset in subsets:
@@ -155,7 +160,8 @@ def main(argv=None) -> int:
         print(f"T={num_tokens:>7} {'copy of the same bytes':<34} {per_call:8.2f} us {gbs:6.0f} GB/s "
               f"({100 * gbs / copy_gbs:5.1f}% of copy)", flush=True)
         del srcs, dsts
-        configs = configurations(args.policies) + [("op default", {})]
+        configs = [c for c in configurations(args.policies) if not args.only or c[0] in args.only]
+        configs += [("op default", {})]
         for name, kwargs in configs:
             problem = check(*data[0][:3], kwargs)
             if problem:

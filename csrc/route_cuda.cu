@@ -1418,7 +1418,8 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
       const int flags = p.ablation != 0 ? lane_ablation_flags(p.ablation) : kLaneFull;
       const bool bad_options = (p.lane_options & ~(kLaneOptions | 1)) != 0 ||
                                ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||
-                               ((p.lane_options & kPacked16) && p.ablation != 0) ||
+                               ((p.lane_options & (kPacked16 | kTwoPassSoftmax)) && p.ablation != 0) ||
+                               (p.lane_options & (kPacked16 | kTwoPassSoftmax)) == (kPacked16 | kTwoPassSoftmax) ||
                                (p.lane_options != 0 && p.ablation > 1);
       if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
           bad_options) {

@@ -65,9 +65,9 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
 # it in the top-k's pass); with the "load_store" ablation, "one_stage" and "stage_ids" apply
 LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256}
-# options of the full kernel only (no ablation), and a pair that does not combine
+# options of the full kernel only (no ablation), and the pairs that do not combine
 LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax")
-LANE_EXCLUSIVE_OPTIONS = ("packed16", "two_pass_softmax")
+LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"),)
 # how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
 # tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
 GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
@@ -518,8 +518,9 @@ def route_forward(
         for name in LANE_FULL_KERNEL_OPTIONS:
             if name in _lane_options and _ablation is not None:
                 raise ValueError(f"_lane_options {name!r} runs on the full kernel (no _ablation)")
-        if set(LANE_EXCLUSIVE_OPTIONS) <= set(_lane_options):
-            raise ValueError(f"_lane_options: {' and '.join(map(repr, LANE_EXCLUSIVE_OPTIONS))} do not combine")
+        for pair in LANE_EXCLUSIVE_OPTIONS:
+            if set(pair) <= set(_lane_options):
+                raise ValueError(f"_lane_options: {' and '.join(map(repr, pair))} do not combine")
         if "packed16" in _lane_options and _lane_mask_bytes(keep.shape[0], num_experts, True) > LANE_MAX_EXTRA_BYTES:
             raise ValueError("_lane_options 'packed16' needs room for its keep words: fewer groups")
         if _ablation not in (None, "load_store"):
