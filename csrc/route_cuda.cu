@@ -597,6 +597,12 @@ __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF
   return d;
 }
 
+// an expert pair's two logits as floats, a masked one (kMask, mask-table entry m = (and_hi, mul_lo)) as -inf
+template <typename L, bool kMask>
+__device__ __forceinline__ float2 pair_floats(unsigned int w, uint2 m) {
+  return kMask ? L::masked_floats(w, m.x, m.y) : make_float2(L::lo(w), L::hi(w));
+}
+
 // a 16-bit order (sign_halves' transform: x ^ 0x8000 for positives, ~x for negatives) back to its value
 template <typename L>
 __device__ __forceinline__ float unordered16(unsigned int v) {
@@ -956,6 +962,9 @@ route_lane_kernel(const RouteParams p) {
       for (int c = 0; c < NC; ++c) {
         const uint4 raw = my_row[swizzle<NC>(lane, c)];
         const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+        uint2 m[4];  // the chunk's mask-table entries (kMask)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) m[j] = kMask ? reinterpret_cast<const uint2*>(my_mask + c * 2)[j] : uint2{};
         unsigned int keys[8];
         unsigned int o_max = 0;
 #pragma unroll
@@ -965,9 +974,8 @@ route_lane_kernel(const RouteParams p) {
           const unsigned int e_lo = c * 8 + 2 * j;
           const unsigned int code_lo = E_PAD - 1 - e_lo, code_hi = E_PAD - 2 - e_lo;
           if constexpr (kMask) {  // a masked expert's value is 0
-            const uint2 m = reinterpret_cast<const uint2*>(my_mask + c * 2)[j];
-            keys[2 * j] = o * m.y + code_lo;
-            keys[2 * j + 1] = (o & m.x) | code_hi;
+            keys[2 * j] = o * m[j].y + code_lo;
+            keys[2 * j + 1] = (o & m[j].x) | code_hi;
           } else {
             keys[2 * j] = (o << 16) | code_lo;
             keys[2 * j + 1] = (o & 0xFFFF0000u) | code_hi;
@@ -981,12 +989,8 @@ route_lane_kernel(const RouteParams p) {
         }
         if constexpr (kOnePassSoftmax) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {  // (the mask entries are the key loop's: the loads are shared)
-            float2 f = make_float2(L::lo(w[j]), L::hi(w[j]));
-            if constexpr (kMask) {
-              const uint2 m = reinterpret_cast<const uint2*>(my_mask + c * 2)[j];
-              f = L::masked_floats(w[j], m.x, m.y);
-            }
+          for (int j = 0; j < 4; ++j) {  // (after the key loop: chunk 0's keys give the reference)
+            const float2 f = pair_floats<L, kMask>(w[j], m[j]);
             sum_exp0 += fast_exp2(fmaf(f.x, kLog2e, neg_ref));
             sum_exp1 += fast_exp2(fmaf(f.y, kLog2e, neg_ref));
           }
@@ -1043,16 +1047,15 @@ route_lane_kernel(const RouteParams p) {
         for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
           const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
           const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-          const uint4 keep_all = make_uint4(0xFFFF0000u, 0x10000u, 0xFFFF0000u, 0x10000u);
-          uint4 m[2] = {keep_all, keep_all};
+          uint4 m[2] = {};  // (kMask: the chunk's mask-table entries)
           if constexpr (kMask) {
             m[0] = lds128(my_mask + c * 2);
             m[1] = lds128(my_mask + c * 2 + 1);
           }
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const unsigned int and_hi = j % 2 ? m[j / 2].z : m[j / 2].x, mul_lo = j % 2 ? m[j / 2].w : m[j / 2].y;
-            const float2 f = kMask ? L::masked_floats(w[j], and_hi, mul_lo) : make_float2(L::lo(w[j]), L::hi(w[j]));
+            const uint2 entry = j % 2 ? make_uint2(m[j / 2].z, m[j / 2].w) : make_uint2(m[j / 2].x, m[j / 2].y);
+            const float2 f = pair_floats<L, kMask>(w[j], entry);
             if constexpr (kOneFma) {
               d0 += fast_exp2(fmaf(f.x, kLog2e, neg_max_log2e));
               d1 += fast_exp2(fmaf(f.y, kLog2e, neg_max_log2e));

@@ -569,6 +569,11 @@ def supports_backward(
     )
 
 
+def _data_ptr(tensor: Tensor | None) -> int | None:
+    """A launcher argument's pointer: the tensor's data, or null for an absent one."""
+    return tensor.data_ptr() if tensor is not None else None
+
+
 def forward_params(
     weights: Tensor,
     ids: Tensor,
@@ -593,10 +598,10 @@ def forward_params(
     return RouteParams(
         weights.data_ptr(),
         ids.data_ptr(),
-        counts.data_ptr() if counts is not None else None,
+        _data_ptr(counts),
         logits.data_ptr(),
-        keep.data_ptr() if keep is not None else None,
-        group.data_ptr() if group is not None else None,
+        _data_ptr(keep),
+        _data_ptr(group),
         logits.stride(0),
         logits.stride(1),
         num_tokens,
@@ -632,8 +637,8 @@ def backward_params(
         grad_weights.data_ptr(),
         logits.data_ptr(),
         ids.data_ptr(),
-        keep.data_ptr() if keep is not None else None,
-        group.data_ptr() if group is not None else None,
+        _data_ptr(keep),
+        _data_ptr(group),
         logits.stride(0),
         logits.stride(1),
         num_tokens,
