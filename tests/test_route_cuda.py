@@ -366,7 +366,7 @@ def packed_window_case(gen: torch.Generator):
     T = 32 * 12 + 5  # (a partial last tile)
     window = 1023
     base_logits = torch.randn(T, E, generator=gen)
-    keep = make_keep(G, E, k, False, gen)
+    keep = make_keep(G, E, k + 1, False, gen)  # (k + 1: every group still keeps k once expert 5 is masked)
     keep[:, 5] = False
     group = torch.randint(0, G, (T,), generator=gen)
     group[224:256] = G  # out of range: unmasked, uncounted
