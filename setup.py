@@ -16,5 +16,5 @@ setup(
     packages=find_packages(include=["moe_fastmask", "moe_fastmask.*"]) + ["moe_fastmask.kernels", "moe_fastmask.csrc"],
     package_dir={"moe_fastmask": "moe_fastmask", "moe_fastmask.kernels": "kernels", "moe_fastmask.csrc": "csrc"},
     # The C++ and CUDA sources travel with the package so that an installed wheel can still build the kernels.
-    package_data={"moe_fastmask.csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"moe_fastmask.csrc": ["*.cpp", "*.h", "*.cu", "*.cuh"]},
 )

@@ -29,7 +29,9 @@ row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128, top-k <= 8), and
 instances with parts of the work removed (``lane_load_store``: the tiles copied, the first k experts stored;
 ``lane_topk``: + keys and top-k; ``lane_mask_topk``: + the mask; ``lane_mask_topk_softmax``: + the softmax; the full
 kernel adds the counts). ``cuda`` runs the op's default variant (``MOE_FASTMASK_CUDA_VARIANT``). Each provider's ids
-and counts (not the ablations') are checked against the reference once before timing.
+and counts (not the ablations') are checked against the reference once before timing. Where the lane kernels apply
+with top-8, mode ``backward`` times the CUDA backward alone per variant (``cuda_bwd_lane``, the op's default there;
+``cuda_bwd_split``, the row-over-lanes kernel).
 
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import math
 import statistics
 import sys
@@ -426,6 +429,35 @@ def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
     return ""
 
 
+def run_backward_variants(data, num_experts: int, top_k: int, num_tokens: int, calls: int, rows, copy_gbs) -> None:
+    """The CUDA backward alone, per kernel variant (``cuda_route.BACKWARD_VARIANTS``: ``lane``, the op's default
+    where it applies, and ``split``), on the forward's ids, without renormalisation: mode ``backward``, bytes = logits
+    and grad read, ids read, grad_logits written. Each variant's largest error against the float64 reference is
+    printed before it is timed."""
+    from moe_fastmask.ops import cuda_route, reference
+
+    inputs = []
+    for x, keep, group, grad in data:
+        _, ids = cuda_route.route_forward(x, top_k, keep, group, None, False)
+        inputs.append((x, keep, group, grad, ids, torch.empty_like(x)))
+    nbytes = num_tokens * (2 * num_experts * 2 + top_k * (2 + 8))
+    for variant in cuda_route.BACKWARD_VARIANTS:
+        x, keep, group, grad, ids, _ = inputs[0]
+        got = cuda_route.route_backward(grad, x, keep, group, ids, False, variant=variant)
+        exact = reference.route_backward_reference(grad.double(), x.double(), keep, group, ids, False)
+        error = float((got.double() - exact).abs().max())
+        fns = [functools.partial(cuda_route.route_backward, g, x, k, gr, i, False, out=o, variant=variant)
+               for x, k, gr, g, i, o in inputs]
+        per_call = graph_us(fns, calls)
+        gbs = nbytes / (per_call * 1e-6) / 1e9
+        provider = f"cuda_bwd_{variant}"
+        note = f"max abs error {error:.2e}"
+        rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
+                         mode="backward", graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, note=note))
+        print(f"E={num_experts:>3} k={top_k:>2} T={num_tokens:>6} {provider:<24} {'backward':<8} graph "
+              f"{per_call:9.2f} us {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy) {note}", flush=True)
+
+
 def run_cuda_section(device, args, rows, copy_gbs) -> None:
     """The cuda section (see the module docstring)."""
     from moe_fastmask.ops import cuda_route
@@ -478,6 +510,8 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                                  mode=mode, graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, note=note))
                 print(f"E={num_experts:>3} k={top_k:>2} T={num_tokens:>6} {provider:<24} {mode:<7} graph "
                       f"{per_call:9.2f} us {gbs:6.0f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy) {note}", flush=True)
+        if cuda_route.lane_takes(data[0][0], top_k, data[0][1]) and top_k == 8:
+            run_backward_variants(data, num_experts, top_k, num_tokens, calls, rows, copy_gbs)
         del data, counts
         torch.cuda.empty_cache()
 

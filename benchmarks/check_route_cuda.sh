@@ -2,13 +2,14 @@
 # The CUDA routing kernels (csrc/route_cuda.cu, csrc/route_cuda_backward.cu) on a GPU machine, in one run of about 5-7
 # minutes (every step has its own time limit):
 #   1. build it in a fresh cache folder and print nvcc's register / spill lines of the bf16 instances that the
-#      benchmark times (split E=64 top-8, lane E=32/64/128 and the lane benchmark instances);
+#      benchmark times (split E=64 top-8, lane E=32/64/128 and the lane benchmark instances, the lane backward);
 #   2. tests/test_route_cuda.py and tests/test_route_cuda_backward.py (the forward variants and the backward against
 #      the reference, the loader, the fallbacks);
 #   3. benchmarks/bench_route.py --only-cuda at T = 65,536 and 262,144 (E=64, top-8, bf16, 4-group mask, counts) and
 #      its wider routers (E up to 512, top-k up to 16): the copy bandwidth; the op (its "cuda" provider runs the lane variant here)
 #      forward and forward + backward against the dispatched Triton kernel; the split kernel with and without
 #      prefetch; the lane kernel; at E=64 the lane kernel with parts of its work removed (the cost of each part);
+#      the backward alone, lane and split kernels;
 #   4. while time is left: compute-sanitizer memcheck, then racecheck, with the lane variant as the default (the split
 #      kernel runs what the lane one does not take) on small cases with out-of-range group ids
 #      (benchmarks/sanitize_route.py).
@@ -49,6 +50,10 @@ for line in log.splitlines():
                 name = f"split bf16 E_PAD=64 KMAX=8 prefetch={k.group(6)} {m.group(2)}"
             elif k.group(1) == "lane" and dtype == "__nv_bfloat16":
                 name = f"lane bf16 E={k.group(3)} FLAGS={k.group(4)} {m.group(2)}"
+        k = re.search(r"route_bwd_lane_kernelI13__nv_bfloat16Li(\d+)ELb(\d)E", m.group(1))
+        if k:
+            total += 1
+            name = f"backward lane bf16 E={k.group(1)} mask={k.group(2)} {m.group(2)}"
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if m and name:
         spill = f"spill stores {m.group(1)} B, loads {m.group(2)} B"
@@ -65,7 +70,7 @@ PYEOF
 
 if python3 -c "import pytest" 2>/dev/null; then
     step "2. tests/test_route_cuda.py, tests/test_route_cuda_backward.py"
-    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py tests/test_route_cuda_backward.py 2>&1 \
+    timeout 320 python3 -m pytest -q -p no:cacheprovider tests/test_route_cuda.py tests/test_route_cuda_backward.py 2>&1 \
         | tee "$out/tests.log" | tail -25
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 else

@@ -106,7 +106,8 @@ def main(argv=None) -> None:
                 sys.exit("FAIL: the CUDA kernel is not available")
             return
         cases += [(128, 16, torch.bfloat16, torch.int64), (256, 8, torch.float32, torch.int32),
-                  (16, 16, torch.float16, torch.int64)]
+                  (16, 16, torch.float16, torch.int64), (32, 8, torch.float16, torch.int32),
+                  (128, 8, torch.bfloat16, torch.int64)]
         for case in cases:
             check(*case, device, backend="cuda", backward=backward)
         # more groups than the shared histogram holds: counts through global atomics

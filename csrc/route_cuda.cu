@@ -29,6 +29,8 @@
 
 #include <type_traits>
 
+#include "route_lane16.cuh"
+
 // Launch arguments (mirrored field for field by RouteParams in moe_fastmask/ops/cuda_route.py).
 struct RouteParams {
   void* weights;            // [T, k] logits' dtype, contiguous
@@ -56,13 +58,14 @@ struct RouteParams {
 
 namespace {
 
+using namespace moe_fastmask_lane16;
+
 constexpr int kThreads = 256;
 constexpr int kMinBlocks = 4;  // at most 64 registers: 8 warps of loads in flight per scheduler
 constexpr int kMaxKeepBytes = 16 * 1024;   // shared keep bitmask limit (the Python side checks it too)
 constexpr int kMaxHistBytes = 32 * 1024;   // shared histogram limit; above it counts go straight to global memory
 
 enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -500,7 +503,6 @@ cudaError_t preload_t() {
   return err;
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // "lane" variant: one row per lane, for 16-bit logits with E = 32, 64 or 128 (contiguous rows), top_k <= 8.
 //
@@ -547,60 +549,10 @@ constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPa
 // keys, and where they do not (a row's top 8 spanning zero) its attempts cost up to a third more time)
 constexpr int kLaneDefaultOptions = kStageIds;  // (kTopK8 is added where top_k == 8)
 
-template <typename T> struct Lane16;
-template <> struct Lane16<__nv_bfloat16> {
-  static constexpr unsigned int kOnes = 0x3F803F80u;
-  static __device__ __forceinline__ unsigned int canon(unsigned int w) {  // w * 1 + 0 per half
-    unsigned int d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));
-    return d;
-  }
-  static __device__ __forceinline__ float lo(unsigned int w) { return __uint_as_float(w << 16); }
-  static __device__ __forceinline__ float hi(unsigned int w) { return __uint_as_float(w & 0xFFFF0000u); }
-  // the pair as floats, a masked one as -inf, from its mask-table entry (and_hi, mul_lo): two IMADs and one LOP3
-  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
-    const unsigned int add_lo = mul_lo * 0xFFFF0080u + 0xFF800000u;  // 0 where kept, -inf where masked
-    return make_float2(__uint_as_float(w * mul_lo + add_lo), __uint_as_float((w & and_hi) | (~and_hi & 0xFF800000u)));
-  }
-  static __device__ __forceinline__ float from_bits(unsigned int b) { return __uint_as_float(b << 16); }
-  static __device__ __forceinline__ unsigned short to_bits(float w) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(w));
-  }
-};
-template <> struct Lane16<__half> {
-  static constexpr unsigned int kOnes = 0x3C003C00u, kNegInf = 0xFC00FC00u;
-  static __device__ __forceinline__ unsigned int canon(unsigned int w) {
-    unsigned int d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));
-    return d;
-  }
-  static __device__ __forceinline__ float lo(unsigned int w) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
-  }
-  static __device__ __forceinline__ float hi(unsigned int w) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
-  }
-  static __device__ __forceinline__ float from_bits(unsigned int b) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-  }
-  static __device__ __forceinline__ float2 masked_floats(unsigned int w, unsigned int and_hi, unsigned int mul_lo) {
-    const unsigned int kept = and_hi | __umulhi(mul_lo, 0xFFFF0000u);  // 0xFFFF per kept half
-    const unsigned int x = (w & kept) | (~kept & kNegInf);
-    return make_float2(lo(x), hi(x));
-  }
-  static __device__ __forceinline__ unsigned short to_bits(float w) { return __half_as_ushort(__float2half_rn(w)); }
-};
-
 __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF in each half whose sign bit is set
   unsigned int d;
   asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(d) : "r"(w));
   return d;
-}
-
-// an expert pair's two logits as floats, a masked one (kMask, mask-table entry m = (and_hi, mul_lo)) as -inf
-template <typename L, bool kMask>
-__device__ __forceinline__ float2 pair_floats(unsigned int w, uint2 m) {
-  return kMask ? L::masked_floats(w, m.x, m.y) : make_float2(L::lo(w), L::hi(w));
 }
 
 // a 16-bit order (sign_halves' transform: x ^ 0x8000 for positives, ~x for negatives) back to its value
@@ -669,30 +621,6 @@ __device__ __forceinline__ unsigned int bf16x2_max_nan(unsigned int a, unsigned 
   return d;
 }
 
-// 16-byte slot of chunk c of tile row r: rows of one quarter-warp (8 lanes) land on 8 different bank groups, both
-// when a lane reads its own row and when 8 lanes copy consecutive chunks
-template <int NC> __device__ __forceinline__ int swizzle(int r, int c) {
-  if constexpr (NC >= 8) {
-    return c ^ (r & 7);
-  } else {
-    return c ^ ((r >> 1) & 3);
-  }
-}
-
-// a shared-memory load the compiler may not merge with an earlier one (so the row is not held in registers)
-__device__ __forceinline__ uint4 lds128(const uint4* a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));
-  return v;
-}
-
-__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 __device__ __forceinline__ float fast_rcp(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -903,13 +831,12 @@ route_lane_kernel(const RouteParams p) {
         hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
       }
     };
-    // entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked key's
-    // value), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the value up or zeroes it)
+    // an entry per expert pair (mask_entry: a masked key's value becomes 0, a masked logit -inf)
     uint2* entries = reinterpret_cast<uint2*>(mask_table);
     for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
       bool lo_kept, hi_kept;
       pair_kept(i / (S::kMaskStride * 2), i % (S::kMaskStride * 2), lo_kept, hi_kept);
-      entries[i] = make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
+      entries[i] = mask_entry(lo_kept, hi_kept);
     }
     if constexpr (kPacked) {
       for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
@@ -1381,7 +1308,6 @@ int moe_fastmask_route_cuda_preload(int device) {
   if (err == cudaSuccess) err = preload_lane_ablations();
   return static_cast<int>(err);
 }
-
 
 // Largest E and top_k the kernel takes, and its shared-memory limits (bytes); the Python side sends other shapes to
 // Triton.

@@ -28,6 +28,10 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
+#include "route_lane16.cuh"
+
 // Launch arguments (mirrored field for field by RouteBackwardParams in moe_fastmask/ops/cuda_route.py).
 struct RouteBackwardParams {
   void* grad_logits;          // [T, E] logits' dtype, contiguous (written)
@@ -44,10 +48,12 @@ struct RouteBackwardParams {
   int32_t top_k;
   int32_t renormalize;
   int32_t group_is_int64;
-  int32_t reserved;           // 0 (keeps the struct free of tail padding)
+  int32_t variant;            // 0: the lane kernel where it applies (see below), 1: always the row-over-lanes one
 };
 
 namespace {
+
+using namespace moe_fastmask_lane16;
 
 constexpr int kBwdThreads = 256;
 constexpr int kBwdWarps = kBwdThreads / 32;
@@ -388,6 +394,312 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// "lane" backward: one row per lane, for 16-bit logits with E = 32 or 64 (rows contiguous and 16-byte aligned),
+// top_k == 8, int64 ids and the output 16-byte aligned; the variant the launcher takes where it applies.
+//
+// The kernel above spreads a row over 4 lanes and spends its instructions on shuffles and on scattering the chosen
+// grads through shared memory. Here a warp copies 32 rows (logits, ids, incoming grads) into shared memory with
+// cp.async, as the forward's lane kernel does, two tiles in flight per warp, and each lane works on its own row:
+//   1. the softmax denominator in one pass over the row, against the largest logit R of its first 8 experts (masked
+//      or not): every term is 2^(z log2e - ref), ref = fl(R log2e), one FMA rounded once; where some row of the warp
+//      has a sum outside (2^-60, 2^100] (an overflow, an underflow against a masked R, NaN, +-inf, all -inf) the warp
+//      takes the exact form, 2^((z - max) log2e), with the row max from a first pass;
+//   2. the chosen experts' logits gathered from the row, their probabilities, and dot = sum_j g_j p_j;
+//   3. a second pass writes dz = -p dot (renormalised: 0) over the row in place, then the chosen experts' dz over
+//      it, and the warp stores the tile as whole 512-byte lines.
+// Same math, NaN rules and handling of ids outside [0, E) (they contribute nothing) as the kernel above.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kLaneBwdTopK = 8;
+constexpr int kLaneBwdWarps = 2;  // per block (two stages of 6.5 KB per warp at E = 64: 16 warps per SM)
+
+template <int E_PAD> struct LaneBwdShape {
+  static constexpr int NC = E_PAD / 8;                       // 16-byte chunks per row
+  static constexpr int kTileBytes = 32 * E_PAD * 2;          // a tile's logits (then its gradient)
+  static constexpr int kIdsBytes = 32 * kLaneBwdTopK * 8;    // its ids
+  static constexpr int kGradBytes = 32 * kLaneBwdTopK * 2;   // its incoming grads
+  static constexpr int kStageBytes = kTileBytes + kIdsBytes + kGradBytes;
+  static constexpr int kStages = 2;
+  static constexpr int kMaskEntries = E_PAD / 2 + 2;         // mask-table entries per group row (2 of padding)
+  static constexpr int kMinBlocks = 8;
+};
+
+template <typename T, int E_PAD, bool MASK>
+__global__ void __launch_bounds__(kLaneBwdWarps * 32, LaneBwdShape<E_PAD>::kMinBlocks)
+route_bwd_lane_kernel(const RouteBackwardParams p) {
+  using S = LaneBwdShape<E_PAD>;
+  using L = Lane16<T>;
+  constexpr int NC = S::NC;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(16) unsigned char bwd_lane_smem[];
+
+  const int G = MASK ? p.num_groups : 0;  // mask-table rows 0 .. G - 1 from keep; row G keeps everything
+  const bool renormalize = p.renormalize != 0;
+  const int64_t T_rows = p.num_tokens;
+  const int lane = threadIdx.x & 31;
+  const int warp_in_block = threadIdx.x >> 5;
+  const int64_t num_tiles = (T_rows + 31) / 32;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kLaneBwdWarps;
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * kLaneBwdWarps + warp_in_block;
+  unsigned char* const my_stages = bwd_lane_smem + warp_in_block * S::kStages * S::kStageBytes;
+  const unsigned int my_stages_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_stages));
+  uint2* const mask_table = reinterpret_cast<uint2*>(bwd_lane_smem + kLaneBwdWarps * S::kStages * S::kStageBytes);
+  const T* const logits = static_cast<const T*>(p.logits);
+  const int64_t* const ids = p.ids;
+  const T* const grad_weights = static_cast<const T*>(p.grad_weights);
+  T* const grad_logits = static_cast<T*>(p.grad_logits);
+
+  // copy tile t into stage b: logits chunk c of row r at 16-byte slot r * NC + swizzle(r, c); the ids' 16-byte
+  // piece c (ids 2c, 2c + 1) of row r at slot 4 r + (c ^ ((r >> 1) & 3)) (8 lanes reading their rows' piece c hit 8
+  // bank groups); the grads of row r at slot r. Rows past the end are zero-filled.
+  // (a lane's logits copies q = 0, 1, ... move chunk lane % NC of rows lane / NC + q * 32 / NC: one 32-bit byte step
+  // apart in global memory)
+  constexpr int kRowsPerCopy = 32 / NC;
+  const int copy_row = lane / NC, copy_chunk = lane % NC;
+  const unsigned int copy_step = static_cast<unsigned int>(p.stride_t) * (kRowsPerCopy * 2);
+  auto issue = [&](int64_t t, int b) {
+    const unsigned int dst = my_stages_s + b * S::kStageBytes;
+    const int64_t rows_left = T_rows - t * 32;
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(logits + (t * 32 + copy_row) * p.stride_t) +
+                               copy_chunk * 16;
+#pragma unroll
+    for (int q = 0; q < NC; ++q) {
+      const int r = copy_row + q * kRowsPerCopy;
+      const bool ok = r < rows_left;
+      cp_async16(dst + (r * NC + swizzle<NC>(r, copy_chunk)) * 16, ok ? src + q * copy_step : src, ok ? 16 : 0);
+    }
+    const int64_t* ids_src = ids + (t * 32 + lane / 4) * 8 + 2 * (lane % 4);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * 8 + lane / 4, c = lane % 4;
+      const bool ok = r < rows_left;
+      cp_async16(dst + S::kTileBytes + (r * 4 + (c ^ ((r >> 1) & 3))) * 16, ok ? ids_src + q * 64 : ids_src,
+                 ok ? 16 : 0);
+    }
+    const bool ok = lane < rows_left;
+    cp_async16(dst + S::kTileBytes + S::kIdsBytes + lane * 16, grad_weights + (t * 32 + (ok ? lane : 0)) * 8,
+               ok ? 16 : 0);
+    cp_async_commit();
+  };
+  // the group id of the lane's row in tile t, as two 32-bit words (lo = 2^32 - 1 past the last row), loaded a tile
+  // ahead and checked where used (as in the forward's lane kernel)
+  auto load_group = [&](int64_t t, unsigned int& lo, unsigned int& hi) {
+    const int64_t row = t * 32 + lane;
+    lo = 0;
+    hi = 0;
+    if (!MASK || p.group == nullptr) return;  // (no group ids: every token in group 0)
+    if (row >= T_rows) {
+      lo = 0xFFFFFFFFu;
+    } else if (p.group_is_int64) {
+      const uint2 g = static_cast<const uint2*>(p.group)[row];
+      lo = g.x;
+      hi = g.y;
+    } else {
+      lo = static_cast<const unsigned int*>(p.group)[row];
+    }
+  };
+
+  unsigned int g_lo = 0xFFFFFFFFu, g_hi = 0;
+  if (tile < num_tiles) {  // (the first copy goes out before the mask table is built)
+    load_group(tile, g_lo, g_hi);
+    issue(tile, 0);
+  }
+  if constexpr (MASK) {
+    for (int i = threadIdx.x; i < (G + 1) * S::kMaskEntries; i += blockDim.x) {
+      const int g = i / S::kMaskEntries, pair = i % S::kMaskEntries;
+      bool lo_kept = true, hi_kept = true;
+      if (g < G && pair < E_PAD / 2) {
+        lo_kept = p.keep[static_cast<int64_t>(g) * E_PAD + 2 * pair] != 0;
+        hi_kept = p.keep[static_cast<int64_t>(g) * E_PAD + 2 * pair + 1] != 0;
+      }
+      mask_table[i] = mask_entry(lo_kept, hi_kept);
+    }
+    __syncthreads();
+  }
+
+  int buf = 0;
+  for (; tile < num_tiles; tile += num_warps, buf ^= 1) {
+    const int64_t next = tile + num_warps;
+    cp_async_wait_all();
+    __syncwarp();
+    if (next < num_tiles) issue(next, buf ^ 1);
+    const int gi = MASK && g_hi == 0 && g_lo < static_cast<unsigned int>(G) ? static_cast<int>(g_lo) : G;
+    if (next < num_tiles) load_group(next, g_lo, g_hi);
+
+    const int64_t rows_left = T_rows - tile * 32;
+    unsigned char* const stage = my_stages + buf * S::kStageBytes;
+    uint4* const my_row = reinterpret_cast<uint4*>(stage) + lane * NC;  // chunk c at my_row[swizzle<NC>(lane, c)]
+    const uint2* const my_mask = mask_table + gi * S::kMaskEntries;     // (MASK) entry of expert pair i
+
+    // the row's ids (valid: in [0, E)) and incoming grads
+    int chosen[kLaneBwdTopK];
+    bool valid[kLaneBwdTopK];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
+      chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
+      valid[2 * c] = v.y == 0 && v.x < static_cast<unsigned int>(E_PAD);
+      chosen[2 * c + 1] = static_cast<int>(v.z & (E_PAD - 1));
+      valid[2 * c + 1] = v.w == 0 && v.z < static_cast<unsigned int>(E_PAD);
+    }
+    float g[kLaneBwdTopK];
+    {
+      const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes + S::kIdsBytes)[lane];
+      const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        g[2 * j] = L::lo(w[j]);
+        g[2 * j + 1] = L::hi(w[j]);
+      }
+    }
+    auto chunk_words = [&](int c, unsigned int (&w)[4], uint2 (&m)[4]) {
+      const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+      w[0] = raw.x;
+      w[1] = raw.y;
+      w[2] = raw.z;
+      w[3] = raw.w;
+      if constexpr (MASK) {  // (16-byte rows of the table: entries 4c .. 4c + 3)
+        const uint4 m01 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4));
+        const uint4 m23 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4) + 1);
+        m[0] = make_uint2(m01.x, m01.y);
+        m[1] = make_uint2(m01.z, m01.w);
+        m[2] = make_uint2(m23.x, m23.y);
+        m[3] = make_uint2(m23.z, m23.w);
+      }
+    };
+
+    // 1. the denominator against ref = fl(R log2e) (see above)
+    float s0 = 0.0f, s1 = 0.0f, neg_ref = 0.0f;
+#pragma unroll 2
+    for (int c = 0; c < NC; ++c) {
+      unsigned int w[4];
+      uint2 m[4];
+      chunk_words(c, w, m);
+      if (c == 0) {
+        float r = L::lo(w[0]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r = fmaxf(fmaxf(r, L::lo(w[j])), L::hi(w[j]));
+        neg_ref = -(r * kLog2e);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+        s0 += bwd_exp2(fmaf(f.x, kLog2e, neg_ref));
+        s1 += bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
+      }
+    }
+    float sum = s0 + s1;
+    const bool one_fma = __all_sync(0xffffffffu, lane >= rows_left || (sum > 0x1p-60f && sum <= 0x1p100f));
+    float row_max = 0.0f;
+    if (!one_fma) {  // the exact form: the row max over the allowed experts (a NaN skipped: its term makes the sum NaN)
+      row_max = -INFINITY;
+#pragma unroll 1
+      for (int c = 0; c < NC; ++c) {
+        unsigned int w[4];
+        uint2 m[4];
+        chunk_words(c, w, m);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+          row_max = fmaxf(row_max, fmaxf(f.x, f.y));
+        }
+      }
+      s0 = s1 = 0.0f;
+#pragma unroll 1
+      for (int c = 0; c < NC; ++c) {
+        unsigned int w[4];
+        uint2 m[4];
+        chunk_words(c, w, m);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+          s0 += bwd_exp2((f.x - row_max) * kLog2e);
+          s1 += bwd_exp2((f.y - row_max) * kLog2e);
+        }
+      }
+      sum = s0 + s1;
+    }
+    const float inv = bwd_rcp(sum);
+
+    auto finish = [&](auto one_fma_tag) {
+      constexpr bool kOneFma = decltype(one_fma_tag)::value;
+      auto term = [&](float z) {  // 2^(z log2e - ref), or 2^((z - max) log2e)
+        return kOneFma ? bwd_exp2(fmaf(z, kLog2e, neg_ref)) : bwd_exp2((z - row_max) * kLog2e);
+      };
+      // 2. the chosen experts' probabilities (a masked one reads as -inf: p = 0 * (1 / sum)) and the dot
+      float prob[kLaneBwdTopK];
+      float dot = 0.0f, picked = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kLaneBwdTopK; ++s) {
+        const int e = chosen[s];
+        const unsigned short bits =
+            reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
+        bool kept = true;
+        if constexpr (MASK) {
+          const uint2 entry = my_mask[e >> 1];
+          kept = ((e & 1) ? entry.x : entry.y) != 0u;
+        }
+        const float z = kept ? L::from_bits(bits) : -INFINITY;
+        prob[s] = term(z) * inv;
+        if (valid[s]) {
+          dot += g[s] * prob[s];
+          picked += prob[s];
+        }
+      }
+      float rinv = 1.0f;
+      if (renormalize) {
+        rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+        dot *= rinv;             // sum_l g_l w_l
+      }
+      // 3. dz = -p dot over the row (renormalised: 0), in place, then the chosen experts' dz
+      if (renormalize) {
+#pragma unroll
+        for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        const float scale = -dot * inv;
+#pragma unroll 2
+        for (int c = 0; c < NC; ++c) {
+          unsigned int w[4];
+          uint2 m[4];
+          chunk_words(c, w, m);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+            w[j] = static_cast<unsigned int>(L::to_bits(term(f.x) * scale)) |
+                   (static_cast<unsigned int>(L::to_bits(term(f.y) * scale)) << 16);
+          }
+          my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kLaneBwdTopK; ++s) {
+        if (valid[s]) {
+          const int e = chosen[s];
+          reinterpret_cast<unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7] =
+              L::to_bits(prob[s] * rinv * (g[s] - dot));
+        }
+      }
+    };
+    if (one_fma) {
+      finish(std::true_type{});
+    } else {
+      finish(std::false_type{});
+    }
+    __syncwarp();
+    // the tile's gradient out as whole 512-byte lines
+#pragma unroll
+    for (int q = 0; q < NC; ++q) {
+      const int u = q * 32 + lane, r = u / NC, c = u % NC;
+      if (r < rows_left) {
+        __stcs(reinterpret_cast<uint4*>(grad_logits + (tile * 32 + r) * E_PAD + c * 8),
+               reinterpret_cast<const uint4*>(stage)[r * NC + swizzle<NC>(r, c)]);
+      }
+    }
+    __syncwarp();  // the stage is free again
+  }
+}
+
 template <typename T, int E_PAD, bool VEC>
 cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
   using S = BwdShape<T, E_PAD>;
@@ -435,11 +747,69 @@ cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cu
   return cudaErrorInvalidValue;
 }
 
+// Shared bytes of the lane backward for this call, or 0 when it does not take the call (see route_bwd_lane_kernel;
+// at most the 48 KB a block gets without opting in: G <= 82 at E = 64). Not at E = 128: its 10.5 KB tiles leave 10
+// warps per SM, and it measured slower there than the kernel above (17.6 against 16.0 us at T = 65,536, H200)
+size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
+  const int e = p.num_experts;
+  if (p.variant != 0 || dtype == kBwdFloat32 || p.top_k != kLaneBwdTopK || (e != 32 && e != 64)) return 0;
+  if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
+  if ((flags & (kVectorLoads | kVectorStores)) != (kVectorLoads | kVectorStores) || p.stride_e != 1) return 0;
+  if (((reinterpret_cast<uintptr_t>(p.ids) | reinterpret_cast<uintptr_t>(p.grad_weights)) & 15) != 0) return 0;
+  const size_t stage = 32 * (e * 2 + kLaneBwdTopK * 10);  // logits, ids and grads of a tile
+  const size_t mask = p.keep != nullptr ? static_cast<size_t>(p.num_groups + 1) * (e / 2 + 2) * 8 : 0;
+  const size_t smem = kLaneBwdWarps * 2 * stage + mask;
+  return smem <= 48 * 1024 ? smem : 0;
+}
+
+template <typename T, int E_PAD, bool MASK>
+cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
+  auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK>;
+  // one resident wave of blocks (fewer when T is small), the warps taking the 32-row tiles round-robin
+  static int sms[64] = {0};
+  static int resident[64] = {0};
+  static size_t resident_smem[64] = {0};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (sms[device] == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  if (resident[device] == 0 || resident_smem[device] != smem) {
+    int blocks = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLaneBwdWarps * 32, smem);
+    if (err != cudaSuccess) return err;
+    resident[device] = blocks > 0 ? blocks : 1;
+    resident_smem[device] = smem;
+  }
+  const int64_t tiles = (p.num_tokens + 31) / 32;
+  const int64_t needed = (tiles + kLaneBwdWarps - 1) / kLaneBwdWarps;
+  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  if (grid <= 0) return cudaSuccess;
+  kernel<<<grid, kLaneBwdWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd_lane_t(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
+  const bool mask = p.keep != nullptr;
+  if (p.num_experts == 32) {
+    return mask ? launch_bwd_lane<T, 32, true>(p, smem, device, stream)
+                : launch_bwd_lane<T, 32, false>(p, smem, device, stream);
+  }
+  return mask ? launch_bwd_lane<T, 64, true>(p, smem, device, stream)
+              : launch_bwd_lane<T, 64, false>(p, smem, device, stream);
+}
+
 template <typename T, int E_PAD>
 cudaError_t preload_bwd_e() {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, false>);
+  if constexpr (!std::is_same<T, float>::value && (E_PAD == 32 || E_PAD == 64)) {
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false>);
+  }
   return err;
 }
 
@@ -493,6 +863,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
   }
   if (p.stride_t < 0 || p.stride_e < 0 || (p.keep != nullptr && p.num_groups < 1)) return cudaErrorInvalidValue;
   if (p.group_is_int64 != 0 && p.group_is_int64 != 1) return cudaErrorInvalidValue;
+  if (p.variant != 0 && p.variant != 1) return cudaErrorInvalidValue;
 
   const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
   int flags = 0;
@@ -512,6 +883,12 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const size_t lane_smem = lane_bwd_smem_bytes(p, dtype, flags);
+  if (lane_smem != 0) {
+    err = dtype == kBwdFloat16 ? launch_bwd_lane_t<__half>(p, lane_smem, device, s)
+                               : launch_bwd_lane_t<__nv_bfloat16>(p, lane_smem, device, s);
+    return static_cast<int>(err);
+  }
   switch (dtype) {
     case kBwdFloat32: err = launch_bwd_e<float>(p, flags, device, s); break;
     case kBwdFloat16: err = launch_bwd_e<__half>(p, flags, device, s); break;

@@ -9,6 +9,7 @@ shared memory, which starts poisoned.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,19 @@ inline void emu_launch(int grid, int threads, size_t smem_bytes, const std::func
   emu_smem_base = nullptr;
 }
 """
+
+
+def kernel_source(path: Path) -> str:
+    """The text of the kernel source at ``path`` with each ``#include "name"`` of a file next to it replaced by that
+    file's text (recursively), so that substitutions apply to the shared headers too."""
+    lines = []
+    for line in path.read_text().splitlines(keepends=True):
+        match = re.match(r'\s*#include "([^"]+)"', line)
+        if match and (path.parent / match.group(1)).is_file():
+            lines.append(kernel_source(path.parent / match.group(1)) + "\n")
+        else:
+            lines.append(line)
+    return "".join(lines)
 
 
 def build_emulation(source: str, substitutions: dict[str, str], directory: Path, stem: str, sanitize: bool) -> Path:

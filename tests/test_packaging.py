@@ -65,4 +65,10 @@ def test_setup_ships_every_subpackage_and_the_mapped_folders(monkeypatch):
     shipped = set(captured["packages"])
     assert on_disk <= shipped, f"packages missing from setup.py: {sorted(on_disk - shipped)}"
     assert {"moe_fastmask.kernels", "moe_fastmask.csrc"} <= shipped
+    # every kernel source in csrc/ (the .cu files include the shared .cuh header) ships with the package
+    patterns = captured["package_data"]["moe_fastmask.csrc"]
+    sources = [path for path in (REPO / "csrc").iterdir() if path.is_file()]
+    assert any(path.suffix == ".cuh" for path in sources)
+    unshipped = [path.name for path in sources if not any(path.match(pattern) for pattern in patterns)]
+    assert unshipped == [], f"csrc files outside setup.py's package_data: {unshipped}"
     assert captured["package_dir"]["moe_fastmask.kernels"] == "kernels"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SESSION_SEED
+from torch.utils._python_dispatch import TorchDispatchMode
 from route_cases import (
     ADVERSARIAL_KINDS,
     RouteCase,
@@ -246,6 +247,31 @@ def test_registered_op_gradient_equals_routes(backend):
         grads.append(x.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_eager_backward_allocates_no_gradient_for_the_ids():
+    """route's eager backward gets no zero-filled int64 [T, k] gradient for the ids (autograd would materialise one,
+    a memset as long as a fifth of the CUDA backward at T = 262,144): no tensor of the ids' shape and dtype is
+    created while the gradient is computed, and the gradient is route_backward's."""
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    logits = torch.randn(33, 16, generator=gen).requires_grad_()
+    grad = torch.randn(33, 4, generator=gen)
+    weights, ids = route(logits, 4, None, None, None, False, "torch")
+    created = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(value, torch.Tensor) and value.dtype == torch.int64 and value.shape == ids.shape:
+                    created.append(func)
+            return out
+
+    with Allocations():
+        (got,) = torch.autograd.grad(weights, logits, grad)
+    assert created == [], created
+    expected = reference.route_backward_reference(grad, logits.detach(), None, None, ids, False)
+    torch.testing.assert_close(got, expected)
 
 
 # --------------------------------------------------------------------------------------------------------------

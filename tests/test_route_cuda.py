@@ -654,8 +654,9 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
     # top_k == 8 or not) = 24, and 29 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
     # sets, the other 3 ablations, and the full kernel under the 24 option sets (top_k == 8 or not; 32-bit keys,
     # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses); backward
-    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36
-    assert "registers lines 163" in out.stdout, out.stdout
+    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its
+    # lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask) = 8
+    assert "registers lines 171" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 120
 
 
@@ -688,7 +689,8 @@ FORWARD_EMU_SUBSTITUTIONS = {
 
 def build_forward_emulation(directory: Path, sanitize: bool) -> Path:
     """csrc/route_cuda.cu compiled for the host (see tests/cuda_emulation.py); returns the library's path."""
-    return cuda_emulation.build_emulation(cuda_route.source_path().read_text(), FORWARD_EMU_SUBSTITUTIONS, directory,
+    return cuda_emulation.build_emulation(cuda_emulation.kernel_source(cuda_route.source_path()),
+                                          FORWARD_EMU_SUBSTITUTIONS, directory,
                                           "route_cuda_host", sanitize)
 
 

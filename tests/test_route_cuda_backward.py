@@ -66,11 +66,16 @@ def forward_ids(logits, k, keep, group) -> torch.Tensor:
     return reference.route_reference(logits, k, keep, group, None, False)[1]
 
 
-def run_cuda(grad, logits, keep, group, ids, renormalize, out) -> None:
-    """The CUDA backward, writing into ``out``."""
-    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out)
+def run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="lane") -> None:
+    """The CUDA backward, writing into ``out`` (``variant``: see ``cuda_route.BACKWARD_VARIANTS``)."""
+    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out, variant=variant)
     assert got is out
     torch.cuda.synchronize()
+
+
+def run_cuda_split(grad, logits, keep, group, ids, renormalize, out) -> None:
+    """The row-over-lanes kernel on every call (the lane kernel takes 16-bit E = 32 / 64, k = 8 by default)."""
+    run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="split")
 
 
 def check_against_reference(run, grad, logits, keep, group, ids, renormalize, where="", out=None):
@@ -110,7 +115,8 @@ def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tenso
 # for the host.
 # --------------------------------------------------------------------------------------------------------------
 
-SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E]
+SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E] + [(32, 8)]
+LANE_SHAPES = [(32, 8), (64, 8)]  # (16-bit logits) the lane kernel's calls
 
 
 def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
@@ -134,7 +140,7 @@ def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
                                     where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
 
 
-ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4))
+ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4), (32, 8), (128, 8))
 
 
 def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
@@ -264,6 +270,36 @@ def scenario_any_ids(run, device, T, seed):
                 check_against_reference(run, grad, logits, None, None, ids, renorm, where=f"any ids {dtype} E={E}")
 
 
+def scenario_invalid_ids(run, device, T, seed):
+    """Ids outside [0, E) (negative, E, far above) contribute nothing: each row equals the reference on its valid
+    entries alone (renormalised: over those only)."""
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        for E, k in ((64, 8), (32, 8), (60, 8)):
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            keep = make_keep(2, E, None, gen)
+            keep[:, :k] = True
+            keep = keep.to(device)
+            group = torch.randint(-1, 2, (T,), generator=gen).to(device)
+            ids = forward_ids(logits, k, keep, group).cpu()
+            bad = torch.rand(T, k, generator=gen) < 0.3
+            bad[0] = True  # a row without a valid id
+            ids[bad] = torch.tensor([-1, E, 2**40, -(2**33)])[torch.randint(0, 4, (int(bad.sum()),), generator=gen)]
+            ids = ids.to(device)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                out = torch.full((T, E), POISON, dtype=dtype, device=device)
+                run(grad, logits, keep, group, ids, renorm, out)
+                atol, rtol = tolerance(dtype)
+                for row in range(T):
+                    valid = ~bad[row].to(device)
+                    exact = reference.route_backward_reference(
+                        grad[row : row + 1, valid].double(), logits[row : row + 1].double(), keep,
+                        group[row : row + 1], ids[row : row + 1, valid], renorm)
+                    torch.testing.assert_close(out[row : row + 1].double(), exact, atol=atol, rtol=rtol,
+                                               equal_nan=True, msg=lambda m: f"invalid ids: row {row} E={E}\n{m}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU: the kernel against the reference
 # --------------------------------------------------------------------------------------------------------------
@@ -281,6 +317,22 @@ def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
     scenario_adversarial(run_cuda, "cuda", kind, dtype, 517, ADVERSARIAL_SHAPES, SESSION_SEED + sum(map(ord, kind)))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_kernel_on_the_lane_kernels_calls(cuda_kernel, dtype):
+    """variant="split" keeps the row-over-lanes kernel tested on the calls the lane kernel takes by default."""
+    for E, k in LANE_SHAPES:
+        scenario_random_shapes(run_cuda_split, "cuda", E, k, dtype, (1, 31, 1000), SESSION_SEED + E * 17)
+    for kind in KINDS:
+        scenario_adversarial(run_cuda_split, "cuda", kind, dtype, 517, LANE_SHAPES, SESSION_SEED + sum(map(ord, kind)))
+
+
+@gpu
+def test_invalid_ids_contribute_nothing(cuda_kernel):
+    scenario_invalid_ids(run_cuda, "cuda", 67, SESSION_SEED + 15)
+    scenario_invalid_ids(run_cuda_split, "cuda", 67, SESSION_SEED + 16)
 
 
 @gpu
@@ -431,6 +483,8 @@ def bad_shapes() -> list[dict]:
         dict(good, ids=None),
         dict(good, keep=64, num_groups=0),
         dict(good, group_is_int64=2),
+        dict(good, variant=2),
+        dict(good, variant=-1),
     ]
 
 
@@ -462,7 +516,17 @@ def test_build_key_and_command_cover_the_backward_source(tmp_path):
         shutil.copy(source, tmp_path / source.name)
     key = cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",))
     (tmp_path / backward.name).write_text(backward.read_text() + "\n// changed\n")
-    assert cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",)) != key
+    changed = cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",))
+    assert changed != key
+    # the shared header of the lane kernels, next to the sources, is part of the key too
+    header = forward.with_name("route_lane16.cuh")
+    assert header.is_file() and f'#include "{header.name}"' in forward.read_text()
+    assert f'#include "{header.name}"' in backward.read_text()
+    (tmp_path / header.name).write_text(header.read_text())
+    with_header = cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",))
+    assert with_header != changed
+    (tmp_path / header.name).write_text(header.read_text() + "\n// changed\n")
+    assert cuda_route.build_key(tmp_path / forward.name, "/usr/bin/nvcc", ("90",)) != with_header
 
 
 def test_supports_backward_needs_cuda_tensors():
@@ -515,6 +579,9 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
     log = out.stdout.split("LOG", 1)[1].splitlines()
     entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
     assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
+    lane = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_lane_kernel" in line]
+    assert len(lane) == 2 * 2 * 2  # (16-bit dtype, E = 32 or 64, with or without a mask)
+    entries += lane
     for i in entries:
         report = " ".join(log[i + 1 : i + 4])
         assert "0 bytes spill stores, 0 bytes spill loads" in report and "registers" in report, (log[i], report)
@@ -528,18 +595,32 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
 EMU_SUBSTITUTIONS = {
     'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
     'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
+    'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_bf16x2_canon(w);",
+    'asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_f16x2_canon(w);",
+    'asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"\n'
+    '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)\n'
+    '               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));': "v = *a;",
+    'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
+        "emu_cp_async16(dst, src, bytes);",
+    'asm volatile("cp.async.commit_group;" ::: "memory");': "",
+    'asm volatile("cp.async.wait_group 0;" ::: "memory");': "",
+    "extern __shared__ __align__(16) unsigned char bwd_lane_smem[];":
+        "unsigned char* const bwd_lane_smem = emu_smem_base;",
     "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);":
         "emu_launch(grid, kBwdThreads, 0, [&] { kernel(p, flags); });",
+    "kernel<<<grid, kLaneBwdWarps * 32, smem, stream>>>(p);":
+        "emu_launch(grid, kLaneBwdWarps * 32, smem, [&] { kernel(p); });",
 }
 
 
 def build_emulation(directory: Path, sanitize: bool) -> Path:
     """csrc/route_cuda_backward.cu compiled for the host (see tests/cuda_emulation.py); returns the library's path."""
-    return cuda_emulation.build_emulation(cuda_route.backward_source_path().read_text(), EMU_SUBSTITUTIONS, directory,
+    return cuda_emulation.build_emulation(cuda_emulation.kernel_source(cuda_route.backward_source_path()),
+                                          EMU_SUBSTITUTIONS, directory,
                                           "route_cuda_backward_host", sanitize)
 
 
-def emulated_run(library: Path):
+def emulated_run(library: Path, variant: str = "lane"):
     """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
     lib = ctypes.CDLL(str(library))
     lib.moe_fastmask_route_cuda_backward.argtypes = [
@@ -549,7 +630,7 @@ def emulated_run(library: Path):
 
     def run(grad, logits, keep, group, ids, renormalize, out):
         grad, ids = grad.contiguous(), ids.contiguous()
-        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize)
+        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant)
         code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
         assert code == 0, code
 
@@ -560,11 +641,18 @@ def emulated_checks(library: str) -> None:
     """The scenarios, smaller, on the emulated kernel (CPU tensors; the emulated device has 2 SMs, so the
     grid-stride loops take several steps)."""
     run = emulated_run(Path(library))
+    split = emulated_run(Path(library), variant="split")
+    for dtype in (torch.float16, torch.bfloat16):
+        for E, k in LANE_SHAPES:
+            scenario_random_shapes(split, "cpu", E, k, dtype, (37,), SESSION_SEED + E * 17)
+        scenario_adversarial(split, "cpu", "wide", dtype, 29, ((64, 8),), SESSION_SEED + 19)
+    for emulated in (run, split):
+        scenario_invalid_ids(emulated, "cpu", 37, SESSION_SEED + 15)
     for dtype in DTYPES:
         for E, k in SHAPES:
             scenario_random_shapes(run, "cpu", E, k, dtype, (1, 37), SESSION_SEED + E * 131 + k)
         for kind in KINDS:
-            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16)),
+            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16), (32, 8)),
                                  SESSION_SEED + sum(map(ord, kind)))
     scenario_examples(run, "cpu")
     for group_dtype in (torch.int64, torch.int32):

@@ -51,6 +51,9 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) o
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
 # with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split")
 VARIANTS = {"split": 0, "lane": 1}
+# the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
+# else the other) or "split" (a row over several lanes, every call)
+BACKWARD_VARIANTS = {"lane": 0, "split": 1}
 LANE_EXPERTS = (32, 64, 128)
 LANE_MAX_TOP_K = 8
 LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's limit on its shared mask table (see _lane_mask_bytes)
@@ -128,7 +131,7 @@ class RouteBackwardParams(ctypes.Structure):
         ("top_k", ctypes.c_int32),
         ("renormalize", ctypes.c_int32),
         ("group_is_int64", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("variant", ctypes.c_int32),
     ]
 
 
@@ -191,11 +194,14 @@ def nvcc_command(nvcc: str, source: Path, output: Path, archs: tuple[str, ...]) 
 
 
 def build_key(source: Path, nvcc: str, archs: tuple[str, ...]) -> str:
-    """Cache key: a hash of the sources (``source`` and the backward's next to it), the flags, the architectures and
-    the compiler's path."""
+    """Cache key: a hash of the sources (``source``, the backward's and the ``.cuh`` headers next to it), the flags,
+    the architectures and the compiler's path."""
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
     digest.update(backward_source_path(source).read_bytes())
+    for header in sorted(source.parent.glob("*.cuh")):
+        digest.update(header.name.encode())
+        digest.update(header.read_bytes())
     digest.update(repr((NVCC_FLAGS, archs, nvcc)).encode())
     return f"cuda-{digest.hexdigest()[:16]}"
 
@@ -628,9 +634,12 @@ def backward_params(
     group: Tensor | None,
     ids: Tensor,
     renormalize: bool,
+    *,
+    variant: str = "lane",
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
-    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides)."""
+    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides) and the kernel variant by
+    name (``BACKWARD_VARIANTS``)."""
     num_tokens, num_experts = logits.shape
     return RouteBackwardParams(
         grad_logits.data_ptr(),
@@ -647,7 +656,7 @@ def backward_params(
         ids.shape[1],
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),
-        0,
+        BACKWARD_VARIANTS[variant],
     )
 
 
@@ -660,11 +669,17 @@ def route_backward(
     renormalize: bool,
     *,
     out: Tensor | None = None,
+    variant: str = "lane",
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
     by ``check_route_args``; ids outside ``[0, G)`` mean no mask). Returns a contiguous [T, E] tensor in
-    ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place."""
+    ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place. ``variant``
+    (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the one-row-per-lane kernel where the call allows it
+    (16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
+    always the row-over-several-lanes kernel."""
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -685,7 +700,7 @@ def route_backward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize)
+    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
