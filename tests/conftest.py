@@ -41,6 +41,13 @@ def session_seed() -> int:
     return SESSION_SEED
 
 
+@pytest.fixture(scope="session")
+def sm90_build_cache(tmp_path_factory) -> Path:
+    """One build cache for the tests that compile the CUDA library for sm_90 without a device (the forward's and the
+    backward's): the first builds it, the next finds it (same sources, compiler and architecture)."""
+    return tmp_path_factory.mktemp("sm90_build_cache")
+
+
 @pytest.fixture(scope="module")
 def cuda_kernel():
     """For the CUDA kernels' tests: skip without a CUDA device or nvcc; otherwise their library must build and

@@ -620,7 +620,7 @@ def test_arch_override(monkeypatch):
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
-def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
+def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cache):
     """Compile for sm_90 in a fresh process (no device needed) and call the launcher: it refuses shapes it does not
     take before touching a device, and reports a CUDA error (not a crash) when there is no device."""
     code = (
@@ -642,7 +642,7 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(tmp_path):
         "log = (c._build().parent / 'build.log').read_text()\n"
         "print('registers lines', sum('registers' in line for line in log.splitlines()))\n"
     )
-    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90")
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(sm90_build_cache), MOE_FASTMASK_CUDA_ARCH="90")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0"):

@@ -539,7 +539,7 @@ def test_supports_backward_needs_cuda_tensors():
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
-def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
+def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cache):
     """Compile for sm_90 in a fresh process (no device needed): every backward kernel instance without spills, and
     the launcher refuses the shapes it does not take before touching a device (and reports a CUDA error, not a
     crash, for a valid call without a device)."""
@@ -564,7 +564,7 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(tmp_path):
         "print('LOG', (c._build().parent / 'build.log').read_text())\n"
     )
     tests_dir = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(tmp_path), MOE_FASTMASK_CUDA_ARCH="90",
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(sm90_build_cache), MOE_FASTMASK_CUDA_ARCH="90",
                PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
