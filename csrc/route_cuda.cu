@@ -39,6 +39,8 @@ struct RouteParams {
   const void* logits;       // [T, E] strided
   const uint8_t* keep;      // [G, E] bool, contiguous, or null
   const void* group;        // [T] int32 / int64, contiguous, or null
+  uint8_t* ids8;            // [T, 8] uint8, 8-byte aligned, or null: the ids once more, a byte each (for the
+                            // backward; the lane kernel's full instance with top_k == 8 only)
   int64_t stride_t;         // in elements
   int64_t stride_e;
   int64_t num_tokens;
@@ -1059,6 +1061,15 @@ route_lane_kernel(const RouteParams p) {
           }
         }
       }
+      if (p.ids8 != nullptr) {  // (top_k == 8, checked by the launcher)
+        unsigned int lo = 0, hi = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          lo |= static_cast<unsigned int>(expert[i]) << (8 * i);
+          hi |= static_cast<unsigned int>(expert[4 + i]) << (8 * i);
+        }
+        *reinterpret_cast<uint2*>(p.ids8 + row * 8) = make_uint2(lo, hi);
+      }
       if (has_counts && gi < G) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -1332,6 +1343,11 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   if (p.keep && static_cast<int64_t>(p.num_groups) * words * 4 > kMaxKeepBytes) return cudaErrorInvalidValue;
   if (p.counts) {
     p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
+  }
+  if (p.ids8 != nullptr && (p.variant != 1 || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
+                            dtype == kFloat32 || (reinterpret_cast<uintptr_t>(p.ids8) & 7) != 0 ||
+                            lane_smem_bytes(p, dtype) == 0)) {
+    return cudaErrorInvalidValue;  // (the one-byte ids come from the lane kernel's full instance only)
   }
   int current = -1;
   cudaError_t err = cudaGetDevice(&current);

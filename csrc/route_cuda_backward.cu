@@ -38,6 +38,8 @@ struct RouteBackwardParams {
   const void* grad_weights;   // [T, k] logits' dtype, contiguous
   const void* logits;         // [T, E] strided
   const int64_t* ids;         // [T, k] int64, contiguous
+  const uint8_t* ids8;        // [T, k] uint8, contiguous, or null: the same ids a byte each (the forward's, for the
+                              // lane kernel, which then reads these instead)
   const uint8_t* keep;        // [G, E] bool, contiguous, or null
   const void* group;          // [T] int32 / int64, contiguous, or null (every token in group 0)
   int64_t stride_t;           // logits strides, in elements
@@ -396,7 +398,8 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // "lane" backward: one row per lane, for 16-bit logits with E = 32 or 64 (rows contiguous and 16-byte aligned),
-// top_k == 8, int64 ids and the output 16-byte aligned; the variant the launcher takes where it applies.
+// top_k == 8, int64 ids (or the forward's one-byte copy of them, ids8: 56 fewer bytes read per row) and the output
+// 16-byte aligned; the variant the launcher takes where it applies.
 //
 // The kernel above spreads a row over 4 lanes and spends its instructions on shuffles and on scattering the chosen
 // grads through shared memory. Here a warp copies 32 rows (logits, ids, incoming grads) into shared memory with
@@ -414,10 +417,10 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 constexpr int kLaneBwdTopK = 8;
 constexpr int kLaneBwdWarps = 2;  // per block (two stages of 6.5 KB per warp at E = 64: 16 warps per SM)
 
-template <int E_PAD> struct LaneBwdShape {
+template <int E_PAD, bool IDS8> struct LaneBwdShape {
   static constexpr int NC = E_PAD / 8;                       // 16-byte chunks per row
   static constexpr int kTileBytes = 32 * E_PAD * 2;          // a tile's logits (then its gradient)
-  static constexpr int kIdsBytes = 32 * kLaneBwdTopK * 8;    // its ids
+  static constexpr int kIdsBytes = 32 * kLaneBwdTopK * (IDS8 ? 1 : 8);  // its ids
   static constexpr int kGradBytes = 32 * kLaneBwdTopK * 2;   // its incoming grads
   static constexpr int kStageBytes = kTileBytes + kIdsBytes + kGradBytes;
   static constexpr int kStages = 2;
@@ -425,10 +428,10 @@ template <int E_PAD> struct LaneBwdShape {
   static constexpr int kMinBlocks = 8;
 };
 
-template <typename T, int E_PAD, bool MASK>
-__global__ void __launch_bounds__(kLaneBwdWarps * 32, LaneBwdShape<E_PAD>::kMinBlocks)
+template <typename T, int E_PAD, bool MASK, bool IDS8>
+__global__ void __launch_bounds__(kLaneBwdWarps * 32, LaneBwdShape<E_PAD, IDS8>::kMinBlocks)
 route_bwd_lane_kernel(const RouteBackwardParams p) {
-  using S = LaneBwdShape<E_PAD>;
+  using S = LaneBwdShape<E_PAD, IDS8>;
   using L = Lane16<T>;
   constexpr int NC = S::NC;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -469,13 +472,20 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       const bool ok = r < rows_left;
       cp_async16(dst + (r * NC + swizzle<NC>(r, copy_chunk)) * 16, ok ? src + q * copy_step : src, ok ? 16 : 0);
     }
-    const int64_t* ids_src = ids + (t * 32 + lane / 4) * 8 + 2 * (lane % 4);
+    if constexpr (IDS8) {  // 256 bytes: piece u (lanes 0 .. 15) holds rows 2u and 2u + 1, at slot u
+      if (lane < 16) {
+        const int bytes = rows_left >= 2 * lane + 2 ? 16 : rows_left == 2 * lane + 1 ? 8 : 0;
+        cp_async16(dst + S::kTileBytes + lane * 16, p.ids8 + (t * 32 + (bytes != 0 ? 2 * lane : 0)) * 8, bytes);
+      }
+    } else {
+      const int64_t* ids_src = ids + (t * 32 + lane / 4) * 8 + 2 * (lane % 4);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * 8 + lane / 4, c = lane % 4;
-      const bool ok = r < rows_left;
-      cp_async16(dst + S::kTileBytes + (r * 4 + (c ^ ((r >> 1) & 3))) * 16, ok ? ids_src + q * 64 : ids_src,
-                 ok ? 16 : 0);
+      for (int q = 0; q < 4; ++q) {
+        const int r = q * 8 + lane / 4, c = lane % 4;
+        const bool ok = r < rows_left;
+        cp_async16(dst + S::kTileBytes + (r * 4 + (c ^ ((r >> 1) & 3))) * 16, ok ? ids_src + q * 64 : ids_src,
+                   ok ? 16 : 0);
+      }
     }
     const bool ok = lane < rows_left;
     cp_async16(dst + S::kTileBytes + S::kIdsBytes + lane * 16, grad_weights + (t * 32 + (ok ? lane : 0)) * 8,
@@ -535,13 +545,23 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
     // the row's ids (valid: in [0, E)) and incoming grads
     int chosen[kLaneBwdTopK];
     bool valid[kLaneBwdTopK];
+    if constexpr (IDS8) {
+      const uint2 v = reinterpret_cast<const uint2*>(stage + S::kTileBytes)[lane];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
-      chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
-      valid[2 * c] = v.y == 0 && v.x < static_cast<unsigned int>(E_PAD);
-      chosen[2 * c + 1] = static_cast<int>(v.z & (E_PAD - 1));
-      valid[2 * c + 1] = v.w == 0 && v.z < static_cast<unsigned int>(E_PAD);
+      for (int s = 0; s < kLaneBwdTopK; ++s) {
+        const unsigned int id = ((s < 4 ? v.x : v.y) >> (8 * (s % 4))) & 0xFFu;
+        chosen[s] = static_cast<int>(id & (E_PAD - 1));
+        valid[s] = id < static_cast<unsigned int>(E_PAD);
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
+        chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
+        valid[2 * c] = v.y == 0 && v.x < static_cast<unsigned int>(E_PAD);
+        chosen[2 * c + 1] = static_cast<int>(v.z & (E_PAD - 1));
+        valid[2 * c + 1] = v.w == 0 && v.z < static_cast<unsigned int>(E_PAD);
+      }
     }
     float g[kLaneBwdTopK];
     {
@@ -755,16 +775,18 @@ size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
   if (p.variant != 0 || dtype == kBwdFloat32 || p.top_k != kLaneBwdTopK || (e != 32 && e != 64)) return 0;
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   if ((flags & (kVectorLoads | kVectorStores)) != (kVectorLoads | kVectorStores) || p.stride_e != 1) return 0;
-  if (((reinterpret_cast<uintptr_t>(p.ids) | reinterpret_cast<uintptr_t>(p.grad_weights)) & 15) != 0) return 0;
-  const size_t stage = 32 * (e * 2 + kLaneBwdTopK * 10);  // logits, ids and grads of a tile
+  const uintptr_t ids = reinterpret_cast<uintptr_t>(p.ids8 != nullptr ? static_cast<const void*>(p.ids8) : p.ids);
+  if (((ids | reinterpret_cast<uintptr_t>(p.grad_weights)) & 15) != 0) return 0;
+  const size_t ids_bytes = kLaneBwdTopK * (p.ids8 != nullptr ? 1 : 8);
+  const size_t stage = 32 * (e * 2 + ids_bytes + kLaneBwdTopK * 2);  // logits, ids and grads of a tile
   const size_t mask = p.keep != nullptr ? static_cast<size_t>(p.num_groups + 1) * (e / 2 + 2) * 8 : 0;
   const size_t smem = kLaneBwdWarps * 2 * stage + mask;
   return smem <= 48 * 1024 ? smem : 0;
 }
 
-template <typename T, int E_PAD, bool MASK>
+template <typename T, int E_PAD, bool MASK, bool IDS8>
 cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
-  auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK>;
+  auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK, IDS8>;
   // one resident wave of blocks (fewer when T is small), the warps taking the 32-row tiles round-robin
   static int sms[64] = {0};
   static int resident[64] = {0};
@@ -790,15 +812,21 @@ cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int devic
   return cudaGetLastError();
 }
 
+template <typename T, int E_PAD, bool IDS8>
+cudaError_t launch_bwd_lane_m(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
+  return p.keep != nullptr ? launch_bwd_lane<T, E_PAD, true, IDS8>(p, smem, device, stream)
+                           : launch_bwd_lane<T, E_PAD, false, IDS8>(p, smem, device, stream);
+}
+
 template <typename T>
 cudaError_t launch_bwd_lane_t(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
-  const bool mask = p.keep != nullptr;
+  const bool ids8 = p.ids8 != nullptr;
   if (p.num_experts == 32) {
-    return mask ? launch_bwd_lane<T, 32, true>(p, smem, device, stream)
-                : launch_bwd_lane<T, 32, false>(p, smem, device, stream);
+    return ids8 ? launch_bwd_lane_m<T, 32, true>(p, smem, device, stream)
+                : launch_bwd_lane_m<T, 32, false>(p, smem, device, stream);
   }
-  return mask ? launch_bwd_lane<T, 64, true>(p, smem, device, stream)
-              : launch_bwd_lane<T, 64, false>(p, smem, device, stream);
+  return ids8 ? launch_bwd_lane_m<T, 64, true>(p, smem, device, stream)
+              : launch_bwd_lane_m<T, 64, false>(p, smem, device, stream);
 }
 
 template <typename T, int E_PAD>
@@ -807,8 +835,10 @@ cudaError_t preload_bwd_e() {
   cudaError_t err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, false>);
   if constexpr (!std::is_same<T, float>::value && (E_PAD == 32 || E_PAD == 64)) {
-    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true>);
-    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true, false>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false, false>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true, true>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false, true>);
   }
   return err;
 }

@@ -599,6 +599,38 @@ def test_forward_impl_of_the_cuda_backend_falls_back_on_what_it_does_not_cover(m
         torch.testing.assert_close(g, ref_grad, atol=1e-6, rtol=1e-5)
 
 
+@gpu
+def test_forward_writes_the_ids_a_byte_each_for_the_backward(cuda_kernel):
+    """route_forward(ids8=...) writes the ids once more as uint8 (over a poisoned buffer), on the calls
+    compact_ids_apply() accepts; it refuses the others with a clear error."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 41)
+    for E in cuda_route.LANE_BACKWARD_EXPERTS:
+        for dtype in (torch.float16, torch.bfloat16):
+            for T in (1, 37, 4099):
+                logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+                keep = (torch.rand(3, E, generator=gen) < 0.7).cuda()
+                keep[:, :8] = True
+                group = torch.randint(-1, 3, (T,), generator=gen).cuda()
+                assert cuda_route.compact_ids_apply(logits, 8, keep)
+                ids8 = torch.full((T, 8), 0xEE, dtype=torch.uint8, device="cuda")
+                weights, ids = cuda_route.route_forward(logits, 8, keep, group, None, False, ids8=ids8)
+                assert torch.equal(ids8.long(), ids), (E, dtype, T)
+                _, ref_ids = reference.route_reference(logits, 8, keep, group, None, False)
+                assert torch.equal(ids, ref_ids)
+    logits = torch.randn(40, 64, generator=gen).to(torch.bfloat16).cuda()
+    refused = [
+        (logits, 4, dict(ids8=torch.empty(40, 4, dtype=torch.uint8, device="cuda"))),  # top_k != 8
+        (logits.float(), 8, dict(ids8=torch.empty(40, 8, dtype=torch.uint8, device="cuda"))),  # float32
+        (logits, 8, dict(ids8=torch.empty(40, 8, dtype=torch.uint8, device="cuda"), variant="split")),
+        (logits, 8, dict(ids8=torch.empty(40, 8, dtype=torch.int64, device="cuda"))),  # not uint8
+        (torch.randn(40, 128, device="cuda", dtype=torch.bfloat16), 8,
+         dict(ids8=torch.empty(40, 8, dtype=torch.uint8, device="cuda"))),  # E = 128: no lane backward
+    ]
+    for x, k, kwargs in refused:
+        with pytest.raises(ValueError, match="ids8"):
+            cuda_route.route_forward(x, k, None, None, None, False, **kwargs)
+
+
 def test_build_key_and_command():
     source = cuda_route.source_path()
     assert source.name == "route_cuda.cu" and source.is_file()
@@ -635,6 +667,12 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         "print('k too large', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
         "p = c.RouteParams(num_tokens=0, num_experts=64, top_k=8, num_groups=1)\n"
         "print('empty', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "lane = dict(num_tokens=4, num_experts=64, top_k=8, num_groups=1, stride_t=64, stride_e=1, vector_loads=1,\n"
+        "            variant=1, ids8=64)\n"
+        "for name, change, dtype in (('k4', dict(top_k=4), 2), ('split', dict(variant=0), 2), ('f32', {}, 0),\n"
+        "                            ('odd', dict(ids8=65), 2), ('ablation', dict(ablation=1), 2)):\n"
+        "    p = c.RouteParams(**dict(lane, **change))\n"
+        "    print('ids8', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), dtype, 0, None))\n"
         "if not torch.cuda.is_available():\n"
         "    p = c.RouteParams(num_tokens=4, num_experts=64, top_k=8, num_groups=1)\n"
         "    rc = lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None)\n"
@@ -645,7 +683,8 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(sm90_build_cache), MOE_FASTMASK_CUDA_ARCH="90")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0"):
+    for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0", "ids8 k4 1", "ids8 split 1",
+                 "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1"):
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
@@ -655,9 +694,9 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # sets, the other 3 ablations, and the full kernel under the 24 option sets (top_k == 8 or not; 32-bit keys,
     # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses); backward
     # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its
-    # lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask) = 8
-    assert "registers lines 171" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 120
+    # lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16
+    assert "registers lines 179" in out.stdout, out.stdout
+    assert ctypes.sizeof(cuda_route.RouteParams) == 128
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -703,15 +742,20 @@ def emulated_forward(library: Path):
     ]
     assert lib.moe_fastmask_route_cuda_params_size() == ctypes.sizeof(cuda_route.RouteParams)
 
-    def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave"):
+    def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave",
+            ids8=False):
         T = logits.shape[0]
         weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
+        ids8_out = torch.full((T, top_k), 0xEE, dtype=torch.uint8) if ids8 else None  # (poisoned)
         lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
-                                           variant=variant, grid_policy=grid_policy, lane_options=lane_options)
+                                           variant=variant, grid_policy=grid_policy, lane_options=lane_options,
+                                           ids8=ids8_out)
         code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
         assert code == 0, code
+        if ids8:  # the ids once more, a byte each
+            assert torch.equal(ids8_out.long(), ids), "ids8 differs from the ids"
         return weights, ids
 
     return run
@@ -747,6 +791,9 @@ def emulated_forward_checks(library: str) -> None:
                 for variant in variants:
                     check_emulated(run, logits, k, keep, group, G, T % 5 == 0, f"E={E} k={k} T={T} {dtype}",
                                    variant=variant)
+                    if variant == "lane" and cuda_route.compact_ids_apply(logits, k, keep):
+                        check_emulated(run, logits, k, keep, group, G, False, f"E={E} k={k} T={T} {dtype} ids8",
+                                       variant=variant, ids8=True)
                     check_emulated(run, logits, k, None, None, 1, False, f"E={E} k={k} T={T} {dtype} no mask",
                                    variant=variant)
     for kind in KINDS:

@@ -73,6 +73,13 @@ def run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="lane") -
     torch.cuda.synchronize()
 
 
+def run_cuda_ids8(grad, logits, keep, group, ids, renormalize, out) -> None:
+    """The lane kernel reading the ids a byte each (as the forward writes them for it under autograd)."""
+    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out, ids8=ids.to(torch.uint8))
+    assert got is out
+    torch.cuda.synchronize()
+
+
 def run_cuda_split(grad, logits, keep, group, ids, renormalize, out) -> None:
     """The row-over-lanes kernel on every call (the lane kernel takes 16-bit E = 32 / 64, k = 8 by default)."""
     run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="split")
@@ -330,6 +337,23 @@ def test_split_kernel_on_the_lane_kernels_calls(cuda_kernel, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lane_kernel_with_one_byte_ids(cuda_kernel, dtype):
+    """ids8 (the forward's one-byte copy of the ids) gives the same gradient as the int64 ids."""
+    for E, k in LANE_SHAPES:
+        scenario_random_shapes(run_cuda_ids8, "cuda", E, k, dtype, (1, 31, 1000, 4099), SESSION_SEED + E * 23)
+    for kind in KINDS:
+        scenario_adversarial(run_cuda_ids8, "cuda", kind, dtype, 517, LANE_SHAPES, SESSION_SEED + sum(map(ord, kind)))
+    logits = torch.randn(9, 64, device="cuda", dtype=dtype)
+    ids = forward_ids(logits, 8, None, None)
+    grad = torch.randn(9, 8, device="cuda", dtype=dtype)
+    with pytest.raises(ValueError, match="ids8"):
+        cuda_route.route_backward(grad, logits, None, None, ids, False, ids8=ids.to(torch.int32))
+    with pytest.raises(ValueError, match="ids8"):
+        cuda_route.route_backward(grad, logits, None, None, ids, False, ids8=ids[:, :4].to(torch.uint8))
+
+
+@gpu
 def test_invalid_ids_contribute_nothing(cuda_kernel):
     scenario_invalid_ids(run_cuda, "cuda", 67, SESSION_SEED + 15)
     scenario_invalid_ids(run_cuda_split, "cuda", 67, SESSION_SEED + 16)
@@ -504,7 +528,7 @@ def test_params_mirror_the_c_struct():
     for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
         is_pointer = re.search(rf"\*\s*{name};", body) is not None
         assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
-    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 96
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 104
 
 
 def test_build_key_and_command_cover_the_backward_source(tmp_path):
@@ -580,7 +604,7 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cach
     entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
     assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
     lane = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_lane_kernel" in line]
-    assert len(lane) == 2 * 2 * 2  # (16-bit dtype, E = 32 or 64, with or without a mask)
+    assert len(lane) == 2 * 2 * 2 * 2  # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids)
     entries += lane
     for i in entries:
         report = " ".join(log[i + 1 : i + 4])
@@ -620,7 +644,7 @@ def build_emulation(directory: Path, sanitize: bool) -> Path:
                                           "route_cuda_backward_host", sanitize)
 
 
-def emulated_run(library: Path, variant: str = "lane"):
+def emulated_run(library: Path, variant: str = "lane", ids8: bool = False):
     """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
     lib = ctypes.CDLL(str(library))
     lib.moe_fastmask_route_cuda_backward.argtypes = [
@@ -630,7 +654,9 @@ def emulated_run(library: Path, variant: str = "lane"):
 
     def run(grad, logits, keep, group, ids, renormalize, out):
         grad, ids = grad.contiguous(), ids.contiguous()
-        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant)
+        byte_ids = ids.to(torch.uint8) if ids8 else None  # (alive until the launch returns)
+        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant,
+                                            ids8=byte_ids)
         code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
         assert code == 0, code
 
@@ -642,10 +668,14 @@ def emulated_checks(library: str) -> None:
     grid-stride loops take several steps)."""
     run = emulated_run(Path(library))
     split = emulated_run(Path(library), variant="split")
+    byte_ids = emulated_run(Path(library), ids8=True)
     for dtype in (torch.float16, torch.bfloat16):
         for E, k in LANE_SHAPES:
             scenario_random_shapes(split, "cpu", E, k, dtype, (37,), SESSION_SEED + E * 17)
+            scenario_random_shapes(byte_ids, "cpu", E, k, dtype, (1, 37, 70), SESSION_SEED + E * 23)
         scenario_adversarial(split, "cpu", "wide", dtype, 29, ((64, 8),), SESSION_SEED + 19)
+        for kind in ("wide", "nan_inf", "ties"):
+            scenario_adversarial(byte_ids, "cpu", kind, dtype, 29, LANE_SHAPES, SESSION_SEED + 29)
     for emulated in (run, split):
         scenario_invalid_ids(emulated, "cpu", 37, SESSION_SEED + 15)
     for dtype in DTYPES:

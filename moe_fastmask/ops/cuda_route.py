@@ -55,6 +55,7 @@ VARIANTS = {"split": 0, "lane": 1}
 # else the other) or "split" (a row over several lanes, every call)
 BACKWARD_VARIANTS = {"lane": 0, "split": 1}
 LANE_EXPERTS = (32, 64, 128)
+LANE_BACKWARD_EXPERTS = (32, 64)  # E of the backward's lane kernel (top_k == 8; see BACKWARD_VARIANTS)
 LANE_MAX_TOP_K = 8
 LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's limit on its shared mask table (see _lane_mask_bytes)
 LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in elements (its copy step is a 32-bit byte count)
@@ -95,6 +96,7 @@ class RouteParams(ctypes.Structure):
         ("logits", ctypes.c_void_p),
         ("keep", ctypes.c_void_p),
         ("group", ctypes.c_void_p),
+        ("ids8", ctypes.c_void_p),
         ("stride_t", ctypes.c_int64),
         ("stride_e", ctypes.c_int64),
         ("num_tokens", ctypes.c_int64),
@@ -121,6 +123,7 @@ class RouteBackwardParams(ctypes.Structure):
         ("grad_weights", ctypes.c_void_p),
         ("logits", ctypes.c_void_p),
         ("ids", ctypes.c_void_p),
+        ("ids8", ctypes.c_void_p),
         ("keep", ctypes.c_void_p),
         ("group", ctypes.c_void_p),
         ("stride_t", ctypes.c_int64),
@@ -416,6 +419,18 @@ def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
     return keep is None or _lane_mask_bytes(keep.shape[0], num_experts, False) <= LANE_MAX_EXTRA_BYTES
 
 
+def compact_ids_apply(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
+    """Whether a training call's forward should also write the ids a byte each (``route_forward(ids8=...)``) for the
+    backward's lane kernel, which reads them instead of the int64 ids (56 fewer bytes per row): the lane variant by
+    default, 16-bit logits with E in ``LANE_BACKWARD_EXPERTS``, ``top_k == 8``, a call the lane forward takes."""
+    return (
+        _variant_default() == "lane"
+        and top_k == LANE_MAX_TOP_K
+        and logits.shape[1] in LANE_BACKWARD_EXPERTS
+        and lane_takes(logits, top_k, keep)
+    )
+
+
 def _lane_mask_bytes(num_groups: int, num_experts: int, packed: bool) -> int:
     """Shared bytes of the lane kernel's mask table for G groups (a row more: nothing masked), with the packed
     top-k's keep words (``"packed16"``) when ``packed``; the kernel's ``lane_smem_bytes`` computes the same."""
@@ -473,6 +488,7 @@ def route_forward(
     _ablation: str | None = None,
     _grid_policy: str = "wave",
     _lane_options: tuple[str, ...] | None = None,
+    ids8: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -484,12 +500,23 @@ def route_forward(
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
     the work removed (``LANE_ABLATIONS``): its results are not the op's. ``_grid_policy`` (``GRID_POLICIES``) and
     ``_lane_options`` (names from ``LANE_OPTIONS``; bf16 logits with E=64 and a keep mask) pick the lane kernel's
-    grid and option bits, for benchmarking the choices the defaults make."""
+    grid and option bits, for benchmarking the choices the defaults make. ``ids8`` (uint8 [T, 8], contiguous, 8-byte
+    aligned; a call :func:`compact_ids_apply` accepts) is written with the same ids, a byte each, for
+    :func:`route_backward`."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
     num_tokens, num_experts = logits.shape
     weights, ids = output_buffers(logits, top_k, out)
+    if ids8 is not None:
+        if ids8.dtype != torch.uint8 or tuple(ids8.shape) != (num_tokens, top_k) or not ids8.is_contiguous() or (
+            ids8.device != logits.device or ids8.data_ptr() % 8 != 0
+        ):
+            raise ValueError(f"ids8 must be a contiguous, 8-byte aligned uint8 [{num_tokens}, {top_k}] tensor on "
+                             f"{logits.device}, got {ids8.dtype} {tuple(ids8.shape)}")
+        if not compact_ids_apply(logits, top_k, keep) or variant not in (None, "lane") or _ablation or _lane_options:
+            raise ValueError("ids8 is written by the lane kernel alone: a call compact_ids_apply() accepts, with the "
+                             "default variant, options and no ablation")
     if num_tokens == 0:
         return weights, ids
     if keep is not None and not keep.is_contiguous():
@@ -534,7 +561,8 @@ def route_forward(
         lane_options = lane_option_bits(_lane_options)
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
-                            variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options)
+                            variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
+                            ids8=ids8)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
@@ -595,6 +623,7 @@ def forward_params(
     ablation: int = 0,
     grid_policy: str = "wave",
     lane_options: int = 0,
+    ids8: Tensor | None = None,
 ) -> RouteParams:
     """The forward launcher's arguments: pointers and strides of the given tensors (``weights``, ``ids``, ``keep``
     and ``group`` contiguous; ``logits`` any strides), the variant (``VARIANTS``) and grid policy
@@ -608,6 +637,7 @@ def forward_params(
         logits.data_ptr(),
         _data_ptr(keep),
         _data_ptr(group),
+        _data_ptr(ids8),
         logits.stride(0),
         logits.stride(1),
         num_tokens,
@@ -636,6 +666,7 @@ def backward_params(
     renormalize: bool,
     *,
     variant: str = "lane",
+    ids8: Tensor | None = None,
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
     ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides) and the kernel variant by
@@ -646,6 +677,7 @@ def backward_params(
         grad_weights.data_ptr(),
         logits.data_ptr(),
         ids.data_ptr(),
+        _data_ptr(ids8),
         _data_ptr(keep),
         _data_ptr(group),
         logits.stride(0),
@@ -670,6 +702,7 @@ def route_backward(
     *,
     out: Tensor | None = None,
     variant: str = "lane",
+    ids8: Tensor | None = None,
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
@@ -677,7 +710,8 @@ def route_backward(
     ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place. ``variant``
     (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the one-row-per-lane kernel where the call allows it
     (16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
-    always the row-over-several-lanes kernel."""
+    always the row-over-several-lanes kernel. ``ids8`` (uint8 [T, k], the same ids a byte each, as
+    ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it."""
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
     lib, error, _ = _load()
@@ -694,13 +728,18 @@ def route_backward(
     grad_logits = grad_logits_buffer(logits, out)
     if num_tokens == 0:
         return grad_logits
+    if ids8 is not None and (ids8.dtype != torch.uint8 or ids8.shape != ids.shape or ids8.device != logits.device):
+        raise ValueError(f"ids8 must be uint8 {tuple(ids.shape)} (the ids' shape) on {logits.device}, got "
+                         f"{ids8.dtype} {tuple(ids8.shape)}")
     grad_weights = grad_weights.contiguous()
     ids = ids.contiguous()
+    ids8 = ids8.contiguous() if ids8 is not None else None
     if keep is not None and not keep.is_contiguous():
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant)
+    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant,
+                             ids8=ids8)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)

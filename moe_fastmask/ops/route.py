@@ -183,13 +183,15 @@ def _route_backward_impl(
     backend: str,
     scoring: str = "softmax",
     scale: float = 1.0,
+    ids8: Tensor | None = None,
 ) -> Tensor:
-    """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``)."""
+    """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``; ``ids8``,
+    the ids a byte each as the CUDA forward wrote them for it, only from ``route``'s eager autograd)."""
     if backend == "cuda":
         if cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale) and (
             cuda_route.is_available()
         ):
-            return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize)
+            return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize, ids8=ids8)
         backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_backward(
@@ -297,10 +299,19 @@ class RouteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
                 n_group=1, topk_group=1, scale=1.0):
-        weights, ids = _route_forward_impl(
-            logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
-        )
-        ctx.save_for_backward(logits, keep, group, ids)
+        variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
+        ids8 = None
+        if backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant) and (
+            cuda_route.compact_ids_apply(logits, top_k, keep)
+        ):
+            # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
+            ids8 = torch.empty(logits.shape[0], top_k, dtype=torch.uint8, device=logits.device)
+            weights, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, ids8=ids8)
+        else:
+            weights, ids = _route_forward_impl(
+                logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
+            )
+        ctx.save_for_backward(logits, keep, group, ids, ids8)
         ctx.renormalize = renormalize
         ctx.backend = backend
         ctx.scoring = scoring
@@ -315,9 +326,10 @@ class RouteFunction(torch.autograd.Function):
     def backward(ctx, grad_weights, grad_ids):
         if grad_weights is None:
             return (None,) * 12
-        logits, keep, group, ids = ctx.saved_tensors
+        logits, keep, group, ids, ids8 = ctx.saved_tensors
         grad_logits = _route_backward_impl(
-            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend, ctx.scoring, ctx.scale
+            grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend, ctx.scoring, ctx.scale,
+            ids8=ids8,
         )
         return (grad_logits,) + (None,) * 11
 
