@@ -798,24 +798,9 @@ route_lane_kernel(const RouteParams p) {
     }
     cp_async_commit();
   };
-  // the group id of the lane's row in tile t as loaded, as its two 32-bit words (0 without group ids; lo = 2^32 - 1
-  // past the last row; hi = 0 for int32 ids, so that neither a sign extension nor a check waits on the load): loaded
-  // a tile ahead and range-checked only where it is used, since an instruction on it next to the load would stall
-  // the warp there
+  // the group id of the lane's row in tile t (group_id_words: loaded a tile ahead, checked where used)
   auto load_group = [&](int64_t t, unsigned int& lo, unsigned int& hi) {
-    const int64_t row = t * 32 + lane;
-    lo = 0;
-    hi = 0;
-    if (p.group == nullptr) return;
-    if (row >= T_rows) {
-      lo = 0xFFFFFFFFu;
-    } else if (p.group_is_int64) {
-      const uint2 g = static_cast<const uint2*>(p.group)[row];
-      lo = g.x;
-      hi = g.y;
-    } else {
-      lo = static_cast<const unsigned int*>(p.group)[row];
-    }
+    group_id_words(p.group, p.group_is_int64, t * 32 + lane, T_rows, lo, hi);
   };
 
   // the first tile's group ids and copy go out before the mask table is built (its loads from keep, and the block's
@@ -825,25 +810,12 @@ route_lane_kernel(const RouteParams p) {
   if (tile < num_tiles) issue(tile, 0);
 
   if constexpr (kMask) {
-    // whether experts 2 * pair and 2 * pair + 1 are kept in group row g (row G and the padding: all kept)
-    auto pair_kept = [&](int g, int pair, bool& lo_kept, bool& hi_kept) {
-      lo_kept = hi_kept = true;
-      if (g < G && pair < NC * 4) {
-        lo_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair] != 0;
-        hi_kept = p.keep[static_cast<int64_t>(g) * E + 2 * pair + 1] != 0;
-      }
-    };
     // an entry per expert pair (mask_entry: a masked key's value becomes 0, a masked logit -inf)
-    uint2* entries = reinterpret_cast<uint2*>(mask_table);
-    for (int i = threadIdx.x; i < (G + 1) * S::kMaskStride * 2; i += blockDim.x) {
-      bool lo_kept, hi_kept;
-      pair_kept(i / (S::kMaskStride * 2), i % (S::kMaskStride * 2), lo_kept, hi_kept);
-      entries[i] = mask_entry(lo_kept, hi_kept);
-    }
+    fill_mask_table(reinterpret_cast<uint2*>(mask_table), S::kMaskStride * 2, p.keep, E, G);
     if constexpr (kPacked) {
       for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
         bool lo_kept, hi_kept;
-        pair_kept(i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
+        pair_kept(p.keep, E, G, i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
         reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
       }
     }

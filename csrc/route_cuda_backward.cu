@@ -492,22 +492,10 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
                ok ? 16 : 0);
     cp_async_commit();
   };
-  // the group id of the lane's row in tile t, as two 32-bit words (lo = 2^32 - 1 past the last row), loaded a tile
-  // ahead and checked where used (as in the forward's lane kernel)
+  // the group id of the lane's row in tile t (group_id_words: loaded a tile ahead, checked where used; without a
+  // mask, or without group ids, 0)
   auto load_group = [&](int64_t t, unsigned int& lo, unsigned int& hi) {
-    const int64_t row = t * 32 + lane;
-    lo = 0;
-    hi = 0;
-    if (!MASK || p.group == nullptr) return;  // (no group ids: every token in group 0)
-    if (row >= T_rows) {
-      lo = 0xFFFFFFFFu;
-    } else if (p.group_is_int64) {
-      const uint2 g = static_cast<const uint2*>(p.group)[row];
-      lo = g.x;
-      hi = g.y;
-    } else {
-      lo = static_cast<const unsigned int*>(p.group)[row];
-    }
+    group_id_words(MASK ? p.group : nullptr, p.group_is_int64, t * 32 + lane, T_rows, lo, hi);
   };
 
   unsigned int g_lo = 0xFFFFFFFFu, g_hi = 0;
@@ -516,15 +504,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
     issue(tile, 0);
   }
   if constexpr (MASK) {
-    for (int i = threadIdx.x; i < (G + 1) * S::kMaskEntries; i += blockDim.x) {
-      const int g = i / S::kMaskEntries, pair = i % S::kMaskEntries;
-      bool lo_kept = true, hi_kept = true;
-      if (g < G && pair < E_PAD / 2) {
-        lo_kept = p.keep[static_cast<int64_t>(g) * E_PAD + 2 * pair] != 0;
-        hi_kept = p.keep[static_cast<int64_t>(g) * E_PAD + 2 * pair + 1] != 0;
-      }
-      mask_table[i] = mask_entry(lo_kept, hi_kept);
-    }
+    fill_mask_table(mask_table, S::kMaskEntries, p.keep, E_PAD, G);
     __syncthreads();
   }
 
@@ -613,31 +593,24 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
     const bool one_fma = __all_sync(0xffffffffu, lane >= rows_left || (sum > 0x1p-60f && sum <= 0x1p100f));
     float row_max = 0.0f;
     if (!one_fma) {  // the exact form: the row max over the allowed experts (a NaN skipped: its term makes the sum NaN)
+      // f(pair's floats) over the row, a chunk at a time (a rare path: not unrolled, to spare registers)
+      auto each_pair = [&](auto&& f) {
+#pragma unroll 1
+        for (int c = 0; c < NC; ++c) {
+          unsigned int w[4];
+          uint2 m[4];
+          chunk_words(c, w, m);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) f(pair_floats<L, MASK>(w[j], m[j]));
+        }
+      };
       row_max = -INFINITY;
-#pragma unroll 1
-      for (int c = 0; c < NC; ++c) {
-        unsigned int w[4];
-        uint2 m[4];
-        chunk_words(c, w, m);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-          row_max = fmaxf(row_max, fmaxf(f.x, f.y));
-        }
-      }
+      each_pair([&](float2 f) { row_max = fmaxf(row_max, fmaxf(f.x, f.y)); });
       s0 = s1 = 0.0f;
-#pragma unroll 1
-      for (int c = 0; c < NC; ++c) {
-        unsigned int w[4];
-        uint2 m[4];
-        chunk_words(c, w, m);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-          s0 += bwd_exp2((f.x - row_max) * kLog2e);
-          s1 += bwd_exp2((f.y - row_max) * kLog2e);
-        }
-      }
+      each_pair([&](float2 f) {
+        s0 += bwd_exp2((f.x - row_max) * kLog2e);
+        s1 += bwd_exp2((f.y - row_max) * kLog2e);
+      });
       sum = s0 + s1;
     }
     const float inv = bwd_rcp(sum);

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <stdint.h>
+
 namespace moe_fastmask_lane16 {
 
 // 16-bit logits as packed pairs (expert 2i in the low half, 2i + 1 in the high half of a 32-bit word)
@@ -59,6 +61,46 @@ template <> struct Lane16<__half> {
 // expert's bits), mul_lo = 0x10000 where 2i is kept (a multiplier that shifts the bits up or zeroes them)
 __device__ __forceinline__ uint2 mask_entry(bool lo_kept, bool hi_kept) {
   return make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
+}
+
+// whether experts 2 pair and 2 pair + 1 are kept in row g of keep [G, E] (row G, and the pairs from E / 2 on: kept)
+__device__ __forceinline__ void pair_kept(const uint8_t* keep, int num_experts, int G, int g, int pair, bool& lo_kept,
+                                          bool& hi_kept) {
+  lo_kept = hi_kept = true;
+  if (g < G && 2 * pair < num_experts) {
+    lo_kept = keep[static_cast<int64_t>(g) * num_experts + 2 * pair] != 0;
+    hi_kept = keep[static_cast<int64_t>(g) * num_experts + 2 * pair + 1] != 0;
+  }
+}
+
+// the block's mask table: per_row entries (mask_entry) per group row 0 .. G, row G keeping everything
+__device__ __forceinline__ void fill_mask_table(uint2* entries, int per_row, const uint8_t* keep, int num_experts,
+                                                int G) {
+  for (int i = threadIdx.x; i < (G + 1) * per_row; i += blockDim.x) {
+    bool lo_kept, hi_kept;
+    pair_kept(keep, num_experts, G, i / per_row, i % per_row, lo_kept, hi_kept);
+    entries[i] = mask_entry(lo_kept, hi_kept);
+  }
+}
+
+// the group id of a lane's row as loaded, as its two 32-bit words (0 without group ids; lo = 2^32 - 1 past the last
+// row; hi = 0 for int32 ids, so that neither a sign extension nor a check waits on the load): the lane kernels load
+// it a tile ahead and range-check it only where it is used, since an instruction on it next to the load would stall
+// the warp there
+__device__ __forceinline__ void group_id_words(const void* group, int group_is_int64, int64_t row, int64_t num_rows,
+                                               unsigned int& lo, unsigned int& hi) {
+  lo = 0;
+  hi = 0;
+  if (group == nullptr) return;
+  if (row >= num_rows) {
+    lo = 0xFFFFFFFFu;
+  } else if (group_is_int64) {
+    const uint2 g = static_cast<const uint2*>(group)[row];
+    lo = g.x;
+    hi = g.y;
+  } else {
+    lo = static_cast<const unsigned int*>(group)[row];
+  }
 }
 
 // an expert pair's two logits as floats, a masked one (kMask, mask-table entry m = (and_hi, mul_lo)) as -inf

@@ -264,6 +264,21 @@ inline void emu_launch(int grid, int threads, size_t smem_bytes, const std::func
 """
 
 
+# the device-only statements of csrc/route_lane16.cuh (the lane kernels' shared header, which kernel_source inlines
+# into both kernel sources), and their host stand-ins
+LANE16_SUBSTITUTIONS = {
+    'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_bf16x2_canon(w);",
+    'asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_f16x2_canon(w);",
+    'asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"\n'
+    '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)\n'
+    '               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));': "v = *a;",
+    'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
+        "emu_cp_async16(dst, src, bytes);",
+    'asm volatile("cp.async.commit_group;" ::: "memory");': "",
+    'asm volatile("cp.async.wait_group 0;" ::: "memory");': "",
+}
+
+
 def kernel_source(path: Path) -> str:
     """The text of the kernel source at ``path`` with each ``#include "name"`` of a file next to it replaced by that
     file's text (recursively), so that substitutions apply to the shared headers too."""

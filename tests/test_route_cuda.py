@@ -705,19 +705,11 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
 
 # the source's device-only statements, and their host stand-ins (tests/cuda_emulation.py)
 FORWARD_EMU_SUBSTITUTIONS = {
+    **cuda_emulation.LANE16_SUBSTITUTIONS,
     'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
     'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
-    'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_bf16x2_canon(w);",
-    'asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(kOnes), "r"(0u));': "d = emu_f16x2_canon(w);",
     'asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(d) : "r"(w));': "d = emu_prmt(w, 0, 0xBB99);",
     'asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));': "d = emu_bf16x2_max_nan(a, b);",
-    'asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"\n'
-    '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)\n'
-    '               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));': "v = *a;",
-    'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
-        "emu_cp_async16(dst, src, bytes);",
-    'asm volatile("cp.async.commit_group;" ::: "memory");': "",
-    'asm volatile("cp.async.wait_group 0;" ::: "memory");': "",
     "extern __shared__ unsigned int smem[];":
         "unsigned int* const smem = reinterpret_cast<unsigned int*>(emu_smem_base);",
     "extern __shared__ __align__(16) unsigned char lane_smem[];": "unsigned char* const lane_smem = emu_smem_base;",
