@@ -72,6 +72,25 @@ __device__ __forceinline__ float bwd_exp2(float x) {
   return y;
 }
 
+// two floats as a bfloat16 pair (lo in the low half), each rounded to nearest even
+__device__ __forceinline__ unsigned int bf16x2_pack(float lo, float hi) {
+  unsigned int d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// a * b and a * b + c per bfloat16 half, each rounded once
+__device__ __forceinline__ unsigned int bf16x2_mul(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned int bf16x2_fma(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // 1 / x within 1 ulp (NaN stays NaN); the callers' x are far from the subnormal range
 __device__ __forceinline__ float bwd_rcp(float x) {
   float y;
@@ -404,13 +423,18 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 // The kernel above spreads a row over 4 lanes and spends its instructions on shuffles and on scattering the chosen
 // grads through shared memory. Here a warp copies 32 rows (logits, ids, incoming grads) into shared memory with
 // cp.async, as the forward's lane kernel does, two tiles in flight per warp, and each lane works on its own row:
+//   0. the chosen experts' logits gathered from the row;
 //   1. the softmax denominator in one pass over the row, against the largest logit R of its first 8 experts (masked
-//      or not): every term is 2^(z log2e - ref), ref = fl(R log2e), one FMA rounded once; where some row of the warp
-//      has a sum outside (2^-60, 2^100] (an overflow, an underflow against a masked R, NaN, +-inf, all -inf) the warp
-//      takes the exact form, 2^((z - max) log2e), with the row max from a first pass;
-//   2. the chosen experts' logits gathered from the row, their probabilities, and dot = sum_j g_j p_j;
+//      or not): every term is t = 2^(z log2e - ref), ref = fl(R log2e), one FMA rounded once; bfloat16 rows write
+//      each t back over its logit, as a bfloat16 (a masked expert's: 0). Where some row of the warp has a sum
+//      outside (2^-60, 2^100] (an overflow, an underflow against a masked R, NaN, +-inf, all -inf) the warp takes
+//      the exact form, 2^((z - max) log2e), with the row max from a first pass (each lane first copying its row's
+//      logits in again where the pass overwrote them);
+//   2. the chosen experts' probabilities, and dot = sum_j g_j p_j;
 //   3. a second pass writes dz = -p dot (renormalised: 0) over the row in place, then the chosen experts' dz over
-//      it, and the warp stores the tile as whole 512-byte lines.
+//      it, and the warp stores the tile as whole 512-byte lines. On bfloat16 rows that pass multiplies the kept
+//      terms by -dot / sum two at a time (bfloat16x2 FMAs: no second exponential, no mask); dz is then rounded twice
+//      (the term, then the product: within 2^-7 of it, where float16 rows and the other kernel round once).
 // Same math, NaN rules and handling of ids outside [0, E) (they contribute nothing) as the kernel above.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -435,6 +459,8 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
   using L = Lane16<T>;
   constexpr int NC = S::NC;
   constexpr float kLog2e = 1.4426950408889634f;
+  // bfloat16 rows keep their first pass's softmax terms (see above); float16 ones recompute them
+  constexpr bool kKeepTerms = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) unsigned char bwd_lane_smem[];
 
   const int G = MASK ? p.num_groups : 0;  // mask-table rows 0 .. G - 1 from keep; row G keeps everything
@@ -569,8 +595,23 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       }
     };
 
-    // 1. the denominator against ref = fl(R log2e) (see above)
+    // the chosen experts' logits, gathered before the first pass overwrites the row (a masked one reads as -inf)
+    float chosen_z[kLaneBwdTopK];
+#pragma unroll
+    for (int s = 0; s < kLaneBwdTopK; ++s) {
+      const int e = chosen[s];
+      const unsigned short bits = reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
+      bool kept = true;
+      if constexpr (MASK) {
+        const uint2 entry = my_mask[e >> 1];
+        kept = ((e & 1) ? entry.x : entry.y) != 0u;
+      }
+      chosen_z[s] = kept ? L::from_bits(bits) : -INFINITY;
+    }
+
     float s0 = 0.0f, s1 = 0.0f, neg_ref = 0.0f;
+    // 1. the denominator against ref = fl(R log2e) (see above); with kKeepTerms each term also goes back into the
+    // row, in place of its logit, as a bfloat16
 #pragma unroll 2
     for (int c = 0; c < NC; ++c) {
       unsigned int w[4];
@@ -585,14 +626,24 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-        s0 += bwd_exp2(fmaf(f.x, kLog2e, neg_ref));
-        s1 += bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
+        const float t0 = bwd_exp2(fmaf(f.x, kLog2e, neg_ref)), t1 = bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
+        s0 += t0;
+        s1 += t1;
+        if constexpr (kKeepTerms) w[j] = bf16x2_pack(t0, t1);
       }
+      if constexpr (kKeepTerms) my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
     }
     float sum = s0 + s1;
     const bool one_fma = __all_sync(0xffffffffu, lane >= rows_left || (sum > 0x1p-60f && sum <= 0x1p100f));
     float row_max = 0.0f;
     if (!one_fma) {  // the exact form: the row max over the allowed experts (a NaN skipped: its term makes the sum NaN)
+      if constexpr (kKeepTerms) {  // the first pass overwrote the row: the lane copies its logits in again
+        if (lane < rows_left) {
+          const uint4* src = reinterpret_cast<const uint4*>(logits + (tile * 32 + lane) * p.stride_t);
+#pragma unroll 1
+          for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = src[c];
+        }
+      }
       // f(pair's floats) over the row, a chunk at a time (a rare path: not unrolled, to spare registers)
       auto each_pair = [&](auto&& f) {
 #pragma unroll 1
@@ -620,21 +671,12 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       auto term = [&](float z) {  // 2^(z log2e - ref), or 2^((z - max) log2e)
         return kOneFma ? bwd_exp2(fmaf(z, kLog2e, neg_ref)) : bwd_exp2((z - row_max) * kLog2e);
       };
-      // 2. the chosen experts' probabilities (a masked one reads as -inf: p = 0 * (1 / sum)) and the dot
+      // 2. the chosen experts' probabilities (a masked one: p = 0 * (1 / sum)) and the dot
       float prob[kLaneBwdTopK];
       float dot = 0.0f, picked = 0.0f;
 #pragma unroll
       for (int s = 0; s < kLaneBwdTopK; ++s) {
-        const int e = chosen[s];
-        const unsigned short bits =
-            reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
-        bool kept = true;
-        if constexpr (MASK) {
-          const uint2 entry = my_mask[e >> 1];
-          kept = ((e & 1) ? entry.x : entry.y) != 0u;
-        }
-        const float z = kept ? L::from_bits(bits) : -INFINITY;
-        prob[s] = term(z) * inv;
+        prob[s] = term(chosen_z[s]) * inv;
         if (valid[s]) {
           dot += g[s] * prob[s];
           picked += prob[s];
@@ -651,18 +693,46 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
         for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = make_uint4(0u, 0u, 0u, 0u);
       } else {
         const float scale = -dot * inv;
-#pragma unroll 2
-        for (int c = 0; c < NC; ++c) {
-          unsigned int w[4];
-          uint2 m[4];
-          chunk_words(c, w, m);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-            w[j] = static_cast<unsigned int>(L::to_bits(term(f.x) * scale)) |
-                   (static_cast<unsigned int>(L::to_bits(term(f.y) * scale)) << 16);
+        if (kKeepTerms && kOneFma && fabsf(scale) <= 0x1p126f) {
+          // the kept terms times scale, two per instruction: scale = hi + lo as two bfloat16s, t * hi + (t * lo)
+          // rounded once, so each dz is t * scale rounded once (up to a rounding of t * lo, 2^-16 of an ulp)
+          const unsigned int hi2 = bf16x2_pack(scale, scale);
+          const float lo = scale - __uint_as_float(hi2 << 16);
+          const unsigned int lo2 = bf16x2_pack(lo, lo);
+#pragma unroll 4
+          for (int c = 0; c < NC; ++c) {
+            const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
+            my_row[swizzle<NC>(lane, c)] =
+                make_uint4(bf16x2_fma(t.x, hi2, bf16x2_mul(t.x, lo2)), bf16x2_fma(t.y, hi2, bf16x2_mul(t.y, lo2)),
+                           bf16x2_fma(t.z, hi2, bf16x2_mul(t.z, lo2)), bf16x2_fma(t.w, hi2, bf16x2_mul(t.w, lo2)));
           }
-          my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+        } else if (kKeepTerms && kOneFma) {  // scale beyond bfloat16's range (or inf, NaN): the products in fp32
+#pragma unroll 1
+          for (int c = 0; c < NC; ++c) {
+            const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
+            const unsigned int w[4] = {t.x, t.y, t.z, t.w};
+            unsigned int d[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              d[j] = static_cast<unsigned int>(L::to_bits(__uint_as_float(w[j] << 16) * scale)) |
+                     (static_cast<unsigned int>(L::to_bits(__uint_as_float(w[j] & 0xFFFF0000u) * scale)) << 16);
+            }
+            my_row[swizzle<NC>(lane, c)] = make_uint4(d[0], d[1], d[2], d[3]);
+          }
+        } else {
+#pragma unroll 2
+          for (int c = 0; c < NC; ++c) {
+            unsigned int w[4];
+            uint2 m[4];
+            chunk_words(c, w, m);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+              w[j] = static_cast<unsigned int>(L::to_bits(term(f.x) * scale)) |
+                     (static_cast<unsigned int>(L::to_bits(term(f.y) * scale)) << 16);
+            }
+            my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+          }
         }
       }
 #pragma unroll

@@ -16,6 +16,7 @@ from pathlib import Path
 
 EMU_HEADER = r"""
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -200,6 +201,33 @@ inline unsigned int emu_bf16x2_max_nan(unsigned int a, unsigned int b) {
     out |= m << (16 * n);
   }
   return out;
+}
+
+// x rounded to the nearest bfloat16 (ties to even; subnormals kept, overflow to inf, NaN the canonical 0x7FFF)
+inline unsigned int emu_bf16_round(double x) {
+  const unsigned int sign = std::signbit(x) ? 0x8000u : 0u;
+  if (std::isnan(x)) return 0x7FFFu;
+  if (std::isinf(x)) return sign | 0x7F80u;
+  if (x == 0.0) return sign;
+  const double a = std::fabs(x);
+  const double ulp = std::ldexp(1.0, std::max(std::ilogb(a), -126) - 7);
+  const double r = std::nearbyint(a / ulp) * ulp;  // (the default rounding mode: to nearest, ties to even)
+  if (r >= 0x1p128) return sign | 0x7F80u;
+  return sign | (__float_as_uint(static_cast<float>(r)) >> 16);  // (r has at most 8 significant bits)
+}
+inline double emu_bf16_half(unsigned int w, int n) {
+  return static_cast<double>(__uint_as_float(((w >> (16 * n)) & 0xFFFFu) << 16));
+}
+// cvt.rn.bf16x2.f32, mul.rn.bf16x2, fma.rn.bf16x2: per half, rounded once (the products of two bfloat16s are exact in
+// double)
+inline unsigned int emu_bf16x2_pack(float lo, float hi) { return emu_bf16_round(lo) | (emu_bf16_round(hi) << 16); }
+inline unsigned int emu_bf16x2_mul(unsigned int a, unsigned int b) {
+  return emu_bf16_round(emu_bf16_half(a, 0) * emu_bf16_half(b, 0)) |
+         (emu_bf16_round(emu_bf16_half(a, 1) * emu_bf16_half(b, 1)) << 16);
+}
+inline unsigned int emu_bf16x2_fma(unsigned int a, unsigned int b, unsigned int c) {
+  return emu_bf16_round(emu_bf16_half(a, 0) * emu_bf16_half(b, 0) + emu_bf16_half(c, 0)) |
+         (emu_bf16_round(emu_bf16_half(a, 1) * emu_bf16_half(b, 1) + emu_bf16_half(c, 1)) << 16);
 }
 
 // ex2.approx.ftz / rcp.approx.ftz: subnormal inputs and results are zero

@@ -307,6 +307,61 @@ def scenario_invalid_ids(run, device, T, seed):
                                                equal_nan=True, msg=lambda m: f"invalid ids: row {row} E={E}\n{m}")
 
 
+def scenario_extreme_grads(run, device, T, seed):
+    """Incoming grads of +-inf, NaN, near the dtype's largest and smallest values, and zeros among normal ones (the
+    lane kernel's bfloat16 products change form for a scale beyond bfloat16's range)."""
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        extremes = torch.tensor([INF, -INF, NAN, big * 0.9, -big * 0.3, big * 0.05, 1e-30, 0.0])
+        for E, k in LANE_SHAPES + [(60, 8)]:
+            logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
+            keep = make_keep(2, E, None, gen)
+            keep[:, :k] = True  # (the reference logit of the lane kernel's one-pass sum is allowed: the sum is >= 1)
+            keep = keep.to(device)
+            group = torch.randint(-1, 2, (T,), generator=gen).to(device)
+            ids = forward_ids(logits, k, keep, group)
+            grad = torch.randn(T, k, generator=gen)
+            pick = torch.rand(T, k, generator=gen) < 0.15
+            grad[pick] = extremes[torch.randint(0, len(extremes), (int(pick.sum()),), generator=gen)]
+            grad = grad.to(dtype).to(device)
+            for renorm in (False, True):
+                check_against_reference(run, grad, logits, keep, group, ids, renorm,
+                                        where=f"extreme grads E={E} {dtype} renorm={renorm}")
+            # whole rows near the largest value: a finite dot (and scale) beyond half of bfloat16's range. Without
+            # renormalisation or a mask: where the chosen experts hold all of a row's probability, equal grads cancel
+            # (g - dot = 0 up to fp32's rounding of dot, far above atol)
+            # (expert 0 ahead in those rows: sum ~ 2, so |dot| / sum exceeds 2^126 in bfloat16)
+            grad[::7] = big * 0.95
+            logits[::7, 0] = 4.0
+            ids = forward_ids(logits, k, None, None)
+            check_against_reference(run, grad, logits, None, None, ids, False, where=f"large rows E={E} {dtype}")
+
+
+def scenario_rounding(run, device, T, seed, ulps):
+    """Without renormalisation each unchosen expert's dz = -p dot is within ``ulps`` times the dtype's unit roundoff
+    (2^-8 relative for bfloat16, 2^-11 for float16) of the exact value, up to fp32's rounding of dot: 1 for a kernel
+    that rounds each dz once, 2 for the lane kernel's bfloat16 rows (their softmax terms kept as bfloat16 between the
+    passes). (A chosen expert's dz = p (g - dot) can cancel, so its error has no such relative bound; the tolerance
+    scenarios cover it.)"""
+    gen = torch.Generator().manual_seed(seed)
+    for dtype, unit in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
+        for E, k in LANE_SHAPES:
+            logits = torch.randn(T, E, generator=gen).mul(2).to(dtype).to(device)
+            ids = forward_ids(logits, k, None, None)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            out = torch.full((T, E), POISON, dtype=dtype, device=device)
+            run(grad, logits, None, None, ids, False, out)
+            exact = reference.route_backward_reference(grad.double(), logits.double(), None, None, ids, False)
+            prob = torch.softmax(logits.double(), dim=1)
+            # fp32's error in dot = sum_s g_s p_s: at most a few units of 2^-24 of sum_s |g_s| p_s
+            dot_slack = 2.0**-20 * (grad.double().abs() * prob.gather(1, ids)).sum(dim=1, keepdim=True)
+            bound = ulps[dtype] * unit * (1.02 * exact.abs() + torch.finfo(dtype).tiny) + prob * dot_slack
+            unchosen = torch.ones_like(exact, dtype=torch.bool).scatter_(1, ids, False)
+            worst = ((out.double() - exact).abs() / bound)[unchosen].max().item()
+            assert worst <= 1.0, f"E={E} {dtype}: error {worst:.3f} x the bound of {ulps[dtype]} roundings"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU: the kernel against the reference
 # --------------------------------------------------------------------------------------------------------------
@@ -357,6 +412,20 @@ def test_lane_kernel_with_one_byte_ids(cuda_kernel, dtype):
 def test_invalid_ids_contribute_nothing(cuda_kernel):
     scenario_invalid_ids(run_cuda, "cuda", 67, SESSION_SEED + 15)
     scenario_invalid_ids(run_cuda_split, "cuda", 67, SESSION_SEED + 16)
+
+
+@gpu
+def test_extreme_incoming_grads(cuda_kernel):
+    for seed, run in enumerate((run_cuda, run_cuda_ids8, run_cuda_split)):
+        scenario_extreme_grads(run, "cuda", 1000, SESSION_SEED + 31 + seed)
+
+
+@gpu
+def test_each_gradient_rounded_at_most_twice(cuda_kernel):
+    """The lane kernel's bfloat16 rows round an unchosen expert's dz twice (the kept term, then dz); everything else
+    once."""
+    scenario_rounding(run_cuda, "cuda", 4099, SESSION_SEED + 41, {torch.bfloat16: 2, torch.float16: 1})
+    scenario_rounding(run_cuda_split, "cuda", 4099, SESSION_SEED + 42, {torch.bfloat16: 1, torch.float16: 1})
 
 
 @gpu
@@ -507,7 +576,7 @@ def bad_shapes() -> list[dict]:
         dict(good, ids=None),
         dict(good, keep=64, num_groups=0),
         dict(good, group_is_int64=2),
-        dict(good, variant=2),
+        dict(good, variant=3),
         dict(good, variant=-1),
     ]
 
@@ -620,6 +689,9 @@ EMU_SUBSTITUTIONS = {
     **cuda_emulation.LANE16_SUBSTITUTIONS,
     'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_ex2(x);",
     'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = emu_rcp(x);",
+    'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));': "d = emu_bf16x2_pack(lo, hi);",
+    'asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));': "d = emu_bf16x2_mul(a, b);",
+    'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));': "d = emu_bf16x2_fma(a, b, c);",
     "extern __shared__ __align__(16) unsigned char bwd_lane_smem[];":
         "unsigned char* const bwd_lane_smem = emu_smem_base;",
     "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);":
@@ -670,6 +742,10 @@ def emulated_checks(library: str) -> None:
             scenario_adversarial(byte_ids, "cpu", kind, dtype, 29, LANE_SHAPES, SESSION_SEED + 29)
     for emulated in (run, split):
         scenario_invalid_ids(emulated, "cpu", 37, SESSION_SEED + 15)
+    for seed, emulated in enumerate((run, byte_ids, split)):
+        scenario_extreme_grads(emulated, "cpu", 70, SESSION_SEED + 31 + seed)
+    scenario_rounding(run, "cpu", 70, SESSION_SEED + 41, {torch.bfloat16: 2, torch.float16: 1})
+    scenario_rounding(split, "cpu", 70, SESSION_SEED + 42, {torch.bfloat16: 1, torch.float16: 1})
     for dtype in DTYPES:
         for E, k in SHAPES:
             scenario_random_shapes(run, "cpu", E, k, dtype, (1, 37), SESSION_SEED + E * 131 + k)
