@@ -405,30 +405,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   }
 }
 
-// The multiprocessors of `device` and the blocks of KERNEL resident on one at `threads` and `smem`, queried once
-// per (kernel, device, shared-memory size) and kept.
-template <auto KERNEL>
-cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resident) {
-  static int cached_sms[64] = {0};
-  static int cached_resident[64] = {0};
-  static size_t cached_smem[64] = {0};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (cached_sms[device] == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&cached_sms[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  if (cached_resident[device] == 0 || cached_smem[device] != smem) {
-    int blocks = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, KERNEL, threads, smem);
-    if (err != cudaSuccess) return err;
-    cached_resident[device] = blocks > 0 ? blocks : 1;
-    cached_smem[device] = smem;
-  }
-  sms = cached_sms[device];
-  resident = cached_resident[device];
-  return cudaSuccess;
-}
-
 template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;
@@ -1020,8 +996,7 @@ route_lane_kernel(const RouteParams p) {
         unsigned int pk[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          pk[i] = static_cast<unsigned int>(L::to_bits(wts[2 * i])) |
-                  (static_cast<unsigned int>(L::to_bits(wts[2 * i + 1])) << 16);
+          pk[i] = L::pack(wts[2 * i], wts[2 * i + 1]);
         }
         *reinterpret_cast<uint4*>(w_out) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
       } else {

@@ -714,8 +714,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
             unsigned int d[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              d[j] = static_cast<unsigned int>(L::to_bits(__uint_as_float(w[j] << 16) * scale)) |
-                     (static_cast<unsigned int>(L::to_bits(__uint_as_float(w[j] & 0xFFFF0000u) * scale)) << 16);
+              d[j] = L::pack(__uint_as_float(w[j] << 16) * scale, __uint_as_float(w[j] & 0xFFFF0000u) * scale);
             }
             my_row[swizzle<NC>(lane, c)] = make_uint4(d[0], d[1], d[2], d[3]);
           }
@@ -728,8 +727,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
               const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-              w[j] = static_cast<unsigned int>(L::to_bits(term(f.x) * scale)) |
-                     (static_cast<unsigned int>(L::to_bits(term(f.y) * scale)) << 16);
+              w[j] = L::pack(term(f.x) * scale, term(f.y) * scale);
             }
             my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
           }
@@ -766,24 +764,14 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
 template <typename T, int E_PAD, bool VEC>
 cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
   using S = BwdShape<T, E_PAD>;
-  auto kernel = route_bwd_kernel<T, E_PAD, VEC>;
+  constexpr auto kernel = route_bwd_kernel<T, E_PAD, VEC>;
   // one resident wave of blocks, each walking its rows grid-stride (fewer blocks when T is small)
-  static int sms[64] = {0};
-  static int resident[64] = {0};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (sms[device] == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  if (resident[device] == 0) {
-    int blocks = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBwdThreads, 0);
-    if (err != cudaSuccess) return err;
-    resident[device] = blocks > 0 ? blocks : 1;
-  }
+  int sms = 0, resident = 0;
+  const cudaError_t err = wave_shape<kernel>(device, kBwdThreads, 0, sms, resident);
+  if (err != cudaSuccess) return err;
   constexpr int64_t kRowsPerBlock = static_cast<int64_t>(kBwdWarps) * S::R;
   const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
   kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);
@@ -829,26 +817,14 @@ size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
 
 template <typename T, int E_PAD, bool MASK, bool IDS8>
 cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
-  auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK, IDS8>;
+  constexpr auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK, IDS8>;
   // one resident wave of blocks (fewer when T is small), the warps taking the 32-row tiles round-robin
-  static int sms[64] = {0};
-  static int resident[64] = {0};
-  static size_t resident_smem[64] = {0};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (sms[device] == 0) {
-    cudaError_t err = cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  if (resident[device] == 0 || resident_smem[device] != smem) {
-    int blocks = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLaneBwdWarps * 32, smem);
-    if (err != cudaSuccess) return err;
-    resident[device] = blocks > 0 ? blocks : 1;
-    resident_smem[device] = smem;
-  }
+  int sms = 0, resident = 0;
+  const cudaError_t err = wave_shape<kernel>(device, kLaneBwdWarps * 32, smem, sms, resident);
+  if (err != cudaSuccess) return err;
   const int64_t tiles = (p.num_tokens + 31) / 32;
   const int64_t needed = (tiles + kLaneBwdWarps - 1) / kLaneBwdWarps;
-  const int64_t wave = static_cast<int64_t>(sms[device]) * resident[device];
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
   kernel<<<grid, kLaneBwdWarps * 32, smem, stream>>>(p);

@@ -2,6 +2,7 @@
 // (route_cuda_backward.cu): one row of 16-bit logits per lane, a warp's 32 rows copied into shared memory with
 // cp.async as swizzled 16-byte chunks, and the per-group mask table whose entries turn a masked expert's logit into
 // -inf with integer arithmetic alone.
+// Also the launchers' one host helper, wave_shape.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +33,10 @@ template <> struct Lane16<__nv_bfloat16> {
   static __device__ __forceinline__ unsigned short to_bits(float w) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(w));
   }
+  // a pair of floats rounded to a packed pair (lo in the low half)
+  static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
+    return static_cast<unsigned int>(to_bits(lo)) | (static_cast<unsigned int>(to_bits(hi)) << 16);
+  }
 };
 template <> struct Lane16<__half> {
   static constexpr unsigned int kOnes = 0x3C003C00u, kNegInf = 0xFC00FC00u;
@@ -55,6 +60,9 @@ template <> struct Lane16<__half> {
     return make_float2(lo(x), hi(x));
   }
   static __device__ __forceinline__ unsigned short to_bits(float w) { return __half_as_ushort(__float2half_rn(w)); }
+  static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
+    return static_cast<unsigned int>(to_bits(lo)) | (static_cast<unsigned int>(to_bits(hi)) << 16);
+  }
 };
 
 // mask-table entry of experts (2i, 2i + 1): and_hi = 0xFFFF0000 where 2i + 1 is kept (an AND that zeroes a masked
@@ -132,6 +140,30 @@ __device__ __forceinline__ uint4 lds128(const uint4* a) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));
   return v;
+}
+
+// The multiprocessors of `device` and the blocks of KERNEL resident on one at `threads` and `smem`, queried once
+// per (kernel, device, shared-memory size) and kept.
+template <auto KERNEL>
+cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resident) {
+  static int cached_sms[64] = {0};
+  static int cached_resident[64] = {0};
+  static size_t cached_smem[64] = {0};
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (cached_sms[device] == 0) {
+    cudaError_t err = cudaDeviceGetAttribute(&cached_sms[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  if (cached_resident[device] == 0 || cached_smem[device] != smem) {
+    int blocks = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, KERNEL, threads, smem);
+    if (err != cudaSuccess) return err;
+    cached_resident[device] = blocks > 0 ? blocks : 1;
+    cached_smem[device] = smem;
+  }
+  sms = cached_sms[device];
+  resident = cached_resident[device];
+  return cudaSuccess;
 }
 
 }  // namespace moe_fastmask_lane16
