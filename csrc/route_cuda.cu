@@ -608,26 +608,19 @@ __device__ __forceinline__ float fast_rcp(float x) {
 // The packed top-k (see above) of a lane's bf16 row of 64 experts (NC = 8 chunks) in shared memory, my_keep its
 // group's keep words: true, with top[] holding the picks as the 32-bit keys of route_lane_kernel, where every row of
 // the warp fits its window (a lane with row_valid false counts as fitting); false, top[] untouched, otherwise. Every
-// lane of the warp calls it.
-template <int NC, bool kMask>
+// lane of the warp calls it. With kSum it also sums the one-pass softmax denominator of route_lane_kernel in the
+// same pass (sum_exp, neg_ref; written only on success), against the row's largest logit, which it has at hand.
+// A row whose largest logit is negative takes its window among the negative values (order ~x instead of x ^ 0x8000,
+// chosen per row by one XOR mask), so that only a top 8 that spans zero (or one wider than the window, or NaN, or
+// fewer than 8 allowed) sends the warp to the 32-bit keys.
+template <int NC, bool kMask, bool kSum>
 __device__ __forceinline__ bool packed_top8(const uint4* my_row, const uint4* my_keep, int lane, bool row_valid,
-                                            unsigned int (&top)[8]) {
+                                            unsigned int (&top)[8], float (&sum_exp)[2], float& neg_ref) {
   constexpr int E_PAD = NC * 8;
   static_assert(E_PAD == 64, "the packed top-k's window and codes are sized for 64 experts");
   constexpr int kCodeBits = 6;
   constexpr unsigned int kWindow = (1u << (16 - kCodeBits)) - 1;
-  // u: order of each positive value (x ^ 0x8000; negatives and -0.0 land below 0x8000), 0 for a masked expert (NaN
-  // rows go to the 32-bit keys, so no canonical form is needed). Two passes over the row in shared memory (its
-  // largest logit, then the keys): holding the row would spill
-  auto load_u = [&](int c, unsigned int (&u)[4]) {
-    const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
-    uint4 kept = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
-    if constexpr (kMask) kept = lds128(my_keep + c);
-    u[0] = (raw.x ^ 0x80008000u) & kept.x;
-    u[1] = (raw.y ^ 0x80008000u) & kept.y;
-    u[2] = (raw.z ^ 0x80008000u) & kept.z;
-    u[3] = (raw.w ^ 0x80008000u) & kept.w;
-  };
+  constexpr float kLog2e = 1.4426950408889634f;
   // the window's top: the row's largest logit (masked experts too: a top above the allowed ones only narrows the
   // window), NaN-propagating so that a row holding a NaN is sent to the 32-bit keys
   unsigned int x_max = 0xFF80FF80u;
@@ -638,29 +631,46 @@ __device__ __forceinline__ bool packed_top8(const uint4* my_row, const uint4* my
   }
   const unsigned int top_x = bf16x2_max_nan(x_max, __byte_perm(x_max, 0, 0x1032)) & 0xFFFFu;
   const bool nan_row = (top_x & 0x7FFFu) > 0x7F80u;
-  const unsigned int top_u = top_x ^ ((top_x & 0x8000u) ? 0xFFFFu : 0x8000u);
-  const unsigned int base = max(top_u, 0x8000u + kWindow) - kWindow;  // >= 0x8000: negatives and +0 fall below
+  // u: each value's order, 0 for a masked expert. A row with a positive (or zero) top: x ^ 0x8000, so that the
+  // negatives and -0.0 land below 0x8000 <= base; a row with a negative top (no zero or positive value in it): ~x
+  const bool negative_top = (top_x & 0x8000u) != 0 && (top_x & 0x7FFFu) != 0;
+  const unsigned int flip = negative_top ? 0xFFFFFFFFu : 0x80008000u;
+  const unsigned int top_u = (top_x ^ flip) & 0xFFFFu;
+  const unsigned int base = max(top_u, (negative_top ? 0u : 0x8000u) + kWindow) - kWindow;
   const unsigned int base2 = base * 0x10001u;
+  const float row_neg_ref = -(__uint_as_float(top_x << 16) * kLog2e);
   // keys of experts 16q .. 16q + 15 (8 registers), sorted per half. Per half, the key is
   // (max(u, base) - base) * 2^kCodeBits + code; in 32-bit arithmetic modulo 2^32 the packed pair's is
   // max(u, base) * 2^kCodeBits + (codes - base * 2^kCodeBits): one multiply-add (the halves' offsets are exact, so
   // the product's carries between halves cancel)
   const unsigned int key_bias = 0u - base2 * (1u << kCodeBits);
+  float s0 = 0.0f, s1 = 0.0f;
   auto sorted_keys = [&](int q, unsigned int (&keys)[8]) {
-    load_u(2 * q, reinterpret_cast<unsigned int(&)[4]>(keys[0]));
-    load_u(2 * q + 1, reinterpret_cast<unsigned int(&)[4]>(keys[4]));
+    const uint4 raw0 = lds128(my_row + swizzle<NC>(lane, 2 * q)), raw1 = lds128(my_row + swizzle<NC>(lane, 2 * q + 1));
+    uint4 kept0 = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu), kept1 = kept0;
+    if constexpr (kMask) {
+      kept0 = lds128(my_keep + 2 * q);
+      kept1 = lds128(my_keep + 2 * q + 1);
+    }
+    const unsigned int w[8] = {raw0.x, raw0.y, raw0.z, raw0.w, raw1.x, raw1.y, raw1.z, raw1.w};
+    const unsigned int k[8] = {kept0.x, kept0.y, kept0.z, kept0.w, kept1.x, kept1.y, kept1.z, kept1.w};
     const unsigned int q_bias = key_bias - static_cast<unsigned int>(q) * (16u * 0x10001u);  // codes of step q
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const unsigned int code2 = (E_PAD - 1 - 2 * j) | ((E_PAD - 2 - 2 * j) << 16);  // experts 2j, 2j + 1
-      keys[j] = Key16x2::hi(keys[j], base2) * (1u << kCodeBits) + (q_bias + code2);
+      keys[j] = Key16x2::hi((w[j] ^ flip) & k[j], base2) * (1u << kCodeBits) + (q_bias + code2);
+      if constexpr (kSum) {  // the pair with a masked half as -inf (one LOP3)
+        const unsigned int m = kMask ? (w[j] & k[j]) | (~k[j] & 0xFF80FF80u) : w[j];
+        s0 += fast_exp2(fmaf(__uint_as_float(m << 16), kLog2e, row_neg_ref));
+        s1 += fast_exp2(fmaf(__uint_as_float(m & 0xFFFF0000u), kLog2e, row_neg_ref));
+      }
     }
     sort8_desc<Key16x2>(keys);
   };
   unsigned int run[8];
   sorted_keys(0, run);
-#pragma unroll 1
-  for (int q = 1; q < NC / 2; ++q) {  // (not unrolled: the loads of every step would not fit the registers)
+#pragma unroll
+  for (int q = 1; q < NC / 2; ++q) {
     unsigned int keys[8];
     sorted_keys(q, keys);
     merge8_desc<Key16x2>(run, keys);
@@ -677,6 +687,11 @@ __device__ __forceinline__ bool packed_top8(const uint4* my_row, const uint4* my
   for (int i = 0; i < 8; ++i) {  // back to the 32-bit key: order above, code below
     const unsigned int k16 = fin[i] & 0xFFFFu;
     top[i] = (((k16 >> kCodeBits) + base) << 16) | (k16 & (E_PAD - 1));
+  }
+  if constexpr (kSum) {
+    sum_exp[0] = s0;
+    sum_exp[1] = s1;
+    neg_ref = row_neg_ref;
   }
   return true;
 }
@@ -794,6 +809,14 @@ route_lane_kernel(const RouteParams p) {
         pair_kept(p.keep, E, G, i / (S::kKeepStride * 4), i % (S::kKeepStride * 4), lo_kept, hi_kept);
         reinterpret_cast<unsigned int*>(keep_words)[i] = (lo_kept ? 0xFFFFu : 0u) | (hi_kept ? 0xFFFF0000u : 0u);
       }
+      __syncthreads();
+      // each row's padding word: whether the group keeps at least 8 experts (its rows can fit their windows)
+      for (int g = threadIdx.x; g <= G; g += blockDim.x) {
+        const unsigned int* words = reinterpret_cast<const unsigned int*>(keep_words + g * S::kKeepStride);
+        int kept_bits = 0;
+        for (int i = 0; i < NC * 4; ++i) kept_bits += __popc(words[i]);
+        reinterpret_cast<unsigned int*>(keep_words + g * S::kKeepStride + NC)[0] = kept_bits >= 8 * 16 ? 1u : 0u;
+      }
     }
   }
   if (shared_hist) {
@@ -820,20 +843,31 @@ route_lane_kernel(const RouteParams p) {
 
     unsigned int top[8];
     bool top_done = false;
-    if constexpr (kPacked) {
-      // (a vote makes the decision warp-uniform: another warp may add a miss while this one reads)
-      if (__all_sync(0xffffffffu, *static_cast<volatile unsigned int*>(&packed_misses) < kPackedMaxMisses)) {
-        top_done = packed_top8<NC, kMask>(my_row, keep_words + gi * S::kKeepStride, lane, row_valid, top);
-        if (!top_done && lane == 0) atomicAdd(&packed_misses, 1u);
-      }
-    }
     // one-pass softmax denominator (kOnePassSoftmax): sum_exp = sum of 2^(z log2e - ref) over the allowed experts,
     // summed while the top-k reads the row, with ref = fl(R log2e), R the largest logit (masked or not) of the row's
-    // first chunk: every term and every weight take the same ref, so it cancels from the weights, and each exponent
-    // is one FMA rounded once. It holds where no term overflowed and the largest did not underflow (checked below;
-    // a warp with a row outside falls back to the second pass)
+    // first chunk (the packed top-k: of the whole row): every term and every weight take the same ref, so it cancels
+    // from the weights, and each exponent is one FMA rounded once. It holds where no term overflowed and the largest
+    // did not underflow (checked below; a warp with a row outside falls back to the second pass)
     float sum_exp0 = 0.0f, sum_exp1 = 0.0f, neg_ref = 0.0f;
     bool one_pass = false;
+    if constexpr (kPacked) {
+      // (a vote makes the decision warp-uniform: another warp may add a miss while this one reads). A group row
+      // that keeps fewer than 8 experts never fits: its warps go straight to the 32-bit keys
+      const uint4* my_keep = keep_words + gi * S::kKeepStride;
+      const bool enough_kept = !kMask || reinterpret_cast<const unsigned int*>(my_keep + NC)[0] != 0;
+      if (__all_sync(0xffffffffu, enough_kept &&
+                                      *static_cast<volatile unsigned int*>(&packed_misses) < kPackedMaxMisses)) {
+        float sums[2];
+        top_done = packed_top8<NC, kMask, kOnePassSoftmax>(my_row, my_keep, lane, row_valid, top, sums, neg_ref);
+        if (top_done) {
+          sum_exp0 = sums[0];
+          sum_exp1 = sums[1];
+          one_pass = kOnePassSoftmax;
+        } else if (lane == 0) {
+          atomicAdd(&packed_misses, 1u);
+        }
+      }
+    }
     if (kTopK && !top_done) {
 #pragma unroll
       for (int c = 0; c < NC; ++c) {

@@ -128,6 +128,7 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
 }
