@@ -372,22 +372,26 @@ def packed_window_case(gen: torch.Generator):
     group[224:256] = G  # out of range: unmasked, uncounted
     order = torch.full((T, E), 0, dtype=torch.int64)
     top = 0x8000 + 0x3F80 + int(torch.randint(0, 0x200, (1,), generator=gen))  # a positive largest logit near 1..4
+    top_negative = 0x4000 + int(torch.randint(0, 0x200, (1,), generator=gen))  # a negative one near -2..-4
     # warp 0: every row's 8th largest allowed logit at the window's lowest step (inside), with or without the mask
     # warp 1: the same rows, one of them with its 8th largest one step below the window (the warp falls back)
     # warp 2: 8th largest far below (many binades), in every row
-    for w, edge_offsets in enumerate(([1] * 32, [1] * 31 + [0], [-3000] * 32)):
+    # warps 8 and 9: warps 0 and 1 with every logit negative (the window among the negative values)
+    edges = {0: ([1] * 32, top), 1: ([1] * 31 + [0], top), 2: ([-3000] * 32, top), 8: ([1] * 32, top_negative),
+             9: ([1] * 31 + [0], top_negative)}
+    for w, (edge_offsets, row_top) in edges.items():
         for lane, offset in enumerate(edge_offsets):
             r = 32 * w + lane
-            values = torch.randint(top - window - 2500, top - window - 5, (E,), generator=gen)  # below the window
+            values = torch.randint(row_top - window - 2500, row_top - window - 5, (E,), generator=gen)  # below
             kept = keep[group[r]].nonzero().flatten()
             picks = kept[torch.randperm(len(kept), generator=gen)[:8]]  # (allowed in the row's group)
-            values[picks[0]] = top
-            values[picks[1:7]] = torch.randint(top - window + 1, top + 1, (6,), generator=gen)
-            values[picks[7]] = top - window + offset  # offset 1: inside (the lowest step), 0: just below
+            values[picks[0]] = row_top
+            values[picks[1:7]] = torch.randint(row_top - window + 1, row_top + 1, (6,), generator=gen)
+            values[picks[7]] = row_top - window + offset  # offset 1: inside (the lowest step), 0: just below
             order[r] = values
-    rows = slice(0, 96)
     logits = base_logits.to(torch.bfloat16)
-    logits[rows] = bf16_from_order(order[rows])
+    for w in edges:
+        logits[32 * w:32 * w + 32] = bf16_from_order(order[32 * w:32 * w + 32])
     # warp 3: exact ties at the edge and at the top; warp 4: all negative; warp 5: the largest logit masked (huge)
     logits[96:128] = bf16_from_order(torch.randint(top - window, top - window + 3, (32, E), generator=gen))
     logits[128:160] = -logits[128:160].abs() - 0.5
@@ -400,20 +404,27 @@ def packed_window_case(gen: torch.Generator):
     return logits, keep, tight_keep, group
 
 
+def few_kept(tight_keep: torch.Tensor) -> torch.Tensor:
+    """``tight_keep`` with its group 1 keeping 5 experts (fewer than k = 8: the packed top-k never tries its rows)."""
+    few = tight_keep.clone()
+    few[1, few[1].nonzero().flatten()[5:]] = False
+    return few
+
+
 @gpu
 def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
     """The lane kernel's 16-bit-key top-k (bf16, E=64) keeps each row's picks exact where they fit its window (1023
     order steps below the row's largest logit) and hands the whole warp to the 32-bit keys where one row does not.
-    Rows here sit on both sides of the window's edge, with and without the other rows of their warp fitting, with
-    the largest logit masked, all logits negative, fewer allowed experts than k, NaN and +-inf; every layout is
-    checked against the reference and against the 32-bit-key instance."""
+    Rows here sit on both sides of the window's edge (among positive and among negative logits), with and without the
+    other rows of their warp fitting, with the largest logit masked, all logits negative, fewer allowed experts than
+    k (in every group, and in one group only), NaN and +-inf; every layout is checked against the reference."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 29)
     E, k, G = 64, 8, 3
     logits, keep, tight_keep, group = (t.cuda() for t in packed_window_case(gen))
-    runs = [(keep, options) for options in (("topk8",), ("topk8", "packed16"))] + [(tight_keep, ("packed16",)),
-                                                                                  (None, None)]
-    for keep_r, options in runs:
-        where = f"options={options} keep={'tight' if keep_r is tight_keep else keep_r is not None}"
+    runs = [(keep, options) for options in (("topk8",), ("topk8", "packed16"))] + [
+        (tight_keep, ("packed16",)), (few_kept(tight_keep), ("topk8", "packed16")), (None, None)]
+    for i, (keep_r, options) in enumerate(runs):
+        where = f"run {i}: options={options}"
         group_r = group.cuda() if keep_r is not None else None
         start = torch.zeros(G, E, dtype=torch.int64, device="cuda") if keep_r is not None else None
         counts = None if start is None else start.clone()
@@ -801,6 +812,8 @@ def emulated_forward_checks(library: str) -> None:
     for i, options in enumerate(lane_option_sets()):  # (the two masks and grids in turn: each set under one)
         check_emulated(run, logits, 8, (keep, tight_keep)[i % 2], group, 3, False, "window case", options=options,
                        grid_policy="balanced" if len(options) % 2 else "wave")
+    check_emulated(run, logits, 8, few_kept(tight_keep), group, 3, False, "window case, a group keeping 5",
+                   options=("topk8", "packed16"))
     # the one-pass softmax denominator's edges (each falling back in its own warp)
     logits, keep, group = one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31))
     for options in ((), ("two_pass_softmax",)):
