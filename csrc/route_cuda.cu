@@ -523,8 +523,9 @@ constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPa
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
 // gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
 // stage (more warps) is slower at T = 65,536 and no faster at T = 262,144
-// (kPacked16 is not the default: on logits whose rows fit its windows it is within the run-to-run spread of the 32-bit
-// keys, and where they do not (a row's top 8 spanning zero) its attempts cost up to a third more time)
+// (kPacked16 is not the default: on logits whose rows fit its windows it is 9-11% slower than the 32-bit keys, with 4%
+// fewer instructions and a fifth less integer-pipe time, and where they do not (a row's top 8 spanning zero) its
+// attempts cost 28-46% more time; benchmarks/RESULTS.md, seventh round)
 constexpr int kLaneDefaultOptions = kStageIds;  // (kTopK8 is added where top_k == 8)
 
 __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF in each half whose sign bit is set
@@ -585,14 +586,15 @@ __device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsign
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
 // pairs run on the integer pipe at the rate of 32-bit ones, so a network costs half as many instructions per key).
 // A 16-bit key cannot hold a bf16 value and the expert index, so it holds the value's offset in a window of
-// kWindow = 2^(16 - log2 E) - 1 order steps below the row's largest allowed value (1023 steps, 8 binades, at E = 64)
-// above the index code: key = (max(u, base) - base) << log2 E | (E - 1 - e), u the value's order (positives only:
-// x ^ 0x8000; negatives and masked experts fall to u < 0x8000 <= base). Keys of one register's two halves (experts
-// 2i and 2i + 1) go through the same network, giving the top 8 of the even and of the odd experts; a last merge
-// joins them. Exact wherever the 8th pick lies inside the window (offset > 0): then every pick is an allowed expert
-// ranked by its exact value, and everything below the window (offset 0) ranks below the picks. A warp whose rows
-// are not all exact (the row's 8th largest value 8 binades or more below its largest, a largest value <= 0, fewer
-// than 8 allowed experts, NaN) redoes its top-k with the 32-bit keys.
+// kWindow = 2^(16 - log2 E) - 1 order steps below the row's largest value (1023 steps, 8 binades, at E = 64) above
+// the index code: key = (max(u, base) - base) << log2 E | (E - 1 - e), u the value's order (a row with a positive
+// largest value: x ^ 0x8000, so that its negatives and masked experts fall to u < 0x8000 <= base; one with a
+// negative largest value: ~x). Keys of one register's two halves (experts 2i and 2i + 1) go through the same
+// network, giving the top 8 of the even and of the odd experts; a last merge joins them. Exact wherever the 8th pick
+// lies inside the window (offset > 0): then every pick is an allowed expert ranked by its exact value, and
+// everything below the window (offset 0) ranks below the picks. A warp whose rows are not all exact (the row's 8th
+// largest value 8 binades or more below its largest, a top 8 spanning zero, fewer than 8 allowed experts, NaN)
+// redoes its top-k with the 32-bit keys.
 __device__ __forceinline__ unsigned int bf16x2_max_nan(unsigned int a, unsigned int b) {  // NaN if either is NaN
   unsigned int d;
   asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
