@@ -20,8 +20,12 @@ them are checked against the reference before timing; times are per call in a CU
 
 ``--only NAME ...`` times only the configurations named (as printed) and the op as dispatched.
 
+``--timeline`` runs instead the op's instance with per-warp stamps (``cuda_route.route_forward``'s ``_timeline``) at
+``--T`` and prints where a warp's time goes: the wait for its first tile, each tile's top-k and softmax, its stores,
+the wait for its next tile, and when the warps end (``--timeline-out CSV``: every warp's raw stamps).
+
 Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]
-[--shift S] [--only NAME ...]``
+[--shift S] [--only NAME ...] [--timeline [--T N] [--timeline-out CSV]]``
 """
 
 from __future__ import annotations
@@ -55,7 +59,87 @@ def parse_args(argv=None):
     parser.add_argument("--shift", type=float, default=0.0,
                         help="add this to every logit (e.g. -3: rows whose top 8 span zero, which the packed top-k "
                              "hands to the 32-bit keys)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per-warp stamps of the op's instance at --T instead of timing (see the docstring)")
+    parser.add_argument("--timeline-out", default=None, help="CSV of every warp's raw stamps (--timeline)")
     return parser.parse_args(argv)
+
+
+# slots of a warp's stamps (csrc/route_cuda.cu, kTimeline)
+SM, START_NS, START_CYCLES, END_NS, END_CYCLES, TILES, KERNEL_END_CYCLES, FIRST_TILE_SLOT, STAMPED_TILES = (
+    0, 1, 2, 3, 4, 5, 6, 8, 8)
+
+
+def timeline_summary(timeline: torch.Tensor) -> list[str]:
+    """Lines describing the stamps of the timeline instance (int64 [warps, slots] on the CPU; rows of warps that did
+    not run are zero): warps and their tiles, the SM clock (cycles per ns of the global timer), and quantiles in us
+    of each step of a warp's time (the first tile's wait, per tile the top-k and softmax, the stores, the wait for
+    the next tile) and of the warps' start and end times from the first warp's start."""
+    ran = timeline[timeline[:, START_CYCLES] != 0].double()
+    if len(ran) == 0:
+        return ["no warp stamped"]
+    ns = ran[:, END_NS] - ran[:, START_NS]
+    cycles = ran[:, END_CYCLES] - ran[:, START_CYCLES]
+    ghz = float((cycles[ns > 0] / ns[ns > 0]).median()) if bool((ns > 0).any()) else float("nan")
+    us_per_cycle = 1e-3 / ghz
+    tiles = ran[:, TILES].long()
+    lines = [f"warps {len(ran)}, tiles per warp: "
+             + ", ".join(f"{int(n)}: {int((tiles == n).sum())}" for n in tiles.unique()) +
+             f"; SM clock {ghz:.2f} GHz; kernel {float((ran[:, END_NS].max() - ran[:, START_NS].min()) / 1e3):.2f} "
+             "us (first warp start to last warp end, global timer)"]
+
+    def quantiles(name: str, values: torch.Tensor) -> None:
+        if len(values):
+            q = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=values.dtype))
+            lines.append(f"  {name:<44} p10 {q[0]:7.2f}  p50 {q[1]:7.2f}  p90 {q[2]:7.2f}  max {values.max():7.2f} us"
+                         f"  ({len(values)})")
+
+    t0 = ran[:, START_NS].min()
+    quantiles("warp start (from the first warp's)", (ran[:, START_NS] - t0) / 1e3)
+    first = ran[:, FIRST_TILE_SLOT]
+    has_tile = tiles > 0
+    quantiles("wait for the first tile", ((first - ran[:, START_CYCLES]) * us_per_cycle)[has_tile])
+    for i in range(int(min(tiles.max(), STAMPED_TILES))):
+        rows = tiles > i
+        landed, weighed, stored = (ran[rows, FIRST_TILE_SLOT + 3 * i + j] for j in range(3))
+        if i > 0:
+            quantiles(f"tile {i}: wait after the previous tile", (landed - ran[rows, FIRST_TILE_SLOT + 3 * i - 1])
+                      * us_per_cycle)
+        quantiles(f"tile {i}: top-k and softmax", (weighed - landed) * us_per_cycle)
+        quantiles(f"tile {i}: stores and counts", (stored - weighed) * us_per_cycle)
+    for n in tiles.unique().tolist():
+        quantiles(f"end of the tile loop, warps of {n} tiles", (ran[tiles == n, END_NS] - t0) / 1e3)
+    quantiles("end of the kernel's histogram flush (cycles)",
+              (ran[:, KERNEL_END_CYCLES] - ran[:, END_CYCLES]) * us_per_cycle)
+    return lines
+
+
+def run_timeline(args) -> int:
+    """--timeline: a few plain calls of the instance, then one stamped call; prints timeline_summary."""
+    from moe_fastmask.ops import cuda_route
+
+    device = torch.device("cuda")
+    logits, keep, group, _ = bench_route.cuda_case(args.T, E, K, device, 1)
+    logits = shifted(logits, args.shift)
+    counts = torch.zeros(bench_route.CUDA_GROUPS, E, dtype=torch.int64, device=device)
+    props = torch.cuda.get_device_properties(device)
+    timeline = torch.zeros(props.multi_processor_count * 64, cuda_route.timeline_slots(), dtype=torch.int64,
+                           device=device)
+    for _ in range(5):
+        cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline)
+    timeline.zero_()
+    cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline)
+    stamps = timeline.cpu()
+    print(f"device: {props.name} | T={args.T} E={E} top-{K} bf16, 4-group mask, counts; the op's lane instance")
+    for line in timeline_summary(stamps):
+        print(line)
+    if args.timeline_out:
+        Path(args.timeline_out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.timeline_out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([f"slot{i}" for i in range(stamps.shape[1])])
+            writer.writerows(stamps[stamps[:, START_CYCLES] != 0].tolist())
+    return 0
 
 
 def configurations(policies=None):
@@ -124,6 +208,8 @@ def main(argv=None) -> int:
     if not cuda_route.is_available():
         print(f"the CUDA kernel is not available: {cuda_route.load_error()[:500]}")
         return 1
+    if args.timeline:
+        return run_timeline(args)
     if args.profile:
         logits, keep, group, _ = bench_route.cuda_case(args.T, E, K, device, 1)
         logits = shifted(logits, args.shift)

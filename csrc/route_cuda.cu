@@ -518,7 +518,7 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 // kTwoPassSoftmax, the softmax denominator in a second pass over the row once the top-k has its maximum (the
 // default sums it in the top-k's pass, see route_lane_kernel; the second pass stays as that sum's fallback)
 constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwoPassSoftmax = 256;
-constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax;
+constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | (1 << 12);  // (kTimeline)
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
 // gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
@@ -527,6 +527,15 @@ constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPa
 // fewer instructions and a fifth less integer-pipe time, and where they do not (a row's top 8 spanning zero) its
 // attempts cost 28-46% more time; benchmarks/RESULTS.md, seventh round)
 constexpr int kLaneDefaultOptions = kStageIds;  // (kTopK8 is added where top_k == 8)
+// option bit kTimeline (benchmarking only; with kTopK8 and kStageIds alone: the op's instance otherwise): lane 0 of
+// each warp writes into the buffer that moe_fastmask_route_cuda_set_timeline gave ([warps, kTimelineSlots]) its SM,
+// the global timer (ns) and the SM's cycle counter where the warp starts and ends, and the cycle counter where each
+// of its first kTimelineTiles tiles has landed in shared memory, has its weights, and is written out. Slots per
+// warp: 0 SM, 1 / 2 start (ns / cycles), 3 / 4 end of the tile loop (ns / cycles), 5 tiles done, 6 cycles at the
+// end of the kernel (after the histogram's flush), 8 + 3 i + (0, 1, 2) tile i's three points (cycles)
+constexpr int kTimeline = 1 << 12, kTimelineSlots = 32, kTimelineTiles = 8;
+__device__ uint64_t* timeline_buffer = nullptr;
+__device__ int64_t timeline_warps = 0;
 
 __device__ __forceinline__ unsigned int sign_halves(unsigned int w) {  // 0xFFFF in each half whose sign bit is set
   unsigned int d;
@@ -698,6 +707,17 @@ __device__ __forceinline__ bool packed_top8(const uint4* my_row, const uint4* my
   return true;
 }
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ uint32_t sm_id() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
 template <int E_PAD, int FLAGS> struct LaneShape {
   static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
   static constexpr int kStages = (FLAGS & kOneStage) ? 1 : 2;    // tile buffers per warp
@@ -754,6 +774,25 @@ route_lane_kernel(const RouteParams p) {
   unsigned char* my_tiles = tiles + warp_in_block * S::kStages * S::kTileBytes;
   const unsigned int my_tiles_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_tiles));
   const T* logits = static_cast<const T*>(p.logits);
+  // (the timeline instance) this warp's stamps, written by lane 0
+  constexpr bool kStamps = (FLAGS & kTimeline) != 0;
+  uint64_t* stamps = nullptr;
+  if constexpr (kStamps) {
+    if (timeline_buffer != nullptr && tile < timeline_warps && lane == 0) {
+      stamps = timeline_buffer + tile * kTimelineSlots;
+    }
+  }
+  // (the reads are volatile: read() is called only in the timeline instance)
+  auto stamp = [&](int slot, auto read) {
+    if constexpr (kStamps) {
+      if (stamps != nullptr) stamps[slot] = read();
+    }
+  };
+  const auto cycles = [] { return static_cast<uint64_t>(clock64()); };
+  int tiles_done = 0;
+  stamp(0, [] { return static_cast<uint64_t>(sm_id()); });
+  stamp(1, global_ns);
+  stamp(2, cycles);
 
   // a lane's copies q = 0, 1, ... move chunk lane % NC of rows lane / NC + q * kRowsPerCopy; their shared offsets
   // repeat with period kPeriod in q (beside the whole rows skipped), so a full tile's copy needs no index arithmetic
@@ -833,6 +872,7 @@ route_lane_kernel(const RouteParams p) {
     // every warp waits, the first tiles are not queued behind the second ones)
     cp_async_wait_all();
     __syncwarp();
+    if (tiles_done < kTimelineTiles) stamp(8 + 3 * tiles_done, cycles);
     if (kTwoStages && next < num_tiles) issue(next, buf ^ 1);
     // the group row (G: no mask, not counted), an int32 or int64 id in [0, G)
     const int gi = g_hi == 0 && g_lo < static_cast<unsigned int>(G) ? static_cast<int>(g_lo) : G;
@@ -986,6 +1026,7 @@ route_lane_kernel(const RouteParams p) {
       }
       inv = fast_rcp(d0 + d1);
     }
+    if (tiles_done < kTimelineTiles) stamp(9 + 3 * tiles_done, cycles);
     __syncwarp();  // every lane is done with this buffer before it is refilled
     if (!kTwoStages && !kStaged && next < num_tiles) issue(next, 0);  // (copied while the outputs are written)
 
@@ -1081,7 +1122,12 @@ route_lane_kernel(const RouteParams p) {
       __syncwarp();  // the buffer is free again
       if (!kTwoStages && next < num_tiles) issue(next, 0);
     }
+    if (tiles_done < kTimelineTiles) stamp(10 + 3 * tiles_done, cycles);
+    ++tiles_done;
   }
+  stamp(3, global_ns);
+  stamp(4, cycles);
+  stamp(5, [&] { return static_cast<uint64_t>(tiles_done); });
 
   if (shared_hist) {
     __syncthreads();
@@ -1090,6 +1136,7 @@ route_lane_kernel(const RouteParams p) {
       if (c != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + i), static_cast<unsigned long long>(c));
     }
   }
+  stamp(6, cycles);
 }
 
 // Blocks of the lane kernel for `tiles` warp tiles (32 rows each). Policy 0 (default): one full wave of resident
@@ -1197,6 +1244,11 @@ cudaError_t launch_lane_memory_options(const RouteParams& p, size_t smem, int de
 
 template <int F>
 cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  if constexpr ((F & kTopK8) != 0) {
+    if (p.lane_options & kTimeline) {  // (with kStageIds alone, checked by the launcher)
+      return launch_lane<__nv_bfloat16, 64, F | kStageIds | kTimeline>(p, smem, device, stream);
+    }
+  }
   if constexpr ((F & kDoTopK) != 0) {
     if (p.lane_options & kPacked16) return launch_lane_memory_options<F | kPacked16>(p, smem, device, stream);
     if (p.lane_options & kTwoPassSoftmax) {
@@ -1348,7 +1400,9 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                                ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||
                                ((p.lane_options & (kPacked16 | kTwoPassSoftmax)) && p.ablation != 0) ||
                                (p.lane_options & (kPacked16 | kTwoPassSoftmax)) == (kPacked16 | kTwoPassSoftmax) ||
-                               (p.lane_options != 0 && p.ablation > 1);
+                               (p.lane_options != 0 && p.ablation > 1) ||
+                               ((p.lane_options & kTimeline) &&
+                                (p.lane_options & kLaneOptions) != (kTimeline | kTopK8 | kStageIds));
       if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
           bad_options) {
         return cudaErrorInvalidValue;
@@ -1368,6 +1422,16 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   }
   return static_cast<int>(err);
 }
+
+// (benchmarking) The buffer [warps, kTimelineSlots] of uint64 on the current device that the lane kernel's timeline
+// instance (option bit kTimeline) writes its stamps into; null: none. Returns 0 or a cudaError_t code.
+int moe_fastmask_route_cuda_set_timeline(void* buffer, int64_t warps) {
+  uint64_t* ptr = static_cast<uint64_t*>(buffer);
+  cudaError_t err = cudaMemcpyToSymbol(timeline_buffer, &ptr, sizeof(ptr));
+  if (err == cudaSuccess) err = cudaMemcpyToSymbol(timeline_warps, &warps, sizeof(warps));
+  return static_cast<int>(err);
+}
+int moe_fastmask_route_cuda_timeline_slots() { return kTimelineSlots; }
 
 const char* moe_fastmask_route_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));

@@ -264,6 +264,11 @@ template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+template <typename T> cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes) {
+  std::memcpy(&symbol, src, bytes);
+  return cudaSuccess;
+}
+inline long long clock64() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 
 // a launch: the blocks one after another, each with its threads as std::threads over poisoned shared memory

@@ -433,6 +433,29 @@ def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
 
 
 @gpu
+def test_timeline_instance_gives_the_ops_results_and_stamps_each_warp(cuda_kernel):
+    """route_forward's _timeline runs the op's lane instance with per-warp stamps: the op's results, every warp that
+    ran stamped with its round-robin share of the tiles and its stamps in order (check_timeline); a buffer of the
+    wrong shape, or other options with it, are refused."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 41)
+    T, E, k, G = 32 * 700 + 9, 64, 8, 3
+    logits = torch.randn(T, E, generator=gen).to(torch.bfloat16).cuda()
+    keep = make_keep(G, E, k, False, gen).cuda()
+    group = torch.randint(-1, G, (T,), generator=gen).cuda()
+    assert cuda_route.timeline_slots() == TIMELINE_SLOTS
+    timeline = torch.zeros(8192, TIMELINE_SLOTS, dtype=torch.int64, device="cuda")
+    start = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+    counts = start.clone()
+    weights, ids = cuda_route.route_forward(logits, k, keep, group, counts, False, _timeline=timeline)
+    assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, False, "timeline")
+    check_timeline(timeline.cpu(), -(-T // 32))
+    with pytest.raises(ValueError, match="_timeline must be"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _timeline=timeline[:, :5].contiguous())
+    with pytest.raises(ValueError, match="_timeline runs"):
+        cuda_route.route_forward(logits, k, keep, group, None, False, _timeline=timeline, _lane_options=("topk8",))
+
+
+@gpu
 def test_one_pass_softmax_edges_and_fallbacks(cuda_kernel):
     """The lane kernel's softmax denominator summed in the top-k's pass, against the reference and the two-pass
     instance: rows whose terms underflow or overflow against the first chunk's largest logit, masked +inf and NaN,
@@ -701,12 +724,13 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, and 29 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
+    # top_k == 8 or not) = 24, and 30 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
     # sets, the other 3 ablations, and the full kernel under the 24 option sets (top_k == 8 or not; 32-bit keys,
-    # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses); backward
-    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its
-    # lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16
-    assert "registers lines 179" in out.stdout, out.stdout
+    # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses, and the timeline
+    # instance); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6
+    # x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte
+    # ids) = 16
+    assert "registers lines 180" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 128
 
 
@@ -724,6 +748,8 @@ FORWARD_EMU_SUBSTITUTIONS = {
     "extern __shared__ unsigned int smem[];":
         "unsigned int* const smem = reinterpret_cast<unsigned int*>(emu_smem_base);",
     "extern __shared__ __align__(16) unsigned char lane_smem[];": "unsigned char* const lane_smem = emu_smem_base;",
+    'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));': "t = static_cast<uint64_t>(clock64());",
+    'asm volatile("mov.u32 %0, %%smid;" : "=r"(id));': "id = blockIdx.x % emu_sms;",
     "kernel<<<grid, kThreads, smem, stream>>>(p);": "emu_launch(grid, kThreads, smem, [&] { kernel(p); });",
     "kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);": "emu_launch(grid, S::kWarps * 32, smem, [&] { kernel(p); });",
 }
@@ -745,17 +771,25 @@ def emulated_forward(library: Path):
     ]
     assert lib.moe_fastmask_route_cuda_params_size() == ctypes.sizeof(cuda_route.RouteParams)
 
+    lib.moe_fastmask_route_cuda_set_timeline.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+
     def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave",
-            ids8=False):
+            ids8=False, timeline=None):
         T = logits.shape[0]
         weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
         ids8_out = torch.full((T, top_k), 0xEE, dtype=torch.uint8) if ids8 else None  # (poisoned)
         lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
+        if timeline is not None:  # (the timeline instance: the op's instance with stamps)
+            lane_options = cuda_route.lane_option_bits(("topk8", "stage_ids")) | cuda_route.LANE_TIMELINE_BIT
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
                                            ids8=ids8_out)
+        if timeline is not None:
+            assert lib.moe_fastmask_route_cuda_set_timeline(timeline.data_ptr(), timeline.shape[0]) == 0
         code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
+        if timeline is not None:
+            lib.moe_fastmask_route_cuda_set_timeline(None, 0)
         assert code == 0, code
         if ids8:  # the ids once more, a byte each
             assert torch.equal(ids8_out.long(), ids), "ids8 differs from the ids"
@@ -770,6 +804,28 @@ def check_emulated(run, logits, top_k, keep, group, num_groups, renormalize, whe
     counts = start.clone()
     weights, ids = run(logits, top_k, keep, group, counts, renormalize, **launch)
     assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, f"{where} {launch}")
+
+
+TIMELINE_SLOTS = 32  # csrc/route_cuda.cu's kTimelineSlots
+
+
+def check_timeline(timeline: torch.Tensor, num_tiles: int) -> None:
+    """The stamps of the lane kernel's timeline instance (rows of warps that ran: a start stamp): the warps' tiles
+    dealt round-robin (warp w takes tiles w, w + W, ...: counts differing by one at most, summing to the tiles), and
+    each warp's cycle stamps in order (start, then each tile's landing, weights and stores, the loop's end, the
+    kernel's end), its global-timer stamps too."""
+    ran = timeline[:, 2] != 0
+    warps = int(ran.sum())
+    assert warps > 0 and bool(ran[:warps].all()) and not bool(ran[warps:].any()), "warps that ran are not the first"
+    tiles = timeline[:warps, 5]
+    expected = torch.tensor([len(range(w, num_tiles, warps)) for w in range(warps)])
+    assert torch.equal(tiles, expected), f"tiles per warp {tiles.tolist()} vs {expected.tolist()}"
+    for w in range(warps):
+        row = timeline[w].tolist()
+        n = min(row[5], 8)
+        cycles = [row[2]] + row[8:8 + 3 * n] + [row[4], row[6]]
+        assert cycles == sorted(cycles), f"warp {w}: cycle stamps out of order {cycles}"
+        assert row[1] <= row[3], f"warp {w}: global timer stamps out of order {row[1]}, {row[3]}"
 
 
 def emulated_forward_checks(library: str) -> None:
@@ -824,6 +880,13 @@ def emulated_forward_checks(library: str) -> None:
     group = torch.randint(-1, 3, (300,), generator=gen)
     for options in (("packed16",), ("topk8", "packed16")):
         check_emulated(run, logits, 8, keep_all, group, 3, False, "normal, all kept", options=options)
+    # the timeline instance: the op's results, and each warp's stamps in order over its share of the tiles
+    logits = adversarial_logits("normal", 32 * 11 + 7, 64, torch.bfloat16, gen)
+    keep = make_keep(3, 64, 8, False, gen)
+    group = torch.randint(-1, 3, (logits.shape[0],), generator=gen)
+    timeline = torch.zeros(64, TIMELINE_SLOTS, dtype=torch.int64)
+    check_emulated(run, logits, 8, keep, group, 3, False, "timeline", timeline=timeline)
+    check_timeline(timeline, -(-logits.shape[0] // 32))
     # strided rows (the lane kernel takes 16-byte aligned row strides; the split kernel any)
     wide = adversarial_logits("distinct", 50, 80, torch.bfloat16, gen)
     check_emulated(run, wide[:, :64], 8, None, None, 1, False, "row stride 80")

@@ -72,6 +72,9 @@ LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, 
 # options of the full kernel only (no ablation), and the pairs that do not combine
 LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax")
 LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"),)
+# benchmarking only: the option bit of the lane kernel's timeline instance (csrc/route_cuda.cu's kTimeline; the op's
+# bf16 E=64 top-8 instance writing per-warp stamps), which route_forward's _timeline selects
+LANE_TIMELINE_BIT = 1 << 12
 # how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
 # tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
 GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
@@ -275,6 +278,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.moe_fastmask_route_cuda_backward_preload.argtypes = [ctypes.c_int]
     lib.moe_fastmask_route_cuda_backward_preload.restype = ctypes.c_int
     lib.moe_fastmask_route_cuda_backward_params_size.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_set_timeline.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.moe_fastmask_route_cuda_set_timeline.restype = ctypes.c_int
+    lib.moe_fastmask_route_cuda_timeline_slots.restype = ctypes.c_int
     lib.moe_fastmask_route_cuda_error_string.argtypes = [ctypes.c_int]
     lib.moe_fastmask_route_cuda_error_string.restype = ctypes.c_char_p
     for name in ("max_experts", "max_top_k", "max_keep_bytes", "params_size"):
@@ -489,6 +495,7 @@ def route_forward(
     _grid_policy: str = "wave",
     _lane_options: tuple[str, ...] | None = None,
     ids8: Tensor | None = None,
+    _timeline: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -502,7 +509,10 @@ def route_forward(
     ``_lane_options`` (names from ``LANE_OPTIONS``; bf16 logits with E=64 and a keep mask) pick the lane kernel's
     grid and option bits, for benchmarking the choices the defaults make. ``ids8`` (uint8 [T, 8], contiguous, 8-byte
     aligned; a call :func:`compact_ids_apply` accepts) is written with the same ids, a byte each, for
-    :func:`route_backward`."""
+    :func:`route_backward`. ``_timeline`` (benchmarking only, not under graph capture: a contiguous int64 [warps,
+    :func:`timeline_slots`] tensor on the logits' device; bf16 logits with E=64, top_k == 8 and a keep mask that the
+    lane variant takes, no other option) runs the op's lane instance with each warp's stamps written into it (the
+    slots: csrc/route_cuda.cu's kTimeline; rows of warps that did not run are left as they were)."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -559,6 +569,18 @@ def route_forward(
         if _ablation not in (None, "load_store"):
             raise ValueError("_lane_options combines with _ablation='load_store' only")
         lane_options = lane_option_bits(_lane_options)
+    if _timeline is not None:
+        if (_lane_options or _ablation is not None or variant != "lane" or ids8 is not None or top_k != 8
+                or logits.dtype != torch.bfloat16 or num_experts != 64 or keep is None
+                or not lane_takes(logits, top_k, keep)):
+            raise ValueError("_timeline runs the lane variant's bfloat16 E=64 top-8 instance with a keep mask alone "
+                             "(no _lane_options, _ablation or ids8)")
+        slots = lib.moe_fastmask_route_cuda_timeline_slots()
+        if (_timeline.dtype != torch.int64 or _timeline.dim() != 2 or _timeline.shape[1] != slots
+                or not _timeline.is_contiguous() or _timeline.device != logits.device):
+            raise ValueError(f"_timeline must be a contiguous int64 [warps, {slots}] tensor on {logits.device}, got "
+                             f"{_timeline.dtype} {tuple(_timeline.shape)} on {_timeline.device}")
+        lane_options = lane_option_bits(("topk8", "stage_ids")) | LANE_TIMELINE_BIT
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
@@ -567,7 +589,16 @@ def route_forward(
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
     stream = torch.cuda.current_stream(device).cuda_stream
-    code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
+    if _timeline is not None:
+        with torch.cuda.device(device):
+            code = lib.moe_fastmask_route_cuda_set_timeline(_timeline.data_ptr(), _timeline.shape[0])
+        if code == 0:
+            code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
+        torch.cuda.synchronize(device)
+        with torch.cuda.device(device):
+            lib.moe_fastmask_route_cuda_set_timeline(None, 0)
+    else:
+        code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), DTYPE_CODES[logits.dtype], device, stream)
     if code != 0:
         message = lib.moe_fastmask_route_cuda_error_string(code).decode(errors="replace")
         raise RuntimeError(
@@ -575,6 +606,14 @@ def route_forward(
             f"{logits.dtype}): {message}"
         )
     return weights, ids
+
+
+def timeline_slots() -> int:
+    """Stamps per warp of the lane kernel's timeline instance (the columns of ``route_forward``'s ``_timeline``)."""
+    lib, error, _ = _load()
+    if lib is None:
+        raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
+    return int(lib.moe_fastmask_route_cuda_timeline_slots())
 
 
 def supports_backward(
