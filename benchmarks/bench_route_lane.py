@@ -7,7 +7,7 @@ kernel with its top_k == 8 specialisation, with the top-k on one 32-bit key per 
 (``packed16``, an option the op leaves off), and with the softmax denominator summed in a second pass over the row
 (``two_pass_softmax``, the op's way before it summed it in the top-k's pass), each under every set of the options that change the memory traffic
 (``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written through shared memory as whole
-lines), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as the
+lines; one block of 24 warps per multiprocessor whose second copies wait for every first tile), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as the
 forward moves (the bandwidth a kernel of that size reaches). Ids, counts and weights of every instance that computes
 them are checked against the reference before timing; times are per call in a CUDA graph over rotating inputs
 (``bench_route.graph_us``), with GB/s and % of the copy bandwidth (512 MiB) measured in the same run.
@@ -20,8 +20,8 @@ them are checked against the reference before timing; times are per call in a CU
 
 ``--only NAME ...`` times only the configurations named (as printed) and the op as dispatched.
 
-``--timeline`` runs instead the op's instance with per-warp stamps (``cuda_route.route_forward``'s ``_timeline``) at
-``--T`` and prints where a warp's time goes: the wait for its first tile, each tile's top-k and softmax, its stores,
+``--timeline`` runs instead the op's instance (``--timeline-options sm_block``: with that option) with per-warp stamps
+(``cuda_route.route_forward``'s ``_timeline``) at ``--T`` and prints where a warp's time goes: the wait for its first tile, each tile's top-k and softmax, its stores,
 the wait for its next tile, and when the warps end (``--timeline-out CSV``: every warp's raw stamps).
 
 Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--timeline", action="store_true",
                         help="per-warp stamps of the op's instance at --T instead of timing (see the docstring)")
     parser.add_argument("--timeline-out", default=None, help="CSV of every warp's raw stamps (--timeline)")
+    parser.add_argument("--timeline-options", nargs="*", default=[],
+                        help="lane options of the stamped instance (--timeline): none, or sm_block")
     return parser.parse_args(argv)
 
 
@@ -125,12 +127,14 @@ def run_timeline(args) -> int:
     props = torch.cuda.get_device_properties(device)
     timeline = torch.zeros(props.multi_processor_count * 64, cuda_route.timeline_slots(), dtype=torch.int64,
                            device=device)
+    options = tuple(args.timeline_options) or None
     for _ in range(5):
-        cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline)
+        cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline, _lane_options=options)
     timeline.zero_()
-    cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline)
+    cuda_route.route_forward(logits, K, keep, group, counts, False, _timeline=timeline, _lane_options=options)
     stamps = timeline.cpu()
-    print(f"device: {props.name} | T={args.T} E={E} top-{K} bf16, 4-group mask, counts; the op's lane instance")
+    print(f"device: {props.name} | T={args.T} E={E} top-{K} bf16, 4-group mask, counts; the op's lane instance"
+          f"{' with ' + '+'.join(options) if options else ''}")
     for line in timeline_summary(stamps):
         print(line)
     if args.timeline_out:

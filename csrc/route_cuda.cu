@@ -518,7 +518,12 @@ constexpr int kDoTopK = 1, kDoSoftmax = 2, kDoCounts = 4, kDoMask = 8, kLaneFull
 // kTwoPassSoftmax, the softmax denominator in a second pass over the row once the top-k has its maximum (the
 // default sums it in the top-k's pass, see route_lane_kernel; the second pass stays as that sum's fallback)
 constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwoPassSoftmax = 256;
-constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | (1 << 12);  // (kTimeline)
+// kSmBlock (E = 64, two stages; not with kOneStage): one block of 24 warps per SM (192 KB of tiles) instead of six of
+// 4, whose warps issue their second copies only once every warp's first tile has landed (at the block's barrier
+// after the mask table): the warps started last on an SM otherwise wait for their first tile behind the other warps'
+// later copies (benchmarks/RESULTS.md, seventh round, the timeline)
+constexpr int kSmBlock = 1 << 13;
+constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | (1 << 12) | kSmBlock;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
 // gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
@@ -722,12 +727,16 @@ template <int E_PAD, int FLAGS> struct LaneShape {
   static constexpr int NC = E_PAD / 8;                           // 16-byte chunks per row
   static constexpr int kStages = (FLAGS & kOneStage) ? 1 : 2;    // tile buffers per warp
   static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
-  static constexpr int kWarps = kLaneStageBytes / (kStages * kTileBytes);  // warps per block
+  static constexpr bool kOneBlockPerSm = (FLAGS & kSmBlock) != 0 && E_PAD == 64 && kStages == 2;
+  static constexpr int kStageBytes = kOneBlockPerSm ? 6 * kLaneStageBytes : kLaneStageBytes;  // (the tiles)
+  static constexpr int kWarps = kStageBytes / (kStages * kTileBytes);  // warps per block
   static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
   static constexpr int kKeepStride = NC + 1;      // 16-byte units per group row of the packed top-k's keep words
   // resident blocks per SM where shared memory allows it (the register cap follows): two stages 20-24 warps (at most
   // 102 / 85 registers), one stage 32 warps at E = 32 / 64 (at most 64 registers), 16 at E = 128 (at most 128)
-  static constexpr int kMinBlocks = kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3) : (E_PAD == 32 ? 2 : 4);
+  static constexpr int kMinBlocks =
+      kOneBlockPerSm ? 1 : kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3) : (E_PAD == 32 ? 2 : 4);
+  static_assert(kWarps * 32 <= 1024, "a block of at most 1024 threads");
 };
 
 template <typename T, int E_PAD, int FLAGS>
@@ -756,11 +765,11 @@ route_lane_kernel(const RouteParams p) {
   // entry per expert pair, see below; 16 padding bytes per row spread the rows over the banks), for the packed
   // top-k its keep words [(G + 1) * kKeepStride] uint4 (0xFFFF per kept half of an expert pair), histogram [G * E]
   unsigned char* tiles = lane_smem;
-  uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes);
+  uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + S::kStageBytes);
   const size_t mask_bytes = kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0;
   const size_t keep_word_bytes = kMask && kPacked ? static_cast<size_t>(G + 1) * S::kKeepStride * 16 : 0;
-  uint4* keep_words = reinterpret_cast<uint4*>(lane_smem + kLaneStageBytes + mask_bytes);
-  unsigned int* hist = reinterpret_cast<unsigned int*>(lane_smem + kLaneStageBytes + mask_bytes + keep_word_bytes);
+  uint4* keep_words = reinterpret_cast<uint4*>(lane_smem + S::kStageBytes + mask_bytes);
+  unsigned int* hist = reinterpret_cast<unsigned int*>(lane_smem + S::kStageBytes + mask_bytes + keep_word_bytes);
   // misses of the packed top-k in this block (a warp whose rows do not all fit their windows); after
   // kPackedMaxMisses the block's warps go straight to the 32-bit keys, so that logits that never fit cost little
   __shared__ unsigned int packed_misses;
@@ -863,6 +872,7 @@ route_lane_kernel(const RouteParams p) {
   if (shared_hist) {
     for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
   }
+  if constexpr (S::kOneBlockPerSm) cp_async_wait_all();  // (past the barrier, every warp's first tile has landed)
   __syncthreads();
 
   int buf = 0;
@@ -1172,6 +1182,11 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   using S = LaneShape<E_PAD, FLAGS>;
   constexpr auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
   int sms = 0, resident = 0;
+  if (smem > 48 * 1024) {  // (kSmBlock: more dynamic shared memory than a kernel gets without asking)
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   const cudaError_t err = wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident);
   if (err != cudaSuccess) return err;
   const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms, resident);
@@ -1197,7 +1212,7 @@ size_t lane_smem_bytes(RouteParams& p, int dtype) {
     p.shared_hist = 0;
     hist = 0;
   }
-  return kLaneStageBytes + mask + hist;
+  return ((p.lane_options & kSmBlock) ? 6 : 1) * static_cast<size_t>(kLaneStageBytes) + mask + hist;
 }
 
 // FLAGS of a benchmarking ablation (0: none)
@@ -1234,19 +1249,24 @@ cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStr
 template <int F>
 cudaError_t launch_lane_memory_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   using B = __nv_bfloat16;
-  switch (p.lane_options & (kOneStage | kStageIds)) {
+  switch (p.lane_options & (kOneStage | kStageIds | kSmBlock)) {
     case 0: return launch_lane<B, 64, F>(p, smem, device, stream);
     case kOneStage: return launch_lane<B, 64, F | kOneStage>(p, smem, device, stream);
     case kStageIds: return launch_lane<B, 64, F | kStageIds>(p, smem, device, stream);
-    default: return launch_lane<B, 64, F | kOneStage | kStageIds>(p, smem, device, stream);
+    case kOneStage | kStageIds: return launch_lane<B, 64, F | kOneStage | kStageIds>(p, smem, device, stream);
+    case kSmBlock: return launch_lane<B, 64, F | kSmBlock>(p, smem, device, stream);
+    case kSmBlock | kStageIds: return launch_lane<B, 64, F | kSmBlock | kStageIds>(p, smem, device, stream);
+    default: return cudaErrorInvalidValue;  // (kSmBlock with kOneStage, refused by the launcher)
   }
 }
 
 template <int F>
 cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   if constexpr ((F & kTopK8) != 0) {
-    if (p.lane_options & kTimeline) {  // (with kStageIds alone, checked by the launcher)
-      return launch_lane<__nv_bfloat16, 64, F | kStageIds | kTimeline>(p, smem, device, stream);
+    if (p.lane_options & kTimeline) {  // (with kStageIds, and kSmBlock or not: checked by the launcher)
+      return (p.lane_options & kSmBlock)
+                 ? launch_lane<__nv_bfloat16, 64, F | kStageIds | kTimeline | kSmBlock>(p, smem, device, stream)
+                 : launch_lane<__nv_bfloat16, 64, F | kStageIds | kTimeline>(p, smem, device, stream);
     }
   }
   if constexpr ((F & kDoTopK) != 0) {
@@ -1308,6 +1328,8 @@ cudaError_t preload_lane_memory_options() {
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kStageIds>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kOneStage | kStageIds>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kSmBlock>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, F | kSmBlock | kStageIds>);
   return err;
 }
 
@@ -1402,7 +1424,8 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                                (p.lane_options & (kPacked16 | kTwoPassSoftmax)) == (kPacked16 | kTwoPassSoftmax) ||
                                (p.lane_options != 0 && p.ablation > 1) ||
                                ((p.lane_options & kTimeline) &&
-                                (p.lane_options & kLaneOptions) != (kTimeline | kTopK8 | kStageIds));
+                                (p.lane_options & kLaneOptions & ~kSmBlock) != (kTimeline | kTopK8 | kStageIds)) ||
+                               (p.lane_options & (kSmBlock | kOneStage)) == (kSmBlock | kOneStage);
       if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
           bad_options) {
         return cudaErrorInvalidValue;

@@ -264,6 +264,8 @@ template <typename F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 template <typename T> cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes) {
   std::memcpy(&symbol, src, bytes);
   return cudaSuccess;

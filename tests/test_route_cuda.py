@@ -443,12 +443,14 @@ def test_timeline_instance_gives_the_ops_results_and_stamps_each_warp(cuda_kerne
     keep = make_keep(G, E, k, False, gen).cuda()
     group = torch.randint(-1, G, (T,), generator=gen).cuda()
     assert cuda_route.timeline_slots() == TIMELINE_SLOTS
-    timeline = torch.zeros(8192, TIMELINE_SLOTS, dtype=torch.int64, device="cuda")
-    start = torch.zeros(G, E, dtype=torch.int64, device="cuda")
-    counts = start.clone()
-    weights, ids = cuda_route.route_forward(logits, k, keep, group, counts, False, _timeline=timeline)
-    assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, False, "timeline")
-    check_timeline(timeline.cpu(), -(-T // 32))
+    for options in (None, ("sm_block",)):
+        timeline = torch.zeros(8192, TIMELINE_SLOTS, dtype=torch.int64, device="cuda")
+        start = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+        counts = start.clone()
+        weights, ids = cuda_route.route_forward(logits, k, keep, group, counts, False, _timeline=timeline,
+                                                _lane_options=options)
+        assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, False, f"timeline {options}")
+        check_timeline(timeline.cpu(), -(-T // 32))
     with pytest.raises(ValueError, match="_timeline must be"):
         cuda_route.route_forward(logits, k, keep, group, None, False, _timeline=timeline[:, :5].contiguous())
     with pytest.raises(ValueError, match="_timeline runs"):
@@ -724,13 +726,13 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, and 30 benchmark instances (bf16, E=64: the loads-and-stores-only one under 4 option
-    # sets, the other 3 ablations, and the full kernel under the 24 option sets (top_k == 8 or not; 32-bit keys,
-    # packed keys or a two-pass softmax; 4 memory option sets) less the 2 that the op uses, and the timeline
-    # instance); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6
+    # top_k == 8 or not) = 24, and 45 benchmark instances (bf16, E=64: the loads-and-stores-only one under 6 option
+    # sets, the other 3 ablations, and the full kernel under the 36 option sets (top_k == 8 or not; 32-bit keys,
+    # packed keys or a two-pass softmax; 6 memory option sets) less the 2 that the op uses, and the 2 timeline
+    # instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6
     # x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte
     # ids) = 16
-    assert "registers lines 180" in out.stdout, out.stdout
+    assert "registers lines 195" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 128
 
 
@@ -780,8 +782,9 @@ def emulated_forward(library: Path):
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
         ids8_out = torch.full((T, top_k), 0xEE, dtype=torch.uint8) if ids8 else None  # (poisoned)
         lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
-        if timeline is not None:  # (the timeline instance: the op's instance with stamps)
-            lane_options = cuda_route.lane_option_bits(("topk8", "stage_ids")) | cuda_route.LANE_TIMELINE_BIT
+        if timeline is not None:  # (the timeline instance: the op's instance with stamps, with options or not)
+            lane_options = (cuda_route.lane_option_bits(("topk8", "stage_ids") + tuple(options or ()))
+                            | cuda_route.LANE_TIMELINE_BIT)
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
                                            ids8=ids8_out)
@@ -884,9 +887,11 @@ def emulated_forward_checks(library: str) -> None:
     logits = adversarial_logits("normal", 32 * 11 + 7, 64, torch.bfloat16, gen)
     keep = make_keep(3, 64, 8, False, gen)
     group = torch.randint(-1, 3, (logits.shape[0],), generator=gen)
-    timeline = torch.zeros(64, TIMELINE_SLOTS, dtype=torch.int64)
-    check_emulated(run, logits, 8, keep, group, 3, False, "timeline", timeline=timeline)
-    check_timeline(timeline, -(-logits.shape[0] // 32))
+    for options in (None, ("sm_block",)):
+        timeline = torch.zeros(64, TIMELINE_SLOTS, dtype=torch.int64)
+        check_emulated(run, logits, 8, keep, group, 3, False, f"timeline {options}", timeline=timeline,
+                       options=options)
+        check_timeline(timeline, -(-logits.shape[0] // 32))
     # strided rows (the lane kernel takes 16-byte aligned row strides; the split kernel any)
     wide = adversarial_logits("distinct", 50, 80, torch.bfloat16, gen)
     check_emulated(run, wide[:, :64], 8, None, None, 1, False, "row stride 80")

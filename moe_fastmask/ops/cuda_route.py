@@ -67,11 +67,14 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # set without it times the direct stores), "packed16" takes the
 # top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
-# it in the top-k's pass); with the "load_store" ablation, "one_stage" and "stage_ids" apply
-LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256}
+# it in the top-k's pass), "sm_block" runs one block of 24 warps per multiprocessor (192 KB of tiles) whose warps issue
+# their second copies only once every warp's first tile has landed (the op runs six blocks of 4 warps); with the
+# "load_store" ablation, "one_stage", "stage_ids" and "sm_block" apply
+LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256,
+                "sm_block": 1 << 13}
 # options of the full kernel only (no ablation), and the pairs that do not combine
 LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax")
-LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"),)
+LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"), ("one_stage", "sm_block"))
 # benchmarking only: the option bit of the lane kernel's timeline instance (csrc/route_cuda.cu's kTimeline; the op's
 # bf16 E=64 top-8 instance writing per-warp stamps), which route_forward's _timeline selects
 LANE_TIMELINE_BIT = 1 << 12
@@ -511,8 +514,9 @@ def route_forward(
     aligned; a call :func:`compact_ids_apply` accepts) is written with the same ids, a byte each, for
     :func:`route_backward`. ``_timeline`` (benchmarking only, not under graph capture: a contiguous int64 [warps,
     :func:`timeline_slots`] tensor on the logits' device; bf16 logits with E=64, top_k == 8 and a keep mask that the
-    lane variant takes, no other option) runs the op's lane instance with each warp's stamps written into it (the
-    slots: csrc/route_cuda.cu's kTimeline; rows of warps that did not run are left as they were)."""
+    lane variant takes; ``_lane_options`` none or ``("sm_block",)``) runs the op's lane instance (with that option)
+    with each warp's stamps written into it (the slots: csrc/route_cuda.cu's kTimeline; rows of warps that did not run
+    are left as they were)."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -570,17 +574,18 @@ def route_forward(
             raise ValueError("_lane_options combines with _ablation='load_store' only")
         lane_options = lane_option_bits(_lane_options)
     if _timeline is not None:
-        if (_lane_options or _ablation is not None or variant != "lane" or ids8 is not None or top_k != 8
+        if (set(_lane_options or ()) - {"sm_block"} or _ablation is not None or variant != "lane" or ids8 is not None
+                or top_k != 8
                 or logits.dtype != torch.bfloat16 or num_experts != 64 or keep is None
                 or not lane_takes(logits, top_k, keep)):
             raise ValueError("_timeline runs the lane variant's bfloat16 E=64 top-8 instance with a keep mask alone "
-                             "(no _lane_options, _ablation or ids8)")
+                             "(no _lane_options but 'sm_block', no _ablation or ids8)")
         slots = lib.moe_fastmask_route_cuda_timeline_slots()
         if (_timeline.dtype != torch.int64 or _timeline.dim() != 2 or _timeline.shape[1] != slots
                 or not _timeline.is_contiguous() or _timeline.device != logits.device):
             raise ValueError(f"_timeline must be a contiguous int64 [warps, {slots}] tensor on {logits.device}, got "
                              f"{_timeline.dtype} {tuple(_timeline.shape)} on {_timeline.device}")
-        lane_options = lane_option_bits(("topk8", "stage_ids")) | LANE_TIMELINE_BIT
+        lane_options = lane_option_bits(("topk8", "stage_ids") + tuple(_lane_options or ())) | LANE_TIMELINE_BIT
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
