@@ -1,15 +1,16 @@
 """The lane CUDA routing kernel's launch and option choices, timed against each other and the copy bandwidth.
 
-At the roofline setting of ``bench_route.py``'s cuda section (E=64, top-8, bf16 logits, a 4-group keep mask, group
-ids in runs with -1 runs, counts on), for each T and grid policy (``cuda_route.GRID_POLICIES``: one full wave of
-blocks, or warps with equal shares of tiles): the loads-and-stores-only instance (the memory floor) and the full
-kernel with its top_k == 8 specialisation, with the top-k on one 32-bit key per register and on two 16-bit keys
-(``packed16``, an option the op leaves off), and with the softmax denominator summed in a second pass over the row
-(``two_pass_softmax``, the op's way before it summed it in the top-k's pass), each under every set of the options that change the memory traffic
-(``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written through shared memory as whole
-lines; one block of 24 warps per multiprocessor whose second copies wait for every first tile), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as the
-forward moves (the bandwidth a kernel of that size reaches). Ids, counts and weights of every instance that computes
-them are checked against the reference before timing; times are per call in a CUDA graph over rotating inputs
+At the roofline setting of ``bench_route.py``'s cuda section (E=64, top-8, bf16 logits, a 4-group keep mask, group ids
+in runs with -1 runs, counts on), for each T and grid policy (``cuda_route.GRID_POLICIES``: one full wave of blocks,
+or warps with equal shares of tiles): the loads-and-stores-only instance (the memory floor) and the full kernel with
+its top_k == 8 specialisation, with the top-k on one 32-bit key per register and on two 16-bit keys (``packed16``, an
+option the op leaves off), and with the softmax denominator summed in a second pass over the row
+(``two_pass_softmax``, the op's way before it summed it in the top-k's pass), each under every set of the options that
+change the memory traffic (``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written
+through shared memory as whole lines; one block of 24 warps per multiprocessor whose second copies wait for every
+first tile), the full kernel without the specialisation, the op as dispatched, and a device copy of as many bytes as
+the forward moves (the bandwidth a kernel of that size reaches). Ids, counts and weights of every instance that
+computes them are checked against the reference before timing; times are per call in a CUDA graph over rotating inputs
 (``bench_route.graph_us``), with GB/s and % of the copy bandwidth (512 MiB) measured in the same run.
 
 ``--profile NAME`` runs instead a few plain calls of one configuration (for ``ncu``): NAME is
@@ -21,8 +22,9 @@ them are checked against the reference before timing; times are per call in a CU
 ``--only NAME ...`` times only the configurations named (as printed) and the op as dispatched.
 
 ``--timeline`` runs instead the op's instance (``--timeline-options sm_block``: with that option) with per-warp stamps
-(``cuda_route.route_forward``'s ``_timeline``) at ``--T`` and prints where a warp's time goes: the wait for its first tile, each tile's top-k and softmax, its stores,
-the wait for its next tile, and when the warps end (``--timeline-out CSV``: every warp's raw stamps).
+(``cuda_route.route_forward``'s ``_timeline``) at ``--T`` and prints where a warp's time goes: the wait for its first
+tile, each tile's top-k and softmax, its stores, the wait for its next tile, and when the warps end (``--timeline-out
+CSV``: every warp's raw stamps).
 
 Usage: ``python benchmarks/bench_route_lane.py [--sizes 65536 262144] [--out OUT.csv] [--profile NAME --T N]
 [--shift S] [--only NAME ...] [--timeline [--T N] [--timeline-out CSV]]``
@@ -72,47 +74,54 @@ SM, START_NS, START_CYCLES, END_NS, END_CYCLES, TILES, KERNEL_END_CYCLES, FIRST_
     0, 1, 2, 3, 4, 5, 6, 8, 8)
 
 
-def timeline_summary(timeline: torch.Tensor) -> list[str]:
-    """Lines describing the stamps of the timeline instance (int64 [warps, slots] on the CPU; rows of warps that did
-    not run are zero): warps and their tiles, the SM clock (cycles per ns of the global timer), and quantiles in us
-    of each step of a warp's time (the first tile's wait, per tile the top-k and softmax, the stores, the wait for
-    the next tile) and of the warps' start and end times from the first warp's start."""
+def timeline_steps(timeline: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The stamps of the timeline instance (int64 [warps, slots] on the CPU; rows of warps that did not run are zero)
+    as (facts, steps): facts ``warps``, ``tiles`` (warps per tile count), ``ghz`` (the SM clock: cycles per ns of the
+    global timer, median over the warps) and ``kernel_us`` (first warp's start to last warp's end); steps, per name,
+    each warp's time in us for that step (the first tile's wait; per tile the top-k and softmax, the stores, the wait
+    for the next tile; the warps' start and end times from the first warp's start)."""
     ran = timeline[timeline[:, START_CYCLES] != 0].double()
     if len(ran) == 0:
-        return ["no warp stamped"]
+        return dict(warps=0, tiles={}, ghz=float("nan"), kernel_us=float("nan")), {}
     ns = ran[:, END_NS] - ran[:, START_NS]
     cycles = ran[:, END_CYCLES] - ran[:, START_CYCLES]
     ghz = float((cycles[ns > 0] / ns[ns > 0]).median()) if bool((ns > 0).any()) else float("nan")
     us_per_cycle = 1e-3 / ghz
     tiles = ran[:, TILES].long()
-    lines = [f"warps {len(ran)}, tiles per warp: "
-             + ", ".join(f"{int(n)}: {int((tiles == n).sum())}" for n in tiles.unique()) +
-             f"; SM clock {ghz:.2f} GHz; kernel {float((ran[:, END_NS].max() - ran[:, START_NS].min()) / 1e3):.2f} "
-             "us (first warp start to last warp end, global timer)"]
-
-    def quantiles(name: str, values: torch.Tensor) -> None:
-        if len(values):
-            q = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=values.dtype))
-            lines.append(f"  {name:<44} p10 {q[0]:7.2f}  p50 {q[1]:7.2f}  p90 {q[2]:7.2f}  max {values.max():7.2f} us"
-                         f"  ({len(values)})")
-
+    facts = dict(warps=len(ran), tiles={int(n): int((tiles == n).sum()) for n in tiles.unique()}, ghz=ghz,
+                 kernel_us=float((ran[:, END_NS].max() - ran[:, START_NS].min()) / 1e3))
     t0 = ran[:, START_NS].min()
-    quantiles("warp start (from the first warp's)", (ran[:, START_NS] - t0) / 1e3)
-    first = ran[:, FIRST_TILE_SLOT]
-    has_tile = tiles > 0
-    quantiles("wait for the first tile", ((first - ran[:, START_CYCLES]) * us_per_cycle)[has_tile])
+    steps = {"warp start (from the first warp's)": (ran[:, START_NS] - t0) / 1e3,
+             "wait for the first tile": ((ran[:, FIRST_TILE_SLOT] - ran[:, START_CYCLES]) * us_per_cycle)[tiles > 0]}
     for i in range(int(min(tiles.max(), STAMPED_TILES))):
         rows = tiles > i
         landed, weighed, stored = (ran[rows, FIRST_TILE_SLOT + 3 * i + j] for j in range(3))
         if i > 0:
-            quantiles(f"tile {i}: wait after the previous tile", (landed - ran[rows, FIRST_TILE_SLOT + 3 * i - 1])
-                      * us_per_cycle)
-        quantiles(f"tile {i}: top-k and softmax", (weighed - landed) * us_per_cycle)
-        quantiles(f"tile {i}: stores and counts", (stored - weighed) * us_per_cycle)
+            steps[f"tile {i}: wait after the previous tile"] = (
+                (landed - ran[rows, FIRST_TILE_SLOT + 3 * i - 1]) * us_per_cycle)
+        steps[f"tile {i}: top-k and softmax"] = (weighed - landed) * us_per_cycle
+        steps[f"tile {i}: stores and counts"] = (stored - weighed) * us_per_cycle
     for n in tiles.unique().tolist():
-        quantiles(f"end of the tile loop, warps of {n} tiles", (ran[tiles == n, END_NS] - t0) / 1e3)
-    quantiles("end of the kernel's histogram flush (cycles)",
-              (ran[:, KERNEL_END_CYCLES] - ran[:, END_CYCLES]) * us_per_cycle)
+        steps[f"end of the tile loop, warps of {n} tiles"] = (ran[tiles == n, END_NS] - t0) / 1e3
+    steps["end of the kernel's histogram flush"] = (ran[:, KERNEL_END_CYCLES] - ran[:, END_CYCLES]) * us_per_cycle
+    return facts, steps
+
+
+def timeline_summary(timeline: torch.Tensor) -> list[str]:
+    """Lines describing timeline_steps: the warps and their tiles, the SM clock and the kernel's span, then p10, p50,
+    p90 and max in us of each step."""
+    facts, steps = timeline_steps(timeline)
+    if facts["warps"] == 0:
+        return ["no warp stamped"]
+    lines = [f"warps {facts['warps']}, tiles per warp: "
+             + ", ".join(f"{n}: {count}" for n, count in facts["tiles"].items())
+             + f"; SM clock {facts['ghz']:.2f} GHz; kernel {facts['kernel_us']:.2f} us (first warp start to last warp "
+             "end, global timer)"]
+    for name, values in steps.items():
+        if len(values):
+            q = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=values.dtype))
+            lines.append(f"  {name:<44} p10 {q[0]:7.2f}  p50 {q[1]:7.2f}  p90 {q[2]:7.2f}  max {values.max():7.2f} us"
+                         f"  ({len(values)})")
     return lines
 
 

@@ -78,3 +78,45 @@ def test_step_clock_times_every_decode_step_without_changing_generation(bench, t
     steps = clock.take_step_times()
     assert len(steps) == 5 and min(steps) > 0  # one stamp per new token: 6 tokens, 5 decode steps between them
     assert clock.take_step_times() == []
+
+
+def test_timeline_steps_of_the_route_kernels_stamps(session_seed):
+    """bench_route_lane.timeline_steps reads the lane kernel's per-warp stamps (csrc/route_cuda.cu, kTimeline): rows of
+    warps that did not run are skipped, the SM clock comes from cycles per global-timer ns, and each step's per-warp
+    times are the differences of the right stamps, in us."""
+    lane = load_benchmark("bench_route_lane")
+    gen = torch.Generator().manual_seed(session_seed)
+    ghz, warps = 1.5, 40
+    timeline = torch.zeros(warps + 7, 32, dtype=torch.int64)  # (7 rows of warps that never ran)
+    wait = torch.randint(100, 5000, (warps,), generator=gen)  # cycles
+    compute = torch.randint(1000, 3000, (warps, 3), generator=gen)
+    store = torch.randint(200, 600, (warps, 3), generator=gen)
+    gap = torch.randint(0, 300, (warps, 3), generator=gen)
+    tiles = torch.randint(1, 4, (warps,), generator=gen)
+    for w in range(warps):
+        start_ns, start = 10_000 + 7 * w, 1_000_000 + 13 * w
+        cycle = start + int(wait[w])
+        for i in range(int(tiles[w])):
+            if i > 0:
+                cycle += int(gap[w, i])
+            timeline[w, 8 + 3 * i] = cycle
+            timeline[w, 9 + 3 * i] = cycle = cycle + int(compute[w, i])
+            timeline[w, 10 + 3 * i] = cycle = cycle + int(store[w, i])
+        end = cycle + 50
+        end_ns = start_ns + round((end - start) / ghz)
+        timeline[w, :7] = torch.tensor([w % 5, start_ns, start, end_ns, end, int(tiles[w]), end + 80])
+    facts, steps = lane.timeline_steps(timeline)
+    assert facts["warps"] == warps
+    assert facts["tiles"] == {n: int((tiles == n).sum()) for n in tiles.unique().tolist()}
+    assert facts["ghz"] == pytest.approx(ghz, rel=1e-3)
+    us = 1e-3 / facts["ghz"]
+    torch.testing.assert_close(steps["wait for the first tile"], wait.double() * us)
+    torch.testing.assert_close(steps["tile 0: top-k and softmax"], compute[:, 0].double() * us)
+    torch.testing.assert_close(steps["tile 1: stores and counts"], store[tiles > 1, 1].double() * us)
+    torch.testing.assert_close(steps["tile 2: wait after the previous tile"], gap[tiles > 2, 2].double() * us)
+    torch.testing.assert_close(steps["end of the kernel's histogram flush"], torch.full((warps,), 80 * us,
+                                                                                        dtype=torch.float64))
+    assert "tile 3: top-k and softmax" not in steps
+    lines = lane.timeline_summary(timeline)
+    assert lines[0].startswith(f"warps {warps}, tiles per warp") and len(lines) == 1 + len(steps)
+    assert lane.timeline_summary(torch.zeros(3, 32, dtype=torch.int64)) == ["no warp stamped"]
