@@ -522,8 +522,9 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // 4, whose warps issue their second copies only once every warp's first tile has landed (at the block's barrier
 // after the mask table): the warps started last on an SM otherwise wait for their first tile behind the other warps'
 // later copies (benchmarks/RESULTS.md, seventh round, the timeline)
-constexpr int kSmBlock = 1 << 13;
-constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | (1 << 12) | kSmBlock;
+// kTimeline: see kTimelineSlots below
+constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13;
+constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
 // gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
@@ -538,7 +539,7 @@ constexpr int kLaneDefaultOptions = kStageIds;  // (kTopK8 is added where top_k 
 // of its first kTimelineTiles tiles has landed in shared memory, has its weights, and is written out. Slots per
 // warp: 0 SM, 1 / 2 start (ns / cycles), 3 / 4 end of the tile loop (ns / cycles), 5 tiles done, 6 cycles at the
 // end of the kernel (after the histogram's flush), 8 + 3 i + (0, 1, 2) tile i's three points (cycles)
-constexpr int kTimeline = 1 << 12, kTimelineSlots = 32, kTimelineTiles = 8;
+constexpr int kTimelineSlots = 32, kTimelineTiles = 8;
 __device__ uint64_t* timeline_buffer = nullptr;
 __device__ int64_t timeline_warps = 0;
 
