@@ -356,7 +356,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
       for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
 #pragma unroll
-      for (int i = 0; i < V; ++i) dz[i] = prob[i] * (G[i] - dot);
+      for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
     } else {
       float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
 #pragma unroll
@@ -374,7 +374,10 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
       dot *= rinv;                          // sum_l g_l w_l
 #pragma unroll
-      for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? prob[i] * rinv * (G[i] - dot) : 0.0f;
+      for (int i = 0; i < V; ++i) {
+        const float w = prob[i] * rinv;
+        dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
+      }
     }
 
     if (valid) {
@@ -737,8 +740,9 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       for (int s = 0; s < kLaneBwdTopK; ++s) {
         if (valid[s]) {
           const int e = chosen[s];
+          const float w = prob[s] * rinv;  // (w g - w dot: g - dot overflows where g and -dot are both near the max)
           reinterpret_cast<unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7] =
-              L::to_bits(prob[s] * rinv * (g[s] - dot));
+              L::to_bits(fmaf(w, g[s], -(w * dot)));
         }
       }
     };

@@ -256,7 +256,7 @@ def _variant_grad(
         else:
             w = p
         dot = tl.sum(scattered * w, axis=1)
-        grad_logits = w * (scattered - dot[:, None])
+        grad_logits = w * scattered - w * dot[:, None]  # (w (g - dot) overflows where g and -dot are near the max)
         if RENORMALIZE or SCORING == 1:
             grad_logits = tl.where(picked, grad_logits, 0.0)
     return grad_logits * scale

@@ -309,7 +309,8 @@ def scenario_invalid_ids(run, device, T, seed):
 
 def scenario_extreme_grads(run, device, T, seed):
     """Incoming grads of +-inf, NaN, near the dtype's largest and smallest values, and zeros among normal ones (the
-    lane kernel's bfloat16 products change form for a scale beyond bfloat16's range)."""
+    lane kernel's bfloat16 products change form for a scale beyond bfloat16's range), and a row of grads near the
+    largest value with opposite signs, whose g - dot overflows float32 (the kernels take w g - w dot)."""
     gen = torch.Generator().manual_seed(seed)
     for dtype in (torch.float16, torch.bfloat16):
         big = torch.finfo(dtype).max
@@ -324,6 +325,9 @@ def scenario_extreme_grads(run, device, T, seed):
             grad = torch.randn(T, k, generator=gen)
             pick = torch.rand(T, k, generator=gen) < 0.15
             grad[pick] = extremes[torch.randint(0, len(extremes), (int(pick.sum()),), generator=gen)]
+            # a row whose g - dot lies beyond float32's range while every dz lies within it (bfloat16)
+            grad[1] = -big * 0.9
+            grad[1, k - 1] = big * 0.9
             grad = grad.to(dtype).to(device)
             for renorm in (False, True):
                 check_against_reference(run, grad, logits, keep, group, ids, renorm,

@@ -119,6 +119,26 @@ def test_fused_backward_matches_autograd_of_reference(renormalize):
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_backward_of_grads_near_the_largest_value_stays_finite(renormalize):
+    """Grads near bfloat16's largest value with opposite signs: g - dot lies beyond float32's range while every
+    gradient lies within it. The closed form takes w g - w dot, so it matches the float64 computation instead of
+    giving inf."""
+    from moe_fastmask.ops.reference import route_backward_reference
+
+    gen = torch.Generator().manual_seed(SESSION_SEED + 3)
+    logits = torch.randn(6, 64, generator=gen).to(torch.bfloat16)
+    _, ids = route_reference(logits, 8, None, None, None, renormalize)
+    big = torch.finfo(torch.bfloat16).max
+    grad = torch.full((6, 8), -0.9 * big)
+    grad[:, 7] = 0.9 * big  # (the smallest chosen weight)
+    grad = grad.to(torch.bfloat16)
+    out = route_backward_reference(grad, logits, None, None, ids, renormalize)
+    exact = route_backward_reference(grad.double(), logits.double(), None, None, ids, renormalize)
+    assert torch.isfinite(exact).all()
+    torch.testing.assert_close(out.double(), exact, atol=8e-3, rtol=1.6e-2)
+
+
 def test_opcheck():
     case = make_case(9, 12, 3, torch.float32, seed=SESSION_SEED + 3, mask="per_group", groups="with_unassigned")
     args = (case.logits, 3, case.keep, case.group, case.new_counts(), True, "torch")

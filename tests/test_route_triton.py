@@ -281,6 +281,24 @@ def test_backward_launcher_writes_every_element(renormalize, device):
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_backward_of_grads_near_the_largest_value_stays_finite(renormalize, device):
+    """bf16 grads near the largest value with opposite signs (g - dot beyond float32's range, every gradient within
+    it): the kernel takes w g - w dot, as the reference does, and matches the float64 computation."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 5)
+    logits = torch.randn(6, 64, generator=gen).to(torch.bfloat16).to(device)
+    _, ids = triton_route.route_forward(logits, 8, None, None, None, renormalize)
+    big = torch.finfo(torch.bfloat16).max
+    grad = torch.full((6, 8), -0.9 * big)
+    grad[:, 7] = 0.9 * big  # (the smallest chosen weight)
+    grad = grad.to(torch.bfloat16).to(device)
+    got = triton_route.route_backward(grad, logits, None, None, ids, renormalize)
+    exact = reference.route_backward_reference(grad.double(), logits.double(), None, None, ids, renormalize)
+    assert torch.isfinite(exact).all()
+    torch.testing.assert_close(got.double(), exact, atol=8e-3, rtol=1.6e-2)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The op end to end, the launcher API and backend choice
 # --------------------------------------------------------------------------------------------------------------

@@ -238,11 +238,12 @@ def route_backward_reference(
     if renormalize:
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
         dot = (grad * weights).sum(dim=-1, keepdim=True)
-        grad_logits = torch.zeros_like(probs).scatter_(1, ids, weights * (grad - dot))
+        # (w g - w dot rather than w (g - dot), which overflows where g and -dot are both near the dtype's largest)
+        grad_logits = torch.zeros_like(probs).scatter_(1, ids, weights * grad - weights * dot)
     else:
         dot = (grad * chosen).sum(dim=-1, keepdim=True)
         scattered = torch.zeros_like(probs).scatter_(1, ids, grad)
-        grad_logits = probs * (scattered - dot)
+        grad_logits = probs * scattered - probs * dot
     return grad_logits.to(logits.dtype)
 
 
