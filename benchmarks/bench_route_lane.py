@@ -172,6 +172,8 @@ def configurations(policies=None):
                         dict(_grid_policy=policy, _ablation="load_store", _lane_options=subset)))
         top_k_options_sets = [("topk8",)] + [("topk8", o) for o in cuda_route.LANE_FULL_KERNEL_OPTIONS]
         for top_k_options, subset in itertools.product(top_k_options_sets, subsets):
+            if any(set(pair) <= set(top_k_options + subset) for pair in cuda_route.LANE_EXCLUSIVE_OPTIONS):
+                continue
             out.append((f"{policy}:{'+'.join(top_k_options + subset)}",
                         dict(_grid_policy=policy, _lane_options=top_k_options + subset)))
         out.append((f"{policy}:", dict(_grid_policy=policy, _lane_options=())))

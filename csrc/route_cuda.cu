@@ -521,7 +521,8 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // kSmBlock (E = 64, two stages; not with kOneStage): one block of 24 warps per SM (192 KB of tiles) instead of six of
 // 4, whose warps issue their second copies only once every warp's first tile has landed (at the block's barrier
 // after the mask table): the warps started last on an SM otherwise wait for their first tile behind the other warps'
-// later copies (benchmarks/RESULTS.md, seventh round, the timeline)
+// later copies (benchmarks/RESULTS.md, seventh round, the timeline). Measured 15% slower (eighth round): the first
+// tiles then land together, and every warp of the SM computes at once
 // kTimeline: see kTimelineSlots below
 constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13;
 constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock;

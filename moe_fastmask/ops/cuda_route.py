@@ -68,7 +68,8 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # top-k on two 16-bit keys per register where a row's top 8 fit a window below its largest logit (the op uses one
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
 # it in the top-k's pass), "sm_block" runs one block of 24 warps per multiprocessor (192 KB of tiles) whose warps issue
-# their second copies only once every warp's first tile has landed (the op runs six blocks of 4 warps); with the
+# their second copies only once every warp's first tile has landed (the op runs six blocks of 4 warps; 15% slower,
+# benchmarks/RESULTS.md, eighth round); with the
 # "load_store" ablation, "one_stage", "stage_ids" and "sm_block" apply
 LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256,
                 "sm_block": 1 << 13}
