@@ -3,7 +3,9 @@
 import importlib.util
 import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -15,11 +17,57 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import background_builds  # noqa: E402
+
 SESSION_SEED = int(os.environ.get("MOE_FASTMASK_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 
 
 def pytest_report_header(config):
     return f"moe_fastmask random seed: {SESSION_SEED} (set MOE_FASTMASK_TEST_SEED to replay)"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "prebuild(start): start(), which starts a long build that the test needs on "
+                                       "the background worker (tests/background_builds.py), is called once "
+                                       "collection ends")
+
+
+def pytest_collection_finish(session):
+    """Start the background builds of the selected tests (in their order; those a ``skipif`` skips need none)."""
+    started = []
+    for item in session.items:
+        if any(marker.args and marker.args[0] is True for marker in item.iter_markers("skipif")):
+            continue
+        for marker in item.iter_markers("prebuild"):
+            start = marker.args[0]
+            if start not in started:
+                started.append(start)
+                start()
+
+
+def pytest_unconfigure(config):
+    background_builds.stop()
+    if _SM90_BUILD_CACHE is not None:
+        shutil.rmtree(_SM90_BUILD_CACHE, ignore_errors=True)
+
+
+_SM90_BUILD_CACHE: Path | None = None
+
+
+def sm90_build_cache_dir() -> Path:
+    """The session's build cache for the CUDA library compiled for sm_90 without a device (created on first use)."""
+    global _SM90_BUILD_CACHE
+    if _SM90_BUILD_CACHE is None:
+        _SM90_BUILD_CACHE = Path(tempfile.mkdtemp(prefix="moe_fastmask_sm90_build_cache_"))
+    return _SM90_BUILD_CACHE
+
+
+def start_sm90_build() -> None:
+    """(``prebuild``) Compile the CUDA library for sm_90 into :func:`sm90_build_cache_dir` in the background; the
+    tests' own builds there then wait on the build's lock and find it (or, where it failed, build and report)."""
+    env = dict(os.environ, MOE_FASTMASK_CACHE_DIR=str(sm90_build_cache_dir()), MOE_FASTMASK_CUDA_ARCH="90")
+    code = "from moe_fastmask.ops import cuda_route; cuda_route._build()"
+    background_builds.submit(lambda: background_builds.run([sys.executable, "-c", code], timeout=900, env=env))
 
 
 def load_benchmark(name: str) -> ModuleType:
@@ -42,10 +90,11 @@ def session_seed() -> int:
 
 
 @pytest.fixture(scope="session")
-def sm90_build_cache(tmp_path_factory) -> Path:
+def sm90_build_cache() -> Path:
     """One build cache for the tests that compile the CUDA library for sm_90 without a device (the forward's and the
-    backward's): the first builds it, the next finds it (same sources, compiler and architecture)."""
-    return tmp_path_factory.mktemp("sm90_build_cache")
+    backward's): the background build (start_sm90_build) or the first test builds it, the next finds it (same
+    sources, compiler and architecture)."""
+    return sm90_build_cache_dir()
 
 
 @pytest.fixture(scope="module")

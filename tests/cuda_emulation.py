@@ -8,11 +8,17 @@ shared memory, which starts poisoned.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import Future
 from pathlib import Path
+
+import background_builds
 
 EMU_HEADER = r"""
 #pragma once
@@ -328,13 +334,50 @@ def kernel_source(path: Path) -> str:
     return "".join(lines)
 
 
-def build_emulation(source: str, substitutions: dict[str, str], directory: Path, stem: str, sanitize: bool) -> Path:
-    """Compile a kernel source for the host (g++, against ``EMU_HEADER``), each key of ``substitutions`` (a
-    device-only statement that must occur exactly once) replaced by its host stand-in; returns the library's path."""
-    directory.mkdir(parents=True, exist_ok=True)
+def substituted(source: str, substitutions: dict[str, str]) -> str:
+    """``source`` with each key of ``substitutions`` (a device-only statement that must occur exactly once) replaced
+    by its host stand-in."""
     for device_code, host_code in substitutions.items():
         assert source.count(device_code) == 1, f"the kernel source no longer has (exactly once): {device_code}"
         source = source.replace(device_code, host_code)
+    return source
+
+
+# builds started in the background (start_build), by (source after substitution, stem, sanitize)
+_started: dict[tuple[str, str, bool], Future] = {}
+
+
+def build_emulation(source: str, substitutions: dict[str, str], directory: Path, stem: str, sanitize: bool) -> Path:
+    """Compile a kernel source for the host (g++, against ``EMU_HEADER``), each key of ``substitutions`` (a
+    device-only statement that must occur exactly once) replaced by its host stand-in; returns the library's path.
+    Where :func:`start_build` started the same build, waits for it instead."""
+    source = substituted(source, substitutions)
+    future = _started.get((source, stem, sanitize))
+    if future is not None:
+        return future.result()
+    return _compile(source, directory, stem, sanitize)
+
+
+def start_build(source: str, substitutions: dict[str, str], stem: str) -> None:
+    """(A test's ``prebuild``) Start in the background (tests/background_builds.py) the build that
+    :func:`run_emulated_checks` will ask :func:`build_emulation` for first: with AddressSanitizer where g++ has it."""
+    sanitize = asan_runtime() is not None
+    source = substituted(source, substitutions)
+    if (source, stem, sanitize) not in _started:
+        directory = Path(tempfile.mkdtemp(prefix=f"moe_fastmask_{stem}_"))
+        atexit.register(shutil.rmtree, directory, True)
+        _started[(source, stem, sanitize)] = background_builds.submit(
+            lambda: _compile(source, directory, stem, sanitize))
+
+
+def asan_runtime() -> str | None:
+    """The path of g++'s AddressSanitizer runtime, or None where it has none."""
+    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return asan if os.path.isabs(asan) and Path(asan).is_file() else None
+
+
+def _compile(source: str, directory: Path, stem: str, sanitize: bool) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "emu_cuda.h").write_text(EMU_HEADER)
     for name in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
         (directory / name).write_text('#include "emu_cuda.h"\n')
@@ -344,7 +387,7 @@ def build_emulation(source: str, substitutions: dict[str, str], directory: Path,
                f"-I{directory}", "-o", str(library), str(directory / f"{stem}.cpp")]
     if sanitize:
         command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = background_builds.run(command, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return library
 
@@ -354,8 +397,8 @@ def run_emulated_checks(build, code: str, tmp_path: Path, seed: int, marker: str
     report, or threads that disagree on a barrier, end it) on the library ``build(directory, sanitize)`` makes:
     under AddressSanitizer where g++ has one, else, or where that runtime cannot start under this Python and torch,
     without it. Fails unless the process exits 0 and prints ``marker``."""
-    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    sanitize = os.path.isabs(asan) and Path(asan).is_file()
+    asan = asan_runtime()
+    sanitize = asan is not None
     tests_dir = str(Path(__file__).resolve().parent)
     env = dict(os.environ, MOE_FASTMASK_TEST_SEED=str(seed),
                PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import cuda_emulation
-from conftest import SESSION_SEED
+from conftest import SESSION_SEED, start_sm90_build
 from route_cases import POISON_ID, adversarial_logits, recount, tolerance
 
 from moe_fastmask import route
@@ -688,6 +688,7 @@ def test_arch_override(monkeypatch):
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
+@pytest.mark.prebuild.with_args(start_sm90_build)
 def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cache):
     """Compile for sm_90 in a fresh process (no device needed) and call the launcher: it refuses shapes it does not
     take before touching a device, and reports a CUDA error (not a crash) when there is no device."""
@@ -762,6 +763,12 @@ def build_forward_emulation(directory: Path, sanitize: bool) -> Path:
     return cuda_emulation.build_emulation(cuda_emulation.kernel_source(cuda_route.source_path()),
                                           FORWARD_EMU_SUBSTITUTIONS, directory,
                                           "route_cuda_host", sanitize)
+
+
+def start_forward_emulation_build() -> None:
+    """(``prebuild``) build_forward_emulation's build, started in the background."""
+    cuda_emulation.start_build(cuda_emulation.kernel_source(cuda_route.source_path()), FORWARD_EMU_SUBSTITUTIONS,
+                               "route_cuda_host")
 
 
 def emulated_forward(library: Path):
@@ -902,6 +909,7 @@ def emulated_forward_checks(library: str) -> None:
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
 @pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+@pytest.mark.prebuild.with_args(start_forward_emulation_build)
 def test_forward_kernel_source_emulated_on_the_host(tmp_path):
     """Both forward kernels of csrc/route_cuda.cu, compiled for the host with the device emulated by threads, against
     the reference (emulated_forward_checks), under AddressSanitizer where g++ has it: every load and store within

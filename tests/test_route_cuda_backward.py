@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import cuda_emulation
-from conftest import SESSION_SEED
+from conftest import SESSION_SEED, start_sm90_build
 from route_cases import adversarial_logits, tolerance
 
 from moe_fastmask import route
@@ -636,6 +636,7 @@ def test_supports_backward_needs_cuda_tensors():
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests build and run the kernel")
+@pytest.mark.prebuild.with_args(start_sm90_build)
 def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cache):
     """Compile for sm_90 in a fresh process (no device needed): every backward kernel instance without spills, and
     the launcher refuses the shapes it does not take before touching a device (and reports a CUDA error, not a
@@ -712,6 +713,12 @@ def build_emulation(directory: Path, sanitize: bool) -> Path:
                                           "route_cuda_backward_host", sanitize)
 
 
+def start_emulation_build() -> None:
+    """(``prebuild``) build_emulation's build, started in the background."""
+    cuda_emulation.start_build(cuda_emulation.kernel_source(cuda_route.backward_source_path()), EMU_SUBSTITUTIONS,
+                               "route_cuda_backward_host")
+
+
 def emulated_run(library: Path, variant: str = "lane", ids8: bool = False):
     """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
     lib = ctypes.CDLL(str(library))
@@ -767,6 +774,7 @@ def emulated_checks(library: str) -> None:
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
 @pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+@pytest.mark.prebuild.with_args(start_emulation_build)
 def test_kernel_source_emulated_on_the_host(tmp_path):
     """The kernel source, compiled for the host with its warps emulated by threads, against the reference on every
     scenario (random shapes, adversarial values, examples, out-of-range groups, layouts, any ids), under
