@@ -33,7 +33,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Start the background builds of the selected tests (in their order; those a ``skipif`` skips need none)."""
+    """Start the background builds of the selected tests (in their order; those a ``skipif`` skips need none, nor
+    does ``--collect-only``). A start that fails is left to its test, whose own build then meets the same error."""
+    if getattr(session.config.option, "collectonly", False):
+        return
     started = []
     for item in session.items:
         if any(marker.args and marker.args[0] is True for marker in item.iter_markers("skipif")):
@@ -42,7 +45,10 @@ def pytest_collection_finish(session):
             start = marker.args[0]
             if start not in started:
                 started.append(start)
-                start()
+                try:
+                    start()
+                except Exception:
+                    pass
 
 
 def pytest_unconfigure(config):

@@ -85,8 +85,19 @@ def test_prebuilds_start_once_each_in_test_order_and_not_for_skipped_tests():
     started = []
     a, b, c = (lambda name=name: started.append(name) for name in "abc")
 
+    def broken():
+        started.append("broken")
+        raise FileNotFoundError("no compiler")
+
     class Session:
-        items = [FakeItem([b]), FakeItem([c], skip=True), FakeItem([a, b]), FakeItem([])]
+        class config:
+            class option:
+                collectonly = False
+        items = [FakeItem([b]), FakeItem([c], skip=True), FakeItem([broken, a, b]), FakeItem([])]
 
     conftest.pytest_collection_finish(Session())
-    assert started == ["b", "a"]
+    assert started == ["b", "broken", "a"]
+    started.clear()
+    Session.config.option.collectonly = True
+    conftest.pytest_collection_finish(Session())
+    assert started == []
