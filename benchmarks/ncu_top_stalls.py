@@ -5,7 +5,11 @@ Reads the CSV that ``ncu ... --section SourceCounters --section WarpStateStats -
 their address, SASS, share of all samples and main stall reasons. That is how the lane kernel's wait on the group id
 it had just loaded was found (benchmarks/RESULTS.md, "CUDA kernels, third round").
 
-Usage: ``python benchmarks/ncu_top_stalls.py NCU_SOURCE.csv [--top 15] [--reasons 3]``
+``--opcodes`` prints instead the executed warp instructions summed by opcode (the SASS mnemonic before its first
+dot, the predicate dropped), ``--per N`` divided by N (the lane kernel's 32-row tiles, T / 32: instructions per
+tile; benchmarks/RESULTS.md, "CUDA kernels, eighth round").
+
+Usage: ``python benchmarks/ncu_top_stalls.py NCU_SOURCE.csv [--top 15] [--reasons 3] [--opcodes [--per N]]``
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
 REASON_PREFIX = "stall_"
 
 
@@ -56,17 +61,47 @@ def top_stalls(rows: list[dict[str, str]], top: int = 15, reasons: int = 3) -> t
     return total, out
 
 
+def opcode(source: str) -> str:
+    """The opcode of one SASS line: its mnemonic before the first dot, a predicate (``@!P0``) dropped."""
+    words = source.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else ""
+
+
+def executed_by_opcode(rows: list[dict[str, str]]) -> dict[str, float]:
+    """Executed warp instructions summed by :func:`opcode`, largest first; raises ValueError without the column."""
+    if EXECUTED not in rows[0]:
+        raise ValueError(f"the table has no {EXECUTED!r} column (profile with --section SourceCounters)")
+    sums: dict[str, float] = {}
+    for row in rows:
+        name = opcode(row["Source"])
+        sums[name] = sums.get(name, 0.0) + _number(row[EXECUTED])
+    return dict(sorted(sums.items(), key=lambda item: -item[1]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", type=Path)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--reasons", type=int, default=3)
+    parser.add_argument("--opcodes", action="store_true", help="executed instructions by opcode instead")
+    parser.add_argument("--per", type=float, default=1.0, help="--opcodes: divide the counts by this (e.g. tiles)")
     args = parser.parse_args(argv)
+    if args.per <= 0:
+        parser.error(f"--per must be positive, got {args.per}")
     try:
         rows = read_source_csv(args.csv)
+        sums = executed_by_opcode(rows) if args.opcodes else None
     except (OSError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
+    if sums is not None:
+        total = sum(sums.values())
+        print(f"{len(rows)} instructions, {total:.0f} executed ({total / args.per:.1f} per {args.per:g})")
+        for name, count in sums.items():
+            print(f"{name:<12} {count / args.per:10.1f}  {count / total if total else 0.0:6.1%}")
+        return 0
     total, ranked = top_stalls(rows, args.top, args.reasons)
     print(f"{len(rows)} instructions, {total:.0f} stall samples")
     for entry in ranked:

@@ -51,3 +51,27 @@ def test_a_file_without_the_table_is_refused_with_its_name(tool, tmp_path, capsy
         tool.read_source_csv(path)
     assert tool.main([str(path)]) == 2
     assert "--page source" in capsys.readouterr().err
+
+
+def test_opcodes_sums_executed_instructions_by_mnemonic(tool, tmp_path, capsys):
+    path = tmp_path / "source.csv"
+    header = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"'
+    lines = ['"Kernel Name","route_lane_kernel",', header] + [",".join(f'"{v}"' for v in row) for row in [
+        ("0x10", "VIMNMX.U32 R68, R37, R68, !PT", "3", "8,192"),
+        ("0x20", "@!P2  VIMNMX.U32 R1, R2, R3, PT", "0", "4,096"),
+        ("0x30", "VIMNMX3.U32 R1, R2, R3, R4", "0", "100"),
+        ("0x40", "@P0   BRA 0x7f013acdaa30", "1", "50"),
+        ("0x50", "MUFU.EX2 R9, R18", "0", "0"),
+    ]]
+    path.write_text("\n".join(lines) + "\n")
+    rows = tool.read_source_csv(path)
+    sums = tool.executed_by_opcode(rows)
+    assert sums == {"VIMNMX": 12288.0, "VIMNMX3": 100.0, "BRA": 50.0, "MUFU": 0.0}
+    assert list(sums) == ["VIMNMX", "VIMNMX3", "BRA", "MUFU"]
+    assert tool.main([str(path), "--opcodes", "--per", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "12438 executed (3.0 per 4096)" in out and "VIMNMX" in out and "3.0" in out
+    # a table without the executed counts is refused, naming the column
+    write_csv(path, [("0x10", "LDS.128 R4, [R2]", "5", "3", "0", "1", "4", "0")])
+    assert tool.main([str(path), "--opcodes"]) == 2
+    assert "Instructions Executed" in capsys.readouterr().err
