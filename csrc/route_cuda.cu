@@ -525,6 +525,7 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // tiles then land together, and every warp of the SM computes at once
 // kTimeline: see kTimelineSlots below
 constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13;
+constexpr int kSmBlockStageBytes = 6 * kLaneStageBytes;  // (kSmBlock) the one block's tiles: six blocks' worth
 constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
@@ -730,7 +731,7 @@ template <int E_PAD, int FLAGS> struct LaneShape {
   static constexpr int kStages = (FLAGS & kOneStage) ? 1 : 2;    // tile buffers per warp
   static constexpr int kTileBytes = 32 * E_PAD * 2;              // one tile: 32 rows
   static constexpr bool kOneBlockPerSm = (FLAGS & kSmBlock) != 0 && E_PAD == 64 && kStages == 2;
-  static constexpr int kStageBytes = kOneBlockPerSm ? 6 * kLaneStageBytes : kLaneStageBytes;  // (the tiles)
+  static constexpr int kStageBytes = kOneBlockPerSm ? kSmBlockStageBytes : kLaneStageBytes;  // (the tiles)
   static constexpr int kWarps = kStageBytes / (kStages * kTileBytes);  // warps per block
   static constexpr int kMaskStride = NC * 2 + 1;  // 16-byte units per group row of the mask table (2 pairs each)
   static constexpr int kKeepStride = NC + 1;      // 16-byte units per group row of the packed top-k's keep words
@@ -1214,7 +1215,7 @@ size_t lane_smem_bytes(RouteParams& p, int dtype) {
     p.shared_hist = 0;
     hist = 0;
   }
-  return ((p.lane_options & kSmBlock) ? 6 : 1) * static_cast<size_t>(kLaneStageBytes) + mask + hist;
+  return static_cast<size_t>((p.lane_options & kSmBlock) ? kSmBlockStageBytes : kLaneStageBytes) + mask + hist;
 }
 
 // FLAGS of a benchmarking ablation (0: none)

@@ -281,6 +281,18 @@ def adversarial_case(kind: str, seed: int, *, exact_mask: bool) -> RouteCase:
     return RouteCase(values.to(dtype), top_k, keep, group, G, rng.random() < 0.5)
 
 
+def extreme_grads_case(gen: torch.Generator, renormalize: bool, forward, device="cpu") -> tuple[torch.Tensor, ...]:
+    """(logits, ids, grad) on ``device`` for route's backward: bf16 logits [6, 64], their top-8 ids from ``forward``
+    (a backend's ``route_forward``), and bf16 grads near the largest value with opposite signs, so that g - dot lies
+    beyond float32's range while every gradient lies within it (the closed form must take w g - w dot)."""
+    logits = torch.randn(6, 64, generator=gen).to(torch.bfloat16).to(device)
+    _, ids = forward(logits, 8, None, None, None, renormalize)
+    big = torch.finfo(torch.bfloat16).max
+    grad = torch.full((6, 8), -0.9 * big)
+    grad[:, 7] = 0.9 * big  # (the smallest chosen weight)
+    return logits, ids, grad.to(torch.bfloat16).to(device)
+
+
 def recount(ids: torch.Tensor, group: torch.Tensor | None, num_groups: int, num_experts: int) -> torch.Tensor:
     """int64 [G, E]: the counts ``ids`` should add (tokens of groups outside [0, G) not counted)."""
     counts = torch.zeros(num_groups, num_experts, dtype=torch.int64)

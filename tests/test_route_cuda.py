@@ -790,8 +790,7 @@ def emulated_forward(library: Path):
         ids8_out = torch.full((T, top_k), 0xEE, dtype=torch.uint8) if ids8 else None  # (poisoned)
         lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
         if timeline is not None:  # (the timeline instance: the op's instance with stamps, with options or not)
-            lane_options = (cuda_route.lane_option_bits(("topk8", "stage_ids") + tuple(options or ()))
-                            | cuda_route.LANE_TIMELINE_BIT)
+            lane_options = cuda_route.timeline_option_bits(options)
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
                                            ids8=ids8_out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import assert_compiled_matches_eager, make_case, naive_route, random_grid, tolerance
+from route_cases import (assert_compiled_matches_eager, extreme_grads_case, make_case, naive_route, random_grid,
+                         tolerance)
 
 import moe_fastmask
 from moe_fastmask import route
@@ -126,13 +127,8 @@ def test_backward_of_grads_near_the_largest_value_stays_finite(renormalize):
     giving inf."""
     from moe_fastmask.ops.reference import route_backward_reference
 
-    gen = torch.Generator().manual_seed(SESSION_SEED + 3)
-    logits = torch.randn(6, 64, generator=gen).to(torch.bfloat16)
-    _, ids = route_reference(logits, 8, None, None, None, renormalize)
-    big = torch.finfo(torch.bfloat16).max
-    grad = torch.full((6, 8), -0.9 * big)
-    grad[:, 7] = 0.9 * big  # (the smallest chosen weight)
-    grad = grad.to(torch.bfloat16)
+    logits, ids, grad = extreme_grads_case(torch.Generator().manual_seed(SESSION_SEED + 3), renormalize,
+                                           route_reference)
     out = route_backward_reference(grad, logits, None, None, ids, renormalize)
     exact = route_backward_reference(grad.double(), logits.double(), None, None, ids, renormalize)
     assert torch.isfinite(exact).all()

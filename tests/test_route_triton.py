@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 from conftest import SESSION_SEED
-from route_cases import POISON_ID, assert_compiled_matches_eager, make_case, naive_route, random_grid, tolerance
+from route_cases import (POISON_ID, assert_compiled_matches_eager, extreme_grads_case, make_case, naive_route,
+                         random_grid, tolerance)
 
 from moe_fastmask import route
 from moe_fastmask.ops import reference, triton_route
@@ -286,13 +287,8 @@ def test_backward_launcher_writes_every_element(renormalize, device):
 def test_backward_of_grads_near_the_largest_value_stays_finite(renormalize, device):
     """bf16 grads near the largest value with opposite signs (g - dot beyond float32's range, every gradient within
     it): the kernel takes w g - w dot, as the reference does, and matches the float64 computation."""
-    gen = torch.Generator().manual_seed(SESSION_SEED + 5)
-    logits = torch.randn(6, 64, generator=gen).to(torch.bfloat16).to(device)
-    _, ids = triton_route.route_forward(logits, 8, None, None, None, renormalize)
-    big = torch.finfo(torch.bfloat16).max
-    grad = torch.full((6, 8), -0.9 * big)
-    grad[:, 7] = 0.9 * big  # (the smallest chosen weight)
-    grad = grad.to(torch.bfloat16).to(device)
+    logits, ids, grad = extreme_grads_case(torch.Generator().manual_seed(SESSION_SEED + 5), renormalize,
+                                           triton_route.route_forward, device)
     got = triton_route.route_backward(grad, logits, None, None, ids, renormalize)
     exact = reference.route_backward_reference(grad.double(), logits.double(), None, None, ids, renormalize)
     assert torch.isfinite(exact).all()

@@ -69,8 +69,7 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
 # it in the top-k's pass), "sm_block" runs one block of 24 warps per multiprocessor (192 KB of tiles) whose warps issue
 # their second copies only once every warp's first tile has landed (the op runs six blocks of 4 warps; 15% slower,
-# benchmarks/RESULTS.md, eighth round); with the
-# "load_store" ablation, "one_stage", "stage_ids" and "sm_block" apply
+# benchmarks/RESULTS.md, eighth round); with the "load_store" ablation, "one_stage", "stage_ids" and "sm_block" apply
 LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256,
                 "sm_block": 1 << 13}
 # options of the full kernel only (no ablation), and the pairs that do not combine
@@ -453,6 +452,12 @@ def lane_option_bits(names) -> int:
     return 1 | sum(LANE_OPTIONS[name] for name in set(names))
 
 
+def timeline_option_bits(names=None) -> int:
+    """The ``lane_options`` code of the timeline instance: the op's instance (top_k == 8, ids staged) with the
+    option names ``names`` (none, or ``("sm_block",)``) and the stamps."""
+    return lane_option_bits(("topk8", "stage_ids") + tuple(names or ())) | LANE_TIMELINE_BIT
+
+
 def _padded_experts(num_experts: int) -> int:
     return max(8, 1 << (num_experts - 1).bit_length())
 
@@ -586,7 +591,7 @@ def route_forward(
                 or not _timeline.is_contiguous() or _timeline.device != logits.device):
             raise ValueError(f"_timeline must be a contiguous int64 [warps, {slots}] tensor on {logits.device}, got "
                              f"{_timeline.dtype} {tuple(_timeline.shape)} on {_timeline.device}")
-        lane_options = lane_option_bits(("topk8", "stage_ids") + tuple(_lane_options or ())) | LANE_TIMELINE_BIT
+        lane_options = timeline_option_bits(_lane_options)
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
