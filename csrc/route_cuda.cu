@@ -557,6 +557,18 @@ __device__ __forceinline__ float unordered16(unsigned int v) {
   return L::from_bits(v ^ ((v & 0x8000u) ? 0x8000u : 0xFFFFu));
 }
 
+// the value of a 32-bit key (its 16-bit order above, the expert's code below): unordered16(key >> 16); for bf16 the
+// order is undone in place, in the float's high half (the XOR mask from the key's top bit, the code's bits cleared)
+template <typename L>
+__device__ __forceinline__ float key_value(unsigned int key) {
+  if constexpr (std::is_same<L, Lane16<__nv_bfloat16>>::value) {
+    const unsigned int flip = ~static_cast<unsigned int>(static_cast<int>(key) >> 31) | 0x80000000u;
+    return __uint_as_float((key ^ flip) & 0xFFFF0000u);
+  } else {
+    return unordered16<L>(key >> 16);
+  }
+}
+
 // Keys of a network: one 32-bit key per register (Key32), or two 16-bit keys per register ordered independently
 // (Key16x2, the packed top-k below)
 struct Key32 {
@@ -878,6 +890,12 @@ route_lane_kernel(const RouteParams p) {
   if constexpr (S::kOneBlockPerSm) cp_async_wait_all();  // (past the barrier, every warp's first tile has landed)
   __syncthreads();
 
+  // (kStaged) staged ids: 16-byte slot q (row q / 4) of the warp's 2 KB of ids sits at q ^ ((q >> 3) & 3) of the tile
+  // buffer, so that 8 lanes writing their rows' slots i, and 8 lanes reading consecutive slots, hit 8 bank groups. A
+  // lane writes q = 4 lane + i, at 4 lane + (i ^ ((lane >> 1) & 3)), and reads q = 32 j + lane, at 32 j + (lane ^
+  // ((lane >> 3) & 3)): offsets fixed per lane
+  const int stage_write_swizzle = (lane >> 1) & 3, stage_read_slot = lane ^ ((lane >> 3) & 3);
+
   int buf = 0;
   for (; tile < num_tiles; tile += num_warps, buf ^= (kTwoStages ? 1 : 0)) {
     const int64_t next = tile + num_warps;
@@ -986,7 +1004,7 @@ route_lane_kernel(const RouteParams p) {
     float z[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      z[i] = unordered16<L>(top[i] >> 16);
+      z[i] = key_value<L>(top[i]);
     }
     const float row_max = top[0] >= kLowestAllowed ? z[0] : -INFINITY;
 
@@ -1045,11 +1063,14 @@ route_lane_kernel(const RouteParams p) {
 
     float wts[8];
     float picked_sum = 0.0f;
+    // one exponential per pick either way: 2^(z log2e - ref) (the one-pass form), or 2^((z - max) log2e) (the second
+    // pass's exact form, as fma(z - max, log2e, 0): the product rounded once, as a multiply would)
+    const float weight_ref = one_pass ? neg_ref : 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if constexpr (kSoftmax) {
-        const float e = one_pass ? fast_exp2(fmaf(z[i], kLog2e, neg_ref)) : fast_exp2((z[i] - row_max) * kLog2e);
-        wts[i] = top[i] >= kLowestAllowed ? e * inv : 0.0f * inv;  // (the second pass: the exact form)
+        const float e = fast_exp2(fmaf(one_pass ? z[i] : z[i] - row_max, kLog2e, weight_ref));
+        wts[i] = top[i] >= kLowestAllowed ? e * inv : 0.0f * inv;
       } else {
         wts[i] = z[i];
       }
@@ -1061,9 +1082,7 @@ route_lane_kernel(const RouteParams p) {
       for (int i = 0; i < 8; ++i) wts[i] *= rinv;
     }
 
-    // staged ids: 16-byte slot q (row q / 4) of the warp's 2 KB of ids sits at q ^ ((q >> 3) & 3) of the tile
-    // buffer, so that 8 lanes writing their rows' slots i, and 8 lanes reading consecutive slots, hit 8 bank groups
-    uint4* stage = reinterpret_cast<uint4*>(my_tiles + buf * S::kTileBytes);
+    uint4* stage = reinterpret_cast<uint4*>(my_tiles + buf * S::kTileBytes);  // (kStaged: the ids, see above)
     if (row_valid) {
       int64_t* ids_out = p.ids + row * top_k;
       unsigned short* w_out = static_cast<unsigned short*>(p.weights) + row * top_k;
@@ -1074,9 +1093,8 @@ route_lane_kernel(const RouteParams p) {
         if constexpr (kStaged) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const int q = lane * 4 + i;
-            stage[q ^ ((q >> 3) & 3)] = make_uint4(static_cast<unsigned int>(expert[2 * i]), 0u,
-                                                   static_cast<unsigned int>(expert[2 * i + 1]), 0u);
+            stage[lane * 4 + (i ^ stage_write_swizzle)] = make_uint4(static_cast<unsigned int>(expert[2 * i]), 0u,
+                                                                     static_cast<unsigned int>(expert[2 * i + 1]), 0u);
           }
         } else {
           longlong2* ids2 = reinterpret_cast<longlong2*>(ids_out);
@@ -1108,11 +1126,12 @@ route_lane_kernel(const RouteParams p) {
         *reinterpret_cast<uint2*>(p.ids8 + row * 8) = make_uint2(lo, hi);
       }
       if (has_counts && gi < G) {
+        unsigned int* const hist_row = hist + gi * E;  // (shared_hist)
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           if (i < top_k) {
             if (shared_hist) {
-              atomicAdd(hist + gi * E + expert[i], 1u);
+              atomicAdd(hist_row + expert[i], 1u);
             } else {
               atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + static_cast<int64_t>(gi) * E + expert[i]),
                         1ull);
@@ -1124,12 +1143,17 @@ route_lane_kernel(const RouteParams p) {
     if constexpr (kStaged) {
       if (vector_out) {
         __syncwarp();
-        const int64_t rows_left = T_rows - tile * 32;
-        uint4* ids_tile = reinterpret_cast<uint4*>(p.ids + tile * 32 * 8);
+        uint4* ids_out = reinterpret_cast<uint4*>(p.ids + tile * 32 * 8) + lane;  // slot q = 32 j + lane of the tile's
+        const uint4* staged = stage + stage_read_slot;
+        if ((tile + 1) * 32 <= T_rows) {  // (warp-uniform) every row exists
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int q = j * 32 + lane;
-          if (q / 4 < rows_left) ids_tile[q] = stage[q ^ ((q >> 3) & 3)];
+          for (int j = 0; j < 4; ++j) ids_out[j * 32] = staged[j * 32];
+        } else {
+          const int64_t rows_left = T_rows - tile * 32;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j * 8 + lane / 4 < rows_left) ids_out[j * 32] = staged[j * 32];
+          }
         }
       }
       __syncwarp();  // the buffer is free again
