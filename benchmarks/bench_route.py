@@ -32,7 +32,8 @@ kernel adds the counts). ``cuda`` runs the op's default variant (``MOE_FASTMASK_
 and counts (not the ablations') are checked against the reference once before timing. Where the lane kernels apply
 with top-8, mode ``backward`` times the CUDA backward alone per variant (``cuda_bwd_lane``, the op's default there;
 ``cuda_bwd_split``, the row-over-lanes kernel; ``cuda_bwd_lane_ids8``, the lane kernel reading the one-byte ids that
-the forward writes for it under autograd).
+the forward writes for it under autograd; at E=64 with a mask, ``cuda_bwd_lane_ids8_load_store``, that instance's
+copies and stores alone, its memory floor).
 
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
@@ -433,31 +434,38 @@ def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
 def run_backward_variants(data, num_experts: int, top_k: int, num_tokens: int, calls: int, rows, copy_gbs) -> None:
     """The CUDA backward alone, per kernel variant (``cuda_route.BACKWARD_VARIANTS``: ``lane``, the op's default
     where it applies, and ``split``; ``lane_ids8``, the lane kernel reading the ids a byte each, as ``route``'s
-    autograd has it do), on the forward's ids, without renormalisation: mode ``backward``, bytes = logits and grad
-    read, ids read, grad_logits written. Each variant's largest error against the float64 reference is printed
-    before it is timed."""
+    autograd has it do; ``lane_ids8_load_store``, that instance's copies and stores alone, its memory floor, where it
+    applies: bf16, E=64, a mask), on the forward's ids, without renormalisation: mode ``backward``, bytes = logits and
+    grad read, ids read, grad_logits written. Each variant's largest error against the float64 reference is printed
+    before it is timed (the loads-and-stores-only one: against the logits it copies)."""
     from moe_fastmask.ops import cuda_route, reference
 
     inputs = []
     for x, keep, group, grad in data:
         _, ids = cuda_route.route_forward(x, top_k, keep, group, None, False)
         inputs.append((x, keep, group, grad, ids, ids.to(torch.uint8), torch.empty_like(x)))
-    cases = [(variant, False) for variant in cuda_route.BACKWARD_VARIANTS]
+    cases = [(variant, False, None) for variant in cuda_route.BACKWARD_VARIANTS]
     if cuda_route.compact_ids_apply(data[0][0], top_k, data[0][1]):
-        cases.append(("lane", True))  # the ids a byte each, as route's autograd passes them
-    for variant, byte_ids in cases:
+        cases.append(("lane", True, None))  # the ids a byte each, as route's autograd passes them
+        x, keep = data[0][0], data[0][1]
+        if x.dtype == torch.bfloat16 and num_experts == 64 and keep is not None:
+            cases.append(("lane", True, "load_store"))
+    for variant, byte_ids, ablation in cases:
         nbytes = num_tokens * (2 * num_experts * 2 + top_k * (2 + (1 if byte_ids else 8)))
         x, keep, group, grad, ids, ids8, _ = inputs[0]
         got = cuda_route.route_backward(grad, x, keep, group, ids, False, variant=variant,
-                                        ids8=ids8 if byte_ids else None)
-        exact = reference.route_backward_reference(grad.double(), x.double(), keep, group, ids, False)
+                                        ids8=ids8 if byte_ids else None, _ablation=ablation)
+        if ablation is None:
+            exact = reference.route_backward_reference(grad.double(), x.double(), keep, group, ids, False)
+        else:
+            exact = x.double()  # (the loads-and-stores-only instance copies the logits)
         error = float((got.double() - exact).abs().max())
         fns = [functools.partial(cuda_route.route_backward, g, x, k, gr, i, False, out=o, variant=variant,
-                                 ids8=i8 if byte_ids else None)
+                                 ids8=i8 if byte_ids else None, _ablation=ablation)
                for x, k, gr, g, i, i8, o in inputs]
         per_call = graph_us(fns, calls)
         gbs = nbytes / (per_call * 1e-6) / 1e9
-        provider = f"cuda_bwd_{variant}" + ("_ids8" if byte_ids else "")
+        provider = f"cuda_bwd_{variant}" + ("_ids8" if byte_ids else "") + (f"_{ablation}" if ablation else "")
         note = f"max abs error {error:.2e}"
         rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
                          mode="backward", graph_us=per_call, gbs=gbs, pct_copy=100 * gbs / copy_gbs, note=note))

@@ -50,7 +50,8 @@ struct RouteBackwardParams {
   int32_t top_k;
   int32_t renormalize;
   int32_t group_is_int64;
-  int32_t variant;            // 0: the lane kernel where it applies (see below), 1: always the row-over-lanes one
+  int32_t variant;            // 0: the lane kernel where it applies (see below), 1: always the row-over-lanes one,
+                              // 2: (benchmarking) the lane kernel's loads and stores alone (grad_logits = logits)
 };
 
 namespace {
@@ -455,7 +456,9 @@ template <int E_PAD, bool IDS8> struct LaneBwdShape {
   static constexpr int kMinBlocks = 8;
 };
 
-template <typename T, int E_PAD, bool MASK, bool IDS8>
+// LOAD_STORE (benchmarking only; variant 2): the same copies, tiles and stores without the math, each tile's logits
+// written back out as its gradient: the kernel's memory floor
+template <typename T, int E_PAD, bool MASK, bool IDS8, bool LOAD_STORE = false>
 __global__ void __launch_bounds__(kLaneBwdWarps * 32, LaneBwdShape<E_PAD, IDS8>::kMinBlocks)
 route_bwd_lane_kernel(const RouteBackwardParams p) {
   using S = LaneBwdShape<E_PAD, IDS8>;
@@ -548,208 +551,213 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
 
     const int64_t rows_left = T_rows - tile * 32;
     unsigned char* const stage = my_stages + buf * S::kStageBytes;
-    uint4* const my_row = reinterpret_cast<uint4*>(stage) + lane * NC;  // chunk c at my_row[swizzle<NC>(lane, c)]
-    const uint2* const my_mask = mask_table + gi * S::kMaskEntries;     // (MASK) entry of expert pair i
-
-    // the row's ids (valid: in [0, E)) and incoming grads
-    int chosen[kLaneBwdTopK];
-    bool valid[kLaneBwdTopK];
-    if constexpr (IDS8) {
-      const uint2 v = reinterpret_cast<const uint2*>(stage + S::kTileBytes)[lane];
-#pragma unroll
-      for (int s = 0; s < kLaneBwdTopK; ++s) {
-        const unsigned int id = ((s < 4 ? v.x : v.y) >> (8 * (s % 4))) & 0xFFu;
-        chosen[s] = static_cast<int>(id & (E_PAD - 1));
-        valid[s] = id < static_cast<unsigned int>(E_PAD);
-      }
+    if constexpr (LOAD_STORE) {
+      (void)gi;  // (benchmarking: the tile's logits go back out as its gradient, unchanged)
     } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
-        chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
-        valid[2 * c] = v.y == 0 && v.x < static_cast<unsigned int>(E_PAD);
-        chosen[2 * c + 1] = static_cast<int>(v.z & (E_PAD - 1));
-        valid[2 * c + 1] = v.w == 0 && v.z < static_cast<unsigned int>(E_PAD);
-      }
-    }
-    float g[kLaneBwdTopK];
-    {
-      const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes + S::kIdsBytes)[lane];
-      const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        g[2 * j] = L::lo(w[j]);
-        g[2 * j + 1] = L::hi(w[j]);
-      }
-    }
-    auto chunk_words = [&](int c, unsigned int (&w)[4], uint2 (&m)[4]) {
-      const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
-      w[0] = raw.x;
-      w[1] = raw.y;
-      w[2] = raw.z;
-      w[3] = raw.w;
-      if constexpr (MASK) {  // (16-byte rows of the table: entries 4c .. 4c + 3)
-        const uint4 m01 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4));
-        const uint4 m23 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4) + 1);
-        m[0] = make_uint2(m01.x, m01.y);
-        m[1] = make_uint2(m01.z, m01.w);
-        m[2] = make_uint2(m23.x, m23.y);
-        m[3] = make_uint2(m23.z, m23.w);
-      }
-    };
+      uint4* const my_row = reinterpret_cast<uint4*>(stage) + lane * NC;  // chunk c at my_row[swizzle<NC>(lane, c)]
+      const uint2* const my_mask = mask_table + gi * S::kMaskEntries;     // (MASK) entry of expert pair i
 
-    // the chosen experts' logits, gathered before the first pass overwrites the row (a masked one reads as -inf)
-    float chosen_z[kLaneBwdTopK];
-#pragma unroll
-    for (int s = 0; s < kLaneBwdTopK; ++s) {
-      const int e = chosen[s];
-      const unsigned short bits = reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
-      bool kept = true;
-      if constexpr (MASK) {
-        const uint2 entry = my_mask[e >> 1];
-        kept = ((e & 1) ? entry.x : entry.y) != 0u;
-      }
-      chosen_z[s] = kept ? L::from_bits(bits) : -INFINITY;
-    }
-
-    float s0 = 0.0f, s1 = 0.0f, neg_ref = 0.0f;
-    // 1. the denominator against ref = fl(R log2e) (see above); with kKeepTerms each term also goes back into the
-    // row, in place of its logit, as a bfloat16
-#pragma unroll 2
-    for (int c = 0; c < NC; ++c) {
-      unsigned int w[4];
-      uint2 m[4];
-      chunk_words(c, w, m);
-      if (c == 0) {
-        float r = L::lo(w[0]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) r = fmaxf(fmaxf(r, L::lo(w[j])), L::hi(w[j]));
-        neg_ref = -(r * kLog2e);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-        const float t0 = bwd_exp2(fmaf(f.x, kLog2e, neg_ref)), t1 = bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
-        s0 += t0;
-        s1 += t1;
-        if constexpr (kKeepTerms) w[j] = bf16x2_pack(t0, t1);
-      }
-      if constexpr (kKeepTerms) my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-    float sum = s0 + s1;
-    const bool one_fma = __all_sync(0xffffffffu, lane >= rows_left || (sum > 0x1p-60f && sum <= 0x1p100f));
-    float row_max = 0.0f;
-    if (!one_fma) {  // the exact form: the row max over the allowed experts (a NaN skipped: its term makes the sum NaN)
-      if constexpr (kKeepTerms) {  // the first pass overwrote the row: the lane copies its logits in again
-        if (lane < rows_left) {
-          const uint4* src = reinterpret_cast<const uint4*>(logits + (tile * 32 + lane) * p.stride_t);
-#pragma unroll 1
-          for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = src[c];
+      // the row's ids (valid: in [0, E)) and incoming grads
+      int chosen[kLaneBwdTopK];
+      bool valid[kLaneBwdTopK];
+      if constexpr (IDS8) {
+        const uint2 v = reinterpret_cast<const uint2*>(stage + S::kTileBytes)[lane];
+  #pragma unroll
+        for (int s = 0; s < kLaneBwdTopK; ++s) {
+          const unsigned int id = ((s < 4 ? v.x : v.y) >> (8 * (s % 4))) & 0xFFu;
+          chosen[s] = static_cast<int>(id & (E_PAD - 1));
+          valid[s] = id < static_cast<unsigned int>(E_PAD);
         }
-      }
-      // f(pair's floats) over the row, a chunk at a time (a rare path: not unrolled, to spare registers)
-      auto each_pair = [&](auto&& f) {
-#pragma unroll 1
-        for (int c = 0; c < NC; ++c) {
-          unsigned int w[4];
-          uint2 m[4];
-          chunk_words(c, w, m);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) f(pair_floats<L, MASK>(w[j], m[j]));
-        }
-      };
-      row_max = -INFINITY;
-      each_pair([&](float2 f) { row_max = fmaxf(row_max, fmaxf(f.x, f.y)); });
-      s0 = s1 = 0.0f;
-      each_pair([&](float2 f) {
-        s0 += bwd_exp2((f.x - row_max) * kLog2e);
-        s1 += bwd_exp2((f.y - row_max) * kLog2e);
-      });
-      sum = s0 + s1;
-    }
-    const float inv = bwd_rcp(sum);
-
-    auto finish = [&](auto one_fma_tag) {
-      constexpr bool kOneFma = decltype(one_fma_tag)::value;
-      auto term = [&](float z) {  // 2^(z log2e - ref), or 2^((z - max) log2e)
-        return kOneFma ? bwd_exp2(fmaf(z, kLog2e, neg_ref)) : bwd_exp2((z - row_max) * kLog2e);
-      };
-      // 2. the chosen experts' probabilities (a masked one: p = 0 * (1 / sum)) and the dot
-      float prob[kLaneBwdTopK];
-      float dot = 0.0f, picked = 0.0f;
-#pragma unroll
-      for (int s = 0; s < kLaneBwdTopK; ++s) {
-        prob[s] = term(chosen_z[s]) * inv;
-        if (valid[s]) {
-          dot += g[s] * prob[s];
-          picked += prob[s];
-        }
-      }
-      float rinv = 1.0f;
-      if (renormalize) {
-        rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
-        dot *= rinv;             // sum_l g_l w_l
-      }
-      // 3. dz = -p dot over the row (renormalised: 0), in place, then the chosen experts' dz
-      if (renormalize) {
-#pragma unroll
-        for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = make_uint4(0u, 0u, 0u, 0u);
       } else {
-        const float scale = -dot * inv;
-        if (kKeepTerms && kOneFma && fabsf(scale) <= 0x1p126f) {
-          // the kept terms times scale, two per instruction: scale = hi + lo as two bfloat16s, t * hi + (t * lo)
-          // rounded once, so each dz is t * scale rounded once (up to a rounding of t * lo, 2^-16 of an ulp)
-          const unsigned int hi2 = bf16x2_pack(scale, scale);
-          const float lo = scale - __uint_as_float(hi2 << 16);
-          const unsigned int lo2 = bf16x2_pack(lo, lo);
-#pragma unroll 4
-          for (int c = 0; c < NC; ++c) {
-            const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
-            my_row[swizzle<NC>(lane, c)] =
-                make_uint4(bf16x2_fma(t.x, hi2, bf16x2_mul(t.x, lo2)), bf16x2_fma(t.y, hi2, bf16x2_mul(t.y, lo2)),
-                           bf16x2_fma(t.z, hi2, bf16x2_mul(t.z, lo2)), bf16x2_fma(t.w, hi2, bf16x2_mul(t.w, lo2)));
+  #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
+          chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
+          valid[2 * c] = v.y == 0 && v.x < static_cast<unsigned int>(E_PAD);
+          chosen[2 * c + 1] = static_cast<int>(v.z & (E_PAD - 1));
+          valid[2 * c + 1] = v.w == 0 && v.z < static_cast<unsigned int>(E_PAD);
+        }
+      }
+      float g[kLaneBwdTopK];
+      {
+        const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes + S::kIdsBytes)[lane];
+        const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          g[2 * j] = L::lo(w[j]);
+          g[2 * j + 1] = L::hi(w[j]);
+        }
+      }
+      auto chunk_words = [&](int c, unsigned int (&w)[4], uint2 (&m)[4]) {
+        const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
+        w[0] = raw.x;
+        w[1] = raw.y;
+        w[2] = raw.z;
+        w[3] = raw.w;
+        if constexpr (MASK) {  // (16-byte rows of the table: entries 4c .. 4c + 3)
+          const uint4 m01 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4));
+          const uint4 m23 = lds128(reinterpret_cast<const uint4*>(my_mask + c * 4) + 1);
+          m[0] = make_uint2(m01.x, m01.y);
+          m[1] = make_uint2(m01.z, m01.w);
+          m[2] = make_uint2(m23.x, m23.y);
+          m[3] = make_uint2(m23.z, m23.w);
+        }
+      };
+
+      // the chosen experts' logits, gathered before the first pass overwrites the row (a masked one reads as -inf)
+      float chosen_z[kLaneBwdTopK];
+  #pragma unroll
+      for (int s = 0; s < kLaneBwdTopK; ++s) {
+        const int e = chosen[s];
+        const unsigned short bits = reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
+        bool kept = true;
+        if constexpr (MASK) {
+          const uint2 entry = my_mask[e >> 1];
+          kept = ((e & 1) ? entry.x : entry.y) != 0u;
+        }
+        chosen_z[s] = kept ? L::from_bits(bits) : -INFINITY;
+      }
+
+      float s0 = 0.0f, s1 = 0.0f, neg_ref = 0.0f;
+      // 1. the denominator against ref = fl(R log2e) (see above); with kKeepTerms each term also goes back into the
+      // row, in place of its logit, as a bfloat16
+  #pragma unroll 2
+      for (int c = 0; c < NC; ++c) {
+        unsigned int w[4];
+        uint2 m[4];
+        chunk_words(c, w, m);
+        if (c == 0) {
+          float r = L::lo(w[0]);
+  #pragma unroll
+          for (int j = 0; j < 4; ++j) r = fmaxf(fmaxf(r, L::lo(w[j])), L::hi(w[j]));
+          neg_ref = -(r * kLog2e);
+        }
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+          const float t0 = bwd_exp2(fmaf(f.x, kLog2e, neg_ref)), t1 = bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
+          s0 += t0;
+          s1 += t1;
+          if constexpr (kKeepTerms) w[j] = bf16x2_pack(t0, t1);
+        }
+        if constexpr (kKeepTerms) my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      float sum = s0 + s1;
+      const bool one_fma = __all_sync(0xffffffffu, lane >= rows_left || (sum > 0x1p-60f && sum <= 0x1p100f));
+      float row_max = 0.0f;
+      // the exact form: the row max over the allowed experts (a NaN skipped: its term makes the sum NaN)
+      if (!one_fma) {
+        if constexpr (kKeepTerms) {  // the first pass overwrote the row: the lane copies its logits in again
+          if (lane < rows_left) {
+            const uint4* src = reinterpret_cast<const uint4*>(logits + (tile * 32 + lane) * p.stride_t);
+  #pragma unroll 1
+            for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = src[c];
           }
-        } else if (kKeepTerms && kOneFma) {  // scale beyond bfloat16's range (or inf, NaN): the products in fp32
-#pragma unroll 1
-          for (int c = 0; c < NC; ++c) {
-            const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
-            const unsigned int w[4] = {t.x, t.y, t.z, t.w};
-            unsigned int d[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              d[j] = L::pack(__uint_as_float(w[j] << 16) * scale, __uint_as_float(w[j] & 0xFFFF0000u) * scale);
-            }
-            my_row[swizzle<NC>(lane, c)] = make_uint4(d[0], d[1], d[2], d[3]);
-          }
-        } else {
-#pragma unroll 2
+        }
+        // f(pair's floats) over the row, a chunk at a time (a rare path: not unrolled, to spare registers)
+        auto each_pair = [&](auto&& f) {
+  #pragma unroll 1
           for (int c = 0; c < NC; ++c) {
             unsigned int w[4];
             uint2 m[4];
             chunk_words(c, w, m);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float2 f = pair_floats<L, MASK>(w[j], m[j]);
-              w[j] = L::pack(term(f.x) * scale, term(f.y) * scale);
-            }
-            my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+  #pragma unroll
+            for (int j = 0; j < 4; ++j) f(pair_floats<L, MASK>(w[j], m[j]));
+          }
+        };
+        row_max = -INFINITY;
+        each_pair([&](float2 f) { row_max = fmaxf(row_max, fmaxf(f.x, f.y)); });
+        s0 = s1 = 0.0f;
+        each_pair([&](float2 f) {
+          s0 += bwd_exp2((f.x - row_max) * kLog2e);
+          s1 += bwd_exp2((f.y - row_max) * kLog2e);
+        });
+        sum = s0 + s1;
+      }
+      const float inv = bwd_rcp(sum);
+
+      auto finish = [&](auto one_fma_tag) {
+        constexpr bool kOneFma = decltype(one_fma_tag)::value;
+        auto term = [&](float z) {  // 2^(z log2e - ref), or 2^((z - max) log2e)
+          return kOneFma ? bwd_exp2(fmaf(z, kLog2e, neg_ref)) : bwd_exp2((z - row_max) * kLog2e);
+        };
+        // 2. the chosen experts' probabilities (a masked one: p = 0 * (1 / sum)) and the dot
+        float prob[kLaneBwdTopK];
+        float dot = 0.0f, picked = 0.0f;
+  #pragma unroll
+        for (int s = 0; s < kLaneBwdTopK; ++s) {
+          prob[s] = term(chosen_z[s]) * inv;
+          if (valid[s]) {
+            dot += g[s] * prob[s];
+            picked += prob[s];
           }
         }
-      }
-#pragma unroll
-      for (int s = 0; s < kLaneBwdTopK; ++s) {
-        if (valid[s]) {
-          const int e = chosen[s];
-          const float w = prob[s] * rinv;  // (w g - w dot: g - dot overflows where g and -dot are both near the max)
-          reinterpret_cast<unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7] =
-              L::to_bits(fmaf(w, g[s], -(w * dot)));
+        float rinv = 1.0f;
+        if (renormalize) {
+          rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+          dot *= rinv;             // sum_l g_l w_l
         }
+        // 3. dz = -p dot over the row (renormalised: 0), in place, then the chosen experts' dz
+        if (renormalize) {
+  #pragma unroll
+          for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = make_uint4(0u, 0u, 0u, 0u);
+        } else {
+          const float scale = -dot * inv;
+          if (kKeepTerms && kOneFma && fabsf(scale) <= 0x1p126f) {
+            // the kept terms times scale, two per instruction: scale = hi + lo as two bfloat16s, t * hi + (t * lo)
+            // rounded once, so each dz is t * scale rounded once (up to a rounding of t * lo, 2^-16 of an ulp)
+            const unsigned int hi2 = bf16x2_pack(scale, scale);
+            const float lo = scale - __uint_as_float(hi2 << 16);
+            const unsigned int lo2 = bf16x2_pack(lo, lo);
+  #pragma unroll 4
+            for (int c = 0; c < NC; ++c) {
+              const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
+              my_row[swizzle<NC>(lane, c)] =
+                  make_uint4(bf16x2_fma(t.x, hi2, bf16x2_mul(t.x, lo2)), bf16x2_fma(t.y, hi2, bf16x2_mul(t.y, lo2)),
+                             bf16x2_fma(t.z, hi2, bf16x2_mul(t.z, lo2)), bf16x2_fma(t.w, hi2, bf16x2_mul(t.w, lo2)));
+            }
+          } else if (kKeepTerms && kOneFma) {  // scale beyond bfloat16's range (or inf, NaN): the products in fp32
+  #pragma unroll 1
+            for (int c = 0; c < NC; ++c) {
+              const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
+              const unsigned int w[4] = {t.x, t.y, t.z, t.w};
+              unsigned int d[4];
+  #pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                d[j] = L::pack(__uint_as_float(w[j] << 16) * scale, __uint_as_float(w[j] & 0xFFFF0000u) * scale);
+              }
+              my_row[swizzle<NC>(lane, c)] = make_uint4(d[0], d[1], d[2], d[3]);
+            }
+          } else {
+  #pragma unroll 2
+            for (int c = 0; c < NC; ++c) {
+              unsigned int w[4];
+              uint2 m[4];
+              chunk_words(c, w, m);
+  #pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const float2 f = pair_floats<L, MASK>(w[j], m[j]);
+                w[j] = L::pack(term(f.x) * scale, term(f.y) * scale);
+              }
+              my_row[swizzle<NC>(lane, c)] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+          }
+        }
+  #pragma unroll
+        for (int s = 0; s < kLaneBwdTopK; ++s) {
+          if (valid[s]) {
+            const int e = chosen[s];
+            const float w = prob[s] * rinv;  // (w g - w dot: g - dot overflows where g and -dot are both near the max)
+            reinterpret_cast<unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7] =
+                L::to_bits(fmaf(w, g[s], -(w * dot)));
+          }
+        }
+      };
+      if (one_fma) {
+        finish(std::true_type{});
+      } else {
+        finish(std::false_type{});
       }
-    };
-    if (one_fma) {
-      finish(std::true_type{});
-    } else {
-      finish(std::false_type{});
     }
     __syncwarp();
     // the tile's gradient out as whole 512-byte lines
@@ -807,7 +815,7 @@ cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cu
 // warps per SM, and it measured slower there than the kernel above (17.6 against 16.0 us at T = 65,536, H200)
 size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
   const int e = p.num_experts;
-  if (p.variant != 0 || dtype == kBwdFloat32 || p.top_k != kLaneBwdTopK || (e != 32 && e != 64)) return 0;
+  if (p.variant == 1 || dtype == kBwdFloat32 || p.top_k != kLaneBwdTopK || (e != 32 && e != 64)) return 0;
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   if ((flags & (kVectorLoads | kVectorStores)) != (kVectorLoads | kVectorStores) || p.stride_e != 1) return 0;
   const uintptr_t ids = reinterpret_cast<uintptr_t>(p.ids8 != nullptr ? static_cast<const void*>(p.ids8) : p.ids);
@@ -819,9 +827,9 @@ size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
   return smem <= 48 * 1024 ? smem : 0;
 }
 
-template <typename T, int E_PAD, bool MASK, bool IDS8>
+template <typename T, int E_PAD, bool MASK, bool IDS8, bool LOAD_STORE = false>
 cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int device, cudaStream_t stream) {
-  constexpr auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK, IDS8>;
+  constexpr auto kernel = route_bwd_lane_kernel<T, E_PAD, MASK, IDS8, LOAD_STORE>;
   // one resident wave of blocks (fewer when T is small), the warps taking the 32-row tiles round-robin
   int sms = 0, resident = 0;
   const cudaError_t err = wave_shape<kernel>(device, kLaneBwdWarps * 32, smem, sms, resident);
@@ -862,6 +870,9 @@ cudaError_t preload_bwd_e() {
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false, false>);
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true, true>);
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, false, true>);
+  }
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && E_PAD == 64) {  // (the loads-and-stores-only instance)
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, 64, true, true, true>);
   }
   return err;
 }
@@ -916,7 +927,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
   }
   if (p.stride_t < 0 || p.stride_e < 0 || (p.keep != nullptr && p.num_groups < 1)) return cudaErrorInvalidValue;
   if (p.group_is_int64 != 0 && p.group_is_int64 != 1) return cudaErrorInvalidValue;
-  if (p.variant != 0 && p.variant != 1) return cudaErrorInvalidValue;
+  if (p.variant < 0 || p.variant > 2) return cudaErrorInvalidValue;
 
   const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
   int flags = 0;
@@ -928,6 +939,13 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     flags |= kKeepWords;  // (then every keep row is 4-byte aligned)
   }
 
+  const size_t lane_smem = lane_bwd_smem_bytes(p, dtype, flags);
+  // (benchmarking) variant 2, the lane kernel's loads and stores alone: bf16, E = 64, a mask, one-byte ids
+  if (p.variant == 2 &&
+      (lane_smem == 0 || dtype != kBwdBFloat16 || p.num_experts != 64 || p.keep == nullptr || p.ids8 == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+
   int current = -1;
   cudaError_t err = cudaGetDevice(&current);
   if (err != cudaSuccess) return err;
@@ -936,7 +954,9 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const size_t lane_smem = lane_bwd_smem_bytes(p, dtype, flags);
+  if (p.variant == 2) {
+    return static_cast<int>(launch_bwd_lane<__nv_bfloat16, 64, true, true, true>(p, lane_smem, device, s));
+  }
   if (lane_smem != 0) {
     err = dtype == kBwdFloat16 ? launch_bwd_lane_t<__half>(p, lane_smem, device, s)
                                : launch_bwd_lane_t<__nv_bfloat16>(p, lane_smem, device, s);

@@ -277,6 +277,22 @@ def scenario_any_ids(run, device, T, seed):
                 check_against_reference(run, grad, logits, None, None, ids, renorm, where=f"any ids {dtype} E={E}")
 
 
+def scenario_load_store(run_ablation, device, seed):
+    """The loads-and-stores-only instance (``_ablation="load_store"``, benchmarking): every element of the output,
+    poisoned before, holds its logit bit for bit, on row counts with a partial last tile and several tiles per warp,
+    with group ids in and out of range. ``run_ablation(grad, logits, keep, group, ids8, out)`` launches it."""
+    gen = torch.Generator().manual_seed(seed)
+    for T in (1, 37, 70, 32 * 9, 32 * 9 + 5):
+        logits = adversarial_logits("normal", T, 64, torch.bfloat16, gen).to(device)
+        keep = make_keep(3, 64, 8, gen).to(device)
+        group = torch.randint(-1, 4, (T,), generator=gen).to(device)
+        ids8 = forward_ids(logits, 8, keep, group).to(torch.uint8)
+        grad = torch.randn(T, 8, generator=gen).to(torch.bfloat16).to(device)
+        out = torch.full_like(logits, POISON)
+        run_ablation(grad, logits, keep, group, ids8, out)
+        assert torch.equal(out.view(torch.int16), logits.view(torch.int16)), f"load_store T={T}"
+
+
 def scenario_invalid_ids(run, device, T, seed):
     """Ids outside [0, E) (negative, E, far above) contribute nothing: each row equals the reference on its valid
     entries alone (renormalised: over those only)."""
@@ -410,6 +426,35 @@ def test_lane_kernel_with_one_byte_ids(cuda_kernel, dtype):
         cuda_route.route_backward(grad, logits, None, None, ids, False, ids8=ids.to(torch.int32))
     with pytest.raises(ValueError, match="ids8"):
         cuda_route.route_backward(grad, logits, None, None, ids, False, ids8=ids[:, :4].to(torch.uint8))
+
+
+@gpu
+def test_load_store_ablation_copies_the_logits(cuda_kernel):
+    """The benchmark's loads-and-stores-only backward writes the logits back out as the gradient."""
+
+    def run_ablation(grad, logits, keep, group, ids8, out):
+        cuda_route.route_backward(grad, logits, keep, group, ids8.to(torch.int64), False, out=out, ids8=ids8,
+                                  _ablation="load_store")
+
+    scenario_load_store(run_ablation, "cuda", SESSION_SEED + 9)
+
+
+def test_load_store_ablation_refuses_other_calls():
+    """The loads-and-stores-only backward takes the lane kernel's bf16, E=64, masked, one-byte-id calls only, and
+    names its argument otherwise (before looking for the kernel, so on any machine)."""
+    logits = torch.randn(64, 64).to(torch.bfloat16)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    ids = torch.arange(8).expand(64, 8).contiguous()
+    grad = torch.ones(64, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="_ablation must be one of"):
+        cuda_route.route_backward(grad, logits, keep, None, ids, False, ids8=ids.to(torch.uint8), _ablation="topk")
+    good = dict(grad=grad, logits=logits, keep=keep, ids8=ids.to(torch.uint8), variant="lane")
+    for bad in (dict(ids8=None), dict(keep=None), dict(logits=logits.half(), grad=grad.half()),
+                dict(logits=torch.randn(64, 32).to(torch.bfloat16)), dict(variant="split")):
+        args = good | bad
+        with pytest.raises(ValueError, match="_ablation 'load_store'"):
+            cuda_route.route_backward(args["grad"], args["logits"], args["keep"], None, ids, False,
+                                      ids8=args["ids8"], variant=args["variant"], _ablation="load_store")
 
 
 @gpu
@@ -582,6 +627,8 @@ def bad_shapes() -> list[dict]:
         dict(good, group_is_int64=2),
         dict(good, variant=3),
         dict(good, variant=-1),
+        dict(good, variant=2),  # (the loads-and-stores-only instance: no keep, no one-byte ids)
+        dict(good, variant=2, keep=64, ids8=64, num_experts=32, stride_t=32),
     ]
 
 
@@ -678,7 +725,9 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cach
     entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
     assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
     lane = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_lane_kernel" in line]
-    assert len(lane) == 2 * 2 * 2 * 2  # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids)
+    # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids; and the benchmark's loads-and-stores-only
+    # instance)
+    assert len(lane) == 2 * 2 * 2 * 2 + 1
     entries += lane
     for i in entries:
         report = " ".join(log[i + 1 : i + 4])
@@ -721,21 +770,44 @@ def start_emulation_build() -> None:
 
 def emulated_run(library: Path, variant: str = "lane", ids8: bool = False):
     """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
+    launch = emulated_launcher(library)
+
+    def run(grad, logits, keep, group, ids, renormalize, out):
+        grad, ids = grad.contiguous(), ids.contiguous()
+        byte_ids = ids.to(torch.uint8) if ids8 else None  # (alive until the launch returns)
+        launch(cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant,
+                                          ids8=byte_ids), logits.dtype)
+
+    return run
+
+
+def emulated_load_store(library: Path):
+    """The loads-and-stores-only instance on CPU tensors through the emulated library (as scenario_load_store
+    launches it; the int64 ids it is given are never read)."""
+    launch = emulated_launcher(library)
+
+    def run(grad, logits, keep, group, ids8, out):
+        ids = ids8.to(torch.int64)
+        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, False, ids8=ids8)
+        params.variant = cuda_route.BACKWARD_ABLATIONS["load_store"]
+        launch(params, logits.dtype)
+
+    return run
+
+
+def emulated_launcher(library: Path):
+    """``launch(params, dtype)``: the emulated library's backward launcher, asserting it returns 0."""
     lib = ctypes.CDLL(str(library))
     lib.moe_fastmask_route_cuda_backward.argtypes = [
         ctypes.POINTER(cuda_route.RouteBackwardParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
     ]
     assert lib.moe_fastmask_route_cuda_backward_params_size() == ctypes.sizeof(cuda_route.RouteBackwardParams)
 
-    def run(grad, logits, keep, group, ids, renormalize, out):
-        grad, ids = grad.contiguous(), ids.contiguous()
-        byte_ids = ids.to(torch.uint8) if ids8 else None  # (alive until the launch returns)
-        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant,
-                                            ids8=byte_ids)
-        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
+    def launch(params, dtype):
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[dtype], 0, None)
         assert code == 0, code
 
-    return run
+    return launch
 
 
 def emulated_checks(library: str) -> None:
@@ -769,6 +841,7 @@ def emulated_checks(library: str) -> None:
     for layout in LAYOUTS:
         scenario_layout(run, "cpu", layout, 37, SESSION_SEED + 5)
     scenario_any_ids(run, "cpu", 29, SESSION_SEED + 7)
+    scenario_load_store(emulated_load_store(Path(library)), "cpu", SESSION_SEED + 9)
     print("emulated checks passed")
 
 

@@ -54,6 +54,10 @@ VARIANTS = {"split": 0, "lane": 1}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
 # else the other) or "split" (a row over several lanes, every call)
 BACKWARD_VARIANTS = {"lane": 0, "split": 1}
+# benchmarking only: the backward's lane kernel (bf16, E=64, a keep mask, one-byte ids) with its math removed, by name:
+# "load_store" copies each tile's logits, ids and grads in and writes the logits back out as the gradient (the result
+# equals the logits): the kernel's memory floor (the launcher's variant code)
+BACKWARD_ABLATIONS = {"load_store": 2}
 LANE_EXPERTS = (32, 64, 128)
 LANE_BACKWARD_EXPERTS = (32, 64)  # E of the backward's lane kernel (top_k == 8; see BACKWARD_VARIANTS)
 LANE_MAX_TOP_K = 8
@@ -753,6 +757,7 @@ def route_backward(
     out: Tensor | None = None,
     variant: str = "lane",
     ids8: Tensor | None = None,
+    _ablation: str | None = None,
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
@@ -761,9 +766,18 @@ def route_backward(
     (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the one-row-per-lane kernel where the call allows it
     (16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
     always the row-over-several-lanes kernel. ``ids8`` (uint8 [T, k], the same ids a byte each, as
-    ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it."""
+    ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it.
+    ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
+    with E=64, a keep mask and ``ids8``, the lane variant."""
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
+    if _ablation is not None:
+        if _ablation not in BACKWARD_ABLATIONS:
+            raise ValueError(f"_ablation must be one of {sorted(BACKWARD_ABLATIONS)}, got {_ablation!r}")
+        if (variant != "lane" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.shape[1] != 64
+                or keep is None or ids8 is None):
+            raise ValueError(f"_ablation {_ablation!r} runs the lane kernel on bf16 logits with E=64, a keep mask and "
+                             "ids8 only")
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -790,6 +804,8 @@ def route_backward(
         group = group.contiguous()
     params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant,
                              ids8=ids8)
+    if _ablation is not None:
+        params.variant = BACKWARD_ABLATIONS[_ablation]
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
