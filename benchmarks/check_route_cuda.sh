@@ -50,10 +50,11 @@ for line in log.splitlines():
                 name = f"split bf16 E_PAD=64 KMAX=8 prefetch={k.group(6)} {m.group(2)}"
             elif k.group(1) == "lane" and dtype == "__nv_bfloat16":
                 name = f"lane bf16 E={k.group(3)} FLAGS={k.group(4)} {m.group(2)}"
-        k = re.search(r"route_bwd_lane_kernelI13__nv_bfloat16Li(\d+)ELb(\d)E", m.group(1))
+        k = re.search(r"route_bwd_lane_kernelI13__nv_bfloat16Li(\d+)ELb(\d)ELb(\d)ELb(\d)E", m.group(1))
         if k:
             total += 1
-            name = f"backward lane bf16 E={k.group(1)} mask={k.group(2)} {m.group(2)}"
+            name = (f"backward lane bf16 E={k.group(1)} mask={k.group(2)} ids8={k.group(3)} "
+                    f"load_store={k.group(4)} {m.group(2)}")
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if m and name:
         spill = f"spill stores {m.group(1)} B, loads {m.group(2)} B"
