@@ -447,8 +447,7 @@ def run_backward_variants(data, num_experts: int, top_k: int, num_tokens: int, c
     cases = [(variant, False, None) for variant in cuda_route.BACKWARD_VARIANTS]
     if cuda_route.compact_ids_apply(data[0][0], top_k, data[0][1]):
         cases.append(("lane", True, None))  # the ids a byte each, as route's autograd passes them
-        x, keep = data[0][0], data[0][1]
-        if x.dtype == torch.bfloat16 and num_experts == 64 and keep is not None:
+        if data[0][0].dtype == torch.bfloat16 and num_experts == 64 and data[0][1] is not None:
             cases.append(("lane", True, "load_store"))
     for variant, byte_ids, ablation in cases:
         nbytes = num_tokens * (2 * num_experts * 2 + top_k * (2 + (1 if byte_ids else 8)))

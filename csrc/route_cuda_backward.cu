@@ -562,14 +562,14 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       bool valid[kLaneBwdTopK];
       if constexpr (IDS8) {
         const uint2 v = reinterpret_cast<const uint2*>(stage + S::kTileBytes)[lane];
-  #pragma unroll
+#pragma unroll
         for (int s = 0; s < kLaneBwdTopK; ++s) {
           const unsigned int id = ((s < 4 ? v.x : v.y) >> (8 * (s % 4))) & 0xFFu;
           chosen[s] = static_cast<int>(id & (E_PAD - 1));
           valid[s] = id < static_cast<unsigned int>(E_PAD);
         }
       } else {
-  #pragma unroll
+#pragma unroll
         for (int c = 0; c < 4; ++c) {
           const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes)[lane * 4 + (c ^ ((lane >> 1) & 3))];
           chosen[2 * c] = static_cast<int>(v.x & (E_PAD - 1));
@@ -582,7 +582,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       {
         const uint4 v = reinterpret_cast<const uint4*>(stage + S::kTileBytes + S::kIdsBytes)[lane];
         const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           g[2 * j] = L::lo(w[j]);
           g[2 * j + 1] = L::hi(w[j]);
@@ -606,7 +606,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
 
       // the chosen experts' logits, gathered before the first pass overwrites the row (a masked one reads as -inf)
       float chosen_z[kLaneBwdTopK];
-  #pragma unroll
+#pragma unroll
       for (int s = 0; s < kLaneBwdTopK; ++s) {
         const int e = chosen[s];
         const unsigned short bits = reinterpret_cast<const unsigned short*>(my_row + swizzle<NC>(lane, e >> 3))[e & 7];
@@ -621,18 +621,18 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
       float s0 = 0.0f, s1 = 0.0f, neg_ref = 0.0f;
       // 1. the denominator against ref = fl(R log2e) (see above); with kKeepTerms each term also goes back into the
       // row, in place of its logit, as a bfloat16
-  #pragma unroll 2
+#pragma unroll 2
       for (int c = 0; c < NC; ++c) {
         unsigned int w[4];
         uint2 m[4];
         chunk_words(c, w, m);
         if (c == 0) {
           float r = L::lo(w[0]);
-  #pragma unroll
+#pragma unroll
           for (int j = 0; j < 4; ++j) r = fmaxf(fmaxf(r, L::lo(w[j])), L::hi(w[j]));
           neg_ref = -(r * kLog2e);
         }
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           const float2 f = pair_floats<L, MASK>(w[j], m[j]);
           const float t0 = bwd_exp2(fmaf(f.x, kLog2e, neg_ref)), t1 = bwd_exp2(fmaf(f.y, kLog2e, neg_ref));
@@ -650,18 +650,18 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
         if constexpr (kKeepTerms) {  // the first pass overwrote the row: the lane copies its logits in again
           if (lane < rows_left) {
             const uint4* src = reinterpret_cast<const uint4*>(logits + (tile * 32 + lane) * p.stride_t);
-  #pragma unroll 1
+#pragma unroll 1
             for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = src[c];
           }
         }
         // f(pair's floats) over the row, a chunk at a time (a rare path: not unrolled, to spare registers)
         auto each_pair = [&](auto&& f) {
-  #pragma unroll 1
+#pragma unroll 1
           for (int c = 0; c < NC; ++c) {
             unsigned int w[4];
             uint2 m[4];
             chunk_words(c, w, m);
-  #pragma unroll
+#pragma unroll
             for (int j = 0; j < 4; ++j) f(pair_floats<L, MASK>(w[j], m[j]));
           }
         };
@@ -684,7 +684,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
         // 2. the chosen experts' probabilities (a masked one: p = 0 * (1 / sum)) and the dot
         float prob[kLaneBwdTopK];
         float dot = 0.0f, picked = 0.0f;
-  #pragma unroll
+#pragma unroll
         for (int s = 0; s < kLaneBwdTopK; ++s) {
           prob[s] = term(chosen_z[s]) * inv;
           if (valid[s]) {
@@ -699,7 +699,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
         }
         // 3. dz = -p dot over the row (renormalised: 0), in place, then the chosen experts' dz
         if (renormalize) {
-  #pragma unroll
+#pragma unroll
           for (int c = 0; c < NC; ++c) my_row[swizzle<NC>(lane, c)] = make_uint4(0u, 0u, 0u, 0u);
         } else {
           const float scale = -dot * inv;
@@ -709,7 +709,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
             const unsigned int hi2 = bf16x2_pack(scale, scale);
             const float lo = scale - __uint_as_float(hi2 << 16);
             const unsigned int lo2 = bf16x2_pack(lo, lo);
-  #pragma unroll 4
+#pragma unroll 4
             for (int c = 0; c < NC; ++c) {
               const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
               my_row[swizzle<NC>(lane, c)] =
@@ -717,24 +717,24 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
                              bf16x2_fma(t.z, hi2, bf16x2_mul(t.z, lo2)), bf16x2_fma(t.w, hi2, bf16x2_mul(t.w, lo2)));
             }
           } else if (kKeepTerms && kOneFma) {  // scale beyond bfloat16's range (or inf, NaN): the products in fp32
-  #pragma unroll 1
+#pragma unroll 1
             for (int c = 0; c < NC; ++c) {
               const uint4 t = lds128(my_row + swizzle<NC>(lane, c));
               const unsigned int w[4] = {t.x, t.y, t.z, t.w};
               unsigned int d[4];
-  #pragma unroll
+#pragma unroll
               for (int j = 0; j < 4; ++j) {
                 d[j] = L::pack(__uint_as_float(w[j] << 16) * scale, __uint_as_float(w[j] & 0xFFFF0000u) * scale);
               }
               my_row[swizzle<NC>(lane, c)] = make_uint4(d[0], d[1], d[2], d[3]);
             }
           } else {
-  #pragma unroll 2
+#pragma unroll 2
             for (int c = 0; c < NC; ++c) {
               unsigned int w[4];
               uint2 m[4];
               chunk_words(c, w, m);
-  #pragma unroll
+#pragma unroll
               for (int j = 0; j < 4; ++j) {
                 const float2 f = pair_floats<L, MASK>(w[j], m[j]);
                 w[j] = L::pack(term(f.x) * scale, term(f.y) * scale);
@@ -743,7 +743,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
             }
           }
         }
-  #pragma unroll
+#pragma unroll
         for (int s = 0; s < kLaneBwdTopK; ++s) {
           if (valid[s]) {
             const int e = chosen[s];

@@ -788,9 +788,8 @@ def emulated_load_store(library: Path):
 
     def run(grad, logits, keep, group, ids8, out):
         ids = ids8.to(torch.int64)
-        params = cuda_route.backward_params(out, grad, logits, keep, group, ids, False, ids8=ids8)
-        params.variant = cuda_route.BACKWARD_ABLATIONS["load_store"]
-        launch(params, logits.dtype)
+        launch(cuda_route.backward_params(out, grad, logits, keep, group, ids, False, ids8=ids8,
+                                          ablation="load_store"), logits.dtype)
 
     return run
 

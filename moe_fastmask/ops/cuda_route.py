@@ -721,10 +721,11 @@ def backward_params(
     *,
     variant: str = "lane",
     ids8: Tensor | None = None,
+    ablation: str | None = None,
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
     ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides) and the kernel variant by
-    name (``BACKWARD_VARIANTS``)."""
+    name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place."""
     num_tokens, num_experts = logits.shape
     return RouteBackwardParams(
         grad_logits.data_ptr(),
@@ -742,7 +743,7 @@ def backward_params(
         ids.shape[1],
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),
-        BACKWARD_VARIANTS[variant],
+        BACKWARD_VARIANTS[variant] if ablation is None else BACKWARD_ABLATIONS[ablation],
     )
 
 
@@ -803,9 +804,7 @@ def route_backward(
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
     params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant,
-                             ids8=ids8)
-    if _ablation is not None:
-        params.variant = BACKWARD_ABLATIONS[_ablation]
+                             ids8=ids8, ablation=_ablation)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
