@@ -814,9 +814,11 @@ def main(argv=None):
 
     print("\n" + header)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; skew: {source}")
-    print("per-call device time in a CUDA graph, us (do_bench median of fastmask in brackets); "
-          "GB/s and % of copy for fastmask")
     table = [r for r in rows if r["section"] == "providers"]
+    # the summary's last columns describe what route(backend="auto") runs here: the CUDA kernels where they built
+    default = "cuda" if any(r["provider"] == "cuda" for r in table) else "fastmask"
+    print(f"per-call device time in a CUDA graph, us; the do_bench median, GB/s, % of copy and speedup over eager of "
+          f"{default} (route's default backend here)")
     print(f"{'T':>7} {'mask':>4} {'load':<7} {'mode':<7} " + " ".join(f"{p:>9}" for p in providers)
           + f" {'(median)':>10} {'GB/s':>6} {'%copy':>6} {'x eager':>7}")
     for num_tokens in args.sizes:
@@ -828,7 +830,7 @@ def main(argv=None):
                     if not sel:
                         continue
                     times = " ".join(f"{sel[p]['graph_us']:9.2f}" if p in sel else f"{'-':>9}" for p in providers)
-                    ours = sel.get("fastmask", {})
+                    ours = sel.get(default, {})
                     eager = sel.get("eager", {})
                     speedup = eager.get("graph_us", math.nan) / ours.get("graph_us", math.nan)
                     print(f"{num_tokens:>7} {int(masked):>4} {load:<7} {mode:<7} {times} "
