@@ -516,12 +516,14 @@ def test_any_ids_and_many_rows(cuda_kernel):
 @pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
-    """(weights * g).sum().backward() through route(backend="cuda") runs the CUDA backward (Triton's is made to fail)
-    and equals the reference's autograd in float64."""
+    """(weights * g).sum().backward() through route(backend="cuda") runs the CUDA backward (Triton's is made to fail;
+    the size below which route prefers Triton's backward set to 0, so that these small calls take the CUDA one) and
+    equals the reference's autograd in float64."""
     def no_triton(*args, **kwargs):
         raise AssertionError("the cuda backend ran the Triton backward")
 
     monkeypatch.setattr(triton_route, "route_backward", no_triton)
+    monkeypatch.setattr(cuda_route, "BACKWARD_MIN_TOKENS", 0)
     gen = torch.Generator().manual_seed(SESSION_SEED + 9)
     for T, E, k in ((77, 64, 8), (1000, 60, 4), (33, 256, 16), (5, 8, 8)):
         logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
@@ -544,6 +546,48 @@ def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
         weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda")
         (weights * grad_out.to(dtype)).sum().backward()
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+
+
+@gpu
+def test_route_backward_below_its_size_runs_triton_and_above_it_cuda(cuda_kernel, monkeypatch):
+    """route(backend="cuda")'s backward: below cuda_route.BACKWARD_MIN_TOKENS rows Triton's kernel (the CUDA one made
+    to fail, and the forward writes no one-byte ids), from it on the CUDA one with the one-byte ids (Triton's made to
+    fail); both equal the reference's autograd, eager and through the registered op."""
+    def fail(name):
+        def run(*args, **kwargs):
+            raise AssertionError(f"the {name} backward ran")
+        return run
+
+    gen = torch.Generator().manual_seed(SESSION_SEED + 13)
+    threshold = cuda_route.BACKWARD_MIN_TOKENS
+    for T, failing in ((threshold - 1, (cuda_route, "cuda")), (threshold, (triton_route, "triton"))):
+        logits = torch.randn(T, 64, generator=gen).to(torch.bfloat16).cuda()
+        keep = (torch.rand(2, 64, generator=gen) < 0.7).cuda()
+        keep[:, :8] = True
+        group = torch.randint(-1, 2, (T,), generator=gen).cuda()
+        grad_out = torch.randn(T, 8, generator=gen).to(torch.bfloat16).cuda()
+        ref_x = logits.double().requires_grad_()
+        ref_w, ref_ids = reference.route_reference(ref_x, 8, keep, group, None, False)
+        (ref_w * grad_out.double()).sum().backward()
+        forward = cuda_route.route_forward
+        seen_ids8 = []
+
+        def forward_spy(*args, **kwargs):
+            seen_ids8.append(kwargs.get("ids8") is not None)
+            return forward(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(failing[0], "route_backward", fail(failing[1]))
+            m.setattr(cuda_route, "route_forward", forward_spy)
+            for call in (route, torch.ops.moe_fastmask.route):
+                x = logits.clone().requires_grad_()
+                weights, ids = call(x, 8, keep, group, None, False, "cuda")
+                (weights * grad_out).sum().backward()
+                assert torch.equal(ids, ref_ids)
+                atol, rtol = tolerance(torch.bfloat16)
+                torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+        # the eager autograd's forward writes the one-byte ids only where the CUDA backward will read them
+        assert seen_ids8 and seen_ids8[0] == (T >= threshold), (T, seen_ids8)
 
 
 @gpu

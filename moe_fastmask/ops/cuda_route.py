@@ -631,6 +631,18 @@ def timeline_slots() -> int:
     return int(lib.moe_fastmask_route_cuda_timeline_slots())
 
 
+# route's backward runs on Triton below this many tokens, where Triton runs: there its kernel takes less time than the
+# CUDA ones, from here on more (H200, E = 64, top-8, bf16, a mask; the op's forward + backward with the CUDA backward
+# against Triton's: 7.93 / 5.98 us at T = 4,096, 9.50 / 8.66 at 16,384; benchmarks/RESULTS.md, tenth round)
+BACKWARD_MIN_TOKENS = 32768
+
+
+def backward_takes_tokens(num_tokens: int) -> bool:
+    """Whether ``route``'s backward should run the CUDA kernels for a call of ``num_tokens`` rows (else Triton's, where
+    Triton runs): ``num_tokens >= BACKWARD_MIN_TOKENS``."""
+    return num_tokens >= BACKWARD_MIN_TOKENS
+
+
 def supports_backward(
     grad_weights: Tensor,
     logits: Tensor,
