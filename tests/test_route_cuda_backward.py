@@ -590,6 +590,25 @@ def test_route_backward_below_its_size_runs_triton_and_above_it_cuda(cuda_kernel
         assert seen_ids8 and seen_ids8[0] == (T >= threshold), (T, seen_ids8)
 
 
+def test_backward_prefers_triton_only_on_small_calls_of_the_lane_shapes():
+    """The size rule of route's backward covers the CUDA lane backward's shapes (16-bit logits, E of 32 or 64,
+    top-8) under BACKWARD_MIN_TOKENS rows, where Triton's kernel was measured faster, and nothing else."""
+    small = cuda_route.BACKWARD_MIN_TOKENS - 1
+    for dtype in (torch.bfloat16, torch.float16):
+        for E in cuda_route.LANE_BACKWARD_EXPERTS:
+            for T in (1, small):
+                assert cuda_route.backward_prefers_triton(torch.empty(T, E, dtype=dtype), 8), (dtype, E, T)
+    not_covered = [
+        (torch.empty(cuda_route.BACKWARD_MIN_TOKENS, 64, dtype=torch.bfloat16), 8),  # large enough
+        (torch.empty(small, 64, dtype=torch.float32), 8),  # float32
+        (torch.empty(small, 128, dtype=torch.bfloat16), 8),  # E outside the lane backward's
+        (torch.empty(small, 60, dtype=torch.bfloat16), 8),
+        (torch.empty(small, 64, dtype=torch.bfloat16), 4),  # top-k other than 8
+    ]
+    for logits, k in not_covered:
+        assert not cuda_route.backward_prefers_triton(logits, k), (logits.shape, logits.dtype, k)
+
+
 @gpu
 def test_opcheck_and_cuda_graph(cuda_kernel):
     gen = torch.Generator().manual_seed(SESSION_SEED + 11)

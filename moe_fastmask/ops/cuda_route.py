@@ -631,16 +631,24 @@ def timeline_slots() -> int:
     return int(lib.moe_fastmask_route_cuda_timeline_slots())
 
 
-# route's backward runs on Triton below this many tokens, where Triton runs: there its kernel takes less time than the
-# CUDA ones, from here on more (H200, E = 64, top-8, bf16, a mask; the op's forward + backward with the CUDA backward
-# against Triton's: 7.93 / 5.98 us at T = 4,096, 9.50 / 8.66 at 16,384; benchmarks/RESULTS.md, tenth round)
+# route's backward of the lane backward's shapes runs on Triton below this many tokens, where Triton runs: there its
+# kernel takes less time than the CUDA ones, from here on more (H200, E = 64, top-8, bf16, a mask; the op's forward +
+# backward with the CUDA backward against Triton's: 7.93 / 5.98 us at T = 4,096, 9.50 / 8.66 at 16,384;
+# benchmarks/RESULTS.md, tenth round). Other shapes keep the CUDA backward (not measured against Triton's there).
 BACKWARD_MIN_TOKENS = 32768
 
 
-def backward_takes_tokens(num_tokens: int) -> bool:
-    """Whether ``route``'s backward should run the CUDA kernels for a call of ``num_tokens`` rows (else Triton's, where
-    Triton runs): ``num_tokens >= BACKWARD_MIN_TOKENS``."""
-    return num_tokens >= BACKWARD_MIN_TOKENS
+def backward_prefers_triton(logits: Tensor, top_k: int) -> bool:
+    """Whether ``route``'s backward should run Triton's kernel rather than the CUDA one (where Triton runs): calls of
+    the CUDA lane backward's shapes (16-bit logits [T, E] with E in ``LANE_BACKWARD_EXPERTS``, ``top_k == 8``) with
+    fewer than ``BACKWARD_MIN_TOKENS`` rows."""
+    return (
+        logits.dim() == 2
+        and logits.shape[0] < BACKWARD_MIN_TOKENS
+        and logits.dtype in (torch.float16, torch.bfloat16)
+        and logits.shape[1] in LANE_BACKWARD_EXPERTS
+        and top_k == LANE_MAX_TOP_K
+    )
 
 
 def supports_backward(

@@ -52,8 +52,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """Turn ``backend`` (one of :data:`BACKENDS`) into the concrete backend that runs on ``device``.
 
     ``auto``: on CUDA the CUDA kernel when it builds and loads (``cuda``: calls it does not cover run on Triton, and
-    so does the backward of calls under ``cuda_route.BACKWARD_MIN_TOKENS`` rows, where Triton's is the faster), else
-    Triton; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one warning; float64
+    so does the backward of the small calls ``cuda_route.backward_prefers_triton`` names, where Triton's is the
+    faster), else Triton; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one warning; float64
     logits (``dtype``), which the GPU kernels do not take, use the reference on CUDA. An explicit backend that cannot
     run on ``device`` raises ``ValueError``; ``triton`` or ``cuda`` with float64 raises ``TypeError``.
     """
@@ -189,8 +189,8 @@ def _route_backward_impl(
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``; ``ids8``,
     the ids a byte each as the CUDA forward wrote them for it, only from ``route``'s eager autograd)."""
     if backend == "cuda":
-        # (below cuda_route.BACKWARD_MIN_TOKENS rows Triton's backward is the faster, where it runs)
-        small = not cuda_route.backward_takes_tokens(logits.shape[0]) and triton_route.is_available(logits.device)
+        # (on small calls of the lane backward's shapes Triton's backward is the faster, where it runs)
+        small = cuda_route.backward_prefers_triton(logits, ids.shape[1]) and triton_route.is_available(logits.device)
         if not small and cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale) and (
             cuda_route.is_available()
         ):
@@ -305,7 +305,7 @@ class RouteFunction(torch.autograd.Function):
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
         ids8 = None
         if backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant) and (
-            cuda_route.compact_ids_apply(logits, top_k, keep) and cuda_route.backward_takes_tokens(logits.shape[0])
+            cuda_route.compact_ids_apply(logits, top_k, keep) and not cuda_route.backward_prefers_triton(logits, top_k)
         ):
             # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
             ids8 = torch.empty(logits.shape[0], top_k, dtype=torch.uint8, device=logits.device)
