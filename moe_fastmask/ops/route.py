@@ -53,9 +53,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
     ``auto``: on CUDA the CUDA kernel when it builds and loads (``cuda``: calls it does not cover run on Triton, and
     so does the backward of the small calls ``cuda_route.backward_prefers_triton`` names, where Triton's is the
-    faster), else Triton; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one warning; float64
-    logits (``dtype``), which the GPU kernels do not take, use the reference on CUDA. An explicit backend that cannot
-    run on ``device`` raises ``ValueError``; ``triton`` or ``cuda`` with float64 raises ``TypeError``.
+    faster), else Triton; on CPU the C++ kernel when it builds and loads, else the PyTorch reference with one
+    warning; float64 logits (``dtype``), which the GPU kernels do not take, use the reference on CUDA. An explicit
+    backend that cannot run on ``device`` raises ``ValueError``; ``triton`` or ``cuda`` with float64 raises
+    ``TypeError``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -174,6 +175,12 @@ def _route_forward_op_fake(logits, top_k, keep, group, counts, renormalize, back
     )
 
 
+def _backward_on_triton(logits: Tensor, top_k: int) -> bool:
+    """Whether the ``cuda`` backend runs this call's backward on Triton although the CUDA backward takes it: the small
+    calls ``cuda_route.backward_prefers_triton`` names, where Triton runs (its kernel is the faster there)."""
+    return cuda_route.backward_prefers_triton(logits, top_k) and triton_route.is_available(logits.device)
+
+
 def _route_backward_impl(
     grad_weights: Tensor,
     logits: Tensor,
@@ -189,10 +196,10 @@ def _route_backward_impl(
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``; ``ids8``,
     the ids a byte each as the CUDA forward wrote them for it, only from ``route``'s eager autograd)."""
     if backend == "cuda":
-        # (on small calls of the lane backward's shapes Triton's backward is the faster, where it runs)
-        small = cuda_route.backward_prefers_triton(logits, ids.shape[1]) and triton_route.is_available(logits.device)
-        if not small and cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale) and (
-            cuda_route.is_available()
+        if (
+            not _backward_on_triton(logits, ids.shape[1])
+            and cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale)
+            and cuda_route.is_available()
         ):
             return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize, ids8=ids8)
         backend = _gpu_fallback(logits.device)
@@ -305,7 +312,7 @@ class RouteFunction(torch.autograd.Function):
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
         ids8 = None
         if backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant) and (
-            cuda_route.compact_ids_apply(logits, top_k, keep) and not cuda_route.backward_prefers_triton(logits, top_k)
+            cuda_route.compact_ids_apply(logits, top_k, keep) and not _backward_on_triton(logits, top_k)
         ):
             # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
             ids8 = torch.empty(logits.shape[0], top_k, dtype=torch.uint8, device=logits.device)
