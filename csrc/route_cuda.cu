@@ -612,6 +612,30 @@ __device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsign
   bitonic_clean8_desc<K>(top);
 }
 
+// merge8_desc on 32-bit keys with the min of each compare-exchange of the bitonic clean-up computed as (a + b) - max
+// (exact modulo 2^32) by two IMADs: the networks keep the integer (ALU) pipe, which takes min / max, the busiest,
+// while the IMAD pipe has room (benchmarks/RESULTS.md, eleventh round: about 1% faster than merge8_desc<Key32>). one
+// and neg_one are 1 and -1 known only at run time, so that the compiler keeps the multiply-adds rather than turning
+// them back into integer adds on the ALU pipe.
+__device__ __forceinline__ void cas_imad_min(unsigned int& a, unsigned int& b, unsigned int one, unsigned int neg_one) {
+  const unsigned int x = a, y = b;
+  const unsigned int sum = x * one + y;
+  a = max(x, y);
+  b = a * neg_one + sum;
+}
+__device__ __forceinline__ void merge8_desc_imad_min(unsigned int (&t)[8], const unsigned int (&c)[8],
+                                                     unsigned int one, unsigned int neg_one) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) t[i] = max(t[i], c[7 - i]);  // (as merge8_desc)
+#pragma unroll
+  for (int half = 4; half >= 1; half /= 2) {  // bitonic_clean8_desc's three layers
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if ((i & half) == 0) cas_imad_min(t[i], t[i + half], one, neg_one);
+    }
+  }
+}
+
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
 // pairs run on the integer pipe at the rate of 32-bit ones, so a network costs half as many instructions per key).
 // A 16-bit key cannot hold a bf16 value and the expert index, so it holds the value's offset in a window of
@@ -769,6 +793,7 @@ route_lane_kernel(const RouteParams p) {
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
   const int E = p.num_experts;  // == E_PAD
+  const unsigned int run_time_one = static_cast<unsigned int>(E) / E_PAD;  // 1 (see merge8_desc_imad_min)
   const int G = p.num_groups;
   const int top_k = kK8 ? 8 : p.top_k;
   const int64_t T_rows = p.num_tokens;
@@ -984,7 +1009,7 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) top[i] = keys[i];
         } else {
-          merge8_desc<Key32>(top, keys);
+          merge8_desc_imad_min(top, keys, run_time_one, 0u - run_time_one);
         }
       }
       one_pass = kOnePassSoftmax;
