@@ -597,43 +597,38 @@ __device__ __forceinline__ void sort8_desc(unsigned int (&k)[8]) {  // Batcher's
   cas<K>(k[1], k[2]); cas<K>(k[3], k[4]); cas<K>(k[5], k[6]);
 }
 
-template <typename K>
-__device__ __forceinline__ void bitonic_clean8_desc(unsigned int (&t)[8]) {  // a bitonic sequence, sorted
-  cas<K>(t[0], t[4]); cas<K>(t[1], t[5]); cas<K>(t[2], t[6]); cas<K>(t[3], t[7]);
-  cas<K>(t[0], t[2]); cas<K>(t[1], t[3]); cas<K>(t[4], t[6]); cas<K>(t[5], t[7]);
-  cas<K>(t[0], t[1]); cas<K>(t[2], t[3]); cas<K>(t[4], t[5]); cas<K>(t[6], t[7]);
+// The compare-exchange of a network (a = max, b = min): both by K's min / max (MinMaxExchange), or, for 32-bit keys,
+// the min as (a + b) - max (exact modulo 2^32) by two IMADs (ImadMinExchange): the networks keep the integer (ALU)
+// pipe, which takes min / max, the busiest, while the IMAD pipe has room (benchmarks/RESULTS.md, eleventh round: the
+// merges' clean-ups this way, about 1% faster). one and neg_one are 1 and -1 known only at run time, so that the
+// compiler keeps the multiply-adds rather than turning them back into integer adds on the ALU pipe.
+template <typename K> struct MinMaxExchange {
+  __device__ __forceinline__ void operator()(unsigned int& a, unsigned int& b) const { cas<K>(a, b); }
+};
+struct ImadMinExchange {
+  unsigned int one, neg_one;
+  __device__ __forceinline__ void operator()(unsigned int& a, unsigned int& b) const {
+    const unsigned int x = a, y = b;
+    const unsigned int sum = x * one + y;
+    a = max(x, y);
+    b = a * neg_one + sum;
+  }
+};
+
+// a bitonic sequence, sorted; x: its compare-exchange
+template <typename K, typename X = MinMaxExchange<K>>
+__device__ __forceinline__ void bitonic_clean8_desc(unsigned int (&t)[8], const X& x = X{}) {
+  x(t[0], t[4]); x(t[1], t[5]); x(t[2], t[6]); x(t[3], t[7]);
+  x(t[0], t[2]); x(t[1], t[3]); x(t[4], t[6]); x(t[5], t[7]);
+  x(t[0], t[1]); x(t[2], t[3]); x(t[4], t[5]); x(t[6], t[7]);
 }
 
-// top = the 8 largest of top and c (both sorted descending), sorted descending
-template <typename K>
-__device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsigned int (&c)[8]) {
+// top = the 8 largest of top and c (both sorted descending), sorted descending; x: the clean-up's compare-exchange
+template <typename K, typename X = MinMaxExchange<K>>
+__device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsigned int (&c)[8], const X& x = X{}) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) top[i] = K::hi(top[i], c[7 - i]);  // a bitonic sequence holding the top 8
-  bitonic_clean8_desc<K>(top);
-}
-
-// merge8_desc on 32-bit keys with the min of each compare-exchange of the bitonic clean-up computed as (a + b) - max
-// (exact modulo 2^32) by two IMADs: the networks keep the integer (ALU) pipe, which takes min / max, the busiest,
-// while the IMAD pipe has room (benchmarks/RESULTS.md, eleventh round: about 1% faster than merge8_desc<Key32>). one
-// and neg_one are 1 and -1 known only at run time, so that the compiler keeps the multiply-adds rather than turning
-// them back into integer adds on the ALU pipe.
-__device__ __forceinline__ void cas_imad_min(unsigned int& a, unsigned int& b, unsigned int one, unsigned int neg_one) {
-  const unsigned int x = a, y = b;
-  const unsigned int sum = x * one + y;
-  a = max(x, y);
-  b = a * neg_one + sum;
-}
-__device__ __forceinline__ void merge8_desc_imad_min(unsigned int (&t)[8], const unsigned int (&c)[8],
-                                                     unsigned int one, unsigned int neg_one) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) t[i] = max(t[i], c[7 - i]);  // (as merge8_desc)
-#pragma unroll
-  for (int half = 4; half >= 1; half /= 2) {  // bitonic_clean8_desc's three layers
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if ((i & half) == 0) cas_imad_min(t[i], t[i + half], one, neg_one);
-    }
-  }
+  bitonic_clean8_desc<K>(top, x);
 }
 
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
@@ -793,7 +788,8 @@ route_lane_kernel(const RouteParams p) {
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
   const int E = p.num_experts;  // == E_PAD
-  const unsigned int run_time_one = static_cast<unsigned int>(E) / E_PAD;  // 1 (see merge8_desc_imad_min)
+  const unsigned int run_time_one = static_cast<unsigned int>(E) / E_PAD;  // 1, known at run time only
+  const ImadMinExchange imad_min{run_time_one, 0u - run_time_one};          // (the 32-bit keys' merges)
   const int G = p.num_groups;
   const int top_k = kK8 ? 8 : p.top_k;
   const int64_t T_rows = p.num_tokens;
@@ -1009,7 +1005,7 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) top[i] = keys[i];
         } else {
-          merge8_desc_imad_min(top, keys, run_time_one, 0u - run_time_one);
+          merge8_desc<Key32>(top, keys, imad_min);
         }
       }
       one_pass = kOnePassSoftmax;
