@@ -23,7 +23,9 @@ Section ``cuda`` (``--only-cuda`` runs it alone, after the copy bandwidth): the 
 Triton kernel at the issue's setting (E=64, top-8, bf16, a 4-group keep mask, group ids in runs with -1 runs, counts)
 for T = 4,096, 65,536 and 262,144, forward and forward + backward, plus wider routers (E up to 512, top-k up to 16;
 shapes the CUDA kernel does not take run on Triton under ``backend="cuda"``, and say so). Providers: ``cuda`` and
-``triton`` through ``route`` (``validate=False``), ``cuda_kernel`` the CUDA launcher alone
+``triton`` through ``route`` (``validate=False``), ``cuda_plain`` the same op with its kernels launched plainly
+rather than as programmatic dependent launches (``cuda_route.dependent_launches(False)``), ``cuda_kernel`` the CUDA
+launcher alone
 (``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows), ``cuda_lane`` the
 row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128, top-k <= 8), and at E=64 top-8 its benchmark
 instances with parts of the work removed (``lane_load_store``: the tiles copied, the first k experts stored;
@@ -398,11 +400,20 @@ def cuda_call(provider: str, mode: str, logits, keep, group, grad, counts, top_k
         ablation = provider[len("lane_"):]
         fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False,  # noqa: E731
                                                  _ablation=ablation)
+    elif provider == "cuda_plain":  # the op with its kernels launched plainly (no programmatic dependent launch)
+        def fwd(x):
+            with cuda_route.dependent_launches(False):
+                return route(x, top_k, keep, group, counts, False, "cuda", validate=False)
     else:
         fwd = lambda x: route(x, top_k, keep, group, counts, False, provider, validate=False)  # noqa: E731
     if mode == "forward":
         return lambda: fwd(logits)
     x = logits.detach().clone().requires_grad_()
+    if provider == "cuda_plain":
+        def full():
+            with cuda_route.dependent_launches(False):
+                return torch.autograd.grad(fwd(x)[0], x, grad)
+        return full
     return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
 
 
@@ -421,6 +432,9 @@ def check_cuda_provider(provider, logits, keep, group, top_k) -> str:
                                           variant="split")
     elif provider == "cuda_lane":
         _, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, False, variant="lane")
+    elif provider == "cuda_plain":
+        with cuda_route.dependent_launches(False):
+            _, ids = route(logits, top_k, keep, group, counts, False, "cuda", validate=False)
     else:
         _, ids = route(logits, top_k, keep, group, counts, False, provider, validate=False)
     _, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, False)
@@ -491,7 +505,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 for s in range(sets)]
         counts = torch.zeros(CUDA_GROUPS, num_experts, dtype=torch.int64, device=device)
         covered = cuda_route.supports(data[0][0], top_k, data[0][1])
-        providers = ["cuda", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
+        providers = ["cuda", "cuda_plain", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
         if cuda_route.lane_takes(data[0][0], top_k, data[0][1]):
             providers.append("cuda_lane")
             if num_experts == 64 and top_k == 8:
@@ -505,9 +519,9 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 print(f"E={num_experts} k={top_k} T={num_tokens} {provider}: WRONG RESULT: {problem}")
                 rows.append(dict(section="cuda", E=num_experts, top_k=top_k, T=num_tokens, provider=provider,
                                  mode="check", note=problem))
-                if problem.startswith("failed") or provider in ("cuda", "triton"):
+                if problem.startswith("failed") or provider in ("cuda", "cuda_plain", "triton"):
                     continue  # (a wrong kernel variant is still timed, its rows marked)
-            op = provider in ("cuda", "triton")
+            op = provider in ("cuda", "cuda_plain", "triton")
             for mode in [m for m in args.cuda_modes if op or m == "forward"]:
                 fns = [cuda_call(provider, mode, x, keep, group, grad, counts, top_k) for x, keep, group, grad in data]
                 try:
@@ -531,7 +545,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
 
     print(f"\n# cuda summary (copy {copy_gbs:.0f} GB/s): us per call, % of copy")
     print(f"{'E':>4} {'k':>3} {'T':>7} {'mode':<7} {'cuda':>9} {'%copy':>6} {'triton':>9} {'%copy':>6} {'x triton':>8}"
-          f" {'kernel':>9} {'no prefetch':>11} {'lane':>9} {'%copy':>6}")
+          f" {'kernel':>9} {'no prefetch':>11} {'lane':>9} {'%copy':>6} {'plain':>9} {'%copy':>6}")
     for num_experts, top_k, num_tokens in cases:
         for mode in ("forward", "full"):
             sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == num_experts
@@ -540,13 +554,14 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
                 continue
             c, t, k = sel.get("cuda", {}), sel.get("triton", {}), sel.get("cuda_kernel", {})
             n = sel.get("cuda_kernel_noprefetch", {})
-            lane = sel.get("cuda_lane", {})
+            lane, plain = sel.get("cuda_lane", {}), sel.get("cuda_plain", {})
             speedup = t.get("graph_us", math.nan) / c.get("graph_us", math.nan)
             print(f"{num_experts:>4} {top_k:>3} {num_tokens:>7} {mode:<7} {c.get('graph_us', math.nan):9.2f} "
                   f"{c.get('pct_copy', math.nan):6.1f} {t.get('graph_us', math.nan):9.2f} "
                   f"{t.get('pct_copy', math.nan):6.1f} {speedup:8.2f} {k.get('graph_us', math.nan):9.2f} "
                   f"{n.get('graph_us', math.nan):11.2f} {lane.get('graph_us', math.nan):9.2f} "
-                  f"{lane.get('pct_copy', math.nan):6.1f} {c.get('note', '')}")
+                  f"{lane.get('pct_copy', math.nan):6.1f} {plain.get('graph_us', math.nan):9.2f} "
+                  f"{plain.get('pct_copy', math.nan):6.1f} {c.get('note', '')}")
     ablations = [r for r in rows if r.get("section") == "cuda" and str(r.get("provider", "")).startswith("lane_")
                  and r.get("mode") == "forward"]
     if ablations:

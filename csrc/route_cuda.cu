@@ -56,6 +56,7 @@ struct RouteParams {
   int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
   int32_t grid_policy;      // lane kernel: 0 a full wave of blocks (default), 1 balanced, 2 balanced, >= 2 tiles a warp
   int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
+  int32_t dependent_launch; // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
 };
 
 namespace {
@@ -240,6 +241,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const bool has_counts = p.counts != nullptr;
   unsigned int* keep_bits = smem;                                          // [G * WORDS_PER_GROUP] when has_keep
   unsigned int* hist = smem + (has_keep ? G * WORDS_PER_GROUP : 0);        // [G * E] when shared_hist
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access)
 
   // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram
   if (has_keep) {
@@ -422,8 +424,9 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  RouteParams q = p;
+  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
+  return launch_kernel(kernel, grid, kThreads, smem, stream, q.dependent_launch, device, q);
 }
 
 template <typename T, int E_PAD, bool PREFETCH>
@@ -819,6 +822,10 @@ route_lane_kernel(const RouteParams p) {
   unsigned char* my_tiles = tiles + warp_in_block * S::kStages * S::kTileBytes;
   const unsigned int my_tiles_s = static_cast<unsigned int>(__cvta_generic_to_shared(my_tiles));
   const T* logits = static_cast<const T*>(p.logits);
+  if (shared_hist) {
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access: the kernel before may write them)
   // (the timeline instance) this warp's stamps, written by lane 0
   constexpr bool kStamps = (FLAGS & kTimeline) != 0;
   uint64_t* stamps = nullptr;
@@ -904,9 +911,6 @@ route_lane_kernel(const RouteParams p) {
         reinterpret_cast<unsigned int*>(keep_words + g * S::kKeepStride + NC)[0] = kept_bits >= 8 * 16 ? 1u : 0u;
       }
     }
-  }
-  if (shared_hist) {
-    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
   }
   if constexpr (S::kOneBlockPerSm) cp_async_wait_all();  // (past the barrier, every warp's first tile has landed)
   __syncthreads();
@@ -1239,8 +1243,9 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   if (err != cudaSuccess) return err;
   const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms, resident);
   if (grid <= 0) return cudaSuccess;
-  kernel<<<grid, S::kWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  RouteParams q = p;
+  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
+  return launch_kernel(kernel, grid, S::kWarps * 32, smem, stream, q.dependent_launch, device, q);
 }
 
 // Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.

@@ -52,6 +52,7 @@ struct RouteBackwardParams {
   int32_t group_is_int64;
   int32_t variant;            // 0: the lane kernel where it applies (see below), 1: always the row-over-lanes one,
                               // 2: (benchmarking) the lane kernel's loads and stores alone (grad_logits = logits)
+  int32_t dependent_launch;   // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
 };
 
 namespace {
@@ -205,6 +206,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kBwdWarps;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kBwdWarps + warp;
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access: the kernel before may write them)
 
   for (int64_t base = warp_id * R; base < num_tokens; base += num_warps * R) {
     const int64_t row = base + r;
@@ -530,6 +532,7 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
     group_id_words(MASK ? p.group : nullptr, p.group_is_int64, t * 32 + lane, T_rows, lo, hi);
   };
 
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access: the kernel before may write them)
   unsigned int g_lo = 0xFFFFFFFFu, g_hi = 0;
   if (tile < num_tiles) {  // (the first copy goes out before the mask table is built)
     load_group(tile, g_lo, g_hi);
@@ -786,8 +789,9 @@ cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cuda
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);
-  return cudaGetLastError();
+  RouteBackwardParams q = p;
+  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
+  return launch_kernel(kernel, grid, kBwdThreads, 0, stream, q.dependent_launch, device, q, flags);
 }
 
 // the VEC instance where E == E_PAD and every access allows it, else the checked one
@@ -839,8 +843,9 @@ cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int devic
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  kernel<<<grid, kLaneBwdWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  RouteBackwardParams q = p;
+  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
+  return launch_kernel(kernel, grid, kLaneBwdWarps * 32, smem, stream, q.dependent_launch, device, q);
 }
 
 template <typename T, int E_PAD, bool IDS8>

@@ -2,7 +2,7 @@
 // (route_cuda_backward.cu): one row of 16-bit logits per lane, a warp's 32 rows copied into shared memory with
 // cp.async as swizzled 16-byte chunks, and the per-group mask table whose entries turn a masked expert's logit into
 // -inf with integer arithmetic alone.
-// Also the launchers' one host helper, wave_shape.
+// Also the launchers' host helpers: wave_shape, and launch_kernel with programmatic dependent launch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -164,6 +164,82 @@ cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resi
   sms = cached_sms[device];
   resident = cached_resident[device];
   return cudaSuccess;
+}
+
+// Programmatic dependent launch (compute capability 9.0 and later). A kernel that launch_kernel starts with
+// kDependentLaunch set may have its blocks resident, and run up to grid_dependency_wait(), while the kernel before
+// it in the stream is still finishing; the wait returns once that kernel has completed and its memory is visible. So every
+// kernel launched this way calls grid_dependency_wait() before it first reads or writes global memory (the kernel
+// before it may produce its inputs, or still read memory that it overwrites). grid_dependents_launch() lets the next
+// kernel launched this way start as soon as every block of this one has called it (else: once they have all
+// exited). Without the launch attribute, or on older GPUs, the wait returns at once and both are no-ops. What the
+// overlap saves is the gap between kernels (launch, block dispatch, the blocks' set-up), which at a few microseconds
+// a call is a large share of the op's time.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The launchers' params carry the bits below: kDependentLaunch as the caller asked, kTriggerEarly added by
+// dependent_launch_bits where this grid's shape allows it.
+constexpr int kDependentLaunch = 1, kTriggerEarly = 2;
+
+// The dependent-launch bits for a grid of `grid` blocks where `sms` multiprocessors hold `resident` blocks each:
+// none unless `requested` has kDependentLaunch; kTriggerEarly only where the grid takes at most half of the slots, so
+// that the next grid of its size (the op called again) fits in the slots it leaves free, spread evenly. Triggered
+// early by a larger grid, the next grid's blocks land on the few free slots and then wherever this one's blocks end
+// first, unevenly over the multiprocessors: the forward measured 16-20% slower at T = 65,536 (512 of 792 slots) and
+// 7% slower at 131,072 (a full wave), against 5-12% faster for the small grids (benchmarks/RESULTS.md, twelfth
+// round). Without the early trigger the next kernel still starts as this one's last blocks exit.
+inline int dependent_launch_bits(int requested, int64_t grid, int sms, int resident) {
+  if ((requested & kDependentLaunch) == 0) return 0;
+  const bool fits_twice = 2 * grid <= static_cast<int64_t>(sms) * resident;
+  return kDependentLaunch | (fits_twice ? kTriggerEarly : 0);
+}
+
+// A kernel's first step, before any global memory access: the wait, then the trigger where `bits` (its params'
+// dependent-launch bits) allow it.
+__device__ __forceinline__ void dependent_launch_start(int bits) {
+  grid_dependency_wait();
+  if (bits & kTriggerEarly) grid_dependents_launch();
+}
+
+// Whether `device` (an index below 64) runs programmatic dependent launches: compute capability 9.0 or later.
+inline bool dependent_launch_supported(int device) {
+  static int cached_major[64] = {0};
+  if (device < 0 || device >= 64) return false;
+  if (cached_major[device] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    cached_major[device] = major;
+  }
+  return cached_major[device] >= 9;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), as a programmatic dependent launch where `bits` has
+// kDependentLaunch and the device has it (the kernel must then follow grid_dependency_wait's rule above); the
+// launch's error, if any.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
+                          int bits, int device, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned int>(grid), 1, 1);
+  config.blockDim = dim3(static_cast<unsigned int>(threads), 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = (bits & kDependentLaunch) != 0 && dependent_launch_supported(device) ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace moe_fastmask_lane16

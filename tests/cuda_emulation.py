@@ -42,7 +42,10 @@ EMU_HEADER = r"""
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
-struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct dim3 {
+  unsigned int x, y, z;
+  dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
 struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
 struct float2 { float x, y; };
@@ -255,12 +258,15 @@ inline void emu_cp_async16(unsigned int dst, const void* src, int bytes) {
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidDevice = 101 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 struct cudaFuncAttributes { int numRegs; };
 inline int emu_sms = 2;  // small, so that the grid-stride loops take several steps
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu_sms; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrComputeCapabilityMajor ? 9 : emu_sms;  // (a GPU with programmatic dependent launch)
+  return cudaSuccess;
+}
 template <typename F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* v, F, int, size_t) {
   *v = 1;
   return cudaSuccess;
@@ -302,6 +308,24 @@ inline void emu_launch(int grid, int threads, size_t smem_bytes, const std::func
     for (auto& thread : pool) thread.join();
   }
   emu_smem_base = nullptr;
+}
+
+// launches with attributes: the blocks run in turn, so a programmatic dependent launch has nothing to overlap
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 3 };
+union cudaLaunchAttributeValue { unsigned int programmaticStreamSerializationAllowed; };
+struct cudaLaunchAttribute { cudaLaunchAttributeID id; cudaLaunchAttributeValue val; };
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  emu_launch(static_cast<int>(config->gridDim.x), static_cast<int>(config->blockDim.x), config->dynamicSmemBytes,
+             [&] { kernel(args...); });
+  return cudaSuccess;
 }
 """
 

@@ -639,6 +639,105 @@ def test_opcheck_and_cuda_graph(cuda_kernel):
 
 
 @gpu
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_dependent_launches_wait_for_the_kernel_before(cuda_kernel, mode):
+    """As programmatic dependent launches (the default on GPUs that have them), each kernel's blocks start while the
+    kernel before it ends, and wait for it before touching memory. A chain of forwards and backwards with nothing in
+    between, sharing one buffer of one-byte ids (each backward reads what its forward wrote; each forward overwrites
+    what the backward before it read) and one counts tensor, gives what the same calls give launched plainly with a
+    synchronization after each: bit for bit, in a stream and replayed as a CUDA graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    gen = torch.Generator(device="cuda").manual_seed(SESSION_SEED + 29)
+    steps, T, E, k = 6, 65536 + 77, 64, 8
+    xs = [torch.randn(T, E, device="cuda", generator=gen).to(torch.bfloat16) * (1 + i) for i in range(steps)]
+    grads = [torch.randn(T, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(steps)]
+    keep = torch.rand(4, E, device="cuda", generator=gen) < 0.75
+    keep[:, :k] = True
+    group = torch.randint(-1, 4, (T,), device="cuda", generator=gen)
+    assert cuda_route.compact_ids_apply(xs[0], k, keep)
+
+    def chain(dependent: bool, sync: bool):
+        ids8 = torch.full((T, k), 255, dtype=torch.uint8, device="cuda")
+        counts = torch.zeros(4, E, dtype=torch.int64, device="cuda")
+        outs = [(torch.full((T, k), POISON, dtype=torch.bfloat16, device="cuda"),
+                 torch.full((T, k), -7, dtype=torch.int64, device="cuda"),
+                 torch.full((T, E), POISON, dtype=torch.bfloat16, device="cuda")) for _ in range(steps)]
+
+        def run():
+            for x, grad, (w, ids, g) in zip(xs, grads, outs):
+                cuda_route.route_forward(x, k, keep, group, counts, False, out=(w, ids), ids8=ids8,
+                                         dependent_launch=dependent)
+                if sync:
+                    torch.cuda.synchronize()
+                cuda_route.route_backward(grad, x, keep, group, ids, False, out=g, ids8=ids8,
+                                          dependent_launch=dependent)
+                if sync:
+                    torch.cuda.synchronize()
+
+        if mode == "graph" and not sync:
+            run()  # (warm-up outside the capture)
+            counts.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            counts.zero_()
+            ids8.fill_(255)
+            for w, ids, g in outs:  # (poisoned again: the warm-up wrote them)
+                w.fill_(POISON)
+                ids.fill_(-7)
+                g.fill_(POISON)
+            graph.replay()
+        else:
+            run()
+        torch.cuda.synchronize()
+        return outs, counts
+
+    expected, expected_counts = chain(dependent=False, sync=True)
+    got, got_counts = chain(dependent=True, sync=False)
+    for step, ((w, ids, g), (w_ref, ids_ref, g_ref)) in enumerate(zip(got, expected)):
+        assert torch.equal(ids, ids_ref), f"step {step}: ids"
+        assert torch.equal(w, w_ref), f"step {step}: weights"
+        assert torch.equal(g, g_ref), f"step {step}: gradient"
+    assert torch.equal(got_counts, expected_counts)
+    assert int(expected_counts.sum()) == steps * k * int(((group >= 0) & (group < 4)).sum())
+
+
+def test_dependent_launch_setting(monkeypatch):
+    """MOE_FASTMASK_CUDA_PDL: on by default, "0" launches plainly, anything else is refused by name;
+    dependent_launches() and an explicit argument win over it in both launchers' parameters."""
+    logits = torch.zeros(4, 64, dtype=torch.bfloat16)
+    ids = torch.zeros(4, 8, dtype=torch.int64)
+    weights = torch.zeros(4, 8, dtype=torch.bfloat16)
+    for value, expected in ((None, 1), ("1", 1), ("0", 0)):
+        if value is None:
+            monkeypatch.delenv(cuda_route.DEPENDENT_LAUNCH_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cuda_route.DEPENDENT_LAUNCH_ENV, value)
+        cuda_route._dependent_launch_env.cache_clear()
+        forward = cuda_route.forward_params(weights, ids, logits, 8, None, None, None, False)
+        backward = cuda_route.backward_params(logits, weights, logits, None, None, ids, False)
+        assert (forward.dependent_launch, backward.dependent_launch) == (expected, expected)
+        explicit = cuda_route.forward_params(weights, ids, logits, 8, None, None, None, False,
+                                             dependent_launch=not expected)
+        assert explicit.dependent_launch == 1 - expected
+        assert cuda_route.backward_params(logits, weights, logits, None, None, ids, False,
+                                          dependent_launch=not expected).dependent_launch == 1 - expected
+    monkeypatch.setenv(cuda_route.DEPENDENT_LAUNCH_ENV, "yes")
+    cuda_route._dependent_launch_env.cache_clear()
+    with pytest.raises(ValueError, match=cuda_route.DEPENDENT_LAUNCH_ENV):
+        cuda_route.dependent_launch_default()
+    with cuda_route.dependent_launches(False):  # (wins over the environment, and nests)
+        assert cuda_route.forward_params(weights, ids, logits, 8, None, None, None, False).dependent_launch == 0
+        with cuda_route.dependent_launches(True):
+            assert cuda_route.backward_params(logits, weights, logits, None, None, ids, False).dependent_launch == 1
+        assert not cuda_route.dependent_launch_default()
+    monkeypatch.delenv(cuda_route.DEPENDENT_LAUNCH_ENV)
+    cuda_route._dependent_launch_env.cache_clear()
+    assert cuda_route.dependent_launch_default()
+
+
+@gpu
 def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kernel):
     """Other variants and shapes run Triton's backward under backend="cuda"; the launcher itself refuses bad shapes."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 13)
@@ -701,7 +800,8 @@ def bad_shapes() -> list[dict]:
 
 
 def test_params_mirror_the_c_struct():
-    """RouteBackwardParams lists the C struct's fields in order, with the same widths, and has no tail padding."""
+    """RouteBackwardParams lists the C struct's fields in order, with the same widths (the libraries report the C
+    struct's size, checked against ctypes' where they are built)."""
     source = cuda_route.backward_source_path().read_text()
     body = re.search(r"struct RouteBackwardParams \{(.*?)\};", source, re.S).group(1)
     c_fields = re.findall(r"^\s*(?:const\s+)?(\w+)\*?\s+\*?(\w+);", body, re.M)
@@ -711,7 +811,7 @@ def test_params_mirror_the_c_struct():
     for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
         is_pointer = re.search(rf"\*\s*{name};", body) is not None
         assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
-    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 104
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 112  # (4 bytes of tail padding, as in C)
 
 
 def test_build_key_and_command_cover_the_backward_source(tmp_path):
@@ -811,10 +911,6 @@ EMU_SUBSTITUTIONS = {
     'asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));': "d = emu_bf16x2_fma(a, b, c);",
     "extern __shared__ __align__(16) unsigned char bwd_lane_smem[];":
         "unsigned char* const bwd_lane_smem = emu_smem_base;",
-    "kernel<<<grid, kBwdThreads, 0, stream>>>(p, flags);":
-        "emu_launch(grid, kBwdThreads, 0, [&] { kernel(p, flags); });",
-    "kernel<<<grid, kLaneBwdWarps * 32, smem, stream>>>(p);":
-        "emu_launch(grid, kLaneBwdWarps * 32, smem, [&] { kernel(p); });",
 }
 
 

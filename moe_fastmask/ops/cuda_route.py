@@ -47,6 +47,9 @@ ARCH_ENV = "MOE_FASTMASK_CUDA_ARCH"
 # "1": the split kernel's instance with software prefetch of a warp's next rows; off by default (measured slower on an
 # H200: 45.6 vs 43.8 us at T=262,144, E=64; benchmarks/RESULTS.md)
 PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"
+# "0" launches the kernels plainly; by default (on GPUs of compute capability 9.0 and later) each is a programmatic
+# dependent launch, so that its blocks start while the kernel before it ends (csrc/route_lane16.cuh)
+DEPENDENT_LAUNCH_ENV = "MOE_FASTMASK_CUDA_PDL"
 VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) or "split" (see VARIANTS)
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
 # with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split")
@@ -122,6 +125,7 @@ class RouteParams(ctypes.Structure):
         ("ablation", ctypes.c_int32),
         ("grid_policy", ctypes.c_int32),
         ("lane_options", ctypes.c_int32),
+        ("dependent_launch", ctypes.c_int32),
     ]
 
 
@@ -145,6 +149,7 @@ class RouteBackwardParams(ctypes.Structure):
         ("renormalize", ctypes.c_int32),
         ("group_is_int64", ctypes.c_int32),
         ("variant", ctypes.c_int32),
+        ("dependent_launch", ctypes.c_int32),
     ]
 
 
@@ -401,6 +406,36 @@ def _prefetch_default() -> bool:
     return os.environ.get(PREFETCH_ENV, "0") not in ("", "0")
 
 
+_dependent_launch_override: list[bool] = []  # innermost dependent_launches() setting last
+
+
+@functools.cache
+def _dependent_launch_env() -> bool:
+    value = os.environ.get(DEPENDENT_LAUNCH_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{DEPENDENT_LAUNCH_ENV}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def dependent_launch_default() -> bool:
+    """Whether the kernels go out as programmatic dependent launches: the innermost :func:`dependent_launches`
+    setting, else ``DEPENDENT_LAUNCH_ENV`` (read once; default on). The launchers use it only on GPUs that have it
+    (compute capability 9.0 and later)."""
+    return _dependent_launch_override[-1] if _dependent_launch_override else _dependent_launch_env()
+
+
+@contextlib.contextmanager
+def dependent_launches(enabled: bool):
+    """Within the block, the CUDA kernels are launched as programmatic dependent launches (``enabled``) or plainly,
+    whatever ``DEPENDENT_LAUNCH_ENV`` says (for comparing the two in one process; under CUDA-graph capture the
+    setting at capture time is the one the graph keeps)."""
+    _dependent_launch_override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _dependent_launch_override.pop()
+
+
 @functools.cache
 def _variant_default() -> str:
     name = os.environ.get(VARIANT_ENV, "").strip() or "lane"
@@ -509,6 +544,7 @@ def route_forward(
     _lane_options: tuple[str, ...] | None = None,
     ids8: Tensor | None = None,
     _timeline: Tensor | None = None,
+    dependent_launch: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -526,7 +562,9 @@ def route_forward(
     :func:`timeline_slots`] tensor on the logits' device; bf16 logits with E=64, top_k == 8 and a keep mask that the
     lane variant takes; ``_lane_options`` none or ``("sm_block",)``) runs the op's lane instance (with that option)
     with each warp's stamps written into it (the slots: csrc/route_cuda.cu's kTimeline; rows of warps that did not run
-    are left as they were)."""
+    are left as they were). ``dependent_launch`` (default: :func:`dependent_launch_default`) launches the kernel as a
+    programmatic dependent launch on GPUs that have it (compute capability 9.0 and later): its blocks may start, and
+    set up, while the kernel before it in the stream ends, and wait for it before touching memory."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -599,7 +637,7 @@ def route_forward(
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
-                            ids8=ids8)
+                            ids8=ids8, dependent_launch=dependent_launch)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
@@ -698,11 +736,13 @@ def forward_params(
     grid_policy: str = "wave",
     lane_options: int = 0,
     ids8: Tensor | None = None,
+    dependent_launch: bool | None = None,
 ) -> RouteParams:
     """The forward launcher's arguments: pointers and strides of the given tensors (``weights``, ``ids``, ``keep``
     and ``group`` contiguous; ``logits`` any strides), the variant (``VARIANTS``) and grid policy
-    (``GRID_POLICIES``) by name, and the benchmark-only ablation and option codes as :func:`route_forward` encodes
-    them."""
+    (``GRID_POLICIES``) by name, the benchmark-only ablation and option codes as :func:`route_forward` encodes
+    them, and whether the kernel goes out as a programmatic dependent launch (None:
+    :func:`dependent_launch_default`)."""
     num_tokens, num_experts = logits.shape
     return RouteParams(
         weights.data_ptr(),
@@ -727,6 +767,7 @@ def forward_params(
         ablation,
         GRID_POLICIES[grid_policy],
         lane_options,
+        int(dependent_launch_default() if dependent_launch is None else bool(dependent_launch)),
     )
 
 
@@ -742,10 +783,12 @@ def backward_params(
     variant: str = "lane",
     ids8: Tensor | None = None,
     ablation: str | None = None,
+    dependent_launch: bool | None = None,
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
     ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides) and the kernel variant by
-    name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place."""
+    name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place, and
+    whether the kernel goes out as a programmatic dependent launch (None: :func:`dependent_launch_default`)."""
     num_tokens, num_experts = logits.shape
     return RouteBackwardParams(
         grad_logits.data_ptr(),
@@ -764,6 +807,7 @@ def backward_params(
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),
         BACKWARD_VARIANTS[variant] if ablation is None else BACKWARD_ABLATIONS[ablation],
+        int(dependent_launch_default() if dependent_launch is None else bool(dependent_launch)),
     )
 
 
@@ -779,6 +823,7 @@ def route_backward(
     variant: str = "lane",
     ids8: Tensor | None = None,
     _ablation: str | None = None,
+    dependent_launch: bool | None = None,
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
@@ -789,7 +834,7 @@ def route_backward(
     always the row-over-several-lanes kernel. ``ids8`` (uint8 [T, k], the same ids a byte each, as
     ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it.
     ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
-    with E=64, a keep mask and ``ids8``, the lane variant."""
+    with E=64, a keep mask and ``ids8``, the lane variant. ``dependent_launch``: as :func:`route_forward`'s."""
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
     if _ablation is not None:
@@ -824,7 +869,7 @@ def route_backward(
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
     params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant,
-                             ids8=ids8, ablation=_ablation)
+                             ids8=ids8, ablation=_ablation, dependent_launch=dependent_launch)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
