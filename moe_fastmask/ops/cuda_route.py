@@ -85,9 +85,12 @@ LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"), ("one_stage", "sm_bl
 # benchmarking only: the option bit of the lane kernel's timeline instance (csrc/route_cuda.cu's kTimeline; the op's
 # bf16 E=64 top-8 instance writing per-warp stamps), which route_forward's _timeline selects
 LANE_TIMELINE_BIT = 1 << 12
-# how the lane kernel sizes its grid: one full wave of blocks ("wave", the default), or warps with equal shares of
-# tiles ("balanced"; "balanced2": at least two tiles a warp where there are enough)
+# how the lane kernel sizes its grid: one full wave of blocks ("wave"), or warps with equal shares of tiles
+# ("balanced"; "balanced2", the default: at least two tiles a warp where there are enough, so that a warp copies its
+# next tile while it works on one; measured 5-7% faster than "wave" at T = 65,536 and 131,072 and the same at 32,768
+# and 262,144, benchmarks/RESULTS.md, twelfth round)
 GRID_POLICIES = {"wave": 0, "balanced": 1, "balanced2": 2}
+DEFAULT_GRID_POLICY = "balanced2"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
 MAX_EXPERTS_FLOAT32 = 256
@@ -540,7 +543,7 @@ def route_forward(
     prefetch: bool | None = None,
     variant: str | None = None,
     _ablation: str | None = None,
-    _grid_policy: str = "wave",
+    _grid_policy: str = DEFAULT_GRID_POLICY,
     _lane_options: tuple[str, ...] | None = None,
     ids8: Tensor | None = None,
     _timeline: Tensor | None = None,
@@ -733,7 +736,7 @@ def forward_params(
     prefetch: bool = False,
     variant: str = "lane",
     ablation: int = 0,
-    grid_policy: str = "wave",
+    grid_policy: str = DEFAULT_GRID_POLICY,
     lane_options: int = 0,
     ids8: Tensor | None = None,
     dependent_launch: bool | None = None,
