@@ -54,7 +54,7 @@ struct RouteParams {
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
   int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies)
   int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
-  int32_t grid_policy;      // lane kernel: 0 a full wave of blocks (default), 1 balanced, 2 balanced, >= 2 tiles a warp
+  int32_t grid_policy;      // lane kernel: 0 a full wave of blocks, 1 balanced, 2 balanced, >= 2 tiles a warp (the op's)
   int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
   int32_t dependent_launch; // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
 };

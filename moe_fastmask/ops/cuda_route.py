@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -428,10 +429,10 @@ def dependent_launch_default() -> bool:
 
 
 @contextlib.contextmanager
-def dependent_launches(enabled: bool):
+def dependent_launches(enabled: bool) -> Iterator[None]:
     """Within the block, the CUDA kernels are launched as programmatic dependent launches (``enabled``) or plainly,
-    whatever ``DEPENDENT_LAUNCH_ENV`` says (for comparing the two in one process; under CUDA-graph capture the
-    setting at capture time is the one the graph keeps)."""
+    whatever ``DEPENDENT_LAUNCH_ENV`` says (for comparing the two in one process; the setting is process-wide, not per
+    thread; under CUDA-graph capture the setting at capture time is the one the graph keeps)."""
     _dependent_launch_override.append(bool(enabled))
     try:
         yield
