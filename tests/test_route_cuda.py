@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -677,6 +678,46 @@ def test_build_key_and_command():
     assert command[0] == "nvcc" and command[-1] == str(source)
     assert "arch=compute_90,code=sm_90" in command and "arch=compute_80,code=sm_80" in command
     assert "-Xptxas" in command and "-shared" in command
+
+
+def kernel_bodies(source: str) -> dict[str, str]:
+    """Each ``__global__`` function of a CUDA source: its name and body (the text between its braces)."""
+    bodies = {}
+    for match in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^;{]*?\)\s*)?(\w+)\s*\(", source):
+        start = source.index("{", match.end())
+        depth, end = 0, start
+        for end in range(start, len(source)):
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+        bodies[match.group(1)] = source[start + 1:end]
+    return bodies
+
+
+# what a kernel must not do before dependent_launch_start: read or write global memory (by these helpers and fields)
+GLOBAL_ACCESSES = ("__ldg", "__ldcs", "__stcs", "cp_async", "issue(", "load_group(", "fill_mask_table(", "atomicAdd",
+                   "stamp(", "timeline_buffer", "p.keep[", "p.group", "logits[", "p.counts", "p.ids", "p.weights")
+
+
+def test_every_kernel_waits_for_the_kernel_before_it_touches_memory():
+    """The kernels go out as programmatic dependent launches: each calls dependent_launch_start (the wait for the
+    kernel before it) once, before any of its global memory accesses, and every launch goes through launch_kernel."""
+    kernels = {}
+    for source in (cuda_route.source_path(), cuda_route.backward_source_path()):
+        text = source.read_text()
+        assert "<<<" not in text, f"{source.name}: a kernel launched without launch_kernel"
+        kernels.update(kernel_bodies(text))
+    assert len(kernels) == 4, sorted(kernels)
+    for name, body in kernels.items():
+        assert body.count("dependent_launch_start(p.dependent_launch);") == 1, name
+        before = body[:body.index("dependent_launch_start(")]
+        # (lambdas defined before the wait, such as issue and load_group, are only called after it)
+        before_calls = re.sub(r"auto \w+ = \[[^\]]*\]\([^)]*\) \{.*?\n  \};", "", before, flags=re.S)
+        # (testing a pointer or its alignment, copying or casting it, is no access)
+        before_calls = re.sub(r"p\.\w+ [!=]= nullptr|reinterpret_cast<uintptr_t>\(p\.\w+\)|= p\.\w+;"
+                              r"|static_cast<[^>]*\*>\(p\.\w+\)", "", before_calls)
+        touched = [token for token in GLOBAL_ACCESSES if token in before_calls]
+        assert not touched, (name, touched)
 
 
 def test_arch_override(monkeypatch):
