@@ -400,21 +400,22 @@ def cuda_call(provider: str, mode: str, logits, keep, group, grad, counts, top_k
         ablation = provider[len("lane_"):]
         fwd = lambda x: cuda_route.route_forward(x, top_k, keep, group, counts, False,  # noqa: E731
                                                  _ablation=ablation)
-    elif provider == "cuda_plain":  # the op with its kernels launched plainly (no programmatic dependent launch)
-        def fwd(x):
-            with cuda_route.dependent_launches(False):
-                return route(x, top_k, keep, group, counts, False, "cuda", validate=False)
-    else:
-        fwd = lambda x: route(x, top_k, keep, group, counts, False, provider, validate=False)  # noqa: E731
+    else:  # (cuda_plain: the op, its kernels launched plainly, below)
+        backend = "cuda" if provider == "cuda_plain" else provider
+        fwd = lambda x: route(x, top_k, keep, group, counts, False, backend, validate=False)  # noqa: E731
     if mode == "forward":
-        return lambda: fwd(logits)
-    x = logits.detach().clone().requires_grad_()
-    if provider == "cuda_plain":
-        def full():
-            with cuda_route.dependent_launches(False):
-                return torch.autograd.grad(fwd(x)[0], x, grad)
-        return full
-    return lambda: torch.autograd.grad(fwd(x)[0], x, grad)
+        call = lambda: fwd(logits)  # noqa: E731
+    else:
+        x = logits.detach().clone().requires_grad_()
+        call = lambda: torch.autograd.grad(fwd(x)[0], x, grad)  # noqa: E731
+    if provider != "cuda_plain":
+        return call
+
+    def plain():  # (no programmatic dependent launch)
+        with cuda_route.dependent_launches(False):
+            return call()
+
+    return plain
 
 
 def check_cuda_provider(provider, logits, keep, group, top_k) -> str:

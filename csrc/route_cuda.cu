@@ -424,9 +424,7 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  RouteParams q = p;
-  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
-  return launch_kernel(kernel, grid, kThreads, smem, stream, q.dependent_launch, device, q);
+  return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }
 
 template <typename T, int E_PAD, bool PREFETCH>
@@ -1243,9 +1241,7 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   if (err != cudaSuccess) return err;
   const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms, resident);
   if (grid <= 0) return cudaSuccess;
-  RouteParams q = p;
-  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
-  return launch_kernel(kernel, grid, S::kWarps * 32, smem, stream, q.dependent_launch, device, q);
+  return launch_kernel(kernel, grid, S::kWarps * 32, smem, stream, device, sms, resident, p);
 }
 
 // Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.

@@ -789,9 +789,7 @@ cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cuda
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  RouteBackwardParams q = p;
-  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
-  return launch_kernel(kernel, grid, kBwdThreads, 0, stream, q.dependent_launch, device, q, flags);
+  return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, flags);
 }
 
 // the VEC instance where E == E_PAD and every access allows it, else the checked one
@@ -843,9 +841,7 @@ cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int devic
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   const int grid = static_cast<int>(needed < wave ? needed : wave);
   if (grid <= 0) return cudaSuccess;
-  RouteBackwardParams q = p;
-  q.dependent_launch = dependent_launch_bits(p.dependent_launch, grid, sms, resident);
-  return launch_kernel(kernel, grid, kLaneBwdWarps * 32, smem, stream, q.dependent_launch, device, q);
+  return launch_kernel(kernel, grid, kLaneBwdWarps * 32, smem, stream, device, sms, resident, p);
 }
 
 template <typename T, int E_PAD, bool IDS8>

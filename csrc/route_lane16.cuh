@@ -187,7 +187,7 @@ __device__ __forceinline__ void grid_dependents_launch() {
 }
 
 // The launchers' params carry the bits below: kDependentLaunch as the caller asked, kTriggerEarly added by
-// dependent_launch_bits where this grid's shape allows it.
+// launch_kernel (dependent_launch_bits) where this grid's shape allows it.
 constexpr int kDependentLaunch = 1, kTriggerEarly = 2;
 
 // The dependent-launch bits for a grid of `grid` blocks where `sms` multiprocessors hold `resident` blocks each:
@@ -222,12 +222,14 @@ inline bool dependent_launch_supported(int device) {
   return cached_major[device] >= 9;
 }
 
-// kernel<<<grid, threads, smem, stream>>>(args...), as a programmatic dependent launch where `bits` has
-// kDependentLaunch and the device has it (the kernel must then follow grid_dependency_wait's rule above); the
-// launch's error, if any.
-template <typename... Params, typename... Args>
+// kernel<<<grid, threads, smem, stream>>>(params, rest...), where `sms` multiprocessors hold `resident` of its
+// blocks each: params (a launcher's params struct) goes out with its dependent_launch field set to
+// dependent_launch_bits, and the launch is a programmatic dependent one where that has kDependentLaunch and the device
+// has it (the kernel must then follow grid_dependency_wait's rule above). The launch's error, if any.
+template <typename... Params, typename P, typename... Rest>
 cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
-                          int bits, int device, const Args&... args) {
+                          int device, int sms, int resident, P params, const Rest&... rest) {
+  params.dependent_launch = dependent_launch_bits(params.dependent_launch, grid, sms, resident);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned int>(grid), 1, 1);
   config.blockDim = dim3(static_cast<unsigned int>(threads), 1, 1);
@@ -237,8 +239,8 @@ cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, size
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = (bits & kDependentLaunch) != 0 && dependent_launch_supported(device) ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  config.numAttrs = (params.dependent_launch & kDependentLaunch) != 0 && dependent_launch_supported(device) ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, params, rest...);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 

@@ -428,6 +428,12 @@ def dependent_launch_default() -> bool:
     return _dependent_launch_override[-1] if _dependent_launch_override else _dependent_launch_env()
 
 
+def _dependent_launch_flag(dependent_launch: bool | None) -> int:
+    """A params struct's dependent_launch field: ``dependent_launch``, or where it is None
+    :func:`dependent_launch_default`."""
+    return int(dependent_launch_default() if dependent_launch is None else bool(dependent_launch))
+
+
 @contextlib.contextmanager
 def dependent_launches(enabled: bool) -> Iterator[None]:
     """Within the block, the CUDA kernels are launched as programmatic dependent launches (``enabled``) or plainly,
@@ -771,7 +777,7 @@ def forward_params(
         ablation,
         GRID_POLICIES[grid_policy],
         lane_options,
-        int(dependent_launch_default() if dependent_launch is None else bool(dependent_launch)),
+        _dependent_launch_flag(dependent_launch),
     )
 
 
@@ -811,7 +817,7 @@ def backward_params(
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),
         BACKWARD_VARIANTS[variant] if ablation is None else BACKWARD_ABLATIONS[ablation],
-        int(dependent_launch_default() if dependent_launch is None else bool(dependent_launch)),
+        _dependent_launch_flag(dependent_launch),
     )
 
 
