@@ -96,7 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--only-cuda", action="store_true", help="copy bandwidth and the cuda section only")
     parser.add_argument("--cuda-sizes", type=int, nargs="+", default=CUDA_SIZES, help="T of the cuda section")
     parser.add_argument("--cuda-wide", nargs="*", default=[f"{e},{k},{t}" for e, k, t in CUDA_WIDE],
-                        help="E,top_k,T of the cuda section's wider routers")
+                        help="E,top_k,T of the cuda section's wider routers (default: "
+                             + " ".join(f"{e},{k},{t}" for e, k, t in CUDA_WIDE)
+                             + "; the flag with no value: none, the E=64 top-8 rows only)")
     parser.add_argument("--cuda-modes", nargs="+", default=["forward", "full"], choices=["forward", "full"],
                         help="modes of the cuda section's op providers")
     return parser.parse_args(argv)
