@@ -525,9 +525,14 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // later copies (benchmarks/RESULTS.md, seventh round, the timeline). Measured 15% slower (eighth round): the first
 // tiles then land together, and every warp of the SM computes at once
 // kTimeline: see kTimelineSlots below
-constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13;
+// kTournament (E = 64, two stages): the 32-bit keys' top 8 by a tournament instead of the sorting network: each
+// chunk of 8 experts gives its largest key, and each pick (the largest key still offered) has its chunk offer its
+// largest key below the pick, rebuilt from the key values that the first pass leaves in the row's place in shared
+// memory (see tournament_top8). The op takes it for bf16 top-8 calls with enough tiles (tournament_pays)
+constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13, kTournament = 1 << 14;
 constexpr int kSmBlockStageBytes = 6 * kLaneStageBytes;  // (kSmBlock) the one block's tiles: six blocks' worth
-constexpr int kLaneOptions = kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock;
+constexpr int kLaneOptions =
+    kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock | kTournament;
 // the op's choice (measured: benchmarks/RESULTS.md): two stages, ids staged. Staging the ids lifts the
 // loads-and-stores-only instance from 65% to 90% of the copy bandwidth; the full kernel, bound by its instructions,
 // gains 3-4% at T = 262,144 (with the one-pass softmax; it lost 2-3% before) and loses about 1% at T = 65,536. One
@@ -630,6 +635,56 @@ __device__ __forceinline__ void merge8_desc(unsigned int (&top)[8], const unsign
 #pragma unroll
   for (int i = 0; i < 8; ++i) top[i] = K::hi(top[i], c[7 - i]);  // a bitonic sequence holding the top 8
   bitonic_clean8_desc<K>(top, x);
+}
+
+__device__ __forceinline__ unsigned int max8(const unsigned int (&k)[8]) {
+  return max(max(max(k[0], k[1]), max(k[2], k[3])), max(max(k[4], k[5]), max(k[6], k[7])));
+}
+
+// The top 8 of a row's 32-bit keys (distinct: each holds its expert's code E_PAD - 1 - e) by a tournament, in place
+// of the sorting network and its merges. chunk_max[c] is the largest key of chunk c (experts 8c .. 8c + 7), and the
+// row's 16-byte slot swizzle(lane, c) = c ^ slot_of_last ^ (NC - 1) holds that chunk's key values as pairs (expert
+// 8c + 2j in the low half of word j, 8c + 2j + 1 in the high half: the keys' upper halves, 0 where masked). The first
+// pick is the largest chunk maximum; each later one is the largest key still offered below the pick before it, where
+// a picked chunk offers its largest key below that pick. Every key below the last pick that is the largest of its
+// chunk below it is offered (a chunk's older offers, and its maximum, are picks themselves or above them), so each
+// pick is the next key in order: the network's top[] exactly.
+// "Below w" is taken without a compare: w - 1 - k, modulo 2^32, is at most w - 1 where k < w and above it where
+// k >= w, so w - 1 - min(w - 1, w - 1 - k, ...) is the largest key below w (0, below every pick, where none is; a
+// pick is never key 0, the smallest of at least 32). The subtractions are multiply-adds by neg_one (-1 known at run
+// time only), on the multiply-add pipe; the minima stay on the integer pipe. A chunk's keys are rebuilt with the codes
+// 7 - k, its own code bits (code & ~7 = w & (E_PAD - 8)) taken off w instead.
+template <int NC>
+__device__ __forceinline__ void tournament_top8(const unsigned int (&chunk_max)[NC], unsigned int (&top)[8],
+                                                const uint4* row, int slot_of_last, unsigned int neg_one) {
+  constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
+  unsigned int offers[NC + 7];  // the chunks' maxima, then each pick's chunk's offer
+#pragma unroll
+  for (int c = 0; c < NC; ++c) offers[c] = chunk_max[c];
+  unsigned int w = offers[0];
+#pragma unroll
+  for (int c = 1; c < NC; ++c) w = max(w, offers[c]);
+  top[0] = w;
+#pragma unroll
+  for (int i = 1; i < 8; ++i) {
+    const unsigned int below = w - 1, chunk_code = w & kChunkCode;
+    const uint4 v = row[static_cast<int>(chunk_code >> 3) ^ slot_of_last];  // (the pick's chunk: (NC - 1) - code / 8)
+    const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+    const unsigned int below_local = below - chunk_code;
+    unsigned int gap = below;  // (key 0)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const unsigned int key_lo = words[j] * 0x10000u + (7u - 2 * j);           // (the low half shifted up)
+      const unsigned int key_hi = (words[j] & 0xFFFF0000u) | (6u - 2 * j);
+      gap = min(gap, min(key_lo * neg_one + below_local, key_hi * neg_one + below_local));
+    }
+    offers[NC + i - 1] = gap * neg_one + below;
+    // the next pick: the largest offer below w (the new offer's gap is the first)
+#pragma unroll
+    for (int o = 0; o < NC + i - 1; ++o) gap = min(gap, offers[o] * neg_one + below);
+    w = gap * neg_one + below;
+    top[i] = w;
+  }
 }
 
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
@@ -770,7 +825,8 @@ template <int E_PAD, int FLAGS> struct LaneShape {
   // resident blocks per SM where shared memory allows it (the register cap follows): two stages 20-24 warps (at most
   // 102 / 85 registers), one stage 32 warps at E = 32 / 64 (at most 64 registers), 16 at E = 128 (at most 128)
   static constexpr int kMinBlocks =
-      kOneBlockPerSm ? 1 : kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? 5 : 3) : (E_PAD == 32 ? 2 : 4);
+      kOneBlockPerSm ? 1 : kStages == 2 ? (E_PAD >= 128 ? 4 : E_PAD == 64 ? ((FLAGS & kTournament) ? 6 : 5) : 3)
+                                        : (E_PAD == 32 ? 2 : 4);
   static_assert(kWarps * 32 <= 1024, "a block of at most 1024 threads");
 };
 
@@ -785,6 +841,7 @@ route_lane_kernel(const RouteParams p) {
   constexpr bool kK8 = (FLAGS & kTopK8) != 0, kTwoStages = S::kStages == 2, kStaged = (FLAGS & kStageIds) != 0;
   constexpr bool kPacked = kTopK && (FLAGS & kPacked16) != 0 && std::is_same<T, __nv_bfloat16>::value && E_PAD == 64;
   constexpr bool kOnePassSoftmax = kTopK && kSoftmax && (FLAGS & kTwoPassSoftmax) == 0;
+  constexpr bool kTourn = kTopK && (FLAGS & kTournament) != 0 && !kPacked;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
@@ -965,6 +1022,7 @@ route_lane_kernel(const RouteParams p) {
       }
     }
     if (kTopK && !top_done) {
+      unsigned int chunk_max[kTourn ? NC : 1];  // (kTourn) the largest key of each chunk of 8 experts
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const uint4 raw = my_row[swizzle<NC>(lane, c)];
@@ -1002,13 +1060,24 @@ route_lane_kernel(const RouteParams p) {
             sum_exp1 += fast_exp2(fmaf(f.y, kLog2e, neg_ref));
           }
         }
-        sort8_desc<Key32>(keys);
-        if (c == 0) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) top[i] = keys[i];
+        if constexpr (kTourn) {
+          chunk_max[c] = max8(keys);
+          // the chunk's keys' values (masked: 0) back in its place of the row, a pair per word, for its later offers
+          const_cast<uint4*>(my_row)[swizzle<NC>(lane, c)] =
+              make_uint4(__byte_perm(keys[0], keys[1], 0x7632), __byte_perm(keys[2], keys[3], 0x7632),
+                         __byte_perm(keys[4], keys[5], 0x7632), __byte_perm(keys[6], keys[7], 0x7632));
         } else {
-          merge8_desc<Key32>(top, keys, imad_min);
+          sort8_desc<Key32>(keys);
+          if (c == 0) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) top[i] = keys[i];
+          } else {
+            merge8_desc<Key32>(top, keys, imad_min);
+          }
         }
+      }
+      if constexpr (kTourn) {
+        tournament_top8<NC>(chunk_max, top, my_row, swizzle<NC>(lane, NC - 1), imad_min.neg_one);
       }
       one_pass = kOnePassSoftmax;
     } else if (!kTopK) {  // (benchmark instances) the first 8 experts, unsorted, as picks
@@ -1053,7 +1122,11 @@ route_lane_kernel(const RouteParams p) {
 #pragma unroll 2
         for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
           const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
-          const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+          unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+          if constexpr (kTourn) {  // (the row holds its keys' values: back to the logits' bits, canonical; a masked
+#pragma unroll                     // expert's 0 gives NaN bits, which its mask-table entry makes -inf)
+            for (int j = 0; j < 4; ++j) w[j] ^= sign_halves(~w[j]) | 0x80008000u;
+          }
           uint4 m[2] = {};  // (kMask: the chunk's mask-table entries)
           if constexpr (kMask) {
             m[0] = lds128(my_mask + c * 2);
@@ -1275,9 +1348,30 @@ int lane_ablation_flags(int ablation) {
   }
 }
 
+// Whether the op's bf16 E = 64 top-8 call takes the tournament top-k (kTournament): where there are at least as many
+// tiles as warps in a full wave. There the SMs are bound by their instruction issue and integer pipe, and the
+// tournament's fewer min / max instructions pay (3-6% at T = 131,072 to 262,144); below, a warp's picks, one after the
+// other with a shared-memory load in each, lengthen the path of a tile, which the sorting network's independent
+// chunks do not (6% slower at T = 65,536; benchmarks/RESULTS.md, thirteenth round)
+constexpr int kTournamentMinTilesPerWarp = 1;
+bool tournament_pays(const RouteParams& p, size_t smem, int device) {
+  using S = LaneShape<64, kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament>;
+  int sms = 0, resident = 0;
+  constexpr auto kernel = route_lane_kernel<__nv_bfloat16, 64, kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament>;
+  if (wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident) != cudaSuccess) return false;
+  const int64_t tiles = (p.num_tokens + 31) / 32;
+  return tiles >= int64_t{kTournamentMinTilesPerWarp} * sms * resident * S::kWarps;
+}
+
 template <typename T, int E_PAD>
 cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   constexpr int kOpt = kLaneDefaultOptions;
+  if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {
+    if (p.top_k == 8 && tournament_pays(p, smem, device)) {
+      if (p.keep) return launch_lane<T, 64, kLaneFull | kOpt | kTopK8 | kTournament>(p, smem, device, stream);
+      return launch_lane<T, 64, (kLaneFull & ~kDoMask) | kOpt | kTopK8 | kTournament>(p, smem, device, stream);
+    }
+  }
   if (p.top_k == 8) {
     if (p.keep) return launch_lane<T, E_PAD, kLaneFull | kOpt | kTopK8>(p, smem, device, stream);
     return launch_lane<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>(p, smem, device, stream);
@@ -1319,6 +1413,11 @@ cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, c
     }
   }
   if constexpr ((F & kDoTopK) != 0) {
+    if (p.lane_options & kTournament) {  // (two stages, ids staged or not: checked by the launcher)
+      return (p.lane_options & kStageIds)
+                 ? launch_lane<__nv_bfloat16, 64, F | kTournament | kStageIds>(p, smem, device, stream)
+                 : launch_lane<__nv_bfloat16, 64, F | kTournament>(p, smem, device, stream);
+    }
     if (p.lane_options & kPacked16) return launch_lane_memory_options<F | kPacked16>(p, smem, device, stream);
     if (p.lane_options & kTwoPassSoftmax) {
       return launch_lane_memory_options<F | kTwoPassSoftmax>(p, smem, device, stream);
@@ -1358,6 +1457,14 @@ cudaError_t preload_lane_e() {
   if (err == cudaSuccess) {
     err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>);
   }
+  if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {  // (large T: tournament_pays)
+    if (err == cudaSuccess) {
+      err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, 64, kLaneFull | kOpt | kTopK8 | kTournament>);
+    }
+    if (err == cudaSuccess) {
+      err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, 64, (kLaneFull & ~kDoMask) | kOpt | kTopK8 | kTournament>);
+    }
+  }
   return err;
 }
 
@@ -1388,6 +1495,11 @@ cudaError_t preload_lane_options() {
   if constexpr ((F & kDoTopK) != 0) {
     if (err == cudaSuccess) err = preload_lane_memory_options<F | kPacked16>();
     if (err == cudaSuccess) err = preload_lane_memory_options<F | kTwoPassSoftmax>();
+    cudaFuncAttributes attr;
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, F | kTournament>);
+    if (err == cudaSuccess) {
+      err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, F | kTournament | kStageIds>);
+    }
   }
   return err;
 }
@@ -1474,7 +1586,10 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                                (p.lane_options != 0 && p.ablation > 1) ||
                                ((p.lane_options & kTimeline) &&
                                 (p.lane_options & kLaneOptions & ~kSmBlock) != (kTimeline | kTopK8 | kStageIds)) ||
-                               (p.lane_options & (kSmBlock | kOneStage)) == (kSmBlock | kOneStage);
+                               (p.lane_options & (kSmBlock | kOneStage)) == (kSmBlock | kOneStage) ||
+                               ((p.lane_options & kTournament) &&
+                                (p.ablation != 0 || (p.lane_options & (kPacked16 | kTwoPassSoftmax | kOneStage |
+                                                                       kSmBlock | kTimeline)) != 0));
       if (smem == 0 || dtype != kBFloat16 || p.num_experts != 64 || flags < 0 || ((flags & kDoMask) && !p.keep) ||
           bad_options) {
         return cudaErrorInvalidValue;

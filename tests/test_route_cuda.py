@@ -422,8 +422,9 @@ def test_packed_top_k_window_edges_and_warp_fallbacks(cuda_kernel):
     gen = torch.Generator().manual_seed(SESSION_SEED + 29)
     E, k, G = 64, 8, 3
     logits, keep, tight_keep, group = (t.cuda() for t in packed_window_case(gen))
-    runs = [(keep, options) for options in (("topk8",), ("topk8", "packed16"))] + [
-        (tight_keep, ("packed16",)), (few_kept(tight_keep), ("topk8", "packed16")), (None, None)]
+    runs = [(keep, options) for options in (("topk8",), ("topk8", "packed16"), ("topk8", "tournament", "stage_ids"))] + [
+        (tight_keep, ("packed16",)), (few_kept(tight_keep), ("topk8", "packed16")), (tight_keep, ("tournament",)),
+        (few_kept(tight_keep), ("topk8", "tournament")), (None, None)]
     for i, (keep_r, options) in enumerate(runs):
         where = f"run {i}: options={options}"
         group_r = group.cuda() if keep_r is not None else None
@@ -459,6 +460,42 @@ def test_timeline_instance_gives_the_ops_results_and_stamps_each_warp(cuda_kerne
 
 
 @gpu
+def test_tournament_top_k_gives_the_ops_results(cuda_kernel):
+    """The lane kernel's tournament top-k (option "tournament": each chunk of 8 experts offers its largest key below
+    the last pick) gives the reference's ids and counts, and weights within tolerance, on every adversarial kind of
+    logits (exact ties, -inf, wide values, NaN), with loose and tight masks and a group keeping fewer than k experts,
+    with and without the top_k == 8 instance, renormalised or not."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 41)
+    E, k, G, T = 64, 8, 3, 3001
+    for kind, tight in itertools.product(KINDS, (False, True)):
+        logits = adversarial_logits(kind, T, E, torch.bfloat16, gen).cuda()
+        keep = make_keep(G, E, k, tight, gen)
+        if tight:
+            keep = few_kept(keep)
+        keep = keep.cuda()
+        group = torch.randint(-1, G, (T,), generator=gen).cuda()
+        for options, renormalize in ((("topk8", "tournament", "stage_ids"), False), (("tournament",), True)):
+            start = torch.zeros(G, E, dtype=torch.int64, device="cuda")
+            counts = start.clone()
+            weights, ids = run_cuda(logits, k, keep, group, counts, renormalize, variant="lane",
+                                    _lane_options=options)
+            assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, renormalize,
+                                     f"{kind} tight={tight} options={options}")
+    # the op itself takes it where there are as many tiles as warps in a full wave (csrc/route_cuda.cu,
+    # tournament_pays: 6 blocks of 4 warps per SM)
+    T = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 999
+    logits = adversarial_logits("normal", T, E, torch.bfloat16, gen).cuda()
+    keep = make_keep(G, E, k, False, gen).cuda()
+    group = torch.randint(-1, G, (T,), generator=gen).cuda()
+    for keep_r, group_r in ((keep, group), (None, None)):
+        start = torch.zeros(G if keep_r is not None else 1, E, dtype=torch.int64, device="cuda")
+        counts = start.clone()
+        weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane")
+        assert_matches_reference(weights, ids, counts, start, logits, k, keep_r, group_r, False,
+                                 f"the op at T={T}, mask={keep_r is not None}")
+
+
+@gpu
 def test_one_pass_softmax_edges_and_fallbacks(cuda_kernel):
     """The lane kernel's softmax denominator summed in the top-k's pass, against the reference and the two-pass
     instance: rows whose terms underflow or overflow against the first chunk's largest logit, masked +inf and NaN,
@@ -466,7 +503,8 @@ def test_one_pass_softmax_edges_and_fallbacks(cuda_kernel):
     it), and rows within the one pass's range; with and without top_k == 8 specialisation, renormalised or not."""
     logits, keep, group = (t.cuda() for t in one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31)))
     k, G = 8, 2
-    for options, renormalize in itertools.product(((), ("topk8",), ("two_pass_softmax",)), (False, True)):
+    for options, renormalize in itertools.product(((), ("topk8",), ("two_pass_softmax",), ("topk8", "tournament")),
+                                                  (False, True)):
         start = torch.zeros(G, 64, dtype=torch.int64, device="cuda")
         counts = start.clone()
         weights, ids = run_cuda(logits, k, keep, group, counts, renormalize, variant="lane", _lane_options=options)
@@ -768,13 +806,14 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, and 45 benchmark instances (bf16, E=64: the loads-and-stores-only one under 6 option
-    # sets, the other 3 ablations, and the full kernel under the 36 option sets (top_k == 8 or not; 32-bit keys,
-    # packed keys or a two-pass softmax; 6 memory option sets) less the 2 that the op uses, and the 2 timeline
-    # instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6
-    # x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte
-    # ids) = 16, and its loads-and-stores-only benchmark instance
-    assert "registers lines 196" in out.stdout, out.stdout
+    # top_k == 8 or not) = 24, the tournament top-k's instances that the op takes at large T (bf16, E=64, top_k ==
+    # 8, with or without a mask) = 2, and 48 benchmark instances (bf16, E=64: the loads-and-stores-only one under 6
+    # option sets, the other 3 ablations, and the full kernel under the 40 option sets (top_k == 8 or not; 32-bit
+    # keys, packed keys or a two-pass softmax under 6 memory option sets, the tournament under 2) less the 3 that the
+    # op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector
+    # or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a
+    # mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
+    assert "registers lines 201" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
 
 
@@ -926,16 +965,20 @@ def emulated_forward_checks(library: str) -> None:
                 group = torch.randint(-1, 2, (70,), generator=gen)
                 for variant in ("lane", "split"):
                     check_emulated(run, logits, k, keep, group, 2, False, f"{kind} E={E} {dtype}", variant=variant)
+                if E == 64 and dtype == torch.bfloat16:  # (the tournament top-k: an option of this shape)
+                    check_emulated(run, logits, k, keep, group, 2, False, f"{kind} tournament",
+                                   options=("topk8", "tournament", "stage_ids"))
     # the packed top-k at its windows' edges, and every option set and grid of the lane kernel
     logits, keep, tight_keep, group = packed_window_case(torch.Generator().manual_seed(SESSION_SEED + 29))
     for i, options in enumerate(lane_option_sets()):  # (the two masks and grids in turn: each set under one)
         check_emulated(run, logits, 8, (keep, tight_keep)[i % 2], group, 3, False, "window case", options=options,
                        grid_policy="balanced" if len(options) % 2 else "wave")
-    check_emulated(run, logits, 8, few_kept(tight_keep), group, 3, False, "window case, a group keeping 5",
-                   options=("topk8", "packed16"))
+    for options in (("topk8", "packed16"), ("topk8", "tournament"), ("tournament", "stage_ids")):
+        check_emulated(run, logits, 8, few_kept(tight_keep), group, 3, False, "window case, a group keeping 5",
+                       options=options)
     # the one-pass softmax denominator's edges (each falling back in its own warp)
     logits, keep, group = one_pass_softmax_case(torch.Generator().manual_seed(SESSION_SEED + 31))
-    for options in ((), ("two_pass_softmax",)):
+    for options in ((), ("two_pass_softmax",), ("topk8", "tournament", "stage_ids")):
         check_emulated(run, logits, 8, keep, group, 2, bool(options), "one-pass softmax case", options=options)
     # normal logits, every expert kept: every warp's rows fit the packed top-k's windows (its fast path throughout)
     logits = adversarial_logits("normal", 300, 64, torch.bfloat16, gen)

@@ -77,12 +77,15 @@ LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax
 # 32-bit key per register), "two_pass_softmax" sums the softmax denominator in a second pass over the row (the op sums
 # it in the top-k's pass), "sm_block" runs one block of 24 warps per multiprocessor (192 KB of tiles) whose warps issue
 # their second copies only once every warp's first tile has landed (the op runs six blocks of 4 warps; 15% slower,
-# benchmarks/RESULTS.md, eighth round); with the "load_store" ablation, "one_stage", "stage_ids" and "sm_block" apply
+# benchmarks/RESULTS.md, eighth round), "tournament" takes the 32-bit keys' top 8 by a tournament over the chunks of 8
+# experts instead of the sorting network (two tile buffers a warp only); with the "load_store" ablation, "one_stage",
+# "stage_ids" and "sm_block" apply
 LANE_OPTIONS = {"topk8": 16, "one_stage": 32, "stage_ids": 64, "packed16": 128, "two_pass_softmax": 256,
-                "sm_block": 1 << 13}
+                "sm_block": 1 << 13, "tournament": 1 << 14}
 # options of the full kernel only (no ablation), and the pairs that do not combine
-LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax")
-LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"), ("one_stage", "sm_block"))
+LANE_FULL_KERNEL_OPTIONS = ("packed16", "two_pass_softmax", "tournament")
+LANE_EXCLUSIVE_OPTIONS = (("packed16", "two_pass_softmax"), ("one_stage", "sm_block"), ("tournament", "packed16"),
+                          ("tournament", "two_pass_softmax"), ("tournament", "one_stage"), ("tournament", "sm_block"))
 # benchmarking only: the option bit of the lane kernel's timeline instance (csrc/route_cuda.cu's kTimeline; the op's
 # bf16 E=64 top-8 instance writing per-warp stamps), which route_forward's _timeline selects
 LANE_TIMELINE_BIT = 1 << 12
