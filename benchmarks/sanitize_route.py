@@ -10,8 +10,9 @@ ids outside ``[-1, G)`` count as -1.
 
 Runs on CUDA when present, else on CPU through Triton's interpreter (``TRITON_INTERPRET=1`` is set here then).
 Exits non-zero on the first mismatch. ``--backends cuda`` (or ``triton``) restricts the run to one backend; the CUDA
-backend also runs a case with more groups than its shared-memory histogram holds (global atomics) and one with
-logits at a storage offset that breaks 16-byte alignment (its scalar loads).
+backend also runs a case with more groups than its shared-memory histogram holds (global atomics), one with
+logits at a storage offset that breaks 16-byte alignment (its scalar loads), and the lane kernel's tournament top-k
+(forward only, through its benchmark option, since the op takes it only on large inputs).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -35,7 +36,10 @@ OUT_OF_RANGE = (3, 1000, -2)
 
 
 def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.dtype, device: str,
-          backend: str = "triton", num_groups: int = 2, misaligned: bool = False, backward: bool = True) -> None:
+          backend: str = "triton", num_groups: int = 2, misaligned: bool = False, backward: bool = True,
+          lane_options: tuple[str, ...] | None = None) -> None:
+    """One call (forward, and backward unless told not to) against the reference; ``lane_options`` (CUDA only,
+    forward only): the lane kernel's benchmark instance with those options instead of the op."""
     gen = torch.Generator().manual_seed(num_experts * 31 + top_k)
     group = torch.tensor([0, 1, -1, *OUT_OF_RANGE, 1, 0, num_groups - 1] * 4, dtype=group_dtype)
     num_tokens = group.numel()
@@ -53,14 +57,19 @@ def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.d
         x.requires_grad_()
     else:
         x = logits.clone().to(device).requires_grad_()
-    weights, ids = route(x, top_k, keep.to(device), group.to(device), counts, True, backend, validate=False)
+    if lane_options is not None:
+        weights, ids = cuda_route.route_forward(x.detach(), top_k, keep.to(device), group.to(device), counts, True,
+                                                variant="lane", _lane_options=lane_options)
+        backward = False
+    else:
+        weights, ids = route(x, top_k, keep.to(device), group.to(device), counts, True, backend, validate=False)
     if backward:
         weights.float().square().sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
 
     where = (f"{backend}: E={num_experts} k={top_k} {dtype} group {group_dtype} G={num_groups}"
-             + (" misaligned" if misaligned else ""))
+             + (" misaligned" if misaligned else "") + (f" lane options {lane_options}" if lane_options else ""))
     buffer = buffer.cpu()
     if not ((buffer[0] == POISON).all() and (buffer[num_groups + 1] == POISON).all()):
         sys.exit(f"FAIL {where}: the kernel wrote outside counts: {buffer[[0, num_groups + 1]].tolist()}")
@@ -114,6 +123,9 @@ def main(argv=None) -> None:
         check(64, 8, torch.bfloat16, torch.int64, device, backend="cuda", num_groups=200, backward=backward)
         check(64, 8, torch.bfloat16, torch.int32, device, backend="cuda", misaligned=True, backward=backward)
         check(100, 8, torch.float32, torch.int64, device, backend="cuda", misaligned=True, backward=backward)
+        # the tournament top-k (the op's from about a hundred thousand rows on), at a size the sanitizer runs quickly
+        for options in (("topk8", "tournament", "stage_ids"), ("tournament",)):
+            check(64, 8, torch.bfloat16, torch.int64, device, backend="cuda", lane_options=options)
 
 
 if __name__ == "__main__":
