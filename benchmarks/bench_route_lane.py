@@ -4,7 +4,8 @@ At the roofline setting of ``bench_route.py``'s cuda section (E=64, top-8, bf16 
 in runs with -1 runs, counts on), for each T and grid policy (``cuda_route.GRID_POLICIES``: one full wave of blocks,
 or warps with equal shares of tiles): the loads-and-stores-only instance (the memory floor) and the full kernel with
 its top_k == 8 specialisation, with the top-k on one 32-bit key per register and on two 16-bit keys (``packed16``, an
-option the op leaves off), and with the softmax denominator summed in a second pass over the row
+option the op leaves off), by a tournament over the chunks of 8 experts (``tournament``, the op's from one tile per
+warp of a full wave on), and with the softmax denominator summed in a second pass over the row
 (``two_pass_softmax``, the op's way before it summed it in the top-k's pass), each under every set of the options that
 change the memory traffic (``cuda_route.LANE_OPTIONS``: one tile buffer per warp instead of two; the ids written
 through shared memory as whole lines; one block of 24 warps per multiprocessor whose second copies wait for every
