@@ -991,7 +991,7 @@ route_lane_kernel(const RouteParams p) {
 
     const int64_t row = tile * 32 + lane;
     const bool row_valid = row < T_rows;
-    const uint4* my_row = reinterpret_cast<const uint4*>(my_tiles + buf * S::kTileBytes) + lane * NC;
+    uint4* my_row = reinterpret_cast<uint4*>(my_tiles + buf * S::kTileBytes) + lane * NC;
     const uint4* my_mask = mask_table + gi * S::kMaskStride;
 
     unsigned int top[8];
@@ -1063,7 +1063,7 @@ route_lane_kernel(const RouteParams p) {
         if constexpr (kTourn) {
           chunk_max[c] = max8(keys);
           // the chunk's keys' values (masked: 0) back in its place of the row, a pair per word, for its later offers
-          const_cast<uint4*>(my_row)[swizzle<NC>(lane, c)] =
+          my_row[swizzle<NC>(lane, c)] =
               make_uint4(__byte_perm(keys[0], keys[1], 0x7632), __byte_perm(keys[2], keys[3], 0x7632),
                          __byte_perm(keys[4], keys[5], 0x7632), __byte_perm(keys[6], keys[7], 0x7632));
         } else {
@@ -1123,8 +1123,10 @@ route_lane_kernel(const RouteParams p) {
         for (int c = 0; c < NC; ++c) {  // (two chunks at a time: the loads of all of them would not fit the registers)
           const uint4 raw = lds128(my_row + swizzle<NC>(lane, c));
           unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-          if constexpr (kTourn) {  // (the row holds its keys' values: back to the logits' bits, canonical; a masked
-#pragma unroll                     // expert's 0 gives NaN bits, which its mask-table entry makes -inf)
+          // (kTourn) the row holds its keys' values: back to the logits' bits, canonical; a masked expert's 0 gives
+          // NaN bits, which its mask-table entry makes -inf
+          if constexpr (kTourn) {
+#pragma unroll
             for (int j = 0; j < 4; ++j) w[j] ^= sign_halves(~w[j]) | 0x80008000u;
           }
           uint4 m[2] = {};  // (kMask: the chunk's mask-table entries)
@@ -1354,13 +1356,21 @@ int lane_ablation_flags(int ablation) {
 // other with a shared-memory load in each, lengthen the path of a tile, which the sorting network's independent
 // chunks do not (6% slower at T = 65,536; benchmarks/RESULTS.md, thirteenth round)
 constexpr int kTournamentMinTilesPerWarp = 1;
+constexpr int kLaneTournamentFlags = kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament;  // (and without kDoMask)
 bool tournament_pays(const RouteParams& p, size_t smem, int device) {
-  using S = LaneShape<64, kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament>;
+  using S = LaneShape<64, kLaneTournamentFlags>;
   int sms = 0, resident = 0;
-  constexpr auto kernel = route_lane_kernel<__nv_bfloat16, 64, kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament>;
+  constexpr auto kernel = route_lane_kernel<__nv_bfloat16, 64, kLaneTournamentFlags>;
   if (wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident) != cudaSuccess) return false;
   const int64_t tiles = (p.num_tokens + 31) / 32;
   return tiles >= int64_t{kTournamentMinTilesPerWarp} * sms * resident * S::kWarps;
+}
+
+// the instance FLAGS where the call has a keep mask, else the same without kDoMask
+template <typename T, int E_PAD, int FLAGS>
+cudaError_t launch_lane_keep(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  return p.keep ? launch_lane<T, E_PAD, FLAGS>(p, smem, device, stream)
+                : launch_lane<T, E_PAD, FLAGS & ~kDoMask>(p, smem, device, stream);
 }
 
 template <typename T, int E_PAD>
@@ -1368,16 +1378,11 @@ cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStr
   constexpr int kOpt = kLaneDefaultOptions;
   if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {
     if (p.top_k == 8 && tournament_pays(p, smem, device)) {
-      if (p.keep) return launch_lane<T, 64, kLaneFull | kOpt | kTopK8 | kTournament>(p, smem, device, stream);
-      return launch_lane<T, 64, (kLaneFull & ~kDoMask) | kOpt | kTopK8 | kTournament>(p, smem, device, stream);
+      return launch_lane_keep<T, 64, kLaneTournamentFlags>(p, smem, device, stream);
     }
   }
-  if (p.top_k == 8) {
-    if (p.keep) return launch_lane<T, E_PAD, kLaneFull | kOpt | kTopK8>(p, smem, device, stream);
-    return launch_lane<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>(p, smem, device, stream);
-  }
-  if (p.keep) return launch_lane<T, E_PAD, kLaneFull | kOpt>(p, smem, device, stream);
-  return launch_lane<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt>(p, smem, device, stream);
+  if (p.top_k == 8) return launch_lane_keep<T, E_PAD, kLaneFull | kOpt | kTopK8>(p, smem, device, stream);
+  return launch_lane_keep<T, E_PAD, kLaneFull | kOpt>(p, smem, device, stream);
 }
 
 template <typename T>
@@ -1445,25 +1450,22 @@ cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, 
   }
 }
 
+// launch_lane_keep's two instances of FLAGS
+template <typename T, int E_PAD, int FLAGS>
+cudaError_t preload_lane_keep() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, FLAGS>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, FLAGS & ~kDoMask>);
+  return err;
+}
+
 template <typename T, int E_PAD>
 cudaError_t preload_lane_e() {
   constexpr int kOpt = kLaneDefaultOptions;
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull | kOpt>);
-  if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt>);
-  }
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, kLaneFull | kOpt | kTopK8>);
-  if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, E_PAD, (kLaneFull & ~kDoMask) | kOpt | kTopK8>);
-  }
+  cudaError_t err = preload_lane_keep<T, E_PAD, kLaneFull | kOpt>();
+  if (err == cudaSuccess) err = preload_lane_keep<T, E_PAD, kLaneFull | kOpt | kTopK8>();
   if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {  // (large T: tournament_pays)
-    if (err == cudaSuccess) {
-      err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, 64, kLaneFull | kOpt | kTopK8 | kTournament>);
-    }
-    if (err == cudaSuccess) {
-      err = cudaFuncGetAttributes(&attr, route_lane_kernel<T, 64, (kLaneFull & ~kDoMask) | kOpt | kTopK8 | kTournament>);
-    }
+    if (err == cudaSuccess) err = preload_lane_keep<T, 64, kLaneTournamentFlags>();
   }
   return err;
 }
