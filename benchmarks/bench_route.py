@@ -99,6 +99,8 @@ def parse_args(argv=None):
                         help="E,top_k,T of the cuda section's wider routers (default: "
                              + " ".join(f"{e},{k},{t}" for e, k, t in CUDA_WIDE)
                              + "; the flag with no value: none, the E=64 top-8 rows only)")
+    parser.add_argument("--cuda-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="logits dtype of the cuda section (default bfloat16: OLMoE's router)")
     parser.add_argument("--cuda-modes", nargs="+", default=["forward", "full"], choices=["forward", "full"],
                         help="modes of the cuda section's op providers")
     return parser.parse_args(argv)
@@ -368,16 +370,16 @@ def run_families(device, args, rows, copy_gbs):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def cuda_case(num_tokens: int, num_experts: int, top_k: int, device, seed: int):
-    """bf16 logits [T, E], a [4, E] keep mask (each group keeps 3/4 of the experts, at least top_k), group ids in
-    runs of 256 tokens over [-1, 4) and a grad [T, top_k]."""
+def cuda_case(num_tokens: int, num_experts: int, top_k: int, device, seed: int, dtype=torch.bfloat16):
+    """Logits [T, E] of ``dtype`` (bf16 by default), a [4, E] keep mask (each group keeps 3/4 of the experts, at
+    least top_k), group ids in runs of 256 tokens over [-1, 4) and a grad [T, top_k] of ``dtype``."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen).to(dtype)
     keep = torch.rand(CUDA_GROUPS, num_experts, device=device, generator=gen) < 0.75
     keep[:, :top_k] = True
     runs = torch.randint(-1, CUDA_GROUPS, (-(-num_tokens // 256),), device=device, generator=gen)
     group = runs.repeat_interleave(256)[:num_tokens].contiguous()
-    grad = torch.randn(num_tokens, top_k, device=device, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(num_tokens, top_k, device=device, generator=gen).to(dtype)
     return logits, keep, group, grad
 
 
@@ -496,22 +498,23 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
     if not cuda_route.is_available():
         print(f"\n# cuda section skipped: {cuda_route.load_error()[:500]}")
         return
-    print(f"\n# cuda: CUDA kernel vs dispatched Triton (bf16, {CUDA_GROUPS}-group keep mask, group ids with -1 runs, "
-          f"counts); per call in a CUDA graph over rotating inputs; op default variant "
+    print(f"\n# cuda: CUDA kernel vs dispatched Triton ({args.cuda_dtype}, {CUDA_GROUPS}-group keep mask, group ids "
+          f"with -1 runs, counts); per call in a CUDA graph over rotating inputs; op default variant "
           f"{cuda_route._variant_default()!r}")
     wide = [tuple(int(v) for v in case.split(",")) for case in args.cuda_wide]
     cases = [(NUM_EXPERTS, TOP_K, t) for t in args.cuda_sizes] + wide
+    dtype = getattr(torch, args.cuda_dtype)
     for num_experts, top_k, num_tokens in cases:
         sets = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, cuda_bytes(num_tokens, num_experts, top_k, "full")))))
         calls = graph_calls(num_tokens, sets)
-        data = [cuda_case(num_tokens, num_experts, top_k, device, 7000 * s + num_tokens + num_experts)
+        data = [cuda_case(num_tokens, num_experts, top_k, device, 7000 * s + num_tokens + num_experts, dtype)
                 for s in range(sets)]
         counts = torch.zeros(CUDA_GROUPS, num_experts, dtype=torch.int64, device=device)
         covered = cuda_route.supports(data[0][0], top_k, data[0][1])
         providers = ["cuda", "cuda_plain", "triton"] + (["cuda_kernel", "cuda_kernel_noprefetch"] if covered else [])
         if cuda_route.lane_takes(data[0][0], top_k, data[0][1]):
             providers.append("cuda_lane")
-            if num_experts == 64 and top_k == 8:
+            if num_experts == 64 and top_k == 8 and dtype == torch.bfloat16:  # (the ablations: bf16 instances)
                 providers += [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS]
         for provider in providers:
             try:
@@ -546,7 +549,7 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
         del data, counts
         torch.cuda.empty_cache()
 
-    print(f"\n# cuda summary (copy {copy_gbs:.0f} GB/s): us per call, % of copy")
+    print(f"\n# cuda summary ({args.cuda_dtype}, copy {copy_gbs:.0f} GB/s): us per call, % of copy")
     print(f"{'E':>4} {'k':>3} {'T':>7} {'mode':<7} {'cuda':>9} {'%copy':>6} {'triton':>9} {'%copy':>6} {'x triton':>8}"
           f" {'kernel':>9} {'no prefetch':>11} {'lane':>9} {'%copy':>6} {'plain':>9} {'%copy':>6}")
     for num_experts, top_k, num_tokens in cases:

@@ -12,7 +12,7 @@ Runs on CUDA when present, else on CPU through Triton's interpreter (``TRITON_IN
 Exits non-zero on the first mismatch. ``--backends cuda`` (or ``triton``) restricts the run to one backend; the CUDA
 backend also runs a case with more groups than its shared-memory histogram holds (global atomics), one with
 logits at a storage offset that breaks 16-byte alignment (its scalar loads), and the lane kernel's tournament top-k
-(forward only, through its benchmark option, since the op takes it only on large inputs).
+(forward only: through its benchmark option, and the op's own instances on inputs large enough to take them).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -37,11 +37,12 @@ OUT_OF_RANGE = (3, 1000, -2)
 
 def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.dtype, device: str,
           backend: str = "triton", num_groups: int = 2, misaligned: bool = False, backward: bool = True,
-          lane_options: tuple[str, ...] | None = None) -> None:
-    """One call (forward, and backward unless told not to) against the reference; ``lane_options`` (CUDA only,
-    forward only): the lane kernel's benchmark instance with those options instead of the op."""
+          lane_options: tuple[str, ...] | None = None, repeats: int = 4) -> None:
+    """One call (forward, and backward unless told not to) against the reference, on ``repeats`` times a pattern of
+    10 group ids; ``lane_options`` (CUDA only, forward only): the lane kernel's benchmark instance with those options
+    instead of the op."""
     gen = torch.Generator().manual_seed(num_experts * 31 + top_k)
-    group = torch.tensor([0, 1, -1, *OUT_OF_RANGE, 1, 0, num_groups - 1] * 4, dtype=group_dtype)
+    group = torch.tensor([0, 1, -1, *OUT_OF_RANGE, 1, 0, num_groups - 1] * repeats, dtype=group_dtype)
     num_tokens = group.numel()
     logits = torch.randn(num_tokens, num_experts, generator=gen).to(dtype)
     keep = torch.rand(num_groups, num_experts, generator=gen) < 0.5
@@ -126,6 +127,11 @@ def main(argv=None) -> None:
         # the tournament top-k (the op's from about a hundred thousand rows on), at a size the sanitizer runs quickly
         for options in (("topk8", "tournament", "stage_ids"), ("tournament",)):
             check(64, 8, torch.bfloat16, torch.int64, device, backend="cuda", lane_options=options)
+        # and the op's own tournament instances (top-8 at E = 64 and 128, both 16-bit dtypes), at a size that takes
+        # them: as many 32-row tiles as a full wave has warps (at most 24 a multiprocessor), forward only
+        rows = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 37
+        for num_experts, dtype in ((64, torch.float16), (128, torch.bfloat16), (128, torch.float16)):
+            check(num_experts, 8, dtype, torch.int32, device, backend="cuda", backward=False, repeats=-(-rows // 10))
 
 
 if __name__ == "__main__":

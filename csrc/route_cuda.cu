@@ -525,10 +525,11 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // later copies (benchmarks/RESULTS.md, seventh round, the timeline). Measured 15% slower (eighth round): the first
 // tiles then land together, and every warp of the SM computes at once
 // kTimeline: see kTimelineSlots below
-// kTournament (E = 64, two stages): the 32-bit keys' top 8 by a tournament instead of the sorting network: each
+// kTournament (two stages): the 32-bit keys' top 8 by a tournament instead of the sorting network: each
 // chunk of 8 experts gives its largest key, and each pick (the largest key still offered) has its chunk offer its
 // largest key below the pick, rebuilt from the key values that the first pass leaves in the row's place in shared
-// memory (see tournament_top8). The op takes it for bf16 top-8 calls with enough tiles (tournament_pays)
+// memory (see tournament_top8). The op takes it for top-8 calls at E = 128, and at E = 64 with enough tiles
+// (tournament_pays)
 constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13, kTournament = 1 << 14;
 constexpr int kSmBlockStageBytes = 6 * kLaneStageBytes;  // (kSmBlock) the one block's tiles: six blocks' worth
 constexpr int kLaneOptions =
@@ -1350,20 +1351,30 @@ int lane_ablation_flags(int ablation) {
   }
 }
 
-// Whether the op's bf16 E = 64 top-8 call takes the tournament top-k (kTournament): where there are at least as many
-// tiles as warps in a full wave. There the SMs are bound by their instruction issue and integer pipe, and the
-// tournament's fewer min / max instructions pay (3-6% at T = 131,072 to 262,144); below, a warp's picks, one after the
-// other with a shared-memory load in each, lengthen the path of a tile, which the sorting network's independent
-// chunks do not (6% slower at T = 65,536; benchmarks/RESULTS.md, thirteenth round)
-constexpr int kTournamentMinTilesPerWarp = 1;
+// Whether the op's top-8 call takes the tournament top-k (kTournament): at E = 128 always, at E = 64 where there are at
+// least as many tiles as warps in a full wave (both 16-bit dtypes). Where the SMs are full they are bound by their
+// instruction issue and integer pipe, and the tournament's fewer min / max instructions pay: 3-6% at T = 131,072 to
+// 262,144 (bf16 E = 64), 6% (fp16 E = 64), 9-15% at E = 128 (at 8 warps per SM against the network's 12), and at
+// E = 128 also 12-14% from T = 4,096 to 32,768, where its 16 chunks make the network's merge chain long. At E = 64
+// below a full wave a warp's picks, one after the other with a shared-memory load in each, lengthen the path of a
+// tile, which the sorting network's independent chunks do not (6% slower at T = 65,536, bf16). At E = 32 (4 chunks:
+// 3 merges for the network) it was 3-12% slower at 131,072 and 262,144, so those calls keep the network
+// (benchmarks/RESULTS.md, thirteenth and fourteenth rounds)
+template <int E_PAD> constexpr bool kTournamentShape = E_PAD == 64 || E_PAD == 128;
+template <int E_PAD> constexpr int kTournamentMinTilesPerWarp = E_PAD == 128 ? 0 : 1;
 constexpr int kLaneTournamentFlags = kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament;  // (and without kDoMask)
+template <typename T, int E_PAD>
 bool tournament_pays(const RouteParams& p, size_t smem, int device) {
-  using S = LaneShape<64, kLaneTournamentFlags>;
-  int sms = 0, resident = 0;
-  constexpr auto kernel = route_lane_kernel<__nv_bfloat16, 64, kLaneTournamentFlags>;
-  if (wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident) != cudaSuccess) return false;
-  const int64_t tiles = (p.num_tokens + 31) / 32;
-  return tiles >= int64_t{kTournamentMinTilesPerWarp} * sms * resident * S::kWarps;
+  if constexpr (kTournamentMinTilesPerWarp<E_PAD> == 0) {
+    return true;
+  } else {
+    using S = LaneShape<E_PAD, kLaneTournamentFlags>;
+    int sms = 0, resident = 0;
+    constexpr auto kernel = route_lane_kernel<T, E_PAD, kLaneTournamentFlags>;
+    if (wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident) != cudaSuccess) return false;
+    const int64_t tiles = (p.num_tokens + 31) / 32;
+    return tiles >= int64_t{kTournamentMinTilesPerWarp<E_PAD>} * sms * resident * S::kWarps;
+  }
 }
 
 // the instance FLAGS where the call has a keep mask, else the same without kDoMask
@@ -1376,9 +1387,9 @@ cudaError_t launch_lane_keep(const RouteParams& p, size_t smem, int device, cuda
 template <typename T, int E_PAD>
 cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   constexpr int kOpt = kLaneDefaultOptions;
-  if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {
-    if (p.top_k == 8 && tournament_pays(p, smem, device)) {
-      return launch_lane_keep<T, 64, kLaneTournamentFlags>(p, smem, device, stream);
+  if constexpr (kTournamentShape<E_PAD>) {
+    if (p.top_k == 8 && tournament_pays<T, E_PAD>(p, smem, device)) {
+      return launch_lane_keep<T, E_PAD, kLaneTournamentFlags>(p, smem, device, stream);
     }
   }
   if (p.top_k == 8) return launch_lane_keep<T, E_PAD, kLaneFull | kOpt | kTopK8>(p, smem, device, stream);
@@ -1464,8 +1475,8 @@ cudaError_t preload_lane_e() {
   constexpr int kOpt = kLaneDefaultOptions;
   cudaError_t err = preload_lane_keep<T, E_PAD, kLaneFull | kOpt>();
   if (err == cudaSuccess) err = preload_lane_keep<T, E_PAD, kLaneFull | kOpt | kTopK8>();
-  if constexpr (E_PAD == 64 && std::is_same<T, __nv_bfloat16>::value) {  // (large T: tournament_pays)
-    if (err == cudaSuccess) err = preload_lane_keep<T, 64, kLaneTournamentFlags>();
+  if constexpr (kTournamentShape<E_PAD>) {  // (large T: tournament_pays)
+    if (err == cudaSuccess) err = preload_lane_keep<T, E_PAD, kLaneTournamentFlags>();
   }
   return err;
 }

@@ -459,6 +459,46 @@ def test_timeline_instance_gives_the_ops_results_and_stamps_each_warp(cuda_kerne
         cuda_route.route_forward(logits, k, keep, group, None, False, _timeline=timeline, _lane_options=("topk8",))
 
 
+def test_default_variant_hands_small_128_expert_calls_to_split(monkeypatch):
+    """Without an explicit variant, calls with E = 128 under LANE_MIN_TOKENS[128] rows run the split kernel (measured
+    faster there), every other call the default variant; $MOE_FASTMASK_CUDA_VARIANT=split takes every call."""
+    monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
+    cuda_route._variant_default.cache_clear()
+    try:
+        limit = cuda_route.LANE_MIN_TOKENS[128]
+        for dtype in (torch.bfloat16, torch.float16):
+            assert cuda_route.default_variant(torch.empty(1, 128, dtype=dtype)) == "split"
+            assert cuda_route.default_variant(torch.empty(limit - 1, 128, dtype=dtype)) == "split"
+            assert cuda_route.default_variant(torch.empty(limit, 128, dtype=dtype)) == "lane"
+            for E in (32, 64):
+                assert cuda_route.default_variant(torch.empty(1, E, dtype=dtype)) == "lane"
+        monkeypatch.setenv(cuda_route.VARIANT_ENV, "split")
+        cuda_route._variant_default.cache_clear()
+        assert cuda_route.default_variant(torch.empty(limit, 128, dtype=torch.bfloat16)) == "split"
+        assert cuda_route.default_variant(torch.empty(1, 64, dtype=torch.bfloat16)) == "split"
+    finally:
+        cuda_route._variant_default.cache_clear()
+
+
+@gpu
+def test_128_expert_calls_around_the_size_rule_match_the_reference(cuda_kernel):
+    """The op at E = 128 around LANE_MIN_TOKENS[128] (split below, lane with its tournament top-k from it on), top-8
+    and top-4, gives the reference's ids and counts and weights within tolerance, as the lane kernel does at the
+    small sizes when asked for it."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 43)
+    limit, G = cuda_route.LANE_MIN_TOKENS[128], 3
+    for T, k in ((limit - 1, 8), (limit, 8), (limit - 1, 4), (limit + 33, 4)):
+        logits = adversarial_logits("ties", T, 128, torch.bfloat16, gen).cuda()
+        keep = make_keep(G, 128, k, True, gen).cuda()
+        group = torch.randint(-1, G, (T,), generator=gen).cuda()
+        for variant in (None, "lane"):
+            start = torch.zeros(G, 128, dtype=torch.int64, device="cuda")
+            counts = start.clone()
+            weights, ids = run_cuda(logits, k, keep, group, counts, False, variant=variant)
+            assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, False,
+                                     f"T={T} k={k} variant={variant}")
+
+
 @gpu
 def test_tournament_top_k_gives_the_ops_results(cuda_kernel):
     """The lane kernel's tournament top-k (option "tournament": each chunk of 8 experts offers its largest key below
@@ -481,18 +521,20 @@ def test_tournament_top_k_gives_the_ops_results(cuda_kernel):
                                     _lane_options=options)
             assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, renormalize,
                                      f"{kind} tight={tight} options={options}")
-    # the op itself takes it where there are as many tiles as warps in a full wave (csrc/route_cuda.cu,
-    # tournament_pays: 6 blocks of 4 warps per SM)
+    # the op itself takes it for the lane kernel's top-8 calls at E = 64 and 128 (16-bit logits; E = 32 keeps the
+    # sorting network) where there are as many tiles as warps in a full wave (csrc/route_cuda.cu, tournament_pays: at
+    # most 24 warps per SM)
     T = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 999
-    logits = adversarial_logits("normal", T, E, torch.bfloat16, gen).cuda()
-    keep = make_keep(G, E, k, False, gen).cuda()
-    group = torch.randint(-1, G, (T,), generator=gen).cuda()
-    for keep_r, group_r in ((keep, group), (None, None)):
-        start = torch.zeros(G if keep_r is not None else 1, E, dtype=torch.int64, device="cuda")
-        counts = start.clone()
-        weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane")
-        assert_matches_reference(weights, ids, counts, start, logits, k, keep_r, group_r, False,
-                                 f"the op at T={T}, mask={keep_r is not None}")
+    for dtype, E_op in itertools.product((torch.bfloat16, torch.float16), (32, 64, 128)):
+        logits = adversarial_logits("normal", T, E_op, dtype, gen).cuda()
+        keep = make_keep(G, E_op, k, False, gen).cuda()
+        group = torch.randint(-1, G, (T,), generator=gen).cuda()
+        for keep_r, group_r in ((keep, group), (None, None)):
+            start = torch.zeros(G if keep_r is not None else 1, E_op, dtype=torch.int64, device="cuda")
+            counts = start.clone()
+            weights, ids = run_cuda(logits, k, keep_r, group_r, counts, False, variant="lane")
+            assert_matches_reference(weights, ids, counts, start, logits, k, keep_r, group_r, False,
+                                     f"the op at T={T}, E={E_op}, {dtype}, mask={keep_r is not None}")
 
 
 @gpu
@@ -806,14 +848,15 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, the tournament top-k's instances that the op takes at large T (bf16, E=64, top_k ==
-    # 8, with or without a mask) = 2, and 48 benchmark instances (bf16, E=64: the loads-and-stores-only one under 6
-    # option sets, the other 3 ablations, and the full kernel under the 40 option sets (top_k == 8 or not; 32-bit
-    # keys, packed keys or a two-pass softmax under 6 memory option sets, the tournament under 2) less the 3 that the
-    # op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector
-    # or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or without a
-    # mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
-    assert "registers lines 201" in out.stdout, out.stdout
+    # top_k == 8 or not) = 24, the tournament top-k's instances that the op takes at large T (16-bit dtype, E = 64
+    # or 128, top_k == 8, with or without a mask) = 8, and 48 benchmark instances (bf16, E=64: the
+    # loads-and-stores-only one under 6 option sets, the other 3 ablations, and the full kernel under the 40 option
+    # sets (top_k == 8 or not; 32-bit keys, packed keys or a two-pass softmax under 6 memory option sets, the
+    # tournament under 2) less the 3 that the op uses, and the 2 timeline instances); backward
+    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its lane
+    # kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16, and its
+    # loads-and-stores-only benchmark instance
+    assert "registers lines 207" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
 
 
@@ -968,6 +1011,16 @@ def emulated_forward_checks(library: str) -> None:
                 if E == 64 and dtype == torch.bfloat16:  # (the tournament top-k: an option of this shape)
                     check_emulated(run, logits, k, keep, group, 2, False, f"{kind} tournament",
                                    options=("topk8", "tournament", "stage_ids"))
+    # the op's top-8 calls of the lane kernel at a T where E = 64 and 128 take the tournament top-k (E = 32 the
+    # network): the emulation's 2 SMs hold one block each, so from one tile a warp of the two blocks on (E = 32: 8
+    # warps a block, 64: 4, 128: 2) the op takes it (tournament_pays); T gives each warp two tiles, the last partial
+    for dtype, E in itertools.product((torch.float16, torch.bfloat16), (32, 64, 128)):
+        T = 2 * 32 * 256 // E * 2 + 37  # (a partial last tile)
+        for kind in ("ties", "neg_inf", "wide"):
+            logits = adversarial_logits(kind, T, E, dtype, gen)
+            keep = make_keep(3, E, 8, kind == "ties", gen)
+            group = torch.randint(-1, 3, (T,), generator=gen)
+            check_emulated(run, logits, 8, keep, group, 3, kind == "wide", f"{kind} E={E} {dtype} op's tournament")
     # the packed top-k at its windows' edges, and every option set and grid of the lane kernel
     logits, keep, tight_keep, group = packed_window_case(torch.Generator().manual_seed(SESSION_SEED + 29))
     for i, options in enumerate(lane_option_sets()):  # (the two masks and grids in turn: each set under one)

@@ -67,6 +67,12 @@ LANE_BACKWARD_EXPERTS = (32, 64)  # E of the backward's lane kernel (top_k == 8;
 LANE_MAX_TOP_K = 8
 LANE_MAX_EXTRA_BYTES = 16 * 1024  # the lane kernel's limit on its shared mask table (see _lane_mask_bytes)
 LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in elements (its copy step is a 32-bit byte count)
+# The default variant's size rule (default_variant): calls with E = 128 and fewer rows than this run "split", which is
+# the faster there: a warp of the lane kernel works a 128-expert row's 16 chunks alone, and few tiles leave the SMs
+# little to hide that with (H200, bf16 top-8, us: split 3.46 / 3.71 / 4.85 / 4.90 against lane 4.97 / 5.10 / 5.34 /
+# 5.45 at T = 2,048 / 4,096 / 6,144 / 8,192; lane 6.12 against 6.82 at 12,288 and 6.05 against 7.74 at 16,384;
+# benchmarks/RESULTS.md, fourteenth round). At E = 32 and 64 the lane kernel is the faster at every size.
+LANE_MIN_TOKENS = {128: 10240}
 # benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
 LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
 # benchmarking only: the lane kernel's option bits (bf16, E=64, with a keep mask): "topk8" drops the run-time top_k
@@ -468,6 +474,16 @@ def _vector_rows(logits: Tensor) -> bool:
     )
 
 
+def default_variant(logits: Tensor) -> str:
+    """The kernel variant that a call without an explicit ``variant`` runs: ``$MOE_FASTMASK_CUDA_VARIANT``, else
+    ``"lane"``, except that the default ``"lane"`` hands calls under its size (``LANE_MIN_TOKENS``, by E) to
+    ``"split"``. (The lane variant also hands every call that :func:`lane_takes` refuses to ``"split"``.)"""
+    name = _variant_default()
+    if name == "lane" and logits.dim() == 2 and logits.shape[0] < LANE_MIN_TOKENS.get(logits.shape[1], 0):
+        return "split"
+    return name
+
+
 def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
     """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it)."""
     num_experts = logits.shape[1]
@@ -564,8 +580,8 @@ def route_forward(
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
     ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: off, unless
     ``MOE_FASTMASK_CUDA_PREFETCH=1``) picks the kernel instance that loads a warp's next rows early. ``variant``
-    (default: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"lane"``, which runs where it applies and hands other calls to
-    ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
+    (default: :func:`default_variant`: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"lane"``, which runs where it applies
+    and is not slower, and hands other calls to ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
     the work removed (``LANE_ABLATIONS``): its results are not the op's. ``_grid_policy`` (``GRID_POLICIES``) and
     ``_lane_options`` (names from ``LANE_OPTIONS``; bf16 logits with E=64 and a keep mask) pick the lane kernel's
@@ -598,7 +614,7 @@ def route_forward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    variant = _variant_default() if variant is None else variant
+    variant = default_variant(logits) if variant is None else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     ablation = 0
