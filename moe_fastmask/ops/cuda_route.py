@@ -53,7 +53,8 @@ PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"
 DEPENDENT_LAUNCH_ENV = "MOE_FASTMASK_CUDA_PDL"
 VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) or "split" (see VARIANTS)
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
-# with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split")
+# with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split", and so do, by
+# default, calls under LANE_MIN_TOKENS: see default_variant)
 VARIANTS = {"split": 0, "lane": 1}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
 # else the other) or "split" (a row over several lanes, every call)
