@@ -170,8 +170,8 @@ cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resi
 // kDependentLaunch set may have its blocks resident, and run up to grid_dependency_wait(), while the kernel before
 // it in the stream is still finishing; the wait returns once that kernel has completed and its memory is visible.
 // So every kernel launched this way calls grid_dependency_wait() before it first reads or writes global memory (the
-// kernel before it may produce its inputs, or still read memory that it overwrites). grid_dependents_launch() lets the next
-// kernel launched this way start as soon as every block of this one has called it (else: once they have all
+// kernel before it may produce its inputs, or still read memory that it overwrites). grid_dependents_launch() lets the
+// next kernel launched this way start as soon as every block of this one has called it (else: once they have all
 // exited). Without the launch attribute, or on older GPUs, the wait returns at once and both are no-ops. What the
 // overlap saves is the gap between kernels (launch, block dispatch, the blocks' set-up), which at a few microseconds
 // a call is a large share of the op's time.
@@ -195,8 +195,11 @@ constexpr int kDependentLaunch = 1, kTriggerEarly = 2;
 // that the next grid of its size (the op called again) fits in the slots it leaves free, spread evenly. Triggered
 // early by a larger grid, the next grid's blocks land on the few free slots and then wherever this one's blocks end
 // first, unevenly over the multiprocessors: the forward measured 16-20% slower at T = 65,536 (512 of 792 slots) and
-// 7% slower at 131,072 (a full wave) than without the early trigger, which made the small grids 5-12% faster (benchmarks/RESULTS.md, twelfth
-// round). Without the early trigger the next kernel still starts as this one's last blocks exit.
+// 7% slower at 131,072 (a full wave) than without the early trigger, which made the small grids 5-12% faster
+// (benchmarks/RESULTS.md, twelfth round). The same holds for a next grid larger than this one: a small split forward
+// triggering early costs a backward launched right after it 2-3 us at E = 128 (fourteenth round), which only
+// back-to-back forward + backward loops see (in a model other kernels come between). Without the early trigger the
+// next kernel still starts as this one's last blocks exit.
 inline int dependent_launch_bits(int requested, int64_t grid, int sms, int resident) {
   if ((requested & kDependentLaunch) == 0) return 0;
   const bool fits_twice = 2 * grid <= static_cast<int64_t>(sms) * resident;

@@ -502,7 +502,7 @@ def compact_ids_apply(logits: Tensor, top_k: int, keep: Tensor | None = None) ->
     backward's lane kernel, which reads them instead of the int64 ids (56 fewer bytes per row): the lane variant by
     default, 16-bit logits with E in ``LANE_BACKWARD_EXPERTS``, ``top_k == 8``, a call the lane forward takes."""
     return (
-        _variant_default() == "lane"
+        default_variant(logits) == "lane"
         and top_k == LANE_MAX_TOP_K
         and logits.shape[1] in LANE_BACKWARD_EXPERTS
         and lane_takes(logits, top_k, keep)
