@@ -28,6 +28,7 @@
 #include <stdint.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "route_lane16.cuh"
 
@@ -642,6 +643,20 @@ __device__ __forceinline__ unsigned int max8(const unsigned int (&k)[8]) {
   return max(max(max(k[0], k[1]), max(k[2], k[3])), max(max(k[4], k[5]), max(k[6], k[7])));
 }
 
+// The smallest of v[LO .. LO + N), as a tree of three-input minima (VIMNMX3), so that its depth is log3 N rather than N
+template <int LO, int N, int SIZE>
+__device__ __forceinline__ unsigned int min_tree(const unsigned int (&v)[SIZE]) {
+  static_assert(N >= 1 && LO + N <= SIZE, "a range inside the array");
+  if constexpr (N == 1) {
+    return v[LO];
+  } else if constexpr (N == 2) {
+    return min(v[LO], v[LO + 1]);
+  } else {
+    constexpr int A = (N + 2) / 3, B = (N - A + 1) / 2;
+    return min(min(min_tree<LO, A>(v), min_tree<LO + A, B>(v)), min_tree<LO + A + B, N - A - B>(v));
+  }
+}
+
 // The top 8 of a row's 32-bit keys (distinct: each holds its expert's code E_PAD - 1 - e) by a tournament, in place
 // of the sorting network and its merges. chunk_max[c] is the largest key of chunk c (experts 8c .. 8c + 7), and the
 // row's 16-byte slot swizzle(lane, c) = c ^ slot_of_last ^ (NC - 1) holds that chunk's key values as pairs (expert
@@ -655,10 +670,53 @@ __device__ __forceinline__ unsigned int max8(const unsigned int (&k)[8]) {
 // pick is never key 0, the smallest of at least 32). The subtractions are multiply-adds by neg_one (-1 known at run
 // time only), on the multiply-add pipe; the minima stay on the integer pipe. A chunk's keys are rebuilt with the codes
 // 7 - k, its own code bits (code & ~7 = w & (E_PAD - 8)) taken off w instead.
+// The picks run one after another, so each pick's path is kept short: the older offers' minimum (which needs only w)
+// is a tree taken while the chunk's 16 bytes load, the load's address is three instructions off w (the slot's byte
+// offset is ((2 w) & (2 x code bits)) ^ (16 slot_of_last): the chunk's code bits are 8 x ((NC - 1) - c)), each high
+// key is one PRMT (the word's high half above a code byte), and the chunk's minimum is a tree.
+//
+// tournament_pick<NC, I>, pick I (1 .. 7) of tournament_top8 (below): w, the pick before it, becomes pick I;
+// offers[0 .. NC + I - 1) are the offers so far, and the picked chunk's offer is appended
+template <int NC, int I>
+__device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], unsigned int& w, unsigned int (&top)[8],
+                                                const unsigned char* row_bytes, unsigned int slot_offset,
+                                                unsigned int hi_codes, unsigned int neg_one) {
+  constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
+  constexpr int kOffers = NC + I - 1;
+  const unsigned int below = w - 1, chunk_code = w & kChunkCode;
+  const uint4 v = *reinterpret_cast<const uint4*>(row_bytes + (((w * 2) & (kChunkCode * 2)) ^ slot_offset));
+  // the older offers' gaps below w, and their minimum (independent of the load)
+  unsigned int old_gaps[kOffers];
+#pragma unroll
+  for (int o = 0; o < kOffers; ++o) old_gaps[o] = offers[o] * neg_one + below;
+  const unsigned int old_gap = min_tree<0, kOffers>(old_gaps);
+  const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+  const unsigned int below_local = below - chunk_code;
+  unsigned int gaps[9];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const unsigned int key_lo = words[j] * 0x10000u + (7u - 2 * j);           // (the low half shifted up)
+    const unsigned int key_hi = __byte_perm(words[j], hi_codes, 0x3274 + j);  // (the high half above code byte j)
+    gaps[2 * j] = key_lo * neg_one + below_local;
+    gaps[2 * j + 1] = key_hi * neg_one + below_local;
+  }
+  gaps[8] = below;  // (key 0)
+  const unsigned int gap = min_tree<0, 9>(gaps);
+  offers[kOffers] = gap * neg_one + below;
+  w = min(gap, old_gap) * neg_one + below;  // the largest offer below w
+  top[I] = w;
+}
+
+template <int NC, int... I>
+__device__ __forceinline__ void tournament_picks(std::integer_sequence<int, I...>, unsigned int (&offers)[NC + 7],
+                                                 unsigned int& w, unsigned int (&top)[8], const unsigned char* row_bytes,
+                                                 unsigned int slot_offset, unsigned int hi_codes, unsigned int neg_one) {
+  (tournament_pick<NC, I + 1>(offers, w, top, row_bytes, slot_offset, hi_codes, neg_one), ...);
+}
+
 template <int NC>
 __device__ __forceinline__ void tournament_top8(const unsigned int (&chunk_max)[NC], unsigned int (&top)[8],
                                                 const uint4* row, int slot_of_last, unsigned int neg_one) {
-  constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
   unsigned int offers[NC + 7];  // the chunks' maxima, then each pick's chunk's offer
 #pragma unroll
   for (int c = 0; c < NC; ++c) offers[c] = chunk_max[c];
@@ -666,26 +724,10 @@ __device__ __forceinline__ void tournament_top8(const unsigned int (&chunk_max)[
 #pragma unroll
   for (int c = 1; c < NC; ++c) w = max(w, offers[c]);
   top[0] = w;
-#pragma unroll
-  for (int i = 1; i < 8; ++i) {
-    const unsigned int below = w - 1, chunk_code = w & kChunkCode;
-    const uint4 v = row[static_cast<int>(chunk_code >> 3) ^ slot_of_last];  // (the pick's chunk: (NC - 1) - code / 8)
-    const unsigned int words[4] = {v.x, v.y, v.z, v.w};
-    const unsigned int below_local = below - chunk_code;
-    unsigned int gap = below;  // (key 0)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const unsigned int key_lo = words[j] * 0x10000u + (7u - 2 * j);           // (the low half shifted up)
-      const unsigned int key_hi = (words[j] & 0xFFFF0000u) | (6u - 2 * j);
-      gap = min(gap, min(key_lo * neg_one + below_local, key_hi * neg_one + below_local));
-    }
-    offers[NC + i - 1] = gap * neg_one + below;
-    // the next pick: the largest offer below w (the new offer's gap is the first)
-#pragma unroll
-    for (int o = 0; o < NC + i - 1; ++o) gap = min(gap, offers[o] * neg_one + below);
-    w = gap * neg_one + below;
-    top[i] = w;
-  }
+  // the high keys' codes 6 - 2j in byte j (and a 0 in byte 3): a run-time value, so that each key stays one PRMT
+  const unsigned int hi_codes = 0x00020406u * (0u - neg_one);
+  tournament_picks<NC>(std::make_integer_sequence<int, 7>{}, offers, w, top, reinterpret_cast<const unsigned char*>(row),
+                       static_cast<unsigned int>(slot_of_last) * 16, hi_codes, neg_one);
 }
 
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
