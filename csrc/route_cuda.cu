@@ -1203,7 +1203,6 @@ route_lane_kernel(const RouteParams p) {
     if (!kTwoStages && !kStaged && next < num_tiles) issue(next, 0);  // (copied while the outputs are written)
 
     float wts[8];
-    float picked_sum = 0.0f;
     // one exponential per pick either way: 2^(z log2e - ref) (the one-pass form), or 2^((z - max) log2e) (the second
     // pass's exact form, as fma(z - max, log2e, 0): the product rounded once, as a multiply would)
     const float weight_ref = one_pass ? neg_ref : 0.0f;
@@ -1215,9 +1214,13 @@ route_lane_kernel(const RouteParams p) {
       } else {
         wts[i] = z[i];
       }
-      if (i < top_k) picked_sum += wts[i];
     }
-    if (kSoftmax && p.renormalize) {
+    if (kSoftmax && p.renormalize) {  // (the sum only here: most calls do not renormalise)
+      float picked_sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (i < top_k) picked_sum += wts[i];
+      }
       const float rinv = fast_rcp(picked_sum);
 #pragma unroll
       for (int i = 0; i < 8; ++i) wts[i] *= rinv;
@@ -1266,17 +1269,19 @@ route_lane_kernel(const RouteParams p) {
         }
         *reinterpret_cast<uint2*>(p.ids8 + row * 8) = make_uint2(lo, hi);
       }
-      if (has_counts && gi < G) {
-        unsigned int* const hist_row = hist + gi * E;  // (shared_hist)
+      if (has_counts && gi < G) {  // (the branch outside the picks' loop, so that the compiler keeps it there)
+        if (shared_hist) {
+          unsigned int* const hist_row = hist + gi * E;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (i < top_k) {
-            if (shared_hist) {
-              atomicAdd(hist_row + expert[i], 1u);
-            } else {
-              atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + static_cast<int64_t>(gi) * E + expert[i]),
-                        1ull);
-            }
+          for (int i = 0; i < 8; ++i) {
+            if (i < top_k) atomicAdd(hist_row + expert[i], 1u);
+          }
+        } else {
+          unsigned long long* const counts_row =
+              reinterpret_cast<unsigned long long*>(p.counts + static_cast<int64_t>(gi) * E);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (i < top_k) atomicAdd(counts_row + expert[i], 1ull);
           }
         }
       }
@@ -1401,7 +1406,9 @@ int lane_ablation_flags(int ablation) {
 // below a full wave a warp's picks, one after the other with a shared-memory load in each, lengthen the path of a
 // tile, which the sorting network's independent chunks do not (6% slower at T = 65,536, bf16). At E = 32 (4 chunks:
 // 3 merges for the network) it was 3-12% slower at 131,072 and 262,144, so those calls keep the network
-// (benchmarks/RESULTS.md, thirteenth and fourteenth rounds)
+// (benchmarks/RESULTS.md, thirteenth and fourteenth rounds). With the picks' shorter paths (fifteenth round) it is
+// 2-3% faster than before at 131,072 and 262,144 and 5-8% at E = 128; at E = 64 it also beats the network at 90,112
+// and 98,304 (5-6%, under a full wave), not yet at 65,536 to 81,920
 template <int E_PAD> constexpr bool kTournamentShape = E_PAD == 64 || E_PAD == 128;
 template <int E_PAD> constexpr int kTournamentMinTilesPerWarp = E_PAD == 128 ? 0 : 1;
 constexpr int kLaneTournamentFlags = kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament;  // (and without kDoMask)
