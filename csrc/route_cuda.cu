@@ -1326,8 +1326,11 @@ route_lane_kernel(const RouteParams p) {
 // when T is small), the tiles dealt round-robin, so some warps may take one tile more than the rest. Policy 1: every
 // warp takes n tiles (the last ones one fewer at most), with n chosen to make the busiest multiprocessor's share
 // smallest; policy 2 (the op's, cuda_route.DEFAULT_GRID_POLICY): the same with n >= 2 where there are tiles enough,
-// so that every warp copies its next tile while it works on one. (Measured with programmatic dependent launches:
-// policy 2 5-7% faster than policy 0 at T = 65,536 and 131,072, the same at 32,768 and 262,144.)
+// so that every warp copies its next tile while it works on one, and no n above the least whose grid has fewer than
+// two blocks per multiprocessor (a smaller busiest share is not worth leaving most SMs one block's warps to hide each
+// tile's latency: on an H200 it had chosen one block of 4 warps per SM, 5 tiles each, from T = 67,840 to 84,480).
+// (Measured with programmatic dependent launches: policy 2 5-7% faster than policy 0 at T = 65,536 and 131,072, the
+// same at 32,768 and 262,144.)
 int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms, int resident) {
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   if (p.grid_policy == 0 || tiles <= 0) {
@@ -1342,6 +1345,7 @@ int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms,
     const int64_t warps = (tiles + n - 1) / n;
     const int64_t blocks = (warps + warps_per_block - 1) / warps_per_block;
     const int64_t load = (blocks + sms - 1) / sms * warps_per_block * n;  // tiles of the busiest multiprocessor
+    if (p.grid_policy == 2 && n > n_lo && blocks < 2 * static_cast<int64_t>(sms)) continue;
     if (best_blocks == 0 || load < best_load) {
       best_blocks = blocks;
       best_load = load;
@@ -1398,23 +1402,24 @@ int lane_ablation_flags(int ablation) {
   }
 }
 
-// Whether the op's top-8 call takes the tournament top-k (kTournament): at E = 128 always, at E = 64 where there are at
-// least as many tiles as warps in a full wave (both 16-bit dtypes). Where the SMs are full they are bound by their
-// instruction issue and integer pipe, and the tournament's fewer min / max instructions pay: 3-6% at T = 131,072 to
-// 262,144 (bf16 E = 64), 6% (fp16 E = 64), 9-15% at E = 128 (at 8 warps per SM against the network's 12), and at
-// E = 128 also 12-14% from T = 4,096 to 32,768, where its 16 chunks make the network's merge chain long. At E = 64
-// below a full wave a warp's picks, one after the other with a shared-memory load in each, lengthen the path of a
-// tile, which the sorting network's independent chunks do not (6% slower at T = 65,536, bf16). At E = 32 (4 chunks:
-// 3 merges for the network) it was 3-12% slower at 131,072 and 262,144, so those calls keep the network
-// (benchmarks/RESULTS.md, thirteenth and fourteenth rounds). With the picks' shorter paths (fifteenth round) it is
-// 2-3% faster than before at 131,072 and 262,144 and 5-8% at E = 128; at E = 64 it also beats the network at 90,112
-// and 98,304 (5-6%, under a full wave), not yet at 65,536 to 81,920
+// Whether the op's top-8 call takes the tournament top-k (kTournament): at E = 128 always, at E = 64 where there are
+// more tiles than two thirds of a full wave's warps (both 16-bit dtypes; from 67,585 rows on an H200): below a full
+// wave the grid deals every warp two tiles (lane_grid), so from there on the busiest SMs hold three blocks. Where the
+// SMs are that full they are bound by their instruction issue and integer pipe, and the tournament's fewer min / max
+// instructions pay: 3-6% at T = 131,072 to 262,144 (bf16 E = 64), 6% (fp16 E = 64), 9-15% at E = 128 (at 8 warps per SM
+// against the network's 12), and at E = 128 also 12-14% from T = 4,096 to 32,768, where its 16 chunks make the
+// network's merge chain long (benchmarks/RESULTS.md, thirteenth and fourteenth rounds). With the picks' shorter paths
+// (fifteenth round) it is 2-3% faster than before at 131,072 and 262,144, 5-8% at E = 128, and at E = 64 7% faster than
+// the network from 73,728 rows on. Where the busiest SMs hold two blocks (8 warps; T = 57,344 and 65,536) a warp's
+// picks, one after the other with a shared-memory load in each, lengthen the path of a tile, which the sorting
+// network's independent chunks do not: there it is 1-5% slower. At E = 32 (4 chunks: 3 merges for the network) it was
+// 3-12% slower at 131,072 and 262,144, so those calls keep the network
 template <int E_PAD> constexpr bool kTournamentShape = E_PAD == 64 || E_PAD == 128;
-template <int E_PAD> constexpr int kTournamentMinTilesPerWarp = E_PAD == 128 ? 0 : 1;
+template <int E_PAD> constexpr int kTournamentMinWaveThirds = E_PAD == 128 ? 0 : 2;  // (tiles above, in wave thirds)
 constexpr int kLaneTournamentFlags = kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament;  // (and without kDoMask)
 template <typename T, int E_PAD>
 bool tournament_pays(const RouteParams& p, size_t smem, int device) {
-  if constexpr (kTournamentMinTilesPerWarp<E_PAD> == 0) {
+  if constexpr (kTournamentMinWaveThirds<E_PAD> == 0) {
     return true;
   } else {
     using S = LaneShape<E_PAD, kLaneTournamentFlags>;
@@ -1422,7 +1427,7 @@ bool tournament_pays(const RouteParams& p, size_t smem, int device) {
     constexpr auto kernel = route_lane_kernel<T, E_PAD, kLaneTournamentFlags>;
     if (wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident) != cudaSuccess) return false;
     const int64_t tiles = (p.num_tokens + 31) / 32;
-    return tiles >= int64_t{kTournamentMinTilesPerWarp<E_PAD>} * sms * resident * S::kWarps;
+    return tiles * 3 > int64_t{kTournamentMinWaveThirds<E_PAD>} * sms * resident * S::kWarps;
   }
 }
 

@@ -522,8 +522,8 @@ def test_tournament_top_k_gives_the_ops_results(cuda_kernel):
             assert_matches_reference(weights, ids, counts, start, logits, k, keep, group, renormalize,
                                      f"{kind} tight={tight} options={options}")
     # the op itself takes it for the lane kernel's top-8 calls at E = 64 and 128 (16-bit logits; E = 32 keeps the
-    # sorting network) where there are as many tiles as warps in a full wave (csrc/route_cuda.cu, tournament_pays: at
-    # most 24 warps per SM)
+    # sorting network) where there are more tiles than two thirds of the warps in a full wave (csrc/route_cuda.cu,
+    # tournament_pays: at most 24 warps per SM)
     T = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 999
     for dtype, E_op in itertools.product((torch.bfloat16, torch.float16), (32, 64, 128)):
         logits = adversarial_logits("normal", T, E_op, dtype, gen).cuda()
@@ -1012,8 +1012,8 @@ def emulated_forward_checks(library: str) -> None:
                     check_emulated(run, logits, k, keep, group, 2, False, f"{kind} tournament",
                                    options=("topk8", "tournament", "stage_ids"))
     # the op's top-8 calls of the lane kernel at a T where E = 64 and 128 take the tournament top-k (E = 32 the
-    # network): the emulation's 2 SMs hold one block each, so from one tile a warp of the two blocks on (E = 32: 8
-    # warps a block, 64: 4, 128: 2) the op takes it (tournament_pays); T gives each warp two tiles, the last partial
+    # network): the emulation's 2 SMs hold one block each, so past two thirds of a tile a warp of the two blocks (E =
+    # 32: 8 warps a block, 64: 4, 128: 2) the op takes it (tournament_pays); T gives each warp two tiles, the last partial
     for dtype, E in itertools.product((torch.float16, torch.bfloat16), (32, 64, 128)):
         T = 2 * 32 * 256 // E * 2 + 37  # (a partial last tile)
         for kind in ("ties", "neg_inf", "wide"):
