@@ -1613,6 +1613,14 @@ int moe_fastmask_route_cuda_max_keep_bytes() { return kMaxKeepBytes; }
 int moe_fastmask_route_cuda_max_hist_bytes() { return kMaxHistBytes; }
 int moe_fastmask_route_cuda_params_size() { return static_cast<int>(sizeof(RouteParams)); }
 
+// The lane kernel's blocks for `tiles` 32-row tiles under grid policy `policy` (0, 1, 2: cuda_route.GRID_POLICIES) on
+// `sms` multiprocessors holding `resident` blocks of `warps_per_block` warps each: lane_grid, for tests and benchmarks
+int moe_fastmask_route_cuda_lane_grid(int policy, int64_t tiles, int warps_per_block, int sms, int resident) {
+  RouteParams p{};
+  p.grid_policy = policy;
+  return lane_grid(p, tiles, warps_per_block, sms, resident);
+}
+
 // Launch the forward on `stream` (a cudaStream_t) of `device`; dtype 0 float32, 1 float16, 2 bfloat16.
 // Returns 0 or a cudaError_t code (cudaErrorInvalidValue for a shape the kernel does not take).
 int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int device, void* stream) {

@@ -973,10 +973,41 @@ def check_timeline(timeline: torch.Tensor, num_tiles: int) -> None:
         assert row[1] <= row[3], f"warp {w}: global timer stamps out of order {row[1]}, {row[3]}"
 
 
+def check_lane_grid(library: Path) -> None:
+    """The lane kernel's grid (csrc/route_cuda.cu, lane_grid) on an H200's shape (132 SMs, 6 blocks of 4 warps each):
+    at most a full wave; the op's policy (2) gives every warp at least two tiles where there are enough, and never
+    trades a grid of two or more blocks per SM for one of fewer (a smaller busiest share that leaves most SMs one
+    block's warps: from T = 67,585 to 84,480 it had taken one block per SM, where two or three are faster)."""
+    lib = ctypes.CDLL(str(library))
+    lib.moe_fastmask_route_cuda_lane_grid.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_int]
+    sms, resident, per_block = 132, 6, 4
+
+    def grid(policy: int, tiles: int) -> int:
+        return lib.moe_fastmask_route_cuda_lane_grid(policy, tiles, per_block, sms, resident)
+
+    for tiles in list(range(1, 4000, 7)) + [2112, 2113, 2304, 2640, 2641, 8192, 12000, 40000]:
+        wave = sms * resident
+        for policy in (0, 1, 2):
+            blocks = grid(policy, tiles)
+            assert 1 <= blocks <= min(wave, -(-tiles // per_block)), (policy, tiles, blocks)
+        blocks = grid(2, tiles)
+        if tiles >= 2 * sms * per_block:  # at least two tiles a warp
+            assert blocks <= -(-(-(-tiles // 2)) // per_block), (tiles, blocks)
+        least = -(-tiles // (wave * per_block))
+        least = max(least, 2) if tiles >= 2 * sms * per_block else least
+        least_blocks = -(-(-(-tiles // least)) // per_block)  # the grid of the least tiles a warp
+        if least_blocks >= 2 * sms:
+            assert blocks >= 2 * sms, (tiles, blocks, least_blocks)
+    assert grid(2, 2304) == 288  # T = 73,728: two or three blocks per SM (not 116: n = 5 tiles a warp)
+    assert grid(2, 2048) == 256 and grid(2, 8192) == 512  # T = 65,536 and 262,144: as before
+
+
 def emulated_forward_checks(library: str) -> None:
     """Both forward kernels of the source, on CPU tensors through the emulation (2 SMs, so the grid-stride loops take
     several steps): random shapes and masks with int32 / int64 and out-of-range group ids, the adversarial values,
     the packed top-k's window edges, every lane-kernel option set and grid policy, and strided rows."""
+    check_lane_grid(Path(library))
     run = emulated_forward(Path(library))
     gen = torch.Generator().manual_seed(SESSION_SEED + 37)
     shapes = [(8, 2), (32, 8), (60, 4), (64, 8), (64, 4), (128, 8), (256, 16)]
