@@ -684,7 +684,7 @@ __device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], 
   constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
   constexpr int kOffers = NC + I - 1;
   const unsigned int below = w - 1, chunk_code = w & kChunkCode;
-  const uint4 v = *reinterpret_cast<const uint4*>(row_bytes + (((w * 2) & (kChunkCode * 2)) ^ slot_offset));
+  const uint4 v = *reinterpret_cast<const uint4*>(row_bytes + ((chunk_code * 2) ^ slot_offset));
   // the older offers' gaps below w, and their minimum (independent of the load)
   unsigned int old_gaps[kOffers];
 #pragma unroll
@@ -1328,7 +1328,7 @@ route_lane_kernel(const RouteParams p) {
 // smallest; policy 2 (the op's, cuda_route.DEFAULT_GRID_POLICY): the same with n >= 2 where there are tiles enough,
 // so that every warp copies its next tile while it works on one, and no n above the least whose grid has fewer than
 // two blocks per multiprocessor (a smaller busiest share is not worth leaving most SMs one block's warps to hide each
-// tile's latency: on an H200 it had chosen one block of 4 warps per SM, 5 tiles each, from T = 67,840 to 84,480).
+// tile's latency: on an H200 it had chosen one block of 4 warps per SM, 5 tiles each, from T = 67,585 to 84,480).
 // (Measured with programmatic dependent launches: policy 2 5-7% faster than policy 0 at T = 65,536 and 131,072, the
 // same at 32,768 and 262,144.)
 int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms, int resident) {
