@@ -1326,11 +1326,14 @@ route_lane_kernel(const RouteParams p) {
 // when T is small), the tiles dealt round-robin, so some warps may take one tile more than the rest. Policy 1: every
 // warp takes n tiles (the last ones one fewer at most), with n chosen to make the busiest multiprocessor's share
 // smallest; policy 2 (the op's, cuda_route.DEFAULT_GRID_POLICY): the same with n >= 2 where there are tiles enough,
-// so that every warp copies its next tile while it works on one, and no n above the least whose grid has fewer than
-// two blocks per multiprocessor (a smaller busiest share is not worth leaving most SMs one block's warps to hide each
-// tile's latency: on an H200 it had chosen one block of 4 warps per SM, 5 tiles each, from T = 67,585 to 84,480).
+// so that every warp copies its next tile while it works on one, and no n above the least whose grid leaves its
+// busiest multiprocessor fewer than kLaneMinBusiestWarps warps (a smaller busiest share is not worth too few warps to
+// hide each tile's latency: on an H200, grids leaving 2-6 warps on the busiest SM, one block of 4 warps at E = 64 or
+// one to three of 2 warps at E = 128, were 6-52% slower than the least n's; one block of 8 warps at E = 32, 3 tiles
+// each, is 7-10% faster than two tiles a warp on more blocks, so it is taken; benchmarks/RESULTS.md, sixteenth round).
 // (Measured with programmatic dependent launches: policy 2 5-7% faster than policy 0 at T = 65,536 and 131,072, the
 // same at 32,768 and 262,144.)
+constexpr int kLaneMinBusiestWarps = 8;
 int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms, int resident) {
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   if (p.grid_policy == 0 || tiles <= 0) {
@@ -1345,7 +1348,7 @@ int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms,
     const int64_t warps = (tiles + n - 1) / n;
     const int64_t blocks = (warps + warps_per_block - 1) / warps_per_block;
     const int64_t load = (blocks + sms - 1) / sms * warps_per_block * n;  // tiles of the busiest multiprocessor
-    if (p.grid_policy == 2 && n > n_lo && blocks < 2 * static_cast<int64_t>(sms)) continue;
+    if (p.grid_policy == 2 && n > n_lo && (blocks + sms - 1) / sms * warps_per_block < kLaneMinBusiestWarps) continue;
     if (best_blocks == 0 || load < best_load) {
       best_blocks = blocks;
       best_load = load;

@@ -974,33 +974,46 @@ def check_timeline(timeline: torch.Tensor, num_tiles: int) -> None:
 
 
 def check_lane_grid(library: Path) -> None:
-    """The lane kernel's grid (csrc/route_cuda.cu, lane_grid) on an H200's shape (132 SMs, 6 blocks of 4 warps each):
-    at most a full wave; the op's policy (2) gives every warp at least two tiles where there are enough, and never
-    trades a grid of two or more blocks per SM for one of fewer (a smaller busiest share that leaves most SMs one
-    block's warps: from T = 67,585 to 84,480 it had taken one block per SM, where two or three are faster)."""
+    """The lane kernel's grid (csrc/route_cuda.cu, lane_grid) on an H200's shapes (132 SMs; blocks of 8, 4 and 2 warps
+    at E = 32, 64 and 128, 3, 6 and 4 resident): at most a full wave; the op's policy (2) gives every warp at least two
+    tiles where there are enough, and never trades a grid whose busiest SM holds 8 warps or more for one that leaves it
+    fewer (a smaller busiest share with too few warps to hide a tile's latency: at E = 64 from T = 67,585 to 84,480 it
+    had taken one block of 4 warps per SM, where two or three are faster), while one block of 8 warps per SM (E = 32)
+    stays where its share is the smallest."""
     lib = ctypes.CDLL(str(library))
     lib.moe_fastmask_route_cuda_lane_grid.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                                                        ctypes.c_int]
-    sms, resident, per_block = 132, 6, 4
+    sms = 132
 
-    def grid(policy: int, tiles: int) -> int:
-        return lib.moe_fastmask_route_cuda_lane_grid(policy, tiles, per_block, sms, resident)
+    def busiest_warps(blocks: int, per_block: int) -> int:
+        return -(-blocks // sms) * per_block
 
-    for tiles in list(range(1, 4000, 7)) + [2112, 2113, 2304, 2640, 2641, 8192, 12000, 40000]:
+    for per_block, resident in ((8, 3), (4, 6), (2, 4)):
+        def grid(policy: int, tiles: int) -> int:
+            return lib.moe_fastmask_route_cuda_lane_grid(policy, tiles, per_block, sms, resident)
+
         wave = sms * resident
-        for policy in (0, 1, 2):
-            blocks = grid(policy, tiles)
-            assert 1 <= blocks <= min(wave, -(-tiles // per_block)), (policy, tiles, blocks)
-        blocks = grid(2, tiles)
-        if tiles >= 2 * sms * per_block:  # at least two tiles a warp
-            assert blocks <= -(-(-(-tiles // 2)) // per_block), (tiles, blocks)
-        least = -(-tiles // (wave * per_block))
-        least = max(least, 2) if tiles >= 2 * sms * per_block else least
-        least_blocks = -(-(-(-tiles // least)) // per_block)  # the grid of the least tiles a warp
-        if least_blocks >= 2 * sms:
-            assert blocks >= 2 * sms, (tiles, blocks, least_blocks)
-    assert grid(2, 2304) == 288  # T = 73,728: two or three blocks per SM (not 116: n = 5 tiles a warp)
-    assert grid(2, 2048) == 256 and grid(2, 8192) == 512  # T = 65,536 and 262,144: as before
+        for tiles in list(range(1, 4000, 7)) + [2112, 2113, 2304, 2640, 2641, 8192, 12000, 40000]:
+            where = (per_block, resident, tiles)
+            for policy in (0, 1, 2):
+                blocks = grid(policy, tiles)
+                assert 1 <= blocks <= min(wave, -(-tiles // per_block)), (where, policy, blocks)
+            blocks = grid(2, tiles)
+            if tiles >= 2 * sms * per_block:  # at least two tiles a warp
+                assert blocks <= -(-(-(-tiles // 2)) // per_block), (where, blocks)
+            least = -(-tiles // (wave * per_block))
+            least = max(least, 2) if tiles >= 2 * sms * per_block else least
+            least_blocks = -(-(-(-tiles // least)) // per_block)  # the grid of the least tiles a warp
+            if busiest_warps(least_blocks, per_block) >= 8:
+                assert busiest_warps(blocks, per_block) >= 8, (where, blocks, least_blocks)
+            if blocks != least_blocks:  # a larger n only for a smaller busiest share
+                n = -(-tiles // (blocks * per_block))
+                assert busiest_warps(blocks, per_block) * n < busiest_warps(least_blocks, per_block) * least, where
+    grid = lib.moe_fastmask_route_cuda_lane_grid
+    assert grid(2, 2304, 4, sms, 6) == 288  # E = 64, T = 73,728: two or three blocks per SM (not 116: 5 tiles a warp)
+    assert grid(2, 2048, 4, sms, 6) == 256 and grid(2, 8192, 4, sms, 6) == 512  # T = 65,536 and 262,144: as before
+    assert grid(2, 2304, 8, sms, 3) == 96  # E = 32, T = 73,728: one block of 8 warps per SM at most, 3 tiles a warp
+    assert grid(2, 1280, 2, sms, 4) == 320  # E = 128, T = 40,960: two tiles a warp (not 128 blocks of 2 warps)
 
 
 def emulated_forward_checks(library: str) -> None:
