@@ -595,16 +595,6 @@ __device__ __forceinline__ void cas(unsigned int& a, unsigned int& b) {  // a = 
   b = K::lo(x, y);
 }
 
-template <typename K>
-__device__ __forceinline__ void sort8_desc(unsigned int (&k)[8]) {  // Batcher's odd-even merge sort, 19 comparators
-  cas<K>(k[0], k[1]); cas<K>(k[2], k[3]); cas<K>(k[4], k[5]); cas<K>(k[6], k[7]);
-  cas<K>(k[0], k[2]); cas<K>(k[1], k[3]); cas<K>(k[4], k[6]); cas<K>(k[5], k[7]);
-  cas<K>(k[1], k[2]); cas<K>(k[5], k[6]);
-  cas<K>(k[0], k[4]); cas<K>(k[1], k[5]); cas<K>(k[2], k[6]); cas<K>(k[3], k[7]);
-  cas<K>(k[2], k[4]); cas<K>(k[3], k[5]);
-  cas<K>(k[1], k[2]); cas<K>(k[3], k[4]); cas<K>(k[5], k[6]);
-}
-
 // The compare-exchange of a network (a = max, b = min): both by K's min / max (MinMaxExchange), or, for 32-bit keys,
 // the min as (a + b) - max (exact modulo 2^32) by two IMADs (ImadMinExchange): the networks keep the integer (ALU)
 // pipe, which takes min / max, the busiest, while the IMAD pipe has room (benchmarks/RESULTS.md, eleventh round: the
@@ -622,6 +612,17 @@ struct ImadMinExchange {
     b = a * neg_one + sum;
   }
 };
+
+// Batcher's odd-even merge sort of 8, descending (19 comparators); x: its compare-exchange
+template <typename K, typename X = MinMaxExchange<K>>
+__device__ __forceinline__ void sort8_desc(unsigned int (&k)[8], const X& x = X{}) {
+  x(k[0], k[1]); x(k[2], k[3]); x(k[4], k[5]); x(k[6], k[7]);
+  x(k[0], k[2]); x(k[1], k[3]); x(k[4], k[6]); x(k[5], k[7]);
+  x(k[1], k[2]); x(k[5], k[6]);
+  x(k[0], k[4]); x(k[1], k[5]); x(k[2], k[6]); x(k[3], k[7]);
+  x(k[2], k[4]); x(k[3], k[5]);
+  x(k[1], k[2]); x(k[3], k[4]); x(k[5], k[6]);
+}
 
 // a bitonic sequence, sorted; x: its compare-exchange
 template <typename K, typename X = MinMaxExchange<K>>
@@ -660,36 +661,36 @@ __device__ __forceinline__ unsigned int min_tree(const unsigned int (&v)[SIZE]) 
 // The top 8 of a row's 32-bit keys (distinct: each holds its expert's code E_PAD - 1 - e) by a tournament, in place
 // of the sorting network and its merges. chunk_max[c] is the largest key of chunk c (experts 8c .. 8c + 7), and the
 // row's 16-byte slot swizzle(lane, c) = c ^ slot_of_last ^ (NC - 1) holds that chunk's key values as pairs (expert
-// 8c + 2j in the low half of word j, 8c + 2j + 1 in the high half: the keys' upper halves, 0 where masked). The first
-// pick is the largest chunk maximum; each later one is the largest key still offered below the pick before it, where
-// a picked chunk offers its largest key below that pick. Every key below the last pick that is the largest of its
-// chunk below it is offered (a chunk's older offers, and its maximum, are picks themselves or above them), so each
-// pick is the next key in order: the network's top[] exactly.
-// "Below w" is taken without a compare: w - 1 - k, modulo 2^32, is at most w - 1 where k < w and above it where
-// k >= w, so w - 1 - min(w - 1, w - 1 - k, ...) is the largest key below w (0, below every pick, where none is; a
-// pick is never key 0, the smallest of at least 32). The subtractions are multiply-adds by neg_one (-1 known at run
-// time only), on the multiply-add pipe; the minima stay on the integer pipe. A chunk's keys are rebuilt with the codes
-// 7 - k, its own code bits (code & ~7 = w & (E_PAD - 8)) taken off w instead.
-// The picks run one after another, so each pick's path is kept short: the older offers' minimum (which needs only w)
-// is a tree taken while the chunk's 16 bytes load, the load's address is three instructions off w (the slot's byte
-// offset is ((2 w) & (2 x code bits)) ^ (16 slot_of_last): the chunk's code bits are 8 x ((NC - 1) - c)), each high
-// key is one PRMT (the word's high half above a code byte), and the chunk's minimum is a tree.
+// 8c + 2j in the low half of word j, 8c + 2j + 1 in the high half: the keys' upper halves, 0 where masked). Each chunk
+// offers its largest key not yet picked; a pick is the largest offer, and the picked chunk then offers its largest key
+// below that pick (its keys are picked in order, so every key above that one is a pick). So each pick is the next key
+// in order: the network's top[] exactly.
+// The other chunks' offers, two ways (tournament_top8 below):
+// - sorted runners-up (NC = 8): only as many of them as there are picks left, sorted: first the chunk maxima by a
+//   sorting network (the largest is pick 0), then after each pick w the chunk's new offer x goes in: the next pick is
+//   max(runner_up[0], x), and the runners-up after it are max(runner_up[i + 1], min(runner_up[i], x)), each one
+//   independent of the others (1-2% faster than keeping every offer at E = 64, on an H200, bf16 and fp16);
+// - every offer kept (NC = 16, where sorting the 16 maxima made it 1-3% slower at E = 128):
+//   the chunk maxima and each pick's chunk offer, the next pick the largest of them below w (the older offers above
+//   it are picks themselves), their minimum gap below w (see below) a tree taken while the chunk's 16 bytes load.
+// The chunk's largest key below w is taken without a compare: w - 1 - k, modulo 2^32, is at most w - 1 where k < w and
+// above it where k >= w, so w - 1 - min(w - 1, w - 1 - k, ...) is the largest key below w (0, below every pick, where
+// none is; a pick is never key 0, the smallest of at least 32). The subtractions are multiply-adds by neg_one (-1
+// known at run time only), on the multiply-add pipe; the minima stay on the integer pipe. A chunk's keys are rebuilt
+// with the codes 7 - k, its own code bits (code & ~7 = w & (E_PAD - 8)) taken off w instead.
+// The picks run one after another, so each pick's path is kept short: the load's address is three instructions off w
+// (the slot's byte offset is ((2 w) & (2 x code bits)) ^ (16 slot_of_last): the chunk's code bits are 8 x ((NC - 1) -
+// c)), each high key is one PRMT (the word's high half above a code byte held in a register), and the chunk's minimum
+// is a tree of three-input minima.
 //
-// tournament_pick<NC, I>, pick I (1 .. 7) of tournament_top8 (below): w, the pick before it, becomes pick I;
-// offers[0 .. NC + I - 1) are the offers so far, and the picked chunk's offer is appended
-template <int NC, int I>
-__device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], unsigned int& w, unsigned int (&top)[8],
-                                                const unsigned char* row_bytes, unsigned int slot_offset,
-                                                unsigned int hi_codes, unsigned int neg_one) {
+// chunk_gap<NC>: below - (the largest key below w = below + 1 of the chunk that holds w), 0 .. below
+template <int NC>
+__device__ __forceinline__ unsigned int chunk_gap(unsigned int below, const unsigned char* row_bytes,
+                                                  unsigned int slot_offset, unsigned int hi_codes,
+                                                  unsigned int neg_one) {
   constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
-  constexpr int kOffers = NC + I - 1;
-  const unsigned int below = w - 1, chunk_code = w & kChunkCode;
+  const unsigned int chunk_code = (below + 1) & kChunkCode;
   const uint4 v = *reinterpret_cast<const uint4*>(row_bytes + ((chunk_code * 2) ^ slot_offset));
-  // the older offers' gaps below w, and their minimum (independent of the load)
-  unsigned int old_gaps[kOffers];
-#pragma unroll
-  for (int o = 0; o < kOffers; ++o) old_gaps[o] = offers[o] * neg_one + below;
-  const unsigned int old_gap = min_tree<0, kOffers>(old_gaps);
   const unsigned int words[4] = {v.x, v.y, v.z, v.w};
   const unsigned int below_local = below - chunk_code;
   unsigned int gaps[9];
@@ -701,33 +702,82 @@ __device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], 
     gaps[2 * j + 1] = key_hi * neg_one + below_local;
   }
   gaps[8] = below;  // (key 0)
-  const unsigned int gap = min_tree<0, 9>(gaps);
+  return min_tree<0, 9>(gaps);
+}
+
+// Pick I (1 .. 7) of tournament_top8 with sorted runners-up: w, the pick before it, becomes pick I; runner_up[0 ..
+// 8 - I) are the other chunks' largest offers, descending, and become the 7 - I largest offers other than pick I
+template <int NC, int I>
+__device__ __forceinline__ void tournament_pick(unsigned int (&runner_up)[7], unsigned int& w, unsigned int (&top)[8],
+                                                const unsigned char* row_bytes, unsigned int slot_offset,
+                                                unsigned int hi_codes, unsigned int neg_one) {
+  const unsigned int below = w - 1;
+  const unsigned int offer = chunk_gap<NC>(below, row_bytes, slot_offset, hi_codes, neg_one) * neg_one + below;
+  w = max(runner_up[0], offer);
+  top[I] = w;
+#pragma unroll
+  for (int i = 0; i < 7 - I; ++i) runner_up[i] = max(runner_up[i + 1], min(runner_up[i], offer));
+}
+
+// Pick I (1 .. 7) of tournament_top8 with every offer kept: offers[0 .. NC + I - 1) are the offers so far, and the
+// picked chunk's offer is appended
+template <int NC, int I>
+__device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], unsigned int& w, unsigned int (&top)[8],
+                                                const unsigned char* row_bytes, unsigned int slot_offset,
+                                                unsigned int hi_codes, unsigned int neg_one) {
+  constexpr int kOffers = NC + I - 1;
+  const unsigned int below = w - 1;
+  // the older offers' gaps below w, and their minimum (independent of the chunk's load)
+  unsigned int old_gaps[kOffers];
+#pragma unroll
+  for (int o = 0; o < kOffers; ++o) old_gaps[o] = offers[o] * neg_one + below;
+  const unsigned int old_gap = min_tree<0, kOffers>(old_gaps);
+  const unsigned int gap = chunk_gap<NC>(below, row_bytes, slot_offset, hi_codes, neg_one);
   offers[kOffers] = gap * neg_one + below;
   w = min(gap, old_gap) * neg_one + below;  // the largest offer below w
   top[I] = w;
 }
 
-template <int NC, int... I>
-__device__ __forceinline__ void tournament_picks(std::integer_sequence<int, I...>, unsigned int (&offers)[NC + 7],
-                                                 unsigned int& w, unsigned int (&top)[8], const unsigned char* row_bytes,
-                                                 unsigned int slot_offset, unsigned int hi_codes, unsigned int neg_one) {
+template <int NC, int... I, typename Offers>
+__device__ __forceinline__ void tournament_picks(std::integer_sequence<int, I...>, Offers& offers, unsigned int& w,
+                                                 unsigned int (&top)[8], const unsigned char* row_bytes,
+                                                 unsigned int slot_offset, unsigned int hi_codes,
+                                                 unsigned int neg_one) {
   (tournament_pick<NC, I + 1>(offers, w, top, row_bytes, slot_offset, hi_codes, neg_one), ...);
 }
 
 template <int NC>
 __device__ __forceinline__ void tournament_top8(const unsigned int (&chunk_max)[NC], unsigned int (&top)[8],
                                                 const uint4* row, int slot_of_last, unsigned int neg_one) {
-  unsigned int offers[NC + 7];  // the chunks' maxima, then each pick's chunk's offer
-#pragma unroll
-  for (int c = 0; c < NC; ++c) offers[c] = chunk_max[c];
-  unsigned int w = offers[0];
-#pragma unroll
-  for (int c = 1; c < NC; ++c) w = max(w, offers[c]);
-  top[0] = w;
+  static_assert(NC == 8 || NC == 16, "the tournament takes rows of 64 or 128 experts");
   // the high keys' codes 6 - 2j in byte j (and a 0 in byte 3): a run-time value, so that each key stays one PRMT
   const unsigned int hi_codes = 0x00020406u * (0u - neg_one);
-  tournament_picks<NC>(std::make_integer_sequence<int, 7>{}, offers, w, top, reinterpret_cast<const unsigned char*>(row),
-                       static_cast<unsigned int>(slot_of_last) * 16, hi_codes, neg_one);
+  const unsigned char* row_bytes = reinterpret_cast<const unsigned char*>(row);
+  const unsigned int slot_offset = static_cast<unsigned int>(slot_of_last) * 16;
+  unsigned int w;
+  if constexpr (NC == 8) {
+    unsigned int best[8];  // the chunk maxima, descending
+#pragma unroll
+    for (int c = 0; c < 8; ++c) best[c] = chunk_max[c];
+    sort8_desc<Key32>(best);
+    w = best[0];
+    top[0] = w;
+    unsigned int runner_up[7];
+#pragma unroll
+    for (int i = 0; i < 7; ++i) runner_up[i] = best[i + 1];
+    tournament_picks<NC>(std::make_integer_sequence<int, 7>{}, runner_up, w, top, row_bytes, slot_offset, hi_codes,
+                         neg_one);
+  } else {
+    unsigned int offers[NC + 7];  // the chunks' maxima, then each pick's chunk's offer
+#pragma unroll
+    for (int c = 0; c < NC; ++c) offers[c] = chunk_max[c];
+    w = offers[0];
+#pragma unroll
+    for (int c = 1; c < NC; ++c) w = max(w, offers[c]);
+    top[0] = w;
+    tournament_picks<NC>(std::make_integer_sequence<int, 7>{}, offers, w, top, row_bytes, slot_offset, hi_codes,
+                         neg_one);
+  }
 }
 
 // Packed top-k: two 16-bit keys per register, one comparison instruction ordering both (the min / max of 16-bit
@@ -1413,10 +1463,11 @@ int lane_ablation_flags(int ablation) {
 // against the network's 12), and at E = 128 also 12-14% from T = 4,096 to 32,768, where its 16 chunks make the
 // network's merge chain long (benchmarks/RESULTS.md, thirteenth and fourteenth rounds). With the picks' shorter paths
 // (fifteenth round) it is 2-3% faster than before at 131,072 and 262,144, 5-8% at E = 128, and at E = 64 7% faster than
-// the network from 73,728 rows on. Where the busiest SMs hold two blocks (8 warps; T = 57,344 and 65,536) a warp's
-// picks, one after the other with a shared-memory load in each, lengthen the path of a tile, which the sorting
-// network's independent chunks do not: there it is 1-5% slower. At E = 32 (4 chunks: 3 merges for the network) it was
-// 3-12% slower at 131,072 and 262,144, so those calls keep the network
+// the network from 73,728 rows on; its sorted runners-up at E = 64 (sixteenth round) take 1-2% more off. Where the
+// busiest SMs hold two blocks (8 warps; T = 57,344 and 65,536) a warp's picks, one after the other with a shared-memory
+// load in each, lengthen the path of a tile, which the sorting network's independent chunks do not: there it is 1-5%
+// slower. At E = 32 (4 chunks: 3 merges for the network) it was 3-12% slower at 131,072 and 262,144, so those calls
+// keep the network
 template <int E_PAD> constexpr bool kTournamentShape = E_PAD == 64 || E_PAD == 128;
 template <int E_PAD> constexpr int kTournamentMinWaveThirds = E_PAD == 128 ? 0 : 2;  // (tiles above, in wave thirds)
 constexpr int kLaneTournamentFlags = kLaneFull | kLaneDefaultOptions | kTopK8 | kTournament;  // (and without kDoMask)
