@@ -683,13 +683,13 @@ __device__ __forceinline__ unsigned int min_tree(const unsigned int (&v)[SIZE]) 
 // c)), each high key is one PRMT (the word's high half above a code byte held in a register), and the chunk's minimum
 // is a tree of three-input minima.
 //
-// chunk_gap<NC>: below - (the largest key below w = below + 1 of the chunk that holds w), 0 .. below
+// chunk_gap<NC>: (w - 1) - (the largest key below w of the chunk that holds w), 0 .. w - 1
 template <int NC>
-__device__ __forceinline__ unsigned int chunk_gap(unsigned int below, const unsigned char* row_bytes,
+__device__ __forceinline__ unsigned int chunk_gap(unsigned int w, const unsigned char* row_bytes,
                                                   unsigned int slot_offset, unsigned int hi_codes,
                                                   unsigned int neg_one) {
   constexpr unsigned int kChunkCode = (NC - 1) * 8;  // the code bits that name the chunk
-  const unsigned int chunk_code = (below + 1) & kChunkCode;
+  const unsigned int below = w - 1, chunk_code = w & kChunkCode;
   const uint4 v = *reinterpret_cast<const uint4*>(row_bytes + ((chunk_code * 2) ^ slot_offset));
   const unsigned int words[4] = {v.x, v.y, v.z, v.w};
   const unsigned int below_local = below - chunk_code;
@@ -712,7 +712,7 @@ __device__ __forceinline__ void tournament_pick(unsigned int (&runner_up)[7], un
                                                 const unsigned char* row_bytes, unsigned int slot_offset,
                                                 unsigned int hi_codes, unsigned int neg_one) {
   const unsigned int below = w - 1;
-  const unsigned int offer = chunk_gap<NC>(below, row_bytes, slot_offset, hi_codes, neg_one) * neg_one + below;
+  const unsigned int offer = chunk_gap<NC>(w, row_bytes, slot_offset, hi_codes, neg_one) * neg_one + below;
   w = max(runner_up[0], offer);
   top[I] = w;
 #pragma unroll
@@ -732,7 +732,7 @@ __device__ __forceinline__ void tournament_pick(unsigned int (&offers)[NC + 7], 
 #pragma unroll
   for (int o = 0; o < kOffers; ++o) old_gaps[o] = offers[o] * neg_one + below;
   const unsigned int old_gap = min_tree<0, kOffers>(old_gaps);
-  const unsigned int gap = chunk_gap<NC>(below, row_bytes, slot_offset, hi_codes, neg_one);
+  const unsigned int gap = chunk_gap<NC>(w, row_bytes, slot_offset, hi_codes, neg_one);
   offers[kOffers] = gap * neg_one + below;
   w = min(gap, old_gap) * neg_one + below;  // the largest offer below w
   top[I] = w;
