@@ -30,8 +30,10 @@ launcher alone
 row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128, top-k <= 8), and at E=64 top-8 its benchmark
 instances with parts of the work removed (``lane_load_store``: the tiles copied, the first k experts stored;
 ``lane_topk``: + keys and top-k; ``lane_mask_topk``: + the mask; ``lane_mask_topk_softmax``: + the softmax; the full
-kernel adds the counts). ``cuda`` runs the op's default variant (``MOE_FASTMASK_CUDA_VARIANT``). Each provider's ids
-and counts (not the ablations') are checked against the reference once before timing. Where the lane kernels apply
+kernel adds the counts; these take the top-k by the sorting network, and the ``lane_*_tournament`` rows repeat the
+steps with the tournament top-k that the op runs at large T). ``cuda`` runs the op's default variant
+(``MOE_FASTMASK_CUDA_VARIANT``). Each provider's ids and counts (not the ablations') are checked against the
+reference once before timing. Where the lane kernels apply
 with top-8, mode ``backward`` times the CUDA backward alone per variant (``cuda_bwd_lane``, the op's default there;
 ``cuda_bwd_split``, the row-over-lanes kernel; ``cuda_bwd_lane_ids8``, the lane kernel reading the one-byte ids that
 the forward writes for it under autograd; at E=64 with a mask, ``cuda_bwd_lane_ids8_load_store``, that instance's
@@ -575,11 +577,15 @@ def run_cuda_section(device, args, rows, copy_gbs) -> None:
         for num_tokens in sorted({r["T"] for r in ablations}):
             sel = {r["provider"]: r for r in rows if r.get("section") == "cuda" and r["E"] == NUM_EXPERTS
                    and r["top_k"] == TOP_K and r["T"] == num_tokens and r.get("mode") == "forward"}
-            steps = [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS] + ["cuda_lane", "cuda_kernel"]
-            cells = [f"{p.removeprefix('lane_')} {sel[p]['graph_us']:.2f} ({sel[p]['pct_copy']:.1f}%)"
-                     for p in steps if p in sel and "graph_us" in sel[p]]
-            print(f"T={num_tokens:>7}: " + " | ".join(cells).replace("cuda_lane", "+counts (lane)")
-                  .replace("cuda_kernel", "split"))
+            network = [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS if not name.endswith("_tournament")]
+            tournament = ["lane_load_store"] + [f"lane_{name}" for name in cuda_route.LANE_ABLATIONS
+                                                if name.endswith("_tournament")]
+            for label, steps in (("network", network + ["cuda_lane", "cuda_kernel"]),
+                                 ("tournament", tournament + ["cuda_lane"])):
+                cells = [f"{p.removeprefix('lane_').removesuffix('_tournament')} {sel[p]['graph_us']:.2f} "
+                         f"({sel[p]['pct_copy']:.1f}%)" for p in steps if p in sel and "graph_us" in sel[p]]
+                print(f"T={num_tokens:>7} {label:>10}: " + " | ".join(cells)
+                      .replace("cuda_lane", "+counts (the op's lane kernel)").replace("cuda_kernel", "split"))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ for line in log.splitlines():
         name, shown = None, shown + 1
 print(f"{total} kernel instances ({shown} shown; lane FLAGS 15 = full, 7 = without a mask, 0 / 1 / 9 / 11 = the "
       "benchmark's load_store / topk / mask_topk / mask_topk_softmax; + 16 top_k == 8, + 32 / 64 one stage / ids "
-      "staged, + 128 packed 16-bit keys, + 256 two-pass softmax, + 4096 timeline stamps, + 8192 one block per SM)")
+      "staged, + 128 packed 16-bit keys, + 256 two-pass softmax, + 4096 timeline stamps, + 8192 one block per SM, "
+      "+ 16384 the tournament top-k: the op's at large T, and the benchmark's *_tournament steps)")
 print("warnings:", [l for l in log.splitlines() if "warning" in l.lower()][:10])
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "== BUILD FAILED"; status=1; }

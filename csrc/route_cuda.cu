@@ -1451,6 +1451,10 @@ int lane_ablation_flags(int ablation) {
     case 2: return kDoTopK;                          // + top-k (no mask)
     case 3: return kDoTopK | kDoMask;                // + mask
     case 4: return kDoTopK | kDoMask | kDoSoftmax;   // + softmax (no counts)
+    // the same steps with the op's top-k at large T (tournament, top_k == 8), so that their times add up to its
+    case 5: return kDoTopK | kTopK8 | kTournament;
+    case 6: return kDoTopK | kDoMask | kTopK8 | kTournament;
+    case 7: return kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament;
     default: return -1;
   }
 }
@@ -1565,6 +1569,12 @@ cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, 
     case kDoTopK | kDoMask: return launch_lane<B, 64, kDoTopK | kDoMask | kOpt>(p, smem, device, stream);
     case kDoTopK | kDoMask | kDoSoftmax:
       return launch_lane<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>(p, smem, device, stream);
+    case kDoTopK | kTopK8 | kTournament:
+      return launch_lane<B, 64, kDoTopK | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
+    case kDoTopK | kDoMask | kTopK8 | kTournament:
+      return launch_lane<B, 64, kDoTopK | kDoMask | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
+    case kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament:
+      return launch_lane<B, 64, kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1636,6 +1646,12 @@ cudaError_t preload_lane_ablations() {
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kOpt>);
   if (err == cudaSuccess) {
     err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>);
+  }
+  constexpr int kTourn8 = kTopK8 | kTournament | kOpt;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kTourn8>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kTourn8>);
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kDoSoftmax | kTourn8>);
   }
   return err;
 }
@@ -1713,6 +1729,7 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                                ((p.lane_options & (kPacked16 | kTwoPassSoftmax)) && p.ablation != 0) ||
                                (p.lane_options & (kPacked16 | kTwoPassSoftmax)) == (kPacked16 | kTwoPassSoftmax) ||
                                (p.lane_options != 0 && p.ablation > 1) ||
+                               (flags >= 0 && (flags & kTopK8) && p.top_k != 8) ||
                                ((p.lane_options & kTimeline) &&
                                 (p.lane_options & kLaneOptions & ~kSmBlock) != (kTimeline | kTopK8 | kStageIds)) ||
                                (p.lane_options & (kSmBlock | kOneStage)) == (kSmBlock | kOneStage) ||

@@ -557,7 +557,8 @@ def test_one_pass_softmax_edges_and_fallbacks(cuda_kernel):
 @gpu
 def test_lane_kernel_ablations_run_the_lane_kernel(cuda_kernel):
     """The benchmark's lane-kernel instances with parts removed: copying only gives the first k experts; top-k
-    without the mask the unmasked ids; top-k with the mask (with or without the softmax) the op's ids; none counts.
+    without the mask the unmasked ids; top-k with the mask (with or without the softmax) the op's ids, by the sorting
+    network and by the tournament alike; none counts.
     (Their weights are not the op's.)"""
     gen = torch.Generator().manual_seed(SESSION_SEED + 19)
     T, E, k, G = 1000, 64, 8, 3
@@ -567,7 +568,8 @@ def test_lane_kernel_ablations_run_the_lane_kernel(cuda_kernel):
     _, masked_ids = reference.route_reference(logits, k, keep, group, None, False)
     _, unmasked_ids = reference.route_reference(logits, k, None, None, None, False)
     expected = {"load_store": torch.arange(k, device="cuda").expand(T, k), "topk": unmasked_ids,
-                "mask_topk": masked_ids, "mask_topk_softmax": masked_ids}
+                "mask_topk": masked_ids, "mask_topk_softmax": masked_ids, "topk_tournament": unmasked_ids,
+                "mask_topk_tournament": masked_ids, "mask_topk_softmax_tournament": masked_ids}
     assert set(expected) == set(cuda_route.LANE_ABLATIONS)
     for name, ids_expected in expected.items():
         counts = torch.zeros(G, E, dtype=torch.int64, device="cuda")
@@ -576,6 +578,8 @@ def test_lane_kernel_ablations_run_the_lane_kernel(cuda_kernel):
         assert int(counts.abs().sum()) == 0, name
     with pytest.raises(ValueError, match="_ablation"):
         cuda_route.route_forward(logits.float(), k, keep, group, None, False, _ablation="topk")
+    with pytest.raises(ValueError, match="top_k == 8"):
+        cuda_route.route_forward(logits, 6, keep, group, None, False, _ablation="mask_topk_tournament")
     with pytest.raises(ValueError, match="variant"):
         cuda_route.route_forward(logits, k, keep, group, None, False, variant="rows")
 
@@ -849,14 +853,15 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
     # top_k == 8 or not) = 24, the tournament top-k's instances that the op takes at large T (16-bit dtype, E = 64
-    # or 128, top_k == 8, with or without a mask) = 8, and 48 benchmark instances (bf16, E=64: the
-    # loads-and-stores-only one under 6 option sets, the other 3 ablations, and the full kernel under the 40 option
+    # or 128, top_k == 8, with or without a mask) = 8, and 51 benchmark instances (bf16, E=64: the
+    # loads-and-stores-only one under 6 option sets, the other 6 ablations (3 steps, by the network and by the
+    # tournament), and the full kernel under the 40 option
     # sets (top_k == 8 or not; 32-bit keys, packed keys or a two-pass softmax under 6 memory option sets, the
     # tournament under 2) less the 3 that the op uses, and the 2 timeline instances); backward
     # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its lane
     # kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16, and its
     # loads-and-stores-only benchmark instance
-    assert "registers lines 207" in out.stdout, out.stdout
+    assert "registers lines 210" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
 
 

@@ -74,8 +74,11 @@ LANE_MAX_ROW_STRIDE = 1 << 26  # the lane kernel's largest row stride in element
 # 5.45 at T = 2,048 / 4,096 / 6,144 / 8,192; lane 6.12 against 6.82 at 12,288 and 6.05 against 7.74 at 16,384;
 # benchmarks/RESULTS.md, fourteenth round). At E = 32 and 64 the lane kernel is the faster at every size.
 LANE_MIN_TOKENS = {128: 10240}
-# benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name
-LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4}
+# benchmarking only: lane-kernel instances (bf16, E=64) with parts of the work removed, by name. The first four take
+# the top-k by the sorting network (the op's at small T); the "_tournament" ones take it by the tournament, as the op
+# does at large T (top_k == 8 only), so that each step's cost is the op's
+LANE_ABLATIONS = {"load_store": 1, "topk": 2, "mask_topk": 3, "mask_topk_softmax": 4,
+                  "topk_tournament": 5, "mask_topk_tournament": 6, "mask_topk_softmax_tournament": 7}
 # benchmarking only: the lane kernel's option bits (bf16, E=64, with a keep mask): "topk8" drops the run-time top_k
 # tests (top_k == 8), "one_stage" gives each warp one tile buffer instead of two (twice the warps per multiprocessor),
 # "stage_ids" writes a warp's ids through shared memory as whole lines (see csrc/route_cuda.cu; the op does, so an option
@@ -626,6 +629,8 @@ def route_forward(
             raise ValueError("_ablation runs on bfloat16 logits with E=64 that the lane variant takes only")
         if keep is None and _ablation.startswith("mask"):
             raise ValueError(f"_ablation={_ablation!r} needs a keep mask")
+        if _ablation.endswith("_tournament") and top_k != 8:
+            raise ValueError(f"_ablation={_ablation!r} needs top_k == 8, got {top_k}")
         ablation = LANE_ABLATIONS[_ablation]
     if _grid_policy not in GRID_POLICIES:
         raise ValueError(f"_grid_policy must be one of {sorted(GRID_POLICIES)}, got {_grid_policy!r}")
