@@ -1554,29 +1554,42 @@ cudaError_t launch_lane_options(const RouteParams& p, size_t smem, int device, c
   return launch_lane_memory_options<F>(p, smem, device, stream);
 }
 
+// The ablations past the loads-and-stores-only one (lane_ablation_flags 2 .. 7), each an instance of its FLAGS with the
+// default options: launched and preloaded from this one list
+template <int... F>
+struct LaneAblationInstances {
+  static cudaError_t launch(int flags, const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+    cudaError_t err = cudaErrorInvalidValue;
+    (void)((flags == F &&
+            (err = launch_lane<__nv_bfloat16, 64, F | kLaneDefaultOptions>(p, smem, device, stream), true)) ||
+           ...);
+    return err;
+  }
+  static cudaError_t preload() {
+    cudaFuncAttributes attr;
+    cudaError_t err = cudaSuccess;
+    (void)((err = cudaFuncGetAttributes(&attr, route_lane_kernel<__nv_bfloat16, 64, F | kLaneDefaultOptions>),
+            err == cudaSuccess) &&
+           ...);
+    return err;
+  }
+};
+using LaneAblations = LaneAblationInstances<kDoTopK, kDoTopK | kDoMask, kDoTopK | kDoMask | kDoSoftmax,
+                                            kDoTopK | kTopK8 | kTournament, kDoTopK | kDoMask | kTopK8 | kTournament,
+                                            kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament>;
+
 cudaError_t launch_lane_ablation(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
-  using B = __nv_bfloat16;
-  constexpr int kOpt = kLaneDefaultOptions;
   if (p.ablation == 0) {
     return (p.lane_options & kTopK8) ? launch_lane_options<kLaneFull | kTopK8>(p, smem, device, stream)
                                      : launch_lane_options<kLaneFull>(p, smem, device, stream);
   }
-  switch (lane_ablation_flags(p.ablation)) {
-    case 0:
-      if (p.lane_options != 0) return launch_lane_options<0>(p, smem, device, stream);
-      return launch_lane<B, 64, kOpt & (kOneStage | kStageIds)>(p, smem, device, stream);  // (the memory options)
-    case kDoTopK: return launch_lane<B, 64, kDoTopK | kOpt>(p, smem, device, stream);
-    case kDoTopK | kDoMask: return launch_lane<B, 64, kDoTopK | kDoMask | kOpt>(p, smem, device, stream);
-    case kDoTopK | kDoMask | kDoSoftmax:
-      return launch_lane<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>(p, smem, device, stream);
-    case kDoTopK | kTopK8 | kTournament:
-      return launch_lane<B, 64, kDoTopK | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
-    case kDoTopK | kDoMask | kTopK8 | kTournament:
-      return launch_lane<B, 64, kDoTopK | kDoMask | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
-    case kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament:
-      return launch_lane<B, 64, kDoTopK | kDoMask | kDoSoftmax | kTopK8 | kTournament | kOpt>(p, smem, device, stream);
-    default: return cudaErrorInvalidValue;
+  const int flags = lane_ablation_flags(p.ablation);
+  if (flags == 0) {
+    if (p.lane_options != 0) return launch_lane_options<0>(p, smem, device, stream);
+    constexpr int kMemoryOptions = kLaneDefaultOptions & (kOneStage | kStageIds);
+    return launch_lane<__nv_bfloat16, 64, kMemoryOptions>(p, smem, device, stream);
   }
+  return LaneAblations::launch(flags, p, smem, device, stream);
 }
 
 // launch_lane_keep's two instances of FLAGS
@@ -1636,23 +1649,10 @@ cudaError_t preload_lane_options() {
 }
 
 cudaError_t preload_lane_ablations() {
-  using B = __nv_bfloat16;
-  constexpr int kOpt = kLaneDefaultOptions;
-  cudaFuncAttributes attr;
   cudaError_t err = preload_lane_options<0>();
   if (err == cudaSuccess) err = preload_lane_options<kLaneFull>();
   if (err == cudaSuccess) err = preload_lane_options<kLaneFull | kTopK8>();
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kOpt>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kOpt>);
-  if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kDoSoftmax | kOpt>);
-  }
-  constexpr int kTourn8 = kTopK8 | kTournament | kOpt;
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kTourn8>);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kTourn8>);
-  if (err == cudaSuccess) {
-    err = cudaFuncGetAttributes(&attr, route_lane_kernel<B, 64, kDoTopK | kDoMask | kDoSoftmax | kTourn8>);
-  }
+  if (err == cudaSuccess) err = LaneAblations::preload();
   return err;
 }
 
