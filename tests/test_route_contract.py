@@ -274,6 +274,87 @@ def test_eager_backward_allocates_no_gradient_for_the_ids():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_op_reads_strided_keep_group_and_bias(backend):
+    """The registered op takes ``keep``, ``group`` and ``bias`` as views with any strides (route makes them
+    contiguous; so must the op, whose kernels read them as dense rows): the same result as contiguous copies."""
+    _require(backend)
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    logits = torch.randn(6, 8, generator=gen).to(device)
+    keep_t = torch.ones(8, 2, dtype=torch.bool)
+    keep_t[4:, 0] = False  # group 0 may use experts 0-3 only
+    keep = keep_t.to(device).t()
+    group = torch.tensor([[0, 9], [1, 9], [0, 9], [-1, 9], [0, 9], [1, 9]]).to(device)[:, 0]
+    bias = (torch.randn(8, 2, generator=gen) * 4).to(device)[:, 1]
+    assert not (keep.is_contiguous() or group.is_contiguous() or bias.is_contiguous())
+    for scoring, b in (("softmax", None), ("sigmoid", bias)):
+        counts_view, counts_dense = (torch.zeros(2, 8, dtype=torch.int64, device=device) for _ in range(2))
+        got = torch.ops.moe_fastmask.route(logits, 2, keep, group, counts_view, False, backend, scoring, b)
+        want = torch.ops.moe_fastmask.route(
+            logits, 2, keep.contiguous(), group.contiguous(), counts_dense, False, backend, scoring,
+            None if b is None else b.contiguous(),
+        )
+        assert torch.equal(got[1], want[1]) and torch.equal(counts_view, counts_dense)
+        torch.testing.assert_close(got[0], want[0])
+        assert (got[1][group == 0] < 4).all()
+
+
+def test_registered_op_resolves_auto_and_refuses_unknown_backends():
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(SESSION_SEED))
+    weights, ids = torch.ops.moe_fastmask.route(logits, 2, None, None, None, False, "auto")
+    ref_weights, ref_ids = reference.route_reference(logits, 2)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'Torch'"):
+        torch.ops.moe_fastmask.route(logits, 2, None, None, None, False, "Torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_with_no_group_rows_are_refused(backend):
+    """An empty ``[0, E]`` counts tensor has no row for group 0 (what group=None counts into): a ValueError naming
+    ``counts``, from route and from the registered op alike, before any kernel could write outside it."""
+    _require(backend)
+    device = _device(backend)
+    logits = torch.randn(4, 8, device=device)
+    counts = torch.zeros(0, 8, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"counts must have shape \[G, E\] .* G >= 1, got \(0, 8\)"):
+        route(logits, 2, counts=counts, backend=backend)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        torch.ops.moe_fastmask.route(logits, 2, None, None, counts, False, backend)
+
+
+class _ScaledRouter(torch.nn.Module):
+    """A router holding its weight scale as a float attribute, as DeepSeek's ``routed_scaling_factor``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, logits):
+        return route(logits, 2, renormalize=True, scoring="sigmoid", scale=self.scale)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 2.5])
+def test_compile_with_dynamic_shapes_takes_float_scales(scale):
+    """torch.compile(fullgraph=True, dynamic=True) treats a float argument (the default scale, a module's attribute)
+    as a symbolic float: route's checks must take it. Compiled results equal eager ones, for two token counts."""
+    fn = (lambda x: route(x, 2)) if scale is None else _ScaledRouter(scale)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    for tokens in (5, 9):
+        logits = torch.randn(tokens, 8, generator=gen)
+        got, want = compiled(logits), fn(logits)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0])
+
+
+def test_non_finite_scale_is_refused():
+    for scale in (math.inf, -math.inf, math.nan):
+        with pytest.raises(TypeError, match="scale must be a finite float"):
+            route(torch.randn(3, 8), 2, scale=scale)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 7. float64
 # --------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Layers, from the outside in:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
@@ -111,6 +110,24 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 # --------------------------------------------------------------------------------------------------------------
 
 
+CONCRETE_BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+
+def _concrete_backend(backend: str, logits: Tensor) -> str:
+    """``backend`` as the kernels take it: ``"auto"`` resolved for ``logits``, any other name refused (the registered
+    ops are public too, so a misspelt backend must not quietly run the reference)."""
+    if backend in CONCRETE_BACKENDS:
+        return backend
+    if backend == "auto":
+        return resolve_backend(backend, logits.device, logits.dtype)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    """``t`` contiguous (the kernels index ``keep``, ``group`` and ``bias`` as dense rows), ``None`` kept."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _gpu_fallback(device: torch.device) -> str:
     """Where the ``cuda`` backend sends what its kernels do not cover (other variants and shapes): Triton, or the
     reference where Triton cannot run."""
@@ -131,7 +148,9 @@ def _route_forward_impl(
     topk_group: int = 1,
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Run the forward of a concrete backend (the body of the ``moe_fastmask::route_forward`` custom op)."""
+    """Run the forward of a backend (the body of the ``moe_fastmask::route_forward`` custom op)."""
+    backend = _concrete_backend(backend, logits)
+    keep, group, bias = _dense(keep), _dense(group), _dense(bias)
     variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
     if backend == "cuda":
         if cuda_route.supports(logits, top_k, keep, **variant):
@@ -195,6 +214,8 @@ def _route_backward_impl(
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``; ``ids8``,
     the ids a byte each as the CUDA forward wrote them for it, only from ``route``'s eager autograd)."""
+    backend = _concrete_backend(backend, logits)
+    keep, group = _dense(keep), _dense(group)
     if backend == "cuda":
         if (
             not _backward_on_triton(logits, ids.shape[1])
@@ -289,6 +310,12 @@ _LIBRARY.define(
 
 def _route_composite(logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
                      n_group=1, topk_group=1, scale=1.0):
+    backend = _concrete_backend(backend, logits)  # (once, for the forward and the backward alike)
+    # the shape, dtype and device checks of route (no data read): the op is public, and its kernels trust them.
+    # Not while compiling: route checked its arguments before tracing reached the op, and here sizes may be symbolic
+    if not torch.compiler.is_compiling() and all(type(v) is int for v in (top_k, n_group, topk_group)):
+        check_route_args(logits, top_k, keep, group, counts, renormalize, validate=False, scoring=scoring, bias=bias,
+                         n_group=n_group, topk_group=topk_group, scale=scale)
     weights, ids = torch.ops.moe_fastmask.route_forward(
         logits.detach(), top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
     )
@@ -364,7 +391,9 @@ def check_variant_args(
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "softmax_chosen" and renormalize:
         raise ValueError("renormalize=True has no meaning with scoring='softmax_chosen' (its weights already sum to 1)")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # (x - x == 0 holds for finite x only; unlike math.isfinite it also takes the symbolic float that
+    # torch.compile(dynamic=True) makes of a float argument)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat)) or not scale - scale == 0:
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     if bias is not None:
         if scoring != "sigmoid":
@@ -466,8 +495,10 @@ def check_route_args(
             raise TypeError(f"counts must be a torch.Tensor or None, got {type(counts).__name__}")
         if counts.dtype != torch.int64:
             raise TypeError(f"counts must be int64, got {counts.dtype}")
-        if counts.dim() != 2 or counts.shape[1] != num_experts:
-            raise ValueError(f"counts must have shape [G, E] = [G, {num_experts}], got {tuple(counts.shape)}")
+        if counts.dim() != 2 or counts.shape[1] != num_experts or counts.shape[0] < 1:
+            raise ValueError(
+                f"counts must have shape [G, E] = [G, {num_experts}] with G >= 1, got {tuple(counts.shape)}"
+            )
         if num_groups is not None and counts.shape[0] != num_groups:
             raise ValueError(f"counts has {counts.shape[0]} groups but keep has {num_groups}")
         if counts.device != logits.device:
@@ -620,12 +651,7 @@ def route_prechecked(
     would cost a noticeable share of the step's host time. Arguments that :func:`check_route_args` would reject give
     undefined results here.
     """
-    if keep is not None and not keep.is_contiguous():
-        keep = keep.contiguous()
-    if group is not None and not group.is_contiguous():
-        group = group.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    keep, group, bias = _dense(keep), _dense(group), _dense(bias)
     scale = float(scale)
     variant = (scoring, bias, n_group, topk_group, scale)
     if torch.compiler.is_compiling():
