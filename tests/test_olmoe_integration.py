@@ -384,3 +384,86 @@ def test_static_cache_records_the_same_counts_as_dynamic(model_dir, tokenizer):
     assert int(dynamic.decode_tokens.sum()) == 7 * len(PROMPTS)
     for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
         assert torch.equal(getattr(static, name), getattr(dynamic, name)), name
+
+
+def _recorded_generate(model, enc, groups, eos_id, pad_id, *, record_token_experts=False, **generate_kwargs):
+    rec = mf.RoutingRecorder(model, num_groups=2, record_token_experts=record_token_experts)
+    with torch.no_grad(), rec.record(groups, eos_token_id=eos_id):
+        sequences = model.generate(
+            **enc, max_new_tokens=10, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, **generate_kwargs
+        )
+    return sequences, rec
+
+
+@pytest.mark.parametrize(
+    "generate_kwargs",
+    [{"use_cache": False}, {"prefill_chunk_size": 3}, {"prefill_chunk_size": 4, "cache_implementation": "static"}],
+    ids=["uncached", "chunked-prefill", "chunked-prefill-static"],
+)
+def test_uncached_and_chunked_generate_count_like_plain_generate(model_dir, tokenizer, generate_kwargs):
+    """generate without a cache feeds the whole sequence at every step, and chunked prefill feeds the prompt in
+    pieces into one cache: both count prompt tokens once as prefill and generated tokens once as decode, stopping at
+    EOS, as the plain cached generate does (whose counts another test checks against an independent recount)."""
+    model = mf.apply_to_olmoe(load(model_dir, torch.float64))
+    enc = encode(tokenizer)
+    groups, pad_id = [0, 1, -1, 1], tokenizer.pad_token_id
+    with torch.no_grad():
+        free = model.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    row = free[3, enc.input_ids.shape[1] :].tolist()
+    eos_id = next(token for i, token in enumerate(row) if i >= 2 and token not in row[:i])  # row 3 ends mid-way
+    expected_seq, expected = _recorded_generate(model, enc, groups, eos_id, pad_id, record_token_experts=True)
+    got_seq, got = _recorded_generate(
+        model, enc, groups, eos_id, pad_id, record_token_experts=True, **generate_kwargs
+    )
+    assert torch.equal(got_seq, expected_seq)
+    assert int(expected.decode_tokens.sum()) > 0
+    for name in ("prefill_counts", "decode_counts", "prefill_tokens", "decode_tokens"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    if "prefill_chunk_size" not in generate_kwargs:  # (chunks log the prompt's experts per chunk)
+        for name, value in expected.token_experts().items():
+            assert torch.equal(got.token_experts()[name], value), name
+
+
+def test_one_group_mask_applies_to_every_token_group(model_dir, tokenizer):
+    """A one-group mask (steering_mask's default) restricts the tokens of every label under token_groups, not only
+    group 0's: labels 1 and 2 are routed with it too."""
+    model = mf.apply_to_olmoe(load(model_dir))
+    L, E = model.config.num_hidden_layers, model.config.num_experts
+    keep = torch.zeros(L, 1, E, dtype=torch.bool)
+    keep[:, 0, E - 3 :] = True  # the last three experts only
+    mf.set_expert_mask(model, keep)
+    enc = encode(tokenizer)
+    used = []
+    handles = [
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: used.append(out[2].detach().clone()))
+        for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad(), mf.token_groups(model, [0, 1, 2, -1]):
+            model(**enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, seq = enc.input_ids.shape
+    real = enc.attention_mask.bool()
+    for ids in used:
+        ids = ids.view(batch, seq, -1)
+        for row in range(3):  # labelled rows: every real token within the mask
+            assert (ids[row][real[row]] >= E - 3).all(), row
+        assert (ids[3][real[3]] < E - 3).any()  # the unlabelled row routes freely
+
+
+def test_eos_ids_of_numpy_and_tensor_types(model_dir, tokenizer):
+    import numpy as np
+
+    model = mf.apply_to_olmoe(load(model_dir))
+    enc = encode(tokenizer)
+    rec = mf.RoutingRecorder(model, num_groups=2)
+    eos = tokenizer.eos_token_id
+    for eos_token_id in (np.int64(eos), torch.tensor(eos), np.array([eos, eos + 1]), torch.tensor([eos])):
+        with torch.no_grad(), rec.record(GROUPS, eos_token_id=eos_token_id):
+            model(**enc)
+    for bad in (1.5, "eos", torch.tensor([[eos]]), [eos, 0.5]):
+        with pytest.raises(ValueError, match="eos_token_id must be an int or a sequence of ints"):
+            with rec.record(GROUPS, eos_token_id=bad):
+                pass

@@ -106,10 +106,11 @@ def token_groups(model: nn.Module, groups: Sequence[int] | Tensor) -> Iterator[N
     state = state_of(model)
     host = host_groups(groups)
     check_groups_fit(host, state.keep.shape[1] if state.keep is not None and state.keep.shape[1] > 1 else None, "groups")
-    previous = state.groups
+    previous, previous_span = state.groups, state.group_span
     state.groups = to_device(host, state.device)
+    state.group_span = max(1, int(host.max()) + 1) if host.numel() else 1
     try:
         yield
     finally:
-        state.groups = previous
+        state.groups, state.group_span = previous, previous_span
         state.token_group = None

@@ -73,8 +73,14 @@ def _valid_tokens(attention_mask: Tensor | None, batch: int, seq_len: int, devic
     """Bool [B, S]: which of this forward's tokens are real (not padding), from a 2-D or 4-D attention mask.
 
     ``generate`` passes the 2-D padding mask with a dynamic cache and a prepared 4-D mask ``[B, 1, S, kv_len]``
-    with a static cache, where a padding token's query row is fully masked.
+    with a static cache, where a padding token's query row is fully masked (for models with ``layer_types``, a
+    dict of such masks per attention type).
     """
+    if isinstance(attention_mask, dict):
+        # the prepared masks per attention type of models with ``layer_types`` (a static cache in ``generate``, the
+        # graph engine): a padding query row is fully masked in each of them, so any one tells the padding
+        masks = [mask for mask in attention_mask.values() if mask is not None]
+        attention_mask = attention_mask.get("full_attention", masks[0] if masks else None)
     if attention_mask is None:
         return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:
@@ -100,10 +106,24 @@ def _remember(seen: dict, cache: object) -> None:
         seen[id(cache)] = lambda: cache
 
 
+def _uncached_continuation(recording, input_ids: Tensor) -> int:
+    """How many leading tokens of this uncached forward the recording has counted already: the length of the last
+    uncached forward's input when this one extends it (the steps of ``generate(use_cache=False)``), else 0. Only
+    forwards run with ``use_cache=False`` come here; the comparison syncs with the device once per such step."""
+    previous = recording.uncached_input_ids
+    recording.uncached_input_ids = input_ids
+    if previous is None or previous.shape[0] != input_ids.shape[0] or previous.shape[1] >= input_ids.shape[1]:
+        return 0
+    if previous.device != input_ids.device or not torch.equal(input_ids[:, : previous.shape[1]], previous):
+        return 0
+    return previous.shape[1]
+
+
 def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Expand per-sequence groups to per-token groups for this forward; decide prefill vs decode."""
     state: FastmaskState = getattr(module, STATE_ATTR)
     state.phase = PREFILL
+    already_counted = 0
     state.token_group = None
     state.recompute_token_group = None
     if state.groups is None:
@@ -127,12 +147,21 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if override is not None:
             state.phase = override  # set by the generation backend driving the forwards
         else:
-            # automatic: a forward continuing a cache this recording has seen is a decode step of ``generate``
+            # automatic: a forward feeding one token per sequence into a cache this recording has seen is a decode
+            # step of ``generate``; more tokens into a seen cache are more prompt (chunked prefill, a next turn)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None and _seen(recording.seen_caches, cache):
-                state.phase = DECODE
+                if seq_len == 1:
+                    state.phase = DECODE
             elif cache is not None:
                 _remember(recording.seen_caches, cache)
+            elif kwargs.get("use_cache") is False and input_ids is not None:
+                # ``generate(use_cache=False)`` feeds the whole sequence at every step
+                already_counted = _uncached_continuation(recording, input_ids)
+                if already_counted:
+                    state.phase = DECODE
+                    valid = valid.clone()
+                    valid[:, :already_counted] = False
         rows = recording.recorder.row_groups
         if rows is not None:
             # the backend's device buffer, EOS already applied: read as is (nothing here may copy from the host or
@@ -157,7 +186,9 @@ def _base_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     sink = recording.recorder.decode_sink if recording is not None else None
     if (recording is not None and recording.recorder.record_token_experts and not in_backward()
             and not (sink is not None and state.phase == DECODE)):  # fmt: skip
-        recording.recorder._log_counted_tokens(state.phase, (token_group >= 0).view(batch, seq_len))
+        recording.recorder._log_counted_tokens(
+            state.phase, (token_group >= 0).view(batch, seq_len)[:, already_counted:], skip=already_counted
+        )
 
 
 def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:

@@ -21,9 +21,12 @@ class RoutingRecorder:
     group's counts in each layer). Padding tokens and tokens generated after a sequence's EOS are never counted.
     Nothing synchronises with the host while recording; reading the buffers is a plain tensor access.
 
-    Prefill or decode, per forward: by default a forward is *prefill* unless it continues a cache this recording
-    has already seen (the decode steps of transformers' ``generate``, which passes one cache object through every
-    step). A generation backend that drives the forwards itself (its own cache, CUDA graphs, another engine) says
+    Prefill or decode, per forward: by default a forward is *prefill* unless it feeds one token per sequence into a
+    cache this recording has already seen (the decode steps of transformers' ``generate``, which passes one cache
+    object through every step; prompt chunks fed into that cache, as ``generate(prefill_chunk_size=...)`` does,
+    stay prefill). Under ``generate(use_cache=False)``, which feeds the whole sequence at every step, a forward run
+    with ``use_cache=False`` whose input extends the previous such forward's counts only its new tokens, as decode.
+    A generation backend that drives the forwards itself (its own cache, CUDA graphs, another engine) says
     which phase the next forwards are with :meth:`set_phase` (``"prefill"``, ``"decode"``, or ``None`` for the
     automatic rule again) or for a whole block with ``record(..., phase=...)``. A prefill forward restarts the
     EOS tracking of the batch; a decode forward stops counting a sequence once the token it is fed is an EOS.
@@ -176,18 +179,29 @@ class RoutingRecorder:
             eos_token_id = getattr(config, "eos_token_id", None)
         if eos_token_id is None:
             return None
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        return to_device(torch.tensor(ids, dtype=torch.int64), self.device)
+        try:  # an int, a sequence of ints, a numpy integer or array, a 0-d or 1-d integer tensor
+            ids = torch.as_tensor(eos_token_id).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        if ids is not None and ids.numel() == 0 and ids.dim() == 1:
+            ids = ids.to(torch.int64)  # no EOS: (``[]`` reads as float32)
+        if ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.dim() > 1:
+            raise ValueError(f"eos_token_id must be an int or a sequence of ints, got {eos_token_id!r:.80}")
+        return to_device(ids.reshape(-1).to(torch.int64), self.device)
 
     # called from the hooks ---------------------------------------------------------------------------------
-    def _log_counted_tokens(self, phase: str, counted: Tensor) -> None:
-        """``counted``: bool [B, S], the tokens of this forward that are counted."""
-        self._token_log[phase].append({"counted": counted, "layers": {}})
+    def _log_counted_tokens(self, phase: str, counted: Tensor, skip: int = 0) -> None:
+        """``counted``: bool [B, S - skip], which of this forward's tokens after its first ``skip`` (tokens an uncached
+        ``generate`` step feeds again) are counted."""
+        self._token_log[phase].append({"counted": counted, "layers": {}, "skip": skip})
 
     def _log_token_experts(self, phase: str, layer: int, ids: Tensor) -> None:
         log = self._token_log[phase]
         if log:
-            log[-1]["layers"][layer] = ids.to(torch.uint8)
+            entry = log[-1]
+            batch = entry["counted"].shape[0]
+            ids = ids.view(batch, -1, ids.shape[-1])[:, entry["skip"]:]
+            entry["layers"][layer] = ids.to(torch.uint8)
 
     # reading ---------------------------------------------------------------------------------------------
     def counts(self, phase: str = "all") -> Tensor:

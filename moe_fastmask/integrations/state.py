@@ -29,6 +29,7 @@ class Recording:
     eos_ids: Tensor | None  # [n_eos] int64, or None when EOS is not tracked
     seen_caches: dict = field(default_factory=dict)  # id(cache) -> weak reference to it
     alive: Tensor | None = None  # [B] bool: sequences that have not produced EOS yet
+    uncached_input_ids: Tensor | None = None  # the last forward's input_ids when run with use_cache=False
 
 
 @dataclass
@@ -46,6 +47,8 @@ class FastmaskState:
     selection_bias: list = field(default_factory=list)  # per router: whether to pass the adapter's selection bias
     keep: Tensor | None = None  # bool [L, G, E]
     groups: Tensor | None = None  # [B] per-sequence groups of the active token_groups()/record() block
+    # rows a one-group mask is widened to under token_groups() (its highest label + 1; record() uses its recorder's)
+    group_span: int = 1
     recording: Recording | None = None
     # set by the pre-hook for the forward in flight
     token_group: Tensor | None = None  # [T] int64, -1 = unmasked and not counted
@@ -72,8 +75,10 @@ class FastmaskState:
         if self.keep is None:
             return None
         keep = self.keep[layer]
-        if self.recording is not None and keep.shape[0] == 1 and self.recording.recorder.num_groups > 1:
-            keep = keep.expand(self.recording.recorder.num_groups, -1).contiguous()
+        if keep.shape[0] == 1:  # one mask for every group
+            span = self.recording.recorder.num_groups if self.recording is not None else self.group_span
+            if span > 1:
+                keep = keep.expand(span, -1).contiguous()
         return keep
 
     def counts_for(self, layer: int) -> Tensor | None:

@@ -31,6 +31,7 @@ groups on the device (:meth:`RoutingRecorder.set_row_groups`) and the decode exp
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -104,6 +105,33 @@ class _SlotKey:
     min_new: bool
     graphed: bool
     token_experts: bool = False
+
+
+def _attention_windows(config) -> tuple[str, int | None, object]:
+    """How the model's layers attend, for the engine's masks and caches: ``(layout, window, cache_config)``.
+
+    ``layout`` is ``"full"`` (every layer sees the whole sequence), ``"sliding"`` (every layer a sliding window of
+    ``window`` positions: Mixtral or Qwen3-MoE with ``sliding_window`` set; the model takes one mask) or
+    ``"per_layer"`` (``layer_types`` mixing full and sliding layers, as GPT-OSS; the model takes a dict of masks per
+    attention type). ``cache_config``: the config the static caches are built from, every layer a full-length cache
+    (transformers' sliding cache layers are rolling buffers of the window, which the engine's masks over absolute
+    cache positions do not index), so sliding layers are windowed by their masks alone.
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        layout = "per_layer" if "sliding_attention" in layer_types and window else "full"
+    else:
+        layout = "sliding" if window else "full"
+    if layout == "full" and not window:
+        return layout, None, config
+    cache_config = copy.deepcopy(config)
+    cache_text = cache_config.get_text_config(decoder=True) if hasattr(cache_config, "get_text_config") else cache_config
+    cache_text.sliding_window = None
+    if layer_types is not None:
+        cache_text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
+    return layout, (int(window) if layout != "full" else None), cache_config
 
 
 class _Slot:
@@ -217,6 +245,7 @@ class StaticCacheEngine:
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"StaticCacheEngine supports the 'sdpa' and 'eager' attention implementations, not {attn!r}")
         self._bool_mask = attn == "sdpa"
+        self._window_layout, self._window, self._cache_config = _attention_windows(model.config)
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self._eager_reason: str | None = None
         if self.device.type != "cuda":
@@ -452,7 +481,7 @@ class StaticCacheEngine:
         if slot is None:
             while len(self._slots) >= self.max_slots:
                 self._slots.pop(next(iter(self._slots)))  # least recently used
-            slot = _Slot(key, self.model.config, self.device, self.vocab)
+            slot = _Slot(key, self._cache_config, self.device, self.vocab)
         self._slots[key] = slot  # most recently used last
         return slot
 
@@ -540,10 +569,13 @@ class StaticCacheEngine:
             hidden = None
             for s in range(0, P, chunk):
                 e = min(P, s + chunk)
-                visible = (slot.cache_index[None, None, :] <= torch.arange(s, e, device=dev)[None, :, None]) & (
+                query_index = torch.arange(s, e, device=dev)
+                visible = (slot.cache_index[None, None, :] <= query_index[None, :, None]) & (
                     slot.key_valid[:, None, :]
                 )
-                hidden = self._decoder_forward(ids_dev[:, s:e], visible, positions_dev[:, s:e], slot.cache)
+                hidden = self._decoder_forward(
+                    ids_dev[:, s:e], visible, positions_dev[:, s:e], slot.cache, slot.cache_index, query_index
+                )
             logits = self.lm_head(hidden[:, -1]).float()
             first = self._choose(slot, logits)
             slot.out[:, 0] = first
@@ -627,15 +659,32 @@ class StaticCacheEngine:
             ~mask, torch.finfo(self.dtype).min
         )
 
-    def _decoder_forward(self, input_ids: Tensor, visible: Tensor, position_ids: Tensor, cache) -> Tensor:
+    def _attention_mask(self, visible: Tensor, key_index: Tensor, query_index: Tensor):
+        """The attention mask(s) the decoder takes: ``visible`` [B, q, M] as is, or with the sliding window (keys
+        less than ``window`` cache positions behind the query: within a row, cache positions and position ids differ
+        by the row's left padding, so this is transformers' window) for the sliding layers (see
+        :func:`_attention_windows`)."""
+        if self._window_layout == "full":
+            return self._mask(visible)
+        in_window = key_index[None, None, :] > query_index[None, :, None] - self._window
+        sliding = self._mask(visible & in_window)
+        if self._window_layout == "sliding":
+            return sliding
+        return {"full_attention": self._mask(visible), "sliding_attention": sliding}
+
+    def _decoder_forward(
+        self, input_ids: Tensor, visible: Tensor, position_ids: Tensor, cache, key_index: Tensor, query_index: Tensor
+    ) -> Tensor:
         kwargs = {self._cache_kwarg: cache}
-        out = self.decoder(
-            input_ids=input_ids, attention_mask=self._mask(visible), position_ids=position_ids, use_cache=True, **kwargs
-        )
+        mask = self._attention_mask(visible, key_index, query_index)
+        out = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs)
         return out.last_hidden_state
 
-    def _model_forward(self, tokens: Tensor, visible: Tensor, position_ids: Tensor, cache) -> Tensor:
-        return self.lm_head(self._decoder_forward(tokens, visible, position_ids, cache)[:, -1]).float()
+    def _model_forward(
+        self, tokens: Tensor, visible: Tensor, position_ids: Tensor, cache, key_index: Tensor, query_index: Tensor
+    ) -> Tensor:
+        hidden = self._decoder_forward(tokens, visible, position_ids, cache, key_index, query_index)
+        return self.lm_head(hidden[:, -1]).float()
 
     def _choose(self, slot: _Slot, logits: Tensor) -> Tensor:
         """The next token of every row from float32 logits ``[B, V]`` (``slot.step`` tokens generated so far)."""
@@ -662,7 +711,7 @@ class StaticCacheEngine:
         pos = slot.prompt_pad + slot.step - 1  # cache index of the fed token
         visible = ((slot.cache_index <= pos)[None, :] & slot.key_valid)[:, None, :]
         position_ids = (slot.base_pos + slot.step - 1)[:, None]
-        logits = self._forward_decode(slot.tokens, visible, position_ids, slot.cache)
+        logits = self._forward_decode(slot.tokens, visible, position_ids, slot.cache, slot.cache_index, pos.view(1))
         token = torch.where(slot.finished, self.pad_token_id, self._choose(slot, logits))
         slot.out.index_copy_(1, slot.step.view(1), token[:, None])
         slot.tokens.copy_(token[:, None])
