@@ -77,15 +77,15 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                 f"({cpp_route.load_error()}); using the PyTorch reference"
             )
         return "torch"
-    if backend == "triton" and not triton_route.is_available(device):
-        raise ValueError(
-            f"backend='triton' cannot run on {device}: it needs a CUDA device, or CPU tensors with "
-            "TRITON_INTERPRET=1 set before moe_fastmask is imported, and the triton package"
-        )
     if backend == "triton" and dtype == torch.float64:
         raise TypeError(
             "backend='triton' computes in float32 and does not take float64 logits; use backend='torch', 'cpp' or "
             "'auto' for float64"
+        )
+    if backend == "triton" and not triton_route.is_available(device):
+        raise ValueError(
+            f"backend='triton' cannot run on {device}: it needs a CUDA device, or CPU tensors with "
+            "TRITON_INTERPRET=1 set before moe_fastmask is imported, and the triton package"
         )
     if backend == "cuda":
         if device.type != "cuda":
