@@ -44,6 +44,14 @@ def inputs(tmp_path_factory):
     pd.DataFrame(rows).to_pickle(sft / "sft_dataset_tiny.pkl")
     a_file = root / "a_file.txt"
     a_file.write_text("not a directory\n")
+    latin1 = root / "latin1.json"
+    latin1.write_bytes(json.dumps(records).replace("thing 1.", "th\u00f6ng 1.").encode("latin-1"))
+    (root / "not_a_selection.json").write_text(json.dumps({"arguments": {}, "num_selected": 3}))
+    (root / "a_list.json").write_text("[]")
+    ExpertSelection(num_layers=L, num_experts=64, top_k=K, experts=[(0, 1), (0, 2), (1, 1), (1, 2)],
+                    masked_layers=[0, 1]).save(root / "selection_64.json")  # fmt: skip
+    ExpertSelection(num_layers=L, num_experts=E, top_k=K, experts=[(0, 1), (0, 2), (1, 1), (1, 2)],
+                    masked_layers=[0, 1]).save(root / "selection.json")  # fmt: skip
     return {"root": root, "model": model, "data": data, "sft": sft, "file": a_file}
 
 
@@ -152,9 +160,35 @@ def more_cases(inputs, out):
     ]  # fmt: skip
 
 
+def file_cases(inputs, out):
+    """Input files of the wrong kind: a directory, text that is not UTF-8, JSON that is not a selection, a file that
+    is not a pickle, a judge that is not a function, a selection for another model or besides selection flags."""
+    root = inputs["root"]
+    model, data, sft, a_file = str(inputs["model"]), str(inputs["data"]), str(inputs["sft"]), str(inputs["file"])
+    train_base = ["train", "--model", model, "--sft", sft, "--out", out, "--device", "cpu"]
+    evaluate_base = ["evaluate", "--model", model, "--data", data, "--split", "all", "--out", out, "--device", "cpu"]
+    return [
+        (["analyze", "--model", model, "--data", str(root), "--out", out], f"data file {str(root)!r} is a directory"),
+        (["evaluate", "--model", model, "--data", str(root), "--out", out], "is a directory"),
+        (["analyze", "--model", model, "--data", str(root / "latin1.json"), "--out", out], "is not UTF-8 text"),
+        ([*train_base, "--risk-table", a_file], f"risk table {a_file!r} is not a pickled table"),
+        (["train", "--model", model, "--sft", str(inputs["data"]), "--out", out], "is not a pickled table"),
+        ([*train_base, "--selection", str(root / "not_a_selection.json")], "is not an expert selection"),
+        ([*evaluate_base, "--selection", str(root / "a_list.json")], "is not an expert selection"),
+        ([*evaluate_base, "--selection", str(root / "latin1.json")], "cannot be read as JSON"),
+        ([*evaluate_base, "--judge", "json:__name__"], "'__name__' is not a function"),
+        ([*evaluate_base, "--judge", ":always"], "--judge must look like 'module:function'"),
+        ([*train_base, "--selection", str(root / "selection_64.json")], "the selection is for 2 layers x 64 experts"),
+        ([*train_base, "--selection", str(root / "selection.json"), "--top-n", "3"],
+         "--selection takes its experts from the file; --top-n choose them"),
+        ([*train_base, "--batch-order", "analysis", "--batch-size", "4", "--selection", str(root / "selection.json")],
+         "--batch-order shuffle"),
+    ]  # fmt: skip
+
+
 def test_each_mistake_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    for argv, message in cases(inputs, str(out)) + more_cases(inputs, str(out)):
+    for argv, message in cases(inputs, str(out)) + more_cases(inputs, str(out)) + file_cases(inputs, str(out)):
         before = sorted(p.name for p in inputs["root"].iterdir())
         code, err = run(argv, capsys)
         assert code == 2, (argv, err)
@@ -322,3 +356,62 @@ def test_train_shows_a_step_bar_and_explains_its_routing_metrics_once(inputs, tm
     assert re.search(r"\b2/2 \[", err)  # the Trainer's tqdm bar over the 2 steps
     code = main([*argv[:5], "--out", str(tmp_path / "quiet"), *argv[7:], "--no-progress"])
     assert code == 0 and not re.search(r"\b2/2 \[", capsys.readouterr().err)
+
+
+def test_a_model_without_moe_layers_is_one_line_and_leaves_nothing(inputs, tmp_path, capsys):
+    """analyze loads the model after writing its run config and split: a model it cannot use (here a Llama, no MoE
+    layers) removes them again, so the same --out takes another model's run afterwards."""
+    import shutil
+
+    import transformers
+
+    dense = tmp_path / "llama"
+    config = transformers.AutoConfig.from_pretrained(inputs["model"])
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    llama.save_pretrained(dense)
+    for name in Path(inputs["model"]).iterdir():
+        if "token" in name.name or name.suffix == ".jinja":
+            shutil.copy(name, dense / name.name)
+    out = tmp_path / "out"
+    code, err = run(["analyze", "--model", str(dense), "--data", str(inputs["data"]), "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("moe-fastmask analyze: error: moe_fastmask has no adapter for model_type 'llama'")
+    assert not out.exists()
+
+
+def test_resume_refuses_selection_flags_the_saved_run_did_not_use(tmp_path):
+    from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
+    from moe_fastmask.pipeline.train.run import _check_resumed_selection
+
+    saved = {"arguments": {"top_n": None, "per_layer": 2, "threshold": None, "fill": False, "score_column": "risk_diff"}}
+    (tmp_path / "training_config.json").write_text(json.dumps(saved))
+    args = dict(model="m", sft="s", out=str(tmp_path), resume="latest")
+    _check_resumed_selection(MaskedFinetuneArguments(**args, per_layer=2), tmp_path)  # the same choice: resumes
+    with pytest.raises(UsageError, match=r"--top-n 3 \(the run's: None\).*--per-layer None \(the run's: 2\)"):
+        _check_resumed_selection(MaskedFinetuneArguments(**args, top_n=3), tmp_path)
+    with pytest.raises(UsageError, match="--fill True"):
+        _check_resumed_selection(MaskedFinetuneArguments(**args, per_layer=2, fill=True), tmp_path)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from moe_fastmask.pipeline import artifacts
+
+    previous = os.umask(0o022)
+    try:
+        for write in (lambda p: artifacts.atomic_write_text(p, "x"), lambda p: artifacts.atomic_pickle(p, [1])):
+            path = write(tmp_path / f"f{len(list(tmp_path.iterdir()))}")
+            assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
+def test_vllm_refuses_head_sizes_its_cpu_attention_lacks(inputs):
+    pytest.importorskip("vllm")
+    from moe_fastmask.pipeline.generation.vllm import _check_cpu_head_size
+
+    with pytest.raises(UsageError, match="vLLM's CPU attention takes head sizes .* has 16; use --engine hf"):
+        _check_cpu_head_size(inputs["model"])  # the tiny model's heads: 16 wide

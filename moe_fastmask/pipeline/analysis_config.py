@@ -92,7 +92,7 @@ class AnalysisConfig:
         "group": _RUN})
     verbose: bool = field(default=True, metadata={
         "help": "print what each step does", "negative": "--quiet",
-        "negative_help": "print only errors and warnings", "group": _RUN})
+        "negative_help": "print only errors and warnings (no progress bars either)", "group": _RUN})
     judge: Judge | None = field(default=None, repr=False, metadata={"cli": False})  # API only: a callable str -> bool
     # API only: judge, build the batch records and write the per-batch files of one generation request in a background
     # thread while the next one generates (the same records and files either way)

@@ -43,6 +43,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from moe_fastmask.integrations.expert_slices import UnsupportedExpertLayoutError
+from moe_fastmask.integrations.registry import UnsupportedModelError
 from moe_fastmask.pipeline import artifacts, plots, stats
 from moe_fastmask.pipeline.analysis_config import DEFAULT_REFUSAL_TEXT, AnalysisConfig
 from moe_fastmask.pipeline.analysis_requests import (
@@ -119,7 +121,13 @@ def prepare_batches(config: AnalysisConfig) -> tuple[list[Record], dict, list[Ba
     train = select_records(records, split["train_ids"])
     if config.only_successful:
         train = [record for record in train if record.judge_success_gpt4 == 1]
-    batches = plan_batches(train, config.batch_size, config.safe_ratio, config.num_batches, config.seed)
+    try:
+        batches = plan_batches(train, config.batch_size, config.safe_ratio, config.num_batches, config.seed)
+    except BatchPlanError as error:
+        kept = [f"--test-fraction {config.test_fraction} holds out {len(split['test_ids'])} of {len(records)}"]
+        if config.only_successful:
+            kept.append("--only-successful keeps the records judged successful")
+        raise BatchPlanError(f"{error} (the train records: {'; '.join(kept)})") from None
     return train, split, batches
 
 
@@ -426,6 +434,8 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     dist = distributed.setup(config.device)
     if not dist.is_main:
         config.verbose = config.progress = False
+    if not config.verbose:  # --quiet
+        config.progress = False
     if config.demo:
         from moe_fastmask.pipeline.demo import build_demo
 
@@ -483,17 +493,16 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     remaining = [batch for batch in mine if batch.batch_idx not in done]
     local = dict(done)
     failure = None
+    saved_now: list[int] = []
+
+    def save_batch(batch_data: dict) -> None:
+        store.save_batch(batch_data)
+        saved_now.append(batch_data["batch_idx"])
+
     try:
         if remaining:
             if model is None:
-                try:
-                    model, tokenizer = load_model(config.engine, config.model, device, dtype)
-                except UsageError:
-                    if fresh and not done and not dist.enabled:  # this run wrote only its config and split
-                        store.clear()
-                        if not out_existed and not any(out.iterdir()):
-                            out.rmdir()
-                    raise
+                model, tokenizer = load_model(config.engine, config.model, device, dtype)
             elif tokenizer is None:
                 raise ValueError("pass the tokenizer together with the model")
             prepare_tokenizer(tokenizer)
@@ -503,11 +512,18 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
             with tqdm(total=len(mine), initial=len(done), desc="analyze", unit="batch",
                       disable=not config.progress) as bar:  # fmt: skip
                 new = process_mixed_batches(
-                    model, tokenizer, remaining, config, judge=config.judge, on_batch=store.save_batch, progress=bar,
+                    model, tokenizer, remaining, config, judge=config.judge, on_batch=save_batch, progress=bar,
                     timings=timings,
                 )
             local.update((batch_data["batch_idx"], batch_data) for batch_data in new)
     except BaseException as error:
+        if fresh and not done and not saved_now and not dist.enabled:
+            # this run wrote only its config and split: a model that does not load, a tokenizer without a chat
+            # template or an engine that fails to start leaves nothing behind (a rerun with other options is no
+            # resume of a run that never produced a batch)
+            store.clear()
+            if not out_existed and not any(out.iterdir()):
+                out.rmdir()
         if not dist.enabled:
             raise
         failure = error
@@ -601,7 +617,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         run_analysis(config_from_args(args))
-    except (ValueError, ImportError, ConfigMismatchError, AnalysisError) as error:
+    except (ValueError, ImportError, ConfigMismatchError, AnalysisError, UnsupportedModelError,
+            UnsupportedExpertLayoutError) as error:
         where = f" (rank {distributed.get_rank()})" if distributed.get_world_size() > 1 else ""
         print(f"moe-fastmask analyze: error{where}: {error}", file=sys.stderr)
         return 2

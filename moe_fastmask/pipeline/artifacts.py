@@ -31,11 +31,19 @@ from typing import Any, Callable
 FINGERPRINT_VERSION = 1
 
 
+def _file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask): mkstemp's temporary files are owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -63,6 +71,25 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def atomic_pickle(path: str | Path, obj: Any) -> Path:
     """Pickle ``obj`` atomically (protocol 4: readable by ``pandas.read_pickle`` and plain ``pickle.load``)."""
     return _atomic(path, lambda handle: pickle.dump(obj, handle, protocol=4))
+
+
+def read_pickled_frame(path: str | Path, what: str):
+    """A pandas DataFrame pickled at ``path`` (``what`` names it in errors: a missing file, a directory, a file that
+    is not a pickle or holds something else all raise ``ValueError`` naming the path)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory; give the .pkl file")
+    try:
+        frame = pd.read_pickle(path)
+    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways (bad key, truncated, missing class)
+        raise ValueError(f"{what} {str(path)!r} is not a pickled table ({type(error).__name__}: {error})") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{what} {str(path)!r}: expected a pandas DataFrame, got {type(frame).__name__}")
+    return frame
 
 
 def atomic_write_csv(path: str | Path, frame) -> Path:

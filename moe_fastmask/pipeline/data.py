@@ -146,6 +146,10 @@ def load_records(path: str | Path, only_successful: bool = False) -> list[Record
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataValidationError(f"data file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise DataValidationError(f"data file {str(path)!r} is a directory; give the records' JSON file") from None
+    except UnicodeDecodeError as error:
+        raise DataValidationError(f"data file {str(path)!r} is not UTF-8 text ({error})") from None
     except json.JSONDecodeError as error:
         raise DataValidationError(f"{path}: not valid JSON ({error})") from None
     records = validate_records(raw, source=str(path))
@@ -219,7 +223,12 @@ def make_split(records: Sequence[Record], test_fraction: float, seed: int, data_
 
 def load_split(path: str | Path) -> dict:
     """Read a ``split_<slug>.json`` written by the analysis; checks its keys."""
-    split = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        split = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"split file {str(path)!r} cannot be read as JSON ({error})") from None
+    if not isinstance(split, dict):
+        raise ValueError(f"{path}: not a split file (a JSON object with {', '.join(SPLIT_KEYS)})")
     missing = [key for key in SPLIT_KEYS if key not in split]
     if missing:
         raise ValueError(f"{path}: not a split file, missing {', '.join(missing)}")

@@ -151,6 +151,8 @@ def load_judge(spec: str | Callable[[str], bool] | None) -> Callable[[str], bool
     if ":" not in spec:
         raise ValueError(f"--judge must look like 'module:function' or 'file.py:function', got {spec!r}")
     target, attr = spec.rsplit(":", 1)
+    if not target or not attr:
+        raise ValueError(f"--judge must look like 'module:function' or 'file.py:function', got {spec!r}")
     if target.endswith(".py"):
         module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
         if module_spec is None or module_spec.loader is None or not Path(target).is_file():
@@ -160,10 +162,12 @@ def load_judge(spec: str | Callable[[str], bool] | None) -> Callable[[str], bool
     else:
         try:
             module = importlib.import_module(target)
-        except ModuleNotFoundError as error:
+        except (ImportError, ValueError) as error:
             raise ValueError(f"--judge {spec!r}: cannot import {target!r} ({error})") from error
     if not hasattr(module, attr):
         raise ValueError(f"--judge {spec!r}: {target!r} has no {attr!r}")
+    if not callable(getattr(module, attr)):
+        raise ValueError(f"--judge {spec!r}: {attr!r} is not a function (str -> bool) but {getattr(module, attr)!r:.60}")
     return resolve_judge(getattr(module, attr))
 
 
@@ -468,9 +472,11 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from moe_fastmask.integrations.registry import UnsupportedModelError
+
     try:
         result = evaluate(dataclass_from_args(EvaluationArguments, args))
-    except (ValueError, ImportError, FileNotFoundError) as error:
+    except (ValueError, ImportError, FileNotFoundError, UnsupportedModelError) as error:
         print(f"moe-fastmask evaluate: error: {error}", file=sys.stderr)
         return 2
     print(result.table, end="")

@@ -161,7 +161,29 @@ class ExpertSelection:
         path = Path(path)
         if path.is_dir():
             path = path / SELECTION_FILE
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"selection file {str(path)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"selection file {str(path)!r} cannot be read as JSON ({error})") from None
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise ValueError(
+                f"{path} is not an expert selection (the {SELECTION_FILE} that 'train' writes): "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+
+def check_selection_fits(selection: ExpertSelection, model_config) -> None:
+    """The selection was made for this model's layers, experts and top_k (else ``ValueError``)."""
+    num_layers, num_experts, top_k = model_sizes(model_config)
+    if (num_layers, num_experts, top_k) != (selection.num_layers, selection.num_experts, selection.top_k):
+        raise ValueError(
+            f"the selection is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
+            f"{selection.top_k}; the model has {num_layers} x {num_experts}, top_k {top_k}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,7 +195,9 @@ def load_risk_table(source):
     """The analysis table as a pandas DataFrame with int ``layer``/``expert`` columns (from a path or a frame)."""
     import pandas as pd
 
-    frame = source if isinstance(source, pd.DataFrame) else pd.read_pickle(source)
+    from moe_fastmask.pipeline.artifacts import read_pickled_frame
+
+    frame = source if isinstance(source, pd.DataFrame) else read_pickled_frame(source, "risk table")
     frame = frame.copy()
     if "layer" not in frame.columns or "expert" not in frame.columns:
         if "Layer_Expert" not in frame.columns:

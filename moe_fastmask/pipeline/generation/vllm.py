@@ -380,6 +380,29 @@ def _compiled_cpu_message() -> str:
     )
 
 
+def _check_cpu_head_size(model: str | Path) -> None:
+    """vLLM's CPU attention takes a few head sizes only; another fails deep in its engine process, so it is refused
+    here with one line (``UsageError``). Nothing is checked when vLLM's list or the model's config cannot be read."""
+    from transformers import AutoConfig
+
+    from moe_fastmask.pipeline.preflight import UsageError
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+        config = AutoConfig.from_pretrained(str(model))
+    except Exception:  # noqa: BLE001 - another vLLM layout, or a model vLLM will report on itself
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head not in supported:
+        raise UsageError(
+            f"--engine vllm: vLLM's CPU attention takes head sizes {supported}, and {str(model)!r} has {head}; "
+            "use --engine hf or --engine graph for it"
+        )
+
+
 def load_engine(model: str | Path, dtype: str = "auto", **engine_kwargs: Any):
     """A ``vllm.LLM`` of ``model`` (a directory or hub name) ready for :class:`VLLMBackend`.
 
@@ -401,6 +424,7 @@ def load_engine(model: str | Path, dtype: str = "auto", **engine_kwargs: Any):
     if current_platform.is_cpu():
         if not engine_kwargs["enforce_eager"]:
             raise ValueError(_compiled_cpu_message())
+        _check_cpu_head_size(model)
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     # steering sends the routing function to the engine's worker processes, which vLLM only pickles when allowed

@@ -119,6 +119,13 @@ class MaskedFinetuneArguments:
         modes = [name for name in ("top_n", "per_layer", "threshold") if getattr(self, name) is not None]
         if len(modes) > 1:
             raise ValueError(f"give at most one of --top-n, --per-layer, --threshold (got {', '.join(modes)})")
+        choosing = [f"--{name.replace('_', '-')}" for name in modes] + (["--fill"] if self.fill else []) + (
+            ["--score-column"] if self.score_column != "risk_diff" else [])
+        if self.selection and choosing:
+            raise ValueError(
+                f"--selection takes its experts from the file; {', '.join(choosing)} choose them from the risk table: "
+                "give one or the other"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.safe_ratio <= 1.0:

@@ -45,11 +45,9 @@ def resolve_sft_paths(sft: str | Path) -> dict[str, Path | None]:
 
 def load_sft_frame(path: str | Path):
     """The fine-tuning set as a DataFrame; checks the columns and the kinds."""
-    import pandas as pd
+    from moe_fastmask.pipeline.artifacts import read_pickled_frame
 
-    frame = pd.read_pickle(path)
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"{path}: expected a pandas DataFrame, got {type(frame).__name__}")
+    frame = read_pickled_frame(path, "SFT table")
     missing = [c for c in ("kind", "messages", "response") if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: the SFT table lacks columns {missing}")
@@ -180,7 +178,7 @@ class MixedBatchSampler(Sampler[int]):
             self.analysis_batches = [self._ordered(batch) for batch in analysis_batches if self.has_mix(batch)]
             if not self.analysis_batches:
                 raise ValueError(
-                    f"no analysis batch holds {self.n_safe} safe + {self.n_unsafe} unsafe samples; use order='shuffle'"
+                    f"no analysis batch holds {self.n_safe} safe + {self.n_unsafe} unsafe samples; use order='shuffle' (--batch-order shuffle)"
                 )
 
     def has_mix(self, batch: Sequence[int]) -> bool:

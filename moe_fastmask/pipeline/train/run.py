@@ -24,7 +24,13 @@ from moe_fastmask.pipeline.common import (
     torch_dtype,
 )
 from moe_fastmask.pipeline.preflight import UsageError, check_device, check_paths, one_line
-from moe_fastmask.pipeline.selection import ExpertSelection, masked_layer_report, model_sizes, select_experts
+from moe_fastmask.pipeline.selection import (
+    ExpertSelection,
+    check_selection_fits,
+    masked_layer_report,
+    model_sizes,
+    select_experts,
+)
 from moe_fastmask.pipeline.train.arguments import MaskedFinetuneArguments
 from moe_fastmask.pipeline.train.data import (
     MaskedSFTCollator,
@@ -98,6 +104,42 @@ def _check_report_to(report_to: str) -> None:
             f"--report-to {','.join(absent)}: not installed or not a transformers integration (installed: "
             f"{', '.join(sorted(available)) or 'none'}); pip install the tracker's package, or use --report-to none"
         )
+
+
+_CHOICE_FLAGS = {"top_n": None, "per_layer": None, "threshold": None, "fill": False, "score_column": "risk_diff"}
+
+
+def _check_resumed_selection(config: MaskedFinetuneArguments, out: Path) -> None:
+    """``--resume`` trains the selection saved in ``out`` (its checkpoint's optimizer state is for those experts):
+    selection flags that differ from the saved run's would be ignored, so they are refused."""
+    import json
+
+    saved_path = out / TRAINING_CONFIG_FILE
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8")).get("arguments", {})
+    except (OSError, ValueError, AttributeError):
+        saved = {}
+    differing = [
+        f"--{name.replace('_', '-')} {getattr(config, name)!r} (the run's: {saved.get(name, default)!r})"
+        for name, default in _CHOICE_FLAGS.items()
+        if getattr(config, name) != saved.get(name, default)
+    ]
+    if differing:
+        raise UsageError(
+            f"--resume continues the run in {out} with its saved {SELECTION_FILE}, but {'; '.join(differing)} "
+            "would choose other experts; drop those flags, or train into a new --out"
+        )
+
+
+def _remove_created(paths: list[Path]) -> None:
+    """Remove the files and directories a failed run created (deepest first; a directory only when emptied)."""
+    import shutil
+
+    for path in reversed(paths):
+        if path.is_dir():
+            shutil.rmtree(path) if path.name == CHECKPOINT_DIR else (path.rmdir() if not any(path.iterdir()) else None)
+        elif path.exists():
+            path.unlink()
 
 
 def build_selection(config: MaskedFinetuneArguments, model_config, risk_table: Path | None) -> ExpertSelection:
@@ -180,12 +222,20 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
 
     selection_path = out / SELECTION_FILE
     if config.resume and not config.selection and selection_path.is_file():
+        _check_resumed_selection(config, out)
         selection = ExpertSelection.load(selection_path)  # the checkpoint's optimizer state matches this one
     else:
         selection = build_selection(config, model.config, risk_table)
     if not selection.experts:
         raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
+    check_selection_fits(selection, model.config)
     _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
+    dataset = SFTDataset(frame, tokenizer, config.max_length)  # (a tokenizer without a chat template fails here)
+    batch_order = choose_batch_order(dataset, config.batch_size, config.safe_ratio, config.batch_order)
+    slice_dtype = None if config.slice_dtype == "auto" else getattr(torch, config.slice_dtype)
+    # what this run creates, removed again if it fails before training starts (a mistake leaves nothing behind)
+    created = [path for path in (out, out / CHECKPOINT_DIR, selection_path, out / TRAINING_CONFIG_FILE)
+               if not path.exists()]  # fmt: skip
     if main_process:
         print(masked_message, file=sys.stderr)
         if config.routing_stats and selection.masked_layers:
@@ -193,63 +243,65 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         out.mkdir(parents=True, exist_ok=True)
         selection.save(selection_path)
 
-    dataset = SFTDataset(frame, tokenizer, config.max_length)
-    batch_order = choose_batch_order(dataset, config.batch_size, config.safe_ratio, config.batch_order)
-    slice_dtype = None if config.slice_dtype == "auto" else getattr(torch, config.slice_dtype)
+    try:
+        # the one model-preparation path: the trainer moves the model to its device and calls prepare_model
+        trainer = ExpertMaskingTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=MaskedSFTCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=list(callbacks or []),
+            selection=selection,
+            slice_dtype=slice_dtype,
+            memory_efficient=not config.stock_experts,
+            backend=config.backend,
+            safe_ratio=config.safe_ratio,
+            batch_order=batch_order,
+            loss_chunk_size=config.loss_chunk_size,
+        )
+        trainer._get_train_sampler()  # its checks (an analysis order no batch can keep) before anything trains
+        if config.routing_stats:
+            import moe_fastmask as mf
 
-    # the one model-preparation path: the trainer moves the model to its device and calls prepare_model
-    trainer = ExpertMaskingTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        data_collator=MaskedSFTCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=list(callbacks or []),
-        selection=selection,
-        slice_dtype=slice_dtype,
-        memory_efficient=not config.stock_experts,
-        backend=config.backend,
-        safe_ratio=config.safe_ratio,
-        batch_order=batch_order,
-        loss_chunk_size=config.loss_chunk_size,
-    )
-    if config.routing_stats:
-        import moe_fastmask as mf
-
-        trainer.routing_recorder = mf.RoutingRecorder(model, num_groups=2)
-        stats_callback = RoutingStatsCallback(trainer.routing_recorder, selection)
-        # first, so that the loggers after it see the routing shares
-        trainer.callback_handler.callbacks.insert(0, stats_callback)
-    checkpointed: list[int] = []
-    if config.gradient_checkpointing:
-        first = min(selection.by_layer()) if selection.experts else 0
-        checkpointed = enable_gradient_checkpointing(model, config.checkpoint_layers, first)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run_config = {
-        "arguments": dataclasses.asdict(config),
-        "base_model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
-        "sft": str(paths["sft"].resolve()),
-        "risk_table": str(risk_table.resolve()) if risk_table else None,
-        "split_file": str(paths["split"].resolve()) if paths["split"] else None,
-        "data_path": split["data_path"] if split else None,
-        "selection_file": str(selection_path.resolve()),
-        "num_selected": len(selection),
-        "masked_layers": selection.masked_layers,
-        "short_layers": selection.short_layers,
-        "batch_order": batch_order,
-        "samples": {"safe": dataset.groups.count(0), "unsafe": dataset.groups.count(1)},
-        "batch_mix": dict(zip(("safe", "unsafe"), split_counts(config.batch_size, config.safe_ratio))),
-        "checkpointed_layers": checkpointed,
-        "trainable_parameters": trainable,
-        "device": str(training_args.device),
-        "world_size": training_args.world_size,
-        "global_batch_size": config.batch_size * config.gradient_accumulation_steps * training_args.world_size,
-        "distributed": str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
-        "dtype": str(dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    }
-    if main_process:
-        artifacts.atomic_write_json(out / TRAINING_CONFIG_FILE, run_config)
+            trainer.routing_recorder = mf.RoutingRecorder(model, num_groups=2)
+            stats_callback = RoutingStatsCallback(trainer.routing_recorder, selection)
+            # first, so that the loggers after it see the routing shares
+            trainer.callback_handler.callbacks.insert(0, stats_callback)
+        checkpointed: list[int] = []
+        if config.gradient_checkpointing:
+            first = min(selection.by_layer()) if selection.experts else 0
+            checkpointed = enable_gradient_checkpointing(model, config.checkpoint_layers, first)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run_config = {
+            "arguments": dataclasses.asdict(config),
+            "base_model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
+            "sft": str(paths["sft"].resolve()),
+            "risk_table": str(risk_table.resolve()) if risk_table else None,
+            "split_file": str(paths["split"].resolve()) if paths["split"] else None,
+            "data_path": split["data_path"] if split else None,
+            "selection_file": str(selection_path.resolve()),
+            "num_selected": len(selection),
+            "masked_layers": selection.masked_layers,
+            "short_layers": selection.short_layers,
+            "batch_order": batch_order,
+            "samples": {"safe": dataset.groups.count(0), "unsafe": dataset.groups.count(1)},
+            "batch_mix": dict(zip(("safe", "unsafe"), split_counts(config.batch_size, config.safe_ratio))),
+            "checkpointed_layers": checkpointed,
+            "trainable_parameters": trainable,
+            "device": str(training_args.device),
+            "world_size": training_args.world_size,
+            "global_batch_size": config.batch_size * config.gradient_accumulation_steps * training_args.world_size,
+            "distributed": str(getattr(trainer.accelerator.distributed_type, "value", "NO")),
+            "dtype": str(dtype).replace("torch.", ""),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        if main_process:
+            artifacts.atomic_write_json(out / TRAINING_CONFIG_FILE, run_config)
+    except BaseException:
+        if main_process:
+            _remove_created(created)
+        raise
 
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from moe_fastmask.ops.cross_entropy import IGNORE_INDEX, FrozenHeadCrossEntropy
-from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes
+from moe_fastmask.pipeline.selection import ExpertSelection, check_selection_fits
 from moe_fastmask.pipeline.train.data import MixedBatchSampler
 
 
@@ -38,12 +38,7 @@ def prepare_model(
     import moe_fastmask as mf
     from moe_fastmask.integrations.expert_slices import attach_expert_slices
 
-    num_layers, num_experts, top_k = model_sizes(model.config)
-    if (num_layers, num_experts, top_k) != (selection.num_layers, selection.num_experts, selection.top_k):
-        raise ValueError(
-            f"the selection is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
-            f"{selection.top_k}; the model has {num_layers} x {num_experts}, top_k {top_k}"
-        )
+    check_selection_fits(selection, model.config)
     mf.apply(model, backend=backend)
     mf.set_expert_mask(model, selection.keep_mask())
     return attach_expert_slices(model, selection.by_layer(), dtype=slice_dtype, memory_efficient=memory_efficient)
