@@ -44,9 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, Slurm, ``docker stop``) ends the command as Ctrl-C does: ``finally`` blocks and exit
+    handlers run, so an engine process (vLLM) is shut down and partial files are cleaned up, not orphaned. A
+    handler set by the embedding program is kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_required(args)
+    _exit_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as error:

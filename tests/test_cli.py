@@ -139,3 +139,24 @@ def test_the_op_is_registered_whichever_is_imported_first():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_sigterm_unwinds_like_ctrl_c():
+    """The command turns SIGTERM (timeout, Slurm, docker stop) into an exit that runs finally blocks and exit
+    handlers, so engine processes and partial files are cleaned up; exit status 128 + 15."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from moe_fastmask.cli import _exit_on_sigterm\n"
+        "_exit_on_sigterm()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        "    print('cleaned up', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.strip() == "cleaned up"

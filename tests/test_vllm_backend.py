@@ -656,3 +656,46 @@ def test_engine_registered_and_imported_lazily(monkeypatch):
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match="runs in one process.*tensor_parallel_size"):
         generation.load_model("vllm", "some/model", "cpu", "float32")
+
+
+@needs_vllm
+def test_requests_past_the_engines_length_limit_are_refused(engine):
+    """vLLM would stop such sequences at max_model_len (answers and counts cut short, no error): refused up front,
+    naming the limit and how to raise it; a request that fits runs."""
+    from moe_fastmask.pipeline.preflight import UsageError
+
+    limit = engine.max_model_len
+    assert isinstance(limit, int) and limit > 8
+    prompt = [1] * (limit - 4)
+    with pytest.raises(UsageError, match=rf"needs {limit + 1} positions, but the engine's max_model_len is {limit}"):
+        engine.generate(_request([prompt, [1, 2, 3]], None, max_new_tokens=5, record=False))
+    out = engine.generate(_request([prompt], None, max_new_tokens=4, record=False))
+    assert len(out.tokens) == 1
+
+
+def test_engine_arguments_the_command_line_sets_are_refused(monkeypatch):
+    monkeypatch.setenv(vb.ENGINE_ARGS_ENV, '{"dtype": "bfloat16", "max_model_len": 64}')
+    with pytest.raises(ValueError, match="'dtype' are set by the command line; use --dtype instead"):
+        vb.engine_args_from_env()
+    monkeypatch.setenv(vb.ENGINE_ARGS_ENV, '{"max_model_len": 64}')
+    assert vb.engine_args_from_env() == {"max_model_len": 64}
+
+
+def test_eos_ids_fall_back_to_the_model_config_as_transformers_does(model_dir, tmp_path):
+    """Without generation_config.json, generate takes the EOS of config.json (GenerationConfig.from_model_config);
+    so does the vLLM backend, before the tokenizer's."""
+    import json
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    (copy / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((copy / "config.json").read_text())
+    config["eos_token_id"] = 7
+    (copy / "config.json").write_text(json.dumps(config))
+
+    class Tokenizer:
+        eos_token_id = 3
+
+    assert vb._eos_ids_of(str(copy), Tokenizer()) == [7]
+    assert vb._eos_ids_of(str(tmp_path / "missing"), Tokenizer()) == [3]

@@ -394,14 +394,19 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         frames.append(frame)
 
     if args.base_model is not None:
+        if selection is not None:  # from the model's config, before anything loads (whatever the engine)
+            from transformers import AutoConfig
+
+            try:
+                sizes = model_sizes(AutoConfig.from_pretrained(args.base_model))
+            except OSError:
+                sizes = None  # (loading reports it)
+            if sizes is not None and sizes != (selection.num_layers, selection.num_experts, selection.top_k):
+                raise ValueError(
+                    f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
+                    f"{selection.top_k}; {args.base_model} has {sizes[0]} x {sizes[1]}, top_k {sizes[2]}"
+                )
         model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
-        if selection is not None and isinstance(model, torch.nn.Module) and model_sizes(model.config) != (
-            selection.num_layers, selection.num_experts, selection.top_k
-        ):
-            raise ValueError(
-                f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
-                f"{selection.top_k}; {args.base_model} has {model_sizes(model.config)}"
-            )
         options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
         backend = get_backend(args.engine, model, tokenizer, **options)
         run("before", model, tokenizer, backend)

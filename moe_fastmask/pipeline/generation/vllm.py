@@ -370,6 +370,13 @@ def engine_args_from_env() -> dict[str, Any]:
         raise ValueError(f"${ENGINE_ARGS_ENV} must hold a JSON object of vllm.LLM arguments: {error}") from None
     if not isinstance(args, dict):
         raise ValueError(f"${ENGINE_ARGS_ENV} must hold a JSON object of vllm.LLM arguments, got {text!r:.80}")
+    own = {"model": "--model", "dtype": "--dtype"}
+    taken = [key for key in args if key in own]
+    if taken:
+        raise ValueError(
+            f"${ENGINE_ARGS_ENV}: {', '.join(repr(k) for k in taken)} are set by the command line; use "
+            f"{', '.join(own[k] for k in taken)} instead"
+        )
     return args
 
 
@@ -431,7 +438,14 @@ def load_engine(model: str | Path, dtype: str = "auto", **engine_kwargs: Any):
     # (the engine's own processes; nothing is read from outside)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     release_engine()
-    llm = vllm.LLM(model=str(model), dtype=dtype, **engine_kwargs)
+    try:
+        llm = vllm.LLM(model=str(model), dtype=dtype, **engine_kwargs)
+    except TypeError as error:  # an argument vLLM does not know (a misspelt key of the engine arguments)
+        if "unexpected keyword argument" not in str(error):
+            raise
+        from moe_fastmask.pipeline.preflight import UsageError
+
+        raise UsageError(f"vLLM engine arguments (${ENGINE_ARGS_ENV}): {error}") from None
     _ENGINE.update(key=key, llm=llm)
     return llm
 
@@ -471,16 +485,19 @@ def load_model(model_name_or_path: str, device: str, dtype: str):
 
 
 def _eos_ids_of(model_path: str | None, tokenizer) -> list[int]:
-    """The model's EOS ids as transformers' ``generate`` uses them: its generation config, else the tokenizer's."""
+    """The model's EOS ids as transformers' ``generate`` uses them: its ``generation_config.json``, else its
+    ``config.json`` (from which transformers makes the generation config when there is none), else the tokenizer's."""
     if model_path is not None:
-        try:
-            from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
-            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        except (OSError, ValueError):
-            eos = None
-        if eos is not None:
-            return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        for read in (lambda: GenerationConfig.from_pretrained(model_path).eos_token_id,
+                     lambda: GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path)).eos_token_id):
+            try:
+                eos = read()
+            except (OSError, ValueError):
+                eos = None
+            if eos is not None:
+                return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
     eos = getattr(tokenizer, "eos_token_id", None)
     return [] if eos is None else [int(eos)]
 
@@ -526,6 +543,7 @@ class VLLMBackend:
         model_config = llm.llm_engine.model_config
         self._eager = bool(model_config.enforce_eager)
         self._capture = bool(model_config.enable_return_routed_experts)
+        self.max_model_len = getattr(model_config, "max_model_len", None)
         hf_config = model_config.hf_config
         self.num_layers = int(hf_config.num_hidden_layers)
         self.num_experts = int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "n_routed_experts"))
@@ -615,6 +633,24 @@ class VLLMBackend:
             detokenize=False,
         )
 
+    def _check_length(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """vLLM stops a sequence at ``max_model_len`` positions (``finish_reason="length"``: answers and counts cut
+        short with no error) and refuses longer prompts deep in the engine; ``generate`` has no such limit. So a
+        request that could pass the limit is refused here, naming it and the fix."""
+        if self.max_model_len is None or not prompts:
+            return
+        longest = max(len(p) for p in prompts)
+        need = longest + int(max_new_tokens)
+        if need > self.max_model_len:
+            from moe_fastmask.pipeline.preflight import UsageError
+
+            raise UsageError(
+                f"--engine vllm: a prompt of {longest} tokens plus {max_new_tokens} new tokens needs {need} positions, "
+                f"but the engine's max_model_len is {self.max_model_len} (by default the model's "
+                f"max_position_embeddings); vLLM would cut the answers short. Set ${ENGINE_ARGS_ENV}="
+                f"'{{\"max_model_len\": {need}}}' (if the model can take it) or use --engine hf"
+            )
+
     def generate(self, request: GenerationRequest) -> GenerationOutput:
         """Generate one batch; with ``request.groups`` also count its routing per group (exact, no padding)."""
         if self.llm is None:
@@ -625,6 +661,7 @@ class VLLMBackend:
             raise ValueError("counting routing needs an engine made with enable_return_routed_experts=True")
         if groups is not None and self._cpu and not self._eager:
             raise ValueError(_compiled_cpu_message())
+        self._check_length(prompts, request.sampling.max_new_tokens)
         keys = [self._mask_key(None if groups is None else g) for g in (groups or [None] * len(prompts))]
         # each sequence samples from its own seed, so its tokens do not depend on what else the request holds
         if request.sequence_seeds is not None:
