@@ -279,3 +279,17 @@ def test_closed_backend_keeps_nothing_alive(model_dir):
     del model
     gc.collect()
     assert ref() is None  # the backend object itself still exists, but no longer holds the model
+
+
+def test_one_new_token_gives_empty_decode_experts_per_row(model_dir):
+    """With one new token no decode forward runs: the per-token decode arrays still hold one (empty) row per
+    sequence, [B, 0, L, K], as the other backends give them."""
+    model, tokenizer = load(model_dir)
+    ids = prompts(tokenizer)
+    out = get_backend("hf", model, tokenizer).generate(
+        GenerationRequest(prompts=ids, sampling=greedy(1), groups=[0, 1, 0, 1], record_token_experts=True)
+    )
+    experts = out.token_experts
+    assert experts["decode"].shape[:2] == (len(ids), 0) and experts["decode"].shape[2] == L
+    assert experts["decode_counted"].shape == (len(ids), 0)
+    assert experts["prefill"].shape[0] == len(ids) and experts["prefill_counted"].any()

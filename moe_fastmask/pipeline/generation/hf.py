@@ -165,7 +165,11 @@ class HFGenerateBackend:
             result.prefill_tokens = _host(recorder.prefill_tokens)
             result.decode_tokens = _host(recorder.decode_tokens)
             if request.record_token_experts:
-                result.token_experts = {key: value.numpy() for key, value in recorder.token_experts().items()}
+                experts = {key: value.numpy() for key, value in recorder.token_experts().items()}
+                for key, value in experts.items():  # a phase with no forward (one new token: no decode step)
+                    if value.shape[0] == 0:
+                        experts[key] = np.zeros((len(request.prompts), 0, *value.shape[2:]), dtype=value.dtype)
+                result.token_experts = experts
         return result
 
 
