@@ -336,6 +336,7 @@ class RouteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, keep, group, counts, renormalize, backend, scoring="softmax", bias=None,
                 n_group=1, topk_group=1, scale=1.0):
+        keep, group, bias = _dense(keep), _dense(group), _dense(bias)  # (the CUDA call below and the backward)
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
         ids8 = None
         if backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant) and (
@@ -651,7 +652,6 @@ def route_prechecked(
     would cost a noticeable share of the step's host time. Arguments that :func:`check_route_args` would reject give
     undefined results here.
     """
-    keep, group, bias = _dense(keep), _dense(group), _dense(bias)
     scale = float(scale)
     variant = (scoring, bias, n_group, topk_group, scale)
     if torch.compiler.is_compiling():

@@ -353,7 +353,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     from moe_fastmask.pipeline.generation import get_backend, load_model
     from moe_fastmask.pipeline.judge import judge_name
     from moe_fastmask.pipeline.preflight import check_device, check_paths
-    from moe_fastmask.pipeline.selection import ExpertSelection, model_sizes, steering_experts
+    from moe_fastmask.pipeline.selection import ExpertSelection, check_selection_fits, steering_experts
 
     args = resolve_arguments(args)
     out = Path(args.out) if args.out else Path(args.model or args.base_model).parent / "evaluation"
@@ -398,14 +398,11 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
             from transformers import AutoConfig
 
             try:
-                sizes = model_sizes(AutoConfig.from_pretrained(args.base_model))
+                base_config = AutoConfig.from_pretrained(args.base_model)
             except OSError:
-                sizes = None  # (loading reports it)
-            if sizes is not None and sizes != (selection.num_layers, selection.num_experts, selection.top_k):
-                raise ValueError(
-                    f"{args.selection} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
-                    f"{selection.top_k}; {args.base_model} has {sizes[0]} x {sizes[1]}, top_k {sizes[2]}"
-                )
+                base_config = None  # (loading reports it)
+            if base_config is not None:
+                check_selection_fits(selection, base_config, str(args.selection), str(args.base_model))
         model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
         options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
         backend = get_backend(args.engine, model, tokenizer, **options)

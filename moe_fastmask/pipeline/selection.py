@@ -176,13 +176,16 @@ class ExpertSelection:
             ) from None
 
 
-def check_selection_fits(selection: ExpertSelection, model_config) -> None:
-    """The selection was made for this model's layers, experts and top_k (else ``ValueError``)."""
+def check_selection_fits(
+    selection: ExpertSelection, model_config, what: str = "the selection", model: str = "the model"
+) -> None:
+    """The selection was made for this model's layers, experts and top_k (else ``ValueError`` naming ``what`` and
+    ``model``)."""
     num_layers, num_experts, top_k = model_sizes(model_config)
     if (num_layers, num_experts, top_k) != (selection.num_layers, selection.num_experts, selection.top_k):
         raise ValueError(
-            f"the selection is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
-            f"{selection.top_k}; the model has {num_layers} x {num_experts}, top_k {top_k}"
+            f"{what} is for {selection.num_layers} layers x {selection.num_experts} experts, top_k "
+            f"{selection.top_k}; {model} has {num_layers} x {num_experts}, top_k {top_k}"
         )
 
 

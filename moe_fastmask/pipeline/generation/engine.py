@@ -117,21 +117,24 @@ def _attention_windows(config) -> tuple[str, int | None, object]:
     (transformers' sliding cache layers are rolling buffers of the window, which the engine's masks over absolute
     cache positions do not index), so sliding layers are windowed by their masks alone.
     """
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None)
+    def text_config(config):
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+    window = getattr(text_config(config), "sliding_window", None)
+    layer_types = getattr(text_config(config), "layer_types", None)
     if layer_types is not None:
         layout = "per_layer" if "sliding_attention" in layer_types and window else "full"
     else:
         layout = "sliding" if window else "full"
-    if layout == "full" and not window:
+    if layout == "full":
         return layout, None, config
     cache_config = copy.deepcopy(config)
-    cache_text = cache_config.get_text_config(decoder=True) if hasattr(cache_config, "get_text_config") else cache_config
-    cache_text.sliding_window = None
+    text_config(cache_config).sliding_window = None
     if layer_types is not None:
-        cache_text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
-    return layout, (int(window) if layout != "full" else None), cache_config
+        text_config(cache_config).layer_types = [
+            "full_attention" if t == "sliding_attention" else t for t in layer_types
+        ]
+    return layout, int(window), cache_config
 
 
 class _Slot:

@@ -106,7 +106,9 @@ def _check_report_to(report_to: str) -> None:
         )
 
 
-_CHOICE_FLAGS = {"top_n": None, "per_layer": None, "threshold": None, "fill": False, "score_column": "risk_diff"}
+# the flags that choose the experts, with their defaults
+_CHOICE_FLAGS = {field.name: field.default for field in dataclasses.fields(MaskedFinetuneArguments)
+                 if field.name in ("top_n", "per_layer", "threshold", "fill", "score_column")}  # fmt: skip
 
 
 def _check_resumed_selection(config: MaskedFinetuneArguments, out: Path) -> None:
@@ -136,10 +138,12 @@ def _remove_created(paths: list[Path]) -> None:
     import shutil
 
     for path in reversed(paths):
-        if path.is_dir():
-            shutil.rmtree(path) if path.name == CHECKPOINT_DIR else (path.rmdir() if not any(path.iterdir()) else None)
-        elif path.exists():
+        if path.is_file():
             path.unlink()
+        elif path.is_dir() and path.name == CHECKPOINT_DIR:
+            shutil.rmtree(path)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def build_selection(config: MaskedFinetuneArguments, model_config, risk_table: Path | None) -> ExpertSelection:
