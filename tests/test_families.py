@@ -89,6 +89,33 @@ def capture_router_ids(model, inputs) -> list[torch.Tensor]:
     return captured
 
 
+def capture_router_outputs(model, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[L] pairs (logits [T, E], ids [T, K]) of each MoE router in one forward of ``inputs``."""
+    captured = []
+    handles = [r.register_forward_hook(lambda m, a, out: captured.append((out[0].detach().clone(), out[2].detach().clone())))
+               for r in routers(model)]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def assert_same_experts_up_to_ties(mine: torch.Tensor, theirs: torch.Tensor, selection_keys: torch.Tensor) -> None:
+    """Each row chose the same experts, except where ``torch.topk`` (whose order among equal values is unspecified
+    and differs between CPU builds) broke an exact tie of selection keys differently: then the experts that differ
+    must hold equal keys, and ours are the lower indices (the tie rule)."""
+    for row in (mine.sort(dim=1).values != theirs.sort(dim=1).values).any(dim=1).nonzero().flatten().tolist():
+        only_mine = sorted(set(mine[row].tolist()) - set(theirs[row].tolist()))
+        only_theirs = sorted(set(theirs[row].tolist()) - set(mine[row].tolist()))
+        keys = selection_keys[row]
+        assert torch.equal(keys[only_mine].sort().values, keys[only_theirs].sort().values), (
+            f"row {row}: experts {only_mine} chosen instead of {only_theirs}, keys {keys.tolist()}")
+        assert max(only_mine) < min(only_theirs), f"row {row}: tie broken to the higher index {only_mine}"
+
+
 def recount(ids_per_layer, groups, num_groups, seq_len, num_experts) -> torch.Tensor:
     """[L, G, E] counts (the recorder's layout) from per-layer ids [B * S, K] and per-sequence groups."""
     counts = torch.zeros(len(ids_per_layer), num_groups, num_experts, dtype=torch.int64)
@@ -363,8 +390,13 @@ def test_bfloat16_model_routes_like_stock(name):
     the same experts in every layer and the same logits."""
     stock = tiny_model(name).to(torch.bfloat16)
     ours = mf.apply(copy.deepcopy(stock))
-    for mine, theirs in zip(capture_router_ids(ours, IDS), capture_router_ids(stock, IDS)):
-        assert torch.equal(mine.sort(dim=1).values, theirs.sort(dim=1).values)
+    for router, (logits, mine), (stock_logits, theirs) in zip(
+            routers(stock), capture_router_outputs(ours, IDS), capture_router_outputs(stock, IDS)):
+        assert torch.equal(logits, stock_logits)
+        keys = logits.float()  # bfloat16 logits tie exactly now and then: the family's selection keys decide
+        if getattr(router, "e_score_correction_bias", None) is not None:
+            keys = keys.sigmoid() + router.e_score_correction_bias.float()
+        assert_same_experts_up_to_ties(mine, theirs, keys)
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS).logits, stock(IDS).logits)
 
