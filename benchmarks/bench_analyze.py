@@ -336,7 +336,10 @@ def parse_args(argv=None):
                         help="default: bfloat16 (--tiny: float32)")  # fmt: skip
     parser.add_argument("--skip-reference", action="store_true", help="time (a) only")
     args = parser.parse_args(argv)
-    return fill_size_defaults(args, tiny=(8, 8, 40, 6, "cpu", "float32"), full=(64, 16, 128, 64, "cuda", "bfloat16"))
+    args = fill_size_defaults(args, tiny=(8, 8, 40, 6, "cpu", "float32"), full=(64, 16, 128, 64, "cuda", "bfloat16"))
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (--tiny runs a CPU check of the script)")
+    return args
 
 
 def main(argv=None) -> int:

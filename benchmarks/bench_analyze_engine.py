@@ -250,6 +250,8 @@ def parse_args(argv=None):
                         help="a compiled run at the long prompts too (another compile: about a minute more)")
     args = parser.parse_args(argv)
     args.device, args.dtype, args.tiny = ("cpu", "float32", True) if args.smoke else ("cuda", "bfloat16", False)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device (--smoke runs a CPU check of the script)")
     if args.smoke:
         args.pairs, args.prompt_tokens, args.new_tokens = 16, 40, 6
         args.long_pairs, args.long_prompt_tokens, args.reference_pairs, args.hf_pairs = 8, 64, 2, 8

@@ -221,6 +221,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 (--tiny: float32)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available() and not str(args.device or "").startswith("cpu"):
+        parser.error("this benchmark needs CUDA devices (--tiny runs a CPU check of the script)")
     return bench_analyze.fill_size_defaults(
         args, tiny=(8, 4, 40, 4, "cpu", "float32"), full=(256, 16, 128, 64, None, "bfloat16")
     )

@@ -27,9 +27,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
+    from moe_fastmask.pipeline.generation import vllm as vb
+
+    try:
+        vb.import_vllm()
+    except (ImportError, ValueError) as error:  # not installed, or a version the backend does not support
+        parser.error(str(error))
+
     from moe_fastmask.pipeline.analyze import AnalysisConfig, run_analysis
     from moe_fastmask.pipeline.demo import build_demo_dataset, build_tiny_olmoe
-    from moe_fastmask.pipeline.generation import vllm as vb
 
     out = Path(args.out)
     model = build_tiny_olmoe(out / "model", hidden_size=256, intermediate_size=64, seed=3)

@@ -74,7 +74,7 @@ def measure(impl: str, rows: int, hidden_size: int, vocab: int, device: str, dty
     loss, grad = step()
     result = {
         "impl": impl, "rows": rows, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
-        "loss_abs_diff": abs(float(loss) - float(ref_loss)),
+        "loss_abs_diff": abs(float(loss.detach()) - float(ref_loss.detach())),
         "grad_max_abs_diff": float((grad.float() - ref_hidden.grad).abs().max()),
     }
     if device == "cuda":
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for impl in impls:
             results.append(measure(impl, n, hidden_size, vocab, device, dtype, args.chunk_size, args.repeats))
             r = results[-1]
-            print(f"{impl:10s} rows {n:6d}: {r['ms']:8.2f} ms  peak +{r.get('peak_extra_gib', float('nan')):.2f} GiB"
+            peak = f"+{r['peak_extra_gib']:.2f} GiB" if "peak_extra_gib" in r else "- (CPU)"
+            print(f"{impl:10s} rows {n:6d}: {r['ms']:8.2f} ms  peak {peak}"
                   f"  |loss - ref| {r['loss_abs_diff']:.2e}  max|grad - ref| {r['grad_max_abs_diff']:.2e}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_loss.json").write_text(json.dumps(results, indent=1))

@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the three generate variants")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device")
 
     import transformers
 

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FREQS = REPO_ROOT / ".." / "shared" / "data" / "olmoe_expert_activation_frequencies.csv"
+DEFAULT_FREQS = REPO_ROOT / "tests" / "data" / "olmoe_expert_activation_frequencies.csv"  # tests/data/README.md
 SIZES = [16, 256, 4096, 65536, 262144]
 QUANTILES = [0.5, 0.2, 0.8]
 NUM_EXPERTS = 64

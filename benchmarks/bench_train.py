@@ -266,6 +266,10 @@ def parse_args(argv=None):
     for name, (full, tiny) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device (--tiny runs a CPU check of the script)")
     return args
 
 

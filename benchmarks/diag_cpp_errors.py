@@ -317,7 +317,12 @@ def describe(rc: int) -> str:
     return f"rc={rc}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Exit status 0 when no case died "
+                                     "on a signal, 1 otherwise.")
+    parser.parse_args(argv)  # no options: --help says what a run does before it compiles anything
     begin = time.perf_counter()
     try:
         import moe_fastmask  # noqa: F401

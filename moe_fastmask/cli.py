@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from moe_fastmask.pipeline.cli_args import SUBCOMMANDS, HelpFormatter, add_subcommand, check_required
 
@@ -30,13 +31,36 @@ def _add_build_ext(subparsers) -> None:
 def _run_build_ext(args: argparse.Namespace) -> int:
     from moe_fastmask.ops import cpp_route
 
-    print(cpp_route.build())
+    try:
+        print(cpp_route.build())
+    except RuntimeError as error:  # the compiler's own output is above; one line says what it means
+        first = next((line for line in str(error).splitlines() if line.strip()), "failed")
+        print(f"moe-fastmask build-ext: error: {first} (route falls back to the PyTorch reference on CPU)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+# what a rerun after an interruption does, by subcommand
+_AFTER_INTERRUPT = {
+    "analyze": "the finished batches are saved; rerun the same command to resume",
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe_fastmask")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser; building it imports neither torch nor transformers (they load when a subcommand runs)."""
     parser = argparse.ArgumentParser(prog="moe-fastmask", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for name in SUBCOMMANDS:
         add_subcommand(subparsers, name)
@@ -57,12 +81,34 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def _one_line_warnings(command: str):
+    """The package's own warnings as ``moe-fastmask CMD: warning: ...`` lines, without Python's file, line and
+    source line (which point into the package, not at anything the user wrote); other packages' keep their form."""
+    import os
+
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package_dir):
+            return f"moe-fastmask {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    return default
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_required(args)
     _exit_on_sigterm()
+    previous_format = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        hint = _AFTER_INTERRUPT.get(args.command)
+        print(f"\nmoe-fastmask {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
     except ModuleNotFoundError as error:
         # a missing package (an optional one such as wandb for --report-to, or a broken install): one line
         if error.name is None or error.name.split(".")[0] == "moe_fastmask":
@@ -70,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moe-fastmask {args.command}: error: the package {error.name!r} is not installed "
               f"(pip install {error.name.split('.')[0]})", file=sys.stderr)  # fmt: skip
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

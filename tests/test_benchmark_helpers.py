@@ -120,3 +120,33 @@ def test_timeline_steps_of_the_route_kernels_stamps(session_seed):
     lines = lane.timeline_summary(timeline)
     assert lines[0].startswith(f"warps {warps}, tiles per warp") and len(lines) == 1 + len(steps)
     assert lane.timeline_summary(torch.zeros(3, 32, dtype=torch.int64)) == ["no warp stamped"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("name, argv, fragment", [
+    ("bench_analyze", ["--out", "o"], "no CUDA device here (--tiny runs a CPU check"),
+    ("bench_analyze_engine", ["--out", "o"], "needs a CUDA device (--smoke runs a CPU check"),
+    ("bench_olmoe_generate", ["--out", "o"], "needs a CUDA device"),
+    ("bench_train", ["--out", "o"], "needs a CUDA device (--tiny runs a CPU check"),
+    ("bench_analyze_multi_gpu", ["--out", "o"], "needs CUDA devices (--tiny runs a CPU check"),
+])  # fmt: skip
+def test_gpu_benchmarks_refuse_a_cpu_machine_in_one_line(name, argv, fragment, monkeypatch, capsys, tmp_path):
+    """Without CUDA (and without their CPU smoke options) the GPU benchmarks stop at their arguments, before
+    building or loading a full-size model on the CPU."""
+    monkeypatch.chdir(tmp_path)
+    module = load_benchmark(name)
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        module.main(argv) if "argv" in module.main.__code__.co_varnames else module.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_diagnosis_script_help_runs_nothing(capsys):
+    module = load_benchmark("diag_cpp_errors")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    assert "Why an argument error of the C++ CPU routing op" in capsys.readouterr().out

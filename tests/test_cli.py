@@ -94,6 +94,9 @@ def test_old_and_new_spellings_give_the_same_settings():
          ["evaluate", "--data", "d", "--base-model", "b", "--no-steering", "--max-new-tokens", "9"]),
         (["analyze", "--demo", "--out", "o", "--batch_size", "8", "--safe_ratio", "0.5", "--max_new_tokens", "4"],
          ["analyze", "--demo", "--out", "o", "--batch-size", "8", "--safe-ratio", "0.5", "--max-new-tokens", "4"]),
+        (["analyze", "--model_name", "m", "--data", "d", "--out", "o"], ["analyze", "--model", "m", "--data", "d",
+                                                                        "--out", "o"]),
+        (["evaluate", "--data", "d", "--model_name_or_path", "m"], ["evaluate", "--data", "d", "--model", "m"]),
     ]  # fmt: skip
     for old, new in pairs:
         settings = SUBCOMMANDS[old[0]].settings_type()
@@ -160,3 +163,74 @@ def test_sigterm_unwinds_like_ctrl_c():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, done.stderr
     assert done.stdout.strip() == "cleaned up"
+
+
+def test_version_and_python_dash_m():
+    from importlib.metadata import version
+
+    for argv in (["-m", "moe_fastmask", "--version"], ["-m", "moe_fastmask.cli", "--version"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"moe-fastmask {version('moe_fastmask')}"
+    done = subprocess.run([sys.executable, "-m", "moe_fastmask", "analyze", "--out", "o"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "give --model and --data, or --demo" in done.stderr
+
+
+def test_ctrl_c_ends_in_one_line_saying_how_to_resume(monkeypatch, capsys):
+    from moe_fastmask import cli
+    from moe_fastmask.pipeline import analyze
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze, "run_cli", interrupted)
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.choices["analyze"].set_defaults(func=interrupted)
+    assert cli.main(["analyze", "--demo", "--out", "o"]) == 130
+    err = capsys.readouterr().err
+    assert "moe-fastmask analyze: interrupted; the finished batches are saved; rerun the same command" in err
+    assert "Traceback" not in err
+
+
+def test_the_packages_warnings_are_one_line_on_the_command_line(tmp_path):
+    """A warning from inside the package prints as one ``moe-fastmask CMD: warning:`` line (in a fresh process:
+    pytest records warnings instead of printing them); the formatter is restored when ``main`` returns."""
+    code = (
+        "import sys, warnings\n"
+        "from moe_fastmask import cli\n"
+        "from moe_fastmask.pipeline.artifacts import RunStore\n"
+        f"store = RunStore({str(tmp_path)!r}, 'slug')\n"
+        "store.batch_dir.mkdir()\n"
+        "store.batch_path(0).write_bytes(b'')\n"
+        "parser = cli.build_parser()\n"
+        "cli.build_parser = lambda: parser\n"
+        "sub = next(a for a in parser._actions if hasattr(a, 'choices') and isinstance(a.choices, dict))\n"
+        "sub.choices['train'].set_defaults(func=lambda args: 0 if store.load_batches([0]) == {} else 1)\n"
+        "before = warnings.formatwarning\n"
+        "code = cli.main(['train', '--model', 'm', '--sft', 's', '--out', 'o'])\n"
+        "assert warnings.formatwarning is before\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"moe-fastmask train: warning: {tmp_path}/batches_slug/batch_00000.pkl cannot be "
+                                  "read (EOFError")  # fmt: skip
+    assert done.stderr.count("\n") == 1 and "UserWarning" not in done.stderr
+
+
+def test_build_ext_failure_is_one_line(monkeypatch, capsys):
+    from moe_fastmask import cli
+    from moe_fastmask.ops import cpp_route
+
+    def failing():
+        raise RuntimeError("building the C++ routing kernel failed: Error building extension 'moe_fastmask_C'\nninja")
+
+    monkeypatch.setattr(cpp_route, "build", failing)
+    assert cli.main(["build-ext"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moe-fastmask build-ext: error: building the C++ routing kernel failed: Error building extension "
+                   "'moe_fastmask_C' (route falls back to the PyTorch reference on CPU)"]

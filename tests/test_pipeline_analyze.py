@@ -1,6 +1,7 @@
 """End to end: ``moe-fastmask analyze`` on the tiny demo model (CPU, float32, a few short batches)."""
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -389,3 +390,84 @@ def test_filter_off_says_nothing_about_pairs_and_counts_read_naturally(demo_inpu
     text = printed.out + printed.err
     assert "pair filter" not in text and "pairs pass" not in text
     assert "-> 1 batch of 8" in text and "(mean over 1 batch)" in text and "1 batches" not in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what a resumed run is tied to: the model's files, readable batch files; --overwrite only once the model loads
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _copy_model(model: Path, parent: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model, parent / Path(model).parent.name / Path(model).name))
+
+
+def test_resume_refuses_a_model_whose_files_changed(demo_inputs, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, data = demo_inputs
+    copy = _copy_model(model, tmp_path / "models")
+    config = AnalysisConfig(model=str(copy), data=str(data), out=str(tmp_path / "out"), num_batches=1, **SMALL)
+    run_analysis(config)
+    recorded = json.loads(_read(tmp_path / "out", "analysis_config", ".json").read_text())["model_files"]["files"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(recorded)
+    run_analysis(config)  # the same files: the finished run is taken as it is
+
+    weights = AutoModelForCausalLM.from_pretrained(copy)
+    with torch.no_grad():
+        weights.model.layers[0].mlp.gate.weight.mul_(-1.0)  # other routing, same shapes and file names
+    weights.save_pretrained(copy)
+    before = _read(tmp_path / "out", "risk_diff").read_bytes()
+    with pytest.raises(ConfigMismatchError, match=r"other model files .*model\.safetensors changed.*--overwrite"):
+        run_analysis(config)
+    assert _read(tmp_path / "out", "risk_diff").read_bytes() == before
+    rerun = run_analysis(dataclasses.replace(config, overwrite=True))  # a fresh start binds the new files
+    assert rerun.risk_diff is not None
+    run_analysis(config)
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_model_does_not_load(demo_inputs, reference_run, tmp_path):
+    import shutil
+
+    from moe_fastmask.pipeline.preflight import UsageError
+
+    model, data = demo_inputs
+    out = Path(shutil.copytree(reference_run.config.out, tmp_path / "out"))
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
+    broken = _copy_model(model, tmp_path / "broken")  # the same slug as the finished run, without its weights
+    (broken / "model.safetensors").unlink()
+    config = AnalysisConfig(model=str(broken), data=str(data), out=str(out), num_batches=3, overwrite=True, **SMALL)
+    with pytest.raises((UsageError, OSError, ValueError)):
+        run_analysis(config)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files  # nothing deleted, nothing added
+
+
+def test_an_unreadable_batch_file_is_generated_again(demo_inputs, reference_run, tmp_path):
+    import shutil
+
+    model, data = demo_inputs
+    out = Path(shutil.copytree(reference_run.config.out, tmp_path / "out"))
+    batch_file = out / "batches_demo--model" / "batch_00001.pkl"
+    batch_file.write_bytes(batch_file.read_bytes()[:100])  # cut short, as by an interrupted copy
+    config = AnalysisConfig(model=str(model), data=str(data), out=str(out), num_batches=3, **SMALL)
+    with pytest.warns(UserWarning, match=r"batch_00001\.pkl cannot be read .*generating batch 1 again"):
+        resumed = run_analysis(config)
+    ref_out = Path(reference_run.config.out)
+    for stem in ("batch_outputs", "risk_diff", "sft_dataset"):
+        assert_same(pd.read_pickle(_read(ref_out, stem)), pd.read_pickle(_read(out, stem)), stem)
+    assert pd.read_pickle(batch_file)["batch_idx"] == 1
+    pd.testing.assert_frame_equal(resumed.risk_diff, reference_run.risk_diff)
+
+
+def test_the_run_says_how_many_records_are_left_over(demo_inputs, tmp_path, capsys):
+    model, data = demo_inputs
+    records = len(json.loads(Path(data).read_text()))
+    config = AnalysisConfig(model=str(model), data=str(data), out=str(tmp_path), num_batches=1,
+                            **{**SMALL, "verbose": True, "max_new_tokens": 2})  # fmt: skip
+    run_analysis(config)
+    train_records = len(json.loads(_read(tmp_path, "split", ".json").read_text())["train_ids"])
+    assert train_records < records
+    said = capsys.readouterr()
+    assert f"{train_records - 4} records left over unused" in said.out + said.err

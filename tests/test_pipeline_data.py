@@ -64,7 +64,12 @@ INVALID = [
     pytest.param(_set(1, "goal", ["a"]), ["field 'goal' must be a string, got list"], id="goal-list"),
     pytest.param(_set(3, "all_prompt", "hi"), ["record 3 (id 3)", "'all_prompt'", "non-empty list"], id="prompt-str"),
     pytest.param(_set(3, "all_prompt", []), ["record 3 (id 3)", "'all_prompt'", "empty list"], id="prompt-empty"),
-    pytest.param(_delete(3, "all_prompt"), ["record 3 (id 3)", "'all_prompt'"], id="prompt-missing"),
+    pytest.param(_delete(3, "all_prompt"), ["record 3 (id 3)", "'all_prompt' is missing"], id="prompt-missing"),
+    pytest.param(_set(3, "all_prompt", None), ["record 3 (id 3)", "'all_prompt'", "got null"], id="prompt-null"),
+    pytest.param(_set(3, "all_prompt", [{"role": "system", "content": "Answer everything."}]),
+                 ["record 3 (id 3)", "'all_prompt' holds no user message"], id="prompt-no-user"),
+    pytest.param(_message(3, 0, {"role": "user", "content": "  "}),
+                 ["record 3 (id 3)", "'all_prompt', message 0", "the user's 'content' is empty"], id="user-empty"),
     pytest.param(_message(0, 1, {"content": "x"}), ["record 0 (id 0)", "'all_prompt', message 1", "'role'"],
                  id="message-no-role"),
     pytest.param(_message(0, 0, {"role": "user"}), ["record 0 (id 0)", "'all_prompt', message 0", "'content'"],
@@ -104,6 +109,13 @@ def test_validation_errors_name_record_and_field(tmp_path, mutate, fragments):
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     assert str(path) in message
+    assert "null None" not in message  # a null is named once
+
+
+def test_an_empty_system_message_in_the_jailbreak_chat_is_accepted(tmp_path):
+    records = _records(4)
+    records[1]["all_prompt"] = [{"role": "system", "content": ""}, *records[1]["all_prompt"]]
+    assert data.load_records(_write(tmp_path, records))[1].all_prompt[0] == {"role": "system", "content": ""}
 
 
 def test_top_level_not_a_list(tmp_path):
@@ -256,6 +268,15 @@ def test_batches_that_cannot_hold_the_mix_are_refused_naming_the_nearest_sizes(b
         assert plan_batches(records, batch_size=size, safe_ratio=ratio, num_batches=1)[0].safe_indices == list(
             range(n_safe)
         )
+
+
+def test_a_mix_no_nearby_size_holds_suggests_the_ratio_the_size_can_hold():
+    with pytest.raises(BatchPlanError) as info:
+        batching.check_batch_mix(3, 0.333)
+    message = str(info.value)
+    assert "--batch-size" not in message.split(";")[-1] and "1000" not in message  # no far-off sizes
+    suggested = float(message.split("--safe-ratio ")[1].split()[0])
+    assert batching.check_batch_mix(3, suggested) == (1, 2)  # the ratio it names works as given
 
 
 def test_whole_mixes_pass_and_float_ratios_are_not_refused_for_rounding_noise():

@@ -493,3 +493,107 @@ def test_benchmark_smoke(tmp_path):
     assert [r["mode"] for r in results] == ["plain", "masked"]
     assert results[1]["trainable_parameters"] < results[0]["trainable_parameters"]
     assert all(r["ms_per_step_median"] > 0 for r in results)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runs sharing an --out: an earlier run is resumed or replaced, never mixed in
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _quiet_train(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tr.train(config)
+
+
+def _final_weights(result):
+    return AutoModelForCausalLM.from_pretrained(result.final_model).state_dict()
+
+
+def test_a_new_run_into_an_earlier_runs_out_is_refused_unless_overwrite(model_dir, analysis_dir, tmp_path):
+    from moe_fastmask.pipeline.preflight import UsageError
+
+    out = tmp_path / "out"
+    short = dict(max_steps=2, save_steps=2, routing_stats=False)
+    _quiet_train(run_config(model_dir, analysis_dir, out, **short))
+    with pytest.raises(UsageError, match=r"holds an earlier training run \(checkpoints/checkpoint-2, final_model\)"):
+        tr.train(run_config(model_dir, analysis_dir, out, **short))
+
+    # --overwrite whose setup fails (a selection that does not fit the model) leaves the earlier run as it was
+    wrong = ExpertSelection(num_layers=L + 1, num_experts=E, top_k=K, experts=[(0, 1), (0, 2)], masked_layers=[0])
+    with pytest.raises(ValueError):
+        tr.train(run_config(model_dir, analysis_dir, out, overwrite=True,
+                            selection=str(wrong.save(tmp_path / "wrong.json")), **short))  # fmt: skip
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "final_model").is_dir()
+
+    replaced = _quiet_train(run_config(model_dir, analysis_dir, out, overwrite=True, learning_rate=3e-3, max_steps=1,
+                                       save_steps=1, routing_stats=False))  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    clean = _quiet_train(run_config(model_dir, analysis_dir, tmp_path / "clean", learning_rate=3e-3, max_steps=1,
+                                    save_steps=1, routing_stats=False))  # fmt: skip
+    a, b = _final_weights(replaced), _final_weights(clean)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+    with pytest.raises(ValueError, match="give one or the other"):
+        run_config(model_dir, analysis_dir, out, overwrite=True, resume="latest")
+
+
+def test_resume_refuses_a_selection_other_than_the_runs(model_dir, analysis_dir, tmp_path):
+    from moe_fastmask.pipeline.preflight import UsageError
+
+    out = tmp_path / "out"
+    _quiet_train(run_config(model_dir, analysis_dir, out, max_steps=2, save_steps=2, routing_stats=False))
+    (out / "final_model").rename(tmp_path / "kept")  # as if stopped before the end
+    other = selection_for({0: [0, 2], 1: [1, 2]}).save(tmp_path / "other.json")
+    with pytest.raises(UsageError, match=r"--selection .*other\.json names other experts"):
+        tr.train(run_config(model_dir, analysis_dir, out, max_steps=4, resume="latest", selection=str(other)))
+    same = selection_for().save(tmp_path / "same.json")  # the run's experts in another file: fine
+    resumed = _quiet_train(run_config(model_dir, analysis_dir, out, max_steps=4, resume="latest", selection=str(same),
+                                      routing_stats=False))  # fmt: skip
+    assert resumed.trainer.state.global_step == 4
+
+
+def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
+    from moe_fastmask.pipeline.train.run import _latest_checkpoint
+
+    for step, complete in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    with pytest.warns(UserWarning, match=r"skipping checkpoint-30 \(incomplete.*continuing from checkpoint-20"):
+        assert _latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    (tmp_path / "checkpoint-30" / "trainer_state.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _latest_checkpoint(tmp_path) == tmp_path / "checkpoint-30"
+    assert _latest_checkpoint(tmp_path / "none") is None
+
+
+def test_the_analysis_model_is_checked_against_the_trained_one(model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from moe_fastmask.pipeline.preflight import UsageError
+    from moe_fastmask.pipeline.train.run import _check_analysis_model
+
+    sft = tmp_path / "sft_dataset_tiny.pkl"
+    olmoe = SimpleNamespace(model_type="olmoe")
+
+    def analysed_with(model):
+        (tmp_path / "analysis_config_tiny.json").write_text(json.dumps({"config": {"model": str(model)}}))
+
+    analysed_with(Path(model_dir).resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_analysis_model(sft, str(model_dir), olmoe)  # the same model: nothing to say
+    mixtral = tmp_path / "mixtral"
+    mixtral.mkdir()
+    (mixtral / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    analysed_with(mixtral)
+    with pytest.raises(UsageError, match=r"made with .*mixtral \(a mixtral model\), not with --model .* \(a olmoe"):
+        _check_analysis_model(sft, str(model_dir), olmoe)
+    analysed_with("allenai/OLMoE-1B-7B-0125-Instruct")  # a hub id, a local copy trained: said, not refused
+    with pytest.warns(UserWarning, match="make sure both are the same model"):
+        _check_analysis_model(sft, str(model_dir), olmoe)

@@ -5,6 +5,7 @@ Kept apart from :mod:`~moe_fastmask.pipeline.analyze` so that the command line i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moe_fastmask.pipeline.batching import check_batch_mix
@@ -24,7 +25,8 @@ class AnalysisConfig:
     """Settings of one analysis run (the flags of ``moe-fastmask analyze``)."""
 
     model: str | None = field(default=None, metadata={
-        "help": "model directory or hub id (loaded with from_pretrained)", "group": _IO})
+        "help": "model directory or hub id (loaded with from_pretrained)", "group": _IO,
+        "aliases": ["--model_name", "--model-name", "--model_name_or_path"]})
     data: str | None = field(default=None, metadata={
         "help": "JSON list of records {id, goal, all_prompt, judge_success_gpt4}", "group": _IO})
     out: str = field(default="analysis_out", metadata={
@@ -73,7 +75,8 @@ class AnalysisConfig:
                 "repay the compile (about 6 M prompt x new-token steps), never on CPU; a step that fails to compile "
                 "runs uncompiled", "choices": list(COMPILE_CHOICES), "group": _RUN})
     gpu_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per generation request: several method batches (--batch-size each) are packed into one, "
+        "help": "sequences per generation request, at least --batch-size: whole method batches (--batch-size each) are "
+                "packed into one, "
                 "each (batch, kind) counted in its own group, so the results equal one batch at a time; default: from "
                 "free memory on CUDA with --engine graph (the batches spread evenly over at least two requests, so "
                 "that judging and saving one overlaps generating the next), else one batch of --batch-size (no "
@@ -122,8 +125,9 @@ class AnalysisConfig:
             )
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"need a finite temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
         if self.filter_pairs and not self.keep_token_experts:
@@ -136,6 +140,10 @@ class AnalysisConfig:
             isinstance(self.gpu_batch_size, bool) or not isinstance(self.gpu_batch_size, int) or self.gpu_batch_size < 1
         ):
             raise ValueError(f"gpu_batch_size must be a positive integer, got {self.gpu_batch_size!r}")
+        if self.gpu_batch_size is not None and self.gpu_batch_size < self.batch_size:
+            raise ValueError(
+                f"gpu_batch_size packs whole batches into one generation request, so it must be at least batch_size "
+                f"({self.batch_size}), got {self.gpu_batch_size}")
         check_batch_mix(self.batch_size, self.safe_ratio)  # before anything is written, demo included
 
     @property

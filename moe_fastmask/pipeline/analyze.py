@@ -59,7 +59,7 @@ from moe_fastmask.pipeline.analysis_requests import (
     warm_plotting_imports,
 )
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
-from moe_fastmask.pipeline.batching import Batch, BatchPlanError, plan_batches
+from moe_fastmask.pipeline.batching import Batch, BatchPlanError, check_batch_mix, plan_batches
 from moe_fastmask.pipeline.common import SAFE, load_model_and_tokenizer, prepare_tokenizer, resolve_dtype
 from moe_fastmask.pipeline.data import DataValidationError, Record, load_records, make_split, select_records
 from moe_fastmask.pipeline.generation import (
@@ -427,6 +427,7 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
 
     run_started = time.perf_counter()
     timings: dict[str, float] = {}
+    model_given = model is not None  # then config.model only names it: no files to tie a resumed run to
     config = dataclasses.replace(config)
     config.validate()
     check_paths(config.out)  # an --out that cannot be a directory fails here, before the demo is built
@@ -461,9 +462,14 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     paths = store.final_paths()
     failure = None
     out_existed, fresh = out.exists(), not store.config_path.exists()
+    if config.overwrite and model is None:
+        # a model that does not load must not cost the run that --overwrite would delete: load it first
+        model, tokenizer = load_model(config.engine, config.model, device, dtype)
+        prepare_tokenizer(tokenizer)
     if dist.is_main:  # rank 0 binds the directory to the config; every rank gets its verdict
         try:
-            store.prepare(settings, overwrite=config.overwrite)
+            identity = artifacts.model_identity(config.model) if not model_given else None
+            store.prepare(settings, overwrite=config.overwrite, model_files=identity)
             artifacts.atomic_write_json(paths["split"], split)
         except Exception as error:  # noqa: BLE001 - re-raised on every rank below
             failure = error
@@ -484,8 +490,11 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
             )
     shares = (f"; {dist.world_size} processes, batch i on rank i % {dist.world_size}: rank 0 has {len(mine)}"
               if dist.enabled else "")  # fmt: skip
+    unused = len(train) - len(batches) * max(check_batch_mix(config.batch_size, config.safe_ratio))
+    unused_note = f", {plural(unused, 'record')} left over unused" if unused else ""
     _say(config, f"analyze {slug}: {len(train)} train records -> {plural(len(batches), 'batch')} of "
-                 f"{config.batch_size} (safe_ratio {config.safe_ratio}){shares}; {len(done)} already done in {out}")
+                 f"{config.batch_size} (safe_ratio {config.safe_ratio}{unused_note}){shares}; {len(done)} already "
+                 f"done in {out}")
     for batch_idx in sorted(done):
         if (message := pair_message(done[batch_idx], config)) is not None:
             _say(config, message + " [resumed]")
@@ -562,8 +571,9 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
         per_batch = risk_diff_per_batch(batch_data_list, config)
         if per_batch.empty:
             raise AnalysisError(
-                f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}, {sum(passed)} "
-                f"pairs passed the filter); nothing to aggregate. The generations are saved in "
+                f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}"
+                + (f", {sum(passed)} pairs passed the filter" if config.filter_pairs else "")
+                + "); nothing to aggregate. The generations are saved in "
                 f"{paths['batch_outputs']}" + ("; try without --filter-pairs" if config.filter_pairs else "")
             )
         table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)

@@ -96,13 +96,15 @@ def check_batch_mix(batch_size: int, safe_ratio: float) -> tuple[int, int]:
     n_safe, n_unsafe = group_sizes(batch_size, safe_ratio)
     exact = batch_size * safe_ratio
     if abs(exact - n_safe) > 1e-9:
-        sizes = nearest_whole_sizes(batch_size, safe_ratio)
+        # sizes far above the asked one are no sensible fix (3 at 0.333 would give 1000)
+        sizes = [s for s in nearest_whole_sizes(batch_size, safe_ratio) if s <= max(4 * batch_size, 64)]
         if abs(safe_ratio - 0.5) < 1e-12:
             effect = "leaving one prompt of every batch without its other form"
         else:
             effect = f"a safe share of {n_safe / batch_size:g} instead of {safe_ratio:g}"
-        fix = (f"use --batch-size {' or '.join(str(s) for s in sizes)}" if sizes
-               else "pick a batch size whose product with the safe ratio is a whole number")
+        ratio = f"--safe-ratio {n_safe / batch_size!r} ({n_safe} of {batch_size})"
+        fix = (f"use --batch-size {' or '.join(str(s) for s in sizes)}, or {ratio}" if sizes
+               else f"use {ratio}, or a batch size whose product with the safe ratio is a whole number")
         raise BatchPlanError(
             f"batch size {batch_size} at safe ratio {safe_ratio:g} gives {exact:g} safe prompts per batch, which "
             f"would be rounded to {n_safe} safe + {n_unsafe} jailbreak prompts, {effect}; {fix}"

@@ -61,6 +61,11 @@ def _type(value: Any) -> str:
     return {dict: "object"}.get(type(value), type(value).__name__)
 
 
+def _got(value: Any) -> str:
+    """A value for messages: its JSON type and, unless null, its start."""
+    return "null" if value is None else f"{_type(value)} {value!r:.80}"
+
+
 def _validate_record(index: int, raw: Any, source: str) -> Record:
     prefix = f"{source}: " if source else ""
     where = _where(index, raw)
@@ -71,15 +76,17 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
         raise DataValidationError(f"{prefix}{where}: field 'id' is missing")
     rid = raw["id"]
     if isinstance(rid, bool) or not isinstance(rid, int):
-        raise DataValidationError(f"{prefix}{where}: field 'id' must be an integer, got {_type(rid)} {rid!r:.80}")
+        raise DataValidationError(f"{prefix}{where}: field 'id' must be an integer, got {_got(rid)}")
     if "goal" not in raw:
         raise DataValidationError(f"{prefix}{where}: field 'goal' is missing")
     goal = raw["goal"]
     if not isinstance(goal, str):
-        raise DataValidationError(f"{prefix}{where}: field 'goal' must be a string, got {_type(goal)} {goal!r:.80}")
+        raise DataValidationError(f"{prefix}{where}: field 'goal' must be a string, got {_got(goal)}")
     if not goal.strip():
         raise DataValidationError(f"{prefix}{where}: field 'goal' is empty")
-    prompt = raw.get("all_prompt")
+    if "all_prompt" not in raw:
+        raise DataValidationError(f"{prefix}{where}: field 'all_prompt' is missing")
+    prompt = raw["all_prompt"]
     if not isinstance(prompt, list) or not prompt:
         raise DataValidationError(
             f"{prefix}{where}: field 'all_prompt' must be a non-empty list of {{role, content}} messages, "
@@ -107,10 +114,14 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
                 f"{prefix}{where}: field 'all_prompt', message {turn}: 'content' must be a string, "
                 f"got {_type(content)}"
             )
+        if role == "user" and not content.strip():
+            raise DataValidationError(f"{prefix}{where}: field 'all_prompt', message {turn}: the user's 'content' is empty")
         messages.append({"role": role, "content": content})
+    if not any(message["role"] == "user" for message in messages):
+        raise DataValidationError(f"{prefix}{where}: field 'all_prompt' holds no user message (the jailbreak to answer)")
     judge = raw.get("judge_success_gpt4", "<missing>")
     if isinstance(judge, bool) or judge not in (0, 1):
-        got = "nothing (missing)" if judge == "<missing>" else f"{_type(judge)} {judge!r:.80}"
+        got = "nothing (missing)" if judge == "<missing>" else _got(judge)
         raise DataValidationError(f"{prefix}{where}: field 'judge_success_gpt4' must be 0 or 1, got {got}")
     return Record(id=rid, goal=goal, all_prompt=messages, judge_success_gpt4=int(judge), index=index)
 
@@ -120,7 +131,7 @@ def validate_records(raw: Any, source: str = "") -> list[Record]:
 
     Raises :class:`DataValidationError` naming the record (index and id) and the field: a top level that is not a
     list, a missing or empty ``goal``, an ``all_prompt`` that is not a non-empty list of ``{role, content}``
-    messages with known roles, duplicate ids, ``judge_success_gpt4`` values other than 0/1.
+    messages with known roles holding a user message (none with empty content), duplicate ids, ``judge_success_gpt4`` values other than 0/1.
     """
     prefix = f"{source}: " if source else ""
     if not isinstance(raw, list):

@@ -59,7 +59,9 @@ class EvaluationArguments:
     still accepted, see :mod:`moe_fastmask.pipeline.cli_args`)."""
 
     data: str = field(metadata={"help": "records file (JSON list of {id, goal, all_prompt, judge_success_gpt4})"})
-    model: str | None = field(default=None, metadata={"help": "fine-tuned model ('after'), e.g. OUT/final_model"})
+    model: str | None = field(default=None, metadata={
+        "help": "fine-tuned model ('after'), e.g. OUT/final_model",
+        "aliases": ["--model_name", "--model-name", "--model_name_or_path"]})
     base_model: str | None = field(
         default=None, metadata={"help": "model before the repair ('before', and 'steering'); default: from the run"}
     )
@@ -95,7 +97,8 @@ class EvaluationArguments:
     )
     backend: str = field(
         default="auto",
-        metadata={"help": "router op backend for steering (auto: triton on cuda, else cpp, else torch)",
+        metadata={"help": "router op backend for steering (auto: on cuda the CUDA kernel where it builds, else "
+                  "triton; on cpu the C++ kernel, else the PyTorch reference)",
                   "choices": ["auto", "triton", "cpp", "torch"]},
     )
     engine: str = field(

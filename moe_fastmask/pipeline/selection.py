@@ -345,7 +345,7 @@ def select_experts(
         details = ", ".join(f"layer {layer} ({counts[layer]} selected)" for layer in short_left)
         warnings.warn(
             f"layers with fewer than top_k={top_k} selected experts are left unmasked (their selected experts are "
-            f"still trained; pass fill to top them up): {details}",
+            f"still trained; --fill (fill=True) tops them up): {details}",
             UserWarning,
             stacklevel=2,
         )
@@ -380,8 +380,8 @@ def masked_layer_report(selection: ExpertSelection, *, allow_unmasked: bool = Fa
     if count:
         short = f"; unmasked (fewer than top_k selected): {selection.short_layers}" if selection.short_layers else ""
         return count, (
-            f"masked layers for unsafe samples: {count} of {selection.num_layers} (unsafe tokens there may route only "
-            f"to the selected experts: {selection.masked_layers}){short}"
+            f"masked layers for unsafe samples: {count} of {selection.num_layers}, layers {selection.masked_layers} "
+            f"(unsafe tokens there may route only to the selected experts){short}"
         )
     by_layer = selection.by_layer()
     counts = ", ".join(f"layer {layer} {len(experts)}" for layer, experts in by_layer.items()) or "none"
@@ -427,9 +427,10 @@ def steering_experts(selection: ExpertSelection) -> tuple[list[str], str | None]
     labels = [layer_expert_label(layer, e) for layer, e in selection.experts if (layer, e) in keep]
     if not reduced:
         return labels, None
+    rule = "the highest-scoring" if selection.scores else "the lowest indices: the selection holds no scores"
     return labels, (
         f"steering: switching off every selected expert would leave fewer than top_k={selection.top_k} experts in "
-        f"some layers, so each is steered with its {cap} highest-scoring selected experts: " + "; ".join(reduced)
+        f"some layers, so each is steered with {cap} of its selected experts ({rule}): " + "; ".join(reduced)
     )
 
 

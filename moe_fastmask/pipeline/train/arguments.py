@@ -90,8 +90,8 @@ class MaskedFinetuneArguments:
     )
     backend: str = field(
         default="auto",
-        metadata={"help": "router op backend (auto: triton on cuda, else cpp, else torch)",
-                  "choices": ["auto", "triton", "cpp", "torch"]},
+        metadata={"help": "router op backend (auto: on cuda the CUDA kernel where it builds, else triton; on cpu the "
+                  "C++ kernel, else the PyTorch reference)", "choices": ["auto", "triton", "cpp", "torch"]},
     )
     routing_stats: bool = field(
         default=True,
@@ -107,6 +107,11 @@ class MaskedFinetuneArguments:
         default=None,
         metadata={"help": "continue from a checkpoint: a checkpoint directory, or no value for the latest one in "
                   "OUT/checkpoints", "nargs": "?", "const": "latest"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "delete the checkpoints and final model of an earlier run in --out and start over "
+                  "(without it, an --out holding an earlier run is refused unless --resume continues it)"},
     )
     progress: bool = field(
         default=True,
@@ -126,6 +131,8 @@ class MaskedFinetuneArguments:
                 f"--selection takes its experts from the file; {', '.join(choosing)} choose them from the risk table: "
                 "give one or the other"
             )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: give one or the other")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.safe_ratio <= 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,73 @@ class TrainResult:
     routing_totals: Tensor | None
 
 
-def _latest_checkpoint(directory: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+def _checkpoints(directory: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``directory``, newest (highest N) first."""
     if not directory.is_dir():
-        return None
-    last = get_last_checkpoint(str(directory))
-    return Path(last) if last else None
+        return []
+    found = [path for path in directory.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[11:]), reverse=True)
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint in ``directory``. The Trainer writes a checkpoint's ``trainer_state.json``
+    last, so a checkpoint without it was cut short (a kill while saving): it is skipped, said in a warning."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    skipped = []
+    for checkpoint in _checkpoints(directory):
+        if (checkpoint / TRAINER_STATE_NAME).is_file():
+            if skipped:
+                warnings.warn(f"--resume: skipping {', '.join(skipped)} (incomplete: no {TRAINER_STATE_NAME}, "
+                              f"cut short while saving); continuing from {checkpoint.name}", stacklevel=2)
+            return checkpoint
+        skipped.append(checkpoint.name)
+    return None
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """What an earlier training run left in ``out`` (its checkpoints, its final model), as relative paths."""
+    found = [f"{CHECKPOINT_DIR}/{path.name}" for path in _checkpoints(out / CHECKPOINT_DIR)]
+    return found + ([FINAL_MODEL_DIR] if (out / FINAL_MODEL_DIR).exists() else [])
+
+
+def _delete_earlier_run(out: Path) -> None:
+    import shutil
+
+    for path in _checkpoints(out / CHECKPOINT_DIR) + [out / FINAL_MODEL_DIR]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_analysis_model(sft_path: Path, model_name: str, model_config, warn: bool = True) -> None:
+    """The analysis that chose the experts and wrote the SFT answers was made with ``model_name``: a model of
+    another family is refused; another path or id is said in a warning (it may be a copy of the same model)."""
+    import json
+
+    slug = sft_path.stem[len("sft_dataset_"):] if sft_path.stem.startswith("sft_dataset_") else None
+    config_file = sft_path.with_name(f"analysis_config_{slug}.json") if slug else None
+    if config_file is None or not config_file.is_file():
+        return
+    try:
+        analysed = json.loads(config_file.read_text(encoding="utf-8"))["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    here = str(Path(model_name).expanduser().resolve()) if Path(model_name).expanduser().exists() else model_name
+    if analysed == here:
+        return
+    analysed_type = None
+    if (Path(analysed) / "config.json").is_file():
+        try:
+            analysed_type = json.loads((Path(analysed) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            analysed_type = None
+    if analysed_type is not None and analysed_type != model_config.model_type:
+        raise UsageError(
+            f"--sft {sft_path}: that analysis was made with {analysed} (a {analysed_type} model), not with --model "
+            f"{model_name} (a {model_config.model_type} model); its experts and answers belong to the other model"
+        )
+    if warn:
+        warnings.warn(f"--sft {sft_path}: that analysis was made with {analysed}, and --model is {model_name}; its "
+                      f"experts and answers are that model's, so make sure both are the same model", stacklevel=2)
 
 
 def _check_split(sft_frame, split_path: Path | None) -> dict | None:
@@ -176,9 +237,16 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
     if config.resume:
         resume = _latest_checkpoint(out / CHECKPOINT_DIR) if config.resume == "latest" else Path(config.resume)
         if resume is None:
-            raise UsageError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR} to continue from")
+            raise UsageError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR} to continue from (a checkpoint cut "
+                             f"short while saving does not count)")
         if not resume.is_dir():
             raise UsageError(f"--resume {config.resume!r}: no such checkpoint directory")
+    elif (earlier := _earlier_run(out)) and not config.overwrite:
+        # a new run must not leave another run's checkpoints for a later --resume to pick up
+        raise UsageError(
+            f"--out {out} holds an earlier training run ({', '.join(earlier)}); --resume continues it, --overwrite "
+            f"deletes it and starts over, or use another --out"
+        )
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(config.dtype, device)
     training_args = TrainingArguments(
@@ -221,6 +289,7 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         raise UsageError(f"cannot load model {config.model!r}: {one_line(error)}") from error
     prepare_tokenizer(tokenizer, padding_side=None)
     check_expert_slices_supported(model)  # an unsupported family is refused before anything is written
+    _check_analysis_model(paths["sft"], config.model, model.config, warn=main_process)  # every process: all refuse
     use_cache = model.config.use_cache
     model.config.use_cache = False
 
@@ -230,10 +299,21 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
         selection = ExpertSelection.load(selection_path)  # the checkpoint's optimizer state matches this one
     else:
         selection = build_selection(config, model.config, risk_table)
+        if config.resume and selection_path.is_file():
+            saved = ExpertSelection.load(selection_path)
+            if sorted(selection.experts) != sorted(saved.experts):
+                raise UsageError(
+                    f"--resume continues the run in {out}, which trained the experts of its {SELECTION_FILE} "
+                    f"({len(saved)} experts; its checkpoint holds them and their optimizer state), but --selection "
+                    f"{config.selection} names other experts ({len(selection)}); drop --selection, or train into a "
+                    f"new --out"
+                )
     if not selection.experts:
         raise ValueError("the selection is empty: nothing to train (lower --threshold or raise --top-n)")
     check_selection_fits(selection, model.config)
     _, masked_message = masked_layer_report(selection, allow_unmasked=config.allow_unmasked)
+    if config.safe_ratio == 1 and selection.masked_layers:
+        masked_message += "; but --safe-ratio 1 leaves no jailbreak sample in the batches, so the mask never applies"
     dataset = SFTDataset(frame, tokenizer, config.max_length)  # (a tokenizer without a chat template fails here)
     batch_order = choose_batch_order(dataset, config.batch_size, config.safe_ratio, config.batch_order)
     slice_dtype = None if config.slice_dtype == "auto" else getattr(torch, config.slice_dtype)
@@ -307,6 +387,8 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
             _remove_created(created)
         raise
 
+    if config.overwrite and main_process:  # only now: a run that fails to set up leaves the earlier one intact
+        _delete_earlier_run(out)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     final = out / FINAL_MODEL_DIR
