@@ -78,15 +78,7 @@ def routers(model):
 
 def capture_router_ids(model, inputs) -> list[torch.Tensor]:
     """[L] tensors [T, K]: the expert ids each MoE router returns in one forward of ``inputs``."""
-    captured = []
-    handles = [r.register_forward_hook(lambda m, a, out: captured.append(out[2].detach().clone())) for r in routers(model)]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    return [ids for _, ids in capture_router_outputs(model, inputs)]
 
 
 def capture_router_outputs(model, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
