@@ -99,6 +99,8 @@ def _one_line_warnings(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``moe-fastmask`` command: parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit
+    status."""
     args = build_parser().parse_args(argv)
     check_required(args)
     _exit_on_sigterm()

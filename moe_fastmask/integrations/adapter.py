@@ -156,6 +156,7 @@ class MoEAdapter:
         raise TypeError(f"expected a {self.model_type} model holding a {cls.__name__}, got {type(model).__name__}")
 
     def decoder_layers(self, base: nn.Module) -> nn.ModuleList:
+        """The decoder layers of the base model, in order (dense and MoE)."""
         return base.layers
 
     def is_moe_layer(self, layer: nn.Module) -> bool:
@@ -185,25 +186,33 @@ class MoEAdapter:
         return blocks
 
     def router(self, block: nn.Module) -> nn.Module:
+        """The router (gate) module of one MoE block."""
         return getattr(block, self.router_attr)
 
     def experts(self, block: nn.Module) -> nn.Module:
+        """The experts module of one MoE block."""
         return getattr(block, self.experts_attr)
 
     def routers(self, base: nn.Module) -> list[nn.Module]:
+        """Every MoE layer's router, in MoE-layer order."""
         return [self.router(block) for block in self.moe_blocks(base)]
 
     def experts_modules(self, base: nn.Module) -> list[nn.Module]:
+        """Every MoE layer's experts module, in MoE-layer order."""
         return [self.experts(block) for block in self.moe_blocks(base)]
 
     # ---- the router --------------------------------------------------------------------------------------------
     def num_experts(self, router: nn.Module) -> int:
+        """How many routed experts the router chooses among (E)."""
         return int(router.num_experts)
 
     def top_k(self, router: nn.Module) -> int:
+        """How many experts the router picks per token."""
         return int(router.top_k)
 
     def router_semantics(self, router: nn.Module) -> RouterSemantics:
+        """How the family's router turns logits into weights (softmax or sigmoid, renormalisation, scaling); each
+        adapter says."""
         raise NotImplementedError
 
     def router_logits(self, router: nn.Module, hidden_states: Tensor) -> Tensor:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from moe_fastmask.integrations.masks import check_groups_fit, host_groups, to_device
 from moe_fastmask.integrations.state import DECODE, PHASES, PREFILL, Recording, state_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class RoutingRecorder:
@@ -57,6 +60,7 @@ class RoutingRecorder:
 
     @property
     def device(self) -> torch.device:
+        """The device the counts live on (the model's routers' device)."""
         return self.prefill_counts.device
 
     @property
@@ -224,7 +228,7 @@ class RoutingRecorder:
             return self.prefill_tokens + self.decode_tokens
         raise ValueError(f"phase must be 'prefill', 'decode' or 'all', got {phase!r}")
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """A long pandas DataFrame: ``phase, layer, group, expert, count, tokens`` (one host copy)."""
         import pandas as pd
 

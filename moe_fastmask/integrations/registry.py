@@ -31,6 +31,7 @@ def register_adapter(adapter: MoEAdapter, *, replace: bool = False) -> MoEAdapte
 
 
 def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values with a registered adapter, sorted."""
     return sorted(_ADAPTERS)
 
 

@@ -66,12 +66,14 @@ class FastmaskState:
         return self.routers[0].weight.device
 
     def backend_for(self, device: torch.device) -> str:
+        """The route backend for calls on ``device``, resolved once per device and cached."""
         resolved = self.resolved_backends.get(device)
         if resolved is None:
             resolved = self.resolved_backends[device] = resolve_backend(self.backend, device)
         return resolved
 
     def keep_for(self, layer: int) -> Tensor | None:
+        """The ``[G, E]`` keep mask of MoE layer ``layer`` (one mask widened to every group), or None when unmasked."""
         if self.keep is None:
             return None
         keep = self.keep[layer]
@@ -82,6 +84,7 @@ class FastmaskState:
         return keep
 
     def counts_for(self, layer: int) -> Tensor | None:
+        """The recorder's ``[G, E]`` counts of ``layer`` for the current phase, or None when nothing is counted."""
         if self.recording is None or in_backward():
             # no recorder, or a forward recomputed during backward (gradient checkpointing): count nothing
             return None

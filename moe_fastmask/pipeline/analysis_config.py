@@ -102,6 +102,7 @@ class AnalysisConfig:
     overlap: bool = field(default=True, metadata={"cli": False})
 
     def validate(self) -> None:
+        """Raise ValueError naming the setting when the settings cannot make a run."""
         if self.demo and (self.model or self.data):
             raise ValueError(
                 "--demo builds its own model and data under OUT/demo/; drop --model/--data "
@@ -148,6 +149,7 @@ class AnalysisConfig:
 
     @property
     def do_sample(self) -> bool:
+        """True when generation samples (temperature > 0); greedy otherwise."""
         return self.temperature > 0
 
 

@@ -33,6 +33,7 @@ PHASES = ("prefill", "decode")
 
 
 def method_messages(item, system_prompt: str) -> list[dict]:
+    """The chat of one batch item: the plain goal for a safe item, the jailbreak chat for an unsafe one."""
     return safe_messages(item.record, system_prompt) if item.kind == SAFE else unsafe_messages(item.record)
 
 
@@ -164,6 +165,7 @@ class PendingRecords:
     judge: Judge
 
     def finish(self) -> list[dict]:
+        """The batch records of the request, all at once."""
         return list(self.records())
 
     def records(self):
@@ -255,6 +257,7 @@ def pair_message(batch_data: dict, config: AnalysisConfig) -> str | None:
 
 
 def warm_plotting_imports() -> None:
+    """Import matplotlib's backend ahead of the plots (in the background, off the critical path)."""
     try:
         import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401
@@ -307,6 +310,7 @@ class HostWorker:
         return time.perf_counter() - started
 
     def raise_failure(self) -> None:
+        """Re-raise, in the caller's thread, the exception the worker thread hit, if any."""
         if self._failure is not None:
             raise self._failure
 
@@ -380,4 +384,5 @@ def request_plan(
 
 
 def torch_device_type(device) -> str:
+    """The device type (``"cuda"``, ``"cpu"``, ...) of a torch.device or a device string."""
     return getattr(device, "type", str(device).split(":")[0])

@@ -617,12 +617,14 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
+    """The ``analyze`` settings from parsed command-line arguments."""
     from moe_fastmask.pipeline.cli_args import dataclass_from_args
 
     return dataclass_from_args(AnalysisConfig, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``moe-fastmask analyze`` from parsed arguments; returns the exit status."""
     from moe_fastmask.pipeline import distributed
 
     try:

@@ -58,14 +58,17 @@ def _atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Pat
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed over it); returns the path."""
     return _atomic(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON with sorted keys to ``path`` atomically; returns the path."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -94,6 +97,7 @@ def read_pickled_frame(path: str | Path, what: str):
 
 
 def atomic_write_csv(path: str | Path, frame) -> Path:
+    """Write a pandas DataFrame as CSV (no index) to ``path`` atomically; returns the path."""
     return atomic_write_text(path, frame.to_csv(index=False))
 
 
@@ -142,6 +146,7 @@ def model_slug(model: str | os.PathLike) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -209,20 +214,25 @@ class RunStore:
 
     # paths
     def path(self, stem: str, suffix: str) -> Path:
+        """The run's file ``<stem>_<slug><suffix>`` in the output directory."""
         return self.out_dir / f"{stem}_{self.slug}{suffix}"
 
     @property
     def config_path(self) -> Path:
+        """The run's ``analysis_config_<slug>.json``."""
         return self.path("analysis_config", ".json")
 
     @property
     def batch_dir(self) -> Path:
+        """The folder of the run's per-batch files."""
         return self.out_dir / f"batches_{self.slug}"
 
     def batch_path(self, batch_idx: int) -> Path:
+        """The file of batch ``batch_idx``."""
         return self.batch_dir / f"batch_{batch_idx:05d}.pkl"
 
     def final_paths(self) -> dict[str, Path]:
+        """The run's final artifacts by name (split, batch outputs, risk tables, SFT dataset, plots, config)."""
         return {
             "split": self.path("split", ".json"),
             "batch_outputs": self.path("batch_outputs", ".pkl"),
@@ -279,6 +289,7 @@ class RunStore:
                 path.unlink()
 
     def save_batch(self, batch_data: dict) -> Path:
+        """Write one batch's results atomically to its file (named by ``batch_data['batch_idx']``)."""
         return atomic_pickle(self.batch_path(int(batch_data["batch_idx"])), batch_data)
 
     def read_batch(self, batch_idx: int) -> dict | None:

@@ -28,6 +28,7 @@ class BatchPlanError(ValueError):
 
 @dataclass(frozen=True)
 class BatchItem:
+    """One prompt of a batch: its position in the batch, ``kind`` (``"safe"`` or ``"unsafe"``) and record."""
     position: int
     kind: str  # "safe" | "unsafe"
     record: Record
@@ -35,15 +36,18 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class Batch:
+    """One mixed batch: its index in the run and its items, safe ones first."""
     batch_idx: int
     items: tuple[BatchItem, ...]
 
     @property
     def safe_indices(self) -> list[int]:
+        """Positions of the safe items."""
         return [item.position for item in self.items if item.kind == SAFE]
 
     @property
     def unsafe_indices(self) -> list[int]:
+        """Positions of the unsafe items."""
         return [item.position for item in self.items if item.kind == UNSAFE]
 
     @property

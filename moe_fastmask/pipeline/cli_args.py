@@ -123,9 +123,11 @@ class Subcommand:
     description: str
 
     def settings_type(self) -> type:
+        """The subcommand's settings dataclass (imported on first use)."""
         return _load(self.settings)
 
     def run(self, args: argparse.Namespace) -> int:
+        """Run the subcommand on parsed arguments; returns the exit status."""
         return _load(self.runner)(args)
 
 

@@ -56,10 +56,12 @@ class DistState:
 
     @property
     def enabled(self) -> bool:
+        """True when more than one process takes part."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes shared files."""
         return self.rank == 0
 
 
@@ -74,22 +76,27 @@ def launched_world_size() -> int:
 
 
 def is_initialized() -> bool:
+    """True when a torch.distributed process group is up."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
     return torch.distributed.get_rank() if is_initialized() else 0
 
 
 def get_world_size() -> int:
+    """How many processes take part (1 without a process group)."""
     return torch.distributed.get_world_size() if is_initialized() else 1
 
 
 def is_main_process() -> bool:
+    """True on rank 0 (and without a process group)."""
     return get_rank() == 0
 
 
 def timeout() -> timedelta:
+    """The collectives' timeout: ``MOE_FASTMASK_DIST_TIMEOUT`` seconds, 6 hours by default."""
     return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S))
 
 
@@ -177,6 +184,7 @@ def shard(num_items: int, rank: int, world_size: int) -> list[int]:
 
 
 def barrier() -> None:
+    """Wait for every process (a no-op for one process)."""
     if get_world_size() > 1:
         torch.distributed.barrier(group=_objects_group())
 

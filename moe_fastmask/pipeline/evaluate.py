@@ -121,6 +121,8 @@ class EvaluationArguments:
 
 @dataclass
 class EvaluationResult:
+    """What :func:`evaluate` returns: the per-condition summary, every answer, the markdown table, the settings and
+    the files written."""
     summary: Any  # DataFrame: condition, kind, n, refusals, refusal_rate, attack_success_rate
     answers: Any  # DataFrame: condition, kind, id, prompt, answer, refusal
     table: str  # markdown: the table, then how refusal was judged
@@ -477,6 +479,7 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``moe-fastmask evaluate`` from parsed arguments; returns the exit status."""
     from moe_fastmask.integrations.registry import UnsupportedModelError
 
     try:

@@ -122,6 +122,7 @@ class ExpertSelection:
 
     # JSON ----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the selection, with ``Layer_Expert`` labels and the experts by layer."""
         data = asdict(self)
         data["experts"] = self.labels
         data["filled"] = [layer_expert_label(layer, e) for layer, e in self.filled]
@@ -130,6 +131,7 @@ class ExpertSelection:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExpertSelection":
+        """The selection :meth:`to_dict` wrote (labels like ``L08_E42`` or ``[layer, expert]`` pairs)."""
         def pairs(items):
             return [parse_layer_expert(x) if isinstance(x, str) else (int(x[0]), int(x[1])) for x in items]
 

@@ -110,6 +110,7 @@ class GenerationOutput:
 
     @property
     def num_generated_tokens(self) -> list[int]:
+        """How many tokens each prompt generated before its first EOS (the length of its ``tokens``)."""
         return [len(row) for row in self.tokens]
 
 
@@ -126,11 +127,18 @@ class GenerationBackend(Protocol):
 
     name: str
 
-    def generate(self, request: GenerationRequest) -> GenerationOutput: ...
+    def generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Generate the request's prompts; the routing counts of each phase when it has groups."""
+        ...
 
-    def set_expert_mask(self, keep: Any) -> None: ...
+    def set_expert_mask(self, keep: Any) -> None:
+        """Restrict routing for the following requests to ``keep`` (bool ``[layers, groups, experts]``); None lifts
+        it."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Undo :meth:`set_expert_mask` and release what the backend holds; the model stays usable."""
+        ...
 
 
 def backend_names() -> tuple[str, ...]:

@@ -125,6 +125,8 @@ class HFGenerateBackend:
     # -- generation -------------------------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Run ``model.generate`` on the request's prompts as one left-padded batch, recording the routing of the
+        prompt and generated tokens per group when the request has groups."""
         import contextlib
 
         import torch

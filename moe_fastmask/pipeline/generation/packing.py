@@ -37,6 +37,7 @@ class PackedLayout:
 
     @property
     def starts(self) -> list[int]:
+        """Where each packed sequence starts in the flat token layout."""
         starts, total = [], 0
         for size in self.sizes:
             starts.append(total)

@@ -156,6 +156,7 @@ class MaskedFinetuneArguments:
             raise ValueError(f"num_epochs must be > 0 (or give --max-steps), got {self.num_epochs}")
 
     def selection_options(self) -> dict[str, Any]:
+        """The keyword arguments of the expert selection, from these settings."""
         options: dict[str, Any] = {"fill": self.fill, "score_column": self.score_column}
         if self.per_layer is not None:
             options["per_layer"] = self.per_layer

@@ -99,6 +99,7 @@ class SFTDataset(Dataset):
 
     @property
     def groups(self) -> list[int]:
+        """Each item's group: 0 safe, 1 unsafe."""
         return [item["group"] for item in self.items]
 
     def analysis_batches(self) -> list[list[int]] | None:
@@ -182,6 +183,7 @@ class MixedBatchSampler(Sampler[int]):
                 )
 
     def has_mix(self, batch: Sequence[int]) -> bool:
+        """True when ``batch`` holds exactly the configured numbers of safe and unsafe items."""
         kinds = [self.groups[i] for i in batch]
         return kinds.count(GROUP_OF_KIND[SAFE]) == self.n_safe and kinds.count(GROUP_OF_KIND[UNSAFE]) == self.n_unsafe
 
@@ -190,10 +192,12 @@ class MixedBatchSampler(Sampler[int]):
         return safe + [i for i in batch if self.groups[i] == GROUP_OF_KIND[UNSAFE]]
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (the order depends on the seed and the epoch)."""
         self.epoch = int(epoch)
 
     @property
     def num_batches(self) -> int:
+        """Batches per epoch."""
         if self.order == "analysis":
             return len(self.analysis_batches)
         need = [math.ceil(len(pool) / n) for pool, n in ((self.safe, self.n_safe), (self.unsafe, self.n_unsafe)) if n]

@@ -62,6 +62,8 @@ ROUTING_METRICS = (
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the output folder, the saved final model, the selection, the run's config,
+    the trainer and the routing counts of training (None when not recorded)."""
     out: Path
     final_model: Path
     selection: ExpertSelection
@@ -417,10 +419,12 @@ def add_cli_arguments(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> MaskedFinetuneArguments:
+    """The ``train`` settings from parsed command-line arguments."""
     return dataclass_from_args(MaskedFinetuneArguments, args)
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``moe-fastmask train`` from parsed arguments; returns the exit status."""
     from moe_fastmask.pipeline import distributed
     from moe_fastmask.pipeline import train as package
 

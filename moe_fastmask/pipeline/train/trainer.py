@@ -259,6 +259,7 @@ class RoutingStatsCallback(TrainerCallback):
         return counts
 
     def shares(self, counts: Tensor) -> dict[str, float]:
+        """Per group, the share of routed tokens in masked layers that went to selected experts (for the logs)."""
         out = {}
         for group, name in ((1, "unsafe"), (0, "safe")):
             in_masked = counts[self._masked, group]
