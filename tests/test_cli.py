@@ -234,3 +234,32 @@ def test_build_ext_failure_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moe-fastmask build-ext: error: building the C++ routing kernel failed: Error building extension "
                    "'moe_fastmask_C' (route falls back to the PyTorch reference on CPU)"]
+
+
+def test_quiet_runs_hide_the_bars_of_transformers_too(tmp_path):
+    """--quiet / --no-progress leave stderr free of transformers' own bars (loading weights, writing shards) as
+    well as ours, through the whole pipeline; without them the bars show."""
+    def run(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "moe_fastmask", *argv], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    bars = ("Loading weights", "Writing model shards", "it/s]")
+    common = ["--batch-size", "4", "--num-batches", "1", "--max-new-tokens", "2"]
+    loud = run("analyze", "--demo", "--out", str(tmp_path / "loud"), *common)
+    assert any(bar in loud for bar in bars), loud[-2000:]
+
+    analysis = tmp_path / "quiet"
+    for flag in ("--quiet", "--no-progress"):
+        err = run("analyze", "--demo", "--out", str(analysis), *common, flag)  # the second run resumes the first
+        assert not any(bar in err for bar in bars), (flag, err[-2000:])
+    model = analysis / "demo" / "model"
+    assert model.is_dir(), sorted(p.name for p in analysis.iterdir())
+    err = run("train", "--model", str(model), "--sft", str(analysis), "--out", str(tmp_path / "run"), "--top-n", "2",
+              "--allow-unmasked", "--max-steps", "1", "--batch-size", "4", "--device", "cpu", "--no-progress")
+    assert not any(bar in err for bar in bars), err[-2000:]
+    err = run("evaluate", "--model", str(tmp_path / "run" / "final_model"), "--data", str(analysis / "demo" / "data.json"),
+              "--limit", "1", "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "ev"),
+              "--no-progress")
+    assert not any(bar in err for bar in bars), err[-2000:]

@@ -117,6 +117,7 @@ def test_ddp_two_ranks_train_only_the_selected_experts(inputs, tmp_path):
         assert report["routing_shares"]["routing/safe_on_selected"] < 1.0
     assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients all-reduced: the same model on both ranks
     assert len(ranks[0]["final_saves"]) == 1 and ranks[1]["final_saves"] == []  # saved once, by rank 0
+    assert done.stdout.count("final model:") == 1, done.stdout[-2000:]  # and reported once
 
     final = out / "final_model"
     saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)

@@ -69,6 +69,57 @@ def test_only_held_out_records_are_evaluated(setup):
         ev.evaluation_records(str(setup["data"]), "test", None)
 
 
+def _records_file(path, contents, ids):
+    path.write_text(json.dumps([
+        {"id": rid, "goal": f"Explain step {c}.", "judge_success_gpt4": c % 2,
+         "all_prompt": [{"role": "user", "content": f"Decode and answer: {c}"}]}
+        for rid, c in zip(ids, contents)
+    ]))
+    return path
+
+
+def test_renumbered_data_never_puts_training_records_into_the_held_out_set(tmp_path):
+    from moe_fastmask.pipeline.data import load_records, make_split
+
+    data = _records_file(tmp_path / "records.json", range(20), range(20))
+    split = make_split(load_records(data), 0.25, 0, data)
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(split))
+    assert [r.id for r in ev.evaluation_records(str(data), "test", str(split_file))] == split["test_ids"]
+
+    # the same records exported again with other ids: the old test ids now name other (training) records
+    renumbered = _records_file(tmp_path / "records_v2.json", [(c + 7) % 20 for c in range(20)], range(20))
+    with pytest.warns(UserWarning, match="training record"):
+        records = ev.evaluation_records(str(renumbered), "test", str(split_file))
+    train_content = {f"Explain step {c}." for c in split["train_ids"]}
+    assert records and all(r.goal not in train_content for r in records)
+
+
+def test_a_split_redrawn_after_training_leaves_the_trained_records_out(tmp_path):
+    from moe_fastmask.pipeline.data import load_records, make_split
+
+    data = _records_file(tmp_path / "records.json", range(20), range(20))
+    records = load_records(data)
+    trained_split = make_split(records, 0.25, 0, data)
+    trained = {str(i): trained_split["fingerprints"][str(i)] for i in trained_split["train_ids"]}
+    redrawn = make_split(records, 0.25, 1, data)  # e.g. analyze --overwrite --seed 1 into the same directory
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(redrawn))
+    overlap = set(redrawn["test_ids"]) & set(trained_split["train_ids"])
+    assert overlap  # else the check below would not test anything
+    with pytest.warns(UserWarning, match="left out"):
+        chosen = ev.evaluation_records(str(data), "test", str(split_file), trained=trained)
+    assert [r.id for r in chosen] == [i for i in redrawn["test_ids"] if i not in overlap]
+    # every record trained on: nothing held out is left, which is an error, not an empty evaluation
+    everything = {str(r.id): trained_split["fingerprints"][str(r.id)] for r in records}
+    with pytest.raises(ValueError, match="no records to evaluate"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev.evaluation_records(str(data), "test", str(split_file), trained=everything)
+    # the train split is asked for explicitly: nothing is left out
+    chosen = ev.evaluation_records(str(data), "train", str(split_file), trained=trained)
+    assert [r.id for r in chosen] == redrawn["train_ids"]
+
+
 def test_judges(tmp_path):
     assert ev.load_judge(None)("I'm sorry, but I cannot help.") is True
     assert ev.load_judge("moe_fastmask.pipeline.judge:is_refusal") is is_refusal

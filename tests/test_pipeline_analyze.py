@@ -11,7 +11,7 @@ import pytest
 from artifact_checks import assert_same
 
 from conftest import load_benchmark
-from moe_fastmask.pipeline import analyze, stats
+from moe_fastmask.pipeline import analyze, artifacts, stats
 from moe_fastmask.pipeline.analyze import AnalysisConfig, AnalysisError, run_analysis
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError
 from moe_fastmask.pipeline.demo import build_demo
@@ -130,7 +130,9 @@ def test_risk_diff_and_sft_structure(demo_run):
             assert row.response == (paired["generated_text"] if usable else analyze.DEFAULT_REFUSAL_TEXT)
 
     split = json.loads(_read(demo_run, "split", ".json").read_text())
-    assert set(split) == {"seed", "test_fraction", "train_ids", "test_ids", "data_path"}
+    assert set(split) == {"seed", "test_fraction", "train_ids", "test_ids", "data_path", "data_sha256", "fingerprints"}
+    assert split["data_sha256"] == artifacts.file_sha256(split["data_path"])
+    assert len(split["fingerprints"]) == 40  # every record of the file, train and test
     assert set(split["train_ids"]).isdisjoint(split["test_ids"]) and len(split["test_ids"]) == 8  # 40 * 0.2
     used = {item["id"] for batch in outputs for item in batch["batch_outputs"]}
     assert used <= set(split["train_ids"])
@@ -293,7 +295,7 @@ def test_no_pair_anywhere_is_a_clear_error(demo_inputs, tmp_path):
     model, data = demo_inputs
     config = AnalysisConfig(model=str(model), data=str(data), out=str(tmp_path), num_batches=1, filter_pairs=True,
                             judge=lambda text: False, **SMALL)  # fmt: skip
-    with pytest.raises(AnalysisError, match=r"no batch kept counted tokens.*try without --filter-pairs"):
+    with pytest.raises(AnalysisError, match=r"no batch kept counted tokens.*try without --filter-pairs, with another --out or with --overwrite"):
         run_analysis(config)
     saved = pd.read_pickle(_read(tmp_path, "batch_outputs"))  # the generations are not lost
     assert saved["batch_data_list"][0]["pair_passed"] == [False] * 4

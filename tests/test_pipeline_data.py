@@ -87,13 +87,20 @@ INVALID = [
                  id="duplicate-id"),
     pytest.param(_set(5, "id", "5"), ["record 5 (id '5')", "'id' must be an integer, got str '5'"], id="id-not-int"),
     pytest.param(_set(5, "id", 5.0), ["'id' must be an integer, got float 5.0"], id="id-float"),
-    pytest.param(_delete(5, "id"), ["record 5", "'id' is missing"], id="id-missing"),
+    pytest.param(_delete(5, "id"), ["record 5 (no id)", "'id' is missing"], id="id-missing"),
+    pytest.param(_set(2, "goal", "Say \ud83d hi"), ["record 2 (id 2): field 'goal'", "lone UTF-16 surrogate"],
+                 id="goal-lone-surrogate"),
+    pytest.param(_message(3, 0, {"role": "user", "content": "a\udc00b"}),
+                 ["record 3 (id 3): field 'all_prompt', message 0: 'content'", "'\\udc00'", "surrogate"],
+                 id="content-lone-surrogate"),
+    pytest.param(_set(6, "judge_success_gpt4", "<missing>"),
+                 ["record 6 (id 6)", "'judge_success_gpt4'", "got str '<missing>'"], id="judge-str-missing-literal"),
     pytest.param(_set(6, "judge_success_gpt4", 2), ["record 6 (id 6)", "'judge_success_gpt4'", "0 or 1", "2"],
                  id="judge-2"),
     pytest.param(_set(6, "judge_success_gpt4", "yes"), ["record 6 (id 6)", "'judge_success_gpt4'", "got str 'yes'"],
                  id="judge-str"),
     pytest.param(_set(6, "judge_success_gpt4", True), ["record 6 (id 6)", "'judge_success_gpt4'"], id="judge-bool"),
-    pytest.param(_delete(6, "judge_success_gpt4"), ["record 6 (id 6)", "'judge_success_gpt4'", "missing"],
+    pytest.param(_delete(6, "judge_success_gpt4"), ["record 6 (id 6)", "'judge_success_gpt4'", "nothing (missing)"],
                  id="judge-missing"),
 ]  # fmt: skip
 
@@ -124,7 +131,7 @@ def test_top_level_not_a_list(tmp_path):
 
 
 def test_record_not_an_object(tmp_path):
-    with pytest.raises(DataValidationError, match=r"record 1 \(id '<not an object>'\).*got str"):
+    with pytest.raises(DataValidationError, match=r"record 1 \(not an object\).*got str"):
         data.load_records(_write(tmp_path, [_record(0), "oops"]))
 
 
@@ -135,6 +142,17 @@ def test_invalid_json_and_missing_file(tmp_path):
         data.load_records(bad)
     with pytest.raises(DataValidationError, match="does not exist"):
         data.load_records(tmp_path / "missing.json")
+    lines = tmp_path / "records.jsonl"
+    lines.write_text("".join(json.dumps(record) + "\n" for record in _records(3)))
+    with pytest.raises(DataValidationError, match=r"JSON Lines .* a JSON list of records is expected"):
+        data.load_records(lines)
+
+
+def test_escaped_surrogate_pairs_are_text(tmp_path):
+    records = _records(2)
+    path = tmp_path / "emoji.json"
+    path.write_text(json.dumps(records).replace('"id": 1, "goal": "', '"id": 1, "goal": "\\ud83d\\ude00 '))
+    assert data.load_records(path)[1].goal.startswith("\U0001F600 ")  # a whole pair is one character
 
 
 def test_load_records_and_only_successful(tmp_path):
@@ -198,7 +216,18 @@ def test_split_is_seeded_stratified_and_disjoint(tmp_path):
         data.split_records(records, 1.0)
 
     split = data.make_split(records, 0.2, 3, tmp_path / "data.json")
-    assert set(split) == set(data.SPLIT_KEYS)
+    assert set(split) == set(data.SPLIT_KEYS) | {"data_sha256", "fingerprints"}
+    assert split["data_sha256"] is None  # no such file: nothing to hash
+    assert split["fingerprints"] == {str(r.id): data.record_fingerprint(r) for r in records}
+    assert len(set(split["fingerprints"].values())) == len(records)
+    # the fingerprint is the content: id and label do not change it, the goal or the chat does
+    first = records[0]
+    relabelled = data.Record(id=999, goal=first.goal, all_prompt=first.all_prompt,
+                             judge_success_gpt4=1 - first.judge_success_gpt4, index=7)
+    assert data.record_fingerprint(relabelled) == data.record_fingerprint(first)
+    edited = data.Record(id=first.id, goal=first.goal + "!", all_prompt=first.all_prompt,
+                         judge_success_gpt4=first.judge_success_gpt4, index=first.index)
+    assert data.record_fingerprint(edited) != data.record_fingerprint(first)
     path = _write(tmp_path, split, "split.json")
     assert data.load_split(path) == split
     _write(tmp_path, {"seed": 0}, "bad_split.json")
@@ -310,8 +339,12 @@ def test_not_enough_data_says_how_many_batches_fit():
     with pytest.raises(BatchPlanError, match=r"5 batches requested but the 18 records fill only 2 .*8 records.*"
                                              r"--num-batches 2"):  # fmt: skip
         plan_batches(records, batch_size=16, safe_ratio=0.5, num_batches=5)
-    with pytest.raises(BatchPlanError, match="cannot fill one batch"):
+    with pytest.raises(BatchPlanError, match="^3 records cannot fill one batch"):
         plan_batches(records[:3], batch_size=16, safe_ratio=0.5)
+    with pytest.raises(BatchPlanError, match=r"^1 record cannot fill one batch: .* needs 2 records"):
+        plan_batches(records[:1], batch_size=4, safe_ratio=0.5)
+    with pytest.raises(BatchPlanError, match=r"^1 batch requested but the 1 record fills only 0"):
+        plan_batches(records[:1], batch_size=4, safe_ratio=0.5, num_batches=1)
     with pytest.raises(BatchPlanError, match="fill only 0"):
         plan_batches(records[:3], batch_size=16, safe_ratio=0.5, num_batches=1)
     with pytest.raises(BatchPlanError, match="positive integer"):

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import moe_fastmask as mf
 from moe_fastmask.integrations import expert_slices as es
+from moe_fastmask.pipeline import artifacts
 from moe_fastmask.pipeline import train as tr
 from moe_fastmask.pipeline.demo import build_tiny_olmoe
 from moe_fastmask.pipeline.selection import ExpertSelection
@@ -70,7 +71,7 @@ def analysis_dir(tmp_path_factory):
                          for l in range(L) for e in range(E)])
     risk.sort_values("risk_diff", ascending=False).to_pickle(out / "risk_diff_tiny.pkl")
     split = {"seed": 0, "test_fraction": 0.2, "train_ids": list(range(8)), "test_ids": [8, 9],
-             "data_path": str(out / "records.json")}
+             "data_path": str(out / "records.json"), "fingerprints": {str(i): f"{i:016x}" for i in range(10)}}
     (out / "split_tiny.json").write_text(json.dumps(split))
     return out
 
@@ -400,6 +401,9 @@ def test_outputs_of_a_run(trained):
     assert config["num_selected"] == 6 and config["masked_layers"] == [0, 1]
     assert config["batch_order"] == "analysis" and config["batch_mix"] == {"safe": 4, "unsafe": 4}
     assert config["split_file"].endswith("split_tiny.json")
+    assert config["split_sha256"] == artifacts.file_sha256(config["split_file"])
+    # the records it trained on, by content, for evaluation to keep out of the held-out numbers
+    assert config["trained_records"] == {str(i): f"{i:016x}" for i in range(8)}
     assert ExpertSelection.load(trained.final_model) == trained.selection
     assert json.loads((trained.final_model / "config.json").read_text())["use_cache"] is True  # KV cache for generate
     assert not es.has_expert_slices(trained.trainer.model) and not mf.is_patched(trained.trainer.model)

@@ -115,7 +115,7 @@ def more_cases(inputs, out):
         ([*analyze_base, "--temperature", "-1"], "need a finite temperature >= 0"),
         ([*analyze_base, "--temperature", "nan"], "need a finite temperature >= 0"),
         ([*analyze_base, "--temperature", "inf"], "need a finite temperature >= 0"),
-        ([*analyze_base, "--batch-size", "4", "--gpu-batch-size", "2"], "must be at least batch_size (4), got 2"),
+        ([*analyze_base, "--batch-size", "4", "--gpu-batch-size", "2"], "must be at least batch_size (--batch-size, 4), got 2"),
         ([*analyze_base, "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
         ([*analyze_base, "--min-new-tokens", "99"], "min_new_tokens must be in [0, max_new_tokens]"),
         ([*analyze_base, "--num-batches", "0"], "num_batches must be >= 1"),

@@ -125,26 +125,26 @@ class AnalysisConfig:
                 "one never is: max_new_tokens must be >= 2"
             )
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens] (--min-new-tokens), got {self.min_new_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise ValueError(
                 f"need a finite temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
+            raise ValueError(f"test_fraction must be in [0, 1) (--test-fraction), got {self.test_fraction!r}")
         if self.filter_pairs and not self.keep_token_experts:
             raise ValueError("filter_pairs recomputes counts from per-sample counts; it needs keep_token_experts")
         if self.top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {self.top_n!r}")
+            raise ValueError(f"top_n must be >= 1 (--top-n), got {self.top_n!r}")
         if self.num_batches is not None and self.num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {self.num_batches!r}")
+            raise ValueError(f"num_batches must be >= 1 (--num-batches), got {self.num_batches!r}")
         if self.gpu_batch_size is not None and (
             isinstance(self.gpu_batch_size, bool) or not isinstance(self.gpu_batch_size, int) or self.gpu_batch_size < 1
         ):
-            raise ValueError(f"gpu_batch_size must be a positive integer, got {self.gpu_batch_size!r}")
+            raise ValueError(f"gpu_batch_size must be a positive integer (--gpu-batch-size), got {self.gpu_batch_size!r}")
         if self.gpu_batch_size is not None and self.gpu_batch_size < self.batch_size:
             raise ValueError(
-                f"gpu_batch_size packs whole batches into one generation request, so it must be at least batch_size "
-                f"({self.batch_size}), got {self.gpu_batch_size}")
+                f"gpu_batch_size (--gpu-batch-size) packs whole batches into one generation request, so it must be at "
+                f"least batch_size (--batch-size, {self.batch_size}), got {self.gpu_batch_size}")
         check_batch_mix(self.batch_size, self.safe_ratio)  # before anything is written, demo included
 
     @property

@@ -240,11 +240,6 @@ def batch_record(
     return record
 
 
-def plural(count: int, noun: str) -> str:
-    """``"1 batch"``, ``"2 batches"``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
-
-
 def pair_message(batch_data: dict, config: AnalysisConfig) -> str | None:
     """The pair filter's verdict on one batch; None with the filter off (every prompt counts, nothing to say)."""
     if not config.filter_pairs:

@@ -53,14 +53,20 @@ from moe_fastmask.pipeline.analysis_requests import (
     generate_batch,
     generate_packed,
     pair_message,
-    plural,
     prepare_requests,
     request_plan,
     warm_plotting_imports,
 )
 from moe_fastmask.pipeline.artifacts import ConfigMismatchError, RunStore, model_slug
 from moe_fastmask.pipeline.batching import Batch, BatchPlanError, check_batch_mix, plan_batches
-from moe_fastmask.pipeline.common import SAFE, load_model_and_tokenizer, prepare_tokenizer, resolve_dtype
+from moe_fastmask.pipeline.common import (
+    SAFE,
+    library_progress_bars,
+    load_model_and_tokenizer,
+    plural,
+    prepare_tokenizer,
+    resolve_dtype,
+)
 from moe_fastmask.pipeline.data import DataValidationError, Record, load_records, make_split, select_records
 from moe_fastmask.pipeline.generation import (
     DEFAULT_BACKEND,
@@ -423,6 +429,11 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
     the counted totals all-reduced and checked against them, and rank 0 alone writes the final artifacts — the same
     content as a single-process run of the same config. Every rank returns the same result.
     """
+    with library_progress_bars(config.progress and config.verbose):  # --no-progress / --quiet: theirs too
+        return _run_analysis(config, model=model, tokenizer=tokenizer)
+
+
+def _run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> AnalysisResult:
     from moe_fastmask.pipeline import distributed
 
     run_started = time.perf_counter()
@@ -574,7 +585,9 @@ def run_analysis(config: AnalysisConfig, *, model=None, tokenizer=None) -> Analy
                 f"no batch kept counted tokens of both groups ({plural(len(batch_data_list), 'batch')}"
                 + (f", {sum(passed)} pairs passed the filter" if config.filter_pairs else "")
                 + "); nothing to aggregate. The generations are saved in "
-                f"{paths['batch_outputs']}" + ("; try without --filter-pairs" if config.filter_pairs else "")
+                f"{paths['batch_outputs']}" + (
+                    f"; try without --filter-pairs, with another --out or with --overwrite ({config.out} holds this "
+                    "run's settings)" if config.filter_pairs else "")
             )
         table = stats.aggregate_risk_diffs(per_batch, top_n=config.top_n)
         sft = build_sft_dataset(batch_data_list, config.refusal_text)

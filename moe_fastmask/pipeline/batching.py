@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from moe_fastmask.pipeline.common import GROUP_OF_KIND, SAFE, UNSAFE, split_counts
+from moe_fastmask.pipeline.common import GROUP_OF_KIND, SAFE, UNSAFE, plural, split_counts
 from moe_fastmask.pipeline.data import Record
 
 
@@ -134,17 +134,17 @@ def plan_batches(
         num_batches = fillable
         if num_batches == 0:
             raise BatchPlanError(
-                f"{len(records)} records cannot fill one batch: a batch of {batch_size} at safe_ratio {safe_ratio} "
-                f"needs {per_batch} records"
+                f"{plural(len(records), 'record')} cannot fill one batch: a batch of {batch_size} at safe_ratio "
+                f"{safe_ratio} needs {plural(per_batch, 'record')}"
             )
     elif isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise BatchPlanError(f"num_batches must be a positive integer or None, got {num_batches!r}")
     elif num_batches > fillable:
-        need = f"each batch of {batch_size} at safe_ratio {safe_ratio} needs {per_batch} records"
+        need = f"each batch of {batch_size} at safe_ratio {safe_ratio} needs {plural(per_batch, 'record')}"
         hint = f"; use --num-batches {fillable} or fewer" if fillable else ""
         raise BatchPlanError(
-            f"{num_batches} {'batch' if num_batches == 1 else 'batches'} requested but the {len(records)} records "
-            f"fill only {fillable} ({need}){hint}"
+            f"{plural(num_batches, 'batch')} requested but the {plural(len(records), 'record')} "
+            f"{'fills' if len(records) == 1 else 'fill'} only {fillable} ({need}){hint}"
         )
     order = sorted(records, key=lambda r: r.index)
     random.Random(seed).shuffle(order)

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from typing import Iterator
 
 SAFE, UNSAFE = "safe", "unsafe"
 SAFE_GROUP, UNSAFE_GROUP = 0, 1
@@ -84,6 +87,30 @@ def load_model_and_tokenizer(model_name_or_path: str, device: str, dtype: str):
     return model, prepare_tokenizer(tokenizer)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 batch"``, ``"2 batches"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
+
+
+
+@contextlib.contextmanager
+def library_progress_bars(show: bool) -> Iterator[None]:
+    """Inside the block, hide the progress bars of transformers and huggingface_hub (loading weights, writing shards,
+    downloads) unless ``show`` and this is the main process (``RANK`` 0 or unset); the previous setting comes back
+    after the block. ``show=True`` never turns on bars a user turned off."""
+    from transformers.utils import logging as hf_logging
+
+    main_process = os.environ.get("RANK", "0") in ("", "0")
+    if (show and main_process) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 __all__ = [
     "CHECKPOINT_DIR",
     "DTYPES",
@@ -96,7 +123,9 @@ __all__ = [
     "TRAINING_CONFIG_FILE",
     "UNSAFE",
     "UNSAFE_GROUP",
+    "library_progress_bars",
     "load_model_and_tokenizer",
+    "plural",
     "prepare_tokenizer",
     "resolve_device",
     "resolve_dtype",

@@ -22,12 +22,15 @@ set use the train ids; evaluation uses the test ids (:func:`load_split`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from moe_fastmask.pipeline import artifacts
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 KNOWN_ROLES = ("system", "user", "assistant")
@@ -50,8 +53,9 @@ class Record:
 
 
 def _where(index: int, raw: Any) -> str:
-    rid = raw.get("id", "<missing>") if isinstance(raw, dict) else "<not an object>"
-    return f"record {index} (id {rid!r})"
+    if not isinstance(raw, dict):
+        return f"record {index} (not an object)"
+    return f"record {index} (id {raw['id']!r})" if "id" in raw else f"record {index} (no id)"
 
 
 def _type(value: Any) -> str:
@@ -64,6 +68,21 @@ def _type(value: Any) -> str:
 def _got(value: Any) -> str:
     """A value for messages: its JSON type and, unless null, its start."""
     return "null" if value is None else f"{_type(value)} {value!r:.80}"
+
+
+_MISSING = object()
+
+
+def _unencodable(text: str) -> str | None:
+    """Why ``text`` cannot be UTF-8 encoded (a lone surrogate such as ``"\\ud83d"`` from half a JSON escape pair),
+    or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start:error.end]
+        return (f"holds {bad!r} at character {error.start}, a lone UTF-16 surrogate (half of an escaped pair such "
+                f"as an emoji cut in two), which no tokenizer can encode")
+    return None
 
 
 def _validate_record(index: int, raw: Any, source: str) -> Record:
@@ -84,6 +103,8 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
         raise DataValidationError(f"{prefix}{where}: field 'goal' must be a string, got {_got(goal)}")
     if not goal.strip():
         raise DataValidationError(f"{prefix}{where}: field 'goal' is empty")
+    if (why := _unencodable(goal)) is not None:
+        raise DataValidationError(f"{prefix}{where}: field 'goal' {why}")
     if "all_prompt" not in raw:
         raise DataValidationError(f"{prefix}{where}: field 'all_prompt' is missing")
     prompt = raw["all_prompt"]
@@ -114,14 +135,16 @@ def _validate_record(index: int, raw: Any, source: str) -> Record:
                 f"{prefix}{where}: field 'all_prompt', message {turn}: 'content' must be a string, "
                 f"got {_type(content)}"
             )
+        if (why := _unencodable(content)) is not None:
+            raise DataValidationError(f"{prefix}{where}: field 'all_prompt', message {turn}: 'content' {why}")
         if role == "user" and not content.strip():
             raise DataValidationError(f"{prefix}{where}: field 'all_prompt', message {turn}: the user's 'content' is empty")
         messages.append({"role": role, "content": content})
     if not any(message["role"] == "user" for message in messages):
         raise DataValidationError(f"{prefix}{where}: field 'all_prompt' holds no user message (the jailbreak to answer)")
-    judge = raw.get("judge_success_gpt4", "<missing>")
-    if isinstance(judge, bool) or judge not in (0, 1):
-        got = "nothing (missing)" if judge == "<missing>" else _got(judge)
+    judge = raw.get("judge_success_gpt4", _MISSING)
+    if judge is _MISSING or isinstance(judge, bool) or judge not in (0, 1):
+        got = "nothing (missing)" if judge is _MISSING else _got(judge)
         raise DataValidationError(f"{prefix}{where}: field 'judge_success_gpt4' must be 0 or 1, got {got}")
     return Record(id=rid, goal=goal, all_prompt=messages, judge_success_gpt4=int(judge), index=index)
 
@@ -162,7 +185,10 @@ def load_records(path: str | Path, only_successful: bool = False) -> list[Record
     except UnicodeDecodeError as error:
         raise DataValidationError(f"data file {str(path)!r} is not UTF-8 text ({error})") from None
     except json.JSONDecodeError as error:
-        raise DataValidationError(f"{path}: not valid JSON ({error})") from None
+        hint = ""
+        if error.msg == "Extra data":  # one JSON value per line: JSON Lines, not the JSON list of records expected
+            hint = "; it looks like JSON Lines (one record per line), but a JSON list of records is expected: [{...}, ...]"
+        raise DataValidationError(f"{path}: not valid JSON ({error}){hint}") from None
     records = validate_records(raw, source=str(path))
     if only_successful:
         records = [record for record in records if record.judge_success_gpt4 == 1]
@@ -220,15 +246,29 @@ def split_records(
     return [r for r in ordered if r.id not in test_ids], [r for r in ordered if r.id in test_ids]
 
 
+def record_fingerprint(record: Record) -> str:
+    """A short content hash of a record (its goal and jailbreak chat, not its id or judge label).
+
+    The split and the training run store these, so that evaluation recognises a training record even when the
+    data file was re-exported with other ids or the split file was redrawn since training.
+    """
+    content = json.dumps([record.goal, record.all_prompt], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+
+
 def make_split(records: Sequence[Record], test_fraction: float, seed: int, data_path: str | Path) -> dict:
-    """The split file's content: ``{"seed", "test_fraction", "train_ids", "test_ids", "data_path"}``."""
+    """The split file's content: ``{"seed", "test_fraction", "train_ids", "test_ids", "data_path", "data_sha256",
+    "fingerprints"}`` (``fingerprints``: record id -> :func:`record_fingerprint`, for every record)."""
     train, test = split_records(records, test_fraction, seed)
+    data_path = Path(data_path)
     return {
         "seed": seed,
         "test_fraction": test_fraction,
         "train_ids": [r.id for r in train],
         "test_ids": [r.id for r in test],
-        "data_path": str(Path(data_path).resolve()),
+        "data_path": str(data_path.resolve()),
+        "data_sha256": artifacts.file_sha256(data_path) if data_path.is_file() else None,
+        "fingerprints": {str(r.id): record_fingerprint(r) for r in sorted(records, key=lambda r: r.index)},
     }
 
 

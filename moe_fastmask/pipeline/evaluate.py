@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
+from moe_fastmask.pipeline import artifacts
 from moe_fastmask.pipeline.cli_args import add_subcommand, dataclass_from_args
 from moe_fastmask.pipeline.common import DTYPES, SELECTION_FILE, TRAINING_CONFIG_FILE
 from moe_fastmask.pipeline.generation import (
@@ -109,6 +109,11 @@ class EvaluationArguments:
         default="auto",
         metadata={"help": "torch.compile the decode step of --engine graph: auto = on CUDA where torch.compile works and "
                   "the run decodes enough to repay the compile (about 6 M prompt x new-token steps), never on CPU", "choices": list(COMPILE_CHOICES)},
+    )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "show progress bars and the step messages", "negative": "--no-progress",
+                  "negative_help": "no progress bars or step messages (the table and the written files are printed)"},
     )
 
     def __post_init__(self) -> None:
@@ -203,8 +208,16 @@ def resolve_arguments(args: EvaluationArguments) -> EvaluationArguments:
     return args
 
 
-def evaluation_records(data: str, split: str, split_file: str | None, limit: int | None = None):
-    """The records to evaluate: the ``split`` ids of ``split_file`` (``all``: every record), in file order."""
+def evaluation_records(
+    data: str, split: str, split_file: str | None, limit: int | None = None, trained: dict[str, str] | None = None,
+):
+    """The records to evaluate: the ``split`` ids of ``split_file`` (``all``: every record), in file order.
+
+    For ``split="test"`` a record whose content (goal and jailbreak chat) is a training record is left out with a
+    warning: a train record of the split file, or one of ``trained`` (record id -> :func:`record_fingerprint`, from
+    the model's ``training_config.json``). So a data file re-exported with other ids, or a split redrawn since the
+    model was trained, never puts training records into the held-out numbers.
+    """
     from moe_fastmask.pipeline.data import load_records, load_split, select_records
 
     records = load_records(data)
@@ -216,17 +229,45 @@ def evaluation_records(data: str, split: str, split_file: str | None, limit: int
             )
         chosen = load_split(split_file)
         ids = chosen[f"{split}_ids"]
-        if Path(chosen["data_path"]).resolve() != Path(data).resolve():
-            warnings.warn(f"the split was drawn on {chosen['data_path']}, evaluating {data}: matching by record id")
+        drawn_on = chosen.get("data_sha256")
+        if drawn_on and drawn_on != artifacts.file_sha256(data):
+            warnings.warn(f"{data} is not the file the split {split_file} was drawn on ({chosen['data_path']}, "
+                          "since changed or re-exported): matching by record id", stacklevel=2)
+        elif Path(chosen["data_path"]).resolve() != Path(data).resolve():
+            warnings.warn(f"the split was drawn on {chosen['data_path']}, evaluating {data}: matching by record id",
+                          stacklevel=2)
         records = select_records(records, ids)
         missing = len(set(ids)) - len(records)
         if missing:
-            warnings.warn(f"{missing} {split} ids of {split_file} are not in {data}")
+            warnings.warn(f"{missing} {split} ids of {split_file} are not in {data}", stacklevel=2)
+        if split == "test":
+            records = _without_training_records(records, chosen, trained, data)
     if limit is not None:
         records = records[:limit]
     if not records:
         raise ValueError(f"no records to evaluate (split {split!r})")
     return records
+
+
+def _without_training_records(records, split: dict, trained: dict[str, str] | None, data: str):
+    """``records`` less those whose content is a training record (of the split, or of the trained model)."""
+    from moe_fastmask.pipeline.data import record_fingerprint
+
+    training: set[str] = set((trained or {}).values())
+    fingerprints = split.get("fingerprints")
+    if isinstance(fingerprints, dict):
+        training.update(fingerprints[str(i)] for i in split["train_ids"] if str(i) in fingerprints)
+    if not training:
+        return records
+    leaked = [record.id for record in records if record_fingerprint(record) in training]
+    if leaked:
+        shown = ", ".join(str(i) for i in leaked[:10]) + (", ..." if len(leaked) > 10 else "")
+        warnings.warn(
+            f"{len(leaked)} held-out records of {data} have the goal and jailbreak chat of a training record (ids "
+            f"{shown}): left out of the evaluation. The split file or the data changed since training, or the data "
+            "holds duplicates", stacklevel=3,
+        )
+    return [record for record in records if record.id not in set(leaked)]
 
 
 def build_prompts(records, tokenizer, system_prompt: str | None = None) -> list[dict]:
@@ -243,12 +284,12 @@ def build_prompts(records, tokenizer, system_prompt: str | None = None) -> list[
 
 def generate_answers(
     model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 128, backend=None,
-    engine: str = DEFAULT_BACKEND,
+    engine: str = DEFAULT_BACKEND, progress: bool = True,
 ) -> list[str]:
     """Greedy answers to rendered prompts, in batches of ``batch_size`` (prompts sorted by length to pad less).
 
     ``backend``: the generation backend to use (default: one of ``engine`` over ``model`` / ``tokenizer``, closed at
-    the end).
+    the end). ``progress``: a progress bar over the batches.
     """
     from tqdm.auto import tqdm
 
@@ -268,7 +309,8 @@ def generate_answers(
     if hasattr(backend, "plan_work"):  # lets compile="auto" weigh the compile against the decoding ahead
         backend.plan_work(len(prompts), max_new_tokens)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False,
+                          disable=not progress):
             chunk = order[start : start + batch_size]
             output = backend.generate(GenerationRequest(prompts=[encoded[i] for i in chunk], sampling=sampling))
             for i, text in zip(chunk, output.texts):
@@ -346,13 +388,22 @@ def _free_memory() -> None:
 
 
 def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None = None, progress: bool = True) -> EvaluationResult:
-    """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``."""
+    """Generate, judge and tabulate every condition that the arguments allow; write the outputs to ``args.out``.
+
+    ``progress`` (and ``args.progress``): progress bars and step messages (``False`` also hides transformers' bars)."""
+    from moe_fastmask.pipeline.common import library_progress_bars
+
+    progress = progress and args.progress
+    with library_progress_bars(progress):
+        return _evaluate(args, judge=judge, progress=progress)
+
+
+def _evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None, progress: bool) -> EvaluationResult:
     import pandas as pd
 
     import torch
 
     import moe_fastmask as mf
-    from moe_fastmask.pipeline import artifacts
     from moe_fastmask.pipeline.common import resolve_device, resolve_dtype
     from moe_fastmask.pipeline.data import DEFAULT_SYSTEM_PROMPT
     from moe_fastmask.pipeline.generation import get_backend, load_model
@@ -371,7 +422,12 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
     judge_fn = load_judge(judge if judge is not None else args.judge)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    records = evaluation_records(args.data, args.split, args.split_file, args.limit)
+    run = run_settings(args.model) or {}
+    if (run.get("split_sha256") and args.split_file and Path(args.split_file).is_file()
+            and artifacts.file_sha256(args.split_file) != run["split_sha256"]):
+        warnings.warn(f"--split-file {args.split_file} changed since {args.model} was trained (the analysis was "
+                      "rerun?): records it trained on are left out of the held-out set by content")
+    records = evaluation_records(args.data, args.split, args.split_file, args.limit, trained=run.get("trained_records"))
     selection = ExpertSelection.load(args.selection) if (args.selection and args.steering) else None
     system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
 
@@ -390,7 +446,7 @@ def evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None =
         say(f"[{condition}] generating {len(prompts)} answers")
         texts = generate_answers(
             model, tokenizer, [p["prompt"] for p in prompts], batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, backend=backend,
+            max_new_tokens=args.max_new_tokens, backend=backend, progress=progress,
         )
         frame = pd.DataFrame(prompts)
         frame.insert(0, "condition", condition)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -154,6 +155,15 @@ def _check_split(sft_frame, split_path: Path | None) -> dict | None:
     return split
 
 
+def _trained_records(sft_frame, split: dict | None) -> dict[str, str] | None:
+    """Record id -> content fingerprint of every record in the SFT set (None without a split holding fingerprints)."""
+    if split is None or "id" not in sft_frame.columns or not isinstance(split.get("fingerprints"), dict):
+        return None
+    fingerprints = split["fingerprints"]
+    ids = sorted({int(i) for i in sft_frame["id"]})
+    return {str(i): fingerprints[str(i)] for i in ids if str(i) in fingerprints}
+
+
 def _check_report_to(report_to: str) -> None:
     """Each ``--report-to`` integration must be installed (the Trainer would fail only after the model loaded)."""
     from transformers.integrations import get_available_reporting_integrations
@@ -222,7 +232,15 @@ def build_selection(config: MaskedFinetuneArguments, model_config, risk_table: P
 
 
 def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callbacks=None) -> TrainResult:
-    """Run masked fine-tuning as configured; returns where things went and the trainer."""
+    """Run masked fine-tuning as configured; returns where things went and the trainer (``--no-progress`` also
+    hides transformers' own bars)."""
+    from moe_fastmask.pipeline.common import library_progress_bars
+
+    with library_progress_bars(config.progress):
+        return _train(config, model=model, tokenizer=tokenizer, callbacks=callbacks)
+
+
+def _train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callbacks=None) -> TrainResult:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -366,6 +384,9 @@ def train(config: MaskedFinetuneArguments, *, model=None, tokenizer=None, callba
             "risk_table": str(risk_table.resolve()) if risk_table else None,
             "split_file": str(paths["split"].resolve()) if paths["split"] else None,
             "data_path": split["data_path"] if split else None,
+            "split_sha256": artifacts.file_sha256(paths["split"]) if paths["split"] else None,
+            # what evaluation must never count as held out, by content (ids can be renumbered, splits redrawn)
+            "trained_records": _trained_records(frame, split),
             "selection_file": str(selection_path.resolve()),
             "num_selected": len(selection),
             "masked_layers": selection.masked_layers,
@@ -436,9 +457,10 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     finally:
         distributed.teardown(owned_only=False)  # the group accelerate created for the Trainer
-    print(f"final model: {result.final_model}")
-    print(f"selection: {result.out / SELECTION_FILE} ({len(result.selection)} experts, "
-          f"masked layers {result.selection.masked_layers})")
+    if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, one process reports
+        print(f"final model: {result.final_model}")
+        print(f"selection: {result.out / SELECTION_FILE} ({len(result.selection)} experts, "
+              f"masked layers {result.selection.masked_layers})")
     return 0
 
 
