@@ -418,6 +418,36 @@ def test_other_backends_route_like_stock(name, backend):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_reference_backend_routes_bit_for_bit_like_stock(name):
+    """With the plain-PyTorch backend each family's router ids equal the stock router's, and the weights do to the
+    bit (float32), compared expert by expert. DeepSeek-style routers return their top-k unsorted and renormalise by
+    the sum in that order; ours sums in descending order, so their weights may differ in the last bits."""
+    def outputs(model):
+        captured = []
+        handles = [r.register_forward_hook(lambda m, a, out: captured.append((out[1].detach().clone(),
+                                                                              out[2].detach().clone())))
+                   for r in routers(model)]
+        with torch.no_grad():
+            model(IDS)
+        for handle in handles:
+            handle.remove()
+        return captured
+
+    stock = tiny_model(name)
+    ours = mf.apply(copy.deepcopy(stock), backend="torch")
+    for (weights, ids), (stock_weights, stock_ids) in zip(outputs(ours), outputs(stock)):
+        ids, order = ids.sort(dim=1)
+        stock_ids, stock_order = stock_ids.sort(dim=1)
+        assert torch.equal(ids, stock_ids)
+        assert weights.dtype == stock_weights.dtype
+        mine, theirs = weights.gather(1, order), stock_weights.gather(1, stock_order)
+        if name in ("deepseek_v3", "glm4_moe"):
+            torch.testing.assert_close(mine, theirs, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+        else:
+            assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_moe_layer_count_from_the_config(name):
     """The pipeline sizes masks from the config: the adapter's MoE layer count matches the model's MoE blocks,
     with dense layers placed by the family's own rule."""
@@ -437,6 +467,9 @@ def test_moe_layer_count_from_the_config(name):
         adapter = mf.get_adapter(model)
         num_layers, num_experts, top_k = model_sizes(config)
         assert num_layers == len(adapter.moe_blocks(adapter.base_model(model))) == adapter.num_moe_layers(config)
+        base = adapter.base_model(model)
+        moe_positions = [i for i, layer in enumerate(adapter.decoder_layers(base)) if adapter.is_moe_layer(layer)]
+        assert adapter.moe_layer_indices(config) == moe_positions
         assert (num_experts, top_k) == (adapter.num_experts(routers(model)[0]), adapter.top_k(routers(model)[0]))
 
 

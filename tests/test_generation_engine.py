@@ -297,6 +297,52 @@ def test_registered_as_graph_backend(model_dir, tokenizer, batch, eos_id):
         assert np.array_equal(a.token_experts[phase][counted], b.token_experts[phase][counted]), phase
 
 
+@pytest.mark.parametrize("where", ["generation_config", "model_config", "tokenizer"])
+def test_backends_stop_at_the_same_eos_wherever_it_is_set(model_dir, batch, eos_id, where):
+    """The EOS may live in the generation config, only in the model config, or only in the tokenizer: every backend
+    resolves it the same way, stops there, and counts the same routing."""
+    from moe_fastmask.pipeline.generation.hf import eos_token_ids
+
+    enc, ids = batch
+    model = load(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.generation_config.eos_token_id = eos_id if where == "generation_config" else None
+    model.config.eos_token_id = eos_id if where == "model_config" else None
+    if where == "tokenizer":
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    else:
+        tokenizer.eos_token = None
+    assert eos_token_ids(model, tokenizer) == [eos_id]
+    request = request_of(ids, GROUPS, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = get_backend("hf", model, tokenizer).generate(request)
+        graph = get_backend("graph", model, tokenizer).generate(request)
+    want, rec = reference(model, tokenizer, enc, GROUPS, eos_id, max_new_tokens=NEW)
+    assert hf.tokens == graph.tokens == want
+    assert any(len(t) < NEW for t in want)  # some rows did stop at the EOS
+    # the text runs to the EOS, included (here a plain token, so it shows), and not past it
+    cut = [t + [eos_id] if len(t) < NEW else t for t in want]
+    assert hf.texts == graph.texts == tokenizer.batch_decode(cut, skip_special_tokens=True)
+    assert_counts_equal(hf, rec)
+    assert_counts_equal(graph, rec)
+
+
+def test_eos_resolution_rule():
+    from types import SimpleNamespace as NS
+
+    from moe_fastmask.pipeline.generation import resolve_eos_ids
+
+    assert resolve_eos_ids(5, generation_config=NS(eos_token_id=1), tokenizer=NS(eos_token_id=2)) == [5]
+    assert resolve_eos_ids(generation_config=NS(eos_token_id=[1, 3]), tokenizer=NS(eos_token_id=2)) == [1, 3]
+    assert resolve_eos_ids(generation_config=NS(eos_token_id=None), model_config=NS(eos_token_id=np.int64(4)),
+                           tokenizer=NS(eos_token_id=2)) == [4]
+    assert resolve_eos_ids(generation_config=NS(eos_token_id=[]), model_config=NS(), tokenizer=NS(eos_token_id=2)) == [2]
+    assert resolve_eos_ids(generation_config=None, model_config=None, tokenizer=None) == []
+    with pytest.raises(ValueError, match="eos_token_id must be an int"):
+        resolve_eos_ids(generation_config=NS(eos_token_id="</s>"))
+
+
 def test_evaluate_answers_through_the_graph_engine(model_dir, tokenizer, batch, eos_id):
     from moe_fastmask.pipeline.evaluate import generate_answers
 

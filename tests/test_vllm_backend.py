@@ -699,3 +699,18 @@ def test_eos_ids_fall_back_to_the_model_config_as_transformers_does(model_dir, t
 
     assert vb._eos_ids_of(str(copy), Tokenizer()) == [7]
     assert vb._eos_ids_of(str(tmp_path / "missing"), Tokenizer()) == [3]
+    # a generation_config.json without an EOS: the model config's, as the transformers engines take it
+    (copy / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    assert vb._eos_ids_of(str(copy), Tokenizer()) == [7]
+
+
+@needs_vllm
+def test_models_with_dense_layers_count_and_steer_their_moe_layers(tmp_path):
+    """Qwen2-MoE with a dense first layer (vLLM reports it as all-zero expert rows): analyze gives the risk table of
+    the transformers engine, and evaluate steers over the MoE layers with the same answers. In its own process:
+    one vLLM engine per process."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "vllm_dense_layers_check.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "dense-layer check: ok" in done.stdout, done.stdout[-3000:] + done.stderr[-5000:]

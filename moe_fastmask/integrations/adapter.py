@@ -163,10 +163,14 @@ class MoEAdapter:
         """False for dense decoder layers of families mixing them in; every layer is an MoE layer by default."""
         return True
 
+    def moe_layer_indices(self, config) -> list[int]:
+        """The decoder-layer indices of the MoE layers of a model of ``config``, from the config alone (engines
+        that report every decoder layer, dense ones included, keep these); every decoder layer by default."""
+        return list(range(int(config.num_hidden_layers)))
+
     def num_moe_layers(self, config) -> int:
-        """How many MoE layers a model of ``config`` has (the length of :meth:`moe_blocks`), from the config alone;
-        every decoder layer by default."""
-        return int(config.num_hidden_layers)
+        """How many MoE layers a model of ``config`` has (the length of :meth:`moe_blocks`), from the config alone."""
+        return len(self.moe_layer_indices(config))
 
     def moe_blocks(self, base: nn.Module) -> list[nn.Module]:
         """The MoE blocks (router + experts) in layer order; their positions are the MoE layer indices."""

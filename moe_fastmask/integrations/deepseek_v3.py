@@ -48,8 +48,8 @@ class DeepseekV3Adapter(MoEAdapter):
     def is_moe_layer(self, layer: nn.Module) -> bool:
         return isinstance(layer.mlp, self._classes()["block"])
 
-    def num_moe_layers(self, config) -> int:
-        return int(config.num_hidden_layers) - int(config.first_k_dense_replace)
+    def moe_layer_indices(self, config) -> list[int]:
+        return list(range(int(config.first_k_dense_replace), int(config.num_hidden_layers)))
 
     def router_semantics(self, router: nn.Module) -> RouterSemantics:
         num_groups = int(router.num_group)

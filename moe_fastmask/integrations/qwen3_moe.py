@@ -45,12 +45,12 @@ class Qwen3MoeAdapter(MoEAdapter):
 
         return isinstance(layer.mlp, Qwen3MoeSparseMoeBlock)
 
-    def num_moe_layers(self, config) -> int:
+    def moe_layer_indices(self, config) -> list[int]:
         # the decoder layer's rule: MoE unless in mlp_only_layers, on every decoder_sparse_step-th layer
-        return sum(
-            i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
-            for i in range(config.num_hidden_layers)
-        )
+        return [
+            i for i in range(config.num_hidden_layers)
+            if i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+        ]
 
     def router_semantics(self, router: nn.Module) -> RouterSemantics:
         return RouterSemantics(scoring="softmax", renormalize=bool(router.norm_topk_prob))

@@ -135,7 +135,9 @@ def chosen_weights(
             picked = picked.masked_fill(~allowed.gather(1, ids), float("-inf"))
         weights = torch.softmax(picked, dim=-1)
     else:
-        weights = torch.sigmoid(z.gather(1, ids))
+        # sigmoid over the whole row, then gathered: the families' own expression, so the weights match theirs to
+        # the bit (a vectorised sigmoid of the gathered values can round the last bit differently)
+        weights = torch.sigmoid(z).gather(1, ids)
         if allowed is not None:
             weights = weights.masked_fill(~allowed.gather(1, ids), 0.0)
         if renormalize:

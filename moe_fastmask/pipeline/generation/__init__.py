@@ -46,6 +46,7 @@ from moe_fastmask.pipeline.generation.base import (
     engine_options,
     get_backend,
     load_model,
+    resolve_eos_ids,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "engine_options",
     "get_backend",
     "load_model",
+    "resolve_eos_ids",
 ]

@@ -190,6 +190,30 @@ def load_model(name: str, model_name_or_path: str, device: str, dtype: str):
     return loader(model_name_or_path, device, dtype)
 
 
+def resolve_eos_ids(
+    eos_token_id: int | Sequence[int] | None = None,
+    *,
+    generation_config: Any = None,
+    model_config: Any = None,
+    tokenizer: Any = None,
+) -> list[int]:
+    """The ids that end a sequence, by the one rule every backend follows: ``eos_token_id`` when given, else the
+    generation config's, else the model config's, else the tokenizer's EOS; ``[]`` when none has one.
+
+    So the same model and tokenizer stop at the same tokens (and count the same routing) whichever engine runs.
+    """
+    for source in (eos_token_id, generation_config, model_config, tokenizer):
+        eos = source if source is eos_token_id else getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        values = [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+        if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in values):
+            raise ValueError(f"eos_token_id must be an int or a sequence of ints, got {eos!r:.80}")
+        if values:
+            return [int(e) for e in values]
+    return []
+
+
 __all__ = [
     "BACKENDS",
     "COMPILE_CHOICES",
@@ -204,4 +228,5 @@ __all__ = [
     "engine_options",
     "get_backend",
     "load_model",
+    "resolve_eos_ids",
 ]

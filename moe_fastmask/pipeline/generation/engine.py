@@ -44,7 +44,12 @@ import torch
 from torch import Tensor, nn
 
 import moe_fastmask as mf
-from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.base import (
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    resolve_eos_ids,
+)
 from moe_fastmask.pipeline.generation.packing import sequence_seed
 
 BACKEND_NAME = "graph"
@@ -175,7 +180,8 @@ class StaticCacheEngine:
 
     ``model``: a causal LM of a supported MoE family (patched with :func:`moe_fastmask.apply` here, router op
     backend ``op_backend``, if it is not yet). ``tokenizer``: for the output texts (empty strings without one).
-    ``eos_token_id`` / ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
+    ``eos_token_id``: default :func:`~moe_fastmask.pipeline.generation.base.resolve_eos_ids` (generation config, model
+    config, tokenizer). ``pad_token_id``: default from the model's generation config, else the tokenizer's. ``max_batch_size``: sequences per GPU batch.
     ``prefill_chunk_tokens``: most tokens (batch x chunk length) per prefill forward (default: sized from free
     memory, :func:`prefill_chunk_for_memory`). ``use_cuda_graph``: capture the decode step on CUDA (ignored on CPU).
     ``compile``: ``torch.compile`` the model forward of the decode step first (True / False, or ``"auto"``: on CUDA
@@ -213,14 +219,13 @@ class StaticCacheEngine:
         self.model = mf.apply(model, backend=op_backend) if not mf.is_patched(model) else model
         self.tokenizer = tokenizer
         config = getattr(model, "generation_config", None)
-        eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
-        if eos is None and tokenizer is not None:
-            eos = tokenizer.eos_token_id
-        if eos is None:
+        self.eos_ids = resolve_eos_ids(eos_token_id, generation_config=config,
+                                       model_config=getattr(model, "config", None), tokenizer=tokenizer)
+        if not self.eos_ids:
             raise ValueError("eos_token_id is needed: pass it or set the model's generation_config.eos_token_id")
-        self.eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        eos = self.eos_ids
         vocab = model.get_output_embeddings().weight.shape[0]
-        if not self.eos_ids or not all(0 <= e < vocab for e in self.eos_ids):
+        if not all(0 <= e < vocab for e in self.eos_ids):
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         if pad is None and tokenizer is not None:

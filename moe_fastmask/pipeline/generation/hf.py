@@ -12,7 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.base import (
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    resolve_eos_ids,
+)
 
 
 def generation_kwargs(sampling: SamplingSettings, pad_token_id: int | None) -> dict:
@@ -26,13 +31,10 @@ def generation_kwargs(sampling: SamplingSettings, pad_token_id: int | None) -> d
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a sequence: the model's generation config, else the tokenizer's EOS."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    """The ids that end a sequence (:func:`~moe_fastmask.pipeline.generation.base.resolve_eos_ids`): the model's
+    generation config, else its config, else the tokenizer's EOS."""
+    return resolve_eos_ids(generation_config=getattr(model, "generation_config", None),
+                           model_config=getattr(model, "config", None), tokenizer=tokenizer)
 
 
 def generated_lengths(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
@@ -145,20 +147,28 @@ class HFGenerateBackend:
         sampling = request.sampling
         if sampling.do_sample and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        recording = recorder.record(list(request.groups)) if recorder is not None else contextlib.nullcontext()
+        # the EOS ids are passed explicitly: ``generate`` alone reads only the generation config, and would run past
+        # a tokenizer-only EOS (texts and counts after the answer's end)
+        eos = {"eos_token_id": list(self._eos_ids)} if self._eos_ids else {}
+        recording = (
+            recorder.record(list(request.groups), eos_token_id=self._eos_ids or None)
+            if recorder is not None else contextlib.nullcontext()
+        )
         with torch.no_grad(), recording:
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 **generation_kwargs(sampling, tokenizer.pad_token_id),
+                **eos,
             )
-        new_tokens = output[:, input_ids.shape[1] :].cpu()
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        rows = new_tokens.numpy()
+        rows = output[:, input_ids.shape[1] :].cpu().numpy()
         lengths = generated_lengths(rows, self._eos_ids)
+        tokens = [row[:n].tolist() for row, n in zip(rows, lengths)]
+        # the text runs to the EOS, included (a special EOS is skipped), as the graph and vLLM engines decode it
+        with_eos = [row[: n + 1].tolist() for row, n in zip(rows, lengths)]
         result = GenerationOutput(
-            tokens=[row[:n].tolist() for row, n in zip(rows, lengths)],
-            texts=texts,
+            tokens=tokens,
+            texts=tokenizer.batch_decode(with_eos, skip_special_tokens=True),
             num_prompt_tokens=[len(p) for p in request.prompts],
         )
         if recorder is not None:

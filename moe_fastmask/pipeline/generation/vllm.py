@@ -36,7 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_fastmask.pipeline.generation.base import GenerationOutput, GenerationRequest, SamplingSettings
+from moe_fastmask.pipeline.generation.base import (
+    GenerationOutput,
+    GenerationRequest,
+    SamplingSettings,
+    resolve_eos_ids,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Versions and installation
@@ -485,21 +490,32 @@ def load_model(model_name_or_path: str, device: str, dtype: str):
 
 
 def _eos_ids_of(model_path: str | None, tokenizer) -> list[int]:
-    """The model's EOS ids as transformers' ``generate`` uses them: its ``generation_config.json``, else its
-    ``config.json`` (from which transformers makes the generation config when there is none), else the tokenizer's."""
+    """The model's EOS ids by the rule of every backend (:func:`resolve_eos_ids`), read from its directory or hub
+    name: its ``generation_config.json``, else its ``config.json``, else the tokenizer's."""
+    generation_config = model_config = None
     if model_path is not None:
         from transformers import AutoConfig, GenerationConfig
 
-        for read in (lambda: GenerationConfig.from_pretrained(model_path).eos_token_id,
-                     lambda: GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path)).eos_token_id):
-            try:
-                eos = read()
-            except (OSError, ValueError):
-                eos = None
-            if eos is not None:
-                return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [int(eos)]
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except (OSError, ValueError):
+            generation_config = None
+        try:
+            model_config = AutoConfig.from_pretrained(model_path)
+        except (OSError, ValueError):
+            model_config = None
+    return resolve_eos_ids(generation_config=generation_config, model_config=model_config, tokenizer=tokenizer)
+
+
+def moe_layer_indices(hf_config) -> list[int]:
+    """The decoder-layer indices of the MoE layers of a model of ``hf_config`` (its family adapter's rule; every
+    layer for a family without an adapter)."""
+    from moe_fastmask.integrations.registry import UnsupportedModelError, get_adapter
+
+    try:
+        return get_adapter(str(getattr(hf_config, "model_type", ""))).moe_layer_indices(hf_config)
+    except UnsupportedModelError:
+        return list(range(int(hf_config.num_hidden_layers)))
 
 
 class VLLMBackend:
@@ -512,7 +528,7 @@ class VLLMBackend:
             ``engine_kwargs``.
         tokenizer: decodes the answers (default: the engine's tokenizer).
         op_backend: the :func:`moe_fastmask.route` backend of steered layers (``auto``, ``cpp``, ``torch``, ...).
-        eos_token_ids: the ids that end a sequence (default: the model's generation config, as transformers uses).
+        eos_token_ids: the ids that end a sequence (default: :func:`resolve_eos_ids` on the model's files).
     """
 
     name = "vllm"
@@ -545,7 +561,11 @@ class VLLMBackend:
         self._capture = bool(model_config.enable_return_routed_experts)
         self.max_model_len = getattr(model_config, "max_model_len", None)
         hf_config = model_config.hf_config
-        self.num_layers = int(hf_config.num_hidden_layers)
+        # vLLM reports every decoder layer, a dense one as zeros; counts and masks cover the MoE layers only, as on
+        # the transformers engines
+        self.moe_layers = moe_layer_indices(hf_config)
+        self.num_decoder_layers = int(hf_config.num_hidden_layers)
+        self.num_layers = len(self.moe_layers)
         self.num_experts = int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "n_routed_experts"))
         self.top_k = int(hf_config.num_experts_per_tok)
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
@@ -554,6 +574,15 @@ class VLLMBackend:
         self.eos_token_ids = [int(e) for e in eos_token_ids]
         self.route_backend = op_backend
         self._keep: Tensor | None = None  # bool [L, G, E] as set
+
+    def _moe_rows(self, routed):
+        """``routed_experts`` of one sequence with the dense layers' (all-zero) columns dropped."""
+        if routed is None or self.num_layers == self.num_decoder_layers:
+            return routed
+        routed = np.asarray(routed)
+        if routed.ndim == 3 and routed.shape[1] == self.num_decoder_layers:
+            return routed[:, self.moe_layers]
+        return routed
 
     # steering -------------------------------------------------------------------------------------------------
     def set_expert_mask(self, keep: Tensor | None) -> None:
@@ -696,7 +725,7 @@ class VLLMBackend:
         )
         if groups is not None:
             summary = summarize_routed_experts(
-                [out.routed_experts for out in outputs],
+                [self._moe_rows(out.routed_experts) for out in outputs],
                 [len(p) for p in prompts],
                 full,
                 groups,
@@ -738,6 +767,7 @@ __all__ = [
     "load_model",
     "mask_cache_salt",
     "masked_routing",
+    "moe_layer_indices",
     "release_engine",
     "summarize_routed_experts",
 ]
