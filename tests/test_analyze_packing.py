@@ -99,7 +99,7 @@ def test_packed_run_resumes_after_a_crash(demo_inputs, tmp_path, monkeypatch):
 
 
 def test_gpu_batch_size_is_checked_and_parsed(demo_inputs, tmp_path):
-    with pytest.raises(ValueError, match="gpu_batch_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"gpu_batch_size must be a positive integer \(--gpu-batch-size\), got 0"):
         config_of(demo_inputs, tmp_path, gpu_batch_size=0).validate()
     import argparse
 
