@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Iterator
 
 SAFE, UNSAFE = "safe", "unsafe"
@@ -92,7 +91,6 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith(('s', 'ch')) else 's'}"
 
 
-
 @contextlib.contextmanager
 def library_progress_bars(show: bool) -> Iterator[None]:
     """Inside the block, hide the progress bars of transformers and huggingface_hub (loading weights, writing shards,
@@ -100,8 +98,9 @@ def library_progress_bars(show: bool) -> Iterator[None]:
     after the block. ``show=True`` never turns on bars a user turned off."""
     from transformers.utils import logging as hf_logging
 
-    main_process = os.environ.get("RANK", "0") in ("", "0")
-    if (show and main_process) or not hf_logging.is_progress_bar_enabled():
+    from moe_fastmask.pipeline.distributed import launched_rank
+
+    if (show and launched_rank() == 0) or not hf_logging.is_progress_bar_enabled():
         yield
         return
     hf_logging.disable_progress_bar()

@@ -75,6 +75,12 @@ def launched_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def launched_rank() -> int:
+    """``RANK`` set by the launcher (0 when not launched by torchrun / accelerate launch); readable before a process
+    group is up and after it is torn down."""
+    return _env_int("RANK", 0)
+
+
 def is_initialized() -> bool:
     """True when a torch.distributed process group is up."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -260,6 +260,7 @@ def _without_training_records(records, split: dict, trained: dict[str, str] | No
     if not training:
         return records
     leaked = [record.id for record in records if record_fingerprint(record) in training]
+    left_out = set(leaked)
     if leaked:
         shown = ", ".join(str(i) for i in leaked[:10]) + (", ..." if len(leaked) > 10 else "")
         warnings.warn(
@@ -267,7 +268,7 @@ def _without_training_records(records, split: dict, trained: dict[str, str] | No
             f"{shown}): left out of the evaluation. The split file or the data changed since training, or the data "
             "holds duplicates", stacklevel=3,
         )
-    return [record for record in records if record.id not in set(leaked)]
+    return [record for record in records if record.id not in left_out]
 
 
 def build_prompts(records, tokenizer, system_prompt: str | None = None) -> list[dict]:

@@ -202,8 +202,8 @@ def resolve_eos_ids(
 
     So the same model and tokenizer stop at the same tokens (and count the same routing) whichever engine runs.
     """
-    for source in (eos_token_id, generation_config, model_config, tokenizer):
-        eos = source if source is eos_token_id else getattr(source, "eos_token_id", None)
+    configured = (getattr(source, "eos_token_id", None) for source in (generation_config, model_config, tokenizer))
+    for eos in (eos_token_id, *configured):
         if eos is None:
             continue
         values = [eos] if isinstance(eos, (int, np.integer)) else list(eos)

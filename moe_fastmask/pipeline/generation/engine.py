@@ -223,10 +223,9 @@ class StaticCacheEngine:
                                        model_config=getattr(model, "config", None), tokenizer=tokenizer)
         if not self.eos_ids:
             raise ValueError("eos_token_id is needed: pass it or set the model's generation_config.eos_token_id")
-        eos = self.eos_ids
         vocab = model.get_output_embeddings().weight.shape[0]
         if not all(0 <= e < vocab for e in self.eos_ids):
-            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {self.eos_ids!r}")
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         if pad is None and tokenizer is not None:
             pad = tokenizer.pad_token_id

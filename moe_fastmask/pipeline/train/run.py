@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -457,7 +456,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     finally:
         distributed.teardown(owned_only=False)  # the group accelerate created for the Trainer
-    if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, one process reports
+    if distributed.launched_rank() == 0:  # under a launcher, one process reports
         print(f"final model: {result.final_model}")
         print(f"selection: {result.out / SELECTION_FILE} ({len(result.selection)} experts, "
               f"masked layers {result.selection.masked_layers})")
