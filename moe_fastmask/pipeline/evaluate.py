@@ -423,12 +423,14 @@ def _evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None,
     judge_fn = load_judge(judge if judge is not None else args.judge)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    run = run_settings(args.model) or {}
-    if (run.get("split_sha256") and args.split_file and Path(args.split_file).is_file()
-            and artifacts.file_sha256(args.split_file) != run["split_sha256"]):
+    training_run = run_settings(args.model) or {}
+    if (training_run.get("split_sha256") and args.split_file and Path(args.split_file).is_file()
+            and artifacts.file_sha256(args.split_file) != training_run["split_sha256"]):
         warnings.warn(f"--split-file {args.split_file} changed since {args.model} was trained (the analysis was "
                       "rerun?): records it trained on are left out of the held-out set by content")
-    records = evaluation_records(args.data, args.split, args.split_file, args.limit, trained=run.get("trained_records"))
+    records = evaluation_records(
+        args.data, args.split, args.split_file, args.limit, trained=training_run.get("trained_records"),
+    )
     selection = ExpertSelection.load(args.selection) if (args.selection and args.steering) else None
     system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
 
@@ -442,7 +444,7 @@ def _evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None,
 
     frames = []
 
-    def run(condition: str, model, tokenizer, backend) -> None:
+    def answer_condition(condition: str, model, tokenizer, backend) -> None:
         prompts = build_prompts(records, tokenizer, system_prompt)
         say(f"[{condition}] generating {len(prompts)} answers")
         texts = generate_answers(
@@ -468,13 +470,13 @@ def _evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None,
         model, tokenizer = load_model(args.engine, args.base_model, device, dtype)
         options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
         backend = get_backend(args.engine, model, tokenizer, **options)
-        run("before", model, tokenizer, backend)
+        answer_condition("before", model, tokenizer, backend)
         if selection is not None:
             keep = torch.ones(selection.num_layers, 1, selection.num_experts, dtype=torch.bool)
             for layer, expert in map(mf.parse_layer_expert, steered):
                 keep[layer, 0, expert] = False  # steered: off for every token
             backend.set_expert_mask(keep)
-            run("steering", model, tokenizer, backend)
+            answer_condition("steering", model, tokenizer, backend)
         backend.close()
         del backend, model, tokenizer  # the only references: the "after" model loads into freed memory
         _free_memory()
@@ -484,7 +486,7 @@ def _evaluate(args: EvaluationArguments, *, judge: Callable[[str], bool] | None,
         model, tokenizer = load_model(args.engine, args.model, device, dtype)
         options = engine_options(args.engine, args.engine_compile, op_backend=args.backend)
         backend = get_backend(args.engine, model, tokenizer, **options)
-        run("after", model, tokenizer, backend)
+        answer_condition("after", model, tokenizer, backend)
         backend.close()
         del backend, model, tokenizer
         _free_memory()
