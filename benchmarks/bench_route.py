@@ -27,7 +27,8 @@ shapes the CUDA kernel does not take run on Triton under ``backend="cuda"``, and
 rather than as programmatic dependent launches (``cuda_route.dependent_launches(False)``), ``cuda_kernel`` the CUDA
 launcher alone
 (``cuda_kernel_noprefetch``: its instance without the software prefetch of a warp's next rows), ``cuda_lane`` the
-row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128, top-k <= 8), and at E=64 top-8 its benchmark
+row-per-lane kernel variant (16-bit logits, E in 32 / 64 / 128 or a multiple of 4 below, top-k <= 8), and at E=64
+top-8 its benchmark
 instances with parts of the work removed (``lane_load_store``: the tiles copied, the first k experts stored;
 ``lane_topk``: + keys and top-k; ``lane_mask_topk``: + the mask; ``lane_mask_topk_softmax``: + the softmax; the full
 kernel adds the counts; these take the top-k by the sorting network, and the ``lane_*_tournament`` rows repeat the

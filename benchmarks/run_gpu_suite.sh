@@ -4,6 +4,9 @@
 # Stages (minutes on an H200, roughly):
 #   tests           CUDA tests (1.5)
 #   generate        patched + recording generate vs plain (5); GENERATE_ARGS: extra arguments of bench_olmoe_generate.py
+#   route           the route op against the eager and compiled chains at T = 4,096, 65,536 and 262,144, with the
+#                   copy bandwidth, the CUDA kernels' section (work added step by step, the wider routers of the
+#                   other families) and the families' rows (4); ROUTE_ARGS: extra arguments of bench_route.py
 #   analyze         the analysis pipeline on 64 pairs (5)
 #   train           the training step, plain vs masked, 16 layers (1)
 #   train-liger     the masked step with our loss vs Liger-Kernel's fused linear cross entropy, then the loss alone
@@ -38,6 +41,7 @@ if want tests && python3 -c "import pytest" 2>/dev/null; then
 elif want tests; then
     echo "== CUDA tests skipped: pytest is not installed here (set PYTEST_WHEELS)"
 fi
+want route && step "route op (benchmarks/bench_route.py)" && timeout 900 python3 benchmarks/bench_route.py --sizes 4096 65536 262144 --out "$out/route.csv" ${ROUTE_ARGS:-} 2>&1 | tee "$out/route.log" | tail -40
 want generate && step "generation" && timeout 480 python3 benchmarks/bench_olmoe_generate.py --out "$out" ${GENERATE_ARGS:-} 2>&1 | tee "$out/generate.log" | tail -8
 want analyze && step "analysis (64 pairs)" && timeout 600 python3 benchmarks/bench_analyze.py --out "$out/analyze" 2>&1 | tee "$out/analyze.log" | tail -6
 want train && step "training (16 layers)" && timeout 300 python3 benchmarks/bench_train.py --out "$out/train" 2>&1 | tee "$out/train.log" | tail -6

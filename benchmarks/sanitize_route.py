@@ -117,7 +117,9 @@ def main(argv=None) -> None:
             return
         cases += [(128, 16, torch.bfloat16, torch.int64), (256, 8, torch.float32, torch.int32),
                   (16, 16, torch.float16, torch.int64), (32, 8, torch.float16, torch.int32),
-                  (128, 8, torch.bfloat16, torch.int64)]
+                  (128, 8, torch.bfloat16, torch.int64),
+                  # (the lane kernel's padded rows at E_PAD = 32 and 128; E = 60 above is E_PAD = 64)
+                  (24, 4, torch.bfloat16, torch.int64), (120, 8, torch.float16, torch.int32)]
         for case in cases:
             check(*case, device, backend="cuda", backward=backward)
         # more groups than the shared histogram holds: counts through global atomics

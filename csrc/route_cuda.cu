@@ -50,7 +50,8 @@ struct RouteParams {
   int32_t top_k;
   int32_t renormalize;
   int32_t group_is_int64;
-  int32_t vector_loads;     // 1: rows contiguous, 16-byte aligned, E == E_PAD
+  int32_t vector_loads;     // 1: rows contiguous, 16-byte aligned, E == E_PAD; 2: 16-bit rows, 8-byte aligned, E a
+                            // multiple of 4 below E_PAD = 32, 64 or 128 (the lane kernel's padded rows)
   int32_t shared_hist;      // 1: count into shared memory first
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
   int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies)
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   // are loaded before the current ones are worked on, so that two row groups per warp are in flight
   constexpr int kVecs = (V * static_cast<int>(sizeof(T)) + 15) / 16;
   auto load_row = [&](int64_t r, uint4 (&dst)[kVecs]) {
-    if (p.vector_loads && r < p.num_tokens) {
+    if (p.vector_loads == 1 && r < p.num_tokens) {
       const uint4* src = reinterpret_cast<const uint4*>(logits + r * p.stride_t + e0);
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) dst[q] = __ldg(src + q);
@@ -484,7 +485,8 @@ cudaError_t preload_t() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// "lane" variant: one row per lane, for 16-bit logits with E = 32, 64 or 128 (contiguous rows), top_k <= 8.
+// "lane" variant: one row per lane, for 16-bit logits with E = 32, 64 or 128 (contiguous rows), or E a multiple of 4
+// below one of them (8-byte aligned rows, padded in shared memory: kPadRows), top_k <= 8.
 //
 // The split variant spends most of its instructions on integer compares, selects and shuffles, most of them on the
 // half-rate ALU pipe (about 440 per 8 rows for E=64 top-8). Here each lane keeps the running top 8 of its own row
@@ -532,6 +534,11 @@ constexpr int kTopK8 = 16, kOneStage = 32, kStageIds = 64, kPacked16 = 128, kTwo
 // memory (see tournament_top8). The op takes it for top-8 calls at E = 128, and at E = 64 with enough tiles
 // (tournament_pays)
 constexpr int kTimeline = 1 << 12, kSmBlock = 1 << 13, kTournament = 1 << 14;
+// kPadRows: rows of E < E_PAD experts (E a multiple of 4, rows 8-byte aligned: p.vector_loads == 2), copied 8 bytes
+// at a time with the padding zero-filled; the mask table masks the padding (every group row, and row G), so the
+// instance always has the mask on. A padded expert is never picked: masked experts rank below the allowed ones and,
+// among themselves, by index, so the padding (the highest indices) ranks below every real expert, and top_k <= E
+constexpr int kPadRows = 1 << 15;
 constexpr int kSmBlockStageBytes = 6 * kLaneStageBytes;  // (kSmBlock) the one block's tiles: six blocks' worth
 constexpr int kLaneOptions =
     kTopK8 | kOneStage | kStageIds | kPacked16 | kTwoPassSoftmax | kTimeline | kSmBlock | kTournament;
@@ -938,8 +945,10 @@ route_lane_kernel(const RouteParams p) {
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char lane_smem[];
 
-  const int E = p.num_experts;  // == E_PAD
-  const unsigned int run_time_one = static_cast<unsigned int>(E) / E_PAD;  // 1, known at run time only
+  constexpr bool kPad = (FLAGS & kPadRows) != 0;
+  static_assert(!kPad || (kMask && !kPacked && !kTourn), "padded rows: the mask on, the 32-bit keys' network");
+  const int E = p.num_experts;  // == E_PAD, or (kPad) less
+  const unsigned int run_time_one = static_cast<unsigned int>(E + E_PAD - 1) / E_PAD;  // 1, known at run time only
   const ImadMinExchange imad_min{run_time_one, 0u - run_time_one};          // (the 32-bit keys' merges)
   const int G = p.num_groups;
   const int top_k = kK8 ? 8 : p.top_k;
@@ -953,7 +962,9 @@ route_lane_kernel(const RouteParams p) {
   // top-k its keep words [(G + 1) * kKeepStride] uint4 (0xFFFF per kept half of an expert pair), histogram [G * E]
   unsigned char* tiles = lane_smem;
   uint4* mask_table = reinterpret_cast<uint4*>(lane_smem + S::kStageBytes);
-  const size_t mask_bytes = kMask ? static_cast<size_t>(G + 1) * S::kMaskStride * 16 : 0;
+  // (kPad without a keep mask: the table's one row masks the padding, whatever the row's group)
+  const int mask_groups = kPad && p.keep == nullptr ? 0 : G;
+  const size_t mask_bytes = kMask ? static_cast<size_t>(mask_groups + 1) * S::kMaskStride * 16 : 0;
   const size_t keep_word_bytes = kMask && kPacked ? static_cast<size_t>(G + 1) * S::kKeepStride * 16 : 0;
   uint4* keep_words = reinterpret_cast<uint4*>(lane_smem + S::kStageBytes + mask_bytes);
   unsigned int* hist = reinterpret_cast<unsigned int*>(lane_smem + S::kStageBytes + mask_bytes + keep_word_bytes);
@@ -1012,7 +1023,19 @@ route_lane_kernel(const RouteParams p) {
   auto issue = [&](int64_t t, int b) {
     const unsigned char* src = reinterpret_cast<const unsigned char*>(logits + (t * 32 + copy_row) * p.stride_t) +
                                copy_chunk * 16;
-    if ((t + 1) * 32 <= T_rows) {  // (warp-uniform) every row exists
+    if constexpr (kPad) {
+      // 8 bytes (4 experts) a copy: unit h of row r, the units from E / 4 on (the padding) zero-filled
+      constexpr int kUnits = E_PAD / 4;
+#pragma unroll
+      for (int q = 0; q < kUnits; ++q) {
+        const int u = q * 32 + lane, r = u / kUnits, h = u % kUnits;
+        const int64_t row = t * 32 + r;
+        const bool ok = row < T_rows && h * 4 < E;
+        const T* src_q = logits + (ok ? row * p.stride_t + h * 4 : 0);
+        cp_async8(my_tiles_s + b * S::kTileBytes + (r * NC + swizzle<NC>(r, h / 2)) * 16 + (h % 2) * 8, src_q,
+                  ok ? 8 : 0);
+      }
+    } else if ((t + 1) * 32 <= T_rows) {  // (warp-uniform) every row exists
 #pragma unroll
       for (int q = 0; q < kCopies; ++q) {
         cp_async16(copy_dst[q % kPeriod] + b * S::kTileBytes + (q / kPeriod) * kPeriod * kRowsPerCopy * NC * 16,
@@ -1043,7 +1066,7 @@ route_lane_kernel(const RouteParams p) {
 
   if constexpr (kMask) {
     // an entry per expert pair (mask_entry: a masked key's value becomes 0, a masked logit -inf)
-    fill_mask_table(reinterpret_cast<uint2*>(mask_table), S::kMaskStride * 2, p.keep, E, G);
+    fill_mask_table(reinterpret_cast<uint2*>(mask_table), S::kMaskStride * 2, p.keep, E, mask_groups);
     if constexpr (kPacked) {
       for (int i = threadIdx.x; i < (G + 1) * S::kKeepStride * 4; i += blockDim.x) {
         bool lo_kept, hi_kept;
@@ -1085,7 +1108,7 @@ route_lane_kernel(const RouteParams p) {
     const int64_t row = tile * 32 + lane;
     const bool row_valid = row < T_rows;
     uint4* my_row = reinterpret_cast<uint4*>(my_tiles + buf * S::kTileBytes) + lane * NC;
-    const uint4* my_mask = mask_table + gi * S::kMaskStride;
+    const uint4* my_mask = mask_table + (kPad && mask_groups == 0 ? 0 : gi) * S::kMaskStride;
 
     unsigned int top[8];
     bool top_done = false;
@@ -1424,17 +1447,27 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   return launch_kernel(kernel, grid, S::kWarps * 32, smem, stream, device, sms, resident, p);
 }
 
+// E_PAD of a padded row: the least power of two >= E, at least 8
+int lane_padded_experts(int e) {
+  int e_pad = 8;
+  while (e_pad < e) e_pad *= 2;
+  return e_pad;
+}
+
 // Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.
 // A histogram that does not fit goes to global atomics (p.shared_hist cleared).
 size_t lane_smem_bytes(RouteParams& p, int dtype) {
   if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK) return 0;
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   const int e = p.num_experts;
-  if (e != 32 && e != 64 && e != 128) return 0;
+  const bool padded = p.vector_loads == 2;  // (kPadRows: the mask table always, and no benchmark options)
+  const int e_pad = padded ? lane_padded_experts(e) : e;
+  if (e_pad != 32 && e_pad != 64 && e_pad != 128) return 0;
+  if (padded && (e % 4 != 0 || e == e_pad || p.lane_options != 0 || p.ablation != 0)) return 0;
   // the mask table, and for the packed top-k (an option, bf16 at E = 64) its keep words
   const bool packed = (p.lane_options & kPacked16) != 0 && dtype == kBFloat16 && e == 64;
-  const size_t mask = p.keep ? static_cast<size_t>(p.num_groups + 1) * ((e / 4 + 1) + (packed ? e / 8 + 1 : 0)) * 16
-                             : 0;
+  const int64_t mask_rows = p.keep ? int64_t{p.num_groups} + 1 : padded ? 1 : 0;  // (the kernel's mask_groups + 1)
+  const size_t mask = static_cast<size_t>(mask_rows) * ((e_pad / 4 + 1) + (packed ? e / 8 + 1 : 0)) * 16;
   if (mask > kLaneMaxExtraBytes) return 0;
   size_t hist = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * e * 4 : 0;
   if (mask + hist > kLaneMaxExtraBytes) {
@@ -1510,6 +1543,13 @@ cudaError_t launch_lane_e(const RouteParams& p, size_t smem, int device, cudaStr
 
 template <typename T>
 cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
+  if (p.vector_loads == 2) {  // padded rows (lane_smem_bytes took them): the general instance, mask on
+    constexpr int F = kLaneFull | kLaneDefaultOptions | kPadRows;
+    const int e_pad = lane_padded_experts(p.num_experts);
+    if (e_pad == 32) return launch_lane<T, 32, F>(p, smem, device, stream);
+    if (e_pad == 64) return launch_lane<T, 64, F>(p, smem, device, stream);
+    return launch_lane<T, 128, F>(p, smem, device, stream);
+  }
   if (p.num_experts == 32) return launch_lane_e<T, 32>(p, smem, device, stream);
   if (p.num_experts == 64) return launch_lane_e<T, 64>(p, smem, device, stream);
   return launch_lane_e<T, 128>(p, smem, device, stream);
@@ -1691,6 +1731,14 @@ int moe_fastmask_route_cuda_lane_grid(int policy, int64_t tiles, int warps_per_b
   return lane_grid(p, tiles, warps_per_block, sms, resident);
 }
 
+// The lane kernel's shared bytes for this call (the launcher's choice, for the tests to check the Python side's
+// lane_takes against), 0 where the split kernel runs it instead.
+int64_t moe_fastmask_route_cuda_lane_smem(const RouteParams* params, int dtype) {
+  RouteParams p = *params;
+  if (p.counts) p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
+  return static_cast<int64_t>(lane_smem_bytes(p, dtype));
+}
+
 // Launch the forward on `stream` (a cudaStream_t) of `device`; dtype 0 float32, 1 float16, 2 bfloat16.
 // Returns 0 or a cudaError_t code (cudaErrorInvalidValue for a shape the kernel does not take).
 int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int device, void* stream) {
@@ -1708,6 +1756,7 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
   }
   if (p.ids8 != nullptr && (p.variant != 1 || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
+                            p.vector_loads != 1 ||
                             dtype == kFloat32 || (reinterpret_cast<uintptr_t>(p.ids8) & 7) != 0 ||
                             lane_smem_bytes(p, dtype) == 0)) {
     return cudaErrorInvalidValue;  // (the one-byte ids come from the lane kernel's full instance only)

@@ -71,13 +71,16 @@ __device__ __forceinline__ uint2 mask_entry(bool lo_kept, bool hi_kept) {
   return make_uint2(hi_kept ? 0xFFFF0000u : 0u, lo_kept ? 0x10000u : 0u);
 }
 
-// whether experts 2 pair and 2 pair + 1 are kept in row g of keep [G, E] (row G, and the pairs from E / 2 on: kept)
+// whether experts 2 pair and 2 pair + 1 are kept in row g of keep [G, E] (row G, or no keep: every expert); experts
+// from E on (a padded row's padding, the table's spare entries) are not
 __device__ __forceinline__ void pair_kept(const uint8_t* keep, int num_experts, int G, int g, int pair, bool& lo_kept,
                                           bool& hi_kept) {
-  lo_kept = hi_kept = true;
-  if (g < G && 2 * pair < num_experts) {
-    lo_kept = keep[static_cast<int64_t>(g) * num_experts + 2 * pair] != 0;
-    hi_kept = keep[static_cast<int64_t>(g) * num_experts + 2 * pair + 1] != 0;
+  lo_kept = 2 * pair < num_experts;
+  hi_kept = 2 * pair + 1 < num_experts;
+  if (keep != nullptr && g < G) {
+    const uint8_t* row = keep + static_cast<int64_t>(g) * num_experts;
+    lo_kept = lo_kept && row[2 * pair] != 0;
+    hi_kept = hi_kept && row[2 * pair + 1] != 0;
   }
 }
 
@@ -129,6 +132,10 @@ template <int NC> __device__ __forceinline__ int swizzle(int r, int c) {
 
 __device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// (8-byte copies go through L1: .cg takes 16 bytes only)
+__device__ __forceinline__ void cp_async8(unsigned int dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }

@@ -249,9 +249,14 @@ inline float emu_rcp(float x) { return emu_ftz(1.0f / emu_ftz(x)); }
 inline size_t __cvta_generic_to_shared(const void* p) {
   return static_cast<size_t>(static_cast<const unsigned char*>(p) - emu_smem_base);
 }
-inline void emu_cp_async16(unsigned int dst, const void* src, int bytes) {
+inline void emu_cp_async(unsigned int dst, const void* src, int size, int bytes) {
   std::memcpy(emu_smem_base + dst, src, bytes);
-  std::memset(emu_smem_base + dst + bytes, 0, 16 - bytes);
+  std::memset(emu_smem_base + dst + bytes, 0, size - bytes);
+}
+inline void emu_cp_async16(unsigned int dst, const void* src, int bytes) { emu_cp_async(dst, src, 16, bytes); }
+inline void emu_cp_async8(unsigned int dst, const void* src, int bytes) {
+  if (dst % 8 != 0 || reinterpret_cast<uintptr_t>(src) % 8 != 0) std::abort();  // (the device requires both)
+  emu_cp_async(dst, src, 8, bytes);
 }
 
 // runtime API
@@ -340,6 +345,8 @@ LANE16_SUBSTITUTIONS = {
     '               : "r"(static_cast<unsigned int>(__cvta_generic_to_shared(a))));': "v = *a;",
     'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
         "emu_cp_async16(dst, src, bytes);",
+    'asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");':
+        "emu_cp_async8(dst, src, bytes);",
     'asm volatile("cp.async.commit_group;" ::: "memory");': "",
     'asm volatile("cp.async.wait_group 0;" ::: "memory");': "",
 }

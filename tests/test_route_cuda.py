@@ -116,8 +116,9 @@ def _check_against_reference(logits, top_k, keep, group, num_groups, renormalize
 # GPU: the kernel against the reference
 # --------------------------------------------------------------------------------------------------------------
 
-SHAPES = [(8, 1), (8, 2), (8, 8), (16, 4), (16, 16), (32, 8), (60, 4), (60, 8), (64, 1), (64, 8), (64, 16),
-          (100, 10), (128, 8), (128, 16), (5, 3), (256, 8), (256, 16), (12, 12), (1, 1), (200, 16)]
+# (24, 60 and 120 experts of 16-bit logits, top_k <= 8: the lane kernel's padded rows, E_PAD = 32, 64 and 128)
+SHAPES = [(8, 1), (8, 2), (8, 8), (16, 4), (16, 16), (24, 8), (32, 8), (60, 4), (60, 8), (64, 1), (64, 8), (64, 16),
+          (100, 10), (120, 8), (128, 8), (128, 16), (5, 3), (256, 8), (256, 16), (12, 12), (1, 1), (200, 16)]
 
 
 @gpu
@@ -142,7 +143,7 @@ def test_random_shapes_against_reference(cuda_kernel, E, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
     gen = torch.Generator().manual_seed(SESSION_SEED + hash(kind) % 1000)
-    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (32, 4), (128, 8)):
+    for E, k in ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (32, 4), (128, 8), (120, 8), (24, 4)):
         for tight in (False, True):
             G, T = 3, 517
             logits = adversarial_logits(kind, T, E, dtype, gen).cuda()
@@ -832,7 +833,8 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         "lane = dict(num_tokens=4, num_experts=64, top_k=8, num_groups=1, stride_t=64, stride_e=1, vector_loads=1,\n"
         "            variant=1, ids8=64)\n"
         "for name, change, dtype in (('k4', dict(top_k=4), 2), ('split', dict(variant=0), 2), ('f32', {}, 0),\n"
-        "                            ('odd', dict(ids8=65), 2), ('ablation', dict(ablation=1), 2)):\n"
+        "                            ('odd', dict(ids8=65), 2), ('ablation', dict(ablation=1), 2),\n"
+        "                            ('padded', dict(num_experts=60, stride_t=60, vector_loads=2), 2)):\n"
         "    p = c.RouteParams(**dict(lane, **change))\n"
         "    print('ids8', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), dtype, 0, None))\n"
         "if not torch.cuda.is_available():\n"
@@ -846,13 +848,14 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0", "ids8 k4 1", "ids8 split 1",
-                 "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1"):
+                 "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1", "ids8 padded 1"):
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, and E = 512 for the
     # 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, the tournament top-k's instances that the op takes at large T (16-bit dtype, E = 64
+    # top_k == 8 or not) = 24, its padded rows' (16-bit dtype, E_PAD 32 / 64 / 128; mask on, top_k at run time) = 6,
+    # the tournament top-k's instances that the op takes at large T (16-bit dtype, E = 64
     # or 128, top_k == 8, with or without a mask) = 8, and 51 benchmark instances (bf16, E=64: the
     # loads-and-stores-only one under 6 option sets, the other 6 ablations (3 steps, by the network and by the
     # tournament), and the full kernel under the 40 option
@@ -861,7 +864,7 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its lane
     # kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16, and its
     # loads-and-stores-only benchmark instance
-    assert "registers lines 210" in out.stdout, out.stdout
+    assert "registers lines 216" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
 
 
@@ -922,6 +925,8 @@ def emulated_forward(library: Path):
     assert lib.moe_fastmask_route_cuda_params_size() == ctypes.sizeof(cuda_route.RouteParams)
 
     lib.moe_fastmask_route_cuda_set_timeline.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.moe_fastmask_route_cuda_lane_smem.argtypes = [ctypes.POINTER(cuda_route.RouteParams), ctypes.c_int]
+    lib.moe_fastmask_route_cuda_lane_smem.restype = ctypes.c_int64
 
     def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave",
             ids8=False, timeline=None):
@@ -935,6 +940,9 @@ def emulated_forward(library: Path):
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
                                            ids8=ids8_out)
+        if variant == "lane" and lane_options == 0:  # (the op's calls) the launcher takes what lane_takes says
+            taken = lib.moe_fastmask_route_cuda_lane_smem(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype])
+            assert (taken > 0) == cuda_route.lane_takes(logits, top_k, keep), (tuple(logits.shape), top_k, taken)
         if timeline is not None:
             assert lib.moe_fastmask_route_cuda_set_timeline(timeline.data_ptr(), timeline.shape[0]) == 0
         code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
@@ -1030,7 +1038,8 @@ def emulated_forward_checks(library: str) -> None:
     gen = torch.Generator().manual_seed(SESSION_SEED + 37)
     shapes = [(8, 2), (32, 8), (60, 4), (64, 8), (64, 4), (128, 8), (256, 16)]
     for dtype in DTYPES:
-        for E, k in shapes + ([(512, 10)] if dtype != torch.float32 else []):
+        # (16-bit: the lane kernel's padded rows at E_PAD = 32 and 128 too, and 512 experts)
+        for E, k in shapes + ([(20, 4), (120, 8), (512, 10)] if dtype != torch.float32 else []):
             for T in (1, 45, 200):
                 logits = adversarial_logits("normal", T, E, dtype, gen)
                 G = 3
@@ -1101,6 +1110,12 @@ def emulated_forward_checks(library: str) -> None:
     wide = adversarial_logits("distinct", 50, 80, torch.bfloat16, gen)
     check_emulated(run, wide[:, :64], 8, None, None, 1, False, "row stride 80")
     check_emulated(run, wide[:, 3:67], 8, None, None, 1, False, "misaligned rows")
+    # padded rows (E = 60: the lane kernel with 8-byte copies) with a row stride, 8-byte aligned or not
+    keep = make_keep(2, 60, 4, False, gen)
+    group = torch.randint(-1, 2, (50,), generator=gen)
+    check_emulated(run, wide[:, :60], 4, keep, group, 2, False, "padded rows, row stride 80")
+    check_emulated(run, wide[:, 4:64], 4, None, None, 1, False, "padded rows at an 8-byte offset")
+    check_emulated(run, wide[:, 2:62], 4, keep, group, 2, False, "padded rows, misaligned (the split kernel)")
     check_emulated(run, wide.t().contiguous().t()[:, :64], 8, None, None, 1, False, "column-major logits")
     print("emulated forward checks passed")
 

@@ -53,8 +53,9 @@ PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"
 DEPENDENT_LAUNCH_ENV = "MOE_FASTMASK_CUDA_PDL"
 VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) or "split" (see VARIANTS)
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
-# with E in LANE_EXPERTS, top_k <= 8 and contiguous, 16-byte aligned rows (other calls run "split", and so do, by
-# default, calls under LANE_MIN_TOKENS: see default_variant)
+# with E in LANE_EXPERTS and contiguous, 16-byte aligned rows, or E a multiple of 4 below one of them and 8-byte
+# aligned rows (padded, with the padding masked), top_k <= 8 (other calls run "split", and so do, by default, calls
+# under LANE_MIN_TOKENS: see default_variant)
 VARIANTS = {"split": 0, "lane": 1}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
 # else the other) or "split" (a row over several lanes, every call)
@@ -478,6 +479,27 @@ def _vector_rows(logits: Tensor) -> bool:
     )
 
 
+def _padded_rows(logits: Tensor) -> bool:
+    """16-bit rows that the lane kernel takes padded to E_PAD: E a multiple of 4 (8-byte copies) below a power of two
+    in ``LANE_EXPERTS``, contiguous and 8-byte aligned (Qwen2-MoE's 60 experts, say)."""
+    num_experts = logits.shape[1]
+    return (
+        logits.element_size() == 2
+        and num_experts % 4 == 0
+        and num_experts != _padded_experts(num_experts)
+        and _padded_experts(num_experts) in LANE_EXPERTS
+        and logits.stride(1) == 1
+        and (logits.stride(0) * logits.element_size()) % 8 == 0
+        and logits.data_ptr() % 8 == 0
+    )
+
+
+def _row_layout(logits: Tensor) -> int:
+    """The launcher's ``vector_loads`` code: 1 vector rows (:func:`_vector_rows`), 2 padded rows
+    (:func:`_padded_rows`), 0 neither."""
+    return 1 if _vector_rows(logits) else 2 if _padded_rows(logits) else 0
+
+
 def default_variant(logits: Tensor) -> str:
     """The kernel variant that a call without an explicit ``variant`` runs: ``$MOE_FASTMASK_CUDA_VARIANT``, else
     ``"lane"``, except that the default ``"lane"`` hands calls under its size (``LANE_MIN_TOKENS``, by E) to
@@ -491,13 +513,14 @@ def default_variant(logits: Tensor) -> str:
 def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
     """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it)."""
     num_experts = logits.shape[1]
-    if logits.dtype not in (torch.float16, torch.bfloat16) or num_experts not in LANE_EXPERTS:
+    if logits.dtype not in (torch.float16, torch.bfloat16) or _padded_experts(num_experts) not in LANE_EXPERTS:
         return False
-    if top_k > LANE_MAX_TOP_K or not _vector_rows(logits):
+    if top_k > LANE_MAX_TOP_K or _row_layout(logits) == 0:
         return False
     if logits.stride(0) > LANE_MAX_ROW_STRIDE:
         return False
-    return keep is None or _lane_mask_bytes(keep.shape[0], num_experts, False) <= LANE_MAX_EXTRA_BYTES
+    # (padded rows always have the mask table: the launcher's G is keep's rows, else counts', else none)
+    return keep is None or _lane_mask_bytes(keep.shape[0], _padded_experts(num_experts), False) <= LANE_MAX_EXTRA_BYTES
 
 
 def compact_ids_apply(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
@@ -795,7 +818,7 @@ def forward_params(
         top_k,
         int(bool(renormalize)),
         int(group is not None and group.dtype == torch.int64),
-        int(_vector_rows(logits)),
+        _row_layout(logits),
         0,  # chosen by the launcher from G * E
         int(bool(prefetch)),
         VARIANTS[variant],
