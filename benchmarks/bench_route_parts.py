@@ -36,15 +36,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="E,top_k,T (default: %(default)s)")
     args = parser.parse_args(argv)
+    cases = []
+    for case in args.cases:
+        try:
+            num_experts, top_k, num_tokens = (int(v) for v in case.split(","))
+        except ValueError:
+            parser.error(f"--cases {case!r}: expected E,top_k,T (three integers), e.g. 64,8,262144")
+        if not 1 <= top_k <= num_experts or num_tokens < 1:
+            parser.error(f"--cases {case!r}: needs 1 <= top_k <= E and T >= 1")
+        cases.append((num_experts, top_k, num_tokens))
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
     from moe_fastmask import route
     from moe_fastmask.ops import reference
 
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA device")
     device = torch.device("cuda")
     print(device_info())
-    for case in args.cases:
-        num_experts, top_k, num_tokens = (int(v) for v in case.split(","))
+    for num_experts, top_k, num_tokens in cases:
         sets = max(1, min(16, math.ceil(ROTATE_BYTES / cuda_bytes(num_tokens, num_experts, top_k, "forward"))))
         data = [cuda_case(num_tokens, num_experts, top_k, device, 9000 * s + num_experts) for s in range(sets)]
         for name, (with_mask, with_groups, with_counts) in VARIANTS.items():
