@@ -1038,8 +1038,10 @@ def emulated_forward_checks(library: str) -> None:
     gen = torch.Generator().manual_seed(SESSION_SEED + 37)
     shapes = [(8, 2), (32, 8), (60, 4), (64, 8), (64, 4), (128, 8), (256, 16)]
     for dtype in DTYPES:
-        # (16-bit: the lane kernel's padded rows at E_PAD = 32 and 128 too, and 512 experts)
-        for E, k in shapes + ([(20, 4), (120, 8), (512, 10)] if dtype != torch.float32 else []):
+        # (16-bit: 512 experts; bf16: the lane kernel's padded rows at E_PAD = 32 and 128 too, E_PAD = 64 being (60, 4)
+        # in both dtypes, here and below)
+        wider = [(512, 10)] if dtype != torch.float32 else []
+        for E, k in shapes + wider + ([(20, 4), (120, 8)] if dtype == torch.bfloat16 else []):
             for T in (1, 45, 200):
                 logits = adversarial_logits("normal", T, E, dtype, gen)
                 G = 3
