@@ -1447,11 +1447,16 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   return launch_kernel(kernel, grid, S::kWarps * 32, smem, stream, device, sms, resident, p);
 }
 
-// E_PAD of a padded row: the least power of two >= E, at least 8
-int lane_padded_experts(int e) {
+// E_PAD of a row of E experts: the least power of two >= E, at least 8
+int padded_experts(int e) {
   int e_pad = 8;
   while (e_pad < e) e_pad *= 2;
   return e_pad;
+}
+
+// Whether the call counts into a shared-memory histogram first (its G x E counters fit), or straight into counts
+void choose_shared_hist(RouteParams& p) {
+  if (p.counts) p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
 }
 
 // Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.
@@ -1461,7 +1466,7 @@ size_t lane_smem_bytes(RouteParams& p, int dtype) {
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   const int e = p.num_experts;
   const bool padded = p.vector_loads == 2;  // (kPadRows: the mask table always, and no benchmark options)
-  const int e_pad = padded ? lane_padded_experts(e) : e;
+  const int e_pad = padded ? padded_experts(e) : e;
   if (e_pad != 32 && e_pad != 64 && e_pad != 128) return 0;
   if (padded && (e % 4 != 0 || e == e_pad || p.lane_options != 0 || p.ablation != 0)) return 0;
   // the mask table, and for the packed top-k (an option, bf16 at E = 64) its keep words
@@ -1545,7 +1550,7 @@ template <typename T>
 cudaError_t launch_lane_t(const RouteParams& p, size_t smem, int device, cudaStream_t stream) {
   if (p.vector_loads == 2) {  // padded rows (lane_smem_bytes took them): the general instance, mask on
     constexpr int F = kLaneFull | kLaneDefaultOptions | kPadRows;
-    const int e_pad = lane_padded_experts(p.num_experts);
+    const int e_pad = padded_experts(p.num_experts);
     if (e_pad == 32) return launch_lane<T, 32, F>(p, smem, device, stream);
     if (e_pad == 64) return launch_lane<T, 64, F>(p, smem, device, stream);
     return launch_lane<T, 128, F>(p, smem, device, stream);
@@ -1735,7 +1740,7 @@ int moe_fastmask_route_cuda_lane_grid(int policy, int64_t tiles, int warps_per_b
 // lane_takes against), 0 where the split kernel runs it instead.
 int64_t moe_fastmask_route_cuda_lane_smem(const RouteParams* params, int dtype) {
   RouteParams p = *params;
-  if (p.counts) p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
+  choose_shared_hist(p);
   return static_cast<int64_t>(lane_smem_bytes(p, dtype));
 }
 
@@ -1748,13 +1753,10 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   if (p.num_experts < 1 || p.num_experts > max_experts || p.top_k < 1 || p.top_k > 16 || p.top_k > p.num_experts) {
     return cudaErrorInvalidValue;
   }
-  int e_pad = 8;
-  while (e_pad < p.num_experts) e_pad *= 2;
+  const int e_pad = padded_experts(p.num_experts);
   const int words = e_pad >= 32 ? e_pad / 32 : 1;  // the kernel's WORDS_PER_GROUP
   if (p.keep && static_cast<int64_t>(p.num_groups) * words * 4 > kMaxKeepBytes) return cudaErrorInvalidValue;
-  if (p.counts) {
-    p.shared_hist = static_cast<int64_t>(p.num_groups) * p.num_experts * 4 <= kMaxHistBytes ? 1 : 0;
-  }
+  choose_shared_hist(p);
   if (p.ids8 != nullptr && (p.variant != 1 || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
                             p.vector_loads != 1 ||
                             dtype == kFloat32 || (reinterpret_cast<uintptr_t>(p.ids8) & 7) != 0 ||
