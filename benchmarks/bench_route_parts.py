@@ -6,7 +6,10 @@ For each ``E,k,T`` case: logits, keep mask, group ids and counts as ``bench_rout
 variant's ids and counts are checked against the reference first. The rows show where a shape's time goes, e.g.
 whether a small expert count's shared-memory counters (few addresses, many atomics) dominate.
 
-Usage: python3 benchmarks/bench_route_parts.py [--cases 8,2,262144 64,8,262144 ...]
+``--profile`` instead calls the op (mask, group ids and counts) a few times per case, untimed, for Nsight Compute
+(``benchmarks/profile_route_split.sh``).
+
+Usage: python3 benchmarks/bench_route_parts.py [--cases 8,2,262144 64,8,262144 ...] [--profile]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ VARIANTS = {  # name: (keep mask, group ids, counts)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="E,top_k,T (default: %(default)s)")
+    parser.add_argument("--profile", action="store_true", help="call the op 4 times per case, untimed (for ncu)")
     args = parser.parse_args(argv)
     cases = []
     for case in args.cases:
@@ -52,6 +56,15 @@ def main(argv=None) -> None:
 
     device = torch.device("cuda")
     print(device_info())
+    if args.profile:
+        for num_experts, top_k, num_tokens in cases:
+            logits, keep, group, _ = cuda_case(num_tokens, num_experts, top_k, device, num_experts)
+            counts = torch.zeros(4, num_experts, dtype=torch.int64, device=device)
+            for _ in range(4):
+                route(logits, top_k, keep, group, counts, False, "cuda", validate=False)
+            torch.cuda.synchronize()
+            print(f"profiled E={num_experts} k={top_k} T={num_tokens}")
+        return
     for num_experts, top_k, num_tokens in cases:
         sets = max(1, min(16, math.ceil(ROTATE_BYTES / cuda_bytes(num_tokens, num_experts, top_k, "forward"))))
         data = [cuda_case(num_tokens, num_experts, top_k, device, 9000 * s + num_experts) for s in range(sets)]

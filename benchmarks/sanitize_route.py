@@ -119,7 +119,10 @@ def main(argv=None) -> None:
                   (16, 16, torch.float16, torch.int64), (32, 8, torch.float16, torch.int32),
                   (128, 8, torch.bfloat16, torch.int64),
                   # (the lane kernel's padded rows at E_PAD = 32 and 128; E = 60 above is E_PAD = 64)
-                  (24, 4, torch.bfloat16, torch.int64), (120, 8, torch.float16, torch.int32)]
+                  (24, 4, torch.bfloat16, torch.int64), (120, 8, torch.float16, torch.int32),
+                  # (the split kernel's row-per-lane instances: top-2, and ids staged in shared memory for top-4 up)
+                  (8, 2, torch.bfloat16, torch.int64), (12, 3, torch.bfloat16, torch.int32),
+                  (7, 5, torch.float32, torch.int64)]
         for case in cases:
             check(*case, device, backend="cuda", backward=backward)
         # more groups than the shared histogram holds: counts through global atomics

@@ -216,6 +216,11 @@ __device__ __forceinline__ void top_m(Key (&a)[V]) {
   }
 }
 
+// The split kernel's id stage starts after the keep words and the histogram, at an 8-byte boundary
+__host__ __device__ __forceinline__ size_t split_stage_offset_words(size_t keep_words, size_t hist_words) {
+  return (keep_words + hist_words + 1) & ~static_cast<size_t>(1);
+}
+
 template <typename Key>
 __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
@@ -235,7 +240,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   static_assert(V <= 32 && 32 % V == 0 || V == E_PAD, "a lane's keep bits must sit in one 32-bit word");
   static_assert(LANES <= 32, "a row must fit in one warp");
 
-  extern __shared__ unsigned int smem[];
+  // A row per lane and top-4 or more: a warp's ids go out through shared memory, so that each store instruction
+  // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 twice
+  // as slow as its top-2)
+  constexpr bool kStageIds = LANES == 1 && KMAX >= 4;
+
+  extern __shared__ __align__(16) unsigned int smem[];
   const int E = p.num_experts;
   const int G = p.num_groups;
   const int top_k = p.top_k;
@@ -243,6 +253,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const bool has_counts = p.counts != nullptr;
   unsigned int* keep_bits = smem;                                          // [G * WORDS_PER_GROUP] when has_keep
   unsigned int* hist = smem + (has_keep ? G * WORDS_PER_GROUP : 0);        // [G * E] when shared_hist
+  // [warps][32 * KMAX] when kStageIds (8-byte aligned after the words before it)
+  int64_t* id_stage = reinterpret_cast<int64_t*>(
+      smem + split_stage_offset_words(has_keep ? G * WORDS_PER_GROUP : 0, has_counts && p.shared_hist ? G * E : 0));
+  id_stage += (threadIdx.x >> 5) * 32 * KMAX;
   dependent_launch_start(p.dependent_launch);  // (before any global memory access)
 
   // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram
@@ -265,9 +279,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const int row_in_warp = lane / LANES;
   const int e0 = sub * V;                             // first expert of this lane
   const unsigned int lane_code = static_cast<unsigned int>(E_PAD - 1 - e0);  // code of expert e0 + i: lane_code - i
-  unsigned int valid_bits = 0;                        // experts e0 + i < E
-#pragma unroll
-  for (int i = 0; i < V; ++i) valid_bits |= static_cast<unsigned int>(e0 + i < E) << i;
+  static_assert(V < 32, "valid_bits below shifts a 32-bit word by up to V");
+  // experts e0 + i < E (in closed form: the compiler recomputes it in the loop rather than hold it in a register)
+  const unsigned int valid_bits = (1u << min(max(E - e0, 0), V)) - 1u;
 
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -291,30 +305,41 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
       }
     }
   };
+  // the row's group: ids outside [0, G) act as -1 (no mask, not counted); no group tensor means group 0. With
+  // PREFETCH it is loaded with the next rows' logits (waiting on it at the top of each step took a tenth of E = 8's
+  // time)
+  auto load_group = [&](int64_t r) -> int64_t {
+    if (p.group == nullptr || r >= p.num_tokens) return 0;
+    return p.group_is_int64 ? static_cast<const int64_t*>(p.group)[r]
+                            : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[r]);
+  };
   const int64_t step = num_warps * ROWS_PER_WARP;
   uint4 next[kVecs];
-  if constexpr (PREFETCH) load_row(warp_id * ROWS_PER_WARP + row_in_warp, next);
+  int64_t next_g = 0;
+  if constexpr (PREFETCH) {
+    load_row(warp_id * ROWS_PER_WARP + row_in_warp, next);
+    next_g = load_group(warp_id * ROWS_PER_WARP + row_in_warp);
+  }
 
   for (int64_t base = warp_id * ROWS_PER_WARP; base < p.num_tokens; base += step) {
     const int64_t row = base + row_in_warp;
     const bool row_valid = row < p.num_tokens;
 
-    // the row's group: ids outside [0, G) act as -1 (no mask, not counted); no group tensor means group 0
-    int64_t g = 0;
-    if (p.group != nullptr && row_valid) {
-      g = p.group_is_int64 ? static_cast<const int64_t*>(p.group)[row]
-                           : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[row]);
-    }
-    const bool in_group = row_valid && g >= 0 && g < G;
-
     uint4 raw[kVecs];
+    int64_t g;
     if constexpr (PREFETCH) {
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) raw[q] = next[q];
-      if (base + step < p.num_tokens) load_row(row + step, next);
+      g = next_g;
+      if (base + step < p.num_tokens) {
+        load_row(row + step, next);
+        next_g = load_group(row + step);
+      }
     } else {
       load_row(row, raw);
+      g = load_group(row);
     }
+    const bool in_group = row_valid && g >= 0 && g < G;
     const T* vals = reinterpret_cast<const T*>(raw);
 
     unsigned int allowed = row_valid ? valid_bits : 0u;
@@ -387,7 +412,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
           const int expert = min(K::expert(picks[s]), E - 1);
           const int64_t out = row * top_k + j;
           Elem<T>::store(p.weights, out, w[s]);
-          p.ids[out] = expert;
+          if constexpr (kStageIds) {
+            id_stage[row_in_warp * top_k + j] = expert;
+          } else {
+            p.ids[out] = expert;
+          }
           if (has_counts && in_group) {
             if (p.shared_hist) {
               atomicAdd(hist + g * E + expert, 1u);
@@ -397,6 +426,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
           }
         }
       }
+    }
+    if constexpr (kStageIds) {  // the warp's rows' ids, base * top_k onwards, 32 lanes a store
+      __syncwarp();
+      const int64_t left = p.num_tokens - base;
+      const int n = static_cast<int>(left < 32 ? left : 32) * top_k;
+      int64_t* dst = p.ids + base * top_k;
+#pragma unroll
+      for (int m = 0; m < KMAX; ++m) {
+        const int i = m * 32 + lane;
+        if (i < n) dst[i] = id_stage[i];
+      }
+      __syncwarp();  // (before the next step writes the stage again)
     }
   }
 
@@ -415,11 +456,19 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   constexpr int ROWS_PER_BLOCK = (kThreads / 32) * (32 / (E_PAD / V));
   constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
   constexpr auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
+  constexpr bool kStageIds = E_PAD / V == 1 && KMAX >= 4;  // (the kernel's)
   const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0;
   const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
-  const size_t smem = sizeof(unsigned int) * (keep_words + hist_words);
+  const size_t smem = kStageIds ? sizeof(unsigned int) * split_stage_offset_words(keep_words, hist_words) +
+                                      sizeof(int64_t) * (kThreads / 32) * 32 * KMAX
+                                : sizeof(unsigned int) * (keep_words + hist_words);
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   int sms = 0, resident = 0;
+  if (smem > 48 * 1024) {  // (more dynamic shared memory than a kernel gets without asking)
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   const cudaError_t err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
   if (err != cudaSuccess) return err;
   const int64_t needed = (p.num_tokens + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
@@ -429,8 +478,14 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }
 
+// (E_PAD <= 16 has instances for top-2 and top-4 too: with a row in one or two lanes, the sort and the weights of
+// KMAX = 8 cost Mixtral's top-2 of 8 three times the instructions)
 template <typename T, int E_PAD, bool PREFETCH>
 cudaError_t launch_k(const RouteParams& p, int device, cudaStream_t stream) {
+  if constexpr (E_PAD <= 16) {
+    if (p.top_k <= 2) return launch<T, E_PAD, 2, PREFETCH>(p, device, stream);
+    if (p.top_k <= 4) return launch<T, E_PAD, 4, PREFETCH>(p, device, stream);
+  }
   if (p.top_k <= 8) return launch<T, E_PAD, 8, PREFETCH>(p, device, stream);
   if constexpr (E_PAD >= 16) {
     return launch<T, E_PAD, 16, PREFETCH>(p, device, stream);
@@ -463,6 +518,12 @@ cudaError_t preload_e() {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 8, true>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 8, false>);
+  if constexpr (E_PAD <= 16) {
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 2, true>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 2, false>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 4, true>);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 4, false>);
+  }
   if constexpr (E_PAD >= 16) {
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, true>);
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, false>);

@@ -130,6 +130,7 @@ def test_timeline_steps_of_the_route_kernels_stamps(session_seed):
     ("bench_train", ["--out", "o"], "needs a CUDA device (--tiny runs a CPU check"),
     ("bench_analyze_multi_gpu", ["--out", "o"], "needs CUDA devices (--tiny runs a CPU check"),
     ("bench_route_parts", [], "needs a CUDA device"),
+    ("bench_route_parts", ["--profile"], "needs a CUDA device"),
     ("bench_route_parts", ["--cases", "64,8"], "--cases '64,8': expected E,top_k,T"),
 ])  # fmt: skip
 def test_gpu_benchmarks_refuse_a_cpu_machine_in_one_line(name, argv, fragment, monkeypatch, capsys, tmp_path):
