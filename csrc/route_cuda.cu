@@ -20,7 +20,9 @@
 //
 // Group ids outside [0, G) act as -1 (no mask, not counted): nothing outside keep and counts is ever read or
 // written. Counts go to a per-block shared-memory histogram flushed with one 64-bit atomic per touched counter, or
-// (large G * E) straight to global memory.
+// (large G * E) straight to global memory. For E_PAD <= 16 (a row in one or two lanes) the top-k bound KMAX also
+// takes 2 and 4; where a row sits in one lane, from KMAX 4 up, a warp's ids leave through shared memory in contiguous
+// stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
