@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   static_assert(LANES <= 32, "a row must fit in one warp");
 
   // A row per lane and top-4 or more: a warp's ids go out through shared memory, so that each store instruction
-  // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 twice
-  // as slow as its top-2)
+  // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 take
+  // 1.8x its top-2's time)
   constexpr bool kStageIds = LANES == 1 && KMAX >= 4;
 
   extern __shared__ __align__(16) unsigned int smem[];
@@ -308,8 +308,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
     }
   };
   // the row's group: ids outside [0, G) act as -1 (no mask, not counted); no group tensor means group 0. With
-  // PREFETCH it is loaded with the next rows' logits (waiting on it at the top of each step took a tenth of E = 8's
-  // time)
+  // PREFETCH it is loaded with the next rows' logits (without, the wait on it at the top of each step is E = 8's
+  // largest stall)
   auto load_group = [&](int64_t r) -> int64_t {
     if (p.group == nullptr || r >= p.num_tokens) return 0;
     return p.group_is_int64 ? static_cast<const int64_t*>(p.group)[r]
@@ -480,8 +480,8 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }
 
-// (E_PAD <= 16 has instances for top-2 and top-4 too: with a row in one or two lanes, the sort and the weights of
-// KMAX = 8 cost Mixtral's top-2 of 8 three times the instructions)
+// (E_PAD <= 16 has instances for top-2 and top-4 too: with a row in one or two lanes, KMAX = 8 sorts the whole row
+// and computes 8 weights for Mixtral's top-2 of 8)
 template <typename T, int E_PAD, bool PREFETCH>
 cudaError_t launch_k(const RouteParams& p, int device, cudaStream_t stream) {
   if constexpr (E_PAD <= 16) {
