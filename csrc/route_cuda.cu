@@ -255,10 +255,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const bool has_counts = p.counts != nullptr;
   unsigned int* keep_bits = smem;                                          // [G * WORDS_PER_GROUP] when has_keep
   unsigned int* hist = smem + (has_keep ? G * WORDS_PER_GROUP : 0);        // [G * E] when shared_hist
-  // [warps][32 * KMAX] when kStageIds (8-byte aligned after the words before it)
-  int64_t* id_stage = reinterpret_cast<int64_t*>(
-      smem + split_stage_offset_words(has_keep ? G * WORDS_PER_GROUP : 0, has_counts && p.shared_hist ? G * E : 0));
-  id_stage += (threadIdx.x >> 5) * 32 * KMAX;
+  int64_t* id_stage = nullptr;  // this warp's [32 * KMAX] of [warps][32 * KMAX], after the words before it
+  if constexpr (kStageIds) {
+    id_stage = reinterpret_cast<int64_t*>(smem + split_stage_offset_words(has_keep ? G * WORDS_PER_GROUP : 0,
+                                                                           has_counts && p.shared_hist ? G * E : 0)) +
+               (threadIdx.x >> 5) * 32 * KMAX;
+  }
   dependent_launch_start(p.dependent_launch);  // (before any global memory access)
 
   // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram
