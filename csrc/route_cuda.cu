@@ -223,6 +223,25 @@ __host__ __device__ __forceinline__ size_t split_stage_offset_words(size_t keep_
   return (keep_words + hist_words + 1) & ~static_cast<size_t>(1);
 }
 
+// The split kernel's layout, for the kernel and its launcher
+template <typename T, int E_PAD, int KMAX> struct SplitShape {
+  static constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;  // logits per lane
+  static constexpr int LANES = E_PAD / V;                                                          // lanes per row
+  static constexpr int ROWS_PER_WARP = 32 / LANES;
+  static constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
+  // A row per lane and top-4 or more: a warp's ids go out through shared memory, so that each store instruction
+  // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 take
+  // 1.8x its top-2's time)
+  static constexpr bool kStageIds = LANES == 1 && KMAX >= 4;
+};
+
+// Lets `kernel` have `smem` bytes of dynamic shared memory where that is more than it gets without asking
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 template <typename Key>
 __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
@@ -230,22 +249,16 @@ __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
 
 template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const RouteParams p) {
-  constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;  // logits per lane
-  constexpr int LANES = E_PAD / V;                                                          // lanes per row
-  constexpr int ROWS_PER_WARP = 32 / LANES;
+  using S = SplitShape<T, E_PAD, KMAX>;
+  constexpr int V = S::V, LANES = S::LANES, ROWS_PER_WARP = S::ROWS_PER_WARP, WORDS_PER_GROUP = S::WORDS_PER_GROUP;
+  constexpr bool kStageIds = S::kStageIds;
   constexpr int M = KMAX < V ? KMAX : V;               // sorted keys kept per lane
   constexpr int P = (KMAX + LANES - 1) / LANES;        // output slots per lane
-  constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
   constexpr float kLog2e = 1.4426950408889634f;
   using K = Keys<T, E_PAD>;
   using Key = typename K::Key;
   static_assert(V <= 32 && 32 % V == 0 || V == E_PAD, "a lane's keep bits must sit in one 32-bit word");
   static_assert(LANES <= 32, "a row must fit in one warp");
-
-  // A row per lane and top-4 or more: a warp's ids go out through shared memory, so that each store instruction
-  // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 take
-  // 1.8x its top-2's time)
-  constexpr bool kStageIds = LANES == 1 && KMAX >= 4;
 
   extern __shared__ __align__(16) unsigned int smem[];
   const int E = p.num_experts;
@@ -456,24 +469,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
 
 template <typename T, int E_PAD, int KMAX, bool PREFETCH>
 cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
-  constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;
-  constexpr int ROWS_PER_BLOCK = (kThreads / 32) * (32 / (E_PAD / V));
-  constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
+  using S = SplitShape<T, E_PAD, KMAX>;
+  constexpr int ROWS_PER_BLOCK = (kThreads / 32) * S::ROWS_PER_WARP;
   constexpr auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
-  constexpr bool kStageIds = E_PAD / V == 1 && KMAX >= 4;  // (the kernel's)
-  const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * WORDS_PER_GROUP : 0;
+  const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * S::WORDS_PER_GROUP : 0;
   const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
-  const size_t smem = kStageIds ? sizeof(unsigned int) * split_stage_offset_words(keep_words, hist_words) +
+  const size_t smem = S::kStageIds ? sizeof(unsigned int) * split_stage_offset_words(keep_words, hist_words) +
                                       sizeof(int64_t) * (kThreads / 32) * 32 * KMAX
                                 : sizeof(unsigned int) * (keep_words + hist_words);
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   int sms = 0, resident = 0;
-  if (smem > 48 * 1024) {  // (more dynamic shared memory than a kernel gets without asking)
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const cudaError_t err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err == cudaSuccess) err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
   if (err != cudaSuccess) return err;
   const int64_t needed = (p.num_tokens + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
   const int64_t wave = static_cast<int64_t>(sms) * resident;
@@ -1500,12 +1507,8 @@ cudaError_t launch_lane(const RouteParams& p, size_t smem, int device, cudaStrea
   using S = LaneShape<E_PAD, FLAGS>;
   constexpr auto kernel = route_lane_kernel<T, E_PAD, FLAGS>;
   int sms = 0, resident = 0;
-  if (smem > 48 * 1024) {  // (kSmBlock: more dynamic shared memory than a kernel gets without asking)
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const cudaError_t err = wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident);
+  cudaError_t err = allow_dynamic_smem(kernel, smem);  // (kSmBlock asks for more than the default)
+  if (err == cudaSuccess) err = wave_shape<kernel>(device, S::kWarps * 32, smem, sms, resident);
   if (err != cudaSuccess) return err;
   const int grid = lane_grid(p, (p.num_tokens + 31) / 32, S::kWarps, sms, resident);
   if (grid <= 0) return cudaSuccess;

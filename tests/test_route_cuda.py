@@ -852,18 +852,17 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
-    # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, the top-2 and
-    # top-4 bounds of E_PAD 8 and 16: 3 x 2 x 2 x 2 = 24, and E = 512 for the 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per (16-bit dtype, E in 32 / 64 / 128, with or without a mask,
-    # top_k == 8 or not) = 24, its padded rows' (16-bit dtype, E_PAD 32 / 64 / 128; mask on, top_k at run time) = 6,
-    # the tournament top-k's instances that the op takes at large T (16-bit dtype, E = 64
-    # or 128, top_k == 8, with or without a mask) = 8, and 51 benchmark instances (bf16, E=64: the
-    # loads-and-stores-only one under 6 option sets, the other 6 ablations (3 steps, by the network and by the
-    # tournament), and the full kernel under the 40 option
-    # sets (top_k == 8 or not; 32-bit keys, packed keys or a two-pass softmax under 6 memory option sets, the
-    # tournament under 2) less the 3 that the op uses, and the 2 timeline instances); backward
-    # (csrc/route_cuda_backward.cu): one per (dtype, padded E, vector or checked access) = 3 x 6 x 2 = 36, and its lane
-    # kernel, one per (16-bit dtype, E = 32 or 64, with or without a mask, int64 or one-byte ids) = 16, and its
-    # loads-and-stores-only benchmark instance
+    # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, the top-2 and top-4
+    # bounds of E_PAD 8 and 16: 3 x 2 x 2 x 2 = 24, and E = 512 for the 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per
+    # (16-bit dtype, E in 32 / 64 / 128, with or without a mask, top_k == 8 or not) = 24, its padded rows' (16-bit
+    # dtype, E_PAD 32 / 64 / 128; mask on, top_k at run time) = 6, the tournament top-k's instances that the op
+    # takes at large T (16-bit dtype, E = 64 or 128, top_k == 8, with or without a mask) = 8, and 51 benchmark
+    # instances (bf16, E=64: the loads-and-stores-only one under 6 option sets, the other 6 ablations (3 steps, by
+    # the network and by the tournament), and the full kernel under the 40 option sets (top_k == 8 or not; 32-bit
+    # keys, packed keys or a two-pass softmax under 6 memory option sets, the tournament under 2) less the 3 that
+    # the op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E,
+    # vector or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
+    # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
     assert "registers lines 240" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
 
