@@ -94,6 +94,9 @@ def parse_args(argv=None):
     parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
     parser.add_argument("--family-sizes", type=int, nargs="+", default=FAMILY_SIZES, help="T of the families section")
     parser.add_argument("--no-families", action="store_true", help="skip the families section")
+    parser.add_argument("--only-families", action="store_true", help="copy bandwidth and the families section only")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                        help="families of the families section (default: all)")
     parser.add_argument("--smoke", action="store_true", help="check each family's chain against route on CPU, then exit")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernel (section and provider)")
     parser.add_argument("--only-cuda", action="store_true", help="copy bandwidth and the cuda section only")
@@ -241,6 +244,8 @@ FAMILIES = {
         scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True, scale=2.5)),
     "kimi_k2": dict(E=384, top_k=8, dtype=torch.float32, route=dict(
         scoring="sigmoid", bias=True, renormalize=True, scale=2.827)),
+    "glm4_moe": dict(E=160, top_k=8, dtype=torch.float32, route=dict(
+        scoring="sigmoid", bias=True, renormalize=True, scale=2.5)),
 }
 
 
@@ -289,7 +294,9 @@ def family_eager(logits, top_k: int, counts, scoring="softmax", bias=None, n_gro
 
 
 def family_call(provider: str, mode: str, name: str, logits, grad, counts):
-    """A no-argument callable running ``provider`` (``eager`` or ``fastmask``) of family ``name`` once."""
+    """A no-argument callable running ``provider`` of family ``name`` once: ``eager`` (the family's own chain),
+    ``fastmask`` (``route``, its default backend: the CUDA kernels where they take the call) or ``triton`` (``route``
+    on its Triton kernels)."""
     from moe_fastmask import route
 
     top_k = FAMILIES[name]["top_k"]
@@ -298,7 +305,8 @@ def family_call(provider: str, mode: str, name: str, logits, grad, counts):
         fwd = lambda x: family_eager(x, top_k, counts, **kwargs)  # noqa: E731
     else:
         renormalize = kwargs.pop("renormalize", False)
-        fwd = lambda x: route(x, top_k, None, None, counts, renormalize, "auto", validate=False, **kwargs)  # noqa: E731
+        backend = "triton" if provider == "triton" else "auto"
+        fwd = lambda x: route(x, top_k, None, None, counts, renormalize, backend, validate=False, **kwargs)  # noqa: E731
     if mode == "forward":
         return lambda: fwd(logits)
     x = logits.detach().clone().requires_grad_()
@@ -344,12 +352,14 @@ def run_families(device, args, rows, copy_gbs):
     print("\n# families: route at each family's router against its own eager chain (graph us, GB/s, % of copy)")
     for num_tokens in args.family_sizes:
         for name, spec in FAMILIES.items():
+            if name not in args.families:
+                continue
             sets = max(1, min(16, math.ceil(ROTATE_BYTES / max(1, family_bytes(name, num_tokens, "full")))))
             calls = graph_calls(num_tokens, sets)
             inputs = [family_inputs(name, num_tokens, device, 1000 * s + num_tokens)[0] for s in range(sets)]
             grads = [torch.randn(num_tokens, spec["top_k"], device=device).to(spec["dtype"]) for _ in range(sets)]
             counts = torch.zeros(1, spec["E"], dtype=torch.int64, device=device)
-            for provider in ("eager", "fastmask"):
+            for provider in ("eager", "fastmask", "triton"):
                 for mode in ("forward", "full"):
                     fns = [family_call(provider, mode, name, x, g, counts) for x, g in zip(inputs, grads)]
                     try:
@@ -778,18 +788,18 @@ def main(argv=None):
     from moe_fastmask.ops import cuda_route
 
     with_cuda = not args.no_cuda and cuda_route.is_available()
-    if not args.no_cuda:
+    if not args.no_cuda and not args.only_families:
         run_cuda_section(device, args, rows, copy_gbs)
-    if args.only_cuda:
+    if args.only_cuda or args.only_families:
         args.sizes = []
-    if args.sweep and not args.only_cuda:
+    if args.sweep and not args.only_cuda and not args.only_families:
         run_sweep(device, args, rows, copy_gbs)
     if not args.no_families and not args.only_cuda:
         run_families(device, args, rows, copy_gbs)
 
     compiled_chain = None
     providers = ["eager", "fastmask"] + (["cuda"] if with_cuda else []) + ["kernel"]
-    if not args.no_compile and not args.only_cuda:
+    if not args.no_compile and not args.only_cuda and not args.only_families:
         compiled_chain = torch.compile(eager_chain, dynamic=True)
         providers.insert(1, "compile")
 

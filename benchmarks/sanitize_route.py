@@ -11,8 +11,10 @@ ids outside ``[-1, G)`` count as -1.
 Runs on CUDA when present, else on CPU through Triton's interpreter (``TRITON_INTERPRET=1`` is set here then).
 Exits non-zero on the first mismatch. ``--backends cuda`` (or ``triton``) restricts the run to one backend; the CUDA
 backend also runs a case with more groups than its shared-memory histogram holds (global atomics), one with
-logits at a storage offset that breaks 16-byte alignment (its scalar loads), and the lane kernel's tournament top-k
-(forward only: through its benchmark option, and the op's own instances on inputs large enough to take them).
+logits at a storage offset that breaks 16-byte alignment (its scalar loads), the lane kernel's tournament top-k
+(forward only: through its benchmark option, and the op's own instances on inputs large enough to take them), and the
+router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's and GLM-4.5's sigmoid routers, and the
+sigmoid group limit's general form).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -37,11 +39,16 @@ OUT_OF_RANGE = (3, 1000, -2)
 
 def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.dtype, device: str,
           backend: str = "triton", num_groups: int = 2, misaligned: bool = False, backward: bool = True,
-          lane_options: tuple[str, ...] | None = None, repeats: int = 4) -> None:
+          lane_options: tuple[str, ...] | None = None, repeats: int = 4, variant: dict | None = None) -> None:
     """One call (forward, and backward unless told not to) against the reference, on ``repeats`` times a pattern of
     10 group ids; ``lane_options`` (CUDA only, forward only): the lane kernel's benchmark instance with those options
-    instead of the op."""
+    instead of the op; ``variant``: route's router-variant arguments (``bias=True``: a random one)."""
     gen = torch.Generator().manual_seed(num_experts * 31 + top_k)
+    variant = dict(variant or {})
+    if variant.get("bias") is True:
+        variant["bias"] = torch.randn(num_experts, generator=gen) * 0.1
+    renormalize = variant.get("scoring") != "softmax_chosen"
+    device_variant = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in variant.items()}
     group = torch.tensor([0, 1, -1, *OUT_OF_RANGE, 1, 0, num_groups - 1] * repeats, dtype=group_dtype)
     num_tokens = group.numel()
     logits = torch.randn(num_tokens, num_experts, generator=gen).to(dtype)
@@ -63,33 +70,54 @@ def check(num_experts: int, top_k: int, dtype: torch.dtype, group_dtype: torch.d
                                                 variant="lane", _lane_options=lane_options)
         backward = False
     else:
-        weights, ids = route(x, top_k, keep.to(device), group.to(device), counts, True, backend, validate=False)
+        weights, ids = route(x, top_k, keep.to(device), group.to(device), counts, renormalize, backend,
+                             validate=False, **device_variant)
     if backward:
         weights.float().square().sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
 
     where = (f"{backend}: E={num_experts} k={top_k} {dtype} group {group_dtype} G={num_groups}"
-             + (" misaligned" if misaligned else "") + (f" lane options {lane_options}" if lane_options else ""))
+             + (" misaligned" if misaligned else "") + (f" lane options {lane_options}" if lane_options else "")
+             + (f" {variant.get('scoring')} router, n_group {variant.get('n_group', 1)}" if variant else ""))
     buffer = buffer.cpu()
     if not ((buffer[0] == POISON).all() and (buffer[num_groups + 1] == POISON).all()):
         sys.exit(f"FAIL {where}: the kernel wrote outside counts: {buffer[[0, num_groups + 1]].tolist()}")
     as_minus_one = torch.where((group >= 0) & (group < num_groups), group, -1)
     ref_counts = torch.zeros(num_groups, num_experts, dtype=torch.int64)
     ref_x = logits.clone().requires_grad_()
-    ref_weights, ref_ids = reference.route_reference(ref_x, top_k, keep, as_minus_one, ref_counts, True)
+    ref_weights, ref_ids = reference.route_reference(ref_x, top_k, keep, as_minus_one, ref_counts, renormalize,
+                                                     **variant)
     ref_weights.float().square().sum().backward()
     if not torch.equal(ids.cpu(), ref_ids):
-        sys.exit(f"FAIL {where}: ids differ from the reference")
+        # (sigmoid selection values come from each backend's own exp: a row may take experts of equal values
+        # within rounding, and then counts them)
+        if variant.get("scoring") != "sigmoid" or not sigmoid_ids_agree(ids.cpu(), ref_ids, logits, keep,
+                                                                          as_minus_one, variant):
+            sys.exit(f"FAIL {where}: ids differ from the reference")
+        ref_counts = torch.zeros(num_groups, num_experts, dtype=torch.int64)
+        reference.accumulate_counts(ref_counts, ids.cpu(), as_minus_one)
     if not torch.equal(buffer[1 : num_groups + 1], ref_counts):
         sys.exit(f"FAIL {where}: counts differ from the reference")
-    torch.testing.assert_close(weights.detach().cpu().float(), ref_weights.detach().float(), atol=2e-2, rtol=2e-2)
+    same = (ids.cpu() == ref_ids).all(dim=1)
+    torch.testing.assert_close(weights.detach().cpu().float()[same], ref_weights.detach().float()[same], atol=2e-2,
+                               rtol=2e-2)
     if backward:
         if not torch.isfinite(x.grad).all():
             sys.exit(f"FAIL {where}: non-finite gradient")
-        torch.testing.assert_close(x.grad.cpu().float(), ref_x.grad.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(x.grad.cpu().float()[same], ref_x.grad.float()[same], atol=2e-2, rtol=2e-2)
     print(f"ok  {where}: nothing written outside counts; ids, counts, weights{' and gradient' * backward} match the "
           "reference")
+
+
+def sigmoid_ids_agree(ids, ref_ids, logits, keep, group, variant) -> bool:
+    """Whether every row's picks have the reference's picks' selection values (float64) within 1e-5, all allowed."""
+    allowed = reference.allowed_experts(logits.shape[0], keep, group)
+    values = reference.selection_values(logits.double(), allowed, "sigmoid", variant.get("bias"),
+                                        variant.get("n_group", 1), variant.get("topk_group", 1))
+    mine, theirs = values.gather(1, ids).sort(dim=1).values, values.gather(1, ref_ids).sort(dim=1).values
+    picks_allowed = allowed is None or bool(allowed.gather(1, ids).all())
+    return picks_allowed and bool(((mine - theirs).abs() <= 1e-5).all())
 
 
 def main(argv=None) -> None:
@@ -137,6 +165,17 @@ def main(argv=None) -> None:
         rows = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 37
         for num_experts, dtype in ((64, torch.float16), (128, torch.bfloat16), (128, torch.float16)):
             check(num_experts, 8, dtype, torch.int32, device, backend="cuda", backward=False, repeats=-(-rows // 10))
+        # the router variants: GPT-OSS' (the lane kernel), DeepSeek-V3's and GLM-4.5's sigmoid routers (the split
+        # kernel's sigmoid instances: the group limit by shuffles, rows of 160 experts), and the group limit's
+        # general form (groups of 15 experts, through shared memory)
+        for num_experts, top_k, dtype, group_dtype, variant in (
+            (128, 4, torch.bfloat16, torch.int32, dict(scoring="softmax_chosen")),
+            (256, 8, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4,
+                                                      scale=2.5)),
+            (160, 8, torch.float32, torch.int32, dict(scoring="sigmoid", bias=True, scale=2.5)),
+            (60, 4, torch.bfloat16, torch.int64, dict(scoring="sigmoid", n_group=4, topk_group=2)),
+        ):
+            check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant)
 
 
 if __name__ == "__main__":

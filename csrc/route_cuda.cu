@@ -61,6 +61,17 @@ struct RouteParams {
   int32_t grid_policy;      // lane kernel: 0 a full wave of blocks, 1 balanced, 2 balanced, >= 2 tiles a warp (the op's)
   int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
   int32_t dependent_launch; // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
+  // router variants (cuda_route.supports): the softmax's weights (renormalised or not; softmax over the chosen
+  // experts comes as renormalize) times scale; or kScoringSigmoid (the split kernel, E <= 256): experts ordered by
+  // sigmoid(z) + bias (bias null: none), limited to the topk_group best of n_group groups when n_group > 1
+  // (DeepSeek-V3), weighing sigmoid(z), renormalised as s / (sum + 1e-20), times scale
+  float scale;
+  int32_t scoring;          // kScoringSoftmax or kScoringSigmoid
+  int32_t n_group;          // groups of E / n_group consecutive experts (1: no group limit)
+  int32_t topk_group;       // groups kept per token
+  int32_t aligned_rows;     // 1: rows contiguous and 16-byte aligned (the split kernel's vector loads where a lane's
+                            // experts are all below E, whatever E)
+  const float* bias;        // [E] float32, contiguous, or null
 };
 
 namespace {
@@ -73,6 +84,8 @@ constexpr int kMaxKeepBytes = 16 * 1024;   // shared keep bitmask limit (the Pyt
 constexpr int kMaxHistBytes = 32 * 1024;   // shared histogram limit; above it counts go straight to global memory
 
 enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum Scoring { kScoringSoftmax = 0, kScoringSigmoid = 1 };
+constexpr float kSigmoidRenormEps = 1e-20f;  // DeepSeek-V3's guard: s / (sum + 1e-20)
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -114,6 +127,98 @@ __device__ __forceinline__ float unordered_float(unsigned int f) {
 }
 
 constexpr unsigned int kOrderedNegInf = 0x007FFFFFu;  // ordered_bits(-inf)
+
+// sigmoid(z) = 1 / (1 + 2^(-z log2e)) in fp32: 0 at -inf, 1 at +inf
+__device__ __forceinline__ float sigmoid_of(float z) {
+  return __frcp_rn(1.0f + fast_exp2(z * -1.4426950408889634f));
+}
+
+// the order of a float as torch.sort and topk have it: ordered_bits, with every NaN above +inf
+__device__ __forceinline__ unsigned int nan_first_order(float v) { return v != v ? 0xFFFFFFFFu : ordered_bits(v); }
+
+// DeepSeek-V3's group limit (reference.kept_groups) on a row's selection values sel, spread over the LANES lanes of
+// its row, lane sub holding the V consecutive experts from e0 (allowed: their keep bits): the values of the experts
+// outside the row's topk_group best groups become -inf. A group (E / n_group consecutive experts) scores the sum of
+// its two largest values among the allowed experts (masked ones count as -inf; NaN is the largest; an exact tie for
+// the largest counts twice); equal scores go to the lower group, -0.0 equal to +0.0. row_sel, row_score: E_PAD
+// floats of shared scratch each, the row's own (its general form). Every lane of the warp calls it.
+template <int V, int LANES>
+__device__ __forceinline__ void group_limit(float (&sel)[V], unsigned int allowed, int e0, int sub, int E, int n_group,
+                                            int topk_group, float* row_sel, float* row_score) {
+  const int size = E / n_group;
+  const int lanes_per_group = size / V;
+  if (size % V == 0 && (lanes_per_group & (lanes_per_group - 1)) == 0) {
+    // groups of whole lanes (DeepSeek-V3's 32 experts: 4 lanes): each lane's top 2, merged over its group's lanes
+    // by shuffles, then each lane ranks its group against the others' scores (at their first lanes)
+    unsigned int first = kOrderedNegInf, second = kOrderedNegInf;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const unsigned int u = ((allowed >> i) & 1u) ? nan_first_order(sel[i]) : kOrderedNegInf;
+      second = max(second, min(first, u));
+      first = max(first, u);
+    }
+    for (int off = 1; off < lanes_per_group; off <<= 1) {
+      const unsigned int f = __shfl_xor_sync(0xffffffffu, first, off, LANES);
+      const unsigned int s = __shfl_xor_sync(0xffffffffu, second, off, LANES);
+      second = max(min(first, f), max(second, s));
+      first = max(first, f);
+    }
+    const unsigned int mine = nan_first_order((unordered_float(first) + unordered_float(second)) + 0.0f);
+    const int g = e0 / size;  // (lanes past E: a group past the last, their experts masked)
+    int better = 0;
+    for (int h = 0; h < n_group; ++h) {
+      const unsigned int u = __shfl_sync(0xffffffffu, mine, h * lanes_per_group, LANES);
+      better += (u > mine || (u == mine && h < g)) ? 1 : 0;
+    }
+    if (better >= topk_group) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) sel[i] = -INFINITY;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    if (e0 + i < E) row_sel[e0 + i] = ((allowed >> i) & 1u) ? sel[i] : -INFINITY;
+  }
+  __syncwarp();
+  for (int g = sub; g < n_group; g += LANES) {
+    unsigned int first = kOrderedNegInf, second = kOrderedNegInf;
+    int k = g % size;  // (groups start their walks at different banks)
+    for (int n = 0; n < size; ++n) {
+      const unsigned int u = nan_first_order(row_sel[g * size + k]);
+      if (u > first) {
+        second = first;
+        first = u;
+      } else if (u > second) {
+        second = u;
+      }
+      k = k + 1 == size ? 0 : k + 1;
+    }
+    row_score[g] = (unordered_float(first) + unordered_float(second)) + 0.0f;  // (+ 0.0: -0.0 as +0.0)
+  }
+  __syncwarp();
+  int last = -1;
+  bool kept = true;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int e = e0 + i;
+    if (e < E) {
+      const int g = e / size;
+      if (g != last) {  // (a lane's experts fall in one group or a few: rank each once)
+        const unsigned int mine = nan_first_order(row_score[g]);
+        int better = 0;
+        for (int h = 0; h < n_group; ++h) {
+          const unsigned int u = nan_first_order(row_score[h]);
+          better += (u > mine || (u == mine && h < g)) ? 1 : 0;
+        }
+        kept = better < topk_group;
+        last = g;
+      }
+      if (!kept) sel[i] = -INFINITY;
+    }
+  }
+  __syncwarp();  // (the next step writes the scratch again)
+}
 
 template <typename T, int E_PAD> struct Keys;
 
@@ -223,9 +328,19 @@ __host__ __device__ __forceinline__ size_t split_stage_offset_words(size_t keep_
   return (keep_words + hist_words + 1) & ~static_cast<size_t>(1);
 }
 
-// The split kernel's layout, for the kernel and its launcher
-template <typename T, int E_PAD, int KMAX> struct SplitShape {
-  static constexpr int V = (sizeof(T) == 4 ? 8 : 16) < E_PAD ? (sizeof(T) == 4 ? 8 : 16) : E_PAD;  // logits per lane
+// The split kernel's dynamic shared memory, in 32-bit words from its start: the keep bits (kept experts of each group
+// row) and the histogram first, then the staged ids (kStageIds), the bias (sigmoid with a bias: E_PAD floats, 0 past
+// E) and the sigmoid router's scratch (per warp: each row's sigmoid values; with n_group > 1 also its selection values
+// and group scores)
+struct SplitSmem {
+  size_t stage, bias, scratch, words;
+};
+
+// The split kernel's layout, for the kernel and its launcher. SIGMOID: the sigmoid router's instances, whose 64-bit
+// keys (the fp32 selection value above the expert's code) take 8 experts a lane whatever the dtype
+template <typename T, int E_PAD, int KMAX, bool SIGMOID = false> struct SplitShape {
+  static constexpr int kPerLane = sizeof(T) == 4 || SIGMOID ? 8 : 16;
+  static constexpr int V = kPerLane < E_PAD ? kPerLane : E_PAD;  // logits per lane
   static constexpr int LANES = E_PAD / V;                                                          // lanes per row
   static constexpr int ROWS_PER_WARP = 32 / LANES;
   static constexpr int WORDS_PER_GROUP = E_PAD >= 32 ? E_PAD / 32 : 1;
@@ -233,6 +348,21 @@ template <typename T, int E_PAD, int KMAX> struct SplitShape {
   // writes 256 contiguous bytes (a lane's own top_k ids at a stride of top_k * 8 bytes made E = 16's top-4 take
   // 1.8x its top-2's time)
   static constexpr bool kStageIds = LANES == 1 && KMAX >= 4;
+  static constexpr int kWarps = kThreads / 32;
+  // (sigmoid) a warp's scratch, in blocks of 32 * V floats (a row's E_PAD each): the rows' sigmoid values for their
+  // picks' weights, and for the group limit's general form the rows' selection values and group scores
+  static __host__ __device__ int kScratchRows(bool group_limit) { return group_limit ? 3 : 1; }
+  static __host__ __device__ SplitSmem smem(size_t keep_words, size_t hist_words, bool has_bias, bool group_limit) {
+    SplitSmem s;
+    s.stage = split_stage_offset_words(keep_words, hist_words);
+    size_t end = kStageIds ? s.stage + 2 * static_cast<size_t>(kWarps) * 32 * KMAX : keep_words + hist_words;
+    s.bias = end;
+    if (SIGMOID && has_bias) end += E_PAD;
+    s.scratch = end;
+    if (SIGMOID) end += static_cast<size_t>(kWarps) * kScratchRows(group_limit) * 32 * V;
+    s.words = end;
+    return s;
+  }
 };
 
 // Lets `kernel` have `smem` bytes of dynamic shared memory where that is more than it gets without asking
@@ -247,15 +377,15 @@ __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
 }
 
-template <typename T, int E_PAD, int KMAX, bool PREFETCH>
+template <typename T, int E_PAD, int KMAX, bool PREFETCH, bool SIGMOID = false>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const RouteParams p) {
-  using S = SplitShape<T, E_PAD, KMAX>;
+  using S = SplitShape<T, E_PAD, KMAX, SIGMOID>;
   constexpr int V = S::V, LANES = S::LANES, ROWS_PER_WARP = S::ROWS_PER_WARP, WORDS_PER_GROUP = S::WORDS_PER_GROUP;
   constexpr bool kStageIds = S::kStageIds;
   constexpr int M = KMAX < V ? KMAX : V;               // sorted keys kept per lane
   constexpr int P = (KMAX + LANES - 1) / LANES;        // output slots per lane
   constexpr float kLog2e = 1.4426950408889634f;
-  using K = Keys<T, E_PAD>;
+  using K = Keys<typename std::conditional<SIGMOID, float, T>::type, E_PAD>;  // (sigmoid: fp32 selection values)
   using Key = typename K::Key;
   static_assert(V <= 32 && 32 % V == 0 || V == E_PAD, "a lane's keep bits must sit in one 32-bit word");
   static_assert(LANES <= 32, "a row must fit in one warp");
@@ -268,12 +398,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const bool has_counts = p.counts != nullptr;
   unsigned int* keep_bits = smem;                                          // [G * WORDS_PER_GROUP] when has_keep
   unsigned int* hist = smem + (has_keep ? G * WORDS_PER_GROUP : 0);        // [G * E] when shared_hist
-  int64_t* id_stage = nullptr;  // this warp's [32 * KMAX] of [warps][32 * KMAX], after the words before it
-  if constexpr (kStageIds) {
-    id_stage = reinterpret_cast<int64_t*>(smem + split_stage_offset_words(has_keep ? G * WORDS_PER_GROUP : 0,
-                                                                           has_counts && p.shared_hist ? G * E : 0)) +
-               (threadIdx.x >> 5) * 32 * KMAX;
-  }
+  const bool has_bias = SIGMOID && p.bias != nullptr;
+  const bool group_limited = SIGMOID && p.n_group > 1;
+  const SplitSmem layout = S::smem(has_keep ? G * WORDS_PER_GROUP : 0, has_counts && p.shared_hist ? G * E : 0,
+                                   has_bias, group_limited);
+  int64_t* id_stage = nullptr;  // this warp's [32 * KMAX] of [warps][32 * KMAX]
+  if constexpr (kStageIds) id_stage = reinterpret_cast<int64_t*>(smem + layout.stage) + (threadIdx.x >> 5) * 32 * KMAX;
+  float* bias = reinterpret_cast<float*>(smem + layout.bias);  // (has_bias) [E_PAD], 0 past E
+  float* scratch = reinterpret_cast<float*>(smem + layout.scratch) +  // (SIGMOID) this warp's
+                   (threadIdx.x >> 5) * S::kScratchRows(group_limited) * 32 * V;
   dependent_launch_start(p.dependent_launch);  // (before any global memory access)
 
   // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram
@@ -288,6 +421,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   }
   if (has_counts && p.shared_hist) {
     for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+  if (has_bias) {
+    for (int i = threadIdx.x; i < E_PAD; i += blockDim.x) bias[i] = i < E ? p.bias[i] : 0.0f;
   }
   __syncthreads();
 
@@ -307,8 +443,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   // the lane's logits, kept packed (16-byte vectors) and widened to fp32 where used; with PREFETCH the next rows'
   // are loaded before the current ones are worked on, so that two row groups per warp are in flight
   constexpr int kVecs = (V * static_cast<int>(sizeof(T)) + 15) / 16;
+  const bool vector_lane = p.vector_loads == 1 || (p.aligned_rows && e0 + V <= E);
   auto load_row = [&](int64_t r, uint4 (&dst)[kVecs]) {
-    if (p.vector_loads == 1 && r < p.num_tokens) {
+    if (vector_lane && r < p.num_tokens) {
       const uint4* src = reinterpret_cast<const uint4*>(logits + r * p.stride_t + e0);
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) dst[q] = __ldg(src + q);
@@ -366,10 +503,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
     }
 
     Key keys[V];
+    if constexpr (SIGMOID) {
+      // the selection values sigmoid(z) + bias, NaN as the positive NaN (ranked first on every device)
+      float sel[V];
+      float* row_s = scratch + row_in_warp * E_PAD;  // the row's sigmoid values, for its picks' weights
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const unsigned int code = lane_code - i;
-      keys[i] = ((allowed >> i) & 1u) ? K::allowed(Elem<T>::to_float(vals[i]), code) : K::masked(code);
+      for (int i = 0; i < V; ++i) {
+        const float s = sigmoid_of(Elem<T>::to_float(vals[i]));
+        row_s[e0 + i] = s;
+        const float v = has_bias ? s + bias[e0 + i] : s;
+        sel[i] = v != v ? __uint_as_float(0x7FFFFFFFu) : v;
+      }
+      if (group_limited) {
+        float* row_sel = row_s + 32 * V;
+        group_limit<V, LANES>(sel, allowed, e0, sub, E, p.n_group, p.topk_group, row_sel, row_sel + 32 * V);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const unsigned int code = lane_code - i;
+        keys[i] = ((allowed >> i) & 1u) ? K::allowed(sel[i], code) : K::masked(code);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const unsigned int code = lane_code - i;
+        keys[i] = ((allowed >> i) & 1u) ? K::allowed(Elem<T>::to_float(vals[i]), code) : K::masked(code);
+      }
     }
     top_m<V, M>(keys);
 
@@ -393,33 +552,57 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
       if (j == 0) first = best;
     }
 
-    // softmax denominator over the allowed experts (NaN / +inf / all -inf rows give NaN weights)
-    const float row_max = K::is_allowed(first) ? K::logit(first) : -INFINITY;
-    float denom = 0.0f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      denom += ((allowed >> i) & 1u) ? fast_exp2((Elem<T>::to_float(vals[i]) - row_max) * kLog2e) : 0.0f;
-    }
-#pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, off, LANES);
-    const float inv = 1.0f / denom;
-
     float w[P];
     float picked_sum = 0.0f;
+    if constexpr (SIGMOID) {
+      // sigmoid(z) of each pick, from the row's values in shared memory (the key holds the selection value); 0 for a
+      // masked pick
+      __syncwarp();
+      const float* row_s = scratch + row_in_warp * E_PAD;
 #pragma unroll
-    for (int s = 0; s < P; ++s) {
-      const int j = sub * P + s;
-      const Key key = picks[s];
-      w[s] = K::is_allowed(key) ? fast_exp2((K::logit(key) - row_max) * kLog2e) * inv : 0.0f * inv;
-      if (j < top_k) picked_sum += w[s];
+      for (int s = 0; s < P; ++s) {
+        const int j = sub * P + s;
+        const Key key = picks[s];
+        w[s] = row_valid && j < top_k && K::is_allowed(key) ? row_s[K::expert(key)] : 0.0f;
+        picked_sum += w[s];
+      }
+      __syncwarp();  // (the next step writes the values again)
+      if (p.renormalize) {
+#pragma unroll
+        for (int off = LANES / 2; off > 0; off >>= 1) picked_sum += __shfl_xor_sync(0xffffffffu, picked_sum, off, LANES);
+        const float denom = picked_sum + kSigmoidRenormEps;
+#pragma unroll
+        for (int s = 0; s < P; ++s) w[s] = w[s] / denom;
+      }
+    } else {
+      // softmax denominator over the allowed experts (NaN / +inf / all -inf rows give NaN weights)
+      const float row_max = K::is_allowed(first) ? K::logit(first) : -INFINITY;
+      float denom = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        denom += ((allowed >> i) & 1u) ? fast_exp2((Elem<T>::to_float(vals[i]) - row_max) * kLog2e) : 0.0f;
+      }
+#pragma unroll
+      for (int off = LANES / 2; off > 0; off >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, off, LANES);
+      const float inv = 1.0f / denom;
+
+#pragma unroll
+      for (int s = 0; s < P; ++s) {
+        const int j = sub * P + s;
+        const Key key = picks[s];
+        w[s] = K::is_allowed(key) ? fast_exp2((K::logit(key) - row_max) * kLog2e) * inv : 0.0f * inv;
+        if (j < top_k) picked_sum += w[s];
+      }
+      if (p.renormalize) {
+#pragma unroll
+        for (int off = LANES / 2; off > 0; off >>= 1) picked_sum += __shfl_xor_sync(0xffffffffu, picked_sum, off, LANES);
+        const float rinv = 1.0f / picked_sum;
+#pragma unroll
+        for (int s = 0; s < P; ++s) w[s] *= rinv;
+      }
     }
-    if (p.renormalize) {
 #pragma unroll
-      for (int off = LANES / 2; off > 0; off >>= 1) picked_sum += __shfl_xor_sync(0xffffffffu, picked_sum, off, LANES);
-      const float rinv = 1.0f / picked_sum;
-#pragma unroll
-      for (int s = 0; s < P; ++s) w[s] *= rinv;
-    }
+    for (int s = 0; s < P; ++s) w[s] *= p.scale;  // (exact where scale is 1)
 
     if (row_valid) {
 #pragma unroll
@@ -467,16 +650,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   }
 }
 
-template <typename T, int E_PAD, int KMAX, bool PREFETCH>
+template <typename T, int E_PAD, int KMAX, bool PREFETCH, bool SIGMOID = false>
 cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
-  using S = SplitShape<T, E_PAD, KMAX>;
+  using S = SplitShape<T, E_PAD, KMAX, SIGMOID>;
   constexpr int ROWS_PER_BLOCK = (kThreads / 32) * S::ROWS_PER_WARP;
-  constexpr auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH>;
+  constexpr auto kernel = route_fwd_kernel<T, E_PAD, KMAX, PREFETCH, SIGMOID>;
   const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * S::WORDS_PER_GROUP : 0;
   const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
-  const size_t smem = S::kStageIds ? sizeof(unsigned int) * split_stage_offset_words(keep_words, hist_words) +
-                                      sizeof(int64_t) * (kThreads / 32) * 32 * KMAX
-                                : sizeof(unsigned int) * (keep_words + hist_words);
+  const size_t smem = sizeof(unsigned int) *
+                      S::smem(keep_words, hist_words, p.bias != nullptr, p.n_group > 1).words;
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   int sms = 0, resident = 0;
   cudaError_t err = allow_dynamic_smem(kernel, smem);
@@ -524,6 +706,28 @@ cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+// the sigmoid router's instances (cuda_route.supports: E <= 256): top-8 and top-16, without prefetch
+template <typename T, int E_PAD>
+cudaError_t launch_sigmoid_k(const RouteParams& p, int device, cudaStream_t stream) {
+  if (p.top_k <= 8) return launch<T, E_PAD, 8, false, true>(p, device, stream);
+  if constexpr (E_PAD >= 16) {
+    return launch<T, E_PAD, 16, false, true>(p, device, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t launch_sigmoid(const RouteParams& p, int device, cudaStream_t stream) {
+  const int e = p.num_experts;
+  if (e <= 8) return launch_sigmoid_k<T, 8>(p, device, stream);
+  if (e <= 16) return launch_sigmoid_k<T, 16>(p, device, stream);
+  if (e <= 32) return launch_sigmoid_k<T, 32>(p, device, stream);
+  if (e <= 64) return launch_sigmoid_k<T, 64>(p, device, stream);
+  if (e <= 128) return launch_sigmoid_k<T, 128>(p, device, stream);
+  if (e <= 256) return launch_sigmoid_k<T, 256>(p, device, stream);
+  return cudaErrorInvalidValue;
+}
+
 template <typename T, int E_PAD>
 cudaError_t preload_e() {
   cudaFuncAttributes attr;
@@ -538,6 +742,12 @@ cudaError_t preload_e() {
   if constexpr (E_PAD >= 16) {
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, true>);
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, false>);
+  }
+  if constexpr (E_PAD <= 256) {
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 8, false, true>);
+    if constexpr (E_PAD >= 16) {
+      if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_fwd_kernel<T, E_PAD, 16, false, true>);
+    }
   }
   return err;
 }
@@ -1351,6 +1561,7 @@ route_lane_kernel(const RouteParams p) {
     // one exponential per pick either way: 2^(z log2e - ref) (the one-pass form), or 2^((z - max) log2e) (the second
     // pass's exact form, as fma(z - max, log2e, 0): the product rounded once, as a multiply would)
     const float weight_ref = one_pass ? neg_ref : 0.0f;
+    if (!p.renormalize) inv *= p.scale;  // (the weights' factor: exact where it is 1)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if constexpr (kSoftmax) {
@@ -1366,7 +1577,7 @@ route_lane_kernel(const RouteParams p) {
       for (int i = 0; i < 8; ++i) {
         if (i < top_k) picked_sum += wts[i];
       }
-      const float rinv = fast_rcp(picked_sum);
+      const float rinv = fast_rcp(picked_sum) * p.scale;
 #pragma unroll
       for (int i = 0; i < 8; ++i) wts[i] *= rinv;
     }
@@ -1530,7 +1741,7 @@ void choose_shared_hist(RouteParams& p) {
 // Shared bytes the lane kernel needs for this call, or 0 when the call is not one it takes.
 // A histogram that does not fit goes to global atomics (p.shared_hist cleared).
 size_t lane_smem_bytes(RouteParams& p, int dtype) {
-  if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK) return 0;
+  if (dtype == kFloat32 || p.vector_loads == 0 || p.top_k > kLaneTopK || p.scoring != kScoringSoftmax) return 0;
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   const int e = p.num_experts;
   const bool padded = p.vector_loads == 2;  // (kPadRows: the mask table always, and no benchmark options)
@@ -1824,8 +2035,16 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   const int e_pad = padded_experts(p.num_experts);
   const int words = e_pad >= 32 ? e_pad / 32 : 1;  // the kernel's WORDS_PER_GROUP
   if (p.keep && static_cast<int64_t>(p.num_groups) * words * 4 > kMaxKeepBytes) return cudaErrorInvalidValue;
+  const bool sigmoid = p.scoring == kScoringSigmoid;
+  if ((p.scoring != kScoringSoftmax && !sigmoid) || (sigmoid && p.num_experts > 256) || !(p.scale - p.scale == 0.0f) ||
+      (!sigmoid && (p.bias != nullptr || p.n_group != 1)) ||
+      (p.n_group > 1 && (p.num_experts % p.n_group != 0 || p.num_experts / p.n_group < 2 || p.topk_group < 1 ||
+                         p.topk_group > p.n_group))) {
+    return cudaErrorInvalidValue;
+  }
+  const bool default_router = !sigmoid && p.scale == 1.0f;
   choose_shared_hist(p);
-  if (p.ids8 != nullptr && (p.variant != 1 || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
+  if (p.ids8 != nullptr && (p.variant != 1 || !default_router || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
                             p.vector_loads != 1 ||
                             dtype == kFloat32 || (reinterpret_cast<uintptr_t>(p.ids8) & 7) != 0 ||
                             lane_smem_bytes(p, dtype) == 0)) {
@@ -1839,9 +2058,20 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (sigmoid) {
+    if (p.ablation != 0 || p.lane_options != 0) return cudaErrorInvalidValue;
+    switch (dtype) {
+      case kFloat32: err = launch_sigmoid<float>(p, device, s); break;
+      case kFloat16: err = launch_sigmoid<__half>(p, device, s); break;
+      case kBFloat16: err = launch_sigmoid<__nv_bfloat16>(p, device, s); break;
+      default: err = cudaErrorInvalidValue;
+    }
+    return static_cast<int>(err);
+  }
   if (p.variant == 1 || p.ablation != 0 || p.lane_options != 0) {
     const size_t smem = lane_smem_bytes(p, dtype);
     if (p.ablation != 0 || p.lane_options != 0) {
+      if (!default_router) return cudaErrorInvalidValue;
       const int flags = p.ablation != 0 ? lane_ablation_flags(p.ablation) : kLaneFull;
       const bool bad_options = (p.lane_options & ~(kLaneOptions | 1)) != 0 ||
                                ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||

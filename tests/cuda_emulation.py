@@ -111,6 +111,12 @@ X __shfl_xor_sync(unsigned int, X v, int offset, int width = 32) {
   emu_exchange(v, all);
   return all[static_cast<int>(threadIdx.x & 31) ^ offset];
 }
+template <typename X>
+X __shfl_sync(unsigned int, X v, int src, int width = 32) {
+  X all[32];
+  emu_exchange(v, all);
+  return all[(static_cast<int>(threadIdx.x & 31) & ~(width - 1)) + (src & (width - 1))];
+}
 inline unsigned int __ballot_sync(unsigned int, bool pred) {
   int all[32];
   emu_exchange(static_cast<int>(pred), all);
@@ -137,6 +143,7 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);

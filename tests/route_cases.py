@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_fastmask.ops import reference
+
 POISON_ID = -7  # written into outputs before a run so unwritten elements show
 
 
@@ -392,3 +394,27 @@ def naive_variant_route(
         weights[t] = torch.tensor([v * scale for v in w], dtype=torch.float64)
         ids[t] = torch.tensor(order)
     return weights, ids
+
+
+def selection_of(logits: torch.Tensor, allowed: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """float64 selection values of the reference under route keyword arguments ``kwargs`` (for comparing orders of
+    near-equal values)."""
+    return reference.selection_values(
+        logits.double(), allowed, kwargs.get("scoring", "softmax"), kwargs.get("bias"),
+        kwargs.get("n_group", 1), kwargs.get("topk_group", 1),
+    )
+
+
+def matching_rows(ids: torch.Tensor, ref_ids: torch.Tensor, values: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Bool [T]: rows whose ids equal the reference's. ``exact``: all must. Otherwise (sigmoid selection values are
+    computed with each backend's own exp) a differing row must choose experts of the same selection values within
+    rounding."""
+    same = (ids == ref_ids).all(dim=1)
+    if exact:
+        assert torch.equal(ids, ref_ids), f"rows {(~same).nonzero().flatten().tolist()} differ"
+        return same
+    for t in (~same).nonzero().flatten().tolist():
+        mine = values[t, ids[t]].sort().values
+        theirs = values[t, ref_ids[t]].sort().values
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0, equal_nan=True)
+    return same

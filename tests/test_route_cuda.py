@@ -25,7 +25,16 @@ import pytest
 import torch
 import cuda_emulation
 from conftest import SESSION_SEED, start_sm90_build
-from route_cases import POISON_ID, adversarial_logits, recount, tolerance
+from route_cases import (
+    POISON_ID,
+    VARIANTS,
+    adversarial_logits,
+    matching_rows,
+    recount,
+    selection_of,
+    tolerance,
+    variant_kwargs,
+)
 
 from moe_fastmask import route
 from moe_fastmask.ops import cuda_route, reference, resolve_backend, triton_route
@@ -84,16 +93,34 @@ def check_against_reference(logits, top_k, keep=None, group=None, num_groups=1, 
                                  f"{where} prefetch={prefetch} variant={variant}", prefetch, variant)
 
 
-def assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, where):
+def assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, where,
+                             variant=None):
     """A kernel's outputs against the reference on the same call: ids exact, counts (the kernel's, which started at
     ``start``; both None without counts) exact, weights within tolerance with NaN exactly where the reference has
-    NaN. Ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle."""
+    NaN. Ids outside [0, G) act as -1 in every backend; the reference's own handling is the oracle. ``variant``:
+    route's router-variant arguments; with sigmoid scoring (selection values from each backend's own exp) a row may
+    choose other experts of the same selection values within rounding (route_cases.matching_rows), as many allowed
+    ones, each once; counts are then those of the kernel's own ids, and weights are compared on the matching rows."""
+    variant = variant or {}
     ref_counts = None if start is None else start.clone()
-    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, renormalize)
-    bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
-    assert not bad, f"ids differ; {where} rows {bad[:6]}: {ids[bad[:2]].tolist()} vs {ref_ids[bad[:2]].tolist()}"
-    if counts is not None:
-        assert torch.equal(counts, ref_counts), f"counts differ; {where}"
+    ref_w, ref_ids = reference.route_reference(logits, top_k, keep, group, ref_counts, renormalize, **variant)
+    same = torch.ones(ids.shape[0], dtype=torch.bool)
+    if variant.get("scoring") == "sigmoid":
+        T, E = logits.shape
+        allowed = reference.allowed_experts(T, keep, group)
+        allowed = torch.ones(T, E, dtype=torch.bool) if allowed is None else allowed
+        assert bool(((ids >= 0) & (ids < E)).all()), f"ids out of range; {where}"
+        assert torch.equal(allowed.gather(1, ids).sum(1), allowed.gather(1, ref_ids).sum(1)), f"masked picks; {where}"
+        assert all(len(set(row)) == top_k for row in ids.tolist()), f"an expert chosen twice; {where}"
+        same = matching_rows(ids, ref_ids, selection_of(logits, allowed, variant), exact=False)
+        if counts is not None:
+            assert torch.equal(counts - start, recount(ids, group, counts.shape[0], E)), f"counts differ; {where}"
+    else:
+        bad = (ids != ref_ids).any(1).nonzero().flatten().tolist()
+        assert not bad, f"ids differ; {where} rows {bad[:6]}: {ids[bad[:2]].tolist()} vs {ref_ids[bad[:2]].tolist()}"
+        if counts is not None:
+            assert torch.equal(counts, ref_counts), f"counts differ; {where}"
+    weights, ref_w = weights[same], ref_w[same]
     nan = ref_w.isnan()
     assert torch.equal(weights.isnan(), nan), f"NaN pattern differs; {where}"
     atol, rtol = tolerance(logits.dtype)
@@ -690,11 +717,41 @@ def test_unavailable_without_cuda():
         resolve_backend("cuda", torch.device("cpu"))
 
 
-def test_supports_only_the_default_router_on_cuda_tensors():
+def test_supports_cuda_tensors_only():
     x = torch.randn(4, 64)
     assert not cuda_route.supports(x, 8)  # CPU tensor
+    assert not cuda_route.supports(x, 8, scoring="sigmoid")
     meta = torch.empty(4, 64, device="meta", dtype=torch.bfloat16)
     assert not cuda_route.supports(meta, 8)
+
+
+@gpu
+@pytest.mark.parametrize("name", [name for name in VARIANTS if name != "softmax"] + ["softmax_scaled"])
+def test_router_variants_against_reference(cuda_kernel, name):
+    """The router variants on the GPU (the kernels the op runs: the lane kernel for the softmax variants where it
+    applies, the split kernel's sigmoid instances), every dtype, shapes from Mixtral's to DeepSeek-V3's, keep masks
+    and group ids, adversarial values: as assert_matches_reference has it; E = 512 sigmoid calls are not taken."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 41 + len(name))
+    for n, (dtype, (E, k)) in enumerate(itertools.product(DTYPES, VARIANT_SHAPES + [(512, 16)])):
+        if dtype == torch.float32 and E > 256:
+            continue
+        route_variant = _route_variant(name, E, k, gen)
+        renormalize = route_variant.pop("renormalize", False)
+        device_variant = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in route_variant.items()}
+        kind = ("normal", "ties", "wide", "neg_inf", "signed_zeros")[n % 5]
+        T = (1, 37, 1000, 4099)[n % 4]
+        logits = adversarial_logits(kind, T, E, dtype, gen)
+        keep = make_keep(3, E, k, n % 2 == 0, gen)
+        group = torch.randint(-1, 4, (T,), generator=gen)
+        taken = cuda_route.supports(logits.cuda(), k, keep.cuda(), **device_variant)
+        assert taken == (route_variant.get("scoring") != "sigmoid" or E <= 256), (name, E)
+        if not taken:
+            continue
+        start = torch.randint(0, 1000, (3, E), dtype=torch.int64)
+        counts = start.cuda()
+        weights, ids = run_cuda(logits.cuda(), k, keep.cuda(), group.cuda(), counts, renormalize, **device_variant)
+        assert_matches_reference(weights.cpu(), ids.cpu(), counts.cpu(), start, logits, k, keep, group, renormalize,
+                                 f"{name} E={E} k={k} T={T} {dtype} {kind}", variant=route_variant)
 
 
 @pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
@@ -837,6 +894,13 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         "                            ('padded', dict(num_experts=60, stride_t=60, vector_loads=2), 2)):\n"
         "    p = c.RouteParams(**dict(lane, **change))\n"
         "    print('ids8', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), dtype, 0, None))\n"
+        "sig = dict(num_tokens=4, num_experts=256, top_k=8, num_groups=1, n_group=1, scale=1.0, scoring=1)\n"
+        "for name, change in (('sigmoid too wide', dict(num_experts=300)), ('bad scoring', dict(scoring=5)),\n"
+        "                     ('bias on softmax', dict(scoring=0, bias=64)), ('groups on softmax', dict(scoring=0,\n"
+        "                      n_group=4, topk_group=2)), ('groups of 1', dict(n_group=256, topk_group=8)),\n"
+        "                     ('topk_group 0', dict(n_group=8, topk_group=0)), ('inf scale', dict(scale=1e39))):\n"
+        "    p = c.RouteParams(**dict(sig, **change))\n"
+        "    print('variant', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
         "if not torch.cuda.is_available():\n"
         "    p = c.RouteParams(num_tokens=4, num_experts=64, top_k=8, num_groups=1)\n"
         "    rc = lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None)\n"
@@ -848,12 +912,15 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0", "ids8 k4 1", "ids8 split 1",
-                 "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1", "ids8 padded 1"):
+                 "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1", "ids8 padded 1", "variant sigmoid too wide 1",
+                 "variant bad scoring 1", "variant bias on softmax 1", "variant groups on softmax 1",
+                 "variant groups of 1 1", "variant topk_group 0 1", "variant inf scale 1"):
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
     # split: one kernel per (dtype, padded E, top-k bound, prefetch): 3 x (6 x 2 - 1) x 2 = 66, the top-2 and top-4
-    # bounds of E_PAD 8 and 16: 3 x 2 x 2 x 2 = 24, and E = 512 for the 16-bit dtypes: 2 x 2 x 2 = 8; lane: one per
+    # bounds of E_PAD 8 and 16: 3 x 2 x 2 x 2 = 24, and E = 512 for the 16-bit dtypes: 2 x 2 x 2 = 8; its sigmoid
+    # router's, one per (dtype, padded E up to 256, top-k bound 8 or 16), no prefetch: 3 x (6 x 2 - 1) = 33; lane: one per
     # (16-bit dtype, E in 32 / 64 / 128, with or without a mask, top_k == 8 or not) = 24, its padded rows' (16-bit
     # dtype, E_PAD 32 / 64 / 128; mask on, top_k at run time) = 6, the tournament top-k's instances that the op
     # takes at large T (16-bit dtype, E = 64 or 128, top_k == 8, with or without a mask) = 8, and 51 benchmark
@@ -863,8 +930,8 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # the op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E,
     # vector or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
     # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
-    assert "registers lines 240" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 136  # (4 bytes of tail padding, as in C)
+    assert "registers lines 273" in out.stdout, out.stdout
+    assert ctypes.sizeof(cuda_route.RouteParams) == 160
 
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
@@ -928,7 +995,7 @@ def emulated_forward(library: Path):
     lib.moe_fastmask_route_cuda_lane_smem.restype = ctypes.c_int64
 
     def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave",
-            ids8=False, timeline=None):
+            ids8=False, timeline=None, route_variant=None):
         T = logits.shape[0]
         weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
@@ -936,12 +1003,17 @@ def emulated_forward(library: Path):
         lane_options = 0 if options is None else cuda_route.lane_option_bits(options)
         if timeline is not None:  # (the timeline instance: the op's instance with stamps, with options or not)
             lane_options = cuda_route.timeline_option_bits(options)
+        route_variant = dict(route_variant or {})
+        if route_variant.get("bias") is not None:  # (the kernel's bias: float32, as route_forward passes it)
+            route_variant["bias"] = route_variant["bias"].float().contiguous()
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
-                                           ids8=ids8_out)
+                                           ids8=ids8_out, **route_variant)
         if variant == "lane" and lane_options == 0:  # (the op's calls) the launcher takes what lane_takes says
             taken = lib.moe_fastmask_route_cuda_lane_smem(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype])
-            assert (taken > 0) == cuda_route.lane_takes(logits, top_k, keep), (tuple(logits.shape), top_k, taken)
+            scoring = route_variant.get("scoring", "softmax")
+            assert (taken > 0) == cuda_route.lane_takes(logits, top_k, keep, scoring=scoring), (
+                tuple(logits.shape), top_k, taken)
         if timeline is not None:
             assert lib.moe_fastmask_route_cuda_set_timeline(timeline.data_ptr(), timeline.shape[0]) == 0
         code = lib.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0, None)
@@ -956,11 +1028,13 @@ def emulated_forward(library: Path):
 
 
 def check_emulated(run, logits, top_k, keep, group, num_groups, renormalize, where, **launch):
-    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN)."""
+    """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN); with a
+    ``route_variant``, as assert_matches_reference has it."""
     start = torch.randint(0, 1000, (num_groups, logits.shape[1]), dtype=torch.int64)
     counts = start.clone()
     weights, ids = run(logits, top_k, keep, group, counts, renormalize, **launch)
-    assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, f"{where} {launch}")
+    assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, f"{where} {launch}",
+                             variant=launch.get("route_variant"))
 
 
 TIMELINE_SLOTS = 32  # csrc/route_cuda.cu's kTimelineSlots
@@ -1118,7 +1192,57 @@ def emulated_forward_checks(library: str) -> None:
     check_emulated(run, wide[:, 4:64], 4, None, None, 1, False, "padded rows at an 8-byte offset")
     check_emulated(run, wide[:, 2:62], 4, keep, group, 2, False, "padded rows, misaligned (the split kernel)")
     check_emulated(run, wide.t().contiguous().t()[:, :64], 8, None, None, 1, False, "column-major logits")
+    emulated_variant_checks(run, gen)
     print("emulated forward checks passed")
+
+
+# router shapes of the variants' emulated checks: Mixtral's, E_PAD 16 and 32 (row in one, two and four lanes),
+# Qwen2-MoE's padded rows, OLMoE's, GPT-OSS' and Qwen3-MoE's 128, GLM-4.5's 160 and DeepSeek-V3's 256 (E_PAD 256)
+VARIANT_SHAPES = [(8, 2), (16, 4), (24, 6), (60, 4), (64, 8), (128, 4), (160, 8), (256, 8), (256, 16)]
+
+
+def _route_variant(name: str, E: int, k: int, gen: torch.Generator) -> dict:
+    """route's variant arguments of route_cases.VARIANTS' ``name`` for E experts and top-k (DeepSeek-V3's 8 groups, 4
+    kept, at E = 256), or ``"softmax_scaled"``: the softmax, not renormalised, times a scale."""
+    if name == "softmax_scaled":
+        return dict(scoring="softmax", scale=0.75)
+    route_variant = variant_kwargs(name, E, gen, k)
+    if name == "sigmoid_groups" and E == 256:
+        route_variant.update(n_group=8, topk_group=4)
+    return route_variant
+
+
+def emulated_variant_checks(run, gen: torch.Generator) -> None:
+    """route's router variants (route_cases.VARIANTS: a scale, softmax over the chosen experts, sigmoid scoring with a
+    bias and DeepSeek-V3's group limit) through both forward kernels against the reference: every shape of
+    VARIANT_SHAPES in turn with each dtype, keep masks (tight ones: kept groups holding fewer allowed experts than
+    top_k), out-of-range group ids and partial warps, then adversarial values."""
+    names = [name for name in VARIANTS if name != "softmax"] + ["softmax_scaled"]
+    for n, (name, (E, k)) in enumerate(itertools.product(names, VARIANT_SHAPES)):
+        dtype = DTYPES[n % 3]
+        T = (45, 200, 1)[n % 3]
+        route_variant = _route_variant(name, E, k, gen)
+        renormalize = route_variant.pop("renormalize", False)
+        logits = adversarial_logits("normal", T, E, dtype, gen)
+        keep = make_keep(3, E, k, n % 2 == 0, gen)
+        group = torch.randint(-1, 4, (T,), generator=gen)
+        lane = cuda_route.lane_takes(logits, k, keep, scoring=route_variant.get("scoring", "softmax"))
+        kernels = ["split"] + (["lane"] if lane else [])
+        for kernel in kernels:
+            check_emulated(run, logits, k, keep, group, 3, renormalize, f"{name} E={E} k={k} T={T} {dtype}",
+                           variant=kernel, route_variant=route_variant)
+        check_emulated(run, logits, k, None, None, 1, renormalize, f"{name} E={E} k={k} T={T} {dtype} no mask",
+                       route_variant=route_variant)
+    for n, (name, kind) in enumerate(itertools.product(names, KINDS)):
+        E, k = ((64, 8), (256, 8), (16, 4))[n % 3]
+        dtype = DTYPES[n % 3] if E != 64 else torch.bfloat16
+        route_variant = _route_variant(name, E, k, gen)
+        renormalize = route_variant.pop("renormalize", False)
+        logits = adversarial_logits(kind, 70, E, dtype, gen)
+        keep = make_keep(2, E, k, n % 2 == 1, gen)
+        group = torch.randint(-1, 2, (70,), generator=gen)
+        check_emulated(run, logits, k, keep, group, 2, renormalize, f"{name} {kind} E={E} {dtype}",
+                       route_variant=route_variant)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")

@@ -17,8 +17,10 @@ from route_cases import (
     VARIANTS,
     adversarial_case,
     make_case,
+    matching_rows,
     naive_variant_route,
     recount,
+    selection_of,
     tolerance,
     variant_kwargs,
 )
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "cpp", "triton"]
+BACKENDS = ["torch", "cpp", "triton", "cuda"]  # (cuda: on a GPU only)
 VARIANT_NAMES = list(VARIANTS)
 
 
@@ -70,29 +72,6 @@ def _allowed(num_tokens, keep, group, num_experts):
     return torch.ones(num_tokens, num_experts, dtype=torch.bool) if allowed is None else allowed
 
 
-def _selection(logits, allowed, kwargs):
-    """float64 selection values of the reference (for comparing orders of near-equal values)."""
-    return reference.selection_values(
-        logits.double(), allowed, kwargs.get("scoring", "softmax"), kwargs.get("bias"),
-        kwargs.get("n_group", 1), kwargs.get("topk_group", 1),
-    )
-
-
-def _matching_rows(ids, ref_ids, values, exact: bool) -> torch.Tensor:
-    """Bool [T]: rows whose ids equal the reference's. ``exact``: all must. Otherwise (sigmoid selection values are
-    computed with each backend's own exp) a differing row must choose experts of the same selection values within
-    rounding, and few rows may differ."""
-    same = (ids == ref_ids).all(dim=1)
-    if exact:
-        assert torch.equal(ids, ref_ids), f"rows {(~same).nonzero().flatten().tolist()} differ"
-        return same
-    for t in (~same).nonzero().flatten().tolist():
-        mine = values[t, ids[t]].sort().values
-        theirs = values[t, ref_ids[t]].sort().values
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0, equal_nan=True)
-    return same
-
-
 def _check_against_reference(backend, logits, top_k, keep, group, num_groups, kwargs, *, with_grad):
     T, E = logits.shape
     weights, ids, counts, grad = _run(
@@ -107,7 +86,7 @@ def _check_against_reference(backend, logits, top_k, keep, group, num_groups, kw
     assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert was chosen twice"
     assert torch.equal(counts, recount(ids, group, num_groups, E))
     exact = kwargs.get("scoring", "softmax") != "sigmoid"
-    same = _matching_rows(ids, ref_ids, _selection(logits, allowed, kwargs), exact)
+    same = matching_rows(ids, ref_ids, selection_of(logits, allowed, kwargs), exact)
     atol, rtol = tolerance(logits.dtype)
     torch.testing.assert_close(weights[same], ref_w[same], atol=atol, rtol=rtol, equal_nan=True)
     if with_grad:
@@ -135,7 +114,7 @@ def test_reference_matches_oracle(variant):
         weights, ids = reference.route_reference(case.logits, top_k, case.keep, case.group, **kwargs)
         allowed = _allowed(case.logits.shape[0], case.keep, case.group, E)
         oracle_w, oracle_ids = naive_variant_route(case.logits, top_k, allowed, **kwargs)
-        same = _matching_rows(ids, oracle_ids, _selection(case.logits, allowed, kwargs), exact=False)
+        same = matching_rows(ids, oracle_ids, selection_of(case.logits, allowed, kwargs), exact=False)
         assert bool(same.float().mean() >= 0.9)
         torch.testing.assert_close(weights[same].double(), oracle_w[same], atol=1e-6, rtol=1e-5)
 
@@ -202,8 +181,8 @@ def test_equals_transformers_routers(backend):
         ids, weights = ids.gather(1, order), weights.gather(1, order)
         hf_ids, hf_weights = hf_ids.gather(1, hf_order), hf_weights.gather(1, hf_order)
         # sigmoid selection values are computed with each backend's exp: rows may differ on rounding-level ties
-        values = _selection(logits, torch.ones_like(logits, dtype=torch.bool), kwargs)
-        same = _matching_rows(ids, hf_ids, values, exact=kwargs["scoring"] != "sigmoid")
+        values = selection_of(logits, torch.ones_like(logits, dtype=torch.bool), kwargs)
+        same = matching_rows(ids, hf_ids, values, exact=kwargs["scoring"] != "sigmoid")
         assert bool(same.float().mean() >= 0.9), name
         torch.testing.assert_close(weights[same].to(hf_weights.dtype), hf_weights[same], msg=name)
 
@@ -213,16 +192,17 @@ def test_equals_transformers_routers(backend):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_random_cases(backend, variant):
     _require(backend)
     rng = random.Random(SESSION_SEED + 17 * VARIANT_NAMES.index(variant))
-    for i in range(3 if backend == "triton" else 8):
+    small = backend == "triton"  # (the interpreter on CPU)
+    for i in range(3 if small else 8):
         E = rng.choice([8, 16, 60, 64, 128])
         top_k = rng.choice([k for k in (1, 2, 4, 8) if k <= E])
         case = make_case(
-            rng.choice([1, 7, 33] if backend == "triton" else [1, 7, 33, 300]), E, top_k,
+            rng.choice([1, 7, 33] if small else [1, 7, 33, 300]), E, top_k,
             rng.choice([torch.float32, torch.float16, torch.bfloat16]), seed=rng.randrange(1 << 30),
             mask=rng.choice(["none", "random", "per_group"]), groups=rng.choice(["none", "random", "with_unassigned"]),
             num_groups=rng.choice([1, 2, 3]), contiguous=rng.random() < 0.75,
@@ -230,7 +210,7 @@ def test_random_cases(backend, variant):
         kwargs = variant_kwargs(variant, E, torch.Generator().manual_seed(rng.randrange(1 << 30)), top_k)
         _check_against_reference(
             backend, case.logits, top_k, case.keep, case.group, case.num_groups, kwargs,
-            with_grad=backend == "triton" and case.logits.dtype == torch.float32,
+            with_grad=backend in ("triton", "cuda") and case.logits.dtype == torch.float32,
         )
 
 
@@ -252,7 +232,7 @@ def test_adversarial_cases(backend, variant):
         if backend == "torch" and kwargs.get("scoring") == "sigmoid" and kind in ("half_integers", "zeros"):
             # exact ties of selection values: equal values go to the lower expert index
             allowed = _allowed(case.logits.shape[0], case.keep, case.group, E)
-            values = _selection(case.logits, allowed, kwargs).float()
+            values = selection_of(case.logits, allowed, kwargs).float()
             for t in range(ids.shape[0]):
                 row = ids[t].tolist()
                 for a, b in zip(row, row[1:]):

@@ -12,11 +12,13 @@ compiler: ``$MOE_FASTMASK_CACHE_DIR`` or ``~/.cache/moe_fastmask/cpp`` (shared w
 serialised by an ``flock`` that the OS releases when a process dies. The compiler's output (with ``-Xptxas -v``:
 registers and spills per kernel) is kept in ``build.log`` there.
 
-The kernel covers the default router (``scoring="softmax"``, optional renormalisation, no bias, no group limit,
-``scale=1``) for float32 / float16 / bfloat16 logits, ``E <= 512`` (256 for float32) and ``top_k <= 16``;
-:func:`supports` says whether it takes a call, and ``route``'s ``cuda`` backend sends the others to Triton. The
-backward (:func:`route_backward`, the gradient of the weights with respect to the logits) covers the same router and
-dtypes with ``E <= 256``, and a keep mask of any size (:func:`supports_backward`). ``MOE_FASTMASK_DISABLE_CUDA=1``
+The forward covers every router variant of ``route`` for float32 / float16 / bfloat16 logits and ``top_k <= 16``: the
+softmax routers (``"softmax"``, optional renormalisation, and ``"softmax_chosen"``, run as the softmax renormalised
+over the chosen experts; any ``scale``) with ``E <= 512`` (256 for float32), and the ``"sigmoid"`` router (a selection
+bias, DeepSeek-V3's group limit, renormalisation, a scale) with ``E <= 256``; :func:`supports` says whether it takes a
+call, and ``route``'s ``cuda`` backend sends the others to Triton. The backward (:func:`route_backward`, the gradient
+of the weights with respect to the logits) covers the default router (softmax, scale 1) in the same dtypes with
+``E <= 256``, and a keep mask of any size (:func:`supports_backward`); the other variants' backward runs on Triton. ``MOE_FASTMASK_DISABLE_CUDA=1``
 makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
 """
 
@@ -109,6 +111,10 @@ DEFAULT_GRID_POLICY = "balanced2"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
 MAX_EXPERTS_FLOAT32 = 256
+MAX_SIGMOID_EXPERTS = 256  # the sigmoid router (8 experts a lane whatever the dtype: 64-bit keys)
+# the kernels' scoring codes (csrc/route_cuda.cu, RouteParams.scoring): softmax over the chosen experts runs as the
+# softmax renormalised over them
+SCORING_CODES = {"softmax": 0, "softmax_chosen": 0, "sigmoid": 1}
 MAX_BACKWARD_EXPERTS = 256
 MAX_TOP_K = 16
 MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
@@ -144,6 +150,12 @@ class RouteParams(ctypes.Structure):
         ("grid_policy", ctypes.c_int32),
         ("lane_options", ctypes.c_int32),
         ("dependent_launch", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("scoring", ctypes.c_int32),
+        ("n_group", ctypes.c_int32),
+        ("topk_group", ctypes.c_int32),
+        ("aligned_rows", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
     ]
 
 
@@ -471,9 +483,13 @@ def _variant_default() -> str:
 def _vector_rows(logits: Tensor) -> bool:
     """Rows of exactly a power-of-two number of experts, contiguous and 16-byte aligned (16-byte vector loads)."""
     num_experts = logits.shape[1]
+    return num_experts == _padded_experts(num_experts) and _aligned_rows(logits)
+
+
+def _aligned_rows(logits: Tensor) -> bool:
+    """Rows contiguous and 16-byte aligned, of any number of experts (the split kernel's vector loads)."""
     return (
-        num_experts == _padded_experts(num_experts)
-        and logits.stride(1) == 1
+        logits.stride(1) == 1
         and (logits.stride(0) * logits.element_size()) % 16 == 0
         and logits.data_ptr() % 16 == 0
     )
@@ -510,8 +526,11 @@ def default_variant(logits: Tensor) -> str:
     return name
 
 
-def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None) -> bool:
-    """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it)."""
+def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None, *, scoring: str = "softmax") -> bool:
+    """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it): the
+    softmax routers only."""
+    if scoring == "sigmoid":
+        return False
     num_experts = logits.shape[1]
     if logits.dtype not in (torch.float16, torch.bfloat16) or _padded_experts(num_experts) not in LANE_EXPERTS:
         return False
@@ -568,15 +587,20 @@ def supports(
     topk_group: int = 1,
     scale: float = 1.0,
 ) -> bool:
-    """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): the
-    default router (softmax, no bias, no group limit, scale 1) on CUDA float32 / float16 / bfloat16 logits with
-    ``E <= 512`` (float32: 256), ``top_k <= 16`` and a keep mask of at most 16 KiB as bits."""
+    """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): CUDA
+    float32 / float16 / bfloat16 logits with ``E <= 512`` (float32: 256), ``top_k <= 16`` and a keep mask of at most
+    16 KiB as bits; every router variant (``softmax``, ``softmax_chosen``, any ``scale``; ``sigmoid`` with or without
+    a bias and a group limit, ``E <= 256``)."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
-    if scoring != "softmax" or bias is not None or n_group != 1 or topk_group != 1 or float(scale) != 1.0:
+    if scoring not in SCORING_CODES or (scoring != "sigmoid" and (bias is not None or n_group != 1)):
+        return False
+    if bias is not None and (bias.device != logits.device or bias.dim() != 1 or bias.shape[0] != logits.shape[1]):
         return False
     num_experts = logits.shape[1]
     max_experts = MAX_EXPERTS_FLOAT32 if logits.dtype == torch.float32 else MAX_EXPERTS
+    if scoring == "sigmoid":
+        max_experts = min(max_experts, MAX_SIGMOID_EXPERTS)
     if not 1 <= num_experts <= max_experts or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         return False
     if keep is not None and keep.shape[0] * max(1, _padded_experts(num_experts) // 32) * 4 > MAX_KEEP_BYTES:
@@ -601,6 +625,11 @@ def route_forward(
     ids8: Tensor | None = None,
     _timeline: Tensor | None = None,
     dependent_launch: bool | None = None,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -620,12 +649,21 @@ def route_forward(
     with each warp's stamps written into it (the slots: csrc/route_cuda.cu's kTimeline; rows of warps that did not run
     are left as they were). ``dependent_launch`` (default: :func:`dependent_launch_default`) launches the kernel as a
     programmatic dependent launch on GPUs that have it (compute capability 9.0 and later): its blocks may start, and
-    set up, while the kernel before it in the stream ends, and wait for it before touching memory."""
+    set up, while the kernel before it in the stream ends, and wait for it before touching memory. ``scoring``,
+    ``bias``, ``n_group``, ``topk_group`` and ``scale`` are ``route``'s router variant (a call :func:`supports`
+    takes); the benchmark-only arguments and ``ids8`` run the default router alone."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
     num_tokens, num_experts = logits.shape
     weights, ids = output_buffers(logits, top_k, out)
+    default_router = scoring == "softmax" and float(scale) == 1.0
+    if not default_router and (ids8 is not None or _ablation is not None or _lane_options is not None
+                               or _timeline is not None):
+        raise ValueError("ids8, _ablation, _lane_options and _timeline run the default router alone "
+                         f"(scoring='softmax', scale 1), got scoring={scoring!r}, scale={scale}")
+    if bias is not None:  # (the kernel reads a float32 [E]: the reference adds the bias in float32 too)
+        bias = bias.to(device=logits.device, dtype=torch.float32).contiguous()
     if ids8 is not None:
         if ids8.dtype != torch.uint8 or tuple(ids8.shape) != (num_tokens, top_k) or not ids8.is_contiguous() or (
             ids8.device != logits.device or ids8.data_ptr() % 8 != 0
@@ -695,7 +733,8 @@ def route_forward(
     params = forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
-                            ids8=ids8, dependent_launch=dependent_launch)
+                            ids8=ids8, dependent_launch=dependent_launch, scoring=scoring, bias=bias,
+                            n_group=n_group, topk_group=topk_group, scale=scale)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
@@ -795,12 +834,20 @@ def forward_params(
     lane_options: int = 0,
     ids8: Tensor | None = None,
     dependent_launch: bool | None = None,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> RouteParams:
     """The forward launcher's arguments: pointers and strides of the given tensors (``weights``, ``ids``, ``keep``
     and ``group`` contiguous; ``logits`` any strides), the variant (``VARIANTS``) and grid policy
     (``GRID_POLICIES``) by name, the benchmark-only ablation and option codes as :func:`route_forward` encodes
-    them, and whether the kernel goes out as a programmatic dependent launch (None:
-    :func:`dependent_launch_default`)."""
+    them, whether the kernel goes out as a programmatic dependent launch (None:
+    :func:`dependent_launch_default`), and the router variant (``route``'s arguments; ``bias`` float32 and
+    contiguous)."""
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError(f"the kernel's bias must be a contiguous float32 tensor, got {bias.dtype}")
     num_tokens, num_experts = logits.shape
     return RouteParams(
         weights.data_ptr(),
@@ -816,7 +863,7 @@ def forward_params(
         num_experts,
         kernel_num_groups(keep, counts),
         top_k,
-        int(bool(renormalize)),
+        int(bool(renormalize) or scoring == "softmax_chosen"),
         int(group is not None and group.dtype == torch.int64),
         _row_layout(logits),
         0,  # chosen by the launcher from G * E
@@ -826,6 +873,12 @@ def forward_params(
         GRID_POLICIES[grid_policy],
         lane_options,
         _dependent_launch_flag(dependent_launch),
+        float(scale),
+        SCORING_CODES[scoring],
+        n_group,
+        topk_group,
+        int(_aligned_rows(logits)),
+        _data_ptr(bias),
     )
 
 

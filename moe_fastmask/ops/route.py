@@ -13,8 +13,8 @@ Layers, from the outside in:
   ``route_forward`` (the fused forward; ``counts`` is a declared mutated argument) and ``route_weights_grad`` (the
   gradient with respect to ``logits``, through ``route_backward``). All have fake implementations, so
   ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
-* the backends — ``cuda`` (the CUDA kernels of ``csrc/route_cuda.cu`` and ``csrc/route_cuda_backward.cu`` for the
-  default router, Triton for the other variants and shapes), ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``),
+* the backends — ``cuda`` (the CUDA kernels of ``csrc/route_cuda.cu`` and ``csrc/route_cuda_backward.cu``: the
+  forward of every variant, sigmoid up to 256 experts; the backward of the default router; Triton for the rest), ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``),
   ``cpp`` (the C++ CPU kernel) and ``torch`` (the plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
 """
 
@@ -154,7 +154,7 @@ def _route_forward_impl(
     variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
     if backend == "cuda":
         if cuda_route.supports(logits, top_k, keep, **variant):
-            return cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize)
+            return cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, **variant)
         backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_forward(logits, top_k, keep, group, counts, renormalize, **variant)
@@ -339,7 +339,8 @@ class RouteFunction(torch.autograd.Function):
         keep, group, bias = _dense(keep), _dense(group), _dense(bias)  # (the CUDA call below and the backward)
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
         ids8 = None
-        if backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant) and (
+        default_router = scoring == "softmax" and scale == 1.0  # (the CUDA backward's router)
+        if backend == "cuda" and default_router and cuda_route.supports(logits, top_k, keep, **variant) and (
             cuda_route.compact_ids_apply(logits, top_k, keep) and not _backward_on_triton(logits, top_k)
         ):
             # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
@@ -580,8 +581,8 @@ def route(
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
         backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
-            ``"cuda"`` (the CUDA kernels, forward and backward, for the default router with ``E <= 256``; Triton for
-            the other variants and shapes), ``"triton"``, ``"cpp"`` or ``"torch"``.
+            ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``), the backward of
+            the default router with ``E <= 256``; Triton for the other variants and shapes), ``"triton"``, ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
             always run.
