@@ -69,8 +69,6 @@ struct RouteParams {
   int32_t scoring;          // kScoringSoftmax or kScoringSigmoid
   int32_t n_group;          // groups of E / n_group consecutive experts (1: no group limit)
   int32_t topk_group;       // groups kept per token
-  int32_t aligned_rows;     // 1: rows contiguous and 16-byte aligned (the split kernel's vector loads where a lane's
-                            // experts are all below E, whatever E)
   const float* bias;        // [E] float32, contiguous, or null
 };
 
@@ -329,11 +327,10 @@ __host__ __device__ __forceinline__ size_t split_stage_offset_words(size_t keep_
 }
 
 // The split kernel's dynamic shared memory, in 32-bit words from its start: the keep bits (kept experts of each group
-// row) and the histogram first, then the staged ids (kStageIds), the bias (sigmoid with a bias: E_PAD floats, 0 past
-// E) and the sigmoid router's scratch (per warp: each row's sigmoid values; with n_group > 1 also its selection values
+// row) and the histogram first, then the staged ids (kStageIds) and the sigmoid router's scratch (per warp: each row's sigmoid values; with n_group > 1 also its selection values
 // and group scores)
 struct SplitSmem {
-  size_t stage, bias, scratch, words;
+  size_t stage, scratch, words;
 };
 
 // The split kernel's layout, for the kernel and its launcher. SIGMOID: the sigmoid router's instances, whose 64-bit
@@ -352,12 +349,10 @@ template <typename T, int E_PAD, int KMAX, bool SIGMOID = false> struct SplitSha
   // (sigmoid) a warp's scratch, in blocks of 32 * V floats (a row's E_PAD each): the rows' sigmoid values for their
   // picks' weights, and for the group limit's general form the rows' selection values and group scores
   static __host__ __device__ int kScratchRows(bool group_limit) { return group_limit ? 3 : 1; }
-  static __host__ __device__ SplitSmem smem(size_t keep_words, size_t hist_words, bool has_bias, bool group_limit) {
+  static __host__ __device__ SplitSmem smem(size_t keep_words, size_t hist_words, bool group_limit) {
     SplitSmem s;
     s.stage = split_stage_offset_words(keep_words, hist_words);
     size_t end = kStageIds ? s.stage + 2 * static_cast<size_t>(kWarps) * 32 * KMAX : keep_words + hist_words;
-    s.bias = end;
-    if (SIGMOID && has_bias) end += E_PAD;
     s.scratch = end;
     if (SIGMOID) end += static_cast<size_t>(kWarps) * kScratchRows(group_limit) * 32 * V;
     s.words = end;
@@ -375,6 +370,44 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem) {
 template <typename Key>
 __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
+}
+
+// The largest 32-bit word among the lanes of the warp that offer one (the others offer 0, the least key)
+__device__ __forceinline__ unsigned int warp_max(unsigned int word) { return __reduce_max_sync(0xffffffffu, word); }
+
+// The largest key of a row spread over LANES lanes, in each of them. A row over the whole warp takes redux.sync
+// (sm_80 on: one instruction a 32-bit word; for a 64-bit key the high words' maximum, then the low words' among the
+// lanes holding it) instead of five steps of shuffles and maxima; two rows a warp take one such reduction each, with
+// the other row's lanes offering 0 (keys are never below 0), instead of four steps
+template <int LANES, typename Key>
+__device__ __forceinline__ Key row_max_key(Key key) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  if constexpr (LANES == 32 || LANES == 16) {
+    const bool second_row = LANES == 16 && (threadIdx.x & 16) != 0;
+    // the row's maximum of a word: one reduction for the whole warp's row, one per row for two rows
+    auto row_max = [&](unsigned int word) -> unsigned int {
+      if constexpr (LANES == 32) {
+        return warp_max(word);
+      } else {
+        const unsigned int first = warp_max(second_row ? 0u : word);
+        const unsigned int second = warp_max(second_row ? word : 0u);
+        return second_row ? second : first;
+      }
+    };
+    if constexpr (sizeof(Key) == 8) {
+      const unsigned int hi = static_cast<unsigned int>(key >> 32);
+      const unsigned int top = row_max(hi);
+      const unsigned int lo = row_max(hi == top ? static_cast<unsigned int>(key) : 0u);
+      return (static_cast<Key>(top) << 32) | lo;
+    } else {
+      return row_max(key);
+    }
+  }
+#endif
+  Key best = key;
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off >>= 1) best = key_max(best, shfl_xor(best, off, LANES));
+  return best;
 }
 
 template <typename T, int E_PAD, int KMAX, bool PREFETCH, bool SIGMOID = false>
@@ -401,10 +434,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   const bool has_bias = SIGMOID && p.bias != nullptr;
   const bool group_limited = SIGMOID && p.n_group > 1;
   const SplitSmem layout = S::smem(has_keep ? G * WORDS_PER_GROUP : 0, has_counts && p.shared_hist ? G * E : 0,
-                                   has_bias, group_limited);
+                                   group_limited);
   int64_t* id_stage = nullptr;  // this warp's [32 * KMAX] of [warps][32 * KMAX]
   if constexpr (kStageIds) id_stage = reinterpret_cast<int64_t*>(smem + layout.stage) + (threadIdx.x >> 5) * 32 * KMAX;
-  float* bias = reinterpret_cast<float*>(smem + layout.bias);  // (has_bias) [E_PAD], 0 past E
   float* scratch = reinterpret_cast<float*>(smem + layout.scratch) +  // (SIGMOID) this warp's
                    (threadIdx.x >> 5) * S::kScratchRows(group_limited) * 32 * V;
   dependent_launch_start(p.dependent_launch);  // (before any global memory access)
@@ -422,9 +454,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   if (has_counts && p.shared_hist) {
     for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
   }
-  if (has_bias) {
-    for (int i = threadIdx.x; i < E_PAD; i += blockDim.x) bias[i] = i < E ? p.bias[i] : 0.0f;
-  }
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -435,6 +464,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   static_assert(V < 32, "valid_bits below shifts a 32-bit word by up to V");
   // experts e0 + i < E (in closed form: the compiler recomputes it in the loop rather than hold it in a register)
   const unsigned int valid_bits = (1u << min(max(E - e0, 0), V)) - 1u;
+  float lane_bias[SIGMOID ? V : 1];  // (has_bias) the selection bias of the lane's experts, the same for every row
+  if constexpr (SIGMOID) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) lane_bias[i] = has_bias && e0 + i < E ? p.bias[e0 + i] : 0.0f;
+  }
 
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -443,9 +477,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   // the lane's logits, kept packed (16-byte vectors) and widened to fp32 where used; with PREFETCH the next rows'
   // are loaded before the current ones are worked on, so that two row groups per warp are in flight
   constexpr int kVecs = (V * static_cast<int>(sizeof(T)) + 15) / 16;
-  const bool vector_lane = p.vector_loads == 1 || (p.aligned_rows && e0 + V <= E);
   auto load_row = [&](int64_t r, uint4 (&dst)[kVecs]) {
-    if (vector_lane && r < p.num_tokens) {
+    if (p.vector_loads == 1 && r < p.num_tokens) {
       const uint4* src = reinterpret_cast<const uint4*>(logits + r * p.stride_t + e0);
 #pragma unroll
       for (int q = 0; q < kVecs; ++q) dst[q] = __ldg(src + q);
@@ -511,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
       for (int i = 0; i < V; ++i) {
         const float s = sigmoid_of(Elem<T>::to_float(vals[i]));
         row_s[e0 + i] = s;
-        const float v = has_bias ? s + bias[e0 + i] : s;
+        const float v = has_bias ? s + lane_bias[i] : s;
         sel[i] = v != v ? __uint_as_float(0x7FFFFFFFu) : v;
       }
       if (group_limited) {
@@ -540,9 +573,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) {
       if (j >= top_k) break;
-      Key best = keys[0];
-#pragma unroll
-      for (int off = LANES / 2; off > 0; off >>= 1) best = key_max(best, shfl_xor(best, off, LANES));
+      const Key best = row_max_key<LANES>(keys[0]);
       const bool pop = keys[0] == best;
       constexpr int kLive = M;  // (entries past top_k - j are never read again)
 #pragma unroll
@@ -658,7 +689,7 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   const size_t keep_words = p.keep ? static_cast<size_t>(p.num_groups) * S::WORDS_PER_GROUP : 0;
   const size_t hist_words = p.counts && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0;
   const size_t smem = sizeof(unsigned int) *
-                      S::smem(keep_words, hist_words, p.bias != nullptr, p.n_group > 1).words;
+                      S::smem(keep_words, hist_words, p.n_group > 1).words;
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   int sms = 0, resident = 0;
   cudaError_t err = allow_dynamic_smem(kernel, smem);

@@ -117,6 +117,13 @@ X __shfl_sync(unsigned int, X v, int src, int width = 32) {
   emu_exchange(v, all);
   return all[(static_cast<int>(threadIdx.x & 31) & ~(width - 1)) + (src & (width - 1))];
 }
+inline unsigned int __reduce_max_sync(unsigned int mask, unsigned int v) {
+  unsigned int all[32];
+  emu_exchange(v, all);
+  unsigned int best = 0;
+  for (int l = 0; l < 32; ++l) best = ((mask >> l) & 1u) && all[l] > best ? all[l] : best;
+  return best;
+}
 inline unsigned int __ballot_sync(unsigned int, bool pred) {
   int all[32];
   emu_exchange(static_cast<int>(pred), all);

@@ -931,7 +931,7 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # vector or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
     # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
     assert "registers lines 273" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 160
+    assert ctypes.sizeof(cuda_route.RouteParams) == 160  # (4 bytes of padding before the bias pointer, as in C)
 
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")

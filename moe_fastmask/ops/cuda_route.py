@@ -154,7 +154,6 @@ class RouteParams(ctypes.Structure):
         ("scoring", ctypes.c_int32),
         ("n_group", ctypes.c_int32),
         ("topk_group", ctypes.c_int32),
-        ("aligned_rows", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
     ]
 
@@ -877,7 +876,6 @@ def forward_params(
         SCORING_CODES[scoring],
         n_group,
         topk_group,
-        int(_aligned_rows(logits)),
         _data_ptr(bias),
     )
 
