@@ -306,7 +306,8 @@ def family_call(provider: str, mode: str, name: str, logits, grad, counts):
     else:
         renormalize = kwargs.pop("renormalize", False)
         backend = "triton" if provider == "triton" else "auto"
-        fwd = lambda x: route(x, top_k, None, None, counts, renormalize, backend, validate=False, **kwargs)  # noqa: E731
+        fwd = lambda x: route(  # noqa: E731
+            x, top_k, None, None, counts, renormalize, backend, validate=False, **kwargs)
     if mode == "forward":
         return lambda: fwd(logits)
     x = logits.detach().clone().requires_grad_()

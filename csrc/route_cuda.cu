@@ -327,8 +327,8 @@ __host__ __device__ __forceinline__ size_t split_stage_offset_words(size_t keep_
 }
 
 // The split kernel's dynamic shared memory, in 32-bit words from its start: the keep bits (kept experts of each group
-// row) and the histogram first, then the staged ids (kStageIds) and the sigmoid router's scratch (per warp: each row's sigmoid values; with n_group > 1 also its selection values
-// and group scores)
+// row) and the histogram first, then the staged ids (kStageIds) and the sigmoid router's scratch (per warp: each
+// row's sigmoid values; with n_group > 1 also its selection values and group scores)
 struct SplitSmem {
   size_t stage, scratch, words;
 };
@@ -370,6 +370,14 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem) {
 template <typename Key>
 __device__ __forceinline__ Key shfl_xor(Key v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
+}
+
+// The sum of a float over a row's LANES lanes, in each of them
+template <int LANES>
+__device__ __forceinline__ float row_sum(float v) {
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off, LANES);
+  return v;
 }
 
 // The largest 32-bit word among the lanes of the warp that offer one (the others offer 0, the least key)
@@ -599,9 +607,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
       }
       __syncwarp();  // (the next step writes the values again)
       if (p.renormalize) {
-#pragma unroll
-        for (int off = LANES / 2; off > 0; off >>= 1) picked_sum += __shfl_xor_sync(0xffffffffu, picked_sum, off, LANES);
-        const float denom = picked_sum + kSigmoidRenormEps;
+        const float denom = row_sum<LANES>(picked_sum) + kSigmoidRenormEps;
 #pragma unroll
         for (int s = 0; s < P; ++s) w[s] = w[s] / denom;
       }
@@ -613,9 +619,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
       for (int i = 0; i < V; ++i) {
         denom += ((allowed >> i) & 1u) ? fast_exp2((Elem<T>::to_float(vals[i]) - row_max) * kLog2e) : 0.0f;
       }
-#pragma unroll
-      for (int off = LANES / 2; off > 0; off >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, off, LANES);
-      const float inv = 1.0f / denom;
+      const float inv = 1.0f / row_sum<LANES>(denom);
 
 #pragma unroll
       for (int s = 0; s < P; ++s) {
@@ -625,9 +629,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
         if (j < top_k) picked_sum += w[s];
       }
       if (p.renormalize) {
-#pragma unroll
-        for (int off = LANES / 2; off > 0; off >>= 1) picked_sum += __shfl_xor_sync(0xffffffffu, picked_sum, off, LANES);
-        const float rinv = 1.0f / picked_sum;
+        const float rinv = 1.0f / row_sum<LANES>(picked_sum);
 #pragma unroll
         for (int s = 0; s < P; ++s) w[s] *= rinv;
       }
@@ -717,26 +719,6 @@ cudaError_t launch_k(const RouteParams& p, int device, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-template <typename T, int E_PAD>
-cudaError_t launch_p(const RouteParams& p, int device, cudaStream_t stream) {
-  return p.prefetch ? launch_k<T, E_PAD, true>(p, device, stream) : launch_k<T, E_PAD, false>(p, device, stream);
-}
-
-template <typename T>
-cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
-  const int e = p.num_experts;
-  if (e <= 8) return launch_p<T, 8>(p, device, stream);
-  if (e <= 16) return launch_p<T, 16>(p, device, stream);
-  if (e <= 32) return launch_p<T, 32>(p, device, stream);
-  if (e <= 64) return launch_p<T, 64>(p, device, stream);
-  if (e <= 128) return launch_p<T, 128>(p, device, stream);
-  if (e <= 256) return launch_p<T, 256>(p, device, stream);
-  if constexpr (sizeof(T) == 2) {  // (a row of 512 float32 logits would need two warps)
-    if (e <= 512) return launch_p<T, 512>(p, device, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 // the sigmoid router's instances (cuda_route.supports: E <= 256): top-8 and top-16, without prefetch
 template <typename T, int E_PAD>
 cudaError_t launch_sigmoid_k(const RouteParams& p, int device, cudaStream_t stream) {
@@ -747,15 +729,28 @@ cudaError_t launch_sigmoid_k(const RouteParams& p, int device, cudaStream_t stre
   return cudaErrorInvalidValue;
 }
 
-template <typename T>
-cudaError_t launch_sigmoid(const RouteParams& p, int device, cudaStream_t stream) {
+template <typename T, int E_PAD, bool SIGMOID>
+cudaError_t launch_p(const RouteParams& p, int device, cudaStream_t stream) {
+  if constexpr (SIGMOID) {
+    return launch_sigmoid_k<T, E_PAD>(p, device, stream);
+  } else {
+    return p.prefetch ? launch_k<T, E_PAD, true>(p, device, stream) : launch_k<T, E_PAD, false>(p, device, stream);
+  }
+}
+
+template <typename T, bool SIGMOID = false>
+cudaError_t launch_e(const RouteParams& p, int device, cudaStream_t stream) {
   const int e = p.num_experts;
-  if (e <= 8) return launch_sigmoid_k<T, 8>(p, device, stream);
-  if (e <= 16) return launch_sigmoid_k<T, 16>(p, device, stream);
-  if (e <= 32) return launch_sigmoid_k<T, 32>(p, device, stream);
-  if (e <= 64) return launch_sigmoid_k<T, 64>(p, device, stream);
-  if (e <= 128) return launch_sigmoid_k<T, 128>(p, device, stream);
-  if (e <= 256) return launch_sigmoid_k<T, 256>(p, device, stream);
+  if (e <= 8) return launch_p<T, 8, SIGMOID>(p, device, stream);
+  if (e <= 16) return launch_p<T, 16, SIGMOID>(p, device, stream);
+  if (e <= 32) return launch_p<T, 32, SIGMOID>(p, device, stream);
+  if (e <= 64) return launch_p<T, 64, SIGMOID>(p, device, stream);
+  if (e <= 128) return launch_p<T, 128, SIGMOID>(p, device, stream);
+  if (e <= 256) return launch_p<T, 256, SIGMOID>(p, device, stream);
+  // (a row of 512 float32 logits would need two warps; the sigmoid router's 64-bit keys take 8 experts a lane)
+  if constexpr (sizeof(T) == 2 && !SIGMOID) {
+    if (e <= 512) return launch_p<T, 512, false>(p, device, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -2074,9 +2069,10 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     return cudaErrorInvalidValue;
   }
   const bool default_router = !sigmoid && p.scale == 1.0f;
+  if ((p.ablation != 0 || p.lane_options != 0) && !default_router) return cudaErrorInvalidValue;  // (benchmarking)
   choose_shared_hist(p);
-  if (p.ids8 != nullptr && (p.variant != 1 || !default_router || p.ablation != 0 || p.lane_options != 0 || p.top_k != 8 ||
-                            p.vector_loads != 1 ||
+  if (p.ids8 != nullptr && (p.variant != 1 || !default_router || p.ablation != 0 || p.lane_options != 0 ||
+                            p.top_k != 8 || p.vector_loads != 1 ||
                             dtype == kFloat32 || (reinterpret_cast<uintptr_t>(p.ids8) & 7) != 0 ||
                             lane_smem_bytes(p, dtype) == 0)) {
     return cudaErrorInvalidValue;  // (the one-byte ids come from the lane kernel's full instance only)
@@ -2089,20 +2085,9 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (sigmoid) {
-    if (p.ablation != 0 || p.lane_options != 0) return cudaErrorInvalidValue;
-    switch (dtype) {
-      case kFloat32: err = launch_sigmoid<float>(p, device, s); break;
-      case kFloat16: err = launch_sigmoid<__half>(p, device, s); break;
-      case kBFloat16: err = launch_sigmoid<__nv_bfloat16>(p, device, s); break;
-      default: err = cudaErrorInvalidValue;
-    }
-    return static_cast<int>(err);
-  }
-  if (p.variant == 1 || p.ablation != 0 || p.lane_options != 0) {
+  if (!sigmoid && (p.variant == 1 || p.ablation != 0 || p.lane_options != 0)) {
     const size_t smem = lane_smem_bytes(p, dtype);
     if (p.ablation != 0 || p.lane_options != 0) {
-      if (!default_router) return cudaErrorInvalidValue;
       const int flags = p.ablation != 0 ? lane_ablation_flags(p.ablation) : kLaneFull;
       const bool bad_options = (p.lane_options & ~(kLaneOptions | 1)) != 0 ||
                                ((p.lane_options & kTopK8) && (p.top_k != 8 || p.ablation != 0)) ||
@@ -2127,10 +2112,12 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                                                 : launch_lane_t<__nv_bfloat16>(p, smem, device, s));
     }
   }
-  switch (dtype) {
-    case kFloat32: err = launch_e<float>(p, device, s); break;
-    case kFloat16: err = launch_e<__half>(p, device, s); break;
-    case kBFloat16: err = launch_e<__nv_bfloat16>(p, device, s); break;
+  switch (dtype) {  // the split kernel
+    case kFloat32: err = sigmoid ? launch_e<float, true>(p, device, s) : launch_e<float>(p, device, s); break;
+    case kFloat16: err = sigmoid ? launch_e<__half, true>(p, device, s) : launch_e<__half>(p, device, s); break;
+    case kBFloat16:
+      err = sigmoid ? launch_e<__nv_bfloat16, true>(p, device, s) : launch_e<__nv_bfloat16>(p, device, s);
+      break;
     default: err = cudaErrorInvalidValue;
   }
   return static_cast<int>(err);

@@ -18,8 +18,9 @@ over the chosen experts; any ``scale``) with ``E <= 512`` (256 for float32), and
 bias, DeepSeek-V3's group limit, renormalisation, a scale) with ``E <= 256``; :func:`supports` says whether it takes a
 call, and ``route``'s ``cuda`` backend sends the others to Triton. The backward (:func:`route_backward`, the gradient
 of the weights with respect to the logits) covers the default router (softmax, scale 1) in the same dtypes with
-``E <= 256``, and a keep mask of any size (:func:`supports_backward`); the other variants' backward runs on Triton. ``MOE_FASTMASK_DISABLE_CUDA=1``
-makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on CUDA.
+``E <= 256``, and a keep mask of any size (:func:`supports_backward`); the other variants' backward runs on Triton.
+``MOE_FASTMASK_DISABLE_CUDA=1`` makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on
+CUDA.
 """
 
 from __future__ import annotations
@@ -482,13 +483,9 @@ def _variant_default() -> str:
 def _vector_rows(logits: Tensor) -> bool:
     """Rows of exactly a power-of-two number of experts, contiguous and 16-byte aligned (16-byte vector loads)."""
     num_experts = logits.shape[1]
-    return num_experts == _padded_experts(num_experts) and _aligned_rows(logits)
-
-
-def _aligned_rows(logits: Tensor) -> bool:
-    """Rows contiguous and 16-byte aligned, of any number of experts (the split kernel's vector loads)."""
     return (
-        logits.stride(1) == 1
+        num_experts == _padded_experts(num_experts)
+        and logits.stride(1) == 1
         and (logits.stride(0) * logits.element_size()) % 16 == 0
         and logits.data_ptr() % 16 == 0
     )
