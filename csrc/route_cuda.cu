@@ -1,5 +1,6 @@
-// CUDA forward of moe_fastmask.route (default variant: softmax over the allowed experts, top-k by masked logit,
-// optional renormalisation, per-group expert counts). Torch-free: the library exports a plain C launcher that
+// CUDA forward of moe_fastmask.route (softmax over the allowed experts, top-k by masked logit, optional
+// renormalisation, per-group expert counts; and the router variants: a scale, and the sigmoid router with a selection
+// bias and DeepSeek-V3's group limit, see RouteParams). Torch-free: the library exports a plain C launcher that
 // moe_fastmask/ops/cuda_route.py calls through ctypes with raw pointers and the caller's CUDA stream.
 //
 // Layout (after vLLM's topk_softmax): a row of E_PAD (power of two >= E; up to 512 for 16-bit logits, 256 for
