@@ -135,6 +135,16 @@ __device__ __forceinline__ float sigmoid_of(float z) {
 // the order of a float as torch.sort and topk have it: ordered_bits, with every NaN above +inf
 __device__ __forceinline__ unsigned int nan_first_order(float v) { return v != v ? 0xFFFFFFFFu : ordered_bits(v); }
 
+// The group limit's pieces: a group's score from its two largest values (as nan_first_order keys), their sum (-0.0
+// as +0.0); whether group h of score order u ranks above group g of score order mine (equal scores: the lower group
+// first)
+__device__ __forceinline__ float group_score(unsigned int first, unsigned int second) {
+  return (unordered_float(first) + unordered_float(second)) + 0.0f;
+}
+__device__ __forceinline__ bool ranks_above(unsigned int u, int h, unsigned int mine, int g) {
+  return u > mine || (u == mine && h < g);
+}
+
 // DeepSeek-V3's group limit (reference.kept_groups) on a row's selection values sel, spread over the LANES lanes of
 // its row, lane sub holding the V consecutive experts from e0 (allowed: their keep bits): the values of the experts
 // outside the row's topk_group best groups become -inf. A group (E / n_group consecutive experts) scores the sum of
@@ -162,12 +172,11 @@ __device__ __forceinline__ void group_limit(float (&sel)[V], unsigned int allowe
       second = max(min(first, f), max(second, s));
       first = max(first, f);
     }
-    const unsigned int mine = nan_first_order((unordered_float(first) + unordered_float(second)) + 0.0f);
+    const unsigned int mine = nan_first_order(group_score(first, second));
     const int g = e0 / size;  // (lanes past E: a group past the last, their experts masked)
     int better = 0;
     for (int h = 0; h < n_group; ++h) {
-      const unsigned int u = __shfl_sync(0xffffffffu, mine, h * lanes_per_group, LANES);
-      better += (u > mine || (u == mine && h < g)) ? 1 : 0;
+      better += ranks_above(__shfl_sync(0xffffffffu, mine, h * lanes_per_group, LANES), h, mine, g) ? 1 : 0;
     }
     if (better >= topk_group) {
 #pragma unroll
@@ -193,7 +202,7 @@ __device__ __forceinline__ void group_limit(float (&sel)[V], unsigned int allowe
       }
       k = k + 1 == size ? 0 : k + 1;
     }
-    row_score[g] = (unordered_float(first) + unordered_float(second)) + 0.0f;  // (+ 0.0: -0.0 as +0.0)
+    row_score[g] = group_score(first, second);
   }
   __syncwarp();
   int last = -1;
@@ -206,10 +215,7 @@ __device__ __forceinline__ void group_limit(float (&sel)[V], unsigned int allowe
       if (g != last) {  // (a lane's experts fall in one group or a few: rank each once)
         const unsigned int mine = nan_first_order(row_score[g]);
         int better = 0;
-        for (int h = 0; h < n_group; ++h) {
-          const unsigned int u = nan_first_order(row_score[h]);
-          better += (u > mine || (u == mine && h < g)) ? 1 : 0;
-        }
+        for (int h = 0; h < n_group; ++h) better += ranks_above(nan_first_order(row_score[h]), h, mine, g) ? 1 : 0;
         kept = better < topk_group;
         last = g;
       }
@@ -349,13 +355,13 @@ template <typename T, int E_PAD, int KMAX, bool SIGMOID = false> struct SplitSha
   static constexpr int kWarps = kThreads / 32;
   // (sigmoid) a warp's scratch, in blocks of 32 * V floats (a row's E_PAD each): the rows' sigmoid values for their
   // picks' weights, and for the group limit's general form the rows' selection values and group scores
-  static __host__ __device__ int kScratchRows(bool group_limit) { return group_limit ? 3 : 1; }
+  static __host__ __device__ int scratch_blocks(bool group_limit) { return group_limit ? 3 : 1; }
   static __host__ __device__ SplitSmem smem(size_t keep_words, size_t hist_words, bool group_limit) {
     SplitSmem s;
     s.stage = split_stage_offset_words(keep_words, hist_words);
     size_t end = kStageIds ? s.stage + 2 * static_cast<size_t>(kWarps) * 32 * KMAX : keep_words + hist_words;
     s.scratch = end;
-    if (SIGMOID) end += static_cast<size_t>(kWarps) * kScratchRows(group_limit) * 32 * V;
+    if (SIGMOID) end += static_cast<size_t>(kWarps) * scratch_blocks(group_limit) * 32 * V;
     s.words = end;
     return s;
   }
@@ -447,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) route_fwd_kernel(const R
   int64_t* id_stage = nullptr;  // this warp's [32 * KMAX] of [warps][32 * KMAX]
   if constexpr (kStageIds) id_stage = reinterpret_cast<int64_t*>(smem + layout.stage) + (threadIdx.x >> 5) * 32 * KMAX;
   float* scratch = reinterpret_cast<float*>(smem + layout.scratch) +  // (SIGMOID) this warp's
-                   (threadIdx.x >> 5) * S::kScratchRows(group_limited) * 32 * V;
+                   (threadIdx.x >> 5) * S::scratch_blocks(group_limited) * 32 * V;
   dependent_launch_start(p.dependent_launch);  // (before any global memory access)
 
   // keep as bits in shared memory (one word per warp step: a coalesced byte per lane and a ballot); zeroed histogram

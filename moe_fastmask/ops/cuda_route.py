@@ -522,6 +522,12 @@ def default_variant(logits: Tensor) -> str:
     return name
 
 
+def default_router(scoring: str, scale: float) -> bool:
+    """Whether the router variant is the default one (softmax, scale 1): the one the CUDA backward, the one-byte ids
+    and the benchmark-only instances take."""
+    return scoring == "softmax" and float(scale) == 1.0
+
+
 def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None, *, scoring: str = "softmax") -> bool:
     """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it): the
     softmax routers only."""
@@ -653,8 +659,7 @@ def route_forward(
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
     num_tokens, num_experts = logits.shape
     weights, ids = output_buffers(logits, top_k, out)
-    default_router = scoring == "softmax" and float(scale) == 1.0
-    if not default_router and (ids8 is not None or _ablation is not None or _lane_options is not None
+    if not default_router(scoring, scale) and (ids8 is not None or _ablation is not None or _lane_options is not None
                                or _timeline is not None):
         raise ValueError("ids8, _ablation, _lane_options and _timeline run the default router alone "
                          f"(scoring='softmax', scale 1), got scoring={scoring!r}, scale={scale}")
@@ -795,7 +800,7 @@ def supports_backward(
     ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the ids' shape. A keep mask of any size."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
-    if scoring != "softmax" or float(scale) != 1.0:
+    if not default_router(scoring, scale):
         return False
     num_tokens, num_experts = logits.shape
     if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[0] != num_tokens or ids.device != logits.device:

@@ -340,9 +340,10 @@ class RouteFunction(torch.autograd.Function):
         keep, group, bias = _dense(keep), _dense(group), _dense(bias)  # (the CUDA call below and the backward)
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
         ids8 = None
-        default_router = scoring == "softmax" and scale == 1.0  # (the CUDA backward's router)
-        if backend == "cuda" and default_router and cuda_route.supports(logits, top_k, keep, **variant) and (
-            cuda_route.compact_ids_apply(logits, top_k, keep) and not _backward_on_triton(logits, top_k)
+        if backend == "cuda" and cuda_route.default_router(scoring, scale) and (
+            cuda_route.supports(logits, top_k, keep, **variant)
+            and cuda_route.compact_ids_apply(logits, top_k, keep)
+            and not _backward_on_triton(logits, top_k)
         ):
             # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
             ids8 = torch.empty(logits.shape[0], top_k, dtype=torch.uint8, device=logits.device)
