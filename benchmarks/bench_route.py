@@ -43,8 +43,9 @@ copies and stores alone, its memory floor).
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
 eager router chain (Hugging Face's code after the gate projection, plus counting), with the same GB/s and % of copy
-columns. ``--smoke`` runs every family's chain and ``route`` once on small CPU inputs and checks they agree (no GPU
-needed).
+columns; ``route`` on its Triton kernels too, and for the sigmoid routers of at most 256 experts the CUDA split
+kernel's forward (``cuda_split``), which the chunk kernel replaced as their default from 8,192 rows on. ``--smoke``
+runs every family's chain and ``route`` once on small CPU inputs and checks they agree (no GPU needed).
 
 The skewed load draws logits whose top-k frequencies follow one layer's ``a1_n`` column of the OLMoE activation
 frequencies table (falling back to a Zipf-like profile when the file is missing).
@@ -295,14 +296,22 @@ def family_eager(logits, top_k: int, counts, scoring="softmax", bias=None, n_gro
 
 def family_call(provider: str, mode: str, name: str, logits, grad, counts):
     """A no-argument callable running ``provider`` of family ``name`` once: ``eager`` (the family's own chain),
-    ``fastmask`` (``route``, its default backend: the CUDA kernels where they take the call) or ``triton`` (``route``
-    on its Triton kernels)."""
+    ``fastmask`` (``route``, its default backend: the CUDA kernels where they take the call), ``triton`` (``route``
+    on its Triton kernels) or ``cuda_split`` (forward only: the CUDA split kernel, for the sigmoid routers whose
+    default is the chunk kernel)."""
     from moe_fastmask import route
+    from moe_fastmask.ops import cuda_route
 
     top_k = FAMILIES[name]["top_k"]
     _, kwargs = family_inputs(name, 1, logits.device, 0)
     if provider == "eager":
         fwd = lambda x: family_eager(x, top_k, counts, **kwargs)  # noqa: E731
+    elif provider == "cuda_split":
+        if mode != "forward":
+            raise ValueError("cuda_split times the forward only")
+        renormalize = kwargs.pop("renormalize", False)
+        fwd = lambda x: cuda_route.route_forward(  # noqa: E731
+            x, top_k, None, None, counts, renormalize, variant="split", **kwargs)
     else:
         renormalize = kwargs.pop("renormalize", False)
         backend = "triton" if provider == "triton" else "auto"
@@ -360,8 +369,9 @@ def run_families(device, args, rows, copy_gbs):
             inputs = [family_inputs(name, num_tokens, device, 1000 * s + num_tokens)[0] for s in range(sets)]
             grads = [torch.randn(num_tokens, spec["top_k"], device=device).to(spec["dtype"]) for _ in range(sets)]
             counts = torch.zeros(1, spec["E"], dtype=torch.int64, device=device)
-            for provider in ("eager", "fastmask", "triton"):
-                for mode in ("forward", "full"):
+            split = spec["route"]["scoring"] == "sigmoid" and spec["E"] <= 256 and torch.cuda.is_available()
+            for provider in ("eager", "fastmask", "triton") + (("cuda_split",) if split else ()):
+                for mode in ("forward", "full") if provider != "cuda_split" else ("forward",):
                     fns = [family_call(provider, mode, name, x, g, counts) for x, g in zip(inputs, grads)]
                     try:
                         med, lo, hi = bench(fns[0], args)

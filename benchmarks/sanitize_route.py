@@ -13,8 +13,8 @@ Exits non-zero on the first mismatch. ``--backends cuda`` (or ``triton``) restri
 backend also runs a case with more groups than its shared-memory histogram holds (global atomics), one with
 logits at a storage offset that breaks 16-byte alignment (its scalar loads), the lane kernel's tournament top-k
 (forward only: through its benchmark option, and the op's own instances on inputs large enough to take them), and the
-router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's and GLM-4.5's sigmoid routers, and the
-sigmoid group limit's general form).
+router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers on
+the chunk kernel, the split kernel's sigmoid instances, and the sigmoid group limit's general form).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -165,17 +165,23 @@ def main(argv=None) -> None:
         rows = 32 * 24 * torch.cuda.get_device_properties(0).multi_processor_count + 37
         for num_experts, dtype in ((64, torch.float16), (128, torch.bfloat16), (128, torch.float16)):
             check(num_experts, 8, dtype, torch.int32, device, backend="cuda", backward=False, repeats=-(-rows // 10))
-        # the router variants: GPT-OSS' (the lane kernel), DeepSeek-V3's and GLM-4.5's sigmoid routers (the split
-        # kernel's sigmoid instances: the group limit by shuffles, rows of 160 experts), and the group limit's
-        # general form (groups of 15 experts, through shared memory)
+        # the router variants: GPT-OSS' (the lane kernel), DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers
+        # (the chunk kernel: groups of one and of four columns, rows of 160, 384 and 512 experts), the split kernel's
+        # sigmoid instances (top-16: the group limit by shuffles; groups of 15 experts: its general form, through
+        # shared memory)
         for num_experts, top_k, dtype, group_dtype, variant in (
             (128, 4, torch.bfloat16, torch.int32, dict(scoring="softmax_chosen")),
             (256, 8, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4,
                                                       scale=2.5)),
             (160, 8, torch.float32, torch.int32, dict(scoring="sigmoid", bias=True, scale=2.5)),
+            (384, 8, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, scale=2.827)),
+            (512, 6, torch.bfloat16, torch.int32, dict(scoring="sigmoid", n_group=4, topk_group=2)),
+            (256, 16, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4)),
             (60, 4, torch.bfloat16, torch.int64, dict(scoring="sigmoid", n_group=4, topk_group=2)),
         ):
             check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant)
+        check(160, 8, torch.bfloat16, torch.int64, device, backend="cuda", misaligned=True, backward=backward,
+              variant=dict(scoring="sigmoid", bias=True))
 
 
 if __name__ == "__main__":

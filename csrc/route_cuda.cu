@@ -19,6 +19,9 @@
 // Weights: exp(z - max) / sum over the allowed experts, in fp32 (NaN when the row's allowed logits are all -inf or
 // hold NaN / +inf); a chosen masked expert (fewer than K allowed, unvalidated) weighs 0.
 //
+// Two more kernels below: "lane" (a row per lane, 16-bit logits with E of 32, 64 or 128) and "chunk" (the sigmoid
+// router, a row over 4 lanes in columns of 32 experts), each with its own layout comment.
+//
 // Group ids outside [0, G) act as -1 (no mask, not counted): nothing outside keep and counts is ever read or
 // written. Counts go to a per-block shared-memory histogram flushed with one 64-bit atomic per touched counter, or
 // (large G * E) straight to global memory. For E_PAD <= 16 (a row in one or two lanes) the top-k bound KMAX also
@@ -57,7 +60,8 @@ struct RouteParams {
                             // multiple of 4 below E_PAD = 32, 64 or 128 (the lane kernel's padded rows)
   int32_t shared_hist;      // 1: count into shared memory first
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
-  int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies)
+  int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies);
+                            // 2: the sigmoid router's row over 4 lanes ("chunk", chunk_takes)
   int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
   int32_t grid_policy;      // lane kernel: 0 a full wave of blocks, 1 balanced, 2 balanced, >= 2 tiles a warp (the op's)
   int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
@@ -935,9 +939,10 @@ struct ImadMinExchange {
   }
 };
 
-// Batcher's odd-even merge sort of 8, descending (19 comparators); x: its compare-exchange
-template <typename K, typename X = MinMaxExchange<K>>
-__device__ __forceinline__ void sort8_desc(unsigned int (&k)[8], const X& x = X{}) {
+// Batcher's odd-even merge sort of 8, descending (19 comparators); x: its compare-exchange (W: the keys' word, 32 bits
+// but for the chunk kernel's 64-bit keys)
+template <typename K, typename X = MinMaxExchange<K>, typename W = unsigned int>
+__device__ __forceinline__ void sort8_desc(W (&k)[8], const X& x = X{}) {
   x(k[0], k[1]); x(k[2], k[3]); x(k[4], k[5]); x(k[6], k[7]);
   x(k[0], k[2]); x(k[1], k[3]); x(k[4], k[6]); x(k[5], k[7]);
   x(k[1], k[2]); x(k[5], k[6]);
@@ -947,8 +952,8 @@ __device__ __forceinline__ void sort8_desc(unsigned int (&k)[8], const X& x = X{
 }
 
 // a bitonic sequence, sorted; x: its compare-exchange
-template <typename K, typename X = MinMaxExchange<K>>
-__device__ __forceinline__ void bitonic_clean8_desc(unsigned int (&t)[8], const X& x = X{}) {
+template <typename K, typename X = MinMaxExchange<K>, typename W = unsigned int>
+__device__ __forceinline__ void bitonic_clean8_desc(W (&t)[8], const X& x = X{}) {
   x(t[0], t[4]); x(t[1], t[5]); x(t[2], t[6]); x(t[3], t[7]);
   x(t[0], t[2]); x(t[1], t[3]); x(t[4], t[6]); x(t[5], t[7]);
   x(t[0], t[1]); x(t[2], t[3]); x(t[4], t[5]); x(t[6], t[7]);
@@ -2013,6 +2018,380 @@ cudaError_t preload_lane_ablations() {
   return err;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// "chunk" variant: the sigmoid router (kScoringSigmoid) for E a multiple of 32 up to 512 in every dtype, top_k <= 8,
+// and no group limit or groups of whole 32-expert columns (chunk_takes: DeepSeek-V3's 8 groups of 32, GLM-4.5's 160
+// and Kimi-K2's 384 experts).
+//
+// A row spreads over 4 lanes of a warp (8 rows a warp, walked grid-stride). Its experts come in columns of 32 (column
+// c: experts 32c .. 32c + 31), lane sub of the row taking experts 32c + 8 sub .. 32c + 8 sub + 7 of each, so that a
+// row's column is one contiguous 128 bytes of float32 logits (64 of 16-bit ones) over its 4 lanes. Each lane keeps
+// the top 8 of the keys it has seen, sorted, in registers: a column's 8 keys are sorted by Batcher's 19-comparator
+// network and merged in (8 maxima and a 12-comparator clean-up). The lanes' top 8s then merge over the row's 4 lanes
+// in two shuffle steps of the same merge, which leaves the row's top 8 in each of them. The split kernel's sigmoid
+// instances spread a row over a whole warp instead (8 experts a lane), so that every one of its 8 pick rounds, and
+// the group limit's ranking, takes the warp for one row.
+// Keys are those instances' 64-bit ones: the order of the selection value sigmoid(z) + bias (NaN first) above, the
+// code kChunkCodeBase - e below; a masked expert has the value word 1, below every allowed one (-inf included).
+// With a group limit, a first pass over the columns scores each group (the sum of its two largest allowed selection
+// values, the split kernel's rule) and ranks the groups; the top-k pass then visits the kept groups' columns only
+// (DeepSeek-V3: 4 of 8), and the other groups' experts (their values -inf) only in a row whose kept groups' top 8
+// holds fewer than top_k allowed experts of a value above -inf.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kChunkRowLanes = 4;                           // lanes a row
+constexpr int kChunkRowsPerWarp = 32 / kChunkRowLanes;
+constexpr int kChunkMinBlocks = 3;                          // at most 80 registers
+constexpr int kChunkMaxExperts = 512;
+constexpr int kChunkMaxGroups = kChunkMaxExperts / 32;      // (groups of whole columns)
+constexpr unsigned int kChunkCodeBase = kChunkMaxExperts - 1;  // a key's code: kChunkCodeBase - e
+
+using Key64 = unsigned long long;
+constexpr Key64 kKey64Masked = 1ull << 32;                                               // | code: a masked expert
+constexpr Key64 kKey64NegInfTop = (static_cast<Key64>(kOrderedNegInf) << 32) | 0xFFFFFFFFu;  // above every -inf key
+
+// The compare-exchange of 64-bit keys (a = max, b = min) for the networks of the lane kernel's section
+struct Key64Exchange {
+  __device__ __forceinline__ void operator()(Key64& a, Key64& b) const {
+    const Key64 x = a, y = b;
+    const bool greater = x > y;
+    a = greater ? x : y;
+    b = greater ? y : x;
+  }
+};
+
+// top = the 8 largest of top and c (both sorted descending), sorted descending
+__device__ __forceinline__ void merge8_key64(Key64 (&top)[8], const Key64 (&c)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) top[i] = top[i] > c[7 - i] ? top[i] : c[7 - i];  // a bitonic sequence of the top 8
+  bitonic_clean8_desc<Key32>(top, Key64Exchange{});
+}
+
+// top = the 8 largest of the row's 4 lanes' top 8s (each sorted descending, disjoint), in each of the 4 lanes
+__device__ __forceinline__ void merge8_row_lanes(Key64 (&top)[8]) {
+#pragma unroll
+  for (int off = 1; off < kChunkRowLanes; off <<= 1) {
+    Key64 other[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) other[i] = __shfl_xor_sync(0xffffffffu, top[i], off, kChunkRowLanes);
+    merge8_key64(top, other);
+  }
+}
+
+// The chunk kernel's dynamic shared memory, in 32-bit words: the selection bias [E] (16-byte aligned, for vector
+// reads), the keep bits [G][E / 32], the histogram [G][E] (shared_hist), each warp's rows' group ranks
+// [warps][rows][kChunkMaxGroups] (a group limit)
+struct ChunkSmem {
+  size_t keep, hist, ranks, words;
+};
+__host__ __device__ __forceinline__ ChunkSmem chunk_smem(const RouteParams& p) {
+  ChunkSmem s;
+  s.keep = p.bias != nullptr ? static_cast<size_t>(p.num_experts) : 0;
+  s.hist = s.keep + (p.keep != nullptr ? static_cast<size_t>(p.num_groups) * (p.num_experts / 32) : 0);
+  s.ranks = s.hist + (p.counts != nullptr && p.shared_hist ? static_cast<size_t>(p.num_groups) * p.num_experts : 0);
+  s.words = s.ranks + (p.n_group > 1 ? static_cast<size_t>(kThreads / 32) * kChunkRowsPerWarp * kChunkMaxGroups : 0);
+  return s;
+}
+
+// Whether the chunk kernel takes this call (RouteParams already checked by the launcher's common checks)
+inline bool chunk_takes(const RouteParams& p) {
+  const int e = p.num_experts;
+  return p.scoring == kScoringSigmoid && e % 32 == 0 && e >= 32 && e <= kChunkMaxExperts && p.top_k <= 8 &&
+         (p.n_group == 1 || (e / p.n_group) % 32 == 0);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(const RouteParams p) {
+  extern __shared__ __align__(16) unsigned int chunk_shared[];
+  const int E = p.num_experts, G = p.num_groups, top_k = p.top_k;
+  const int columns = E / 32;
+  const bool has_keep = p.keep != nullptr, has_counts = p.counts != nullptr, has_bias = p.bias != nullptr;
+  const bool group_limited = p.n_group > 1;
+  const ChunkSmem layout = chunk_smem(p);
+  float* bias = reinterpret_cast<float*>(chunk_shared);
+  unsigned int* keep_bits = chunk_shared + layout.keep;
+  unsigned int* hist = chunk_shared + layout.hist;
+  const int warp_in_block = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sub = lane % kChunkRowLanes, row_in_warp = lane / kChunkRowLanes;
+  unsigned int* ranks =  // this row's group scores
+      chunk_shared + layout.ranks + (warp_in_block * kChunkRowsPerWarp + row_in_warp) * kChunkMaxGroups;
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access)
+
+  if (has_bias) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) bias[e] = p.bias[e];
+  }
+  if (has_keep) {  // a word per warp step: a coalesced byte per lane and a ballot
+    for (int w = warp_in_block; w < G * columns; w += kThreads / 32) {
+      const int g = w / columns, e = (w % columns) * 32 + lane;
+      const unsigned int word = __ballot_sync(0xffffffffu, p.keep[static_cast<int64_t>(g) * E + e] != 0);
+      if (lane == 0) keep_bits[w] = word;
+    }
+  }
+  if (has_counts && p.shared_hist) {
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+  __syncthreads();
+
+  const T* logits = static_cast<const T*>(p.logits);
+  // a lane's 8 logits of a column as 16-byte vectors: rows contiguous and 16-byte aligned (E % 32 == 0 aligns the
+  // lanes' offsets)
+  const bool vector_rows = p.stride_e == 1 && (p.stride_t * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  constexpr int kVecs = 8 * static_cast<int>(sizeof(T)) / 16;  // 16-byte vectors of a lane's 8 logits
+  const int cols_per_group = columns / p.n_group;
+  const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t step = num_warps * kChunkRowsPerWarp;
+
+  for (int64_t base = warp_id * kChunkRowsPerWarp; base < p.num_tokens; base += step) {
+    const int64_t row = base + row_in_warp;
+    const bool row_valid = row < p.num_tokens;
+    int64_t g = 0;  // ids outside [0, G) act as -1 (no mask, not counted); no group tensor means group 0
+    if (p.group != nullptr && row_valid) {
+      g = p.group_is_int64 ? static_cast<const int64_t*>(p.group)[row]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[row]);
+    }
+    const bool in_group = row_valid && g >= 0 && g < G;
+    const unsigned int* row_keep = has_keep && in_group ? keep_bits + g * columns : nullptr;
+    const T* row_logits = logits + (row_valid ? row : 0) * p.stride_t;
+
+    // this lane's 8 experts of column c: which are allowed (bits), their logits (loaded a column ahead of their
+    // use, so that a load is in flight while the column before is worked on) and their selection values
+    auto allowed_of = [&](int c) -> unsigned int {
+      unsigned int bits = row_valid ? 0xFFu : 0u;
+      if (row_keep != nullptr) bits &= row_keep[c] >> (8 * sub);
+      return bits;
+    };
+    auto load_column = [&](int c, uint4 (&raw)[kVecs]) {
+      const int e0 = 32 * c + 8 * sub;
+      if (vector_rows) {
+        const uint4* src = reinterpret_cast<const uint4*>(row_logits + e0);
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) raw[q] = row_valid ? __ldg(src + q) : make_uint4(0u, 0u, 0u, 0u);
+      } else {
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) raw[q] = make_uint4(0u, 0u, 0u, 0u);
+        T* out = reinterpret_cast<T*>(raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (row_valid) out[i] = row_logits[static_cast<int64_t>(e0 + i) * p.stride_e];
+        }
+      }
+    };
+    auto selection = [&](int c, const uint4 (&raw)[kVecs], float (&sel)[8]) {
+      const int e0 = 32 * c + 8 * sub;
+      const T* z = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float s = sigmoid_of(Elem<T>::to_float(z[i]));
+        sel[i] = has_bias ? s + bias[e0 + i] : s;
+      }
+    };
+
+    // the group limit: the groups' scores (group h's in ranks[h]) and the kept ones as bits (without a group limit
+    // the one group of every column)
+    unsigned int kept_groups = 1u;
+    if (group_limited) {
+      unsigned int first = kOrderedNegInf, second = kOrderedNegInf;
+      int left = cols_per_group;
+      uint4 next[kVecs];
+      load_column(0, next);
+      for (int c = 0; c < columns; ++c) {
+        uint4 raw[kVecs];
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) raw[q] = next[q];
+        if (c + 1 < columns) load_column(c + 1, next);
+        float sel[8];
+        selection(c, raw, sel);
+        const unsigned int allowed = allowed_of(c);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const unsigned int u = ((allowed >> i) & 1u) ? nan_first_order(sel[i]) : kOrderedNegInf;
+          second = max(second, min(first, u));
+          first = max(first, u);
+        }
+        if (--left == 0) {  // the group's last column: its top 2 over the row's lanes, its score
+#pragma unroll
+          for (int off = 1; off < kChunkRowLanes; off <<= 1) {
+            const unsigned int f = __shfl_xor_sync(0xffffffffu, first, off, kChunkRowLanes);
+            const unsigned int s = __shfl_xor_sync(0xffffffffu, second, off, kChunkRowLanes);
+            second = max(min(first, f), max(second, s));
+            first = max(first, f);
+          }
+          if (sub == 0) ranks[c / cols_per_group] = nan_first_order(group_score(first, second));
+          first = second = kOrderedNegInf;
+          left = cols_per_group;
+        }
+      }
+      __syncwarp();
+      unsigned int kept = 0;
+      for (int h = sub; h < p.n_group; h += kChunkRowLanes) {  // the row's lanes rank a quarter of the groups each
+        const unsigned int mine = ranks[h];
+        int better = 0;
+        for (int o = 0; o < p.n_group; ++o) better += ranks_above(ranks[o], o, mine, h) ? 1 : 0;
+        if (better < p.topk_group) kept |= 1u << h;
+      }
+      kept |= __shfl_xor_sync(0xffffffffu, kept, 1, kChunkRowLanes);
+      kept |= __shfl_xor_sync(0xffffffffu, kept, 2, kChunkRowLanes);
+      kept_groups = kept;
+      __syncwarp();  // (the next row's scores go where these were)
+    }
+
+    // the top 8 of the kept groups' columns (every column without a group limit), the groups in the order of their
+    // index: each row of the warp visits as many columns (topk_group groups' worth), whichever they are
+    Key64 top[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) top[i] = 0;
+    const unsigned int lane_code = kChunkCodeBase - 8 * sub;  // code of expert 32c + 8 sub + i: lane_code - 32c - i
+    {
+      const int visits = __popc(kept_groups) * cols_per_group;
+      unsigned int rest = kept_groups;  // the groups left, the current one included
+      int column_in_group = 0;          // the next column's place in its group
+      int next_c = (__ffs(rest) - 1) * cols_per_group;
+      uint4 next[kVecs];
+      load_column(next_c, next);
+      for (int v = 0; v < visits; ++v) {
+        const int c = next_c;
+        uint4 raw[kVecs];
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) raw[q] = next[q];
+        if (++column_in_group == cols_per_group) {  // the group's last column: on to the next kept group
+          column_in_group = 0;
+          rest &= rest - 1;
+        }
+        if (v + 1 < visits) {
+          next_c = (__ffs(rest) - 1) * cols_per_group + column_in_group;
+          load_column(next_c, next);
+        }
+        float sel[8];
+        selection(c, raw, sel);
+        const unsigned int allowed = allowed_of(c);
+        Key64 keys[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const unsigned int code = lane_code - 32 * c - i;
+          keys[i] = ((allowed >> i) & 1u) ? (static_cast<Key64>(nan_first_order(sel[i])) << 32) | code
+                                          : kKey64Masked | code;
+        }
+        sort8_desc<Key32>(keys, Key64Exchange{});
+        if (v == 0) {  // (the first column's keys are the top 8 so far)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) top[i] = keys[i];
+        } else {
+          merge8_key64(top, keys);
+        }
+      }
+    }
+    merge8_row_lanes(top);
+
+    if (group_limited) {
+      // a row whose top 8 holds fewer than top_k allowed experts above -inf takes the other groups' experts too, at
+      // -inf: the row's first lane keeps the top 8, the others start again (each expert in one lane's list once)
+      int above = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) above += top[i] > kKey64NegInfTop ? 1 : 0;
+      const bool more = row_valid && above < top_k;
+      if (__any_sync(0xffffffffu, more)) {
+        if (sub != 0) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) top[i] = 0;
+        }
+        if (more) {
+          for (int c = 0; c < columns; ++c) {
+            if ((kept_groups >> (c / cols_per_group)) & 1u) continue;  // (a kept group's: in the list already)
+            const unsigned int allowed = allowed_of(c);
+            Key64 keys[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const unsigned int code = lane_code - 32 * c - i;
+              keys[i] = ((allowed >> i) & 1u) ? (static_cast<Key64>(kOrderedNegInf) << 32) | code : kKey64Masked | code;
+            }
+            sort8_desc<Key32>(keys, Key64Exchange{});
+            merge8_key64(top, keys);
+          }
+        }
+        merge8_row_lanes(top);
+      }
+    }
+
+    // lane sub writes picks 2 sub and 2 sub + 1: their sigmoid(z) (0 for a masked pick), renormalised over the
+    // row's top_k as s / (sum + 1e-20), times the scale
+    Key64 pick[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      pick[s] = sub == 0 ? top[s] : sub == 1 ? top[2 + s] : sub == 2 ? top[4 + s] : top[6 + s];
+    }
+    float w[2];
+    int expert[2];
+    float picked_sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int j = 2 * sub + s;
+      const unsigned int code = static_cast<unsigned int>(pick[s]) & kChunkCodeBase;
+      expert[s] = min(static_cast<int>(kChunkCodeBase - code), E - 1);
+      const bool weighed = row_valid && j < top_k && pick[s] >= (static_cast<Key64>(kOrderedNegInf) << 32);
+      w[s] = weighed ? sigmoid_of(Elem<T>::to_float(row_logits[static_cast<int64_t>(expert[s]) * p.stride_e])) : 0.0f;
+      picked_sum += w[s];
+    }
+    if (p.renormalize) {
+      const float denom = row_sum<kChunkRowLanes>(picked_sum) + kSigmoidRenormEps;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) w[s] = w[s] / denom;
+    }
+    if (row_valid) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int j = 2 * sub + s;
+        if (j < top_k) {
+          const int64_t out = row * top_k + j;
+          Elem<T>::store(p.weights, out, w[s] * p.scale);  // (exact where scale is 1)
+          p.ids[out] = expert[s];
+          if (has_counts && in_group) {
+            if (p.shared_hist) {
+              atomicAdd(hist + g * E + expert[s], 1u);
+            } else {
+              atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + g * E + expert[s]), 1ull);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if (has_counts && p.shared_hist) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) {
+      const unsigned int c = hist[i];
+      if (c != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + i), static_cast<unsigned long long>(c));
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_chunk(const RouteParams& p, int device, cudaStream_t stream) {
+  constexpr auto kernel = route_chunk_kernel<T>;
+  const size_t smem = sizeof(unsigned int) * chunk_smem(p).words;
+  // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
+  int sms = 0, resident = 0;
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err == cudaSuccess) err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
+  if (err != cudaSuccess) return err;
+  constexpr int kRowsPerBlock = (kThreads / 32) * kChunkRowsPerWarp;
+  const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
+  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  if (grid <= 0) return cudaSuccess;
+  return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
+}
+
+cudaError_t preload_chunk() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, route_chunk_kernel<float>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_kernel<__half>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_kernel<__nv_bfloat16>);
+  return err;
+}
+
 }  // namespace
 
 extern "C" {
@@ -2029,12 +2408,13 @@ int moe_fastmask_route_cuda_preload(int device) {
   if (err == cudaSuccess) err = preload_lane_t<__half>();
   if (err == cudaSuccess) err = preload_lane_t<__nv_bfloat16>();
   if (err == cudaSuccess) err = preload_lane_ablations();
+  if (err == cudaSuccess) err = preload_chunk();
   return static_cast<int>(err);
 }
 
 // Largest E and top_k the kernel takes, and its shared-memory limits (bytes); the Python side sends other shapes to
 // Triton.
-int moe_fastmask_route_cuda_max_experts() { return 512; }  // (256 for float32 logits)
+int moe_fastmask_route_cuda_max_experts() { return 512; }  // (256 for float32 logits but the chunk kernel's)
 int moe_fastmask_route_cuda_max_top_k() { return 16; }
 int moe_fastmask_route_cuda_max_keep_bytes() { return kMaxKeepBytes; }
 int moe_fastmask_route_cuda_max_hist_bytes() { return kMaxHistBytes; }
@@ -2061,7 +2441,8 @@ int64_t moe_fastmask_route_cuda_lane_smem(const RouteParams* params, int dtype) 
 int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int device, void* stream) {
   RouteParams p = *params;
   if (p.num_tokens <= 0) return 0;
-  const int max_experts = dtype == kFloat32 ? 256 : 512;
+  const bool chunk = p.variant == 2;  // the chunk kernel (chunk_takes)
+  const int max_experts = dtype == kFloat32 && !chunk ? 256 : 512;
   if (p.num_experts < 1 || p.num_experts > max_experts || p.top_k < 1 || p.top_k > 16 || p.top_k > p.num_experts) {
     return cudaErrorInvalidValue;
   }
@@ -2069,12 +2450,13 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
   const int words = e_pad >= 32 ? e_pad / 32 : 1;  // the kernel's WORDS_PER_GROUP
   if (p.keep && static_cast<int64_t>(p.num_groups) * words * 4 > kMaxKeepBytes) return cudaErrorInvalidValue;
   const bool sigmoid = p.scoring == kScoringSigmoid;
-  if ((p.scoring != kScoringSoftmax && !sigmoid) || (sigmoid && p.num_experts > 256) || !(p.scale - p.scale == 0.0f) ||
-      (!sigmoid && (p.bias != nullptr || p.n_group != 1)) ||
+  if ((p.scoring != kScoringSoftmax && !sigmoid) || (sigmoid && !chunk && p.num_experts > 256) ||
+      !(p.scale - p.scale == 0.0f) || (!sigmoid && (p.bias != nullptr || p.n_group != 1)) ||
       (p.n_group > 1 && (p.num_experts % p.n_group != 0 || p.num_experts / p.n_group < 2 || p.topk_group < 1 ||
                          p.topk_group > p.n_group))) {
     return cudaErrorInvalidValue;
   }
+  if (chunk && !chunk_takes(p)) return cudaErrorInvalidValue;
   const bool default_router = !sigmoid && p.scale == 1.0f;
   if ((p.ablation != 0 || p.lane_options != 0) && !default_router) return cudaErrorInvalidValue;  // (benchmarking)
   choose_shared_hist(p);
@@ -2092,6 +2474,14 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (chunk) {
+    switch (dtype) {
+      case kFloat32: return static_cast<int>(launch_chunk<float>(p, device, s));
+      case kFloat16: return static_cast<int>(launch_chunk<__half>(p, device, s));
+      case kBFloat16: return static_cast<int>(launch_chunk<__nv_bfloat16>(p, device, s));
+      default: return cudaErrorInvalidValue;
+    }
+  }
   if (!sigmoid && (p.variant == 1 || p.ablation != 0 || p.lane_options != 0)) {
     const size_t smem = lane_smem_bytes(p, dtype);
     if (p.ablation != 0 || p.lane_options != 0) {

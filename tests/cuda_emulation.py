@@ -152,6 +152,7 @@ inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned int x) { return __builtin_ffs(static_cast<int>(x)); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
 }

@@ -659,16 +659,19 @@ def test_opcheck_and_cuda_graph(cuda_kernel):
 
 @gpu
 def test_uncovered_calls_fall_back_without_error(cuda_kernel):
-    """Other variants, float32 rows of more than 256 experts, rows of more than 512 and masks too large for shared
-    memory run on Triton (or the reference)."""
+    """Sigmoid routers that neither the split kernel (E <= 256) nor the chunk kernel (chunk_takes) takes, float32 rows
+    of more than 256 experts, rows of more than 512 and masks too large for shared memory run on Triton (or the
+    reference)."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 13)
+    for E, k, dtype, kwargs in ((300, 4, torch.float32, dict(scoring="sigmoid")),
+                                (512, 16, torch.bfloat16, dict(scoring="sigmoid", n_group=4, topk_group=2)),
+                                (288, 8, torch.float16, dict(scoring="sigmoid", n_group=4, topk_group=2))):
+        wide = torch.randn(65, E, generator=gen).to(dtype).cuda()
+        assert not cuda_route.supports(wide, k, **kwargs), (E, k, kwargs)
+        w, ids = route(wide, k, backend="cuda", **kwargs)
+        triton_w, triton_ids = route(wide, k, backend="triton", **kwargs)
+        assert torch.equal(ids, triton_ids) and torch.equal(w, triton_w), (E, k, kwargs)
     logits = torch.randn(65, 64, generator=gen).cuda()
-    for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0),
-                   dict(scoring="sigmoid", n_group=4, topk_group=2)):
-        assert not cuda_route.supports(logits, 4, **kwargs)
-        w, ids = route(logits, 4, backend="cuda", **kwargs)
-        triton_w, triton_ids = route(logits, 4, backend="triton", **kwargs)
-        assert torch.equal(ids, triton_ids) and torch.equal(w, triton_w), kwargs
     for wide in (torch.randn(9, 512, generator=gen).cuda(), torch.randn(9, 513, generator=gen).cuda().bfloat16()):
         assert not cuda_route.supports(wide, 8)
         assert torch.equal(route(wide, 8, backend="cuda")[1], route(wide, 8, backend="triton")[1])
@@ -717,6 +720,48 @@ def test_unavailable_without_cuda():
         resolve_backend("cuda", torch.device("cpu"))
 
 
+def test_forward_variant_sends_the_sigmoid_routers_to_the_chunk_kernel(monkeypatch):
+    """route_forward's kernel by default: the chunk kernel for the sigmoid calls chunk_takes accepts (DeepSeek-V3's,
+    GLM-4.5's, Kimi-K2's shapes) from CHUNK_MIN_TOKENS rows on (under it for those the split kernel does not take),
+    the default variant for the rest; $MOE_FASTMASK_CUDA_VARIANT=split keeps those the split kernel takes on it,
+    =chunk runs the chunk kernel wherever it applies; an explicit "chunk" elsewhere is an error."""
+    monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
+    sigmoid = dict(scoring="sigmoid")
+    large = cuda_route.CHUNK_MIN_TOKENS
+
+    def rows(T, E):  # (logits of that shape: only the shape is read)
+        return torch.empty(1, E).expand(T, E)
+
+    for E, k, n_group in ((256, 8, 8), (160, 8, 1), (384, 8, 1), (512, 2, 4), (32, 1, 1)):
+        assert cuda_route.forward_variant(rows(large, E), k, scoring="sigmoid", n_group=n_group) == "chunk", E
+        assert cuda_route.forward_variant(rows(large, E), k, "split", scoring="sigmoid", n_group=n_group) == "split"
+        # under the size: the split kernel where it takes the call (E <= 256), else still the chunk kernel
+        small = cuda_route.forward_variant(rows(large - 1, E), k, scoring="sigmoid", n_group=n_group)
+        assert small == ("lane" if E <= cuda_route.MAX_SIGMOID_EXPERTS else "chunk"), E
+    for E, k, n_group in ((256, 16, 8), (160, 8, 4), (60, 4, 1), (544, 8, 1), (256, 8, 16)):
+        assert not cuda_route.chunk_takes(E, k, scoring="sigmoid", n_group=n_group), (E, k, n_group)
+        assert cuda_route.forward_variant(rows(large, E), k, scoring="sigmoid", n_group=n_group) == "lane"
+        with pytest.raises(ValueError, match="variant 'chunk'"):
+            cuda_route.forward_variant(rows(4, E), k, "chunk", scoring="sigmoid", n_group=n_group)
+    assert not cuda_route.chunk_takes(256, 8, scoring="softmax")
+    assert cuda_route.forward_variant(rows(large, 64), 8) == "lane"
+    with pytest.raises(ValueError, match="variant 'chunk'"):
+        cuda_route.forward_variant(rows(4, 256), 8, "chunk")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        cuda_route.forward_variant(rows(4, 256), 8, "rows", **sigmoid)
+    try:  # (the environment is read once)
+        for name, chunk_call, other_call in (("split", "split", "split"), ("chunk", "chunk", "lane")):
+            monkeypatch.setenv(cuda_route.VARIANT_ENV, name)
+            cuda_route._variant_default.cache_clear()
+            assert cuda_route.forward_variant(rows(large, 256), 8, **sigmoid) == chunk_call, name
+            assert cuda_route.forward_variant(rows(4, 256), 8, **sigmoid) == chunk_call, name
+            assert cuda_route.forward_variant(rows(large, 64), 8) == other_call, name
+            assert cuda_route.forward_variant(rows(4, 384), 8, **sigmoid) == "chunk", name  # (E > 256: chunk only)
+    finally:
+        monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
+        cuda_route._variant_default.cache_clear()
+
+
 def test_supports_cuda_tensors_only():
     x = torch.randn(4, 64)
     assert not cuda_route.supports(x, 8)  # CPU tensor
@@ -729,12 +774,12 @@ def test_supports_cuda_tensors_only():
 @pytest.mark.parametrize("name", [name for name in VARIANTS if name != "softmax"] + ["softmax_scaled"])
 def test_router_variants_against_reference(cuda_kernel, name):
     """The router variants on the GPU (the kernels the op runs: the lane kernel for the softmax variants where it
-    applies, the split kernel's sigmoid instances), every dtype, shapes from Mixtral's to DeepSeek-V3's, keep masks
-    and group ids, adversarial values: as assert_matches_reference has it; E = 512 sigmoid calls are not taken."""
+    applies, the chunk kernel for the sigmoid ones where it applies, else the split kernel), every dtype, shapes from
+    Mixtral's to DeepSeek-V3's and Kimi-K2's, keep masks and group ids, adversarial values: as
+    assert_matches_reference has it; the calls that supports() refuses (float32 softmax routers over 256 experts,
+    sigmoid top-16 of 512) are not taken."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 41 + len(name))
-    for n, (dtype, (E, k)) in enumerate(itertools.product(DTYPES, VARIANT_SHAPES + [(512, 16)])):
-        if dtype == torch.float32 and E > 256:
-            continue
+    for n, (dtype, (E, k)) in enumerate(itertools.product(DTYPES, VARIANT_SHAPES + [(384, 8), (512, 8), (512, 16)])):
         route_variant = _route_variant(name, E, k, gen)
         renormalize = route_variant.pop("renormalize", False)
         device_variant = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in route_variant.items()}
@@ -744,7 +789,9 @@ def test_router_variants_against_reference(cuda_kernel, name):
         keep = make_keep(3, E, k, n % 2 == 0, gen)
         group = torch.randint(-1, 4, (T,), generator=gen)
         taken = cuda_route.supports(logits.cuda(), k, keep.cuda(), **device_variant)
-        assert taken == (route_variant.get("scoring") != "sigmoid" or E <= 256), (name, E)
+        sigmoid = route_variant.get("scoring") == "sigmoid"
+        chunk = cuda_route.chunk_takes(E, k, scoring="sigmoid", n_group=route_variant.get("n_group", 1))
+        assert taken == (E <= 256 or (dtype != torch.float32 and not sigmoid) or (sigmoid and chunk)), (name, E)
         if not taken:
             continue
         start = torch.randint(0, 1000, (3, E), dtype=torch.int64)
@@ -752,6 +799,13 @@ def test_router_variants_against_reference(cuda_kernel, name):
         weights, ids = run_cuda(logits.cuda(), k, keep.cuda(), group.cuda(), counts, renormalize, **device_variant)
         assert_matches_reference(weights.cpu(), ids.cpu(), counts.cpu(), start, logits, k, keep, group, renormalize,
                                  f"{name} E={E} k={k} T={T} {dtype} {kind}", variant=route_variant)
+        if sigmoid and chunk:  # the chunk kernel whatever the size (the op takes it from CHUNK_MIN_TOKENS rows on)
+            counts = start.cuda()
+            weights, ids = run_cuda(logits.cuda(), k, keep.cuda(), group.cuda(), counts, renormalize,
+                                    variant="chunk", **device_variant)
+            assert_matches_reference(weights.cpu(), ids.cpu(), counts.cpu(), start, logits, k, keep, group,
+                                     renormalize, f"{name} E={E} k={k} T={T} {dtype} {kind} chunk",
+                                     variant=route_variant)
 
 
 @pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
@@ -849,7 +903,7 @@ def test_every_kernel_waits_for_the_kernel_before_it_touches_memory():
         text = source.read_text()
         assert "<<<" not in text, f"{source.name}: a kernel launched without launch_kernel"
         kernels.update(kernel_bodies(text))
-    assert len(kernels) == 4, sorted(kernels)
+    assert len(kernels) == 5, sorted(kernels)
     for name, body in kernels.items():
         assert body.count("dependent_launch_start(p.dependent_launch);") == 1, name
         before = body[:body.index("dependent_launch_start(")]
@@ -898,7 +952,11 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         "for name, change in (('sigmoid too wide', dict(num_experts=300)), ('bad scoring', dict(scoring=5)),\n"
         "                     ('bias on softmax', dict(scoring=0, bias=64)), ('groups on softmax', dict(scoring=0,\n"
         "                      n_group=4, topk_group=2)), ('groups of 1', dict(n_group=256, topk_group=8)),\n"
-        "                     ('topk_group 0', dict(n_group=8, topk_group=0)), ('inf scale', dict(scale=1e39))):\n"
+        "                     ('topk_group 0', dict(n_group=8, topk_group=0)), ('inf scale', dict(scale=1e39)),\n"
+        "                     ('chunk softmax', dict(variant=2, scoring=0)), ('chunk k9', dict(variant=2, top_k=9)),\n"
+        "                     ('chunk E 300', dict(variant=2, num_experts=300)),\n"
+        "                     ('chunk E 544', dict(variant=2, num_experts=544)),\n"
+        "                     ('chunk groups of 16', dict(variant=2, n_group=16, topk_group=4))):\n"
         "    p = c.RouteParams(**dict(sig, **change))\n"
         "    print('variant', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
         "if not torch.cuda.is_available():\n"
@@ -914,7 +972,9 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     for line in ("too wide 1", "too wide f32 1", "k too large 1", "empty 0", "ids8 k4 1", "ids8 split 1",
                  "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1", "ids8 padded 1", "variant sigmoid too wide 1",
                  "variant bad scoring 1", "variant bias on softmax 1", "variant groups on softmax 1",
-                 "variant groups of 1 1", "variant topk_group 0 1", "variant inf scale 1"):
+                 "variant groups of 1 1", "variant topk_group 0 1", "variant inf scale 1",
+                 "variant chunk softmax 1", "variant chunk k9 1", "variant chunk E 300 1", "variant chunk E 544 1",
+                 "variant chunk groups of 16 1"):
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
         assert "no device True" in out.stdout, out.stdout
@@ -929,8 +989,9 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # keys, packed keys or a two-pass softmax under 6 memory option sets, the tournament under 2) less the 3 that
     # the op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E,
     # vector or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
-    # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance
-    assert "registers lines 273" in out.stdout, out.stdout
+    # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance; the sigmoid
+    # router's chunk kernel, one per dtype = 3
+    assert "registers lines 276" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 160  # (4 bytes of padding before the bias pointer, as in C)
 
 
@@ -963,6 +1024,8 @@ FORWARD_EMU_SUBSTITUTIONS = {
     "extern __shared__ __align__(16) unsigned int smem[];":
         "unsigned int* const smem = reinterpret_cast<unsigned int*>(emu_smem_base);",
     "extern __shared__ __align__(16) unsigned char lane_smem[];": "unsigned char* const lane_smem = emu_smem_base;",
+    "extern __shared__ __align__(16) unsigned int chunk_shared[];":
+        "unsigned int* const chunk_shared = reinterpret_cast<unsigned int*>(emu_smem_base);",
     'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));': "t = static_cast<uint64_t>(clock64());",
     'asm volatile("mov.u32 %0, %%smid;" : "=r"(id));': "id = blockIdx.x % emu_sms;",
 }
@@ -1193,6 +1256,7 @@ def emulated_forward_checks(library: str) -> None:
     check_emulated(run, wide[:, 2:62], 4, keep, group, 2, False, "padded rows, misaligned (the split kernel)")
     check_emulated(run, wide.t().contiguous().t()[:, :64], 8, None, None, 1, False, "column-major logits")
     emulated_variant_checks(run, gen)
+    emulated_chunk_checks(run, gen)
     print("emulated forward checks passed")
 
 
@@ -1243,6 +1307,70 @@ def emulated_variant_checks(run, gen: torch.Generator) -> None:
         group = torch.randint(-1, 2, (70,), generator=gen)
         check_emulated(run, logits, k, keep, group, 2, renormalize, f"{name} {kind} E={E} {dtype}",
                        route_variant=route_variant)
+
+
+# the chunk kernel's shapes (E, top_k, n_group, topk_group): one to sixteen columns, GLM-4.5's 160, DeepSeek-V3's 8
+# groups of one column, groups of two columns, Kimi-K2's 384 experts, and top-k below 8
+CHUNK_SHAPES = [(32, 8, 1, 1), (64, 3, 2, 1), (96, 8, 3, 2), (160, 8, 1, 1), (256, 8, 8, 4), (256, 6, 4, 2),
+                (384, 8, 1, 1), (512, 8, 16, 4), (512, 1, 1, 1)]
+
+
+def emulated_chunk_checks(run, gen: torch.Generator) -> None:
+    """The sigmoid router's chunk kernel (chunk_takes' calls) against the reference, and against the split kernel
+    where that takes the call too (the same selection values, so the same ids): every shape of CHUNK_SHAPES with each
+    dtype, with and without a bias and renormalisation, keep masks (tight ones: kept groups holding fewer allowed
+    experts than top_k, so that rows take the other groups' experts at -inf), out-of-range group ids and partial
+    warps; then adversarial values, strided and misaligned rows, and a bias of -inf on some experts."""
+    for n, ((E, k, n_group, topk_group), dtype) in enumerate(itertools.product(CHUNK_SHAPES, DTYPES)):
+        assert cuda_route.chunk_takes(E, k, scoring="sigmoid", n_group=n_group), (E, k, n_group)
+        T = (45, 200, 1, 9)[n % 4]
+        route_variant = dict(scoring="sigmoid", n_group=n_group, topk_group=topk_group, scale=(1.0, 2.5)[n % 2])
+        if n % 3:
+            route_variant["bias"] = torch.randn(E, generator=gen) * 0.1
+        renormalize = n % 2 == 0
+        logits = adversarial_logits(("normal", "ties", "wide")[n % 3], T, E, dtype, gen)
+        keep = make_keep(3, E, k, n % 2 == 0, gen)
+        group = torch.randint(-1, 4, (T,), generator=gen)
+        if n % 4 == 1:
+            group = group.to(torch.int32)
+        where = f"chunk E={E} k={k} groups {n_group}/{topk_group} T={T} {dtype}"
+        for keep_g, group_g, G in ((keep, group, 3), (None, None, 1)):
+            weights, ids = run(logits, k, keep_g, group_g, None, renormalize, variant="chunk",
+                               route_variant=route_variant)
+            check_emulated(run, logits, k, keep_g, group_g, G, renormalize, where, variant="chunk",
+                           route_variant=route_variant)
+            if E <= cuda_route.MAX_SIGMOID_EXPERTS:  # the split kernel: the same ids, weights within rounding
+                split_w, split_ids = run(logits, k, keep_g, group_g, None, renormalize, variant="split",
+                                         route_variant=route_variant)
+                assert torch.equal(ids, split_ids), f"{where}: chunk and split kernels chose differently"
+                torch.testing.assert_close(weights, split_w, equal_nan=True, msg=lambda m: f"{where}\n{m}")
+    for n, kind in enumerate(KINDS):
+        E, k, n_group, topk_group = CHUNK_SHAPES[4 + n % 4]
+        dtype = DTYPES[n % 3]
+        route_variant = dict(scoring="sigmoid", n_group=n_group, topk_group=topk_group,
+                             bias=torch.randn(E, generator=gen) * 0.1)
+        logits = adversarial_logits(kind, 70, E, dtype, gen)
+        keep = make_keep(2, E, k, n % 2 == 1, gen)
+        group = torch.randint(-1, 2, (70,), generator=gen)
+        check_emulated(run, logits, k, keep, group, 2, n % 2 == 0, f"chunk {kind} E={E} {dtype}", variant="chunk",
+                       route_variant=route_variant)
+    # rows of a stride that is not a multiple of 16 bytes, or at an odd offset: the kernel's element loads
+    wide = adversarial_logits("normal", 50, 300, torch.bfloat16, gen)
+    sigmoid = dict(scoring="sigmoid", n_group=4, topk_group=2)
+    check_emulated(run, wide[:, :256], 8, None, None, 1, True, "chunk, row stride 300", variant="chunk",
+                   route_variant=sigmoid)
+    check_emulated(run, wide[:, 1:257], 8, None, None, 1, False, "chunk, misaligned rows", variant="chunk",
+                   route_variant=sigmoid)
+    check_emulated(run, wide.t().contiguous().t()[:, :160], 8, None, None, 1, False, "chunk, column-major logits",
+                   variant="chunk", route_variant=dict(scoring="sigmoid"))
+    # a bias of -inf: experts of a kept group at -inf, tied with the other groups' (the rows' fallback, exactly)
+    bias = torch.randn(256, generator=gen) * 0.1
+    bias[torch.randperm(256, generator=gen)[:200]] = -math.inf
+    logits = adversarial_logits("normal", 40, 256, torch.float32, gen)
+    for n_group, topk_group in ((8, 4), (8, 1), (1, 1)):
+        check_emulated(run, logits, 8, None, None, 1, False, f"chunk, bias -inf, groups {n_group}/{topk_group}",
+                       variant="chunk", route_variant=dict(scoring="sigmoid", bias=bias, n_group=n_group,
+                                                           topk_group=topk_group))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")

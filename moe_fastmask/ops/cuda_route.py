@@ -54,12 +54,16 @@ PREFETCH_ENV = "MOE_FASTMASK_CUDA_PREFETCH"
 # "0" launches the kernels plainly; by default (on GPUs of compute capability 9.0 and later) each is a programmatic
 # dependent launch, so that its blocks start while the kernel before it ends (csrc/route_lane16.cuh)
 DEPENDENT_LAUNCH_ENV = "MOE_FASTMASK_CUDA_PDL"
-VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies) or "split" (see VARIANTS)
+VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies), "split" or "chunk" (see VARIANTS)
 # "split": a row spread over several lanes of a warp (every covered call); "lane": a row per lane, for 16-bit logits
 # with E in LANE_EXPERTS and contiguous, 16-byte aligned rows, or E a multiple of 4 below one of them and 8-byte
 # aligned rows (padded, with the padding masked), top_k <= 8 (other calls run "split", and so do, by default, calls
 # under LANE_MIN_TOKENS: see default_variant)
-VARIANTS = {"split": 0, "lane": 1}
+# "chunk": the sigmoid router's kernel, a row over 4 lanes in columns of 32 experts, for the calls chunk_takes accepts
+# (E a multiple of 32 up to 512 in every dtype, top_k <= 8, groups of whole columns; the default for them from
+# CHUNK_MIN_TOKENS rows on, 1.5-1.9x the split kernel's speed at T = 262,144: benchmarks/RESULTS.md, twenty-second
+# round); other sigmoid calls run "split" (E <= 256)
+VARIANTS = {"split": 0, "lane": 1, "chunk": 2}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
 # else the other) or "split" (a row over several lanes, every call)
 BACKWARD_VARIANTS = {"lane": 0, "split": 1}
@@ -112,7 +116,15 @@ DEFAULT_GRID_POLICY = "balanced2"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo")
 MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
 MAX_EXPERTS_FLOAT32 = 256
-MAX_SIGMOID_EXPERTS = 256  # the sigmoid router (8 experts a lane whatever the dtype: 64-bit keys)
+MAX_SIGMOID_EXPERTS = 256  # the split kernel's sigmoid router (8 experts a lane whatever the dtype: 64-bit keys)
+CHUNK_MAX_EXPERTS = 512  # the chunk kernel (chunk_takes), every dtype
+CHUNK_MAX_TOP_K = 8
+# The default variant's size rule for the sigmoid router (forward_variant): calls with fewer rows than this that the
+# split kernel takes run "split", which is the faster there: the chunk kernel gives a warp 8 rows, and few rows leave
+# the SMs few warps to hide a row's chain of column loads with (H200, us, chunk / split: DeepSeek-V3's router 17.5 /
+# 9.6 at T = 4,096, 18.2 / 16.3 at 8,192, 22.9 / 29.5 at 16,384; GLM-4.5's 10.1 / 8.4, 11.1 / 13.7, 15.2 / 24.7;
+# benchmarks/RESULTS.md, twenty-second round)
+CHUNK_MIN_TOKENS = 8192
 # the kernels' scoring codes (csrc/route_cuda.cu, RouteParams.scoring): softmax over the chosen experts runs as the
 # softmax renormalised over them
 SCORING_CODES = {"softmax": 0, "softmax_chosen": 0, "sigmoid": 1}
@@ -528,6 +540,45 @@ def default_router(scoring: str, scale: float) -> bool:
     return scoring == "softmax" and float(scale) == 1.0
 
 
+def chunk_takes(num_experts: int, top_k: int, *, scoring: str = "softmax", n_group: int = 1) -> bool:
+    """Whether the ``"chunk"`` variant takes a call of the sigmoid router with ``num_experts`` experts (the default
+    variant for it where it does): E a multiple of 32 up to ``CHUNK_MAX_EXPERTS``, ``top_k <= 8``, and no group limit
+    or groups of whole 32-expert columns (``E / n_group`` a multiple of 32, as DeepSeek-V3's 8 groups of 32)."""
+    return (
+        scoring == "sigmoid"
+        and num_experts % 32 == 0
+        and 32 <= num_experts <= CHUNK_MAX_EXPERTS
+        and 1 <= top_k <= CHUNK_MAX_TOP_K
+        and n_group >= 1
+        and (n_group == 1 or (num_experts % n_group == 0 and (num_experts // n_group) % 32 == 0))
+    )
+
+
+def forward_variant(logits: Tensor, top_k: int, variant: str | None = None, *, scoring: str = "softmax",
+                    n_group: int = 1) -> str:
+    """The kernel variant (``VARIANTS``) that :func:`route_forward` runs for ``variant`` (None: the default): for the
+    sigmoid router's calls that :func:`chunk_takes` accepts, ``"chunk"``, except where the split kernel also takes the
+    call (E <= 256) and ``$MOE_FASTMASK_CUDA_VARIANT`` is ``"split"``, or the call has fewer than
+    ``CHUNK_MIN_TOKENS`` rows and that variable is not ``"chunk"``; for the others :func:`default_variant` (``"lane"``
+    where that names ``"chunk"``). An explicit ``"chunk"`` must be a call chunk_takes accepts (ValueError)."""
+    num_tokens, num_experts = logits.shape
+    chunk = chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group)
+    if variant is None:
+        name = _variant_default()
+        split_takes = num_experts <= MAX_SIGMOID_EXPERTS
+        if chunk and (not split_takes or name == "chunk" or (name != "split" and num_tokens >= CHUNK_MIN_TOKENS)):
+            return "chunk"
+        variant = default_variant(logits)
+        return "lane" if variant == "chunk" else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    if variant == "chunk" and not chunk:
+        raise ValueError("variant 'chunk' runs the sigmoid router with E a multiple of 32 up to "
+                         f"{CHUNK_MAX_EXPERTS}, top_k <= {CHUNK_MAX_TOP_K} and groups of whole 32-expert columns "
+                         f"(chunk_takes), got scoring={scoring!r}, E={num_experts}, top_k={top_k}, n_group={n_group}")
+    return variant
+
+
 def lane_takes(logits: Tensor, top_k: int, keep: Tensor | None = None, *, scoring: str = "softmax") -> bool:
     """Whether the ``"lane"`` variant runs this call (a call :func:`supports`; otherwise ``"split"`` runs it): the
     softmax routers only."""
@@ -592,7 +643,7 @@ def supports(
     """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): CUDA
     float32 / float16 / bfloat16 logits with ``E <= 512`` (float32: 256), ``top_k <= 16`` and a keep mask of at most
     16 KiB as bits; every router variant (``softmax``, ``softmax_chosen``, any ``scale``; ``sigmoid`` with or without
-    a bias and a group limit, ``E <= 256``)."""
+    a bias and a group limit, ``E <= 256``, or any call :func:`chunk_takes` accepts, float32 included)."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
     if scoring not in SCORING_CODES or (scoring != "sigmoid" and (bias is not None or n_group != 1)):
@@ -603,6 +654,8 @@ def supports(
     max_experts = MAX_EXPERTS_FLOAT32 if logits.dtype == torch.float32 else MAX_EXPERTS
     if scoring == "sigmoid":
         max_experts = min(max_experts, MAX_SIGMOID_EXPERTS)
+        if chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group):
+            max_experts = CHUNK_MAX_EXPERTS
     if not 1 <= num_experts <= max_experts or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         return False
     if keep is not None and keep.shape[0] * max(1, _padded_experts(num_experts) // 32) * 4 > MAX_KEEP_BYTES:
@@ -638,8 +691,10 @@ def route_forward(
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
     ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: off, unless
     ``MOE_FASTMASK_CUDA_PREFETCH=1``) picks the kernel instance that loads a warp's next rows early. ``variant``
-    (default: :func:`default_variant`: ``$MOE_FASTMASK_CUDA_VARIANT``, else ``"lane"``, which runs where it applies
-    and is not slower, and hands other calls to ``"split"``) picks the kernel, see ``VARIANTS``. ``_ablation``
+    (default: ``"chunk"`` for the sigmoid router's calls that :func:`chunk_takes` accepts unless
+    ``$MOE_FASTMASK_CUDA_VARIANT`` is ``"split"``, else :func:`default_variant`: ``$MOE_FASTMASK_CUDA_VARIANT``, else
+    ``"lane"``, which runs where it applies and is not slower, and hands other calls to ``"split"``) picks the kernel,
+    see ``VARIANTS``. ``_ablation``
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
     the work removed (``LANE_ABLATIONS``): its results are not the op's. ``_grid_policy`` (``GRID_POLICIES``) and
     ``_lane_options`` (names from ``LANE_OPTIONS``; bf16 logits with E=64 and a keep mask) pick the lane kernel's
@@ -680,9 +735,7 @@ def route_forward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    variant = default_variant(logits) if variant is None else variant
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    variant = forward_variant(logits, top_k, variant, scoring=scoring, n_group=n_group)
     ablation = 0
     if _ablation is not None:
         if _ablation not in LANE_ABLATIONS:
