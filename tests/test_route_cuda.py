@@ -734,7 +734,8 @@ def test_forward_variant_sends_the_sigmoid_routers_to_the_chunk_kernel(monkeypat
 
     for E, k, n_group in ((256, 8, 8), (160, 8, 1), (384, 8, 1), (512, 2, 4), (32, 1, 1)):
         assert cuda_route.forward_variant(rows(large, E), k, scoring="sigmoid", n_group=n_group) == "chunk", E
-        assert cuda_route.forward_variant(rows(large, E), k, "split", scoring="sigmoid", n_group=n_group) == "split"
+        if E <= cuda_route.MAX_SIGMOID_EXPERTS:
+            assert cuda_route.forward_variant(rows(large, E), k, "split", scoring="sigmoid", n_group=n_group) == "split"
         # under the size: the split kernel where it takes the call (E <= 256), else still the chunk kernel
         small = cuda_route.forward_variant(rows(large - 1, E), k, scoring="sigmoid", n_group=n_group)
         assert small == ("lane" if E <= cuda_route.MAX_SIGMOID_EXPERTS else "chunk"), E
@@ -743,6 +744,9 @@ def test_forward_variant_sends_the_sigmoid_routers_to_the_chunk_kernel(monkeypat
         assert cuda_route.forward_variant(rows(large, E), k, scoring="sigmoid", n_group=n_group) == "lane"
         with pytest.raises(ValueError, match="variant 'chunk'"):
             cuda_route.forward_variant(rows(4, E), k, "chunk", scoring="sigmoid", n_group=n_group)
+    for name in ("split", "lane"):  # (the split kernel's sigmoid router: E <= 256)
+        with pytest.raises(ValueError, match="up to 256 experts"):
+            cuda_route.forward_variant(rows(large, 384), 8, name, **sigmoid)
     assert not cuda_route.chunk_takes(256, 8, scoring="softmax")
     assert cuda_route.forward_variant(rows(large, 64), 8) == "lane"
     with pytest.raises(ValueError, match="variant 'chunk'"):

@@ -576,6 +576,10 @@ def forward_variant(logits: Tensor, top_k: int, variant: str | None = None, *, s
         raise ValueError("variant 'chunk' runs the sigmoid router with E a multiple of 32 up to "
                          f"{CHUNK_MAX_EXPERTS}, top_k <= {CHUNK_MAX_TOP_K} and groups of whole 32-expert columns "
                          f"(chunk_takes), got scoring={scoring!r}, E={num_experts}, top_k={top_k}, n_group={n_group}")
+    if variant != "chunk" and scoring == "sigmoid" and num_experts > MAX_SIGMOID_EXPERTS:
+        raise ValueError(f"variant {variant!r} runs the sigmoid router on the split kernel, which takes up to "
+                         f"{MAX_SIGMOID_EXPERTS} experts, got E={num_experts} (variant 'chunk' takes it where "
+                         "chunk_takes accepts the call)")
     return variant
 
 
@@ -691,8 +695,8 @@ def route_forward(
     and ``ids`` [T, top_k] int64, both contiguous, and adds the chosen experts to ``counts`` in place.
     ``out=(weights, ids)`` writes into given contiguous tensors instead of new ones. ``prefetch`` (default: off, unless
     ``MOE_FASTMASK_CUDA_PREFETCH=1``) picks the kernel instance that loads a warp's next rows early. ``variant``
-    (default: ``"chunk"`` for the sigmoid router's calls that :func:`chunk_takes` accepts unless
-    ``$MOE_FASTMASK_CUDA_VARIANT`` is ``"split"``, else :func:`default_variant`: ``$MOE_FASTMASK_CUDA_VARIANT``, else
+    (default: :func:`forward_variant`'s choice: ``"chunk"`` for the sigmoid router's calls that :func:`chunk_takes`
+    accepts from ``CHUNK_MIN_TOKENS`` rows on, else :func:`default_variant`: ``$MOE_FASTMASK_CUDA_VARIANT``, else
     ``"lane"``, which runs where it applies and is not slower, and hands other calls to ``"split"``) picks the kernel,
     see ``VARIANTS``. ``_ablation``
     (benchmarking only, bf16 logits with E=64 that the lane variant takes) runs a lane-kernel instance with parts of
