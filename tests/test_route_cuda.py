@@ -775,6 +775,32 @@ def test_supports_cuda_tensors_only():
 
 
 @gpu
+def test_sigmoid_routers_from_the_chunk_kernels_size_through_the_op(cuda_kernel):
+    """The op (``route``, backend "cuda") at CHUNK_MIN_TOKENS rows and more, where its default is the chunk kernel
+    (several grid-stride steps a warp at the largest size): DeepSeek-V3's, GLM-4.5's and Kimi-K2's routers with keep
+    masks (tight ones too), group ids and counts, against the reference as assert_matches_reference has it."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 53)
+    shapes = ((256, 8, torch.float32, dict(n_group=8, topk_group=4)), (160, 8, torch.bfloat16, {}),
+              (384, 8, torch.float32, {}))
+    for n, (E, k, dtype, groups) in enumerate(shapes):
+        T = (cuda_route.CHUNK_MIN_TOKENS, 3 * cuda_route.CHUNK_MIN_TOKENS + 37, 12 * cuda_route.CHUNK_MIN_TOKENS)[n]
+        route_variant = dict(scoring="sigmoid", bias=torch.randn(E, generator=gen) * 0.1, scale=2.5, **groups)
+        chosen = cuda_route.forward_variant(torch.empty(1, E).expand(T, E), k, scoring="sigmoid",
+                                            n_group=groups.get("n_group", 1))
+        assert chosen == "chunk", (E, T)
+        logits = adversarial_logits(("normal", "ties", "wide")[n], T, E, dtype, gen)
+        keep = make_keep(3, E, k, n == 1, gen)
+        group = torch.randint(-1, 3, (T,), generator=gen)  # (route validates them: -1 or a keep row)
+        start = torch.randint(0, 1000, (3, E), dtype=torch.int64)
+        counts = start.cuda()
+        device_variant = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in route_variant.items()}
+        weights, ids = route(logits.cuda(), k, keep.cuda(), group.cuda(), counts, True, backend="cuda",
+                             **device_variant)
+        assert_matches_reference(weights.cpu(), ids.cpu(), counts.cpu(), start, logits, k, keep, group, True,
+                                 f"E={E} T={T} {dtype}", variant=route_variant)
+
+
+@gpu
 @pytest.mark.parametrize("name", [name for name in VARIANTS if name != "softmax"] + ["softmax_scaled"])
 def test_router_variants_against_reference(cuda_kernel, name):
     """The router variants on the GPU (the kernels the op runs: the lane kernel for the softmax variants where it
