@@ -14,7 +14,8 @@ Layers, from the outside in:
   gradient with respect to ``logits``, through ``route_backward``). All have fake implementations, so
   ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
 * the backends — ``cuda`` (the CUDA kernels of ``csrc/route_cuda.cu`` and ``csrc/route_cuda_backward.cu``: the
-  forward of every variant, sigmoid up to 256 experts; the backward of the default router; Triton for the rest),
+  forward of every variant, sigmoid up to 256 experts or, top-8 with E a multiple of 32, up to 512; the backward of
+  the default router; Triton for the rest),
   ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and ``torch`` (the
   plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
 """
@@ -583,8 +584,9 @@ def route(
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
         backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
-            ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``), the backward of
-            the default router with ``E <= 256``; Triton for the other variants and shapes), ``"triton"``,
+            ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``, or the calls
+            ``cuda_route.chunk_takes`` accepts: top-8 with E a multiple of 32 up to 512), the backward of the
+            default router with ``E <= 256``; Triton for the other variants and shapes), ``"triton"``,
             ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
