@@ -166,24 +166,10 @@ def _route_forward_impl(
     return weights.contiguous(), ids.contiguous()
 
 
-@torch.library.custom_op("moe_fastmask::route_forward", mutates_args=("counts",))
-def _route_forward_op(
-    logits: Tensor,
-    top_k: int,
-    keep: Tensor | None,
-    group: Tensor | None,
-    counts: Tensor | None,
-    renormalize: bool,
-    backend: str,
-    scoring: str = "softmax",
-    bias: Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    return _route_forward_impl(
-        logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
-    )
+# the op's schema comes from _route_forward_impl's signature; the function itself stays plain for direct calls
+_route_forward_op = torch.library.custom_op(
+    "moe_fastmask::route_forward", _route_forward_impl, mutates_args=("counts",)
+)
 
 
 @_route_forward_op.register_fake
