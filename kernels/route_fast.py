@@ -44,6 +44,8 @@ if __name__ != "moe_fastmask.kernels.route_fast":
 import triton
 import triton.language as tl
 
+from .route import _exp2  # (the Triton kernels share it)
+
 INT32_MIN = -2147483648
 
 
@@ -57,17 +59,6 @@ def _ordered(bits):
 def _unordered(ordv):
     """Inverse of :func:`_ordered` (up to the sign of zero)."""
     return tl.where(ordv < 0, -2147483648 - ordv, ordv)
-
-
-@triton.jit
-def _exp2(x, FAST_EXP: tl.constexpr):
-    """2 ** x in fp32; FAST_EXP uses the flush-to-zero hardware approximation (CUDA only)."""
-    if FAST_EXP:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit

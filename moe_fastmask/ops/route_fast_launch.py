@@ -20,11 +20,6 @@ from moe_fastmask.ops import triton_route
 # top-k methods of the kernel's SELECT
 SELECT_METHODS = {"bitonic": 0, "tl_topk": 1, "iterative": 2}
 
-_TILE_ELEMENTS = 2048
-_MAX_BLOCK_T = 128
-_MIN_BLOCK_T = 4
-_TOKENS_PER_PROGRAM_SMALL_T = 64
-
 
 @functools.cache
 def _kernels():
@@ -50,26 +45,8 @@ def tl_topk_available() -> bool:
     return hasattr(tl, "topk")
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.lru_cache(maxsize=4096)
-def default_settings(num_experts: int, num_tokens: int, on_gpu: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_E, BLOCK_T, num_warps): tiles of about ``_TILE_ELEMENTS`` logits, smaller for small batches on a GPU."""
-    block_e = max(2, _next_power_of_2(num_experts))
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // block_e))
-    if on_gpu:
-        small = _next_power_of_2(_cdiv(num_tokens, _TOKENS_PER_PROGRAM_SMALL_T))
-        block_t = min(block_t, max(_MIN_BLOCK_T, small))
-    else:
-        block_t = min(max(block_t, _MAX_BLOCK_T // 2), max(1, _next_power_of_2(num_tokens)))
-    num_warps = 4 if block_e * block_t >= 256 else 2
-    return block_e, block_t, num_warps
+# the same tiles as the current kernel's, so that the two are timed on equal launches
+default_settings = triton_route.calculate_settings
 
 
 def forward_into(
@@ -112,7 +89,7 @@ def forward_into(
     block_e, default_block_t, default_warps = default_settings(num_experts, num_tokens, logits.device.type == "cuda")
     block_t = block_t or default_block_t
     num_warps = num_warps or default_warps
-    block_k = _next_power_of_2(top_k)
+    block_k = triton_route._next_power_of_2(top_k)
     vec = min(block_e, max(1, 16 // logits.element_size()))  # columns per 16-byte load
     if keep is not None:
         num_groups = keep.shape[0]
@@ -151,7 +128,7 @@ def forward_into(
         vec,  # VEC
         early_denom,  # EARLY_DENOM
     )
-    return _FORWARD((_cdiv(num_tokens, block_t),), args, num_warps, logits.device)
+    return _FORWARD((triton_route._cdiv(num_tokens, block_t),), args, num_warps, logits.device)
 
 
 def route_fast_forward(

@@ -32,36 +32,7 @@ a module with a class taking ``(model, tokenizer, **options)`` that implements t
 a ``load_model(model_name_or_path, device, dtype) -> (model, tokenizer)``, which :func:`load_model` calls instead.
 """
 
-from moe_fastmask.pipeline.generation.base import (
-    BACKENDS,
-    COMPILE_CHOICES,
-    DEFAULT_BACKEND,
-    GenerationBackend,
-    GenerationOutput,
-    GenerationRequest,
-    SamplingSettings,
-    backend_class,
-    backend_names,
-    check_engine_compile,
-    engine_options,
-    get_backend,
-    load_model,
-    resolve_eos_ids,
-)
+from moe_fastmask.pipeline.generation import base
+from moe_fastmask.pipeline.generation.base import *  # noqa: F403 (the protocol, re-exported as base.__all__ names it)
 
-__all__ = [
-    "BACKENDS",
-    "COMPILE_CHOICES",
-    "DEFAULT_BACKEND",
-    "GenerationBackend",
-    "GenerationOutput",
-    "GenerationRequest",
-    "SamplingSettings",
-    "backend_class",
-    "backend_names",
-    "check_engine_compile",
-    "engine_options",
-    "get_backend",
-    "load_model",
-    "resolve_eos_ids",
-]
+__all__ = list(base.__all__)
