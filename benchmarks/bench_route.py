@@ -43,8 +43,9 @@ copies and stores alone, its memory floor).
 Section ``families``: ``route`` at each model family's router (E, top-k, scoring, bias, group limit) at
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
 eager router chain (Hugging Face's code after the gate projection, plus counting), with the same GB/s and % of copy
-columns; ``route`` on its Triton kernels too, and for the sigmoid routers of at most 256 experts the CUDA split
-kernel's forward (``cuda_split``), which the chunk kernel replaced as their default from 8,192 rows on. ``--smoke``
+columns; ``route`` on its Triton kernels too, and where the chunk kernel is the default and the CUDA split kernel
+takes the call too (the sigmoid routers of at most 256 experts, the softmax routers of 16-bit logits from 256 experts
+on, from 8,192 rows on) the split kernel's forward (``cuda_split``), which the chunk kernel replaced there. ``--smoke``
 runs every family's chain and ``route`` once on small CPU inputs and checks they agree (no GPU needed).
 
 The skewed load draws logits whose top-k frequencies follow one layer's ``a1_n`` column of the OLMoE activation
@@ -297,8 +298,8 @@ def family_eager(logits, top_k: int, counts, scoring="softmax", bias=None, n_gro
 def family_call(provider: str, mode: str, name: str, logits, grad, counts):
     """A no-argument callable running ``provider`` of family ``name`` once: ``eager`` (the family's own chain),
     ``fastmask`` (``route``, its default backend: the CUDA kernels where they take the call), ``triton`` (``route``
-    on its Triton kernels) or ``cuda_split`` (forward only: the CUDA split kernel, for the sigmoid routers whose
-    default is the chunk kernel)."""
+    on its Triton kernels) or ``cuda_split`` (forward only: the CUDA split kernel, for the routers whose default is
+    the chunk kernel: chunk_by_default)."""
     from moe_fastmask import route
     from moe_fastmask.ops import cuda_route
 
@@ -357,6 +358,20 @@ def smoke() -> int:
     return 0
 
 
+def chunk_by_default(name: str, num_tokens: int) -> bool:
+    """Whether ``route``'s CUDA default for family ``name`` at ``num_tokens`` rows is the chunk kernel where the split
+    kernel takes the call too (the sigmoid routers of at most 256 experts, the wide softmax routers of 16-bit
+    logits): then ``cuda_split`` times the kernel it replaced."""
+    from moe_fastmask.ops import cuda_route
+
+    spec = FAMILIES[name]
+    scoring = spec["route"]["scoring"]
+    logits = torch.empty(1, spec["E"], dtype=spec["dtype"]).expand(num_tokens, spec["E"])
+    chosen = cuda_route.forward_variant(logits, spec["top_k"], scoring=scoring,
+                                        n_group=spec["route"].get("n_group", 1))
+    return chosen == "chunk" and (scoring != "sigmoid" or spec["E"] <= cuda_route.MAX_SIGMOID_EXPERTS)
+
+
 def run_families(device, args, rows, copy_gbs):
     """The families section: route against each family's eager chain, forward and full, at args.family_sizes."""
     print("\n# families: route at each family's router against its own eager chain (graph us, GB/s, % of copy)")
@@ -369,7 +384,7 @@ def run_families(device, args, rows, copy_gbs):
             inputs = [family_inputs(name, num_tokens, device, 1000 * s + num_tokens)[0] for s in range(sets)]
             grads = [torch.randn(num_tokens, spec["top_k"], device=device).to(spec["dtype"]) for _ in range(sets)]
             counts = torch.zeros(1, spec["E"], dtype=torch.int64, device=device)
-            split = spec["route"]["scoring"] == "sigmoid" and spec["E"] <= 256 and torch.cuda.is_available()
+            split = torch.cuda.is_available() and chunk_by_default(name, num_tokens)
             for provider in ("eager", "fastmask", "triton") + (("cuda_split",) if split else ()):
                 for mode in ("forward", "full") if provider != "cuda_split" else ("forward",):
                     fns = [family_call(provider, mode, name, x, g, counts) for x, g in zip(inputs, grads)]

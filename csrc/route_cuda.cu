@@ -61,7 +61,8 @@ struct RouteParams {
   int32_t shared_hist;      // 1: count into shared memory first
   int32_t prefetch;         // 1: load a warp's next rows before working on the current ones
   int32_t variant;          // 0: a row over several lanes ("split"); 1: a row per lane ("lane", where it applies);
-                            // 2: the sigmoid router's row over 4 lanes ("chunk", chunk_takes)
+                            // 2: a row over 4 lanes in columns of 32 experts ("chunk", chunk_takes: the sigmoid
+                            // router, and the softmax routers of 16-bit logits)
   int32_t ablation;         // benchmarking only (0 in normal use): a "lane" instance with parts of the work removed
   int32_t grid_policy;      // lane kernel: 0 a full wave of blocks, 1 balanced, 2 balanced, >= 2 tiles a warp (the op's)
   int32_t lane_options;     // benchmarking only (0 in normal use): 1 | option bits (kLaneOptions) of the lane instance
@@ -2096,15 +2097,87 @@ __host__ __device__ __forceinline__ ChunkSmem chunk_smem(const RouteParams& p) {
 }
 
 // Whether the chunk kernel takes this call (RouteParams already checked by the launcher's common checks)
-inline bool chunk_takes(const RouteParams& p) {
+inline bool chunk_takes(const RouteParams& p, int dtype) {
   const int e = p.num_experts;
-  return p.scoring == kScoringSigmoid && e % 32 == 0 && e >= 32 && e <= kChunkMaxExperts && p.top_k <= 8 &&
-         (p.n_group == 1 || (e / p.n_group) % 32 == 0);
+  if (e % 32 != 0 || e < 32 || e > kChunkMaxExperts) return false;
+  if (p.scoring == kScoringSigmoid) return p.top_k <= 8 && (p.n_group == 1 || (e / p.n_group) % 32 == 0);
+  // the softmax routers: 16-bit logits (32-bit keys), no group limit or bias
+  return dtype != kFloat32 && p.top_k <= 16 && p.n_group == 1 && p.bias == nullptr;
+}
+
+// The chunk kernels' dynamic shared memory (its layout: chunk_smem)
+__device__ __forceinline__ unsigned int* chunk_shared_memory() {
+  extern __shared__ __align__(16) unsigned int chunk_shared[];
+  return chunk_shared;
+}
+
+// The chunk kernels' block setup: the keep bits of every group (a word per warp step: a coalesced byte per lane and a
+// ballot) and the shared histogram cleared (the caller synchronises the block)
+__device__ __forceinline__ void chunk_block_setup(const RouteParams& p, int columns, unsigned int* keep_bits,
+                                                  unsigned int* hist) {
+  const int E = p.num_experts, G = p.num_groups;
+  const int warp_in_block = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (p.keep != nullptr) {
+    for (int w = warp_in_block; w < G * columns; w += kThreads / 32) {
+      const int g = w / columns, e = (w % columns) * 32 + lane;
+      const unsigned int word = __ballot_sync(0xffffffffu, p.keep[static_cast<int64_t>(g) * E + e] != 0);
+      if (lane == 0) keep_bits[w] = word;
+    }
+  }
+  if (p.counts != nullptr && p.shared_hist) {
+    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
+  }
+}
+
+// A lane's 8 logits of a row's column from e0 on: 16-byte vectors where the rows allow (vector_rows), else element
+// by element (zeros past the last row)
+template <typename T, int kVecs>
+__device__ __forceinline__ void chunk_load_column(const T* row_logits, int e0, bool vector_rows, bool row_valid,
+                                                  int64_t stride_e, uint4 (&raw)[kVecs]) {
+  if (vector_rows) {
+    const uint4* src = reinterpret_cast<const uint4*>(row_logits + e0);
+#pragma unroll
+    for (int q = 0; q < kVecs; ++q) raw[q] = row_valid ? __ldg(src + q) : make_uint4(0u, 0u, 0u, 0u);
+  } else {
+#pragma unroll
+    for (int q = 0; q < kVecs; ++q) raw[q] = make_uint4(0u, 0u, 0u, 0u);
+    T* out = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (row_valid) out[i] = row_logits[static_cast<int64_t>(e0 + i) * stride_e];
+    }
+  }
+}
+
+// A pick's weight, id and count (into the shared histogram, or straight to global memory)
+template <typename T>
+__device__ __forceinline__ void chunk_store_pick(const RouteParams& p, int64_t out, int expert, float weight,
+                                                 bool counted, int64_t g, unsigned int* hist) {
+  Elem<T>::store(p.weights, out, weight);
+  p.ids[out] = expert;
+  if (counted) {
+    if (p.shared_hist) {
+      atomicAdd(hist + g * p.num_experts + expert, 1u);
+    } else {
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + g * p.num_experts + expert), 1ull);
+    }
+  }
+}
+
+// The shared histogram added to the counts (after every row of the block)
+__device__ __forceinline__ void chunk_flush_hist(const RouteParams& p, const unsigned int* hist) {
+  if (p.counts != nullptr && p.shared_hist) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.num_groups * p.num_experts; i += blockDim.x) {
+      const unsigned int c = hist[i];
+      if (c != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + i), static_cast<unsigned long long>(c));
+    }
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(const RouteParams p) {
-  extern __shared__ __align__(16) unsigned int chunk_shared[];
+  unsigned int* const chunk_shared = chunk_shared_memory();
   const int E = p.num_experts, G = p.num_groups, top_k = p.top_k;
   const int columns = E / 32;
   const bool has_keep = p.keep != nullptr, has_counts = p.counts != nullptr, has_bias = p.bias != nullptr;
@@ -2122,16 +2195,7 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
   if (has_bias) {
     for (int e = threadIdx.x; e < E; e += blockDim.x) bias[e] = p.bias[e];
   }
-  if (has_keep) {  // a word per warp step: a coalesced byte per lane and a ballot
-    for (int w = warp_in_block; w < G * columns; w += kThreads / 32) {
-      const int g = w / columns, e = (w % columns) * 32 + lane;
-      const unsigned int word = __ballot_sync(0xffffffffu, p.keep[static_cast<int64_t>(g) * E + e] != 0);
-      if (lane == 0) keep_bits[w] = word;
-    }
-  }
-  if (has_counts && p.shared_hist) {
-    for (int i = threadIdx.x; i < G * E; i += blockDim.x) hist[i] = 0;
-  }
+  chunk_block_setup(p, columns, keep_bits, hist);
   __syncthreads();
 
   const T* logits = static_cast<const T*>(p.logits);
@@ -2165,20 +2229,7 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
       return bits;
     };
     auto load_column = [&](int c, uint4 (&raw)[kVecs]) {
-      const int e0 = 32 * c + 8 * sub;
-      if (vector_rows) {
-        const uint4* src = reinterpret_cast<const uint4*>(row_logits + e0);
-#pragma unroll
-        for (int q = 0; q < kVecs; ++q) raw[q] = row_valid ? __ldg(src + q) : make_uint4(0u, 0u, 0u, 0u);
-      } else {
-#pragma unroll
-        for (int q = 0; q < kVecs; ++q) raw[q] = make_uint4(0u, 0u, 0u, 0u);
-        T* out = reinterpret_cast<T*>(raw);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (row_valid) out[i] = row_logits[static_cast<int64_t>(e0 + i) * p.stride_e];
-        }
-      }
+      chunk_load_column<T, kVecs>(row_logits, 32 * c + 8 * sub, vector_rows, row_valid, p.stride_e, raw);
     };
     auto selection = [&](int c, const uint4 (&raw)[kVecs], float (&sel)[8]) {
       const int e0 = 32 * c + 8 * sub;
@@ -2344,34 +2395,174 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         const int j = 2 * sub + s;
-        if (j < top_k) {
-          const int64_t out = row * top_k + j;
-          Elem<T>::store(p.weights, out, w[s] * p.scale);  // (exact where scale is 1)
-          p.ids[out] = expert[s];
-          if (has_counts && in_group) {
-            if (p.shared_hist) {
-              atomicAdd(hist + g * E + expert[s], 1u);
-            } else {
-              atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + g * E + expert[s]), 1ull);
-            }
-          }
+        if (j < top_k) {  // (the scale: exact where it is 1)
+          chunk_store_pick<T>(p, row * top_k + j, expert[s], w[s] * p.scale, has_counts && in_group, g, hist);
         }
       }
     }
   }
+  chunk_flush_hist(p, hist);
+}
 
-  if (has_counts && p.shared_hist) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * E; i += blockDim.x) {
-      const unsigned int c = hist[i];
-      if (c != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + i), static_cast<unsigned long long>(c));
+// ---------------------------------------------------------------------------------------------------------------
+// The chunk kernel's softmax routers: 16-bit logits, E a multiple of 32 up to 512, top_k <= 16, softmax weights
+// (renormalised or not) times scale (chunk_takes: Qwen3-Next's 512 experts, top-10). The same rows over 4 lanes and
+// columns of 32 experts as the sigmoid router's, with the split kernel's 32-bit keys (Keys<T, 512>: the 16-bit
+// logit's order above, the code kChunkCodeBase - e below; a masked expert below every allowed one), so that every
+// compare-exchange is one max and one min. Each lane keeps the top NK (8 for top_k <= 8, else 16) of the keys it has
+// seen, sorted, merging each column's sorted 8 in, then the row's 4 lanes merge theirs in two shuffle steps. The
+// softmax's denominator is summed in the same pass: each lane's sum of exp(z - m) over its allowed experts with m its
+// running maximum (rescaled when a column raises it), the lanes' sums then brought to the row's largest logit.
+// ---------------------------------------------------------------------------------------------------------------
+
+// a bitonic sequence of 16 32-bit keys, sorted descending
+__device__ __forceinline__ void bitonic_clean16_desc(unsigned int (&t)[16]) {
+  const MinMaxExchange<Key32> x{};
+#pragma unroll
+  for (int d = 8; d >= 1; d >>= 1) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      if ((i & d) == 0) x(t[i], t[i + d]);
     }
   }
 }
 
-template <typename T>
-cudaError_t launch_chunk(const RouteParams& p, int device, cudaStream_t stream) {
-  constexpr auto kernel = route_chunk_kernel<T>;
+// top = the NK largest of top (NK sorted descending) and c (sorted descending, NC of them, NC <= NK: c as if padded
+// with keys below every other), sorted descending
+template <int NK, int NC>
+__device__ __forceinline__ void merge_desc(unsigned int (&top)[NK], const unsigned int (&c)[NC]) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) top[NK - NC + i] = max(top[NK - NC + i], c[NC - 1 - i]);  // a bitonic sequence
+  if constexpr (NK == 8) {
+    bitonic_clean8_desc<Key32>(top);
+  } else {
+    bitonic_clean16_desc(top);
+  }
+}
+
+template <typename T, int NK>
+__global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_softmax_kernel(const RouteParams p) {
+  static_assert(sizeof(T) == 2 && (NK == 8 || NK == 16), "16-bit logits, lists of 8 or 16");
+  using K = Keys<T, kChunkMaxExperts>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kVecs = 1;  // a lane's 8 16-bit logits of a column: one 16-byte vector
+  constexpr int kPicksPerLane = NK / kChunkRowLanes;
+  unsigned int* const chunk_shared = chunk_shared_memory();
+  const int E = p.num_experts, top_k = p.top_k;
+  const int columns = E / 32;
+  const bool has_counts = p.counts != nullptr;
+  const ChunkSmem layout = chunk_smem(p);
+  unsigned int* keep_bits = chunk_shared + layout.keep;
+  unsigned int* hist = chunk_shared + layout.hist;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane % kChunkRowLanes, row_in_warp = lane / kChunkRowLanes;
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access)
+  chunk_block_setup(p, columns, keep_bits, hist);
+  __syncthreads();
+
+  const T* logits = static_cast<const T*>(p.logits);
+  const bool vector_rows = p.stride_e == 1 && (p.stride_t * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t step = num_warps * kChunkRowsPerWarp;
+  const unsigned int lane_code = kChunkCodeBase - 8 * sub;  // code of expert 32c + 8 sub + i: lane_code - 32c - i
+
+  for (int64_t base = warp_id * kChunkRowsPerWarp; base < p.num_tokens; base += step) {
+    const int64_t row = base + row_in_warp;
+    const bool row_valid = row < p.num_tokens;
+    int64_t g = 0;  // ids outside [0, G) act as -1 (no mask, not counted); no group tensor means group 0
+    if (p.group != nullptr && row_valid) {
+      g = p.group_is_int64 ? static_cast<const int64_t*>(p.group)[row]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(p.group)[row]);
+    }
+    const bool in_group = row_valid && g >= 0 && g < p.num_groups;
+    const unsigned int* row_keep = p.keep != nullptr && in_group ? keep_bits + g * columns : nullptr;
+    const T* row_logits = logits + (row_valid ? row : 0) * p.stride_t;
+
+    unsigned int top[NK];
+#pragma unroll
+    for (int i = 0; i < NK; ++i) top[i] = 0;  // (below every expert's key, a masked one's included)
+    float lane_max = -INFINITY, lane_sum = 0.0f;  // the lane's running maximum and sum of exp(z - lane_max)
+    uint4 next[kVecs];
+    chunk_load_column<T, kVecs>(row_logits, 8 * sub, vector_rows, row_valid, p.stride_e, next);
+    for (int c = 0; c < columns; ++c) {
+      uint4 raw[kVecs];
+      raw[0] = next[0];
+      if (c + 1 < columns) {  // (the next column's load in flight while this one is worked on)
+        chunk_load_column<T, kVecs>(row_logits, 32 * (c + 1) + 8 * sub, vector_rows, row_valid, p.stride_e, next);
+      }
+      const T* v = reinterpret_cast<const T*>(raw);
+      unsigned int allowed = row_valid ? 0xFFu : 0u;
+      if (row_keep != nullptr) allowed &= row_keep[c] >> (8 * sub);
+      float z[8];
+      unsigned int keys[8];
+      float column_max = -INFINITY;  // (NaN aside: a NaN makes the sum NaN below)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        z[i] = Elem<T>::to_float(v[i]);
+        const bool ok = (allowed >> i) & 1u;
+        const unsigned int code = lane_code - 32 * c - i;
+        keys[i] = ok ? K::allowed(z[i], code) : K::masked(code);
+        if (ok) column_max = fmaxf(column_max, z[i]);
+      }
+      if (column_max > lane_max) {  // (from -inf, or to +inf: the old sum times 0)
+        lane_sum *= fast_exp2((lane_max - column_max) * kLog2e);
+        lane_max = column_max;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // an allowed -inf adds nothing; +inf and NaN make the sum NaN
+        const bool term = ((allowed >> i) & 1u) && z[i] != -INFINITY;
+        lane_sum += term ? fast_exp2((z[i] - lane_max) * kLog2e) : 0.0f;
+      }
+      sort8_desc<Key32>(keys);
+      merge_desc<NK, 8>(top, keys);
+    }
+#pragma unroll
+    for (int off = 1; off < kChunkRowLanes; off <<= 1) {  // the row's top NK in each of its lanes
+      unsigned int other[NK];
+#pragma unroll
+      for (int i = 0; i < NK; ++i) other[i] = __shfl_xor_sync(0xffffffffu, top[i], off, kChunkRowLanes);
+      merge_desc<NK, NK>(top, other);
+    }
+
+    // the softmax denominator at the row's largest allowed logit (the split kernel's: NaN where that is NaN, -inf
+    // where none is allowed or all are -inf, and then NaN weights)
+    const float row_max = K::is_allowed(top[0]) ? K::logit(top[0]) : -INFINITY;
+    const float at_row_max = lane_sum == 0.0f ? 0.0f : lane_sum * fast_exp2((lane_max - row_max) * kLog2e);
+    float inv = fast_rcp(row_sum<kChunkRowLanes>(at_row_max));
+    if (!p.renormalize) inv *= p.scale;  // (the weights' factor: exact where it is 1)
+
+    // lane sub weighs picks kPicksPerLane sub .. kPicksPerLane (sub + 1) - 1
+    float w[kPicksPerLane];
+    int expert[kPicksPerLane];
+    float picked_sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kPicksPerLane; ++s) {
+      const unsigned int key = sub == 0 ? top[s] : sub == 1 ? top[kPicksPerLane + s]
+                             : sub == 2 ? top[2 * kPicksPerLane + s] : top[3 * kPicksPerLane + s];
+      expert[s] = min(K::expert(key), E - 1);
+      w[s] = K::is_allowed(key) ? fast_exp2((K::logit(key) - row_max) * kLog2e) * inv : 0.0f * inv;
+      if (kPicksPerLane * sub + s < top_k) picked_sum += w[s];
+    }
+    if (p.renormalize) {
+      const float rinv = fast_rcp(row_sum<kChunkRowLanes>(picked_sum)) * p.scale;
+#pragma unroll
+      for (int s = 0; s < kPicksPerLane; ++s) w[s] *= rinv;
+    }
+    if (row_valid) {
+#pragma unroll
+      for (int s = 0; s < kPicksPerLane; ++s) {
+        const int j = kPicksPerLane * sub + s;
+        if (j < top_k) chunk_store_pick<T>(p, row * top_k + j, expert[s], w[s], has_counts && in_group, g, hist);
+      }
+    }
+  }
+  chunk_flush_hist(p, hist);
+}
+
+template <auto kernel>
+cudaError_t launch_chunk_kernel(const RouteParams& p, int device, cudaStream_t stream) {
   const size_t smem = sizeof(unsigned int) * chunk_smem(p).words;
   // one resident wave of blocks, each walking rows grid-stride (fewer when T is small)
   int sms = 0, resident = 0;
@@ -2386,11 +2577,26 @@ cudaError_t launch_chunk(const RouteParams& p, int device, cudaStream_t stream) 
   return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }
 
+// the sigmoid router's kernel, or the softmax routers' with lists of 8 or 16 (16-bit logits: chunk_takes)
+template <typename T>
+cudaError_t launch_chunk(const RouteParams& p, int device, cudaStream_t stream) {
+  if (p.scoring == kScoringSigmoid) return launch_chunk_kernel<route_chunk_kernel<T>>(p, device, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (p.top_k <= 8) return launch_chunk_kernel<route_chunk_softmax_kernel<T, 8>>(p, device, stream);
+    return launch_chunk_kernel<route_chunk_softmax_kernel<T, 16>>(p, device, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t preload_chunk() {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, route_chunk_kernel<float>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_kernel<__half>);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_kernel<__nv_bfloat16>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_softmax_kernel<__half, 8>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_softmax_kernel<__half, 16>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_softmax_kernel<__nv_bfloat16, 8>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_chunk_softmax_kernel<__nv_bfloat16, 16>);
   return err;
 }
 
@@ -2458,7 +2664,7 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
                          p.topk_group > p.n_group))) {
     return cudaErrorInvalidValue;
   }
-  if (chunk && !chunk_takes(p)) return cudaErrorInvalidValue;
+  if (chunk && !chunk_takes(p, dtype)) return cudaErrorInvalidValue;
   const bool default_router = !sigmoid && p.scale == 1.0f;
   if ((p.ablation != 0 || p.lane_options != 0) && !default_router) return cudaErrorInvalidValue;  // (benchmarking)
   choose_shared_hist(p);

@@ -766,6 +766,68 @@ def test_forward_variant_sends_the_sigmoid_routers_to_the_chunk_kernel(monkeypat
         cuda_route._variant_default.cache_clear()
 
 
+def test_forward_variant_sends_wide_softmax_routers_to_the_chunk_kernel(monkeypatch):
+    """The softmax routers of 16-bit logits that chunk_takes accepts run the chunk kernel by default from
+    CHUNK_SOFTMAX_MIN_EXPERTS experts and CHUNK_MIN_TOKENS rows on (Qwen3-Next's 512 experts, top-10), the default
+    variant below either; an explicit "chunk" takes any of them, float32 logits, top_k over 16 and group limits
+    none; $MOE_FASTMASK_CUDA_VARIANT=split keeps them on the split kernel, =chunk sends every one to the chunk
+    kernel."""
+    monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
+    large, wide = cuda_route.CHUNK_MIN_TOKENS, cuda_route.CHUNK_SOFTMAX_MIN_EXPERTS
+
+    def rows(T, E, dtype=torch.bfloat16):  # (logits of that shape: only the shape and dtype are read)
+        return torch.empty(1, E, dtype=dtype).expand(T, E)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for E, k in ((512, 10), (256, 8), (384, 16), (wide, 1)):
+            assert cuda_route.chunk_takes(E, k, dtype=dtype), (E, k)
+            assert cuda_route.forward_variant(rows(large, E, dtype), k) == "chunk", (E, k)
+            assert cuda_route.forward_variant(rows(large, E, dtype), k, scoring="softmax_chosen") == "chunk"
+            assert cuda_route.forward_variant(rows(large - 1, E, dtype), k) == "lane", (E, k)  # (the split kernel)
+            assert cuda_route.forward_variant(rows(large, E, dtype), k, "split") == "split"
+        for E, k in ((32, 8), (160, 8), (wide - 32, 16)):  # (narrower: the chunk kernel on request only)
+            assert cuda_route.chunk_takes(E, k, dtype=dtype), (E, k)
+            assert cuda_route.forward_variant(rows(large, E, dtype), k) == "lane", (E, k)
+            assert cuda_route.forward_variant(rows(4, E, dtype), k, "chunk") == "chunk", (E, k)
+    for E, k, dtype, n_group in ((512, 10, torch.float32, 1), (256, 17, torch.bfloat16, 1), (60, 4, torch.bfloat16, 1),
+                                 (544, 8, torch.bfloat16, 1), (256, 8, torch.bfloat16, 2), (256, 8, None, 1)):
+        assert not cuda_route.chunk_takes(E, k, dtype=dtype, n_group=n_group), (E, k, dtype, n_group)
+    with pytest.raises(ValueError, match="variant 'chunk'.*float16 / bfloat16"):
+        cuda_route.forward_variant(rows(large, 512, torch.float32), 10, "chunk")
+    try:  # (the environment is read once)
+        for name, expected in (("split", "split"), ("chunk", "chunk")):
+            monkeypatch.setenv(cuda_route.VARIANT_ENV, name)
+            cuda_route._variant_default.cache_clear()
+            assert cuda_route.forward_variant(rows(large, 512), 10) == expected, name
+            assert cuda_route.forward_variant(rows(4, 160), 8) == expected, name
+    finally:
+        monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
+        cuda_route._variant_default.cache_clear()
+
+
+@gpu
+def test_wide_softmax_routers_from_the_chunk_kernels_size_through_the_op(cuda_kernel):
+    """The op (``route``, backend "cuda") where its default is the chunk kernel's softmax: Qwen3-Next's router (512
+    bf16 experts, top-10, renormalised) and top-8 / top-16 of 256 float16 experts with a scale, with keep masks
+    (tight ones too), group ids and counts, at CHUNK_MIN_TOKENS rows and more (several grid-stride steps a warp at
+    the largest size), ids and counts exact against the reference."""
+    gen = torch.Generator().manual_seed(SESSION_SEED + 59)
+    shapes = ((512, 10, torch.bfloat16, True, {}), (256, 8, torch.float16, False, dict(scale=2.5)),
+              (256, 16, torch.bfloat16, False, dict(scoring="softmax_chosen")))
+    for n, (E, k, dtype, renormalize, route_variant) in enumerate(shapes):
+        T = (cuda_route.CHUNK_MIN_TOKENS, 3 * cuda_route.CHUNK_MIN_TOKENS + 37, 12 * cuda_route.CHUNK_MIN_TOKENS)[n]
+        assert cuda_route.forward_variant(torch.empty(1, E, dtype=dtype).expand(T, E), k) == "chunk", (E, T)
+        logits = adversarial_logits(("normal", "ties", "wide")[n], T, E, dtype, gen)
+        keep = make_keep(3, E, k, n == 1, gen)
+        group = torch.randint(-1, 3, (T,), generator=gen)
+        start = torch.randint(0, 1000, (3, E), dtype=torch.int64)
+        counts = start.cuda()
+        weights, ids = route(logits.cuda(), k, keep.cuda(), group.cuda(), counts, renormalize, backend="cuda",
+                             **route_variant)
+        assert_matches_reference(weights.cpu(), ids.cpu(), counts.cpu(), start, logits, k, keep, group, renormalize,
+                                 f"E={E} T={T} {dtype}", variant=route_variant)
+
+
 def test_supports_cuda_tensors_only():
     x = torch.randn(4, 64)
     assert not cuda_route.supports(x, 8)  # CPU tensor
@@ -1287,6 +1349,7 @@ def emulated_forward_checks(library: str) -> None:
     check_emulated(run, wide.t().contiguous().t()[:, :64], 8, None, None, 1, False, "column-major logits")
     emulated_variant_checks(run, gen)
     emulated_chunk_checks(run, gen)
+    emulated_chunk_softmax_checks(run, gen)
     print("emulated forward checks passed")
 
 
@@ -1401,6 +1464,55 @@ def emulated_chunk_checks(run, gen: torch.Generator) -> None:
         check_emulated(run, logits, 8, None, None, 1, False, f"chunk, bias -inf, groups {n_group}/{topk_group}",
                        variant="chunk", route_variant=dict(scoring="sigmoid", bias=bias, n_group=n_group,
                                                            topk_group=topk_group))
+
+
+# the chunk kernel's softmax routers (E, top_k): one column, lists of 8 and of 16 (top_k over 8), GLM-4.5's width,
+# Qwen3-Next's 512 top-10, top-16 of 512
+CHUNK_SOFTMAX_SHAPES = [(32, 1), (32, 16), (64, 8), (96, 9), (160, 8), (256, 8), (288, 3), (384, 16), (512, 10),
+                        (512, 16)]
+
+
+def emulated_chunk_softmax_checks(run, gen: torch.Generator) -> None:
+    """The chunk kernel's softmax routers (16-bit logits) against the reference, ids exact, and against the split
+    kernel (the same keys, so the same ids): every shape of CHUNK_SOFTMAX_SHAPES in both 16-bit dtypes, with and
+    without renormalisation, a scale, softmax over the chosen experts, keep masks (tight ones: rows with fewer
+    allowed experts than top_k), out-of-range group ids and partial warps; then the adversarial values (ties, signed
+    zeros, -inf, wide ranges), and strided, misaligned and column-major rows."""
+    dtypes = (torch.float16, torch.bfloat16)
+    for n, ((E, k), dtype) in enumerate(itertools.product(CHUNK_SOFTMAX_SHAPES, dtypes)):
+        assert cuda_route.chunk_takes(E, k, dtype=dtype), (E, k, dtype)
+        T = (45, 200, 1, 9)[n % 4]
+        route_variant = (dict(scale=2.5), {}, dict(scoring="softmax_chosen"))[n % 3]
+        renormalize = n % 2 == 0
+        logits = adversarial_logits(("normal", "ties", "wide")[n % 3], T, E, dtype, gen)
+        keep = make_keep(3, E, k, n % 2 == 0, gen)
+        group = torch.randint(-1, 4, (T,), generator=gen)
+        if n % 4 == 1:
+            group = group.to(torch.int32)
+        where = f"chunk softmax E={E} k={k} T={T} {dtype} {route_variant}"
+        for keep_g, group_g, G in ((keep, group, 3), (None, None, 1)):
+            check_emulated(run, logits, k, keep_g, group_g, G, renormalize, where, variant="chunk",
+                           route_variant=route_variant)
+            weights, ids = run(logits, k, keep_g, group_g, None, renormalize, variant="chunk",
+                               route_variant=route_variant)
+            split_w, split_ids = run(logits, k, keep_g, group_g, None, renormalize, variant="split",
+                                     route_variant=route_variant)
+            assert torch.equal(ids, split_ids), f"{where}: chunk and split kernels chose differently"
+            torch.testing.assert_close(weights, split_w, equal_nan=True, msg=lambda m: f"{where}\n{m}")
+    for n, kind in enumerate(KINDS):
+        E, k = CHUNK_SOFTMAX_SHAPES[n % len(CHUNK_SOFTMAX_SHAPES)]
+        dtype = (torch.float16, torch.bfloat16)[n % 2]
+        logits = adversarial_logits(kind, 70, E, dtype, gen)
+        keep = make_keep(2, E, k, n % 2 == 1, gen)
+        group = torch.randint(-1, 2, (70,), generator=gen)
+        check_emulated(run, logits, k, keep, group, 2, n % 2 == 0, f"chunk softmax {kind} E={E} {dtype}",
+                       variant="chunk")
+    # rows of a stride that is not a multiple of 16 bytes, or at an odd offset: the kernel's element loads
+    wide = adversarial_logits("normal", 50, 544, torch.bfloat16, gen)
+    check_emulated(run, wide[:, :512], 10, None, None, 1, True, "chunk softmax, row stride 544", variant="chunk")
+    check_emulated(run, wide[:, 1:257], 8, None, None, 1, False, "chunk softmax, misaligned rows", variant="chunk")
+    check_emulated(run, wide.t().contiguous().t()[:, :160], 12, None, None, 1, False,
+                   "chunk softmax, column-major logits", variant="chunk")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")

@@ -59,10 +59,11 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies), 
 # with E in LANE_EXPERTS and contiguous, 16-byte aligned rows, or E a multiple of 4 below one of them and 8-byte
 # aligned rows (padded, with the padding masked), top_k <= 8 (other calls run "split", and so do, by default, calls
 # under LANE_MIN_TOKENS: see default_variant)
-# "chunk": the sigmoid router's kernel, a row over 4 lanes in columns of 32 experts, for the calls chunk_takes accepts
-# (E a multiple of 32 up to 512 in every dtype, top_k <= 8, groups of whole columns; the default for them from
+# "chunk": a row over 4 lanes in columns of 32 experts, for the calls chunk_takes accepts: the sigmoid router (E a
+# multiple of 32 up to 512 in every dtype, top_k <= 8, groups of whole columns; the default for them from
 # CHUNK_MIN_TOKENS rows on, 1.5-1.9x the split kernel's speed at T = 262,144: benchmarks/RESULTS.md, twenty-second
-# round); other sigmoid calls run "split" (E <= 256)
+# round; other sigmoid calls run "split", E <= 256) and the softmax routers of 16-bit logits (top_k <= 16; the default
+# from CHUNK_SOFTMAX_MIN_EXPERTS experts and CHUNK_MIN_TOKENS rows on)
 VARIANTS = {"split": 0, "lane": 1, "chunk": 2}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
 # else the other) or "split" (a row over several lanes, every call)
@@ -118,7 +119,11 @@ MAX_EXPERTS = 512  # 16-bit logits (a row over one warp's 32 lanes, 16 each)
 MAX_EXPERTS_FLOAT32 = 256
 MAX_SIGMOID_EXPERTS = 256  # the split kernel's sigmoid router (8 experts a lane whatever the dtype: 64-bit keys)
 CHUNK_MAX_EXPERTS = 512  # the chunk kernel (chunk_takes), every dtype
-CHUNK_MAX_TOP_K = 8
+CHUNK_MAX_TOP_K = 8  # its sigmoid router
+CHUNK_SOFTMAX_MAX_TOP_K = 16  # its softmax routers (16-bit logits)
+# The default variant's rule for the softmax routers (forward_variant): "chunk" from this many experts on (and
+# CHUNK_MIN_TOKENS rows), where the lane kernel does not take the call and the split kernel spends a warp step per row
+CHUNK_SOFTMAX_MIN_EXPERTS = 256
 # The default variant's size rule for the sigmoid router (forward_variant): calls with fewer rows than this that the
 # split kernel takes run "split", which is the faster there: the chunk kernel gives a warp 8 rows, and few rows leave
 # the SMs few warps to hide a row's chain of column loads with (H200, us, chunk / split: DeepSeek-V3's router 17.5 /
@@ -540,42 +545,56 @@ def default_router(scoring: str, scale: float) -> bool:
     return scoring == "softmax" and float(scale) == 1.0
 
 
-def chunk_takes(num_experts: int, top_k: int, *, scoring: str = "softmax", n_group: int = 1) -> bool:
-    """Whether the ``"chunk"`` variant takes a call of the sigmoid router with ``num_experts`` experts (the default
-    variant for it where it does): E a multiple of 32 up to ``CHUNK_MAX_EXPERTS``, ``top_k <= 8``, and no group limit
-    or groups of whole 32-expert columns (``E / n_group`` a multiple of 32, as DeepSeek-V3's 8 groups of 32)."""
-    return (
-        scoring == "sigmoid"
-        and num_experts % 32 == 0
-        and 32 <= num_experts <= CHUNK_MAX_EXPERTS
-        and 1 <= top_k <= CHUNK_MAX_TOP_K
-        and n_group >= 1
-        and (n_group == 1 or (num_experts % n_group == 0 and (num_experts // n_group) % 32 == 0))
-    )
+def chunk_takes(num_experts: int, top_k: int, *, scoring: str = "softmax", n_group: int = 1,
+                dtype: torch.dtype | None = None) -> bool:
+    """Whether the ``"chunk"`` variant takes a call with ``num_experts`` experts: E a multiple of 32 up to
+    ``CHUNK_MAX_EXPERTS``, and either the sigmoid router with ``top_k <= 8`` and no group limit or groups of whole
+    32-expert columns (``E / n_group`` a multiple of 32, as DeepSeek-V3's 8 groups of 32), in every dtype; or a softmax
+    router (``softmax``, ``softmax_chosen``, any scale) of float16 / bfloat16 logits (``dtype``) with
+    ``top_k <= CHUNK_SOFTMAX_MAX_TOP_K`` and no group limit."""
+    if num_experts % 32 or not 32 <= num_experts <= CHUNK_MAX_EXPERTS or top_k < 1 or n_group < 1:
+        return False
+    if scoring == "sigmoid":
+        return top_k <= CHUNK_MAX_TOP_K and (
+            n_group == 1 or (num_experts % n_group == 0 and (num_experts // n_group) % 32 == 0)
+        )
+    return dtype in (torch.float16, torch.bfloat16) and top_k <= CHUNK_SOFTMAX_MAX_TOP_K and n_group == 1
 
 
 def forward_variant(logits: Tensor, top_k: int, variant: str | None = None, *, scoring: str = "softmax",
                     n_group: int = 1) -> str:
-    """The kernel variant (``VARIANTS``) that :func:`route_forward` runs for ``variant`` (None: the default): for the
-    sigmoid router's calls that :func:`chunk_takes` accepts, ``"chunk"``, except where the split kernel also takes the
-    call (E <= 256) and ``$MOE_FASTMASK_CUDA_VARIANT`` is ``"split"``, or the call has fewer than
-    ``CHUNK_MIN_TOKENS`` rows and that variable is not ``"chunk"``; for the others :func:`default_variant` (``"lane"``
-    where that names ``"chunk"``). An explicit ``"chunk"`` must be a call chunk_takes accepts (ValueError)."""
+    """The kernel variant (``VARIANTS``) that :func:`route_forward` runs for ``variant`` (None: the default).
+
+    For the sigmoid router's calls that :func:`chunk_takes` accepts, ``"chunk"``, except where the split kernel also
+    takes the call (E <= 256) and ``$MOE_FASTMASK_CUDA_VARIANT`` is ``"split"``, or the call has fewer than
+    ``CHUNK_MIN_TOKENS`` rows and that variable is not ``"chunk"``. For the softmax routers' calls that chunk_takes
+    accepts, ``"chunk"`` where that variable is ``"chunk"``, or, unless it is ``"split"``, from
+    ``CHUNK_SOFTMAX_MIN_EXPERTS`` experts and ``CHUNK_MIN_TOKENS`` rows on. For the others :func:`default_variant`
+    (``"lane"`` where that names ``"chunk"``). An explicit ``"chunk"`` must be a call chunk_takes accepts
+    (ValueError)."""
     num_tokens, num_experts = logits.shape
-    chunk = chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group)
+    chunk = chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group, dtype=logits.dtype)
     if variant is None:
         name = _variant_default()
-        split_takes = num_experts <= MAX_SIGMOID_EXPERTS
-        if chunk and (not split_takes or name == "chunk" or (name != "split" and num_tokens >= CHUNK_MIN_TOKENS)):
-            return "chunk"
+        if chunk and name != "split":
+            if scoring == "sigmoid":
+                large = num_tokens >= CHUNK_MIN_TOKENS or num_experts > MAX_SIGMOID_EXPERTS
+            else:
+                large = num_tokens >= CHUNK_MIN_TOKENS and num_experts >= CHUNK_SOFTMAX_MIN_EXPERTS
+            if name == "chunk" or large:
+                return "chunk"
+        if chunk and scoring == "sigmoid" and num_experts > MAX_SIGMOID_EXPERTS:
+            return "chunk"  # (the split kernel cannot take it)
         variant = default_variant(logits)
         return "lane" if variant == "chunk" else variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     if variant == "chunk" and not chunk:
-        raise ValueError("variant 'chunk' runs the sigmoid router with E a multiple of 32 up to "
-                         f"{CHUNK_MAX_EXPERTS}, top_k <= {CHUNK_MAX_TOP_K} and groups of whole 32-expert columns "
-                         f"(chunk_takes), got scoring={scoring!r}, E={num_experts}, top_k={top_k}, n_group={n_group}")
+        raise ValueError("variant 'chunk' takes E a multiple of 32 up to "
+                         f"{CHUNK_MAX_EXPERTS}: the sigmoid router with top_k <= {CHUNK_MAX_TOP_K} and groups of "
+                         "whole 32-expert columns, or a softmax router of float16 / bfloat16 logits with top_k <= "
+                         f"{CHUNK_SOFTMAX_MAX_TOP_K} (chunk_takes), got scoring={scoring!r}, E={num_experts}, "
+                         f"top_k={top_k}, n_group={n_group}, {logits.dtype}")
     if variant != "chunk" and scoring == "sigmoid" and num_experts > MAX_SIGMOID_EXPERTS:
         raise ValueError(f"variant {variant!r} runs the sigmoid router on the split kernel, which takes up to "
                          f"{MAX_SIGMOID_EXPERTS} experts, got E={num_experts} (variant 'chunk' takes it where "
@@ -658,7 +677,7 @@ def supports(
     max_experts = MAX_EXPERTS_FLOAT32 if logits.dtype == torch.float32 else MAX_EXPERTS
     if scoring == "sigmoid":
         max_experts = min(max_experts, MAX_SIGMOID_EXPERTS)
-        if chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group):
+        if chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group, dtype=logits.dtype):
             max_experts = CHUNK_MAX_EXPERTS
     if not 1 <= num_experts <= max_experts or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         return False
