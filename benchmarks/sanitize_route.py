@@ -14,7 +14,8 @@ backend also runs a case with more groups than its shared-memory histogram holds
 logits at a storage offset that breaks 16-byte alignment (its scalar loads), the lane kernel's tournament top-k
 (forward only: through its benchmark option, and the op's own instances on inputs large enough to take them), and the
 router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers on
-the chunk kernel, the split kernel's sigmoid instances, and the sigmoid group limit's general form).
+the chunk kernel, the split kernel's sigmoid instances, and the sigmoid group limit's general form), and the chunk
+kernel's softmax routers (Qwen3-Next's top-10 of 512 experts; forward only).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -182,6 +183,16 @@ def main(argv=None) -> None:
             check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant)
         check(160, 8, torch.bfloat16, torch.int64, device, backend="cuda", misaligned=True, backward=backward,
               variant=dict(scoring="sigmoid", bias=True))
+        # the chunk kernel's softmax routers (16-bit logits from 256 experts, its default from CHUNK_MIN_TOKENS rows
+        # on): Qwen3-Next's top-10 of 512 (lists of 16), top-8 of 256 with a scale (lists of 8), misaligned rows
+        chunk_repeats = -(-cuda_route.CHUNK_MIN_TOKENS // 10)
+        for num_experts, top_k, dtype, group_dtype, variant, misaligned in (
+            (512, 10, torch.bfloat16, torch.int32, {}, False),
+            (256, 8, torch.float16, torch.int64, dict(scale=2.5), False),
+            (256, 16, torch.bfloat16, torch.int64, dict(scoring="softmax_chosen"), True),
+        ):
+            check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=False, variant=variant,
+                  misaligned=misaligned, repeats=chunk_repeats)
 
 
 if __name__ == "__main__":
