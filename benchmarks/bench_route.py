@@ -44,7 +44,7 @@ Section ``families``: ``route`` at each model family's router (E, top-k, scoring
 ``--family-sizes`` tokens (default 4,096 and 262,144), forward and forward + backward, against that family's own
 eager router chain (Hugging Face's code after the gate projection, plus counting), with the same GB/s and % of copy
 columns; ``route`` on its Triton kernels too, and where the chunk kernel is the default and the CUDA split kernel
-takes the call too (the sigmoid routers of at most 256 experts, the softmax routers of 16-bit logits from 256 experts
+takes the call too (the sigmoid routers of at most 256 experts, the softmax routers of 16-bit logits from 160 experts
 on, from 8,192 rows on) the split kernel's forward (``cuda_split``), which the chunk kernel replaced there. ``--smoke``
 runs every family's chain and ``route`` once on small CPU inputs and checks they agree (no GPU needed).
 

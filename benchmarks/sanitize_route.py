@@ -183,7 +183,7 @@ def main(argv=None) -> None:
             check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant)
         check(160, 8, torch.bfloat16, torch.int64, device, backend="cuda", misaligned=True, backward=backward,
               variant=dict(scoring="sigmoid", bias=True))
-        # the chunk kernel's softmax routers (16-bit logits from 256 experts, its default from CHUNK_MIN_TOKENS rows
+        # the chunk kernel's softmax routers (16-bit logits from 160 experts, its default from CHUNK_MIN_TOKENS rows
         # on): Qwen3-Next's top-10 of 512 (lists of 16), top-8 of 256 with a scale (lists of 8), misaligned rows
         chunk_repeats = -(-cuda_route.CHUNK_MIN_TOKENS // 10)
         for num_experts, top_k, dtype, group_dtype, variant, misaligned in (

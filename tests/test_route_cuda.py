@@ -779,15 +779,16 @@ def test_forward_variant_sends_wide_softmax_routers_to_the_chunk_kernel(monkeypa
         return torch.empty(1, E, dtype=dtype).expand(T, E)
 
     for dtype in (torch.float16, torch.bfloat16):
-        for E, k in ((512, 10), (256, 8), (384, 16), (wide, 1)):
+        for E, k in ((512, 10), (256, 8), (384, 16), (wide, 1), (192, 16)):
             assert cuda_route.chunk_takes(E, k, dtype=dtype), (E, k)
             assert cuda_route.forward_variant(rows(large, E, dtype), k) == "chunk", (E, k)
             assert cuda_route.forward_variant(rows(large, E, dtype), k, scoring="softmax_chosen") == "chunk"
             assert cuda_route.forward_variant(rows(large - 1, E, dtype), k) == "lane", (E, k)  # (the split kernel)
             assert cuda_route.forward_variant(rows(large, E, dtype), k, "split") == "split"
-        for E, k in ((32, 8), (160, 8), (wide - 32, 16)):  # (narrower: the chunk kernel on request only)
+        for E, k in ((32, 8), (128, 8), (wide - 32, 16)):  # (narrower: the chunk kernel on request only)
             assert cuda_route.chunk_takes(E, k, dtype=dtype), (E, k)
-            assert cuda_route.forward_variant(rows(large, E, dtype), k) == "lane", (E, k)
+            logits = rows(large, E, dtype)
+            assert cuda_route.forward_variant(logits, k) == cuda_route.default_variant(logits) != "chunk", (E, k)
             assert cuda_route.forward_variant(rows(4, E, dtype), k, "chunk") == "chunk", (E, k)
     for E, k, dtype, n_group in ((512, 10, torch.float32, 1), (256, 17, torch.bfloat16, 1), (60, 4, torch.bfloat16, 1),
                                  (544, 8, torch.bfloat16, 1), (256, 8, torch.bfloat16, 2), (256, 8, None, 1)):
@@ -799,7 +800,7 @@ def test_forward_variant_sends_wide_softmax_routers_to_the_chunk_kernel(monkeypa
             monkeypatch.setenv(cuda_route.VARIANT_ENV, name)
             cuda_route._variant_default.cache_clear()
             assert cuda_route.forward_variant(rows(large, 512), 10) == expected, name
-            assert cuda_route.forward_variant(rows(4, 160), 8) == expected, name
+            assert cuda_route.forward_variant(rows(4, 128), 8) == expected, name
     finally:
         monkeypatch.delenv(cuda_route.VARIANT_ENV, raising=False)
         cuda_route._variant_default.cache_clear()
