@@ -570,8 +570,8 @@ def route(
             ``counts[g, e] += number of tokens of group g routed to e`` (each (token, chosen expert) once).
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
         backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
-            ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``, or the calls
-            ``cuda_route.chunk_takes`` accepts: top-8 with E a multiple of 32 up to 512), the backward of the
+            ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``, or the sigmoid
+            calls ``cuda_route.chunk_takes`` accepts: top-8 with E a multiple of 32 up to 512), the backward of the
             default router with ``E <= 256``; Triton for the other variants and shapes), ``"triton"``,
             ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
