@@ -1047,12 +1047,17 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
         "                     ('bias on softmax', dict(scoring=0, bias=64)), ('groups on softmax', dict(scoring=0,\n"
         "                      n_group=4, topk_group=2)), ('groups of 1', dict(n_group=256, topk_group=8)),\n"
         "                     ('topk_group 0', dict(n_group=8, topk_group=0)), ('inf scale', dict(scale=1e39)),\n"
-        "                     ('chunk softmax', dict(variant=2, scoring=0)), ('chunk k9', dict(variant=2, top_k=9)),\n"
+        "                     ('chunk softmax bias', dict(variant=2, scoring=0, bias=64)),\n"
+        "                     ('chunk k9', dict(variant=2, top_k=9)),\n"
         "                     ('chunk E 300', dict(variant=2, num_experts=300)),\n"
         "                     ('chunk E 544', dict(variant=2, num_experts=544)),\n"
         "                     ('chunk groups of 16', dict(variant=2, n_group=16, topk_group=4))):\n"
         "    p = c.RouteParams(**dict(sig, **change))\n"
         "    print('variant', name, lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
+        "p = c.RouteParams(**dict(sig, variant=2, scoring=0))\n"
+        "print('chunk softmax f32', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 0, 0, None))\n"
+        "p = c.RouteParams(**dict(sig, variant=2, scoring=0, top_k=17))\n"
+        "print('chunk softmax k17', lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None))\n"
         "if not torch.cuda.is_available():\n"
         "    p = c.RouteParams(num_tokens=4, num_experts=64, top_k=8, num_groups=1)\n"
         "    rc = lib.moe_fastmask_route_cuda_forward(ctypes.byref(p), 2, 0, None)\n"
@@ -1067,7 +1072,8 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
                  "ids8 f32 1", "ids8 odd 1", "ids8 ablation 1", "ids8 padded 1", "variant sigmoid too wide 1",
                  "variant bad scoring 1", "variant bias on softmax 1", "variant groups on softmax 1",
                  "variant groups of 1 1", "variant topk_group 0 1", "variant inf scale 1",
-                 "variant chunk softmax 1", "variant chunk k9 1", "variant chunk E 300 1", "variant chunk E 544 1",
+                 "variant chunk softmax bias 1", "chunk softmax f32 1",
+                     "chunk softmax k17 1", "variant chunk k9 1", "variant chunk E 300 1", "variant chunk E 544 1",
                  "variant chunk groups of 16 1"):
         assert line in out.stdout, out.stdout
     if not HAS_CUDA:
@@ -1084,8 +1090,8 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # the op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E,
     # vector or checked access) = 3 x 6 x 2 = 36, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
     # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance; the sigmoid
-    # router's chunk kernel, one per dtype = 3
-    assert "registers lines 276" in out.stdout, out.stdout
+    # router's chunk kernel, one per dtype = 3, and its softmax routers', one per (16-bit dtype, lists of 8 or 16) = 4
+    assert "registers lines 280" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 160  # (4 bytes of padding before the bias pointer, as in C)
 
 
