@@ -793,6 +793,7 @@ def test_forward_variant_sends_wide_softmax_routers_to_the_chunk_kernel(monkeypa
     for E, k, dtype, n_group in ((512, 10, torch.float32, 1), (256, 17, torch.bfloat16, 1), (60, 4, torch.bfloat16, 1),
                                  (544, 8, torch.bfloat16, 1), (256, 8, torch.bfloat16, 2), (256, 8, None, 1)):
         assert not cuda_route.chunk_takes(E, k, dtype=dtype, n_group=n_group), (E, k, dtype, n_group)
+    assert not cuda_route.chunk_takes(256, 8, scoring="bad", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="variant 'chunk'.*float16 / bfloat16"):
         cuda_route.forward_variant(rows(large, 512, torch.float32), 10, "chunk")
     try:  # (the environment is read once)

@@ -561,7 +561,12 @@ def chunk_takes(num_experts: int, top_k: int, *, scoring: str = "softmax", n_gro
         return top_k <= CHUNK_MAX_TOP_K and (
             n_group == 1 or (num_experts % n_group == 0 and (num_experts // n_group) % 32 == 0)
         )
-    return dtype in (torch.float16, torch.bfloat16) and top_k <= CHUNK_SOFTMAX_MAX_TOP_K and n_group == 1
+    return (
+        scoring in ("softmax", "softmax_chosen")
+        and dtype in (torch.float16, torch.bfloat16)
+        and top_k <= CHUNK_SOFTMAX_MAX_TOP_K
+        and n_group == 1
+    )
 
 
 def forward_variant(logits: Tensor, top_k: int, variant: str | None = None, *, scoring: str = "softmax",
