@@ -124,8 +124,8 @@ CHUNK_SOFTMAX_MAX_TOP_K = 16  # its softmax routers (16-bit logits)
 # The default variant's rule for the softmax routers (forward_variant): "chunk" from this many experts on (and
 # CHUNK_MIN_TOKENS rows), past the lane kernel's widest rows (128), where the split kernel ran them (H200, bf16, the op
 # with mask, group ids and counts, us, chunk / split: E = 160 top-8 23.5 / 52.8 and 192 26.6 / 53.2 at T = 65,536;
-# 256 top-8 8.2 / 8.8 at 8,192 and 32.8 / 41.7 at 65,536; Qwen3-Next's 512 top-10 266.6 / 342.3 at 262,144; the lane
-# kernel stays the faster at 128: benchmarks/RESULTS.md, twenty-third round)
+# 256 top-8 8.2 / 8.8 at 8,192 and 32.8 / 41.7 at 65,536; Qwen3-Next's 512 top-10 266.6 / 342.3 at 262,144; at 128
+# the lane kernel stays: benchmarks/RESULTS.md, twenty-third round)
 CHUNK_SOFTMAX_MIN_EXPERTS = 160
 # The default variant's size rule for the sigmoid router (forward_variant): calls with fewer rows than this that the
 # split kernel takes run "split", which is the faster there: the chunk kernel gives a warp 8 rows, and few rows leave
