@@ -167,7 +167,8 @@ def main(argv=None) -> None:
         for num_experts, dtype in ((64, torch.float16), (128, torch.bfloat16), (128, torch.float16)):
             check(num_experts, 8, dtype, torch.int32, device, backend="cuda", backward=False, repeats=-(-rows // 10))
         # the router variants: GPT-OSS' (the lane kernel), DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers
-        # (the chunk kernel: groups of one and of four columns, rows of 160, 384 and 512 experts), the split kernel's
+        # (at these 40 rows the chunk kernel takes those the split kernel cannot: Kimi-K2's 384 float32 experts, 512
+        # in groups of four columns; DeepSeek-V3's and GLM-4.5's run on the split kernel), the split kernel's
         # sigmoid instances (top-16: the group limit by shuffles; groups of 15 experts: its general form, through
         # shared memory)
         for num_experts, top_k, dtype, group_dtype, variant in (
