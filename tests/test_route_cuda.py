@@ -1516,6 +1516,11 @@ def emulated_chunk_softmax_checks(run, gen: torch.Generator) -> None:
         group = torch.randint(-1, 2, (70,), generator=gen)
         check_emulated(run, logits, k, keep, group, 2, n % 2 == 0, f"chunk softmax {kind} E={E} {dtype}",
                        variant="chunk")
+    # more groups than the shared histogram holds (20 x 512 counters): counts through global atomics
+    logits = adversarial_logits("normal", 90, 512, torch.bfloat16, gen)
+    keep = make_keep(20, 512, 10, False, gen)
+    group = torch.randint(-1, 21, (90,), generator=gen)
+    check_emulated(run, logits, 10, keep, group, 20, True, "chunk softmax, counts in global memory", variant="chunk")
     # rows of a stride that is not a multiple of 16 bytes, or at an odd offset: the kernel's element loads
     wide = adversarial_logits("normal", 50, 544, torch.bfloat16, gen)
     check_emulated(run, wide[:, :512], 10, None, None, 1, True, "chunk softmax, row stride 544", variant="chunk")
