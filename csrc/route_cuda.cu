@@ -2431,11 +2431,11 @@ __device__ __forceinline__ void bitonic_clean16_desc(unsigned int (&t)[16]) {
 // with keys below every other), sorted descending
 template <int NK, int NC>
 __device__ __forceinline__ void merge_desc(unsigned int (&top)[NK], const unsigned int (&c)[NC]) {
-#pragma unroll
-  for (int i = 0; i < NC; ++i) top[NK - NC + i] = max(top[NK - NC + i], c[NC - 1 - i]);  // a bitonic sequence
   if constexpr (NK == 8) {
-    bitonic_clean8_desc<Key32>(top);
+    merge8_desc<Key32>(top, c);
   } else {
+#pragma unroll
+    for (int i = 0; i < NC; ++i) top[NK - NC + i] = max(top[NK - NC + i], c[NC - 1 - i]);  // a bitonic sequence
     bitonic_clean16_desc(top);
   }
 }

@@ -584,15 +584,11 @@ def forward_variant(logits: Tensor, top_k: int, variant: str | None = None, *, s
     chunk = chunk_takes(num_experts, top_k, scoring=scoring, n_group=n_group, dtype=logits.dtype)
     if variant is None:
         name = _variant_default()
-        if chunk and name != "split":
-            if scoring == "sigmoid":
-                large = num_tokens >= CHUNK_MIN_TOKENS or num_experts > MAX_SIGMOID_EXPERTS
-            else:
-                large = num_tokens >= CHUNK_MIN_TOKENS and num_experts >= CHUNK_SOFTMAX_MIN_EXPERTS
-            if name == "chunk" or large:
+        if chunk:
+            split_cannot = scoring == "sigmoid" and num_experts > MAX_SIGMOID_EXPERTS
+            wide = scoring == "sigmoid" or num_experts >= CHUNK_SOFTMAX_MIN_EXPERTS
+            if split_cannot or name == "chunk" or (name != "split" and wide and num_tokens >= CHUNK_MIN_TOKENS):
                 return "chunk"
-        if chunk and scoring == "sigmoid" and num_experts > MAX_SIGMOID_EXPERTS:
-            return "chunk"  # (the split kernel cannot take it)
         variant = default_variant(logits)
         return "lane" if variant == "chunk" else variant
     if variant not in VARIANTS:
