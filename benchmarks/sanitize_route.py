@@ -15,7 +15,8 @@ logits at a storage offset that breaks 16-byte alignment (its scalar loads), the
 (forward only: through its benchmark option, and the op's own instances on inputs large enough to take them), and the
 router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers on
 the chunk kernel, the split kernel's sigmoid instances, and the sigmoid group limit's general form), and the chunk
-kernel's softmax routers (Qwen3-Next's top-10 of 512 experts; forward only).
+kernel's softmax routers (Qwen3-Next's top-10 of 512 experts; forward only). The backward of every router variant
+runs on CUDA's kernels too, up to 512 experts (the variants above, and 512- and 500-wide rows).
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -151,13 +152,17 @@ def main(argv=None) -> None:
                   (24, 4, torch.bfloat16, torch.int64), (120, 8, torch.float16, torch.int32),
                   # (the split kernel's row-per-lane instances: top-2, and ids staged in shared memory for top-4 up)
                   (8, 2, torch.bfloat16, torch.int64), (12, 3, torch.bfloat16, torch.int32),
-                  (7, 5, torch.float32, torch.int64)]
+                  (7, 5, torch.float32, torch.int64),
+                  # (the backward's rows over a whole warp: E_PAD = 512)
+                  (512, 10, torch.bfloat16, torch.int64)]
         for case in cases:
             check(*case, device, backend="cuda", backward=backward)
         # more groups than the shared histogram holds: counts through global atomics
         check(64, 8, torch.bfloat16, torch.int64, device, backend="cuda", num_groups=200, backward=backward)
         check(64, 8, torch.bfloat16, torch.int32, device, backend="cuda", misaligned=True, backward=backward)
         check(100, 8, torch.float32, torch.int64, device, backend="cuda", misaligned=True, backward=backward)
+        # (float32 rows of 500 experts: the forward on Triton, the backward on CUDA's checked 512-wide instance)
+        check(500, 10, torch.float32, torch.int32, device, backend="cuda", misaligned=True, backward=backward)
         # the tournament top-k (the op's from about a hundred thousand rows on), at a size the sanitizer runs quickly
         for options in (("topk8", "tournament", "stage_ids"), ("tournament",)):
             check(64, 8, torch.bfloat16, torch.int64, device, backend="cuda", lane_options=options)
@@ -180,6 +185,7 @@ def main(argv=None) -> None:
             (512, 6, torch.bfloat16, torch.int32, dict(scoring="sigmoid", n_group=4, topk_group=2)),
             (256, 16, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4)),
             (60, 4, torch.bfloat16, torch.int64, dict(scoring="sigmoid", n_group=4, topk_group=2)),
+            (96, 8, torch.float16, torch.int32, dict(scale=0.5)),
         ):
             check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant)
         check(160, 8, torch.bfloat16, torch.int64, device, backend="cuda", misaligned=True, backward=backward,

@@ -1,33 +1,39 @@
-// CUDA backward of moe_fastmask.route for the default router (softmax over the allowed experts, scale 1): the
-// gradient of the chosen weights with respect to the logits. Torch-free, like route_cuda.cu (built into the same
-// library): a plain C launcher that moe_fastmask/ops/cuda_route.py calls through ctypes with raw pointers and the
-// caller's CUDA stream.
+// CUDA backward of moe_fastmask.route: the gradient of the chosen weights with respect to the logits, for the softmax
+// routers (over the allowed experts, optionally renormalised, or over the chosen ones) and the sigmoid router, any
+// scale. Torch-free, like route_cuda.cu (built into the same library): a plain C launcher that
+// moe_fastmask/ops/cuda_route.py calls through ctypes with raw pointers and the caller's CUDA stream.
 //
 // Math (fp32), with p the softmax over the row's allowed experts (masked ones p = 0) and G the incoming gradient
-// scattered to the chosen experts:
+// times the scale, scattered to the chosen experts:
 //   without renormalisation  dz = p * (G - sum_e G_e p_e)
 //   with renormalisation     dz = w * (G - sum_e G_e w_e) on the chosen experts, 0 elsewhere, w = p / sum_chosen p
+//                            (also the softmax over the chosen experts alone: the same w)
+//   sigmoid                  dz = G s (1 - s) on the chosen experts, s = sigmoid(z) (a masked chosen expert: s = 0),
+//                            0 elsewhere; renormalised, with S = sum_chosen s + 1e-20: dz = (G - sum G s / S) / S
+//                            s (1 - s). Neither the selection bias nor the group limit has a gradient.
 // A row whose allowed logits hold NaN or +inf, or are all -inf (also: every expert masked), has p = NaN everywhere,
 // as in the reference: a masked expert gets exp2(-inf - max) * (1 / sum) = 0 * NaN there. (fmaxf skips NaN in the
 // row max, but the NaN logit's own exp term makes the sum NaN.) Group ids outside [0, G) act as "no mask"; ids outside
-// [0, E) scatter nothing. Nothing outside the tensors is read or written.
+// [0, E) scatter nothing. Nothing outside the tensors is read or written. (Sigmoid: a NaN logit makes its own
+// expert's gradient NaN, and with renormalisation the row's chosen experts'; the other experts' gradients are 0.)
 //
-// Layout (memory-bound; no shared-memory staging of the logits): a row of E_PAD (power of two >= max(E, 8)) experts
-// is spread over L = E_PAD / V lanes of one warp, V experts per lane (16 from E_PAD = 64 on, to spread each lane's
-// fixed costs over more experts; else 8), so a warp step holds R = 32 / L rows. A lane's experts come as 16-byte
-// chunks (8 experts of 16-bit logits, 4 of float32), chunk q of lane s at expert (q * L + s) * chunk size, so that
-// each load instruction of the warp reads contiguous bytes. All of a step's loads are issued before any is used.
-// The row max and sums are butterfly shuffles over the row's lanes. The row's k (id, grad) pairs (entry j on lane
-// j % L) are scattered into a per-warp shared buffer [R][E_PAD] of grads (plus chosen flags when renormalising):
-// each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots back (so the sums
-// over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are warp-uniform), so the
-// full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
+// Layout (memory-bound; no shared-memory staging of the logits): a row of E_PAD (power of two >= max(E, 8)) experts is
+// spread over L = E_PAD / V lanes of one warp, V experts per lane (16 from E_PAD = 64 on, to spread each lane's fixed
+// costs over more experts; else 8), so a warp step holds R = 32 / L rows (E_PAD = 512: one row, over the whole warp). A
+// lane's experts come as 16-byte chunks (8 experts of 16-bit logits, 4 of float32), chunk q of lane s at expert (q * L
+// + s) * chunk size, so that each load instruction of the warp reads contiguous bytes. All of a step's loads are issued
+// before any is used. The row max and sums are butterfly shuffles over the row's lanes. The row's k (id, grad) pairs
+// (entry j on lane j % L) are scattered into a per-warp shared buffer [R][E_PAD] of grads (plus chosen flags when
+// renormalising): each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots
+// back (so the sums over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are
+// warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <stdint.h>
 
+#include <cmath>
 #include <type_traits>
 
 #include "route_lane16.cuh"
@@ -53,6 +59,9 @@ struct RouteBackwardParams {
   int32_t variant;            // 0: the lane kernel where it applies (see below), 1: always the row-over-lanes one,
                               // 2: (benchmarking) the lane kernel's loads and stores alone (grad_logits = logits)
   int32_t dependent_launch;   // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
+  int32_t scoring;            // 0: softmax over the allowed experts (the softmax over the chosen ones comes as
+                              // renormalize), 1: sigmoid (the row-over-lanes kernel only)
+  float scale;                // the weights' factor (the lane kernel: 1 only)
 };
 
 namespace {
@@ -61,7 +70,7 @@ using namespace moe_fastmask_lane16;
 
 constexpr int kBwdThreads = 256;
 constexpr int kBwdWarps = kBwdThreads / 32;
-constexpr int kBwdMaxExperts = 256;
+constexpr int kBwdMaxExperts = 512;
 constexpr int kBwdMaxTopK = 16;
 
 enum BwdDType { kBwdFloat32 = 0, kBwdFloat16 = 1, kBwdBFloat16 = 2 };
@@ -137,7 +146,7 @@ template <typename T, int E_PAD> struct BwdShape {
   // the checked float32 ones (no spills)
   static constexpr int kMinBlocksVec = J > 4 ? 3 : 4;
   static constexpr int kMinBlocksChecked = sizeof(T) == 4 ? 2 : 3;
-  static_assert(E_PAD >= 8 && E_PAD <= kBwdMaxExperts && (E_PAD & (E_PAD - 1)) == 0, "E_PAD: power of two, 8..256");
+  static_assert(E_PAD >= 8 && E_PAD <= kBwdMaxExperts && (E_PAD & (E_PAD - 1)) == 0, "E_PAD: power of two, 8..512");
   static_assert(L * V == E_PAD && R * L == 32 && SLOTS == 32 * V, "lane layout");
   static_assert(NCH * CH == V && CH % 4 == 0, "a lane's experts come in runs of 4 inside its chunks");
   static_assert(J * L >= KMAX, "every (id, grad) entry has a lane");
@@ -175,6 +184,9 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int top_k = p.top_k;
   const int64_t num_tokens = p.num_tokens;
   const bool renormalize = p.renormalize != 0;
+  const bool sigmoid = p.scoring == 1;
+  const bool need_pick = renormalize || sigmoid;  // (the chosen experts' flags)
+  const float scale = p.scale;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
   const bool vector_stores = VEC || (flags & kVectorStores) != 0;
   const bool half_loads = (flags & kHalfLoads) != 0;
@@ -267,7 +279,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       if (valid && j < top_k) {
         const int64_t at = row * top_k + j;
         ids[jj] = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
-        grads[jj] = Elem::to_float(__ldcs(grad_weights + at));
+        grads[jj] = Elem::to_float(__ldcs(grad_weights + at)) * scale;
       }
     }
     // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
@@ -298,7 +310,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
       *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (renormalize) *reinterpret_cast<unsigned int*>(my_pick + quad_e[h]) = 0u;
+      if (need_pick) *reinterpret_cast<unsigned int*>(my_pick + quad_e[h]) = 0u;
     }
     __syncwarp();
 #pragma unroll
@@ -306,12 +318,12 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       const long long e = ids[jj];
       if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E)) {  // (-1: no entry)
         my_grad[e] = grads[jj];
-        if (renormalize) my_pick[e] = 1;
+        if (need_pick) my_pick[e] = 1;
       }
     }
     __syncwarp();
     float G[V];
-    unsigned int chosen = 0u;  // bit i: element i is a chosen expert (renormalize)
+    unsigned int chosen = 0u;  // bit i: element i is a chosen expert (need_pick)
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
       const float4 v = *reinterpret_cast<const float4*>(my_grad + quad_e[h]);
@@ -319,7 +331,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       G[4 * h + 1] = v.y;
       G[4 * h + 2] = v.z;
       G[4 * h + 3] = v.w;
-      if (renormalize) {
+      if (need_pick) {
         const unsigned int word = *reinterpret_cast<const unsigned int*>(my_pick + quad_e[h]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -328,58 +340,92 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       }
     }
 
-    // ---- masked softmax (padding and masked experts read as -inf), then the gradient
-    float prob[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
-    }
-    float row_max = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
-#pragma unroll
-    for (int off = L / 2; off > 0; off >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
-      sum += prob[i];
-    }
-#pragma unroll
-    for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
-    const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
-#pragma unroll
-    for (int i = 0; i < V; ++i) prob[i] *= inv;
-
     float dz[V];
-    if (!renormalize) {
-      float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
-#pragma unroll
-      for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
-#pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-#pragma unroll
-      for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
-    } else {
-      float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+    if (sigmoid) {
+      // ---- sigmoid: s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
+      // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1). Masked
+      // experts s = 0; only the chosen experts' s count and get a gradient.
+      float picked = 0.0f, dot = 0.0f;  // sums of s and of G s over the chosen experts
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        if ((chosen >> i) & 1u) {
-          picked += prob[i];
-          dot += G[i] * prob[i];
-        }
+        const float z = Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH));
+        const float t = bwd_exp2(-fabsf(z) * kLog2e);
+        const float r = bwd_rcp(1.0f + t);
+        const bool live = ((chosen & allowed) >> i) & 1u;
+        const float sv = live ? (z >= 0.0f ? r : t * r) : 0.0f;  // (NaN: t * r, NaN)
+        dz[i] = live ? t * r * r : 0.0f;                         // s (1 - s), for now
+        picked += sv;
+        dot += G[i] * sv;  // (G is 0 off the chosen experts)
       }
+      if (renormalize) {
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) {
+          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        }
+        const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
+        const float shift = dot * rinv;
+#pragma unroll
+        for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? (G[i] - shift) * rinv * dz[i] : 0.0f;
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? G[i] * dz[i] : 0.0f;
+      }
+    } else {
+      // ---- masked softmax (padding and masked experts read as -inf), then the gradient
+      float prob[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
+      }
+      float row_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
 #pragma unroll
       for (int off = L / 2; off > 0; off >>= 1) {
-        picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-        dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
       }
-      const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
-      dot *= rinv;                          // sum_l g_l w_l
+      float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float w = prob[i] * rinv;
-        dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
+        prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
+        sum += prob[i];
+      }
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
+      const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
+#pragma unroll
+      for (int i = 0; i < V; ++i) prob[i] *= inv;
+
+      if (!renormalize) {
+        float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
+#pragma unroll
+        for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+#pragma unroll
+        for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
+      } else {
+        float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          if ((chosen >> i) & 1u) {
+            picked += prob[i];
+            dot += G[i] * prob[i];
+          }
+        }
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) {
+          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        }
+        const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+        dot *= rinv;                          // sum_l g_l w_l
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float w = prob[i] * rinv;
+          dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
+        }
       }
     }
 
@@ -422,9 +468,9 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// "lane" backward: one row per lane, for 16-bit logits with E = 32 or 64 (rows contiguous and 16-byte aligned),
-// top_k == 8, int64 ids (or the forward's one-byte copy of them, ids8: 56 fewer bytes read per row) and the output
-// 16-byte aligned; the variant the launcher takes where it applies.
+// "lane" backward: one row per lane, for the default router (softmax, scale 1) on 16-bit logits with E = 32 or 64
+// (rows contiguous and 16-byte aligned), top_k == 8, int64 ids (or the forward's one-byte copy of them, ids8: 56
+// fewer bytes read per row) and the output 16-byte aligned; the variant the launcher takes where it applies.
 //
 // The kernel above spreads a row over 4 lanes and spends its instructions on shuffles and on scattering the chosen
 // grads through shared memory. Here a warp copies 32 rows (logits, ids, incoming grads) into shared memory with
@@ -809,6 +855,7 @@ cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cu
   if (e <= 64) return launch_bwd_v<T, 64>(p, flags, device, stream);
   if (e <= 128) return launch_bwd_v<T, 128>(p, flags, device, stream);
   if (e <= 256) return launch_bwd_v<T, 256>(p, flags, device, stream);
+  if (e <= 512) return launch_bwd_v<T, 512>(p, flags, device, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -818,6 +865,7 @@ cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cu
 size_t lane_bwd_smem_bytes(const RouteBackwardParams& p, int dtype, int flags) {
   const int e = p.num_experts;
   if (p.variant == 1 || dtype == kBwdFloat32 || p.top_k != kLaneBwdTopK || (e != 32 && e != 64)) return 0;
+  if (p.scoring != 0 || p.scale != 1.0f) return 0;  // (the default router only)
   if (p.stride_t > (int64_t{1} << 26)) return 0;  // (a lane's copy step is a 32-bit byte count)
   if ((flags & (kVectorLoads | kVectorStores)) != (kVectorLoads | kVectorStores) || p.stride_e != 1) return 0;
   const uintptr_t ids = reinterpret_cast<uintptr_t>(p.ids8 != nullptr ? static_cast<const void*>(p.ids8) : p.ids);
@@ -886,6 +934,7 @@ cudaError_t preload_bwd_t() {
   if (err == cudaSuccess) err = preload_bwd_e<T, 64>();
   if (err == cudaSuccess) err = preload_bwd_e<T, 128>();
   if (err == cudaSuccess) err = preload_bwd_e<T, 256>();
+  if (err == cudaSuccess) err = preload_bwd_e<T, 512>();
   return err;
 }
 
@@ -911,8 +960,8 @@ int moe_fastmask_route_cuda_backward_params_size() { return static_cast<int>(siz
 
 // Launch the backward on `stream` (a cudaStream_t) of `device`; dtype 0 float32, 1 float16, 2 bfloat16 (logits,
 // grad_weights and grad_logits alike). Returns 0 or a cudaError_t code: cudaErrorInvalidValue, before touching a
-// device, for a call the kernel does not take (E outside [1, 256], top_k outside [1, min(16, E)], another dtype,
-// negative strides, a missing tensor, a keep mask without groups).
+// device, for a call the kernel does not take (E outside [1, 512], top_k outside [1, min(16, E)], another dtype,
+// negative strides, a missing tensor, a keep mask without groups, another scoring code, a scale that is not finite).
 int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtype, int device, void* stream) {
   if (params == nullptr) return cudaErrorInvalidValue;
   const RouteBackwardParams p = *params;
@@ -929,6 +978,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
   if (p.stride_t < 0 || p.stride_e < 0 || (p.keep != nullptr && p.num_groups < 1)) return cudaErrorInvalidValue;
   if (p.group_is_int64 != 0 && p.group_is_int64 != 1) return cudaErrorInvalidValue;
   if (p.variant < 0 || p.variant > 2) return cudaErrorInvalidValue;
+  if ((p.scoring != 0 && p.scoring != 1) || !std::isfinite(p.scale)) return cudaErrorInvalidValue;
 
   const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
   int flags = 0;

@@ -66,11 +66,20 @@ def forward_ids(logits, k, keep, group) -> torch.Tensor:
     return reference.route_reference(logits, k, keep, group, None, False)[1]
 
 
-def run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="lane") -> None:
-    """The CUDA backward, writing into ``out`` (``variant``: see ``cuda_route.BACKWARD_VARIANTS``)."""
-    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out, variant=variant)
+def run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="lane", scoring="softmax", scale=1.0) -> None:
+    """The CUDA backward, writing into ``out`` (``variant``: see ``cuda_route.BACKWARD_VARIANTS``; ``scoring`` and
+    ``scale``: the router variant's)."""
+    got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, scoring=scoring, scale=scale,
+                                    out=out, variant=variant)
     assert got is out
     torch.cuda.synchronize()
+
+
+def cuda_variant_run(scoring: str, scale: float):
+    """A launcher (as ``run_cuda``) for the router variant ``scoring`` / ``scale``."""
+    def run(grad, logits, keep, group, ids, renormalize, out):
+        run_cuda(grad, logits, keep, group, ids, renormalize, out, scoring=scoring, scale=scale)
+    return run
 
 
 def run_cuda_ids8(grad, logits, keep, group, ids, renormalize, out) -> None:
@@ -85,15 +94,18 @@ def run_cuda_split(grad, logits, keep, group, ids, renormalize, out) -> None:
     run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="split")
 
 
-def check_against_reference(run, grad, logits, keep, group, ids, renormalize, where="", out=None):
-    """``run`` (a launcher: ``run_cuda``, or the host emulation) writes grad_logits into a poisoned output (``out``,
-    or a new contiguous tensor). It must be within the dtype's tolerance of the float64 reference, NaN exactly where
-    that is NaN, and exactly 0 on masked experts (renormalised, on unchosen ones too) in rows without NaN."""
+def check_against_reference(run, grad, logits, keep, group, ids, renormalize, where="", out=None, scoring="softmax",
+                            scale=1.0):
+    """``run`` (a launcher: ``run_cuda``, or the host emulation, for the router variant ``scoring`` / ``scale``)
+    writes grad_logits into a poisoned output (``out``, or a new contiguous tensor). It must be within the dtype's
+    tolerance of the float64 reference, NaN exactly where that is NaN, and exactly 0 on masked experts (renormalised,
+    and for the other variants, on unchosen ones too) in rows without NaN."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     out.fill_(POISON)
     run(grad, logits, keep, group, ids, renormalize, out)
-    exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize)
+    exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize,
+                                               scoring=scoring, scale=scale)
     atol, rtol = tolerance(logits.dtype)
     torch.testing.assert_close(out.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{where}\n{m}")
@@ -102,7 +114,7 @@ def check_against_reference(run, grad, logits, keep, group, ids, renormalize, wh
     allowed = reference.allowed_experts(T, keep, group)
     if allowed is not None:
         zero |= ~allowed
-    if renormalize:
+    if renormalize or scoring != "softmax":
         zero |= ~torch.zeros_like(zero).scatter_(1, ids, True)
     clean = ~exact.isnan().any(dim=1, keepdim=True)
     assert bool((out[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
@@ -122,7 +134,8 @@ def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tenso
 # for the host.
 # --------------------------------------------------------------------------------------------------------------
 
-SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E] + [(32, 8)]
+SHAPES = [(E, k) for E in (8, 60, 64, 128, 256) for k in (1, 2, 8, 16) if k <= E] + [(32, 8), (384, 10), (512, 10),
+                                                                                      (512, 16)]
 LANE_SHAPES = [(32, 8), (64, 8)]  # (16-bit logits) the lane kernel's calls
 
 
@@ -147,7 +160,7 @@ def scenario_random_shapes(run, device, E, k, dtype, sizes, seed):
                                     where=f"T={T} E={E} k={k} {dtype} mask={mask} renorm={renorm}")
 
 
-ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4), (32, 8), (128, 8))
+ADVERSARIAL_SHAPES = ((64, 8), (60, 8), (8, 2), (128, 16), (16, 16), (256, 8), (32, 4), (32, 8), (128, 8), (512, 10))
 
 
 def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
@@ -167,6 +180,42 @@ def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
                                     where=f"{kind} E={E} k={k} {dtype} renorm={renorm}")
             check_against_reference(run, grad, logits, None, None, forward_ids(logits, k, None, None), renorm,
                                     where=f"{kind} E={E} k={k} {dtype} renorm={renorm} no mask")
+
+
+# (scoring, renormalize, scale) of the router variants other than the default: the sigmoid routers (DeepSeek-V3's:
+# renormalised, scaled), GPT-OSS' softmax over the chosen experts, scaled softmax routers
+ROUTER_VARIANTS = (("sigmoid", True, 2.5), ("sigmoid", False, 1.0), ("softmax_chosen", False, 1.0),
+                   ("softmax", True, 0.5), ("softmax", False, -3.0))
+VARIANT_SHAPES = ((256, 8), (160, 8), (384, 8), (512, 10), (64, 8), (60, 4), (128, 16), (8, 2))
+
+
+def scenario_router_variants(make_run, device, dtype, kinds, T, shapes, seed):
+    """The other router variants' gradients (``make_run(scoring, scale)`` gives the launcher): ids as their forward
+    chooses them (the sigmoid router with a selection bias, and DeepSeek-V3's group limit where E allows it), keep
+    masks allowing exactly k, fewer than k (masked experts chosen) or none, group ids in and out of range."""
+    gen = torch.Generator().manual_seed(seed)
+    G = 4
+    for E, k in shapes:
+        keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
+                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
+        for kind in kinds:
+            logits = adversarial_logits(kind, T, E, dtype, gen).to(device)
+            group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for scoring, renorm, scale in ROUTER_VARIANTS:
+                choice = {}
+                if scoring == "sigmoid":
+                    choice = dict(bias=(torch.randn(E, generator=gen) * 0.1).to(device))
+                    if E % 8 == 0 and E // 8 >= 2 and k <= 4 * (E // 8):
+                        choice.update(n_group=8, topk_group=4)
+                for masked in (True, False):
+                    kg = (keep, group) if masked else (None, None)
+                    ids = reference.route_reference(logits, k, *kg, None, renorm, scoring=scoring, scale=scale,
+                                                    **choice)[1]
+                    check_against_reference(make_run(scoring, scale), grad, logits, *kg, ids, renorm,
+                                            where=f"{scoring} renorm={renorm} scale={scale} {kind} E={E} k={k} "
+                                                  f"{dtype} mask={masked}",
+                                            scoring=scoring, scale=scale)
 
 
 def scenario_examples(run, device):
@@ -203,7 +252,7 @@ def scenario_out_of_range_groups(run, device, group_dtype, repeat, seed):
     G, k = 3, 8
     bad = [3, 4, 1000, -2, 2**31 - 1, -(2**31)] + ([2**32 + 1, -(2**40), 2**32] if group_dtype == torch.int64 else [])
     gen = torch.Generator().manual_seed(seed)
-    for E in (64, 60, 256):
+    for E in (64, 60, 256, 500):
         group = torch.tensor(([0, 1, 2, -1] + bad) * repeat, dtype=group_dtype, device=device)
         T = group.numel()
         buffer = torch.zeros(G + 2, E, dtype=torch.bool)
@@ -220,7 +269,7 @@ def scenario_out_of_range_groups(run, device, group_dtype, repeat, seed):
 
 
 LAYOUTS = ["transposed", "sliced", "offset", "offset_8_bytes", "padded_rows", "partial_chunks", "misaligned_keep",
-           "misaligned_out", "out_offset_8_bytes"]
+           "misaligned_out", "out_offset_8_bytes", "wide_padded_rows", "wide_partial_chunks"]
 
 
 def scenario_layout(run, device, layout, T, seed):
@@ -243,6 +292,10 @@ def scenario_layout(run, device, layout, T, seed):
             logits = torch.randn(T, 72, generator=gen).to(dtype).to(device)[:, :E]
         elif layout == "partial_chunks":  # E = 60 of aligned 64-wide rows: whole chunks vectorised, the last not
             logits = torch.randn(T, 64, generator=gen).to(dtype).to(device)[:, :60]
+        elif layout == "wide_padded_rows":  # a row over a whole warp (E = 512), rows 16-byte aligned, 520 apart
+            logits = torch.randn(T, 520, generator=gen).to(dtype).to(device)[:, :512]
+        elif layout == "wide_partial_chunks":  # E = 500 of 512-wide rows: the checked instance of the widest rows
+            logits = torch.randn(T, 512, generator=gen).to(dtype).to(device)[:, :500]
         else:
             logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
         E_here = logits.shape[1]
@@ -269,7 +322,7 @@ def scenario_any_ids(run, device, T, seed):
     """Chosen ids in any order (not the top-k)."""
     gen = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        for E, k in ((64, 8), (8, 3), (256, 16)):
+        for E, k in ((64, 8), (8, 3), (256, 16), (512, 10)):
             logits = torch.randn(T, E, generator=gen).to(dtype).to(device)
             ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :k].to(device)
             grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
@@ -402,6 +455,15 @@ def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_router_variants_against_reference(cuda_kernel, dtype):
+    """The sigmoid routers, the softmax over the chosen experts and scaled softmax routers (the row-over-lanes kernel,
+    also on the lane kernel's shapes, which it leaves to the other)."""
+    scenario_router_variants(cuda_variant_run, "cuda", dtype, ("normal", "wide", "nan_inf", "ties", "neg_inf"), 517,
+                             VARIANT_SHAPES, SESSION_SEED + 61)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_split_kernel_on_the_lane_kernels_calls(cuda_kernel, dtype):
     """variant="split" keeps the row-over-lanes kernel tested on the calls the lane kernel takes by default."""
@@ -525,7 +587,7 @@ def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
     monkeypatch.setattr(triton_route, "route_backward", no_triton)
     monkeypatch.setattr(cuda_route, "BACKWARD_MIN_TOKENS", 0)
     gen = torch.Generator().manual_seed(SESSION_SEED + 9)
-    for T, E, k in ((77, 64, 8), (1000, 60, 4), (33, 256, 16), (5, 8, 8)):
+    for T, E, k in ((77, 64, 8), (1000, 60, 4), (33, 256, 16), (5, 8, 8), (40, 512, 10)):
         logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
         keep = (torch.rand(2, E, generator=gen) < 0.6).cuda()
         keep[:, :k] = True
@@ -546,6 +608,50 @@ def test_route_gradient_end_to_end(cuda_kernel, monkeypatch, dtype, renorm):
         weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda")
         (weights * grad_out.to(dtype)).sum().backward()
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol)
+
+
+# the families' router variants (route's keyword arguments; logits dtype, E, top-k)
+FAMILY_VARIANTS = (
+    ("DeepSeek-V3", torch.float32, 256, 8, dict(scoring="sigmoid", n_group=8, topk_group=4, scale=2.5), True),
+    ("GLM-4.5", torch.bfloat16, 160, 8, dict(scoring="sigmoid", scale=2.5), True),
+    ("Kimi-K2", torch.float32, 384, 8, dict(scoring="sigmoid", scale=2.827), True),
+    ("GPT-OSS", torch.bfloat16, 128, 4, dict(scoring="softmax_chosen"), False),
+    ("scaled softmax", torch.float16, 64, 8, dict(scale=0.5), False),
+)
+
+
+@gpu
+@pytest.mark.parametrize("family, dtype, E, k, variant, renorm", FAMILY_VARIANTS, ids=[f[0] for f in FAMILY_VARIANTS])
+def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, dtype, E, k, variant, renorm):
+    """route(backend="cuda") with a family's router variant (a selection bias for the sigmoid routers) runs the CUDA
+    backward (Triton's made to fail) and equals the reference's autograd in float64, eager and through the op."""
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the cuda backend ran the Triton backward")
+
+    monkeypatch.setattr(triton_route, "route_backward", no_triton)
+    gen = torch.Generator().manual_seed(SESSION_SEED + 10)
+    for T in (37, 9000):
+        logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
+        keep = (torch.rand(2, E, generator=gen) < 0.6).cuda()
+        keep[:, :2 * k] = True
+        group = torch.randint(-1, 2, (T,), generator=gen).cuda()
+        grad_out = torch.randn(T, k, generator=gen).cuda()
+        choice = dict(variant)
+        if variant["scoring"] == "sigmoid":
+            choice["bias"] = (torch.randn(E, generator=gen) * 0.1).cuda()
+        x = logits.clone().requires_grad_()
+        weights, ids = route(x, k, keep, group, None, renorm, "cuda", **choice)
+        (weights * grad_out.to(dtype)).sum().backward()
+        ref_x = logits.double().requires_grad_()
+        ref_w, ref_ids = reference.route_reference(ref_x, k, keep, group, None, renorm, **choice)
+        (ref_w * grad_out.to(dtype).double()).sum().backward()
+        assert torch.equal(ids, ref_ids), family
+        atol, rtol = tolerance(dtype)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol, msg=lambda m: f"{family}\n{m}")
+        x.grad = None
+        weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda", **choice)
+        (weights * grad_out.to(dtype)).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol, msg=lambda m: f"{family}\n{m}")
 
 
 @gpu
@@ -739,22 +845,28 @@ def test_dependent_launch_setting(monkeypatch):
 
 @gpu
 def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kernel):
-    """Other variants and shapes run Triton's backward under backend="cuda"; the launcher itself refuses bad shapes."""
+    """Shapes the CUDA backward does not take run Triton's backward under backend="cuda" (every router variant with a
+    finite scale runs CUDA's); the launcher itself refuses bad shapes."""
     gen = torch.Generator().manual_seed(SESSION_SEED + 13)
     logits = torch.randn(65, 64, generator=gen).cuda()
     ids = forward_ids(logits, 4, None, None)
     grad = torch.randn(65, 4, generator=gen).cuda()
     assert cuda_route.supports_backward(grad, logits, ids)
     for kwargs in (dict(scoring="sigmoid"), dict(scoring="softmax_chosen"), dict(scale=2.0)):
-        assert not cuda_route.supports_backward(grad, logits, ids, **kwargs)
-        renorm = kwargs.get("scoring") != "softmax_chosen"
-        got = route_module._route_backward_impl(grad, logits, None, None, ids, renorm, "cuda", **kwargs)
-        expected = triton_route.route_backward(grad, logits, None, None, ids, renorm, **kwargs)
-        assert torch.equal(got, expected), kwargs
+        assert cuda_route.supports_backward(grad, logits, ids, **kwargs), kwargs
+    for kwargs in (dict(scale=math.inf), dict(scale=math.nan), dict(scoring="bogus")):
+        assert not cuda_route.supports_backward(grad, logits, ids, **kwargs), kwargs
+    got = route_module._route_backward_impl(grad, logits, None, None, ids, True, "cuda", scale=math.inf)
+    expected = triton_route.route_backward(grad, logits, None, None, ids, True, scale=math.inf)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="scale"):
+        cuda_route.route_backward(grad, logits, None, None, ids, False, scale=math.nan)
+    with pytest.raises(ValueError, match="scoring"):
+        cuda_route.route_backward(grad, logits, None, None, ids, False, scoring="bogus")
     assert not cuda_route.supports_backward(grad.half(), logits, ids)  # grad of another dtype
     assert not cuda_route.supports_backward(grad, logits, ids.int())
     assert not cuda_route.supports_backward(grad, logits.double(), ids)
-    wide = torch.randn(9, 512, generator=gen).cuda()
+    wide = torch.randn(9, 640, generator=gen).cuda()  # (more experts than the kernel takes)
     wide_ids = forward_ids(wide, 8, None, None)
     assert not cuda_route.supports_backward(torch.ones(9, 8, device="cuda"), wide, wide_ids)
     got = route_module._route_backward_impl(torch.ones(9, 8, device="cuda"), wide, None, None, wide_ids, False, "cuda")
@@ -774,9 +886,9 @@ def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kern
 def bad_shapes() -> list[dict]:
     """Launch arguments the backward launcher must refuse with cudaErrorInvalidValue (pointers are never read)."""
     good = dict(grad_logits=64, grad_weights=64, logits=64, ids=64, stride_t=64, stride_e=1, num_tokens=4,
-                num_experts=64, num_groups=1, top_k=8)
+                num_experts=64, num_groups=1, top_k=8, scale=1.0)
     return [
-        dict(good, num_experts=300),
+        dict(good, num_experts=513),
         dict(good, num_experts=0),
         dict(good, top_k=17),
         dict(good, top_k=0),
@@ -791,6 +903,12 @@ def bad_shapes() -> list[dict]:
         dict(good, variant=-1),
         dict(good, variant=2),  # (the loads-and-stores-only instance: no keep, no one-byte ids)
         dict(good, variant=2, keep=64, ids8=64, num_experts=32, stride_t=32),
+        dict(good, variant=2, keep=64, ids8=64, scale=2.0),  # (the default router only)
+        dict(good, variant=2, keep=64, ids8=64, scoring=1),
+        dict(good, scoring=2),
+        dict(good, scoring=-1),
+        dict(good, scale=math.inf),
+        dict(good, scale=math.nan),
     ]
 
 
@@ -807,11 +925,11 @@ def test_params_mirror_the_c_struct():
     c_fields = re.findall(r"^\s*(?:const\s+)?(\w+)\*?\s+\*?(\w+);", body, re.M)
     py_fields = cuda_route.RouteBackwardParams._fields_
     assert [name for _, name in c_fields] == [name for name, _ in py_fields]
-    widths = {"void": 8, "int64_t": 8, "uint8_t": 8, "int32_t": 4}
+    widths = {"void": 8, "int64_t": 8, "uint8_t": 8, "int32_t": 4, "float": 4}
     for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
         is_pointer = re.search(rf"\*\s*{name};", body) is not None
         assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
-    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 112  # (4 bytes of tail padding, as in C)
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 120  # (4 bytes of tail padding, as in C)
 
 
 def test_build_key_and_command_cover_the_backward_source(tmp_path):
@@ -886,7 +1004,7 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cach
     # registers
     log = out.stdout.split("LOG", 1)[1].splitlines()
     entries = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_kernel" in line]
-    assert len(entries) == 3 * 6 * 2  # (dtype, padded E, vector or checked access)
+    assert len(entries) == 3 * 7 * 2  # (dtype, padded E: 8 .. 512, vector or checked access)
     lane = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_lane_kernel" in line]
     # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids; and the benchmark's loads-and-stores-only
     # instance)
@@ -927,15 +1045,16 @@ def start_emulation_build() -> None:
                                "route_cuda_backward_host")
 
 
-def emulated_run(library: Path, variant: str = "lane", ids8: bool = False):
+def emulated_run(library: Path, variant: str = "lane", ids8: bool = False, scoring: str = "softmax",
+                 scale: float = 1.0):
     """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
     launch = emulated_launcher(library)
 
     def run(grad, logits, keep, group, ids, renormalize, out):
         grad, ids = grad.contiguous(), ids.contiguous()
         byte_ids = ids.to(torch.uint8) if ids8 else None  # (alive until the launch returns)
-        launch(cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, variant=variant,
-                                          ids8=byte_ids), logits.dtype)
+        launch(cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, scoring=scoring,
+                                          scale=scale, variant=variant, ids8=byte_ids), logits.dtype)
 
     return run
 
@@ -991,9 +1110,13 @@ def emulated_checks(library: str) -> None:
         for E, k in SHAPES:
             scenario_random_shapes(run, "cpu", E, k, dtype, (1, 37), SESSION_SEED + E * 131 + k)
         for kind in KINDS:
-            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16), (32, 8)),
+            scenario_adversarial(run, "cpu", kind, dtype, 29, ((64, 8), (60, 8), (8, 2), (256, 16), (32, 8), (512, 10)),
                                  SESSION_SEED + sum(map(ord, kind)))
     scenario_examples(run, "cpu")
+    for dtype in DTYPES:
+        scenario_router_variants(lambda scoring, scale: emulated_run(Path(library), scoring=scoring, scale=scale),
+                                 "cpu", dtype, ("normal", "wide", "nan_inf"), 19, ((256, 8), (60, 4), (64, 8), (512, 10)),
+                                 SESSION_SEED + 61)
     for group_dtype in (torch.int64, torch.int32):
         scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
     for layout in LAYOUTS:

@@ -17,8 +17,9 @@ softmax routers (``"softmax"``, optional renormalisation, and ``"softmax_chosen"
 over the chosen experts; any ``scale``) with ``E <= 512`` (256 for float32), and the ``"sigmoid"`` router (a selection
 bias, DeepSeek-V3's group limit, renormalisation, a scale) with ``E <= 256``; :func:`supports` says whether it takes a
 call, and ``route``'s ``cuda`` backend sends the others to Triton. The backward (:func:`route_backward`, the gradient
-of the weights with respect to the logits) covers the default router (softmax, scale 1) in the same dtypes with
-``E <= 256``, and a keep mask of any size (:func:`supports_backward`); the other variants' backward runs on Triton.
+of the weights with respect to the logits) covers the softmax routers (over the allowed experts, renormalised or not,
+or over the chosen ones) and the sigmoid router, any scale, in the same dtypes with ``E <= 512``, and a keep mask of
+any size (:func:`supports_backward`); the rest runs on Triton.
 ``MOE_FASTMASK_DISABLE_CUDA=1`` makes :func:`is_available` return False, so ``route(backend="auto")`` uses Triton on
 CUDA.
 """
@@ -29,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -136,7 +138,7 @@ CHUNK_MIN_TOKENS = 8192
 # the kernels' scoring codes (csrc/route_cuda.cu, RouteParams.scoring): softmax over the chosen experts runs as the
 # softmax renormalised over them
 SCORING_CODES = {"softmax": 0, "softmax_chosen": 0, "sigmoid": 1}
-MAX_BACKWARD_EXPERTS = 256
+MAX_BACKWARD_EXPERTS = 512  # (from 257 experts a row over a whole warp, 16 experts a lane)
 MAX_TOP_K = 16
 MAX_KEEP_BYTES = 16 * 1024  # the kernel keeps the mask as bits in shared memory: G * max(1, E_PAD / 32) * 4 bytes
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -200,6 +202,8 @@ class RouteBackwardParams(ctypes.Structure):
         ("group_is_int64", ctypes.c_int32),
         ("variant", ctypes.c_int32),
         ("dependent_launch", ctypes.c_int32),
+        ("scoring", ctypes.c_int32),
+        ("scale", ctypes.c_float),
     ]
 
 
@@ -543,7 +547,7 @@ def default_variant(logits: Tensor) -> str:
 
 
 def default_router(scoring: str, scale: float) -> bool:
-    """Whether the router variant is the default one (softmax, scale 1): the one the CUDA backward, the one-byte ids
+    """Whether the router variant is the default one (softmax, scale 1): the one the lane backward, the one-byte ids
     and the benchmark-only instances take."""
     return scoring == "softmax" and float(scale) == 1.0
 
@@ -875,12 +879,13 @@ def supports_backward(
     scoring: str = "softmax",
     scale: float = 1.0,
 ) -> bool:
-    """Whether the CUDA backward takes this call (shapes only; :func:`is_available` is separate): the default router
-    (softmax, scale 1) on CUDA float32 / float16 / bfloat16 logits [T, E] with ``E <= 256``, int64 ``ids`` [T, k] with
-    ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the ids' shape. A keep mask of any size."""
+    """Whether the CUDA backward takes this call (shapes only; :func:`is_available` is separate): any router variant
+    (``scoring`` of ``SCORING_CODES``, a finite ``scale``) on CUDA float32 / float16 / bfloat16 logits [T, E] with
+    ``E <= 512``, int64 ``ids`` [T, k] with ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the
+    ids' shape. A keep mask of any size."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
-    if not default_router(scoring, scale):
+    if scoring not in SCORING_CODES or not math.isfinite(float(scale)):
         return False
     num_tokens, num_experts = logits.shape
     if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[0] != num_tokens or ids.device != logits.device:
@@ -971,15 +976,18 @@ def backward_params(
     ids: Tensor,
     renormalize: bool,
     *,
+    scoring: str = "softmax",
+    scale: float = 1.0,
     variant: str = "lane",
     ids8: Tensor | None = None,
     ablation: str | None = None,
     dependent_launch: bool | None = None,
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
-    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides) and the kernel variant by
-    name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place, and
-    whether the kernel goes out as a programmatic dependent launch (None: :func:`dependent_launch_default`)."""
+    ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides), the router variant
+    (``"softmax_chosen"`` goes as the softmax renormalised over the chosen experts, the same gradient), the kernel
+    variant by name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place,
+    and whether the kernel goes out as a programmatic dependent launch (None: :func:`dependent_launch_default`)."""
     num_tokens, num_experts = logits.shape
     return RouteBackwardParams(
         grad_logits.data_ptr(),
@@ -995,10 +1003,12 @@ def backward_params(
         num_experts,
         keep.shape[0] if keep is not None else 1,
         ids.shape[1],
-        int(bool(renormalize)),
+        int(bool(renormalize) or scoring == "softmax_chosen"),
         int(group is not None and group.dtype == torch.int64),
         BACKWARD_VARIANTS[variant] if ablation is None else BACKWARD_ABLATIONS[ablation],
         _dependent_launch_flag(dependent_launch),
+        SCORING_CODES[scoring],
+        float(scale),
     )
 
 
@@ -1010,6 +1020,8 @@ def route_backward(
     ids: Tensor,
     renormalize: bool,
     *,
+    scoring: str = "softmax",
+    scale: float = 1.0,
     out: Tensor | None = None,
     variant: str = "lane",
     ids8: Tensor | None = None,
@@ -1018,21 +1030,26 @@ def route_backward(
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
-    by ``check_route_args``; ids outside ``[0, G)`` mean no mask). Returns a contiguous [T, E] tensor in
+    by ``check_route_args``; ids outside ``[0, G)`` mean no mask; ``scoring`` and ``scale`` the router variant's, as
+    ``route`` takes them). Returns a contiguous [T, E] tensor in
     ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place. ``variant``
     (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the one-row-per-lane kernel where the call allows it
-    (16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
+    (the default router on 16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
     always the row-over-several-lanes kernel. ``ids8`` (uint8 [T, k], the same ids a byte each, as
     ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it.
     ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
     with E=64, a keep mask and ``ids8``, the lane variant. ``dependent_launch``: as :func:`route_forward`'s."""
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
+    if scoring not in SCORING_CODES:
+        raise ValueError(f"scoring must be one of {sorted(SCORING_CODES)}, got {scoring!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     if _ablation is not None:
         if _ablation not in BACKWARD_ABLATIONS:
             raise ValueError(f"_ablation must be one of {sorted(BACKWARD_ABLATIONS)}, got {_ablation!r}")
         if (variant != "lane" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.shape[1] != 64
-                or keep is None or ids8 is None):
+                or keep is None or ids8 is None or not default_router(scoring, scale)):
             raise ValueError(f"_ablation {_ablation!r} runs the lane kernel on bf16 logits with E=64, a keep mask and "
                              "ids8 only")
     lib, error, _ = _load()
@@ -1059,8 +1076,9 @@ def route_backward(
         keep = keep.contiguous()
     if group is not None and not group.is_contiguous():
         group = group.contiguous()
-    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, variant=variant,
-                             ids8=ids8, ablation=_ablation, dependent_launch=dependent_launch)
+    params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, scoring=scoring,
+                             scale=scale, variant=variant, ids8=ids8, ablation=_ablation,
+                             dependent_launch=dependent_launch)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)

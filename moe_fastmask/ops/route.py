@@ -15,7 +15,7 @@ Layers, from the outside in:
   ``torch.compile(fullgraph=True)`` traces through them and CUDA graphs capture them.
 * the backends — ``cuda`` (the CUDA kernels of ``csrc/route_cuda.cu`` and ``csrc/route_cuda_backward.cu``: the
   forward of every variant, sigmoid up to 256 experts or, top-8 with E a multiple of 32, up to 512; the backward of
-  the default router; Triton for the rest),
+  every variant up to 512 experts; Triton for the rest),
   ``triton`` (CUDA, or CPU through ``TRITON_INTERPRET=1``), ``cpp`` (the C++ CPU kernel) and ``torch`` (the
   plain-PyTorch reference in :mod:`moe_fastmask.ops.reference`).
 """
@@ -210,7 +210,8 @@ def _route_backward_impl(
             and cuda_route.supports_backward(grad_weights, logits, ids, scoring=scoring, scale=scale)
             and cuda_route.is_available()
         ):
-            return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize, ids8=ids8)
+            return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize, scoring=scoring,
+                                             scale=scale, ids8=ids8)
         backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_backward(
@@ -571,8 +572,8 @@ def route(
         renormalize: if True the ``top_k`` weights of each token sum to 1 (OLMoE's ``norm_topk_prob``).
         backend: ``"auto"`` (the CUDA kernel, else Triton, on CUDA; C++ on CPU; the reference if neither),
             ``"cuda"`` (the CUDA kernels: the forward of every variant (sigmoid with ``E <= 256``, or the sigmoid
-            calls ``cuda_route.chunk_takes`` accepts: top-8 with E a multiple of 32 up to 512), the backward of the
-            default router with ``E <= 256``; Triton for the other variants and shapes), ``"triton"``,
+            calls ``cuda_route.chunk_takes`` accepts: top-8 with E a multiple of 32 up to 512), the backward of every
+            variant with ``E <= 512``; Triton for the other shapes), ``"triton"``,
             ``"cpp"`` or ``"torch"``.
         validate: run the value checks (group range, ``keep`` rows with at least ``top_k`` experts). They read
             device data; pass False in hot loops whose inputs were validated once. Shape, dtype and device checks
