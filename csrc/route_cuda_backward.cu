@@ -27,6 +27,10 @@
 // renormalising): each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots
 // back (so the sums over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
+// The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row: its rows skip the loads of
+// the logits and of the keep row; each (id, grad) entry's lane gathers its expert's logit and keep flag and computes
+// the entry's gradient (the sums over the row's entries, for renormalisation, by shuffles), and the scatter places
+// those in place of the incoming grads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -185,7 +189,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int64_t num_tokens = p.num_tokens;
   const bool renormalize = p.renormalize != 0;
   const bool sigmoid = p.scoring == 1;
-  const bool need_pick = renormalize || sigmoid;  // (the chosen experts' flags)
+  const bool need_pick = renormalize && !sigmoid;  // (the chosen experts' flags, for the softmax renormalised)
   const float scale = p.scale;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
   const bool vector_stores = VEC || (flags & kVectorStores) != 0;
@@ -239,7 +243,9 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
     for (int q = 0; q < NCH; ++q) {
       const int e = chunk_e[q];
-      if (vector_loads && valid && (VEC || e + CH <= E)) {
+      if (sigmoid) {
+        raw[q] = make_uint4(0u, 0u, 0u, 0u);  // (the sigmoid router reads its chosen experts' logits alone, below)
+      } else if (vector_loads && valid && (VEC || e + CH <= E)) {
         raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
       } else {
         unsigned int w[4] = {0u, 0u, 0u, 0u};
@@ -284,7 +290,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
     }
     // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
     unsigned int allowed = in_range;
-    if (keep_row >= 0) {
+    if (keep_row >= 0 && !sigmoid) {
       const uint8_t* keep = p.keep + keep_row * E;
       unsigned int kept = 0u;
 #pragma unroll
@@ -306,7 +312,47 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       allowed &= kept;
     }
 
-    // ---- scatter the chosen experts' grads: zero own slots, sync, scatter, sync, read own slots back
+    if (sigmoid) {
+      // ---- the sigmoid router's gradient per (id, grad) entry, from its expert's logit and keep flag alone
+      // (gathered): s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
+      // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1); a masked
+      // expert s = 0. The entries' gradients then go through the scatter below in place of the incoming ones.
+      float sv[J], ds[J];
+      float picked = 0.0f, dot = 0.0f;  // sums of s and of G s over the row's entries
+#pragma unroll
+      for (int jj = 0; jj < J; ++jj) {
+        sv[jj] = 0.0f;
+        ds[jj] = 0.0f;
+        const long long e = ids[jj];
+        if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E) &&  // (-1: no entry)
+            (keep_row < 0 || __ldg(p.keep + keep_row * E + e) != 0)) {
+          const float z = Elem::to_float(src[static_cast<int64_t>(e) * p.stride_e]);
+          const float t = bwd_exp2(-fabsf(z) * kLog2e);
+          const float r = bwd_rcp(1.0f + t);
+          sv[jj] = z >= 0.0f ? r : t * r;  // (NaN: t * r, NaN)
+          ds[jj] = t * r * r;
+        }
+        picked += sv[jj];
+        dot += grads[jj] * sv[jj];
+      }
+      if (renormalize) {
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) {
+          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        }
+        const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
+        const float shift = dot * rinv;
+#pragma unroll
+        for (int jj = 0; jj < J; ++jj) grads[jj] = (grads[jj] - shift) * rinv * ds[jj];
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < J; ++jj) grads[jj] *= ds[jj];
+      }
+    }
+
+    // ---- scatter the chosen experts' grads (sigmoid: their gradients): zero own slots, sync, scatter, sync, read own
+    // slots back
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
       *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -342,35 +388,8 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 
     float dz[V];
     if (sigmoid) {
-      // ---- sigmoid: s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
-      // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1). Masked
-      // experts s = 0; only the chosen experts' s count and get a gradient.
-      float picked = 0.0f, dot = 0.0f;  // sums of s and of G s over the chosen experts
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float z = Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH));
-        const float t = bwd_exp2(-fabsf(z) * kLog2e);
-        const float r = bwd_rcp(1.0f + t);
-        const bool live = ((chosen & allowed) >> i) & 1u;
-        const float sv = live ? (z >= 0.0f ? r : t * r) : 0.0f;  // (NaN: t * r, NaN)
-        dz[i] = live ? t * r * r : 0.0f;                         // s (1 - s), for now
-        picked += sv;
-        dot += G[i] * sv;  // (G is 0 off the chosen experts)
-      }
-      if (renormalize) {
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) {
-          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-        }
-        const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
-        const float shift = dot * rinv;
-#pragma unroll
-        for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? (G[i] - shift) * rinv * dz[i] : 0.0f;
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) dz[i] = ((chosen >> i) & 1u) ? G[i] * dz[i] : 0.0f;
-      }
+      for (int i = 0; i < V; ++i) dz[i] = G[i];  // (0 off the chosen experts)
     } else {
       // ---- masked softmax (padding and masked experts read as -inf), then the gradient
       float prob[V];

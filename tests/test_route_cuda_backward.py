@@ -107,6 +107,7 @@ def check_against_reference(run, grad, logits, keep, group, ids, renormalize, wh
     exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize,
                                                scoring=scoring, scale=scale)
     atol, rtol = tolerance(logits.dtype)
+    atol *= max(1.0, abs(scale))  # (the gradient, and its rounding, scale with it)
     torch.testing.assert_close(out.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{where}\n{m}")
     T, E = logits.shape
@@ -346,9 +347,9 @@ def scenario_load_store(run_ablation, device, seed):
         assert torch.equal(out.view(torch.int16), logits.view(torch.int16)), f"load_store T={T}"
 
 
-def scenario_invalid_ids(run, device, T, seed):
+def scenario_invalid_ids(run, device, T, seed, scoring="softmax", scale=1.0):
     """Ids outside [0, E) (negative, E, far above) contribute nothing: each row equals the reference on its valid
-    entries alone (renormalised: over those only)."""
+    entries alone (renormalised: over those only); ``run`` runs the router variant ``scoring`` / ``scale``."""
     gen = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
         for E, k in ((64, 8), (32, 8), (60, 8)):
@@ -371,8 +372,9 @@ def scenario_invalid_ids(run, device, T, seed):
                     valid = ~bad[row].to(device)
                     exact = reference.route_backward_reference(
                         grad[row : row + 1, valid].double(), logits[row : row + 1].double(), keep,
-                        group[row : row + 1], ids[row : row + 1, valid], renorm)
-                    torch.testing.assert_close(out[row : row + 1].double(), exact, atol=atol, rtol=rtol,
+                        group[row : row + 1], ids[row : row + 1, valid], renorm, scoring=scoring, scale=scale)
+                    torch.testing.assert_close(out[row : row + 1].double(), exact, atol=atol * max(1.0, abs(scale)),
+                                               rtol=rtol,
                                                equal_nan=True, msg=lambda m: f"invalid ids: row {row} E={E}\n{m}")
 
 
@@ -523,6 +525,7 @@ def test_load_store_ablation_refuses_other_calls():
 def test_invalid_ids_contribute_nothing(cuda_kernel):
     scenario_invalid_ids(run_cuda, "cuda", 67, SESSION_SEED + 15)
     scenario_invalid_ids(run_cuda_split, "cuda", 67, SESSION_SEED + 16)
+    scenario_invalid_ids(cuda_variant_run("sigmoid", 2.5), "cuda", 67, SESSION_SEED + 17, scoring="sigmoid", scale=2.5)
 
 
 @gpu
@@ -624,11 +627,15 @@ FAMILY_VARIANTS = (
 @pytest.mark.parametrize("family, dtype, E, k, variant, renorm", FAMILY_VARIANTS, ids=[f[0] for f in FAMILY_VARIANTS])
 def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, dtype, E, k, variant, renorm):
     """route(backend="cuda") with a family's router variant (a selection bias for the sigmoid routers) runs the CUDA
-    backward (Triton's made to fail) and equals the reference's autograd in float64, eager and through the op."""
+    backward (Triton's made to fail; the size below which route prefers Triton's backward set to 0) and equals
+    the reference's autograd in float64, eager and through the op. (The sigmoid routers' ids may differ from the
+    reference's on a row whose selection values tie within rounding: the reference gradient is then taken at the
+    op's ids, and such rows must stay rare.)"""
     def no_triton(*args, **kwargs):
         raise AssertionError("the cuda backend ran the Triton backward")
 
     monkeypatch.setattr(triton_route, "route_backward", no_triton)
+    monkeypatch.setattr(cuda_route, "BACKWARD_MIN_TOKENS", 0)  # (small calls of the lane kernel's shapes: Triton's)
     gen = torch.Generator().manual_seed(SESSION_SEED + 10)
     for T in (37, 9000):
         logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
@@ -637,19 +644,27 @@ def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, d
         group = torch.randint(-1, 2, (T,), generator=gen).cuda()
         grad_out = torch.randn(T, k, generator=gen).cuda()
         choice = dict(variant)
-        if variant["scoring"] == "sigmoid":
+        sigmoid = variant.get("scoring") == "sigmoid"
+        if sigmoid:
             choice["bias"] = (torch.randn(E, generator=gen) * 0.1).cuda()
         x = logits.clone().requires_grad_()
         weights, ids = route(x, k, keep, group, None, renorm, "cuda", **choice)
         (weights * grad_out.to(dtype)).sum().backward()
         ref_x = logits.double().requires_grad_()
         ref_w, ref_ids = reference.route_reference(ref_x, k, keep, group, None, renorm, **choice)
+        if sigmoid:
+            assert (ids != ref_ids).any(dim=1).sum() <= max(1, T // 1000), family
+            ref_w = reference.chosen_weights(ref_x, reference.allowed_experts(T, keep, group), ids, "sigmoid", renorm,
+                                             choice["scale"])
+        else:
+            assert torch.equal(ids, ref_ids), family
         (ref_w * grad_out.to(dtype).double()).sum().backward()
-        assert torch.equal(ids, ref_ids), family
         atol, rtol = tolerance(dtype)
+        atol *= max(1.0, abs(choice.get("scale", 1.0)))
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol, msg=lambda m: f"{family}\n{m}")
         x.grad = None
-        weights, _ = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda", **choice)
+        weights, op_ids = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda", **choice)
+        assert torch.equal(op_ids, ids), family
         (weights * grad_out.to(dtype)).sum().backward()
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol, msg=lambda m: f"{family}\n{m}")
 
@@ -858,7 +873,7 @@ def test_uncovered_calls_fall_back_and_the_launcher_refuses_bad_shapes(cuda_kern
         assert not cuda_route.supports_backward(grad, logits, ids, **kwargs), kwargs
     got = route_module._route_backward_impl(grad, logits, None, None, ids, True, "cuda", scale=math.inf)
     expected = triton_route.route_backward(grad, logits, None, None, ids, True, scale=math.inf)
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
     with pytest.raises(ValueError, match="scale"):
         cuda_route.route_backward(grad, logits, None, None, ids, False, scale=math.nan)
     with pytest.raises(ValueError, match="scoring"):
@@ -1115,8 +1130,10 @@ def emulated_checks(library: str) -> None:
     scenario_examples(run, "cpu")
     for dtype in DTYPES:
         scenario_router_variants(lambda scoring, scale: emulated_run(Path(library), scoring=scoring, scale=scale),
-                                 "cpu", dtype, ("normal", "wide", "nan_inf"), 19, ((256, 8), (60, 4), (64, 8), (512, 10)),
-                                 SESSION_SEED + 61)
+                                 "cpu", dtype, ("normal", "wide", "nan_inf"), 19,
+                                 ((256, 8), (60, 4), (64, 8), (512, 10)), SESSION_SEED + 61)
+    scenario_invalid_ids(emulated_run(Path(library), scoring="sigmoid", scale=2.5), "cpu", 37, SESSION_SEED + 16,
+                         scoring="sigmoid", scale=2.5)
     for group_dtype in (torch.int64, torch.int32):
         scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
     for layout in LAYOUTS:
