@@ -546,6 +546,11 @@ def default_variant(logits: Tensor) -> str:
     return name
 
 
+def scale_in_range(scale: float) -> bool:
+    """Whether the kernels take ``scale``: finite as a float32 (they receive it as one, and refuse an infinite one)."""
+    return math.isfinite(float(scale)) and abs(float(scale)) <= torch.finfo(torch.float32).max
+
+
 def default_router(scoring: str, scale: float) -> bool:
     """Whether the router variant is the default one (softmax, scale 1): the one the lane backward, the one-byte ids
     and the benchmark-only instances take."""
@@ -673,9 +678,12 @@ def supports(
 ) -> bool:
     """Whether the CUDA kernel takes this call (shapes and variant only; :func:`is_available` is separate): CUDA
     float32 / float16 / bfloat16 logits with ``E <= 512`` (float32: 256), ``top_k <= 16`` and a keep mask of at most
-    16 KiB as bits; every router variant (``softmax``, ``softmax_chosen``, any ``scale``; ``sigmoid`` with or without
-    a bias and a group limit, ``E <= 256``, or any call :func:`chunk_takes` accepts, float32 included)."""
+    16 KiB as bits; every router variant (``softmax``, ``softmax_chosen``, any ``scale`` finite as a float32;
+    ``sigmoid`` with or without a bias and a group limit, ``E <= 256``, or any call :func:`chunk_takes` accepts,
+    float32 included)."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
+        return False
+    if not scale_in_range(scale):
         return False
     if scoring not in SCORING_CODES or (scoring != "sigmoid" and (bias is not None or n_group != 1)):
         return False
@@ -880,12 +888,12 @@ def supports_backward(
     scale: float = 1.0,
 ) -> bool:
     """Whether the CUDA backward takes this call (shapes only; :func:`is_available` is separate): any router variant
-    (``scoring`` of ``SCORING_CODES``, a finite ``scale``) on CUDA float32 / float16 / bfloat16 logits [T, E] with
+    (``scoring`` of ``SCORING_CODES``, a ``scale`` finite as a float32) on CUDA float32 / float16 / bfloat16 logits [T, E] with
     ``E <= 512``, int64 ``ids`` [T, k] with ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the
     ids' shape. A keep mask of any size."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
-    if scoring not in SCORING_CODES or not math.isfinite(float(scale)):
+    if scoring not in SCORING_CODES or not scale_in_range(scale):
         return False
     num_tokens, num_experts = logits.shape
     if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[0] != num_tokens or ids.device != logits.device:
@@ -1043,8 +1051,8 @@ def route_backward(
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
     if scoring not in SCORING_CODES:
         raise ValueError(f"scoring must be one of {sorted(SCORING_CODES)}, got {scoring!r}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    if not scale_in_range(scale):
+        raise ValueError(f"scale must be finite as a float32, got {scale!r}")
     if _ablation is not None:
         if _ablation not in BACKWARD_ABLATIONS:
             raise ValueError(f"_ablation must be one of {sorted(BACKWARD_ABLATIONS)}, got {_ablation!r}")
