@@ -66,6 +66,12 @@ def forward_ids(logits, k, keep, group) -> torch.Tensor:
     return reference.route_reference(logits, k, keep, group, None, False)[1]
 
 
+def scaled_tolerance(dtype: torch.dtype, scale: float) -> tuple[float, float]:
+    """(atol, rtol) of ``dtype`` for a gradient of weights times ``scale`` (it, and its rounding, scale with it)."""
+    atol, rtol = tolerance(dtype)
+    return atol * max(1.0, abs(scale)), rtol
+
+
 def run_cuda(grad, logits, keep, group, ids, renormalize, out, variant="lane", scoring="softmax", scale=1.0) -> None:
     """The CUDA backward, writing into ``out`` (``variant``: see ``cuda_route.BACKWARD_VARIANTS``; ``scoring`` and
     ``scale``: the router variant's)."""
@@ -106,8 +112,7 @@ def check_against_reference(run, grad, logits, keep, group, ids, renormalize, wh
     run(grad, logits, keep, group, ids, renormalize, out)
     exact = reference.route_backward_reference(grad.double(), logits.double(), keep, group, ids, renormalize,
                                                scoring=scoring, scale=scale)
-    atol, rtol = tolerance(logits.dtype)
-    atol *= max(1.0, abs(scale))  # (the gradient, and its rounding, scale with it)
+    atol, rtol = scaled_tolerance(logits.dtype, scale)
     torch.testing.assert_close(out.double(), exact, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{where}\n{m}")
     T, E = logits.shape
@@ -120,6 +125,12 @@ def check_against_reference(run, grad, logits, keep, group, ids, renormalize, wh
     clean = ~exact.isnan().any(dim=1, keepdim=True)
     assert bool((out[zero & clean] == 0).all()), f"nonzero gradient on a masked or unchosen expert; {where}"
     return out
+
+
+def adversarial_keep(E: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Bool [4, E]: groups allowing exactly k experts, fewer than k (masked experts chosen), a random number, none."""
+    return torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
+                        make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)])
 
 
 def random_group(T: int, G: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
@@ -170,8 +181,7 @@ def scenario_adversarial(run, device, kind, dtype, T, shapes, seed):
     gen = torch.Generator().manual_seed(seed)
     G = 4
     for E, k in shapes:
-        keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
-                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
+        keep = adversarial_keep(E, k, gen).to(device)
         group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
         logits = adversarial_logits(kind, T, E, dtype, gen).to(device)
         ids = forward_ids(logits, k, keep, group)
@@ -197,8 +207,7 @@ def scenario_router_variants(make_run, device, dtype, kinds, T, shapes, seed):
     gen = torch.Generator().manual_seed(seed)
     G = 4
     for E, k in shapes:
-        keep = torch.stack([make_keep(1, E, k, gen)[0], make_keep(1, E, max(1, k // 2), gen)[0],
-                            make_keep(1, E, None, gen)[0], torch.zeros(E, dtype=torch.bool)]).to(device)
+        keep = adversarial_keep(E, k, gen).to(device)
         for kind in kinds:
             logits = adversarial_logits(kind, T, E, dtype, gen).to(device)
             group = torch.randint(-2, G + 2, (T,), generator=gen).to(device)
@@ -367,14 +376,13 @@ def scenario_invalid_ids(run, device, T, seed, scoring="softmax", scale=1.0):
             for renorm in (False, True):
                 out = torch.full((T, E), POISON, dtype=dtype, device=device)
                 run(grad, logits, keep, group, ids, renorm, out)
-                atol, rtol = tolerance(dtype)
+                atol, rtol = scaled_tolerance(dtype, scale)
                 for row in range(T):
                     valid = ~bad[row].to(device)
                     exact = reference.route_backward_reference(
                         grad[row : row + 1, valid].double(), logits[row : row + 1].double(), keep,
                         group[row : row + 1], ids[row : row + 1, valid], renorm, scoring=scoring, scale=scale)
-                    torch.testing.assert_close(out[row : row + 1].double(), exact, atol=atol * max(1.0, abs(scale)),
-                                               rtol=rtol,
+                    torch.testing.assert_close(out[row : row + 1].double(), exact, atol=atol, rtol=rtol,
                                                equal_nan=True, msg=lambda m: f"invalid ids: row {row} E={E}\n{m}")
 
 
@@ -659,8 +667,7 @@ def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, d
         else:
             assert torch.equal(ids, ref_ids), family
         (ref_w * grad_out.to(dtype).double()).sum().backward()
-        atol, rtol = tolerance(dtype)
-        atol *= max(1.0, abs(choice.get("scale", 1.0)))
+        atol, rtol = scaled_tolerance(dtype, choice.get("scale", 1.0))
         torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=atol, rtol=rtol, msg=lambda m: f"{family}\n{m}")
         x.grad = None
         weights, op_ids = torch.ops.moe_fastmask.route(x, k, keep, group, None, renorm, "cuda", **choice)

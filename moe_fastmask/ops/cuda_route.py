@@ -888,9 +888,9 @@ def supports_backward(
     scale: float = 1.0,
 ) -> bool:
     """Whether the CUDA backward takes this call (shapes only; :func:`is_available` is separate): any router variant
-    (``scoring`` of ``SCORING_CODES``, a ``scale`` finite as a float32) on CUDA float32 / float16 / bfloat16 logits [T, E] with
-    ``E <= 512``, int64 ``ids`` [T, k] with ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits' dtype and the
-    ids' shape. A keep mask of any size."""
+    (``scoring`` of ``SCORING_CODES``, a ``scale`` finite as a float32) on CUDA float32 / float16 / bfloat16 logits
+    [T, E] with ``E <= 512``, int64 ``ids`` [T, k] with ``1 <= k <= min(16, E)`` and ``grad_weights`` of the logits'
+    dtype and the ids' shape. A keep mask of any size."""
     if logits.device.type != "cuda" or logits.dtype not in DTYPE_CODES or logits.dim() != 2:
         return False
     if scoring not in SCORING_CODES or not scale_in_range(scale):
@@ -1039,12 +1039,12 @@ def route_backward(
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
     by ``check_route_args``; ids outside ``[0, G)`` mean no mask; ``scoring`` and ``scale`` the router variant's, as
-    ``route`` takes them). Returns a contiguous [T, E] tensor in
-    ``logits.dtype``: new, or ``out`` (contiguous, of that shape and dtype) written in place. ``variant``
-    (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the one-row-per-lane kernel where the call allows it
-    (the default router on 16-bit logits with E = 32 or 64, k = 8, rows and tensors 16-byte aligned), else the other; ``"split"``,
-    always the row-over-several-lanes kernel. ``ids8`` (uint8 [T, k], the same ids a byte each, as
-    ``route_forward(ids8=...)`` writes them) lets the lane kernel read them instead of ``ids``; the other ignores it.
+    ``route`` takes them). Returns a contiguous [T, E] tensor in ``logits.dtype``: new, or ``out`` (contiguous, of
+    that shape and dtype) written in place. ``variant`` (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the
+    one-row-per-lane kernel where the call allows it (the default router on 16-bit logits with E = 32 or 64, k = 8,
+    rows and tensors 16-byte aligned), else the other; ``"split"``, always the row-over-several-lanes kernel.
+    ``ids8`` (uint8 [T, k], the same ids a byte each, as ``route_forward(ids8=...)`` writes them) lets the lane kernel
+    read them instead of ``ids``; the other ignores it.
     ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
     with E=64, a keep mask and ``ids8``, the lane variant. ``dependent_launch``: as :func:`route_forward`'s."""
     if variant not in BACKWARD_VARIANTS:
