@@ -6,6 +6,7 @@ by the reference and a kernel still shows.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -405,16 +406,69 @@ def selection_of(logits: torch.Tensor, allowed: torch.Tensor, kwargs: dict) -> t
     )
 
 
-def matching_rows(ids: torch.Tensor, ref_ids: torch.Tensor, values: torch.Tensor, exact: bool) -> torch.Tensor:
-    """Bool [T]: rows whose ids equal the reference's. ``exact``: all must. Otherwise (sigmoid selection values are
-    computed with each backend's own exp) a differing row must choose experts of the same selection values within
-    rounding."""
+def near_tie_group_choices(logits: torch.Tensor, allowed: torch.Tensor, kwargs: dict, atol: float = 1e-5,
+                           limit: int = 64) -> list[torch.Tensor]:
+    """float64 selection values [E] of one row (``logits`` [E], ``allowed`` [E]) under each other choice of kept
+    groups that the group limit could make within rounding: where group scores lie within ``atol`` of the last kept
+    one's, a backend computing them with its own exp may keep any of those groups. Empty without a group limit or
+    without such near-ties; at most ``limit`` choices."""
+    n_group, topk_group = kwargs.get("n_group", 1), kwargs.get("topk_group", 1)
+    if kwargs.get("scoring", "softmax") != "sigmoid" or n_group <= 1:
+        return []
+    values = torch.sigmoid(logits.double())
+    if kwargs.get("bias") is not None:
+        values = values + kwargs["bias"].double()
+    scores = values.masked_fill(~allowed, float("-inf")).view(n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+    last_kept = scores.sort(descending=True).values[topk_group - 1]
+    near = (scores == last_kept) | ((scores - last_kept).abs() <= atol)
+    certain = (scores > last_kept) & ~near
+    ambiguous = near.nonzero().flatten().tolist()
+    need = topk_group - int(certain.sum())
+    choices = []
+    for combo in itertools.islice(itertools.combinations(ambiguous, need), limit):
+        kept = certain.clone()
+        kept[list(combo)] = True
+        in_kept = kept.repeat_interleave(logits.shape[0] // n_group)
+        choices.append(values.masked_fill(~in_kept, float("-inf")))
+    return choices if len(choices) > 1 else []
+
+
+def matching_rows(ids: torch.Tensor, ref_ids: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor,
+                  kwargs: dict, exact: bool, where: str = "") -> torch.Tensor:
+    """Bool [T]: rows whose ids equal the reference's, for a call of route with keyword arguments ``kwargs`` on
+    ``logits`` with experts ``allowed`` [T, E]. ``exact``: all must. Otherwise (sigmoid selection values are computed
+    with each backend's own exp) a differing row must choose experts of the same selection values within rounding,
+    or, where the group limit's choice of groups rests on group scores within rounding of each other, the experts the
+    row would choose under another such choice (near_tie_group_choices; its allowed experts, by value). ``where``
+    names the case in the failure message."""
     same = (ids == ref_ids).all(dim=1)
     if exact:
-        assert torch.equal(ids, ref_ids), f"rows {(~same).nonzero().flatten().tolist()} differ"
+        assert torch.equal(ids, ref_ids), f"rows {(~same).nonzero().flatten().tolist()} differ; {where}"
         return same
+    values = selection_of(logits, allowed, kwargs)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and bool(torch.isclose(a, b, atol=1e-5, rtol=0, equal_nan=True).all())
+
     for t in (~same).nonzero().flatten().tolist():
         mine = values[t, ids[t]].sort().values
         theirs = values[t, ref_ids[t]].sort().values
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0, equal_nan=True)
+        if close(mine, theirs):
+            continue
+        picked_allowed = ids[t][allowed[t, ids[t]]]
+        if any(
+            close(alt[picked_allowed].sort().values,
+                  alt[allowed[t]].topk(picked_allowed.numel()).values.sort().values)
+            for alt in near_tie_group_choices(logits[t], allowed[t], kwargs)
+        ):
+            continue
+        raise AssertionError(f"{where}: row {t} chose {ids[t].tolist()} (selection values {mine.tolist()}), the "
+                             f"reference {ref_ids[t].tolist()} ({theirs.tolist()})")
+    return same
+    for t in (~same).nonzero().flatten().tolist():
+        mine = values[t, ids[t]].sort().values
+        theirs = values[t, ref_ids[t]].sort().values
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0, equal_nan=True, msg=lambda m: (
+            f"{where}: row {t} chose {ids[t].tolist()} (selection values {mine.tolist()}), the reference "
+            f"{ref_ids[t].tolist()} ({theirs.tolist()})\n{m}"))
     return same

@@ -31,7 +31,6 @@ from route_cases import (
     adversarial_logits,
     matching_rows,
     recount,
-    selection_of,
     tolerance,
     variant_kwargs,
 )
@@ -112,7 +111,7 @@ def assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, g
         assert bool(((ids >= 0) & (ids < E)).all()), f"ids out of range; {where}"
         assert torch.equal(allowed.gather(1, ids).sum(1), allowed.gather(1, ref_ids).sum(1)), f"masked picks; {where}"
         assert all(len(set(row)) == top_k for row in ids.tolist()), f"an expert chosen twice; {where}"
-        same = matching_rows(ids, ref_ids, selection_of(logits, allowed, variant), exact=False)
+        same = matching_rows(ids, ref_ids, logits, allowed, variant, exact=False, where=where)
         if counts is not None:
             assert torch.equal(counts - start, recount(ids, group, counts.shape[0], E)), f"counts differ; {where}"
     else:

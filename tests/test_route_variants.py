@@ -86,7 +86,7 @@ def _check_against_reference(backend, logits, top_k, keep, group, num_groups, kw
     assert all(len(set(row)) == top_k for row in ids.tolist()), "an expert was chosen twice"
     assert torch.equal(counts, recount(ids, group, num_groups, E))
     exact = kwargs.get("scoring", "softmax") != "sigmoid"
-    same = matching_rows(ids, ref_ids, selection_of(logits, allowed, kwargs), exact)
+    same = matching_rows(ids, ref_ids, logits, allowed, kwargs, exact)
     atol, rtol = tolerance(logits.dtype)
     torch.testing.assert_close(weights[same], ref_w[same], atol=atol, rtol=rtol, equal_nan=True)
     if with_grad:
@@ -114,7 +114,7 @@ def test_reference_matches_oracle(variant):
         weights, ids = reference.route_reference(case.logits, top_k, case.keep, case.group, **kwargs)
         allowed = _allowed(case.logits.shape[0], case.keep, case.group, E)
         oracle_w, oracle_ids = naive_variant_route(case.logits, top_k, allowed, **kwargs)
-        same = matching_rows(ids, oracle_ids, selection_of(case.logits, allowed, kwargs), exact=False)
+        same = matching_rows(ids, oracle_ids, case.logits, allowed, kwargs, exact=False)
         assert bool(same.float().mean() >= 0.9)
         torch.testing.assert_close(weights[same].double(), oracle_w[same], atol=1e-6, rtol=1e-5)
 
@@ -181,8 +181,8 @@ def test_equals_transformers_routers(backend):
         ids, weights = ids.gather(1, order), weights.gather(1, order)
         hf_ids, hf_weights = hf_ids.gather(1, hf_order), hf_weights.gather(1, hf_order)
         # sigmoid selection values are computed with each backend's exp: rows may differ on rounding-level ties
-        values = selection_of(logits, torch.ones_like(logits, dtype=torch.bool), kwargs)
-        same = matching_rows(ids, hf_ids, values, exact=kwargs["scoring"] != "sigmoid")
+        every = torch.ones_like(logits, dtype=torch.bool)
+        same = matching_rows(ids, hf_ids, logits, every, kwargs, exact=kwargs["scoring"] != "sigmoid", where=name)
         assert bool(same.float().mean() >= 0.9), name
         torch.testing.assert_close(weights[same].to(hf_weights.dtype), hf_weights[same], msg=name)
 
@@ -190,6 +190,29 @@ def test_equals_transformers_routers(backend):
 # --------------------------------------------------------------------------------------------------------------
 # 2. Every backend against the reference
 # --------------------------------------------------------------------------------------------------------------
+
+
+def test_matching_rows_takes_either_group_of_a_near_tie_and_no_other():
+    """The comparison the sigmoid checks rest on: where two groups' scores lie within rounding of each other, a
+    backend (its own exp) may keep either, and its row then differs from the reference's in whole groups; a row that
+    keeps a group clearly below the kept ones still fails."""
+    # 4 groups of 2 experts, 2 kept: group 0 clearly; groups 1 and 2 within rounding (exactly equal, or 1e-6 apart in
+    # the logit); group 3 clearly below
+    for second in (1.0, 1.0 + 1e-6):
+        logits = torch.tensor([[3.0, 3.0, 1.0, 0.5, 0.5, second, 0.0, -1.0]], dtype=torch.float64)
+        kwargs = dict(scoring="sigmoid", n_group=4, topk_group=2)
+        every = torch.ones_like(logits, dtype=torch.bool)
+        _, ref_ids = reference.route_reference(logits, 4, None, None, **kwargs)
+        kept_groups = set((ref_ids[0] // 2).tolist())
+        assert kept_groups in ({0, 1}, {0, 2}), ref_ids
+        other = 2 if 1 in kept_groups else 1
+        near_tie = torch.tensor([[0, 1, 2 * other, 2 * other + 1]])
+        same = matching_rows(near_tie, ref_ids, logits, every, kwargs, exact=False)
+        assert not bool(same[0])  # (a differing row: its weights are not compared)
+        with pytest.raises(AssertionError, match="row 0 chose"):
+            matching_rows(torch.tensor([[0, 1, 6, 7]]), ref_ids, logits, every, kwargs, exact=False)
+        with pytest.raises(AssertionError, match="row 0 chose"):  # (the near-tied group, but not its best experts)
+            matching_rows(torch.tensor([[0, 1, 2 * other, 6]]), ref_ids, logits, every, kwargs, exact=False)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
