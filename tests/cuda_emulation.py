@@ -1,6 +1,7 @@
 """Host emulation of the CUDA device API that the kernels in ``csrc/`` use, so that their sources run on machines
 without a GPU: the source is compiled with ``g++`` against ``EMU_HEADER`` (with its few device-only statements
-replaced by host stand-ins), every thread of a block is a ``std::thread`` (blocks run one after another), and
+replaced by host stand-ins), every thread of a block is a fiber on the launching thread (blocks run one after
+another; a thread runs until it waits on a barrier, the threads in a fresh pseudo-random order each round), and
 ``__syncwarp`` / ``__syncthreads``, the shuffles and the votes are barriers of the warp or block. Under
 AddressSanitizer (where g++ has one that runs here) every load and store must stay within its tensor or the block's
 shared memory, which starts poisoned.
@@ -31,8 +32,12 @@ EMU_HEADER = r"""
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <thread>
+#include <memory>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
 
 #define __global__
 #define __device__
@@ -60,27 +65,59 @@ inline longlong2 make_longlong2(long long x, long long y) { return {x, y}; }
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
 
-// a barrier of n threads that gives up (and ends the process) when one never arrives: threads that disagree on the
-// number of barrier calls (a divergent warp or block) would otherwise hang
+// Every thread of the running block is a fiber (its own stack, switched to by swapcontext) on the launching thread: a
+// thread runs until it waits on a barrier, then the scheduler (emu_launch) runs the next one that can go on. The
+// scheduler visits the threads in a fresh pseudo-random order each round, so a missing barrier between a write and
+// another thread's read shows in either order of the two. Threads that disagree on the number of barrier calls (a
+// divergent warp or block) leave none that can go on: the emulation then ends the process.
+struct EmuBarrier;
+struct EmuWarp;
+struct EmuFiber {
+  ucontext_t context;
+  unsigned char* stack = nullptr;  // (above a guard page)
+  unsigned int thread = 0;
+  EmuWarp* warp = nullptr;
+  const EmuBarrier* waiting_on = nullptr;  // the barrier it waits on, at generation waiting_generation
+  long waiting_generation = 0;
+  bool done = false;
+  void* fake_stack = nullptr;  // (AddressSanitizer's fiber-switch bookkeeping)
+};
+constexpr size_t kEmuFiberStack = 256 * 1024;
+inline ucontext_t emu_scheduler_context;
+inline EmuFiber* emu_fiber = nullptr;  // the running thread
+inline const void* emu_scheduler_stack = nullptr;  // (AddressSanitizer: the scheduler's stack, seen from a fiber)
+inline size_t emu_scheduler_stack_size = 0;
+
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+#else
+inline void __sanitizer_start_switch_fiber(void**, const void*, size_t) {}
+inline void __sanitizer_finish_switch_fiber(void*, const void**, size_t*) {}
+#endif
+
+// from the running thread back to the scheduler (finished: for good)
+inline void emu_switch_to_scheduler(bool finished) {
+  EmuFiber* self = emu_fiber;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &self->fake_stack, emu_scheduler_stack,
+                                 emu_scheduler_stack_size);
+  swapcontext(&self->context, &emu_scheduler_context);
+  __sanitizer_finish_switch_fiber(self->fake_stack, &emu_scheduler_stack, &emu_scheduler_stack_size);
+}
+
 struct EmuBarrier {
   int count = 32;
-  std::atomic<int> arrived{0};
-  std::atomic<long> generation{0};
+  int arrived = 0;
+  long generation = 0;
   void wait() {
-    const long gen = generation.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) == count - 1) {
-      arrived.store(0, std::memory_order_relaxed);
-      generation.store(gen + 1, std::memory_order_release);
+    if (++arrived == count) {  // the last to arrive releases the others and goes on
+      arrived = 0;
+      ++generation;
       return;
     }
-    const auto start = std::chrono::steady_clock::now();
-    for (long spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
-      std::this_thread::yield();
-      if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) {
-        std::fprintf(stderr, "emulation: a thread never reached a barrier (divergent warp or block)\n");
-        std::_Exit(3);
-      }
-    }
+    emu_fiber->waiting_on = this;
+    emu_fiber->waiting_generation = generation;
+    emu_switch_to_scheduler(false);  // (resumed once generation has moved on)
   }
 };
 struct EmuWarp {
@@ -305,29 +342,100 @@ template <typename T> cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src,
 inline long long clock64() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 
-// a launch: the blocks one after another, each with its threads as std::threads over poisoned shared memory
+// the fibers' stacks, kept for the next launch (each above a guard page, so that an overflow faults)
+struct EmuStacks {
+  std::vector<unsigned char*> stacks;
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  unsigned char* get(size_t i) {
+    while (stacks.size() <= i) {
+      void* mem = mmap(nullptr, kEmuFiberStack + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (mem == MAP_FAILED || mprotect(mem, page, PROT_NONE) != 0) {
+        std::fprintf(stderr, "emulation: no memory for the threads' stacks\n");
+        std::_Exit(5);
+      }
+      stacks.push_back(static_cast<unsigned char*>(mem) + page);
+    }
+    return stacks[i];
+  }
+};
+inline EmuStacks emu_stacks;
+// the state of the threads' order (xorshift, never 0): from MOE_FASTMASK_TEST_SEED where set, so that a run replays
+inline unsigned long long emu_order_state = [] {
+  const char* seed = std::getenv("MOE_FASTMASK_TEST_SEED");
+  return (0x9E3779B97F4A7C15ull ^ (seed != nullptr ? std::strtoull(seed, nullptr, 10) : 0ull)) | 1ull;
+}();
+inline const std::function<void()>* emu_body = nullptr;
+
+inline void emu_fiber_main() {
+  __sanitizer_finish_switch_fiber(nullptr, &emu_scheduler_stack, &emu_scheduler_stack_size);
+  (*emu_body)();
+  emu_fiber->done = true;
+  emu_switch_to_scheduler(true);
+}
+
+// a launch: the blocks one after another, each with its threads as fibers over poisoned shared memory
 inline void emu_launch(int grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
   gridDim = {static_cast<unsigned int>(grid), 1, 1};
   blockDim = {static_cast<unsigned int>(threads), 1, 1};
+  emu_body = &body;
+  unsigned long long& random = emu_order_state;
+  std::vector<int> order(threads);
   for (int b = 0; b < grid; ++b) {
     std::vector<unsigned char> smem(smem_bytes + 16, 0xA5);
     emu_smem_base = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
     EmuBarrier block;
     block.count = threads;
     std::vector<EmuWarp> warps((threads + 31) / 32);
-    std::vector<std::thread> pool;
+    std::vector<EmuFiber> fibers(threads);
+    blockIdx = {static_cast<unsigned int>(b), 0, 0};
+    emu_block = &block;
     for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        threadIdx = {static_cast<unsigned int>(t), 0, 0};
-        blockIdx = {static_cast<unsigned int>(b), 0, 0};
-        emu_warp = &warps[t / 32];
-        emu_block = &block;
-        body();
-      });
+      EmuFiber& f = fibers[t];
+      f.thread = static_cast<unsigned int>(t);
+      f.warp = &warps[t / 32];
+      f.stack = emu_stacks.get(static_cast<size_t>(t));
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack;
+      f.context.uc_stack.ss_size = kEmuFiberStack;
+      f.context.uc_link = nullptr;
+      makecontext(&f.context, emu_fiber_main, 0);
+      // (with the stack set up: a zero size keeps AddressSanitizer's swapcontext from clearing the whole stack's
+      // shadow on every switch)
+      f.context.uc_stack.ss_sp = nullptr;
+      f.context.uc_stack.ss_size = 0;
+      order[t] = t;
     }
-    for (auto& thread : pool) thread.join();
+    for (int left = threads; left > 0;) {
+      for (int i = threads - 1; i > 0; --i) {  // (a fresh order: Fisher-Yates on an xorshift stream)
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        std::swap(order[i], order[random % static_cast<unsigned long long>(i + 1)]);
+      }
+      bool ran = false;
+      for (int t : order) {
+        EmuFiber& f = fibers[t];
+        if (f.done || (f.waiting_on != nullptr && f.waiting_on->generation == f.waiting_generation)) continue;
+        f.waiting_on = nullptr;
+        threadIdx = {f.thread, 0, 0};
+        emu_warp = f.warp;
+        emu_fiber = &f;
+        void* fake_stack = nullptr;
+        __sanitizer_start_switch_fiber(&fake_stack, f.stack, kEmuFiberStack);
+        swapcontext(&emu_scheduler_context, &f.context);
+        __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+        emu_fiber = nullptr;
+        ran = true;
+        left -= f.done ? 1 : 0;
+      }
+      if (!ran) {
+        std::fprintf(stderr, "emulation: a thread never reached a barrier (divergent warp or block)\n");
+        std::_Exit(3);
+      }
+    }
   }
   emu_smem_base = nullptr;
+  emu_body = nullptr;
 }
 
 // launches with attributes: the blocks run in turn, so a programmatic dependent launch has nothing to overlap
