@@ -969,6 +969,21 @@ def test_build_key_and_command():
     assert "-Xptxas" in command and "-shared" in command
 
 
+@pytest.mark.parametrize("splits", [True, False])
+def test_the_build_splits_compilation_over_the_cores_where_nvcc_can(tmp_path, splits):
+    """``--split-compile 0`` where ``nvcc --help`` offers it (CUDA 12 on), never for an nvcc without it (CUDA 11:
+    an unknown option fails the build)."""
+    fake = tmp_path / "nvcc"
+    options = "--threads <number>\\n--split-compile <number>" if splits else "--threads <number>"
+    fake.write_text(f'#!/bin/sh\nprintf "Usage: nvcc [options]\\n{options}\\n"\n')
+    fake.chmod(0o755)
+    command = cuda_route.nvcc_command(str(fake), cuda_route.source_path(), Path("out.so"), ("90",))
+    assert (command[command.index("--split-compile") + 1] == "0") if splits else "--split-compile" not in command
+    assert command[-1] == str(cuda_route.source_path())
+    missing = cuda_route.nvcc_command(str(tmp_path / "absent"), cuda_route.source_path(), Path("out.so"), ("90",))
+    assert "--split-compile" not in missing
+
+
 def kernel_bodies(source: str) -> dict[str, str]:
     """Each ``__global__`` function of a CUDA source: its name and body (the text between its braces)."""
     bodies = {}
