@@ -32,7 +32,6 @@ EMU_HEADER = r"""
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <vector>
 
 #include <sys/mman.h>
@@ -538,7 +537,8 @@ def _compile(source: str, directory: Path, stem: str, sanitize: bool) -> Path:
     (directory / f"{stem}.cpp").write_text(source)
     library = directory / f"{stem}.so"
     # -O0: the sources' many template instances compile 4-5x faster than at -O1, and the checks run about as fast
-    command = ["g++", "-std=c++20", "-O0", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", f"-I{directory}", "-o", str(library), str(directory / f"{stem}.cpp")]
+    command = ["g++", "-std=c++20", "-O0", "-g", "-fno-strict-aliasing", "-shared", "-fPIC", f"-I{directory}", "-o",
+               str(library), str(directory / f"{stem}.cpp")]
     if sanitize:
         command[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
     done = background_builds.run(command, timeout=900)
