@@ -27,10 +27,7 @@
 // renormalising): each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots
 // back (so the sums over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
-// The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row: its rows skip the loads of
-// the logits and of the keep row; each (id, grad) entry's lane gathers its expert's logit and keep flag and computes
-// the entry's gradient (the sums over the row's entries, for renormalisation, by shuffles), and the scatter places
-// those in place of the incoming grads.
+// The sigmoid router runs its own kernel (route_bwd_sigmoid_kernel, below): its gradient is 0 off the chosen experts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -64,7 +61,7 @@ struct RouteBackwardParams {
                               // 2: (benchmarking) the lane kernel's loads and stores alone (grad_logits = logits)
   int32_t dependent_launch;   // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
   int32_t scoring;            // 0: softmax over the allowed experts (the softmax over the chosen ones comes as
-                              // renormalize), 1: sigmoid (the row-over-lanes kernel only)
+                              // renormalize), 1: sigmoid (route_bwd_sigmoid_kernel, whatever the variant)
   float scale;                // the weights' factor (the lane kernel: 1 only)
 };
 
@@ -188,8 +185,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int top_k = p.top_k;
   const int64_t num_tokens = p.num_tokens;
   const bool renormalize = p.renormalize != 0;
-  const bool sigmoid = p.scoring == 1;
-  const bool need_pick = renormalize && !sigmoid;  // (the chosen experts' flags, for the softmax renormalised)
+  const bool need_pick = renormalize;  // (the chosen experts' flags)
   const float scale = p.scale;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
   const bool vector_stores = VEC || (flags & kVectorStores) != 0;
@@ -243,9 +239,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
     for (int q = 0; q < NCH; ++q) {
       const int e = chunk_e[q];
-      if (sigmoid) {
-        raw[q] = make_uint4(0u, 0u, 0u, 0u);  // (the sigmoid router reads its chosen experts' logits alone, below)
-      } else if (vector_loads && valid && (VEC || e + CH <= E)) {
+      if (vector_loads && valid && (VEC || e + CH <= E)) {
         raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
       } else {
         unsigned int w[4] = {0u, 0u, 0u, 0u};
@@ -290,7 +284,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
     }
     // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
     unsigned int allowed = in_range;
-    if (keep_row >= 0 && !sigmoid) {
+    if (keep_row >= 0) {
       const uint8_t* keep = p.keep + keep_row * E;
       unsigned int kept = 0u;
 #pragma unroll
@@ -312,47 +306,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       allowed &= kept;
     }
 
-    if (sigmoid) {
-      // ---- the sigmoid router's gradient per (id, grad) entry, from its expert's logit and keep flag alone
-      // (gathered): s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
-      // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1); a masked
-      // expert s = 0. The entries' gradients then go through the scatter below in place of the incoming ones.
-      float sv[J], ds[J];
-      float picked = 0.0f, dot = 0.0f;  // sums of s and of G s over the row's entries
-#pragma unroll
-      for (int jj = 0; jj < J; ++jj) {
-        sv[jj] = 0.0f;
-        ds[jj] = 0.0f;
-        const long long e = ids[jj];
-        if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E) &&  // (-1: no entry)
-            (keep_row < 0 || __ldg(p.keep + keep_row * E + e) != 0)) {
-          const float z = Elem::to_float(src[static_cast<int64_t>(e) * p.stride_e]);
-          const float t = bwd_exp2(-fabsf(z) * kLog2e);
-          const float r = bwd_rcp(1.0f + t);
-          sv[jj] = z >= 0.0f ? r : t * r;  // (NaN: t * r, NaN)
-          ds[jj] = t * r * r;
-        }
-        picked += sv[jj];
-        dot += grads[jj] * sv[jj];
-      }
-      if (renormalize) {
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) {
-          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-        }
-        const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
-        const float shift = dot * rinv;
-#pragma unroll
-        for (int jj = 0; jj < J; ++jj) grads[jj] = (grads[jj] - shift) * rinv * ds[jj];
-      } else {
-#pragma unroll
-        for (int jj = 0; jj < J; ++jj) grads[jj] *= ds[jj];
-      }
-    }
-
-    // ---- scatter the chosen experts' grads (sigmoid: their gradients): zero own slots, sync, scatter, sync, read own
-    // slots back
+    // ---- scatter the chosen experts' grads: zero own slots, sync, scatter, sync, read own slots back
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
       *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -387,64 +341,59 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
     }
 
     float dz[V];
-    if (sigmoid) {
+    // ---- masked softmax (padding and masked experts read as -inf), then the gradient
+    float prob[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) dz[i] = G[i];  // (0 off the chosen experts)
+    for (int i = 0; i < V; ++i) {
+      prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
+    }
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) {
+      row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
+      sum += prob[i];
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
+    const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
+#pragma unroll
+    for (int i = 0; i < V; ++i) prob[i] *= inv;
+
+    if (!renormalize) {
+      float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
+#pragma unroll
+      for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
     } else {
-      // ---- masked softmax (padding and masked experts read as -inf), then the gradient
-      float prob[V];
+      float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
+        if ((chosen >> i) & 1u) {
+          picked += prob[i];
+          dot += G[i] * prob[i];
+        }
       }
-      float row_max = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
 #pragma unroll
       for (int off = L / 2; off > 0; off >>= 1) {
-        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
+        picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+        dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
       }
-      float sum = 0.0f;
+      const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+      dot *= rinv;                          // sum_l g_l w_l
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
-        sum += prob[i];
-      }
-#pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
-      const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
-#pragma unroll
-      for (int i = 0; i < V; ++i) prob[i] *= inv;
-
-      if (!renormalize) {
-        float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
-#pragma unroll
-        for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-#pragma unroll
-        for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
-      } else {
-        float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          if ((chosen >> i) & 1u) {
-            picked += prob[i];
-            dot += G[i] * prob[i];
-          }
-        }
-#pragma unroll
-        for (int off = L / 2; off > 0; off >>= 1) {
-          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-        }
-        const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
-        dot *= rinv;                          // sum_l g_l w_l
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const float w = prob[i] * rinv;
-          dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
-        }
+        const float w = prob[i] * rinv;
+        dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
       }
     }
 
@@ -483,6 +432,111 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
         }
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The sigmoid router's backward. Its gradient is 0 off the chosen experts, and each chosen expert's needs only that
+// expert's logit and keep flag (renormalised: also the sums of s and G s over the row's k entries), so a row is
+// zeros but for k values, and the logits are gathered, never read whole. A warp takes RP = 32 / KP rows a step (KP:
+// top_k rounded up to a power of two; lane r * KP + j holds entry j of row r): it issues the step's loads (ids,
+// grads, group ids), writes zeros over the step's rows of grad_logits (contiguous: whole 16-byte stores where
+// aligned) while those land, gathers each entry's logit and keep flag, computes the entries' gradients (the row sums
+// by shuffles over KP lanes) and, after a __syncwarp (which orders every lane's zeros before them), stores them in
+// place. Many rows a warp step and many warps an SM keep the gathers' chains of dependent loads overlapped: the
+// row-over-lanes kernel above, which these rows ran on before, took one 512-expert row a warp step and waited out
+// each row's chain alone (benchmarks/RESULTS.md, twenty-sixth round). Same math, NaN rules and handling of ids
+// outside [0, E) as that kernel (see the top of this file).
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kSigmoidBwdMinBlocks = 4;  // (of kBwdThreads: 32 warps an SM at up to 64 registers, no spills)
+
+// Zeros over the n elements from dst (which is element-aligned), by the 32 lanes of a warp: 16-byte stores over the
+// 16-byte aligned middle, element stores at the ends (fewer than 16 bytes each).
+template <typename Bits>
+__device__ __forceinline__ void warp_zero_fill(Bits* dst, int64_t n, int lane) {
+  constexpr int kPerChunk = 16 / static_cast<int>(sizeof(Bits));
+  const int misaligned = static_cast<int>(reinterpret_cast<uintptr_t>(dst) & 15u);
+  const int64_t to_boundary = ((16 - misaligned) & 15) / static_cast<int>(sizeof(Bits));
+  const int64_t head = to_boundary < n ? to_boundary : n;
+  const int64_t chunks = (n - head) / kPerChunk;
+  const int64_t tail = head + chunks * kPerChunk;
+  if (lane < head) dst[lane] = 0;
+  uint4* const middle = reinterpret_cast<uint4*>(dst + head);
+  for (int64_t c = lane; c < chunks; c += 32) middle[c] = make_uint4(0u, 0u, 0u, 0u);
+  if (tail + lane < n) dst[tail + lane] = 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads, kSigmoidBwdMinBlocks)
+route_bwd_sigmoid_kernel(const RouteBackwardParams p, const int kp_log2) {
+  using Elem = BwdElem<T>;
+  using Bits = typename Elem::Bits;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int E = p.num_experts;
+  const int top_k = p.top_k;
+  const int64_t num_tokens = p.num_tokens;
+  const int KP = 1 << kp_log2;
+  const int rows_per_step = 32 >> kp_log2;
+  const Bits* logits = static_cast<const Bits*>(p.logits);
+  const Bits* grad_weights = static_cast<const Bits*>(p.grad_weights);
+  Bits* grad_logits = static_cast<Bits*>(p.grad_logits);
+
+  const int lane = threadIdx.x & 31;
+  const int j = lane & (KP - 1);  // the lane's entry of its row
+  const int r = lane >> kp_log2;  // its row within the step
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kBwdWarps;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kBwdWarps + (threadIdx.x >> 5);
+  dependent_launch_start(p.dependent_launch);  // (before any global memory access: the kernel before may write them)
+
+  for (int64_t base = warp_id * rows_per_step; base < num_tokens; base += num_warps * rows_per_step) {
+    const int64_t row = base + r;
+    // ---- the step's loads: (id, grad) entries and group ids
+    long long id = -1;
+    float g = 0.0f;
+    int64_t keep_row = -1;  // -1: no mask
+    if (row < num_tokens && j < top_k) {
+      const int64_t at = row * top_k + j;
+      id = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
+      g = Elem::to_float(__ldcs(grad_weights + at)) * p.scale;
+      if (p.keep != nullptr) {
+        int64_t group = 0;
+        if (p.group != nullptr) {
+          group = p.group_is_int64 ? __ldg(static_cast<const long long*>(p.group) + row)
+                                   : static_cast<int64_t>(__ldg(static_cast<const int*>(p.group) + row));
+        }
+        keep_row = static_cast<uint64_t>(group) < static_cast<uint64_t>(p.num_groups) ? group : -1;
+      }
+    }
+    // ---- zeros over the step's rows while those land
+    const int64_t end = base + rows_per_step < num_tokens ? base + rows_per_step : num_tokens;
+    warp_zero_fill(grad_logits + base * E, (end - base) * E, lane);
+
+    // ---- the entry's gradient, from its expert's logit and keep flag (gathered): s and s (1 - s) from
+    // t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0, t / (1 + t) below, and s (1 - s) =
+    // t / (1 + t)^2 either way (no cancellation where s is near 1); a masked expert s = 0
+    const bool in_range = static_cast<unsigned long long>(id) < static_cast<unsigned long long>(E);  // (-1: none)
+    float s = 0.0f, ds = 0.0f;
+    if (in_range && (keep_row < 0 || __ldg(p.keep + keep_row * E + id) != 0)) {
+      const float z = Elem::to_float(logits[row * p.stride_t + static_cast<int64_t>(id) * p.stride_e]);
+      const float t = bwd_exp2(-fabsf(z) * kLog2e);
+      const float rc = bwd_rcp(1.0f + t);
+      s = z >= 0.0f ? rc : t * rc;  // (NaN: t * rc, NaN)
+      ds = t * rc * rc;
+    }
+    if (p.renormalize) {
+      float picked = s, dot = g * s;  // sums of s and of G s over the row's entries
+      for (int off = KP / 2; off > 0; off >>= 1) {
+        picked += __shfl_xor_sync(0xffffffffu, picked, off, KP);
+        dot += __shfl_xor_sync(0xffffffffu, dot, off, KP);
+      }
+      const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
+      g = (g - dot * rinv) * rinv * ds;
+    } else {
+      g *= ds;
+    }
+    __syncwarp();  // (every lane's zeros before the values over them)
+    if (in_range) grad_logits[row * E + id] = static_cast<Bits>(Elem::from_float(g));
   }
 }
 
@@ -878,6 +932,23 @@ cudaError_t launch_bwd_e(const RouteBackwardParams& p, int flags, int device, cu
   return cudaErrorInvalidValue;
 }
 
+template <typename T>
+cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStream_t stream) {
+  constexpr auto kernel = route_bwd_sigmoid_kernel<T>;
+  // one resident wave of blocks, each walking its rows grid-stride (fewer blocks when T is small)
+  int sms = 0, resident = 0;
+  const cudaError_t err = wave_shape<kernel>(device, kBwdThreads, 0, sms, resident);
+  if (err != cudaSuccess) return err;
+  int kp_log2 = 0;  // top_k rounded up to a power of two: lanes per row
+  while ((1 << kp_log2) < p.top_k) ++kp_log2;
+  const int64_t rows_per_block = static_cast<int64_t>(kBwdWarps) * (32 >> kp_log2);
+  const int64_t needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
+  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  if (grid <= 0) return cudaSuccess;
+  return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, kp_log2);
+}
+
 // Shared bytes of the lane backward for this call, or 0 when it does not take the call (see route_bwd_lane_kernel;
 // at most the 48 KB a block gets without opting in: G <= 82 at E = 64). Not at E = 128: its 10.5 KB tiles leave 10
 // warps per SM, and it measured slower there than the kernel above (17.6 against 16.0 us at T = 65,536, H200)
@@ -932,6 +1003,9 @@ template <typename T, int E_PAD>
 cudaError_t preload_bwd_e() {
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true>);
+  if constexpr (E_PAD == 8) {  // (once per dtype)
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_sigmoid_kernel<T>);
+  }
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, false>);
   if constexpr (!std::is_same<T, float>::value && (E_PAD == 32 || E_PAD == 64)) {
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_lane_kernel<T, E_PAD, true, false>);
@@ -1024,6 +1098,14 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.scoring == 1) {
+    switch (dtype) {
+      case kBwdFloat32: err = launch_bwd_sigmoid<float>(p, device, s); break;
+      case kBwdFloat16: err = launch_bwd_sigmoid<__half>(p, device, s); break;
+      default: err = launch_bwd_sigmoid<__nv_bfloat16>(p, device, s); break;
+    }
+    return static_cast<int>(err);
+  }
   if (p.variant == 2) {
     return static_cast<int>(launch_bwd_lane<__nv_bfloat16, 64, true, true, true>(p, lane_smem, device, s));
   }

@@ -19,7 +19,9 @@ import pytest  # noqa: E402
 
 import background_builds  # noqa: E402
 
-SESSION_SEED = int(os.environ.get("MOE_FASTMASK_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
+# Put in the environment so that pytest-xdist's workers, started from this process, collect the same
+# seed-dependent cases (and the tests' subprocesses replay with it).
+SESSION_SEED = int(os.environ.setdefault("MOE_FASTMASK_TEST_SEED", str(random.SystemRandom().randrange(1 << 30))))
 
 
 def pytest_report_header(config):

@@ -228,6 +228,37 @@ def scenario_router_variants(make_run, device, dtype, kinds, T, shapes, seed):
                                             scoring=scoring, scale=scale)
 
 
+# (E, top_k) of the sigmoid router's own kernel: every lane layout (1, 3, 5, 8, 10 and 16 entries a row take 32, 8, 4, 4,
+# 2 and 2 rows a warp step), rows that are not whole 16-byte chunks (7, 13, 33 experts of 16-bit logits)
+SIGMOID_ROW_SHAPES = ((7, 1), (13, 3), (33, 5), (100, 16), (384, 8), (160, 8), (512, 10))
+
+
+def scenario_sigmoid_rows(make_run, device, T, seed):
+    """The sigmoid router's backward on every lane layout, renormalised or not, masked or not, into outputs that start
+    on and off a 16-byte boundary (a step's zeros then start and end with element stores): within tolerance of the
+    reference, 0 off the chosen experts, and nothing written outside the output."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 1.5
+    for dtype in DTYPES:
+        for E, k in SIGMOID_ROW_SHAPES:
+            logits = (torch.randn(T, E, generator=gen) * 3).to(dtype).to(device)
+            keep = adversarial_keep(E, k, gen).to(device)
+            group = torch.randint(-1, 5, (T,), generator=gen).to(device)
+            grad = torch.randn(T, k, generator=gen).to(dtype).to(device)
+            for renorm in (False, True):
+                for masked in (True, False):
+                    kg = (keep, group) if masked else (None, None)
+                    ids = reference.route_reference(logits, k, *kg, None, renorm, scoring="sigmoid", scale=scale)[1]
+                    for offset in (0, 1):
+                        buffer = torch.full((T * E + 2 * offset,), POISON, dtype=dtype, device=device)
+                        out = buffer[offset : offset + T * E].view(T, E)
+                        where = f"sigmoid rows E={E} k={k} {dtype} renorm={renorm} mask={masked} offset={offset}"
+                        check_against_reference(make_run("sigmoid", scale), grad, logits, *kg, ids, renorm,
+                                                where=where, out=out, scoring="sigmoid", scale=scale)
+                        outside = torch.cat([buffer[:offset], buffer[offset + T * E :]])
+                        assert bool((outside == torch.tensor(POISON, dtype=dtype)).all()), f"written outside; {where}"
+
+
 def scenario_examples(run, device):
     """Hand-made rows: a NaN on a masked expert does not reach the row; NaN / +inf / all--inf rows are NaN (with
     renormalisation only on the chosen experts); a chosen masked expert gets 0."""
@@ -527,6 +558,13 @@ def test_load_store_ablation_refuses_other_calls():
         with pytest.raises(ValueError, match="_ablation 'load_store'"):
             cuda_route.route_backward(args["grad"], args["logits"], args["keep"], None, ids, False,
                                       ids8=args["ids8"], variant=args["variant"], _ablation="load_store")
+
+
+@gpu
+def test_sigmoid_rows_on_every_lane_layout(cuda_kernel):
+    """The sigmoid router's own kernel: every rows-a-warp-step layout, outputs off a 16-byte boundary."""
+    for T in (1, 37, 4099):
+        scenario_sigmoid_rows(cuda_variant_run, "cuda", T, SESSION_SEED + 71 + T)
 
 
 @gpu
@@ -1040,7 +1078,9 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cach
     # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids; and the benchmark's loads-and-stores-only
     # instance)
     assert len(lane) == 2 * 2 * 2 * 2 + 1
-    entries += lane
+    sigmoid = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_sigmoid_kernel" in line]
+    assert len(sigmoid) == 3  # (dtype)
+    entries += lane + sigmoid
     for i in entries:
         report = " ".join(log[i + 1 : i + 4])
         assert "0 bytes spill stores, 0 bytes spill loads" in report and "registers" in report, (log[i], report)
@@ -1150,6 +1190,8 @@ def emulated_checks(library: str) -> None:
                                  ((256, 8), (60, 4), (64, 8), (512, 10)), SESSION_SEED + 61)
     scenario_invalid_ids(emulated_run(Path(library), scoring="sigmoid", scale=2.5), "cpu", 37, SESSION_SEED + 16,
                          scoring="sigmoid", scale=2.5)
+    scenario_sigmoid_rows(lambda scoring, scale: emulated_run(Path(library), scoring=scoring, scale=scale), "cpu", 37,
+                          SESSION_SEED + 71)
     for group_dtype in (torch.int64, torch.int32):
         scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
     for layout in LAYOUTS:
