@@ -27,7 +27,12 @@
 // renormalising): each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots
 // back (so the sums over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
-// The sigmoid router runs its own kernel (route_bwd_sigmoid_kernel, below): its gradient is 0 off the chosen experts.
+// The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row. Its calls run this kernel's
+// vector instance where that takes them with two or more rows a warp step (sigmoid_on_row_kernel), and their own
+// kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the loads of the logits and of the keep row;
+// each (id, grad) entry's lane gathers its expert's logit and keep flag and computes the entry's gradient (the sums
+// over the row's entries, for renormalisation, by shuffles), and the scatter places those in place of the incoming
+// grads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -61,7 +66,7 @@ struct RouteBackwardParams {
                               // 2: (benchmarking) the lane kernel's loads and stores alone (grad_logits = logits)
   int32_t dependent_launch;   // 1: a programmatic dependent launch where the GPU has it (route_lane16.cuh's bits)
   int32_t scoring;            // 0: softmax over the allowed experts (the softmax over the chosen ones comes as
-                              // renormalize), 1: sigmoid (route_bwd_sigmoid_kernel, whatever the variant)
+                              // renormalize), 1: sigmoid (see sigmoid_on_row_kernel; whatever the variant)
   float scale;                // the weights' factor (the lane kernel: 1 only)
 };
 
@@ -185,7 +190,9 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int top_k = p.top_k;
   const int64_t num_tokens = p.num_tokens;
   const bool renormalize = p.renormalize != 0;
-  const bool need_pick = renormalize;  // (the chosen experts' flags)
+  // (the sigmoid router's calls that the vector instance takes: see sigmoid_on_row_kernel)
+  const bool sigmoid = VEC && p.scoring == 1;
+  const bool need_pick = renormalize && !sigmoid;  // (the chosen experts' flags, for the softmax renormalised)
   const float scale = p.scale;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
   const bool vector_stores = VEC || (flags & kVectorStores) != 0;
@@ -239,7 +246,9 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 #pragma unroll
     for (int q = 0; q < NCH; ++q) {
       const int e = chunk_e[q];
-      if (vector_loads && valid && (VEC || e + CH <= E)) {
+      if (sigmoid) {
+        raw[q] = make_uint4(0u, 0u, 0u, 0u);  // (the sigmoid router reads its chosen experts' logits alone, below)
+      } else if (vector_loads && valid && (VEC || e + CH <= E)) {
         raw[q] = __ldcs(reinterpret_cast<const uint4*>(src + e));
       } else {
         unsigned int w[4] = {0u, 0u, 0u, 0u};
@@ -284,7 +293,7 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
     }
     // the allowed experts among the lane's V (bit i: element i), from the keep row (after the group id)
     unsigned int allowed = in_range;
-    if (keep_row >= 0) {
+    if (keep_row >= 0 && !sigmoid) {
       const uint8_t* keep = p.keep + keep_row * E;
       unsigned int kept = 0u;
 #pragma unroll
@@ -306,7 +315,47 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
       allowed &= kept;
     }
 
-    // ---- scatter the chosen experts' grads: zero own slots, sync, scatter, sync, read own slots back
+    if (sigmoid) {
+      // ---- the sigmoid router's gradient per (id, grad) entry, from its expert's logit and keep flag alone
+      // (gathered): s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
+      // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1); a masked
+      // expert s = 0. The entries' gradients then go through the scatter below in place of the incoming ones.
+      float sv[J], ds[J];
+      float picked = 0.0f, dot = 0.0f;  // sums of s and of G s over the row's entries
+#pragma unroll
+      for (int jj = 0; jj < J; ++jj) {
+        sv[jj] = 0.0f;
+        ds[jj] = 0.0f;
+        const long long e = ids[jj];
+        if (static_cast<unsigned long long>(e) < static_cast<unsigned long long>(E) &&  // (-1: no entry)
+            (keep_row < 0 || __ldg(p.keep + keep_row * E + e) != 0)) {
+          const float z = Elem::to_float(src[static_cast<int64_t>(e) * p.stride_e]);
+          const float t = bwd_exp2(-fabsf(z) * kLog2e);
+          const float r = bwd_rcp(1.0f + t);
+          sv[jj] = z >= 0.0f ? r : t * r;  // (NaN: t * r, NaN)
+          ds[jj] = t * r * r;
+        }
+        picked += sv[jj];
+        dot += grads[jj] * sv[jj];
+      }
+      if (renormalize) {
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) {
+          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        }
+        const float rinv = bwd_rcp(picked + 1e-20f);  // (>= 1e-20: a normal float, as is its reciprocal)
+        const float shift = dot * rinv;
+#pragma unroll
+        for (int jj = 0; jj < J; ++jj) grads[jj] = (grads[jj] - shift) * rinv * ds[jj];
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < J; ++jj) grads[jj] *= ds[jj];
+      }
+    }
+
+    // ---- scatter the chosen experts' grads (sigmoid: their gradients): zero own slots, sync, scatter, sync, read own
+    // slots back
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
       *reinterpret_cast<float4*>(my_grad + quad_e[h]) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -341,59 +390,64 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
     }
 
     float dz[V];
-    // ---- masked softmax (padding and masked experts read as -inf), then the gradient
-    float prob[V];
+    if (sigmoid) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
-    }
-    float row_max = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
-#pragma unroll
-    for (int off = L / 2; off > 0; off >>= 1) {
-      row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
-      sum += prob[i];
-    }
-#pragma unroll
-    for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
-    const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
-#pragma unroll
-    for (int i = 0; i < V; ++i) prob[i] *= inv;
-
-    if (!renormalize) {
-      float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
-#pragma unroll
-      for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
-#pragma unroll
-      for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
-#pragma unroll
-      for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
+      for (int i = 0; i < V; ++i) dz[i] = G[i];  // (0 off the chosen experts)
     } else {
-      float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+      // ---- masked softmax (padding and masked experts read as -inf), then the gradient
+      float prob[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        if ((chosen >> i) & 1u) {
-          picked += prob[i];
-          dot += G[i] * prob[i];
-        }
+        prob[i] = ((allowed >> i) & 1u) ? Elem::to_float(chunk_bits<T>(raw[i / CH], i % CH)) : -INFINITY;
       }
+      float row_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < V; ++i) row_max = fmaxf(row_max, prob[i]);
 #pragma unroll
       for (int off = L / 2; off > 0; off >>= 1) {
-        picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
-        dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, off, L));
       }
-      const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
-      dot *= rinv;                          // sum_l g_l w_l
+      float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float w = prob[i] * rinv;
-        dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
+        prob[i] = bwd_exp2((prob[i] - row_max) * kLog2e);
+        sum += prob[i];
+      }
+#pragma unroll
+      for (int off = L / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off, L);
+      const float inv = bwd_rcp(sum);  // sum in [1, E], or NaN
+#pragma unroll
+      for (int i = 0; i < V; ++i) prob[i] *= inv;
+
+      if (!renormalize) {
+        float dot = 0.0f;  // sum_e G_e p_e (G is 0 off the chosen experts)
+#pragma unroll
+        for (int i = 0; i < V; ++i) dot += G[i] * prob[i];
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+#pragma unroll
+        for (int i = 0; i < V; ++i) dz[i] = fmaf(prob[i], G[i], -(prob[i] * dot));  // (G - dot may overflow)
+      } else {
+        float picked = 0.0f, dot = 0.0f;  // sums of p and of G p over the chosen experts
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          if ((chosen >> i) & 1u) {
+            picked += prob[i];
+            dot += G[i] * prob[i];
+          }
+        }
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) {
+          picked += __shfl_xor_sync(0xffffffffu, picked, off, L);
+          dot += __shfl_xor_sync(0xffffffffu, dot, off, L);
+        }
+        const float rinv = bwd_rcp(picked);  // picked >= the top chosen p >= 1 / E, or NaN
+        dot *= rinv;                          // sum_l g_l w_l
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float w = prob[i] * rinv;
+          dz[i] = ((chosen >> i) & 1u) ? fmaf(w, G[i], -(w * dot)) : 0.0f;  // (w G - w dot: G - dot may overflow)
+        }
       }
     }
 
@@ -443,10 +497,10 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 // grads, group ids), writes zeros over the step's rows of grad_logits (contiguous: whole 16-byte stores where
 // aligned) while those land, gathers each entry's logit and keep flag, computes the entries' gradients (the row sums
 // by shuffles over KP lanes) and, after a __syncwarp (which orders every lane's zeros before them), stores them in
-// place. Many rows a warp step and many warps an SM keep the gathers' chains of dependent loads overlapped: the
-// row-over-lanes kernel above, which these rows ran on before, took one 512-expert row a warp step and waited out
-// each row's chain alone (benchmarks/RESULTS.md, twenty-sixth round). Same math, NaN rules and handling of ids
-// outside [0, E) as that kernel (see the top of this file).
+// place. Many rows a warp step and many warps an SM keep the gathers' chains of dependent loads overlapped, where the
+// row-over-lanes kernel above takes one 512-expert row a warp step, or runs its checked instance (E not a power of
+// two), and waits out each row's chain with few rows in flight. Same math, NaN rules and handling of ids outside
+// [0, E) as that kernel (see the top of this file).
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int kSigmoidBwdMinBlocks = 4;  // (of kBwdThreads: 32 warps an SM at up to 64 registers, no spills)
@@ -949,6 +1003,17 @@ cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStr
   return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, kp_log2);
 }
 
+// Whether the sigmoid router's call runs on the row-over-lanes kernel's vector instance (E a power of two up to 256,
+// whole 16-byte rows and keep rows: two or more rows a warp step) rather than route_bwd_sigmoid_kernel. H200, T =
+// 262,144, the backward alone: DeepSeek-V3's E = 256 (float32) 109 us there against 118 on the sigmoid kernel, while the
+// sigmoid kernel took GLM-4.5's E = 160 from 129 to 81 us and Kimi-K2's E = 384 from 245 to 199 (benchmarks/RESULTS.md,
+// twenty-sixth round).
+bool sigmoid_on_row_kernel(const RouteBackwardParams& p, int flags) {
+  const int e = p.num_experts;
+  const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
+  return e >= 8 && e <= 256 && (e & (e - 1)) == 0 && (flags & vec) == vec;  // (launch_bwd_v's vector instance)
+}
+
 // Shared bytes of the lane backward for this call, or 0 when it does not take the call (see route_bwd_lane_kernel;
 // at most the 48 KB a block gets without opting in: G <= 82 at E = 64). Not at E = 128: its 10.5 KB tiles leave 10
 // warps per SM, and it measured slower there than the kernel above (17.6 against 16.0 us at T = 65,536, H200)
@@ -1098,7 +1163,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.scoring == 1) {
+  if (p.scoring == 1 && !sigmoid_on_row_kernel(p, flags)) {
     switch (dtype) {
       case kBwdFloat32: err = launch_bwd_sigmoid<float>(p, device, s); break;
       case kBwdFloat16: err = launch_bwd_sigmoid<__half>(p, device, s); break;
