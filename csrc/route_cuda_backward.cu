@@ -27,9 +27,9 @@
 // renormalising): each lane zeroes its own V slots, __syncwarp, the scatter, __syncwarp, each lane reads its V slots
 // back (so the sums over the row need no gather). Every lane of a warp runs the same steps (the loop bounds are
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
-// The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row. Its calls run this kernel's
-// vector instance where that takes them with two or more rows a warp step (sigmoid_on_row_kernel), and their own
-// kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the loads of the logits and of the keep row;
+// The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row. Its calls run vector
+// instances of this kernel of their own (SIGMOID) where those take them with two or more rows a warp step
+// (sigmoid_on_row_kernel), and their own kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the loads of the logits and of the keep row;
 // each (id, grad) entry's lane gathers its expert's logit and keep flag and computes the entry's gradient (the sums
 // over the row's entries, for renormalisation, by shuffles), and the scatter places those in place of the incoming
 // grads.
@@ -173,8 +173,10 @@ __device__ __forceinline__ unsigned int chunk_bits(const uint4& v, int c) {
 // keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts). Otherwise every access is
 // checked against E: the logits are read in whole 16-byte chunks where the rows allow it (flags & kVectorLoads), else
 // in whole 8-byte halves of chunks (flags & kHalfLoads: e.g. 60 contiguous 16-bit experts), else element by element
-// through their strides; likewise the output (kVectorStores, kHalfStores).
-template <typename T, int E_PAD, bool VEC>
+// through their strides; likewise the output (kVectorStores, kHalfStores). SIGMOID: the sigmoid router's instance (vector
+// only, E_PAD <= 256: see sigmoid_on_row_kernel), so that the softmax routers' instances carry none of its code (they
+// measured 7-8% slower with it: benchmarks/RESULTS.md, twenty-sixth round).
+template <typename T, int E_PAD, bool VEC, bool SIGMOID = false>
 __global__ void __launch_bounds__(kBwdThreads,
                                   VEC ? BwdShape<T, E_PAD>::kMinBlocksVec : BwdShape<T, E_PAD>::kMinBlocksChecked)
 route_bwd_kernel(const RouteBackwardParams p, const int flags) {
@@ -190,8 +192,8 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
   const int top_k = p.top_k;
   const int64_t num_tokens = p.num_tokens;
   const bool renormalize = p.renormalize != 0;
-  // (the sigmoid router's calls that the vector instance takes: see sigmoid_on_row_kernel)
-  const bool sigmoid = VEC && p.scoring == 1;
+  static_assert(!SIGMOID || (VEC && E_PAD <= 256), "the sigmoid router's instances: see sigmoid_on_row_kernel");
+  constexpr bool sigmoid = SIGMOID;
   const bool need_pick = renormalize && !sigmoid;  // (the chosen experts' flags, for the softmax renormalised)
   const float scale = p.scale;
   const bool vector_loads = VEC || (flags & kVectorLoads) != 0;
@@ -949,10 +951,10 @@ route_bwd_lane_kernel(const RouteBackwardParams p) {
   }
 }
 
-template <typename T, int E_PAD, bool VEC>
+template <typename T, int E_PAD, bool VEC, bool SIGMOID = false>
 cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
   using S = BwdShape<T, E_PAD>;
-  constexpr auto kernel = route_bwd_kernel<T, E_PAD, VEC>;
+  constexpr auto kernel = route_bwd_kernel<T, E_PAD, VEC, SIGMOID>;
   // one resident wave of blocks, each walking its rows grid-stride (fewer blocks when T is small)
   int sms = 0, resident = 0;
   const cudaError_t err = wave_shape<kernel>(device, kBwdThreads, 0, sms, resident);
@@ -965,11 +967,17 @@ cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cuda
   return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, flags);
 }
 
-// the VEC instance where E == E_PAD and every access allows it, else the checked one
+// the VEC instance where E == E_PAD and every access allows it (the sigmoid router's own below 512 experts), else the
+// checked one (never the sigmoid router's: sigmoid_on_row_kernel sends those calls elsewhere)
 template <typename T, int E_PAD>
 cudaError_t launch_bwd_v(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
   const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
-  if (p.num_experts == E_PAD && (flags & vec) == vec) return launch_bwd<T, E_PAD, true>(p, flags, device, stream);
+  if (p.num_experts == E_PAD && (flags & vec) == vec) {
+    if constexpr (E_PAD <= 256) {
+      if (p.scoring == 1) return launch_bwd<T, E_PAD, true, true>(p, flags, device, stream);
+    }
+    return launch_bwd<T, E_PAD, true>(p, flags, device, stream);
+  }
   return launch_bwd<T, E_PAD, false>(p, flags, device, stream);
 }
 
@@ -1070,6 +1078,9 @@ cudaError_t preload_bwd_e() {
   cudaError_t err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true>);
   if constexpr (E_PAD == 8) {  // (once per dtype)
     if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_sigmoid_kernel<T>);
+  }
+  if constexpr (E_PAD <= 256) {
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, true, true>);
   }
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, route_bwd_kernel<T, E_PAD, false>);
   if constexpr (!std::is_same<T, float>::value && (E_PAD == 32 || E_PAD == 64)) {
