@@ -68,7 +68,7 @@ VARIANT_ENV = "MOE_FASTMASK_CUDA_VARIANT"  # "lane" (default where it applies), 
 # from CHUNK_SOFTMAX_MIN_EXPERTS experts and CHUNK_MIN_TOKENS rows on)
 VARIANTS = {"split": 0, "lane": 1, "chunk": 2}
 # the backward's kernels: "lane" (one row per lane where it applies: 16-bit logits, E 32 / 64, k = 8, aligned rows;
-# else the other) or "split" (a row over several lanes, every call)
+# else the other) or "split" (a row over several lanes, every call; the sigmoid router: see route_backward)
 BACKWARD_VARIANTS = {"lane": 0, "split": 1}
 # benchmarking only: the backward's lane kernel (bf16, E=64, a keep mask, one-byte ids) with its math removed, by name:
 # "load_store" copies each tile's logits, ids and grads in and writes the logits back out as the gradient (the result
@@ -1056,7 +1056,9 @@ def route_backward(
     ``route`` takes them). Returns a contiguous [T, E] tensor in ``logits.dtype``: new, or ``out`` (contiguous, of
     that shape and dtype) written in place. ``variant`` (``BACKWARD_VARIANTS``; benchmarks and tests): ``"lane"``, the
     one-row-per-lane kernel where the call allows it (the default router on 16-bit logits with E = 32 or 64, k = 8,
-    rows and tensors 16-byte aligned), else the other; ``"split"``, always the row-over-several-lanes kernel.
+    rows and tensors 16-byte aligned), else the other; ``"split"``, always the row-over-several-lanes kernel. The
+    sigmoid router's calls ignore it: they run the row-over-several-lanes kernel where E is a power of two up to 256
+    and the rows are whole 16-byte chunks, and a kernel of their own (several rows a warp step) otherwise.
     ``ids8`` (uint8 [T, k], the same ids a byte each, as ``route_forward(ids8=...)`` writes them) lets the lane kernel
     read them instead of ``ids``; the other ignores it.
     ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
