@@ -29,10 +29,10 @@
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
 // The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row. Its calls run vector
 // instances of this kernel of their own (SIGMOID) where those take them with two or more rows a warp step
-// (sigmoid_on_row_kernel), and their own kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the loads of the logits and of the keep row;
-// each (id, grad) entry's lane gathers its expert's logit and keep flag and computes the entry's gradient (the sums
-// over the row's entries, for renormalisation, by shuffles), and the scatter places those in place of the incoming
-// grads.
+// (sigmoid_on_row_kernel), and their own kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the
+// loads of the logits and of the keep row; each (id, grad) entry's lane gathers its expert's logit and keep flag and
+// computes the entry's gradient (the sums over the row's entries, for renormalisation, by shuffles), and the scatter
+// places those in place of the incoming grads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -173,9 +173,9 @@ __device__ __forceinline__ unsigned int chunk_bits(const uint4& v, int c) {
 // keep mask (16-byte loads and stores, 4-byte keep words, no bounds checks on experts). Otherwise every access is
 // checked against E: the logits are read in whole 16-byte chunks where the rows allow it (flags & kVectorLoads), else
 // in whole 8-byte halves of chunks (flags & kHalfLoads: e.g. 60 contiguous 16-bit experts), else element by element
-// through their strides; likewise the output (kVectorStores, kHalfStores). SIGMOID: the sigmoid router's instance (vector
-// only, E_PAD <= 256: see sigmoid_on_row_kernel), so that the softmax routers' instances carry none of its code (they
-// measured 7-8% slower with it: benchmarks/RESULTS.md, twenty-sixth round).
+// through their strides; likewise the output (kVectorStores, kHalfStores). SIGMOID: the sigmoid router's instance
+// (vector only, E_PAD <= 256: see sigmoid_on_row_kernel), so that the softmax routers' instances carry none of its code
+// (they measured 7-8% slower with it: benchmarks/RESULTS.md, twenty-sixth round).
 template <typename T, int E_PAD, bool VEC, bool SIGMOID = false>
 __global__ void __launch_bounds__(kBwdThreads,
                                   VEC ? BwdShape<T, E_PAD>::kMinBlocksVec : BwdShape<T, E_PAD>::kMinBlocksChecked)
@@ -1013,9 +1013,9 @@ cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStr
 
 // Whether the sigmoid router's call runs on the row-over-lanes kernel's vector instance (E a power of two up to 256,
 // whole 16-byte rows and keep rows: two or more rows a warp step) rather than route_bwd_sigmoid_kernel. H200, T =
-// 262,144, the backward alone: DeepSeek-V3's E = 256 (float32) 109 us there against 118 on the sigmoid kernel, while the
-// sigmoid kernel took GLM-4.5's E = 160 from 129 to 81 us and Kimi-K2's E = 384 from 245 to 199 (benchmarks/RESULTS.md,
-// twenty-sixth round).
+// 262,144, the backward alone: DeepSeek-V3's E = 256 (float32) 109 us there against 118 on the sigmoid kernel, while
+// the sigmoid kernel took GLM-4.5's E = 160 from 129 to 81 us and Kimi-K2's E = 384 from 245 to 199
+// (benchmarks/RESULTS.md, twenty-sixth round).
 bool sigmoid_on_row_kernel(const RouteBackwardParams& p, int flags) {
   const int e = p.num_experts;
   const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);

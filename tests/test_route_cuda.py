@@ -1011,8 +1011,9 @@ def test_every_kernel_waits_for_the_kernel_before_it_touches_memory():
         text = source.read_text()
         assert "<<<" not in text, f"{source.name}: a kernel launched without launch_kernel"
         kernels.update(kernel_bodies(text))
-    assert sorted(kernels) == ["route_bwd_kernel", "route_bwd_lane_kernel", "route_chunk_kernel",
-                               "route_chunk_softmax_kernel", "route_fwd_kernel", "route_lane_kernel"]
+    assert sorted(kernels) == ["route_bwd_kernel", "route_bwd_lane_kernel", "route_bwd_sigmoid_kernel",
+                               "route_chunk_kernel", "route_chunk_softmax_kernel", "route_fwd_kernel",
+                               "route_lane_kernel"]
     for name, body in kernels.items():
         assert body.count("dependent_launch_start(p.dependent_launch);") == 1, name
         before = body[:body.index("dependent_launch_start(")]
@@ -1103,10 +1104,11 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # the network and by the tournament), and the full kernel under the 40 option sets (top_k == 8 or not; 32-bit
     # keys, packed keys or a two-pass softmax under 6 memory option sets, the tournament under 2) less the 3 that
     # the op uses, and the 2 timeline instances); backward (csrc/route_cuda_backward.cu): one per (dtype, padded E,
-    # vector or checked access) = 3 x 7 x 2 = 42, and its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
+    # vector or checked access) = 3 x 7 x 2 = 42, and the sigmoid router's vector ones, one per (dtype, padded E up to
+    # 256) = 18, and its own kernel, one per dtype = 3; its lane kernel, one per (16-bit dtype, E = 32 or 64, with or
     # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance; the sigmoid
     # router's chunk kernel, one per dtype = 3, and its softmax routers', one per (16-bit dtype, lists of 8 or 16) = 4
-    assert "registers lines 286" in out.stdout, out.stdout
+    assert "registers lines 307" in out.stdout, out.stdout
     assert ctypes.sizeof(cuda_route.RouteParams) == 160  # (4 bytes of padding before the bias pointer, as in C)
 
 

@@ -228,8 +228,8 @@ def scenario_router_variants(make_run, device, dtype, kinds, T, shapes, seed):
                                             scoring=scoring, scale=scale)
 
 
-# (E, top_k) of the sigmoid router's own kernel: every lane layout (1, 3, 5, 8, 10 and 16 entries a row take 32, 8, 4, 4,
-# 2 and 2 rows a warp step), rows that are not whole 16-byte chunks (7, 13, 33 experts of 16-bit logits)
+# (E, top_k) of the sigmoid router's own kernel: every lane layout (1, 3, 5, 8, 10 and 16 entries a row take 32, 8,
+# 4, 4, 2 and 2 rows a warp step), rows that are not whole 16-byte chunks (7, 13, 33 experts of 16-bit logits)
 SIGMOID_ROW_SHAPES = ((7, 1), (13, 3), (33, 5), (100, 16), (384, 8), (160, 8), (512, 10))
 
 
@@ -1079,7 +1079,8 @@ def test_backward_compiles_without_spills_and_refuses_bad_shapes(sm90_build_cach
     # (16-bit dtype, E = 32 or 64, with or without a mask, int64 or byte ids; and the benchmark's loads-and-stores-only
     # instance)
     assert len(lane) == 2 * 2 * 2 * 2 + 1
-    sigmoid = [i for i, line in enumerate(log) if "Compiling entry function" in line and "route_bwd_sigmoid_kernel" in line]
+    sigmoid = [i for i, line in enumerate(log)
+               if "Compiling entry function" in line and "route_bwd_sigmoid_kernel" in line]
     assert len(sigmoid) == 3  # (dtype)
     entries += lane + sigmoid
     for i in entries:
