@@ -718,8 +718,7 @@ cudaError_t launch(const RouteParams& p, int device, cudaStream_t stream) {
   if (err == cudaSuccess) err = wave_shape<kernel>(device, kThreads, smem, sms, resident);
   if (err != cudaSuccess) return err;
   const int64_t needed = (p.num_tokens + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
-  const int64_t wave = static_cast<int64_t>(sms) * resident;
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = one_wave_grid(needed, sms, resident);
   if (grid <= 0) return cudaSuccess;
   return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }
@@ -1734,8 +1733,7 @@ constexpr int kLaneMinBusiestWarps = 8;
 int lane_grid(const RouteParams& p, int64_t tiles, int warps_per_block, int sms, int resident) {
   const int64_t wave = static_cast<int64_t>(sms) * resident;
   if (p.grid_policy == 0 || tiles <= 0) {
-    const int64_t needed = (tiles + warps_per_block - 1) / warps_per_block;
-    return static_cast<int>(needed < wave ? needed : wave);
+    return one_wave_grid((tiles + warps_per_block - 1) / warps_per_block, sms, resident);
   }
   const int64_t max_warps = wave * warps_per_block;
   int64_t n_lo = (tiles + max_warps - 1) / max_warps;
@@ -2571,8 +2569,7 @@ cudaError_t launch_chunk_kernel(const RouteParams& p, int device, cudaStream_t s
   if (err != cudaSuccess) return err;
   constexpr int kRowsPerBlock = (kThreads / 32) * kChunkRowsPerWarp;
   const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t wave = static_cast<int64_t>(sms) * resident;
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = one_wave_grid(needed, sms, resident);
   if (grid <= 0) return cudaSuccess;
   return launch_kernel(kernel, grid, kThreads, smem, stream, device, sms, resident, p);
 }

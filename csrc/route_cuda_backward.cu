@@ -961,18 +961,23 @@ cudaError_t launch_bwd(const RouteBackwardParams& p, int flags, int device, cuda
   if (err != cudaSuccess) return err;
   constexpr int64_t kRowsPerBlock = static_cast<int64_t>(kBwdWarps) * S::R;
   const int64_t needed = (p.num_tokens + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t wave = static_cast<int64_t>(sms) * resident;
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = one_wave_grid(needed, sms, resident);
   if (grid <= 0) return cudaSuccess;
   return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, flags);
+}
+
+// Whether the call's accesses allow the VEC instances (with E == E_PAD): 16-byte logits and output rows, 4-byte keep
+// rows
+bool vector_access(const RouteBackwardParams& p, int flags) {
+  const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
+  return (flags & vec) == vec;
 }
 
 // the VEC instance where E == E_PAD and every access allows it (the sigmoid router's own below 512 experts), else the
 // checked one (never the sigmoid router's: sigmoid_on_row_kernel sends those calls elsewhere)
 template <typename T, int E_PAD>
 cudaError_t launch_bwd_v(const RouteBackwardParams& p, int flags, int device, cudaStream_t stream) {
-  const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
-  if (p.num_experts == E_PAD && (flags & vec) == vec) {
+  if (p.num_experts == E_PAD && vector_access(p, flags)) {
     if constexpr (E_PAD <= 256) {
       if (p.scoring == 1) return launch_bwd<T, E_PAD, true, true>(p, flags, device, stream);
     }
@@ -1005,8 +1010,7 @@ cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStr
   while ((1 << kp_log2) < p.top_k) ++kp_log2;
   const int64_t rows_per_block = static_cast<int64_t>(kBwdWarps) * (32 >> kp_log2);
   const int64_t needed = (p.num_tokens + rows_per_block - 1) / rows_per_block;
-  const int64_t wave = static_cast<int64_t>(sms) * resident;
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = one_wave_grid(needed, sms, resident);
   if (grid <= 0) return cudaSuccess;
   return launch_kernel(kernel, grid, kBwdThreads, 0, stream, device, sms, resident, p, kp_log2);
 }
@@ -1018,8 +1022,7 @@ cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStr
 // (benchmarks/RESULTS.md, twenty-sixth round).
 bool sigmoid_on_row_kernel(const RouteBackwardParams& p, int flags) {
   const int e = p.num_experts;
-  const int vec = kVectorLoads | kVectorStores | (p.keep != nullptr ? kKeepWords : 0);
-  return e >= 8 && e <= 256 && (e & (e - 1)) == 0 && (flags & vec) == vec;  // (launch_bwd_v's vector instance)
+  return e >= 8 && e <= 256 && (e & (e - 1)) == 0 && vector_access(p, flags);  // (launch_bwd_v's vector instance)
 }
 
 // Shared bytes of the lane backward for this call, or 0 when it does not take the call (see route_bwd_lane_kernel;
@@ -1049,8 +1052,7 @@ cudaError_t launch_bwd_lane(const RouteBackwardParams& p, size_t smem, int devic
   if (err != cudaSuccess) return err;
   const int64_t tiles = (p.num_tokens + 31) / 32;
   const int64_t needed = (tiles + kLaneBwdWarps - 1) / kLaneBwdWarps;
-  const int64_t wave = static_cast<int64_t>(sms) * resident;
-  const int grid = static_cast<int>(needed < wave ? needed : wave);
+  const int grid = one_wave_grid(needed, sms, resident);
   if (grid <= 0) return cudaSuccess;
   return launch_kernel(kernel, grid, kLaneBwdWarps * 32, smem, stream, device, sms, resident, p);
 }

@@ -173,6 +173,13 @@ cudaError_t wave_shape(int device, int threads, size_t smem, int& sms, int& resi
   return cudaSuccess;
 }
 
+// The grid of a kernel whose blocks walk their rows grid-stride: one resident wave (`sms` x `resident` blocks), or the
+// `needed` blocks that cover the call where fewer.
+inline int one_wave_grid(int64_t needed, int sms, int resident) {
+  const int64_t wave = static_cast<int64_t>(sms) * resident;
+  return static_cast<int>(needed < wave ? needed : wave);
+}
+
 // Programmatic dependent launch (compute capability 9.0 and later). A kernel that launch_kernel starts with
 // kDependentLaunch set may have its blocks resident, and run up to grid_dependency_wait(), while the kernel before
 // it in the stream is still finishing; the wait returns once that kernel has completed and its memory is visible.
