@@ -298,8 +298,10 @@ def family_eager(logits, top_k: int, counts, scoring="softmax", bias=None, n_gro
 def family_call(provider: str, mode: str, name: str, logits, grad, counts):
     """A no-argument callable running ``provider`` of family ``name`` once: ``eager`` (the family's own chain),
     ``fastmask`` (``route``, its default backend: the CUDA kernels where they take the call), ``triton`` (``route``
-    on its Triton kernels) or ``cuda_split`` (forward only: the CUDA split kernel, for the routers whose default is
-    the chunk kernel: chunk_by_default)."""
+    on its Triton kernels), ``cuda_split`` (forward only: the CUDA split kernel, for the routers whose default is
+    the chunk kernel: chunk_by_default) or ``cuda_gathered`` (forward + backward only: the CUDA kernels without the
+    forward's saved logits, the backward gathering them, for the calls whose forward saves them:
+    saves_chosen_logits)."""
     from moe_fastmask import route
     from moe_fastmask.ops import cuda_route
 
@@ -313,6 +315,17 @@ def family_call(provider: str, mode: str, name: str, logits, grad, counts):
         renormalize = kwargs.pop("renormalize", False)
         fwd = lambda x: cuda_route.route_forward(  # noqa: E731
             x, top_k, None, None, counts, renormalize, variant="split", **kwargs)
+    elif provider == "cuda_gathered":
+        if mode != "full":
+            raise ValueError("cuda_gathered times forward + backward only")
+        renormalize = kwargs.pop("renormalize", False)
+
+        def full():
+            ids = cuda_route.route_forward(logits, top_k, None, None, counts, renormalize, **kwargs)[1]
+            return cuda_route.route_backward(grad, logits, None, None, ids, renormalize, scoring=kwargs["scoring"],
+                                             scale=kwargs.get("scale", 1.0))
+
+        return full
     else:
         renormalize = kwargs.pop("renormalize", False)
         backend = "triton" if provider == "triton" else "auto"
@@ -372,6 +385,17 @@ def chunk_by_default(name: str, num_tokens: int) -> bool:
     return chosen == "chunk" and (scoring != "sigmoid" or spec["E"] <= cuda_route.MAX_SIGMOID_EXPERTS)
 
 
+def saves_chosen_by_default(name: str, num_tokens: int) -> bool:
+    """Whether ``route``'s CUDA forward for family ``name`` at ``num_tokens`` rows saves the chosen experts' logits
+    for its backward (then ``cuda_gathered`` times forward + backward without them)."""
+    from moe_fastmask.ops import cuda_route
+
+    spec = FAMILIES[name]
+    logits = torch.empty(1, spec["E"], dtype=spec["dtype"]).expand(num_tokens, spec["E"])
+    return cuda_route.saves_chosen_logits(logits, spec["top_k"], scoring=spec["route"]["scoring"],
+                                          n_group=spec["route"].get("n_group", 1))
+
+
 def run_families(device, args, rows, copy_gbs):
     """The families section: route against each family's eager chain, forward and full, at args.family_sizes."""
     print("\n# families: route at each family's router against its own eager chain (graph us, GB/s, % of copy)")
@@ -385,8 +409,11 @@ def run_families(device, args, rows, copy_gbs):
             grads = [torch.randn(num_tokens, spec["top_k"], device=device).to(spec["dtype"]) for _ in range(sets)]
             counts = torch.zeros(1, spec["E"], dtype=torch.int64, device=device)
             split = torch.cuda.is_available() and chunk_by_default(name, num_tokens)
-            for provider in ("eager", "fastmask", "triton") + (("cuda_split",) if split else ()):
-                for mode in ("forward", "full") if provider != "cuda_split" else ("forward",):
+            gathered = torch.cuda.is_available() and saves_chosen_by_default(name, num_tokens)
+            only = {"cuda_split": ("forward",), "cuda_gathered": ("full",)}
+            for provider in ("eager", "fastmask", "triton") + (("cuda_split",) if split else ()) + (
+                    ("cuda_gathered",) if gathered else ()):
+                for mode in only.get(provider, ("forward", "full")):
                     fns = [family_call(provider, mode, name, x, g, counts) for x, g in zip(inputs, grads)]
                     try:
                         med, lo, hi = bench(fns[0], args)

@@ -16,7 +16,8 @@ logits at a storage offset that breaks 16-byte alignment (its scalar loads), the
 router variants (GPT-OSS' softmax over the chosen experts; DeepSeek-V3's, GLM-4.5's and Kimi-K2's sigmoid routers on
 the chunk kernel, the split kernel's sigmoid instances, and the sigmoid group limit's general form), and the chunk
 kernel's softmax routers (Qwen3-Next's top-10 of 512 experts; forward only). The backward of every router variant
-runs on CUDA's kernels too, up to 512 experts (the variants above, and 512- and 500-wide rows).
+runs on CUDA's kernels too, up to 512 experts (the variants above, and 512- and 500-wide rows), the sigmoid routers'
+from the chunk kernel's size on with the logits their forward saves.
 
 Usage: ``python benchmarks/sanitize_route.py [--backends triton cuda]``
 """
@@ -199,6 +200,15 @@ def main(argv=None) -> None:
             (256, 16, torch.bfloat16, torch.int64, dict(scoring="softmax_chosen"), True),
         ):
             check(num_experts, top_k, dtype, group_dtype, device, backend="cuda", backward=False, variant=variant,
+                  misaligned=misaligned, repeats=chunk_repeats)
+        # DeepSeek-V3's and GLM-4.5's sigmoid routers from the chunk kernel's size on, forward and backward: the
+        # forward saves the chosen experts' logits, which the backward reads in place of gathering them
+        for num_experts, dtype, group_dtype, variant, misaligned in (
+            (256, torch.float32, torch.int64, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, scale=2.5),
+             False),
+            (160, torch.bfloat16, torch.int32, dict(scoring="sigmoid", bias=True, scale=2.5), True),
+        ):
+            check(num_experts, 8, dtype, group_dtype, device, backend="cuda", backward=backward, variant=variant,
                   misaligned=misaligned, repeats=chunk_repeats)
 
 

@@ -76,6 +76,8 @@ struct RouteParams {
   int32_t n_group;          // groups of E / n_group consecutive experts (1: no group limit)
   int32_t topk_group;       // groups kept per token
   const float* bias;        // [E] float32, contiguous, or null
+  float* chosen_logits;     // [T, k] float32, contiguous, or null: the chosen experts' logits (-inf where the pick is
+                            // masked), for the backward (the chunk kernel's sigmoid router only)
 };
 
 namespace {
@@ -2366,13 +2368,13 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
     }
 
     // lane sub writes picks 2 sub and 2 sub + 1: their sigmoid(z) (0 for a masked pick), renormalised over the
-    // row's top_k as s / (sum + 1e-20), times the scale
+    // row's top_k as s / (sum + 1e-20), times the scale; and where asked, z itself (-inf for a masked pick)
     Key64 pick[2];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       pick[s] = sub == 0 ? top[s] : sub == 1 ? top[2 + s] : sub == 2 ? top[4 + s] : top[6 + s];
     }
-    float w[2];
+    float w[2], z[2];
     int expert[2];
     float picked_sum = 0.0f;
 #pragma unroll
@@ -2381,7 +2383,8 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
       const unsigned int code = static_cast<unsigned int>(pick[s]) & kChunkCodeBase;
       expert[s] = min(static_cast<int>(kChunkCodeBase - code), E - 1);
       const bool weighed = row_valid && j < top_k && pick[s] >= (static_cast<Key64>(kOrderedNegInf) << 32);
-      w[s] = weighed ? sigmoid_of(Elem<T>::to_float(row_logits[static_cast<int64_t>(expert[s]) * p.stride_e])) : 0.0f;
+      z[s] = weighed ? Elem<T>::to_float(row_logits[static_cast<int64_t>(expert[s]) * p.stride_e]) : -INFINITY;
+      w[s] = weighed ? sigmoid_of(z[s]) : 0.0f;
       picked_sum += w[s];
     }
     if (p.renormalize) {
@@ -2395,6 +2398,7 @@ __global__ void __launch_bounds__(kThreads, kChunkMinBlocks) route_chunk_kernel(
         const int j = 2 * sub + s;
         if (j < top_k) {  // (the scale: exact where it is 1)
           chunk_store_pick<T>(p, row * top_k + j, expert[s], w[s] * p.scale, has_counts && in_group, g, hist);
+          if (p.chosen_logits != nullptr) __stcs(p.chosen_logits + row * top_k + j, z[s]);
         }
       }
     }
@@ -2662,6 +2666,7 @@ int moe_fastmask_route_cuda_forward(const RouteParams* params, int dtype, int de
     return cudaErrorInvalidValue;
   }
   if (chunk && !chunk_takes(p, dtype)) return cudaErrorInvalidValue;
+  if (p.chosen_logits != nullptr && !(chunk && sigmoid)) return cudaErrorInvalidValue;  // (the chunk kernel's only)
   const bool default_router = !sigmoid && p.scale == 1.0f;
   if ((p.ablation != 0 || p.lane_options != 0) && !default_router) return cudaErrorInvalidValue;  // (benchmarking)
   choose_shared_hist(p);

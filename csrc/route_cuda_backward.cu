@@ -29,7 +29,8 @@
 // warp-uniform), so the full-mask __syncwarp calls are safe, and two per step order the three phases across steps too.
 // The sigmoid router's gradient is 0 off the chosen experts and needs no sums over the row. Its calls run vector
 // instances of this kernel of their own (SIGMOID) where those take them with two or more rows a warp step
-// (sigmoid_on_row_kernel), and their own kernel (route_bwd_sigmoid_kernel, below) otherwise. Here its rows skip the
+// (sigmoid_on_row_kernel), and their own kernel (route_bwd_sigmoid_kernel, below) otherwise, or always where the
+// forward saved the chosen experts' logits (chosen_logits: the chunk kernel's calls). Here its rows skip the
 // loads of the logits and of the keep row; each (id, grad) entry's lane gathers its expert's logit and keep flag and
 // computes the entry's gradient (the sums over the row's entries, for renormalisation, by shuffles), and the scatter
 // places those in place of the incoming grads.
@@ -68,6 +69,9 @@ struct RouteBackwardParams {
   int32_t scoring;            // 0: softmax over the allowed experts (the softmax over the chosen ones comes as
                               // renormalize), 1: sigmoid (see sigmoid_on_row_kernel; whatever the variant)
   float scale;                // the weights' factor (the lane kernel: 1 only)
+  const float* chosen_logits; // [T, k] float32, contiguous, or null: the sigmoid router's chosen experts' logits as
+                              // its forward saved them (-inf where the pick is masked), read in place of gathering
+                              // the logits and keep flags (scoring 1 only; route_bwd_sigmoid_kernel then runs)
 };
 
 namespace {
@@ -494,12 +498,13 @@ route_bwd_kernel(const RouteBackwardParams p, const int flags) {
 // ---------------------------------------------------------------------------------------------------------------
 // The sigmoid router's backward. Its gradient is 0 off the chosen experts, and each chosen expert's needs only that
 // expert's logit and keep flag (renormalised: also the sums of s and G s over the row's k entries), so a row is
-// zeros but for k values, and the logits are gathered, never read whole. A warp takes RP = 32 / KP rows a step (KP:
-// top_k rounded up to a power of two; lane r * KP + j holds entry j of row r): it issues the step's loads (ids,
-// grads, group ids), writes zeros over the step's rows of grad_logits (contiguous: whole 16-byte stores where
-// aligned) while those land, gathers each entry's logit and keep flag, computes the entries' gradients (the row sums
-// by shuffles over KP lanes) and, after a __syncwarp (which orders every lane's zeros before them), stores them in
-// place. Many rows a warp step and many warps an SM keep the gathers' chains of dependent loads overlapped, where the
+// zeros but for k values, and the logits are never read whole: the forward's saved chosen logits (chosen_logits,
+// -inf for a masked pick) are read in their place, or each entry's logit and keep flag are gathered. A warp takes
+// RP = 32 / KP rows a step (KP: top_k rounded up to a power of two; lane r * KP + j holds entry j of row r): it issues
+// the step's loads (ids, grads, and the saved logits or the group ids), writes zeros over the step's rows of
+// grad_logits (contiguous: whole 16-byte stores where aligned) while those land, gathers what it was not given,
+// computes the entries' gradients (the row sums by shuffles over KP lanes) and, after a __syncwarp (which orders
+// every lane's zeros before them), stores them in place. Many rows a warp step and many warps an SM keep the gathers' chains of dependent loads overlapped, where the
 // row-over-lanes kernel above takes one 512-expert row a warp step, or runs its checked instance (E not a power of
 // two), and waits out each row's chain with few rows in flight. Same math, NaN rules and handling of ids outside
 // [0, E) as that kernel (see the top of this file).
@@ -549,13 +554,15 @@ route_bwd_sigmoid_kernel(const RouteBackwardParams p, const int kp_log2) {
     const int64_t row = base + r;
     // ---- the step's loads: (id, grad) entries and group ids
     long long id = -1;
-    float g = 0.0f;
+    float g = 0.0f, saved = 0.0f;
     int64_t keep_row = -1;  // -1: no mask
     if (row < num_tokens && j < top_k) {
       const int64_t at = row * top_k + j;
       id = __ldcs(reinterpret_cast<const long long*>(p.ids) + at);
       g = Elem::to_float(__ldcs(grad_weights + at)) * p.scale;
-      if (p.keep != nullptr) {
+      if (p.chosen_logits != nullptr) {
+        saved = __ldcs(p.chosen_logits + at);
+      } else if (p.keep != nullptr) {
         int64_t group = 0;
         if (p.group != nullptr) {
           group = p.group_is_int64 ? __ldg(static_cast<const long long*>(p.group) + row)
@@ -568,13 +575,18 @@ route_bwd_sigmoid_kernel(const RouteBackwardParams p, const int kp_log2) {
     const int64_t end = base + rows_per_step < num_tokens ? base + rows_per_step : num_tokens;
     warp_zero_fill(grad_logits + base * E, (end - base) * E, lane);
 
-    // ---- the entry's gradient, from its expert's logit and keep flag (gathered): s and s (1 - s) from
-    // t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0, t / (1 + t) below, and s (1 - s) =
-    // t / (1 + t)^2 either way (no cancellation where s is near 1); a masked expert s = 0
+    // ---- the entry's gradient, from its expert's logit (saved, or gathered with its keep flag, the two loads side
+    // by side): s and s (1 - s) from t = 2^(-|z| log2e), which never overflows: s = 1 / (1 + t) for z >= 0,
+    // t / (1 + t) below, and s (1 - s) = t / (1 + t)^2 either way (no cancellation where s is near 1); a masked
+    // expert counts as z = -inf: t = 0, s = s (1 - s) = 0
     const bool in_range = static_cast<unsigned long long>(id) < static_cast<unsigned long long>(E);  // (-1: none)
     float s = 0.0f, ds = 0.0f;
-    if (in_range && (keep_row < 0 || __ldg(p.keep + keep_row * E + id) != 0)) {
-      const float z = Elem::to_float(logits[row * p.stride_t + static_cast<int64_t>(id) * p.stride_e]);
+    if (in_range) {
+      float z = saved;
+      if (p.chosen_logits == nullptr) {
+        z = Elem::to_float(logits[row * p.stride_t + static_cast<int64_t>(id) * p.stride_e]);
+        if (keep_row >= 0 && __ldg(p.keep + keep_row * E + id) == 0) z = -INFINITY;
+      }
       const float t = bwd_exp2(-fabsf(z) * kLog2e);
       const float rc = bwd_rcp(1.0f + t);
       s = z >= 0.0f ? rc : t * rc;  // (NaN: t * rc, NaN)
@@ -1019,7 +1031,8 @@ cudaError_t launch_bwd_sigmoid(const RouteBackwardParams& p, int device, cudaStr
 // whole 16-byte rows and keep rows: two or more rows a warp step) rather than route_bwd_sigmoid_kernel. H200, T =
 // 262,144, the backward alone: DeepSeek-V3's E = 256 (float32) 109 us there against 118 on the sigmoid kernel, while
 // the sigmoid kernel took GLM-4.5's E = 160 from 129 to 81 us and Kimi-K2's E = 384 from 245 to 199
-// (benchmarks/RESULTS.md, twenty-sixth round).
+// (benchmarks/RESULTS.md, twenty-sixth round). Calls given the forward's saved logits take the sigmoid kernel
+// whatever this says: DeepSeek-V3's backward 92-94 us there against 107-109 (twenty-seventh round).
 bool sigmoid_on_row_kernel(const RouteBackwardParams& p, int flags) {
   const int e = p.num_experts;
   return e >= 8 && e <= 256 && (e & (e - 1)) == 0 && vector_access(p, flags);  // (launch_bwd_v's vector instance)
@@ -1132,7 +1145,8 @@ int moe_fastmask_route_cuda_backward_params_size() { return static_cast<int>(siz
 // Launch the backward on `stream` (a cudaStream_t) of `device`; dtype 0 float32, 1 float16, 2 bfloat16 (logits,
 // grad_weights and grad_logits alike). Returns 0 or a cudaError_t code: cudaErrorInvalidValue, before touching a
 // device, for a call the kernel does not take (E outside [1, 512], top_k outside [1, min(16, E)], another dtype,
-// negative strides, a missing tensor, a keep mask without groups, another scoring code, a scale that is not finite).
+// negative strides, a missing tensor, a keep mask without groups, another scoring code, a scale that is not finite,
+// saved chosen logits for a router other than the sigmoid one).
 int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtype, int device, void* stream) {
   if (params == nullptr) return cudaErrorInvalidValue;
   const RouteBackwardParams p = *params;
@@ -1150,6 +1164,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
   if (p.group_is_int64 != 0 && p.group_is_int64 != 1) return cudaErrorInvalidValue;
   if (p.variant < 0 || p.variant > 2) return cudaErrorInvalidValue;
   if ((p.scoring != 0 && p.scoring != 1) || !std::isfinite(p.scale)) return cudaErrorInvalidValue;
+  if (p.chosen_logits != nullptr && p.scoring != 1) return cudaErrorInvalidValue;  // (the sigmoid router's only)
 
   const int64_t size = dtype == kBwdFloat32 ? 4 : 2;
   int flags = 0;
@@ -1176,7 +1191,7 @@ int moe_fastmask_route_cuda_backward(const RouteBackwardParams* params, int dtyp
     if (err != cudaSuccess) return err;
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.scoring == 1 && !sigmoid_on_row_kernel(p, flags)) {
+  if (p.scoring == 1 && (p.chosen_logits != nullptr || !sigmoid_on_row_kernel(p, flags))) {
     switch (dtype) {
       case kBwdFloat32: err = launch_bwd_sigmoid<float>(p, device, s); break;
       case kBwdFloat16: err = launch_bwd_sigmoid<__half>(p, device, s); break;

@@ -738,11 +738,19 @@ def test_forward_variant_sends_the_sigmoid_routers_to_the_chunk_kernel(monkeypat
         # under the size: the split kernel where it takes the call (E <= 256), else still the chunk kernel
         small = cuda_route.forward_variant(rows(large - 1, E), k, scoring="sigmoid", n_group=n_group)
         assert small == ("lane" if E <= cuda_route.MAX_SIGMOID_EXPERTS else "chunk"), E
+        # a training call's forward saves the chosen logits for the backward where the chunk kernel runs it
+        assert cuda_route.saves_chosen_logits(rows(large, E), k, scoring="sigmoid", n_group=n_group), E
+        assert cuda_route.saves_chosen_logits(rows(large - 1, E), k, scoring="sigmoid",
+                                              n_group=n_group) == (small == "chunk"), E
     for E, k, n_group in ((256, 16, 8), (160, 8, 4), (60, 4, 1), (544, 8, 1), (256, 8, 16)):
         assert not cuda_route.chunk_takes(E, k, scoring="sigmoid", n_group=n_group), (E, k, n_group)
         assert cuda_route.forward_variant(rows(large, E), k, scoring="sigmoid", n_group=n_group) == "lane"
+        assert not cuda_route.saves_chosen_logits(rows(large, E), k, scoring="sigmoid", n_group=n_group)
         with pytest.raises(ValueError, match="variant 'chunk'"):
             cuda_route.forward_variant(rows(4, E), k, "chunk", scoring="sigmoid", n_group=n_group)
+    # not the softmax routers, on the chunk kernel or not
+    assert not cuda_route.saves_chosen_logits(rows(large, 512).bfloat16(), 10)
+    assert not cuda_route.saves_chosen_logits(rows(large, 64), 8)
     for name in ("split", "lane"):  # (the split kernel's sigmoid router: E <= 256)
         with pytest.raises(ValueError, match="up to 256 experts"):
             cuda_route.forward_variant(rows(large, 384), 8, name, **sigmoid)
@@ -1109,7 +1117,7 @@ def test_source_compiles_and_the_launcher_matches_the_python_side(sm90_build_cac
     # without a mask, int64 or one-byte ids) = 16, and its loads-and-stores-only benchmark instance; the sigmoid
     # router's chunk kernel, one per dtype = 3, and its softmax routers', one per (16-bit dtype, lists of 8 or 16) = 4
     assert "registers lines 307" in out.stdout, out.stdout
-    assert ctypes.sizeof(cuda_route.RouteParams) == 160  # (4 bytes of padding before the bias pointer, as in C)
+    assert ctypes.sizeof(cuda_route.RouteParams) == 168  # (4 bytes of padding before the bias pointer, as in C)
 
 
 @pytest.mark.skipif(cuda_route.find_nvcc() is None, reason="nvcc not found")
@@ -1175,8 +1183,12 @@ def emulated_forward(library: Path):
     lib.moe_fastmask_route_cuda_lane_smem.restype = ctypes.c_int64
 
     def run(logits, top_k, keep, group, counts, renormalize, variant="lane", options=None, grid_policy="wave",
-            ids8=False, timeline=None, route_variant=None):
+            ids8=False, timeline=None, route_variant=None, saved=None):
+        # saved: write the chosen experts' logits too (default: on the chunk kernel's sigmoid calls, as the op does)
         T = logits.shape[0]
+        sigmoid = (route_variant or {}).get("scoring") == "sigmoid"
+        saved = variant == "chunk" and sigmoid if saved is None else saved
+        chosen = torch.full((T, top_k), 0.25, dtype=torch.float32) if saved else None  # (poisoned)
         weights = torch.full((T, top_k), float("nan"), dtype=logits.dtype)
         ids = torch.full((T, top_k), POISON_ID, dtype=torch.int64)
         ids8_out = torch.full((T, top_k), 0xEE, dtype=torch.uint8) if ids8 else None  # (poisoned)
@@ -1188,7 +1200,7 @@ def emulated_forward(library: Path):
             route_variant["bias"] = route_variant["bias"].float().contiguous()
         params = cuda_route.forward_params(weights, ids, logits, top_k, keep, group, counts, renormalize,
                                            variant=variant, grid_policy=grid_policy, lane_options=lane_options,
-                                           ids8=ids8_out, **route_variant)
+                                           ids8=ids8_out, chosen_logits=chosen, **route_variant)
         if variant == "lane" and lane_options == 0:  # (the op's calls) the launcher takes what lane_takes says
             taken = lib.moe_fastmask_route_cuda_lane_smem(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype])
             scoring = route_variant.get("scoring", "softmax")
@@ -1202,19 +1214,24 @@ def emulated_forward(library: Path):
         assert code == 0, code
         if ids8:  # the ids once more, a byte each
             assert torch.equal(ids8_out.long(), ids), "ids8 differs from the ids"
+        if saved:  # each chosen expert's logit exactly, -inf where masked
+            torch.testing.assert_close(chosen, reference.chosen_logits_reference(logits, ids, keep, group), rtol=0,
+                                       atol=0, equal_nan=True, msg=lambda m: f"chosen_logits E={logits.shape[1]}\n{m}")
         return weights, ids
 
+    run.library = lib
     return run
 
 
 def check_emulated(run, logits, top_k, keep, group, num_groups, renormalize, where, **launch):
     """ids and counts exact, weights within tolerance (NaN exactly where the reference has NaN); with a
-    ``route_variant``, as assert_matches_reference has it."""
+    ``route_variant``, as assert_matches_reference has it. Returns the run's (weights, ids)."""
     start = torch.randint(0, 1000, (num_groups, logits.shape[1]), dtype=torch.int64)
     counts = start.clone()
     weights, ids = run(logits, top_k, keep, group, counts, renormalize, **launch)
     assert_matches_reference(weights, ids, counts, start, logits, top_k, keep, group, renormalize, f"{where} {launch}",
                              variant=launch.get("route_variant"))
+    return weights, ids
 
 
 TIMELINE_SLOTS = 32  # csrc/route_cuda.cu's kTimelineSlots
@@ -1433,6 +1450,21 @@ CHUNK_SHAPES = [(32, 8, 1, 1), (64, 3, 2, 1), (96, 8, 3, 2), (160, 8, 1, 1), (25
                 (384, 8, 1, 1), (512, 8, 16, 4), (512, 1, 1, 1)]
 
 
+def check_forward_launcher_refuses_saved_logits(library: ctypes.CDLL) -> None:
+    """The forward launcher writes chosen_logits on the chunk kernel's sigmoid calls alone: it refuses them
+    (cudaErrorInvalidValue, before any launch) on the split kernel and for a softmax router."""
+    logits = torch.randn(40, 64).bfloat16()
+    for variant, scoring, refused in (("split", "sigmoid", True), ("chunk", "softmax", True),
+                                      ("chunk", "sigmoid", False)):
+        weights, ids = torch.empty(40, 8, dtype=torch.bfloat16), torch.empty(40, 8, dtype=torch.int64)
+        chosen = torch.empty(40, 8)  # (alive until the launch returns)
+        params = cuda_route.forward_params(weights, ids, logits, 8, None, None, None, False, variant=variant,
+                                           scoring=scoring, chosen_logits=chosen)
+        code = library.moe_fastmask_route_cuda_forward(ctypes.byref(params), cuda_route.DTYPE_CODES[logits.dtype], 0,
+                                                       None)
+        assert (code != 0) == refused, (variant, scoring, code)
+
+
 def emulated_chunk_checks(run, gen: torch.Generator) -> None:
     """The sigmoid router's chunk kernel (chunk_takes' calls) against the reference, and against the split kernel
     where that takes the call too (the same selection values, so the same ids): every shape of CHUNK_SHAPES with each
@@ -1453,10 +1485,13 @@ def emulated_chunk_checks(run, gen: torch.Generator) -> None:
             group = group.to(torch.int32)
         where = f"chunk E={E} k={k} groups {n_group}/{topk_group} T={T} {dtype}"
         for keep_g, group_g, G in ((keep, group, 3), (None, None, 1)):
+            # without the saved logits here (check_emulated's run saves them): the same results
             weights, ids = run(logits, k, keep_g, group_g, None, renormalize, variant="chunk",
-                               route_variant=route_variant)
-            check_emulated(run, logits, k, keep_g, group_g, G, renormalize, where, variant="chunk",
-                           route_variant=route_variant)
+                               route_variant=route_variant, saved=False)
+            checked = check_emulated(run, logits, k, keep_g, group_g, G, renormalize, where, variant="chunk",
+                                     route_variant=route_variant)
+            assert torch.equal(ids, checked[1]), f"{where}: the saved logits changed the ids"
+            torch.testing.assert_close(weights, checked[0], rtol=0, atol=0, equal_nan=True)
             if E <= cuda_route.MAX_SIGMOID_EXPERTS:  # the split kernel: the same ids, weights within rounding
                 split_w, split_ids = run(logits, k, keep_g, group_g, None, renormalize, variant="split",
                                          route_variant=route_variant)
@@ -1472,6 +1507,7 @@ def emulated_chunk_checks(run, gen: torch.Generator) -> None:
         group = torch.randint(-1, 2, (70,), generator=gen)
         check_emulated(run, logits, k, keep, group, 2, n % 2 == 0, f"chunk {kind} E={E} {dtype}", variant="chunk",
                        route_variant=route_variant)
+    check_forward_launcher_refuses_saved_logits(run.library)
     # rows of a stride that is not a multiple of 16 bytes, or at an odd offset: the kernel's element loads
     wide = adversarial_logits("normal", 50, 300, torch.bfloat16, gen)
     sigmoid = dict(scoring="sigmoid", n_group=4, topk_group=2)

@@ -88,6 +88,35 @@ def cuda_variant_run(scoring: str, scale: float):
     return run
 
 
+def saved_logits_run(launch, scoring: str, scale: float):
+    """A launcher (as ``run_cuda``) of the sigmoid router's backward given the forward's saved logits
+    (``chosen_logits``, from reference.chosen_logits_reference on the call's logits) and rows of NaN in place of the
+    logits, so that a single logit read shows; ``launch(grad, logits, keep, group, ids, renormalize, out,
+    chosen_logits)`` runs the kernel."""
+    assert scoring == "sigmoid"
+
+    def run(grad, logits, keep, group, ids, renormalize, out):
+        chosen = reference.chosen_logits_reference(logits, ids, keep, group)
+        launch(grad, torch.full_like(logits, NAN), keep, group, ids, renormalize, out, chosen)
+
+    return run
+
+
+def cuda_saved_run(scoring: str, scale: float):
+    """A launcher (as ``cuda_variant_run``) for the router variant ``scoring`` / ``scale``: the sigmoid router's
+    backward given the saved logits (saved_logits_run), the other variants as cuda_variant_run."""
+    if scoring != "sigmoid":
+        return cuda_variant_run(scoring, scale)
+
+    def launch(grad, logits, keep, group, ids, renormalize, out, chosen_logits):
+        got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, scoring=scoring, scale=scale,
+                                        out=out, chosen_logits=chosen_logits)
+        assert got is out
+        torch.cuda.synchronize()
+
+    return saved_logits_run(launch, scoring, scale)
+
+
 def run_cuda_ids8(grad, logits, keep, group, ids, renormalize, out) -> None:
     """The lane kernel reading the ids a byte each (as the forward writes them for it under autograd)."""
     got = cuda_route.route_backward(grad, logits, keep, group, ids, renormalize, out=out, ids8=ids.to(torch.uint8))
@@ -500,8 +529,10 @@ def test_adversarial_values_against_reference(cuda_kernel, kind, dtype):
 def test_router_variants_against_reference(cuda_kernel, dtype):
     """The sigmoid routers, the softmax over the chosen experts and scaled softmax routers (the row-over-lanes kernel,
     also on the lane kernel's shapes, which it leaves to the other)."""
-    scenario_router_variants(cuda_variant_run, "cuda", dtype, ("normal", "wide", "nan_inf", "ties", "neg_inf"), 517,
-                             VARIANT_SHAPES, SESSION_SEED + 61)
+    kinds = ("normal", "wide", "nan_inf", "ties", "neg_inf")
+    scenario_router_variants(cuda_variant_run, "cuda", dtype, kinds, 517, VARIANT_SHAPES, SESSION_SEED + 61)
+    # the sigmoid router given the forward's saved logits (the other variants as above)
+    scenario_router_variants(cuda_saved_run, "cuda", dtype, kinds, 517, VARIANT_SHAPES, SESSION_SEED + 62)
 
 
 @gpu
@@ -565,6 +596,7 @@ def test_sigmoid_rows_on_every_lane_layout(cuda_kernel):
     """The sigmoid router's own kernel: every rows-a-warp-step layout, outputs off a 16-byte boundary."""
     for T in (1, 37, 4099):
         scenario_sigmoid_rows(cuda_variant_run, "cuda", T, SESSION_SEED + 71 + T)
+        scenario_sigmoid_rows(cuda_saved_run, "cuda", T, SESSION_SEED + 72 + T)  # (given the saved logits)
 
 
 @gpu
@@ -572,6 +604,36 @@ def test_invalid_ids_contribute_nothing(cuda_kernel):
     scenario_invalid_ids(run_cuda, "cuda", 67, SESSION_SEED + 15)
     scenario_invalid_ids(run_cuda_split, "cuda", 67, SESSION_SEED + 16)
     scenario_invalid_ids(cuda_variant_run("sigmoid", 2.5), "cuda", 67, SESSION_SEED + 17, scoring="sigmoid", scale=2.5)
+    scenario_invalid_ids(cuda_saved_run("sigmoid", 2.5), "cuda", 67, SESSION_SEED + 18, scoring="sigmoid", scale=2.5)
+
+
+@gpu
+def test_saved_logits_are_the_sigmoid_routers_and_checked(cuda_kernel):
+    """route_backward's chosen_logits: the sigmoid router's alone, float32 of the ids' shape on the logits' device
+    (ValueError naming it); route_forward writes them for the calls saves_chosen_logits accepts only."""
+    T, E, k = 64, 160, 8
+    logits = torch.randn(T, E, device="cuda")
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).cuda()
+    grad = torch.randn(T, k, device="cuda")
+    chosen = torch.randn(T, k, device="cuda")
+    with pytest.raises(ValueError, match="chosen_logits is the sigmoid router's"):
+        cuda_route.route_backward(grad, logits, None, None, ids, False, chosen_logits=chosen)
+    for bad in (chosen.double(), chosen[:, :4], chosen.cpu()):
+        with pytest.raises(ValueError, match="chosen_logits must be"):
+            cuda_route.route_backward(grad, logits, None, None, ids, False, scoring="sigmoid", chosen_logits=bad)
+    big = torch.randn(cuda_route.CHUNK_MIN_TOKENS, E, device="cuda")
+    assert cuda_route.saves_chosen_logits(big, k, scoring="sigmoid")
+    saved = torch.full((big.shape[0], k), NAN, device="cuda")
+    _, big_ids = cuda_route.route_forward(big, k, None, None, None, True, scoring="sigmoid", chosen_logits=saved)
+    torch.testing.assert_close(saved, reference.chosen_logits_reference(big, big_ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="chosen_logits must be"):
+        cuda_route.route_forward(big, k, None, None, None, True, scoring="sigmoid", chosen_logits=saved[:, :4])
+    for args, kwargs in (((logits, k), dict(scoring="sigmoid")),  # (under the chunk kernel's size: split)
+                         ((big, k), dict(scoring="sigmoid", variant="chunk")),  # (not the default variant)
+                         ((big.bfloat16(), k), dict(scoring="softmax"))):
+        with pytest.raises(ValueError, match="written by the chunk kernel's sigmoid router alone"):
+            cuda_route.route_forward(*args, None, None, None, True, chosen_logits=saved[: args[0].shape[0]],
+                                     **kwargs)
 
 
 @gpu
@@ -682,6 +744,14 @@ def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, d
 
     monkeypatch.setattr(triton_route, "route_backward", no_triton)
     monkeypatch.setattr(cuda_route, "BACKWARD_MIN_TOKENS", 0)  # (small calls of the lane kernel's shapes: Triton's)
+    saved = []
+    cuda_backward = cuda_route.route_backward
+
+    def spy(*args, **kwargs):
+        saved.append(kwargs.get("chosen_logits") is not None)
+        return cuda_backward(*args, **kwargs)
+
+    monkeypatch.setattr(cuda_route, "route_backward", spy)
     gen = torch.Generator().manual_seed(SESSION_SEED + 10)
     for T in (37, 9000):
         logits = torch.randn(T, E, generator=gen).to(dtype).cuda()
@@ -695,7 +765,12 @@ def test_router_variants_gradient_end_to_end(cuda_kernel, monkeypatch, family, d
             choice["bias"] = (torch.randn(E, generator=gen) * 0.1).cuda()
         x = logits.clone().requires_grad_()
         weights, ids = route(x, k, keep, group, None, renorm, "cuda", **choice)
+        saved.clear()
         (weights * grad_out.to(dtype)).sum().backward()
+        # the sigmoid routers' eager backward reads the logits their chunk kernel saved (from its size on, and at
+        # any size for the routers only it takes: E over 256)
+        chunk = T >= cuda_route.CHUNK_MIN_TOKENS or E > cuda_route.MAX_SIGMOID_EXPERTS
+        assert saved == [sigmoid and chunk], (family, T, saved)
         ref_x = logits.double().requires_grad_()
         ref_w, ref_ids = reference.route_reference(ref_x, k, keep, group, None, renorm, **choice)
         if sigmoid:
@@ -969,6 +1044,7 @@ def bad_shapes() -> list[dict]:
         dict(good, scoring=-1),
         dict(good, scale=math.inf),
         dict(good, scale=math.nan),
+        dict(good, chosen_logits=64),  # (the sigmoid router's saved logits, with the softmax router)
     ]
 
 
@@ -989,7 +1065,7 @@ def test_params_mirror_the_c_struct():
     for (c_type, name), (_, py_type) in zip(c_fields, py_fields):
         is_pointer = re.search(rf"\*\s*{name};", body) is not None
         assert ctypes.sizeof(py_type) == (8 if is_pointer else widths[c_type]), name
-    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 120  # (4 bytes of tail padding, as in C)
+    assert ctypes.sizeof(cuda_route.RouteBackwardParams) == 128  # (no padding, as in C)
 
 
 def test_build_key_and_command_cover_the_backward_source(tmp_path):
@@ -1119,9 +1195,17 @@ def start_emulation_build() -> None:
 
 
 def emulated_run(library: Path, variant: str = "lane", ids8: bool = False, scoring: str = "softmax",
-                 scale: float = 1.0):
-    """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments."""
+                 scale: float = 1.0, saved: bool = False):
+    """A launcher (as ``run_cuda``) on CPU tensors through the emulated library, with the Python side's arguments;
+    ``saved``: the sigmoid router's given the forward's saved logits (saved_logits_run)."""
     launch = emulated_launcher(library)
+    if saved:
+        def launch_saved(grad, logits, keep, group, ids, renormalize, out, chosen_logits):
+            grad, ids = grad.contiguous(), ids.contiguous()  # (alive until the launch returns)
+            launch(cuda_route.backward_params(out, grad, logits, keep, group, ids, renormalize, scoring=scoring,
+                                              scale=scale, chosen_logits=chosen_logits), logits.dtype)
+
+        return saved_logits_run(launch_saved, scoring, scale)
 
     def run(grad, logits, keep, group, ids, renormalize, out):
         grad, ids = grad.contiguous(), ids.contiguous()
@@ -1160,6 +1244,24 @@ def emulated_launcher(library: Path):
     return launch
 
 
+def check_launcher_refuses_saved_logits_off_the_sigmoid_router(library: Path) -> None:
+    """The launcher refuses chosen_logits (cudaErrorInvalidValue, before any launch) for a softmax router."""
+    lib = ctypes.CDLL(str(library))
+    lib.moe_fastmask_route_cuda_backward.argtypes = [
+        ctypes.POINTER(cuda_route.RouteBackwardParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    logits = torch.randn(8, 64)
+    ids = torch.arange(8).repeat(8, 1)
+    out = torch.full((8, 64), POISON)
+    grad, chosen = torch.randn(8, 8), torch.zeros(8, 8)  # (alive until the launches return)
+    for scoring, refused in (("softmax", True), ("sigmoid", False)):
+        params = cuda_route.backward_params(out, grad, logits, None, None, ids, False, scoring=scoring,
+                                            chosen_logits=chosen)
+        code = lib.moe_fastmask_route_cuda_backward(ctypes.byref(params), cuda_route.DTYPE_CODES[torch.float32], 0,
+                                                    None)
+        assert (code != 0) == refused, (scoring, code)
+
+
 def emulated_checks(library: str) -> None:
     """The scenarios, smaller, on the emulated kernel (CPU tensors; the emulated device has 2 SMs, so the
     grid-stride loops take several steps)."""
@@ -1194,6 +1296,15 @@ def emulated_checks(library: str) -> None:
                          scoring="sigmoid", scale=2.5)
     scenario_sigmoid_rows(lambda scoring, scale: emulated_run(Path(library), scoring=scoring, scale=scale), "cpu", 37,
                           SESSION_SEED + 71)
+    # given the forward's saved logits (and logits of NaN): the sigmoid router's rows, variants and invalid ids
+    saved = lambda scoring, scale: emulated_run(Path(library), scoring=scoring, scale=scale,  # noqa: E731
+                                                saved=scoring == "sigmoid")
+    scenario_sigmoid_rows(saved, "cpu", 37, SESSION_SEED + 72)
+    for dtype in DTYPES:
+        scenario_router_variants(saved, "cpu", dtype, ("normal", "nan_inf"), 19, ((256, 8), (160, 8), (384, 8)),
+                                 SESSION_SEED + 62)
+    scenario_invalid_ids(saved("sigmoid", 2.5), "cpu", 37, SESSION_SEED + 18, scoring="sigmoid", scale=2.5)
+    check_launcher_refuses_saved_logits_off_the_sigmoid_router(Path(library))
     for group_dtype in (torch.int64, torch.int32):
         scenario_out_of_range_groups(run, "cpu", group_dtype, 3, SESSION_SEED + 3)
     for layout in LAYOUTS:

@@ -178,6 +178,7 @@ class RouteParams(ctypes.Structure):
         ("n_group", ctypes.c_int32),
         ("topk_group", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
+        ("chosen_logits", ctypes.c_void_p),
     ]
 
 
@@ -204,6 +205,7 @@ class RouteBackwardParams(ctypes.Structure):
         ("dependent_launch", ctypes.c_int32),
         ("scoring", ctypes.c_int32),
         ("scale", ctypes.c_float),
+        ("chosen_logits", ctypes.c_void_p),
     ]
 
 
@@ -738,6 +740,7 @@ def route_forward(
     n_group: int = 1,
     topk_group: int = 1,
     scale: float = 1.0,
+    chosen_logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused forward of ``route`` on the CUDA kernel (arguments validated by ``check_route_args``, the call one that
     :func:`supports` accepts; ``keep`` and ``group`` contiguous). Returns ``weights`` [T, top_k] in ``logits.dtype``
@@ -761,7 +764,9 @@ def route_forward(
     programmatic dependent launch on GPUs that have it (compute capability 9.0 and later): its blocks may start, and
     set up, while the kernel before it in the stream ends, and wait for it before touching memory. ``scoring``,
     ``bias``, ``n_group``, ``topk_group`` and ``scale`` are ``route``'s router variant (a call :func:`supports`
-    takes); the benchmark-only arguments and ``ids8`` run the default router alone."""
+    takes); the benchmark-only arguments and ``ids8`` run the default router alone. ``chosen_logits`` (float32
+    [T, top_k], contiguous; a call :func:`saves_chosen_logits` accepts, the default variant) is written with the
+    chosen experts' logits (-inf where a pick is masked), for :func:`route_backward`."""
     lib, error, _ = _load()
     if lib is None:
         raise RuntimeError(f"the CUDA routing kernel is not available: {error}")
@@ -782,6 +787,11 @@ def route_forward(
         if not compact_ids_apply(logits, top_k, keep) or variant not in (None, "lane") or _ablation or _lane_options:
             raise ValueError("ids8 is written by the lane kernel alone: a call compact_ids_apply() accepts, with the "
                              "default variant, options and no ablation")
+    if chosen_logits is not None:
+        _check_chosen_logits(chosen_logits, logits, top_k)
+        if variant is not None or not saves_chosen_logits(logits, top_k, scoring=scoring, n_group=n_group):
+            raise ValueError("chosen_logits is written by the chunk kernel's sigmoid router alone: a call "
+                             "saves_chosen_logits() accepts, with the default variant")
     if num_tokens == 0:
         return weights, ids
     if keep is not None and not keep.is_contiguous():
@@ -841,7 +851,7 @@ def route_forward(
                             prefetch=_prefetch_default() if prefetch is None else bool(prefetch),
                             variant=variant, ablation=ablation, grid_policy=_grid_policy, lane_options=lane_options,
                             ids8=ids8, dependent_launch=dependent_launch, scoring=scoring, bias=bias,
-                            n_group=n_group, topk_group=topk_group, scale=scale)
+                            n_group=n_group, topk_group=topk_group, scale=scale, chosen_logits=chosen_logits)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)
@@ -863,6 +873,26 @@ def route_forward(
             f"{logits.dtype}): {message}"
         )
     return weights, ids
+
+
+def saves_chosen_logits(logits: Tensor, top_k: int, *, scoring: str = "softmax", n_group: int = 1) -> bool:
+    """Whether a training call's forward should also save the chosen experts' logits (``route_forward(chosen_logits=
+    ...)``) for the backward, which then reads k contiguous floats a row instead of gathering each chosen expert's
+    logit and keep flag: the sigmoid router's calls that the chunk kernel runs by default (:func:`forward_variant`)."""
+    return (
+        scoring == "sigmoid"
+        and logits.dim() == 2
+        and forward_variant(logits, top_k, scoring=scoring, n_group=n_group) == "chunk"
+    )
+
+
+def _check_chosen_logits(chosen_logits: Tensor, logits: Tensor, top_k: int) -> None:
+    """``chosen_logits`` must be a contiguous float32 [T, top_k] tensor on the logits' device (ValueError)."""
+    shape = (logits.shape[0], top_k)
+    if (chosen_logits.dtype != torch.float32 or tuple(chosen_logits.shape) != shape
+            or not chosen_logits.is_contiguous() or chosen_logits.device != logits.device):
+        raise ValueError(f"chosen_logits must be a contiguous float32 {list(shape)} tensor on {logits.device}, got "
+                         f"{chosen_logits.dtype} {tuple(chosen_logits.shape)} on {chosen_logits.device}")
 
 
 def timeline_slots() -> int:
@@ -947,13 +977,14 @@ def forward_params(
     n_group: int = 1,
     topk_group: int = 1,
     scale: float = 1.0,
+    chosen_logits: Tensor | None = None,
 ) -> RouteParams:
     """The forward launcher's arguments: pointers and strides of the given tensors (``weights``, ``ids``, ``keep``
     and ``group`` contiguous; ``logits`` any strides), the variant (``VARIANTS``) and grid policy
     (``GRID_POLICIES``) by name, the benchmark-only ablation and option codes as :func:`route_forward` encodes
     them, whether the kernel goes out as a programmatic dependent launch (None:
-    :func:`dependent_launch_default`), and the router variant (``route``'s arguments; ``bias`` float32 and
-    contiguous)."""
+    :func:`dependent_launch_default`), the router variant (``route``'s arguments; ``bias`` float32 and
+    contiguous) and the sigmoid router's saved logits (``route_forward``'s ``chosen_logits``)."""
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         raise ValueError(f"the kernel's bias must be a contiguous float32 tensor, got {bias.dtype}")
     num_tokens, num_experts = logits.shape
@@ -986,6 +1017,7 @@ def forward_params(
         n_group,
         topk_group,
         _data_ptr(bias),
+        _data_ptr(chosen_logits),
     )
 
 
@@ -1004,12 +1036,14 @@ def backward_params(
     ids8: Tensor | None = None,
     ablation: str | None = None,
     dependent_launch: bool | None = None,
+    chosen_logits: Tensor | None = None,
 ) -> RouteBackwardParams:
     """The backward launcher's arguments: pointers and strides of the given tensors (``grad_logits``,
     ``grad_weights``, ``ids``, ``keep`` and ``group`` contiguous; ``logits`` any strides), the router variant
     (``"softmax_chosen"`` goes as the softmax renormalised over the chosen experts, the same gradient), the kernel
     variant by name (``BACKWARD_VARIANTS``), or the benchmark's ablation by name (``BACKWARD_ABLATIONS``) in its place,
-    and whether the kernel goes out as a programmatic dependent launch (None: :func:`dependent_launch_default`)."""
+    whether the kernel goes out as a programmatic dependent launch (None: :func:`dependent_launch_default`), and the
+    sigmoid router's saved logits (``route_backward``'s ``chosen_logits``)."""
     num_tokens, num_experts = logits.shape
     return RouteBackwardParams(
         grad_logits.data_ptr(),
@@ -1031,6 +1065,7 @@ def backward_params(
         _dependent_launch_flag(dependent_launch),
         SCORING_CODES[scoring],
         float(scale),
+        _data_ptr(chosen_logits),
     )
 
 
@@ -1049,6 +1084,7 @@ def route_backward(
     ids8: Tensor | None = None,
     _ablation: str | None = None,
     dependent_launch: bool | None = None,
+    chosen_logits: Tensor | None = None,
 ) -> Tensor:
     """Gradient of ``route``'s weights with respect to ``logits`` on the CUDA kernel, for a call that
     :func:`supports_backward` accepts (``keep`` bool [G, E] or None, ``group`` int32 / int64 [T] or None, as validated
@@ -1062,7 +1098,10 @@ def route_backward(
     ``ids8`` (uint8 [T, k], the same ids a byte each, as ``route_forward(ids8=...)`` writes them) lets the lane kernel
     read them instead of ``ids``; the other ignores it.
     ``_ablation`` (benchmarking only; ``BACKWARD_ABLATIONS``) runs the lane kernel with its math removed: bf16 logits
-    with E=64, a keep mask and ``ids8``, the lane variant. ``dependent_launch``: as :func:`route_forward`'s."""
+    with E=64, a keep mask and ``ids8``, the lane variant. ``dependent_launch``: as :func:`route_forward`'s.
+    ``chosen_logits`` (the sigmoid router only: float32 [T, k], the chosen experts' logits, -inf where a pick is
+    masked, as ``route_forward(chosen_logits=...)`` writes them) is read instead of gathering each chosen expert's
+    logit and keep flag, on the sigmoid router's own kernel."""
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(BACKWARD_VARIANTS)}, got {variant!r}")
     if scoring not in SCORING_CODES:
@@ -1093,6 +1132,11 @@ def route_backward(
     if ids8 is not None and (ids8.dtype != torch.uint8 or ids8.shape != ids.shape or ids8.device != logits.device):
         raise ValueError(f"ids8 must be uint8 {tuple(ids.shape)} (the ids' shape) on {logits.device}, got "
                          f"{ids8.dtype} {tuple(ids8.shape)}")
+    if chosen_logits is not None:
+        if scoring != "sigmoid":
+            raise ValueError(f"chosen_logits is the sigmoid router's (scoring='sigmoid'), got scoring={scoring!r}")
+        _check_chosen_logits(chosen_logits.contiguous(), logits, ids.shape[1])
+        chosen_logits = chosen_logits.contiguous()
     grad_weights = grad_weights.contiguous()
     ids = ids.contiguous()
     ids8 = ids8.contiguous() if ids8 is not None else None
@@ -1102,7 +1146,7 @@ def route_backward(
         group = group.contiguous()
     params = backward_params(grad_logits, grad_weights, logits, keep, group, ids, renormalize, scoring=scoring,
                              scale=scale, variant=variant, ids8=ids8, ablation=_ablation,
-                             dependent_launch=dependent_launch)
+                             dependent_launch=dependent_launch, chosen_logits=chosen_logits)
     device = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     if device not in _PRELOADED and not torch.cuda.is_current_stream_capturing():
         _preload(lib, device)

@@ -263,6 +263,21 @@ def _sigmoid_backward(
         grad = (grad - (grad * s).sum(dim=-1, keepdim=True) / total) / total
     return torch.zeros_like(z).scatter_(1, ids, grad * s * (1 - s)).to(logits.dtype)
 
+def chosen_logits_reference(
+    logits: Tensor, ids: Tensor, keep: Tensor | None = None, group: Tensor | None = None
+) -> Tensor:
+    """The sigmoid router's saved logits, as the CUDA forward writes them for its backward (``chosen_logits``):
+    float32 [T, k], each chosen expert's logit, -inf where the pick is masked (its weight and gradient are 0 either
+    way). Entries of ids outside ``[0, E)`` hold an unspecified value (the backward skips those entries)."""
+    num_tokens, num_experts = logits.shape
+    safe = ids.clamp(0, num_experts - 1)
+    chosen = logits.gather(1, safe).float()
+    allowed = allowed_experts(num_tokens, keep, group)
+    if allowed is not None:
+        chosen = torch.where(allowed.gather(1, safe), chosen, float("-inf"))
+    return chosen.contiguous()
+
+
 def kernel_num_groups(keep: Tensor | None, counts: Tensor | None) -> int:
     """G of a kernel's group range check: the rows of ``keep`` or ``counts`` (any id is in range without them)."""
     if keep is not None:

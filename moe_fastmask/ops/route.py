@@ -199,9 +199,11 @@ def _route_backward_impl(
     scoring: str = "softmax",
     scale: float = 1.0,
     ids8: Tensor | None = None,
+    chosen_logits: Tensor | None = None,
 ) -> Tensor:
     """Gradient of the weights with respect to the logits (the body of ``moe_fastmask::route_backward``; ``ids8``,
-    the ids a byte each as the CUDA forward wrote them for it, only from ``route``'s eager autograd)."""
+    the ids a byte each, and ``chosen_logits``, the sigmoid router's chosen logits, as the CUDA forward wrote them
+    for it, only from ``route``'s eager autograd)."""
     backend = _concrete_backend(backend, logits)
     keep, group = _dense(keep), _dense(group)
     if backend == "cuda":
@@ -211,7 +213,7 @@ def _route_backward_impl(
             and cuda_route.is_available()
         ):
             return cuda_route.route_backward(grad_weights, logits, keep, group, ids, renormalize, scoring=scoring,
-                                             scale=scale, ids8=ids8)
+                                             scale=scale, ids8=ids8, chosen_logits=chosen_logits)
         backend = _gpu_fallback(logits.device)
     if backend == "triton":
         return triton_route.route_backward(
@@ -327,20 +329,26 @@ class RouteFunction(torch.autograd.Function):
                 n_group=1, topk_group=1, scale=1.0):
         keep, group, bias = _dense(keep), _dense(group), _dense(bias)  # (the CUDA call below and the backward)
         variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
-        ids8 = None
-        if backend == "cuda" and cuda_route.default_router(scoring, scale) and (
-            cuda_route.supports(logits, top_k, keep, **variant)
-            and cuda_route.compact_ids_apply(logits, top_k, keep)
+        ids8 = chosen = None
+        cuda = backend == "cuda" and cuda_route.supports(logits, top_k, keep, **variant)
+        if cuda and cuda_route.default_router(scoring, scale) and (
+            cuda_route.compact_ids_apply(logits, top_k, keep)
             and not _backward_on_triton(logits, top_k)
         ):
             # the ids a byte each too, for the backward's lane kernel (it reads 8 bytes per row instead of 64)
             ids8 = torch.empty(logits.shape[0], top_k, dtype=torch.uint8, device=logits.device)
             weights, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize, ids8=ids8)
+        elif cuda and cuda_route.saves_chosen_logits(logits, top_k, scoring=scoring, n_group=n_group):
+            # the chosen experts' logits too (4 bytes an entry), which the sigmoid router's backward reads instead of
+            # gathering each one and its keep flag from the rows
+            chosen = torch.empty(logits.shape[0], top_k, dtype=torch.float32, device=logits.device)
+            weights, ids = cuda_route.route_forward(logits, top_k, keep, group, counts, renormalize,
+                                                    chosen_logits=chosen, **variant)
         else:
             weights, ids = _route_forward_impl(
                 logits, top_k, keep, group, counts, renormalize, backend, scoring, bias, n_group, topk_group, scale
             )
-        ctx.save_for_backward(logits, keep, group, ids, ids8)
+        ctx.save_for_backward(logits, keep, group, ids, ids8, chosen)
         ctx.renormalize = renormalize
         ctx.backend = backend
         ctx.scoring = scoring
@@ -355,10 +363,10 @@ class RouteFunction(torch.autograd.Function):
     def backward(ctx, grad_weights, grad_ids):
         if grad_weights is None:
             return (None,) * 12
-        logits, keep, group, ids, ids8 = ctx.saved_tensors
+        logits, keep, group, ids, ids8, chosen = ctx.saved_tensors
         grad_logits = _route_backward_impl(
             grad_weights.contiguous(), logits, keep, group, ids, ctx.renormalize, ctx.backend, ctx.scoring, ctx.scale,
-            ids8=ids8,
+            ids8=ids8, chosen_logits=chosen,
         )
         return (grad_logits,) + (None,) * 11
 
