@@ -382,8 +382,9 @@ def _route_fwd_kernel(
     ids = tl.minimum((~flat_key & IDX_MASK).to(tl.int32), n_experts - 1)
     out_offsets = flat_rows.to(tl.int64) * TOP_K + flat_j
     out_mask = (flat_rows < n_tokens) & (flat_j < TOP_K)
-    if SCORING == 2:
-        # the key holds the selection value: read the chosen experts' logits back (k values per row, cached)
+    if SCORING != 0:
+        # sigmoid: the key holds the selection value; softmax over the chosen: a chosen negative NaN's key is -inf's,
+        # and its weight must come out NaN. So read the chosen experts' logits back (k values per row, cached)
         flat_logit = tl.load(
             logits_ptr + flat_rows.to(tl.int64) * stride_t + ids.to(tl.int64) * stride_e, mask=out_mask, other=0.0
         ).to(tl.float32)

@@ -59,6 +59,15 @@ def tie_free_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, gener
     return values.to(dtype)
 
 
+def with_negative_nans(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``values`` with the sign bit set on about half of its NaNs (dtype conversions may drop a NaN's sign, so the
+    bit is set in the final dtype)."""
+    bits = values.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[values.element_size()])
+    negative = values.isnan() & (torch.rand(values.shape, generator=gen) < 0.5)
+    bits[negative] = bits[negative] | torch.iinfo(bits.dtype).min
+    return values
+
+
 def adversarial_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """[T, E] CPU logits of an adversarial ``kind`` (the CUDA kernels' tests pick their kinds from these)."""
     inf, nan = math.inf, math.nan
@@ -90,13 +99,13 @@ def adversarial_logits(kind: str, T: int, E: int, dtype: torch.dtype, gen: torch
         values[0] = -inf
         values[5 % T] = -inf
         return values.to(dtype)
-    if kind == "nan_inf":  # NaN, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked there)
+    if kind == "nan_inf":  # NaN of both signs, +inf and -inf in some rows (NaN / +inf rows are NaN unless masked)
         values = torch.randn(T, E, generator=gen, dtype=torch.float64)
         for value in (nan, inf, -inf):
             rows = torch.randint(0, T, (max(1, T // 6),), generator=gen)
             values[rows, torch.randint(0, E, (rows.numel(),), generator=gen)] = value
         values[1 % T] = nan
-        return values.to(dtype)
+        return with_negative_nans(values.to(dtype), gen)
     raise ValueError(kind)
 
 

@@ -100,6 +100,54 @@ def test_row_with_all_allowed_logits_minus_inf(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_negative_nan_counts_as_nan(backend, dtype):
+    """The NaN policy holds for a NaN of either sign: softmax, a NaN among the allowed logits makes every weight NaN;
+    softmax over the chosen, a chosen NaN does (a negative NaN ranks as -inf, so with enough other experts it is not
+    chosen, and the weights stay finite); sigmoid, a chosen NaN makes its own weight NaN (renormalised, every one).
+    Ids are allowed experts, distinct."""
+    _require(backend)
+    logits = torch.tensor([[1.0, 2.0, math.nan, 0.5]], dtype=dtype)
+    bits = logits.view({4: torch.int32, 2: torch.int16}[logits.element_size()])
+    bits[0, 2] |= torch.iinfo(bits.dtype).min  # (the sign bit: -NaN)
+    assert bool(torch.signbit(logits[0, 2]))
+    for scoring, renormalize, top_k, expect_nan in (
+        ("softmax", False, 2, [True, True]),
+        ("softmax", False, 4, [True] * 4),
+        ("softmax_chosen", False, 4, [True] * 4),
+        ("softmax_chosen", False, 2, [False, False]),
+        ("sigmoid", True, 4, [True] * 4),
+    ):
+        where = f"{backend} {dtype} {scoring} top_k={top_k}"
+        weights, ids = _route(backend, logits, top_k, renormalize=renormalize, scoring=scoring)
+        assert sorted(ids[0].tolist()) == sorted(set(ids[0].tolist())) and ids.max() < 4, where
+        assert weights[0].isnan().tolist() == expect_nan, (where, weights)
+        if scoring == "softmax_chosen" and top_k == 2:
+            assert ids.tolist() == [[1, 0]], where
+    weights, ids = _route(backend, logits, 4, scoring="sigmoid")
+    nan_at = ids[0].tolist().index(2)
+    assert weights[0].isnan().tolist() == [j == nan_at for j in range(4)], (backend, dtype, weights, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_equal_logits_and_biases_tie_to_the_lower_index(backend):
+    """With scoring="sigmoid", equal logits (and equal biases) tie exactly wherever they sit in the row, so the
+    lower index comes first: two equal leading logits at any pair of positions, including those a vectorised loop
+    would leave to its scalar tail."""
+    _require(backend)
+    for E in (7, 60, 64, 100):
+        positions = sorted({0, 1, E // 2, E - 5, E - 3, E - 1})
+        for n, (a, b) in enumerate((a, b) for a in positions for b in positions if a < b):
+            logits = torch.full((3, E), -3.0)
+            logits[:, a] = logits[:, b] = 1.0625
+            bias = torch.zeros(E) if n % 2 else None
+            counts = torch.zeros(1, E, dtype=torch.int64)
+            weights, ids = _route(backend, logits, 2, counts=counts, scoring="sigmoid", bias=bias)
+            assert ids.tolist() == [[a, b]] * 3, (backend, E, a, b, ids)
+            assert counts[0, a] == 3 and counts[0, b] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unvalidated_mask_with_too_few_experts_takes_masked_ones_last(backend):
     """validate=False and a keep row allowing fewer than top_k: the allowed ones first, then masked ones by the tie
     rule, with weight 0."""

@@ -78,20 +78,47 @@ def selection_values(
     """The values experts are ordered by (before the tie rule), in the compute dtype.
 
     ``softmax`` / ``softmax_chosen``: the logit itself (ordering by the logit is ordering by the probability).
-    ``sigmoid``: ``sigmoid(z) + bias``; with ``n_group > 1`` the experts outside each token's kept groups
-    (:func:`kept_groups`) get -inf, so they rank below every expert of a kept group, and above masked experts.
+    ``sigmoid``: ``sigmoid(z) + bias``, equal for equal logits and biases wherever they sit in the row (so they tie
+    exactly), a NaN of either sign made the positive NaN that ranks above +inf (as ``torch.topk`` ranks the families'
+    own scores); with ``n_group > 1`` the experts outside each token's kept groups (:func:`kept_groups`) get -inf, so
+    they rank below every expert of a kept group, and above masked experts.
     """
     z = logits.to(compute_dtype(logits.dtype))
     if scoring != "sigmoid":
-        return z
-    values = torch.sigmoid(z)
+        return _with_nan_signs(z, logits)
+    values = _sigmoid_of_equal_values_equal(z)
     if bias is not None:
         values = values + bias.to(values.dtype)
+    values = torch.where(values.isnan(), torch.full_like(values, float("nan")).abs(), values)
     if n_group > 1:
         kept = kept_groups(values, allowed, n_group, topk_group)  # [T, n_group]
         in_kept = kept.repeat_interleave(logits.shape[1] // n_group, dim=1)
         values = values.masked_fill(~in_kept, float("-inf"))
     return values
+
+
+def _with_nan_signs(z: Tensor, logits: Tensor) -> Tensor:
+    """``z`` (``logits`` in the compute dtype) with each NaN's sign that of the logit: float16's conversion drops it,
+    and the sign orders a NaN (:func:`order_experts`)."""
+    if logits.dtype != torch.float16:
+        return z
+    return torch.where(torch.isnan(z) & torch.signbit(logits), -z.abs(), z)
+
+
+def _sigmoid_of_equal_values_equal(z: Tensor) -> Tensor:
+    """``torch.sigmoid(z)``, the same for equal values wherever they sit: its vectorised loop and its scalar tail may
+    round one value apart, so each run of equal values (in sorted order) takes its first one's sigmoid. No host
+    synchronisation (CUDA-graph safe)."""
+    flat = z.reshape(-1)
+    if flat.numel() == 0:
+        return torch.sigmoid(z)
+    ordered, order = torch.sort(flat)
+    values = torch.sigmoid(ordered)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]  # (NaN != NaN: each its own run)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    first = torch.cummax(torch.where(starts, positions, 0), dim=0).values
+    return torch.empty_like(flat).scatter_(0, order, values[first]).view_as(z)
 
 
 def kept_groups(values: Tensor, allowed: Tensor | None, n_group: int, topk_group: int) -> Tensor:
@@ -188,14 +215,17 @@ def route_reference(
 
     Arguments are those of :func:`moe_fastmask.route` (already validated). Experts are ordered by
     :func:`selection_values` under the tie rule (:func:`order_experts`); weights come from :func:`chosen_weights`.
-    Returns ``weights`` [T, top_k] in ``logits.dtype`` and ``ids`` [T, top_k] int64, in routing order.
+    Returns ``weights`` [T, top_k] in ``logits.dtype`` and ``ids`` [T, top_k] int64, in routing order. A ``top_k``
+    outside ``[1, E]`` raises ValueError (the registered ops reach this function without ``route``'s checks).
     """
+    if not 1 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"top_k must be in [1, E] = [1, {logits.shape[-1]}], got {top_k}")
     z = logits.to(compute_dtype(logits.dtype))
     allowed = allowed_experts(logits.shape[0], keep, group)
     if scoring == "softmax" and scale == 1.0:
         # the original expression, kept verbatim so the default route is unchanged to the bit
         probs = torch.softmax(z if allowed is None else z.masked_fill(~allowed, float("-inf")), dim=-1)
-        ids = order_experts(z.detach(), allowed)[:, :top_k]
+        ids = order_experts(_with_nan_signs(z.detach(), logits), allowed)[:, :top_k]
         weights = probs.gather(1, ids)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -621,8 +621,9 @@ def route(
     ``"softmax"`` a token with a NaN (or +inf) logit among its allowed experts gets NaN weights; its ids are allowed
     experts but otherwise unspecified, and they are counted like any others. A token whose allowed logits are all
     -inf gets NaN weights and, by the tie rule, its allowed experts in ascending index order as ids (counted). With
-    ``"softmax_chosen"`` the same holds for the chosen logits; with ``"sigmoid"`` a NaN logit makes its own weight
-    NaN (with ``renormalize`` the token's weights).
+    ``"softmax_chosen"`` the same holds for the chosen logits; with ``"sigmoid"`` a NaN logit among a token's allowed
+    experts makes its ids allowed experts but otherwise unspecified (counted), and a chosen one makes its own weight
+    NaN (with ``renormalize`` the token's weights). A NaN of either sign counts as NaN.
     """
     variant = dict(scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)
     check_route_args(logits, top_k, keep, group, counts, renormalize, validate=validate, **variant)
