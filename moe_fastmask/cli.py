@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM, as :func:`_exit_on_sigterm` raises it: a ``SystemExit`` with status 128 + the signal's number."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (``timeout``, Slurm, ``docker stop``) ends the command as Ctrl-C does: ``finally`` blocks and exit
     handlers run, so an engine process (vLLM) is shut down and partial files are cleaned up, not orphaned. A
@@ -78,7 +86,7 @@ def _exit_on_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _one_line_warnings(command: str):
@@ -107,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     previous_format = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         hint = _AFTER_INTERRUPT.get(args.command)
-        print(f"\nmoe-fastmask {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\nmoe-fastmask {args.command}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return stop.code if isinstance(stop, Terminated) else 130
+    except OSError as error:
+        # the file system refusing a write (a read-only or special --out, a full disk): one line, not a traceback
+        print(f"moe-fastmask {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as error:
         # a missing package (an optional one such as wandb for --report-to, or a broken install): one line
         if error.name is None or error.name.split(".")[0] == "moe_fastmask":

@@ -165,6 +165,37 @@ def test_sigterm_unwinds_like_ctrl_c():
     assert done.stdout.strip() == "cleaned up"
 
 
+def _run_command_body(body: str) -> subprocess.CompletedProcess:
+    """``moe-fastmask analyze --demo`` in a fresh process, its work replaced by ``body`` (a function of args)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from moe_fastmask import cli\n"
+        f"{body}\n"
+        "cli.check_required = lambda args: setattr(args, 'func', work)\n"
+        "sys.exit(cli.main(['analyze', '--demo', '--out', 'unused']))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_sigterm_during_a_command_says_how_to_resume():
+    """SIGTERM during a command ends it as Ctrl-C does, with the same hint, and exit status 143."""
+    done = _run_command_body("def work(args):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)")
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "moe-fastmask analyze: terminated; the finished batches are saved; rerun the same command to resume"
+    ], done.stderr
+
+
+def test_a_refused_write_is_one_line():
+    """The file system refusing a write (a read-only or special --out) ends the command with one line naming the
+    path, exit status 1, no traceback."""
+    done = _run_command_body("def work(args):\n    raise OSError(30, 'Read-only file system', '/ro/out/stats.csv')")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "moe-fastmask analyze: error: [Errno 30] Read-only file system: '/ro/out/stats.csv'"
+    ], done.stderr
+
+
 def test_version_and_python_dash_m():
     from importlib.metadata import version
 

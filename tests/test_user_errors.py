@@ -138,6 +138,11 @@ def more_cases(inputs, out):
         ([*train_base, "--selection", missing], "does not exist"),
         ([*train_base, "--report-to", "surely_not_installed"], "--report-to"),
         ([*train_base, "--learning-rate", "-1"], "learning_rate must be >= 0.0 (--learning-rate), got -1.0"),
+        # (NaN and inf pass the range checks and train to NaN weights)
+        ([*train_base, "--learning-rate", "inf"], "learning_rate must be a finite number (--learning-rate), got inf"),
+        ([*train_base, "--weight-decay", "nan"], "weight_decay must be a finite number (--weight-decay), got nan"),
+        ([*train_base, "--max-grad-norm=-inf"], "max_grad_norm must be a finite number (--max-grad-norm)"),
+        ([*train_base, "--num-epochs", "nan", "--max-steps", "1"], "num_epochs must be a finite number"),
         ([*train_base, "--gradient-accumulation-steps", "0"], "gradient_accumulation_steps must be >= 1"),
         ([*train_base, "--num-epochs", "0"], "num_epochs must be > 0 (or give --max-steps)"),
         ([*train_base, "--checkpoint-layers", "2"], "--checkpoint-layers needs --gradient-checkpointing"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from moe_fastmask.pipeline.batching import check_batch_mix
@@ -121,6 +122,10 @@ class MaskedFinetuneArguments:
     report_to: str = field(default="none", metadata={"help": "transformers report_to (none, tensorboard, wandb, ...)"})
 
     def __post_init__(self) -> None:
+        for spec in fields(self):  # (NaN and inf pass every range check below, and train to NaN weights)
+            value = getattr(self, spec.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{spec.name} must be a finite number (--{spec.name.replace('_', '-')}), got {value}")
         modes = [name for name in ("top_n", "per_layer", "threshold") if getattr(self, name) is not None]
         if len(modes) > 1:
             raise ValueError(f"give at most one of --top-n, --per-layer, --threshold (got {', '.join(modes)})")
